@@ -1,0 +1,22 @@
+"""The Typer application object every command module registers on."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="mixgf",
+    help="Mix-Geneformer: tokenize, pretrain and use one transformer for human and mouse scRNA-seq.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+state = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    state["debug"] = debug

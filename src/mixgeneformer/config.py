@@ -1,0 +1,161 @@
+"""Typed dataclass configurations: strict loading, CLI overrides, saving next to artifacts.
+
+Every stage describes its options as a dataclass. :func:`from_dict` rejects unknown keys and wrong
+types *before* any data is read; :func:`apply_overrides` applies ``key.sub=value`` strings from the
+command line; :func:`save_config` writes the resolved configuration beside an artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import ConfigError
+from .fileio import atomic_file, check_readable_file
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and values of the wrong type."""
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of option names to values, got {type(data).__name__}.")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {unknown} in {where}. Valid options: {sorted(fields)}."
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in data.items()}
+    try:
+        obj = cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid {where}: {exc}") from exc
+    return obj
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: {value!r} matches none of {hint}.")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}.")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}.")
+        return from_dict(hint, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}.")
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}.")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}.")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}.")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}.")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}.")
+    if hint is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise ConfigError(f"{where}: expected a path, got {value!r}.")
+    return value
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A plain, YAML/JSON-serialisable dict of a dataclass (paths become strings)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {k: plain(v) for k, v in dataclasses.asdict(obj).items()}
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML scalars) to a nested dict copy."""
+    result = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (data or {}).items()}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.learning_rate=1e-4).")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[parts[-1]] = value
+    return result
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
+    """Read a YAML/JSON config file (optional), apply CLI overrides, validate into ``cls``."""
+    data: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        path = check_readable_file(path, "config file")
+        where = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of option names to values.")
+    return from_dict(cls, apply_overrides(data, overrides), where)
+
+
+def save_config(obj: Any, directory: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the resolved dataclass ``obj`` as YAML into ``directory`` (atomically)."""
+    path = Path(directory) / name
+    with atomic_file(path) as handle:
+        yaml.safe_dump(to_dict(obj), handle, sort_keys=False)
+    return path
