@@ -10,10 +10,10 @@ from __future__ import annotations
 import sys
 
 from ..errors import MixGeneformerError
-from ._app import app, state
 
 # Command modules: importing them registers their commands on ``app``.
 from . import vocab as _vocab  # noqa: E402,F401
+from ._app import app, state
 
 __all__ = ["app", "main"]
 

@@ -1,0 +1,275 @@
+"""Gene tables, species detection and resolution of gene identifiers to Ensembl IDs.
+
+Internally a gene is its unversioned, upper-case Ensembl ID: ``ENSG…`` (human) or ``ENSMUSG…``
+(mouse). Users hand us whatever their files hold — Ensembl IDs with or without versions, or
+symbols of either species in any case — and :func:`map_gene_ids` resolves them, reports
+coverage, and refuses the silent mismatches that plague other tools (symbols vs IDs, wrong
+species, mixed species, low coverage).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from .errors import GeneIdError
+
+logger = logging.getLogger(__name__)
+
+Species = Literal["human", "mouse"]
+SPECIES: tuple[Species, ...] = ("human", "mouse")
+
+_ENSEMBL_PATTERN = re.compile(r"^ENS[A-Z]*G\d{6,}", re.IGNORECASE)
+_PREFIX_SPECIES = {"ENSG": "human", "ENSMUSG": "mouse"}
+_VERSION_SUFFIX = re.compile(r"(\.\d+)?(_PAR_Y)?$", re.IGNORECASE)
+
+
+@functools.cache
+def gene_table(species: Species) -> pd.DataFrame:
+    """The shipped gene table of ``species``: columns ``ensembl_id``, ``symbol``, ``biotype``."""
+    _check_species(species)
+    with resources.files("mixgeneformer.data").joinpath(f"genes_{species}.tsv.gz").open("rb") as handle:
+        table = pd.read_csv(handle, sep="\t", compression="gzip", dtype=str, keep_default_na=False)
+    return table
+
+
+@functools.cache
+def ortholog_table() -> pd.DataFrame:
+    """Human–mouse orthologs: ``human_id``, ``mouse_id``, ``homology_type``, ``confidence``, symbols."""
+    with resources.files("mixgeneformer.data").joinpath("orthologs_human_mouse.tsv.gz").open("rb") as handle:
+        return pd.read_csv(handle, sep="\t", compression="gzip", dtype={"confidence": "Int64"})
+
+
+def one_to_one_orthologs() -> pd.DataFrame:
+    """The ``one2one`` human–mouse ortholog pairs (columns ``human_id``, ``mouse_id``)."""
+    table = ortholog_table()
+    return table.loc[table["homology_type"] == "one2one", ["human_id", "mouse_id"]].reset_index(drop=True)
+
+
+def _check_species(species: str) -> None:
+    if species not in SPECIES:
+        raise GeneIdError(f"species must be one of {list(SPECIES)}, got {species!r}.")
+
+
+def strip_versions(ids: np.ndarray) -> np.ndarray:
+    """Upper-case Ensembl IDs and remove version suffixes (``ENSG….12`` → ``ENSG…``)."""
+    series = pd.Series(np.asarray(ids, dtype=object), dtype=str).str.upper()
+    return series.str.replace(_VERSION_SUFFIX, "", regex=True).to_numpy(dtype=object)
+
+
+def ensembl_species(ids: np.ndarray) -> np.ndarray:
+    """Per ID: ``"human"``, ``"mouse"``, ``"other"`` (another Ensembl species) or ``""`` (not Ensembl)."""
+    series = pd.Series(np.asarray(ids, dtype=object), dtype=str).str.upper()
+    prefix = series.str.extract(r"^(ENS[A-Z]*G)\d{6,}", expand=False)
+    out = prefix.map(_PREFIX_SPECIES).fillna("other").where(prefix.notna(), "")
+    return out.to_numpy(dtype=object)
+
+
+@functools.cache
+def _symbol_index(species: Species, case_sensitive: bool) -> pd.Series:
+    """symbol → Ensembl ID; among duplicate symbols prefer protein-coding, then the smallest ID."""
+    table = gene_table(species)
+    table = table[table["symbol"] != ""].copy()
+    table["key"] = table["symbol"] if case_sensitive else table["symbol"].str.upper()
+    table["rank"] = (table["biotype"] != "protein_coding").astype(int)
+    table = table.sort_values(["key", "rank", "ensembl_id"]).drop_duplicates("key")
+    return pd.Series(table["ensembl_id"].to_numpy(), index=table["key"].to_numpy())
+
+
+@functools.cache
+def _id_set(species: Species) -> frozenset[str]:
+    return frozenset(gene_table(species)["ensembl_id"])
+
+
+@dataclass
+class GeneMapping:
+    """Result of resolving a file's gene identifiers to Ensembl IDs.
+
+    Attributes
+    ----------
+    ensembl_ids
+        One entry per input column (same order), ``""`` where the identifier is unknown.
+    species
+        The species the identifiers belong to.
+    id_type
+        ``"ensembl"`` or ``"symbol"``: what the input held.
+    unmapped
+        The input identifiers that could not be resolved.
+    """
+
+    ensembl_ids: np.ndarray
+    species: Species
+    id_type: Literal["ensembl", "symbol"]
+    unmapped: list[str] = field(default_factory=list)
+
+    @property
+    def n_input(self) -> int:
+        return len(self.ensembl_ids)
+
+    @property
+    def n_mapped(self) -> int:
+        return int((self.ensembl_ids != "").sum())
+
+    @property
+    def fraction_mapped(self) -> float:
+        return self.n_mapped / max(self.n_input, 1)
+
+    def coverage_report(self, counts_per_column: np.ndarray | None = None) -> str:
+        """One line: genes (and, given per-column totals, counts) mapped, plus unmapped examples."""
+        text = f"{self.species} {self.id_type}s: {self.n_mapped:,}/{self.n_input:,} genes mapped ({self.fraction_mapped:.1%})"
+        if counts_per_column is not None:
+            total = float(np.sum(counts_per_column))
+            mapped = float(np.sum(np.asarray(counts_per_column)[self.ensembl_ids != ""]))
+            text += f", {mapped / total:.1%} of counts" if total > 0 else ""
+        if self.unmapped:
+            text += f"; unmapped e.g. {', '.join(self.unmapped[:5])}"
+        return text
+
+
+def detect_species(ids: Sequence[str], allow_mixed: bool = False) -> Species:
+    """Guess the species of gene identifiers (Ensembl prefixes, else symbol tables and case)."""
+    ids = np.asarray(ids, dtype=object)
+    kinds = ensembl_species(ids)
+    is_ensembl = kinds != ""
+    if is_ensembl.mean() >= 0.5:
+        counts = pd.Series(kinds[is_ensembl]).value_counts()
+        if counts.get("other", 0) > 0.5 * is_ensembl.sum():
+            example = ids[is_ensembl][kinds[is_ensembl] == "other"][0]
+            raise GeneIdError(
+                f"gene IDs such as {example!r} are Ensembl IDs of a species other than human (ENSG) or "
+                "mouse (ENSMUSG). mixgeneformer supports human and mouse only."
+            )
+        human, mouse = counts.get("human", 0), counts.get("mouse", 0)
+        if min(human, mouse) > 0.05 * (human + mouse) and not allow_mixed:
+            raise GeneIdError(
+                f"the gene IDs mix species: {human:,} human (ENSG) and {mouse:,} mouse (ENSMUSG). Split the "
+                "file by species, or pass allow_mixed=True (CLI: --allow-mixed-species) to keep both."
+            )
+        return "human" if human >= mouse else "mouse"
+    symbols = pd.Series(ids, dtype=str)
+    exact = {s: symbols.isin(_symbol_index(s, True).index) for s in SPECIES}
+    only_human = int((exact["human"] & ~exact["mouse"]).sum())
+    only_mouse = int((exact["mouse"] & ~exact["human"]).sum())
+    if max(only_human, only_mouse) == 0:
+        upper = symbols.str.upper()
+        loose = {s: int(upper.isin(_symbol_index(s, False).index).sum()) for s in SPECIES}
+        if max(loose.values()) == 0:
+            raise GeneIdError(
+                f"none of the gene identifiers (e.g. {', '.join(map(str, ids[:3]))}) is a human or mouse "
+                "Ensembl ID or gene symbol. Point gene_column (CLI: --gene-column) at the var column that "
+                "holds Ensembl IDs or symbols."
+            )
+        return "human" if loose["human"] >= loose["mouse"] else "mouse"
+    if min(only_human, only_mouse) > 0.2 * max(only_human, only_mouse) and not allow_mixed:
+        raise GeneIdError(
+            f"the gene symbols look like a mix of species ({only_human:,} only human-style, {only_mouse:,} "
+            "only mouse-style). Pass species='human' or 'mouse' (CLI: --species) to choose."
+        )
+    return "human" if only_human >= only_mouse else "mouse"
+
+
+def map_gene_ids(
+    ids: Sequence[str],
+    species: Species | Literal["auto"] = "auto",
+    allow_mixed: bool = False,
+    min_coverage: float = 0.5,
+) -> GeneMapping:
+    """Resolve gene identifiers (Ensembl IDs with/without versions, or symbols) to Ensembl IDs.
+
+    Parameters
+    ----------
+    ids
+        One identifier per matrix column (e.g. ``adata.var_names``).
+    species
+        ``"human"``, ``"mouse"`` or ``"auto"`` (detected from the identifiers).
+    allow_mixed
+        Accept Ensembl IDs of both species in one file (each keeps its own species). Symbols are
+        always resolved in one species.
+    min_coverage
+        Fraction of identifiers that must resolve; below it a :class:`GeneIdError` suggests the cause.
+
+    Returns
+    -------
+    GeneMapping
+        Ensembl IDs aligned with ``ids`` (``""`` where unknown) and coverage information.
+    """
+    ids = np.asarray(ids, dtype=object)
+    if ids.ndim != 1 or len(ids) == 0:
+        raise GeneIdError("no gene identifiers given: the matrix has no columns (var is empty).")
+    if species != "auto":
+        _check_species(species)
+    kinds = ensembl_species(ids)
+    ensembl_fraction = float((kinds != "").mean())
+    if 0.05 < ensembl_fraction < 0.95:
+        raise GeneIdError(
+            f"the gene identifiers mix Ensembl IDs ({ensembl_fraction:.0%}) and other names (e.g. "
+            f"{ids[kinds == ''][0]!r}). Choose one kind with gene_column (CLI: --gene-column NAME of a var column)."
+        )
+    is_ensembl = ensembl_fraction >= 0.95
+    if species == "auto" or is_ensembl:  # Ensembl IDs are always checked for mixed species
+        detected = detect_species(ids, allow_mixed=allow_mixed)
+        species = detected if species == "auto" else species
+    mapping = _map_ensembl(ids, kinds, species, allow_mixed) if is_ensembl else _map_symbols(ids, species)
+    _check_coverage(mapping, min_coverage)
+    return mapping
+
+
+def _map_ensembl(ids: np.ndarray, kinds: np.ndarray, species: Species, allow_mixed: bool) -> GeneMapping:
+    wrong = (kinds != species) & (kinds != "")
+    if wrong.any() and not allow_mixed:
+        other = pd.Series(kinds[wrong]).value_counts().index[0]
+        if wrong.mean() > 0.5:
+            raise GeneIdError(
+                f"species={species!r} but {wrong.sum():,} of {len(ids):,} gene IDs are {other} "
+                f"(e.g. {ids[wrong][0]!r}). Pass species='{other}' (CLI: --species {other}) or 'auto'."
+            )
+    stripped = strip_versions(ids)
+    known = _id_set("human") | _id_set("mouse") if allow_mixed else _id_set(species)
+    keep = pd.Series(stripped).isin(known).to_numpy()
+    if not allow_mixed:
+        keep &= kinds == species
+    ensembl = np.where(keep, stripped, "").astype(object)
+    return GeneMapping(ensembl, species, "ensembl", [str(x) for x in ids[~keep][:50]])
+
+
+def _map_symbols(ids: np.ndarray, species: Species) -> GeneMapping:
+    symbols = pd.Series(ids, dtype=str)
+    exact = symbols.map(_symbol_index(species, True))
+    loose = symbols.str.upper().map(_symbol_index(species, False))
+    resolved = exact.fillna(loose).fillna("")
+    # A column may also hold a bare Ensembl ID among symbols (10x does this for unnamed genes).
+    stripped = pd.Series(strip_versions(ids))
+    is_id = stripped.isin(_id_set(species))
+    resolved = resolved.where(~is_id, stripped).to_numpy(dtype=object)
+    unmapped = [str(x) for x in ids[resolved == ""][:50]]
+    return GeneMapping(resolved, species, "symbol", unmapped)
+
+
+def _check_coverage(mapping: GeneMapping, min_coverage: float) -> None:
+    logger.info("gene mapping: %s", mapping.coverage_report())
+    if mapping.fraction_mapped < min_coverage:
+        hint = (
+            "Are these symbols of the other species, or IDs from another annotation? Check species= (CLI: --species)"
+            if mapping.id_type == "symbol"
+            else "Wrong species? Check species= (CLI: --species)"
+        )
+        raise GeneIdError(
+            f"only {mapping.fraction_mapped:.1%} of gene identifiers could be resolved ({mapping.coverage_report()}), "
+            f"below min_coverage={min_coverage:.0%}. {hint}, or point gene_column (CLI: --gene-column) at the var "
+            "column holding Ensembl IDs or symbols. Lower min_coverage only if the file really has few known genes."
+        )
+
+
+def symbols_of(ensembl_ids: Sequence[str]) -> np.ndarray:
+    """Gene symbols for Ensembl IDs of either species (``""`` where unknown)."""
+    table = pd.concat([gene_table("human"), gene_table("mouse")])
+    lookup = pd.Series(table["symbol"].to_numpy(), index=table["ensembl_id"].to_numpy())
+    return pd.Series(np.asarray(ensembl_ids, dtype=object)).map(lookup).fillna("").to_numpy(dtype=object)
