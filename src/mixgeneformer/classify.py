@@ -1,0 +1,813 @@
+"""Cell-type classification: fine-tuning, zero-shot kNN / logistic regression, transfer, baselines.
+
+The flow every method shares:
+
+1. :func:`prepare_labels` validates the label column once, at the door (RELIABILITY 11): a missing
+   column lists the obs columns, NaN labels are dropped and counted, rare classes are dropped
+   (default: under 0.5% of labelled cells, as the Mix-Geneformer authors do), one class is an error.
+2. A :class:`Task` says which cells train and which are tested: :func:`within_task` makes a
+   stratified 80/20 split (seed 42); :func:`transfer_task` trains on one species and tests on the
+   other, on the labels both share after :func:`match_labels`.
+3. A method predicts the test cells: fine-tuning (:func:`fit_classifier`), zero-shot on frozen
+   embeddings (:func:`zero_shot`), or a count-based baseline (:func:`baselines`).
+4. :func:`evaluate` scores it (accuracy, macro precision / recall / F1, a per-class report) and
+   :func:`write_predictions` writes ``<key>_pred`` / ``<key>_prob`` back into ``obs`` in order.
+   :func:`benchmark_table` stacks results into one table.
+
+Cross-species label matching (:func:`canonical_label`): a label is lower-cased, every run of
+characters other than letters and digits becomes ``_``, leading / trailing ``_`` are stripped, and
+the result is looked up in :data:`LABEL_SYNONYMS` (e.g. ``"T cells"`` -> ``t_cells`` -> ``t_cell``;
+``"PP"`` -> ``gamma``). Labels are then matched by exact equality of these canonical names; classes
+present on one side only are dropped and reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .errors import ConfigError, InputDataError
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["finetune", "knn", "logreg"]
+BaselineMethod = Literal["logreg_counts", "knn_pca"]
+METRIC_COLUMNS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
+
+#: Canonical-name synonyms used to match labels across datasets / species (applied after
+#: :func:`canonical_label`'s normalisation). Extend per call with ``synonyms=``.
+LABEL_SYNONYMS: dict[str, str] = {
+    "t_cells": "t_cell",
+    "tcell": "t_cell",
+    "t_lymphocyte": "t_cell",
+    "b_cells": "b_cell",
+    "bcell": "b_cell",
+    "b_lymphocyte": "b_cell",
+    "pp": "gamma",
+    "pp_cell": "gamma",
+    "gamma_cell": "gamma",
+    "alpha_cell": "alpha",
+    "beta_cell": "beta",
+    "delta_cell": "delta",
+    "epsilon_cell": "epsilon",
+    "ductal_cell": "ductal",
+    "acinar_cell": "acinar",
+    "endothelial_cell": "endothelial",
+    "mast_cell": "mast",
+    "schwann_cell": "schwann",
+    "macrophages": "macrophage",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelConfig:
+    """Which cells and classes take part.
+
+    ``min_class_fraction`` drops classes under that fraction of labelled cells (the authors' 0.5%);
+    ``min_class_count`` drops classes with fewer cells (at least 2 are needed to stratify).
+    ``unseen_test_labels``: test cells whose label training never saw (a separate test set) are
+    dropped and reported (``"drop"``, the default) or raise an error (``"error"``).
+    """
+
+    key: str = "cell_type1"
+    min_class_fraction: float = 0.005
+    min_class_count: int = 2
+    test_size: float = 0.2
+    seed: int = 42
+    unseen_test_labels: Literal["error", "drop"] = "drop"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_class_fraction < 1.0:
+            raise ConfigError(f"labels.min_class_fraction={self.min_class_fraction} must be in [0, 1).")
+        if self.min_class_count < 1:
+            raise ConfigError(f"labels.min_class_count={self.min_class_count} must be at least 1.")
+        if not 0.0 < self.test_size < 1.0:
+            raise ConfigError(f"labels.test_size={self.test_size} must be strictly between 0 and 1.")
+
+
+@dataclass
+class EmbeddingConfig:
+    """How frozen cell embeddings are taken (the same for every model compared)."""
+
+    layer: int = -2
+    pooling: Literal["mean", "cls"] = "mean"
+    batch_size: int = 32
+    knn_k: int = 5
+    logreg_c: float = 1.0
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning a classification head (and optionally the encoder) on the HF Trainer.
+
+    Defaults follow the authors (lr 5e-5, batch 12, warmup 500, 10 epochs); the warmup is capped at
+    ``warmup_max_fraction`` of all steps so small data sets still reach the peak learning rate.
+    """
+
+    learning_rate: float = 5e-5
+    batch_size: int = 12
+    epochs: float = 10.0
+    max_steps: int = -1
+    warmup_steps: int = 500
+    warmup_max_fraction: float = 0.1
+    weight_decay: float = 0.001
+    train_encoder: bool = True
+    freeze_layers: int = 0
+    pooling: Literal["mean", "cls"] = "mean"
+    classifier_dropout: float = 0.1
+    max_len: int | None = None
+    device: str | None = None
+    bf16: bool = False
+    logging_steps: int = 50
+
+    def __post_init__(self) -> None:
+        if self.freeze_layers < 0:
+            raise ConfigError(f"finetune.freeze_layers={self.freeze_layers} must be >= 0.")
+        if self.batch_size < 1:
+            raise ConfigError(f"finetune.batch_size={self.batch_size} must be >= 1.")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError("finetune.epochs must be > 0 (or set finetune.max_steps > 0).")
+
+
+@dataclass
+class BaselineConfig:
+    """Count-based baselines (CellTypist-style logistic regression; kNN on PCA)."""
+
+    target_sum: float = 1e4
+    clip: float = 10.0
+    logreg_c: float = 1.0
+    max_iter: int = 1000
+    n_pcs: int = 50
+    knn_k: int = 5
+
+
+@dataclass
+class ClassifyConfig:
+    """Everything a classification run used; saved as ``config.yaml`` beside its outputs."""
+
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    synonyms: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelSelection:
+    """The cells kept for classification and why the others were left out."""
+
+    rows: np.ndarray  # int64 positions into obs of the kept cells, ascending
+    labels: np.ndarray  # object array of str labels, aligned with ``rows``
+    classes: list[str]  # kept classes, sorted
+    n_input: int
+    n_missing: int
+    dropped_classes: dict[str, int]
+
+    def summary(self) -> str:
+        """One line: cells kept, NaN labels dropped, rare classes dropped."""
+        dropped = ", ".join(f"{k} ({v})" for k, v in self.dropped_classes.items()) or "none"
+        return (
+            f"{len(self.rows)}/{self.n_input} cells in {len(self.classes)} classes; "
+            f"{self.n_missing} with missing labels dropped; rare classes dropped: {dropped}"
+        )
+
+
+def _obs_of(data: Any) -> pd.DataFrame:
+    return data if isinstance(data, pd.DataFrame) else data.obs
+
+
+def prepare_labels(
+    data: Any,
+    key: str = "cell_type1",
+    min_class_fraction: float = 0.005,
+    min_class_count: int = 2,
+) -> LabelSelection:
+    """Validate a label column and select the cells and classes to classify.
+
+    Parameters
+    ----------
+    data
+        An AnnData (its ``obs`` is used) or an obs DataFrame.
+    key
+        The label column.
+    min_class_fraction
+        Classes with fewer than this fraction of the labelled cells are dropped (0.5% as the
+        authors); 0 keeps every class.
+    min_class_count
+        Classes with fewer cells than this are dropped too.
+
+    Returns
+    -------
+    LabelSelection
+        Kept rows (obs order), their labels, the kept classes and what was dropped.
+
+    Raises
+    ------
+    InputDataError
+        The column is missing (the message lists the obs columns), no cell has a label, or fewer
+        than two classes remain.
+    """
+    obs = _obs_of(data)
+    if key not in obs.columns:
+        raise InputDataError(
+            f"label column {key!r} not found in obs. Available obs columns: {list(map(str, obs.columns))}. "
+            "Pass the right one with --label / key=."
+        )
+    column = obs[key]
+    missing = column.isna().to_numpy()
+    n_missing = int(missing.sum())
+    if n_missing:
+        logger.warning("%d cells have no %r label and are dropped", n_missing, key)
+    labels = column.astype(object).where(~missing, None).to_numpy()
+    labelled = np.flatnonzero(~missing)
+    if labelled.size == 0:
+        raise InputDataError(f"label column {key!r} has no labels (all {len(obs)} values are missing).")
+    names = np.asarray([str(v) for v in labels[labelled]], dtype=object)
+    classes, counts = np.unique(names, return_counts=True)
+    threshold = max(float(min_class_count), min_class_fraction * labelled.size)
+    rare = counts < threshold
+    dropped = {str(c): int(n) for c, n in zip(classes[rare], counts[rare], strict=True)}
+    if dropped:
+        logger.warning(
+            "dropping %d rare classes of %r (< %.1f cells): %s", len(dropped), key, threshold, dropped
+        )
+    kept_classes = [str(c) for c in classes[~rare]]
+    if len(kept_classes) < 2:
+        found = {str(c): int(n) for c, n in zip(classes, counts, strict=True)}
+        raise InputDataError(
+            f"label column {key!r} has {len(kept_classes)} class(es) with at least {threshold:.1f} cells "
+            f"(classes and counts: {found}); classification needs two or more. Lower "
+            "min_class_fraction / min_class_count or choose another label column."
+        )
+    keep = np.isin(names, kept_classes)
+    return LabelSelection(
+        rows=labelled[keep].astype(np.int64),
+        labels=names[keep],
+        classes=kept_classes,
+        n_input=len(obs),
+        n_missing=n_missing,
+        dropped_classes=dropped,
+    )
+
+
+def stratified_split(labels: Sequence[str] | np.ndarray, test_size: float = 0.2, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle and split positions ``0..n-1`` into train / test, stratified by label.
+
+    Returns sorted int64 position arrays ``(train, test)``; the same inputs and seed always give
+    the same split.
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels, dtype=object)
+    classes, counts = np.unique(labels, return_counts=True)
+    if counts.min(initial=2) < 2:
+        small = {str(c): int(n) for c, n in zip(classes, counts, strict=True) if n < 2}
+        raise InputDataError(f"classes {small} have fewer than 2 cells and cannot be split; raise min_class_count.")
+    n_test = math.ceil(test_size * labels.size)
+    if n_test < classes.size or labels.size - n_test < classes.size:
+        raise InputDataError(
+            f"{labels.size} cells cannot be split {1 - test_size:.0%}/{test_size:.0%} with every one of "
+            f"{classes.size} classes on both sides; use more cells or a different test_size."
+        )
+    train, test = train_test_split(
+        np.arange(labels.size), test_size=test_size, random_state=seed, shuffle=True, stratify=labels
+    )
+    return np.sort(train).astype(np.int64), np.sort(test).astype(np.int64)
+
+
+def canonical_label(label: str, synonyms: Mapping[str, str] | None = None) -> str:
+    """The name labels are matched by: lower-cased, non-alphanumerics -> ``_``, then synonyms."""
+    name = canonical_label_key(label)
+    table = {**LABEL_SYNONYMS, **{canonical_label_key(k): v for k, v in (synonyms or {}).items()}}
+    return table.get(name, name)
+
+
+def canonical_labels(labels: Sequence[str] | np.ndarray, synonyms: Mapping[str, str] | None = None) -> np.ndarray:
+    """:func:`canonical_label` of every label (computed once per distinct label)."""
+    uniques, inverse = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+    mapped = np.asarray([canonical_label(u, synonyms) for u in uniques], dtype=object)
+    return mapped[inverse.reshape(-1)]
+
+
+def canonical_label_key(label: str) -> str:
+    """Normalise a label without synonyms (lower-case, non-alphanumerics -> ``_``)."""
+    return re.sub(r"[^0-9a-z]+", "_", str(label).strip().lower()).strip("_")
+
+
+@dataclass
+class LabelMatch:
+    """How two label sets were matched: the shared canonical classes and what each side lost."""
+
+    shared: list[str]
+    source_only: dict[str, int]
+    target_only: dict[str, int]
+    source_names: dict[str, list[str]]  # canonical -> original names on the source side
+    target_names: dict[str, list[str]]
+
+    def summary(self) -> str:
+        """One line listing shared classes and each side's dropped classes with their counts."""
+        return (
+            f"shared classes ({len(self.shared)}): {self.shared}; dropped from source: "
+            f"{self.source_only or 'none'}; dropped from target: {self.target_only or 'none'}"
+        )
+
+
+def match_labels(
+    source_labels: Sequence[str] | np.ndarray,
+    target_labels: Sequence[str] | np.ndarray,
+    synonyms: Mapping[str, str] | None = None,
+) -> LabelMatch:
+    """Match two label sets by canonical name (see :func:`canonical_label`).
+
+    Raises
+    ------
+    InputDataError
+        Fewer than two classes are shared.
+    """
+    def side(labels: Sequence[str] | np.ndarray) -> tuple[pd.Series, dict[str, list[str]]]:
+        raw = pd.Series(np.asarray(labels, dtype=object)).astype(str)
+        canon = pd.Series(canonical_labels(raw.to_numpy(), synonyms))
+        names = {c: sorted(set(raw[canon == c])) for c in canon.unique()}
+        return canon.value_counts(), names
+
+    source_counts, source_names = side(source_labels)
+    target_counts, target_names = side(target_labels)
+    shared = sorted(set(source_counts.index) & set(target_counts.index))
+    match = LabelMatch(
+        shared=shared,
+        source_only={str(k): int(v) for k, v in source_counts.items() if k not in shared},
+        target_only={str(k): int(v) for k, v in target_counts.items() if k not in shared},
+        source_names=source_names,
+        target_names=target_names,
+    )
+    if len(shared) < 2:
+        raise InputDataError(
+            f"the two label sets share {len(shared)} class(es) after matching; need two or more. "
+            f"Source classes: {sorted(source_names)}; target classes: {sorted(target_names)}. "
+            "Add entries to synonyms= (e.g. {'pp': 'gamma'}) to match differently named classes."
+        )
+    logger.info("label matching: %s", match.summary())
+    return match
+
+
+def check_unseen_labels(
+    train_classes: Iterable[str], test_labels: Sequence[str] | np.ndarray, policy: Literal["error", "drop"] = "error"
+) -> np.ndarray:
+    """Boolean mask of test cells whose label was seen in training.
+
+    ``policy="error"`` raises :class:`InputDataError` naming the unseen labels and their counts;
+    ``"drop"`` logs them and returns the mask to apply.
+    """
+    test_labels = np.asarray(test_labels, dtype=object)
+    seen = np.isin(test_labels, np.asarray(list(train_classes), dtype=object))
+    if not seen.all():
+        unseen, counts = np.unique(test_labels[~seen], return_counts=True)
+        detail = {str(u): int(n) for u, n in zip(unseen, counts, strict=True)}
+        if policy == "error":
+            raise InputDataError(
+                f"test labels never seen in training: {detail}. Drop them with "
+                "unseen_test_labels='drop' (CLI: --unseen drop) or train on data that has them."
+            )
+        logger.warning("dropping %d test cells with labels unseen in training: %s", int((~seen).sum()), detail)
+    return seen
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks: which cells train, which are tested
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Task:
+    """A train / test assignment of labelled cells, possibly in two AnnData objects.
+
+    ``train_rows`` / ``test_rows`` are positions into ``train_data.obs`` / ``test_data.obs``; labels
+    are aligned with them.
+    """
+
+    setting: str
+    train_data: Any
+    train_rows: np.ndarray
+    train_labels: np.ndarray
+    test_data: Any
+    test_rows: np.ndarray
+    test_labels: np.ndarray
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        """Classes the classifier is trained on."""
+        return sorted(set(self.train_labels.tolist()))
+
+
+def within_task(adata: Any, config: LabelConfig | None = None, setting: str = "within") -> Task:
+    """Stratified train / test split of one labelled dataset (default 80/20, seed 42)."""
+    config = config or LabelConfig()
+    selection = prepare_labels(adata, config.key, config.min_class_fraction, config.min_class_count)
+    train, test = stratified_split(selection.labels, config.test_size, config.seed)
+    return Task(
+        setting=setting,
+        train_data=adata,
+        train_rows=selection.rows[train],
+        train_labels=selection.labels[train],
+        test_data=adata,
+        test_rows=selection.rows[test],
+        test_labels=selection.labels[test],
+        notes=[selection.summary()],
+    )
+
+
+def transfer_task(
+    source: Any,
+    target: Any,
+    config: LabelConfig | None = None,
+    setting: str = "transfer",
+    synonyms: Mapping[str, str] | None = None,
+    source_rows: np.ndarray | None = None,
+    target_rows: np.ndarray | None = None,
+) -> Task:
+    """Train on ``source``, test on ``target``, on the classes both share.
+
+    Rare classes are dropped on each side first (``config``), then labels are matched by canonical
+    name (:func:`match_labels`); labels of the task are the canonical names. Source-only classes
+    are dropped; target-only classes follow ``config.unseen_test_labels``. ``source_rows`` /
+    ``target_rows`` restrict each side to given obs positions (e.g. the source's training split and
+    the target's test split, so transfer and within-species numbers share test cells).
+    """
+    config = config or LabelConfig()
+
+    def side(data: Any, rows: np.ndarray | None) -> LabelSelection:
+        selection = prepare_labels(data, config.key, config.min_class_fraction, config.min_class_count)
+        if rows is not None:
+            keep = np.isin(selection.rows, np.asarray(rows))
+            selection = dataclasses.replace(selection, rows=selection.rows[keep], labels=selection.labels[keep])
+        return selection
+
+    src, tgt = side(source, source_rows), side(target, target_rows)
+    match = match_labels(src.labels, tgt.labels, synonyms)
+    src_canon, tgt_canon = canonical_labels(src.labels, synonyms), canonical_labels(tgt.labels, synonyms)
+    src_keep = np.isin(src_canon, match.shared)
+    tgt_keep = check_unseen_labels(match.shared, tgt_canon, config.unseen_test_labels)
+    return Task(
+        setting=setting,
+        train_data=source,
+        train_rows=src.rows[src_keep],
+        train_labels=src_canon[src_keep],
+        test_data=target,
+        test_rows=tgt.rows[tgt_keep],
+        test_labels=tgt_canon[tgt_keep],
+        notes=[f"source: {src.summary()}", f"target: {tgt.summary()}", match.summary()],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics and results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    """Predicted labels (and class probabilities) for the test cells of a task."""
+
+    labels: np.ndarray  # object array of predicted class names
+    probabilities: np.ndarray | None  # (n, len(classes)) float, or None
+    classes: list[str]
+
+
+@dataclass
+class EvalResult:
+    """Scores of one method on one task."""
+
+    setting: str
+    method: str
+    metrics: dict[str, float]
+    report: pd.DataFrame
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    probabilities: np.ndarray | None
+    classes: list[str]
+    rows: np.ndarray  # test positions in the test data's obs
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        """The result as one benchmark-table row."""
+        return {"setting": self.setting, "method": self.method, **{k: self.metrics[k] for k in METRIC_COLUMNS}}
+
+
+def classification_metrics(y_true: Sequence[str] | np.ndarray, y_pred: Sequence[str] | np.ndarray) -> dict[str, float]:
+    """Accuracy and macro precision / recall / F1 (sklearn; classes = labels seen in either array).
+
+    A class never predicted has precision 0 (``zero_division=0``), so macro scores do not flatter
+    a classifier that ignores classes.
+    """
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    y_true, y_pred = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
+    if y_true.shape != y_pred.shape or y_true.size == 0:
+        raise InputDataError(f"need equally long, non-empty label arrays; got {y_true.shape} and {y_pred.shape}.")
+    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_precision": float(precision),
+        "macro_recall": float(recall),
+        "macro_f1": float(f1),
+    }
+
+
+def per_class_report(y_true: Sequence[str] | np.ndarray, y_pred: Sequence[str] | np.ndarray) -> pd.DataFrame:
+    """Per-class precision, recall, F1 and support (index: class, sorted)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    y_true, y_pred = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
+    classes = np.unique(np.concatenate([y_true, y_pred]))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=classes, average=None, zero_division=0
+    )
+    return pd.DataFrame(
+        {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(np.int64)},
+        index=pd.Index([str(c) for c in classes], name="class"),
+    )
+
+
+def evaluate(task: Task, prediction: Prediction, method: str, **extra: Any) -> EvalResult:
+    """Score ``prediction`` against the task's test labels."""
+    if prediction.labels.shape[0] != task.test_labels.shape[0]:
+        raise InputDataError(
+            f"{prediction.labels.shape[0]} predictions for {task.test_labels.shape[0]} test cells."
+        )
+    return EvalResult(
+        setting=task.setting,
+        method=method,
+        metrics=classification_metrics(task.test_labels, prediction.labels),
+        report=per_class_report(task.test_labels, prediction.labels),
+        y_true=task.test_labels,
+        y_pred=np.asarray(prediction.labels, dtype=object),
+        probabilities=prediction.probabilities,
+        classes=list(prediction.classes),
+        rows=task.test_rows,
+        extra=dict(extra),
+    )
+
+
+def benchmark_table(results: Iterable[EvalResult]) -> pd.DataFrame:
+    """One row per result: setting, method, accuracy, macro_precision, macro_recall, macro_f1."""
+    rows = [r.row() for r in results]
+    return pd.DataFrame(rows, columns=["setting", "method", *METRIC_COLUMNS])
+
+
+def write_predictions(adata: Any, result: EvalResult, key: str | None = None, overwrite: bool = False) -> None:
+    """Write predictions into ``adata.obs`` in obs order (AnnData in, AnnData out).
+
+    ``obs[f"{key}_pred"]`` holds the predicted class (categorical, NaN for cells that were not
+    tested) and ``obs[f"{key}_prob"]`` the probability of that class (NaN when the method gives
+    none). ``key`` defaults to ``f"{setting}_{method}"``. Existing columns are kept unless
+    ``overwrite=True``.
+    """
+    key = key or f"{result.setting}_{result.method}"
+    pred_col, prob_col = f"{key}_pred", f"{key}_prob"
+    clash = [c for c in (pred_col, prob_col) if c in adata.obs.columns]
+    if clash and not overwrite:
+        raise InputDataError(f"obs already has {clash}; pass overwrite=True (CLI: --overwrite) or another key.")
+    n = adata.n_obs
+    predicted = np.full(n, None, dtype=object)
+    predicted[result.rows] = result.y_pred
+    probability = np.full(n, np.nan, dtype=np.float64)
+    if result.probabilities is not None:
+        class_index = pd.Index(result.classes).get_indexer(result.y_pred)
+        probability[result.rows] = result.probabilities[np.arange(len(result.rows)), class_index]
+    categories = sorted(set(result.classes) | set(result.y_pred.tolist()))
+    adata.obs[pred_col] = pd.Categorical(predicted, categories=categories)
+    adata.obs[prob_col] = probability
+
+
+# --------------------------------------------------------------------------------------------
+# Classifiers on feature matrices (frozen embeddings or normalized counts)
+# --------------------------------------------------------------------------------------------
+
+
+def knn_predict(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, k: int = 5, metric: str = "cosine"
+) -> Prediction:
+    """k-nearest-neighbour vote (default k=5, cosine), the zero-shot protocol of the paper."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    k = min(k, len(train_y))
+    model = KNeighborsClassifier(n_neighbors=k, metric=metric, algorithm="brute")
+    model.fit(np.asarray(train_x), np.asarray(train_y, dtype=object))
+    proba = model.predict_proba(np.asarray(test_x))
+    classes = [str(c) for c in model.classes_]
+    return Prediction(labels=_argmax_labels(proba, classes), probabilities=proba, classes=classes)
+
+
+def logreg_predict(
+    train_x: np.ndarray | sp.spmatrix,
+    train_y: np.ndarray,
+    test_x: np.ndarray | sp.spmatrix,
+    c: float = 1.0,
+    max_iter: int = 1000,
+    standardize: bool = True,
+    clip: float | None = None,
+    seed: int = 0,
+) -> Prediction:
+    """L2 logistic regression (multinomial, lbfgs), features standardised on the training cells.
+
+    ``clip`` caps standardised values at ``±clip`` (CellTypist caps at 10).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    train_x, test_x = _dense(train_x), _dense(test_x)
+    if standardize:
+        mean = train_x.mean(axis=0)
+        std = train_x.std(axis=0)
+        std[std == 0] = 1.0
+        train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+        if clip is not None:
+            np.clip(train_x, -clip, clip, out=train_x)
+            np.clip(test_x, -clip, clip, out=test_x)
+    model = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
+    model.fit(train_x, np.asarray(train_y, dtype=object))
+    proba = model.predict_proba(test_x)
+    classes = [str(cl) for cl in model.classes_]
+    return Prediction(labels=_argmax_labels(proba, classes), probabilities=proba, classes=classes)
+
+
+def _argmax_labels(proba: np.ndarray, classes: list[str]) -> np.ndarray:
+    return np.asarray(classes, dtype=object)[np.argmax(proba, axis=1)]
+
+
+def _dense(x: np.ndarray | sp.spmatrix) -> np.ndarray:
+    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float32)
+
+
+def zero_shot_predict(
+    task: Task, train_embeddings: np.ndarray, test_embeddings: np.ndarray, method: Literal["knn", "logreg"], config: EmbeddingConfig | None = None
+) -> Prediction:
+    """Classify the task's test cells from frozen embeddings (rows aligned with the task's rows)."""
+    config = config or EmbeddingConfig()
+    if train_embeddings.shape[0] != task.train_rows.size or test_embeddings.shape[0] != task.test_rows.size:
+        raise InputDataError(
+            f"embeddings ({train_embeddings.shape[0]}, {test_embeddings.shape[0]} rows) do not match the "
+            f"task's train/test cells ({task.train_rows.size}, {task.test_rows.size})."
+        )
+    if method == "knn":
+        return knn_predict(train_embeddings, task.train_labels, test_embeddings, k=config.knn_k)
+    if method == "logreg":
+        return logreg_predict(train_embeddings, task.train_labels, test_embeddings, c=config.logreg_c)
+    raise ConfigError(f"zero-shot method {method!r} is not one of ['knn', 'logreg'].")
+
+
+# --------------------------------------------------------------------------------------------
+# Count-based baselines
+# --------------------------------------------------------------------------------------------
+
+
+def _counts(adata: Any, layer: str | None = None) -> sp.csr_matrix:
+    x = adata.layers[layer] if layer else adata.X
+    return sp.csr_matrix(x) if not sp.isspmatrix_csr(x) else x
+
+
+def log_normalize(counts: sp.spmatrix | np.ndarray, target_sum: float = 1e4) -> sp.csr_matrix:
+    """Scale each cell to ``target_sum`` total counts, then ``log1p`` (CellTypist / scanpy style)."""
+    counts = sp.csr_matrix(counts, dtype=np.float32)
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+    normalized = sp.diags(scale.astype(np.float32)) @ counts
+    normalized.data = np.log1p(normalized.data)
+    return sp.csr_matrix(normalized)
+
+
+def ortholog_counts(adata: Any, species: Literal["human", "mouse"], layer: str | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Counts on human Ensembl IDs through one-to-one orthologs.
+
+    Gene identifiers (symbols or Ensembl IDs, via :func:`genes.map_gene_ids`) are resolved for
+    ``species``; mouse genes are mapped to their 1:1 human ortholog. Genes without one are dropped;
+    genes mapping to the same human ID are summed. Returns ``(counts, human_ids)``.
+    """
+    from . import genes
+
+    mapping = genes.map_gene_ids(np.asarray(adata.var_names, dtype=object), species=species)
+    ids = np.asarray(mapping.ensembl_ids, dtype=object)
+    if species == "mouse":
+        table = genes.one_to_one_orthologs()
+        to_human = pd.Series(table["human_id"].to_numpy(), index=table["mouse_id"].to_numpy())
+        to_human = to_human[~to_human.index.duplicated()]
+        ids = to_human.reindex(ids).fillna("").to_numpy(dtype=object)
+    else:
+        human_ok = set(genes.one_to_one_orthologs()["human_id"])
+        ids = np.where(np.isin(ids, list(human_ok)), ids, "").astype(object)
+    return _sum_columns_by_id(_counts(adata, layer), ids)
+
+
+def _sum_columns_by_id(counts: sp.csr_matrix, ids: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Merge columns sharing an ID (summing), dropping columns whose ID is empty."""
+    ids = np.asarray(ids, dtype=object).astype(str)
+    keep = np.flatnonzero(ids != "")
+    uniques, inverse = np.unique(ids[keep], return_inverse=True)
+    merge = sp.csr_matrix(
+        (np.ones(keep.size, dtype=np.float32), (keep, inverse.reshape(-1))), shape=(ids.size, uniques.size)
+    )
+    return sp.csr_matrix(counts.astype(np.float32) @ merge), uniques.astype(object)
+
+
+def align_genes(
+    a: sp.csr_matrix, a_ids: np.ndarray, b: sp.csr_matrix, b_ids: np.ndarray
+) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:
+    """Restrict two matrices to their shared gene IDs, in one common column order."""
+    shared, a_pos, b_pos = np.intersect1d(np.asarray(a_ids, dtype=str), np.asarray(b_ids, dtype=str), return_indices=True)
+    if shared.size == 0:
+        raise InputDataError("the two datasets share no genes after ortholog mapping; check species and gene IDs.")
+    return sp.csr_matrix(a[:, a_pos]), sp.csr_matrix(b[:, b_pos]), shared.astype(object)
+
+
+def baseline_predict(
+    train_counts: sp.spmatrix,
+    train_y: np.ndarray,
+    test_counts: sp.spmatrix,
+    method: BaselineMethod,
+    config: BaselineConfig | None = None,
+    seed: int = 0,
+) -> Prediction:
+    """A count-based baseline on the same cells.
+
+    ``logreg_counts``: normalise to 10,000, log1p, standardise (clip 10), L2 logistic regression
+    (CellTypist-style). ``knn_pca``: the same normalisation, PCA (50 components, fit on training
+    cells), kNN (k=5, cosine). Genes never expressed in training are left out.
+    """
+    from sklearn.decomposition import PCA
+
+    config = config or BaselineConfig()
+    train_log = log_normalize(train_counts, config.target_sum)
+    test_log = log_normalize(test_counts, config.target_sum)
+    expressed = np.flatnonzero(np.asarray(train_log.getnnz(axis=0)) > 0)
+    train_log, test_log = train_log[:, expressed], test_log[:, expressed]
+    if method == "logreg_counts":
+        return logreg_predict(
+            train_log, train_y, test_log, c=config.logreg_c, max_iter=config.max_iter, clip=config.clip, seed=seed
+        )
+    if method == "knn_pca":
+        train_dense, test_dense = _dense(train_log), _dense(test_log)
+        mean = train_dense.mean(axis=0)
+        std = train_dense.std(axis=0)
+        std[std == 0] = 1.0
+        n_comps = min(config.n_pcs, train_dense.shape[0] - 1, train_dense.shape[1])
+        pca = PCA(n_components=n_comps, random_state=seed, svd_solver="randomized")
+        train_pcs = pca.fit_transform(np.clip((train_dense - mean) / std, -config.clip, config.clip))
+        test_pcs = pca.transform(np.clip((test_dense - mean) / std, -config.clip, config.clip))
+        return knn_predict(train_pcs, train_y, test_pcs, k=config.knn_k)
+    raise ConfigError(f"baseline {method!r} is not one of ['logreg_counts', 'knn_pca'].")
+
+
+def baselines(
+    task: Task,
+    methods: Sequence[BaselineMethod] = ("logreg_counts", "knn_pca"),
+    config: BaselineConfig | None = None,
+    species: tuple[str, str] | None = None,
+    layer: str | None = None,
+) -> list[EvalResult]:
+    """Run count-based baselines on a task's cells.
+
+    Within one dataset the genes are used as given. When ``species=(train_species, test_species)``
+    names two different species, both sides are mapped to human Ensembl IDs through one-to-one
+    orthologs (:func:`ortholog_counts`) and restricted to the shared genes.
+    """
+    if species is not None and species[0] != species[1]:
+        train_all, train_ids = ortholog_counts(task.train_data, species[0], layer)  # type: ignore[arg-type]
+        test_all, test_ids = ortholog_counts(task.test_data, species[1], layer)  # type: ignore[arg-type]
+        train_all, test_all, shared = align_genes(train_all, train_ids, test_all, test_ids)
+        note = f"{shared.size} one-to-one ortholog genes shared"
+        logger.info("baselines: %s", note)
+        train_counts, test_counts = train_all[task.train_rows], test_all[task.test_rows]
+    else:
+        if task.train_data is not task.test_data:
+            train_names = np.asarray(task.train_data.var_names, dtype=str)
+            test_names = np.asarray(task.test_data.var_names, dtype=str)
+            train_all, test_all, shared = align_genes(
+                _counts(task.train_data, layer), train_names, _counts(task.test_data, layer), test_names
+            )
+            train_counts, test_counts = train_all[task.train_rows], test_all[task.test_rows]
+        else:
+            matrix = _counts(task.train_data, layer)
+            train_counts, test_counts = matrix[task.train_rows], matrix[task.test_rows]
+    return [
+        evaluate(task, baseline_predict(train_counts, task.train_labels, test_counts, method, config), method)
+        for method in methods
+    ]

@@ -1,0 +1,246 @@
+"""Cell-type classification: labels (RELIABILITY 11), splits, metrics, outputs, methods, transfer."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from sklearn.metrics import accuracy_score, classification_report, precision_recall_fscore_support
+
+from mixgeneformer import classify as C
+from mixgeneformer.errors import ConfigError, InputDataError
+
+
+def labelled_counts(
+    sizes: dict[str, int], n_genes: int = 60, seed: int = 0, genes: list[str] | None = None, signal: float = 6.0
+) -> ad.AnnData:
+    """Poisson counts where each class raises its own block of marker genes."""
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([[name] * n for name, n in sizes.items()])
+    rng.shuffle(labels)
+    rates = np.full((len(labels), n_genes), 1.0)
+    for k, name in enumerate(sizes):
+        block = slice((5 * k) % n_genes, (5 * k) % n_genes + 5)
+        rates[labels == name, block] += signal
+    counts = rng.poisson(rates).astype(np.int32)
+    var = pd.DataFrame(index=genes or [f"g{i}" for i in range(n_genes)])
+    obs = pd.DataFrame({"cell_type1": labels}, index=[f"c{i}" for i in range(len(labels))])
+    return ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
+
+
+# ---------------------------------------------------------------- labels (RELIABILITY 11)
+
+
+def test_missing_label_column_lists_obs_columns():
+    adata = labelled_counts({"a": 10, "b": 10})
+    with pytest.raises(InputDataError, match=r"'celltype' not found.*cell_type1"):
+        C.prepare_labels(adata, "celltype")
+
+
+def test_nan_labels_are_dropped_and_counted():
+    adata = labelled_counts({"a": 20, "b": 20})
+    obs = adata.obs.copy()
+    obs.loc[obs.index[:3], "cell_type1"] = np.nan
+    selection = C.prepare_labels(obs, "cell_type1", min_class_fraction=0)
+    assert selection.n_missing == 3
+    assert len(selection.rows) == 37
+    assert not np.isin(np.arange(3), selection.rows).any()
+    assert "3 with missing labels" in selection.summary()
+
+
+def test_one_class_is_an_error():
+    adata = labelled_counts({"a": 20})
+    with pytest.raises(InputDataError, match="1 class"):
+        C.prepare_labels(adata, "cell_type1")
+    # Two classes, but one is rare: after dropping it only one remains.
+    adata = labelled_counts({"a": 300, "b": 1})
+    with pytest.raises(InputDataError, match="two or more"):
+        C.prepare_labels(adata, "cell_type1")
+
+
+def test_all_labels_missing_is_an_error():
+    adata = labelled_counts({"a": 5, "b": 5})
+    adata.obs["cell_type1"] = np.nan
+    with pytest.raises(InputDataError, match="no labels"):
+        C.prepare_labels(adata, "cell_type1")
+
+
+def test_rare_classes_dropped_by_fraction_and_count():
+    adata = labelled_counts({"a": 500, "b": 400, "c": 4, "d": 6})
+    selection = C.prepare_labels(adata, "cell_type1", min_class_fraction=0.005)  # threshold 4.55 cells
+    assert selection.classes == ["a", "b", "d"]
+    assert selection.dropped_classes == {"c": 4}
+    selection = C.prepare_labels(adata, "cell_type1", min_class_fraction=0, min_class_count=10)
+    assert selection.dropped_classes == {"c": 4, "d": 6}
+    assert set(selection.labels) == {"a", "b"}
+    assert np.all(np.diff(selection.rows) > 0), "rows stay in obs order"
+
+
+def test_unseen_test_labels_error_or_drop():
+    with pytest.raises(InputDataError, match=r"never seen in training: \{'z': 2\}"):
+        C.check_unseen_labels(["a", "b"], ["a", "z", "b", "z"], policy="error")
+    mask = C.check_unseen_labels(["a", "b"], ["a", "z", "b", "z"], policy="drop")
+    assert mask.tolist() == [True, False, True, False]
+
+
+def test_transfer_task_applies_unseen_policy():
+    source = labelled_counts({"alpha": 30, "beta": 30, "gamma": 30}, seed=1)
+    target = labelled_counts({"alpha": 30, "beta": 30, "acinar": 30}, seed=2)
+    with pytest.raises(InputDataError, match="acinar"):
+        C.transfer_task(source, target, C.LabelConfig(unseen_test_labels="error"))
+    task = C.transfer_task(source, target, C.LabelConfig(unseen_test_labels="drop"))
+    assert set(task.test_labels) == {"alpha", "beta"} and set(task.train_labels) == {"alpha", "beta"}
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ConfigError, match="test_size"):
+        C.LabelConfig(test_size=1.5)
+    with pytest.raises(ConfigError, match="freeze_layers"):
+        C.FinetuneConfig(freeze_layers=-1)
+
+
+# ---------------------------------------------------------------- splits
+
+
+def test_split_is_stratified_and_deterministic():
+    labels = np.array(["a"] * 50 + ["b"] * 30 + ["c"] * 20, dtype=object)
+    train, test = C.stratified_split(labels, 0.2, seed=42)
+    again = C.stratified_split(labels, 0.2, seed=42)
+    other = C.stratified_split(labels, 0.2, seed=7)
+    assert np.array_equal(train, again[0]) and np.array_equal(test, again[1])
+    assert not np.array_equal(test, other[1])
+    assert np.intersect1d(train, test).size == 0 and train.size + test.size == labels.size
+    counts = pd.Series(labels[test]).value_counts().to_dict()
+    assert counts == {"a": 10, "b": 6, "c": 4}
+
+
+def test_split_refuses_singleton_classes():
+    with pytest.raises(InputDataError, match="fewer than 2"):
+        C.stratified_split(np.array(["a"] * 10 + ["b"], dtype=object))
+
+
+def test_within_task_uses_obs_positions():
+    adata = labelled_counts({"a": 40, "b": 40, "c": 20})
+    adata.obs.loc[adata.obs.index[5], "cell_type1"] = np.nan
+    task = C.within_task(adata, C.LabelConfig(min_class_fraction=0))
+    assert 5 not in task.train_rows and 5 not in task.test_rows
+    obs_labels = adata.obs["cell_type1"].to_numpy()
+    assert np.array_equal(obs_labels[task.test_rows], task.test_labels)
+    assert np.array_equal(obs_labels[task.train_rows], task.train_labels)
+    assert task.test_rows.size == 20
+
+
+# ---------------------------------------------------------------- metrics and outputs
+
+
+def test_metrics_match_sklearn():
+    rng = np.random.default_rng(3)
+    y_true = rng.choice(["a", "b", "c", "d"], size=200).astype(object)
+    y_pred = np.where(rng.random(200) < 0.6, y_true, rng.choice(["a", "b", "c", "e"], size=200)).astype(object)
+    metrics = C.classification_metrics(y_true, y_pred)
+    p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert metrics["macro_precision"] == pytest.approx(p)
+    assert metrics["macro_recall"] == pytest.approx(r)
+    assert metrics["macro_f1"] == pytest.approx(f)
+    report = C.per_class_report(y_true, y_pred)
+    reference = classification_report(y_true, y_pred, output_dict=True, zero_division=0)
+    for name in ["a", "b", "c", "d", "e"]:
+        assert report.loc[name, "precision"] == pytest.approx(reference[name]["precision"])
+        assert report.loc[name, "recall"] == pytest.approx(reference[name]["recall"])
+        assert report.loc[name, "support"] == reference[name]["support"]
+
+
+def test_predictions_written_to_obs_in_order():
+    adata = labelled_counts({"a": 30, "b": 30})
+    task = C.within_task(adata, C.LabelConfig(min_class_fraction=0))
+    classes = ["a", "b"]
+    # A deliberately wrong but known prediction: flip every label.
+    flipped = np.where(task.test_labels == "a", "b", "a").astype(object)
+    proba = np.where(flipped[:, None] == np.array(classes)[None, :], 0.9, 0.1)
+    result = C.evaluate(task, C.Prediction(flipped, proba, classes), "flip")
+    assert result.metrics["accuracy"] == 0.0
+    before = adata.obs.copy()
+    C.write_predictions(adata, result, key="t")
+    pred = adata.obs["t_pred"]
+    assert pred.iloc[task.test_rows].astype(str).tolist() == flipped.tolist()
+    assert pred.iloc[task.train_rows].isna().all()
+    assert np.allclose(adata.obs["t_prob"].to_numpy()[task.test_rows], 0.9)
+    assert adata.obs["t_prob"].iloc[task.train_rows].isna().all()
+    pd.testing.assert_frame_equal(adata.obs[before.columns], before)
+    with pytest.raises(InputDataError, match="overwrite=True"):
+        C.write_predictions(adata, result, key="t")
+    C.write_predictions(adata, result, key="t", overwrite=True)
+
+
+def test_benchmark_table_columns():
+    adata = labelled_counts({"a": 30, "b": 30})
+    task = C.within_task(adata, C.LabelConfig(min_class_fraction=0))
+    result = C.evaluate(task, C.Prediction(task.test_labels.copy(), None, ["a", "b"]), "oracle")
+    table = C.benchmark_table([result])
+    assert list(table.columns) == ["setting", "method", "accuracy", "macro_precision", "macro_recall", "macro_f1"]
+    assert table.loc[0, "accuracy"] == 1.0 and table.loc[0, "macro_f1"] == 1.0
+
+
+# ---------------------------------------------------------------- zero-shot and baselines
+
+
+def test_knn_and_logreg_on_separable_features():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 16)) * 4
+    y = np.repeat(np.array(["x", "y", "z"], dtype=object), 40)
+    x = centers[np.repeat(np.arange(3), 40)] + rng.normal(size=(120, 16))
+    order = rng.permutation(120)
+    train, test = order[:90], order[90:]
+    for pred in (C.knn_predict(x[train], y[train], x[test]), C.logreg_predict(x[train], y[train], x[test])):
+        assert accuracy_score(y[test], pred.labels) > 0.95
+        assert pred.probabilities.shape == (30, 3)
+        assert np.allclose(pred.probabilities.sum(axis=1), 1.0)
+
+
+def test_log_normalize_matches_definition():
+    counts = sp.csr_matrix(np.array([[1, 0, 3], [0, 0, 0], [2, 2, 0]], dtype=np.int32))
+    out = C.log_normalize(counts).toarray()
+    expected = np.log1p(np.array([[2500, 0, 7500], [0, 0, 0], [5000, 5000, 0]], dtype=np.float64))
+    assert np.allclose(out, expected, rtol=1e-5)
+
+
+def test_baselines_run_and_beat_chance():
+    adata = labelled_counts({"a": 60, "b": 60, "c": 60}, n_genes=80)
+    task = C.within_task(adata, C.LabelConfig(min_class_fraction=0))
+    results = C.baselines(task)
+    assert [r.method for r in results] == ["logreg_counts", "knn_pca"]
+    for result in results:
+        assert result.metrics["accuracy"] > 0.9
+
+
+# ---------------------------------------------------------------- cross-species label matching
+
+
+def test_label_matching_rules():
+    assert C.canonical_label("T cells") == "t_cell"
+    assert C.canonical_label("T_cell") == "t_cell"
+    assert C.canonical_label("t_cell") == "t_cell"
+    assert C.canonical_label("PP") == "gamma"
+    assert C.canonical_label("Activated-Stellate") == "activated_stellate"
+    assert C.canonical_label("Mystery", {"mystery": "beta"}) == "beta"
+    match = C.match_labels(["alpha", "beta", "t_cell", "acinar"], ["Alpha", "beta", "T_cell", "B_cell", "B_cell"])
+    assert match.shared == ["alpha", "beta", "t_cell"]
+    assert match.source_only == {"acinar": 1}
+    assert match.target_only == {"b_cell": 2}
+    with pytest.raises(InputDataError, match="share 0 class"):
+        C.match_labels(["a", "b"], ["c", "d"])
+
+
+def test_transfer_task_on_shared_labels_and_given_rows():
+    source = labelled_counts({"alpha": 40, "beta": 40, "acinar": 40}, seed=1)
+    target = labelled_counts({"Alpha": 40, "BETA": 40, "B_cell": 40}, seed=2)
+    task = C.transfer_task(source, target, C.LabelConfig(unseen_test_labels="drop"))
+    assert task.classes == ["alpha", "beta"]
+    assert set(task.test_labels) == {"alpha", "beta"} and task.test_rows.size == 80
+    assert any("acinar" in note for note in task.notes) and any("b_cell" in note for note in task.notes)
+    subset = np.arange(0, 120, 2)
+    task = C.transfer_task(source, target, C.LabelConfig(unseen_test_labels="drop"), target_rows=subset)
+    assert np.isin(task.test_rows, subset).all()
