@@ -1,0 +1,197 @@
+"""Pretraining losses: masked-gene prediction and the contrastive terms (pure torch).
+
+Nothing here knows about genes, vocabularies or transformers; every function takes tensors and
+returns a scalar tensor that keeps the autograd graph. Similarities are computed in float32 even
+when the encoder runs in bf16: with a temperature of 0.05 the logits reach ±20 and bf16 would
+round them to a step of ~0.1.
+
+Distributed negatives (``gather=True``) use :func:`torch.distributed.nn.functional.all_gather`,
+whose backward sends each rank's gradient back to the rank that produced the embeddings, so the
+negatives from other GPUs are trained too. Every rank must then pass the same batch size (use a
+sampler with ``drop_last``); the local rows are the queries, the gathered rows the keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the vocabulary at the labelled (masked) positions.
+
+    Parameters
+    ----------
+    logits
+        ``(..., vocab_size)`` prediction scores, e.g. ``(batch, seq, vocab)`` or
+        ``(n_positions, vocab)``.
+    labels
+        Integer tensor with the shape of ``logits`` minus its last dimension; the original token
+        where a position was masked, ``-100`` elsewhere.
+
+    Returns
+    -------
+    torch.Tensor
+        Mean cross-entropy over labelled positions (float32). A batch without any labelled
+        position gives ``0`` (still attached to the graph) instead of NaN.
+    """
+    vocab_size = logits.shape[-1]
+    flat_logits = logits.reshape(-1, vocab_size)
+    flat_labels = labels.reshape(-1)
+    if not bool((flat_labels != IGNORE_INDEX).any()):
+        return flat_logits.sum().float() * 0.0
+    return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX)
+
+
+def _gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate ``x`` from every rank (autograd-aware); return it and this rank's index."""
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    return torch.cat(dist_fn.all_gather(x), dim=0), dist.get_rank()
+
+
+def nt_xent(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05, gather: bool = False
+) -> torch.Tensor:
+    """SimCSE / SimCLR NT-Xent loss over the ``2B`` embeddings of two views.
+
+    Every embedding is a query; its positive is the other view of the same cell, its negatives
+    are every other embedding of both views (the query itself is excluded)::
+
+        z = normalize([z1; z2])                       # 2B x D
+        s_ij = z_i . z_j / temperature,  s_ii = -inf
+        loss = mean_i  -log softmax_j(s_ij)[pos(i)],  pos(i) = i + B mod 2B
+
+    Parameters
+    ----------
+    z1, z2
+        ``(B, D)`` embeddings of the two views; row ``i`` of both is the same cell.
+    temperature
+        Softmax temperature (SimCSE: 0.05).
+    gather
+        If True and ``torch.distributed`` is initialised, keys come from all ranks (with
+        gradients); the local ``2B`` rows stay the queries and their targets are offset by rank.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar float32 loss.
+    """
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"nt_xent expects two (B, D) tensors of equal shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    batch = z1.shape[0]
+    q1 = F.normalize(z1.float(), dim=-1)
+    q2 = F.normalize(z2.float(), dim=-1)
+    k1, rank = _gather_with_grad(q1) if gather else (q1, 0)
+    k2, _ = _gather_with_grad(q2) if gather else (q2, 0)
+    n_global = k1.shape[0]
+    queries = torch.cat([q1, q2], dim=0)  # 2B x D
+    keys = torch.cat([k1, k2], dim=0)  # 2N x D, N = world * B
+    logits = queries @ keys.T / temperature
+    local = torch.arange(batch, device=z1.device) + rank * batch
+    self_index = torch.cat([local, local + n_global])
+    positive = torch.cat([local + n_global, local])
+    rows = torch.arange(2 * batch, device=z1.device)
+    logits = logits.index_put((rows, self_index), torch.tensor(float("-inf"), device=z1.device))
+    return F.cross_entropy(logits, positive)
+
+
+def info_nce(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    temperature: float = 0.1,
+    gather: bool = False,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE between paired embeddings ``a[i] <-> b[i]`` (CLIP-style).
+
+    ``loss = ½ [CE(norm(a) norm(b)ᵀ / τ, diag) + CE(norm(b) norm(a)ᵀ / τ, diag)]``; the negatives
+    of ``a[i]`` are all other ``b`` rows and vice versa.
+
+    Parameters
+    ----------
+    a, b
+        ``(B, D)`` embeddings; row ``i`` of both describes the same cell.
+    temperature
+        Softmax temperature (τ≈0.1 for the cross-species term).
+    gather
+        Take keys from every rank (with gradients), targets offset by rank.
+    valid
+        Optional ``(B,)`` bool mask: rows that are False are not used as queries (they stay
+        negatives). Used for cells that have no gene with a 1:1 ortholog.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar float32 loss; ``0`` (attached to the graph) when no row is valid.
+    """
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(f"info_nce expects two (B, D) tensors of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    batch = a.shape[0]
+    qa = F.normalize(a.float(), dim=-1)
+    qb = F.normalize(b.float(), dim=-1)
+    ka, rank = _gather_with_grad(qa) if gather else (qa, 0)
+    kb, _ = _gather_with_grad(qb) if gather else (qb, 0)
+    target = torch.arange(batch, device=a.device) + rank * batch
+    logits_ab = qa @ kb.T / temperature
+    logits_ba = qb @ ka.T / temperature
+    if valid is None:
+        return 0.5 * (F.cross_entropy(logits_ab, target) + F.cross_entropy(logits_ba, target))
+    valid = valid.to(device=a.device, dtype=torch.bool)
+    if not bool(valid.any()):
+        return (qa.sum() + qb.sum()) * 0.0
+    loss_ab = F.cross_entropy(logits_ab[valid], target[valid])
+    loss_ba = F.cross_entropy(logits_ba[valid], target[valid])
+    return 0.5 * (loss_ab + loss_ba)
+
+
+def simcse_pp_dimension_loss(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Dimension-wise term of SimCSE++ (a cross-correlation / decorrelation objective).
+
+    Each embedding dimension is standardised over the batch, giving ``ẑ1, ẑ2`` (mean 0, std 1
+    per column). With the ``D x D`` cross-correlation ``C = ẑ1ᵀ ẑ2 / B``::
+
+        loss = (1/D) Σ_d (1 − C_dd)²  +  (1/(D(D−1))) Σ_{d≠e} C_de²
+
+    The first part makes each dimension agree between the two views, the second keeps different
+    dimensions uncorrelated, so no dimension collapses or dominates the cosine similarity. Both
+    parts are averages, so the value is O(1) whatever the hidden size; the model weights it by
+    ``config.simcse_pp_weight`` (0.1).
+
+    Parameters
+    ----------
+    z1, z2
+        ``(B, D)`` embeddings of the two views, ``B >= 2``.
+    eps
+        Added to the variance before the square root.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar float32 loss (0 for a batch of one cell, where correlations are undefined).
+    """
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(
+            f"simcse_pp_dimension_loss expects two (B, D) tensors of equal shape, got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
+    batch, dim = z1.shape
+    if batch < 2:
+        return (z1.sum() + z2.sum()).float() * 0.0
+
+    def standardise(z: torch.Tensor) -> torch.Tensor:
+        z = z.float()
+        z = z - z.mean(dim=0, keepdim=True)
+        return z / torch.sqrt(z.var(dim=0, unbiased=False, keepdim=True) + eps)
+
+    corr = standardise(z1).T @ standardise(z2) / batch
+    diagonal = torch.diagonal(corr)
+    on_diag = (1.0 - diagonal).pow(2).mean()
+    if dim == 1:
+        return on_diag
+    off_diag = (corr.pow(2).sum() - diagonal.pow(2).sum()) / (dim * (dim - 1))
+    return on_diag + off_diag
