@@ -1,0 +1,174 @@
+"""Atomic, verifiable training checkpoints.
+
+A checkpoint is written into ``<run>/.staging/checkpoint-<step>``; when every file is on disk, a
+``COMPLETE`` manifest (file names and sizes) is written **last**, and the folder is renamed to
+``<run>/checkpoint-<step>``. A crash, a kill or a full disk at any point leaves either the old
+checkpoints untouched plus a stale staging folder (removed at the next start), or a new, complete
+checkpoint. Resume takes the newest checkpoint whose manifest matches the files on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from .errors import ArtifactError
+
+logger = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+STAGING = ".staging"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def staging_dir(run_dir: str | os.PathLike) -> Path:
+    """The folder in which checkpoints are assembled before they are renamed into place."""
+    return Path(run_dir) / STAGING
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_complete_marker(checkpoint: str | os.PathLike, step: int) -> Path:
+    """Write the ``COMPLETE`` manifest (relative path -> size in bytes of every file) last."""
+    checkpoint = Path(checkpoint)
+    files = {}
+    for path in sorted(checkpoint.rglob("*")):
+        if path.is_file() and path.name != COMPLETE:
+            files[path.relative_to(checkpoint).as_posix()] = path.stat().st_size
+    marker = checkpoint / COMPLETE
+    tmp = checkpoint / f".{COMPLETE}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as handle:
+        json.dump({"step": int(step), "files": files}, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, marker)
+    _fsync_dir(checkpoint)
+    return marker
+
+
+def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from, or None when it is complete and intact."""
+    checkpoint = Path(checkpoint)
+    marker = checkpoint / COMPLETE
+    if not marker.is_file():
+        return f"no {COMPLETE} marker (the save was interrupted)"
+    try:
+        manifest = json.loads(marker.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable {COMPLETE} marker ({exc})"
+    for name, size in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"file {name} listed in {COMPLETE} is missing"
+        actual = path.stat().st_size
+        if actual != size:
+            return f"file {name} is {actual} bytes, {COMPLETE} says {size} (truncated or modified)"
+    return None
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """All ``checkpoint-<step>`` folders of a run, oldest step first (complete or not)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for child in run_dir.iterdir():
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_complete_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest intact checkpoint of ``run_dir``; damaged ones are logged and skipped.
+
+    Raises
+    ------
+    ArtifactError
+        When checkpoints exist but none of them is intact.
+    """
+    checkpoints = list_checkpoints(run_dir)
+    problems = []
+    for _step, path in reversed(checkpoints):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("skipping checkpoint %s: %s", path, problem)
+        problems.append(f"{path.name}: {problem}")
+    if checkpoints:
+        raise ArtifactError(
+            f"no intact checkpoint to resume from in {run_dir} ({'; '.join(problems)}). "
+            "Delete the damaged folders, or start again with --overwrite."
+        )
+    return None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """Check an explicitly named checkpoint folder; an incomplete one is an error."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"checkpoint folder not found: {path}.")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ArtifactError(f"checkpoint {path} cannot be resumed from: {problem}. Use an older checkpoint.")
+    return path
+
+
+def publish_checkpoint(staged: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
+    """Rename a complete staged checkpoint into ``run_dir`` (replacing one of the same step)."""
+    staged = Path(staged)
+    target = Path(run_dir) / staged.name
+    if checkpoint_problem(staged) is not None:
+        raise ArtifactError(f"refusing to publish incomplete checkpoint {staged}: {checkpoint_problem(staged)}.")
+    if target.exists():
+        trash = Path(run_dir) / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, trash)
+        os.replace(staged, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staged, target)
+    _fsync_dir(Path(run_dir))
+    return target
+
+
+def rotate_checkpoints(run_dir: str | os.PathLike, keep: int | None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond ``keep`` (None or 0: keep all)."""
+    if not keep:
+        return []
+    complete = [path for _step, path in list_checkpoints(run_dir) if checkpoint_problem(path) is None]
+    removed = []
+    for path in complete[: max(0, len(complete) - keep)]:
+        # Rename first so that a crash mid-delete never leaves a half-deleted "complete" checkpoint.
+        trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def clean_stale(run_dir: str | os.PathLike) -> None:
+    """Remove leftovers of interrupted saves (staging folder, renamed-away old checkpoints)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    shutil.rmtree(staging_dir(run_dir), ignore_errors=True)
+    for child in run_dir.iterdir():
+        if child.name.startswith(".checkpoint-") and ".old-" in child.name:
+            shutil.rmtree(child, ignore_errors=True)
