@@ -16,7 +16,6 @@ tokenizing on the fly with the model bundle's vocabulary and medians.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -396,7 +395,7 @@ def embed_corpus(
                     gene_count += torch.bincount(ids[genes], minlength=len(vocab))
                     if per_cell is not None:
                         split = torch.split(states.float().cpu(), genes.sum(1).tolist())
-                        for row, block in zip(rows.tolist(), split):
+                        for row, block in zip(rows.tolist(), split, strict=True):
                             per_cell[row] = block.numpy()
                 if bar is not None:
                     bar.update(len(rows))
@@ -456,3 +455,257 @@ def _progress_bar(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="cell", desc="embedding", dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------
+# AnnData and corpus-folder front ends
+# --------------------------------------------------------------------------------------------
+_ROW_COLUMN = "_mixgf_obs_row"
+
+
+def _load_model(model_or_bundle_dir: Any, vocab: Vocabulary | None, medians: Any):
+    """(model, vocab, medians) from a bundle folder or from an in-memory model plus vocabulary."""
+    if isinstance(model_or_bundle_dir, (str, os.PathLike)):
+        from .model import load_bundle
+
+        model, bundle_vocab, bundle_medians = load_bundle(model_or_bundle_dir, vocab)
+        return model, bundle_vocab, medians if medians is not None else bundle_medians, str(model_or_bundle_dir)
+    if not isinstance(model_or_bundle_dir, torch.nn.Module):
+        raise ConfigError(
+            f"model_or_bundle_dir must be a model bundle folder or a torch model, got {type(model_or_bundle_dir).__name__}"
+        )
+    model = model_or_bundle_dir
+    vocab = vocab if vocab is not None else getattr(model, "vocab", None)
+    if vocab is None:
+        raise ConfigError("an in-memory model needs its vocabulary: pass vocab= (or a bundle folder instead)")
+    return model, vocab, medians, type(model).__name__
+
+
+def _check_key(adata: Any, key: str, overwrite: bool) -> None:
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"key must be a non-empty string, got {key!r}")
+    if key in adata.obsm and not overwrite:
+        raise ConfigError(
+            f"adata.obsm[{key!r}] already exists; pass overwrite=True (CLI: --overwrite) to replace it, "
+            "or choose another key"
+        )
+
+
+def _params_record(model_name: str, vocab: Vocabulary, layer: int, pooling: str, hidden: int, **extra: Any) -> dict:
+    from . import __version__
+
+    return {
+        "model": model_name,
+        "vocab_hash": vocab.hash,
+        "layer": int(layer),
+        "pooling": pooling,
+        "hidden_size": int(hidden),
+        "mixgeneformer_version": __version__,
+        **extra,
+    }
+
+
+def _tokenize_for_embedding(
+    adata: anndata.AnnData,
+    vocab: Vocabulary,
+    medians: Any,
+    bert: torch.nn.Module,
+    tokenize_config: Any,
+    gene_column: str | None,
+    species: str,
+) -> tuple[datasets.Dataset, np.ndarray]:
+    """Tokenize ``adata`` with the model's vocabulary; return the corpus and each row's obs index."""
+    import anndata as ad
+
+    from . import tokenize as tk
+
+    if medians is None:
+        raise ConfigError(
+            "tokenizing needs the gene medians the model was trained with; the bundle has no medians.tsv, "
+            "so pass medians= (a GeneMedians) or embed a tokenized corpus folder instead"
+        )
+    config = tokenize_config if tokenize_config is not None else tk.TokenizeConfig()
+    field_names = {f.name for f in dataclasses.fields(config)}
+    updates: dict[str, Any] = {}
+    max_positions = int(bert.config.max_position_embeddings)
+    if "max_len" in field_names and config.max_len > max_positions:
+        updates["max_len"] = max_positions
+    for name, value in (("gene_column", gene_column), ("species", species)):
+        if name in field_names and value is not None:
+            updates[name] = value
+    config = dataclasses.replace(config, **updates)
+
+    obs = adata.obs.copy()
+    obs[_ROW_COLUMN] = np.arange(adata.n_obs, dtype=np.int64)
+    layers = {name: adata.layers[name] for name in adata.layers.keys()}
+    shallow = ad.AnnData(X=adata.X, obs=obs, var=adata.var.copy(), layers=layers or None)
+    corpus = tk.tokenize_anndata(shallow, vocab, medians, config, obs_columns=(_ROW_COLUMN,))
+    rows = np.asarray(corpus[_ROW_COLUMN], dtype=np.int64)
+    return corpus, rows
+
+
+def embed_anndata(
+    adata: anndata.AnnData,
+    model_or_bundle_dir: str | os.PathLike | torch.nn.Module,
+    key: str = "X_mixgeneformer",
+    layer: int = -2,
+    pooling: Pooling = "mean",
+    overwrite: bool = False,
+    gene_column: str | None = None,
+    species: str = "auto",
+    copy: bool = False,
+    *,
+    vocab: Vocabulary | None = None,
+    medians: Any = None,
+    tokenize_config: Any = None,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    precision: Precision = "auto",
+) -> anndata.AnnData | None:
+    """Embed the cells of an AnnData into ``adata.obsm[key]``.
+
+    The raw counts are tokenized on the fly with the model's vocabulary and gene medians (those
+    of the bundle unless given), then embedded with :func:`embed_corpus`.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes with raw counts (``X`` or as the tokenizer is configured). Not modified
+        when ``copy=True``.
+    model_or_bundle_dir
+        A model bundle folder (``model.save_bundle``) or an in-memory model (then ``vocab`` and
+        ``medians`` are required).
+    key
+        ``obsm`` key to write.
+    layer, pooling
+        As in :func:`embed_corpus`.
+    overwrite
+        Replace an existing ``obsm[key]``; otherwise that is an error raised before any work.
+    gene_column
+        ``var`` column holding gene IDs or symbols (default: ``var_names``).
+    species
+        ``"human"``, ``"mouse"`` or ``"auto"`` (detected from the gene IDs).
+    copy
+        Return an embedded copy instead of writing into ``adata``.
+    vocab, medians
+        Override / supply the vocabulary and gene medians.
+    tokenize_config
+        A :class:`mixgeneformer.tokenize.TokenizeConfig`; its ``max_len`` is capped at the
+        model's ``max_position_embeddings``.
+    batch_size, device, progress, precision
+        As in :func:`embed_corpus`.
+
+    Returns
+    -------
+    AnnData or None
+        The copy when ``copy=True``, else None. ``obsm[key]`` is (n_obs, hidden) float32 in obs
+        order; cells the tokenizer dropped (no vocabulary gene) are NaN rows, with a warning.
+        ``uns[key + "_params"]`` records how the embedding was made.
+    """
+    if not hasattr(adata, "obsm") or not hasattr(adata, "obs"):
+        raise ConfigError(f"adata must be an AnnData, got {type(adata).__name__}")
+    _check_key(adata, key, overwrite)
+    model, vocab, medians, model_name = _load_model(model_or_bundle_dir, vocab, medians)
+    bert = encoder_of(model)
+    layers_to_run(len(bert.encoder.layer), layer)
+    if pooling not in ("mean", "cls"):
+        raise ConfigError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+
+    corpus, rows = _tokenize_for_embedding(adata, vocab, medians, bert, tokenize_config, gene_column, species)
+    cells = embed_corpus(
+        model, corpus, vocab, layer=layer, pooling=pooling, batch_size=batch_size, device=device,
+        progress=progress, precision=precision,
+    )
+    hidden = cells.shape[1]
+    out = np.full((adata.n_obs, hidden), np.nan, dtype=np.float32)
+    out[rows] = cells
+    n_dropped = adata.n_obs - len(np.unique(rows))
+    if n_dropped:
+        warnings.warn(
+            f"{n_dropped} of {adata.n_obs} cells have no gene in the model's vocabulary (or no counts) and were "
+            f"not embedded; their rows of obsm[{key!r}] are NaN",
+            UserWarning,
+            stacklevel=2,
+        )
+    target = adata.copy() if copy else adata
+    target.obsm[key] = out
+    target.uns[f"{key}_params"] = _params_record(
+        model_name, vocab, layer, pooling, hidden, n_cells=int(adata.n_obs), n_dropped=int(n_dropped)
+    )
+    return target if copy else None
+
+
+def load_corpus(corpus_dir: str | os.PathLike) -> datasets.Dataset:
+    """Open a tokenized corpus folder (``datasets.save_to_disk`` layout) with a clear error."""
+    import datasets as hf_datasets
+
+    from .errors import ArtifactError
+
+    folder = Path(corpus_dir)
+    if not folder.is_dir():
+        raise ArtifactError(f"corpus folder {folder} does not exist; tokenize first (mixgf tokenize)")
+    try:
+        corpus = hf_datasets.load_from_disk(str(folder))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise ArtifactError(f"{folder} is not a readable tokenized corpus ({exc}); re-run mixgf tokenize") from exc
+    if isinstance(corpus, hf_datasets.DatasetDict):
+        raise ArtifactError(f"{folder} holds several splits {list(corpus)}; pass one split's folder")
+    return corpus
+
+
+def embed_corpus_folder(
+    corpus: str | os.PathLike | datasets.Dataset,
+    model_or_bundle_dir: str | os.PathLike | torch.nn.Module,
+    key: str = "X_mixgeneformer",
+    layer: int = -2,
+    pooling: Pooling = "mean",
+    *,
+    vocab: Vocabulary | None = None,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    gene_embeddings: bool | Literal["mean", "per_cell"] = False,
+    progress: bool = True,
+    precision: Precision = "auto",
+) -> anndata.AnnData | tuple[anndata.AnnData, CorpusEmbeddings]:
+    """Embed a tokenized corpus into a new AnnData (no expression matrix).
+
+    ``obs`` holds the corpus' metadata columns (everything but ``input_ids``), ``obsm[key]`` the
+    embeddings. The corpus' vocabulary hash (``mixgf_corpus.json``, when present) must match the
+    model's. With ``gene_embeddings`` the :class:`CorpusEmbeddings` is returned too.
+    """
+    import anndata as ad
+
+    from .errors import VocabularyMismatchError
+    from .fileio import read_json
+
+    model, vocab, _, model_name = _load_model(model_or_bundle_dir, vocab, None)
+    if isinstance(corpus, (str, os.PathLike)):
+        marker = Path(corpus) / "mixgf_corpus.json"
+        if marker.exists():
+            recorded = read_json(marker, "corpus marker").get("vocab_hash")
+            if recorded not in (None, vocab.hash):
+                raise VocabularyMismatchError(
+                    f"the corpus {corpus} was tokenized with vocabulary {recorded} but the model uses {vocab.hash}; "
+                    "re-tokenize it with the model bundle's vocab.json"
+                )
+        dataset = load_corpus(corpus)
+    else:
+        dataset = corpus
+    result = embed_corpus(
+        model, dataset, vocab, layer=layer, pooling=pooling, batch_size=batch_size, device=device,
+        gene_embeddings=gene_embeddings, progress=progress, precision=precision,
+    )
+    cells = result.cells if isinstance(result, CorpusEmbeddings) else result
+    meta = [c for c in dataset.column_names if c != "input_ids"]
+    obs = dataset.select_columns(meta).to_pandas() if meta else pd.DataFrame(index=range(len(cells)))
+    obs.index = obs.index.astype(str)
+    adata = ad.AnnData(obs=obs)
+    adata.obsm[key] = cells
+    adata.uns[f"{key}_params"] = _params_record(
+        model_name, vocab, layer, pooling, cells.shape[1], n_cells=len(cells), n_dropped=0,
+        corpus=str(corpus) if isinstance(corpus, (str, os.PathLike)) else "in-memory",
+    )
+    if isinstance(result, CorpusEmbeddings):
+        return adata, result
+    return adata

@@ -1,0 +1,241 @@
+"""Cell and gene embeddings: layer selection, pooling, batching invariance, AnnData write-back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from mixgeneformer.embed import (
+    CorpusEmbeddings,
+    embed_corpus,
+    hidden_at_layer,
+    layers_to_run,
+    pool_cells,
+)
+from mixgeneformer.errors import ConfigError, InputDataError
+from mixgeneformer.vocab import Vocabulary
+
+N_GENES = 300
+SPECIALS = ["<pad>", "<mask>", "<cls>", "<eos>", "<human>", "<mouse>"]
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Vocabulary:
+    tokens = SPECIALS + [f"ENSG{i:011d}" for i in range(N_GENES)]
+    return Vocabulary(tokens, {t: i for i, t in enumerate(tokens) if t.startswith("ENSG")})
+
+
+def _bert(vocab: Vocabulary, layers: int = 4, attn: str = "sdpa", seed: int = 0) -> BertModel:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=256, pad_token_id=vocab.pad_id,
+        attn_implementation=attn,
+    )
+    return BertModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def bert(vocab) -> BertModel:
+    return _bert(vocab)
+
+
+def _cells(n: int, seed: int = 0, special: bool = False, min_len: int = 3, max_len: int = 120) -> list[list[int]]:
+    """Random cells: distinct gene tokens of random lengths; optionally <cls> <human> ... <eos>."""
+    rng = np.random.default_rng(seed)
+    gene_ids = np.arange(len(SPECIALS), len(SPECIALS) + N_GENES)
+    cells = []
+    for length in rng.integers(min_len, max_len, size=n):
+        genes = rng.choice(gene_ids, size=length, replace=False).tolist()
+        cells.append([2, 4, *genes, 3] if special else genes)
+    return cells
+
+
+def _pad(cells: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, cells))
+    ids = torch.zeros((len(cells), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, cell in enumerate(cells):
+        ids[i, : len(cell)] = torch.tensor(cell)
+        mask[i, : len(cell)] = 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------- layer selection
+@pytest.mark.parametrize("layer", [-1, -2, -3, 0, 1, 4, -5])
+def test_hidden_at_layer_equals_full_forward_hidden_state(bert, layer):
+    ids, mask = _pad(_cells(6, seed=1))
+    with torch.inference_mode():
+        full = bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
+        mine = hidden_at_layer(bert, ids, mask, layer)
+    real = mask.bool()
+    assert mine.shape == full.shape
+    torch.testing.assert_close(mine[real], full[real], rtol=0, atol=1e-6)
+
+
+def test_hidden_at_layer_runs_only_the_blocks_it_needs(bert):
+    calls = []
+    hooks = [block.register_forward_hook(lambda m, i, o, k=k: calls.append(k)) for k, block in enumerate(bert.encoder.layer)]
+    try:
+        ids, mask = _pad(_cells(3, seed=2))
+        with torch.inference_mode():
+            hidden_at_layer(bert, ids, mask, layer=-2)
+        assert calls == [0, 1, 2]  # 4 blocks; the second-to-last hidden state needs the first 3
+        calls.clear()
+        with torch.inference_mode():
+            hidden_at_layer(bert, ids, mask, layer=0)
+        assert calls == []
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("layer", [5, -6, 1.5, True])
+def test_layer_out_of_range_is_a_clear_error(bert, layer):
+    with pytest.raises(ConfigError, match="layer"):
+        layers_to_run(len(bert.encoder.layer), layer)
+
+
+def test_embed_corpus_layer_matches_hidden_states_pooled_the_same_way(bert, vocab):
+    cells = _cells(10, seed=3, special=True)
+    ids, mask = _pad(cells)
+    with torch.inference_mode():
+        states = bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for layer in (-1, -2, 1):
+        expected = pool_cells(states[layer], ids, mask, vocab.special_ids, "mean").numpy()
+        got = embed_corpus(bert, cells, vocab, layer=layer, batch_size=4, progress=False)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_eager_and_sdpa_attention_give_the_same_embeddings(vocab):
+    cells = _cells(8, seed=4)
+    sdpa = embed_corpus(_bert(vocab, attn="sdpa"), cells, vocab, batch_size=3, progress=False)
+    eager = embed_corpus(_bert(vocab, attn="eager"), cells, vocab, batch_size=3, progress=False)
+    np.testing.assert_allclose(sdpa, eager, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- pooling
+def test_mean_pooling_averages_gene_positions_only(bert, vocab):
+    cells = _cells(5, seed=5, special=True)
+    ids, mask = _pad(cells)
+    with torch.inference_mode():
+        hidden = hidden_at_layer(bert, ids, mask, -2)
+        pooled = pool_cells(hidden, ids, mask, vocab.special_ids, "mean")
+    for i, cell in enumerate(cells):
+        genes = [p for p, t in enumerate(cell) if t >= len(SPECIALS)]
+        assert len(genes) == len(cell) - 3  # <cls>, <human>, <eos> removed
+        np.testing.assert_allclose(pooled[i].numpy(), hidden[i, genes].mean(0).numpy(), rtol=0, atol=1e-6)
+
+
+def test_cls_pooling_takes_position_zero(bert, vocab):
+    cells = _cells(5, seed=6, special=True)
+    ids, mask = _pad(cells)
+    with torch.inference_mode():
+        hidden = hidden_at_layer(bert, ids, mask, -1)
+    pooled = pool_cells(hidden, ids, mask, vocab.special_ids, "cls")
+    torch.testing.assert_close(pooled, hidden[:, 0])
+    got = embed_corpus(bert, cells, vocab, layer=-1, pooling="cls", batch_size=2, progress=False)
+    np.testing.assert_allclose(got, hidden[:, 0].numpy(), rtol=0, atol=1e-5)
+
+
+def test_cls_pooling_without_cls_token_is_an_error(bert, vocab):
+    with pytest.raises(ConfigError, match="<cls>"):
+        embed_corpus(bert, _cells(3, seed=7), vocab, pooling="cls", progress=False)
+
+
+# ---------------------------------------------------------------------------- batching
+@pytest.mark.parametrize("pooling,special", [("mean", False), ("mean", True), ("cls", True)])
+def test_cell_alone_equals_cell_in_padded_batch(bert, vocab, pooling, special):
+    cells = _cells(12, seed=8, special=special, min_len=2, max_len=200)
+    batched = embed_corpus(bert, cells, vocab, pooling=pooling, batch_size=12, progress=False)
+    alone = np.stack([embed_corpus(bert, [cell], vocab, pooling=pooling, progress=False)[0] for cell in cells])
+    assert batched.dtype == np.float32 and batched.shape == (12, 32)
+    assert np.isfinite(batched).all()
+    np.testing.assert_allclose(batched, alone, rtol=0, atol=1e-5)
+
+
+def test_corpus_order_is_kept_whatever_the_batch_size(bert, vocab):
+    cells = _cells(17, seed=9)
+    reference = embed_corpus(bert, cells, vocab, batch_size=1, progress=False)
+    for batch_size in (2, 5, 64):
+        np.testing.assert_allclose(embed_corpus(bert, cells, vocab, batch_size=batch_size, progress=False), reference, atol=1e-5)
+    order = np.random.default_rng(0).permutation(len(cells))
+    permuted = embed_corpus(bert, [cells[i] for i in order], vocab, batch_size=4, progress=False)
+    np.testing.assert_allclose(permuted, reference[order], atol=1e-5)
+
+
+def test_embed_corpus_reads_a_datasets_corpus_and_its_selections(bert, vocab):
+    import datasets
+
+    cells = _cells(9, seed=10)
+    corpus = datasets.Dataset.from_dict(
+        {"input_ids": cells, "length": [len(c) for c in cells]},
+        features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32")), "length": datasets.Value("int32")}),
+    )
+    reference = embed_corpus(bert, cells, vocab, progress=False)
+    np.testing.assert_allclose(embed_corpus(bert, corpus, vocab, progress=False), reference, atol=1e-5)
+    picked = [7, 2, 5]
+    np.testing.assert_allclose(embed_corpus(bert, corpus.select(picked), vocab, progress=False), reference[picked], atol=1e-5)
+    np.testing.assert_allclose(embed_corpus(bert, corpus.select(range(3, 6)), vocab, progress=False), reference[3:6], atol=1e-5)
+
+
+def test_model_training_mode_is_restored_and_wrappers_are_accepted(vocab):
+    from transformers import BertForMaskedLM
+
+    bert = _bert(vocab)
+    wrapper = BertForMaskedLM(bert.config)
+    wrapper.bert.load_state_dict(bert.state_dict(), strict=False)
+    wrapper.train()
+    cells = _cells(4, seed=11)
+    got = embed_corpus(wrapper, cells, vocab, progress=False)
+    assert wrapper.training
+    np.testing.assert_allclose(got, embed_corpus(bert, cells, vocab, progress=False), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_bad_corpora_are_clear_errors(bert, vocab):
+    with pytest.raises(InputDataError, match="no tokens"):
+        embed_corpus(bert, [[10, 11], []], vocab, progress=False)
+    with pytest.raises(InputDataError, match="max_position_embeddings"):
+        embed_corpus(bert, [list(range(6, 6 + 257))], vocab, progress=False)
+    with pytest.raises(InputDataError, match="another vocabulary"):
+        embed_corpus(bert, [[10, len(vocab) + 3]], vocab, progress=False)
+    with pytest.raises(InputDataError, match="no cells"):
+        embed_corpus(bert, [], vocab, progress=False)
+    with pytest.raises(ConfigError, match="batch_size"):
+        embed_corpus(bert, [[10]], vocab, batch_size=0, progress=False)
+    with pytest.raises(ConfigError, match="pooling"):
+        embed_corpus(bert, [[10]], vocab, pooling="max", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA"):
+            embed_corpus(bert, [[10]], vocab, device="cuda", progress=False)
+
+
+# ---------------------------------------------------------------------------- gene embeddings
+def test_gene_embeddings_average_each_gene_over_the_cells_expressing_it(bert, vocab):
+    cells = _cells(15, seed=12, special=True, max_len=60)
+    result = embed_corpus(bert, cells, vocab, gene_embeddings="per_cell", batch_size=4, progress=False)
+    assert isinstance(result, CorpusEmbeddings)
+    np.testing.assert_allclose(result.cells, embed_corpus(bert, cells, vocab, progress=False), atol=1e-5)
+    # per-cell states are aligned with the cell's gene tokens, special tokens removed
+    ids, mask = _pad(cells)
+    with torch.inference_mode():
+        hidden = hidden_at_layer(bert, ids, mask, -2)
+    sums: dict[int, list[np.ndarray]] = {}
+    for i, cell in enumerate(cells):
+        genes = [(p, t) for p, t in enumerate(cell) if t >= len(SPECIALS)]
+        expected = hidden[i, [p for p, _ in genes]].numpy()
+        np.testing.assert_allclose(result.per_cell[i], expected, atol=1e-5)
+        for row, (_, token) in zip(expected, genes, strict=True):
+            sums.setdefault(token, []).append(row)
+    assert set(result.genes.index) == {vocab.tokens[t] for t in sums}
+    assert not any(name.startswith("<") for name in result.genes.index)
+    for token, rows in sums.items():
+        name = vocab.tokens[token]
+        assert result.gene_counts[name] == len(rows)
+        np.testing.assert_allclose(result.genes.loc[name].to_numpy(), np.mean(rows, axis=0), atol=1e-5)
+    mean_only = embed_corpus(bert, cells, vocab, gene_embeddings=True, progress=False)
+    assert mean_only.per_cell is None
+    np.testing.assert_allclose(mean_only.genes.to_numpy(), result.genes.to_numpy(), atol=1e-5)
