@@ -756,3 +756,80 @@ def open_source(
         f"{path}: unsupported file type. Supported: .h5ad, .loom, 10x .h5, a 10x mtx folder, a TileDB-SOMA "
         "experiment folder, or an AnnData object."
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers shared by the median and tokenization stages
+
+
+def map_source_genes(
+    source: CountSource,
+    species: str = "auto",
+    min_coverage: float = 0.5,
+    allow_mixed: bool = False,
+) -> Any:
+    """Resolve a source's gene identifiers to Ensembl IDs (:func:`genes.map_gene_ids`).
+
+    Returns the :class:`~mixgeneformer.genes.GeneMapping`; errors name the source.
+    """
+    from .errors import GeneIdError
+    from .genes import map_gene_ids
+
+    try:
+        return map_gene_ids(source.gene_ids, species=species, allow_mixed=allow_mixed, min_coverage=min_coverage)
+    except GeneIdError as exc:
+        raise GeneIdError(f"{source.name}: {exc}") from exc
+
+
+TOTALS_COLUMN = "n_counts"
+FILTER_COLUMN = "filter_pass"
+
+
+def normalization_totals(chunk: CountChunk, mode: str = "all", kept_columns: np.ndarray | None = None) -> np.ndarray:
+    """Per-cell totals used to normalize counts (float64, one per row of ``chunk``).
+
+    ``"all"`` (Geneformer default): obs ``n_counts`` when the source has it, else the row sums over
+    all genes. ``"kept"`` (the authors' variant): row sums over ``kept_columns`` (a boolean mask).
+    """
+    if mode == "all":
+        if TOTALS_COLUMN in chunk.obs.columns:
+            totals = pd.to_numeric(chunk.obs[TOTALS_COLUMN], errors="coerce").to_numpy(dtype=np.float64)
+            if not np.all(np.isfinite(totals)) or np.any(totals < 0):
+                raise InputDataError(
+                    f"obs column {TOTALS_COLUMN!r} holds missing, infinite or negative values (cells "
+                    f"{chunk.start}–{chunk.start + chunk.n_cells - 1}); fix it or drop the column so totals are computed."
+                )
+            return totals
+        return np.asarray(chunk.counts.sum(axis=1), dtype=np.float64).ravel()
+    if mode == "kept":
+        if kept_columns is None:
+            raise ValueError("kept_columns is required for totals='kept'")
+        counts = chunk.counts
+        keep = np.asarray(kept_columns, dtype=bool)[counts.indices]
+        rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+        return np.bincount(rows[keep], weights=counts.data[keep].astype(np.float64), minlength=counts.shape[0])
+    raise InputDataError(f"totals must be 'all' or 'kept', got {mode!r}.")
+
+
+def filter_pass_rows(chunk: CountChunk) -> np.ndarray | None:
+    """Boolean mask of cells to keep when obs has ``filter_pass`` (1 = keep), else None."""
+    if FILTER_COLUMN not in chunk.obs.columns:
+        return None
+    values = pd.to_numeric(chunk.obs[FILTER_COLUMN], errors="coerce").to_numpy(dtype=np.float64)
+    return values == 1
+
+
+def remap_columns(counts: sp.csr_matrix, column_map: np.ndarray, n_out: int) -> sp.csr_matrix:
+    """Move column ``j`` to ``column_map[j]`` (dropped where ``-1``); columns mapped together are summed.
+
+    Implemented as one sparse product with a 0/1 selection matrix (vectorized, exact for integer
+    counts), so duplicate gene IDs after mapping are summed as Geneformer does.
+    """
+    column_map = np.asarray(column_map, dtype=np.int64)
+    src = np.flatnonzero(column_map >= 0)
+    selection = sp.csr_matrix(
+        (np.ones(len(src), dtype=counts.dtype), (src, column_map[src])), shape=(counts.shape[1], n_out)
+    )
+    out = sp.csr_matrix(counts @ selection)
+    out.sum_duplicates()
+    return out
