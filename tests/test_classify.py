@@ -244,3 +244,109 @@ def test_transfer_task_on_shared_labels_and_given_rows():
     subset = np.arange(0, 120, 2)
     task = C.transfer_task(source, target, C.LabelConfig(unseen_test_labels="drop"), target_rows=subset)
     assert np.isin(task.test_rows, subset).all()
+
+
+# ---------------------------------------------------------------- models: zero-shot and fine-tuning
+
+
+def token_task(n_per_class: int = 40, n_classes: int = 3, seed: int = 0):
+    """A task over synthetic rank-value-encoded cells: each class puts its own genes first."""
+    import datasets
+
+    from mixgeneformer.vocab import Vocabulary
+
+    genes = [f"ENSG{i:011d}" for i in range(1, 41)]
+    tokens = ["<pad>", "<mask>", "<cls>", "<eos>", "<human>", "<mouse>", *genes]
+    vocab = Vocabulary(tokens, {g: 6 + i for i, g in enumerate(genes)})
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.array([f"type{k}" for k in range(n_classes)], dtype=object), n_per_class)
+    rng.shuffle(labels)
+    cells = []
+    for label in labels:
+        k = int(label[-1])
+        marker = 6 + 8 * k + rng.permutation(8)[:6]
+        background = 6 + 24 + rng.permutation(16)[: rng.integers(4, 12)]
+        cells.append(np.concatenate([[vocab.cls_id], marker, background]).astype(np.int32))
+    dataset = datasets.Dataset.from_dict(
+        {"input_ids": [c.tolist() for c in cells], "length": [len(c) for c in cells]}
+    )
+    obs = pd.DataFrame({"cell_type1": labels}, index=[f"c{i}" for i in range(len(labels))])
+    adata = ad.AnnData(X=sp.csr_matrix((len(labels), 1), dtype=np.float32), obs=obs)
+    tokens_ = C.TokenizedCells(dataset=dataset, rows=np.arange(len(labels)))
+    return adata, vocab, tokens_
+
+
+def tiny_model(vocab, seed: int = 0):
+    import torch
+
+    from mixgeneformer.model import MixGeneformerForPretraining, make_config
+
+    torch.manual_seed(seed)
+    config = make_config("tiny", vocab, max_position_embeddings=64, hidden_size=32, intermediate_size=64)
+    return MixGeneformerForPretraining(config).eval()
+
+
+def test_zero_shot_on_frozen_embeddings():
+    adata, vocab, tokens = token_task()
+    task = C.within_task(adata, C.LabelConfig(min_class_fraction=0))
+    results = C.zero_shot(task, tiny_model(vocab), vocab, None, tokens=(tokens, tokens), device="cpu")
+    assert [r.method for r in results] == ["knn", "logreg"]
+    for result in results:
+        assert result.y_pred.shape == task.test_labels.shape
+        # Even an untrained encoder's mean-pooled embeddings keep which genes a cell has.
+        assert result.metrics["accuracy"] > 0.6
+
+
+def test_finetune_improves_over_chance_and_round_trips(tmp_path):
+    import torch
+
+    adata, vocab, tokens = token_task(n_per_class=40)
+    task = C.within_task(adata, C.LabelConfig(min_class_fraction=0))
+    config = C.ClassifyConfig(
+        finetune=C.FinetuneConfig(learning_rate=3e-3, batch_size=12, epochs=4, device="cpu", logging_steps=5)
+    )
+    model = tiny_model(vocab)
+    encoder_before = {k: v.clone() for k, v in model.bert.state_dict().items()}
+    result, fitted = C.finetune(task, model, vocab, None, config, tokens=(tokens, tokens))
+    assert result.metrics["accuracy"] > 0.7, result.metrics  # chance is 1/3
+    losses = [entry["loss"] for entry in fitted.log_history if "loss" in entry]
+    assert losses[-1] < losses[0]
+    # The pretrained model itself is left untouched (the classifier holds a copy of the encoder).
+    for key, value in model.bert.state_dict().items():
+        assert torch.equal(value, encoder_before[key])
+    out = fitted.save(tmp_path / "clf")
+    assert (out / "model" / "model.safetensors").exists()
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
+    assert (out / "config.yaml").exists()
+    loaded = C.load_classifier(out)
+    assert loaded.classes == fitted.classes
+    again = loaded.predict(tokens.select(task.test_rows), device="cpu")
+    assert np.array_equal(again.labels, result.y_pred)
+    assert np.allclose(again.probabilities, result.probabilities, atol=1e-5)
+
+
+def test_freezing_layers():
+    adata, vocab, tokens = token_task(n_per_class=10)
+    model = tiny_model(vocab)
+    clf = C.build_classifier(model, ["a", "b"], vocab, C.FinetuneConfig(freeze_layers=1))
+    assert not any(p.requires_grad for p in clf.bert.embeddings.parameters())
+    assert not any(p.requires_grad for p in clf.bert.encoder.layer[0].parameters())
+    assert all(p.requires_grad for p in clf.bert.encoder.layer[1].parameters())
+    assert all(p.requires_grad for p in clf.classifier.parameters())
+    head_only = C.build_classifier(model, ["a", "b"], vocab, C.FinetuneConfig(train_encoder=False))
+    assert not any(p.requires_grad for p in head_only.bert.parameters())
+    with pytest.raises(ConfigError, match="freeze_layers=5"):
+        C.build_classifier(model, ["a", "b"], vocab, C.FinetuneConfig(freeze_layers=5))
+    # Pooling equals the embedding protocol: mean over gene tokens of the last layer.
+    import torch
+
+    from mixgeneformer.embed import embed_corpus
+
+    batch = C._PadCollator(vocab.pad_id)([{"input_ids": x} for x in tokens.dataset["input_ids"][:4]])
+    with torch.no_grad():
+        hidden = clf.eval().bert(**batch).last_hidden_state
+    expected = embed_corpus(model, tokens.dataset.select(range(4)), vocab, layer=-1, progress=False, device="cpu")
+    from mixgeneformer.embed import pool_cells
+
+    pooled = pool_cells(hidden, batch["input_ids"], batch["attention_mask"], vocab.special_ids).numpy()
+    assert np.allclose(pooled, expected, atol=1e-5)

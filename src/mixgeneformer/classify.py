@@ -811,3 +811,390 @@ def baselines(
         evaluate(task, baseline_predict(train_counts, task.train_labels, test_counts, method, config), method)
         for method in methods
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# Tokens and embeddings of a task's cells
+# --------------------------------------------------------------------------------------------
+
+_ROW_COLUMN = "_mixgf_obs_row"
+
+
+@dataclass
+class TokenizedCells:
+    """A tokenized corpus of some cells of an AnnData: ``rows[i]`` is the obs position of corpus row i."""
+
+    dataset: Any  # datasets.Dataset with column input_ids
+    rows: np.ndarray
+
+    def select(self, obs_rows: np.ndarray) -> Any:
+        """The corpus rows of the given obs positions (all must have been tokenized), in that order."""
+        position = pd.Index(self.rows).get_indexer(np.asarray(obs_rows))
+        if (position < 0).any():
+            raise InputDataError(f"{int((position < 0).sum())} requested cells were dropped by the tokenizer.")
+        return self.dataset.select(position)
+
+
+def tokenize_cells(adata: Any, vocab: Any, medians: Any, tokenize_config: Any = None, max_len: int | None = None) -> TokenizedCells:
+    """Rank-value tokenize every cell of ``adata`` (input left untouched), remembering obs positions.
+
+    Cells the tokenizer drops (no vocabulary gene) are absent from ``rows``; :func:`restrict_to_tokenized`
+    removes them from a task with a count.
+    """
+    import anndata as ad
+
+    from .tokenize import TokenizeConfig, tokenize_anndata
+
+    if medians is None:
+        raise InputDataError(
+            "tokenizing needs the gene medians the model was trained with; the model bundle has no "
+            "medians.tsv. Pass medians= (a GeneMedians) or use a bundle saved with medians."
+        )
+    config = tokenize_config or TokenizeConfig()
+    if max_len is not None and getattr(config, "max_len", max_len) > max_len:
+        config = dataclasses.replace(config, max_len=max_len)
+    obs = pd.DataFrame({_ROW_COLUMN: np.arange(adata.n_obs, dtype=np.int64)}, index=adata.obs_names)
+    shallow = ad.AnnData(X=adata.X, obs=obs, var=adata.var, layers=dict(adata.layers))
+    dataset = tokenize_anndata(shallow, vocab, medians, config, obs_columns=(_ROW_COLUMN,))
+    rows = np.asarray(dataset.with_format("numpy")[_ROW_COLUMN], dtype=np.int64)
+    return TokenizedCells(dataset=dataset, rows=rows)
+
+
+def restrict_to_tokenized(task: Task, train_tokens: TokenizedCells, test_tokens: TokenizedCells) -> Task:
+    """Drop task cells the tokenizer dropped, with a note saying how many."""
+    train_keep = np.isin(task.train_rows, train_tokens.rows)
+    test_keep = np.isin(task.test_rows, test_tokens.rows)
+    if train_keep.all() and test_keep.all():
+        return task
+    note = (
+        f"cells without any vocabulary gene dropped: {int((~train_keep).sum())} train, "
+        f"{int((~test_keep).sum())} test"
+    )
+    logger.warning(note)
+    return dataclasses.replace(
+        task,
+        train_rows=task.train_rows[train_keep],
+        train_labels=task.train_labels[train_keep],
+        test_rows=task.test_rows[test_keep],
+        test_labels=task.test_labels[test_keep],
+        notes=[*task.notes, note],
+    )
+
+
+def tokenize_task(task: Task, vocab: Any, medians: Any, tokenize_config: Any = None, max_len: int | None = None) -> tuple[Task, TokenizedCells, TokenizedCells]:
+    """Tokenize the task's data (once when train and test share an AnnData) and drop untokenizable cells."""
+    train_tokens = tokenize_cells(task.train_data, vocab, medians, tokenize_config, max_len)
+    test_tokens = (
+        train_tokens
+        if task.test_data is task.train_data
+        else tokenize_cells(task.test_data, vocab, medians, tokenize_config, max_len)
+    )
+    return restrict_to_tokenized(task, train_tokens, test_tokens), train_tokens, test_tokens
+
+
+def _max_len_of(model: Any) -> int:
+    from .embed import encoder_of
+
+    return int(encoder_of(model).config.max_position_embeddings)
+
+
+def zero_shot(
+    task: Task,
+    model: Any,
+    vocab: Any,
+    medians: Any,
+    methods: Sequence[Literal["knn", "logreg"]] = ("knn", "logreg"),
+    config: EmbeddingConfig | None = None,
+    tokenize_config: Any = None,
+    device: str | None = None,
+    tokens: tuple[TokenizedCells, TokenizedCells] | None = None,
+) -> list[EvalResult]:
+    """Classify with kNN / logistic regression on frozen cell embeddings of ``model``.
+
+    Every model is embedded the same way (``config.layer``, default the second-to-last layer;
+    ``config.pooling``, default mean over genes), the fair protocol of SPEC §5.
+    """
+    from .embed import embed_corpus
+
+    config = config or EmbeddingConfig()
+    if tokens is None:
+        task, train_tokens, test_tokens = tokenize_task(task, vocab, medians, tokenize_config, _max_len_of(model))
+    else:
+        train_tokens, test_tokens = tokens
+        task = restrict_to_tokenized(task, train_tokens, test_tokens)
+
+    def embed(tokens: TokenizedCells, rows: np.ndarray) -> np.ndarray:
+        return embed_corpus(
+            model, tokens.select(rows), vocab, layer=config.layer, pooling=config.pooling,
+            batch_size=config.batch_size, device=device, progress=False,
+        )
+
+    train_x, test_x = embed(train_tokens, task.train_rows), embed(test_tokens, task.test_rows)
+    return [evaluate(task, zero_shot_predict(task, train_x, test_x, m, config), m) for m in methods]
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning
+# --------------------------------------------------------------------------------------------
+
+
+def _classifier_class() -> type:
+    """The classification model class (built lazily: importing transformers is slow)."""
+    global _CLASSIFIER_CLASS
+    if _CLASSIFIER_CLASS is not None:
+        return _CLASSIFIER_CLASS
+    import torch
+    from torch import nn
+    from transformers import BertModel, BertPreTrainedModel
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from .embed import pool_cells
+    from .model import MixGeneformerConfig
+
+    class MixGeneformerForCellClassification(BertPreTrainedModel):
+        """BERT encoder + dropout + linear head on the pooled cell embedding.
+
+        Pooling is the embedding protocol's (mean over gene tokens of the last layer, or the
+        ``<cls>`` state, ``config.cell_pooling``); ``config.special_token_ids`` lists the
+        non-gene tokens. Encoder keys match ``BertForMaskedLM``'s ``bert.*``.
+        """
+
+        config_class = MixGeneformerConfig
+
+        def __init__(self, config: Any):
+            super().__init__(config)
+            self.num_labels = config.num_labels
+            self.bert = BertModel(config, add_pooling_layer=False)
+            dropout = getattr(config, "classifier_dropout", None)
+            self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+            self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+            # A plain array, not a buffer: from_pretrained leaves non-persistent buffers uninitialised.
+            self.special_ids = np.asarray(config.special_token_ids or [config.pad_token_id or 0], dtype=np.int64)
+            self.post_init()
+
+        def forward(self, input_ids: Any, attention_mask: Any = None, labels: Any = None, **_: Any) -> Any:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            pooled = pool_cells(hidden, input_ids, attention_mask, self.special_ids, self.config.cell_pooling)
+            logits = self.classifier(self.dropout(pooled.to(self.classifier.weight.dtype)))
+            loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    _CLASSIFIER_CLASS = MixGeneformerForCellClassification
+    return _CLASSIFIER_CLASS
+
+
+_CLASSIFIER_CLASS: type | None = None
+
+
+def build_classifier(model: Any, classes: Sequence[str], vocab: Any, config: FinetuneConfig | None = None) -> Any:
+    """A classification model initialised from ``model``'s encoder, with layers frozen per ``config``.
+
+    ``config.train_encoder=False`` trains only the head; ``config.freeze_layers=k`` freezes the
+    embeddings and the bottom ``k`` encoder layers.
+    """
+    import copy
+
+    from .embed import encoder_of
+
+    config = config or FinetuneConfig()
+    bert = encoder_of(model)
+    n_layers = len(bert.encoder.layer)
+    if config.freeze_layers > n_layers:
+        raise ConfigError(f"finetune.freeze_layers={config.freeze_layers} but the model has {n_layers} layers.")
+    model_config = copy.deepcopy(bert.config)
+    model_config.num_labels = len(classes)
+    model_config.id2label = dict(enumerate(classes))
+    model_config.label2id = {c: i for i, c in enumerate(classes)}
+    model_config.cell_pooling = config.pooling
+    model_config.classifier_dropout = config.classifier_dropout
+    model_config.special_token_ids = [int(i) for i in vocab.special_ids]
+    model_config.vocab_hash = vocab.hash
+    classifier = _classifier_class()(model_config)
+    missing, unexpected = classifier.bert.load_state_dict(bert.state_dict(), strict=False)
+    unexpected = [k for k in unexpected if not k.startswith("pooler.")]
+    if missing or unexpected:
+        raise ConfigError(f"encoder weights do not fit the classifier: missing {missing}, unexpected {unexpected}.")
+    trainable = config.train_encoder
+    for parameter in classifier.bert.parameters():
+        parameter.requires_grad = trainable
+    if trainable and config.freeze_layers:
+        for module in (classifier.bert.embeddings, *classifier.bert.encoder.layer[: config.freeze_layers]):
+            for parameter in module.parameters():
+                parameter.requires_grad = False
+    return classifier
+
+
+class _PadCollator:
+    """Pad a batch of token sequences to its longest cell; labels as int64."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        lengths = np.asarray([len(f["input_ids"]) for f in features])
+        ids = np.full((len(features), int(lengths.max())), self.pad_id, dtype=np.int64)
+        mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
+        ids[mask] = np.concatenate([np.asarray(f["input_ids"], dtype=np.int64) for f in features])
+        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+        if "labels" in features[0]:
+            batch["labels"] = torch.as_tensor([int(f["labels"]) for f in features], dtype=torch.long)
+        return batch
+
+
+@dataclass
+class FittedClassifier:
+    """A fine-tuned classifier, its classes and its training log."""
+
+    model: Any
+    classes: list[str]
+    vocab: Any
+    medians: Any
+    config: ClassifyConfig
+    log_history: list[dict[str, Any]]
+
+    def predict(self, dataset: Any, batch_size: int = 64, device: str | None = None) -> Prediction:
+        """Class probabilities of every cell of a tokenized corpus (length-sorted batches)."""
+        import torch
+
+        device = device or self.config.finetune.device
+        torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        lengths = np.asarray(dataset.with_format("numpy")["length"]) if "length" in dataset.column_names else None
+        order = np.argsort(-lengths, kind="stable") if lengths is not None else np.arange(len(dataset))
+        collate = _PadCollator(self.vocab.pad_id)
+        probabilities = np.zeros((len(dataset), len(self.classes)), dtype=np.float32)
+        model = self.model.to(torch_device).eval()
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                batch = collate([{"input_ids": x} for x in dataset.select(rows)["input_ids"]])
+                logits = model(**{k: v.to(torch_device) for k, v in batch.items()}).logits
+                probabilities[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return Prediction(_argmax_labels(probabilities, self.classes), probabilities, list(self.classes))
+
+    def save(self, directory: Any, overwrite: bool = False) -> Any:
+        """Write ``model/`` (config.json + model.safetensors only), ``vocab.json``, ``medians.tsv``,
+        ``config.yaml`` and ``training_log.json`` atomically."""
+        from pathlib import Path
+
+        from .config import save_config
+        from .fileio import atomic_directory, write_json
+
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
+            self.model.save_pretrained(tmp / "model", safe_serialization=True)
+            self.vocab.save(tmp / "vocab.json")
+            if self.medians is not None:
+                self.medians.save(tmp / "medians.tsv")
+            save_config(self.config, tmp)
+            write_json(tmp / "training_log.json", self.log_history)
+        return Path(directory)
+
+
+def load_classifier(directory: Any) -> FittedClassifier:
+    """Load a classifier saved by :meth:`FittedClassifier.save` (safetensors only)."""
+    from pathlib import Path
+
+    from .config import load_config
+    from .fileio import check_readable_file, read_json
+    from .medians import GeneMedians
+    from .vocab import Vocabulary
+
+    directory = Path(directory)
+    check_readable_file(directory / "model" / "model.safetensors", "classifier weights")
+    vocab = Vocabulary.load(check_readable_file(directory / "vocab.json", "classifier vocabulary"))
+    model = _classifier_class().from_pretrained(directory / "model", use_safetensors=True)
+    medians = GeneMedians.load(directory / "medians.tsv") if (directory / "medians.tsv").exists() else None
+    classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    return FittedClassifier(
+        model=model.eval(),
+        classes=classes,
+        vocab=vocab,
+        medians=medians,
+        config=load_config(ClassifyConfig, directory / "config.yaml"),
+        log_history=read_json(directory / "training_log.json", "training log"),
+    )
+
+
+def fit_classifier(
+    task: Task,
+    model: Any,
+    vocab: Any,
+    medians: Any,
+    config: ClassifyConfig | None = None,
+    train_tokens: TokenizedCells | None = None,
+    tokenize_config: Any = None,
+    work_dir: Any = None,
+) -> FittedClassifier:
+    """Fine-tune a classification head (and, per config, the encoder) on the task's training cells.
+
+    Runs on the Hugging Face Trainer: AdamW, linear schedule with warmup ``min(warmup_steps,
+    warmup_max_fraction × steps)``, lr 5e-5, batch 12 by default. Nothing of the test split is
+    seen. ``work_dir`` receives the Trainer's scratch files (a temporary folder by default).
+    """
+    import tempfile
+
+    from transformers import Trainer, TrainingArguments
+
+    config = config or ClassifyConfig()
+    ft = config.finetune
+    if train_tokens is None:
+        train_tokens = tokenize_cells(task.train_data, vocab, medians, tokenize_config, _max_len_of(model))
+    keep = np.isin(task.train_rows, train_tokens.rows)
+    classes = task.classes
+    label_ids = pd.Index(classes).get_indexer(task.train_labels[keep])
+    dataset = train_tokens.select(task.train_rows[keep]).select_columns(["input_ids"]).add_column("labels", label_ids.tolist())
+    classifier = build_classifier(model, classes, vocab, ft)
+
+    steps_per_epoch = math.ceil(len(dataset) / ft.batch_size)
+    total_steps = ft.max_steps if ft.max_steps > 0 else math.ceil(steps_per_epoch * ft.epochs)
+    warmup = min(ft.warmup_steps, int(ft.warmup_max_fraction * total_steps))
+    with tempfile.TemporaryDirectory(prefix="mixgf-finetune-", dir=work_dir) as scratch:
+        args = TrainingArguments(
+            output_dir=scratch,
+            learning_rate=ft.learning_rate,
+            per_device_train_batch_size=ft.batch_size,
+            num_train_epochs=ft.epochs,
+            max_steps=ft.max_steps,
+            warmup_steps=warmup,
+            weight_decay=ft.weight_decay,
+            lr_scheduler_type="linear",
+            logging_steps=max(1, min(ft.logging_steps, total_steps)),
+            save_strategy="no",
+            report_to=[],
+            seed=config.labels.seed,
+            data_seed=config.labels.seed,
+            bf16=ft.bf16,
+            use_cpu=(ft.device == "cpu"),
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(model=classifier, args=args, train_dataset=dataset, data_collator=_PadCollator(vocab.pad_id))
+        trainer.train()
+        log_history = list(trainer.state.log_history)
+    classifier = trainer.model.eval()
+    return FittedClassifier(classifier, classes, vocab, medians, config, log_history)
+
+
+def finetune(
+    task: Task,
+    model: Any,
+    vocab: Any,
+    medians: Any,
+    config: ClassifyConfig | None = None,
+    tokenize_config: Any = None,
+    tokens: tuple[TokenizedCells, TokenizedCells] | None = None,
+    method: str = "finetune",
+) -> tuple[EvalResult, FittedClassifier]:
+    """Fine-tune on the task's training cells and evaluate on its test cells."""
+    if tokens is None:
+        task, train_tokens, test_tokens = tokenize_task(task, vocab, medians, tokenize_config, _max_len_of(model))
+    else:
+        train_tokens, test_tokens = tokens
+        task = restrict_to_tokenized(task, train_tokens, test_tokens)
+    fitted = fit_classifier(task, model, vocab, medians, config, train_tokens=train_tokens)
+    prediction = fitted.predict(test_tokens.select(task.test_rows))
+    return evaluate(task, prediction, method), fitted
