@@ -1,0 +1,747 @@
+"""Rank-value encoding of cells (SPEC §2) → a Hugging Face ``datasets`` corpus.
+
+For every cell: value_g = count_g / n_counts × 10,000 / median_g over vocabulary genes with a
+median; zeros dropped; genes sorted by value, descending (exact float64 order; exact ties broken by
+token id, so the result never depends on the order of the matrix columns); truncated to the
+maximum length; optionally wrapped in ``<cls>`` … ``<eos>`` (V2 style) with a species token.
+
+The hot path (:func:`rank_value_encode`) works on a whole CSR chunk at once: one uint64 key per
+nonzero packs (row, inverted float32 bits of the value, token id), a single ``np.argsort`` orders
+the chunk, and the rare runs of keys whose float32 values coincide are re-ordered with the exact
+float64 values. Output is written chunk by chunk as Arrow list arrays built from offsets, never
+one Python object per cell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import scipy.sparse as sp
+
+from .config import from_dict, save_config, to_dict
+from .errors import ConfigError, GeneIdError, InputDataError
+from .fileio import atomic_directory, check_readable_file, content_hash, read_json, write_json
+from .medians import GeneMedians, compute_medians
+from .readers import (
+    CountChunk,
+    filter_pass_rows,
+    map_source_genes,
+    normalization_totals,
+    open_source,
+    remap_columns,
+)
+
+__all__ = [
+    "TokenizeConfig",
+    "TokenizeReport",
+    "add_special_tokens",
+    "rank_value_encode",
+    "tokenize_anndata",
+    "tokenize_files",
+]
+
+logger = logging.getLogger(__name__)
+
+CORPUS_JSON = "mixgf_corpus.json"
+V2_MAX_LEN = 4096
+
+
+@dataclass
+class TokenizeConfig:
+    """Options of rank-value tokenization (saved as ``config.yaml`` beside every corpus).
+
+    Attributes
+    ----------
+    max_len
+        Maximum sequence length including special tokens (V1 default 2048; V2 at most 4096).
+    style
+        ``"v1"``: gene tokens only (Geneformer V1). ``"v2"``: ``<cls>`` genes … ``<eos>``.
+    add_species_token
+        Put the species token (``<human>`` / ``<mouse>``) first (after ``<cls>`` in V2).
+    totals
+        ``"all"``: n_counts over all genes (obs ``n_counts`` if present; Geneformer). ``"kept"``:
+        over vocabulary genes only (the authors' variant).
+    medians
+        ``"corpus"``: the given median table. ``"per_file"``: medians computed on each input.
+    duplicate_genes
+        Columns that map to the same gene: ``"sum"`` their counts (Geneformer) or ``"error"``.
+    min_coverage
+        Minimum fraction of an input's gene identifiers that must resolve to Ensembl IDs.
+    chunk_size
+        Cells per chunk (bounds memory: about 50 bytes per stored nonzero).
+    task_cells
+        Cells per worker task (a file is split into ranges of this size; resume granularity).
+    species
+        ``"auto"`` (detected per input), ``"human"`` or ``"mouse"``.
+    allow_mixed_species
+        Accept human and mouse Ensembl IDs within one input.
+    allow_fractional
+        Accept non-integer counts.
+    layer, gene_column, measurement
+        Where counts and gene identifiers are read (see :func:`readers.open_source`).
+    filter_pass
+        Honour an obs ``filter_pass`` column (keep cells with 1).
+    """
+
+    max_len: int = 2048
+    style: Literal["v1", "v2"] = "v1"
+    add_species_token: bool = False
+    totals: Literal["all", "kept"] = "all"
+    medians: Literal["corpus", "per_file"] = "corpus"
+    duplicate_genes: Literal["sum", "error"] = "sum"
+    min_coverage: float = 0.5
+    chunk_size: int = 4096
+    task_cells: int = 50_000
+    species: Literal["auto", "human", "mouse"] = "auto"
+    allow_mixed_species: bool = False
+    allow_fractional: bool = False
+    layer: str | None = None
+    gene_column: str | None = None
+    measurement: str = "RNA"
+    filter_pass: bool = True
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("style", ("v1", "v2")),
+            ("totals", ("all", "kept")),
+            ("medians", ("corpus", "per_file")),
+            ("duplicate_genes", ("sum", "error")),
+            ("species", ("auto", "human", "mouse")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"tokenize.{name}={getattr(self, name)!r} is not one of {list(allowed)}.")
+        if self.style == "v2" and self.max_len > V2_MAX_LEN:
+            raise ConfigError(f"tokenize.max_len={self.max_len} exceeds {V2_MAX_LEN}, the V2 maximum (special tokens included).")
+        if self.max_len <= self.n_special:
+            raise ConfigError(f"tokenize.max_len={self.max_len} leaves no room for genes after {self.n_special} special tokens.")
+        if self.chunk_size < 1 or self.task_cells < 1:
+            raise ConfigError(f"tokenize.chunk_size ({self.chunk_size}) and task_cells ({self.task_cells}) must be ≥ 1.")
+        if not 0.0 <= self.min_coverage <= 1.0:
+            raise ConfigError(f"tokenize.min_coverage={self.min_coverage} must be within [0, 1].")
+
+    @property
+    def n_special(self) -> int:
+        """Special tokens per sequence (``<cls>``, ``<eos>``, species)."""
+        return (2 if self.style == "v2" else 0) + (1 if self.add_species_token else 0)
+
+    @property
+    def max_genes(self) -> int:
+        """Gene tokens kept per cell."""
+        return self.max_len - self.n_special
+
+
+# ------------------------------------------------------------------------------------------------
+# The pure, vectorized core
+
+
+def _bits_needed(n: int) -> int:
+    return max(1, int(n).bit_length())
+
+
+def rank_value_encode(
+    counts: sp.csr_matrix,
+    token_ids: np.ndarray,
+    medians: np.ndarray,
+    totals: np.ndarray,
+    max_len: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-value encode every cell of a CSR chunk.
+
+    Parameters
+    ----------
+    counts
+        Cells × genes CSR raw counts.
+    token_ids
+        Token id per column (``-1``: not in the vocabulary). Columns sharing a token are summed.
+    medians
+        Median per column (NaN or ≤ 0: column ignored).
+    totals
+        Per-cell normalization total; cells with total ≤ 0 get an empty sequence.
+    max_len
+        Gene tokens kept per cell.
+
+    Returns
+    -------
+    flat_tokens : np.ndarray[int32]
+        All cells' tokens concatenated (cell order kept).
+    lengths : np.ndarray[int64]
+        Tokens per cell (0 for cells without any expressed vocabulary gene).
+    """
+    counts = sp.csr_matrix(counts)
+    n_rows = counts.shape[0]
+    token_ids = np.asarray(token_ids, dtype=np.int64)
+    medians = np.asarray(medians, dtype=np.float64)
+    totals = np.asarray(totals, dtype=np.float64)
+    if token_ids.shape != (counts.shape[1],) or medians.shape != (counts.shape[1],) or totals.shape != (n_rows,):
+        raise ValueError("token_ids / medians must have one entry per column and totals one per row")
+    usable = (token_ids >= 0) & np.isfinite(medians) & (medians > 0)
+    token_ids = np.where(usable, token_ids, -1)
+    mapped = token_ids[usable]
+    if len(mapped) != len(np.unique(mapped)):
+        distinct, inverse = np.unique(mapped, return_inverse=True)
+        column_map = np.full(len(token_ids), -1, dtype=np.int64)
+        column_map[usable] = inverse
+        first_median = np.empty(len(distinct))
+        first_median[inverse] = medians[usable]
+        counts = remap_columns(counts, column_map, len(distinct))
+        token_ids, medians = distinct, first_median
+    if n_rows == 0:
+        return np.zeros(0, np.int32), np.zeros(0, np.int64)
+    token_bits = _bits_needed(int(token_ids.max(initial=0)))
+    row_bits = 64 - 32 - token_bits
+    rows_per_block = 1 << row_bits
+    flats, lengths = [], []
+    for lo in range(0, n_rows, rows_per_block):  # one block for any realistic chunk size
+        block = counts[lo : lo + rows_per_block] if n_rows > rows_per_block else counts
+        flat, length = _encode_block(block, token_ids, medians, totals[lo : lo + rows_per_block], max_len, token_bits)
+        flats.append(flat)
+        lengths.append(length)
+    return np.concatenate(flats), np.concatenate(lengths)
+
+
+def _encode_block(
+    counts: sp.csr_matrix, token_ids: np.ndarray, medians: np.ndarray, totals: np.ndarray, max_len: int, token_bits: int
+) -> tuple[np.ndarray, np.ndarray]:
+    n_rows = counts.shape[0]
+    per_row = np.diff(counts.indptr)
+    rows = np.repeat(np.arange(n_rows, dtype=np.int64), per_row)
+    tokens = token_ids[counts.indices]
+    keep = (tokens >= 0) & (counts.data > 0) & (totals[rows] > 0)
+    if not keep.all():
+        rows, tokens = rows[keep], tokens[keep]
+        data, columns = counts.data[keep], counts.indices[keep]
+    else:
+        data, columns = counts.data, counts.indices
+    # Same operation order as Geneformer: count / n_counts * 10000 / median, in float64.
+    values = data.astype(np.float64) / totals[rows] * 10_000.0 / medians[columns]
+    inverted = ~values.astype(np.float32).view(np.uint32)  # positive floats: bits are monotone
+    key = (rows.astype(np.uint64) << np.uint64(32 + token_bits)) | (inverted.astype(np.uint64) << np.uint64(token_bits))
+    key |= tokens.astype(np.uint64)
+    order = np.argsort(key)
+    sorted_key = key[order]
+    coarse = sorted_key >> np.uint64(token_bits)
+    tied = coarse[1:] == coarse[:-1]
+    if tied.any():
+        order = _resolve_float32_ties(order, sorted_key, tied, values, tokens)
+        sorted_key = key[order]
+    flat = (sorted_key & np.uint64((1 << token_bits) - 1)).astype(np.int32)
+    lengths = np.bincount(rows, minlength=n_rows).astype(np.int64)
+    if len(lengths) and lengths.max(initial=0) > max_len:
+        starts = np.cumsum(lengths) - lengths
+        position = np.arange(len(flat), dtype=np.int64) - np.repeat(starts, lengths)
+        flat = flat[position < max_len]
+        lengths = np.minimum(lengths, max_len)
+    return flat, lengths
+
+
+def _resolve_float32_ties(
+    order: np.ndarray, sorted_key: np.ndarray, tied: np.ndarray, values: np.ndarray, tokens: np.ndarray
+) -> np.ndarray:
+    """Re-order runs of equal (row, float32 value) by the exact float64 value, then token id."""
+    member = np.zeros(len(sorted_key), dtype=bool)
+    member[1:] |= tied
+    member[:-1] |= tied
+    positions = np.flatnonzero(member)
+    run_id = np.cumsum(~np.concatenate(([False], tied))[positions])  # new run where not tied to previous
+    entries = order[positions]
+    within = np.lexsort((tokens[entries], -values[entries], run_id))
+    order = order.copy()
+    order[positions] = entries[within]
+    return order
+
+
+def add_special_tokens(
+    flat: np.ndarray, lengths: np.ndarray, prefix: Sequence[int] = (), suffix: Sequence[int] = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    """Insert ``prefix`` tokens before and ``suffix`` tokens after every sequence (vectorized)."""
+    n_pre, n_suf = len(prefix), len(suffix)
+    if n_pre == 0 and n_suf == 0:
+        return flat, lengths
+    new_lengths = lengths + n_pre + n_suf
+    ends = np.cumsum(new_lengths)
+    starts = ends - new_lengths
+    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int32)
+    is_gene = np.ones(len(out), dtype=bool)
+    for i, token in enumerate(prefix):
+        out[starts + i] = token
+        is_gene[starts + i] = False
+    for i, token in enumerate(suffix):
+        out[ends - n_suf + i] = token
+        is_gene[ends - n_suf + i] = False
+    out[is_gene] = flat
+    return out, new_lengths
+
+
+# ------------------------------------------------------------------------------------------------
+# Chunks → Arrow tables
+
+
+@dataclass
+class _Columns:
+    """Per-input column lookups: token id, median and vocabulary membership per matrix column."""
+
+    token_ids: np.ndarray
+    medians: np.ndarray
+    kept: np.ndarray
+    species: str
+    coverage: str
+
+
+def _column_lookup(source: Any, vocab: Any, medians: GeneMedians, config: TokenizeConfig) -> _Columns:
+    mapping = map_source_genes(source, config.species, config.min_coverage, config.allow_mixed_species)
+    ensembl = mapping.ensembl_ids
+    if config.duplicate_genes == "error":
+        mapped = pd.Series(ensembl[ensembl != ""])
+        dup = mapped[mapped.duplicated()]
+        if len(dup):
+            raise GeneIdError(
+                f"{source.name}: {dup.nunique()} genes appear in several columns after ID mapping (e.g. "
+                f"{dup.iloc[0]}). Remove the duplicates or use duplicate_genes='sum' (Geneformer sums them)."
+            )
+    token_ids = np.asarray(vocab.encode_genes(ensembl), dtype=np.int64)
+    gene_medians = medians.lookup(ensembl)
+    kept = (token_ids >= 0) & np.isfinite(gene_medians)
+    if not kept.any():
+        raise GeneIdError(
+            f"{source.name}: none of its {len(ensembl):,} genes is in the vocabulary with a median "
+            f"({mapping.coverage_report()}). Wrong species, or a vocabulary/median table for another species?"
+        )
+    coverage = f"{mapping.coverage_report()}; {int(kept.sum()):,} columns in the vocabulary with a median"
+    logger.info("%s: %s", source.name, coverage)
+    return _Columns(token_ids, gene_medians, kept, mapping.species, coverage)
+
+
+@dataclass
+class TokenizeReport:
+    """Counts of one tokenization run (also written to ``mixgf_corpus.json``)."""
+
+    cells_in: int = 0
+    cells_out: int = 0
+    dropped_filter_pass: int = 0
+    dropped_zero_counts: int = 0
+    dropped_no_vocab_gene: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, other: TokenizeReport) -> None:
+        for name in ("cells_in", "cells_out", "dropped_filter_pass", "dropped_zero_counts", "dropped_no_vocab_gene", "tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @property
+    def cells_per_second(self) -> float:
+        return self.cells_in / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        return (
+            f"{self.cells_in:,} cells in, {self.cells_out:,} out; dropped: {self.dropped_zero_counts:,} with zero counts, "
+            f"{self.dropped_no_vocab_gene:,} without a vocabulary gene, {self.dropped_filter_pass:,} by filter_pass; "
+            f"{self.tokens:,} tokens; {self.seconds:.1f}s ({self.cells_per_second:,.0f} cells/s)"
+        )
+
+
+def _encode_chunk(
+    chunk: CountChunk, columns: _Columns, vocab: Any, config: TokenizeConfig, obs_columns: Sequence[str], obs_types: dict[str, pa.DataType]
+) -> tuple[pa.Table, TokenizeReport]:
+    report = TokenizeReport(cells_in=chunk.n_cells)
+    totals = normalization_totals(chunk, config.totals, columns.kept)
+    passing = filter_pass_rows(chunk) if config.filter_pass else None
+    if passing is not None:
+        report.dropped_filter_pass = int((~passing).sum())
+        totals = np.where(passing, totals, 0.0)
+    flat, lengths = rank_value_encode(chunk.counts, columns.token_ids, columns.medians, totals, config.max_genes)
+    filtered = ~passing if passing is not None else np.zeros(chunk.n_cells, dtype=bool)
+    zero = ~(np.asarray(chunk.counts.sum(axis=1)).ravel() > 0) & ~filtered
+    keep = lengths > 0
+    report.dropped_zero_counts = int(zero.sum())
+    report.dropped_no_vocab_gene = int((~keep & ~zero & ~filtered).sum())
+    if not keep.all():
+        flat = flat[np.repeat(keep, lengths)]
+        lengths = lengths[keep]
+    prefix: list[int] = []
+    suffix: list[int] = []
+    if config.style == "v2":
+        prefix.append(vocab.cls_id)
+        suffix.append(vocab.eos_id)
+    if config.add_species_token:
+        prefix.append(vocab.species_token_id(columns.species))
+    flat, lengths = add_special_tokens(flat, lengths, prefix, suffix)
+    report.cells_out = int(len(lengths))
+    report.tokens = int(len(flat))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    arrays = {
+        "input_ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int32()))
+        if offsets[-1] >= 2**31
+        else pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat, type=pa.int32())),
+        "length": pa.array(lengths.astype(np.int32)),
+        "species": pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(lengths), np.int32)), pa.array([columns.species])).cast(pa.string()),
+        "cell_index": pa.array((chunk.start + np.flatnonzero(keep)).astype(np.int64)),
+    }
+    obs = chunk.obs.iloc[np.flatnonzero(keep)]
+    for column in obs_columns:
+        arrays[column] = _obs_array(obs[column], obs_types[column])
+    return pa.table(arrays), report
+
+
+def _obs_array(values: pd.Series, arrow_type: pa.DataType) -> pa.Array:
+    if pa.types.is_string(arrow_type):
+        text = values.astype(object).where(values.notna(), None)
+        return pa.array(text.map(lambda v: v if v is None else str(v)).to_numpy(dtype=object), type=pa.string())
+    return pa.array(values.to_numpy(), type=arrow_type, from_pandas=True)
+
+
+def _obs_arrow_types(source: Any, obs_columns: Sequence[str]) -> dict[str, pa.DataType]:
+    frame = source.obs(list(obs_columns)).iloc[:0]
+    types: dict[str, pa.DataType] = {}
+    for column in obs_columns:
+        dtype = frame[column].dtype
+        if pd.api.types.is_bool_dtype(dtype):
+            types[column] = pa.bool_()
+        elif pd.api.types.is_integer_dtype(dtype):
+            types[column] = pa.int64()
+        elif pd.api.types.is_float_dtype(dtype):
+            types[column] = pa.float64()
+        else:
+            types[column] = pa.string()
+    return types
+
+
+def _features(obs_types: dict[str, pa.DataType]) -> Any:
+    import datasets
+
+    schema = pa.schema(
+        [("input_ids", pa.list_(pa.int32())), ("length", pa.int32()), ("species", pa.string()), ("cell_index", pa.int64())]
+        + list(obs_types.items())
+    )
+    return datasets.Features.from_arrow_schema(schema)
+
+
+def _check_vocab(vocab: Any, config: TokenizeConfig) -> None:
+    if config.style == "v2" and (vocab.cls_id is None or vocab.eos_id is None):
+        raise ConfigError(
+            "style='v2' needs <cls> and <eos> tokens, which this vocabulary lacks (a Geneformer V1 vocabulary?). "
+            "Use style='v1' or a vocabulary built with `mixgf vocab`."
+        )
+    if config.add_species_token and (vocab.species_token_id("human") is None and vocab.species_token_id("mouse") is None):
+        raise ConfigError("add_species_token=True but the vocabulary has no species tokens; set it to false.")
+
+
+# ------------------------------------------------------------------------------------------------
+# One task: a cell range of one input → an Arrow shard
+
+
+def _medians_for(item: Any, medians: GeneMedians | None, config: TokenizeConfig) -> GeneMedians:
+    if config.medians == "corpus":
+        if medians is None:
+            raise ConfigError("medians='corpus' needs a median table; pass medians= (CLI: --medians medians.tsv).")
+        return medians
+    return compute_medians(
+        [item], layer=config.layer, gene_column=config.gene_column, species=config.species, totals=config.totals,
+        min_coverage=config.min_coverage, allow_mixed=config.allow_mixed_species, allow_fractional=config.allow_fractional,
+        measurement=config.measurement, chunk_size=config.chunk_size,
+    )
+
+
+def _iter_tables(item: Any, vocab: Any, medians: GeneMedians, config: TokenizeConfig, obs_columns: Sequence[str], obs_types: dict[str, pa.DataType], start: int = 0, stop: int | None = None):
+    with open_source(item, config.layer, config.gene_column, allow_fractional=config.allow_fractional, measurement=config.measurement) as source:
+        columns = _column_lookup(source, vocab, medians, config)
+        extra = [c for c in ("n_counts", "filter_pass") if c in source.obs_columns and c not in obs_columns]
+        if not config.filter_pass and "filter_pass" in extra:
+            extra.remove("filter_pass")
+        if config.totals != "all" and "n_counts" in extra:
+            extra.remove("n_counts")
+        source.check_obs_columns(obs_columns)
+        for chunk in source.iter_chunks(config.chunk_size, obs_columns=[*obs_columns, *extra], start=start, stop=stop):
+            table, report = _encode_chunk(chunk, columns, vocab, config, obs_columns, obs_types)
+            yield table, report, columns
+
+
+def _tokenize_task(
+    item: Any, start: int, stop: int, shard_path: str, vocab: Any, medians: GeneMedians, config: TokenizeConfig,
+    obs_columns: Sequence[str], obs_types: dict[str, pa.DataType],
+) -> dict[str, Any]:
+    """Tokenize cells [start, stop) of one input into an Arrow shard (runs in a worker process)."""
+    from datasets.arrow_writer import ArrowWriter
+
+    started = time.perf_counter()
+    report = TokenizeReport()
+    tmp = f"{shard_path}.tmp-{os.getpid()}"
+    coverage, species = "", ""
+    writer = ArrowWriter(features=_features(obs_types), path=tmp)
+    try:
+        for table, part, columns in _iter_tables(item, vocab, medians, config, obs_columns, obs_types, start, stop):
+            if table.num_rows:
+                writer.write_table(table)
+            report.add(part)
+            coverage, species = columns.coverage, columns.species
+        writer.finalize()
+    finally:
+        writer.close()
+    os.replace(tmp, shard_path)
+    report.seconds = time.perf_counter() - started
+    result = {**dataclasses.asdict(report), "coverage": coverage, "species": species, "start": start, "stop": stop}
+    write_json(f"{shard_path}.json", result)  # written last: marks the shard complete
+    return result
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Process start method for worker pools: forkserver (clean, fast) where available, else spawn."""
+    methods = multiprocessing.get_all_start_methods()
+    if "forkserver" in methods:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["mixgeneformer.tokenize"])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+# ------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def tokenize_anndata(
+    adata: Any, vocab: Any, medians: GeneMedians | None, config: TokenizeConfig | None = None, obs_columns: Sequence[str] = ()
+) -> Any:
+    """Tokenize an in-memory AnnData into an in-memory :class:`datasets.Dataset` (AnnData untouched).
+
+    Columns: ``input_ids`` (list of int32), ``length``, ``species``, ``cell_index`` (row in ``adata``)
+    and the requested ``obs_columns``. Cells without counts or vocabulary genes are dropped
+    (see ``dataset.info.description`` for the counts); all cells empty → :class:`InputDataError`.
+    """
+    import datasets
+
+    config = config or TokenizeConfig()
+    _check_vocab(vocab, config)
+    obs_columns = list(obs_columns)
+    started = time.perf_counter()
+    source_for_types = open_source(adata, config.layer, config.gene_column, allow_fractional=config.allow_fractional)
+    source_for_types.check_obs_columns(obs_columns)
+    obs_types = _obs_arrow_types(source_for_types, obs_columns)
+    table_medians = _medians_for(adata, medians, config)
+    tables, report = [], TokenizeReport()
+    for table, part, _ in _iter_tables(adata, vocab, table_medians, config, obs_columns, obs_types):
+        tables.append(table)
+        report.add(part)
+    report.seconds = time.perf_counter() - started
+    _check_not_empty(report, "the AnnData")
+    table = pa.concat_tables([t for t in tables if t.num_rows]).cast(_features(obs_types).arrow_schema)
+    info = datasets.DatasetInfo(description=report.summary(), features=_features(obs_types))
+    return datasets.Dataset(table, info=info)
+
+
+def _check_not_empty(report: TokenizeReport, what: str) -> None:
+    if report.cells_out == 0:
+        raise InputDataError(
+            f"{what}: no cell could be tokenized ({report.summary()}). Check that the matrix holds raw counts of "
+            "genes in the vocabulary (species? gene IDs?) and that filter_pass is not 0 everywhere."
+        )
+
+
+def _input_fingerprint(item: Any) -> dict[str, Any]:
+    path = Path(item)
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def tokenize_files(
+    paths: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    vocab: Any,
+    medians: GeneMedians | None,
+    config: TokenizeConfig | None = None,
+    obs_columns: Sequence[str] = (),
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Tokenize many files (human and mouse may be mixed) into one corpus folder.
+
+    Each input is split into ranges of ``config.task_cells`` cells; ``workers`` processes turn the
+    ranges into Arrow shards inside ``.<out>.partial/`` beside ``out_dir``. A run interrupted and
+    started again with the same inputs, vocabulary, medians and config skips the finished shards.
+    The corpus appears atomically: ``save_to_disk`` layout (loadable with
+    ``datasets.load_from_disk``), ``config.yaml`` and ``mixgf_corpus.json`` (vocabulary and median
+    hashes, per-input coverage, dropped-cell counts).
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+    """
+    config = config or TokenizeConfig()
+    _check_vocab(vocab, config)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        from .errors import ArtifactError
+
+        raise ArtifactError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+    if not paths:
+        raise InputDataError("no input files given.")
+    items = [check_readable_file(p, "count matrix") for p in paths]
+    obs_columns = list(obs_columns)
+    started = time.perf_counter()
+
+    # Plan: open every input once (fails fast on missing layers / obs columns / gene IDs).
+    tasks: list[tuple[int, int, int]] = []
+    obs_types: dict[str, pa.DataType] = {}
+    for index, item in enumerate(items):
+        with open_source(item, config.layer, config.gene_column, allow_fractional=config.allow_fractional, measurement=config.measurement) as source:
+            source.check_obs_columns(obs_columns)
+            map_source_genes(source, config.species, config.min_coverage, config.allow_mixed_species)
+            if index == 0:
+                obs_types = _obs_arrow_types(source, obs_columns)
+            n_cells = source.n_cells
+        tasks.extend((index, lo, min(lo + config.task_cells, n_cells)) for lo in range(0, max(n_cells, 1), config.task_cells))
+
+    if config.medians == "per_file":
+        per_file = compute_medians(
+            items, per_file=True, workers=workers, layer=config.layer, gene_column=config.gene_column, species=config.species,
+            totals=config.totals, min_coverage=config.min_coverage, allow_mixed=config.allow_mixed_species,
+            allow_fractional=config.allow_fractional, measurement=config.measurement, chunk_size=config.chunk_size,
+        )
+        medians_hash = content_hash(*[m.hash for m in per_file])
+    else:
+        if medians is None:
+            raise ConfigError("medians='corpus' needs a median table; pass medians= (CLI: --medians medians.tsv).")
+        per_file = [medians] * len(items)
+        medians_hash = medians.hash
+
+    manifest = {
+        "vocab_hash": vocab.hash,
+        "medians_hash": medians_hash,
+        "config": to_dict(config),
+        "obs_columns": obs_columns,
+        "inputs": [_input_fingerprint(p) for p in items],
+    }
+    partial = out_dir.parent / f".{out_dir.name}.partial"
+    manifest_path = partial / "manifest.json"
+    if partial.exists():
+        previous = read_json(manifest_path, "partial-run manifest") if manifest_path.exists() else None
+        if previous != manifest:
+            logger.warning("discarding %s: it belongs to a run with other inputs or settings", partial)
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    write_json(manifest_path, manifest)
+
+    def shard_path(task: tuple[int, int, int]) -> Path:
+        return partial / f"shard-{task[0]:05d}-{task[1]:012d}.arrow"
+
+    results: dict[tuple[int, int, int], dict[str, Any]] = {}
+    todo = []
+    for task in tasks:
+        marker = Path(f"{shard_path(task)}.json")
+        if marker.exists() and shard_path(task).exists():
+            results[task] = read_json(marker, "shard report")
+        else:
+            todo.append(task)
+    if len(results):
+        logger.info("resuming: %d of %d tasks already done", len(results), len(tasks))
+
+    from tqdm.auto import tqdm
+
+    total_cells = sum(hi - lo for _, lo, hi in tasks)
+    bar = tqdm(total=total_cells, initial=sum(hi - lo for (_, lo, hi) in results), desc="tokenize", unit="cells", disable=not progress)
+    try:
+        args = [(str(items[t[0]]), t[1], t[2], str(shard_path(t)), vocab, per_file[t[0]], config, obs_columns, obs_types) for t in todo]
+        if workers > 1 and len(todo) > 1:
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(max_workers=workers, mp_context=worker_context()) as pool:
+                futures = {pool.submit(_tokenize_task, *a): t for a, t in zip(args, todo, strict=True)}
+                for future in as_completed(futures):
+                    task = futures[future]
+                    results[task] = future.result()
+                    bar.update(task[2] - task[1])
+        else:
+            for a, task in zip(args, todo, strict=True):
+                results[task] = _tokenize_task(*a)
+                bar.update(task[2] - task[1])
+    finally:
+        bar.close()
+
+    report = TokenizeReport()
+    for task in tasks:
+        report.add(TokenizeReport(**{k: v for k, v in results[task].items() if k in TokenizeReport.__dataclass_fields__ and k not in ("inputs", "seconds")}))
+    report.seconds = time.perf_counter() - started
+    for index, item in enumerate(items):
+        mine = [results[t] for t in tasks if t[0] == index]
+        report.inputs.append({
+            "path": str(item),
+            "species": mine[0]["species"],
+            "coverage": mine[0]["coverage"],
+            "cells_in": sum(r["cells_in"] for r in mine),
+            "cells_out": sum(r["cells_out"] for r in mine),
+            "dropped_zero_counts": sum(r["dropped_zero_counts"] for r in mine),
+            "dropped_no_vocab_gene": sum(r["dropped_no_vocab_gene"] for r in mine),
+            "dropped_filter_pass": sum(r["dropped_filter_pass"] for r in mine),
+        })
+    _check_not_empty(report, ", ".join(map(str, items)))
+    _assemble_corpus(out_dir, [shard_path(t) for t in tasks if results[t]["cells_out"] > 0], obs_types, config, manifest, report, overwrite)
+    shutil.rmtree(partial, ignore_errors=True)
+    logger.info("tokenize: %s", report.summary())
+    return out_dir
+
+
+def _assemble_corpus(
+    out_dir: Path, shards: list[Path], obs_types: dict[str, pa.DataType], config: TokenizeConfig,
+    manifest: dict[str, Any], report: TokenizeReport, overwrite: bool,
+) -> None:
+    """Write the ``save_to_disk`` layout from finished shards without copying their data."""
+    import json
+
+    import datasets
+
+    features = _features(obs_types)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        names = [f"data-{i:05d}-of-{len(shards):05d}.arrow" for i in range(len(shards))]
+        for shard, name in zip(shards, names, strict=True):
+            try:
+                os.link(shard, tmp / name)  # the partial folder is removed only after success
+            except OSError:
+                shutil.copyfile(shard, tmp / name)
+        state = {
+            "_data_files": [{"filename": n} for n in names],
+            "_fingerprint": content_hash(json.dumps(manifest, sort_keys=True)),
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        }
+        with open(tmp / "state.json", "w") as handle:
+            json.dump(state, handle, indent=2, sort_keys=True)
+        info = dataclasses.asdict(datasets.DatasetInfo(description=report.summary(), features=features))
+        info["features"] = features.to_dict()
+        with open(tmp / "dataset_info.json", "w") as handle:
+            json.dump({k: info[k] for k in sorted(info)}, handle, indent=2, default=str)
+        save_config(config, tmp)
+        write_json(tmp / CORPUS_JSON, {
+            "format": "mixgeneformer-corpus-v1",
+            "vocab_hash": manifest["vocab_hash"],
+            "medians_hash": manifest["medians_hash"],
+            "obs_columns": manifest["obs_columns"],
+            **{k: v for k, v in dataclasses.asdict(report).items()},
+        })
+        # Verify the folder loads before it becomes visible.
+        loaded = datasets.load_from_disk(str(tmp))
+        if len(loaded) != report.cells_out:
+            raise InputDataError(f"corpus check failed: {len(loaded)} rows written, {report.cells_out} expected.")
+        del loaded
+
+
+def load_tokenize_config(data: dict[str, Any] | None) -> TokenizeConfig:
+    """Strictly validated :class:`TokenizeConfig` from a mapping (unknown keys / wrong types rejected)."""
+    return from_dict(TokenizeConfig, data, "tokenize")
+
