@@ -26,27 +26,16 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from mixgeneformer.pipeline import capped_rows
+
 SPECIES = ("human", "mouse")
 OBS_COLUMNS = ["cell_type1", "cell_ontology_class", "cell_ontology_id", "donor", "library", "organism"]
-
-
-def capped_cell_rows(labels: pd.Series, cap: int, seed: int) -> np.ndarray:
-    """Row indices keeping at most ``cap`` cells per label (seeded), in original order."""
-    rng = np.random.default_rng(seed)
-    codes, uniques = pd.factorize(labels.astype(str), sort=True)
-    keep = np.zeros(codes.size, dtype=bool)
-    for code in range(uniques.size):  # one iteration per cell type, not per cell
-        rows = np.flatnonzero(codes == code)
-        if rows.size > cap:
-            rows = rng.choice(rows, size=cap, replace=False)
-        keep[rows] = True
-    return np.flatnonzero(keep)
 
 
 def subsample(adata: ad.AnnData, cap: int, min_cells: int, seed: int) -> ad.AnnData:
     """Cap cells per ``cell_type1``, store full-gene totals in ``n_counts``, drop rare genes."""
     counts = sp.csr_matrix(adata.X)
-    rows = capped_cell_rows(adata.obs["cell_type1"], cap, seed)
+    rows = capped_rows(adata.obs["cell_type1"], cap, seed)
     counts = counts[rows]
     totals = np.asarray(counts.sum(axis=1)).ravel().astype(np.int64)
     detected = np.asarray((counts > 0).sum(axis=0)).ravel()
