@@ -14,6 +14,8 @@ from ..errors import MixGeneformerError
 # Command modules: importing them registers their commands on ``app``.
 from . import vocab as _vocab  # noqa: E402,F401
 from . import pretrain as _pretrain  # noqa: E402,F401
+from . import tokenize as _tokenize  # noqa: E402,F401
+from . import demo as _demo  # noqa: E402,F401
 from ._app import app, state
 
 __all__ = ["app", "main"]
