@@ -9,7 +9,9 @@ from transformers import BertConfig, BertModel
 
 from mixgeneformer.embed import (
     CorpusEmbeddings,
+    embed_anndata,
     embed_corpus,
+    embed_corpus_folder,
     hidden_at_layer,
     layers_to_run,
     pool_cells,
@@ -239,3 +241,110 @@ def test_gene_embeddings_average_each_gene_over_the_cells_expressing_it(bert, vo
     mean_only = embed_corpus(bert, cells, vocab, gene_embeddings=True, progress=False)
     assert mean_only.per_cell is None
     np.testing.assert_allclose(mean_only.genes.to_numpy(), result.genes.to_numpy(), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- AnnData front end
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A tiny random model bundle over 300 real human genes, with medians; and matching cells."""
+    import anndata as ad
+    import pandas as pd
+
+    from mixgeneformer.genes import gene_table
+    from mixgeneformer.medians import GeneMedians
+    from mixgeneformer.model import MixGeneformerForPretraining, make_config, save_bundle
+
+    table = gene_table("human")
+    ids = table.loc[table["biotype"] == "protein_coding", "ensembl_id"].head(N_GENES + 50).tolist()
+    in_vocab, outside = ids[:N_GENES], ids[N_GENES:]
+    tokens = SPECIALS + in_vocab
+    vocab = Vocabulary(tokens, {t: i for i, t in enumerate(tokens) if t.startswith("ENSG")})
+    rng = np.random.default_rng(0)
+    medians = GeneMedians({g: float(m) for g, m in zip(in_vocab, rng.uniform(0.5, 5, N_GENES), strict=True)})
+    torch.manual_seed(0)
+    model = MixGeneformerForPretraining(make_config("tiny", vocab, num_hidden_layers=3, max_position_embeddings=128))
+    folder = save_bundle(model, tmp_path_factory.mktemp("bundle") / "model", vocab, medians)
+
+    n_cells = 40
+    counts = rng.poisson(0.4, size=(n_cells, N_GENES + 50)).astype(np.float32)
+    counts[5] = 0  # no counts at all
+    counts[11, :N_GENES] = 0  # counts only outside the vocabulary
+    counts[11, N_GENES:] = 3
+    var_names = in_vocab + outside
+    order = rng.permutation(len(var_names))  # gene column order must not matter
+    obs = pd.DataFrame({"cell_type1": rng.choice(["alpha", "beta"], n_cells)}, index=[f"cell{i}" for i in range(n_cells)])
+    adata = ad.AnnData(X=counts[:, order], obs=obs, var=pd.DataFrame(index=np.asarray(var_names)[order]))
+    return folder, adata
+
+
+def test_embed_anndata_writes_obsm_in_obs_order_with_nan_for_dropped_cells(bundle):
+    folder, adata = bundle
+    adata = adata.copy()
+    with pytest.warns(UserWarning, match="2 of 40 cells were dropped"):
+        result = embed_anndata(adata, folder, progress=False)
+    assert result is None
+    emb = adata.obsm["X_mixgeneformer"]
+    assert emb.shape == (40, 64) and emb.dtype == np.float32
+    dropped = ~np.isfinite(emb).all(axis=1)
+    assert np.flatnonzero(dropped).tolist() == [5, 11]
+    params = adata.uns["X_mixgeneformer_params"]
+    assert params["layer"] == -2 and params["pooling"] == "mean" and params["n_dropped"] == 2
+    assert params["tokenize"]["max_len"] == 128  # capped at the model's max_position_embeddings
+
+    # obs order is kept: embedding a shuffled object gives the same rows, shuffled
+    order = np.random.default_rng(1).permutation(adata.n_obs)
+    with pytest.warns(UserWarning):
+        shuffled = embed_anndata(adata[order].copy(), folder, key="X_other", copy=True, progress=False)
+    np.testing.assert_allclose(shuffled.obsm["X_other"], emb[order], atol=1e-5, equal_nan=True)
+    assert list(shuffled.obs_names) == list(adata.obs_names[order])
+
+
+def test_embed_anndata_equals_embed_corpus_of_the_tokenized_cells(bundle):
+    from mixgeneformer.model import load_bundle
+    from mixgeneformer.tokenize import TokenizeConfig, tokenize_anndata
+
+    folder, adata = bundle
+    model, vocab, medians = load_bundle(folder)
+    corpus = tokenize_anndata(adata, vocab, medians, TokenizeConfig(max_len=128))
+    expected = embed_corpus(model, corpus, vocab, layer=1, progress=False)
+    with pytest.warns(UserWarning):
+        out = embed_anndata(adata, model, layer=1, vocab=vocab, medians=medians, copy=True, progress=False)
+    np.testing.assert_allclose(out.obsm["X_mixgeneformer"][np.asarray(corpus["cell_index"])], expected, atol=1e-6)
+    assert "X_mixgeneformer" not in adata.obsm  # copy=True leaves the input alone
+
+
+def test_embed_anndata_never_overwrites_silently(bundle):
+    folder, adata = bundle
+    adata = adata.copy()
+    adata.obsm["X_mixgeneformer"] = np.zeros((adata.n_obs, 3), dtype=np.float32)
+    with pytest.raises(ConfigError, match="overwrite=True"):
+        embed_anndata(adata, folder, progress=False)
+    assert adata.obsm["X_mixgeneformer"].shape == (adata.n_obs, 3)
+    with pytest.warns(UserWarning):
+        embed_anndata(adata, folder, overwrite=True, progress=False)
+    assert adata.obsm["X_mixgeneformer"].shape == (adata.n_obs, 64)
+
+
+def test_embed_anndata_needs_vocabulary_and_medians_for_in_memory_models(bundle):
+    from mixgeneformer.model import load_bundle
+
+    folder, adata = bundle
+    model, vocab, _ = load_bundle(folder)
+    with pytest.raises(ConfigError, match="medians"):
+        embed_anndata(adata, model, vocab=vocab, copy=True, progress=False)
+    with pytest.raises(ConfigError, match="AnnData"):
+        embed_anndata(np.zeros((3, 3)), folder)
+
+
+def test_embed_corpus_folder_builds_anndata_with_obs_and_gene_table(bundle, tmp_path):
+    from mixgeneformer.model import load_bundle
+    from mixgeneformer.tokenize import TokenizeConfig, tokenize_anndata
+
+    folder, adata = bundle
+    model, vocab, medians = load_bundle(folder)
+    corpus = tokenize_anndata(adata, vocab, medians, TokenizeConfig(max_len=128), obs_columns=["cell_type1"])
+    corpus.save_to_disk(str(tmp_path / "corpus"))
+    out, result = embed_corpus_folder(tmp_path / "corpus", folder, gene_embeddings=True, progress=False)
+    assert out.n_obs == 38 and list(out.obs["cell_type1"]) == list(adata.obs["cell_type1"].iloc[corpus["cell_index"]])
+    np.testing.assert_allclose(out.obsm["X_mixgeneformer"], embed_corpus(model, corpus, vocab, progress=False), atol=1e-6)
+    assert set(result.genes.index) <= set(vocab.tokens[len(SPECIALS):])

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .config import to_dict
 from .errors import ConfigError, InputDataError
 
 if TYPE_CHECKING:  # imported lazily at run time: they pull heavy dependencies
@@ -460,9 +461,6 @@ def _progress_bar(total: int, enabled: bool):
 # --------------------------------------------------------------------------------------------
 # AnnData and corpus-folder front ends
 # --------------------------------------------------------------------------------------------
-_ROW_COLUMN = "_mixgf_obs_row"
-
-
 def _load_model(model_or_bundle_dir: Any, vocab: Vocabulary | None, medians: Any):
     """(model, vocab, medians) from a bundle folder or from an in-memory model plus vocabulary."""
     if isinstance(model_or_bundle_dir, (str, os.PathLike)):
@@ -494,7 +492,7 @@ def _check_key(adata: Any, key: str, overwrite: bool) -> None:
 def _params_record(model_name: str, vocab: Vocabulary, layer: int, pooling: str, hidden: int, **extra: Any) -> dict:
     from . import __version__
 
-    return {
+    record = {
         "model": model_name,
         "vocab_hash": vocab.hash,
         "layer": int(layer),
@@ -503,6 +501,14 @@ def _params_record(model_name: str, vocab: Vocabulary, layer: int, pooling: str,
         "mixgeneformer_version": __version__,
         **extra,
     }
+    return _without_none(record)
+
+
+def _without_none(value: Any) -> Any:
+    """h5ad cannot store None in ``uns``: drop such entries (absent = not set)."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return value
 
 
 def _tokenize_for_embedding(
@@ -513,10 +519,8 @@ def _tokenize_for_embedding(
     tokenize_config: Any,
     gene_column: str | None,
     species: str,
-) -> tuple[datasets.Dataset, np.ndarray]:
-    """Tokenize ``adata`` with the model's vocabulary; return the corpus and each row's obs index."""
-    import anndata as ad
-
+) -> tuple[datasets.Dataset, np.ndarray, Any]:
+    """Tokenize ``adata`` with the model's vocabulary: (corpus, obs row of each corpus row, config)."""
     from . import tokenize as tk
 
     if medians is None:
@@ -534,14 +538,9 @@ def _tokenize_for_embedding(
         if name in field_names and value is not None:
             updates[name] = value
     config = dataclasses.replace(config, **updates)
-
-    obs = adata.obs.copy()
-    obs[_ROW_COLUMN] = np.arange(adata.n_obs, dtype=np.int64)
-    layers = {name: adata.layers[name] for name in adata.layers.keys()}
-    shallow = ad.AnnData(X=adata.X, obs=obs, var=adata.var.copy(), layers=layers or None)
-    corpus = tk.tokenize_anndata(shallow, vocab, medians, config, obs_columns=(_ROW_COLUMN,))
-    rows = np.asarray(corpus[_ROW_COLUMN], dtype=np.int64)
-    return corpus, rows
+    corpus = tk.tokenize_anndata(adata, vocab, medians, config)
+    rows = np.asarray(corpus["cell_index"], dtype=np.int64)
+    return corpus, rows, config
 
 
 def embed_anndata(
@@ -612,7 +611,7 @@ def embed_anndata(
     if pooling not in ("mean", "cls"):
         raise ConfigError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
 
-    corpus, rows = _tokenize_for_embedding(adata, vocab, medians, bert, tokenize_config, gene_column, species)
+    corpus, rows, used_config = _tokenize_for_embedding(adata, vocab, medians, bert, tokenize_config, gene_column, species)
     cells = embed_corpus(
         model, corpus, vocab, layer=layer, pooling=pooling, batch_size=batch_size, device=device,
         progress=progress, precision=precision,
@@ -623,15 +622,17 @@ def embed_anndata(
     n_dropped = adata.n_obs - len(np.unique(rows))
     if n_dropped:
         warnings.warn(
-            f"{n_dropped} of {adata.n_obs} cells have no gene in the model's vocabulary (or no counts) and were "
-            f"not embedded; their rows of obsm[{key!r}] are NaN",
+            f"{n_dropped} of {adata.n_obs} cells were dropped by the tokenizer (no counts, no gene in the "
+            f"model's vocabulary, or filter_pass=0) and were not embedded; their rows of obsm[{key!r}] are NaN. "
+            f"Tokenizer report: {corpus.info.description}",
             UserWarning,
             stacklevel=2,
         )
     target = adata.copy() if copy else adata
     target.obsm[key] = out
     target.uns[f"{key}_params"] = _params_record(
-        model_name, vocab, layer, pooling, hidden, n_cells=int(adata.n_obs), n_dropped=int(n_dropped)
+        model_name, vocab, layer, pooling, hidden, n_cells=int(adata.n_obs), n_dropped=int(n_dropped),
+        tokenize=to_dict(used_config),
     )
     return target if copy else None
 
