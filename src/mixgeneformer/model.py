@@ -227,6 +227,12 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
         self.has_ortholog_map = False
         self.pooler_is_trained = True
         self.post_init()
+        # The pooler is kept (checkpoint layout) but frozen unless a loss uses it, so every
+        # trainable parameter gets a gradient and DDP needs no find_unused_parameters.
+        uses_pooler = config.pooling == "pooler" and (
+            (config.contrastive != "none" and config.contrastive_weight > 0) or config.cross_species_weight > 0
+        )
+        self.bert.pooler.requires_grad_(uses_pooler)
 
     # -- HF plumbing ------------------------------------------------------------------------
     def get_output_embeddings(self) -> nn.Linear:
