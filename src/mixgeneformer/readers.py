@@ -116,7 +116,7 @@ def validate_counts(
         gene = f"gene column {col}"
         if gene_ids is not None:
             gene += f" ({gene_ids[col]!s})"
-        return f"{data[k]!r} at {cell}, {gene}"
+        return f"{data[k].item()!r} at {cell}, {gene}"
 
     if np.issubdtype(data.dtype, np.floating):
         finite = np.isfinite(data)
