@@ -202,7 +202,24 @@ class PretrainConfig:
             )
         if self.logging.peak_tflops is not None and self.logging.peak_tflops <= 0:
             raise ConfigError(f"logging.peak_tflops must be > 0, got {self.logging.peak_tflops}.")
+        check_model_options(self.model.preset, {"model.overrides": self.model.overrides, "objective": self.objective})
         return self
+
+
+def check_model_options(preset: str, sections: dict[str, dict[str, Any]]) -> None:
+    """Reject an unknown preset and option names that are no MixGeneformerConfig field."""
+    from . import model as model_module
+
+    if preset not in model_module.PRESETS:
+        raise ConfigError(f"model.preset {preset!r} is unknown; choose one of {sorted(model_module.PRESETS)}.")
+    known = model_module.MixGeneformerConfig()
+    for section, options in sections.items():
+        for key in options:
+            if key in ("vocab_size", "vocab_hash", "special_token_ids") or not hasattr(known, key):
+                raise ConfigError(
+                    f"{section}.{key} is not a settable field of MixGeneformerConfig; check the spelling "
+                    "(vocabulary fields come from data.vocab)."
+                )
 
 
 def load_pretrain_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> PretrainConfig:
@@ -359,13 +376,7 @@ def build_model(config: PretrainConfig, vocab: Any):
     """The model of ``config``: preset + overrides + objective options, validated."""
     from . import model as model_module
 
-    if config.model.preset not in model_module.PRESETS:
-        raise ConfigError(f"model.preset {config.model.preset!r} is unknown; choose one of {sorted(model_module.PRESETS)}.")
-    known = model_module.MixGeneformerConfig()
-    for section, options in (("model.overrides", config.model.overrides), ("objective", config.objective)):
-        for key in options:
-            if not hasattr(known, key):
-                raise ConfigError(f"{section}.{key} is not a field of MixGeneformerConfig; check the spelling.")
+    check_model_options(config.model.preset, {"model.overrides": config.model.overrides, "objective": config.objective})
     overrides = {**config.model.overrides, **config.objective}
     try:
         model_config = model_module.make_config(config.model.preset, vocab, **overrides)
@@ -414,6 +425,18 @@ def environment_record(precision: str, world_size: int, extra: dict[str, Any] | 
 
 # --------------------------------------------------------------------------------------------
 # Collation: deterministic masking
+# --------------------------------------------------------------------------------------------
+def make_mlm_collator(vocab: Any, data: DataOptions, max_len: int | None = None) -> Any:
+    """The MLM collator of :mod:`mixgeneformer.collator` (dynamic padding + 80/10/10 masking)."""
+    from .collator import PretrainingCollator
+
+    return PretrainingCollator(
+        vocab, mlm_probability=data.mlm_probability, pad_to_multiple_of=data.pad_to_multiple_of, max_len=max_len
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Collation: the seeded wrapper
 # --------------------------------------------------------------------------------------------
 class SeededMaskingCollator:
     """Wrap the MLM collator so each batch's masking is seeded by (seed, epoch, batch content).
@@ -541,6 +564,8 @@ def _make_trainer_class():
             try:
                 super()._save_checkpoint(model, trial)
                 if self.args.should_save:
+                    # A pickle of TrainingArguments; nothing reads it and we keep no pickles around.
+                    (staged / "training_args.bin").unlink(missing_ok=True)
                     self._write_extras(staged)
                     _maybe_fail_in_save(step)
             except BaseException:
@@ -554,6 +579,10 @@ def _make_trainer_class():
             if self.args.should_save:
                 ckpt.write_complete_marker(staged, step)
                 ckpt.publish_checkpoint(staged, run_dir)
+                try:
+                    ckpt.staging_dir(run_dir).rmdir()
+                except OSError:
+                    pass
                 ckpt.rotate_checkpoints(run_dir, self.run_extras.get("keep"))
                 logger.info("checkpoint %s complete", run_dir / staged.name)
             self.accelerator.wait_for_everyone()
@@ -736,7 +765,6 @@ def run_pretraining(
     TrainingInterrupted
         After SIGTERM / SIGINT, once the checkpoint is saved.
     """
-    from .data import PretrainingCollator
     from .vocab import Vocabulary
 
     config.validate()
@@ -758,13 +786,16 @@ def run_pretraining(
     # 2. The corpus, memory-mapped.
     dataset = open_corpus(list(config.data.corpus), config.data.max_cells)
     train_set, eval_set = split_train_eval(dataset, config.data.eval_fraction, config.train.seed)
-    lengths = corpus_lengths(train_set) if config.data.group_by_length else None
-    max_len = int(lengths.max()) if lengths is not None else None
-    if max_len is not None and max_len > model.config.max_position_embeddings:
-        raise ConfigError(
-            f"the corpus holds cells of {max_len} tokens but model max_position_embeddings is "
-            f"{model.config.max_position_embeddings}; re-tokenize with a smaller max_len or choose a larger preset."
+    model_max_len = int(model.config.max_position_embeddings)
+    lengths = corpus_lengths(train_set)
+    truncate_to = None
+    if int(lengths.max()) > model_max_len:
+        logger.warning(
+            "the corpus holds cells of up to %d tokens; they are cut to the model's %d positions (top-ranked genes kept)",
+            int(lengths.max()), model_max_len,
         )
+        lengths = np.minimum(lengths, model_max_len)
+        truncate_to = model_max_len
     species_codes = None
     if config.data.species_balanced:
         species_codes, _names = corpus_species_codes(train_set)
@@ -786,10 +817,7 @@ def run_pretraining(
     if is_main:
         save_config(config, run_dir)
         write_json(run_dir / "environment.json", environment)
-    collator = SeededMaskingCollator(
-        PretrainingCollator(vocab, mlm_probability=config.data.mlm_probability, pad_to_multiple_of=config.data.pad_to_multiple_of),
-        seed=config.train.seed,
-    )
+    collator = SeededMaskingCollator(make_mlm_collator(vocab, config.data, truncate_to), seed=config.train.seed)
     callbacks, stopper = _make_callbacks(run_dir, is_main, config.logging.tensorboard)
     trainer_cls = _make_trainer_class()
     trainer = trainer_cls(
@@ -820,6 +848,14 @@ def run_pretraining(
     stopper.install()
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except Exception as exc:
+        # torch.load(weights_only=True) refused a pickle that is not plain tensor data.
+        if type(exc).__name__ != "UnpicklingError":
+            raise
+        raise ArtifactError(
+            f"checkpoint {checkpoint} holds a file that is not plain tensor data ({exc}); it was refused "
+            "unexecuted (torch.load weights_only=True). Delete that checkpoint or resume from another."
+        ) from exc
     finally:
         stopper.uninstall()
     if stopper.received is not None:
