@@ -91,6 +91,7 @@ StatsMode = Literal["vs_all", "vs_null", "aggregate"]
 
 __all__ = [
     "PerturbConfig",
+    "PerturbationResult",
     "benjamini_hochberg",
     "cell_variants",
     "gene_names",
@@ -100,6 +101,7 @@ __all__ = [
     "perturbation_indices",
     "perturbation_statistics",
     "resolve_genes",
+    "screen_deletions",
     "write_results",
 ]
 
@@ -1387,47 +1389,37 @@ def perturb_anndata(
         ``medians``).
     config
         :class:`PerturbConfig`; ``state_column`` names an ``obs`` column.
+    tokenize_config
+        :class:`mixgeneformer.tokenize.TokenizeConfig` (``max_len`` capped at the model's).
+    stats_mode
+        ``"vs_all"`` or ``"aggregate"`` (``vs_null`` needs a second run: use
+        :func:`perturbation_statistics`).
 
     Returns
     -------
     (PerturbationResult, pandas.DataFrame)
         The per-cell table (``cell`` = obs position, plus ``obs_name``) and the statistics.
     """
-    from .tokenize import tokenize_anndata
+    from .embed import _load_model
+    from .tokenize import TokenizeConfig, tokenize_anndata
 
     config = config or PerturbConfig()
-    if isinstance(model_or_bundle, torch.nn.Module):
-        model = model_or_bundle
-        if vocab is None or medians is None:
-            raise ConfigError("with a loaded model, pass vocab= and medians= (or give the bundle folder)")
-    else:
-        from .model import load_bundle
-
-        model, bundle_vocab, bundle_medians = load_bundle(model_or_bundle)
-        vocab = vocab or bundle_vocab
-        medians = medians or bundle_medians
-        if medians is None:
-            raise ConfigError(f"the bundle {model_or_bundle} has no medians.tsv; pass medians=")
+    model, vocab, medians, _ = _load_model(model_or_bundle, vocab, medians)
+    if medians is None:
+        raise ConfigError("tokenizing needs the gene medians the model was trained with: pass medians=")
     if config.state_column and config.state_column not in adata.obs.columns:
         raise InputDataError(
             f"state_column {config.state_column!r} is not an obs column; obs columns: {list(adata.obs.columns)}"
         )
-    corpus, kept = _tokenize_with_positions(adata, vocab, medians, tokenize_config, config, tokenize_anndata)
+    tokenize_config = tokenize_config or TokenizeConfig()
+    max_positions = int(encoder_of(model).config.max_position_embeddings)
+    if tokenize_config.max_len > max_positions:
+        tokenize_config = dataclasses.replace(tokenize_config, max_len=max_positions)
+    columns = [config.state_column] if config.state_column else []
+    corpus = tokenize_anndata(adata, vocab, medians, tokenize_config, obs_columns=columns)
+    obs_rows = np.asarray(corpus["cell_index"], dtype=np.int64)
     result = perturb_cells(model, corpus, vocab, config, progress=progress)
-    result.cells["cell"] = kept[result.cells["cell"].to_numpy()]
+    result.cells["cell"] = obs_rows[result.cells["cell"].to_numpy()]
     result.cells.insert(1, "obs_name", np.asarray(adata.obs_names, dtype=object)[result.cells["cell"].to_numpy()])
     stats = perturbation_statistics(result.cells, vocab, mode="aggregate" if stats_mode == "vs_null" else stats_mode)
     return result, stats
-
-
-def _tokenize_with_positions(adata, vocab, medians, tokenize_config, config, tokenize_anndata):
-    """Tokenize and map corpus rows back to obs positions (the tokenizer drops empty cells)."""
-    import anndata as ad
-
-    obs = pd.DataFrame({"_mixgf_obs_position": np.arange(adata.n_obs)}, index=adata.obs_names)
-    if config.state_column:
-        obs[config.state_column] = adata.obs[config.state_column].to_numpy()
-    light = ad.AnnData(X=adata.X, obs=obs, var=adata.var)
-    columns = ["_mixgf_obs_position"] + ([config.state_column] if config.state_column else [])
-    corpus = tokenize_anndata(light, vocab, medians, tokenize_config, obs_columns=columns)
-    return corpus, np.asarray(corpus["_mixgf_obs_position"], dtype=np.int64)

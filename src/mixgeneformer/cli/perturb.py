@@ -1,0 +1,179 @@
+"""``mixgf perturb``: in silico perturbation of an h5ad file or a tokenized corpus.
+
+``mixgf perturb-merge`` joins the shard tables of a multi-process run and computes the
+statistics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ..errors import ArtifactError, ConfigError
+from ._app import app
+
+
+def _config_from_options(config_file: Path | None, overrides: list[str] | None, options: dict[str, Any]):
+    """PerturbConfig from a YAML file, then explicit CLI options, then ``--set key=value``."""
+    import yaml
+
+    from ..config import apply_overrides, from_dict
+    from ..fileio import check_readable_file
+    from ..perturb import PerturbConfig
+
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        path = check_readable_file(config_file, "perturbation config")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of perturbation options")
+    data.update({k: v for k, v in options.items() if v is not None})
+    return from_dict(PerturbConfig, apply_overrides(data, overrides), "perturb config")
+
+
+def _split(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return [] if items == ["all"] else items
+
+
+@app.command("perturb")
+def perturb(
+    input: Path = typer.Argument(..., help="An .h5ad file with raw counts, or a tokenized corpus folder."),
+    model: Path = typer.Option(..., "--model", "-m", help="Model bundle folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (tables, figure, config.yaml)."),
+    perturb_type: str | None = typer.Option(None, "--perturb", help="delete (default), overexpress, activate or inhibit."),
+    genes: str | None = typer.Option(None, "--genes", help="'all' (default) or a comma list: INS,GCG or ENSG…"),
+    combine: bool | None = typer.Option(None, "--combine/--no-combine", help="Perturb the listed genes together."),
+    anchor: str | None = typer.Option(None, "--anchor", help="Gene perturbed together with each other gene."),
+    target_rank: int | None = typer.Option(None, "--target-rank", help="Rank for activate/inhibit (0 = top, -1 = last)."),
+    state_column: str | None = typer.Option(None, "--state-column", help="obs/corpus column of cell states."),
+    start: str | None = typer.Option(None, "--start", help="State whose cells are perturbed."),
+    goal: str | None = typer.Option(None, "--goal", help="State to measure the shift towards."),
+    alternatives: str | None = typer.Option(None, "--alternatives", help="Comma list of further states."),
+    cells_per_state: int | None = typer.Option(None, "--cells-per-state", help="At most N cells per state."),
+    mode: str | None = typer.Option(None, "--mode", help="exact (default) or screen (first-order + exact top-k)."),
+    screen_top_k: int | None = typer.Option(None, "--screen-top-k", help="Genes re-scored exactly per cell in screen mode."),
+    gene_shifts: bool | None = typer.Option(None, "--gene-shifts/--no-gene-shifts", help="Also per-gene embedding shifts."),
+    layer: int | None = typer.Option(None, "--layer", help="Hidden state used (-2 = second to last, default)."),
+    pooling: str | None = typer.Option(None, "--pooling", help="mean (default) or cls."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Sequences per forward pass."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda when available)."),
+    precision: str | None = typer.Option(None, "--precision", help="fp32 (default), bf16 or auto."),
+    species: str | None = typer.Option(None, "--species", help="Species of gene symbols: auto, human, mouse."),
+    shard_index: int | None = typer.Option(None, "--shard-index", help="This process' shard (default: env RANK)."),
+    num_shards: int | None = typer.Option(None, "--num-shards", help="Number of shards (default: env WORLD_SIZE)."),
+    stats: str = typer.Option("vs_all", "--stats", help="vs_all, vs_null (with --null) or aggregate."),
+    null: Path | None = typer.Option(None, "--null", help="Output folder of a null run (for --stats vs_null)."),
+    config_file: Path | None = typer.Option(None, "--config", help="YAML file of perturbation options."),
+    overrides: list[str] | None = typer.Option(None, "--set", help="Override an option: --set screen_probes=16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Perturb genes in silico and rank them by how far they move cells (towards a goal state)."""
+    from .. import perturb as pt
+
+    config = _config_from_options(
+        config_file,
+        overrides,
+        {
+            "perturb": perturb_type, "genes": _split(genes), "combine": combine, "anchor": anchor,
+            "target_rank": target_rank, "state_column": state_column, "start": start, "goal": goal,
+            "alternatives": _split(alternatives), "cells_per_state": cells_per_state, "mode": mode,
+            "screen_top_k": screen_top_k, "gene_shifts": gene_shifts, "layer": layer, "pooling": pooling,
+            "batch_size": batch_size, "device": device, "precision": precision, "species": species,
+            "shard_index": shard_index, "num_shards": num_shards,
+        },
+    )
+    if stats not in ("vs_all", "vs_null", "aggregate"):
+        raise ConfigError(f"--stats {stats!r}; use vs_all, vs_null or aggregate")
+    if (stats == "vs_null") != (null is not None):
+        raise ConfigError("--stats vs_null and --null DIR go together (the null run's output folder)")
+    if out.exists() and not overwrite and not _is_shard_run(config):
+        raise ArtifactError(f"{out} already exists; pass --overwrite to replace it")
+    if not input.exists():
+        raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
+    null_cells = _read_cells(null) if null is not None else None
+
+    from ..model import load_bundle
+
+    loaded, vocab, medians = load_bundle(model)
+    if input.is_dir():
+        from ..embed import load_corpus
+
+        result = pt.perturb_cells(loaded, load_corpus(input), vocab, config, progress=progress)
+    else:
+        import anndata as ad
+
+        from ..fileio import check_readable_file
+
+        adata = ad.read_h5ad(check_readable_file(input, "input h5ad"))
+        result, _ = pt.perturb_anndata(adata, loaded, config, vocab=vocab, medians=medians, stats_mode="aggregate", progress=progress)
+
+    index, world = config.shard()
+    if world > 1:
+        from ..fileio import atomic_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        target = out / "shards" / f"cells-{index:05d}-of-{world:05d}.parquet"
+        with atomic_file(target, "wb") as handle:
+            result.cells.to_parquet(handle, index=False)
+        typer.echo(f"shard {index + 1}/{world}: {len(result.cells):,} perturbations -> {target}")
+        typer.echo(f"when every shard is done: mixgf perturb-merge {out}")
+        return
+    _finish(out, result, config, vocab, stats, null_cells, overwrite)
+
+
+def _is_shard_run(config) -> bool:
+    return config.shard()[1] > 1
+
+
+def _read_cells(folder: Path):
+    import pandas as pd
+
+    from ..fileio import check_readable_file
+
+    path = check_readable_file(Path(folder) / "cells.parquet", "perturbation table of the null run")
+    return pd.read_parquet(path)
+
+
+def _finish(out: Path, result, config, vocab, stats: str, null_cells, overwrite: bool) -> None:
+    from .. import perturb as pt
+
+    table = pt.perturbation_statistics(result.cells, vocab, mode=stats, null=null_cells) if len(result.cells) else None
+    pt.write_results(out, result, table, config, vocab, overwrite=overwrite)
+    typer.echo(
+        f"{result.summary.get('cells_perturbed', 0):,} cells, {len(result.cells):,} perturbations -> {out}"
+        + (f"; top: {', '.join(table['symbol'].where(table['symbol'] != '', table['perturbed']).head(5))}" if table is not None else "")
+    )
+
+
+@app.command("perturb-merge")
+def perturb_merge(
+    out: Path = typer.Argument(..., help="Output folder of a sharded `mixgf perturb` run."),
+    model: Path = typer.Option(..., "--model", "-m", help="The model bundle (for gene names)."),
+    stats: str = typer.Option("vs_all", "--stats", help="vs_all, vs_null (with --null) or aggregate."),
+    null: Path | None = typer.Option(None, "--null", help="Output folder of a null run."),
+    config_file: Path | None = typer.Option(None, "--config", help="YAML of the run's options (saved as config.yaml)."),
+) -> None:
+    """Merge the shard tables of OUT/shards into one result with statistics and figure."""
+    import re
+
+    from .. import perturb as pt
+    from ..vocab import Vocabulary
+
+    shards = sorted((Path(out) / "shards").glob("cells-*-of-*.parquet"))
+    if not shards:
+        raise ArtifactError(f"no shard tables in {Path(out) / 'shards'}; run mixgf perturb with --num-shards first")
+    worlds = {int(re.search(r"-of-(\d+)", p.name).group(1)) for p in shards}
+    if len(worlds) != 1 or len(shards) != next(iter(worlds)):
+        raise ArtifactError(f"{len(shards)} shard tables found for {sorted(worlds)} shards; wait for every shard or rerun the missing ones")
+    cells = pt.merge_shards(shards)
+    config = _config_from_options(config_file, None, {})
+    vocab = Vocabulary.load(Path(model) / "vocab.json")
+    result = pt.PerturbationResult(cells, None, {"shards": len(shards), "cells_perturbed": int(cells["cell"].nunique())})
+    null_cells = _read_cells(null) if null is not None else None
+    _finish(Path(out) / "merged", result, config, vocab, stats, null_cells, overwrite=True)
