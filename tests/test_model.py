@@ -464,3 +464,13 @@ def test_every_trainable_parameter_gets_a_gradient(vocab, overrides):
     missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
     assert model.bert.pooler.dense.weight.requires_grad == (overrides["pooling"] == "pooler" and overrides.get("contrastive") != "none")
+
+
+def test_a_non_bert_config_is_rejected(vocab, tmp_path):
+    folder = save_bundle(tiny_model(vocab), tmp_path / "b", vocab)
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": len(vocab)}))
+    with pytest.raises(ArtifactError, match="model_type='gpt2'"):
+        load_bundle(folder)
+    (folder / "config.json").write_text('{"model_type": "bert", "vocab_si')
+    with pytest.raises(ArtifactError, match="config.json.*not valid JSON"):
+        load_bundle(folder)

@@ -506,7 +506,8 @@ def _resolve_folder(path: str | os.PathLike) -> Path:
         raise OfflineError(
             f"{path!r} is not a local folder and looks like a Hugging Face Hub ID; mixgeneformer never downloads at "
             f"run time. Download it first (e.g. `huggingface-cli download {path} --local-dir ./{path.split('/')[-1]}`) "
-            "and pass the local folder."
+            "and pass the local folder. If you meant a local path, it does not exist (relative to "
+            f"{Path.cwd()})."
         )
     raise ArtifactError(f"model folder not found: {folder}. Check the path (relative paths are taken from {Path.cwd()}).")
 
@@ -610,8 +611,9 @@ def load_bundle(
     folder = _resolve_folder(path)
     config_path = check_readable_file(folder / "config.json", "model config")
     raw_config = read_json(config_path, "model config")
-    if not isinstance(raw_config, dict) or raw_config.get("model_type", "bert") != "bert":
-        raise ArtifactError(f"{config_path} is not a BERT config (model_type={raw_config.get('model_type')!r}).")
+    model_type = raw_config.get("model_type", "bert") if isinstance(raw_config, dict) else type(raw_config).__name__
+    if model_type != "bert":
+        raise ArtifactError(f"{config_path} is not a BERT config (model_type={model_type!r}); pass a BERT / Geneformer model folder.")
     try:
         config = MixGeneformerConfig.from_dict(raw_config)
     except (TypeError, ValueError) as exc:
