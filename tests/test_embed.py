@@ -348,3 +348,36 @@ def test_embed_corpus_folder_builds_anndata_with_obs_and_gene_table(bundle, tmp_
     assert out.n_obs == 38 and list(out.obs["cell_type1"]) == list(adata.obs["cell_type1"].iloc[corpus["cell_index"]])
     np.testing.assert_allclose(out.obsm["X_mixgeneformer"], embed_corpus(model, corpus, vocab, progress=False), atol=1e-6)
     assert set(result.genes.index) <= set(vocab.tokens[len(SPECIALS):])
+
+
+def test_cli_embed_writes_h5ad_gene_table_and_umap(bundle, tmp_path, capsys):
+    import anndata as ad
+    import pandas as pd
+
+    from mixgeneformer.cli import main
+
+    folder, adata = bundle
+    source = tmp_path / "cells.h5ad"
+    adata.write_h5ad(source)
+    out, genes, fig = tmp_path / "out.h5ad", tmp_path / "genes.parquet", tmp_path / "umap.png"
+    args = ["embed", str(source), "--model", str(folder), "--out", str(out), "--no-progress", "--device", "cpu"]
+    with pytest.warns(UserWarning, match="dropped"):
+        main([*args, "--gene-embeddings", str(genes), "--umap", str(fig), "--color", "cell_type1", "--batch-size", "7"])
+    written = ad.read_h5ad(out)
+    emb = written.obsm["X_mixgeneformer"]
+    assert emb.shape == (40, 64) and list(written.obs_names) == list(adata.obs_names)
+    expected = embed_anndata(adata, folder, copy=True, progress=False).obsm["X_mixgeneformer"]
+    np.testing.assert_allclose(emb, expected, atol=1e-5, equal_nan=True)
+    assert written.uns["X_mixgeneformer_params"]["model"] == str(folder)
+    table = pd.read_parquet(genes)
+    assert table.columns[0] == "n_cells" and table.shape[1] == 65 and (table["n_cells"] > 0).all()
+    assert fig.stat().st_size > 1000
+
+    # an existing output is never replaced without --overwrite (exit code 2, clear message)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["embed", str(source), "--model", str(folder), "--out", str(tmp_path / "b.h5ad"), "--color", "x"])
+    assert not (tmp_path / "b.h5ad").exists()

@@ -561,6 +561,7 @@ def embed_anndata(
     device: str | torch.device | None = None,
     progress: bool = True,
     precision: Precision = "auto",
+    gene_embeddings: bool = False,
 ) -> anndata.AnnData | None:
     """Embed the cells of an AnnData into ``adata.obsm[key]``.
 
@@ -594,6 +595,9 @@ def embed_anndata(
         model's ``max_position_embeddings``.
     batch_size, device, progress, precision
         As in :func:`embed_corpus`.
+    gene_embeddings
+        Also store each gene's mean contextual embedding over the cells as a DataFrame in
+        ``uns[key + "_genes"]`` (index: gene token; columns ``n_cells``, ``dim_0`` ...).
 
     Returns
     -------
@@ -612,10 +616,11 @@ def embed_anndata(
         raise ConfigError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
 
     corpus, rows, used_config = _tokenize_for_embedding(adata, vocab, medians, bert, tokenize_config, gene_column, species)
-    cells = embed_corpus(
+    result = embed_corpus(
         model, corpus, vocab, layer=layer, pooling=pooling, batch_size=batch_size, device=device,
-        progress=progress, precision=precision,
+        progress=progress, precision=precision, gene_embeddings=bool(gene_embeddings),
     )
+    cells = result.cells if isinstance(result, CorpusEmbeddings) else result
     hidden = cells.shape[1]
     out = np.full((adata.n_obs, hidden), np.nan, dtype=np.float32)
     out[rows] = cells
@@ -634,7 +639,16 @@ def embed_anndata(
         model_name, vocab, layer, pooling, hidden, n_cells=int(adata.n_obs), n_dropped=int(n_dropped),
         tokenize=to_dict(used_config),
     )
+    if isinstance(result, CorpusEmbeddings):
+        target.uns[f"{key}_genes"] = gene_table(result)
     return target if copy else None
+
+
+def gene_table(result: CorpusEmbeddings) -> pd.DataFrame:
+    """The gene embeddings of ``result`` with their cell counts as a first ``n_cells`` column."""
+    table = result.genes.copy()
+    table.insert(0, "n_cells", result.gene_counts.to_numpy())
+    return table
 
 
 def load_corpus(corpus_dir: str | os.PathLike) -> datasets.Dataset:

@@ -16,6 +16,7 @@ from . import vocab as _vocab  # noqa: E402,F401
 from . import pretrain as _pretrain  # noqa: E402,F401
 from . import tokenize as _tokenize  # noqa: E402,F401
 from . import demo as _demo  # noqa: E402,F401
+from . import embed as _embed  # noqa: E402,F401
 from . import perturb as _perturb  # noqa: E402,F401
 from ._app import app, state
 
