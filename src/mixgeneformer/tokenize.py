@@ -555,6 +555,19 @@ def _input_fingerprint(item: Any) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def run_manifest(
+    items: Sequence[str | os.PathLike], vocab_hash: str, medians_hash: str, config: TokenizeConfig, obs_columns: Sequence[str]
+) -> dict[str, Any]:
+    """What identifies a tokenization run; a partial folder is resumed only when this matches."""
+    return {
+        "vocab_hash": vocab_hash,
+        "medians_hash": medians_hash,
+        "config": to_dict(config),
+        "obs_columns": list(obs_columns),
+        "inputs": [_input_fingerprint(p) for p in items],
+    }
+
+
 def tokenize_files(
     paths: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -618,13 +631,7 @@ def tokenize_files(
         per_file = [medians] * len(items)
         medians_hash = medians.hash
 
-    manifest = {
-        "vocab_hash": vocab.hash,
-        "medians_hash": medians_hash,
-        "config": to_dict(config),
-        "obs_columns": obs_columns,
-        "inputs": [_input_fingerprint(p) for p in items],
-    }
+    manifest = run_manifest(items, vocab.hash, medians_hash, config, obs_columns)
     partial = out_dir.parent / f".{out_dir.name}.partial"
     manifest_path = partial / "manifest.json"
     if partial.exists():
