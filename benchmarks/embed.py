@@ -1,0 +1,146 @@
+"""Cell-embedding throughput: mixgeneformer.embed vs a Geneformer-EmbExtractor-style baseline.
+
+Real cells (Baron pancreas, human, ../shared/data) are tokenized with a vocabulary and gene
+medians built from the data themselves, then embedded with a Geneformer-V1-sized BERT (6 layers,
+256 wide, 4 heads, 512 FFN, 2,048 positions; random init — speed and exactness do not depend on
+the weights) at the second-to-last layer with mean pooling.
+
+* baseline: Hugging Face ``BertModel`` with eager attention and ``output_hidden_states=True``
+  (all 6 layers computed), cells in corpus order, fixed-size batches padded to 2,048 tokens —
+  what Geneformer's ``EmbExtractor`` does;
+* ours: :func:`mixgeneformer.embed.embed_corpus` — length-sorted batches with dynamic padding,
+  SDPA attention with a padding mask, only the 5 layers needed, inference mode (bf16 autocast on
+  CUDA with ``--precision auto``).
+
+Both must give the same embeddings: the maximum absolute difference is printed (fp32: ~1e-6).
+
+Usage::
+
+    python benchmarks/embed.py                       # CPU, 2 threads, 96 cells
+    python benchmarks/embed.py --n-cells 2142 --device cuda --precision fp32,auto
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mixgeneformer.embed import embed_corpus
+from mixgeneformer.medians import compute_medians
+from mixgeneformer.model import MixGeneformerForPretraining, make_config
+from mixgeneformer.tokenize import TokenizeConfig, tokenize_anndata
+from mixgeneformer.vocab import build_vocabulary
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "baron_pancreas_human.h5ad"
+
+
+def build_corpus(path: Path, n_cells: int, seed: int):
+    """Tokenize ``n_cells`` random Baron human cells with a vocabulary + medians from the data."""
+    import anndata as ad
+
+    adata = ad.read_h5ad(path)
+    medians = compute_medians([adata])
+    vocab = build_vocabulary("separate", "protein_coding", medians, species=("human",))
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(adata.n_obs, size=min(n_cells, adata.n_obs), replace=False))
+    corpus = tokenize_anndata(adata[pick].copy(), vocab, medians, TokenizeConfig(max_len=2048))
+    return corpus, vocab
+
+
+def baseline_embed(model, corpus, vocab, batch_size: int, device: torch.device, pad_to: int = 2048) -> np.ndarray:
+    """Geneformer-EmbExtractor-style: eager BertModel, all hidden states, batches padded to 2,048."""
+    from transformers import BertModel
+
+    config = model.bert.config.__class__.from_dict(model.bert.config.to_dict())
+    config._attn_implementation = "eager"
+    bert = BertModel(config, add_pooling_layer=False)
+    bert.load_state_dict(model.bert.state_dict(), strict=False)
+    bert.to(device).eval()
+    out = []
+    cells = corpus["input_ids"]
+    with torch.no_grad():
+        for start in range(0, len(cells), batch_size):
+            batch = cells[start : start + batch_size]
+            ids = torch.full((len(batch), pad_to), vocab.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, cell in enumerate(batch):
+                ids[i, : len(cell)] = torch.as_tensor(cell)
+                mask[i, : len(cell)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            hidden = bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+            weights = mask.unsqueeze(-1).float()
+            out.append(((hidden * weights).sum(1) / weights.sum(1)).cpu().numpy())
+    return np.concatenate(out)
+
+
+def timed(fn, device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--n-cells", type=int, default=96)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--batch-size", type=int, default=16, help="our batch size (cells)")
+    parser.add_argument("--baseline-batch-size", type=int, default=8)
+    parser.add_argument("--precision", default="fp32", help="comma list of ours: fp32, bf16, auto")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    corpus, vocab = build_corpus(args.data, args.n_cells, args.seed)
+    lengths = np.asarray(corpus["length"])
+    torch.manual_seed(args.seed)
+    model = MixGeneformerForPretraining(make_config("geneformer-v1", vocab)).eval().to(device)
+    print(
+        f"# {len(corpus)} Baron human cells, tokens/cell median {int(np.median(lengths))} (max {lengths.max()}), "
+        f"vocab {len(vocab):,}; model 6x256, 4 heads, FFN 512; layer -2, mean pooling; device {device}"
+        + (f", {args.threads} CPU threads" if device.type == "cpu" else f" ({torch.cuda.get_device_name(device)})")
+    )
+    if device.type == "cpu":
+        print(f"# note: CPU timings on a shared machine are noisy (load average {os.getloadavg()[0]:.1f})")
+
+    # warm-up (kernels, allocator) on a few cells, not timed
+    embed_corpus(model, corpus.select(range(min(4, len(corpus)))), vocab, batch_size=args.batch_size, device=device, progress=False)
+
+    rows = []
+    reference = None
+    if not args.skip_baseline:
+        reference, seconds = timed(lambda: baseline_embed(model, corpus, vocab, args.baseline_batch_size, device), device)
+        rows.append(("baseline: HF eager, all hidden states, pad 2048", args.baseline_batch_size, seconds, 0.0))
+    for precision in [p.strip() for p in args.precision.split(",") if p.strip()]:
+        ours, seconds = timed(
+            lambda precision=precision: embed_corpus(
+                model, corpus, vocab, layer=-2, batch_size=args.batch_size, device=device, progress=False, precision=precision
+            ),
+            device,
+        )
+        diff = float(np.abs(ours - reference).max()) if reference is not None else float("nan")
+        rows.append((f"mixgeneformer embed_corpus ({precision})", args.batch_size, seconds, diff))
+
+    base = rows[0][2] if not args.skip_baseline else None
+    print("| method | batch | seconds | cells/s | speed-up | max abs diff vs baseline |")
+    print("|---|---|---|---|---|---|")
+    for name, batch, seconds, diff in rows:
+        speed = f"{base / seconds:.2f}x" if base else "-"
+        diff_text = "-" if name.startswith("baseline") else f"{diff:.2e}"
+        print(f"| {name} | {batch} | {seconds:.1f} | {len(corpus) / seconds:.2f} | {speed} | {diff_text} |")
+
+
+if __name__ == "__main__":
+    main()
