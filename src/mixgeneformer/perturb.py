@@ -832,10 +832,12 @@ def _score_columns(
     original: np.ndarray, perturbed: np.ndarray, targets: dict[str, np.ndarray], config: PerturbConfig
 ) -> dict[str, np.ndarray]:
     """shift / goal_shift / alt_shift:<state> of perturbed embeddings (rows) of one cell."""
-    columns = {"shift": 1.0 - _cosine(original[None, :], perturbed)}
+    unchanged = (perturbed == original[None, :]).all(axis=1)  # a perturbation of nothing scores 0
+    columns = {"shift": np.where(unchanged, 0.0, 1.0 - _cosine(original[None, :], perturbed))}
     for name, target in targets.items():
         key = "goal_shift" if name == config.goal else f"alt_shift:{name}"
-        columns[key] = _cosine(perturbed, target[None, :]) - _cosine(original[None, :], target[None, :])
+        change = _cosine(perturbed, target[None, :]) - _cosine(original[None, :], target[None, :])
+        columns[key] = np.where(unchanged, 0.0, change)
     return columns
 
 
