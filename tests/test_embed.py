@@ -381,3 +381,27 @@ def test_cli_embed_writes_h5ad_gene_table_and_umap(bundle, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["embed", str(source), "--model", str(folder), "--out", str(tmp_path / "b.h5ad"), "--color", "x"])
     assert not (tmp_path / "b.h5ad").exists()
+
+
+@pytest.mark.realdata
+def test_embed_anndata_on_real_baron_cells_with_symbol_gene_names(shared_data):
+    """Real human pancreas cells (HGNC symbols as var_names) through tokenizer + tiny model."""
+    import anndata as ad
+
+    from mixgeneformer.medians import compute_medians
+    from mixgeneformer.model import MixGeneformerForPretraining, make_config
+    from mixgeneformer.vocab import build_vocabulary
+
+    adata = ad.read_h5ad(shared_data / "baron_pancreas_human.h5ad")[::40].copy()  # 54 cells
+    medians = compute_medians([adata])
+    vocab = build_vocabulary("separate", "protein_coding", medians, species=("human",))
+    torch.manual_seed(0)
+    model = MixGeneformerForPretraining(make_config("tiny", vocab, max_position_embeddings=512))
+    out = embed_anndata(adata, model, vocab=vocab, medians=medians, copy=True, progress=False, batch_size=8)
+    emb = out.obsm["X_mixgeneformer"]
+    assert emb.shape == (adata.n_obs, 64) and np.isfinite(emb).all()
+    assert list(out.obs_names) == list(adata.obs_names)
+    assert out.uns["X_mixgeneformer_params"]["tokenize"]["max_len"] == 512
+    # a cell alone gives the same vector as inside the batch
+    alone = embed_anndata(adata[[7]].copy(), model, vocab=vocab, medians=medians, copy=True, progress=False)
+    np.testing.assert_allclose(alone.obsm["X_mixgeneformer"][0], emb[7], rtol=0, atol=1e-5)
