@@ -287,3 +287,36 @@ def test_results_folder(tmp_path, vocab, bert, cells):
     for name in ("cells.parquet", "genes.parquet", "genes.csv", "ranking.png", "config.yaml", "summary.json"):
         assert (out / name).stat().st_size > 0
     pd.testing.assert_frame_equal(pd.read_parquet(out / "cells.parquet"), result.cells)
+
+
+def test_cli_perturb_h5ad_end_to_end(tmp_path, vocab):
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from mixgeneformer.cli import main
+    from mixgeneformer.medians import GeneMedians
+    from mixgeneformer.model import MixGeneformerForPretraining, make_config, save_bundle
+
+    genes = list(vocab.gene_to_id)
+    torch.manual_seed(0)
+    model = MixGeneformerForPretraining(make_config("tiny", vocab, max_position_embeddings=64))
+    save_bundle(model, tmp_path / "bundle", vocab, GeneMedians({g: 1.0 for g in genes}))
+    rng = np.random.default_rng(0)
+    counts = sp.csr_matrix(rng.poisson(0.3, (12, len(genes))) * rng.integers(1, 5, (12, len(genes))))
+    adata = ad.AnnData(counts.astype(np.int32), obs=pd.DataFrame({"kind": ["x", "y"] * 6}, index=[f"c{i}" for i in range(12)]))
+    adata.var_names = genes
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    out = tmp_path / "out"
+    main([
+        "perturb", str(tmp_path / "in.h5ad"), "--model", str(tmp_path / "bundle"), "--out", str(out),
+        "--genes", "INS," + genes[0], "--state-column", "kind", "--start", "x", "--goal", "y",
+        "--device", "cpu", "--no-progress",
+    ])
+    cells = pd.read_parquet(out / "cells.parquet")
+    assert set(cells["state"]) == {"x"} and set(cells["obs_name"]) <= {f"c{i}" for i in range(0, 12, 2)}
+    stats = pd.read_csv(out / "genes.csv")
+    assert set(stats["perturbed"]) <= {genes[0], vocab.tokens[-1]} and "fdr" in stats
+    assert (out / "ranking.png").exists() and (out / "config.yaml").exists()
+    with pytest.raises(SystemExit) as exit_info:  # a gene outside the vocabulary: exit 2, clear message
+        main(["perturb", str(tmp_path / "in.h5ad"), "--model", str(tmp_path / "bundle"), "--out", str(tmp_path / "o2"), "--genes", "GCG"])
+    assert exit_info.value.code == 2

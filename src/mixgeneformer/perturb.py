@@ -28,22 +28,30 @@ environment that ``torchrun`` sets) and the shard tables concatenated.
 
 Fast screening (``mode="screen"``, single-gene deletions)
 --------------------------------------------------------
-Deleting the gene at position ``p`` of a cell whose last gene is at position ``q`` gives the same
-sequence as (1) deleting the last gene, call it ``z``, then (2) replacing, at every position
-``j`` in ``[p, q)``, token ``t_j`` by ``t_{j+1}`` (the tail shifts up one rank). Step (1) is
-computed exactly (one forward pass). Step (2) is linearised around ``z`` in the word-embedding
-inputs: for any scalar read-out ``s`` of the cell embedding,
-``Δs_p ≈ Σ_{j=p}^{q-1} ∂s/∂x_j · (W[t_{j+1}] − W[t_j])``, a suffix sum over positions, so one
-backward pass gives the estimate for *every* ``p`` (gradient × input-difference; this is a
-first-order Taylor expansion, not an attention-mask relaxation, so it accounts for the rank
-shift of the genes below the deleted one). Read-outs: ``cos(e, goal)`` (the goal shift,
-linear to first order), the component of ``e`` along itself, and ``screen_probes`` random
-orthonormal directions orthogonal to it, whose squared projections estimate the orthogonal
-displacement ``‖δ⊥‖²`` and hence ``shift`` (a randomised, Hutchinson-style estimate: the probe
-copies of ``z`` run as one batched forward and backward pass). The ``screen_top_k`` genes with
-the largest estimated score are then re-scored exactly; the table marks them ``exact=True``.
-``benchmarks/perturb.py`` reports the estimate's Spearman correlation with exact scores on real
-cells and its speed-up.
+All deletions of a cell are estimated from one forward pass and one (batched) backward pass by a
+first-order Taylor expansion, then the ``screen_top_k`` genes with the largest estimated score
+are re-scored exactly (the table marks them ``exact=True``; ``*_estimate`` columns keep the
+estimates). Two expansions (``screen_method``):
+
+* ``"mask"`` (default), around the original cell: deleting the gene at position ``p`` is (a) its
+  presence weight going from 1 to 0 — a weight that scales the token's attention as a key
+  (additive log-weight, i.e. an attention-mask relaxation) and its weight in mean pooling — plus
+  (b) every token after it moving one position up, an input change ``P[j-1] − P[j]`` of the
+  position embeddings. For a read-out ``s`` of the cell embedding,
+  ``Δs_p ≈ −∂s/∂w_p + Σ_{j>p} ∂s/∂x_j · (P[j-1] − P[j])``: a suffix sum over positions, so one
+  backward pass gives the estimate for every ``p``.
+* ``"shift"``, around the cell with its last gene deleted (computed exactly): deleting ``p``
+  then replaces ``t_j`` by ``t_{j+1}`` at every position of ``[p, last)``, linearised in the word
+  embeddings, ``Δs_p ≈ Σ_{j=p}^{last-1} ∂s/∂x_j · (W[t_{j+1}] − W[t_j])`` (gradient × input
+  difference).
+
+Read-outs: ``cos(e, goal)`` per state (the goal shift is linear to first order), the component of
+``e`` along itself, and ``screen_probes`` random orthonormal directions orthogonal to it whose
+squared projections estimate the orthogonal displacement ``‖δ⊥‖²`` and hence ``shift`` (which is
+second order in ``δ``, so it needs the vector, not one gradient; a randomised, Hutchinson-style
+estimate). All read-outs share the forward pass; their gradients come from one vmapped backward
+pass (``is_grads_batched``). ``benchmarks/perturb.py`` reports the estimates' per-cell Spearman
+correlation with exact scores on real cells and the speed-up.
 
 Statistics (:func:`perturbation_statistics`): per gene, the Wilcoxon rank-sum (Mann–Whitney U,
 normal approximation with tie and continuity correction, as ``scipy.stats.mannwhitneyu``) of its
