@@ -350,3 +350,103 @@ def test_freezing_layers():
 
     pooled = pool_cells(hidden, batch["input_ids"], batch["attention_mask"], vocab.special_ids).numpy()
     assert np.allclose(pooled, expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------- real data: end to end, CLI, transfer
+
+
+def baron_subset(path, per_class: int, classes: list[str], seed: int = 0) -> ad.AnnData:
+    adata = ad.read_h5ad(path)
+    rng = np.random.default_rng(seed)
+    labels = adata.obs["cell_type1"].astype(str).to_numpy()
+    rows = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes])
+    return adata[np.sort(rows)].copy()
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory, shared_data):
+    """A random tiny model bundle with medians and a vocabulary built from the Baron data."""
+    import torch
+
+    from mixgeneformer.medians import compute_medians
+    from mixgeneformer.model import MixGeneformerForPretraining, make_config, save_bundle
+    from mixgeneformer.vocab import build_vocabulary
+
+    human = baron_subset(shared_data / "baron_pancreas_human.h5ad", 30, ["alpha", "beta", "ductal", "acinar"])
+    medians = compute_medians([human], species="human")
+    vocab = build_vocabulary(gene_set="medians", medians=medians, species=("human",))
+    torch.manual_seed(0)
+    model = MixGeneformerForPretraining(make_config("tiny", vocab, max_position_embeddings=64, hidden_size=32, intermediate_size=64))
+    folder = tmp_path_factory.mktemp("bundle") / "tiny"
+    save_bundle(model, folder, vocab, medians)
+    path = tmp_path_factory.mktemp("data") / "human.h5ad"
+    human.write_h5ad(path)
+    return folder, path, human
+
+
+@pytest.mark.realdata
+def test_cli_classify_writes_reports(tiny_bundle, tmp_path):
+    from mixgeneformer.cli import main
+
+    bundle, path, human = tiny_bundle
+    out = tmp_path / "out"
+    main(["classify", str(path), "--model", str(bundle), "--out", str(out), "--mode", "zero-shot", "--baselines", "--device", "cpu"])
+    table = pd.read_csv(out / "metrics.csv")
+    assert table["method"].tolist() == ["knn", "logreg", "logreg_counts", "knn_pca"]
+    accuracy = table.set_index("method")["accuracy"]
+    assert (accuracy[["logreg_counts", "knn_pca"]] > 0.8).all(), table
+    # A random tiny encoder over the top 64 genes still beats chance (0.25, four balanced classes).
+    assert (accuracy[["knn", "logreg"]] > 0.3).all(), table
+    for method in table["method"]:
+        assert (out / f"confusion_{method}.png").stat().st_size > 0
+        assert (out / f"per_class_{method}.csv").exists()
+    predictions = ad.read_h5ad(out / "predictions.h5ad")
+    assert list(predictions.obs_names) == list(human.obs_names)
+    predicted = predictions.obs["cell_type1_knn_pred"]
+    assert predicted.notna().sum() == 24  # 20% of 120 cells
+    assert (out / "config.yaml").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["classify", str(path), "--model", str(bundle), "--out", str(out), "--mode", "knn"])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.realdata
+def test_cli_missing_label_column_exits_2(tiny_bundle, tmp_path, capsys):
+    from mixgeneformer.cli import main
+
+    bundle, path, _ = tiny_bundle
+    with pytest.raises(SystemExit) as exit_info:
+        main(["classify", str(path), "--model", str(bundle), "--out", str(tmp_path / "o"), "--label", "celltype"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "'celltype' not found" in err and "cell_type1" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.realdata
+def test_finetune_real_cells_for_a_few_steps(tiny_bundle):
+    from mixgeneformer.model import load_bundle
+
+    bundle, _, human = tiny_bundle
+    model, vocab, medians = load_bundle(bundle)
+    config = C.ClassifyConfig(
+        labels=C.LabelConfig(min_class_fraction=0),
+        finetune=C.FinetuneConfig(learning_rate=2e-3, epochs=6, batch_size=12, device="cpu"),
+    )
+    run = C.run_classification(human, model, vocab, medians, methods=("finetune",), config=config)
+    assert run.results[0].metrics["accuracy"] > 0.5, run.results[0].metrics  # chance 0.25
+
+
+@pytest.mark.realdata
+def test_cross_species_transfer_baselines_on_orthologs(shared_data):
+    classes_h = ["alpha", "beta", "ductal", "acinar", "t_cell"]
+    human = baron_subset(shared_data / "baron_pancreas_human.h5ad", 40, classes_h)
+    mouse = baron_subset(shared_data / "baron_pancreas_mouse.h5ad", 40, ["alpha", "beta", "ductal", "T_cell", "B_cell"])
+    config = C.ClassifyConfig(labels=C.LabelConfig(min_class_fraction=0))
+    run = C.run_classification(mouse, test=human, methods=(), baseline_methods=("logreg_counts",), config=config)
+    task = run.task
+    assert task.setting == "mouse->human"
+    assert task.classes == ["alpha", "beta", "ductal", "t_cell"]  # T_cell and t_cell match; B_cell, acinar dropped
+    assert set(task.test_labels) <= set(task.classes)
+    assert any("acinar" in note for note in task.notes) and any("b_cell" in note for note in task.notes)
+    assert run.results[0].metrics["accuracy"] > 0.5

@@ -574,6 +574,17 @@ def benchmark_table(results: Iterable[EvalResult]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["setting", "method", *METRIC_COLUMNS])
 
 
+def markdown_table(table: pd.DataFrame, digits: int = 4) -> str:
+    """A pipe (GitHub markdown) table of a DataFrame, floats rounded to ``digits``."""
+    def cell(value: Any) -> str:
+        return f"{value:.{digits}f}" if isinstance(value, (float, np.floating)) else str(value)
+
+    header = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
 def write_predictions(adata: Any, result: EvalResult, key: str | None = None, overwrite: bool = False) -> None:
     """Write predictions into ``adata.obs`` in obs order (AnnData in, AnnData out).
 
@@ -817,9 +828,6 @@ def baselines(
 # Tokens and embeddings of a task's cells
 # --------------------------------------------------------------------------------------------
 
-_ROW_COLUMN = "_mixgf_obs_row"
-
-
 @dataclass
 class TokenizedCells:
     """A tokenized corpus of some cells of an AnnData: ``rows[i]`` is the obs position of corpus row i."""
@@ -841,8 +849,6 @@ def tokenize_cells(adata: Any, vocab: Any, medians: Any, tokenize_config: Any = 
     Cells the tokenizer drops (no vocabulary gene) are absent from ``rows``; :func:`restrict_to_tokenized`
     removes them from a task with a count.
     """
-    import anndata as ad
-
     from .tokenize import TokenizeConfig, tokenize_anndata
 
     if medians is None:
@@ -851,12 +857,10 @@ def tokenize_cells(adata: Any, vocab: Any, medians: Any, tokenize_config: Any = 
             "medians.tsv. Pass medians= (a GeneMedians) or use a bundle saved with medians."
         )
     config = tokenize_config or TokenizeConfig()
-    if max_len is not None and getattr(config, "max_len", max_len) > max_len:
+    if max_len is not None and config.max_len > max_len:
         config = dataclasses.replace(config, max_len=max_len)
-    obs = pd.DataFrame({_ROW_COLUMN: np.arange(adata.n_obs, dtype=np.int64)}, index=adata.obs_names)
-    shallow = ad.AnnData(X=adata.X, obs=obs, var=adata.var, layers=dict(adata.layers))
-    dataset = tokenize_anndata(shallow, vocab, medians, config, obs_columns=(_ROW_COLUMN,))
-    rows = np.asarray(dataset.with_format("numpy")[_ROW_COLUMN], dtype=np.int64)
+    dataset = tokenize_anndata(adata, vocab, medians, config)
+    rows = np.asarray(dataset.with_format("numpy")["cell_index"], dtype=np.int64)
     return TokenizedCells(dataset=dataset, rows=rows)
 
 
@@ -1198,3 +1202,118 @@ def finetune(
     fitted = fit_classifier(task, model, vocab, medians, config, train_tokens=train_tokens)
     prediction = fitted.predict(test_tokens.select(task.test_rows))
     return evaluate(task, prediction, method), fitted
+
+
+# --------------------------------------------------------------------------------------------
+# One run: every requested method on one task, and its report folder
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClassificationRun:
+    """Results of every method run on one task (same train / test cells for all)."""
+
+    task: Task
+    results: list[EvalResult]
+    config: ClassifyConfig
+    fitted: FittedClassifier | None = None
+
+    def table(self) -> pd.DataFrame:
+        """The benchmark table of this run."""
+        return benchmark_table(self.results)
+
+
+def run_classification(
+    adata: Any,
+    model: Any = None,
+    vocab: Any = None,
+    medians: Any = None,
+    test: Any = None,
+    methods: Sequence[Method] = ("knn", "logreg"),
+    baseline_methods: Sequence[BaselineMethod] = (),
+    config: ClassifyConfig | None = None,
+    tokenize_config: Any = None,
+    device: str | None = None,
+) -> ClassificationRun:
+    """Classify ``adata``'s cells (stratified split), or train on ``adata`` and test on ``test``.
+
+    With ``test`` of another species, labels are matched by canonical name (see the module
+    docstring) and count baselines use one-to-one-ortholog genes.
+    """
+    from .genes import detect_species
+
+    config = config or ClassifyConfig()
+    if methods and model is None:
+        raise ConfigError(f"methods {list(methods)} need a model (CLI: --model BUNDLE); or run only baselines.")
+    if test is None:
+        task = within_task(adata, config.labels)
+        species = None
+    else:
+        species = (detect_species(list(adata.var_names)), detect_species(list(test.var_names)))
+        setting = "transfer" if species[0] == species[1] else f"{species[0]}->{species[1]}"
+        task = transfer_task(adata, test, config.labels, setting, synonyms=config.synonyms)
+    for note in task.notes:
+        logger.info("%s", note)
+    results: list[EvalResult] = []
+    fitted = None
+    model_methods = [m for m in methods if m in ("knn", "logreg", "finetune")]
+    if len(model_methods) != len(methods):
+        raise ConfigError(f"methods {list(methods)} must be among ['finetune', 'knn', 'logreg'].")
+    if model_methods:
+        task, train_tokens, test_tokens = tokenize_task(task, vocab, medians, tokenize_config, _max_len_of(model))
+        zero = [m for m in model_methods if m != "finetune"]
+        if zero:
+            results += zero_shot(task, model, vocab, medians, zero, config.embedding, device=device, tokens=(train_tokens, test_tokens))  # type: ignore[arg-type]
+        if "finetune" in model_methods:
+            result, fitted = finetune(task, model, vocab, medians, config, tokens=(train_tokens, test_tokens))
+            results.append(result)
+    if baseline_methods:
+        results += baselines(task, baseline_methods, config.baselines, species=species)
+    return ClassificationRun(task=task, results=results, config=config, fitted=fitted)
+
+
+def save_run(run: ClassificationRun, out_dir: Any, overwrite: bool = False) -> Any:
+    """Write a run's report folder atomically.
+
+    Contents: ``metrics.csv`` / ``metrics.json`` (the table plus label-handling notes),
+    ``per_class_<method>.csv``, ``confusion_<method>.png``, ``predictions.h5ad`` (the test data
+    with ``obs["<label>_<method>_pred"]`` / ``_prob``), ``config.yaml`` and, after fine-tuning,
+    ``finetuned/`` (the classifier, safetensors only).
+    """
+    from pathlib import Path
+
+    from .config import save_config, to_dict
+    from .fileio import atomic_directory, write_json
+    from .plots import confusion_matrix
+
+    task = run.task
+    predictions = task.test_data.copy()
+    label = run.config.labels.key
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        table = run.table()
+        table.to_csv(tmp / "metrics.csv", index=False)
+        write_json(
+            tmp / "metrics.json",
+            {
+                "setting": task.setting,
+                "n_train": int(task.train_rows.size),
+                "n_test": int(task.test_rows.size),
+                "classes": task.classes,
+                "notes": task.notes,
+                "results": table.to_dict(orient="records"),
+                "config": to_dict(run.config),
+            },
+        )
+        for result in run.results:
+            result.report.to_csv(tmp / f"per_class_{result.method}.csv")
+            confusion_matrix(
+                result.y_true, result.y_pred, title=f"{task.setting}: {result.method}",
+                save=tmp / f"confusion_{result.method}.png",
+            )
+            write_predictions(predictions, result, key=f"{label}_{result.method}", overwrite=True)
+        predictions.write_h5ad(tmp / "predictions.h5ad", compression="gzip")
+        save_config(run.config, tmp)
+        if run.fitted is not None:
+            run.fitted.save(tmp / "finetuned")
+    return Path(out_dir)
+

@@ -1,0 +1,96 @@
+"""``mixgf classify``: cell-type classification (fine-tuning, zero-shot, transfer, baselines)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..errors import ArtifactError, ConfigError
+from ._app import app
+
+_MODES = {
+    "finetune": ("finetune",),
+    "knn": ("knn",),
+    "logreg": ("logreg",),
+    "zero-shot": ("knn", "logreg"),
+    "all": ("knn", "logreg", "finetune"),
+    "none": (),
+}
+
+
+@app.command("classify")
+def classify(
+    input: Path = typer.Argument(..., help="Labelled .h5ad with raw counts (train cells; split 80/20 without --test)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: metrics, per-class reports, confusion matrices, predictions.h5ad."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Model bundle folder (needed unless --mode none)."),
+    label: str = typer.Option("cell_type1", "--label", help="obs column with the cell types."),
+    mode: str = typer.Option("all", "--mode", help=f"One of {sorted(_MODES)}: which model-based methods to run."),
+    test: Path | None = typer.Option(
+        None, "--test", help="A second labelled .h5ad to test on (e.g. the other species: cross-species transfer)."
+    ),
+    baselines: bool = typer.Option(False, "--baselines", help="Also run count baselines (CellTypist-style logreg, kNN on PCA)."),
+    freeze_layers: int | None = typer.Option(None, "--freeze-layers", help="Freeze the embeddings and the bottom K encoder layers."),
+    epochs: float | None = typer.Option(None, "--epochs", help="Fine-tuning epochs (default 10)."),
+    unseen: str | None = typer.Option(None, "--unseen", help="Test labels never seen in training: 'drop' (default, reported) or 'error'."),
+    config: Path | None = typer.Option(None, "--config", help="YAML of ClassifyConfig options (labels, embedding, finetune, baselines, synonyms)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config option, e.g. --set finetune.learning_rate=1e-4."),
+    tokenize_config: Path | None = typer.Option(None, "--tokenize-config", help="YAML of tokenize options (style, max_len, ...)."),
+    medians: Path | None = typer.Option(None, "--medians", help="Gene medians TSV, when the bundle has none."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda when available)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
+) -> None:
+    """Train and evaluate cell-type classifiers; write metrics, reports and predictions to OUT."""
+    import anndata as ad
+
+    from .. import classify as clf
+    from ..config import load_config
+    from ..fileio import check_readable_file
+
+    if mode not in _MODES:
+        raise ConfigError(f"--mode {mode!r} is not one of {sorted(_MODES)}.")
+    methods = _MODES[mode]
+    if not methods and not baselines:
+        raise ConfigError("--mode none runs nothing without --baselines.")
+    if methods and model is None:
+        raise ConfigError(f"--mode {mode} needs --model BUNDLE (or use --mode none --baselines).")
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out} already exists; pass --overwrite to replace it.")
+    cli_overrides = [f"labels.key={label}"]
+    if freeze_layers is not None:
+        cli_overrides.append(f"finetune.freeze_layers={freeze_layers}")
+    if epochs is not None:
+        cli_overrides.append(f"finetune.epochs={epochs}")
+    if unseen is not None:
+        cli_overrides.append(f"labels.unseen_test_labels={unseen}")
+    if device is not None:
+        cli_overrides.append(f"finetune.device={device}")
+    settings = load_config(clf.ClassifyConfig, config, [*cli_overrides, *overrides])
+    tok_config = None
+    if tokenize_config is not None:
+        from ..tokenize import TokenizeConfig
+
+        tok_config = load_config(TokenizeConfig, tokenize_config)
+
+    train_data = ad.read_h5ad(check_readable_file(input, "input h5ad"))
+    test_data = ad.read_h5ad(check_readable_file(test, "test h5ad")) if test is not None else None
+    loaded_model = loaded_vocab = loaded_medians = None
+    if methods:
+        from ..model import load_bundle
+
+        loaded_model, loaded_vocab, loaded_medians = load_bundle(model)
+        if medians is not None:
+            from ..medians import GeneMedians
+
+            loaded_medians = GeneMedians.load(medians)
+    run = clf.run_classification(
+        train_data, loaded_model, loaded_vocab, loaded_medians, test=test_data, methods=methods,
+        baseline_methods=("logreg_counts", "knn_pca") if baselines else (), config=settings,
+        tokenize_config=tok_config, device=device,
+    )
+    clf.save_run(run, out, overwrite=overwrite)
+    for note in run.task.notes:
+        typer.echo(note)
+    typer.echo(clf.markdown_table(run.table()))
+    typer.echo(f"wrote {out}")
+
