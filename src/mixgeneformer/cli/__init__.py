@@ -18,6 +18,7 @@ from . import tokenize as _tokenize  # noqa: E402,F401
 from . import demo as _demo  # noqa: E402,F401
 from . import embed as _embed  # noqa: E402,F401
 from . import perturb as _perturb  # noqa: E402,F401
+from . import classify as _classify  # noqa: E402,F401
 from ._app import app, state
 
 __all__ = ["app", "main"]
