@@ -158,11 +158,15 @@ def test_cell_alone_equals_cell_in_padded_batch(bert, vocab, pooling, special):
     np.testing.assert_allclose(batched, alone, rtol=0, atol=1e-5)
 
 
-def test_corpus_order_is_kept_whatever_the_batch_size(bert, vocab):
+def test_corpus_order_is_kept_whatever_the_batch_size(bert, vocab, monkeypatch):
+    import mixgeneformer.embed as embed_module
+
     cells = _cells(17, seed=9)
     reference = embed_corpus(bert, cells, vocab, batch_size=1, progress=False)
     for batch_size in (2, 5, 64):
         np.testing.assert_allclose(embed_corpus(bert, cells, vocab, batch_size=batch_size, progress=False), reference, atol=1e-5)
+    monkeypatch.setattr(embed_module, "_SORT_CHUNK", 4)  # corpus read and sorted in chunks of 4 cells
+    np.testing.assert_allclose(embed_corpus(bert, cells, vocab, batch_size=3, progress=False), reference, atol=1e-5)
     order = np.random.default_rng(0).permutation(len(cells))
     permuted = embed_corpus(bert, [cells[i] for i in order], vocab, batch_size=4, progress=False)
     np.testing.assert_allclose(permuted, reference[order], atol=1e-5)
@@ -363,10 +367,10 @@ def test_cli_embed_writes_h5ad_gene_table_and_umap(bundle, tmp_path, capsys):
     args = ["embed", str(source), "--model", str(folder), "--out", str(out), "--no-progress", "--device", "cpu"]
     with pytest.warns(UserWarning, match="dropped"):
         main([*args, "--gene-embeddings", str(genes), "--umap", str(fig), "--color", "cell_type1", "--batch-size", "7"])
+        expected = embed_anndata(adata, folder, copy=True, progress=False).obsm["X_mixgeneformer"]
     written = ad.read_h5ad(out)
     emb = written.obsm["X_mixgeneformer"]
     assert emb.shape == (40, 64) and list(written.obs_names) == list(adata.obs_names)
-    expected = embed_anndata(adata, folder, copy=True, progress=False).obsm["X_mixgeneformer"]
     np.testing.assert_allclose(emb, expected, atol=1e-5, equal_nan=True)
     assert written.uns["X_mixgeneformer_params"]["model"] == str(folder)
     table = pd.read_parquet(genes)

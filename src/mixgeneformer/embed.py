@@ -236,24 +236,28 @@ class CorpusEmbeddings:
     per_cell: list[np.ndarray] | None = None
 
 
-def _token_columns(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(flat int64 tokens, int64 offsets of n+1) of a corpus, without a Python loop per cell."""
-    if isinstance(dataset, (list, tuple)):
-        lengths = np.fromiter((len(seq) for seq in dataset), dtype=np.int64, count=len(dataset))
-        flat = (
-            np.concatenate([np.asarray(seq, dtype=np.int64) for seq in dataset])
-            if len(dataset)
-            else np.zeros(0, np.int64)
-        )
-        return flat, np.concatenate([[0], np.cumsum(lengths)])
-    if "input_ids" not in getattr(dataset, "column_names", ()):
+def _n_cells(dataset: Any) -> int:
+    if not isinstance(dataset, (list, tuple)) and "input_ids" not in getattr(dataset, "column_names", ()):
         raise InputDataError(
             "the corpus has no 'input_ids' column (columns: "
             f"{getattr(dataset, 'column_names', None)}); tokenize it with mixgeneformer.tokenize"
         )
-    column = dataset.with_format("arrow")[:].column("input_ids").combine_chunks()
+    return len(dataset)
+
+
+def _token_columns(dataset: Any, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(flat int32 tokens, int64 offsets of n+1) of cells ``start:stop``, no Python loop per cell
+    for an Arrow-backed corpus."""
+    if isinstance(dataset, (list, tuple)):
+        part = dataset[start:stop]
+        lengths = np.fromiter((len(seq) for seq in part), dtype=np.int64, count=len(part))
+        flat = np.concatenate([np.asarray(seq, dtype=np.int64) for seq in part]) if len(part) else np.zeros(0, np.int64)
+        if flat.size and (flat.min() < np.iinfo(np.int32).min or flat.max() > np.iinfo(np.int32).max):
+            raise InputDataError(f"token ids range over [{flat.min()}, {flat.max()}]; not token ids of a vocabulary")
+        return flat.astype(np.int32), np.concatenate([[0], np.cumsum(lengths)])
+    column = dataset.with_format("arrow")[start:stop].column("input_ids").combine_chunks()
     offsets = np.asarray(column.offsets, dtype=np.int64)
-    flat = np.asarray(column.flatten(), dtype=np.int64)
+    flat = np.asarray(column.flatten(), dtype=np.int32)
     return flat, offsets - offsets[0]
 
 
@@ -273,11 +277,9 @@ def _padded_batch(
 
 def _length_sorted_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     """Row indices in batches of similar length, longest first (an OOM shows up at once)."""
-    for start in range(0, len(lengths), _SORT_CHUNK):
-        chunk = np.arange(start, min(start + _SORT_CHUNK, len(lengths)))
-        order = chunk[np.argsort(-lengths[chunk], kind="stable")]
-        for b in range(0, len(order), batch_size):
-            yield order[b : b + batch_size]
+    order = np.argsort(-lengths, kind="stable")
+    for b in range(0, len(order), batch_size):
+        yield order[b : b + batch_size]
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -365,10 +367,10 @@ def embed_corpus(
     layers_to_run(len(bert.encoder.layer), layer)  # validate before reading data
     torch_device = _resolve_device(device)
 
-    flat, offsets = _token_columns(dataset)
-    n_cells = len(offsets) - 1
-    lengths = np.diff(offsets)
-    _check_tokens(flat, lengths, bert, vocab)
+    n_cells = _n_cells(dataset)
+    if n_cells == 0:
+        raise InputDataError("the corpus has no cells to embed")
+    _check_vocab_size(bert, vocab)
 
     special_ids = np.asarray(vocab.special_ids, dtype=np.int64)
     cells = np.full((n_cells, hidden_size), np.nan, dtype=np.float32)
@@ -383,8 +385,7 @@ def embed_corpus(
     bar = _progress_bar(n_cells, progress)
     try:
         with torch.inference_mode(), _autocast(torch_device, precision):
-            for rows in _length_sorted_batches(lengths, int(batch_size)):
-                ids_np, mask_np = _padded_batch(flat, offsets, rows, vocab.pad_id)
+            for rows, ids_np, mask_np in _batches(dataset, n_cells, bert, vocab, int(batch_size)):
                 ids = torch.from_numpy(ids_np).to(torch_device, non_blocking=True)
                 mask = torch.from_numpy(mask_np).to(torch_device, non_blocking=True)
                 hidden = hidden_at_layer(bert, ids, mask, layer)
@@ -420,29 +421,44 @@ def embed_corpus(
     )
 
 
-def _check_tokens(flat: np.ndarray, lengths: np.ndarray, bert: torch.nn.Module, vocab: Vocabulary) -> None:
-    """Errors for corpora the model cannot read: empty cells, unknown ids, too long."""
-    if len(lengths) == 0:
-        raise InputDataError("the corpus has no cells to embed")
+def _batches(
+    dataset: Any, n_cells: int, bert: torch.nn.Module, vocab: Vocabulary, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(corpus rows, padded ids, mask) batches: the corpus is read ``_SORT_CHUNK`` cells at a time
+    (bounded host memory) and length-sorted within each chunk."""
+    for start in range(0, n_cells, _SORT_CHUNK):
+        flat, offsets = _token_columns(dataset, start, min(start + _SORT_CHUNK, n_cells))
+        lengths = np.diff(offsets)
+        _check_tokens(flat, lengths, bert, start)
+        for rows in _length_sorted_batches(lengths, batch_size):
+            ids, mask = _padded_batch(flat, offsets, rows, vocab.pad_id)
+            yield rows + start, ids, mask
+
+
+def _check_vocab_size(bert: torch.nn.Module, vocab: Vocabulary) -> None:
+    if len(vocab) != int(bert.config.vocab_size):
+        from .errors import VocabularyMismatchError
+
+        raise VocabularyMismatchError(
+            f"the vocabulary has {len(vocab)} tokens but the model's vocab_size is {bert.config.vocab_size}; "
+            "use the vocabulary saved in the model bundle"
+        )
+
+
+def _check_tokens(flat: np.ndarray, lengths: np.ndarray, bert: torch.nn.Module, start: int) -> None:
+    """Errors for cells the model cannot read: empty, too long, unknown token ids."""
     if (lengths == 0).any():
         raise InputDataError(
-            f"{int((lengths == 0).sum())} cells have no tokens (first at row "
-            f"{int(np.argmax(lengths == 0))}); re-tokenize, the tokenizer drops such cells"
+            f"{int((lengths == 0).sum())} cells have no tokens (first at corpus row "
+            f"{start + int(np.argmax(lengths == 0))}); re-tokenize, the tokenizer drops such cells"
         )
     max_positions = int(getattr(bert.config, "max_position_embeddings", lengths.max()))
     if lengths.max() > max_positions:
         raise InputDataError(
-            f"cell {int(np.argmax(lengths))} has {int(lengths.max())} tokens but the model accepts "
+            f"cell {start + int(np.argmax(lengths))} has {int(lengths.max())} tokens but the model accepts "
             f"at most {max_positions} (max_position_embeddings); tokenize with max_len<={max_positions}"
         )
     vocab_size = int(bert.config.vocab_size)
-    if len(vocab) != vocab_size:
-        from .errors import VocabularyMismatchError
-
-        raise VocabularyMismatchError(
-            f"the vocabulary has {len(vocab)} tokens but the model's vocab_size is {vocab_size}; "
-            "use the vocabulary saved in the model bundle"
-        )
     if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
         raise InputDataError(
             f"token ids range over [{int(flat.min())}, {int(flat.max())}] but the model has "
