@@ -75,9 +75,7 @@ import torch
 
 from .embed import (
     _autocast,
-    _check_tokens,
     _resolve_device,
-    _token_columns,
     embed_corpus,
     encoder_of,
     hidden_at_layer,
@@ -700,9 +698,9 @@ def perturb_cells(
     bert = encoder_of(model)
     layers_to_run(len(bert.encoder.layer), config.layer)
     device = _resolve_device(config.device)
-    flat, offsets = _token_columns(dataset)
+    flat, offsets = _read_tokens(dataset)
     lengths = np.diff(offsets)
-    _check_tokens(flat, lengths, bert, vocab)
+    _check_cells(flat, lengths, bert, vocab)
     labels = _state_labels(dataset, config, states, len(lengths))
     gene_tokens = resolve_genes(config.genes, vocab, _species_for(dataset, config)) if config.genes else None
     anchor_token = (
@@ -760,6 +758,48 @@ def perturb_cells(
         seconds=round(time.perf_counter() - started, 3),
     )
     return PerturbationResult(frame, gene_frame, summary)
+
+
+def _read_tokens(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(flat int64 tokens, int64 offsets of n+1) of a corpus or a list of token sequences."""
+    if isinstance(dataset, (list, tuple)):
+        lengths = np.fromiter((len(seq) for seq in dataset), dtype=np.int64, count=len(dataset))
+        flat = np.concatenate([np.asarray(seq, dtype=np.int64) for seq in dataset]) if len(dataset) else np.zeros(0, np.int64)
+        return flat, np.concatenate([[0], np.cumsum(lengths)])
+    if "input_ids" not in (getattr(dataset, "column_names", None) or ()):
+        raise InputDataError(
+            f"the corpus has no 'input_ids' column (columns: {getattr(dataset, 'column_names', None)}); "
+            "tokenize it with mixgeneformer.tokenize"
+        )
+    column = dataset.with_format("arrow")[:].column("input_ids").combine_chunks()
+    offsets = np.asarray(column.offsets, dtype=np.int64)
+    return np.asarray(column.flatten(), dtype=np.int64), offsets - offsets[0]
+
+
+def _check_cells(flat: np.ndarray, lengths: np.ndarray, bert: torch.nn.Module, vocab: Vocabulary) -> None:
+    """Errors for inputs the model cannot read: no cells, empty cells, too long, foreign token ids."""
+    from .errors import VocabularyMismatchError
+
+    if len(lengths) == 0:
+        raise InputDataError("there are no cells to perturb")
+    if (lengths == 0).any():
+        raise InputDataError(f"{int((lengths == 0).sum())} cells have no tokens (first at row {int(np.argmax(lengths == 0))})")
+    max_positions = int(bert.config.max_position_embeddings)
+    if lengths.max() > max_positions:
+        raise InputDataError(
+            f"cell {int(np.argmax(lengths))} has {int(lengths.max())} tokens but the model accepts at most "
+            f"{max_positions}; tokenize with max_len<={max_positions}"
+        )
+    if len(vocab) != int(bert.config.vocab_size):
+        raise VocabularyMismatchError(
+            f"the vocabulary has {len(vocab)} tokens but the model's vocab_size is {bert.config.vocab_size}; "
+            "use the vocabulary saved in the model bundle"
+        )
+    if flat.size and (flat.min() < 0 or flat.max() >= len(vocab)):
+        raise InputDataError(
+            f"token ids range over [{int(flat.min())}, {int(flat.max())}] but the vocabulary has {len(vocab)} "
+            "tokens; the cells were tokenized with another vocabulary"
+        )
 
 
 def _species_for(dataset: Any, config: PerturbConfig) -> str:
