@@ -105,7 +105,7 @@ class DemoConfig:
     label_key: str = "cell_type1"
     vocab_mode: Literal["separate", "ortholog"] = "ortholog"
     gene_set: Literal["protein_coding", "all"] = "protein_coding"
-    max_len: int = 256
+    max_len: int = 128
     preset: str = "tiny"
     model_overrides: dict[str, Any] = field(default_factory=lambda: {"max_position_embeddings": 512})
     pretrain_steps: int = 400
@@ -113,7 +113,7 @@ class DemoConfig:
     learning_rate: float = 1e-3
     warmup_steps: int = 40
     contrastive_weight: float = 1.0
-    finetune_steps: int = 60
+    finetune_steps: int = 40
     perturb_species: Literal["human", "mouse"] = "human"
     perturb_start: str = "beta"
     perturb_goal: str = "alpha"
@@ -345,7 +345,7 @@ def _step_tokenize(ctx: _Context, folder: Path) -> dict[str, Any]:
     corpus = folder / "corpus"
     tokenize_files(
         [str(paths[s]) for s in SPECIES], corpus, vocab, medians, _tokenize_config(ctx),
-        obs_columns=(ctx.config.label_key,), workers=ctx.config.workers, overwrite=True,
+        obs_columns=(ctx.config.label_key,), workers=ctx.config.workers, overwrite=True, progress=ctx.progress,
     )
     import datasets
 
@@ -453,104 +453,107 @@ def _step_embed(ctx: _Context, folder: Path) -> dict[str, Any]:
     }
 
 
+CLASSIFY_SETTINGS = (("human", "human"), ("mouse", "mouse"), ("mouse", "human"), ("human", "mouse"))
+
+
+def _setting_name(source: str, target: str) -> str:
+    return f"{source} (within)" if source == target else f"{source} → {target}"
+
+
+def _setting_slug(source: str, target: str) -> str:
+    return f"{source}_within" if source == target else f"{source}_to_{target}"
+
+
+def _classify_config(ctx: _Context) -> Any:
+    from . import classify as clf
+
+    cfg = ctx.config
+    return clf.ClassifyConfig(
+        labels=clf.LabelConfig(key=cfg.label_key),
+        finetune=clf.FinetuneConfig(
+            max_steps=cfg.finetune_steps if cfg.finetune_steps > 0 else -1,
+            batch_size=cfg.batch_size, learning_rate=5e-4, warmup_steps=max(1, cfg.finetune_steps // 10),
+            device=cfg.device,
+        ),
+    )
+
+
 def _step_classify(ctx: _Context, folder: Path) -> dict[str, Any]:
     from . import classify as clf
-    from . import plots
     from .model import load_bundle
 
     cfg = ctx.config
     adatas = _load_inputs(ctx)
     model, vocab, medians = load_bundle(ctx.results["pretrain"]["bundle"])
-    tokenize_config = _tokenize_config(ctx)
-    labels = clf.LabelConfig(key=cfg.label_key)
-    classify_config = clf.ClassifyConfig(
-        labels=labels,
-        finetune=clf.FinetuneConfig(
-            max_steps=cfg.finetune_steps if cfg.finetune_steps > 0 else -1,
-            batch_size=cfg.batch_size, learning_rate=1e-3 if cfg.finetune_steps else 5e-5,
-            warmup_steps=max(1, cfg.finetune_steps // 10), device=cfg.device,
-        ),
-    )
+    classify_config = _classify_config(ctx)
     save_config(classify_config, folder)
-    tokens = {s: clf.tokenize_cells(adatas[s], vocab, medians, tokenize_config) for s in SPECIES}
-    within = {s: clf.within_task(adatas[s], labels, setting=f"{s} (within)") for s in SPECIES}
-    tasks = [(within[s], (s, s)) for s in SPECIES]
-    for source, target in (("mouse", "human"), ("human", "mouse")):
-        task = clf.transfer_task(
-            adatas[source], adatas[target], labels, setting=f"{source} → {target}",
-            source_rows=within[source].train_rows, target_rows=within[target].test_rows,
+    methods = ("knn", "logreg", "finetune") if cfg.finetune_steps > 0 else ("knn", "logreg")
+    tables, figures, notes = [], {}, {}
+    for source, target in CLASSIFY_SETTINGS:
+        name, slug = _setting_name(source, target), _setting_slug(source, target)
+        print(f"-- {name}", flush=True)
+        run = clf.run_classification(
+            adatas[source], model, vocab, medians, test=None if source == target else adatas[target],
+            methods=methods, baseline_methods=("logreg_counts", "knn_pca"), config=classify_config,
+            tokenize_config=_tokenize_config(ctx), device=cfg.device,
         )
-        tasks.append((task, (source, target)))
-
-    results: list[Any] = []
-    figures: dict[str, str] = {}
-    notes: dict[str, list[str]] = {}
-    for task, (source, target) in tasks:
-        print(f"-- {task.setting}: {task.train_rows.size} training cells, {task.test_rows.size} test cells", flush=True)
-        pair = (tokens[source], tokens[target])
-        zero = clf.zero_shot(task, model, vocab, medians, methods=("knn", "logreg"), config=classify_config.embedding,
-                             tokenize_config=tokenize_config, device=cfg.device, tokens=pair)
-        for result in zero:
-            result.method = f"mixgf_{result.method}"
-        results.extend(zero)
-        if cfg.finetune_steps > 0:
-            tuned, _fitted = clf.finetune(task, model, vocab, medians, classify_config, tokenize_config,
-                                          tokens=pair, method="mixgf_finetune")
-            results.append(tuned)
-        results.extend(clf.baselines(task, species=(source, target), config=classify_config.baselines))
-        notes[task.setting] = list(task.notes)
-        best = zero[0]  # kNN on frozen embeddings: the paper's zero-shot protocol
-        slug = f"{source}_to_{target}" if source != target else f"{source}_within"
-        figure = folder / f"confusion_{slug}.png"
-        plots.confusion_matrix(best.y_true, best.y_pred, labels=sorted(set(best.y_true) | set(best.y_pred)),
-                               title=f"{task.setting}: Mix-Geneformer kNN (acc {best.metrics['accuracy']:.2f})",
-                               save=figure)
-        figures[f"confusion_{slug}"] = str(figure.resolve())
-    table = clf.benchmark_table(results)
+        clf.save_run(run, folder / slug, overwrite=True)
+        table = run.table()
+        print(clf.markdown_table(table), flush=True)
+        table["method"] = table["method"].map(lambda m: f"mixgf_{m}" if m in methods else m)
+        table.insert(0, "setting", table.pop("setting").map(lambda _s, n=name: n))
+        table.insert(2, "n_train", int(run.task.train_rows.size))
+        table.insert(3, "n_test", int(run.task.test_rows.size))
+        tables.append(table)
+        notes[name] = list(run.task.notes)
+        figure = folder / slug / "confusion_knn.png"  # kNN on frozen embeddings: the paper's zero-shot protocol
+        if figure.exists():
+            figures[f"confusion_{slug}"] = str(figure.resolve())
+    table = pd.concat(tables, ignore_index=True)
     table.to_csv(folder / "metrics.csv", index=False)
-    for result in results:
-        name = f"{result.setting}_{result.method}".replace(" ", "_").replace("→", "to").replace("(", "").replace(")", "")
-        result.report.to_csv(folder / f"per_class_{name}.csv")
     write_json(folder / "notes.json", notes)
     return {"table": table.to_dict(orient="records"), "figures": figures, "notes": notes}
 
 
 def _step_perturb(ctx: _Context, folder: Path) -> dict[str, Any]:
-    import datasets
-
     from . import perturb as pt
     from . import plots
     from .model import load_bundle
 
     cfg = ctx.config
-    model, vocab, _medians = load_bundle(ctx.results["pretrain"]["bundle"])
-    corpus = datasets.load_from_disk(ctx.results["tokenize"]["corpus"])
-    species = np.asarray(corpus["species"], dtype=object)
-    cells = corpus.select(np.flatnonzero(species == cfg.perturb_species))
+    adata = _load_inputs(ctx)[cfg.perturb_species]
+    model, vocab, medians = load_bundle(ctx.results["pretrain"]["bundle"])
     config = pt.PerturbConfig(
         perturb="delete", state_column=cfg.label_key, start=cfg.perturb_start, goal=cfg.perturb_goal,
         alternatives=list(cfg.perturb_alternatives), cells_per_state=cfg.perturb_cells, device=cfg.device,
         species=cfg.perturb_species, seed=cfg.seed,
     )
-    save_config(config, folder)
-    result = pt.perturb_cells(model, cells, vocab, config, progress=ctx.progress)
-    result.cells.to_csv(folder / "cell_shifts.csv.gz", index=False)
-    stats = pt.perturbation_statistics(result.cells, score="goal_shift")
-    stats = pd.concat([pt.gene_names(stats["gene_token"].to_numpy(), vocab).reset_index(drop=True),
-                       stats.reset_index(drop=True)], axis=1) if "gene_token" in stats.columns else stats
-    stats.to_csv(folder / "gene_statistics.csv", index=False)
+    result, _ = pt.perturb_anndata(
+        adata, model, config, vocab=vocab, medians=medians, tokenize_config=_tokenize_config(ctx),
+        stats_mode="aggregate", progress=ctx.progress,
+    )
+    stats = pt.perturbation_statistics(result.cells, vocab, mode="vs_all")
+    pt.write_results(folder / "results", result, stats, config, vocab, overwrite=True)
+    # The report ranks genes deleted in enough cells to be tested meaningfully (a gene seen in a
+    # single cell cannot reach significance, and its one shift is noise).
+    min_cells = max(2, min(cfg.perturb_cells // 4, int(stats["n_cells"].max())))
+    ranked = stats[stats["n_cells"] >= min_cells]
+    score = _first_present(ranked, ("mean_goal_shift", "mean_shift"))
     figure = folder / "perturbation_ranking.png"
     plots.perturbation_ranking(
-        stats, top=20, score=_first_present(stats, ("mean_goal_shift", "goal_shift", "mean_shift", "shift")),
-        title=f"deleting each gene in {cfg.perturb_species} {cfg.perturb_start} cells: shift toward {cfg.perturb_goal}",
+        ranked, top=20, score=score, label=_first_present(ranked, ("symbol", "perturbed")),
+        title=f"Deleting each gene in {cfg.perturb_species} {cfg.perturb_start} cells: shift toward "
+        f"{cfg.perturb_goal}\n(genes deleted in ≥{min_cells} cells; * FDR < 0.05)",
         save=figure,
     )
-    top = stats.head(10).to_dict(orient="records")
+    columns = [c for c in ("symbol", "ensembl_id", "n_cells", "mean_goal_shift", "mean_shift", "p_value", "fdr") if c in ranked]
+    top = ranked.reindex(ranked[score].abs().sort_values(ascending=False).index).head(10)[columns]
     return {
         "summary": result.summary,
         "n_genes_tested": int(len(stats)),
+        "min_cells_ranked": int(min_cells),
         "n_significant_fdr_0.05": int((stats["fdr"] < 0.05).sum()) if "fdr" in stats.columns else None,
-        "top_genes": top,
+        "top_genes": top.to_dict(orient="records"),
         "figures": {"perturbation_ranking": str(figure.resolve())},
     }
 
@@ -640,38 +643,58 @@ _METHOD_NAMES = {
 
 
 def _commands(ctx: _Context) -> dict[str, list[str]]:
-    """The CLI commands that reproduce each step (same options as the Python calls above)."""
+    """CLI commands that redo each step with the options the demo used (same Python API)."""
     out, cfg, r = ctx.out_dir, ctx.config, ctx.results
-    human, mouse = (r["data"]["inputs"][s] for s in SPECIES)
+    inputs = r["data"]["inputs"]
+    human, mouse = inputs["human"], inputs["mouse"]
     vocab, medians = out / "vocab" / "vocab.json", out / "medians" / "medians.tsv"
     corpus, bundle = out / "tokenize" / "corpus", out / "pretrain" / "run" / "model"
+    tok = corpus / "config.yaml"  # the TokenizeConfig the corpus was made with
     dev = f" --device {cfg.device}" if cfg.device else ""
-    commands = {
+    fin = "" if cfg.finetune_steps > 0 else " --mode zero-shot"
+    classify = []
+    for source, target in CLASSIFY_SETTINGS:
+        test = f" --test {inputs[target]}" if source != target else ""
+        classify.append(
+            f"mixgf classify {inputs[source]}{test} --model {bundle} --label {cfg.label_key}{fin} --baselines "
+            f"--config {out / 'classify' / 'config.yaml'} --tokenize-config {tok} "
+            f"--out {out / 'classify' / _setting_slug(source, target)} --overwrite{dev}"
+        )
+    return {
         "vocab": [f"mixgf vocab build --out {vocab} --mode {cfg.vocab_mode} --gene-set {cfg.gene_set}"],
         "medians": [f"mixgf medians {human} {mouse} --out {medians} --workers {cfg.workers}"],
         "tokenize": [
-            f"mixgf tokenize {human} {mouse} --out {corpus} --vocab {vocab} --medians {medians} "
+            f"mixgf tokenize {human} {mouse} --vocab {vocab} --medians {medians} --out {corpus} "
             f"--max-len {cfg.max_len} --obs-columns {cfg.label_key} --workers {cfg.workers}"
         ],
-        "pretrain": [f"mixgf pretrain --config {out / 'pretrain' / 'pretrain.yaml'}"],
+        "pretrain": [f"mixgf pretrain --config {out / 'pretrain' / 'pretrain.yaml'} --resume"],
         "embed": [
-            f"mixgf embed {r['data']['inputs'][s]} --model {bundle} --out {out / 'embed' / (s + '.h5ad')} "
-            f"--max-len {cfg.max_len}{dev}"
+            f"mixgf embed {inputs[s]} --model {bundle} --species {s} --tokenize-config {tok} "
+            f"--out {out / 'embed' / (s + '.h5ad')} --umap {out / 'embed' / ('umap_' + s + '.png')} "
+            f"--color {cfg.label_key} --overwrite{dev}"
             for s in SPECIES
         ],
-        "classify": [
-            f"mixgf classify --model {bundle} --train {human} --label {cfg.label_key} --out {out / 'classify' / 'human'}{dev}",
-            f"mixgf classify --model {bundle} --train {mouse} --test {human} --label {cfg.label_key} "
-            f"--out {out / 'classify' / 'mouse_to_human'}{dev}",
-        ],
+        "classify": classify,
         "perturb": [
-            f"mixgf perturb {r['data']['inputs'][cfg.perturb_species]} --model {bundle} --perturb delete "
+            f"mixgf perturb {inputs[cfg.perturb_species]} --model {bundle} --perturb delete --genes all "
             f"--state-column {cfg.label_key} --start {cfg.perturb_start} --goal {cfg.perturb_goal} "
-            f"--cells-per-state {cfg.perturb_cells} --out {out / 'perturb'}{dev}"
+            f"--alternatives {','.join(cfg.perturb_alternatives)} --cells-per-state {cfg.perturb_cells} "
+            f"--species {cfg.perturb_species} --set seed={cfg.seed} --stats vs_all "
+            f"--out {out / 'perturb' / 'results'} --overwrite{dev}"
         ],
-        "demo": [f"mixgf demo --out {out}{' --quick' if cfg.quick else ''}{dev}"],
+        "demo": [
+            f"mixgf demo --out {out}{' --quick' if cfg.quick else ''}{dev}"
+            + "".join(f" --set {k}={v}" for k, v in _non_default_options(cfg).items())
+        ],
     }
-    return commands
+
+
+def _non_default_options(cfg: DemoConfig) -> dict[str, Any]:
+    """Options that differ from the (quick or full) defaults, as ``--set`` would give them."""
+    base = to_dict(DemoConfig.quick_config() if cfg.quick else DemoConfig())
+    mine = to_dict(cfg)
+    skip = {"device", "workers", "quick"}
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in mine.items() if k not in skip and v != base[k]}
 
 
 def _figures(ctx: _Context) -> dict[str, Path]:
@@ -772,7 +795,7 @@ def write_report(
     top_md = _frame_markdown(top) if len(top) else "(no genes)"
     pretrain_yaml = _config_yaml(Path(r["pretrain"]["config"]))
     classify_yaml = _config_yaml(out / "classify" / "config.yaml")
-    perturb_yaml = _config_yaml(out / "perturb" / "config.yaml")
+    perturb_yaml = _config_yaml(out / "perturb" / "results" / "config.yaml")
     demo_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     sections = [
         f"# Mix-Geneformer demo report ({metrics['mode']})",
@@ -864,7 +887,7 @@ def write_report(
         classify_yaml.rstrip(),
         "```",
         "",
-        "Perturbation (`PerturbConfig`, `perturb/config.yaml`):",
+        "Perturbation (`PerturbConfig`, `perturb/results/config.yaml`):",
         "",
         "```yaml",
         perturb_yaml.rstrip(),
