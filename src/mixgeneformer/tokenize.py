@@ -5,11 +5,11 @@ median; zeros dropped; genes sorted by value, descending (exact float64 order; e
 token id, so the result never depends on the order of the matrix columns); truncated to the
 maximum length; optionally wrapped in ``<cls>`` … ``<eos>`` (V2 style) with a species token.
 
-The hot path (:func:`rank_value_encode`) works on a whole CSR chunk at once: one uint64 key per
-nonzero packs (row, inverted float32 bits of the value, token id), a single ``np.argsort`` orders
-the chunk, and the rare runs of keys whose float32 values coincide are re-ordered with the exact
-float64 values. Output is written chunk by chunk as Arrow list arrays built from offsets, never
-one Python object per cell.
+The hot path (:func:`rank_value_encode`) is one compiled (numba) pass over a whole CSR chunk: per
+cell, a stable LSD radix sort on the float32 bits of the values, then the rare runs of equal
+float32 keys are re-ordered by the exact float64 value (ties by token id). No Python loop per cell
+or gene. Output is written chunk by chunk as Arrow list arrays built from offsets, never one Python
+object per cell.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numba
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -41,6 +42,7 @@ from .readers import (
     normalization_totals,
     open_source,
     remap_columns,
+    row_sums,
 )
 
 __all__ = [
@@ -146,8 +148,92 @@ class TokenizeConfig:
 # The pure, vectorized core
 
 
-def _bits_needed(n: int) -> int:
-    return max(1, int(n).bit_length())
+@numba.njit(cache=True, nogil=True)
+def _radix_pass(src_key, src_idx, dst_key, dst_idx, m, shift, count):  # pragma: no cover - numba
+    """One stable LSD pass on 8 bits of uint32 keys; returns False (nothing moved) if the digit is constant."""
+    count[:] = 0
+    for i in range(m):
+        count[(src_key[i] >> shift) & 0xFF] += 1
+    for b in range(256):
+        if count[b] == m:
+            return False
+    total = 0
+    for b in range(256):
+        c = count[b]
+        count[b] = total
+        total += c
+    for i in range(m):
+        d = (src_key[i] >> shift) & 0xFF
+        j = count[d]
+        dst_key[j] = src_key[i]
+        dst_idx[j] = src_idx[i]
+        count[d] = j + 1
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _rank_rows(indptr, indices, data, col_token, col_median, totals, max_len, out_tokens, out_lengths):  # pragma: no cover
+    """Rank-value encode every CSR row; returns the number of tokens written to ``out_tokens``.
+
+    Per row: values in float64 with Geneformer's operation order; a stable LSD radix sort (8-bit
+    digits, constant digits skipped) on the inverted float32 bits orders them descending; runs
+    of equal float32 keys are then insertion-sorted by the exact float64 value, ties by token id.
+    """
+    n_rows = len(indptr) - 1
+    width = 1
+    for r in range(n_rows):
+        width = max(width, indptr[r + 1] - indptr[r])
+    values = np.empty(width, np.float64)
+    tokens = np.empty(width, np.int32)
+    key_a = np.empty(width, np.uint32)
+    key_b = np.empty(width, np.uint32)
+    idx_a = np.empty(width, np.int32)
+    idx_b = np.empty(width, np.int32)
+    value32 = np.empty(1, np.float32)
+    value32_bits = value32.view(np.uint32)
+    count = np.empty(256, np.int64)
+    position = 0
+    for r in range(n_rows):
+        total = totals[r]
+        m = 0
+        if total > 0:
+            for j in range(indptr[r], indptr[r + 1]):
+                column = indices[j]
+                token = col_token[column]
+                x = data[j]
+                if token >= 0 and x > 0:
+                    value = x / total * 10000.0 / col_median[column]  # Geneformer's order of operations
+                    values[m] = value
+                    tokens[m] = token
+                    value32[0] = value
+                    key_a[m] = ~value32_bits[0]  # positive floats: bits are monotone; invert for descending
+                    idx_a[m] = m
+                    m += 1
+        src_key, src_idx, dst_key, dst_idx = key_a, idx_a, key_b, idx_b
+        for shift in (0, 8, 16, 24):
+            if _radix_pass(src_key, src_idx, dst_key, dst_idx, m, shift, count):
+                src_key, src_idx, dst_key, dst_idx = dst_key, dst_idx, src_key, src_idx
+        i = 0
+        while i < m:
+            k = i + 1
+            while k < m and src_key[k] == src_key[i]:
+                k += 1
+            for a in range(i + 1, k):  # insertion sort of a run of equal float32 keys (rare, short)
+                e = src_idx[a]
+                b = a - 1
+                while b >= i and (
+                    values[e] > values[src_idx[b]] or (values[e] == values[src_idx[b]] and tokens[e] < tokens[src_idx[b]])
+                ):
+                    src_idx[b + 1] = src_idx[b]
+                    b -= 1
+                src_idx[b + 1] = e
+            i = k
+        keep = min(m, max_len)
+        for a in range(keep):
+            out_tokens[position + a] = tokens[src_idx[a]]
+        out_lengths[r] = keep
+        position += keep
+    return position
 
 
 def rank_value_encode(
@@ -199,67 +285,13 @@ def rank_value_encode(
         token_ids, medians = distinct, first_median
     if n_rows == 0:
         return np.zeros(0, np.int32), np.zeros(0, np.int64)
-    token_bits = _bits_needed(int(token_ids.max(initial=0)))
-    row_bits = 64 - 32 - token_bits
-    rows_per_block = 1 << row_bits
-    flats, lengths = [], []
-    for lo in range(0, n_rows, rows_per_block):  # one block for any realistic chunk size
-        block = counts[lo : lo + rows_per_block] if n_rows > rows_per_block else counts
-        flat, length = _encode_block(block, token_ids, medians, totals[lo : lo + rows_per_block], max_len, token_bits)
-        flats.append(flat)
-        lengths.append(length)
-    return np.concatenate(flats), np.concatenate(lengths)
-
-
-def _encode_block(
-    counts: sp.csr_matrix, token_ids: np.ndarray, medians: np.ndarray, totals: np.ndarray, max_len: int, token_bits: int
-) -> tuple[np.ndarray, np.ndarray]:
-    n_rows = counts.shape[0]
-    per_row = np.diff(counts.indptr)
-    rows = np.repeat(np.arange(n_rows, dtype=np.int64), per_row)
-    tokens = token_ids[counts.indices]
-    keep = (tokens >= 0) & (counts.data > 0) & (totals[rows] > 0)
-    if not keep.all():
-        rows, tokens = rows[keep], tokens[keep]
-        data, columns = counts.data[keep], counts.indices[keep]
-    else:
-        data, columns = counts.data, counts.indices
-    # Same operation order as Geneformer: count / n_counts * 10000 / median, in float64.
-    values = data.astype(np.float64) / totals[rows] * 10_000.0 / medians[columns]
-    inverted = ~values.astype(np.float32).view(np.uint32)  # positive floats: bits are monotone
-    key = (rows.astype(np.uint64) << np.uint64(32 + token_bits)) | (inverted.astype(np.uint64) << np.uint64(token_bits))
-    key |= tokens.astype(np.uint64)
-    order = np.argsort(key)
-    sorted_key = key[order]
-    coarse = sorted_key >> np.uint64(token_bits)
-    tied = coarse[1:] == coarse[:-1]
-    if tied.any():
-        order = _resolve_float32_ties(order, sorted_key, tied, values, tokens)
-        sorted_key = key[order]
-    flat = (sorted_key & np.uint64((1 << token_bits) - 1)).astype(np.int32)
-    lengths = np.bincount(rows, minlength=n_rows).astype(np.int64)
-    if len(lengths) and lengths.max(initial=0) > max_len:
-        starts = np.cumsum(lengths) - lengths
-        position = np.arange(len(flat), dtype=np.int64) - np.repeat(starts, lengths)
-        flat = flat[position < max_len]
-        lengths = np.minimum(lengths, max_len)
-    return flat, lengths
-
-
-def _resolve_float32_ties(
-    order: np.ndarray, sorted_key: np.ndarray, tied: np.ndarray, values: np.ndarray, tokens: np.ndarray
-) -> np.ndarray:
-    """Re-order runs of equal (row, float32 value) by the exact float64 value, then token id."""
-    member = np.zeros(len(sorted_key), dtype=bool)
-    member[1:] |= tied
-    member[:-1] |= tied
-    positions = np.flatnonzero(member)
-    run_id = np.cumsum(~np.concatenate(([False], tied))[positions])  # new run where not tied to previous
-    entries = order[positions]
-    within = np.lexsort((tokens[entries], -values[entries], run_id))
-    order = order.copy()
-    order[positions] = entries[within]
-    return order
+    flat = np.empty(counts.nnz, dtype=np.int32)
+    lengths = np.empty(n_rows, dtype=np.int64)
+    written = _rank_rows(
+        counts.indptr, counts.indices, counts.data, token_ids.astype(np.int32),
+        np.where(token_ids >= 0, medians, 1.0), totals, max_len, flat, lengths,
+    )
+    return flat[:written], lengths
 
 
 def add_special_tokens(
@@ -363,7 +395,7 @@ def _encode_chunk(
         totals = np.where(passing, totals, 0.0)
     flat, lengths = rank_value_encode(chunk.counts, columns.token_ids, columns.medians, totals, config.max_genes)
     filtered = ~passing if passing is not None else np.zeros(chunk.n_cells, dtype=bool)
-    zero = ~(np.asarray(chunk.counts.sum(axis=1)).ravel() > 0) & ~filtered
+    zero = ~(row_sums(chunk.counts) > 0) & ~filtered
     keep = lengths > 0
     report.dropped_zero_counts = int(zero.sum())
     report.dropped_no_vocab_gene = int((~keep & ~zero & ~filtered).sum())
