@@ -1,0 +1,203 @@
+"""Cell-type classification within and across species: does mixed-species pretraining help?
+
+The paper's claim (SPEC §1): one model pretrained on human AND mouse cells classifies cell types
+at least as well as single-species models. This script measures it on the Baron pancreas data
+(../shared/data, human 2,142 and mouse 1,886 cells, label ``cell_type1``):
+
+1. Each species is split once, stratified 80/20 (seed 42), after dropping classes under 0.5% of
+   cells (the authors' rule). Every method below sees the same splits; nothing is tuned on a test
+   split.
+2. Gene medians, the vocabulary (``--vocab-mode``) and the pretraining corpora are built from the
+   TRAINING cells only (test cells are never pretrained on, not even without labels).
+3. Four encoders of the same architecture (``--preset``): randomly initialised; pretrained on human
+   only; on mouse only; on both. Each pretrained model gets the same budget: ``--steps`` ×
+   ``--batch`` cells (MLM + SimCSE, the package defaults).
+4. Settings: within-human, within-mouse (train split -> test split), mouse->human and human->mouse
+   (the source's train split -> the target's test split, on the classes both share, matched by
+   canonical name: see :mod:`mixgeneformer.classify`).
+5. Methods: zero-shot kNN (k=5, cosine) and logistic regression on frozen embeddings (layer -2,
+   mean over genes, the same for every model); fine-tuning when ``--finetune-epochs`` > 0; count
+   baselines (CellTypist-style logistic regression on log1p-normalised counts; kNN on 50 PCs),
+   across species on one-to-one-ortholog genes.
+
+Usage (``-P``: benchmarks/tokenize.py would otherwise shadow the standard library)::
+
+    python -P benchmarks/classify.py                               # CPU default budget (~10-20 min on 2 cores)
+    python -P benchmarks/classify.py --steps 2000 --batch 32 --preset mix-geneformer --max-len 2048 \\
+        --finetune-epochs 3 --device cuda                          # GPU run
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import anndata as ad
+import pandas as pd
+
+from mixgeneformer import classify as C
+from mixgeneformer.embed import embed_corpus
+from mixgeneformer.medians import compute_medians
+from mixgeneformer.model import load_bundle, save_bundle
+from mixgeneformer.pretrain import build_model, pretrain_config_from_dict, run_pretraining
+from mixgeneformer.tokenize import TokenizeConfig, tokenize_files
+from mixgeneformer.vocab import build_vocabulary
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SPECIES = ("human", "mouse")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DATA, help="folder with baron_pancreas_{human,mouse}.h5ad")
+    parser.add_argument("--label", default="cell_type1")
+    parser.add_argument("--preset", default="tiny", help="model preset (tiny on CPU)")
+    parser.add_argument("--overrides", default="", help="model overrides, e.g. num_hidden_layers=4,hidden_size=128")
+    parser.add_argument("--steps", type=int, default=200, help="pretraining steps per model (the budget)")
+    parser.add_argument("--batch", type=int, default=8, help="pretraining cells per step (the budget)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="pretraining learning rate")
+    parser.add_argument("--max-len", type=int, default=128, help="tokens per cell (top-ranked genes)")
+    parser.add_argument("--vocab-mode", choices=["separate", "ortholog"], default="separate")
+    parser.add_argument("--finetune-epochs", type=float, default=0.0, help="> 0: also fine-tune each model")
+    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep corpora and models here (default: temporary)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to this CSV")
+    parser.add_argument("--seed", type=int, default=42)
+    return parser.parse_args()
+
+
+def parse_overrides(text: str) -> dict:
+    import yaml
+
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    return {key.strip(): yaml.safe_load(value) for key, value in pairs}
+
+
+def pretrain_model(name: str, corpora: list[Path], work: Path, vocab_path: Path, medians_path: Path, args) -> Path:
+    config = pretrain_config_from_dict(
+        {
+            "output_dir": str(work / f"run_{name}"),
+            "data": {"corpus": [str(c) for c in corpora], "vocab": str(vocab_path), "medians": str(medians_path)},
+            "model": {"preset": args.preset, "overrides": {"max_position_embeddings": args.max_len, **parse_overrides(args.overrides)}},
+            "train": {
+                "max_steps": args.steps, "per_device_batch_size": args.batch, "learning_rate": args.lr,
+                "warmup_steps": max(1, args.steps // 10), "seed": args.seed,
+            },
+            "checkpoint": {"save_steps": args.steps, "keep": 1},
+            "logging": {"logging_steps": max(1, args.steps // 5), "tensorboard": False, "progress_bar": False},
+        }
+    )
+    started = time.perf_counter()
+    result = run_pretraining(config, overwrite=True)
+    print(f"pretrained '{name}': {result.global_step} steps, final loss {result.final_loss}, {time.perf_counter() - started:.0f}s")
+    return result.bundle_dir
+
+
+def random_model(work: Path, vocab, medians, vocab_path: Path, args) -> Path:
+    import torch
+
+    torch.manual_seed(args.seed)
+    config = pretrain_config_from_dict(
+        {
+            "output_dir": str(work / "run_random"),
+            "data": {"corpus": ["unused"], "vocab": str(vocab_path)},
+            "model": {"preset": args.preset, "overrides": {"max_position_embeddings": args.max_len, **parse_overrides(args.overrides)}},
+        }
+    )
+    return save_bundle(build_model(config, vocab), work / "bundle_random", vocab, medians, overwrite=True)
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mixgf-bench-classify-") as scratch:
+        work = args.work_dir or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        labels = C.LabelConfig(key=args.label, seed=args.seed)
+        data = {s: ad.read_h5ad(args.data / f"baron_pancreas_{s}.h5ad") for s in SPECIES}
+        within = {s: C.within_task(data[s], labels, setting=f"within-{s}") for s in SPECIES}
+        tasks = [within["human"], within["mouse"]]
+        for src, tgt in (("mouse", "human"), ("human", "mouse")):
+            tasks.append(
+                C.transfer_task(
+                    data[src], data[tgt], labels, f"{src}->{tgt}",
+                    source_rows=within[src].train_rows, target_rows=within[tgt].test_rows,
+                )
+            )
+        for task in tasks:
+            print(f"[{task.setting}] train {task.train_rows.size}, test {task.test_rows.size}; " + " | ".join(task.notes))
+
+        # Medians, vocabulary and corpora from training cells only.
+        train_files = {}
+        for s in SPECIES:
+            train_files[s] = work / f"train_{s}.h5ad"
+            data[s][within[s].train_rows].copy().write_h5ad(train_files[s])
+        medians = compute_medians([train_files[s] for s in SPECIES])
+        vocab = build_vocabulary(mode=args.vocab_mode, gene_set="medians", medians=medians)
+        vocab_path, medians_path = work / "vocab.json", work / "medians.tsv"
+        vocab.save(vocab_path)
+        medians.save(medians_path)
+        tok_config = TokenizeConfig(max_len=args.max_len, style="v2")
+        corpora = {
+            s: tokenize_files([train_files[s]], work / f"corpus_{s}", vocab, medians, tok_config, overwrite=True)
+            for s in SPECIES
+        }
+        print(f"vocabulary: {vocab}; prepared in {time.perf_counter() - started:.0f}s")
+
+        bundles = {"random": random_model(work, vocab, medians, vocab_path, args)}
+        for name, sources in (("human", ["human"]), ("mouse", ["mouse"]), ("both", ["human", "mouse"])):
+            bundles[name] = pretrain_model(name, [corpora[s] for s in sources], work, vocab_path, medians_path, args)
+
+        tokens = {s: C.tokenize_cells(data[s], vocab, medians, tok_config) for s in SPECIES}
+        species_of = {"within-human": ("human", "human"), "within-mouse": ("mouse", "mouse"),
+                      "mouse->human": ("mouse", "human"), "human->mouse": ("human", "mouse")}
+        tasks = [C.restrict_to_tokenized(t, tokens[species_of[t.setting][0]], tokens[species_of[t.setting][1]]) for t in tasks]
+
+        results: list[C.EvalResult] = []
+        for task in tasks:
+            src, tgt = species_of[task.setting]
+            for result in C.baselines(task, species=(src, tgt)):
+                result.method = f"baseline {result.method}"
+                results.append(result)
+        config = C.ClassifyConfig(labels=labels, finetune=C.FinetuneConfig(epochs=max(args.finetune_epochs, 1.0), device=args.device))
+        for name, bundle in bundles.items():
+            model, model_vocab, model_medians = load_bundle(bundle)
+            t0 = time.perf_counter()
+            # One embedding per cell and model (layer -2, mean over genes), shared by all tasks.
+            cells = {
+                s: embed_corpus(model, tokens[s].dataset, model_vocab, layer=-2, pooling="mean", device=args.device, progress=False)
+                for s in SPECIES
+            }
+            for task in tasks:
+                src, tgt = species_of[task.setting]
+                position = {s: pd.Index(tokens[s].rows) for s in SPECIES}
+                train_x = cells[src][position[src].get_indexer(task.train_rows)]
+                test_x = cells[tgt][position[tgt].get_indexer(task.test_rows)]
+                for method in ("knn", "logreg"):
+                    prediction = C.zero_shot_predict(task, train_x, test_x, method)
+                    results.append(C.evaluate(task, prediction, f"{name} {method}"))
+                if args.finetune_epochs > 0:
+                    result, _ = C.finetune(task, model, model_vocab, model_medians, config, tokens=(tokens[src], tokens[tgt]),
+                                           method=f"{name} finetune")
+                    results.append(result)
+            print(f"evaluated model '{name}' in {time.perf_counter() - t0:.0f}s")
+
+        table = C.benchmark_table(results)
+        order = {s: i for i, s in enumerate(species_of)}
+        table = table.sort_values("setting", key=lambda col: col.map(order), kind="stable").reset_index(drop=True)
+        print()
+        print(
+            f"Budget: {args.steps} steps x {args.batch} cells per pretrained model, preset {args.preset}, "
+            f"max_len {args.max_len}, vocab {args.vocab_mode}; total {time.perf_counter() - started:.0f}s"
+        )
+        print(C.markdown_table(table))
+        if args.out is not None:
+            table.to_csv(args.out, index=False)
+
+
+if __name__ == "__main__":
+    main()
