@@ -261,30 +261,40 @@ def device_peak_flops(device: torch.device | str | None = None, override_tflops:
 
 
 def count_flop_parameters(model: torch.nn.Module) -> int:
-    """Parameters that take part in a matmul per token: all but position/token-type embeddings.
-
-    The word embedding is counted because the tied MLM decoder multiplies every hidden state by it.
-    """
+    """Non-embedding parameters (the encoder's matmuls; word/position/token-type embeddings and
+    the tied decoder are excluded -- the decoder is counted per masked token in :func:`training_flops`)."""
     total = 0
     for name, param in model.named_parameters():
-        if "position_embeddings" in name or "token_type_embeddings" in name:
+        if "embeddings" in name or "cls.predictions.decoder" in name:
             continue
         total += param.numel()
     return total
 
 
-def training_flops(n_params: int, n_layers: int, hidden: int, batch: int, seq_len: int, n_views: int = 1) -> float:
-    """FLOPs of one training pass (forward + backward) over a padded batch.
+def training_flops(
+    n_params: int,
+    n_layers: int,
+    hidden: int,
+    batch: int,
+    seq_len: int,
+    n_views: int = 1,
+    vocab_size: int = 0,
+    n_predicted: int = 0,
+) -> float:
+    """Model FLOPs of one training pass (forward + backward) over a padded batch.
 
-    ``6 * N * T + 12 * L * H * S * T`` per view, with ``T = batch * seq_len`` tokens (padded: the
-    hardware computes them), ``N`` the matmul parameters (:func:`count_flop_parameters`), ``L``
-    layers, ``H`` hidden size and ``S`` the sequence length. ``6 N T`` is the dense matmuls
-    (2 forward + 4 backward per parameter and token); ``12 L H S T`` the attention scores and
-    weighted sums (``2 * 2 * S * H`` per token and layer forward, x3 with backward). SimCSE runs the
-    encoder twice per batch (``n_views=2``). MFU = this / step time / device peak FLOP/s.
+    ``n_views * (6 N T + 12 L H S T) + 6 V H P``, with ``T = batch * seq_len`` tokens (padded:
+    the hardware computes them), ``N`` the non-embedding parameters
+    (:func:`count_flop_parameters`), ``L`` layers, ``H`` hidden size, ``S`` the sequence length,
+    ``V`` the vocabulary and ``P`` the positions whose MLM logits are computed. ``6 N T`` is the
+    dense matmuls (2 forward + 4 backward FLOPs per parameter and token); ``12 L H S T`` the
+    attention scores and weighted sums (``2 * 2 * S * H`` per token and layer forward, x3 with
+    backward); ``6 V H P`` the decoder over the vocabulary. SimCSE encodes each batch twice
+    (``n_views=2``). MFU = FLOPs / step time / peak FLOP/s of the device (dense bf16).
     """
     tokens = float(batch) * float(seq_len)
-    return n_views * (6.0 * n_params * tokens + 12.0 * n_layers * hidden * seq_len * tokens)
+    encoder = n_views * (6.0 * n_params * tokens + 12.0 * n_layers * hidden * seq_len * tokens)
+    return encoder + 6.0 * vocab_size * hidden * float(n_predicted)
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,7 +497,7 @@ def _make_trainer_class():
             unwrapped = self.model
             self._flop_params = count_flop_parameters(unwrapped)
             cfg = unwrapped.config
-            self._n_layers, self._hidden = cfg.num_hidden_layers, cfg.hidden_size
+            self._n_layers, self._hidden, self._vocab_size = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
             self._n_views = 2 if float(getattr(cfg, "contrastive_weight", 0.0) or 0.0) > 0 else 1
             self._peak = None
 
@@ -528,8 +538,11 @@ def _make_trainer_class():
                 self._parts_count += 1
                 ids = inputs["input_ids"]
                 self._tokens += int(ids.numel())
+                labels = inputs.get("labels")
+                n_predicted = int((labels != -100).sum()) if labels is not None else 0
                 self._flops += training_flops(
-                    self._flop_params, self._n_layers, self._hidden, ids.shape[0], ids.shape[1], self._n_views
+                    self._flop_params, self._n_layers, self._hidden, ids.shape[0], ids.shape[1], self._n_views,
+                    self._vocab_size, n_predicted,
                 )
             if self.args.n_gpu > 1:
                 loss = loss.mean()
