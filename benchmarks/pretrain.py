@@ -204,14 +204,18 @@ def run_variant(name, make, preset, cells, batch, seq_len, steps, warmup, device
     from mixgeneformer.pretrain import training_flops
 
     while batch >= 1:
+        out_of_memory = False
         try:
             step_s, mem, n_params = measure(make, cells, batch, steps, warmup, device)
+        except torch.cuda.OutOfMemoryError:
+            out_of_memory = True
+        if not out_of_memory:
             break
-        except torch.OutOfMemoryError:
-            gc.collect()
-            torch.cuda.empty_cache()
-            note = (note + f" OOM at batch {batch};").strip()
-            batch //= 2
+        # Outside the except block, so the traceback (and the tensors it holds) is gone.
+        gc.collect()
+        torch.cuda.empty_cache()
+        note = (note + f" OOM at batch {batch};").strip()
+        batch //= 2
     else:
         return Row(preset, name, 0, seq_len, math.nan, math.nan, math.nan, math.nan, note + " does not fit")
     tokens = batch * seq_len

@@ -550,8 +550,15 @@ def _make_trainer_class():
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if "loss" in logs and self._parts_count:
-                for name, total in self._parts.items():
-                    logs[name] = total / self._parts_count
+                names = sorted(self._parts)
+                values = torch.tensor([self._parts[n] / self._parts_count for n in names], dtype=torch.float64)
+                if torch.distributed.is_available() and torch.distributed.is_initialized() and names:
+                    # Average the loss parts over ranks, like the Trainer's own `loss`.
+                    values = values.to(self.args.device)
+                    torch.distributed.all_reduce(values)
+                    values = values.cpu() / torch.distributed.get_world_size()
+                for name, value in zip(names, values.tolist(), strict=True):
+                    logs[name] = value
                 elapsed = max(time.perf_counter() - self._window_start, 1e-9)
                 world = self.args.world_size
                 logs["tokens_per_s"] = self._tokens * world / elapsed
@@ -928,6 +935,7 @@ def _training_arguments(config: PretrainConfig, run_dir: Path, precision: str, h
         "dataloader_drop_last": True,
         "dataloader_pin_memory": bool(cuda),
         "remove_unused_columns": False,
+        "prediction_loss_only": True,
         "ddp_timeout": dist.timeout_s,
         "ddp_find_unused_parameters": False,
         "use_cpu": not cuda,
