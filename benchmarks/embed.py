@@ -17,7 +17,7 @@ Both must give the same embeddings: the maximum absolute difference is printed (
 Usage::
 
     python benchmarks/embed.py                       # CPU, 2 threads, 96 cells
-    python benchmarks/embed.py --n-cells 2142 --device cuda --precision fp32,auto
+    python benchmarks/embed.py --n-cells 2142 --device cuda    # fp32 and bf16-autocast rows
 """
 
 from __future__ import annotations
@@ -103,7 +103,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--batch-size", type=int, default=16, help="our batch size (cells)")
     parser.add_argument("--baseline-batch-size", type=int, default=8)
-    parser.add_argument("--precision", default="fp32", help="comma list of ours: fp32, bf16, auto")
+    parser.add_argument(
+        "--precision", default=None, help="comma list of ours: fp32, bf16, auto (default: fp32 on CPU, fp32,auto on CUDA)"
+    )
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -130,7 +132,8 @@ def main() -> None:
     if not args.skip_baseline:
         reference, seconds, cpu = timed(lambda: baseline_embed(model, corpus, vocab, args.baseline_batch_size, device), device)
         rows.append(("baseline: HF eager, all hidden states, pad 2048", args.baseline_batch_size, seconds, cpu, 0.0))
-    for precision in [p.strip() for p in args.precision.split(",") if p.strip()]:
+    precisions = args.precision or ("fp32,auto" if device.type == "cuda" else "fp32")
+    for precision in [p.strip() for p in precisions.split(",") if p.strip()]:
         ours, seconds, cpu = timed(
             lambda precision=precision: embed_corpus(
                 model, corpus, vocab, layer=-2, batch_size=args.batch_size, device=device, progress=False, precision=precision
