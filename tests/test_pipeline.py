@@ -160,10 +160,10 @@ def test_figures_are_png_and_the_report_shows_them_with_commands(quick_demo):
 def test_perturbation_ranks_genes_with_statistics(quick_demo):
     report, _ = quick_demo
     out = report.parent.parent
-    stats = pd.read_csv(out / "perturb" / "gene_statistics.csv")
+    stats = pd.read_csv(out / "perturb" / "results" / "genes.csv")
     assert {"n_cells", "p_value", "fdr"} <= set(stats.columns)
     assert ((stats["fdr"] >= 0) & (stats["fdr"] <= 1)).all()
-    shifts = pd.read_csv(out / "perturb" / "cell_shifts.csv.gz")
+    shifts = pd.read_parquet(out / "perturb" / "results" / "cells.parquet")
     assert set(shifts["state"]) == {"beta"}
     assert shifts["cell"].nunique() == DemoConfig.quick_config().perturb_cells
     # every gene of each perturbed cell was deleted once: rows per cell == genes in that cell

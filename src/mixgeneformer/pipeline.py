@@ -711,10 +711,13 @@ def _figures(ctx: _Context) -> dict[str, Path]:
 
 
 def _metrics_markdown(table: pd.DataFrame) -> str:
-    lines = ["| setting | method | accuracy | macro F1 | macro precision | macro recall |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| setting | train / test cells | method | accuracy | macro F1 | macro precision | macro recall |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in table.itertuples(index=False):
         lines.append(
-            f"| {row.setting} | {_METHOD_NAMES.get(row.method, row.method)} | {row.accuracy:.3f} | "
+            f"| {row.setting} | {row.n_train} / {row.n_test} | {_METHOD_NAMES.get(row.method, row.method)} | {row.accuracy:.3f} | "
             f"{row.macro_f1:.3f} | {row.macro_precision:.3f} | {row.macro_recall:.3f} |"
         )
     return "\n".join(lines)
@@ -832,9 +835,12 @@ def write_report(
         "",
         "## Cell-type classification",
         "",
-        "Within-species settings use a stratified 80/20 split (seed 42); cross-species settings train on the "
-        "source species' training cells and test on the target species' test cells, on the cell types both "
-        "share. Classes under 0.5% of cells are dropped. Accuracy and macro scores are on the test cells.",
+        "Within-species settings use a stratified 80/20 split (seed 42); cross-species settings train on every "
+        "labelled cell of the source species and test on every cell of the target species whose type both "
+        "species share (labels matched by canonical name; mouse count baselines use one-to-one orthologs). "
+        "Classes under 0.5% of cells are dropped. Accuracy and macro scores are on the test cells. All "
+        "Mix-Geneformer rows use the same frozen embedding (mean over genes, second-to-last layer) except the "
+        f"fine-tuned one ({cfg.finetune_steps} steps).",
         "",
         _metrics_markdown(table),
         "",
