@@ -88,7 +88,6 @@ def corpus_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.slow
 def test_two_gloo_ranks_stay_in_sync_and_only_rank0_writes(tmp_path, corpus_root):
     out = tmp_path / "run"
     config = tiny_config(corpus_root, out, train={"max_steps": 6, "per_device_batch_size": 4},
@@ -118,7 +117,6 @@ def test_two_gloo_ranks_stay_in_sync_and_only_rank0_writes(tmp_path, corpus_root
     assert s0 | s1 == set(range(N_CELLS))
 
 
-@pytest.mark.slow
 def test_a_failing_rank_ends_every_rank_without_hanging(tmp_path, corpus_root):
     out = tmp_path / "run"
     config = tiny_config(corpus_root, out, train={"max_steps": 1000, "per_device_batch_size": 4},

@@ -263,7 +263,9 @@ def test_resume_after_a_crash_equals_a_straight_run(tmp_path, synthetic, monkeyp
     for key in a:
         assert torch.equal(a[key], b[key]), key
     rows_a = {int(r["step"]): r for r in read_metrics(tmp_path / "a")}
-    rows_b = {int(r["step"]): r for r in read_metrics(out)}  # steps 1-7 from the crashed run, 7-12 resumed
+    steps_b = [int(r["step"]) for r in read_metrics(out)]
+    assert steps_b == list(range(1, 13))  # steps 1-6 of the crashed run, 7-12 resumed; step 7 not twice
+    rows_b = {int(r["step"]): r for r in read_metrics(out)}
     for step in range(7, 13):
         for key in ("loss", "mlm_loss", "contrastive_loss", "learning_rate"):
             assert rows_a[step][key] == pytest.approx(rows_b[step][key], rel=0, abs=0), (step, key)

@@ -83,6 +83,11 @@ def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
     return None
 
 
+def checkpoint_step(checkpoint: str | os.PathLike) -> int:
+    """The optimizer step a complete checkpoint was saved at (from its ``COMPLETE`` manifest)."""
+    return int(json.loads((Path(checkpoint) / COMPLETE).read_text())["step"])
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """All ``checkpoint-<step>`` folders of a run, oldest step first (complete or not)."""
     run_dir = Path(run_dir)

@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 CORPUS_META = "mixgf_corpus.json"
 BUNDLE_DIR = "model"
+SIGNAL_SYNC_STEPS = 10  # distributed runs check for a stop signal every this many steps
 METRICS_FIELDS = (
     "step",
     "epoch",
@@ -488,9 +489,11 @@ def _make_trainer_class():
             super().__init__(*args, **kwargs)
             self.run_extras = run_extras
             self.sampler_options = sampler_options
-            self._parts: dict[str, float] = {}
+            # Accumulated on the device between log events: no host sync per step.
+            self._parts: dict[str, torch.Tensor] = {}
             self._parts_count = 0
-            self._flops = 0.0
+            self._flops = 0.0  # encoder FLOPs (from shapes only)
+            self._predicted: torch.Tensor | int = 0  # MLM positions, for the decoder FLOPs
             self._tokens = 0
             self._window_start = time.perf_counter()
             self._staging = False
@@ -534,15 +537,16 @@ def _make_trainer_class():
                 for name in ("mlm_loss", "contrastive_loss", "cross_species_loss"):
                     value = getattr(outputs, name, None)
                     if value is not None:
-                        self._parts[name] = self._parts.get(name, 0.0) + float(value.detach())
+                        value = value.detach().float()
+                        self._parts[name] = self._parts[name] + value if name in self._parts else value
                 self._parts_count += 1
                 ids = inputs["input_ids"]
                 self._tokens += int(ids.numel())
                 labels = inputs.get("labels")
-                n_predicted = int((labels != -100).sum()) if labels is not None else 0
+                if labels is not None:
+                    self._predicted = self._predicted + (labels != -100).sum()
                 self._flops += training_flops(
-                    self._flop_params, self._n_layers, self._hidden, ids.shape[0], ids.shape[1], self._n_views,
-                    self._vocab_size, n_predicted,
+                    self._flop_params, self._n_layers, self._hidden, ids.shape[0], ids.shape[1], self._n_views
                 )
             if self.args.n_gpu > 1:
                 loss = loss.mean()
@@ -551,22 +555,24 @@ def _make_trainer_class():
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if "loss" in logs and self._parts_count:
                 names = sorted(self._parts)
-                values = torch.tensor([self._parts[n] / self._parts_count for n in names], dtype=torch.float64)
-                if torch.distributed.is_available() and torch.distributed.is_initialized() and names:
-                    # Average the loss parts over ranks, like the Trainer's own `loss`.
-                    values = values.to(self.args.device)
-                    torch.distributed.all_reduce(values)
-                    values = values.cpu() / torch.distributed.get_world_size()
-                for name, value in zip(names, values.tolist(), strict=True):
-                    logs[name] = value
+                if names:
+                    values = torch.stack([self._parts[n] for n in names]).double() / self._parts_count
+                    if torch.distributed.is_available() and torch.distributed.is_initialized():
+                        # Average the loss parts over ranks, like the Trainer's own `loss`.
+                        torch.distributed.all_reduce(values)
+                        values = values / torch.distributed.get_world_size()
+                    for name, value in zip(names, values.cpu().tolist(), strict=True):
+                        logs[name] = value
+                predicted = int(self._predicted)
+                flops = self._flops + training_flops(0, 0, self._hidden, 0, 0, 1, self._vocab_size, predicted)
                 elapsed = max(time.perf_counter() - self._window_start, 1e-9)
                 world = self.args.world_size
                 logs["tokens_per_s"] = self._tokens * world / elapsed
                 if self._peak is None:
                     self._peak = device_peak_flops(self.args.device, self.run_extras.get("peak_tflops")) or 0.0
                 if self._peak:
-                    logs["mfu"] = self._flops / elapsed / self._peak
-                self._parts, self._parts_count, self._flops, self._tokens = {}, 0, 0.0, 0
+                    logs["mfu"] = flops / elapsed / self._peak
+                self._parts, self._parts_count, self._flops, self._tokens, self._predicted = {}, 0, 0.0, 0, 0
                 self._window_start = time.perf_counter()
             super().log(logs, start_time)
 
@@ -679,7 +685,10 @@ def _make_callbacks(run_dir: Path, is_main: bool, tensorboard: bool):
 
         def on_step_end(self, args, state, control, **kwargs):
             flag = 0 if self.received is None else int(self.received)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            if distributed and state.global_step % SIGNAL_SYNC_STEPS:
+                return control  # ranks agree on a stop only every SIGNAL_SYNC_STEPS steps (one tiny collective)
+            if distributed:
                 # One rank's signal stops every rank at the same step (else the others would hang).
                 tensor = torch.tensor([flag], device=args.device)
                 torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
@@ -832,6 +841,8 @@ def run_pretraining(
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_stale(run_dir)
+        # metrics.csv continues from the checkpoint: rows logged after it (before a crash) are dropped.
+        trim_metrics(run_dir / "metrics.csv", ckpt.checkpoint_step(checkpoint) if checkpoint else 0)
     environment = environment_record(precision, args.world_size, {"mode": mode, "resumed_from": str(checkpoint) if checkpoint else None})
     logger.info("precision in use: %s (requested %s) on %s", precision, config.train.precision, environment["devices"])
     if is_main:
@@ -973,6 +984,20 @@ def _save_final_bundle(trainer, bundle_dir: Path, vocab: Any, medians_path: Path
     model_module.save_bundle(model, bundle_dir, vocab, medians=medians, overwrite=True)
     save_config(trainer.run_extras["config"], bundle_dir, "pretrain_config.yaml")
     write_json(bundle_dir / "environment.json", trainer.run_extras["environment"])
+
+
+def trim_metrics(path: Path, max_step: int) -> None:
+    """Keep only the rows of ``metrics.csv`` logged at or before ``max_step`` (atomically)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if float(row.get("step") or 0) <= max_step]
+    from .fileio import atomic_file
+
+    with atomic_file(path) as handle:
+        writer = csv.DictWriter(handle, fieldnames=METRICS_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, float]]:
