@@ -51,7 +51,7 @@ def test_umap_of_anndata_uses_obsm_and_skips_nan_rows(clustered, tmp_path):
     fig = plots.umap(adata, color="cell_type1", n_neighbors=10)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles == ["cell_type1", "organism"]  # organism picked as the species column
-    assert "4 cells without embedding" in fig._suptitle.get_text()
+    assert "4 cells without embedding" in fig.get_suptitle()
     assert sum(len(c.get_offsets()) for c in fig.axes[0].collections) == 86
     with pytest.raises(ConfigError, match="not an obs column"):
         plots.umap(adata, color="missing")
