@@ -409,3 +409,33 @@ def test_embed_anndata_on_real_baron_cells_with_symbol_gene_names(shared_data):
     # a cell alone gives the same vector as inside the batch
     alone = embed_anndata(adata[[7]].copy(), model, vocab=vocab, medians=medians, copy=True, progress=False)
     np.testing.assert_allclose(alone.obsm["X_mixgeneformer"][0], emb[7], rtol=0, atol=1e-5)
+
+
+def test_cli_embed_reads_a_tokenized_corpus_folder_and_checks_its_vocabulary(bundle, tmp_path):
+    import anndata as ad
+
+    from mixgeneformer.cli import main
+    from mixgeneformer.errors import VocabularyMismatchError
+    from mixgeneformer.fileio import read_json, write_json
+    from mixgeneformer.model import load_bundle
+    from mixgeneformer.tokenize import TokenizeConfig, tokenize_files
+
+    folder, adata = bundle
+    model, vocab, medians = load_bundle(folder)
+    source = tmp_path / "cells.h5ad"
+    adata.write_h5ad(source)
+    corpus = tokenize_files([source], tmp_path / "corpus", vocab, medians, TokenizeConfig(max_len=128), obs_columns=["cell_type1"])
+    out = tmp_path / "out.h5ad"
+    main(["embed", str(corpus), "--model", str(folder), "--out", str(out), "--no-progress", "--layer", "-1"])
+    written = ad.read_h5ad(out)
+    assert written.n_obs == 38 and "cell_type1" in written.obs
+    assert written.uns["X_mixgeneformer_params"]["layer"] == -1
+    with pytest.warns(UserWarning):
+        direct = embed_anndata(adata, folder, layer=-1, copy=True, progress=False).obsm["X_mixgeneformer"]
+    finite = np.isfinite(direct).all(axis=1)
+    np.testing.assert_allclose(written.obsm["X_mixgeneformer"], direct[finite], atol=1e-5)
+
+    meta = read_json(corpus / "mixgf_corpus.json")
+    write_json(corpus / "mixgf_corpus.json", {**meta, "vocab_hash": "0" * 16})
+    with pytest.raises(VocabularyMismatchError, match="re-tokenize"):
+        embed_corpus_folder(corpus, folder, progress=False)
