@@ -81,6 +81,12 @@ class DemoConfig:
         Model preset of :data:`mixgeneformer.model.PRESETS` and config overrides.
     pretrain_steps, batch_size, learning_rate, warmup_steps, contrastive_weight
         Pretraining budget and objective (MLM + SimCSE with this weight).
+    pooling, embed_layer
+        Cell representation: the SimCSE term is trained on ``pooling`` of the last layer, and cells
+        are embedded (UMAP, zero-shot classification, perturbation) from hidden state
+        ``embed_layer``. The demo pools by the mean over genes of the last layer, so the contrastive
+        objective shapes exactly the embedding used downstream (a 2-layer model's second-to-last
+        layer, Geneformer's default, is only its first block).
     finetune_steps
         Fine-tuning steps per classification setting (0 skips fine-tuning; zero-shot kNN /
         logistic regression and the count baselines always run).
@@ -113,7 +119,9 @@ class DemoConfig:
     learning_rate: float = 1e-3
     warmup_steps: int = 40
     contrastive_weight: float = 1.0
-    finetune_steps: int = 40
+    pooling: Literal["mean"] = "mean"
+    embed_layer: int = -1
+    finetune_steps: int = 100
     perturb_species: Literal["human", "mouse"] = "human"
     perturb_start: str = "beta"
     perturb_goal: str = "alpha"
@@ -376,7 +384,7 @@ def _pretrain_config(ctx: _Context, folder: Path) -> Any:
                 "eval_fraction": 0.0,
             },
             "model": {"preset": cfg.preset, "overrides": dict(cfg.model_overrides)},
-            "objective": {"contrastive_weight": cfg.contrastive_weight},
+            "objective": {"contrastive_weight": cfg.contrastive_weight, "pooling": cfg.pooling},
             "train": {
                 "learning_rate": cfg.learning_rate,
                 "warmup_steps": cfg.warmup_steps,
@@ -429,7 +437,8 @@ def _step_embed(ctx: _Context, folder: Path) -> dict[str, Any]:
     parts, files = [], {}
     for species, adata in _load_inputs(ctx).items():
         embed_anndata(
-            adata, bundle, key=EMBED_KEY, species=species, tokenize_config=_tokenize_config(ctx),
+            adata, bundle, key=EMBED_KEY, layer=cfg.embed_layer, pooling=cfg.pooling, species=species,
+            tokenize_config=_tokenize_config(ctx),
             device=cfg.device, progress=ctx.progress,
         )
         path = folder / f"{species}.h5ad"
@@ -470,10 +479,11 @@ def _classify_config(ctx: _Context) -> Any:
     cfg = ctx.config
     return clf.ClassifyConfig(
         labels=clf.LabelConfig(key=cfg.label_key),
+        embedding=clf.EmbeddingConfig(layer=cfg.embed_layer, pooling=cfg.pooling),
         finetune=clf.FinetuneConfig(
             max_steps=cfg.finetune_steps if cfg.finetune_steps > 0 else -1,
-            batch_size=cfg.batch_size, learning_rate=5e-4, warmup_steps=max(1, cfg.finetune_steps // 10),
-            device=cfg.device,
+            batch_size=cfg.batch_size, learning_rate=1e-3, warmup_steps=max(1, cfg.finetune_steps // 10),
+            pooling=cfg.pooling, device=cfg.device,
         ),
     )
 
@@ -525,8 +535,8 @@ def _step_perturb(ctx: _Context, folder: Path) -> dict[str, Any]:
     model, vocab, medians = load_bundle(ctx.results["pretrain"]["bundle"])
     config = pt.PerturbConfig(
         perturb="delete", state_column=cfg.label_key, start=cfg.perturb_start, goal=cfg.perturb_goal,
-        alternatives=list(cfg.perturb_alternatives), cells_per_state=cfg.perturb_cells, device=cfg.device,
-        species=cfg.perturb_species, seed=cfg.seed,
+        alternatives=list(cfg.perturb_alternatives), cells_per_state=cfg.perturb_cells, layer=cfg.embed_layer,
+        pooling=cfg.pooling, device=cfg.device, species=cfg.perturb_species, seed=cfg.seed,
     )
     result, _ = pt.perturb_anndata(
         adata, model, config, vocab=vocab, medians=medians, tokenize_config=_tokenize_config(ctx),
@@ -670,6 +680,7 @@ def _commands(ctx: _Context) -> dict[str, list[str]]:
         "pretrain": [f"mixgf pretrain --config {out / 'pretrain' / 'pretrain.yaml'} --resume"],
         "embed": [
             f"mixgf embed {inputs[s]} --model {bundle} --species {s} --tokenize-config {tok} "
+            f"--layer {cfg.embed_layer} --pooling {cfg.pooling} "
             f"--out {out / 'embed' / (s + '.h5ad')} --umap {out / 'embed' / ('umap_' + s + '.png')} "
             f"--color {cfg.label_key} --overwrite{dev}"
             for s in SPECIES
@@ -679,7 +690,8 @@ def _commands(ctx: _Context) -> dict[str, list[str]]:
             f"mixgf perturb {inputs[cfg.perturb_species]} --model {bundle} --perturb delete --genes all "
             f"--state-column {cfg.label_key} --start {cfg.perturb_start} --goal {cfg.perturb_goal} "
             f"--alternatives {','.join(cfg.perturb_alternatives)} --cells-per-state {cfg.perturb_cells} "
-            f"--species {cfg.perturb_species} --set seed={cfg.seed} --stats vs_all "
+            f"--species {cfg.perturb_species} --layer {cfg.embed_layer} --pooling {cfg.pooling} "
+            f"--set seed={cfg.seed} --stats vs_all "
             f"--out {out / 'perturb' / 'results'} --overwrite{dev}"
         ],
         "demo": [
@@ -828,8 +840,8 @@ def write_report(
         "",
         "## Cell embeddings",
         "",
-        f"{r['embed']['n_cells']:,} cells embedded ({r['embed']['dim']} dimensions, mean over genes of the "
-        "second-to-last layer), UMAP coloured by cell type (left) and by species (right).",
+        f"{r['embed']['n_cells']:,} cells embedded ({r['embed']['dim']} dimensions, {cfg.pooling} pooling of hidden "
+        f"state {cfg.embed_layer}), UMAP coloured by cell type (left) and by species (right).",
         "",
         fig("umap", "UMAP by cell type and by species"),
         "",
@@ -839,7 +851,7 @@ def write_report(
         "labelled cell of the source species and test on every cell of the target species whose type both "
         "species share (labels matched by canonical name; mouse count baselines use one-to-one orthologs). "
         "Classes under 0.5% of cells are dropped. Accuracy and macro scores are on the test cells. All "
-        "Mix-Geneformer rows use the same frozen embedding (mean over genes, second-to-last layer) except the "
+        f"Mix-Geneformer rows use the same frozen embedding ({cfg.pooling} pooling, hidden state {cfg.embed_layer}) except the "
         f"fine-tuned one ({cfg.finetune_steps} steps).",
         "",
         _metrics_markdown(table),
