@@ -133,3 +133,12 @@ def test_bad_options_raise_config_errors():
         PretrainingCollator(vocab, mask_fraction=0.95, random_fraction=0.1)
     with pytest.raises(ConfigError, match="max_len"):
         PretrainingCollator(vocab, max_len=0)
+
+
+def test_max_len_longer_than_the_batch_keeps_sequences_whole():
+    from mixgeneformer.collator import pad_sequences
+
+    ids, mask = pad_sequences([[2, 10, 11, 3], [2, 12, 3]], pad_id=0, pad_to_multiple_of=None, max_len=16, eos_id=3)
+    assert ids.tolist() == [[2, 10, 11, 3], [2, 12, 3, 0]] and mask.sum().item() == 7
+    ids, _ = pad_sequences([[2, 10, 11, 3], [2, 12, 3]], pad_id=0, pad_to_multiple_of=None, max_len=3, eos_id=3)
+    assert ids.tolist() == [[2, 10, 3], [2, 12, 3]]

@@ -84,3 +84,10 @@ def test_missing_empty_and_lfs_files_named(tmp_path):
     (tmp_path / "lfs.bin").write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
     with pytest.raises(ArtifactError, match="lfs.bin is a Git-LFS pointer"):
         check_readable_file(tmp_path / "lfs.bin", "weights")
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    cfg = load_config(Outer, None, ["inner.rate=5e-4"])
+    assert cfg.inner.rate == 5e-4
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(Outer, None, ["inner.rate=fast"])

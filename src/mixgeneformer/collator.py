@@ -76,7 +76,8 @@ def pad_sequences(
     if eos_id is not None and max_len is not None:
         ends_with_eos = flat[starts + lengths - 1] == eos_id
         truncated = ends_with_eos & (lengths > max_len)
-        input_ids[np.flatnonzero(truncated), max_len - 1] = eos_id
+        if truncated.any():  # then width == max_len
+            input_ids[np.flatnonzero(truncated), max_len - 1] = eos_id
     attention_mask = (np.arange(width)[None, :] < kept_lengths[:, None]).astype(np.int64)
     return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
 

@@ -12,13 +12,13 @@ import sys
 from ..errors import MixGeneformerError
 
 # Command modules: importing them registers their commands on ``app``.
-from . import vocab as _vocab  # noqa: E402,F401
-from . import pretrain as _pretrain  # noqa: E402,F401
-from . import tokenize as _tokenize  # noqa: E402,F401
-from . import demo as _demo  # noqa: E402,F401
-from . import embed as _embed  # noqa: E402,F401
-from . import perturb as _perturb  # noqa: E402,F401
-from . import classify as _classify  # noqa: E402,F401
+from . import classify as _classify  # noqa: F401
+from . import demo as _demo  # noqa: F401
+from . import embed as _embed  # noqa: F401
+from . import perturb as _perturb  # noqa: F401
+from . import pretrain as _pretrain  # noqa: F401
+from . import tokenize as _tokenize  # noqa: F401
+from . import vocab as _vocab  # noqa: F401
 from ._app import app, state
 
 __all__ = ["app", "main"]
