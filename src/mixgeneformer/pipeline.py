@@ -934,7 +934,7 @@ def _frame_markdown(frame: pd.DataFrame) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, float):
             return f"{value:.3g}"
-        return str(value)
+        return str(value).replace("|", "/")  # ortholog tokens are "HUMAN|mouse"; "|" would split the table cell
 
     header = "| " + " | ".join(map(str, frame.columns)) + " |"
     rule = "|" + "---|" * len(frame.columns)
