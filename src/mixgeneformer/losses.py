@@ -40,9 +40,9 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     vocab_size = logits.shape[-1]
     flat_logits = logits.reshape(-1, vocab_size)
     flat_labels = labels.reshape(-1)
-    if not bool((flat_labels != IGNORE_INDEX).any()):
-        return flat_logits.sum().float() * 0.0
-    return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX)
+    # Sum / count instead of a data-dependent branch: no host sync, no graph break under compile.
+    total = F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def _gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
