@@ -534,7 +534,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
     methods = multiprocessing.get_all_start_methods()
     if "forkserver" in methods:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["mixgeneformer.tokenize"])
+        ctx.set_forkserver_preload(["mixgeneformer.tokenize", "datasets.arrow_writer"])
         return ctx
     return multiprocessing.get_context("spawn")
 
