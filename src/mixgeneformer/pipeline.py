@@ -690,8 +690,8 @@ def _commands(ctx: _Context) -> dict[str, list[str]]:
             f"mixgf perturb {inputs[cfg.perturb_species]} --model {bundle} --perturb delete --genes all "
             f"--state-column {cfg.label_key} --start {cfg.perturb_start} --goal {cfg.perturb_goal} "
             f"--alternatives {','.join(cfg.perturb_alternatives)} --cells-per-state {cfg.perturb_cells} "
-            f"--species {cfg.perturb_species} --layer {cfg.embed_layer} --pooling {cfg.pooling} "
-            f"--set seed={cfg.seed} --stats vs_all "
+            f"--species {cfg.perturb_species} --tokenize-config {tok} --layer {cfg.embed_layer} "
+            f"--pooling {cfg.pooling} --set seed={cfg.seed} --stats vs_all "
             f"--out {out / 'perturb' / 'results'} --overwrite{dev}"
         ],
         "demo": [

@@ -20,3 +20,13 @@ def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     state["debug"] = debug
+
+
+def load_tokenize_config(path):
+    """The TokenizeConfig of an optional ``--tokenize-config`` YAML (None: the defaults apply)."""
+    if path is None:
+        return None
+    from ..config import load_config
+    from ..tokenize import TokenizeConfig
+
+    return load_config(TokenizeConfig, path)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ..errors import ArtifactError, ConfigError
-from ._app import app
+from ._app import app, load_tokenize_config
 
 _MODES = {
     "finetune": ("finetune",),
@@ -66,11 +66,7 @@ def classify(
     if device is not None:
         cli_overrides.append(f"finetune.device={device}")
     settings = load_config(clf.ClassifyConfig, config, [*cli_overrides, *overrides])
-    tok_config = None
-    if tokenize_config is not None:
-        from ..tokenize import TokenizeConfig
-
-        tok_config = load_config(TokenizeConfig, tokenize_config)
+    tok_config = load_tokenize_config(tokenize_config)
 
     train_data = ad.read_h5ad(check_readable_file(input, "input h5ad"))
     test_data = ad.read_h5ad(check_readable_file(test, "test h5ad")) if test is not None else None

@@ -10,7 +10,7 @@ import typer
 
 from ..errors import ArtifactError, ConfigError
 from ..fileio import atomic_file
-from ._app import app
+from ._app import app, load_tokenize_config
 
 
 def _write_h5ad(adata, out: Path, overwrite: bool) -> None:
@@ -89,12 +89,7 @@ def embed(
             adata = ad.read_h5ad(input)
         except (OSError, KeyError, ValueError) as exc:
             raise ArtifactError(f"cannot read {input} as h5ad ({exc}); is it truncated or another format?") from exc
-        tk_config = None
-        if tokenize_config is not None:
-            from ..config import load_config
-            from ..tokenize import TokenizeConfig
-
-            tk_config = load_config(TokenizeConfig, tokenize_config)
+        tk_config = load_tokenize_config(tokenize_config)
         emb.embed_anndata(
             adata, loaded_model, key=key, layer=layer, pooling=pooling, overwrite=overwrite, gene_column=gene_column,
             species=species, vocab=loaded_vocab, medians=loaded_medians, tokenize_config=tk_config,

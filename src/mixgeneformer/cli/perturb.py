@@ -12,7 +12,7 @@ from typing import Any
 import typer
 
 from ..errors import ArtifactError, ConfigError
-from ._app import app
+from ._app import app, load_tokenize_config
 
 
 def _config_from_options(config_file: Path | None, overrides: list[str] | None, options: dict[str, Any]):
@@ -64,6 +64,9 @@ def perturb(
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda when available)."),
     precision: str | None = typer.Option(None, "--precision", help="fp32 (default), bf16 or auto."),
     species: str | None = typer.Option(None, "--species", help="Species of gene symbols: auto, human, mouse."),
+    tokenize_config: Path | None = typer.Option(
+        None, "--tokenize-config", help="YAML of tokenize options (style, max_len, ...) for an .h5ad input."
+    ),
     shard_index: int | None = typer.Option(None, "--shard-index", help="This process' shard (default: env RANK)."),
     num_shards: int | None = typer.Option(None, "--num-shards", help="Number of shards (default: env WORLD_SIZE)."),
     stats: str = typer.Option("vs_all", "--stats", help="vs_all, vs_null (with --null) or aggregate."),
@@ -111,7 +114,10 @@ def perturb(
         from ..fileio import check_readable_file
 
         adata = ad.read_h5ad(check_readable_file(input, "input h5ad"))
-        result, _ = pt.perturb_anndata(adata, loaded, config, vocab=vocab, medians=medians, stats_mode="aggregate", progress=progress)
+        result, _ = pt.perturb_anndata(
+            adata, loaded, config, vocab=vocab, medians=medians, tokenize_config=load_tokenize_config(tokenize_config),
+            stats_mode="aggregate", progress=progress,
+        )
 
     index, world = config.shard()
     if world > 1:
