@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 # Set before anything imports transformers / datasets / matplotlib / torch inductor (RELIABILITY 20-21).
 _CACHE_ROOT = Path(tempfile.mkdtemp(prefix="mixgf-test-cache-"))
+atexit.register(shutil.rmtree, _CACHE_ROOT, ignore_errors=True)
 for _var, _sub in {
     "HF_HOME": "hf",
     "HF_DATASETS_CACHE": "hf/datasets",
