@@ -20,31 +20,37 @@ at least as well as single-species models. This script measures it on the Baron 
    baselines (CellTypist-style logistic regression on log1p-normalised counts; kNN on 50 PCs),
    across species on one-to-one-ortholog genes.
 
-Usage (``-P``: benchmarks/tokenize.py would otherwise shadow the standard library)::
+Usage::
 
-    python -P benchmarks/classify.py                               # CPU default budget (~10-20 min on 2 cores)
-    python -P benchmarks/classify.py --steps 2000 --batch 32 --preset mix-geneformer --max-len 2048 \\
+    python benchmarks/classify.py                               # CPU default budget (~10-20 min on 2 cores)
+    python benchmarks/classify.py --steps 2000 --batch 32 --preset mix-geneformer --max-len 2048 \\
         --finetune-epochs 3 --device cuda                          # GPU run
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import tempfile
-import time
-from pathlib import Path
+import os
+import sys
 
-import anndata as ad
-import pandas as pd
+# benchmarks/tokenize.py must not shadow the standard library's ``tokenize``: drop this folder.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from mixgeneformer import classify as C
-from mixgeneformer.embed import embed_corpus
-from mixgeneformer.medians import compute_medians
-from mixgeneformer.model import load_bundle, save_bundle
-from mixgeneformer.pretrain import build_model, pretrain_config_from_dict, run_pretraining
-from mixgeneformer.tokenize import TokenizeConfig, tokenize_files
-from mixgeneformer.vocab import build_vocabulary
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import anndata as ad  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from mixgeneformer import classify as C  # noqa: E402
+from mixgeneformer.embed import embed_corpus  # noqa: E402
+from mixgeneformer.medians import compute_medians  # noqa: E402
+from mixgeneformer.model import load_bundle, save_bundle  # noqa: E402
+from mixgeneformer.pretrain import build_model, pretrain_config_from_dict, run_pretraining  # noqa: E402
+from mixgeneformer.tokenize import TokenizeConfig, tokenize_files  # noqa: E402
+from mixgeneformer.vocab import build_vocabulary  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SPECIES = ("human", "mouse")

@@ -149,3 +149,19 @@ def test_unsupported_inputs(tmp_path):
 def test_remap_columns_sums_duplicates():
     m = sp.csr_matrix(np.array([[1, 2, 0, 3], [0, 0, 5, 1]]))
     np.testing.assert_array_equal(remap_columns(m, np.array([0, -1, 1, 0]), 2).toarray(), [[4, 0], [1, 5]])
+
+
+def test_obs_is_read_per_chunk_with_types_kept(tmp_path):
+    adata = make_adata(n_cells=23, seed=3)
+    adata.obs["cell_type"] = pd.Categorical(adata.obs["cell_type"].astype(str))
+    adata.obs["score"] = np.arange(adata.n_obs, dtype=np.float64)
+    path = tmp_path / "x.h5ad"
+    adata.write_h5ad(path)
+    with open_source(path) as source:
+        chunks = list(source.iter_chunks(chunk_size=5, obs_columns=["cell_type", "score"]))
+        empty = source.obs(["cell_type", "score"], 0, 0)
+    obs = pd.concat([c.obs for c in chunks])
+    assert list(obs.index) == list(adata.obs_names)
+    assert list(obs["cell_type"].astype(str)) == list(adata.obs["cell_type"].astype(str))
+    assert np.array_equal(obs["score"].to_numpy(), adata.obs["score"].to_numpy())
+    assert len(empty) == 0 and empty["score"].dtype == np.float64

@@ -507,43 +507,45 @@ def accumulate_medians(
             tasks.extend((i, item, lo, hi) for lo, hi in plan_ranges(n_cells, workers, chunk_size))
         else:
             tasks.append((i, item, 0, None))
-    results: list[list[tuple[MedianAccumulator, int, int, str, str]]] = [[] for _ in inputs]
+    # Each part is merged as soon as it arrives, so memory holds one accumulator per input (plus
+    # the parts in flight), however many cell ranges a corpus is split into.
+    merged: list[MedianAccumulator | None] = [None] * len(inputs)
+    stats = MedianRunStats([_input_name(x) for x in inputs], [0] * len(inputs), [0] * len(inputs), [""] * len(inputs), [""] * len(inputs))
+
+    def collect(i: int, part: tuple[MedianAccumulator, int, int, str, str]) -> None:
+        accumulator, cells_read, cells_used, coverage, species = part
+        if merged[i] is None:
+            merged[i] = accumulator
+            stats.coverage[i], stats.species[i] = coverage, species
+        else:
+            merged[i].merge(accumulator)
+        stats.cells_read[i] += cells_read
+        stats.cells_used[i] += cells_used
+        bar.update()
+
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(tasks), desc="medians", unit="task", disable=not progress)
     try:
         if workers > 1 and len(tasks) > 1:
-            from concurrent.futures import ProcessPoolExecutor
+            from concurrent.futures import ProcessPoolExecutor, as_completed
 
             from .tokenize import worker_context
 
             local = [t for t in tasks if not isinstance(t[1], (str, os.PathLike))]
             remote = [t for t in tasks if isinstance(t[1], (str, os.PathLike))]
             with ProcessPoolExecutor(max_workers=workers, mp_context=worker_context()) as pool:
-                futures = [(t[0], pool.submit(_accumulate_range, t[1], t[2], t[3], gene_array, options)) for t in remote]
+                futures = {pool.submit(_accumulate_range, t[1], t[2], t[3], gene_array, options): t[0] for t in remote}
                 for i, item, lo, hi in local:
-                    results[i].append(_accumulate_range(item, lo, hi, gene_array, options))
-                    bar.update()
-                for i, future in futures:
-                    results[i].append(future.result())
-                    bar.update()
+                    collect(i, _accumulate_range(item, lo, hi, gene_array, options))
+                for future in as_completed(futures):
+                    collect(futures[future], future.result())
         else:
             for i, item, lo, hi in tasks:
-                results[i].append(_accumulate_range(item, lo, hi, gene_array, options))
-                bar.update()
+                collect(i, _accumulate_range(item, lo, hi, gene_array, options))
     finally:
         bar.close()
-    accumulators = []
-    stats = MedianRunStats([_input_name(x) for x in inputs], [], [], [], [])
-    for parts in results:
-        merged = parts[0][0]
-        for part in parts[1:]:
-            merged.merge(part[0])
-        accumulators.append(merged)
-        stats.cells_read.append(sum(p[1] for p in parts))
-        stats.cells_used.append(sum(p[2] for p in parts))
-        stats.coverage.append(parts[0][3])
-        stats.species.append(parts[0][4])
+    accumulators = list(merged)
     stats.seconds = time.perf_counter() - started
     return accumulators, stats
 

@@ -184,10 +184,10 @@ class CountSource:
     def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
         raise NotImplementedError
 
-    def _obs_names(self) -> np.ndarray:
+    def _obs_names(self, start: int, stop: int) -> np.ndarray:
         raise NotImplementedError
 
-    def _obs_column(self, column: str) -> pd.Series | np.ndarray:
+    def _obs_column(self, column: str, start: int, stop: int) -> pd.Series | np.ndarray:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -212,13 +212,18 @@ class CountSource:
                 f"{sorted(self.obs_columns)}."
             )
 
-    def obs(self, columns: Sequence[str] = ()) -> pd.DataFrame:
-        """Per-cell metadata of all cells (only ``columns``), indexed by cell name."""
+    def obs(self, columns: Sequence[str] = (), start: int = 0, stop: int | None = None) -> pd.DataFrame:
+        """Per-cell metadata of cells [start, stop) (only ``columns``), indexed by cell name.
+
+        Only that row range is read where the format allows (h5ad, loom, 10x), so memory stays
+        bounded by the chunk, not the corpus.
+        """
         self.check_obs_columns(columns)
-        names = pd.Index(np.asarray(self._obs_names()).astype(str), name=None)
+        stop = self.n_cells if stop is None else min(stop, self.n_cells)
+        names = pd.Index(np.asarray(self._obs_names(start, stop)).astype(str), name=None)
         frame = pd.DataFrame(index=names)
         for column in columns:
-            values = self._obs_column(column)
+            values = self._obs_column(column, start, stop)
             frame[column] = values.to_numpy() if isinstance(values, pd.Series) else values
         return frame
 
@@ -246,7 +251,6 @@ class CountSource:
         if chunk_size < 1:
             raise InputDataError(f"chunk_size must be ≥ 1, got {chunk_size}.")
         stop = self.n_cells if stop is None else min(stop, self.n_cells)
-        obs = self.obs(list(obs_columns))
         for lo in range(start, stop, chunk_size):
             hi = min(lo + chunk_size, stop)
             counts = self._read_rows(lo, hi)
@@ -257,7 +261,7 @@ class CountSource:
                     f"{self.name}: rows {lo}–{hi} have shape {counts.shape}, expected {(hi - lo, self.n_genes)}; "
                     "the file is inconsistent (truncated or corrupt)."
                 )
-            chunk_obs = obs.iloc[lo:hi]
+            chunk_obs = self.obs(list(obs_columns), lo, hi)
             if validate:
                 validate_counts(
                     counts,
@@ -309,11 +313,11 @@ class _MatrixSource(CountSource):
     def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
         return sp.csr_matrix(self._matrix[start:stop])
 
-    def _obs_names(self) -> np.ndarray:
-        return np.asarray(self._obs_frame.index)
+    def _obs_names(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self._obs_frame.index[start:stop])
 
-    def _obs_column(self, column: str) -> pd.Series:
-        return self._obs_frame[column]
+    def _obs_column(self, column: str, start: int, stop: int) -> pd.Series:
+        return self._obs_frame[column].iloc[start:stop]
 
 
 def _anndata_source(adata: Any, layer: str | None, gene_column: str | None, allow_fractional: bool) -> CountSource:
@@ -412,13 +416,24 @@ def _gene_expression_features(feature_type: pd.Series | np.ndarray | None) -> np
 # HDF5-based files
 
 
-def _read_h5_frame_column(group: h5py.Group | h5py.Dataset) -> np.ndarray | pd.Series:
+def _read_h5_frame_column(
+    group: h5py.Group | h5py.Dataset, start: int = 0, stop: int | None = None
+) -> np.ndarray | pd.Series:
+    """Rows [start, stop) of one h5ad dataframe column; plain arrays and categoricals are sliced on disk."""
     import anndata as ad
 
-    value = ad.io.read_elem(group)
+    if isinstance(group, h5py.Dataset) and group.ndim == 1:
+        values = group[start:stop]
+        return _decode(values) if values.dtype.kind in "SO" else values
+    if isinstance(group, h5py.Group) and group.attrs.get("encoding-type") == "categorical":
+        categories = np.asarray(ad.io.read_elem(group["categories"]))
+        codes = group["codes"][start:stop]
+        ordered = bool(group.attrs.get("ordered", False))
+        return pd.Series(pd.Categorical.from_codes(codes, categories, ordered=ordered))
+    value = ad.io.read_elem(group)  # other encodings (nullable arrays, …): read whole, then slice
     if isinstance(value, pd.Categorical):
-        return pd.Series(value)
-    return value
+        value = pd.Series(value)
+    return value.iloc[start:stop] if isinstance(value, pd.Series) else value[start:stop]
 
 
 class _H5adSource(CountSource):
@@ -521,11 +536,11 @@ class _H5adSource(CountSource):
         )
         return coo.tocsr()
 
-    def _obs_names(self) -> np.ndarray:
-        return _decode(self._obs_group[self._index_key][()])
+    def _obs_names(self, start: int, stop: int) -> np.ndarray:
+        return _decode(self._obs_group[self._index_key][start:stop])
 
-    def _obs_column(self, column: str) -> pd.Series | np.ndarray:
-        return _read_h5_frame_column(self._obs_group[column])
+    def _obs_column(self, column: str, start: int, stop: int) -> pd.Series | np.ndarray:
+        return _read_h5_frame_column(self._obs_group[column], start, stop)
 
 
 class _LoomSource(CountSource):
@@ -568,13 +583,13 @@ class _LoomSource(CountSource):
     def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
         return sp.csr_matrix(np.ascontiguousarray(self._matrix[:, start:stop].T))
 
-    def _obs_names(self) -> np.ndarray:
+    def _obs_names(self, start: int, stop: int) -> np.ndarray:
         if self._cell_key is None:
-            return np.arange(self.n_cells).astype(str).astype(object)
-        return _decode(self._col_attrs[self._cell_key][()])
+            return np.arange(start, stop).astype(str).astype(object)
+        return _decode(self._col_attrs[self._cell_key][start:stop])
 
-    def _obs_column(self, column: str) -> np.ndarray:
-        values = self._col_attrs[column][()]
+    def _obs_column(self, column: str, start: int, stop: int) -> np.ndarray:
+        values = self._col_attrs[column][start:stop]
         return _decode(values) if np.asarray(values).dtype.kind in "SO" else np.asarray(values)
 
 
@@ -611,7 +626,6 @@ class _TenxH5Source(CountSource):
         self._keep = keep
         self.gene_ids = gene_ids if keep is None else gene_ids[keep]
         self.n_genes = len(self.gene_ids)
-        self._barcodes = _decode(group["barcodes"][()])
         self.obs_columns = []
 
     def close(self) -> None:
@@ -625,10 +639,10 @@ class _TenxH5Source(CountSource):
         )
         return counts if self._keep is None else counts[:, self._keep]
 
-    def _obs_names(self) -> np.ndarray:
-        return self._barcodes
+    def _obs_names(self, start: int, stop: int) -> np.ndarray:
+        return _decode(self._group["barcodes"][start:stop])
 
-    def _obs_column(self, column: str) -> np.ndarray:
+    def _obs_column(self, column: str, start: int, stop: int) -> np.ndarray:
         raise KeyError(column)
 
 
@@ -678,13 +692,13 @@ class _SomaSource(CountSource):
         cols = np.searchsorted(self._var_joinids, dim1)
         return sp.coo_matrix((data, (rows, cols)), shape=(stop - start, self.n_genes)).tocsr()
 
-    def _obs_names(self) -> np.ndarray:
+    def _obs_names(self, start: int, stop: int) -> np.ndarray:
         if self._cell_key is None:
-            return self._obs_joinids.astype(str).astype(object)
-        return self._obs[self._cell_key].astype(str).to_numpy()
+            return self._obs_joinids[start:stop].astype(str).astype(object)
+        return self._obs[self._cell_key].iloc[start:stop].astype(str).to_numpy()
 
-    def _obs_column(self, column: str) -> pd.Series:
-        return self._obs[column]
+    def _obs_column(self, column: str, start: int, stop: int) -> pd.Series:
+        return self._obs[column].iloc[start:stop]
 
 
 def _is_soma(path: Path) -> bool:

@@ -436,7 +436,7 @@ def _obs_array(values: pd.Series, arrow_type: pa.DataType) -> pa.Array:
 
 
 def _obs_arrow_types(source: Any, obs_columns: Sequence[str]) -> dict[str, pa.DataType]:
-    frame = source.obs(list(obs_columns)).iloc[:0]
+    frame = source.obs(list(obs_columns), 0, 0)
     types: dict[str, pa.DataType] = {}
     for column in obs_columns:
         dtype = frame[column].dtype
