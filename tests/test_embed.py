@@ -439,3 +439,31 @@ def test_cli_embed_reads_a_tokenized_corpus_folder_and_checks_its_vocabulary(bun
     write_json(corpus / "mixgf_corpus.json", {**meta, "vocab_hash": "0" * 16})
     with pytest.raises(VocabularyMismatchError, match="re-tokenize"):
         embed_corpus_folder(corpus, folder, progress=False)
+
+
+def test_embed_anndata_tokenizes_like_the_bundle_records(tmp_path):
+    """A bundle's tokenize.yaml (written by pretraining) is the default for new cells."""
+    import shutil
+
+    import anndata as ad
+
+    from mixgeneformer.config import save_config
+    from mixgeneformer.medians import compute_medians
+    from mixgeneformer.model import MixGeneformerForPretraining, make_config, save_bundle
+    from mixgeneformer.tokenize import TokenizeConfig
+    from mixgeneformer.vocab import build_vocabulary
+
+    rng = np.random.default_rng(0)
+    genes = ["INS", "GCG", "SST", "PPY", "KRT19", "PRSS1", "CPA1", "REG1A", "TTR", "CHGA"]
+    adata = ad.AnnData(rng.poisson(3, (6, len(genes))).astype(np.float32))
+    adata.var_names = genes
+    medians = compute_medians([adata], species="human")
+    vocab = build_vocabulary("separate", medians=medians, species=("human",))
+    torch.manual_seed(0)
+    model = MixGeneformerForPretraining(make_config("tiny", vocab, max_position_embeddings=16)).eval()
+    bundle = save_bundle(model, tmp_path / "bundle", vocab, medians)
+    save_config(TokenizeConfig(max_len=8, style="v2", add_species_token=True), tmp_path, "tokenize.yaml")
+    shutil.copyfile(tmp_path / "tokenize.yaml", bundle / "tokenize.yaml")
+    embed_anndata(adata, bundle, pooling="cls", species="human")
+    assert adata.uns["X_mixgeneformer_params"]["tokenize"]["style"] == "v2"
+    assert np.isfinite(adata.obsm["X_mixgeneformer"]).all()

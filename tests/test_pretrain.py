@@ -397,6 +397,11 @@ def test_losses_fall_on_real_baron_human_and_mouse(tmp_path, baron_corpus):
     assert con1 < 0.75 * con0, (con0, con1)
     _, _, medians = load_bundle(result.bundle_dir)
     assert medians is not None  # the medians travel with the model
+    # ... and so does the tokenization: new cells are encoded like the corpus (V2, species token).
+    from mixgeneformer.model import bundle_tokenize_config
+
+    recorded = bundle_tokenize_config(result.bundle_dir)
+    assert (recorded.style, recorded.add_species_token, recorded.max_len) == ("v2", True, 64)
 
 
 def test_cli_pretrain_applies_overrides_and_reports_config_errors(tmp_path, synthetic, capsys):

@@ -626,6 +626,10 @@ def embed_anndata(
         raise ConfigError(f"adata must be an AnnData, got {type(adata).__name__}")
     _check_key(adata, key, overwrite)
     model, vocab, medians, model_name = _load_model(model_or_bundle_dir, vocab, medians)
+    if tokenize_config is None and isinstance(model_or_bundle_dir, (str, os.PathLike)):
+        from .model import bundle_tokenize_config
+
+        tokenize_config = bundle_tokenize_config(model_or_bundle_dir)
     bert = encoder_of(model)
     layers_to_run(len(bert.encoder.layer), layer)
     if pooling not in ("mean", "cls"):

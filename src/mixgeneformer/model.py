@@ -44,6 +44,7 @@ POOLINGS = ("cls", "pooler", "mean")
 CONTRASTIVE_MODES = ("simcse", "simcse++", "none")
 BUNDLE_FORMAT = "mixgeneformer-model"
 BUNDLE_MARKER = "mixgf.json"
+TOKENIZE_CONFIG_NAME = "tokenize.yaml"  # how the training corpus was tokenized (written by pretraining)
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_WEIGHTS_NAME = "pytorch_model.bin"
@@ -491,6 +492,21 @@ def save_bundle(
             },
         )
     return Path(directory)
+
+
+def bundle_tokenize_config(directory: str | os.PathLike) -> Any:
+    """The ``TokenizeConfig`` a bundle's training corpus was made with, or None if it records none.
+
+    Embedding, classification and perturbation tokenize new cells with it by default, so a model
+    trained on V2-style cells with species tokens sees such cells again.
+    """
+    path = Path(directory) / TOKENIZE_CONFIG_NAME
+    if not path.is_file():
+        return None
+    from .config import load_config
+    from .tokenize import TokenizeConfig
+
+    return load_config(TokenizeConfig, path)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")

@@ -1461,6 +1461,10 @@ def perturb_anndata(
         raise InputDataError(
             f"state_column {config.state_column!r} is not an obs column; obs columns: {list(adata.obs.columns)}"
         )
+    if tokenize_config is None and isinstance(model_or_bundle, (str, os.PathLike)):
+        from .model import bundle_tokenize_config
+
+        tokenize_config = bundle_tokenize_config(model_or_bundle)
     tokenize_config = tokenize_config or TokenizeConfig()
     max_positions = int(encoder_of(model).config.max_position_embeddings)
     if tokenize_config.max_len > max_positions:

@@ -982,7 +982,11 @@ def _save_final_bundle(trainer, bundle_dir: Path, vocab: Any, medians_path: Path
 
         medians = GeneMedians.load(medians_path)
     model_module.save_bundle(model, bundle_dir, vocab, medians=medians, overwrite=True)
-    save_config(trainer.run_extras["config"], bundle_dir, "pretrain_config.yaml")
+    config = trainer.run_extras["config"]
+    save_config(config, bundle_dir, "pretrain_config.yaml")
+    corpus_config = Path(config.data.corpus[0]) / "config.yaml"
+    if corpus_config.is_file():  # new cells are tokenized like the training corpus by default
+        shutil.copyfile(corpus_config, bundle_dir / model_module.TOKENIZE_CONFIG_NAME)
     write_json(bundle_dir / "environment.json", trainer.run_extras["environment"])
 
 

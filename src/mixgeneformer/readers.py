@@ -158,6 +158,25 @@ def _decode(values: Any) -> np.ndarray:
     return arr.astype(str).astype(object)
 
 
+def _libc_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and chunk after chunk of
+    differently sized arrays makes a streaming process's RSS creep up with the corpus size)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 class CountSource:
     """A count matrix that can be read in chunks of consecutive cells.
 
@@ -253,6 +272,8 @@ class CountSource:
         stop = self.n_cells if stop is None else min(stop, self.n_cells)
         for lo in range(start, stop, chunk_size):
             hi = min(lo + chunk_size, stop)
+            if lo > start:
+                release_free_memory()  # the previous chunk's buffers are garbage by now
             counts = self._read_rows(lo, hi)
             if not isinstance(counts, sp.csr_matrix):
                 counts = sp.csr_matrix(counts)

@@ -22,10 +22,12 @@ def _root(
     state["debug"] = debug
 
 
-def load_tokenize_config(path):
-    """The TokenizeConfig of an optional ``--tokenize-config`` YAML (None: the defaults apply)."""
+def load_tokenize_config(path, bundle=None):
+    """The TokenizeConfig of ``--tokenize-config``, else the one recorded in the model bundle, else None."""
+    from ..model import bundle_tokenize_config
+
     if path is None:
-        return None
+        return bundle_tokenize_config(bundle) if bundle is not None and bundle.is_dir() else None
     from ..config import load_config
     from ..tokenize import TokenizeConfig
 

@@ -66,7 +66,7 @@ def classify(
     if device is not None:
         cli_overrides.append(f"finetune.device={device}")
     settings = load_config(clf.ClassifyConfig, config, [*cli_overrides, *overrides])
-    tok_config = load_tokenize_config(tokenize_config)
+    tok_config = load_tokenize_config(tokenize_config, model)
 
     train_data = ad.read_h5ad(check_readable_file(input, "input h5ad"))
     test_data = ad.read_h5ad(check_readable_file(test, "test h5ad")) if test is not None else None

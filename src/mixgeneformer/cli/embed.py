@@ -89,7 +89,7 @@ def embed(
             adata = ad.read_h5ad(input)
         except (OSError, KeyError, ValueError) as exc:
             raise ArtifactError(f"cannot read {input} as h5ad ({exc}); is it truncated or another format?") from exc
-        tk_config = load_tokenize_config(tokenize_config)
+        tk_config = load_tokenize_config(tokenize_config, model)
         emb.embed_anndata(
             adata, loaded_model, key=key, layer=layer, pooling=pooling, overwrite=overwrite, gene_column=gene_column,
             species=species, vocab=loaded_vocab, medians=loaded_medians, tokenize_config=tk_config,

@@ -115,7 +115,7 @@ def perturb(
 
         adata = ad.read_h5ad(check_readable_file(input, "input h5ad"))
         result, _ = pt.perturb_anndata(
-            adata, loaded, config, vocab=vocab, medians=medians, tokenize_config=load_tokenize_config(tokenize_config),
+            adata, loaded, config, vocab=vocab, medians=medians, tokenize_config=load_tokenize_config(tokenize_config, model),
             stats_mode="aggregate", progress=progress,
         )
 
