@@ -112,6 +112,15 @@ def bert_config(preset: str, vocab_size: int, seq_len: int, attn: str):
     return BertConfig(vocab_size=vocab_size, pad_token_id=0, attn_implementation=attn, **values)
 
 
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt: torch.optim.Optimizer) -> torch.Tensor:
+    """Backward, clip to 1.0, step, zero: the same for every variant."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def baseline_step_fn(preset: str, vocab_size: int, seq_len: int, device: torch.device):
     """The authors' effective setup: BertForMaskedLM, eager attention, fp32, two forward passes."""
     from transformers import BertForMaskedLM
@@ -130,11 +139,7 @@ def baseline_step_fn(preset: str, vocab_size: int, seq_len: int, device: torch.d
         b = z1.shape[0]
         target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(sim.device)
         loss = out1.loss + F.cross_entropy(sim, target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return optimizer_step(loss, model, opt)
 
     return model, step
 
@@ -158,11 +163,7 @@ def ours_step_fn(preset: str, vocab_size: int, seq_len: int, device: torch.devic
     def step(ids, attention, labels):
         with autocast():
             loss = forward(input_ids=ids, attention_mask=attention, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return optimizer_step(loss, model, opt)
 
     return model, step
 

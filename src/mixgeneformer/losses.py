@@ -55,6 +55,17 @@ def _gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(dist_fn.all_gather(x), dim=0), dist.get_rank()
 
 
+def _queries_and_keys(a: torch.Tensor, b: torch.Tensor, gather: bool, name: str):
+    """L2-normalized float32 queries of ``a`` and ``b`` and their keys (from every rank with ``gather``)."""
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(f"{name} expects two (B, D) tensors of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    qa = F.normalize(a.float(), dim=-1)
+    qb = F.normalize(b.float(), dim=-1)
+    ka, rank = _gather_with_grad(qa) if gather else (qa, 0)
+    kb, _ = _gather_with_grad(qb) if gather else (qb, 0)
+    return qa, qb, ka, kb, rank
+
+
 def nt_xent(
     z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05, gather: bool = False
 ) -> torch.Tensor:
@@ -82,13 +93,8 @@ def nt_xent(
     torch.Tensor
         Scalar float32 loss.
     """
-    if z1.shape != z2.shape or z1.dim() != 2:
-        raise ValueError(f"nt_xent expects two (B, D) tensors of equal shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
     batch = z1.shape[0]
-    q1 = F.normalize(z1.float(), dim=-1)
-    q2 = F.normalize(z2.float(), dim=-1)
-    k1, rank = _gather_with_grad(q1) if gather else (q1, 0)
-    k2, _ = _gather_with_grad(q2) if gather else (q2, 0)
+    q1, q2, k1, k2, rank = _queries_and_keys(z1, z2, gather, "nt_xent")
     n_global = k1.shape[0]
     queries = torch.cat([q1, q2], dim=0)  # 2B x D
     keys = torch.cat([k1, k2], dim=0)  # 2N x D, N = world * B
@@ -130,13 +136,8 @@ def info_nce(
     torch.Tensor
         Scalar float32 loss; ``0`` (attached to the graph) when no row is valid.
     """
-    if a.shape != b.shape or a.dim() != 2:
-        raise ValueError(f"info_nce expects two (B, D) tensors of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     batch = a.shape[0]
-    qa = F.normalize(a.float(), dim=-1)
-    qb = F.normalize(b.float(), dim=-1)
-    ka, rank = _gather_with_grad(qa) if gather else (qa, 0)
-    kb, _ = _gather_with_grad(qb) if gather else (qb, 0)
+    qa, qb, ka, kb, rank = _queries_and_keys(a, b, gather, "info_nce")
     target = torch.arange(batch, device=a.device) + rank * batch
     logits_ab = qa @ kb.T / temperature
     logits_ba = qb @ ka.T / temperature
