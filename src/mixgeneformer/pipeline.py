@@ -114,7 +114,7 @@ class DemoConfig:
     max_len: int = 128
     preset: str = "tiny"
     model_overrides: dict[str, Any] = field(default_factory=lambda: {"max_position_embeddings": 512})
-    pretrain_steps: int = 400
+    pretrain_steps: int = 1600
     batch_size: int = 16
     learning_rate: float = 1e-3
     warmup_steps: int = 40
