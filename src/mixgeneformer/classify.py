@@ -849,18 +849,9 @@ def tokenize_cells(adata: Any, vocab: Any, medians: Any, tokenize_config: Any = 
     Cells the tokenizer drops (no vocabulary gene) are absent from ``rows``; :func:`restrict_to_tokenized`
     removes them from a task with a count.
     """
-    from .tokenize import TokenizeConfig, tokenize_anndata
+    from .tokenize import tokenize_for_model
 
-    if medians is None:
-        raise InputDataError(
-            "tokenizing needs the gene medians the model was trained with; the model bundle has no "
-            "medians.tsv. Pass medians= (a GeneMedians) or use a bundle saved with medians."
-        )
-    config = tokenize_config or TokenizeConfig()
-    if max_len is not None and config.max_len > max_len:
-        config = dataclasses.replace(config, max_len=max_len)
-    dataset = tokenize_anndata(adata, vocab, medians, config)
-    rows = np.asarray(dataset.with_format("numpy")["cell_index"], dtype=np.int64)
+    dataset, rows, _ = tokenize_for_model(adata, vocab, medians, tokenize_config, max_len)
     return TokenizedCells(dataset=dataset, rows=rows)
 
 

@@ -477,13 +477,23 @@ def _progress_bar(total: int, enabled: bool):
 # --------------------------------------------------------------------------------------------
 # AnnData and corpus-folder front ends
 # --------------------------------------------------------------------------------------------
-def _load_model(model_or_bundle_dir: Any, vocab: Vocabulary | None, medians: Any):
-    """(model, vocab, medians) from a bundle folder or from an in-memory model plus vocabulary."""
+def _load_model(model_or_bundle_dir: Any, vocab: Vocabulary | None, medians: Any, tokenize_config: Any = None):
+    """(model, vocab, medians, tokenize config, name) from a bundle folder or an in-memory model.
+
+    Arguments given explicitly win; otherwise a bundle supplies its vocabulary, medians and the
+    tokenize configuration of its training corpus (None where it records none).
+    """
     if isinstance(model_or_bundle_dir, (str, os.PathLike)):
-        from .model import load_bundle
+        from .model import bundle_tokenize_config, load_bundle
 
         model, bundle_vocab, bundle_medians = load_bundle(model_or_bundle_dir, vocab)
-        return model, bundle_vocab, medians if medians is not None else bundle_medians, str(model_or_bundle_dir)
+        return (
+            model,
+            bundle_vocab,
+            medians if medians is not None else bundle_medians,
+            tokenize_config if tokenize_config is not None else bundle_tokenize_config(model_or_bundle_dir),
+            str(model_or_bundle_dir),
+        )
     if not isinstance(model_or_bundle_dir, torch.nn.Module):
         raise ConfigError(
             f"model_or_bundle_dir must be a model bundle folder or a torch model, got {type(model_or_bundle_dir).__name__}"
@@ -492,7 +502,7 @@ def _load_model(model_or_bundle_dir: Any, vocab: Vocabulary | None, medians: Any
     vocab = vocab if vocab is not None else getattr(model, "vocab", None)
     if vocab is None:
         raise ConfigError("an in-memory model needs its vocabulary: pass vocab= (or a bundle folder instead)")
-    return model, vocab, medians, type(model).__name__
+    return model, vocab, medians, tokenize_config, type(model).__name__
 
 
 def _check_key(adata: Any, key: str, overwrite: bool) -> None:
@@ -525,38 +535,6 @@ def _without_none(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _without_none(v) for k, v in value.items() if v is not None}
     return value
-
-
-def _tokenize_for_embedding(
-    adata: anndata.AnnData,
-    vocab: Vocabulary,
-    medians: Any,
-    bert: torch.nn.Module,
-    tokenize_config: Any,
-    gene_column: str | None,
-    species: str,
-) -> tuple[datasets.Dataset, np.ndarray, Any]:
-    """Tokenize ``adata`` with the model's vocabulary: (corpus, obs row of each corpus row, config)."""
-    from . import tokenize as tk
-
-    if medians is None:
-        raise ConfigError(
-            "tokenizing needs the gene medians the model was trained with; the bundle has no medians.tsv, "
-            "so pass medians= (a GeneMedians) or embed a tokenized corpus folder instead"
-        )
-    config = tokenize_config if tokenize_config is not None else tk.TokenizeConfig()
-    field_names = {f.name for f in dataclasses.fields(config)}
-    updates: dict[str, Any] = {}
-    max_positions = int(bert.config.max_position_embeddings)
-    if "max_len" in field_names and config.max_len > max_positions:
-        updates["max_len"] = max_positions
-    for name, value in (("gene_column", gene_column), ("species", species)):
-        if name in field_names and value is not None:
-            updates[name] = value
-    config = dataclasses.replace(config, **updates)
-    corpus = tk.tokenize_anndata(adata, vocab, medians, config)
-    rows = np.asarray(corpus["cell_index"], dtype=np.int64)
-    return corpus, rows, config
 
 
 def embed_anndata(
@@ -625,17 +603,18 @@ def embed_anndata(
     if not hasattr(adata, "obsm") or not hasattr(adata, "obs"):
         raise ConfigError(f"adata must be an AnnData, got {type(adata).__name__}")
     _check_key(adata, key, overwrite)
-    model, vocab, medians, model_name = _load_model(model_or_bundle_dir, vocab, medians)
-    if tokenize_config is None and isinstance(model_or_bundle_dir, (str, os.PathLike)):
-        from .model import bundle_tokenize_config
-
-        tokenize_config = bundle_tokenize_config(model_or_bundle_dir)
+    model, vocab, medians, tokenize_config, model_name = _load_model(model_or_bundle_dir, vocab, medians, tokenize_config)
     bert = encoder_of(model)
     layers_to_run(len(bert.encoder.layer), layer)
     if pooling not in ("mean", "cls"):
         raise ConfigError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
 
-    corpus, rows, used_config = _tokenize_for_embedding(adata, vocab, medians, bert, tokenize_config, gene_column, species)
+    from .tokenize import tokenize_for_model
+
+    corpus, rows, used_config = tokenize_for_model(
+        adata, vocab, medians, tokenize_config, int(bert.config.max_position_embeddings),
+        gene_column=gene_column, species=species,
+    )
     result = embed_corpus(
         model, corpus, vocab, layer=layer, pooling=pooling, batch_size=batch_size, device=device,
         progress=progress, precision=precision, gene_embeddings=bool(gene_embeddings),
@@ -714,7 +693,7 @@ def embed_corpus_folder(
     from .errors import VocabularyMismatchError
     from .fileio import read_json
 
-    model, vocab, _, model_name = _load_model(model_or_bundle_dir, vocab, None)
+    model, vocab, _, _, model_name = _load_model(model_or_bundle_dir, vocab, None)
     if isinstance(corpus, (str, os.PathLike)):
         marker = Path(corpus) / "mixgf_corpus.json"
         if marker.exists():

@@ -1451,27 +1451,17 @@ def perturb_anndata(
         The per-cell table (``cell`` = obs position, plus ``obs_name``) and the statistics.
     """
     from .embed import _load_model
-    from .tokenize import TokenizeConfig, tokenize_anndata
+    from .tokenize import tokenize_for_model
 
     config = config or PerturbConfig()
-    model, vocab, medians, _ = _load_model(model_or_bundle, vocab, medians)
-    if medians is None:
-        raise ConfigError("tokenizing needs the gene medians the model was trained with: pass medians=")
+    model, vocab, medians, tokenize_config, _ = _load_model(model_or_bundle, vocab, medians, tokenize_config)
     if config.state_column and config.state_column not in adata.obs.columns:
         raise InputDataError(
             f"state_column {config.state_column!r} is not an obs column; obs columns: {list(adata.obs.columns)}"
         )
-    if tokenize_config is None and isinstance(model_or_bundle, (str, os.PathLike)):
-        from .model import bundle_tokenize_config
-
-        tokenize_config = bundle_tokenize_config(model_or_bundle)
-    tokenize_config = tokenize_config or TokenizeConfig()
-    max_positions = int(encoder_of(model).config.max_position_embeddings)
-    if tokenize_config.max_len > max_positions:
-        tokenize_config = dataclasses.replace(tokenize_config, max_len=max_positions)
     columns = [config.state_column] if config.state_column else []
-    corpus = tokenize_anndata(adata, vocab, medians, tokenize_config, obs_columns=columns)
-    obs_rows = np.asarray(corpus["cell_index"], dtype=np.int64)
+    max_positions = int(encoder_of(model).config.max_position_embeddings)
+    corpus, obs_rows, _ = tokenize_for_model(adata, vocab, medians, tokenize_config, max_positions, obs_columns=columns)
     result = perturb_cells(model, corpus, vocab, config, progress=progress)
     result.cells["cell"] = obs_rows[result.cells["cell"].to_numpy()]
     result.cells.insert(1, "obs_name", np.asarray(adata.obs_names, dtype=object)[result.cells["cell"].to_numpy()])

@@ -51,6 +51,7 @@ __all__ = [
     "add_special_tokens",
     "rank_value_encode",
     "tokenize_anndata",
+    "tokenize_for_model",
     "tokenize_files",
 ]
 
@@ -541,6 +542,52 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
 # ------------------------------------------------------------------------------------------------
 # Public entry points
+
+
+def tokenize_for_model(
+    adata: Any,
+    vocab: Any,
+    medians: GeneMedians | None,
+    config: TokenizeConfig | None = None,
+    max_positions: int | None = None,
+    obs_columns: Sequence[str] = (),
+    **options: Any,
+) -> tuple[Any, np.ndarray, TokenizeConfig]:
+    """Tokenize new cells for a trained model (embedding, classification, perturbation).
+
+    Parameters
+    ----------
+    adata, vocab, medians
+        The cells and the model's vocabulary and gene medians (required: a model only sees cells
+        normalized like its corpus).
+    config
+        How the model's corpus was tokenized (default :class:`TokenizeConfig`).
+    max_positions
+        The model's position limit; a longer ``max_len`` is clamped to it.
+    obs_columns
+        obs columns to carry into the corpus.
+    options
+        Further :class:`TokenizeConfig` fields to set (``None`` values are ignored), e.g. ``species``.
+
+    Returns
+    -------
+    (corpus, rows, config)
+        The in-memory corpus, the obs row of each corpus row (cells without a vocabulary gene are
+        dropped) and the configuration used.
+    """
+    if medians is None:
+        raise ConfigError(
+            "tokenizing needs the gene medians the model was trained with, and the model bundle has no "
+            "medians.tsv: pass medians= (a GeneMedians), or use a tokenized corpus instead."
+        )
+    config = config if config is not None else TokenizeConfig()
+    updates = {name: value for name, value in options.items() if value is not None}
+    if max_positions is not None and config.max_len > max_positions:
+        updates["max_len"] = max_positions
+    if updates:
+        config = dataclasses.replace(config, **updates)
+    corpus = tokenize_anndata(adata, vocab, medians, config, obs_columns=obs_columns)
+    return corpus, np.asarray(corpus["cell_index"], dtype=np.int64), config
 
 
 def tokenize_anndata(
