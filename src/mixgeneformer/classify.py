@@ -1055,8 +1055,9 @@ class FittedClassifier:
         """Class probabilities of every cell of a tokenized corpus (length-sorted batches)."""
         import torch
 
-        device = device or self.config.finetune.device
-        torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from .embed import _resolve_device
+
+        torch_device = _resolve_device(device or self.config.finetune.device)
         lengths = np.asarray(dataset.with_format("numpy")["length"]) if "length" in dataset.column_names else None
         order = np.argsort(-lengths, kind="stable") if lengths is not None else np.arange(len(dataset))
         collate = _PadCollator(self.vocab.pad_id)
