@@ -15,8 +15,8 @@ at least as well as single-species models. This script measures it on the Baron 
 4. Settings: within-human, within-mouse (train split -> test split), mouse->human and human->mouse
    (the source's train split -> the target's test split, on the classes both share, matched by
    canonical name: see :mod:`mixgeneformer.classify`).
-5. Methods: zero-shot kNN (k=5, cosine) and logistic regression on frozen embeddings (layer -2,
-   mean over genes, the same for every model); fine-tuning when ``--finetune-epochs`` > 0; count
+5. Methods: zero-shot kNN (k=5, cosine) and logistic regression on frozen embeddings (``--layer``,
+   default -2, mean over genes, the same for every model); fine-tuning when ``--finetune-epochs`` > 0; count
    baselines (CellTypist-style logistic regression on log1p-normalised counts; kNN on 50 PCs),
    across species on one-to-one-ortholog genes.
 
@@ -67,6 +67,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3, help="pretraining learning rate")
     parser.add_argument("--max-len", type=int, default=128, help="tokens per cell (top-ranked genes)")
     parser.add_argument("--vocab-mode", choices=["separate", "ortholog"], default="separate")
+    parser.add_argument("--layer", type=int, default=-2, help="hidden state embedded for zero-shot methods (-2 = second to last)")
     parser.add_argument("--finetune-epochs", type=float, default=0.0, help="> 0: also fine-tune each model")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep corpora and models here (default: temporary)")
@@ -173,9 +174,9 @@ def main() -> None:
         for name, bundle in bundles.items():
             model, model_vocab, model_medians = load_bundle(bundle)
             t0 = time.perf_counter()
-            # One embedding per cell and model (layer -2, mean over genes), shared by all tasks.
+            # One embedding per cell and model (--layer, mean over genes), shared by all tasks.
             cells = {
-                s: embed_corpus(model, tokens[s].dataset, model_vocab, layer=-2, pooling="mean", device=args.device, progress=False)
+                s: embed_corpus(model, tokens[s].dataset, model_vocab, layer=args.layer, pooling="mean", device=args.device, progress=False)
                 for s in SPECIES
             }
             for task in tasks:
@@ -198,7 +199,7 @@ def main() -> None:
         print()
         print(
             f"Budget: {args.steps} steps x {args.batch} cells per pretrained model, preset {args.preset}, "
-            f"max_len {args.max_len}, vocab {args.vocab_mode}; total {time.perf_counter() - started:.0f}s"
+            f"max_len {args.max_len}, vocab {args.vocab_mode}, overrides {args.overrides or '-'}, embedding layer {args.layer}; total {time.perf_counter() - started:.0f}s"
         )
         print(C.markdown_table(table))
         if args.out is not None:

@@ -8,11 +8,15 @@ the weights) at the second-to-last layer with mean pooling.
 * baseline: Hugging Face ``BertModel`` with eager attention and ``output_hidden_states=True``
   (all 6 layers computed), cells in corpus order, fixed-size batches padded to 2,048 tokens —
   what Geneformer's ``EmbExtractor`` does;
+* plain SDPA: the same ``BertModel`` with SDPA attention and length-sorted, dynamically padded
+  batches, still computing all 6 layers (the issue's "plain SDPA forward", ≈5.6 cells/s);
 * ours: :func:`mixgeneformer.embed.embed_corpus` — length-sorted batches with dynamic padding,
   SDPA attention with a padding mask, only the 5 layers needed, inference mode (bf16 autocast on
   CUDA with ``--precision auto``).
 
-Both must give the same embeddings: the maximum absolute difference is printed (fp32: ~1e-6).
+All must give the same embeddings: the maximum absolute difference is printed (fp32: ~1e-6).
+
+``benchmarks/cpu_ceiling.py`` gives the fastest this workload can run on the CPU at hand.
 
 Usage::
 
@@ -59,30 +63,40 @@ def build_corpus(path: Path, n_cells: int, seed: int):
     return corpus, vocab
 
 
-def baseline_embed(model, corpus, vocab, batch_size: int, device: torch.device, pad_to: int = 2048) -> np.ndarray:
-    """Geneformer-EmbExtractor-style: eager BertModel, all hidden states, batches padded to 2,048."""
+def plain_bert_embed(
+    model, corpus, vocab, batch_size: int, device: torch.device, attention: str, sort_by_length: bool
+) -> np.ndarray:
+    """A plain ``BertModel`` forward with every hidden state, mean of ``hidden_states[-2]``.
+
+    ``attention="eager", sort_by_length=False``: Geneformer's ``EmbExtractor`` (corpus order,
+    batches padded to 2,048). ``attention="sdpa", sort_by_length=True``: the plain SDPA forward
+    with length-sorted, dynamically padded batches the issue quotes for scale.
+    """
     from transformers import BertModel
 
     config = model.bert.config.__class__.from_dict(model.bert.config.to_dict())
-    config._attn_implementation = "eager"
+    config._attn_implementation = attention
     bert = BertModel(config, add_pooling_layer=False)
     bert.load_state_dict(model.bert.state_dict(), strict=False)
     bert.to(device).eval()
-    out = []
     cells = corpus["input_ids"]
+    lengths = np.array([len(cell) for cell in cells])
+    order = np.argsort(-lengths, kind="stable") if sort_by_length else np.arange(len(cells))
+    out = np.zeros((len(cells), config.hidden_size), dtype=np.float32)
     with torch.no_grad():
         for start in range(0, len(cells), batch_size):
-            batch = cells[start : start + batch_size]
-            ids = torch.full((len(batch), pad_to), vocab.pad_id, dtype=torch.long)
+            rows = order[start : start + batch_size]
+            pad_to = int(lengths[rows].max()) if sort_by_length else 2048
+            ids = torch.full((len(rows), pad_to), vocab.pad_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
-            for i, cell in enumerate(batch):
-                ids[i, : len(cell)] = torch.as_tensor(cell)
-                mask[i, : len(cell)] = 1
+            for i, row in enumerate(rows):
+                ids[i, : lengths[row]] = torch.as_tensor(cells[row])
+                mask[i, : lengths[row]] = 1
             ids, mask = ids.to(device), mask.to(device)
             hidden = bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
             weights = mask.unsqueeze(-1).float()
-            out.append(((hidden * weights).sum(1) / weights.sum(1)).cpu().numpy())
-    return np.concatenate(out)
+            out[rows] = ((hidden * weights).sum(1) / weights.sum(1)).cpu().numpy()
+    return out
 
 
 def timed(fn, device: torch.device):
@@ -130,8 +144,15 @@ def main() -> None:
     rows = []
     reference = None
     if not args.skip_baseline:
-        reference, seconds, cpu = timed(lambda: baseline_embed(model, corpus, vocab, args.baseline_batch_size, device), device)
+        reference, seconds, cpu = timed(
+            lambda: plain_bert_embed(model, corpus, vocab, args.baseline_batch_size, device, "eager", False), device
+        )
         rows.append(("baseline: HF eager, all hidden states, pad 2048", args.baseline_batch_size, seconds, cpu, 0.0))
+        plain, seconds, cpu = timed(
+            lambda: plain_bert_embed(model, corpus, vocab, args.batch_size, device, "sdpa", True), device
+        )
+        rows.append(("plain HF SDPA, all 6 layers, length-sorted", args.batch_size, seconds, cpu,
+                     float(np.abs(plain - reference).max())))
     precisions = args.precision or ("fp32,auto" if device.type == "cuda" else "fp32")
     for precision in [p.strip() for p in precisions.split(",") if p.strip()]:
         ours, seconds, cpu = timed(
