@@ -7,7 +7,8 @@ every gene of each perturbed beta cell, scoring the cosine shift and the shift t
 alpha-cell embedding (layer -2, mean pooling).
 
 * exact, batched: :func:`mixgeneformer.perturb.perturb_cells` (variants of a cell built as one
-  array, many per forward, length-sorted batches, inference mode, only the layers needed);
+  array, many per forward, length-sorted batches, inference mode, only the layers needed, the
+  first block's attention shared by all deletions of a cell: :mod:`mixgeneformer.deletion`);
 * loop: one variant per forward pass (the Geneformer-style baseline), on the first
   ``--loop-variants`` deletions of each cell (its rate is per deletion, so it extrapolates);
   its scores must equal the batched ones (max |diff| printed, fp32: ~1e-7);
@@ -19,6 +20,7 @@ Usage::
 
     python benchmarks/perturb.py                                # CPU, 2 threads, cells capped at 512 tokens
     python benchmarks/perturb.py --device cuda --max-len 2048 --cells 8 --precision fp32,bf16
+    python benchmarks/perturb.py --bundle BUNDLE --layer -1     # screening accuracy on a trained model
 """
 
 from __future__ import annotations
@@ -37,7 +39,12 @@ import torch  # noqa: E402
 
 from mixgeneformer.embed import hidden_at_layer, pool_cells  # noqa: E402
 from mixgeneformer.medians import compute_medians  # noqa: E402
-from mixgeneformer.model import MixGeneformerForPretraining, make_config  # noqa: E402
+from mixgeneformer.model import (  # noqa: E402
+    MixGeneformerForPretraining,
+    bundle_tokenize_config,
+    load_bundle,
+    make_config,
+)
 from mixgeneformer.perturb import PerturbConfig, perturb_cells  # noqa: E402
 from mixgeneformer.tokenize import TokenizeConfig, tokenize_anndata  # noqa: E402
 from mixgeneformer.vocab import build_vocabulary  # noqa: E402
@@ -45,19 +52,32 @@ from mixgeneformer.vocab import build_vocabulary  # noqa: E402
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "baron_pancreas_human.h5ad"
 
 
-def build_corpus(path: Path, n_cells: int, n_goal: int, max_len: int, seed: int):
-    """Tokenize ``n_cells`` beta cells (perturbed) and ``n_goal`` alpha cells (goal state)."""
+def build_corpus(path: Path, n_cells: int, n_goal: int, max_len: int, seed: int, bundle: Path | None = None):
+    """Tokenize ``n_cells`` beta cells (perturbed) and ``n_goal`` alpha cells (goal state).
+
+    Without ``bundle`` the vocabulary and medians come from the data; with one, from the bundle
+    (and its recorded tokenize options, capped at ``max_len`` tokens).
+    """
+    import dataclasses
+
     import anndata as ad
 
     adata = ad.read_h5ad(path)
-    medians = compute_medians([adata])
-    vocab = build_vocabulary("separate", "protein_coding", medians, species=("human",))
+    tokenize_config = TokenizeConfig(max_len=max_len)
+    if bundle is None:
+        medians = compute_medians([adata])
+        vocab = build_vocabulary("separate", "protein_coding", medians, species=("human",))
+    else:
+        _model, vocab, medians = load_bundle(bundle)
+        recorded = bundle_tokenize_config(bundle)
+        if recorded is not None:
+            tokenize_config = dataclasses.replace(recorded, max_len=min(max_len, recorded.max_len))
     rng = np.random.default_rng(seed)
     labels = adata.obs["cell_type1"].astype(str).to_numpy()
     beta = rng.choice(np.flatnonzero(labels == "beta"), n_cells, replace=False)
     alpha = rng.choice(np.flatnonzero(labels == "alpha"), n_goal, replace=False)
     pick = np.sort(np.concatenate([beta, alpha]))
-    corpus = tokenize_anndata(adata[pick].copy(), vocab, medians, TokenizeConfig(max_len=max_len), obs_columns=["cell_type1"])
+    corpus = tokenize_anndata(adata[pick].copy(), vocab, medians, tokenize_config, obs_columns=["cell_type1"])
     return corpus, vocab
 
 
@@ -71,7 +91,7 @@ def timed(fn, device: torch.device):
     return result, time.perf_counter() - start
 
 
-def loop_baseline(model, corpus, vocab, exact, n_variants: int, device: torch.device, precision: str):
+def loop_baseline(model, corpus, vocab, exact, n_variants: int, device: torch.device, precision: str, layer: int):
     """One deletion per forward pass; returns (deletions/s, max |shift diff| vs the batched table)."""
     special = vocab.special_ids
     diffs, count, seconds = [], 0, 0.0
@@ -84,11 +104,11 @@ def loop_baseline(model, corpus, vocab, exact, n_variants: int, device: torch.de
             out = []
             with torch.inference_mode(), autocast:
                 ids = torch.as_tensor(tokens, device=device)[None]
-                original = pool_cells(hidden_at_layer(model.bert, ids, torch.ones_like(ids)), ids, torch.ones_like(ids), special)[0]
+                original = pool_cells(hidden_at_layer(model.bert, ids, torch.ones_like(ids), layer), ids, torch.ones_like(ids), special)[0]
                 for gene in group["gene_token"].tolist():
                     kept = torch.as_tensor(tokens[tokens != gene], device=device)[None]
                     mask = torch.ones_like(kept)
-                    emb = pool_cells(hidden_at_layer(model.bert, kept, mask), kept, mask, special)[0]
+                    emb = pool_cells(hidden_at_layer(model.bert, kept, mask, layer), kept, mask, special)[0]
                     out.append(1.0 - torch.nn.functional.cosine_similarity(original.double(), emb.double(), dim=0).item())
             return np.asarray(out)
 
@@ -128,38 +148,45 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=512, help="tokens per cell (2048 = Geneformer V1, full cells)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--batch-size", type=int, default=4, help="variants per forward pass (4 is fastest on 2 CPU cores)")
+    parser.add_argument("--batch-size", type=int, default=16, help="variants per forward pass")
     parser.add_argument("--precision", default="fp32", help="comma list: fp32, bf16")
     parser.add_argument("--loop-variants", type=int, default=48, help="deletions per cell timed one per forward")
     parser.add_argument("--top-k", type=int, default=20, help="genes re-scored exactly per cell in screening")
     parser.add_argument("--probes", type=int, default=8, help="random probe directions of the screening shift estimate")
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="a trained model bundle (its vocabulary, medians, tokenize options) instead of a random V1-sized model")
+    parser.add_argument("--layer", type=int, default=-2, help="hidden state pooled into the cell embedding")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    corpus, vocab = build_corpus(args.data, args.cells, args.goal_cells, args.max_len, args.seed)
+    corpus, vocab = build_corpus(args.data, args.cells, args.goal_cells, args.max_len, args.seed, args.bundle)
     torch.manual_seed(args.seed)
-    model = MixGeneformerForPretraining(make_config("geneformer-v1", vocab)).eval().to(device)
+    if args.bundle is None:
+        model, model_name = MixGeneformerForPretraining(make_config("geneformer-v1", vocab)), "geneformer-v1 (random init)"
+    else:
+        model, model_name = load_bundle(args.bundle)[0], f"bundle {args.bundle}"
+    model = model.eval().to(device)
     labels = np.asarray(corpus["cell_type1"])
     lengths = np.asarray(corpus["length"])[labels == "beta"]
     print(f"device={device} threads={torch.get_num_threads()} perturbed cells={args.cells} "
-          f"tokens/cell={lengths.tolist()} goal cells={args.goal_cells} model=geneformer-v1 (random init)")
+          f"tokens/cell={lengths.tolist()} goal cells={args.goal_cells} model={model_name} layer={args.layer}")
 
     # warm-up (kernels, allocator, thread pool) on a batch shaped like a cell's deletions, not timed
     cell = torch.as_tensor(corpus[0]["input_ids"], device=device)[1:].repeat(args.batch_size, 1)
     with torch.inference_mode():
         for _ in range(3):
-            hidden_at_layer(model, cell, torch.ones_like(cell), -2)
+            hidden_at_layer(model, cell, torch.ones_like(cell), args.layer)
 
     rows = []
     for precision in args.precision.split(","):
         base = dict(state_column="cell_type1", start="beta", goal="alpha", batch_size=args.batch_size,
-                    device=str(device), precision=precision, seed=args.seed)
+                    device=str(device), precision=precision, seed=args.seed, layer=args.layer)
         exact, t_exact = timed(lambda base=base: perturb_cells(model, corpus, vocab, PerturbConfig(**base), progress=False), device)
         table = exact.cells
         n = len(table)
-        loop_rate, loop_diff = loop_baseline(model, corpus, vocab, table, args.loop_variants, device, precision)
+        loop_rate, loop_diff = loop_baseline(model, corpus, vocab, table, args.loop_variants, device, precision, args.layer)
         screen, t_screen = timed(
             lambda base=base: perturb_cells(
                 model, corpus, vocab,

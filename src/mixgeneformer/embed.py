@@ -41,6 +41,7 @@ Precision = Literal["auto", "fp32", "bf16"]
 
 __all__ = [
     "CorpusEmbeddings",
+    "continue_encoder",
     "embed_anndata",
     "embed_corpus",
     "embed_corpus_folder",
@@ -146,11 +147,25 @@ def hidden_at_layer(
         pass with the same attention implementation.
     """
     bert = encoder_of(bert)
+    return continue_encoder(bert, bert.embeddings(input_ids=input_ids), attention_mask, 0, layer)
+
+
+def continue_encoder(
+    bert: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, done: int, layer: int = -2
+) -> torch.Tensor:
+    """Run the encoder from the states after ``done`` blocks up to hidden state ``layer``.
+
+    ``hidden`` (batch, length, hidden) are ``hidden_states[done]`` (``done=0``: the embedding
+    output); returns ``hidden_states[layer]`` like :func:`hidden_at_layer` (``layer`` must not be
+    below ``done``).
+    """
+    bert = encoder_of(bert)
     blocks = bert.encoder.layer
     n_run = layers_to_run(len(blocks), layer)
-    hidden = bert.embeddings(input_ids=input_ids)
+    if n_run < done:
+        raise ConfigError(f"layer {layer} lies below the {done} block(s) already run")
     mask = _attention_mask_for(bert, attention_mask, hidden.dtype)
-    for block in blocks[:n_run]:
+    for block in blocks[done:n_run]:
         out = block(hidden, mask)
         hidden = out[0] if isinstance(out, tuple) else out  # transformers 4.x returns tuples
     return hidden

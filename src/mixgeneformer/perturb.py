@@ -73,9 +73,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .deletion import DeletionScan, supports_shared_first_block
 from .embed import (
     _autocast,
     _resolve_device,
+    continue_encoder,
     embed_corpus,
     encoder_of,
     hidden_at_layer,
@@ -524,11 +526,19 @@ def _forward(
     config: PerturbConfig,
     device: torch.device,
     want_hidden: bool = False,
+    first_block: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, torch.Tensor | None]:
-    """Cell embeddings (and token states) of one padded batch."""
+    """Cell embeddings (and token states) of one padded batch.
+
+    ``first_block``: the batch's states after the first encoder block when already known
+    (:class:`~mixgeneformer.deletion.DeletionScan`); the encoder then continues from there.
+    """
     ids_t = torch.from_numpy(ids).to(device)
     mask_t = torch.from_numpy(mask).to(device)
-    hidden = hidden_at_layer(bert, ids_t, mask_t, config.layer)
+    if first_block is None:
+        hidden = hidden_at_layer(bert, ids_t, mask_t, config.layer)
+    else:
+        hidden = continue_encoder(bert, first_block, mask_t, 1, config.layer)
     cells = pool_cells(hidden, ids_t, mask_t, special_ids, config.pooling)
     return cells.double().cpu().numpy(), (hidden.float() if want_hidden else None)
 
@@ -543,6 +553,8 @@ class _CellJob:
     embedding: np.ndarray  # original cell embedding, float64
     hidden: torch.Tensor | None = None  # original token states (gene shifts only)
     emb: np.ndarray | None = None  # (n_variants, hidden) perturbed embeddings, float64
+    scan: DeletionScan | None = None  # shared first block, when every variant deletes one token
+    deleted: np.ndarray | None = None  # (n_variants,) position each variant deletes (with scan)
     gene_rows: list = dataclasses.field(default_factory=list)  # (variant, affected token, shift)
 
 
@@ -577,12 +589,16 @@ def _run_variants(
     special = vocab.special_ids
     pad = vocab.pad_id
     remaining: dict[int, int] = {}
+    shareable = layers_to_run(len(bert.encoder.layer), config.layer) >= 1 and supports_shared_first_block(bert)
     for batch in _variant_batches(jobs, config.batch_size):
         pieces = []
         for job, part in batch:
             if job.emb is None:
                 job.emb = np.full((len(job.variants.src), bert.config.hidden_size), np.nan)
                 remaining[id(job)] = len(job.variants.src)
+                job.deleted = _single_deletions(job.variants.src, len(job.tokens)) if shareable else None
+                if job.deleted is not None and len(job.deleted) >= _MIN_SCAN_VARIANTS:
+                    job.scan = DeletionScan(bert, torch.from_numpy(job.tokens.astype(np.int64)).to(device))
             src = job.variants.src[part]
             identity = _identity_rows(src, len(job.tokens))
             pieces.append((job, part, src, identity))
@@ -600,7 +616,17 @@ def _run_variants(
             origin[at : at + len(s)] = s
             at += len(s)
         mask = (origin >= 0).astype(np.int64)
-        emb, hidden = _forward(bert, ids, mask, special, config, device, want_hidden=config.gene_shifts)
+        first_block = None
+        if all(job.scan is not None for job, _, _, _ in todo):
+            states = [job.scan.first_block(job.deleted[part]) for job, part, _, _ in todo]
+            first_block = states[0].new_zeros((n_rows, width, states[0].shape[-1]))
+            at = 0
+            for block in states:
+                first_block[at : at + len(block), : block.shape[1]] = block
+                at += len(block)
+        emb, hidden = _forward(
+            bert, ids, mask, special, config, device, want_hidden=config.gene_shifts, first_block=first_block
+        )
         at = 0
         for job, part, src, ident in todo:
             n = len(src)
@@ -613,7 +639,23 @@ def _run_variants(
             remaining[id(job)] -= n
             if remaining[id(job)] == 0:
                 del remaining[id(job)]
+                job.scan = None
                 on_done(job)
+
+
+#: Fewest single deletions of a cell for which sharing the first block pays for its set-up.
+_MIN_SCAN_VARIANTS = 4
+
+
+def _single_deletions(src: np.ndarray, length: int) -> np.ndarray | None:
+    """The position each row of ``src`` deletes when every row deletes exactly one token, else None."""
+    if src.ndim != 2 or src.shape[1] != length - 1 or len(src) == 0:
+        return None
+    kept = np.arange(length - 1)
+    moved = src != kept
+    deleted = np.where(moved.any(axis=1), moved.argmax(axis=1), length - 1)
+    expected = kept + (kept[None, :] >= deleted[:, None])
+    return deleted if np.array_equal(src, expected) else None
 
 
 def _identity_rows(src: np.ndarray, length: int) -> np.ndarray:
