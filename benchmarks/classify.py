@@ -16,13 +16,14 @@ at least as well as single-species models. This script measures it on the Baron 
    (the source's train split -> the target's test split, on the classes both share, matched by
    canonical name: see :mod:`mixgeneformer.classify`).
 5. Methods: zero-shot kNN (k=5, cosine) and logistic regression on frozen embeddings (``--layer``,
-   default -2, mean over genes, the same for every model); fine-tuning when ``--finetune-epochs`` > 0; count
+   default the last, mean over genes, the same for every model; the SimCSE term is trained on the
+   same mean, ``--pooling mean``, as in the demo); fine-tuning when ``--finetune-epochs`` > 0; count
    baselines (CellTypist-style logistic regression on log1p-normalised counts; kNN on 50 PCs),
    across species on one-to-one-ortholog genes.
 
 Usage::
 
-    python benchmarks/classify.py                               # CPU default budget (~10-20 min on 2 cores)
+    python benchmarks/classify.py                               # CPU default budget (~15 min on 2 cores)
     python benchmarks/classify.py --steps 2000 --batch 32 --preset mix-geneformer --max-len 2048 \\
         --finetune-epochs 3 --device cuda                          # GPU run
 """
@@ -62,12 +63,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--label", default="cell_type1")
     parser.add_argument("--preset", default="tiny", help="model preset (tiny on CPU)")
     parser.add_argument("--overrides", default="", help="model overrides, e.g. num_hidden_layers=4,hidden_size=128")
-    parser.add_argument("--steps", type=int, default=200, help="pretraining steps per model (the budget)")
-    parser.add_argument("--batch", type=int, default=8, help="pretraining cells per step (the budget)")
+    parser.add_argument("--steps", type=int, default=1600, help="pretraining steps per model (the budget)")
+    parser.add_argument("--batch", type=int, default=16, help="pretraining cells per step (the budget)")
     parser.add_argument("--lr", type=float, default=1e-3, help="pretraining learning rate")
     parser.add_argument("--max-len", type=int, default=128, help="tokens per cell (top-ranked genes)")
-    parser.add_argument("--vocab-mode", choices=["separate", "ortholog"], default="separate")
-    parser.add_argument("--layer", type=int, default=-2, help="hidden state embedded for zero-shot methods (-2 = second to last)")
+    parser.add_argument("--vocab-mode", choices=["separate", "ortholog"], default="ortholog",
+                        help="ortholog: one token per 1:1 human-mouse ortholog pair; separate: the paper's vocabulary")
+    parser.add_argument("--pooling", choices=["mean", "cls", "pooler"], default="mean", help="cell pooling of the SimCSE term")
+    parser.add_argument("--layer", type=int, default=-1, help="hidden state embedded for zero-shot methods (-1 = last)")
     parser.add_argument("--finetune-epochs", type=float, default=0.0, help="> 0: also fine-tune each model")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep corpora and models here (default: temporary)")
@@ -83,12 +86,17 @@ def parse_overrides(text: str) -> dict:
     return {key.strip(): yaml.safe_load(value) for key, value in pairs}
 
 
+def model_section(args) -> dict:
+    overrides = {"max_position_embeddings": args.max_len, "pooling": args.pooling, **parse_overrides(args.overrides)}
+    return {"preset": args.preset, "overrides": overrides}
+
+
 def pretrain_model(name: str, corpora: list[Path], work: Path, vocab_path: Path, medians_path: Path, args) -> Path:
     config = pretrain_config_from_dict(
         {
             "output_dir": str(work / f"run_{name}"),
             "data": {"corpus": [str(c) for c in corpora], "vocab": str(vocab_path), "medians": str(medians_path)},
-            "model": {"preset": args.preset, "overrides": {"max_position_embeddings": args.max_len, **parse_overrides(args.overrides)}},
+            "model": model_section(args),
             "train": {
                 "max_steps": args.steps, "per_device_batch_size": args.batch, "learning_rate": args.lr,
                 "warmup_steps": max(1, args.steps // 10), "seed": args.seed,
@@ -111,7 +119,7 @@ def random_model(work: Path, vocab, medians, vocab_path: Path, args) -> Path:
         {
             "output_dir": str(work / "run_random"),
             "data": {"corpus": ["unused"], "vocab": str(vocab_path)},
-            "model": {"preset": args.preset, "overrides": {"max_position_embeddings": args.max_len, **parse_overrides(args.overrides)}},
+            "model": model_section(args),
         }
     )
     return save_bundle(build_model(config, vocab), work / "bundle_random", vocab, medians, overwrite=True)
@@ -199,7 +207,8 @@ def main() -> None:
         print()
         print(
             f"Budget: {args.steps} steps x {args.batch} cells per pretrained model, preset {args.preset}, "
-            f"max_len {args.max_len}, vocab {args.vocab_mode}, overrides {args.overrides or '-'}, embedding layer {args.layer}; total {time.perf_counter() - started:.0f}s"
+            f"max_len {args.max_len}, vocab {args.vocab_mode}, SimCSE pooling {args.pooling}, overrides {args.overrides or '-'}, "
+            f"embedding layer {args.layer}; total {time.perf_counter() - started:.0f}s"
         )
         print(C.markdown_table(table))
         if args.out is not None:

@@ -1055,9 +1055,9 @@ class FittedClassifier:
         """Class probabilities of every cell of a tokenized corpus (length-sorted batches)."""
         import torch
 
-        from .embed import _resolve_device
+        from .embed import resolve_device
 
-        torch_device = _resolve_device(device or self.config.finetune.device)
+        torch_device = resolve_device(device or self.config.finetune.device)
         lengths = np.asarray(dataset.with_format("numpy")["length"]) if "length" in dataset.column_names else None
         order = np.argsort(-lengths, kind="stable") if lengths is not None else np.arange(len(dataset))
         collate = _PadCollator(self.vocab.pad_id)

@@ -41,6 +41,7 @@ Precision = Literal["auto", "fp32", "bf16"]
 
 __all__ = [
     "CorpusEmbeddings",
+    "autocast_for",
     "continue_encoder",
     "embed_anndata",
     "embed_corpus",
@@ -48,7 +49,9 @@ __all__ = [
     "encoder_of",
     "hidden_at_layer",
     "layers_to_run",
+    "load_for_inference",
     "pool_cells",
+    "resolve_device",
 ]
 
 #: Cells read from the corpus and length-sorted at a time; bounds host memory on huge corpora.
@@ -297,7 +300,11 @@ def _length_sorted_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.
         yield order[b : b + batch_size]
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device to run on: ``None`` picks CUDA when available, else the CPU.
+
+    Raises :class:`ConfigError` for a string that is no device, or CUDA asked for without CUDA.
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -309,7 +316,11 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def _autocast(device: torch.device, precision: Precision):
+def autocast_for(device: torch.device, precision: Precision):
+    """The autocast context of ``precision`` on ``device``.
+
+    ``"bf16"``: bf16 autocast; ``"fp32"``: none; ``"auto"``: bf16 on CUDA, fp32 elsewhere.
+    """
     if precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
@@ -380,7 +391,7 @@ def embed_corpus(
     bert = encoder_of(model)
     hidden_size = int(bert.config.hidden_size)
     layers_to_run(len(bert.encoder.layer), layer)  # validate before reading data
-    torch_device = _resolve_device(device)
+    torch_device = resolve_device(device)
 
     n_cells = _n_cells(dataset)
     if n_cells == 0:
@@ -399,7 +410,7 @@ def embed_corpus(
     model.eval()
     bar = _progress_bar(n_cells, progress)
     try:
-        with torch.inference_mode(), _autocast(torch_device, precision):
+        with torch.inference_mode(), autocast_for(torch_device, precision):
             for rows, ids_np, mask_np in _batches(dataset, n_cells, bert, vocab, int(batch_size)):
                 ids = torch.from_numpy(ids_np).to(torch_device, non_blocking=True)
                 mask = torch.from_numpy(mask_np).to(torch_device, non_blocking=True)
@@ -492,7 +503,7 @@ def _progress_bar(total: int, enabled: bool):
 # --------------------------------------------------------------------------------------------
 # AnnData and corpus-folder front ends
 # --------------------------------------------------------------------------------------------
-def _load_model(model_or_bundle_dir: Any, vocab: Vocabulary | None, medians: Any, tokenize_config: Any = None):
+def load_for_inference(model_or_bundle_dir: Any, vocab: Vocabulary | None, medians: Any, tokenize_config: Any = None):
     """(model, vocab, medians, tokenize config, name) from a bundle folder or an in-memory model.
 
     Arguments given explicitly win; otherwise a bundle supplies its vocabulary, medians and the
@@ -618,7 +629,7 @@ def embed_anndata(
     if not hasattr(adata, "obsm") or not hasattr(adata, "obs"):
         raise ConfigError(f"adata must be an AnnData, got {type(adata).__name__}")
     _check_key(adata, key, overwrite)
-    model, vocab, medians, tokenize_config, model_name = _load_model(model_or_bundle_dir, vocab, medians, tokenize_config)
+    model, vocab, medians, tokenize_config, model_name = load_for_inference(model_or_bundle_dir, vocab, medians, tokenize_config)
     bert = encoder_of(model)
     layers_to_run(len(bert.encoder.layer), layer)
     if pooling not in ("mean", "cls"):
@@ -708,7 +719,7 @@ def embed_corpus_folder(
     from .errors import VocabularyMismatchError
     from .fileio import read_json
 
-    model, vocab, _, _, model_name = _load_model(model_or_bundle_dir, vocab, None)
+    model, vocab, _, _, model_name = load_for_inference(model_or_bundle_dir, vocab, None)
     if isinstance(corpus, (str, os.PathLike)):
         marker = Path(corpus) / "mixgf_corpus.json"
         if marker.exists():

@@ -75,14 +75,14 @@ import torch
 
 from .deletion import DeletionScan, supports_shared_first_block
 from .embed import (
-    _autocast,
-    _resolve_device,
+    autocast_for,
     continue_encoder,
     embed_corpus,
     encoder_of,
     hidden_at_layer,
     layers_to_run,
     pool_cells,
+    resolve_device,
 )
 from .errors import ConfigError, GeneIdError, InputDataError
 
@@ -739,7 +739,7 @@ def perturb_cells(
     started = time.perf_counter()
     bert = encoder_of(model)
     layers_to_run(len(bert.encoder.layer), config.layer)
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     flat, offsets = _read_tokens(dataset)
     lengths = np.diff(offsets)
     _check_cells(flat, lengths, bert, vocab)
@@ -993,7 +993,7 @@ def _exact(bert, flat, offsets, rows, base_of, targets, vocab, config, device, g
             bar.update(1)
 
     try:
-        with torch.inference_mode(), _autocast(device, config.precision):
+        with torch.inference_mode(), autocast_for(device, config.precision):
             _run_variants(bert, jobs(), vocab, config, device, done)
     finally:
         if bar is not None:
@@ -1138,7 +1138,7 @@ def _readout_gradients(bert, tokens, probes, targets, vocab, config, device, rel
 
     handle = bert.embeddings.word_embeddings.register_forward_hook(hook)
     try:
-        with torch.enable_grad(), _autocast(device, config.precision):
+        with torch.enable_grad(), autocast_for(device, config.precision):
             if relax:
                 presence = torch.ones(ids.shape, dtype=torch.float32, device=device, requires_grad=True)
                 hidden = bert.embeddings(input_ids=ids)
@@ -1210,7 +1210,7 @@ def _screen(bert, flat, offsets, rows, base_of, targets, vocab, config, device, 
     def done(job: _CellJob) -> None:
         exact[job.row] = {"gene_rank": job.variants.gene_rank, **_score_columns(job.embedding, job.emb, targets, config)}
 
-    with torch.inference_mode(), _autocast(device, config.precision):
+    with torch.inference_mode(), autocast_for(device, config.precision):
         _run_variants(bert, jobs(), vocab, config, device, done)
 
     frames = []
@@ -1492,11 +1492,11 @@ def perturb_anndata(
     (PerturbationResult, pandas.DataFrame)
         The per-cell table (``cell`` = obs position, plus ``obs_name``) and the statistics.
     """
-    from .embed import _load_model
+    from .embed import load_for_inference
     from .tokenize import tokenize_for_model
 
     config = config or PerturbConfig()
-    model, vocab, medians, tokenize_config, _ = _load_model(model_or_bundle, vocab, medians, tokenize_config)
+    model, vocab, medians, tokenize_config, _ = load_for_inference(model_or_bundle, vocab, medians, tokenize_config)
     if config.state_column and config.state_column not in adata.obs.columns:
         raise InputDataError(
             f"state_column {config.state_column!r} is not an obs column; obs columns: {list(adata.obs.columns)}"
