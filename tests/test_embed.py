@@ -13,6 +13,7 @@ from mixgeneformer.embed import (
     embed_corpus,
     embed_corpus_folder,
     hidden_at_layer,
+    inference_context,
     layers_to_run,
     pool_cells,
 )
@@ -467,3 +468,17 @@ def test_embed_anndata_tokenizes_like_the_bundle_records(tmp_path):
     embed_anndata(adata, bundle, pooling="cls", species="human")
     assert adata.uns["X_mixgeneformer_params"]["tokenize"]["style"] == "v2"
     assert np.isfinite(adata.obsm["X_mixgeneformer"]).all()
+
+
+@pytest.mark.parametrize(("precision", "bf16"), [("auto", False), ("fp32", False), ("bf16", True)])
+def test_inference_context_precision_on_cpu(precision, bf16):
+    with inference_context(torch.device("cpu"), precision):
+        assert torch.is_autocast_enabled("cpu") is bf16
+        out = torch.nn.functional.linear(torch.ones(2, 4), torch.ones(3, 4))
+    assert out.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_inference_context_rejects_unknown_precision():
+    with pytest.raises(ConfigError, match="precision"):
+        inference_context(torch.device("cpu"), "fp16")

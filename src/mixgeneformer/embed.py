@@ -19,7 +19,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -41,13 +41,13 @@ Precision = Literal["auto", "fp32", "bf16"]
 
 __all__ = [
     "CorpusEmbeddings",
-    "autocast_for",
-    "continue_encoder",
+        "continue_encoder",
     "embed_anndata",
     "embed_corpus",
     "embed_corpus_folder",
     "encoder_of",
     "hidden_at_layer",
+    "inference_context",
     "layers_to_run",
     "load_for_inference",
     "pool_cells",
@@ -316,17 +316,26 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def autocast_for(device: torch.device, precision: Precision):
-    """The autocast context of ``precision`` on ``device``.
+def inference_context(device: torch.device, precision: Precision) -> ExitStack:
+    """Numerics and kernels of a forward pass over cells of varying length on ``device``.
 
-    ``"bf16"``: bf16 autocast; ``"fp32"``: none; ``"auto"``: bf16 on CUDA, fp32 elsewhere.
+    * ``precision``: ``"bf16"`` runs under bf16 autocast, ``"fp32"`` without, ``"auto"`` bf16 on
+      CUDA and fp32 elsewhere;
+    * on CUDA, SDPA may use the flash, memory-efficient and math kernels but not cuDNN's: cuDNN
+      attention builds an execution graph per input shape, and dynamic padding gives nearly
+      every batch a new shape, so each batch would pay for a graph build.
     """
     if precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    stack = ExitStack()
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        stack.enter_context(sdpa_kernel(backends))
+    return stack
 
 
 def embed_corpus(
@@ -410,7 +419,7 @@ def embed_corpus(
     model.eval()
     bar = _progress_bar(n_cells, progress)
     try:
-        with torch.inference_mode(), autocast_for(torch_device, precision):
+        with torch.inference_mode(), inference_context(torch_device, precision):
             for rows, ids_np, mask_np in _batches(dataset, n_cells, bert, vocab, int(batch_size)):
                 ids = torch.from_numpy(ids_np).to(torch_device, non_blocking=True)
                 mask = torch.from_numpy(mask_np).to(torch_device, non_blocking=True)

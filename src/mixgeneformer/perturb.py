@@ -75,11 +75,11 @@ import torch
 
 from .deletion import DeletionScan, supports_shared_first_block
 from .embed import (
-    autocast_for,
     continue_encoder,
     embed_corpus,
     encoder_of,
     hidden_at_layer,
+    inference_context,
     layers_to_run,
     pool_cells,
     resolve_device,
@@ -993,7 +993,7 @@ def _exact(bert, flat, offsets, rows, base_of, targets, vocab, config, device, g
             bar.update(1)
 
     try:
-        with torch.inference_mode(), autocast_for(device, config.precision):
+        with torch.inference_mode(), inference_context(device, config.precision):
             _run_variants(bert, jobs(), vocab, config, device, done)
     finally:
         if bar is not None:
@@ -1138,7 +1138,7 @@ def _readout_gradients(bert, tokens, probes, targets, vocab, config, device, rel
 
     handle = bert.embeddings.word_embeddings.register_forward_hook(hook)
     try:
-        with torch.enable_grad(), autocast_for(device, config.precision):
+        with torch.enable_grad(), inference_context(device, config.precision):
             if relax:
                 presence = torch.ones(ids.shape, dtype=torch.float32, device=device, requires_grad=True)
                 hidden = bert.embeddings(input_ids=ids)
@@ -1210,7 +1210,7 @@ def _screen(bert, flat, offsets, rows, base_of, targets, vocab, config, device, 
     def done(job: _CellJob) -> None:
         exact[job.row] = {"gene_rank": job.variants.gene_rank, **_score_columns(job.embedding, job.emb, targets, config)}
 
-    with torch.inference_mode(), autocast_for(device, config.precision):
+    with torch.inference_mode(), inference_context(device, config.precision):
         _run_variants(bert, jobs(), vocab, config, device, done)
 
     frames = []
