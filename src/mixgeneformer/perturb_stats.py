@@ -1,0 +1,204 @@
+"""Statistics of in silico perturbation results: which genes move cells, with what confidence.
+
+Per perturbed gene (or gene set), :func:`perturbation_statistics` summarises the per-cell scores
+of :func:`mixgeneformer.perturb.perturb_cells` and tests them: the Wilcoxon rank-sum
+(Mann–Whitney U, normal approximation with tie and continuity correction, as
+``scipy.stats.mannwhitneyu``, vectorised over all genes at once) of a gene's scores against all
+perturbations' scores (``vs_all``) or against the same gene's scores in a second, null run
+(``vs_null``), with Benjamini–Hochberg FDR; or just means and counts (``aggregate``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+
+from .errors import ConfigError, InputDataError
+
+if TYPE_CHECKING:
+    from .vocab import Vocabulary
+
+StatsMode = Literal["vs_all", "vs_null", "aggregate"]
+
+__all__ = ["StatsMode", "benjamini_hochberg", "gene_names", "perturbation_statistics"]
+
+
+def gene_names(token_ids: np.ndarray, vocab: Vocabulary) -> pd.DataFrame:
+    """Ensembl ID(s) and symbol(s) of gene tokens (``"a|b"`` for a shared ortholog token).
+
+    Returns a DataFrame with columns ``ensembl_id`` and ``symbol`` aligned with ``token_ids``.
+    """
+    from .genes import symbols_of
+
+    token_ids = np.asarray(token_ids, dtype=np.int64)
+    unique, inverse = np.unique(token_ids, return_inverse=True)
+    ids = ["|".join(vocab.token_genes[t]) if 0 <= t < len(vocab) else "" for t in unique.tolist()]
+    flat = [g for t in unique.tolist() if 0 <= t < len(vocab) for g in vocab.token_genes[t]]
+    symbol_of = dict(zip(flat, symbols_of(flat).tolist(), strict=True)) if flat else {}
+    symbols = [
+        "|".join(s for s in (symbol_of.get(g, "") for g in vocab.token_genes[t]) if s) if 0 <= t < len(vocab) else ""
+        for t in unique.tolist()
+    ]
+    return pd.DataFrame(
+        {"ensembl_id": np.asarray(ids, dtype=object)[inverse], "symbol": np.asarray(symbols, dtype=object)[inverse]}
+    )
+
+
+def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values (FDR); NaNs stay NaN and are not counted."""
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    if len(ok) == 0:
+        return out
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m = len(order)
+    scaled = p[order] * m / np.arange(1, m + 1)
+    out[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+    return out
+
+
+def _mwu_p(u1: np.ndarray, n1: np.ndarray, n2: np.ndarray, ties: np.ndarray) -> np.ndarray:
+    """Two-sided asymptotic Mann–Whitney p-value with tie and continuity correction (scipy's)."""
+    from scipy.stats import norm
+
+    n1 = n1.astype(np.float64)
+    n2 = n2.astype(np.float64)
+    n = n1 + n2
+    mu = n1 * n2 / 2.0
+    big = np.maximum(u1, n1 * n2 - u1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = n1 * n2 / 12.0 * ((n + 1.0) - ties / (n * (n - 1.0)))
+        z = (big - mu - 0.5) / np.sqrt(var)
+        p = np.clip(2.0 * norm.sf(z), 0.0, 1.0)
+    p[(n1 == 0) | (n2 == 0) | ~(var > 0)] = np.nan
+    return p
+
+
+def _tie_term(counts: np.ndarray) -> np.ndarray:
+    counts = counts.astype(np.float64)
+    return counts**3 - counts
+
+
+def _mwu_vs_all(values: np.ndarray, codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """p-value of each group's values against all values (the group included), vectorized."""
+    pool = np.sort(values)
+    n2 = len(pool)
+    left = np.searchsorted(pool, values, "left")
+    right = np.searchsorted(pool, values, "right")
+    u1 = np.bincount(codes, weights=left + 0.5 * (right - left), minlength=n_groups)
+    n1 = np.bincount(codes, minlength=n_groups)
+    _, pool_counts = np.unique(pool, return_counts=True)
+    base_ties = _tie_term(pool_counts).sum()
+    # Ties of the combined sample: values of the group add to the pool's tie blocks.
+    key = pd.DataFrame({"g": codes, "v": values, "a": right - left})
+    per = key.groupby(["g", "v"], sort=False).agg(b=("a", "size"), a=("a", "first"))
+    a = per["a"].to_numpy(np.float64)
+    b = per["b"].to_numpy(np.float64)
+    extra = np.bincount(
+        per.index.get_level_values("g").to_numpy(), weights=_tie_term(a + b) - _tie_term(a), minlength=n_groups
+    )
+    return _mwu_p(u1, n1, np.full(n_groups, n2), base_ties + extra)
+
+
+def _mwu_paired_groups(x: np.ndarray, x_codes: np.ndarray, y: np.ndarray, y_codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """p-value per group of that group's x values against the same group's y values."""
+    frame = pd.DataFrame(
+        {"g": np.concatenate([x_codes, y_codes]), "v": np.concatenate([x, y]),
+         "is_x": np.concatenate([np.ones(len(x), bool), np.zeros(len(y), bool)])}
+    )
+    frame["rank"] = frame.groupby("g")["v"].rank(method="average")
+    n1 = np.bincount(x_codes, minlength=n_groups)
+    n2 = np.bincount(y_codes, minlength=n_groups)
+    r1 = np.bincount(frame["g"].to_numpy()[frame["is_x"].to_numpy()], weights=frame["rank"].to_numpy()[frame["is_x"].to_numpy()], minlength=n_groups)
+    u1 = r1 - n1 * (n1 + 1) / 2.0
+    sizes = frame.groupby(["g", "v"], sort=False).size()
+    ties = np.bincount(sizes.index.get_level_values("g").to_numpy(), weights=_tie_term(sizes.to_numpy()), minlength=n_groups)
+    return _mwu_p(u1, n1, n2, ties)
+
+
+def perturbation_statistics(
+    cells: pd.DataFrame,
+    vocab: Vocabulary | None = None,
+    mode: StatsMode = "vs_all",
+    null: pd.DataFrame | None = None,
+    score: str | None = None,
+) -> pd.DataFrame:
+    """Per-perturbation summary and test of a :func:`perturb_cells` table.
+
+    Parameters
+    ----------
+    cells
+        The per-(cell, perturbation) table (``PerturbationResult.cells``).
+    vocab
+        Adds ``ensembl_id`` and ``symbol`` columns when given.
+    mode
+        ``"vs_all"``: Wilcoxon rank-sum of each gene's scores against all perturbations' scores;
+        ``"vs_null"``: against the same gene's scores in ``null`` (a second run, e.g. on cells of
+        another state or with a random model); ``"aggregate"``: means and counts only.
+    null
+        The null run's cell table (``vs_null`` only).
+    score
+        Column tested: default ``goal_shift`` when present, else ``shift``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per perturbed gene (or gene set): ``perturbed``, ``gene_token``, ``ensembl_id``,
+        ``symbol``, ``n_cells``, ``mean_shift``, ``mean_goal_shift`` (and other means), and for
+        the tests ``p_value`` and ``fdr`` (Benjamini–Hochberg); sorted by FDR, then by score.
+    """
+    if mode not in ("vs_all", "vs_null", "aggregate"):
+        raise ConfigError(f"mode={mode!r}; use 'vs_all', 'vs_null' or 'aggregate'")
+    if mode == "vs_null" and null is None:
+        raise ConfigError("mode='vs_null' needs the null run's table (null=..., CLI: --null DIR)")
+    score = score or ("goal_shift" if "goal_shift" in cells.columns else "shift")
+    if score not in cells.columns:
+        raise ConfigError(f"score column {score!r} is not in the table (columns: {list(cells.columns)})")
+    if cells.empty:
+        raise InputDataError("the perturbation table is empty: no cell expressed the perturbed genes")
+    value_cols = [c for c in cells.columns if c == "shift" or c.endswith("_shift") or c.startswith("alt_shift:")]
+    value_cols = [c for c in value_cols if not c.endswith("_estimate")]
+    keys = pd.MultiIndex.from_frame(cells[["perturbed", "gene_token"]])
+    codes, uniques = pd.factorize(keys, sort=True)
+    groups = cells.groupby(codes, sort=True)
+    table = pd.DataFrame(
+        {
+            "perturbed": [u[0] for u in uniques],
+            "gene_token": np.asarray([u[1] for u in uniques], dtype=np.int64),
+            "n_cells": groups["cell"].nunique().to_numpy(),
+        }
+    )
+    for col in value_cols:
+        table["mean_" + col] = groups[col].mean().to_numpy()
+    values = cells[score].to_numpy(np.float64)
+    if mode == "vs_all":
+        table["p_value"] = _mwu_vs_all(values, codes, len(uniques))
+    elif mode == "vs_null":
+        if score not in null.columns:
+            raise ConfigError(f"the null table has no {score!r} column; run the null with the same states")
+        null_index = pd.MultiIndex.from_frame(null[["perturbed", "gene_token"]])
+        null_codes = pd.Index(uniques).get_indexer(null_index)
+        keep = null_codes >= 0
+        table["p_value"] = _mwu_paired_groups(
+            values, codes, null[score].to_numpy(np.float64)[keep], null_codes[keep], len(uniques)
+        )
+        table["n_null"] = np.bincount(null_codes[keep], minlength=len(uniques))
+        null_mean = pd.Series(null[score].to_numpy()[keep]).groupby(null_codes[keep]).mean()
+        table["null_mean_" + score] = null_mean.reindex(range(len(uniques))).to_numpy()
+    if mode != "aggregate":
+        table["fdr"] = benjamini_hochberg(table["p_value"].to_numpy())
+    if vocab is not None:
+        names = gene_names(np.where(table["gene_token"] >= 0, table["gene_token"], 0), vocab)
+        set_rows = table["gene_token"].to_numpy() < 0
+        names.loc[set_rows, ["ensembl_id", "symbol"]] = ""
+        table.insert(2, "ensembl_id", names["ensembl_id"].to_numpy())
+        table.insert(3, "symbol", names["symbol"].to_numpy())
+    sort_cols = (["fdr"] if "fdr" in table.columns else []) + ["mean_" + score]
+    ascending = ([True] if "fdr" in table.columns else []) + [False]
+    table = table.sort_values(sort_cols, ascending=ascending, kind="stable", na_position="last")
+    table.attrs["score"] = score
+    table.attrs["mode"] = mode
+    return table.reset_index(drop=True)
