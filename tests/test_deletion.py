@@ -124,3 +124,17 @@ def test_perturb_cells_with_and_without_the_shared_block_agree(monkeypatch):
     assert len(built) == len(cells)
     assert shared[["cell", "perturbed"]].equals(plain[["cell", "perturbed"]])
     assert np.abs(shared["shift"].to_numpy() - plain["shift"].to_numpy()).max() <= 1e-6
+
+
+def test_chunked_keys_and_positions_give_the_same_states(monkeypatch):
+    """Sparse positions (many keys moved per step) and small chunks: same result, bounded memory."""
+    from mixgeneformer import deletion
+
+    monkeypatch.setattr(deletion, "_KEY_CHUNK", 7)
+    monkeypatch.setattr(deletion, "_POSITION_CHUNK", 2)
+    bert = _bert()
+    tokens = torch.randperm(110)[:60] + 5
+    positions = [0, 31, 32, 59, 45, 2]
+    with torch.inference_mode():
+        got = DeletionScan(bert, tokens).first_block(positions)
+    assert (got - _reference(bert, tokens, positions)).abs().max() <= 1e-5
