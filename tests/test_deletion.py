@@ -138,3 +138,17 @@ def test_chunked_keys_and_positions_give_the_same_states(monkeypatch):
     with torch.inference_mode():
         got = DeletionScan(bert, tokens).first_block(positions)
     assert (got - _reference(bert, tokens, positions)).abs().max() <= 1e-5
+
+
+def test_underflowing_rows_fall_back_to_the_block():
+    """If the shared sums underflow for a deletion (forced here), that deletion is still exact."""
+    bert = _bert()
+    tokens = torch.randperm(110)[:20] + 5
+    with torch.inference_mode():
+        scan = DeletionScan(bert, tokens)
+        scan.row_max = {a: m + 200.0 for a, m in scan.row_max.items()}  # every weight underflows
+        scan._reset()
+        got = scan.first_block([0, 7, 19])
+        want = _reference(bert, tokens, [0, 7, 19])
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max() <= 1e-5
