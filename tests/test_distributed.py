@@ -53,6 +53,7 @@ shard = BatchSamplerShard(BatchSampler(sampler, 8, drop_last=False), num_process
 report["shard"] = [i for batch in shard for i in batch]
 with open(os.path.join(os.environ["REPORT_DIR"], f"rank{rank}.json"), "w") as handle:
     json.dump(report, handle)
+dist.barrier()  # tear down together (a rank closing gloo pairs early can abort the other)
 dist.destroy_process_group()
 '''
 

@@ -135,45 +135,47 @@ def test_gather_without_distributed_equals_local():
     assert losses.info_nce(z1, z2, 0.1, gather=True).item() == pytest.approx(losses.info_nce(z1, z2, 0.1).item())
 
 
-def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _gather_worker(rank: int, sizes: list[int], init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(sizes))
     try:
         torch.manual_seed(123)
-        full1, full2 = torch.randn(world * 3, 8), torch.randn(world * 3, 8)
-        rows = slice(rank * 3, (rank + 1) * 3)
+        total = sum(sizes)
+        full1, full2 = torch.randn(total, 8), torch.randn(total, 8)
+        rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         z1 = full1[rows].clone().requires_grad_(True)
         z2 = full2[rows].clone().requires_grad_(True)
-        ntx = losses.nt_xent(z1, z2, 0.1, gather=True)
-        nce = losses.info_nce(z1, z2, 0.2, gather=True)
+        # Each rank's mean weighted by its share of the rows: the weighted losses sum to the
+        # big-batch loss, so the gradients (summed over ranks by the gather's backward) match.
+        share = sizes[rank] / total
+        ntx = losses.nt_xent(z1, z2, 0.1, gather=True) * share
+        nce = losses.info_nce(z1, z2, 0.2, gather=True) * share
         (ntx + nce).backward()
         torch.save({"ntx": ntx.detach(), "nce": nce.detach(), "g1": z1.grad, "g2": z2.grad}, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_gathered_losses_and_gradients_equal_one_big_batch():
-    """Two gloo ranks with gathered negatives == one process with the whole batch (after DDP's mean)."""
+@pytest.mark.parametrize("sizes", [[3, 3], [3, 2]])
+def test_gathered_losses_and_gradients_equal_one_big_batch(sizes):
+    """Two gloo ranks with gathered negatives == one process with the whole batch, also when the
+    ranks hold different numbers of cells."""
     import torch.multiprocessing as mp
 
-    world = 2
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.spawn(_gather_worker, args=(world, init_file, tmp), nprocs=world, join=True)
-        results = [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=True) for r in range(world)]
+        mp.spawn(_gather_worker, args=(sizes, init_file, tmp), nprocs=len(sizes), join=True)
+        results = [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=True) for r in range(len(sizes))]
 
     torch.manual_seed(123)
-    full1 = torch.randn(world * 3, 8).requires_grad_(True)
-    full2 = torch.randn(world * 3, 8).requires_grad_(True)
+    full1 = torch.randn(sum(sizes), 8).requires_grad_(True)
+    full2 = torch.randn(sum(sizes), 8).requires_grad_(True)
     ntx = losses.nt_xent(full1, full2, 0.1)
     nce = losses.info_nce(full1, full2, 0.2)
     (ntx + nce).backward()
 
-    assert sum(r["ntx"] for r in results).item() / world == pytest.approx(ntx.item(), rel=1e-5)
-    assert sum(r["nce"] for r in results).item() / world == pytest.approx(nce.item(), rel=1e-5)
-    # DDP averages gradients over ranks: the local gradient / world must equal the big-batch gradient.
-    grad1 = torch.cat([r["g1"] for r in results]) / world
-    grad2 = torch.cat([r["g2"] for r in results]) / world
-    torch.testing.assert_close(grad1, full1.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(grad2, full2.grad, rtol=1e-4, atol=1e-6)
+    assert sum(r["ntx"] for r in results).item() == pytest.approx(ntx.item(), rel=1e-5)
+    assert sum(r["nce"] for r in results).item() == pytest.approx(nce.item(), rel=1e-5)
+    torch.testing.assert_close(torch.cat([r["g1"] for r in results]), full1.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r["g2"] for r in results]), full2.grad, rtol=1e-4, atol=1e-6)

@@ -5,10 +5,12 @@ returns a scalar tensor that keeps the autograd graph. Similarities are computed
 when the encoder runs in bf16: with a temperature of 0.05 the logits reach ±20 and bf16 would
 round them to a step of ~0.1.
 
-Distributed negatives (``gather=True``) use :func:`torch.distributed.nn.functional.all_gather`,
-whose backward sends each rank's gradient back to the rank that produced the embeddings, so the
-negatives from other GPUs are trained too. Every rank must then pass the same batch size (use a
-sampler with ``drop_last``); the local rows are the queries, the gathered rows the keys.
+Distributed negatives (``gather=True``) gather the rows of every rank with plain ``dist``
+collectives in an autograd function whose backward all-reduces the gradient and hands each rank
+the part for its own rows, so the negatives from other GPUs are trained too (ranks may hold
+different batch sizes); the local rows are the queries, the gathered rows the keys.
+(``torch.distributed.nn.functional.all_gather``, deprecated, made gloo processes abort at exit
+now and then.)
 """
 
 from __future__ import annotations
@@ -45,14 +47,45 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
+class _AllGatherRows(torch.autograd.Function):
+    """Rows of ``x`` from every rank, concatenated in rank order (ranks may hold different counts).
+
+    Backward: each rank's gradient with respect to the whole concatenation is summed over ranks
+    (all-reduce) and the rows this rank contributed are returned, so a rank's rows get the
+    gradient of every rank's loss through them.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, counts: list[int], rank: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        padded = x.new_zeros((max(counts), *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded)
+        ctx.start, ctx.rows = sum(counts[:rank]), x.shape[0]
+        return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)], dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total[ctx.start : ctx.start + ctx.rows], None, None
+
+
 def _gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Concatenate ``x`` from every rank (autograd-aware); return it and this rank's index."""
+    """Concatenate ``x`` from every rank (autograd-aware); return it and the row where this rank's rows start."""
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    return torch.cat(dist_fn.all_gather(x), dim=0), dist.get_rank()
+    rank = dist.get_rank()
+    counts = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device))
+    counts = [int(c) for c in torch.cat(counts).tolist()]
+    return _AllGatherRows.apply(x, counts, rank), sum(counts[:rank])
 
 
 def _queries_and_keys(a: torch.Tensor, b: torch.Tensor, gather: bool, name: str):
@@ -61,9 +94,9 @@ def _queries_and_keys(a: torch.Tensor, b: torch.Tensor, gather: bool, name: str)
         raise ValueError(f"{name} expects two (B, D) tensors of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     qa = F.normalize(a.float(), dim=-1)
     qb = F.normalize(b.float(), dim=-1)
-    ka, rank = _gather_with_grad(qa) if gather else (qa, 0)
+    ka, offset = _gather_with_grad(qa) if gather else (qa, 0)
     kb, _ = _gather_with_grad(qb) if gather else (qb, 0)
-    return qa, qb, ka, kb, rank
+    return qa, qb, ka, kb, offset
 
 
 def nt_xent(
@@ -86,7 +119,7 @@ def nt_xent(
         Softmax temperature (SimCSE: 0.05).
     gather
         If True and ``torch.distributed`` is initialised, keys come from all ranks (with
-        gradients); the local ``2B`` rows stay the queries and their targets are offset by rank.
+        gradients); the local ``2B`` rows stay the queries, their targets offset to this rank's rows.
 
     Returns
     -------
@@ -94,12 +127,12 @@ def nt_xent(
         Scalar float32 loss.
     """
     batch = z1.shape[0]
-    q1, q2, k1, k2, rank = _queries_and_keys(z1, z2, gather, "nt_xent")
+    q1, q2, k1, k2, offset = _queries_and_keys(z1, z2, gather, "nt_xent")
     n_global = k1.shape[0]
     queries = torch.cat([q1, q2], dim=0)  # 2B x D
-    keys = torch.cat([k1, k2], dim=0)  # 2N x D, N = world * B
+    keys = torch.cat([k1, k2], dim=0)  # 2N x D, N = rows over all ranks
     logits = queries @ keys.T / temperature
-    local = torch.arange(batch, device=z1.device) + rank * batch
+    local = torch.arange(batch, device=z1.device) + offset
     self_index = torch.cat([local, local + n_global])
     positive = torch.cat([local + n_global, local])
     rows = torch.arange(2 * batch, device=z1.device)
@@ -126,7 +159,7 @@ def info_nce(
     temperature
         Softmax temperature (τ≈0.1 for the cross-species term).
     gather
-        Take keys from every rank (with gradients), targets offset by rank.
+        Take keys from every rank (with gradients), targets offset to this rank's rows.
     valid
         Optional ``(B,)`` bool mask: rows that are False are not used as queries (they stay
         negatives). Used for cells that have no gene with a 1:1 ortholog.
@@ -137,8 +170,8 @@ def info_nce(
         Scalar float32 loss; ``0`` (attached to the graph) when no row is valid.
     """
     batch = a.shape[0]
-    qa, qb, ka, kb, rank = _queries_and_keys(a, b, gather, "info_nce")
-    target = torch.arange(batch, device=a.device) + rank * batch
+    qa, qb, ka, kb, offset = _queries_and_keys(a, b, gather, "info_nce")
+    target = torch.arange(batch, device=a.device) + offset
     logits_ab = qa @ kb.T / temperature
     logits_ba = qb @ ka.T / temperature
     if valid is None:
