@@ -72,6 +72,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pooling", choices=["mean", "cls", "pooler"], default="mean", help="cell pooling of the SimCSE term")
     parser.add_argument("--layer", type=int, default=-1, help="hidden state embedded for zero-shot methods (-1 = last)")
     parser.add_argument("--finetune-epochs", type=float, default=0.0, help="> 0: also fine-tune each model")
+    parser.add_argument("--finetune-lr", type=float, default=1e-3, help="fine-tuning learning rate (the demo's)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the models already pretrained in --work-dir by an earlier run with the same options")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep corpora and models here (default: temporary)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this CSV")
@@ -92,6 +95,10 @@ def model_section(args) -> dict:
 
 
 def pretrain_model(name: str, corpora: list[Path], work: Path, vocab_path: Path, medians_path: Path, args) -> Path:
+    done = work / f"run_{name}" / "model"
+    if args.reuse and done.is_dir():
+        print(f"reusing pretrained '{name}' from {done}")
+        return done
     config = pretrain_config_from_dict(
         {
             "output_dir": str(work / f"run_{name}"),
@@ -122,6 +129,8 @@ def random_model(work: Path, vocab, medians, vocab_path: Path, args) -> Path:
             "model": model_section(args),
         }
     )
+    if args.reuse and (work / "bundle_random").is_dir():
+        return work / "bundle_random"
     return save_bundle(build_model(config, vocab), work / "bundle_random", vocab, medians, overwrite=True)
 
 
@@ -178,7 +187,8 @@ def main() -> None:
             for result in C.baselines(task, species=(src, tgt)):
                 result.method = f"baseline {result.method}"
                 results.append(result)
-        config = C.ClassifyConfig(labels=labels, finetune=C.FinetuneConfig(epochs=max(args.finetune_epochs, 1.0), device=args.device))
+        finetune = C.FinetuneConfig(epochs=max(args.finetune_epochs, 1.0), learning_rate=args.finetune_lr, device=args.device)
+        config = C.ClassifyConfig(labels=labels, finetune=finetune)
         for name, bundle in bundles.items():
             model, model_vocab, model_medians = load_bundle(bundle)
             t0 = time.perf_counter()
@@ -208,7 +218,7 @@ def main() -> None:
         print(
             f"Budget: {args.steps} steps x {args.batch} cells per pretrained model, preset {args.preset}, "
             f"max_len {args.max_len}, vocab {args.vocab_mode}, SimCSE pooling {args.pooling}, overrides {args.overrides or '-'}, "
-            f"embedding layer {args.layer}; total {time.perf_counter() - started:.0f}s"
+            f"embedding layer {args.layer}, fine-tuning {args.finetune_epochs:g} epochs at lr {args.finetune_lr:g}; total {time.perf_counter() - started:.0f}s"
         )
         print(C.markdown_table(table))
         if args.out is not None:

@@ -1132,6 +1132,7 @@ def fit_classifier(
     """
     import tempfile
 
+    import torch
     from transformers import Trainer, TrainingArguments
 
     config = config or ClassifyConfig()
@@ -1166,6 +1167,7 @@ def fit_classifier(
             use_cpu=(ft.device == "cpu"),
             remove_unused_columns=False,
             dataloader_num_workers=0,
+            dataloader_pin_memory=ft.device != "cpu" and torch.cuda.is_available(),
             disable_tqdm=True,
         )
         trainer = Trainer(model=classifier, args=args, train_dataset=dataset, data_collator=_PadCollator(vocab.pad_id))
