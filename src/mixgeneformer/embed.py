@@ -41,7 +41,7 @@ Precision = Literal["auto", "fp32", "bf16"]
 
 __all__ = [
     "CorpusEmbeddings",
-        "continue_encoder",
+    "continue_encoder",
     "embed_anndata",
     "embed_corpus",
     "embed_corpus_folder",

@@ -94,8 +94,11 @@ def _queries_and_keys(a: torch.Tensor, b: torch.Tensor, gather: bool, name: str)
         raise ValueError(f"{name} expects two (B, D) tensors of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     qa = F.normalize(a.float(), dim=-1)
     qb = F.normalize(b.float(), dim=-1)
-    ka, offset = _gather_with_grad(qa) if gather else (qa, 0)
-    kb, _ = _gather_with_grad(qb) if gather else (qb, 0)
+    if not gather:
+        return qa, qb, qa, qb, 0
+    # One gather (and one row-count exchange) for both sides.
+    keys, offset = _gather_with_grad(torch.cat([qa, qb], dim=1))
+    ka, kb = keys.split(qa.shape[1], dim=1)
     return qa, qb, ka, kb, offset
 
 

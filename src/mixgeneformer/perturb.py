@@ -24,9 +24,9 @@ Scores (cell embedding = pooled hidden state of ``layer``, :mod:`mixgeneformer.e
 Variants of many cells run through the encoder together, in length-sorted batches, under
 ``torch.inference_mode``, computing only the layers needed. When every variant of a cell deletes
 one gene, the first encoder block is computed for all of them at once
-(:class:`mixgeneformer.deletion.DeletionScan`: shared projections, running attention sums). Cells can be sharded across
-processes (``shard_index`` / ``num_shards``, default from the ``RANK`` / ``WORLD_SIZE``
-environment that ``torchrun`` sets) and the shard tables concatenated.
+(:class:`mixgeneformer.deletion.DeletionScan`: shared projections, running attention sums).
+Cells can be sharded across processes (``shard_index`` / ``num_shards``, default from the
+``RANK`` / ``WORLD_SIZE`` environment that ``torchrun`` sets) and the shard tables concatenated.
 
 Fast screening (``mode="screen"``, single-gene deletions)
 --------------------------------------------------------
