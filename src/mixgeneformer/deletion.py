@@ -140,22 +140,23 @@ class DeletionScan:
         """
         start, stop = self.position, int(positions[-1])
         n, width = len(positions), self.head_dim + 1
+        moved = {a: torch.zeros(self.heads, self.q[a].shape[1], n * width, device=positions.device) for a in ("X", "S")}
+        for first in range(start, stop, _KEY_CHUNK):
+            keys = slice(first, min(first + _KEY_CHUNK, stop))
+            # Key j belongs to the first requested position above it; the per-position block
+            # sums are cumulated below.
+            owner = torch.searchsorted(positions, torch.arange(keys.start, keys.stop, device=positions.device), right=True)
+            for b, sign in (("X", 1.0), ("S", -1.0)):  # keys join X and leave S
+                placed = torch.zeros(self.heads, keys.stop - keys.start, n, width, device=positions.device)
+                placed[:, torch.arange(keys.stop - keys.start), owner] = self.v1[b][:, keys]
+                placed = placed.reshape(self.heads, -1, n * width)
+                for a in ("X", "S"):
+                    moved[a].baddbmm_(self._weights(a, b, keys), placed, alpha=sign)
         out = {}
         for a in ("X", "S"):
             base = self.sums[a].float()[:, :, None, :]
             if stop > start:
-                moved = torch.zeros(self.heads, self.q[a].shape[1], n * width, device=positions.device)
-                for first in range(start, stop, _KEY_CHUNK):
-                    keys = slice(first, min(first + _KEY_CHUNK, stop))
-                    # Key j belongs to the first requested position above it; the per-position
-                    # block sums are cumulated below.
-                    owner = torch.searchsorted(positions, torch.arange(keys.start, keys.stop, device=positions.device), right=True)
-                    for b, sign in (("X", 1.0), ("S", -1.0)):  # keys join X and leave S
-                        placed = torch.zeros(self.heads, keys.stop - keys.start, n, width, device=positions.device)
-                        placed[:, torch.arange(keys.stop - keys.start), owner] = self.v1[b][:, keys]
-                        weights = self._weights(a, b, keys)
-                        moved.baddbmm_(weights, placed.reshape(self.heads, -1, n * width), alpha=sign)
-                steps = moved.reshape(self.heads, -1, n, width).cumsum(dim=2)
+                steps = moved[a].reshape(self.heads, -1, n, width).cumsum(dim=2)
                 self.sums[a] += steps[:, :, -1].double()
                 out[a] = steps.add_(base)
             else:
