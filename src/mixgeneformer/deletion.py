@@ -42,6 +42,11 @@ _KEY_CHUNK = 512
 _POSITION_CHUNK = 16
 
 
+def _chunks(start: int, stop: int) -> list[slice]:
+    """``[start, stop)`` cut into slices of at most ``_KEY_CHUNK`` keys."""
+    return [slice(i, min(i + _KEY_CHUNK, stop)) for i in range(start, stop, _KEY_CHUNK)]
+
+
 def supports_shared_first_block(bert: torch.nn.Module) -> bool:
     """Whether ``bert`` (a ``transformers.BertModel``) has the layout :class:`DeletionScan` assumes.
 
@@ -97,7 +102,7 @@ class DeletionScan:
             v = self._heads(attention.value(states))
             self.v1[name] = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
         # Per query row, an upper bound of its logits over every key of X and S.
-        self.row_max = {a: torch.maximum(self._max_logit(a, "X"), self._max_logit(a, "S")) for a in ("X", "S")}
+        self.row_max = {a: self._row_bound(a) for a in ("X", "S")}
         self._reset()
 
     def _heads(self, projected: torch.Tensor) -> torch.Tensor:
@@ -105,28 +110,30 @@ class DeletionScan:
         n = projected.shape[0]
         return projected.reshape(n, self.heads, self.head_dim).permute(1, 0, 2).float()
 
-    def _weights(self, a: str, b: str, keys: slice) -> torch.Tensor:
-        """exp(logit - row max) of queries of ``a`` against keys ``keys`` of ``b``: (H, n_a, n_keys)."""
-        logits = torch.matmul(self.q[a], self.k[b][:, keys].transpose(1, 2)) * self.scale
-        return torch.exp(logits - self.row_max[a][..., None])
+    def _logits(self, a: str, b: str, keys: slice) -> torch.Tensor:
+        """Scaled logits of queries of ``a`` against keys ``keys`` of ``b``: (H, n_a, n_keys)."""
+        return torch.matmul(self.q[a], self.k[b][:, keys].transpose(1, 2)) * self.scale
 
-    def _max_logit(self, a: str, b: str) -> torch.Tensor:
-        n_keys = self.k[b].shape[1]
+    def _weights(self, a: str, b: str, keys: slice) -> torch.Tensor:
+        """exp(logit - row bound) of queries of ``a`` against keys ``keys`` of ``b``: (H, n_a, n_keys)."""
+        return torch.exp(self._logits(a, b, keys) - self.row_max[a][..., None])
+
+    def _row_bound(self, a: str) -> torch.Tensor:
+        """Each query row's largest logit over every key of X and S: (H, n_a)."""
         best = None
-        for start in range(0, n_keys, _KEY_CHUNK):
-            chunk = (torch.matmul(self.q[a], self.k[b][:, start : start + _KEY_CHUNK].transpose(1, 2)) * self.scale).amax(-1)
-            best = chunk if best is None else torch.maximum(best, chunk)
+        for b in ("X", "S"):
+            for keys in _chunks(0, self.k[b].shape[1]):
+                chunk = self._logits(a, b, keys).amax(-1)
+                best = chunk if best is None else torch.maximum(best, chunk)
         return best
 
     def _reset(self) -> None:
         """Running sums at p = 0: every key comes from S."""
         self.position = 0
         self.sums = {}
-        n_keys = self.length - 1
         for a in ("X", "S"):
             total = torch.zeros(self.heads, self.q[a].shape[1], self.head_dim + 1, dtype=torch.float64, device=self.q[a].device)
-            for start in range(0, n_keys, _KEY_CHUNK):
-                keys = slice(start, start + _KEY_CHUNK)
+            for keys in _chunks(0, self.length - 1):
                 total += torch.matmul(self._weights(a, "S", keys), self.v1["S"][:, keys]).double()
             self.sums[a] = total  # (H, n_a, d + 1), float64: it accumulates over the whole scan
 
@@ -141,8 +148,7 @@ class DeletionScan:
         start, stop = self.position, int(positions[-1])
         n, width = len(positions), self.head_dim + 1
         moved = {a: torch.zeros(self.heads, self.q[a].shape[1], n * width, device=positions.device) for a in ("X", "S")}
-        for first in range(start, stop, _KEY_CHUNK):
-            keys = slice(first, min(first + _KEY_CHUNK, stop))
+        for keys in _chunks(start, stop):
             # Key j belongs to the first requested position above it; the per-position block
             # sums are cumulated below.
             owner = torch.searchsorted(positions, torch.arange(keys.start, keys.stop, device=positions.device), right=True)
