@@ -1,0 +1,110 @@
+"""The package keeps its shape: short modules, no import cycles, imports that point one way.
+
+A ratchet: the redesign cut the package into stages; these tests fail when a module grows past
+600 lines, when two modules import each other (directly or around a loop), when a stage imports a
+later stage or a sibling user API, or when a function grows past 60 lines with no reason written
+beside it. Measured by scripts/shape_report.py (ast only: nothing is imported).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = ROOT / "src" / "mixgeneformer"
+
+# The stages, lowest first. A module may import modules of earlier stages only; modules in one
+# stage are siblings and may not import each other (user APIs share code through lower stages).
+# A subpackage (classify/, perturb/, demo/, cli/) is one stage: its modules import each other freely
+# (cycles still fail).
+STAGES: list[tuple[str, ...]] = [
+    ("__init__",),  # __version__ only
+    ("errors",),
+    ("fileio",),
+    ("config",),
+    ("plots",),  # figures: errors and fileio only
+    ("genes",),
+    ("readers",),
+    ("parallel",),
+    ("medians",),
+    ("vocab",),
+    ("corpus",),
+    ("tokenize",),
+    ("losses", "deletion"),  # pure torch
+    ("model",),
+    ("bundle",),
+    ("inference",),
+    ("collator", "sampling", "checkpoints"),
+    ("pretrain", "embed", "classify", "perturb"),  # the user APIs
+    ("demo",),
+    ("cli",),
+    ("__main__",),
+]
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 60
+REASON_MARK = "# long:"  # a function over MAX_FUNCTION_LINES says why on its def line or the line above
+
+
+def _shape():
+    spec = importlib.util.spec_from_file_location("shape_report", ROOT / "scripts" / "shape_report.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["shape_report"] = module
+    spec.loader.exec_module(module)
+    return module.measure(PACKAGE_DIR)
+
+
+SHAPE = _shape()
+
+
+def _stage_of(module: str) -> int:
+    top = module.split(".")[0]
+    for rank, names in enumerate(STAGES):
+        if top in names:
+            return rank
+    raise AssertionError(f"module {module!r} has no stage in tests/test_shape.py STAGES: add it there")
+
+
+def test_every_module_has_a_stage():
+    for module in SHAPE.file_lines:
+        _stage_of(module)
+
+
+@pytest.mark.parametrize("module", sorted(SHAPE.file_lines))
+def test_module_is_short(module):
+    assert SHAPE.file_lines[module] <= MAX_MODULE_LINES, (
+        f"{module} has {SHAPE.file_lines[module]} lines (> {MAX_MODULE_LINES}): split it by idea"
+    )
+
+
+def test_no_import_cycles():
+    assert SHAPE.cycles() == []
+
+
+def test_imports_point_down_the_stages():
+    wrong = []
+    for module, targets in SHAPE.imports.items():
+        for target in targets:
+            if module.split(".")[0] == target.split(".")[0] and "." in module + target:
+                continue  # inside one subpackage
+            if _stage_of(target) >= _stage_of(module):
+                wrong.append(f"{module} -> {target}")
+    assert wrong == [], "imports against the stage order (or between siblings): " + ", ".join(sorted(wrong))
+
+
+def test_long_functions_say_why():
+    unexplained = []
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            n = node.end_lineno - node.lineno + 1
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            if n > MAX_FUNCTION_LINES and not any(REASON_MARK in line for line in lines[first - 2 : node.lineno]):
+                unexplained.append(f"{path.relative_to(PACKAGE_DIR)}:{node.lineno} {node.name} ({n} lines)")
+    assert unexplained == [], "functions over 60 lines without a '# long:' reason: " + ", ".join(unexplained)
