@@ -28,11 +28,13 @@ hash that corpora and models record.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +43,17 @@ import numba
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from tqdm.auto import tqdm
 
 from .errors import ArtifactError, InputDataError
 from .fileio import atomic_file, check_readable_file, content_hash
+from .parallel import plan_ranges, worker_context
+from .readers import (
+    ReadOptions,
+    filter_pass_rows,
+    normalization_totals,
+    remap_columns,
+)
 
 __all__ = ["GeneMedians", "MedianAccumulator", "MedianRunStats", "accumulate_medians", "compute_medians"]
 
@@ -391,7 +401,6 @@ class MedianAccumulator:
 
 def _sum_duplicate_columns(counts: sp.csr_matrix, slots: np.ndarray) -> sp.csr_matrix:
     """Columns → one column per distinct slot (sorted), summing columns that share a slot."""
-    from .readers import remap_columns
 
     distinct, inverse = np.unique(slots[slots >= 0], return_inverse=True)
     column_map = np.full(len(slots), -1, dtype=np.int64)
@@ -419,40 +428,15 @@ class MedianRunStats:
         return int(sum(self.cells_read))
 
 
-@dataclass(frozen=True)
-class _ReadOptions:
-    layer: str | None = None
-    gene_column: str | None = None
-    species: str = "auto"
-    min_coverage: float = 0.5
-    allow_mixed: bool = False
-    allow_fractional: bool = False
-    measurement: str = "RNA"
-    totals: str = "all"
-    chunk_size: int = 10_000
-    bins_per_decade: int = 200
-
-
 def _input_name(item: Any) -> str:
     return str(item) if isinstance(item, (str, os.PathLike)) else f"AnnData[{getattr(item, 'n_obs', '?')} cells]"
 
 
-def plan_ranges(n_cells: int, workers: int, chunk_size: int, max_task_cells: int = 200_000) -> list[tuple[int, int]]:
-    """Split ``n_cells`` into consecutive cell ranges, one per worker task (multiples of chunk_size)."""
-    if n_cells <= 0:
-        return [(0, 0)]
-    per_task = max(chunk_size, min(max_task_cells, -(-n_cells // max(workers, 1))))
-    per_task = -(-per_task // chunk_size) * chunk_size
-    return [(lo, min(lo + per_task, n_cells)) for lo in range(0, n_cells, per_task)]
-
-
-def _accumulate_range(item: Any, start: int, stop: int | None, genes: np.ndarray | None, options: _ReadOptions) -> tuple[MedianAccumulator, int, int, str, str]:
+def _accumulate_range(item: Any, start: int, stop: int | None, genes: np.ndarray | None, options: ReadOptions, bins_per_decade: int) -> tuple[MedianAccumulator, int, int, str, str]:
     """Median histograms of cells [start, stop) of one input (runs in a worker process)."""
-    from .readers import filter_pass_rows, map_source_genes, normalization_totals, open_source
-
-    accumulator = MedianAccumulator(genes=genes, bins_per_decade=options.bins_per_decade)
-    with open_source(item, options.layer, options.gene_column, allow_fractional=options.allow_fractional, measurement=options.measurement) as source:
-        mapping = map_source_genes(source, options.species, options.min_coverage, options.allow_mixed)
+    accumulator = MedianAccumulator(genes=genes, bins_per_decade=bins_per_decade)
+    with options.open(item) as source:
+        mapping = options.map_genes(source)
         ensembl = mapping.ensembl_ids
         kept = (accumulator._slots(ensembl) >= 0) if genes is not None else ensembl != ""
         extra = [c for c in ("n_counts", "filter_pass") if c in source.obs_columns]
@@ -468,43 +452,42 @@ def _accumulate_range(item: Any, start: int, stop: int | None, genes: np.ndarray
         return accumulator, read, used, mapping.coverage_report(), mapping.species
 
 
+def _read_options(read: ReadOptions | None, overrides: dict[str, Any]) -> ReadOptions:
+    """``read`` (default :class:`ReadOptions`) with field overrides given as keywords."""
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ReadOptions)})
+    if unknown:
+        raise TypeError(f"unknown medians option(s) {unknown}; reader options are the fields of ReadOptions.")
+    return dataclasses.replace(read or ReadOptions(), **overrides)
+
+
 def accumulate_medians(
     inputs: Sequence[Any],
     *,
+    read: ReadOptions | None = None,
     genes: Sequence[str] | None = None,
-    layer: str | None = None,
-    gene_column: str | None = None,
-    species: str = "auto",
-    totals: str = "all",
-    min_coverage: float = 0.5,
-    allow_mixed: bool = False,
-    allow_fractional: bool = False,
-    measurement: str = "RNA",
-    chunk_size: int = 10_000,
     bins_per_decade: int = 200,
     workers: int = 1,
     progress: bool = False,
+    **read_options: Any,
 ) -> tuple[list[MedianAccumulator], MedianRunStats]:
     """One :class:`MedianAccumulator` per input, streaming every input in chunks.
 
     Files are split into cell ranges and processed by ``workers`` processes; in-memory AnnData
     inputs are processed in this process. See :func:`compute_medians` for the parameters.
     """
-    if totals not in ("all", "kept"):
-        raise InputDataError(f"totals must be 'all' or 'kept', got {totals!r}.")
+    options = _read_options(read, read_options)
+    if options.totals not in ("all", "kept"):
+        raise InputDataError(f"totals must be 'all' or 'kept', got {options.totals!r}.")
     if not inputs:
         raise InputDataError("no inputs given: pass at least one .h5ad / .loom / 10x / SOMA path or AnnData.")
-    options = _ReadOptions(layer, gene_column, species, min_coverage, allow_mixed, allow_fractional, measurement, totals, chunk_size, bins_per_decade)
     gene_array = None if genes is None else np.asarray(list(genes), dtype=object)
     started = time.perf_counter()
     tasks: list[tuple[int, Any, int, int | None]] = []
     for i, item in enumerate(inputs):
         if workers > 1 and isinstance(item, (str, os.PathLike)):
-            from .readers import open_source
-
-            with open_source(item, layer, gene_column, allow_fractional=allow_fractional, measurement=measurement) as source:
+            with options.open(item) as source:
                 n_cells = source.n_cells
-            tasks.extend((i, item, lo, hi) for lo, hi in plan_ranges(n_cells, workers, chunk_size))
+            tasks.extend((i, item, lo, hi) for lo, hi in plan_ranges(n_cells, workers, options.chunk_size))
         else:
             tasks.append((i, item, 0, None))
     # Each part is merged as soon as it arrives, so memory holds one accumulator per input (plus
@@ -523,26 +506,20 @@ def accumulate_medians(
         stats.cells_used[i] += cells_used
         bar.update()
 
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(tasks), desc="medians", unit="task", disable=not progress)
     try:
         if workers > 1 and len(tasks) > 1:
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
-            from .tokenize import worker_context
-
             local = [t for t in tasks if not isinstance(t[1], (str, os.PathLike))]
             remote = [t for t in tasks if isinstance(t[1], (str, os.PathLike))]
             with ProcessPoolExecutor(max_workers=workers, mp_context=worker_context()) as pool:
-                futures = {pool.submit(_accumulate_range, t[1], t[2], t[3], gene_array, options): t[0] for t in remote}
+                futures = {pool.submit(_accumulate_range, t[1], t[2], t[3], gene_array, options, bins_per_decade): t[0] for t in remote}
                 for i, item, lo, hi in local:
-                    collect(i, _accumulate_range(item, lo, hi, gene_array, options))
+                    collect(i, _accumulate_range(item, lo, hi, gene_array, options, bins_per_decade))
                 for future in as_completed(futures):
                     collect(futures[future], future.result())
         else:
             for i, item, lo, hi in tasks:
-                collect(i, _accumulate_range(item, lo, hi, gene_array, options))
+                collect(i, _accumulate_range(item, lo, hi, gene_array, options, bins_per_decade))
     finally:
         bar.close()
     accumulators = list(merged)
@@ -575,9 +552,11 @@ def compute_medians(
     return_stats
         Also return a :class:`MedianRunStats`.
     **options
-        Passed to :func:`accumulate_medians`: ``genes`` (restrict to these Ensembl IDs), ``layer``,
-        ``gene_column``, ``species``, ``totals`` ("all" | "kept"), ``min_coverage``, ``allow_mixed``,
-        ``allow_fractional``, ``measurement``, ``chunk_size``, ``bins_per_decade``, ``progress``.
+        Passed to :func:`accumulate_medians`: ``read`` (a :class:`~mixgeneformer.readers.ReadOptions`),
+        ``genes`` (restrict to these Ensembl IDs), ``bins_per_decade``, ``progress``, and any
+        ReadOptions field as a keyword overriding ``read`` (``layer``, ``gene_column``, ``species``,
+        ``totals`` ("all" | "kept"), ``min_coverage``, ``allow_mixed_species``, ``allow_fractional``,
+        ``measurement``, ``chunk_size``).
 
     Returns
     -------

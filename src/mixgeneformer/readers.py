@@ -23,14 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anndata as ad
 import h5py
 import numba
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import InputDataError
+from .errors import GeneIdError, InputDataError
 from .fileio import check_readable_file
+from .genes import map_gene_ids
 
 __all__ = [
     "CountChunk",
@@ -441,7 +443,6 @@ def _read_h5_frame_column(
     group: h5py.Group | h5py.Dataset, start: int = 0, stop: int | None = None
 ) -> np.ndarray | pd.Series:
     """Rows [start, stop) of one h5ad dataframe column; plain arrays and categoricals are sliced on disk."""
-    import anndata as ad
 
     if isinstance(group, h5py.Dataset) and group.ndim == 1:
         values = group[start:stop]
@@ -722,6 +723,43 @@ class _SomaSource(CountSource):
         return self._obs[column].iloc[start:stop]
 
 
+@dataclass(frozen=True)
+class ReadOptions:
+    """How counts and gene identifiers are read from an input: one set of options for the median
+    stage, the tokenizer (:attr:`TokenizeConfig.read_options`) and the CLI.
+
+    Attributes
+    ----------
+    layer, gene_column, measurement, allow_fractional
+        Passed to :func:`open_source`.
+    species, min_coverage, allow_mixed_species
+        Passed to :func:`map_source_genes` (``"auto"`` detects the species per input).
+    totals
+        Cell totals for normalization: ``"all"`` (n_counts over all genes) or ``"kept"``
+        (vocabulary genes only); see :func:`normalization_totals`.
+    chunk_size
+        Cells per chunk (bounds memory: about 50 bytes per stored nonzero).
+    """
+
+    layer: str | None = None
+    gene_column: str | None = None
+    species: str = "auto"
+    min_coverage: float = 0.5
+    allow_mixed_species: bool = False
+    allow_fractional: bool = False
+    measurement: str = "RNA"
+    totals: str = "all"
+    chunk_size: int = 4096
+
+    def open(self, path_or_adata: Any) -> CountSource:
+        """:func:`open_source` with these options."""
+        return open_source(path_or_adata, self.layer, self.gene_column, allow_fractional=self.allow_fractional, measurement=self.measurement)
+
+    def map_genes(self, source: CountSource) -> Any:
+        """:func:`map_source_genes` with these options."""
+        return map_source_genes(source, self.species, self.min_coverage, self.allow_mixed_species)
+
+
 def _is_soma(path: Path) -> bool:
     return path.is_dir() and ((path / "__tiledb_group.tdb").exists() or (path / "__group").exists())
 
@@ -808,8 +846,6 @@ def map_source_genes(
 
     Returns the :class:`~mixgeneformer.genes.GeneMapping`; errors name the source.
     """
-    from .errors import GeneIdError
-    from .genes import map_gene_ids
 
     try:
         return map_gene_ids(source.gene_ids, species=species, allow_mixed=allow_mixed, min_coverage=min_coverage)

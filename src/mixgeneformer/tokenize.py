@@ -15,8 +15,8 @@ object per cell.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-import multiprocessing
 import os
 import shutil
 import time
@@ -25,18 +25,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import datasets
 import numba
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
+from datasets.arrow_writer import ArrowWriter
+from tqdm.auto import tqdm
 
 from .config import from_dict, save_config, to_dict
-from .errors import ConfigError, GeneIdError, InputDataError
+from .errors import ArtifactError, ConfigError, GeneIdError, InputDataError
 from .fileio import atomic_directory, check_readable_file, content_hash, read_json, write_json
 from .medians import GeneMedians, compute_medians
+from .parallel import worker_context
 from .readers import (
     CountChunk,
+    ReadOptions,
     filter_pass_rows,
     map_source_genes,
     normalization_totals,
@@ -133,6 +138,15 @@ class TokenizeConfig:
             raise ConfigError(f"tokenize.chunk_size ({self.chunk_size}) and task_cells ({self.task_cells}) must be ≥ 1.")
         if not 0.0 <= self.min_coverage <= 1.0:
             raise ConfigError(f"tokenize.min_coverage={self.min_coverage} must be within [0, 1].")
+
+    @property
+    def read_options(self) -> ReadOptions:
+        """The reader options of this config (the medians stage reads inputs with the same ones)."""
+        return ReadOptions(
+            layer=self.layer, gene_column=self.gene_column, species=self.species, min_coverage=self.min_coverage,
+            allow_mixed_species=self.allow_mixed_species, allow_fractional=self.allow_fractional,
+            measurement=self.measurement, totals=self.totals, chunk_size=self.chunk_size,
+        )
 
     @property
     def n_special(self) -> int:
@@ -453,7 +467,6 @@ def _obs_arrow_types(source: Any, obs_columns: Sequence[str]) -> dict[str, pa.Da
 
 
 def _features(obs_types: dict[str, pa.DataType]) -> Any:
-    import datasets
 
     schema = pa.schema(
         [("input_ids", pa.list_(pa.int32())), ("length", pa.int32()), ("species", pa.string()), ("cell_index", pa.int64())]
@@ -481,15 +494,11 @@ def _medians_for(item: Any, medians: GeneMedians | None, config: TokenizeConfig)
         if medians is None:
             raise ConfigError("medians='corpus' needs a median table; pass medians= (CLI: --medians medians.tsv).")
         return medians
-    return compute_medians(
-        [item], layer=config.layer, gene_column=config.gene_column, species=config.species, totals=config.totals,
-        min_coverage=config.min_coverage, allow_mixed=config.allow_mixed_species, allow_fractional=config.allow_fractional,
-        measurement=config.measurement, chunk_size=config.chunk_size,
-    )
+    return compute_medians([item], read=config.read_options)
 
 
 def _iter_tables(item: Any, vocab: Any, medians: GeneMedians, config: TokenizeConfig, obs_columns: Sequence[str], obs_types: dict[str, pa.DataType], start: int = 0, stop: int | None = None):
-    with open_source(item, config.layer, config.gene_column, allow_fractional=config.allow_fractional, measurement=config.measurement) as source:
+    with config.read_options.open(item) as source:
         columns = _column_lookup(source, vocab, medians, config)
         extra = [c for c in ("n_counts", "filter_pass") if c in source.obs_columns and c not in obs_columns]
         if not config.filter_pass and "filter_pass" in extra:
@@ -507,7 +516,6 @@ def _tokenize_task(
     obs_columns: Sequence[str], obs_types: dict[str, pa.DataType],
 ) -> dict[str, Any]:
     """Tokenize cells [start, stop) of one input into an Arrow shard (runs in a worker process)."""
-    from datasets.arrow_writer import ArrowWriter
 
     started = time.perf_counter()
     report = TokenizeReport()
@@ -528,16 +536,6 @@ def _tokenize_task(
     result = {**dataclasses.asdict(report), "coverage": coverage, "species": species, "start": start, "stop": stop}
     write_json(f"{shard_path}.json", result)  # written last: marks the shard complete
     return result
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """Process start method for worker pools: forkserver (clean, fast) where available, else spawn."""
-    methods = multiprocessing.get_all_start_methods()
-    if "forkserver" in methods:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["mixgeneformer.tokenize", "datasets.arrow_writer"])
-        return ctx
-    return multiprocessing.get_context("spawn")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -599,7 +597,6 @@ def tokenize_anndata(
     and the requested ``obs_columns``. Cells without counts or vocabulary genes are dropped
     (see ``dataset.info.description`` for the counts); all cells empty → :class:`InputDataError`.
     """
-    import datasets
 
     config = config or TokenizeConfig()
     _check_vocab(vocab, config)
@@ -676,7 +673,6 @@ def tokenize_files(
     _check_vocab(vocab, config)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        from .errors import ArtifactError
 
         raise ArtifactError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     if not paths:
@@ -689,20 +685,16 @@ def tokenize_files(
     tasks: list[tuple[int, int, int]] = []
     obs_types: dict[str, pa.DataType] = {}
     for index, item in enumerate(items):
-        with open_source(item, config.layer, config.gene_column, allow_fractional=config.allow_fractional, measurement=config.measurement) as source:
+        with config.read_options.open(item) as source:
             source.check_obs_columns(obs_columns)
-            map_source_genes(source, config.species, config.min_coverage, config.allow_mixed_species)
+            config.read_options.map_genes(source)
             if index == 0:
                 obs_types = _obs_arrow_types(source, obs_columns)
             n_cells = source.n_cells
         tasks.extend((index, lo, min(lo + config.task_cells, n_cells)) for lo in range(0, max(n_cells, 1), config.task_cells))
 
     if config.medians == "per_file":
-        per_file = compute_medians(
-            items, per_file=True, workers=workers, layer=config.layer, gene_column=config.gene_column, species=config.species,
-            totals=config.totals, min_coverage=config.min_coverage, allow_mixed=config.allow_mixed_species,
-            allow_fractional=config.allow_fractional, measurement=config.measurement, chunk_size=config.chunk_size,
-        )
+        per_file = compute_medians(items, per_file=True, workers=workers, read=config.read_options)
         medians_hash = content_hash(*[m.hash for m in per_file])
     else:
         if medians is None:
@@ -735,7 +727,6 @@ def tokenize_files(
     if len(results):
         logger.info("resuming: %d of %d tasks already done", len(results), len(tasks))
 
-    from tqdm.auto import tqdm
 
     total_cells = sum(hi - lo for _, lo, hi in tasks)
     bar = tqdm(total=total_cells, initial=sum(hi - lo for (_, lo, hi) in results), desc="tokenize", unit="cells", disable=not progress)
@@ -785,9 +776,7 @@ def _assemble_corpus(
     manifest: dict[str, Any], report: TokenizeReport, overwrite: bool,
 ) -> None:
     """Write the ``save_to_disk`` layout from finished shards without copying their data."""
-    import json
 
-    import datasets
 
     features = _features(obs_types)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
@@ -830,4 +819,3 @@ def _assemble_corpus(
 def load_tokenize_config(data: dict[str, Any] | None) -> TokenizeConfig:
     """Strictly validated :class:`TokenizeConfig` from a mapping (unknown keys / wrong types rejected)."""
     return from_dict(TokenizeConfig, data, "tokenize")
-
