@@ -20,7 +20,6 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -28,6 +27,7 @@ import pandas as pd
 import torch
 
 from .config import to_dict
+from .corpus import check_corpus_vocabulary, load_corpus
 from .errors import ConfigError, InputDataError
 
 if TYPE_CHECKING:  # imported lazily at run time: they pull heavy dependencies
@@ -685,24 +685,6 @@ def gene_table(result: CorpusEmbeddings) -> pd.DataFrame:
     return table
 
 
-def load_corpus(corpus_dir: str | os.PathLike) -> datasets.Dataset:
-    """Open a tokenized corpus folder (``datasets.save_to_disk`` layout) with a clear error."""
-    import datasets as hf_datasets
-
-    from .errors import ArtifactError
-
-    folder = Path(corpus_dir)
-    if not folder.is_dir():
-        raise ArtifactError(f"corpus folder {folder} does not exist; tokenize first (mixgf tokenize)")
-    try:
-        corpus = hf_datasets.load_from_disk(str(folder))
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        raise ArtifactError(f"{folder} is not a readable tokenized corpus ({exc}); re-run mixgf tokenize") from exc
-    if isinstance(corpus, hf_datasets.DatasetDict):
-        raise ArtifactError(f"{folder} holds several splits {list(corpus)}; pass one split's folder")
-    return corpus
-
-
 def embed_corpus_folder(
     corpus: str | os.PathLike | datasets.Dataset,
     model_or_bundle_dir: str | os.PathLike | torch.nn.Module,
@@ -725,19 +707,10 @@ def embed_corpus_folder(
     """
     import anndata as ad
 
-    from .errors import VocabularyMismatchError
-    from .fileio import read_json
 
     model, vocab, _, _, model_name = load_for_inference(model_or_bundle_dir, vocab, None)
     if isinstance(corpus, (str, os.PathLike)):
-        marker = Path(corpus) / "mixgf_corpus.json"
-        if marker.exists():
-            recorded = read_json(marker, "corpus marker").get("vocab_hash")
-            if recorded not in (None, vocab.hash):
-                raise VocabularyMismatchError(
-                    f"the corpus {corpus} was tokenized with vocabulary {recorded} but the model uses {vocab.hash}; "
-                    "re-tokenize it with the model bundle's vocab.json"
-                )
+        check_corpus_vocabulary(corpus, vocab.hash)
         dataset = load_corpus(corpus)
     else:
         dataset = corpus

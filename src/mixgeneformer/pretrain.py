@@ -41,13 +41,13 @@ import torch
 
 from . import checkpoints as ckpt
 from .config import from_dict, load_config, save_config
-from .errors import ArtifactError, ConfigError, MixGeneformerError, VocabularyMismatchError
-from .fileio import read_json, write_json
+from .corpus import check_corpora, corpus_lengths, corpus_species_codes, open_corpus
+from .errors import ArtifactError, ConfigError, MixGeneformerError
+from .fileio import write_json
 from .sampling import PretrainSampler, batch_seed
 
 logger = logging.getLogger(__name__)
 
-CORPUS_META = "mixgf_corpus.json"
 BUNDLE_DIR = "model"
 SIGNAL_SYNC_STEPS = 10  # distributed runs check for a stop signal every this many steps
 METRICS_FIELDS = (
@@ -301,74 +301,6 @@ def training_flops(
 # --------------------------------------------------------------------------------------------
 # Corpus and model
 # --------------------------------------------------------------------------------------------
-def corpus_vocab_hash(corpus_dir: Path) -> str | None:
-    """The vocabulary hash a corpus records in ``mixgf_corpus.json`` (None if it records none)."""
-    meta_path = Path(corpus_dir) / CORPUS_META
-    if not meta_path.exists():
-        raise ArtifactError(
-            f"{corpus_dir} is not a mixgeneformer corpus ({CORPUS_META} missing). Create it with `mixgf tokenize`."
-        )
-    meta = read_json(meta_path, "corpus metadata")
-    return meta.get("vocab_hash") if isinstance(meta, dict) else None
-
-
-def check_corpora(paths: list[Path], vocab: Any) -> None:
-    """Every corpus must exist and record the hash of ``vocab``; checked before training starts."""
-    for path in paths:
-        if not Path(path).is_dir():
-            raise ArtifactError(f"corpus folder not found: {path} (data.corpus). Check the path.")
-        recorded = corpus_vocab_hash(Path(path))
-        if recorded != vocab.hash:
-            raise VocabularyMismatchError(
-                f"corpus {path} was tokenized with vocabulary {recorded}, but data.vocab has hash {vocab.hash}. "
-                "Use the vocab.json the corpus was built with, or re-tokenize the data."
-            )
-
-
-def open_corpus(paths: list[Path], max_cells: int | None = None):
-    """Memory-map the corpora (``load_from_disk``) and concatenate them; no row is read here."""
-    import datasets
-
-    parts = []
-    for path in paths:
-        try:
-            part = datasets.load_from_disk(str(path))
-        except (FileNotFoundError, ValueError) as exc:
-            raise ArtifactError(f"corpus {path} could not be opened ({exc}); it may be incomplete. Re-tokenize it.") from exc
-        if isinstance(part, datasets.DatasetDict):
-            raise ArtifactError(f"corpus {path} holds several splits; point data.corpus at one split folder.")
-        if "input_ids" not in part.column_names:
-            raise ArtifactError(f"corpus {path} has no 'input_ids' column (columns: {part.column_names}).")
-        parts.append(part)
-    dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    if max_cells is not None and max_cells < len(dataset):
-        dataset = dataset.select(range(max_cells))
-    if len(dataset) == 0:
-        raise ArtifactError(f"the corpus {[str(p) for p in paths]} holds no cells.")
-    return dataset
-
-
-def corpus_lengths(dataset) -> np.ndarray:
-    """Per-cell sequence lengths (the ``length`` column, or counted from ``input_ids``)."""
-    if "length" in dataset.column_names:
-        return np.asarray(dataset.with_format("numpy")["length"], dtype=np.int64)
-    import pyarrow.compute as pc
-
-    table = dataset.with_format("arrow")[:]
-    return np.asarray(pc.list_value_length(table.column("input_ids")), dtype=np.int64)
-
-
-def corpus_species_codes(dataset) -> tuple[np.ndarray, list[str]]:
-    """Integer species codes per cell and the code -> species name list."""
-    if "species" not in dataset.column_names:
-        raise ArtifactError("the corpus has no 'species' column, needed for species-balanced sampling.")
-    column = dataset.with_format("arrow")["species"]
-    import pyarrow as pa
-
-    if isinstance(column, pa.Table):
-        column = column.column(0)
-    encoded = column.combine_chunks().dictionary_encode() if isinstance(column, pa.ChunkedArray) else column.dictionary_encode()
-    return np.asarray(encoded.indices, dtype=np.int64), [str(s) for s in encoded.dictionary.to_pylist()]
 
 
 def split_train_eval(dataset, eval_fraction: float, seed: int):

@@ -35,6 +35,7 @@ from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
 from .config import from_dict, save_config, to_dict
+from .corpus import CORPUS_JSON
 from .errors import ArtifactError, ConfigError, GeneIdError, InputDataError
 from .fileio import atomic_directory, check_readable_file, content_hash, read_json, write_json
 from .medians import GeneMedians, compute_medians
@@ -62,7 +63,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CORPUS_JSON = "mixgf_corpus.json"
 V2_MAX_LEN = 4096
 
 

@@ -105,7 +105,7 @@ def perturb(
 
     loaded, vocab, medians = load_bundle(model)
     if input.is_dir():
-        from ..embed import load_corpus
+        from ..corpus import load_corpus
 
         result = pt.perturb_cells(loaded, load_corpus(input), vocab, config, progress=progress)
     else:

@@ -80,9 +80,10 @@ def tokenize_command(
 ) -> None:
     """Rank-value encode cells into a Hugging Face datasets corpus (resumable, multi-process)."""
     from ..config import from_dict
+    from ..corpus import CORPUS_JSON
     from ..fileio import read_json
     from ..medians import GeneMedians
-    from ..tokenize import CORPUS_JSON, TokenizeConfig, tokenize_files
+    from ..tokenize import TokenizeConfig, tokenize_files
     from ..vocab import Vocabulary
 
     logging.basicConfig(level=logging.WARNING)

@@ -1,0 +1,114 @@
+"""The corpus folder contract: what tokenize writes and pretraining, embedding and perturbation read.
+
+A corpus is a ``datasets.save_to_disk`` folder (columns ``input_ids``, ``length``, ``species``,
+``cell_index`` + obs columns), its ``config.yaml`` (the TokenizeConfig) and ``mixgf_corpus.json``
+(vocabulary and median hashes, counts). One opener, one vocabulary check."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import ArtifactError, VocabularyMismatchError
+from .fileio import read_json
+from .vocab import Vocabulary
+
+CORPUS_JSON = "mixgf_corpus.json"
+
+
+def corpus_vocab_hash(corpus_dir: Path) -> str | None:
+    """The vocabulary hash a corpus records in ``mixgf_corpus.json`` (None if it records none)."""
+    meta_path = Path(corpus_dir) / CORPUS_JSON
+    if not meta_path.exists():
+        raise ArtifactError(
+            f"{corpus_dir} is not a mixgeneformer corpus ({CORPUS_JSON} missing). Create it with `mixgf tokenize`."
+        )
+    meta = read_json(meta_path, "corpus metadata")
+    return meta.get("vocab_hash") if isinstance(meta, dict) else None
+
+
+def check_corpora(paths: list[Path], vocab: Vocabulary) -> None:
+    """Every corpus must exist and record the hash of ``vocab``; checked before training starts."""
+    for path in paths:
+        if not Path(path).is_dir():
+            raise ArtifactError(f"corpus folder not found: {path} (data.corpus). Check the path.")
+        recorded = corpus_vocab_hash(Path(path))
+        if recorded != vocab.hash:
+            raise VocabularyMismatchError(
+                f"corpus {path} was tokenized with vocabulary {recorded}, but data.vocab has hash {vocab.hash}. "
+                "Use the vocab.json the corpus was built with, or re-tokenize the data."
+            )
+
+
+def open_corpus(paths: list[Path], max_cells: int | None = None):
+    """Memory-map the corpora (``load_from_disk``) and concatenate them; no row is read here."""
+    parts = []
+    for path in paths:
+        part = _load_one(path)
+        if "input_ids" not in part.column_names:
+            raise ArtifactError(f"corpus {path} has no 'input_ids' column (columns: {part.column_names}).")
+        parts.append(part)
+    dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if max_cells is not None and max_cells < len(dataset):
+        dataset = dataset.select(range(max_cells))
+    if len(dataset) == 0:
+        raise ArtifactError(f"the corpus {[str(p) for p in paths]} holds no cells.")
+    return dataset
+
+
+def _load_one(path: str | os.PathLike) -> datasets.Dataset:
+    """One corpus folder, memory-mapped, with a clear error for a missing / partial / multi-split folder."""
+    try:
+        part = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise ArtifactError(f"corpus {path} could not be opened ({exc}); it may be incomplete. Re-tokenize it (mixgf tokenize).") from exc
+    if isinstance(part, datasets.DatasetDict):
+        raise ArtifactError(f"corpus {path} holds several splits {list(part)}; point at one split's folder.")
+    return part
+
+
+def corpus_lengths(dataset) -> np.ndarray:
+    """Per-cell sequence lengths (the ``length`` column, or counted from ``input_ids``)."""
+    if "length" in dataset.column_names:
+        return np.asarray(dataset.with_format("numpy")["length"], dtype=np.int64)
+
+    table = dataset.with_format("arrow")[:]
+    return np.asarray(pc.list_value_length(table.column("input_ids")), dtype=np.int64)
+
+
+def corpus_species_codes(dataset) -> tuple[np.ndarray, list[str]]:
+    """Integer species codes per cell and the code -> species name list."""
+    if "species" not in dataset.column_names:
+        raise ArtifactError("the corpus has no 'species' column, needed for species-balanced sampling.")
+    column = dataset.with_format("arrow")["species"]
+
+    if isinstance(column, pa.Table):
+        column = column.column(0)
+    encoded = column.combine_chunks().dictionary_encode() if isinstance(column, pa.ChunkedArray) else column.dictionary_encode()
+    return np.asarray(encoded.indices, dtype=np.int64), [str(s) for s in encoded.dictionary.to_pylist()]
+
+
+def load_corpus(corpus_dir: str | os.PathLike) -> datasets.Dataset:
+    """Open a tokenized corpus folder (``datasets.save_to_disk`` layout) with a clear error."""
+    folder = Path(corpus_dir)
+    if not folder.is_dir():
+        raise ArtifactError(f"corpus folder {folder} does not exist; tokenize first (mixgf tokenize)")
+    return _load_one(folder)
+
+
+def check_corpus_vocabulary(corpus_dir: str | os.PathLike, vocab_hash: str) -> None:
+    """A corpus folder whose ``mixgf_corpus.json`` records another vocabulary is an error; a folder
+    without one (a corpus written by other tools) passes."""
+    marker = Path(corpus_dir) / CORPUS_JSON
+    if marker.exists():
+        recorded = read_json(marker, "corpus marker").get("vocab_hash")
+        if recorded not in (None, vocab_hash):
+            raise VocabularyMismatchError(
+                f"the corpus {corpus_dir} was tokenized with vocabulary {recorded} but the model uses {vocab_hash}; "
+                "re-tokenize it with the model bundle's vocab.json"
+            )
