@@ -46,9 +46,9 @@ import anndata as ad  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mixgeneformer import classify as C  # noqa: E402
+from mixgeneformer.bundle import load_bundle, save_bundle  # noqa: E402
 from mixgeneformer.embed import embed_corpus  # noqa: E402
 from mixgeneformer.medians import compute_medians  # noqa: E402
-from mixgeneformer.model import load_bundle, save_bundle  # noqa: E402
 from mixgeneformer.pretrain import build_model, pretrain_config_from_dict, run_pretraining  # noqa: E402
 from mixgeneformer.tokenize import TokenizeConfig, tokenize_files  # noqa: E402
 from mixgeneformer.vocab import build_vocabulary  # noqa: E402

@@ -346,7 +346,7 @@ def test_freezing_layers():
     with torch.no_grad():
         hidden = clf.eval().bert(**batch).last_hidden_state
     expected = embed_corpus(model, tokens.dataset.select(range(4)), vocab, layer=-1, progress=False, device="cpu")
-    from mixgeneformer.embed import pool_cells
+    from mixgeneformer.model import pool_cells
 
     pooled = pool_cells(hidden, batch["input_ids"], batch["attention_mask"], vocab.special_ids).numpy()
     assert np.allclose(pooled, expected, atol=1e-5)
@@ -368,8 +368,9 @@ def tiny_bundle(tmp_path_factory, shared_data):
     """A random tiny model bundle with medians and a vocabulary built from the Baron data."""
     import torch
 
+    from mixgeneformer.bundle import save_bundle
     from mixgeneformer.medians import compute_medians
-    from mixgeneformer.model import MixGeneformerForPretraining, make_config, save_bundle
+    from mixgeneformer.model import MixGeneformerForPretraining, make_config
     from mixgeneformer.vocab import build_vocabulary
 
     human = baron_subset(shared_data / "baron_pancreas_human.h5ad", 30, ["alpha", "beta", "ductal", "acinar"])
@@ -425,7 +426,7 @@ def test_cli_missing_label_column_exits_2(tiny_bundle, tmp_path, capsys):
 
 @pytest.mark.realdata
 def test_finetune_real_cells_for_a_few_steps(tiny_bundle):
-    from mixgeneformer.model import load_bundle
+    from mixgeneformer.bundle import load_bundle
 
     bundle, _, human = tiny_bundle
     model, vocab, medians = load_bundle(bundle)

@@ -35,7 +35,7 @@ rank, world = dist.get_rank(), dist.get_world_size()
 report = {"rank": rank, "world": world, "step": result.global_step}
 
 # The same process group: are the trained parameters identical on every rank?
-from mixgeneformer.model import load_bundle
+from mixgeneformer.bundle import load_bundle
 dist.barrier()
 model, _, _ = load_bundle(result.bundle_dir)
 flat = torch.cat([p.detach().flatten() for p in model.parameters()])

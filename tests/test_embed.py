@@ -15,9 +15,9 @@ from mixgeneformer.embed import (
     hidden_at_layer,
     inference_context,
     layers_to_run,
-    pool_cells,
 )
 from mixgeneformer.errors import ConfigError, InputDataError
+from mixgeneformer.model import pool_cells
 from mixgeneformer.vocab import Vocabulary
 
 N_GENES = 300
@@ -255,9 +255,10 @@ def bundle(tmp_path_factory):
     import anndata as ad
     import pandas as pd
 
+    from mixgeneformer.bundle import save_bundle
     from mixgeneformer.genes import gene_table
     from mixgeneformer.medians import GeneMedians
-    from mixgeneformer.model import MixGeneformerForPretraining, make_config, save_bundle
+    from mixgeneformer.model import MixGeneformerForPretraining, make_config
 
     table = gene_table("human")
     ids = table.loc[table["biotype"] == "protein_coding", "ensembl_id"].head(N_GENES + 50).tolist()
@@ -305,7 +306,7 @@ def test_embed_anndata_writes_obsm_in_obs_order_with_nan_for_dropped_cells(bundl
 
 
 def test_embed_anndata_equals_embed_corpus_of_the_tokenized_cells(bundle):
-    from mixgeneformer.model import load_bundle
+    from mixgeneformer.bundle import load_bundle
     from mixgeneformer.tokenize import TokenizeConfig, tokenize_anndata
 
     folder, adata = bundle
@@ -331,7 +332,7 @@ def test_embed_anndata_never_overwrites_silently(bundle):
 
 
 def test_embed_anndata_needs_vocabulary_and_medians_for_in_memory_models(bundle):
-    from mixgeneformer.model import load_bundle
+    from mixgeneformer.bundle import load_bundle
 
     folder, adata = bundle
     model, vocab, _ = load_bundle(folder)
@@ -342,7 +343,7 @@ def test_embed_anndata_needs_vocabulary_and_medians_for_in_memory_models(bundle)
 
 
 def test_embed_corpus_folder_builds_anndata_with_obs_and_gene_table(bundle, tmp_path):
-    from mixgeneformer.model import load_bundle
+    from mixgeneformer.bundle import load_bundle
     from mixgeneformer.tokenize import TokenizeConfig, tokenize_anndata
 
     folder, adata = bundle
@@ -415,10 +416,10 @@ def test_embed_anndata_on_real_baron_cells_with_symbol_gene_names(shared_data):
 def test_cli_embed_reads_a_tokenized_corpus_folder_and_checks_its_vocabulary(bundle, tmp_path):
     import anndata as ad
 
+    from mixgeneformer.bundle import load_bundle
     from mixgeneformer.cli import main
     from mixgeneformer.errors import VocabularyMismatchError
     from mixgeneformer.fileio import read_json, write_json
-    from mixgeneformer.model import load_bundle
     from mixgeneformer.tokenize import TokenizeConfig, tokenize_files
 
     folder, adata = bundle
@@ -448,9 +449,10 @@ def test_embed_anndata_tokenizes_like_the_bundle_records(tmp_path):
 
     import anndata as ad
 
+    from mixgeneformer.bundle import save_bundle
     from mixgeneformer.config import save_config
     from mixgeneformer.medians import compute_medians
-    from mixgeneformer.model import MixGeneformerForPretraining, make_config, save_bundle
+    from mixgeneformer.model import MixGeneformerForPretraining, make_config
     from mixgeneformer.tokenize import TokenizeConfig
     from mixgeneformer.vocab import build_vocabulary
 

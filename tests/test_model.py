@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertForMaskedLM
 
 from mixgeneformer import losses
+from mixgeneformer.bundle import load_bundle, save_bundle
 from mixgeneformer.collator import PretrainingCollator
 from mixgeneformer.errors import ArtifactError, ConfigError, OfflineError, VocabularyMismatchError
 from mixgeneformer.genes import one_to_one_orthologs
@@ -22,9 +23,7 @@ from mixgeneformer.model import (
     PRESETS,
     MixGeneformerConfig,
     MixGeneformerForPretraining,
-    load_bundle,
     make_config,
-    save_bundle,
 )
 from mixgeneformer.vocab import Vocabulary
 

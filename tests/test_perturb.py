@@ -293,9 +293,10 @@ def test_cli_perturb_h5ad_end_to_end(tmp_path, vocab):
     import anndata as ad
     import scipy.sparse as sp
 
+    from mixgeneformer.bundle import save_bundle
     from mixgeneformer.cli import main
     from mixgeneformer.medians import GeneMedians
-    from mixgeneformer.model import MixGeneformerForPretraining, make_config, save_bundle
+    from mixgeneformer.model import MixGeneformerForPretraining, make_config
 
     genes = list(vocab.gene_to_id)
     torch.manual_seed(0)

@@ -216,7 +216,7 @@ def test_flop_formula():
 # Training, checkpoints, resume (RELIABILITY 13-16)
 # ------------------------------------------------------------------------------------------
 def test_run_writes_checkpoints_metrics_and_a_loadable_bundle(tmp_path, synthetic):
-    from mixgeneformer.model import load_bundle
+    from mixgeneformer.bundle import load_bundle
 
     out = tmp_path / "run"
     config = pretrain_config_from_dict(tiny_config(synthetic, out, train={"max_steps": 6},
@@ -374,7 +374,7 @@ def baron_corpus(tmp_path_factory, shared_data):
 @pytest.mark.realdata
 def test_losses_fall_on_real_baron_human_and_mouse(tmp_path, baron_corpus):
     """A tiny model on ~4,000 real human + mouse cells: MLM and SimCSE losses both drop clearly."""
-    from mixgeneformer.model import load_bundle
+    from mixgeneformer.bundle import load_bundle
 
     config = pretrain_config_from_dict({
         "output_dir": str(tmp_path / "run"),
@@ -398,7 +398,7 @@ def test_losses_fall_on_real_baron_human_and_mouse(tmp_path, baron_corpus):
     _, _, medians = load_bundle(result.bundle_dir)
     assert medians is not None  # the medians travel with the model
     # ... and so does the tokenization: new cells are encoded like the corpus (V2, species token).
-    from mixgeneformer.model import bundle_tokenize_config
+    from mixgeneformer.bundle import bundle_tokenize_config
 
     recorded = bundle_tokenize_config(result.bundle_dir)
     assert (recorded.style, recorded.add_species_token, recorded.max_len) == ("v2", True, 64)

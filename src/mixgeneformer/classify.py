@@ -36,6 +36,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .errors import ConfigError, InputDataError
+from .model import MixGeneformerForCellClassification
 
 logger = logging.getLogger(__name__)
 
@@ -933,54 +934,6 @@ def zero_shot(
 # --------------------------------------------------------------------------------------------
 
 
-def _classifier_class() -> type:
-    """The classification model class (built lazily: importing transformers is slow)."""
-    global _CLASSIFIER_CLASS
-    if _CLASSIFIER_CLASS is not None:
-        return _CLASSIFIER_CLASS
-    import torch
-    from torch import nn
-    from transformers import BertModel, BertPreTrainedModel
-    from transformers.modeling_outputs import SequenceClassifierOutput
-
-    from .embed import pool_cells
-    from .model import MixGeneformerConfig
-
-    class MixGeneformerForCellClassification(BertPreTrainedModel):
-        """BERT encoder + dropout + linear head on the pooled cell embedding.
-
-        Pooling is the embedding protocol's (mean over gene tokens of the last layer, or the
-        ``<cls>`` state, ``config.cell_pooling``); ``config.special_token_ids`` lists the
-        non-gene tokens. Encoder keys match ``BertForMaskedLM``'s ``bert.*``.
-        """
-
-        config_class = MixGeneformerConfig
-
-        def __init__(self, config: Any):
-            super().__init__(config)
-            self.num_labels = config.num_labels
-            self.bert = BertModel(config, add_pooling_layer=False)
-            dropout = getattr(config, "classifier_dropout", None)
-            self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
-            self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-            # A plain array, not a buffer: from_pretrained leaves non-persistent buffers uninitialised.
-            self.special_ids = np.asarray(config.special_token_ids or [config.pad_token_id or 0], dtype=np.int64)
-            self.post_init()
-
-        def forward(self, input_ids: Any, attention_mask: Any = None, labels: Any = None, **_: Any) -> Any:
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            pooled = pool_cells(hidden, input_ids, attention_mask, self.special_ids, self.config.cell_pooling)
-            logits = self.classifier(self.dropout(pooled.to(self.classifier.weight.dtype)))
-            loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
-            return SequenceClassifierOutput(loss=loss, logits=logits)
-
-    _CLASSIFIER_CLASS = MixGeneformerForCellClassification
-    return _CLASSIFIER_CLASS
-
-
-_CLASSIFIER_CLASS: type | None = None
 
 
 def build_classifier(model: Any, classes: Sequence[str], vocab: Any, config: FinetuneConfig | None = None) -> Any:
@@ -1006,7 +959,7 @@ def build_classifier(model: Any, classes: Sequence[str], vocab: Any, config: Fin
     model_config.classifier_dropout = config.classifier_dropout
     model_config.special_token_ids = [int(i) for i in vocab.special_ids]
     model_config.vocab_hash = vocab.hash
-    classifier = _classifier_class()(model_config)
+    classifier = MixGeneformerForCellClassification(model_config)
     missing, unexpected = classifier.bert.load_state_dict(bert.state_dict(), strict=False)
     unexpected = [k for k in unexpected if not k.startswith("pooler.")]
     if missing or unexpected:
@@ -1101,7 +1054,7 @@ def load_classifier(directory: Any) -> FittedClassifier:
     directory = Path(directory)
     check_readable_file(directory / "model" / "model.safetensors", "classifier weights")
     vocab = Vocabulary.load(check_readable_file(directory / "vocab.json", "classifier vocabulary"))
-    model = _classifier_class().from_pretrained(directory / "model", use_safetensors=True)
+    model = MixGeneformerForCellClassification.from_pretrained(directory / "model", use_safetensors=True)
     medians = GeneMedians.load(directory / "medians.tsv") if (directory / "medians.tsv").exists() else None
     classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
     return FittedClassifier(
@@ -1310,4 +1263,3 @@ def save_run(run: ClassificationRun, out_dir: Any, overwrite: bool = False) -> A
         if run.fitted is not None:
             run.fitted.save(tmp / "finetuned")
     return Path(out_dir)
-

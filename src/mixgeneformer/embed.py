@@ -26,9 +26,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .bundle import load_for_inference
 from .config import to_dict
 from .corpus import check_corpus_vocabulary, load_corpus
 from .errors import ConfigError, InputDataError
+from .model import Pooling, gene_positions, pool_cells
 
 if TYPE_CHECKING:  # imported lazily at run time: they pull heavy dependencies
     import anndata
@@ -36,7 +38,6 @@ if TYPE_CHECKING:  # imported lazily at run time: they pull heavy dependencies
 
     from .vocab import Vocabulary
 
-Pooling = Literal["mean", "cls"]
 Precision = Literal["auto", "fp32", "bf16"]
 
 __all__ = [
@@ -172,58 +173,6 @@ def continue_encoder(
         out = block(hidden, mask)
         hidden = out[0] if isinstance(out, tuple) else out  # transformers 4.x returns tuples
     return hidden
-
-
-def gene_positions(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: Sequence[int] | np.ndarray
-) -> torch.Tensor:
-    """Boolean (batch, length) mask of gene tokens: not padding and not a special token."""
-    special = torch.as_tensor(np.asarray(special_ids, dtype=np.int64), device=input_ids.device)
-    return attention_mask.bool() & ~torch.isin(input_ids, special)
-
-
-def pool_cells(
-    hidden: torch.Tensor,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    special_ids: Sequence[int] | np.ndarray,
-    pooling: Pooling = "mean",
-) -> torch.Tensor:
-    """One float32 vector per cell from its token states.
-
-    Parameters
-    ----------
-    hidden
-        (batch, length, hidden) token states, e.g. from :func:`hidden_at_layer`.
-    input_ids, attention_mask
-        The (batch, length) inputs those states came from.
-    special_ids
-        Every non-gene token id (``Vocabulary.special_ids``): excluded from mean pooling.
-    pooling
-        ``"mean"``: average over gene positions (no padding, no special token);
-        ``"cls"``: the state at position 0, which must hold a special token (``<cls>``).
-
-    Returns
-    -------
-    torch.Tensor
-        (batch, hidden) float32.
-    """
-    if pooling == "cls":
-        first = input_ids[:, 0]
-        special = torch.as_tensor(np.asarray(special_ids, dtype=np.int64), device=input_ids.device)
-        if not bool(torch.isin(first, special).all()):
-            raise ConfigError(
-                "pooling='cls' needs a <cls> token at position 0 of every cell, but the corpus "
-                "starts with gene tokens; tokenize with style='v2' (adds <cls>/<eos>) or use "
-                "pooling='mean'"
-            )
-        return hidden[:, 0].float()
-    if pooling != "mean":
-        raise ConfigError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
-    genes = gene_positions(input_ids, attention_mask, special_ids)
-    weights = genes.to(torch.float32).unsqueeze(-1)
-    total = (hidden.float() * weights).sum(dim=1)
-    return total / weights.sum(dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,32 +461,6 @@ def _progress_bar(total: int, enabled: bool):
 # --------------------------------------------------------------------------------------------
 # AnnData and corpus-folder front ends
 # --------------------------------------------------------------------------------------------
-def load_for_inference(model_or_bundle_dir: Any, vocab: Vocabulary | None, medians: Any, tokenize_config: Any = None):
-    """(model, vocab, medians, tokenize config, name) from a bundle folder or an in-memory model.
-
-    Arguments given explicitly win; otherwise a bundle supplies its vocabulary, medians and the
-    tokenize configuration of its training corpus (None where it records none).
-    """
-    if isinstance(model_or_bundle_dir, (str, os.PathLike)):
-        from .model import bundle_tokenize_config, load_bundle
-
-        model, bundle_vocab, bundle_medians = load_bundle(model_or_bundle_dir, vocab)
-        return (
-            model,
-            bundle_vocab,
-            medians if medians is not None else bundle_medians,
-            tokenize_config if tokenize_config is not None else bundle_tokenize_config(model_or_bundle_dir),
-            str(model_or_bundle_dir),
-        )
-    if not isinstance(model_or_bundle_dir, torch.nn.Module):
-        raise ConfigError(
-            f"model_or_bundle_dir must be a model bundle folder or a torch model, got {type(model_or_bundle_dir).__name__}"
-        )
-    model = model_or_bundle_dir
-    vocab = vocab if vocab is not None else getattr(model, "vocab", None)
-    if vocab is None:
-        raise ConfigError("an in-memory model needs its vocabulary: pass vocab= (or a bundle folder instead)")
-    return model, vocab, medians, tokenize_config, type(model).__name__
 
 
 def _check_key(adata: Any, key: str, overwrite: bool) -> None:
@@ -603,7 +526,7 @@ def embed_anndata(
         Cells x genes with raw counts (``X`` or as the tokenizer is configured). Not modified
         when ``copy=True``.
     model_or_bundle_dir
-        A model bundle folder (``model.save_bundle``) or an in-memory model (then ``vocab`` and
+        A model bundle folder (``bundle.save_bundle``) or an in-memory model (then ``vocab`` and
         ``medians`` are required).
     key
         ``obsm`` key to write.

@@ -81,10 +81,10 @@ from .embed import (
     hidden_at_layer,
     inference_context,
     layers_to_run,
-    pool_cells,
     resolve_device,
 )
 from .errors import ConfigError, GeneIdError, InputDataError
+from .model import pool_cells
 from .perturb_stats import StatsMode, benjamini_hochberg, gene_names, perturbation_statistics
 
 if TYPE_CHECKING:
@@ -1295,7 +1295,7 @@ def perturb_anndata(
     adata
         Raw counts (cells × genes); not modified.
     model_or_bundle
-        A model bundle folder (``model.load_bundle``) or a loaded model (then pass ``vocab`` and
+        A model bundle folder (``bundle.load_bundle``) or a loaded model (then pass ``vocab`` and
         ``medians``).
     config
         :class:`PerturbConfig`; ``state_column`` names an ``obs`` column.
@@ -1310,7 +1310,7 @@ def perturb_anndata(
     (PerturbationResult, pandas.DataFrame)
         The per-cell table (``cell`` = obs position, plus ``obs_name``) and the statistics.
     """
-    from .embed import load_for_inference
+    from .bundle import load_for_inference
     from .tokenize import tokenize_for_model
 
     config = config or PerturbConfig()

@@ -490,7 +490,7 @@ def _classify_config(ctx: _Context) -> Any:
 
 def _step_classify(ctx: _Context, folder: Path) -> dict[str, Any]:
     from . import classify as clf
-    from .model import load_bundle
+    from .bundle import load_bundle
 
     cfg = ctx.config
     adatas = _load_inputs(ctx)
@@ -528,7 +528,7 @@ def _step_classify(ctx: _Context, folder: Path) -> dict[str, Any]:
 def _step_perturb(ctx: _Context, folder: Path) -> dict[str, Any]:
     from . import perturb as pt
     from . import plots
-    from .model import load_bundle
+    from .bundle import load_bundle
 
     cfg = ctx.config
     adata = _load_inputs(ctx)[cfg.perturb_species]

@@ -12,7 +12,7 @@ Run folder (``output_dir``)::
     tensorboard/        the same metrics for TensorBoard
     checkpoint-<step>/  atomic checkpoints (see :mod:`mixgeneformer.checkpoints`), each with the
                         config, vocabulary, medians and environment record beside the weights
-    model/              the final model bundle (:func:`mixgeneformer.model.save_bundle`)
+    model/              the final model bundle (:func:`mixgeneformer.bundle.save_bundle`)
 
 Test hooks (documented so that fault-tolerance tests need no mocks):
 
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from . import checkpoints as ckpt
+from .bundle import TOKENIZE_CONFIG_NAME, save_bundle
 from .config import from_dict, load_config, save_config
 from .corpus import check_corpora, corpus_lengths, corpus_species_codes, open_corpus
 from .errors import ArtifactError, ConfigError, MixGeneformerError
@@ -913,12 +914,12 @@ def _save_final_bundle(trainer, bundle_dir: Path, vocab: Any, medians_path: Path
         from .medians import GeneMedians
 
         medians = GeneMedians.load(medians_path)
-    model_module.save_bundle(model, bundle_dir, vocab, medians=medians, overwrite=True)
+    save_bundle(model, bundle_dir, vocab, medians=medians, overwrite=True)
     config = trainer.run_extras["config"]
     save_config(config, bundle_dir, "pretrain_config.yaml")
     corpus_config = Path(config.data.corpus[0]) / "config.yaml"
     if corpus_config.is_file():  # new cells are tokenized like the training corpus by default
-        shutil.copyfile(corpus_config, bundle_dir / model_module.TOKENIZE_CONFIG_NAME)
+        shutil.copyfile(corpus_config, bundle_dir / TOKENIZE_CONFIG_NAME)
     write_json(bundle_dir / "environment.json", trainer.run_extras["environment"])
 
 

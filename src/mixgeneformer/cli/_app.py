@@ -24,7 +24,7 @@ def _root(
 
 def load_tokenize_config(path, bundle=None):
     """The TokenizeConfig of ``--tokenize-config``, else the one recorded in the model bundle, else None."""
-    from ..model import bundle_tokenize_config
+    from ..bundle import bundle_tokenize_config
 
     if path is None:
         return bundle_tokenize_config(bundle) if bundle is not None and bundle.is_dir() else None

@@ -72,7 +72,7 @@ def classify(
     test_data = ad.read_h5ad(check_readable_file(test, "test h5ad")) if test is not None else None
     loaded_model = loaded_vocab = loaded_medians = None
     if methods:
-        from ..model import load_bundle
+        from ..bundle import load_bundle
 
         loaded_model, loaded_vocab, loaded_medians = load_bundle(model)
         if medians is not None:

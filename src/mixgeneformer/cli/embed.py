@@ -63,7 +63,7 @@ def embed(
     if color is not None and umap is None:
         raise ConfigError("--color only applies to --umap FIG.png; add --umap")
 
-    from ..model import load_bundle
+    from ..bundle import load_bundle
 
     loaded_model, loaded_vocab, loaded_medians = load_bundle(model, vocab)
     if medians is not None:

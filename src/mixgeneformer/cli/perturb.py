@@ -101,7 +101,7 @@ def perturb(
         raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
     null_cells = _read_cells(null) if null is not None else None
 
-    from ..model import load_bundle
+    from ..bundle import load_bundle
 
     loaded, vocab, medians = load_bundle(model)
     if input.is_dir():

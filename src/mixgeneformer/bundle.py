@@ -1,0 +1,322 @@
+"""Model folders: save and load pretrained bundles, their tokenize config, loading for inference.
+
+A bundle is ``config.json`` + ``model.safetensors`` (Hugging Face layout, BertForMaskedLM-compatible
+keys), ``vocab.json``, ``medians.tsv`` (when known), ``tokenize.yaml`` (how the training corpus was
+tokenized, written by pretraining) and ``mixgf.json`` (written last: marks a complete folder). A
+plain Hugging Face BERT folder (e.g. Geneformer's) loads too, given a vocabulary."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from . import __version__
+from .config import load_config
+from .errors import ArtifactError, ConfigError, OfflineError, VocabularyMismatchError
+from .fileio import atomic_directory, check_readable_file, read_json, write_json
+from .medians import GeneMedians
+from .model import (
+    MixGeneformerConfig,
+    MixGeneformerForPretraining,
+    check_vocabulary,
+)
+from .tokenize import TokenizeConfig
+from .vocab import Vocabulary
+
+logger = logging.getLogger(__name__)
+
+
+BUNDLE_FORMAT = "mixgeneformer-model"
+
+
+BUNDLE_MARKER = "mixgf.json"
+
+
+TOKENIZE_CONFIG_NAME = "tokenize.yaml"  # how the training corpus was tokenized (written by pretraining)
+
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+PICKLE_WEIGHTS_NAME = "pytorch_model.bin"
+
+
+def save_bundle(
+    model: MixGeneformerForPretraining,
+    directory: str | os.PathLike,
+    vocab: Vocabulary,
+    medians: GeneMedians | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a model bundle atomically: ``config.json``, ``model.safetensors``, ``vocab.json``,
+    ``medians.tsv`` (when given) and ``mixgf.json`` (written last: its presence marks a complete
+    bundle).
+
+    Parameters
+    ----------
+    model
+        The model (any device / dtype; weights are saved as they are).
+    directory
+        Target folder; must not exist unless ``overwrite``.
+    vocab
+        The model's vocabulary (size and hash are checked and recorded in the config).
+    medians
+        The gene medians used to tokenize its corpus, so users tokenize new data identically.
+    overwrite
+        Replace an existing folder (only after the new one is complete).
+
+    Returns
+    -------
+    Path
+        The bundle folder.
+    """
+    check_vocabulary(model.config, vocab)
+    model.config.vocab_hash = vocab.hash
+    if getattr(model.config, "special_token_ids", None) is None:
+        model.config.special_token_ids = [int(i) for i in vocab.special_ids]
+
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if not (tmp / WEIGHTS_NAME).exists() and not (tmp / WEIGHTS_INDEX_NAME).exists():
+            raise ArtifactError(f"transformers did not write {WEIGHTS_NAME} in {tmp}; cannot create the bundle.")
+        vocab.save(tmp / "vocab.json")
+        if medians is not None:
+            medians.save(tmp / "medians.tsv")
+        write_json(
+            tmp / BUNDLE_MARKER,
+            {
+                "format": BUNDLE_FORMAT,
+                "version": 1,
+                "mixgeneformer_version": __version__,
+                "vocab_hash": vocab.hash,
+                "vocab_size": len(vocab),
+                "medians_hash": medians.hash if medians is not None else None,
+            },
+        )
+    return Path(directory)
+
+
+def bundle_tokenize_config(directory: str | os.PathLike) -> TokenizeConfig | None:
+    """The ``TokenizeConfig`` a bundle's training corpus was made with, or None if it records none.
+
+    Embedding, classification and perturbation tokenize new cells with it by default, so a model
+    trained on V2-style cells with species tokens sees such cells again.
+    """
+    path = Path(directory) / TOKENIZE_CONFIG_NAME
+    if not path.is_file():
+        return None
+
+    return load_config(TokenizeConfig, path)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def _resolve_folder(path: str | os.PathLike) -> Path:
+    folder = Path(path).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            raise ArtifactError(f"model path {folder} is a file; pass the folder that holds config.json and model.safetensors.")
+        return folder
+    if isinstance(path, str) and _HUB_ID.match(path) and not path.startswith((".", "/", "~")):
+        raise OfflineError(
+            f"{path!r} is not a local folder and looks like a Hugging Face Hub ID; mixgeneformer never downloads at "
+            f"run time. Download it first (e.g. `huggingface-cli download {path} --local-dir ./{path.split('/')[-1]}`) "
+            "and pass the local folder. If you meant a local path, it does not exist (relative to "
+            f"{Path.cwd()})."
+        )
+    raise ArtifactError(f"model folder not found: {folder}. Check the path (relative paths are taken from {Path.cwd()}).")
+
+
+def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """Weights of a folder: safetensors (single or sharded) or, for old HF folders, a torch
+    pickle read with ``weights_only=True`` (never executes code)."""
+
+    def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+        check_readable_file(path, "model weights")
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ArtifactError(f"model weights {path} could not be read ({exc}); the file is truncated or corrupt. "
+                                "Re-download or re-save the model.") from exc
+
+    if (folder / WEIGHTS_NAME).exists():
+        return load_safetensors(folder / WEIGHTS_NAME)
+    if (folder / WEIGHTS_INDEX_NAME).exists():
+        index = read_json(folder / WEIGHTS_INDEX_NAME, "safetensors index")
+        shards = sorted(set(index.get("weight_map", {}).values()))
+        if not shards:
+            raise ArtifactError(f"{folder / WEIGHTS_INDEX_NAME} lists no weight shards; re-save the model.")
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_safetensors(folder / shard))
+        return state
+    if (folder / PICKLE_WEIGHTS_NAME).exists():
+        path = check_readable_file(folder / PICKLE_WEIGHTS_NAME, "model weights")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError for code-carrying pickles, EOFError/RuntimeError if truncated
+            raise ArtifactError(
+                f"model weights {path} were refused or unreadable ({type(exc).__name__}: {str(exc)[:200]}). Only plain "
+                "tensor pickles are accepted (weights_only=True); convert trusted weights to model.safetensors."
+            ) from exc
+        if not isinstance(state, dict):
+            raise ArtifactError(f"model weights {path} hold a {type(state).__name__}, not a state dict.")
+        return state
+    raise ArtifactError(f"model weights not found in {folder}: expected {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}).")
+
+
+def _load_weights(model: MixGeneformerForPretraining, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Load a BertForMaskedLM / BertForPreTraining / BertModel / our state dict into ``model``."""
+    expected = set(model.state_dict())
+    if not any(k.startswith("bert.") for k in state):  # a bare BertModel checkpoint
+        state = {f"bert.{k}": v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if k in expected}
+    tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    missing = sorted(expected - set(state) - tied)
+    pooler_missing = [k for k in missing if k.startswith("bert.pooler.")]
+    other_missing = [k for k in missing if not k.startswith("bert.pooler.") and not k.endswith("position_ids")]
+    if other_missing:
+        raise ArtifactError(
+            f"model weights in {folder} lack {len(other_missing)} tensors (e.g. {other_missing[:3]}); the checkpoint is "
+            "incomplete or not a BERT masked-LM model."
+        )
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch
+        raise ArtifactError(f"model weights in {folder} do not fit config.json: {str(exc)[:300]}") from exc
+    model.tie_weights()
+    if pooler_missing:
+        # The pooler stays randomly initialised; it only matters for pooling="pooler".
+        model.pooler_is_trained = False
+        logger.warning("checkpoint %s has no BERT pooler weights; pooling='pooler' would use an untrained pooler.", folder)
+
+
+def load_bundle(
+    path: str | os.PathLike,
+    vocab: Vocabulary | str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[MixGeneformerForPretraining, Vocabulary, GeneMedians | None]:
+    """Load a model bundle (or a plain Hugging Face BERT folder such as Geneformer's).
+
+    Parameters
+    ----------
+    path
+        Local folder. A string that is no local path but looks like a Hub ID raises
+        :class:`OfflineError` at once (nothing is ever downloaded).
+    vocab
+        A :class:`Vocabulary` or a path to its JSON. Optional for our bundles (their
+        ``vocab.json`` is used and must match when both are given); required for plain HF
+        folders (e.g. ``vocab.import_geneformer(...)`` for Geneformer).
+    device, dtype
+        Where and in which dtype to put the model.
+
+    Returns
+    -------
+    (model, vocab, medians)
+        The model in eval mode with its vocabulary attached, and the bundle's medians (None when
+        the folder has none).
+    """
+
+    folder = _resolve_folder(path)
+    config_path = check_readable_file(folder / "config.json", "model config")
+    raw_config = read_json(config_path, "model config")
+    model_type = raw_config.get("model_type", "bert") if isinstance(raw_config, dict) else type(raw_config).__name__
+    if model_type != "bert":
+        raise ArtifactError(f"{config_path} is not a BERT config (model_type={model_type!r}); pass a BERT / Geneformer model folder.")
+    try:
+        config = MixGeneformerConfig.from_dict(raw_config)
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"{config_path} is not a valid BERT config: {exc}") from exc
+
+    bundle_vocab = None
+    if (folder / "vocab.json").exists() or (folder / BUNDLE_MARKER).exists():
+        bundle_vocab = Vocabulary.load(check_readable_file(folder / "vocab.json", "bundle vocabulary"))
+    if vocab is not None and not isinstance(vocab, Vocabulary):
+        vocab = Vocabulary.load(vocab)
+    if vocab is None:
+        if bundle_vocab is None:
+            raise ArtifactError(
+                f"{folder} has no vocab.json (a plain Hugging Face folder); pass its vocabulary, e.g. for Geneformer "
+                "`vocab.import_geneformer(token_dictionary.pkl, gene_median_dictionary.pkl)` / CLI --vocab."
+            )
+        vocab = bundle_vocab
+    elif bundle_vocab is not None and bundle_vocab.hash != vocab.hash:
+        raise VocabularyMismatchError(
+            f"the vocabulary given (hash {vocab.hash}) differs from the bundle's vocab.json (hash {bundle_vocab.hash}); "
+            "omit the vocabulary argument to use the bundle's own."
+        )
+    if (folder / BUNDLE_MARKER).exists():
+        marker = read_json(folder / BUNDLE_MARKER, "bundle marker")
+        if marker.get("vocab_hash") not in (None, vocab.hash):
+            raise VocabularyMismatchError(
+                f"{folder / BUNDLE_MARKER} records vocabulary hash {marker.get('vocab_hash')} but vocab.json has {vocab.hash}; "
+                "the bundle was edited by hand. Re-save it with save_bundle."
+            )
+    check_vocabulary(config, vocab)
+
+    state = _read_state_dict(folder)
+    model = MixGeneformerForPretraining(config)
+    _load_weights(model, state, folder)
+    model.attach_vocabulary(vocab)
+
+    medians = None
+    if (folder / "medians.tsv").exists():
+        medians = GeneMedians.load(check_readable_file(folder / "medians.tsv", "bundle gene medians"))
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, vocab, medians
+
+
+def load_model(
+    path: str | os.PathLike, vocab: Vocabulary | str | os.PathLike | None = None, **kwargs: Any
+) -> MixGeneformerForPretraining:
+    """Like :func:`load_bundle` but return only the model."""
+    return load_bundle(path, vocab, **kwargs)[0]
+
+
+def load_for_inference(
+    model_or_bundle_dir: str | os.PathLike | torch.nn.Module,
+    vocab: Vocabulary | None,
+    medians: GeneMedians | None,
+    tokenize_config: TokenizeConfig | None = None,
+) -> tuple[torch.nn.Module, Vocabulary, GeneMedians | None, TokenizeConfig | None, str]:
+    """(model, vocab, medians, tokenize config, name) from a bundle folder or an in-memory model.
+
+    Arguments given explicitly win; otherwise a bundle supplies its vocabulary, medians and the
+    tokenize configuration of its training corpus (None where it records none).
+    """
+    if isinstance(model_or_bundle_dir, (str, os.PathLike)):
+
+        model, bundle_vocab, bundle_medians = load_bundle(model_or_bundle_dir, vocab)
+        return (
+            model,
+            bundle_vocab,
+            medians if medians is not None else bundle_medians,
+            tokenize_config if tokenize_config is not None else bundle_tokenize_config(model_or_bundle_dir),
+            str(model_or_bundle_dir),
+        )
+    if not isinstance(model_or_bundle_dir, torch.nn.Module):
+        raise ConfigError(
+            f"model_or_bundle_dir must be a model bundle folder or a torch model, got {type(model_or_bundle_dir).__name__}"
+        )
+    model = model_or_bundle_dir
+    vocab = vocab if vocab is not None else getattr(model, "vocab", None)
+    if vocab is None:
+        raise ConfigError("an in-memory model needs its vocabulary: pass vocab= (or a bundle folder instead)")
+    return model, vocab, medians, tokenize_config, type(model).__name__
