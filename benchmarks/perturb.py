@@ -37,10 +37,10 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mixgeneformer.bundle import bundle_tokenize_config, load_bundle
-from mixgeneformer.embed import hidden_at_layer  # noqa: E402
+from mixgeneformer.bundle import bundle_tokenize_config, load_bundle  # noqa: E402
+from mixgeneformer.inference import hidden_at_layer  # noqa: E402
 from mixgeneformer.medians import compute_medians  # noqa: E402
-from mixgeneformer.model import MixGeneformerForPretraining, make_config, pool_cells
+from mixgeneformer.model import MixGeneformerForPretraining, make_config, pool_cells  # noqa: E402
 from mixgeneformer.perturb import PerturbConfig, perturb_cells  # noqa: E402
 from mixgeneformer.tokenize import TokenizeConfig, tokenize_anndata  # noqa: E402
 from mixgeneformer.vocab import build_vocabulary  # noqa: E402

@@ -9,7 +9,7 @@ from transformers import BertConfig, BertModel
 
 from mixgeneformer import perturb as perturb_module
 from mixgeneformer.deletion import DeletionScan, supports_shared_first_block
-from mixgeneformer.embed import continue_encoder, hidden_at_layer
+from mixgeneformer.inference import continue_encoder, hidden_at_layer
 from mixgeneformer.perturb import PerturbConfig, perturb_cells
 
 

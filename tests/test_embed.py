@@ -7,15 +7,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from mixgeneformer.embed import (
-    CorpusEmbeddings,
-    embed_anndata,
-    embed_corpus,
-    embed_corpus_folder,
-    hidden_at_layer,
-    inference_context,
-    layers_to_run,
-)
+from mixgeneformer.embed import CorpusEmbeddings, embed_anndata, embed_corpus, embed_corpus_folder
+from mixgeneformer.inference import hidden_at_layer, inference_context, layers_to_run
 from mixgeneformer.errors import ConfigError, InputDataError
 from mixgeneformer.model import pool_cells
 from mixgeneformer.vocab import Vocabulary
@@ -160,7 +153,7 @@ def test_cell_alone_equals_cell_in_padded_batch(bert, vocab, pooling, special):
 
 
 def test_corpus_order_is_kept_whatever_the_batch_size(bert, vocab, monkeypatch):
-    import mixgeneformer.embed as embed_module
+    import mixgeneformer.inference as embed_module
 
     cells = _cells(17, seed=9)
     reference = embed_corpus(bert, cells, vocab, batch_size=1, progress=False)

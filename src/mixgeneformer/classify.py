@@ -36,6 +36,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .errors import ConfigError, InputDataError
+from .inference import length_order, pad_batch
 from .model import MixGeneformerForCellClassification
 
 logger = logging.getLogger(__name__)
@@ -889,7 +890,7 @@ def tokenize_task(task: Task, vocab: Any, medians: Any, tokenize_config: Any = N
 
 
 def _max_len_of(model: Any) -> int:
-    from .embed import encoder_of
+    from .inference import encoder_of
 
     return int(encoder_of(model).config.max_position_embeddings)
 
@@ -910,7 +911,7 @@ def zero_shot(
     Every model is embedded the same way (``config.layer``, default the second-to-last layer;
     ``config.pooling``, default mean over genes), the fair protocol of SPEC §5.
     """
-    from .embed import embed_corpus
+    from .inference import embed_corpus
 
     config = config or EmbeddingConfig()
     if tokens is None:
@@ -944,7 +945,7 @@ def build_classifier(model: Any, classes: Sequence[str], vocab: Any, config: Fin
     """
     import copy
 
-    from .embed import encoder_of
+    from .inference import encoder_of
 
     config = config or FinetuneConfig()
     bert = encoder_of(model)
@@ -983,11 +984,10 @@ class _PadCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        lengths = np.asarray([len(f["input_ids"]) for f in features])
-        ids = np.full((len(features), int(lengths.max())), self.pad_id, dtype=np.int64)
-        mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
-        ids[mask] = np.concatenate([np.asarray(f["input_ids"], dtype=np.int64) for f in features])
-        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+        lengths = np.asarray([len(f["input_ids"]) for f in features], dtype=np.int64)
+        flat = np.concatenate([np.asarray(f["input_ids"], dtype=np.int64) for f in features])
+        ids, mask = pad_batch(flat, np.cumsum(lengths) - lengths, lengths, self.pad_id)
+        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
         if "labels" in features[0]:
             batch["labels"] = torch.as_tensor([int(f["labels"]) for f in features], dtype=torch.long)
         return batch
@@ -1008,11 +1008,11 @@ class FittedClassifier:
         """Class probabilities of every cell of a tokenized corpus (length-sorted batches)."""
         import torch
 
-        from .embed import resolve_device
+        from .inference import resolve_device
 
         torch_device = resolve_device(device or self.config.finetune.device)
         lengths = np.asarray(dataset.with_format("numpy")["length"]) if "length" in dataset.column_names else None
-        order = np.argsort(-lengths, kind="stable") if lengths is not None else np.arange(len(dataset))
+        order = length_order(lengths) if lengths is not None else np.arange(len(dataset))
         collate = _PadCollator(self.vocab.pad_id)
         probabilities = np.zeros((len(dataset), len(self.classes)), dtype=np.float32)
         model = self.model.to(torch_device).eval()

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, InputDataError
+from .inference import pad_batch
 
 if TYPE_CHECKING:
     from .vocab import Vocabulary
@@ -60,25 +61,19 @@ def pad_sequences(
             "zero-length cells (re-tokenize it: cells without vocabulary genes are dropped there)."
         )
     flat = np.concatenate(arrays)
-    batch = len(arrays)
     starts = np.cumsum(lengths) - lengths
-    rows = np.repeat(np.arange(batch), lengths)
-    cols = np.arange(flat.size) - np.repeat(starts, lengths)
     kept_lengths = lengths if max_len is None else np.minimum(lengths, max_len)
     width = int(kept_lengths.max())
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
         if max_len is not None:
             width = min(width, max_len)
-    keep = cols < kept_lengths[rows]
-    input_ids = np.full((batch, width), pad_id, dtype=np.int64)
-    input_ids[rows[keep], cols[keep]] = flat[keep]
+    input_ids, attention_mask = pad_batch(flat, starts, kept_lengths, pad_id, width)
     if eos_id is not None and max_len is not None:
         ends_with_eos = flat[starts + lengths - 1] == eos_id
         truncated = ends_with_eos & (lengths > max_len)
         if truncated.any():  # then width == max_len
             input_ids[np.flatnonzero(truncated), max_len - 1] = eos_id
-    attention_mask = (np.arange(width)[None, :] < kept_lengths[:, None]).astype(np.int64)
     return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
 
 

@@ -15,22 +15,29 @@ tokenizing on the fly with the model bundle's vocabulary and medians.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any, Literal
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
 
+from . import __version__
 from .bundle import load_for_inference
 from .config import to_dict
 from .corpus import check_corpus_vocabulary, load_corpus
-from .errors import ConfigError, InputDataError
-from .model import Pooling, gene_positions, pool_cells
+from .errors import ConfigError
+from .inference import (
+    CorpusEmbeddings,
+    Precision,
+    embed_corpus,
+    encoder_of,
+    layers_to_run,
+)
+from .model import Pooling
+from .tokenize import tokenize_for_model
 
 if TYPE_CHECKING:  # imported lazily at run time: they pull heavy dependencies
     import anndata
@@ -38,424 +45,23 @@ if TYPE_CHECKING:  # imported lazily at run time: they pull heavy dependencies
 
     from .vocab import Vocabulary
 
-Precision = Literal["auto", "fp32", "bf16"]
 
 __all__ = [
     "CorpusEmbeddings",
-    "continue_encoder",
     "embed_anndata",
     "embed_corpus",
     "embed_corpus_folder",
-    "encoder_of",
-    "hidden_at_layer",
-    "inference_context",
-    "layers_to_run",
-    "load_for_inference",
-    "pool_cells",
-    "resolve_device",
 ]
-
-#: Cells read from the corpus and length-sorted at a time; bounds host memory on huge corpora.
-_SORT_CHUNK = 65_536
 
 
 # --------------------------------------------------------------------------------------------
 # The encoder math
 # --------------------------------------------------------------------------------------------
-def encoder_of(model: torch.nn.Module) -> torch.nn.Module:
-    """Return the ``transformers.BertModel`` inside ``model``.
-
-    Accepts a ``BertModel`` itself or any wrapper exposing it as ``.bert``
-    (``MixGeneformerForPretraining``, ``BertForMaskedLM``, classification heads).
-    """
-    if hasattr(model, "embeddings") and hasattr(model, "encoder"):
-        return model
-    bert = getattr(model, "bert", None)
-    if bert is None or not hasattr(bert, "encoder"):
-        raise ConfigError(
-            f"model of type {type(model).__name__} has no BERT encoder; pass a "
-            "MixGeneformerForPretraining, a BertForMaskedLM or a transformers.BertModel"
-        )
-    return bert
-
-
-def layers_to_run(num_layers: int, layer: int) -> int:
-    """Number of encoder blocks to run so the output is ``hidden_states[layer]``.
-
-    ``layer`` indexes the ``num_layers + 1`` hidden states of Hugging Face's
-    ``output_hidden_states`` (0 = embedding output, ``num_layers`` = last block); negative values
-    count from the top (-1 = last block, -2 = second to last, Geneformer's default).
-    """
-    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-        raise ConfigError(f"layer must be an integer, got {layer!r}")
-    layer = int(layer)
-    if not -(num_layers + 1) <= layer <= num_layers:
-        raise ConfigError(
-            f"layer={layer} is out of range for a model with {num_layers} encoder layers; "
-            f"use 0..{num_layers} or -1..-{num_layers + 1} (-1 = last, -2 = second to last)"
-        )
-    return layer if layer >= 0 else num_layers + 1 + layer
-
-
-def _attention_mask_for(bert: torch.nn.Module, attention_mask: torch.Tensor, dtype: torch.dtype):
-    """The padding mask in the form the encoder's attention implementation expects.
-
-    ``None`` when nothing is padded (SDPA then takes its fastest, mask-free kernel). SDPA gets a
-    boolean (batch, 1, 1, length) mask, True = attend; eager attention an additive float mask.
-    """
-    keep = attention_mask.bool()
-    if bool(keep.all()):
-        return None
-    impl = getattr(bert.config, "_attn_implementation", None) or "eager"
-    keep = keep[:, None, None, :]
-    if impl == "sdpa":
-        return keep
-    if impl == "eager":
-        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(
-            ~keep, torch.finfo(dtype).min
-        )
-    # Other kernels (flash attention, flex) take the library's own mask format.
-    from transformers.masking_utils import create_bidirectional_mask
-
-    dummy = torch.empty(attention_mask.shape + (1,), dtype=dtype, device=attention_mask.device)
-    return create_bidirectional_mask(
-        config=bert.config, inputs_embeds=dummy, attention_mask=attention_mask
-    )
-
-
-def hidden_at_layer(
-    bert: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    layer: int = -2,
-) -> torch.Tensor:
-    """Token states after ``layer``, computing no block above it.
-
-    Parameters
-    ----------
-    bert
-        A ``transformers.BertModel`` (or a model holding one as ``.bert``).
-    input_ids
-        (batch, length) int64 token ids, padded with the vocabulary's pad id.
-    attention_mask
-        (batch, length), 1 for real tokens and 0 for padding.
-    layer
-        Which of the ``num_layers + 1`` hidden states to return, indexed like
-        ``BertModel(..., output_hidden_states=True).hidden_states`` (0 = embedding output,
-        -1 = last block, -2 = second to last).
-
-    Returns
-    -------
-    torch.Tensor
-        (batch, length, hidden) states; identical to ``hidden_states[layer]`` of a full forward
-        pass with the same attention implementation.
-    """
-    bert = encoder_of(bert)
-    return continue_encoder(bert, bert.embeddings(input_ids=input_ids), attention_mask, 0, layer)
-
-
-def continue_encoder(
-    bert: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, done: int, layer: int = -2
-) -> torch.Tensor:
-    """Run the encoder from the states after ``done`` blocks up to hidden state ``layer``.
-
-    ``hidden`` (batch, length, hidden) are ``hidden_states[done]`` (``done=0``: the embedding
-    output); returns ``hidden_states[layer]`` like :func:`hidden_at_layer` (``layer`` must not be
-    below ``done``).
-    """
-    bert = encoder_of(bert)
-    blocks = bert.encoder.layer
-    n_run = layers_to_run(len(blocks), layer)
-    if n_run < done:
-        raise ConfigError(f"layer {layer} lies below the {done} block(s) already run")
-    mask = _attention_mask_for(bert, attention_mask, hidden.dtype)
-    for block in blocks[done:n_run]:
-        out = block(hidden, mask)
-        hidden = out[0] if isinstance(out, tuple) else out  # transformers 4.x returns tuples
-    return hidden
 
 
 # --------------------------------------------------------------------------------------------
 # Corpus streaming
 # --------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class CorpusEmbeddings:
-    """What :func:`embed_corpus` returns when gene embeddings are requested.
-
-    Attributes
-    ----------
-    cells
-        (n_cells, hidden) float32 cell embeddings, in corpus order.
-    genes
-        Mean contextual embedding of each gene over the cells that express it: index = gene token
-        (``Vocabulary.tokens``, name ``"gene"``), columns ``dim_0 … dim_{hidden-1}``, float32.
-        Only genes seen in the corpus appear, sorted by token id.
-    gene_counts
-        Number of cells each gene of ``genes`` was averaged over (same index).
-    per_cell
-        With ``gene_embeddings="per_cell"``: one (n_genes_in_cell, hidden) float32 array per cell,
-        rows aligned with that cell's gene tokens (special tokens removed), else ``None``.
-    """
-
-    cells: np.ndarray
-    genes: pd.DataFrame
-    gene_counts: pd.Series
-    per_cell: list[np.ndarray] | None = None
-
-
-def _n_cells(dataset: Any) -> int:
-    if not isinstance(dataset, (list, tuple)) and "input_ids" not in getattr(dataset, "column_names", ()):
-        raise InputDataError(
-            "the corpus has no 'input_ids' column (columns: "
-            f"{getattr(dataset, 'column_names', None)}); tokenize it with mixgeneformer.tokenize"
-        )
-    return len(dataset)
-
-
-def _token_columns(dataset: Any, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """(flat int32 tokens, int64 offsets of n+1) of cells ``start:stop``, no Python loop per cell
-    for an Arrow-backed corpus."""
-    if isinstance(dataset, (list, tuple)):
-        part = dataset[start:stop]
-        lengths = np.fromiter((len(seq) for seq in part), dtype=np.int64, count=len(part))
-        flat = np.concatenate([np.asarray(seq, dtype=np.int64) for seq in part]) if len(part) else np.zeros(0, np.int64)
-        if flat.size and (flat.min() < np.iinfo(np.int32).min or flat.max() > np.iinfo(np.int32).max):
-            raise InputDataError(f"token ids range over [{flat.min()}, {flat.max()}]; not token ids of a vocabulary")
-        return flat.astype(np.int32), np.concatenate([[0], np.cumsum(lengths)])
-    column = dataset.with_format("arrow")[start:stop].column("input_ids").combine_chunks()
-    offsets = np.asarray(column.offsets, dtype=np.int64)
-    flat = np.asarray(column.flatten(), dtype=np.int32)
-    return flat, offsets - offsets[0]
-
-
-def _padded_batch(
-    flat: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pad the cells ``rows`` to their longest length: (input_ids int64, attention_mask int64)."""
-    starts = offsets[rows]
-    lengths = offsets[rows + 1] - starts
-    width = int(lengths.max())
-    cols = np.arange(width)
-    present = cols[None, :] < lengths[:, None]
-    index = np.where(present, starts[:, None] + cols[None, :], 0)
-    ids = np.where(present, flat[index] if flat.size else pad_id, pad_id)
-    return ids.astype(np.int64), present.astype(np.int64)
-
-
-def _length_sorted_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Row indices in batches of similar length, longest first (an OOM shows up at once)."""
-    order = np.argsort(-lengths, kind="stable")
-    for b in range(0, len(order), batch_size):
-        yield order[b : b + batch_size]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The torch device to run on: ``None`` picks CUDA when available, else the CPU.
-
-    Raises :class:`ConfigError` for a string that is no device, or CUDA asked for without CUDA.
-    """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device={device!r} is not a torch device (use 'cpu', 'cuda', 'cuda:1')") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} was requested but CUDA is not available; use device='cpu'")
-    return resolved
-
-
-def inference_context(device: torch.device, precision: Precision) -> ExitStack:
-    """Numerics and kernels of a forward pass over cells of varying length on ``device``.
-
-    * ``precision``: ``"bf16"`` runs under bf16 autocast, ``"fp32"`` without, ``"auto"`` bf16 on
-      CUDA and fp32 elsewhere;
-    * on CUDA, SDPA may use the flash, memory-efficient and math kernels but not cuDNN's: cuDNN
-      attention builds an execution graph per input shape, and dynamic padding gives nearly
-      every batch a new shape, so each batch would pay for a graph build.
-    """
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
-    stack = ExitStack()
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
-    if device.type == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        stack.enter_context(sdpa_kernel(backends))
-    return stack
-
-
-def embed_corpus(
-    model: torch.nn.Module,
-    dataset: datasets.Dataset | Sequence[Sequence[int]],
-    vocab: Vocabulary,
-    layer: int = -2,
-    pooling: Pooling = "mean",
-    batch_size: int = 32,
-    device: str | torch.device | None = None,
-    gene_embeddings: bool | Literal["mean", "per_cell"] = False,
-    progress: bool = True,
-    precision: Precision = "auto",
-) -> np.ndarray | CorpusEmbeddings:
-    """Embed every cell of a tokenized corpus.
-
-    Cells are batched by length (dynamic padding: a batch is padded only to its longest cell)
-    and the result is put back in corpus order. Runs under ``torch.inference_mode``; on CUDA
-    under bf16 autocast by default. A cell's embedding does not depend on its batch.
-
-    Parameters
-    ----------
-    model
-        ``MixGeneformerForPretraining``, ``BertForMaskedLM`` or ``BertModel``. Moved to
-        ``device`` and put in eval mode for the call (its training mode is restored after).
-    dataset
-        A corpus from :mod:`mixgeneformer.tokenize` (column ``input_ids``), or a list of token
-        id sequences.
-    vocab
-        The vocabulary the corpus was tokenized with (pad and special ids).
-    layer
-        Hidden state to pool, indexed like ``hidden_states`` (-2 = second to last block).
-    pooling
-        ``"mean"`` over gene tokens or ``"cls"`` (the ``<cls>`` state).
-    batch_size
-        Cells per forward pass.
-    device
-        ``"cpu"``, ``"cuda"``, ...; ``None`` picks CUDA when available.
-    gene_embeddings
-        ``False``: return only cell embeddings. ``True`` / ``"mean"``: also each gene's mean
-        contextual embedding over the cells expressing it. ``"per_cell"``: additionally every
-        cell's per-gene states (memory grows with the corpus: for small sets only).
-    progress
-        Show a progress bar (tqdm) over cells.
-    precision
-        ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"fp32"`` or ``"bf16"``.
-
-    Returns
-    -------
-    numpy.ndarray or CorpusEmbeddings
-        (n_cells, hidden) float32 when ``gene_embeddings`` is False, else a
-        :class:`CorpusEmbeddings`.
-    """
-    if gene_embeddings not in (False, True, "mean", "per_cell"):
-        raise ConfigError(
-            f"gene_embeddings must be False, True, 'mean' or 'per_cell', got {gene_embeddings!r}"
-        )
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if pooling not in ("mean", "cls"):
-        raise ConfigError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
-    bert = encoder_of(model)
-    hidden_size = int(bert.config.hidden_size)
-    layers_to_run(len(bert.encoder.layer), layer)  # validate before reading data
-    torch_device = resolve_device(device)
-
-    n_cells = _n_cells(dataset)
-    if n_cells == 0:
-        raise InputDataError("the corpus has no cells to embed")
-    _check_vocab_size(bert, vocab)
-
-    special_ids = np.asarray(vocab.special_ids, dtype=np.int64)
-    cells = np.full((n_cells, hidden_size), np.nan, dtype=np.float32)
-    want_genes = gene_embeddings is not False
-    per_cell: list[np.ndarray | None] | None = [None] * n_cells if gene_embeddings == "per_cell" else None
-    gene_sum = torch.zeros((len(vocab), hidden_size), dtype=torch.float64, device=torch_device) if want_genes else None
-    gene_count = torch.zeros(len(vocab), dtype=torch.int64, device=torch_device) if want_genes else None
-
-    was_training = model.training
-    model.to(torch_device)
-    model.eval()
-    bar = _progress_bar(n_cells, progress)
-    try:
-        with torch.inference_mode(), inference_context(torch_device, precision):
-            for rows, ids_np, mask_np in _batches(dataset, n_cells, bert, vocab, int(batch_size)):
-                ids = torch.from_numpy(ids_np).to(torch_device, non_blocking=True)
-                mask = torch.from_numpy(mask_np).to(torch_device, non_blocking=True)
-                hidden = hidden_at_layer(bert, ids, mask, layer)
-                cells[rows] = pool_cells(hidden, ids, mask, special_ids, pooling).cpu().numpy()
-                if want_genes:
-                    genes = gene_positions(ids, mask, special_ids)
-                    states = hidden[genes].double()
-                    gene_sum.index_add_(0, ids[genes], states)
-                    gene_count += torch.bincount(ids[genes], minlength=len(vocab))
-                    if per_cell is not None:
-                        split = torch.split(states.float().cpu(), genes.sum(1).tolist())
-                        for row, block in zip(rows.tolist(), split, strict=True):
-                            per_cell[row] = block.numpy()
-                if bar is not None:
-                    bar.update(len(rows))
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
-
-    if not want_genes:
-        return cells
-    counts = gene_count.cpu().numpy()
-    seen = np.flatnonzero(counts > 0)
-    means = (gene_sum[seen] / gene_count[seen, None]).float().cpu().numpy()
-    index = pd.Index([vocab.tokens[i] for i in seen], name="gene")
-    genes_df = pd.DataFrame(means, index=index, columns=[f"dim_{j}" for j in range(hidden_size)])
-    return CorpusEmbeddings(
-        cells=cells,
-        genes=genes_df,
-        gene_counts=pd.Series(counts[seen], index=index, name="n_cells"),
-        per_cell=per_cell,  # type: ignore[arg-type]
-    )
-
-
-def _batches(
-    dataset: Any, n_cells: int, bert: torch.nn.Module, vocab: Vocabulary, batch_size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(corpus rows, padded ids, mask) batches: the corpus is read ``_SORT_CHUNK`` cells at a time
-    (bounded host memory) and length-sorted within each chunk."""
-    for start in range(0, n_cells, _SORT_CHUNK):
-        flat, offsets = _token_columns(dataset, start, min(start + _SORT_CHUNK, n_cells))
-        lengths = np.diff(offsets)
-        _check_tokens(flat, lengths, bert, start)
-        for rows in _length_sorted_batches(lengths, batch_size):
-            ids, mask = _padded_batch(flat, offsets, rows, vocab.pad_id)
-            yield rows + start, ids, mask
-
-
-def _check_vocab_size(bert: torch.nn.Module, vocab: Vocabulary) -> None:
-    if len(vocab) != int(bert.config.vocab_size):
-        from .errors import VocabularyMismatchError
-
-        raise VocabularyMismatchError(
-            f"the vocabulary has {len(vocab)} tokens but the model's vocab_size is {bert.config.vocab_size}; "
-            "use the vocabulary saved in the model bundle"
-        )
-
-
-def _check_tokens(flat: np.ndarray, lengths: np.ndarray, bert: torch.nn.Module, start: int) -> None:
-    """Errors for cells the model cannot read: empty, too long, unknown token ids."""
-    if (lengths == 0).any():
-        raise InputDataError(
-            f"{int((lengths == 0).sum())} cells have no tokens (first at corpus row "
-            f"{start + int(np.argmax(lengths == 0))}); re-tokenize, the tokenizer drops such cells"
-        )
-    max_positions = int(getattr(bert.config, "max_position_embeddings", lengths.max()))
-    if lengths.max() > max_positions:
-        raise InputDataError(
-            f"cell {start + int(np.argmax(lengths))} has {int(lengths.max())} tokens but the model accepts "
-            f"at most {max_positions} (max_position_embeddings); tokenize with max_len<={max_positions}"
-        )
-    vocab_size = int(bert.config.vocab_size)
-    if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
-        raise InputDataError(
-            f"token ids range over [{int(flat.min())}, {int(flat.max())}] but the model has "
-            f"{vocab_size} tokens; the corpus was tokenized with another vocabulary"
-        )
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="cell", desc="embedding", dynamic_ncols=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,7 +80,6 @@ def _check_key(adata: Any, key: str, overwrite: bool) -> None:
 
 
 def _params_record(model_name: str, vocab: Vocabulary, layer: int, pooling: str, hidden: int, **extra: Any) -> dict:
-    from . import __version__
 
     record = {
         "model": model_name,
@@ -567,7 +172,6 @@ def embed_anndata(
     if pooling not in ("mean", "cls"):
         raise ConfigError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
 
-    from .tokenize import tokenize_for_model
 
     corpus, rows, used_config = tokenize_for_model(
         adata, vocab, medians, tokenize_config, int(bert.config.max_position_embeddings),
@@ -628,7 +232,6 @@ def embed_corpus_folder(
     embeddings. The corpus' vocabulary hash (``mixgf_corpus.json``, when present) must match the
     model's. With ``gene_embeddings`` the :class:`CorpusEmbeddings` is returned too.
     """
-    import anndata as ad
 
 
     model, vocab, _, _, model_name = load_for_inference(model_or_bundle_dir, vocab, None)

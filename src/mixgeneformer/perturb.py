@@ -74,16 +74,17 @@ import pandas as pd
 import torch
 
 from .deletion import DeletionScan, supports_shared_first_block
-from .embed import (
+from .errors import ConfigError, GeneIdError, InputDataError
+from .inference import (
     continue_encoder,
     embed_corpus,
     encoder_of,
     hidden_at_layer,
     inference_context,
     layers_to_run,
+    length_order,
     resolve_device,
 )
-from .errors import ConfigError, GeneIdError, InputDataError
 from .model import pool_cells
 from .perturb_stats import StatsMode, benjamini_hochberg, gene_names, perturbation_statistics
 
@@ -920,8 +921,7 @@ def _progress(total: int, enabled: bool, desc: str):
 
 def _length_order(rows: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Rows longest first (stable), so consecutive batches hold sequences of similar length."""
-    lengths = np.diff(offsets)[rows]
-    return rows[np.argsort(-lengths, kind="stable")]
+    return rows[length_order(np.diff(offsets)[rows])]
 
 
 def _exact(bert, flat, offsets, rows, base_of, targets, vocab, config, device, gene_tokens, anchor_token, progress):
