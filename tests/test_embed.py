@@ -8,8 +8,8 @@ import torch
 from transformers import BertConfig, BertModel
 
 from mixgeneformer.embed import CorpusEmbeddings, embed_anndata, embed_corpus, embed_corpus_folder
-from mixgeneformer.inference import hidden_at_layer, inference_context, layers_to_run
 from mixgeneformer.errors import ConfigError, InputDataError
+from mixgeneformer.inference import hidden_at_layer, inference_context, layers_to_run
 from mixgeneformer.model import pool_cells
 from mixgeneformer.vocab import Vocabulary
 
