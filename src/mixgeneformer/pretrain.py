@@ -25,49 +25,41 @@ Test hooks (documented so that fault-tolerance tests need no mocks):
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
-import platform
 import shutil
-import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from transformers import TrainingArguments
 
 from . import checkpoints as ckpt
+from . import model as model_module
 from .bundle import TOKENIZE_CONFIG_NAME, save_bundle
+from .collator import PretrainingCollator
 from .config import from_dict, load_config, save_config
 from .corpus import check_corpora, corpus_lengths, corpus_species_codes, open_corpus
 from .errors import ArtifactError, ConfigError, MixGeneformerError
 from .fileio import write_json
-from .sampling import PretrainSampler, batch_seed
+from .medians import GeneMedians
+from .trainer import (
+    MixGeneformerTrainer,
+    SeededMaskingCollator,
+    _make_callbacks,
+    environment_record,
+    read_metrics,
+    resolve_precision,
+    training_flops,
+    trim_metrics,
+)
+from .vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 
 BUNDLE_DIR = "model"
-SIGNAL_SYNC_STEPS = 10  # distributed runs check for a stop signal every this many steps
-METRICS_FIELDS = (
-    "step",
-    "epoch",
-    "loss",
-    "mlm_loss",
-    "contrastive_loss",
-    "cross_species_loss",
-    "learning_rate",
-    "grad_norm",
-    "tokens_per_s",
-    "mfu",
-    "eval_loss",
-    "time_s",
-)
-# Dense bf16 peak FLOP/s used for MFU. H100/H200: the project's convention (790 TFLOP/s, below
-# the 989 of the SXM datasheet, so MFU is not flattered); others from vendor datasheets.
-PEAK_BF16_FLOPS = {"H200": 790e12, "H100": 790e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,7 +202,6 @@ class PretrainConfig:
 
 def check_model_options(preset: str, sections: dict[str, dict[str, Any]]) -> None:
     """Reject an unknown preset and option names that are no MixGeneformerConfig field."""
-    from . import model as model_module
 
     if preset not in model_module.PRESETS:
         raise ConfigError(f"model.preset {preset!r} is unknown; choose one of {sorted(model_module.PRESETS)}.")
@@ -237,66 +228,6 @@ def pretrain_config_from_dict(data: dict[str, Any]) -> PretrainConfig:
 # --------------------------------------------------------------------------------------------
 # Devices, precision, FLOPs
 # --------------------------------------------------------------------------------------------
-def resolve_precision(precision: str) -> str:
-    """``"auto"`` -> ``"bf16"`` on a GPU that supports it, else ``"fp32"``; explicit values are checked."""
-    cuda = torch.cuda.is_available()
-    if precision == "auto":
-        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp16" and not cuda:
-        raise ConfigError("train.precision=fp16 needs a CUDA GPU; use auto, bf16 or fp32 on this machine.")
-    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise ConfigError("train.precision=bf16 is not supported by this GPU; use fp16 or auto.")
-    return precision
-
-
-def device_peak_flops(device: torch.device | str | None = None, override_tflops: float | None = None) -> float | None:
-    """Dense bf16 peak FLOP/s of the device (None where unknown, e.g. CPUs)."""
-    if override_tflops is not None:
-        return override_tflops * 1e12
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(device if device is not None and str(device) != "cpu" else None)
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return flops
-    return None
-
-
-def count_flop_parameters(model: torch.nn.Module) -> int:
-    """Non-embedding parameters (the encoder's matmuls; word/position/token-type embeddings and
-    the tied decoder are excluded -- the decoder is counted per masked token in :func:`training_flops`)."""
-    total = 0
-    for name, param in model.named_parameters():
-        if "embeddings" in name or "cls.predictions.decoder" in name:
-            continue
-        total += param.numel()
-    return total
-
-
-def training_flops(
-    n_params: int,
-    n_layers: int,
-    hidden: int,
-    batch: int,
-    seq_len: int,
-    n_views: int = 1,
-    vocab_size: int = 0,
-    n_predicted: int = 0,
-) -> float:
-    """Model FLOPs of one training pass (forward + backward) over a padded batch.
-
-    ``n_views * (6 N T + 12 L H S T) + 6 V H P``, with ``T = batch * seq_len`` tokens (padded:
-    the hardware computes them), ``N`` the non-embedding parameters
-    (:func:`count_flop_parameters`), ``L`` layers, ``H`` hidden size, ``S`` the sequence length,
-    ``V`` the vocabulary and ``P`` the positions whose MLM logits are computed. ``6 N T`` is the
-    dense matmuls (2 forward + 4 backward FLOPs per parameter and token); ``12 L H S T`` the
-    attention scores and weighted sums (``2 * 2 * S * H`` per token and layer forward, x3 with
-    backward); ``6 V H P`` the decoder over the vocabulary. SimCSE encodes each batch twice
-    (``n_views=2``). MFU = FLOPs / step time / peak FLOP/s of the device (dense bf16).
-    """
-    tokens = float(batch) * float(seq_len)
-    encoder = n_views * (6.0 * n_params * tokens + 12.0 * n_layers * hidden * seq_len * tokens)
-    return encoder + 6.0 * vocab_size * hidden * float(n_predicted)
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,7 +249,6 @@ def split_train_eval(dataset, eval_fraction: float, seed: int):
 
 def build_model(config: PretrainConfig, vocab: Any):
     """The model of ``config``: preset + overrides + objective options, validated."""
-    from . import model as model_module
 
     check_model_options(config.model.preset, {"model.overrides": config.model.overrides, "objective": config.objective})
     overrides = {**config.model.overrides, **config.objective}
@@ -333,325 +263,24 @@ def build_model(config: PretrainConfig, vocab: Any):
     return model
 
 
-def environment_record(precision: str, world_size: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Versions, devices and the dtype in use: what a reader needs to reproduce a run."""
-    import accelerate
-    import datasets
-    import transformers
-
-    from . import __version__
-
-    record: dict[str, Any] = {
-        "mixgeneformer": __version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "datasets": datasets.__version__,
-        "accelerate": accelerate.__version__,
-        "cuda": torch.version.cuda,
-        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or ["cpu"],
-        "cpu_threads": torch.get_num_threads(),
-        "world_size": world_size,
-        "precision": precision,
-        "autocast_dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision],
-        "sdpa_flash": bool(torch.cuda.is_available() and torch.backends.cuda.flash_sdp_enabled()),
-    }
-    try:
-        import deepspeed  # noqa: F401
-
-        record["deepspeed"] = deepspeed.__version__
-    except ImportError:
-        pass
-    record.update(extra or {})
-    return record
-
-
 # --------------------------------------------------------------------------------------------
 # Collation: deterministic masking
 # --------------------------------------------------------------------------------------------
-def make_mlm_collator(vocab: Any, data: DataOptions, max_len: int | None = None) -> Any:
-    """The MLM collator of :mod:`mixgeneformer.collator` (dynamic padding + 80/10/10 masking)."""
-    from .collator import PretrainingCollator
-
-    return PretrainingCollator(
-        vocab, mlm_probability=data.mlm_probability, pad_to_multiple_of=data.pad_to_multiple_of, max_len=max_len
-    )
 
 
 # --------------------------------------------------------------------------------------------
 # Collation: the seeded wrapper
 # --------------------------------------------------------------------------------------------
-class SeededMaskingCollator:
-    """Wrap the MLM collator so each batch's masking is seeded by (seed, epoch, batch content).
-
-    A resumed run skips the batches it already trained on without collating them; with masking
-    drawn from the global RNG the first resumed batches would be masked differently from a straight
-    run. Seeding per batch makes resume exact and makes masking independent of DataLoader workers.
-    """
-
-    def __init__(self, inner: Any, seed: int) -> None:
-        self.inner = inner
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = [f["input_ids"] for f in features]
-        seed = batch_seed(self.seed, self.epoch, ids)
-        numpy_state = np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            np.random.seed(seed % (2**32))
-            try:
-                batch = dict(self.inner([{"input_ids": i} for i in ids]))
-            finally:
-                np.random.set_state(numpy_state)
-        return batch
 
 
 # --------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------
-def _make_trainer_class():
-    from transformers import Trainer
-
-    class MixGeneformerTrainer(Trainer):
-        """HF Trainer + loss parts in the logs, our sampler, throughput/MFU, atomic checkpoints."""
-
-        def __init__(self, *args, run_extras: dict[str, Any], sampler_options: dict[str, Any], **kwargs):
-            super().__init__(*args, **kwargs)
-            self.run_extras = run_extras
-            self.sampler_options = sampler_options
-            # Accumulated on the device between log events: no host sync per step.
-            self._parts: dict[str, torch.Tensor] = {}
-            self._parts_count = 0
-            self._flops = 0.0  # encoder FLOPs (from shapes only)
-            self._predicted: torch.Tensor | int = 0  # MLM positions, for the decoder FLOPs
-            self._tokens = 0
-            self._window_start = time.perf_counter()
-            self._staging = False
-            unwrapped = self.model
-            self._flop_params = count_flop_parameters(unwrapped)
-            cfg = unwrapped.config
-            self._n_layers, self._hidden, self._vocab_size = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
-            self._n_views = 2 if float(getattr(cfg, "contrastive_weight", 0.0) or 0.0) > 0 else 1
-            self._peak = None
-
-        # --- data order -------------------------------------------------------------------
-        def _get_train_sampler(self, train_dataset=None):
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            opts = self.sampler_options
-            global_batch = self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
-            sampler = PretrainSampler(
-                n_examples=len(dataset),
-                batch_size=global_batch,
-                seed=self.args.seed,
-                lengths=opts.get("lengths"),
-                species_codes=opts.get("species_codes"),
-                group_by_length=opts["group_by_length"],
-                species_balanced=opts["species_balanced"],
-            )
-            collator = self.data_collator
-            original_set_epoch = sampler.set_epoch
-
-            def set_epoch(epoch: int) -> None:
-                original_set_epoch(epoch)
-                if isinstance(collator, SeededMaskingCollator):
-                    collator.epoch = int(epoch)
-
-            sampler.set_epoch = set_epoch  # type: ignore[method-assign]
-            return sampler
-
-        # --- loss parts and throughput ------------------------------------------------------
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            outputs = model(**inputs)
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs.loss
-            if model.training:
-                for name in ("mlm_loss", "contrastive_loss", "cross_species_loss"):
-                    value = getattr(outputs, name, None)
-                    if value is not None:
-                        value = value.detach().float()
-                        self._parts[name] = self._parts[name] + value if name in self._parts else value
-                self._parts_count += 1
-                ids = inputs["input_ids"]
-                self._tokens += int(ids.numel())
-                labels = inputs.get("labels")
-                if labels is not None:
-                    self._predicted = self._predicted + (labels != -100).sum()
-                self._flops += training_flops(
-                    self._flop_params, self._n_layers, self._hidden, ids.shape[0], ids.shape[1], self._n_views
-                )
-            if self.args.n_gpu > 1:
-                loss = loss.mean()
-            return (loss, outputs) if return_outputs else loss
-
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if "loss" in logs and self._parts_count:
-                names = sorted(self._parts)
-                if names:
-                    values = torch.stack([self._parts[n] for n in names]).double() / self._parts_count
-                    if torch.distributed.is_available() and torch.distributed.is_initialized():
-                        # Average the loss parts over ranks, like the Trainer's own `loss`.
-                        torch.distributed.all_reduce(values)
-                        values = values / torch.distributed.get_world_size()
-                    for name, value in zip(names, values.cpu().tolist(), strict=True):
-                        logs[name] = value
-                predicted = int(self._predicted)
-                flops = self._flops + training_flops(0, 0, self._hidden, 0, 0, 1, self._vocab_size, predicted)
-                elapsed = max(time.perf_counter() - self._window_start, 1e-9)
-                world = self.args.world_size
-                logs["tokens_per_s"] = self._tokens * world / elapsed
-                if self._peak is None:
-                    self._peak = device_peak_flops(self.args.device, self.run_extras.get("peak_tflops")) or 0.0
-                if self._peak:
-                    logs["mfu"] = flops / elapsed / self._peak
-                self._parts, self._parts_count, self._flops, self._tokens, self._predicted = {}, 0, 0.0, 0, 0
-                self._window_start = time.perf_counter()
-            super().log(logs, start_time)
-
-        # --- atomic checkpoints -------------------------------------------------------------
-        def _get_output_dir(self, trial):
-            if self._staging:
-                return str(ckpt.staging_dir(self.args.output_dir))
-            return super()._get_output_dir(trial)
-
-        def _save_checkpoint(self, model, trial):
-            run_dir = Path(self.args.output_dir)
-            step = self.state.global_step
-            staged = ckpt.staging_dir(run_dir) / f"checkpoint-{step}"
-            self._staging = True
-            try:
-                super()._save_checkpoint(model, trial)
-                if self.args.should_save:
-                    # A pickle of TrainingArguments; nothing reads it and we keep no pickles around.
-                    (staged / "training_args.bin").unlink(missing_ok=True)
-                    self._write_extras(staged)
-                    _maybe_fail_in_save(step)
-            except BaseException:
-                if self.args.should_save:
-                    shutil.rmtree(staged, ignore_errors=True)
-                raise
-            finally:
-                self._staging = False
-            # Every rank has written its RNG state into the staging folder before it is sealed.
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                ckpt.write_complete_marker(staged, step)
-                ckpt.publish_checkpoint(staged, run_dir)
-                try:
-                    ckpt.staging_dir(run_dir).rmdir()
-                except OSError:
-                    pass
-                ckpt.rotate_checkpoints(run_dir, self.run_extras.get("keep"))
-                logger.info("checkpoint %s complete", run_dir / staged.name)
-            self.accelerator.wait_for_everyone()
-
-        def _write_extras(self, folder: Path) -> None:
-            extras = self.run_extras
-            save_config(extras["config"], folder)
-            extras["vocab"].save(folder / "vocab.json")
-            if extras.get("medians_path") is not None:
-                shutil.copyfile(extras["medians_path"], folder / "medians.tsv")
-            write_json(folder / "environment.json", extras["environment"])
-
-    return MixGeneformerTrainer
-
-
-def _maybe_fail_in_save(step: int) -> None:
-    target = os.environ.get("MIXGF_TEST_FAIL_IN_SAVE")
-    if target and int(target) == step:
-        raise OSError(28, f"No space left on device (MIXGF_TEST_FAIL_IN_SAVE={target})")
 
 
 # --------------------------------------------------------------------------------------------
 # Callbacks: metrics CSV, signals, test failure hook
 # --------------------------------------------------------------------------------------------
-def _make_callbacks(run_dir: Path, is_main: bool, tensorboard: bool):
-    from transformers import TrainerCallback
-
-    class MetricsCSV(TrainerCallback):
-        """Append one row per log event to ``metrics.csv`` (rank 0 only)."""
-
-        def __init__(self, path: Path) -> None:
-            self.path = path
-            self.start = time.perf_counter()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            if not any(k in logs for k in ("loss", "eval_loss")):
-                return
-            row = {"step": state.global_step, "epoch": state.epoch, "time_s": round(time.perf_counter() - self.start, 3)}
-            row.update({k: logs[k] for k in METRICS_FIELDS if k in logs})
-            new = not self.path.exists()
-            with open(self.path, "a", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=METRICS_FIELDS)
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
-
-    class StopOnSignal(TrainerCallback):
-        """SIGTERM / SIGINT: finish the current step, save a checkpoint, stop (then exit non-zero)."""
-
-        def __init__(self) -> None:
-            self.received: int | None = None
-            self.previous: dict[int, Any] = {}
-
-        def install(self) -> None:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                try:
-                    self.previous[sig] = signal.signal(sig, self._handle)
-                except ValueError:  # not the main thread
-                    pass
-
-        def uninstall(self) -> None:
-            for sig, handler in self.previous.items():
-                signal.signal(sig, handler)
-            self.previous = {}
-
-        def _handle(self, signum, frame):
-            if self.received is not None:  # a second signal: stop right away
-                self.uninstall()
-                raise KeyboardInterrupt
-            self.received = signum
-            logger.warning("received signal %s: saving a checkpoint after this step, then stopping", signum)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            flag = 0 if self.received is None else int(self.received)
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-            if distributed and state.global_step % SIGNAL_SYNC_STEPS:
-                return control  # ranks agree on a stop only every SIGNAL_SYNC_STEPS steps (one tiny collective)
-            if distributed:
-                # One rank's signal stops every rank at the same step (else the others would hang).
-                tensor = torch.tensor([flag], device=args.device)
-                torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-                flag = int(tensor.item())
-            if flag:
-                self.received = flag
-                control.should_save = True
-                control.should_training_stop = True
-            return control
-
-    class FailAtStep(TrainerCallback):
-        """Test hook ``MIXGF_TEST_FAIL_AT_STEP="<rank>:<step>"``: that rank raises at that step."""
-
-        def on_step_end(self, args, state, control, **kwargs):
-            target = os.environ.get("MIXGF_TEST_FAIL_AT_STEP")
-            if not target:
-                return
-            rank, step = (int(x) for x in target.split(":"))
-            if args.process_index == rank and state.global_step == step:
-                raise RuntimeError(f"injected failure on rank {rank} at step {step} (MIXGF_TEST_FAIL_AT_STEP)")
-
-    callbacks: list[Any] = [MetricsCSV(run_dir / "metrics.csv"), FailAtStep()]
-    stopper = StopOnSignal()
-    callbacks.append(stopper)
-    if tensorboard and is_main:
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
-
-        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
-    return callbacks, stopper
 
 
 # --------------------------------------------------------------------------------------------
@@ -727,7 +356,6 @@ def run_pretraining(
     TrainingInterrupted
         After SIGTERM / SIGINT, once the checkpoint is saved.
     """
-    from .vocab import Vocabulary
 
     config.validate()
     run_dir = Path(config.output_dir).resolve()  # type: ignore[arg-type]
@@ -783,7 +411,7 @@ def run_pretraining(
         write_json(run_dir / "environment.json", environment)
     collator = SeededMaskingCollator(make_mlm_collator(vocab, config.data, truncate_to), seed=config.train.seed)
     callbacks, stopper = _make_callbacks(run_dir, is_main, config.logging.tensorboard)
-    trainer_cls = _make_trainer_class()
+    trainer_cls = MixGeneformerTrainer
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -844,7 +472,6 @@ def run_pretraining(
 
 
 def _training_arguments(config: PretrainConfig, run_dir: Path, precision: str, has_eval: bool):
-    from transformers import TrainingArguments
 
     train, dist, log = config.train, config.distributed, config.logging
     cuda = torch.cuda.is_available()
@@ -896,7 +523,6 @@ def _training_arguments(config: PretrainConfig, run_dir: Path, precision: str, h
 
 
 def _save_final_bundle(trainer, bundle_dir: Path, vocab: Any, medians_path: Path | None) -> None:
-    from . import model as model_module
 
     state_dict = None
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
@@ -911,7 +537,6 @@ def _save_final_bundle(trainer, bundle_dir: Path, vocab: Any, medians_path: Path
         model = fresh
     medians = None
     if medians_path is not None:
-        from .medians import GeneMedians
 
         medians = GeneMedians.load(medians_path)
     save_bundle(model, bundle_dir, vocab, medians=medians, overwrite=True)
@@ -921,29 +546,6 @@ def _save_final_bundle(trainer, bundle_dir: Path, vocab: Any, medians_path: Path
     if corpus_config.is_file():  # new cells are tokenized like the training corpus by default
         shutil.copyfile(corpus_config, bundle_dir / TOKENIZE_CONFIG_NAME)
     write_json(bundle_dir / "environment.json", trainer.run_extras["environment"])
-
-
-def trim_metrics(path: Path, max_step: int) -> None:
-    """Keep only the rows of ``metrics.csv`` logged at or before ``max_step`` (atomically)."""
-    if not path.exists():
-        return
-    with open(path, newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if float(row.get("step") or 0) <= max_step]
-    from .fileio import atomic_file
-
-    with atomic_file(path) as handle:
-        writer = csv.DictWriter(handle, fieldnames=METRICS_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, float]]:
-    """Rows of a run's ``metrics.csv`` as dicts of floats (empty cells omitted)."""
-    path = Path(run_dir) / "metrics.csv"
-    if not path.exists():
-        return []
-    with open(path, newline="") as handle:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
 
 
 __all__ = [
@@ -964,3 +566,11 @@ __all__ = [
     "run_pretraining",
     "training_flops",
 ]
+
+
+def make_mlm_collator(vocab: Any, data: DataOptions, max_len: int | None = None) -> Any:
+    """The MLM collator of :mod:`mixgeneformer.collator` (dynamic padding + 80/10/10 masking)."""
+
+    return PretrainingCollator(
+        vocab, mlm_probability=data.mlm_probability, pad_to_multiple_of=data.pad_to_multiple_of, max_len=max_len
+    )

@@ -1,0 +1,432 @@
+"""The training engine of pretraining on the Hugging Face Trainer: the Trainer subclass, its callbacks,
+seeded masking, FLOP counting and the metrics CSV.
+
+``MixGeneformerTrainer`` overrides private Trainer methods (``_get_train_sampler``,
+``_save_checkpoint``, ``_get_output_dir``): pyproject.toml bounds ``transformers`` from above for that
+reason, and tests/test_pretrain.py exercises each override (sampler order, atomic checkpoints, resume)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import platform
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import accelerate
+import datasets
+import numpy as np
+import torch
+import transformers
+from torch.utils.tensorboard import SummaryWriter
+from transformers import Trainer, TrainerCallback
+from transformers.integrations import TensorBoardCallback
+
+from . import __version__
+from . import checkpoints as ckpt
+from .config import save_config
+from .errors import ConfigError
+from .fileio import atomic_file, write_json
+from .sampling import PretrainSampler, batch_seed
+
+logger = logging.getLogger(__name__)
+
+
+SIGNAL_SYNC_STEPS = 10  # distributed runs check for a stop signal every this many steps
+
+
+METRICS_FIELDS = (
+    "step",
+    "epoch",
+    "loss",
+    "mlm_loss",
+    "contrastive_loss",
+    "cross_species_loss",
+    "learning_rate",
+    "grad_norm",
+    "tokens_per_s",
+    "mfu",
+    "eval_loss",
+    "time_s",
+)
+
+
+# Dense bf16 peak FLOP/s used for MFU. H100/H200: the project's convention (790 TFLOP/s, below
+# the 989 of the SXM datasheet, so MFU is not flattered); others from vendor datasheets.
+PEAK_BF16_FLOPS = {"H200": 790e12, "H100": 790e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+def resolve_precision(precision: str) -> str:
+    """``"auto"`` -> ``"bf16"`` on a GPU that supports it, else ``"fp32"``; explicit values are checked."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU; use auto, bf16 or fp32 on this machine.")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.precision=bf16 is not supported by this GPU; use fp16 or auto.")
+    return precision
+
+
+def device_peak_flops(device: torch.device | str | None = None, override_tflops: float | None = None) -> float | None:
+    """Dense bf16 peak FLOP/s of the device (None where unknown, e.g. CPUs)."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device if device is not None and str(device) != "cpu" else None)
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+def count_flop_parameters(model: torch.nn.Module) -> int:
+    """Non-embedding parameters (the encoder's matmuls; word/position/token-type embeddings and
+    the tied decoder are excluded -- the decoder is counted per masked token in :func:`training_flops`)."""
+    total = 0
+    for name, param in model.named_parameters():
+        if "embeddings" in name or "cls.predictions.decoder" in name:
+            continue
+        total += param.numel()
+    return total
+
+
+def training_flops(
+    n_params: int,
+    n_layers: int,
+    hidden: int,
+    batch: int,
+    seq_len: int,
+    n_views: int = 1,
+    vocab_size: int = 0,
+    n_predicted: int = 0,
+) -> float:
+    """Model FLOPs of one training pass (forward + backward) over a padded batch.
+
+    ``n_views * (6 N T + 12 L H S T) + 6 V H P``, with ``T = batch * seq_len`` tokens (padded:
+    the hardware computes them), ``N`` the non-embedding parameters
+    (:func:`count_flop_parameters`), ``L`` layers, ``H`` hidden size, ``S`` the sequence length,
+    ``V`` the vocabulary and ``P`` the positions whose MLM logits are computed. ``6 N T`` is the
+    dense matmuls (2 forward + 4 backward FLOPs per parameter and token); ``12 L H S T`` the
+    attention scores and weighted sums (``2 * 2 * S * H`` per token and layer forward, x3 with
+    backward); ``6 V H P`` the decoder over the vocabulary. SimCSE encodes each batch twice
+    (``n_views=2``). MFU = FLOPs / step time / peak FLOP/s of the device (dense bf16).
+    """
+    tokens = float(batch) * float(seq_len)
+    encoder = n_views * (6.0 * n_params * tokens + 12.0 * n_layers * hidden * seq_len * tokens)
+    return encoder + 6.0 * vocab_size * hidden * float(n_predicted)
+
+
+def environment_record(precision: str, world_size: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Versions, devices and the dtype in use: what a reader needs to reproduce a run."""
+
+
+    record: dict[str, Any] = {
+        "mixgeneformer": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "accelerate": accelerate.__version__,
+        "cuda": torch.version.cuda,
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or ["cpu"],
+        "cpu_threads": torch.get_num_threads(),
+        "world_size": world_size,
+        "precision": precision,
+        "autocast_dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision],
+        "sdpa_flash": bool(torch.cuda.is_available() and torch.backends.cuda.flash_sdp_enabled()),
+    }
+    try:
+        import deepspeed  # noqa: F401
+
+        record["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        pass
+    record.update(extra or {})
+    return record
+
+
+class SeededMaskingCollator:
+    """Wrap the MLM collator so each batch's masking is seeded by (seed, epoch, batch content).
+
+    A resumed run skips the batches it already trained on without collating them; with masking
+    drawn from the global RNG the first resumed batches would be masked differently from a straight
+    run. Seeding per batch makes resume exact and makes masking independent of DataLoader workers.
+    """
+
+    def __init__(self, inner: Any, seed: int) -> None:
+        self.inner = inner
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [f["input_ids"] for f in features]
+        seed = batch_seed(self.seed, self.epoch, ids)
+        numpy_state = np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            np.random.seed(seed % (2**32))
+            try:
+                batch = dict(self.inner([{"input_ids": i} for i in ids]))
+            finally:
+                np.random.set_state(numpy_state)
+        return batch
+
+
+class MixGeneformerTrainer(Trainer):
+    """HF Trainer + loss parts in the logs, our sampler, throughput/MFU, atomic checkpoints."""
+
+    def __init__(self, *args, run_extras: dict[str, Any], sampler_options: dict[str, Any], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.run_extras = run_extras
+        self.sampler_options = sampler_options
+        # Accumulated on the device between log events: no host sync per step.
+        self._parts: dict[str, torch.Tensor] = {}
+        self._parts_count = 0
+        self._flops = 0.0  # encoder FLOPs (from shapes only)
+        self._predicted: torch.Tensor | int = 0  # MLM positions, for the decoder FLOPs
+        self._tokens = 0
+        self._window_start = time.perf_counter()
+        self._staging = False
+        unwrapped = self.model
+        self._flop_params = count_flop_parameters(unwrapped)
+        cfg = unwrapped.config
+        self._n_layers, self._hidden, self._vocab_size = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+        self._n_views = 2 if float(getattr(cfg, "contrastive_weight", 0.0) or 0.0) > 0 else 1
+        self._peak = None
+
+    # --- data order -------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        opts = self.sampler_options
+        global_batch = self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
+        sampler = PretrainSampler(
+            n_examples=len(dataset),
+            batch_size=global_batch,
+            seed=self.args.seed,
+            lengths=opts.get("lengths"),
+            species_codes=opts.get("species_codes"),
+            group_by_length=opts["group_by_length"],
+            species_balanced=opts["species_balanced"],
+        )
+        collator = self.data_collator
+        original_set_epoch = sampler.set_epoch
+
+        def set_epoch(epoch: int) -> None:
+            original_set_epoch(epoch)
+            if isinstance(collator, SeededMaskingCollator):
+                collator.epoch = int(epoch)
+
+        sampler.set_epoch = set_epoch  # type: ignore[method-assign]
+        return sampler
+
+    # --- loss parts and throughput ------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs.loss
+        if model.training:
+            for name in ("mlm_loss", "contrastive_loss", "cross_species_loss"):
+                value = getattr(outputs, name, None)
+                if value is not None:
+                    value = value.detach().float()
+                    self._parts[name] = self._parts[name] + value if name in self._parts else value
+            self._parts_count += 1
+            ids = inputs["input_ids"]
+            self._tokens += int(ids.numel())
+            labels = inputs.get("labels")
+            if labels is not None:
+                self._predicted = self._predicted + (labels != -100).sum()
+            self._flops += training_flops(
+                self._flop_params, self._n_layers, self._hidden, ids.shape[0], ids.shape[1], self._n_views
+            )
+        if self.args.n_gpu > 1:
+            loss = loss.mean()
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._parts_count:
+            names = sorted(self._parts)
+            if names:
+                values = torch.stack([self._parts[n] for n in names]).double() / self._parts_count
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    # Average the loss parts over ranks, like the Trainer's own `loss`.
+                    torch.distributed.all_reduce(values)
+                    values = values / torch.distributed.get_world_size()
+                for name, value in zip(names, values.cpu().tolist(), strict=True):
+                    logs[name] = value
+            predicted = int(self._predicted)
+            flops = self._flops + training_flops(0, 0, self._hidden, 0, 0, 1, self._vocab_size, predicted)
+            elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+            world = self.args.world_size
+            logs["tokens_per_s"] = self._tokens * world / elapsed
+            if self._peak is None:
+                self._peak = device_peak_flops(self.args.device, self.run_extras.get("peak_tflops")) or 0.0
+            if self._peak:
+                logs["mfu"] = flops / elapsed / self._peak
+            self._parts, self._parts_count, self._flops, self._tokens, self._predicted = {}, 0, 0.0, 0, 0
+            self._window_start = time.perf_counter()
+        super().log(logs, start_time)
+
+    # --- atomic checkpoints -------------------------------------------------------------
+    def _get_output_dir(self, trial):
+        if self._staging:
+            return str(ckpt.staging_dir(self.args.output_dir))
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = Path(self.args.output_dir)
+        step = self.state.global_step
+        staged = ckpt.staging_dir(run_dir) / f"checkpoint-{step}"
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                # A pickle of TrainingArguments; nothing reads it and we keep no pickles around.
+                (staged / "training_args.bin").unlink(missing_ok=True)
+                self._write_extras(staged)
+                _maybe_fail_in_save(step)
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(staged, ignore_errors=True)
+            raise
+        finally:
+            self._staging = False
+        # Every rank has written its RNG state into the staging folder before it is sealed.
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            ckpt.write_complete_marker(staged, step)
+            ckpt.publish_checkpoint(staged, run_dir)
+            try:
+                ckpt.staging_dir(run_dir).rmdir()
+            except OSError:
+                pass
+            ckpt.rotate_checkpoints(run_dir, self.run_extras.get("keep"))
+            logger.info("checkpoint %s complete", run_dir / staged.name)
+        self.accelerator.wait_for_everyone()
+
+    def _write_extras(self, folder: Path) -> None:
+        extras = self.run_extras
+        save_config(extras["config"], folder)
+        extras["vocab"].save(folder / "vocab.json")
+        if extras.get("medians_path") is not None:
+            shutil.copyfile(extras["medians_path"], folder / "medians.tsv")
+        write_json(folder / "environment.json", extras["environment"])
+
+
+
+def _maybe_fail_in_save(step: int) -> None:
+    target = os.environ.get("MIXGF_TEST_FAIL_IN_SAVE")
+    if target and int(target) == step:
+        raise OSError(28, f"No space left on device (MIXGF_TEST_FAIL_IN_SAVE={target})")
+
+
+class MetricsCSV(TrainerCallback):
+    """Append one row per log event to ``metrics.csv`` (rank 0 only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.start = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if not any(k in logs for k in ("loss", "eval_loss")):
+            return
+        row = {"step": state.global_step, "epoch": state.epoch, "time_s": round(time.perf_counter() - self.start, 3)}
+        row.update({k: logs[k] for k in METRICS_FIELDS if k in logs})
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=METRICS_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM / SIGINT: finish the current step, save a checkpoint, stop (then exit non-zero)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second signal: stop right away
+            self.uninstall()
+            raise KeyboardInterrupt
+        self.received = signum
+        logger.warning("received signal %s: saving a checkpoint after this step, then stopping", signum)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        flag = 0 if self.received is None else int(self.received)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and state.global_step % SIGNAL_SYNC_STEPS:
+            return control  # ranks agree on a stop only every SIGNAL_SYNC_STEPS steps (one tiny collective)
+        if distributed:
+            # One rank's signal stops every rank at the same step (else the others would hang).
+            tensor = torch.tensor([flag], device=args.device)
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+            flag = int(tensor.item())
+        if flag:
+            self.received = flag
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+class FailAtStep(TrainerCallback):
+    """Test hook ``MIXGF_TEST_FAIL_AT_STEP="<rank>:<step>"``: that rank raises at that step."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        target = os.environ.get("MIXGF_TEST_FAIL_AT_STEP")
+        if not target:
+            return
+        rank, step = (int(x) for x in target.split(":"))
+        if args.process_index == rank and state.global_step == step:
+            raise RuntimeError(f"injected failure on rank {rank} at step {step} (MIXGF_TEST_FAIL_AT_STEP)")
+
+
+def _make_callbacks(run_dir: Path, is_main: bool, tensorboard: bool):
+    callbacks: list[Any] = [MetricsCSV(run_dir / "metrics.csv"), FailAtStep()]
+    stopper = StopOnSignal()
+    callbacks.append(stopper)
+    if tensorboard and is_main:
+        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
+    return callbacks, stopper
+
+
+def trim_metrics(path: Path, max_step: int) -> None:
+    """Keep only the rows of ``metrics.csv`` logged at or before ``max_step`` (atomically)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if float(row.get("step") or 0) <= max_step]
+
+    with atomic_file(path) as handle:
+        writer = csv.DictWriter(handle, fieldnames=METRICS_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, float]]:
+    """Rows of a run's ``metrics.csv`` as dicts of floats (empty cells omitted)."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
