@@ -1,0 +1,152 @@
+"""Count-based baselines: logistic regression on log-normalized counts, kNN on PCA; across species on shared 1:1 orthologs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from sklearn.decomposition import PCA
+
+from .. import genes
+from ..errors import ConfigError, InputDataError
+from .config import BaselineConfig, BaselineMethod
+from .metrics import EvalResult, Prediction, evaluate
+from .tasks import Task
+from .zeroshot import _dense, knn_predict, logreg_predict
+
+logger = logging.getLogger(__name__)
+
+
+def _counts(adata: Any, layer: str | None = None) -> sp.csr_matrix:
+    x = adata.layers[layer] if layer else adata.X
+    return sp.csr_matrix(x) if not sp.isspmatrix_csr(x) else x
+
+
+def log_normalize(counts: sp.spmatrix | np.ndarray, target_sum: float = 1e4) -> sp.csr_matrix:
+    """Scale each cell to ``target_sum`` total counts, then ``log1p`` (CellTypist / scanpy style)."""
+    counts = sp.csr_matrix(counts, dtype=np.float32)
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+    normalized = sp.diags(scale.astype(np.float32)) @ counts
+    normalized.data = np.log1p(normalized.data)
+    return sp.csr_matrix(normalized)
+
+
+def ortholog_counts(adata: Any, species: Literal["human", "mouse"], layer: str | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Counts on human Ensembl IDs through one-to-one orthologs.
+
+    Gene identifiers (symbols or Ensembl IDs, via :func:`genes.map_gene_ids`) are resolved for
+    ``species``; mouse genes are mapped to their 1:1 human ortholog. Genes without one are dropped;
+    genes mapping to the same human ID are summed. Returns ``(counts, human_ids)``.
+    """
+
+    mapping = genes.map_gene_ids(np.asarray(adata.var_names, dtype=object), species=species)
+    ids = np.asarray(mapping.ensembl_ids, dtype=object)
+    if species == "mouse":
+        table = genes.one_to_one_orthologs()
+        to_human = pd.Series(table["human_id"].to_numpy(), index=table["mouse_id"].to_numpy())
+        to_human = to_human[~to_human.index.duplicated()]
+        ids = to_human.reindex(ids).fillna("").to_numpy(dtype=object)
+    else:
+        human_ok = set(genes.one_to_one_orthologs()["human_id"])
+        ids = np.where(np.isin(ids, list(human_ok)), ids, "").astype(object)
+    return _sum_columns_by_id(_counts(adata, layer), ids)
+
+
+def _sum_columns_by_id(counts: sp.csr_matrix, ids: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Merge columns sharing an ID (summing), dropping columns whose ID is empty."""
+    ids = np.asarray(ids, dtype=object).astype(str)
+    keep = np.flatnonzero(ids != "")
+    uniques, inverse = np.unique(ids[keep], return_inverse=True)
+    merge = sp.csr_matrix(
+        (np.ones(keep.size, dtype=np.float32), (keep, inverse.reshape(-1))), shape=(ids.size, uniques.size)
+    )
+    return sp.csr_matrix(counts.astype(np.float32) @ merge), uniques.astype(object)
+
+
+def align_genes(
+    a: sp.csr_matrix, a_ids: np.ndarray, b: sp.csr_matrix, b_ids: np.ndarray
+) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:
+    """Restrict two matrices to their shared gene IDs, in one common column order."""
+    shared, a_pos, b_pos = np.intersect1d(np.asarray(a_ids, dtype=str), np.asarray(b_ids, dtype=str), return_indices=True)
+    if shared.size == 0:
+        raise InputDataError("the two datasets share no genes after ortholog mapping; check species and gene IDs.")
+    return sp.csr_matrix(a[:, a_pos]), sp.csr_matrix(b[:, b_pos]), shared.astype(object)
+
+
+def baseline_predict(
+    train_counts: sp.spmatrix,
+    train_y: np.ndarray,
+    test_counts: sp.spmatrix,
+    method: BaselineMethod,
+    config: BaselineConfig | None = None,
+    seed: int = 0,
+) -> Prediction:
+    """A count-based baseline on the same cells.
+
+    ``logreg_counts``: normalise to 10,000, log1p, standardise (clip 10), L2 logistic regression
+    (CellTypist-style). ``knn_pca``: the same normalisation, PCA (50 components, fit on training
+    cells), kNN (k=5, cosine). Genes never expressed in training are left out.
+    """
+
+    config = config or BaselineConfig()
+    train_log = log_normalize(train_counts, config.target_sum)
+    test_log = log_normalize(test_counts, config.target_sum)
+    expressed = np.flatnonzero(np.asarray(train_log.getnnz(axis=0)) > 0)
+    train_log, test_log = train_log[:, expressed], test_log[:, expressed]
+    if method == "logreg_counts":
+        return logreg_predict(
+            train_log, train_y, test_log, c=config.logreg_c, max_iter=config.max_iter, clip=config.clip, seed=seed
+        )
+    if method == "knn_pca":
+        train_dense, test_dense = _dense(train_log), _dense(test_log)
+        mean = train_dense.mean(axis=0)
+        std = train_dense.std(axis=0)
+        std[std == 0] = 1.0
+        n_comps = min(config.n_pcs, train_dense.shape[0] - 1, train_dense.shape[1])
+        pca = PCA(n_components=n_comps, random_state=seed, svd_solver="randomized")
+        train_pcs = pca.fit_transform(np.clip((train_dense - mean) / std, -config.clip, config.clip))
+        test_pcs = pca.transform(np.clip((test_dense - mean) / std, -config.clip, config.clip))
+        return knn_predict(train_pcs, train_y, test_pcs, k=config.knn_k)
+    raise ConfigError(f"baseline {method!r} is not one of ['logreg_counts', 'knn_pca'].")
+
+
+def baselines(
+    task: Task,
+    methods: Sequence[BaselineMethod] = ("logreg_counts", "knn_pca"),
+    config: BaselineConfig | None = None,
+    species: tuple[str, str] | None = None,
+    layer: str | None = None,
+) -> list[EvalResult]:
+    """Run count-based baselines on a task's cells.
+
+    Within one dataset the genes are used as given. When ``species=(train_species, test_species)``
+    names two different species, both sides are mapped to human Ensembl IDs through one-to-one
+    orthologs (:func:`ortholog_counts`) and restricted to the shared genes.
+    """
+    if species is not None and species[0] != species[1]:
+        train_all, train_ids = ortholog_counts(task.train_data, species[0], layer)  # type: ignore[arg-type]
+        test_all, test_ids = ortholog_counts(task.test_data, species[1], layer)  # type: ignore[arg-type]
+        train_all, test_all, shared = align_genes(train_all, train_ids, test_all, test_ids)
+        note = f"{shared.size} one-to-one ortholog genes shared"
+        logger.info("baselines: %s", note)
+        train_counts, test_counts = train_all[task.train_rows], test_all[task.test_rows]
+    else:
+        if task.train_data is not task.test_data:
+            train_names = np.asarray(task.train_data.var_names, dtype=str)
+            test_names = np.asarray(task.test_data.var_names, dtype=str)
+            train_all, test_all, shared = align_genes(
+                _counts(task.train_data, layer), train_names, _counts(task.test_data, layer), test_names
+            )
+            train_counts, test_counts = train_all[task.train_rows], test_all[task.test_rows]
+        else:
+            matrix = _counts(task.train_data, layer)
+            train_counts, test_counts = matrix[task.train_rows], matrix[task.test_rows]
+    return [
+        evaluate(task, baseline_predict(train_counts, task.train_labels, test_counts, method, config), method)
+        for method in methods
+    ]

@@ -1,0 +1,262 @@
+"""Labels at the door: validation, rare classes, stratified splits, cross-species label matching."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from ..errors import InputDataError
+
+logger = logging.getLogger(__name__)
+
+
+#: Canonical-name synonyms used to match labels across datasets / species (applied after
+#: :func:`canonical_label`'s normalisation). Extend per call with ``synonyms=``.
+LABEL_SYNONYMS: dict[str, str] = {
+    "t_cells": "t_cell",
+    "tcell": "t_cell",
+    "t_lymphocyte": "t_cell",
+    "b_cells": "b_cell",
+    "bcell": "b_cell",
+    "b_lymphocyte": "b_cell",
+    "pp": "gamma",
+    "pp_cell": "gamma",
+    "gamma_cell": "gamma",
+    "alpha_cell": "alpha",
+    "beta_cell": "beta",
+    "delta_cell": "delta",
+    "epsilon_cell": "epsilon",
+    "ductal_cell": "ductal",
+    "acinar_cell": "acinar",
+    "endothelial_cell": "endothelial",
+    "mast_cell": "mast",
+    "schwann_cell": "schwann",
+    "macrophages": "macrophage",
+}
+
+
+@dataclass
+class LabelSelection:
+    """The cells kept for classification and why the others were left out."""
+
+    rows: np.ndarray  # int64 positions into obs of the kept cells, ascending
+    labels: np.ndarray  # object array of str labels, aligned with ``rows``
+    classes: list[str]  # kept classes, sorted
+    n_input: int
+    n_missing: int
+    dropped_classes: dict[str, int]
+
+    def summary(self) -> str:
+        """One line: cells kept, NaN labels dropped, rare classes dropped."""
+        dropped = ", ".join(f"{k} ({v})" for k, v in self.dropped_classes.items()) or "none"
+        return (
+            f"{len(self.rows)}/{self.n_input} cells in {len(self.classes)} classes; "
+            f"{self.n_missing} with missing labels dropped; rare classes dropped: {dropped}"
+        )
+
+
+def _obs_of(data: Any) -> pd.DataFrame:
+    return data if isinstance(data, pd.DataFrame) else data.obs
+
+
+def prepare_labels(
+    data: Any,
+    key: str = "cell_type1",
+    min_class_fraction: float = 0.005,
+    min_class_count: int = 2,
+) -> LabelSelection:
+    """Validate a label column and select the cells and classes to classify.
+
+    Parameters
+    ----------
+    data
+        An AnnData (its ``obs`` is used) or an obs DataFrame.
+    key
+        The label column.
+    min_class_fraction
+        Classes with fewer than this fraction of the labelled cells are dropped (0.5% as the
+        authors); 0 keeps every class.
+    min_class_count
+        Classes with fewer cells than this are dropped too.
+
+    Returns
+    -------
+    LabelSelection
+        Kept rows (obs order), their labels, the kept classes and what was dropped.
+
+    Raises
+    ------
+    InputDataError
+        The column is missing (the message lists the obs columns), no cell has a label, or fewer
+        than two classes remain.
+    """
+    obs = _obs_of(data)
+    if key not in obs.columns:
+        raise InputDataError(
+            f"label column {key!r} not found in obs. Available obs columns: {list(map(str, obs.columns))}. "
+            "Pass the right one with --label / key=."
+        )
+    column = obs[key]
+    missing = column.isna().to_numpy()
+    n_missing = int(missing.sum())
+    if n_missing:
+        logger.warning("%d cells have no %r label and are dropped", n_missing, key)
+    labels = column.astype(object).where(~missing, None).to_numpy()
+    labelled = np.flatnonzero(~missing)
+    if labelled.size == 0:
+        raise InputDataError(f"label column {key!r} has no labels (all {len(obs)} values are missing).")
+    names = np.asarray([str(v) for v in labels[labelled]], dtype=object)
+    classes, counts = np.unique(names, return_counts=True)
+    threshold = max(float(min_class_count), min_class_fraction * labelled.size)
+    rare = counts < threshold
+    dropped = {str(c): int(n) for c, n in zip(classes[rare], counts[rare], strict=True)}
+    if dropped:
+        logger.warning(
+            "dropping %d rare classes of %r (< %.1f cells): %s", len(dropped), key, threshold, dropped
+        )
+    kept_classes = [str(c) for c in classes[~rare]]
+    if len(kept_classes) < 2:
+        found = {str(c): int(n) for c, n in zip(classes, counts, strict=True)}
+        raise InputDataError(
+            f"label column {key!r} has {len(kept_classes)} class(es) with at least {threshold:.1f} cells "
+            f"(classes and counts: {found}); classification needs two or more. Lower "
+            "min_class_fraction / min_class_count or choose another label column."
+        )
+    keep = np.isin(names, kept_classes)
+    return LabelSelection(
+        rows=labelled[keep].astype(np.int64),
+        labels=names[keep],
+        classes=kept_classes,
+        n_input=len(obs),
+        n_missing=n_missing,
+        dropped_classes=dropped,
+    )
+
+
+def stratified_split(labels: Sequence[str] | np.ndarray, test_size: float = 0.2, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle and split positions ``0..n-1`` into train / test, stratified by label.
+
+    Returns sorted int64 position arrays ``(train, test)``; the same inputs and seed always give
+    the same split.
+    """
+
+    labels = np.asarray(labels, dtype=object)
+    classes, counts = np.unique(labels, return_counts=True)
+    if counts.min(initial=2) < 2:
+        small = {str(c): int(n) for c, n in zip(classes, counts, strict=True) if n < 2}
+        raise InputDataError(f"classes {small} have fewer than 2 cells and cannot be split; raise min_class_count.")
+    n_test = math.ceil(test_size * labels.size)
+    if n_test < classes.size or labels.size - n_test < classes.size:
+        raise InputDataError(
+            f"{labels.size} cells cannot be split {1 - test_size:.0%}/{test_size:.0%} with every one of "
+            f"{classes.size} classes on both sides; use more cells or a different test_size."
+        )
+    train, test = train_test_split(
+        np.arange(labels.size), test_size=test_size, random_state=seed, shuffle=True, stratify=labels
+    )
+    return np.sort(train).astype(np.int64), np.sort(test).astype(np.int64)
+
+
+def canonical_label(label: str, synonyms: Mapping[str, str] | None = None) -> str:
+    """The name labels are matched by: lower-cased, non-alphanumerics -> ``_``, then synonyms."""
+    name = canonical_label_key(label)
+    table = {**LABEL_SYNONYMS, **{canonical_label_key(k): v for k, v in (synonyms or {}).items()}}
+    return table.get(name, name)
+
+
+def canonical_labels(labels: Sequence[str] | np.ndarray, synonyms: Mapping[str, str] | None = None) -> np.ndarray:
+    """:func:`canonical_label` of every label (computed once per distinct label)."""
+    uniques, inverse = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+    mapped = np.asarray([canonical_label(u, synonyms) for u in uniques], dtype=object)
+    return mapped[inverse.reshape(-1)]
+
+
+def canonical_label_key(label: str) -> str:
+    """Normalise a label without synonyms (lower-case, non-alphanumerics -> ``_``)."""
+    return re.sub(r"[^0-9a-z]+", "_", str(label).strip().lower()).strip("_")
+
+
+@dataclass
+class LabelMatch:
+    """How two label sets were matched: the shared canonical classes and what each side lost."""
+
+    shared: list[str]
+    source_only: dict[str, int]
+    target_only: dict[str, int]
+    source_names: dict[str, list[str]]  # canonical -> original names on the source side
+    target_names: dict[str, list[str]]
+
+    def summary(self) -> str:
+        """One line listing shared classes and each side's dropped classes with their counts."""
+        return (
+            f"shared classes ({len(self.shared)}): {self.shared}; dropped from source: "
+            f"{self.source_only or 'none'}; dropped from target: {self.target_only or 'none'}"
+        )
+
+
+def match_labels(
+    source_labels: Sequence[str] | np.ndarray,
+    target_labels: Sequence[str] | np.ndarray,
+    synonyms: Mapping[str, str] | None = None,
+) -> LabelMatch:
+    """Match two label sets by canonical name (see :func:`canonical_label`).
+
+    Raises
+    ------
+    InputDataError
+        Fewer than two classes are shared.
+    """
+    def side(labels: Sequence[str] | np.ndarray) -> tuple[pd.Series, dict[str, list[str]]]:
+        raw = pd.Series(np.asarray(labels, dtype=object)).astype(str)
+        canon = pd.Series(canonical_labels(raw.to_numpy(), synonyms))
+        names = {c: sorted(set(raw[canon == c])) for c in canon.unique()}
+        return canon.value_counts(), names
+
+    source_counts, source_names = side(source_labels)
+    target_counts, target_names = side(target_labels)
+    shared = sorted(set(source_counts.index) & set(target_counts.index))
+    match = LabelMatch(
+        shared=shared,
+        source_only={str(k): int(v) for k, v in source_counts.items() if k not in shared},
+        target_only={str(k): int(v) for k, v in target_counts.items() if k not in shared},
+        source_names=source_names,
+        target_names=target_names,
+    )
+    if len(shared) < 2:
+        raise InputDataError(
+            f"the two label sets share {len(shared)} class(es) after matching; need two or more. "
+            f"Source classes: {sorted(source_names)}; target classes: {sorted(target_names)}. "
+            "Add entries to synonyms= (e.g. {'pp': 'gamma'}) to match differently named classes."
+        )
+    logger.info("label matching: %s", match.summary())
+    return match
+
+
+def check_unseen_labels(
+    train_classes: Iterable[str], test_labels: Sequence[str] | np.ndarray, policy: Literal["error", "drop"] = "error"
+) -> np.ndarray:
+    """Boolean mask of test cells whose label was seen in training.
+
+    ``policy="error"`` raises :class:`InputDataError` naming the unseen labels and their counts;
+    ``"drop"`` logs them and returns the mask to apply.
+    """
+    test_labels = np.asarray(test_labels, dtype=object)
+    seen = np.isin(test_labels, np.asarray(list(train_classes), dtype=object))
+    if not seen.all():
+        unseen, counts = np.unique(test_labels[~seen], return_counts=True)
+        detail = {str(u): int(n) for u, n in zip(unseen, counts, strict=True)}
+        if policy == "error":
+            raise InputDataError(
+                f"test labels never seen in training: {detail}. Drop them with "
+                "unseen_test_labels='drop' (CLI: --unseen drop) or train on data that has them."
+            )
+        logger.warning("dropping %d test cells with labels unseen in training: %s", int((~seen).sum()), detail)
+    return seen

@@ -1,0 +1,144 @@
+"""Predictions, scores (accuracy, macro precision / recall / F1, per-class reports) and write-back into obs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+from ..errors import InputDataError
+from .tasks import Task
+
+METRIC_COLUMNS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
+
+
+@dataclass
+class Prediction:
+    """Predicted labels (and class probabilities) for the test cells of a task."""
+
+    labels: np.ndarray  # object array of predicted class names
+    probabilities: np.ndarray | None  # (n, len(classes)) float, or None
+    classes: list[str]
+
+
+@dataclass
+class EvalResult:
+    """Scores of one method on one task."""
+
+    setting: str
+    method: str
+    metrics: dict[str, float]
+    report: pd.DataFrame
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    probabilities: np.ndarray | None
+    classes: list[str]
+    rows: np.ndarray  # test positions in the test data's obs
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        """The result as one benchmark-table row."""
+        return {"setting": self.setting, "method": self.method, **{k: self.metrics[k] for k in METRIC_COLUMNS}}
+
+
+def classification_metrics(y_true: Sequence[str] | np.ndarray, y_pred: Sequence[str] | np.ndarray) -> dict[str, float]:
+    """Accuracy and macro precision / recall / F1 (sklearn; classes = labels seen in either array).
+
+    A class never predicted has precision 0 (``zero_division=0``), so macro scores do not flatter
+    a classifier that ignores classes.
+    """
+
+    y_true, y_pred = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
+    if y_true.shape != y_pred.shape or y_true.size == 0:
+        raise InputDataError(f"need equally long, non-empty label arrays; got {y_true.shape} and {y_pred.shape}.")
+    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_precision": float(precision),
+        "macro_recall": float(recall),
+        "macro_f1": float(f1),
+    }
+
+
+def per_class_report(y_true: Sequence[str] | np.ndarray, y_pred: Sequence[str] | np.ndarray) -> pd.DataFrame:
+    """Per-class precision, recall, F1 and support (index: class, sorted)."""
+
+    y_true, y_pred = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
+    classes = np.unique(np.concatenate([y_true, y_pred]))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=classes, average=None, zero_division=0
+    )
+    return pd.DataFrame(
+        {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(np.int64)},
+        index=pd.Index([str(c) for c in classes], name="class"),
+    )
+
+
+def evaluate(task: Task, prediction: Prediction, method: str, **extra: Any) -> EvalResult:
+    """Score ``prediction`` against the task's test labels."""
+    if prediction.labels.shape[0] != task.test_labels.shape[0]:
+        raise InputDataError(
+            f"{prediction.labels.shape[0]} predictions for {task.test_labels.shape[0]} test cells."
+        )
+    return EvalResult(
+        setting=task.setting,
+        method=method,
+        metrics=classification_metrics(task.test_labels, prediction.labels),
+        report=per_class_report(task.test_labels, prediction.labels),
+        y_true=task.test_labels,
+        y_pred=np.asarray(prediction.labels, dtype=object),
+        probabilities=prediction.probabilities,
+        classes=list(prediction.classes),
+        rows=task.test_rows,
+        extra=dict(extra),
+    )
+
+
+def benchmark_table(results: Iterable[EvalResult]) -> pd.DataFrame:
+    """One row per result: setting, method, accuracy, macro_precision, macro_recall, macro_f1."""
+    rows = [r.row() for r in results]
+    return pd.DataFrame(rows, columns=["setting", "method", *METRIC_COLUMNS])
+
+
+def markdown_table(table: pd.DataFrame, digits: int = 4) -> str:
+    """A pipe (GitHub markdown) table of a DataFrame, floats rounded to ``digits``."""
+    def cell(value: Any) -> str:
+        return f"{value:.{digits}f}" if isinstance(value, (float, np.floating)) else str(value)
+
+    header = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
+def write_predictions(adata: Any, result: EvalResult, key: str | None = None, overwrite: bool = False) -> None:
+    """Write predictions into ``adata.obs`` in obs order (AnnData in, AnnData out).
+
+    ``obs[f"{key}_pred"]`` holds the predicted class (categorical, NaN for cells that were not
+    tested) and ``obs[f"{key}_prob"]`` the probability of that class (NaN when the method gives
+    none). ``key`` defaults to ``f"{setting}_{method}"``. Existing columns are kept unless
+    ``overwrite=True``.
+    """
+    key = key or f"{result.setting}_{result.method}"
+    pred_col, prob_col = f"{key}_pred", f"{key}_prob"
+    clash = [c for c in (pred_col, prob_col) if c in adata.obs.columns]
+    if clash and not overwrite:
+        raise InputDataError(f"obs already has {clash}; pass overwrite=True (CLI: --overwrite) or another key.")
+    n = adata.n_obs
+    predicted = np.full(n, None, dtype=object)
+    predicted[result.rows] = result.y_pred
+    probability = np.full(n, np.nan, dtype=np.float64)
+    if result.probabilities is not None:
+        class_index = pd.Index(result.classes).get_indexer(result.y_pred)
+        probability[result.rows] = result.probabilities[np.arange(len(result.rows)), class_index]
+    categories = sorted(set(result.classes) | set(result.y_pred.tolist()))
+    adata.obs[pred_col] = pd.Categorical(predicted, categories=categories)
+    adata.obs[prob_col] = probability
+
+
+def _argmax_labels(proba: np.ndarray, classes: list[str]) -> np.ndarray:
+    return np.asarray(classes, dtype=object)[np.argmax(proba, axis=1)]

@@ -1,0 +1,129 @@
+"""One classification run: every method on every task, and its output folder."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..config import save_config, to_dict
+from ..errors import ConfigError
+from ..fileio import atomic_directory, write_json
+from ..genes import detect_species
+from ..plots import confusion_matrix
+from .baselines import baselines
+from .config import BaselineMethod, ClassifyConfig, Method
+from .finetune import FittedClassifier, finetune
+from .metrics import EvalResult, benchmark_table, write_predictions
+from .tasks import Task, _max_len_of, tokenize_task, transfer_task, within_task
+from .zeroshot import zero_shot
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ClassificationRun:
+    """Results of every method run on one task (same train / test cells for all)."""
+
+    task: Task
+    results: list[EvalResult]
+    config: ClassifyConfig
+    fitted: FittedClassifier | None = None
+
+    def table(self) -> pd.DataFrame:
+        """The benchmark table of this run."""
+        return benchmark_table(self.results)
+
+
+def run_classification(
+    adata: Any,
+    model: Any = None,
+    vocab: Any = None,
+    medians: Any = None,
+    test: Any = None,
+    methods: Sequence[Method] = ("knn", "logreg"),
+    baseline_methods: Sequence[BaselineMethod] = (),
+    config: ClassifyConfig | None = None,
+    tokenize_config: Any = None,
+    device: str | None = None,
+) -> ClassificationRun:
+    """Classify ``adata``'s cells (stratified split), or train on ``adata`` and test on ``test``.
+
+    With ``test`` of another species, labels are matched by canonical name (see the module
+    docstring) and count baselines use one-to-one-ortholog genes.
+    """
+
+    config = config or ClassifyConfig()
+    if methods and model is None:
+        raise ConfigError(f"methods {list(methods)} need a model (CLI: --model BUNDLE); or run only baselines.")
+    if test is None:
+        task = within_task(adata, config.labels)
+        species = None
+    else:
+        species = (detect_species(list(adata.var_names)), detect_species(list(test.var_names)))
+        setting = "transfer" if species[0] == species[1] else f"{species[0]}->{species[1]}"
+        task = transfer_task(adata, test, config.labels, setting, synonyms=config.synonyms)
+    for note in task.notes:
+        logger.info("%s", note)
+    results: list[EvalResult] = []
+    fitted = None
+    model_methods = [m for m in methods if m in ("knn", "logreg", "finetune")]
+    if len(model_methods) != len(methods):
+        raise ConfigError(f"methods {list(methods)} must be among ['finetune', 'knn', 'logreg'].")
+    if model_methods:
+        task, train_tokens, test_tokens = tokenize_task(task, vocab, medians, tokenize_config, _max_len_of(model))
+        zero = [m for m in model_methods if m != "finetune"]
+        if zero:
+            results += zero_shot(task, model, vocab, medians, zero, config.embedding, device=device, tokens=(train_tokens, test_tokens))  # type: ignore[arg-type]
+        if "finetune" in model_methods:
+            result, fitted = finetune(task, model, vocab, medians, config, tokens=(train_tokens, test_tokens))
+            results.append(result)
+    if baseline_methods:
+        results += baselines(task, baseline_methods, config.baselines, species=species)
+    return ClassificationRun(task=task, results=results, config=config, fitted=fitted)
+
+
+def save_run(run: ClassificationRun, out_dir: Any, overwrite: bool = False) -> Any:
+    """Write a run's report folder atomically.
+
+    Contents: ``metrics.csv`` / ``metrics.json`` (the table plus label-handling notes),
+    ``per_class_<method>.csv``, ``confusion_<method>.png``, ``predictions.h5ad`` (the test data
+    with ``obs["<label>_<method>_pred"]`` / ``_prob``), ``config.yaml`` and, after fine-tuning,
+    ``finetuned/`` (the classifier, safetensors only).
+    """
+
+
+    task = run.task
+    predictions = task.test_data.copy()
+    label = run.config.labels.key
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        table = run.table()
+        table.to_csv(tmp / "metrics.csv", index=False)
+        write_json(
+            tmp / "metrics.json",
+            {
+                "setting": task.setting,
+                "n_train": int(task.train_rows.size),
+                "n_test": int(task.test_rows.size),
+                "classes": task.classes,
+                "notes": task.notes,
+                "results": table.to_dict(orient="records"),
+                "config": to_dict(run.config),
+            },
+        )
+        for result in run.results:
+            result.report.to_csv(tmp / f"per_class_{result.method}.csv")
+            confusion_matrix(
+                result.y_true, result.y_pred, title=f"{task.setting}: {result.method}",
+                save=tmp / f"confusion_{result.method}.png",
+            )
+            write_predictions(predictions, result, key=f"{label}_{result.method}", overwrite=True)
+        predictions.write_h5ad(tmp / "predictions.h5ad", compression="gzip")
+        save_config(run.config, tmp)
+        if run.fitted is not None:
+            run.fitted.save(tmp / "finetuned")
+    return Path(out_dir)

@@ -1,0 +1,116 @@
+"""Zero-shot classification on frozen embeddings: kNN (cosine) and logistic regression."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+
+from ..errors import ConfigError, InputDataError
+from ..inference import embed_corpus
+from .config import EmbeddingConfig
+from .metrics import EvalResult, Prediction, _argmax_labels, evaluate
+from .tasks import Task, TokenizedCells, _max_len_of, restrict_to_tokenized, tokenize_task
+
+
+def knn_predict(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, k: int = 5, metric: str = "cosine"
+) -> Prediction:
+    """k-nearest-neighbour vote (default k=5, cosine), the zero-shot protocol of the paper."""
+
+    k = min(k, len(train_y))
+    model = KNeighborsClassifier(n_neighbors=k, metric=metric, algorithm="brute")
+    model.fit(np.asarray(train_x), np.asarray(train_y, dtype=object))
+    proba = model.predict_proba(np.asarray(test_x))
+    classes = [str(c) for c in model.classes_]
+    return Prediction(labels=_argmax_labels(proba, classes), probabilities=proba, classes=classes)
+
+
+def logreg_predict(
+    train_x: np.ndarray | sp.spmatrix,
+    train_y: np.ndarray,
+    test_x: np.ndarray | sp.spmatrix,
+    c: float = 1.0,
+    max_iter: int = 1000,
+    standardize: bool = True,
+    clip: float | None = None,
+    seed: int = 0,
+) -> Prediction:
+    """L2 logistic regression (multinomial, lbfgs), features standardised on the training cells.
+
+    ``clip`` caps standardised values at ``±clip`` (CellTypist caps at 10).
+    """
+
+    train_x, test_x = _dense(train_x), _dense(test_x)
+    if standardize:
+        mean = train_x.mean(axis=0)
+        std = train_x.std(axis=0)
+        std[std == 0] = 1.0
+        train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+        if clip is not None:
+            np.clip(train_x, -clip, clip, out=train_x)
+            np.clip(test_x, -clip, clip, out=test_x)
+    model = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
+    model.fit(train_x, np.asarray(train_y, dtype=object))
+    proba = model.predict_proba(test_x)
+    classes = [str(cl) for cl in model.classes_]
+    return Prediction(labels=_argmax_labels(proba, classes), probabilities=proba, classes=classes)
+
+
+def _dense(x: np.ndarray | sp.spmatrix) -> np.ndarray:
+    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float32)
+
+
+def zero_shot_predict(
+    task: Task, train_embeddings: np.ndarray, test_embeddings: np.ndarray, method: Literal["knn", "logreg"], config: EmbeddingConfig | None = None
+) -> Prediction:
+    """Classify the task's test cells from frozen embeddings (rows aligned with the task's rows)."""
+    config = config or EmbeddingConfig()
+    if train_embeddings.shape[0] != task.train_rows.size or test_embeddings.shape[0] != task.test_rows.size:
+        raise InputDataError(
+            f"embeddings ({train_embeddings.shape[0]}, {test_embeddings.shape[0]} rows) do not match the "
+            f"task's train/test cells ({task.train_rows.size}, {task.test_rows.size})."
+        )
+    if method == "knn":
+        return knn_predict(train_embeddings, task.train_labels, test_embeddings, k=config.knn_k)
+    if method == "logreg":
+        return logreg_predict(train_embeddings, task.train_labels, test_embeddings, c=config.logreg_c)
+    raise ConfigError(f"zero-shot method {method!r} is not one of ['knn', 'logreg'].")
+
+
+def zero_shot(
+    task: Task,
+    model: Any,
+    vocab: Any,
+    medians: Any,
+    methods: Sequence[Literal["knn", "logreg"]] = ("knn", "logreg"),
+    config: EmbeddingConfig | None = None,
+    tokenize_config: Any = None,
+    device: str | None = None,
+    tokens: tuple[TokenizedCells, TokenizedCells] | None = None,
+) -> list[EvalResult]:
+    """Classify with kNN / logistic regression on frozen cell embeddings of ``model``.
+
+    Every model is embedded the same way (``config.layer``, default the second-to-last layer;
+    ``config.pooling``, default mean over genes), the fair protocol of SPEC §5.
+    """
+
+    config = config or EmbeddingConfig()
+    if tokens is None:
+        task, train_tokens, test_tokens = tokenize_task(task, vocab, medians, tokenize_config, _max_len_of(model))
+    else:
+        train_tokens, test_tokens = tokens
+        task = restrict_to_tokenized(task, train_tokens, test_tokens)
+
+    def embed(tokens: TokenizedCells, rows: np.ndarray) -> np.ndarray:
+        return embed_corpus(
+            model, tokens.select(rows), vocab, layer=config.layer, pooling=config.pooling,
+            batch_size=config.batch_size, device=device, progress=False,
+        )
+
+    train_x, test_x = embed(train_tokens, task.train_rows), embed(test_tokens, task.test_rows)
+    return [evaluate(task, zero_shot_predict(task, train_x, test_x, m, config), m) for m in methods]
