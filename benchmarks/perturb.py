@@ -8,7 +8,7 @@ alpha-cell embedding (layer -2, mean pooling).
 
 * exact, batched: :func:`mixgeneformer.perturb.perturb_cells` (variants of a cell built as one
   array, many per forward, length-sorted batches, inference mode, only the layers needed, the
-  first block's attention shared by all deletions of a cell: :mod:`mixgeneformer.deletion`);
+  first block's attention shared by all deletions of a cell: :mod:`mixgeneformer.perturb.deletion`);
 * loop: one variant per forward pass (the Geneformer-style baseline), on the first
   ``--loop-variants`` deletions of each cell (its rate is per deletion, so it extrapolates);
   its scores must equal the batched ones (max |diff| printed, fp32: ~1e-7);

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from mixgeneformer import perturb as perturb_module
-from mixgeneformer.deletion import DeletionScan, supports_shared_first_block
 from mixgeneformer.inference import continue_encoder, hidden_at_layer
 from mixgeneformer.perturb import PerturbConfig, perturb_cells
+from mixgeneformer.perturb import engine as perturb_module
+from mixgeneformer.perturb.deletion import DeletionScan, supports_shared_first_block
 
 
 def _bert(**overrides) -> BertModel:
@@ -128,7 +128,7 @@ def test_perturb_cells_with_and_without_the_shared_block_agree(monkeypatch):
 
 def test_chunked_keys_and_positions_give_the_same_states(monkeypatch):
     """Sparse positions (many keys moved per step) and small chunks: same result, bounded memory."""
-    from mixgeneformer import deletion
+    from mixgeneformer.perturb import deletion
 
     monkeypatch.setattr(deletion, "_KEY_CHUNK", 7)
     monkeypatch.setattr(deletion, "_POSITION_CHUNK", 2)

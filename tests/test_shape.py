@@ -35,7 +35,7 @@ STAGES: list[tuple[str, ...]] = [
     ("vocab",),
     ("corpus",),
     ("tokenize",),
-    ("losses", "deletion"),  # pure torch
+    ("losses",),  # pure torch
     ("model",),
     ("bundle",),
     ("inference",),

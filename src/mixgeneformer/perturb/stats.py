@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+from scipy.stats import norm
 
-from .errors import ConfigError, InputDataError
+from ..errors import ConfigError, InputDataError
+from ..genes import symbols_of
 
 if TYPE_CHECKING:
-    from .vocab import Vocabulary
+    from ..vocab import Vocabulary
 
 StatsMode = Literal["vs_all", "vs_null", "aggregate"]
 
@@ -30,7 +32,6 @@ def gene_names(token_ids: np.ndarray, vocab: Vocabulary) -> pd.DataFrame:
 
     Returns a DataFrame with columns ``ensembl_id`` and ``symbol`` aligned with ``token_ids``.
     """
-    from .genes import symbols_of
 
     token_ids = np.asarray(token_ids, dtype=np.int64)
     unique, inverse = np.unique(token_ids, return_inverse=True)
@@ -62,7 +63,6 @@ def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
 
 def _mwu_p(u1: np.ndarray, n1: np.ndarray, n2: np.ndarray, ties: np.ndarray) -> np.ndarray:
     """Two-sided asymptotic Mann–Whitney p-value with tie and continuity correction (scipy's)."""
-    from scipy.stats import norm
 
     n1 = n1.astype(np.float64)
     n2 = n2.astype(np.float64)

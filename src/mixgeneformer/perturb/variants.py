@@ -1,0 +1,251 @@
+"""Genes to perturb and the perturbed cells, as gather indices into each cell's tokens (pure functions)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import ConfigError, GeneIdError, InputDataError
+from ..genes import map_gene_ids, strip_versions
+from .config import PerturbConfig, PerturbType
+
+if TYPE_CHECKING:
+
+    from ..vocab import Vocabulary
+
+
+_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$", re.IGNORECASE)
+
+
+def resolve_genes(names: Sequence[str], vocab: Vocabulary, species: str = "auto") -> np.ndarray:
+    """Token ids of genes given as Ensembl IDs (versions allowed) or symbols.
+
+    Parameters
+    ----------
+    names
+        Gene identifiers; symbols are resolved in ``species`` (``"auto"``: human first, then
+        mouse, exact case before case-insensitive).
+    vocab
+        The model's vocabulary.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 token ids aligned with ``names``.
+
+    Raises
+    ------
+    GeneIdError
+        A name is unknown or its gene is not in the vocabulary.
+    """
+
+    out = np.empty(len(names), dtype=np.int64)
+    order = ["human", "mouse"] if species in ("auto", "human") else ["mouse", "human"]
+    if species != "auto":
+        order = order[:1]
+    for i, raw in enumerate(names):
+        name = str(raw).strip()
+        candidates: list[str] = []
+        if _ENSEMBL.match(name):
+            candidates = [str(strip_versions(np.array([name.upper()], dtype=object))[0])]
+        else:
+            for sp in order:
+                try:
+                    mapped = map_gene_ids([name], species=sp, min_coverage=0.0).ensembl_ids[0]
+                except GeneIdError:
+                    mapped = ""
+                if mapped:
+                    candidates.append(str(mapped))
+            if not candidates:
+                raise GeneIdError(
+                    f"gene {name!r} is neither an Ensembl ID nor a known {'/'.join(order)} gene symbol; "
+                    "check the spelling or pass its Ensembl ID (ENSG…/ENSMUSG…)"
+                )
+        tokens = [vocab.gene_to_id[c] for c in candidates if c in vocab.gene_to_id]
+        if not tokens:
+            raise GeneIdError(
+                f"gene {name!r} ({', '.join(candidates)}) is not in the model's vocabulary "
+                f"({len(vocab.gene_to_id):,} genes); it cannot be perturbed with this model"
+            )
+        out[i] = tokens[0]
+    return out
+
+
+def perturbation_indices(
+    tokens: np.ndarray,
+    targets: np.ndarray,
+    perturb: PerturbType,
+    special_ids: np.ndarray,
+    target_rank: int | None = None,
+) -> np.ndarray:
+    """Gather indices of perturbed copies of one cell.
+
+    Parameters
+    ----------
+    tokens
+        (length,) token ids of the cell (special tokens allowed at either end).
+    targets
+        (n_variants, k) positions in ``tokens`` of the genes each variant perturbs (gene
+        positions, distinct within a row). For moves, the row order is the order the genes end
+        up in.
+    perturb
+        ``"delete"``, ``"overexpress"``, ``"activate"`` or ``"inhibit"``.
+    special_ids
+        Non-gene token ids (``Vocabulary.special_ids``).
+    target_rank
+        Gene rank of ``activate`` / ``inhibit`` (negative: from the end).
+
+    Returns
+    -------
+    numpy.ndarray
+        (n_variants, length - k) int64 for deletions, (n_variants, length) for moves: variant
+        token ``j`` is ``tokens[src[j]]``.
+
+    Raises
+    ------
+    InputDataError
+        A deletion would leave the cell with no gene.
+    """
+    tokens = np.asarray(tokens)
+    targets = np.asarray(targets, dtype=np.int64)
+    if targets.ndim != 2:
+        raise ConfigError(f"targets must be a (n_variants, k) array of positions, got shape {targets.shape}")
+    n_var, k = targets.shape
+    length = len(tokens)
+    is_gene = ~np.isin(tokens, special_ids)
+    n_genes = int(is_gene.sum())
+    if n_var and (targets.min() < 0 or targets.max() >= length or not is_gene[targets].all()):
+        raise InputDataError("perturbation targets must be positions of gene tokens in the cell")
+    rows = np.arange(n_var)[:, None]
+    if perturb == "delete":
+        if k >= n_genes:
+            raise InputDataError(
+                f"deleting {k} gene(s) from a cell with {n_genes} gene(s) would leave no gene; a cell "
+                "needs at least one gene left (perturb fewer genes or drop such cells with min_genes)"
+            )
+        keep = np.ones((n_var, length), dtype=bool)
+        keep[rows, targets] = False
+        return np.broadcast_to(np.arange(length), (n_var, length))[keep].reshape(n_var, length - k)
+    if perturb not in ("overexpress", "activate", "inhibit"):
+        raise ConfigError(f"perturb={perturb!r}; use 'delete', 'overexpress', 'activate' or 'inhibit'")
+    gene_rank = np.cumsum(is_gene) - 1  # rank of each gene position among genes (0 = top)
+    first_gene = int(np.argmax(is_gene))
+    if perturb == "overexpress":
+        rank = 0
+    else:
+        if target_rank is None:
+            raise ConfigError(f"perturb={perturb!r} needs target_rank")
+        rank = int(target_rank) if target_rank >= 0 else n_genes - k + 1 + int(target_rank)
+    rank = min(max(rank, 0), n_genes - k)
+    current = gene_rank[targets]  # (n_var, k)
+    # Activation never lowers a gene, inhibition never raises one: such genes stay in place.
+    moves = current < rank if perturb == "inhibit" else current > rank
+    moved = np.zeros((n_var, length), dtype=bool)
+    moved[np.broadcast_to(rows, targets.shape)[moves], targets[moves]] = True
+    n_moved = moves.sum(axis=1)
+    block_rank = np.minimum(rank, n_genes - n_moved)  # (n_var,)
+    # Where the block goes: just before the (first_gene + block_rank)-th unmoved position.
+    others = ~moved
+    others_before = np.cumsum(others, axis=1) - 1
+    hit = others & (others_before == (first_gene + block_rank)[:, None])
+    anchor_pos = np.where(hit.any(axis=1), hit.argmax(axis=1), length).astype(np.float64)
+    order_in_block = np.cumsum(moves, axis=1) - 1  # position of each moved gene inside the block
+    keys = np.broadcast_to(np.arange(length, dtype=np.float64), (n_var, length)).copy()
+    fraction = (order_in_block + 1) / (n_moved[:, None] + 1.0)
+    keys[np.broadcast_to(rows, targets.shape)[moves], targets[moves]] = (
+        anchor_pos[:, None] - 1.0 + fraction
+    )[moves]
+    return np.argsort(keys, axis=1, kind="stable")
+
+
+@dataclasses.dataclass
+class _Variants:
+    """All perturbed copies of one cell: gather indices plus what each row perturbs."""
+
+    src: np.ndarray  # (n, width) int64
+    gene_token: np.ndarray  # (n,) token perturbed (partner gene with an anchor; -1 for a set)
+    gene_rank: np.ndarray  # (n,) its rank in the original cell (-1 for a set)
+    label: list[str]  # (n,) human-readable name of the perturbed token(s)
+    perturbed_tokens: np.ndarray  # (n, k) every token the row perturbs (for gene shifts)
+    anchor_only: np.ndarray  # (n,) bool, the anchor-alone reference row
+
+
+def cell_variants(
+    tokens: np.ndarray,
+    vocab: Vocabulary,
+    config: PerturbConfig,
+    gene_tokens: np.ndarray | None = None,
+    anchor_token: int | None = None,
+) -> _Variants | None:
+    """Every variant ``config`` asks for of one cell, or None when the cell lacks the genes.
+
+    ``gene_tokens`` (resolved ``config.genes``) None means every gene of the cell. A gene absent
+    from the cell is skipped; with ``combine`` or an ``anchor`` the cell must hold all of the
+    set / the anchor.
+    """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    special = vocab.special_ids
+    gene_pos = np.flatnonzero(~np.isin(tokens, special))
+    rank_of = np.full(len(tokens), -1, dtype=np.int64)
+    rank_of[gene_pos] = np.arange(len(gene_pos))
+    if gene_tokens is None:
+        chosen = gene_pos
+    else:
+        # Position of each requested gene in this cell (a token occurs at most once per cell).
+        sorter = np.argsort(tokens[gene_pos], kind="stable")
+        where = np.searchsorted(tokens[gene_pos], gene_tokens, sorter=sorter)
+        where = np.minimum(where, len(gene_pos) - 1)
+        found = tokens[gene_pos][sorter[where]] == gene_tokens
+        if config.combine:
+            if not found.all():
+                return None
+            chosen = gene_pos[sorter[where]]
+        else:
+            chosen = gene_pos[sorter[where[found]]]
+    anchor_pos = None
+    if anchor_token is not None:
+        hits = np.flatnonzero(tokens == anchor_token)
+        if len(hits) == 0:
+            return None
+        anchor_pos = int(hits[0])
+        chosen = chosen[chosen != anchor_pos]
+    if config.combine:
+        targets = chosen[None, :]
+        names = "+".join(vocab.tokens[t] for t in tokens[chosen])
+        src = perturbation_indices(tokens, targets, config.perturb, special, config.target_rank)
+        return _Variants(
+            src, np.array([-1]), np.array([-1]), [names], tokens[targets], np.zeros(1, dtype=bool)
+        )
+    if len(chosen) == 0 and anchor_pos is None:
+        return None
+    if anchor_pos is not None:
+        pairs = np.stack([np.full(len(chosen), anchor_pos), chosen], axis=1)
+        src_pairs = perturbation_indices(tokens, pairs, config.perturb, special, config.target_rank)
+        src_anchor = perturbation_indices(
+            tokens, np.array([[anchor_pos]]), config.perturb, special, config.target_rank
+        )
+        width = max(src_pairs.shape[1], src_anchor.shape[1])
+        src = np.full((len(chosen) + 1, width), -1, dtype=np.int64)
+        src[0, : src_anchor.shape[1]] = src_anchor[0]
+        src[1:, : src_pairs.shape[1]] = src_pairs
+        gene_tok = np.concatenate([[tokens[anchor_pos]], tokens[chosen]])
+        ranks = np.concatenate([[rank_of[anchor_pos]], rank_of[chosen]])
+        perturbed = np.concatenate([[[tokens[anchor_pos]] * 2], tokens[pairs]]) if len(chosen) else np.array([[tokens[anchor_pos]] * 2])
+        anchor_only = np.zeros(len(chosen) + 1, dtype=bool)
+        anchor_only[0] = True
+        names = [vocab.tokens[t] for t in gene_tok.tolist()]
+        return _Variants(src, gene_tok, ranks, names, perturbed, anchor_only)
+    src = perturbation_indices(tokens, chosen[:, None], config.perturb, special, config.target_rank)
+    gene_tok = tokens[chosen]
+    return _Variants(
+        src,
+        gene_tok,
+        rank_of[chosen],
+        [vocab.tokens[t] for t in gene_tok.tolist()],
+        gene_tok[:, None],
+        np.zeros(len(chosen), dtype=bool),
+    )
