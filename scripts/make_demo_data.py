@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from mixgeneformer.pipeline import capped_rows
+from mixgeneformer.demo import capped_rows
 
 SPECIES = ("human", "mouse")
 OBS_COLUMNS = ["cell_type1", "cell_ontology_class", "cell_ontology_id", "donor", "library", "organism"]

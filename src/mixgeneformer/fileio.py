@@ -163,3 +163,17 @@ def load_restricted_pickle(path: str | os.PathLike, what: str = "pickle") -> Any
             raise
         except Exception as exc:  # truncated or corrupt pickles raise many exception types
             raise ArtifactError(f"{what} {path} could not be read ({type(exc).__name__}: {exc}); it may be truncated.") from exc
+
+
+def write_h5ad(adata: Any, out: str | os.PathLike) -> Path:
+    """Write an AnnData to ``out`` atomically (gzip; a temporary sibling, then rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}.h5ad"
+    try:
+        adata.write_h5ad(tmp, compression="gzip")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out

@@ -27,7 +27,7 @@ def demo(
     artifacts go to ``<out>/<step>/``.
     """
     from ..config import apply_overrides, from_dict, to_dict
-    from ..pipeline import DemoConfig, run_demo
+    from ..demo import DemoConfig, run_demo
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     base = DemoConfig.quick_config() if quick else DemoConfig()

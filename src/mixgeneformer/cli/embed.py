@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import typer
 
 from ..errors import ArtifactError, ConfigError
-from ..fileio import atomic_file
+from ..fileio import atomic_file, write_h5ad
 from ._app import app, load_tokenize_config
-
-
-def _write_h5ad(adata, out: Path, overwrite: bool) -> None:
-    """Write an h5ad atomically (temporary sibling, then rename)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}.h5ad"
-    try:
-        adata.write_h5ad(tmp, compression="gzip")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @app.command("embed")
@@ -101,7 +87,7 @@ def embed(
     genes = None
     if gene_embeddings is not None:
         genes = emb.gene_table(result) if result is not None else adata.uns.pop(f"{key}_genes")
-    _write_h5ad(adata, out, overwrite)
+    write_h5ad(adata, out)
     typer.echo(f"wrote {out}: obsm[{key!r}] {adata.obsm[key].shape}")
     if genes is not None:
         with atomic_file(gene_embeddings, "wb") as handle:

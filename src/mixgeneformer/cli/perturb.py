@@ -95,11 +95,11 @@ def perturb(
         raise ConfigError(f"--stats {stats!r}; use vs_all, vs_null or aggregate")
     if (stats == "vs_null") != (null is not None):
         raise ConfigError("--stats vs_null and --null DIR go together (the null run's output folder)")
-    if out.exists() and not overwrite and not _is_shard_run(config):
+    if out.exists() and not overwrite and not pt.is_shard_run(config):
         raise ArtifactError(f"{out} already exists; pass --overwrite to replace it")
     if not input.exists():
         raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
-    null_cells = _read_cells(null) if null is not None else None
+    null_cells = pt.read_cells(null) if null is not None else None
 
     from ..bundle import load_bundle
 
@@ -119,38 +119,17 @@ def perturb(
             stats_mode="aggregate", progress=progress,
         )
 
-    index, world = config.shard()
-    if world > 1:
-        from ..fileio import atomic_file
-
-        out.mkdir(parents=True, exist_ok=True)
-        target = out / "shards" / f"cells-{index:05d}-of-{world:05d}.parquet"
-        with atomic_file(target, "wb") as handle:
-            result.cells.to_parquet(handle, index=False)
+    if pt.is_shard_run(config):
+        index, world = config.shard()
+        target = pt.write_shard(out, result, config)
         typer.echo(f"shard {index + 1}/{world}: {len(result.cells):,} perturbations -> {target}")
         typer.echo(f"when every shard is done: mixgf perturb-merge {out}")
         return
-    _finish(out, result, config, vocab, stats, null_cells, overwrite)
+    table = pt.finish_run(out, result, config, vocab, stats, null_cells, overwrite)
+    _report(out, result, table)
 
 
-def _is_shard_run(config) -> bool:
-    return config.shard()[1] > 1
-
-
-def _read_cells(folder: Path):
-    import pandas as pd
-
-    from ..fileio import check_readable_file
-
-    path = check_readable_file(Path(folder) / "cells.parquet", "perturbation table of the null run")
-    return pd.read_parquet(path)
-
-
-def _finish(out: Path, result, config, vocab, stats: str, null_cells, overwrite: bool) -> None:
-    from .. import perturb as pt
-
-    table = pt.perturbation_statistics(result.cells, vocab, mode=stats, null=null_cells) if len(result.cells) else None
-    pt.write_results(out, result, table, config, vocab, overwrite=overwrite)
+def _report(out: Path, result, table) -> None:
     typer.echo(
         f"{result.summary.get('cells_perturbed', 0):,} cells, {len(result.cells):,} perturbations -> {out}"
         + (f"; top: {', '.join(table['symbol'].where(table['symbol'] != '', table['perturbed']).head(5))}" if table is not None else "")
@@ -166,20 +145,11 @@ def perturb_merge(
     config_file: Path | None = typer.Option(None, "--config", help="YAML of the run's options (saved as config.yaml)."),
 ) -> None:
     """Merge the shard tables of OUT/shards into one result with statistics and figure."""
-    import re
-
     from .. import perturb as pt
     from ..vocab import Vocabulary
 
-    shards = sorted((Path(out) / "shards").glob("cells-*-of-*.parquet"))
-    if not shards:
-        raise ArtifactError(f"no shard tables in {Path(out) / 'shards'}; run mixgf perturb with --num-shards first")
-    worlds = {int(re.search(r"-of-(\d+)", p.name).group(1)) for p in shards}
-    if len(worlds) != 1 or len(shards) != next(iter(worlds)):
-        raise ArtifactError(f"{len(shards)} shard tables found for {sorted(worlds)} shards; wait for every shard or rerun the missing ones")
-    cells = pt.merge_shards(shards)
     config = _config_from_options(config_file, None, {})
     vocab = Vocabulary.load(Path(model) / "vocab.json")
-    result = pt.PerturbationResult(cells, None, {"shards": len(shards), "cells_perturbed": int(cells["cell"].nunique())})
-    null_cells = _read_cells(null) if null is not None else None
-    _finish(Path(out) / "merged", result, config, vocab, stats, null_cells, overwrite=True)
+    null_cells = pt.read_cells(null) if null is not None else None
+    merged, result, table = pt.merge_run(out, vocab, config, stats, null_cells)
+    _report(merged, result, table)

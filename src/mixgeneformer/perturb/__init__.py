@@ -63,7 +63,15 @@ from __future__ import annotations
 
 from .cells import PerturbationResult, perturb_anndata, perturb_cells
 from .config import PerturbConfig, PerturbType
-from .results import merge_shards, write_results
+from .results import (
+    finish_run,
+    is_shard_run,
+    merge_run,
+    merge_shards,
+    read_cells,
+    write_results,
+    write_shard,
+)
 from .screen import screen_deletions
 from .stats import StatsMode, benjamini_hochberg, gene_names, perturbation_statistics
 from .variants import cell_variants, perturbation_indices, resolve_genes
@@ -75,13 +83,18 @@ __all__ = [
     "StatsMode",
     "benjamini_hochberg",
     "cell_variants",
+    "finish_run",
     "gene_names",
+    "is_shard_run",
+    "merge_run",
     "merge_shards",
     "perturb_anndata",
     "perturb_cells",
     "perturbation_indices",
     "perturbation_statistics",
+    "read_cells",
     "resolve_genes",
     "screen_deletions",
     "write_results",
+    "write_shard",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,15 +12,17 @@ import numpy as np
 import pandas as pd
 
 from ..config import save_config
-from ..errors import InputDataError
-from ..fileio import atomic_directory, write_json
+from ..errors import ArtifactError, InputDataError
+from ..fileio import atomic_directory, atomic_file, check_readable_file, write_json
 from ..plots import perturbation_ranking
 from .cells import PerturbationResult
 from .config import PerturbConfig
+from .stats import StatsMode, perturbation_statistics
 
 if TYPE_CHECKING:
-
     from ..vocab import Vocabulary
+
+_SHARD_NAME = re.compile(r"-of-(\d+)")
 
 
 def write_results(
@@ -70,3 +73,62 @@ def merge_shards(tables: Sequence[pd.DataFrame | str | os.PathLike]) -> pd.DataF
     if frame.duplicated(["cell", "perturbed"]).any():
         raise InputDataError("shard tables overlap (a cell appears in two shards); merge each shard once")
     return frame.sort_values(["cell", "gene_rank", "perturbed"], kind="stable").reset_index(drop=True)
+
+
+def is_shard_run(config: PerturbConfig) -> bool:
+    """Whether ``config`` is one shard of a multi-process run (each shard writes only its table)."""
+    return config.shard()[1] > 1
+
+
+def write_shard(out_dir: str | os.PathLike, result: PerturbationResult, config: PerturbConfig) -> Path:
+    """Write this shard's cell table to ``out_dir/shards/cells-RRRRR-of-WWWWW.parquet`` atomically."""
+    index, world = config.shard()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "shards" / f"cells-{index:05d}-of-{world:05d}.parquet"
+    with atomic_file(target, "wb") as handle:
+        result.cells.to_parquet(handle, index=False)
+    return target
+
+
+def read_cells(folder: str | os.PathLike) -> pd.DataFrame:
+    """The ``cells.parquet`` table of a finished run (e.g. the null run of ``stats_mode="vs_null"``)."""
+    path = check_readable_file(Path(folder) / "cells.parquet", "perturbation table of the null run")
+    return pd.read_parquet(path)
+
+
+def finish_run(
+    out_dir: str | os.PathLike,
+    result: PerturbationResult,
+    config: PerturbConfig,
+    vocab: Vocabulary,
+    stats_mode: StatsMode = "vs_all",
+    null_cells: pd.DataFrame | None = None,
+    overwrite: bool = False,
+) -> pd.DataFrame | None:
+    """Statistics of ``result`` and its folder (:func:`write_results`); returns the statistics."""
+    table = perturbation_statistics(result.cells, vocab, mode=stats_mode, null=null_cells) if len(result.cells) else None
+    write_results(out_dir, result, table, config, vocab, overwrite=overwrite)
+    return table
+
+
+def merge_run(
+    out_dir: str | os.PathLike,
+    vocab: Vocabulary,
+    config: PerturbConfig,
+    stats_mode: StatsMode = "vs_all",
+    null_cells: pd.DataFrame | None = None,
+) -> tuple[Path, PerturbationResult, pd.DataFrame | None]:
+    """Join the shard tables of a sharded run (``out_dir/shards``) into ``out_dir/merged``, with
+    statistics and figure. Returns (merged folder, merged result, statistics)."""
+    shards = sorted((Path(out_dir) / "shards").glob("cells-*-of-*.parquet"))
+    if not shards:
+        raise ArtifactError(f"no shard tables in {Path(out_dir) / 'shards'}; run mixgf perturb with --num-shards first")
+    worlds = {int(_SHARD_NAME.search(p.name).group(1)) for p in shards}
+    if len(worlds) != 1 or len(shards) != next(iter(worlds)):
+        raise ArtifactError(f"{len(shards)} shard tables found for {sorted(worlds)} shards; wait for every shard or rerun the missing ones")
+    cells = merge_shards(shards)
+    result = PerturbationResult(cells, None, {"shards": len(shards), "cells_perturbed": int(cells["cell"].nunique())})
+    merged = Path(out_dir) / "merged"
+    table = finish_run(merged, result, config, vocab, stats_mode, null_cells, overwrite=True)
+    return merged, result, table

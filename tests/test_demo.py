@@ -13,8 +13,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from mixgeneformer.errors import ArtifactError, ConfigError
-from mixgeneformer.pipeline import (
+from mixgeneformer.demo import (
     DEMO_STEPS,
     DemoConfig,
     capped_rows,
@@ -22,6 +21,7 @@ from mixgeneformer.pipeline import (
     run_demo,
     write_report,
 )
+from mixgeneformer.errors import ArtifactError, ConfigError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SETTINGS = ("human (within)", "mouse (within)", "mouse → human", "human → mouse")

@@ -1,0 +1,186 @@
+"""Options of the demo and its shipped dataset."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from ..config import from_dict, to_dict
+from ..errors import ConfigError
+from ..fileio import content_hash
+
+DEMO_STEPS = ("data", "vocab", "medians", "tokenize", "pretrain", "embed", "classify", "perturb")
+
+
+SPECIES = ("human", "mouse")
+
+
+DONE_MARKER = "STEP_DONE.json"
+
+
+DEMO_MARKER = "mixgf_demo.json"
+
+
+EMBED_KEY = "X_mixgeneformer"
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and options of the demo (the defaults fit a 2-core CPU in well under 15 minutes).
+
+    Attributes
+    ----------
+    data_dir
+        Folder with ``baron_pancreas_human.h5ad`` and ``baron_pancreas_mouse.h5ad`` (raw counts,
+        gene symbols, obs ``cell_type1``); default the dataset shipped in the package.
+    cells_per_type
+        Cap each cell type at this many cells (seeded); ``None`` uses every shipped cell.
+    label_key
+        obs column of cell types.
+    vocab_mode, gene_set
+        :func:`mixgeneformer.vocab.build_vocabulary` options. ``"ortholog"`` ties each 1:1
+        human–mouse ortholog pair to one token, which a small demo model needs to transfer
+        labels across species; ``"separate"`` is the paper's vocabulary.
+    max_len
+        Tokens kept per cell (top-ranked genes); short sequences keep CPU pretraining cheap.
+    preset, model_overrides
+        Model preset of :data:`mixgeneformer.model.PRESETS` and config overrides.
+    pretrain_steps, batch_size, learning_rate, warmup_steps, contrastive_weight
+        Pretraining budget and objective (MLM + SimCSE with this weight).
+    pooling, embed_layer
+        Cell representation: the SimCSE term is trained on ``pooling`` of the last layer, and cells
+        are embedded (UMAP, zero-shot classification, perturbation) from hidden state
+        ``embed_layer``. The demo pools by the mean over genes of the last layer, so the contrastive
+        objective shapes exactly the embedding used downstream (a 2-layer model's second-to-last
+        layer, Geneformer's default, is only its first block).
+    finetune_steps
+        Fine-tuning steps per classification setting (0 skips fine-tuning; zero-shot kNN /
+        logistic regression and the count baselines always run).
+    perturb_species, perturb_start, perturb_goal, perturb_alternatives, perturb_cells
+        In silico deletion of every gene in ``perturb_cells`` cells of type ``perturb_start``,
+        scored by the shift toward the mean embedding of ``perturb_goal`` cells.
+    umap_neighbors
+        ``n_neighbors`` of the UMAP figures.
+    seed
+        Seed of subsampling, pretraining, splits and perturbation cell sampling.
+    device
+        Torch device for embedding, classification and perturbation (``None``: CUDA when
+        available). Pretraining uses the Trainer's device choice.
+    workers
+        Worker processes of the median and tokenization stages.
+    quick
+        Set by :meth:`quick_config` (recorded in the report).
+    """
+
+    data_dir: Path | None = None
+    cells_per_type: int | None = None
+    label_key: str = "cell_type1"
+    vocab_mode: Literal["separate", "ortholog"] = "ortholog"
+    gene_set: Literal["protein_coding", "all"] = "protein_coding"
+    max_len: int = 128
+    preset: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=lambda: {"max_position_embeddings": 512})
+    pretrain_steps: int = 1600
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    warmup_steps: int = 40
+    contrastive_weight: float = 1.0
+    pooling: Literal["mean"] = "mean"
+    embed_layer: int = -1
+    finetune_steps: int = 100
+    perturb_species: Literal["human", "mouse"] = "human"
+    perturb_start: str = "beta"
+    perturb_goal: str = "alpha"
+    perturb_alternatives: list[str] = field(default_factory=lambda: ["ductal"])
+    perturb_cells: int = 20
+    umap_neighbors: int = 15
+    seed: int = 0
+    device: str | None = None
+    workers: int = 1
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        positive = {
+            "max_len": self.max_len,
+            "pretrain_steps": self.pretrain_steps,
+            "batch_size": self.batch_size,
+            "perturb_cells": self.perturb_cells,
+            "umap_neighbors": self.umap_neighbors,
+            "workers": self.workers,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"demo.{name} must be >= 1, got {value}.")
+        if self.cells_per_type is not None and self.cells_per_type < 2:
+            raise ConfigError(f"demo.cells_per_type must be >= 2 (or None for all cells), got {self.cells_per_type}.")
+        if self.finetune_steps < 0 or self.warmup_steps < 0:
+            raise ConfigError("demo.finetune_steps and demo.warmup_steps must be >= 0.")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"demo.learning_rate must be > 0, got {self.learning_rate}.")
+        if self.perturb_start == self.perturb_goal:
+            raise ConfigError(
+                f"demo.perturb_start and demo.perturb_goal are both {self.perturb_start!r}; choose two cell types."
+            )
+
+    @classmethod
+    def quick_config(cls, **overrides: Any) -> DemoConfig:
+        """A reduced demo for CI (a few minutes on 2 cores): fewer cells, steps and genes per cell."""
+        values: dict[str, Any] = dict(
+            cells_per_type=30,
+            max_len=64,
+            pretrain_steps=40,
+            batch_size=16,
+            warmup_steps=5,
+            finetune_steps=10,
+            perturb_cells=4,
+            umap_neighbors=10,
+            quick=True,
+        )
+        values.update(overrides)
+        return from_dict(cls, values, "demo")
+
+    def fingerprint(self) -> str:
+        """Hash of every option that changes results (``device`` and ``workers`` do not)."""
+        values = to_dict(self)
+        values.pop("device")
+        values.pop("workers")
+        return content_hash(json.dumps(values, sort_keys=True))
+
+
+def demo_data_dir() -> Path:
+    """The folder of the shipped demo dataset (Baron et al. 2016 pancreas, human + mouse)."""
+    return Path(str(resources.files("mixgeneformer") / "data" / "demo"))
+
+
+def capped_rows(labels: pd.Series | np.ndarray, cap: int, seed: int = 0) -> np.ndarray:
+    """Row positions keeping at most ``cap`` cells per label (a seeded random subset), ascending.
+
+    Labels with at most ``cap`` cells are kept whole, so rare types survive.
+    """
+    rng = np.random.default_rng(seed)
+    codes, uniques = pd.factorize(pd.Series(np.asarray(labels)).astype(str), sort=True)
+    keep = np.zeros(codes.size, dtype=bool)
+    for code in range(uniques.size):  # one iteration per label, not per cell
+        rows = np.flatnonzero(codes == code)
+        if rows.size > cap:
+            rows = rng.choice(rows, size=cap, replace=False)
+        keep[rows] = True
+    return np.flatnonzero(keep)
+
+
+_STEP_TITLES = {
+    "data": "load the shipped human + mouse pancreas cells",
+    "vocab": "build the unified human + mouse vocabulary",
+    "medians": "compute gene medians over both species",
+    "tokenize": "rank-value tokenize both species into one mixed corpus",
+    "pretrain": "pretrain a small mixed-species model (MLM + SimCSE)",
+    "embed": "embed both species; UMAP by cell type and by species",
+    "classify": "classify cell types: within species, mouse → human, human → mouse, vs baselines",
+    "perturb": "in silico deletion of every gene, toward another cell state",
+}

@@ -1,0 +1,428 @@
+"""The demo report: metrics.json, report.md and report.html from a finished demo folder."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import os
+import platform
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from .. import __version__
+from ..config import to_dict
+from ..fileio import atomic_file, write_json
+from .config import DEMO_STEPS, SPECIES, DemoConfig
+from .context import _Context, _load_context
+from .steps import CLASSIFY_SETTINGS, _setting_slug
+
+_METHOD_NAMES = {
+    "mixgf_knn": "Mix-Geneformer embedding + kNN (k=5, cosine; zero-shot)",
+    "mixgf_logreg": "Mix-Geneformer embedding + logistic regression",
+    "mixgf_finetune": "Mix-Geneformer fine-tuned",
+    "logreg_counts": "baseline: log-counts + logistic regression (CellTypist-style)",
+    "knn_pca": "baseline: log-counts PCA + kNN",
+}
+
+
+def _commands(ctx: _Context) -> dict[str, list[str]]:
+    """CLI commands that redo each step with the options the demo used (same Python API)."""
+    out, cfg, r = ctx.out_dir, ctx.config, ctx.results
+    inputs = r["data"]["inputs"]
+    human, mouse = inputs["human"], inputs["mouse"]
+    vocab, medians = out / "vocab" / "vocab.json", out / "medians" / "medians.tsv"
+    corpus, bundle = out / "tokenize" / "corpus", out / "pretrain" / "run" / "model"
+    tok = corpus / "config.yaml"  # the TokenizeConfig the corpus was made with
+    dev = f" --device {cfg.device}" if cfg.device else ""
+    fin = "" if cfg.finetune_steps > 0 else " --mode zero-shot"
+    classify = []
+    for source, target in CLASSIFY_SETTINGS:
+        test = f" --test {inputs[target]}" if source != target else ""
+        classify.append(
+            f"mixgf classify {inputs[source]}{test} --model {bundle} --label {cfg.label_key}{fin} --baselines "
+            f"--config {out / 'classify' / 'config.yaml'} --tokenize-config {tok} "
+            f"--out {out / 'classify' / _setting_slug(source, target)} --overwrite{dev}"
+        )
+    return {
+        "vocab": [f"mixgf vocab build --out {vocab} --mode {cfg.vocab_mode} --gene-set {cfg.gene_set}"],
+        "medians": [f"mixgf medians {human} {mouse} --out {medians} --workers {cfg.workers}"],
+        "tokenize": [
+            f"mixgf tokenize {human} {mouse} --vocab {vocab} --medians {medians} --out {corpus} "
+            f"--max-len {cfg.max_len} --obs-columns {cfg.label_key} --workers {cfg.workers}"
+        ],
+        "pretrain": [f"mixgf pretrain --config {out / 'pretrain' / 'pretrain.yaml'} --resume"],
+        "embed": [
+            f"mixgf embed {inputs[s]} --model {bundle} --species {s} --tokenize-config {tok} "
+            f"--layer {cfg.embed_layer} --pooling {cfg.pooling} "
+            f"--out {out / 'embed' / (s + '.h5ad')} --umap {out / 'embed' / ('umap_' + s + '.png')} "
+            f"--color {cfg.label_key} --overwrite{dev}"
+            for s in SPECIES
+        ],
+        "classify": classify,
+        "perturb": [
+            f"mixgf perturb {inputs[cfg.perturb_species]} --model {bundle} --perturb delete --genes all "
+            f"--state-column {cfg.label_key} --start {cfg.perturb_start} --goal {cfg.perturb_goal} "
+            f"--alternatives {','.join(cfg.perturb_alternatives)} --cells-per-state {cfg.perturb_cells} "
+            f"--species {cfg.perturb_species} --tokenize-config {tok} --layer {cfg.embed_layer} "
+            f"--pooling {cfg.pooling} --set seed={cfg.seed} --stats vs_all "
+            f"--out {out / 'perturb' / 'results'} --overwrite{dev}"
+        ],
+        "demo": [
+            f"mixgf demo --out {out}{' --quick' if cfg.quick else ''}{dev}"
+            + "".join(f" --set {k}={v}" for k, v in _non_default_options(cfg).items())
+        ],
+    }
+
+
+def _non_default_options(cfg: DemoConfig) -> dict[str, Any]:
+    """Options that differ from the (quick or full) defaults, as ``--set`` would give them."""
+    base = to_dict(DemoConfig.quick_config() if cfg.quick else DemoConfig())
+    mine = to_dict(cfg)
+    skip = {"device", "workers", "quick"}
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in mine.items() if k not in skip and v != base[k]}
+
+
+def _figures(ctx: _Context) -> dict[str, Path]:
+    """Copy every step's figures into ``report/figures`` (the report folder stands alone)."""
+    target = ctx.out_dir / "report" / "figures"
+    target.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, Path] = {}
+    for step in DEMO_STEPS:
+        for name, path in ctx.results.get(step, {}).get("figures", {}).items():
+            copy = target / f"{name}.png"
+            shutil.copyfile(path, copy)
+            figures[name] = copy
+    return figures
+
+
+def _metrics_markdown(table: pd.DataFrame) -> str:
+    lines = [
+        "| setting | train / test cells | method | accuracy | macro F1 | macro precision | macro recall |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in table.itertuples(index=False):
+        lines.append(
+            f"| {row.setting} | {row.n_train} / {row.n_test} | {_METHOD_NAMES.get(row.method, row.method)} | {row.accuracy:.3f} | "
+            f"{row.macro_f1:.3f} | {row.macro_precision:.3f} | {row.macro_recall:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def _config_yaml(path: Path) -> str:
+    return path.read_text() if path.exists() else "(not written)"
+
+
+def write_report(
+    out_dir: str | os.PathLike, record: list[dict[str, Any]] | None = None, wall_seconds: float | None = None
+) -> Path:
+    """Write ``report/report.md``, ``report/report.html`` and ``report/metrics.json`` of a demo folder.
+
+    Parameters
+    ----------
+    out_dir
+        A demo output folder whose steps have all finished (their ``STEP_DONE.json`` markers are read).
+    record
+        Per-step status and timing of the current run (default: read from the markers, "resumed").
+    wall_seconds
+        Wall time of the current run, if known.
+
+    Returns
+    -------
+    Path
+        ``out_dir/report/report.md``.
+    """
+
+    ctx = _load_context(Path(out_dir).resolve())
+    if record is not None:
+        ctx.record = record
+    folder = ctx.out_dir / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = _figures(ctx)
+    commands = _commands(ctx)
+    metrics = report_metrics(ctx, folder, figures, commands, wall_seconds)
+    write_json(folder / "metrics.json", metrics)
+    sections = report_sections(ctx, metrics, folder, figures, commands, wall_seconds)
+    markdown = "\n".join(sections)
+    path = folder / "report.md"
+    with atomic_file(path) as handle:
+        handle.write(markdown)
+    with atomic_file(folder / "report.html") as handle:
+        handle.write(_markdown_to_html(markdown, title=sections[0].lstrip("# ")))
+    return path
+
+
+def report_metrics(
+    ctx: _Context, folder: Path, figures: dict[str, Path], commands: dict[str, list[str]], wall_seconds: float | None
+) -> dict[str, Any]:
+    """The machine-readable numbers of the report (``metrics.json``)."""
+    cfg, r = ctx.config, ctx.results
+    step_seconds = {rec["step"]: rec["seconds"] for rec in ctx.record}
+    total_compute = round(sum(step_seconds.values()), 2)
+    return {
+        "mixgeneformer_version": _version(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "mode": "quick" if cfg.quick else "full",
+        "config": to_dict(cfg),
+        "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
+        "steps": ctx.record,
+        "steps_completed": [rec["step"] for rec in ctx.record],
+        "seconds_total_steps": total_compute,
+        "seconds_this_run": wall_seconds,
+        "data": {k: r["data"][k] for k in ("cells", "cell_types")},
+        "vocab": {k: r["vocab"][k] for k in ("size", "mode", "hash")},
+        "medians": {k: r["medians"][k] for k in ("n_genes", "n_cells")},
+        "tokenize": {k: r["tokenize"][k] for k in ("n_cells", "cells_per_species", "mean_length", "max_length")},
+        "pretrain": {k: r["pretrain"][k] for k in ("steps", "first_loss", "final_loss")},
+        "embed": {k: r["embed"][k] for k in ("n_cells", "dim", "cells_without_embedding")},
+        "classification": r["classify"]["table"],
+        "perturbation": {
+            "summary": r["perturb"]["summary"],
+            "n_genes_tested": r["perturb"]["n_genes_tested"],
+            "n_significant_fdr_0.05": r["perturb"]["n_significant_fdr_0.05"],
+            "top_genes": r["perturb"]["top_genes"],
+        },
+        "figures": {name: str(path.relative_to(folder)) for name, path in figures.items()},
+        "commands": commands,
+    }
+
+
+def report_sections(
+    ctx: _Context, metrics: dict[str, Any], folder: Path, figures: dict[str, Path], commands: dict[str, list[str]],
+    wall_seconds: float | None,
+) -> list[str]:
+    """The lines of ``report.md``: overview, results, how to reproduce."""
+
+    def fig(name: str, alt: str) -> str:
+        return f"![{alt}]({figures[name].relative_to(folder).as_posix()})" if name in figures else f"({alt}: not produced)"
+
+
+    return [
+        *_overview_section(ctx, metrics, wall_seconds),
+        *_pretrain_embed_sections(ctx, fig),
+        *_classify_perturb_sections(ctx, figures, fig),
+        *_reproduce_sections(ctx, commands),
+    ]
+
+
+def _overview_section(ctx: _Context, metrics: dict[str, Any], wall_seconds: float | None) -> list[str]:
+    cfg, r = ctx.config, ctx.results
+    total_compute = metrics["seconds_total_steps"]
+    steps_md = "\n".join(
+        f"| {rec['step']} | {rec['status']} | {rec['seconds']:.1f} |" for rec in ctx.record
+    )
+    return [
+        f"# Mix-Geneformer demo report ({metrics['mode']})",
+        "",
+        f"Human and mouse pancreas cells (Baron et al. 2016, GEO GSE84133; {r['data']['cells']['human']:,} human + "
+        f"{r['data']['cells']['mouse']:,} mouse cells) → one {cfg.vocab_mode} vocabulary of {r['vocab']['size']:,} "
+        f"tokens → gene medians over both species → one mixed rank-value corpus (≤{cfg.max_len} genes per cell) → "
+        f"a `{cfg.preset}` model pretrained for {r['pretrain']['steps']} steps (MLM + SimCSE) → embeddings, "
+        "classification and in silico perturbation.",
+        "",
+        f"Created {metrics['created']} with mixgeneformer {metrics['mixgeneformer_version']} on {metrics['machine']['platform']} "
+        f"({metrics['machine']['cpus']} CPUs). Time of all steps: {total_compute:.1f}s"
+        + (f"; wall time of this run: {wall_seconds:.1f}s." if wall_seconds is not None else "."),
+        "",
+        "## Steps",
+        "",
+        "| step | status | seconds |",
+        "|---|---|---|",
+        steps_md,
+        "",
+    ]
+
+
+def _pretrain_embed_sections(ctx: _Context, fig: Callable[[str, str], str]) -> list[str]:
+    cfg, r = ctx.config, ctx.results
+    return [
+        "## Pretraining",
+        "",
+        f"Loss {_fmt(r['pretrain']['first_loss'])} at the first logged step → {_fmt(r['pretrain']['final_loss'])} "
+        f"after {r['pretrain']['steps']} steps.",
+        "",
+        fig("training_curves", "training curves"),
+        "",
+        "## Cell embeddings",
+        "",
+        f"{r['embed']['n_cells']:,} cells embedded ({r['embed']['dim']} dimensions, {cfg.pooling} pooling of hidden "
+        f"state {cfg.embed_layer}), UMAP coloured by cell type (left) and by species (right).",
+        "",
+        fig("umap", "UMAP by cell type and by species"),
+        "",
+    ]
+
+
+def _classify_perturb_sections(ctx: _Context, figures: dict[str, Path], fig: Callable[[str, str], str]) -> list[str]:
+    cfg, r = ctx.config, ctx.results
+    table = pd.DataFrame(r["classify"]["table"])
+    top = pd.DataFrame(r["perturb"]["top_genes"])
+    top_md = _frame_markdown(top) if len(top) else "(no genes)"
+    return [
+        "## Cell-type classification",
+        "",
+        "Within-species settings use a stratified 80/20 split (seed 42); cross-species settings train on every "
+        "labelled cell of the source species and test on every cell of the target species whose type both "
+        "species share (labels matched by canonical name; mouse count baselines use one-to-one orthologs). "
+        "Classes under 0.5% of cells are dropped. Accuracy and macro scores are on the test cells. All "
+        f"Mix-Geneformer rows use the same frozen embedding ({cfg.pooling} pooling, hidden state {cfg.embed_layer}) except the "
+        f"fine-tuned one ({cfg.finetune_steps} steps).",
+        "",
+        _metrics_markdown(table),
+        "",
+        *[f"- {setting}: {'; '.join(n)}" for setting, n in r["classify"]["notes"].items()],
+        "",
+        "Confusion matrices (Mix-Geneformer embedding + kNN, rows = true type, normalized per row):",
+        "",
+        *[fig(name, name.replace("_", " ")) + "\n" for name in figures if name.startswith("confusion_")],
+        "## In silico perturbation",
+        "",
+        f"Every gene of {r['perturb']['summary'].get('cells_perturbed', r['perturb']['summary'].get('cells_selected', '?'))} "
+        f"{cfg.perturb_species} `{cfg.perturb_start}` cells was deleted in turn; the score is the cosine shift of the "
+        f"cell embedding toward the mean `{cfg.perturb_goal}` embedding, tested per gene against all deletions "
+        "(Wilcoxon rank-sum, Benjamini–Hochberg FDR). "
+        f"{r['perturb']['n_genes_tested']:,} genes tested; "
+        f"{r['perturb']['n_significant_fdr_0.05']} with FDR < 0.05.",
+        "",
+        fig("perturbation_ranking", "perturbation ranking"),
+        "",
+        top_md,
+        "",
+    ]
+
+
+def _reproduce_sections(ctx: _Context, commands: dict[str, list[str]]) -> list[str]:
+    out, cfg, r = ctx.out_dir, ctx.config, ctx.results
+    pretrain_yaml = _config_yaml(Path(r["pretrain"]["config"]))
+    classify_yaml = _config_yaml(out / "classify" / "config.yaml")
+    perturb_yaml = _config_yaml(out / "perturb" / "results" / "config.yaml")
+    demo_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return [
+        "## Reproduce",
+        "",
+        "Everything at once:",
+        "",
+        "```bash",
+        *commands["demo"],
+        "```",
+        "",
+        "Step by step (the same Python API the demo calls):",
+        "",
+        *[line for step in DEMO_STEPS[1:] for line in (f"**{step}**", "", "```bash", *commands[step], "```", "")],
+        "### Resolved configurations",
+        "",
+        "Demo (`DemoConfig`):",
+        "",
+        "```yaml",
+        demo_yaml.rstrip(),
+        "```",
+        "",
+        "Pretraining (`PretrainConfig`, `pretrain/pretrain.yaml`):",
+        "",
+        "```yaml",
+        pretrain_yaml.rstrip(),
+        "```",
+        "",
+        "Classification (`ClassifyConfig`, `classify/config.yaml`):",
+        "",
+        "```yaml",
+        classify_yaml.rstrip(),
+        "```",
+        "",
+        "Perturbation (`PerturbConfig`, `perturb/results/config.yaml`):",
+        "",
+        "```yaml",
+        perturb_yaml.rstrip(),
+        "```",
+        "",
+        "Machine-readable numbers: `metrics.json`. Data: Baron M. et al. (2016) Cell Systems 3:346–360, GEO "
+        "GSE84133, as re-bundled in the MIT-licensed PyPI package `came==0.1.13`.",
+        "",
+    ]
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def _frame_markdown(frame: pd.DataFrame) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}"
+        return str(value).replace("|", "/")  # ortholog tokens are "HUMAN|mouse"; "|" would split the table cell
+
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
+def _version() -> str:
+
+    return str(__version__)
+
+
+def _markdown_to_html(markdown: str, title: str) -> str:
+    """A small converter for the subset of Markdown the report uses (headings, tables, images,
+    code blocks, lists, paragraphs), so no extra dependency is needed."""
+
+    out: list[str] = []
+    lines = markdown.splitlines()
+    i = 0
+
+    def inline(text: str) -> str:
+        text = html.escape(text)
+        text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+        return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("```"):
+            block = []
+            i += 1
+            while i < len(lines) and not lines[i].startswith("```"):
+                block.append(html.escape(lines[i]))
+                i += 1
+            out.append("<pre><code>" + "\n".join(block) + "</code></pre>")
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            i -= 1
+            body = [r for r in rows[2:]] if len(rows) > 1 else []
+            out.append(
+                "<table><thead><tr>" + "".join(f"<th>{inline(c)}</th>" for c in rows[0]) + "</tr></thead><tbody>"
+                + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in body)
+                + "</tbody></table>"
+            )
+        elif (match := re.match(r"^!\[([^\]]*)\]\(([^)]+)\)$", line)) is not None:
+            out.append(f'<p><img src="{html.escape(match.group(2))}" alt="{html.escape(match.group(1))}" style="max-width:100%"></p>')
+        elif line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{inline(lines[i][2:])}</li>")
+                i += 1
+            i -= 1
+            out.append("<ul>" + "".join(items) + "</ul>")
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+        i += 1
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.4}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:90%}"
+        "pre{background:#f5f5f5;padding:8px;overflow-x:auto}"
+    )
+    return (
+        f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n"
+    )

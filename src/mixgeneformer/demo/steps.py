@@ -1,0 +1,305 @@
+"""The demo steps: each calls one stage's public API (the same functions its CLI command calls)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import datasets
+import numpy as np
+import pandas as pd
+
+from .. import classify as clf
+from .. import perturb as pt
+from .. import plots
+from ..bundle import load_bundle
+from ..config import save_config
+from ..embed import embed_anndata
+from ..errors import ArtifactError, ConfigError
+from ..fileio import write_json
+from ..medians import GeneMedians, compute_medians
+from ..pretrain import pretrain_config_from_dict, read_metrics, run_pretraining
+from ..tokenize import TokenizeConfig, tokenize_files
+from ..vocab import Vocabulary, build_vocabulary
+from .config import EMBED_KEY, SPECIES, capped_rows, demo_data_dir
+from .context import _Context
+
+
+def _input_paths(ctx: _Context) -> dict[str, Path]:
+    return {s: Path(p) for s, p in ctx.results["data"]["inputs"].items()}
+
+
+def _tokenize_config(ctx: _Context) -> Any:
+
+    return TokenizeConfig(max_len=ctx.config.max_len)
+
+
+def _step_data(ctx: _Context, folder: Path) -> dict[str, Any]:
+
+    cfg = ctx.config
+    source = Path(cfg.data_dir) if cfg.data_dir is not None else demo_data_dir()
+    inputs, cells, types = {}, {}, {}
+    for species in SPECIES:
+        path = source / f"baron_pancreas_{species}.h5ad"
+        if not path.is_file():
+            raise ArtifactError(f"demo input {path} not found; set data_dir to a folder holding baron_pancreas_{species}.h5ad.")
+        adata = ad.read_h5ad(path)
+        if cfg.label_key not in adata.obs.columns:
+            raise ConfigError(f"{path} has no obs column {cfg.label_key!r} (label_key); columns: {list(adata.obs.columns)}.")
+        if cfg.cells_per_type is not None:
+            adata = adata[capped_rows(adata.obs[cfg.label_key], cfg.cells_per_type, cfg.seed)].copy()
+            path = folder / f"baron_pancreas_{species}.h5ad"
+            adata.write_h5ad(path, compression="gzip")
+        inputs[species] = str(path.resolve())
+        cells[species] = int(adata.n_obs)
+        types[species] = {str(k): int(v) for k, v in adata.obs[cfg.label_key].value_counts().items()}
+        print(f"{species}: {adata.n_obs} cells x {adata.n_vars} genes from {path}", flush=True)
+    write_json(folder / "inputs.json", {"inputs": inputs, "cells": cells, "cell_types": types})
+    return {"inputs": inputs, "cells": cells, "cell_types": types, "source": str(source)}
+
+
+def _step_vocab(ctx: _Context, folder: Path) -> dict[str, Any]:
+
+    vocab = build_vocabulary(ctx.config.vocab_mode, ctx.config.gene_set)
+    path = vocab.save(folder / "vocab.json")
+    print(f"vocabulary: {vocab}", flush=True)
+    return {"path": str(Path(path).resolve()), "size": len(vocab), "mode": vocab.mode, "hash": vocab.hash}
+
+
+def _step_medians(ctx: _Context, folder: Path) -> dict[str, Any]:
+
+    paths = _input_paths(ctx)
+    medians, stats = compute_medians(
+        [str(paths[s]) for s in SPECIES], workers=ctx.config.workers, return_stats=True, progress=ctx.progress
+    )
+    path = folder / "medians.tsv"
+    medians.save(path)
+    print(f"medians of {len(medians):,} genes from {stats.total_cells:,} cells", flush=True)
+    return {"path": str(path.resolve()), "n_genes": len(medians), "n_cells": int(stats.total_cells), "hash": medians.hash}
+
+
+def _step_tokenize(ctx: _Context, folder: Path) -> dict[str, Any]:
+
+    vocab = Vocabulary.load(ctx.results["vocab"]["path"])
+    medians = GeneMedians.load(ctx.results["medians"]["path"])
+    paths = _input_paths(ctx)
+    corpus = folder / "corpus"
+    tokenize_files(
+        [str(paths[s]) for s in SPECIES], corpus, vocab, medians, _tokenize_config(ctx),
+        obs_columns=(ctx.config.label_key,), workers=ctx.config.workers, overwrite=True, progress=ctx.progress,
+    )
+
+    dataset = datasets.load_from_disk(str(corpus))
+    lengths = np.asarray(dataset.with_format("numpy")["length"])
+    species = pd.Series(dataset["species"]).value_counts()
+    return {
+        "corpus": str(corpus.resolve()),
+        "n_cells": len(dataset),
+        "cells_per_species": {str(k): int(v) for k, v in species.items()},
+        "mean_length": float(lengths.mean()),
+        "max_length": int(lengths.max()),
+    }
+
+
+def _pretrain_config(ctx: _Context, folder: Path) -> Any:
+
+    cfg = ctx.config
+    steps = cfg.pretrain_steps
+    return pretrain_config_from_dict(
+        {
+            "output_dir": str((folder / "run").resolve()),
+            "data": {
+                "corpus": [ctx.results["tokenize"]["corpus"]],
+                "vocab": ctx.results["vocab"]["path"],
+                "medians": ctx.results["medians"]["path"],
+                "eval_fraction": 0.0,
+            },
+            "model": {"preset": cfg.preset, "overrides": dict(cfg.model_overrides)},
+            "objective": {"contrastive_weight": cfg.contrastive_weight, "pooling": cfg.pooling},
+            "train": {
+                "learning_rate": cfg.learning_rate,
+                "warmup_steps": cfg.warmup_steps,
+                "per_device_batch_size": cfg.batch_size,
+                "max_steps": steps,
+                "seed": cfg.seed,
+            },
+            "checkpoint": {"save_steps": max(1, steps // 2), "keep": 1},
+            "logging": {"logging_steps": max(1, min(10, steps // 10)), "tensorboard": False, "progress_bar": ctx.progress},
+        }
+    )
+
+
+def _step_pretrain(ctx: _Context, folder: Path) -> dict[str, Any]:
+
+    config = _pretrain_config(ctx, folder)
+    save_config(config, folder, "pretrain.yaml")
+    result = run_pretraining(config, resume=True)
+    figure = folder / "training_curves.png"
+    plots.training_curves(result.metrics_csv, title="Mix-Geneformer demo pretraining (MLM + SimCSE)", save=figure)
+    rows = read_metrics(result.run_dir)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return {
+        "config": str((folder / "pretrain.yaml").resolve()),
+        "bundle": str(result.bundle_dir),
+        "metrics_csv": str(result.metrics_csv),
+        "steps": int(result.global_step),
+        "first_loss": float(losses[0]) if losses else None,
+        "final_loss": float(losses[-1]) if losses else result.final_loss,
+        "figures": {"training_curves": str(figure.resolve())},
+    }
+
+
+def _load_inputs(ctx: _Context) -> dict[str, Any]:
+
+    return {s: ad.read_h5ad(p) for s, p in _input_paths(ctx).items()}
+
+
+def _step_embed(ctx: _Context, folder: Path) -> dict[str, Any]:
+
+
+    cfg = ctx.config
+    bundle = ctx.results["pretrain"]["bundle"]
+    parts, files = [], {}
+    for species, adata in _load_inputs(ctx).items():
+        embed_anndata(
+            adata, bundle, key=EMBED_KEY, layer=cfg.embed_layer, pooling=cfg.pooling, species=species,
+            tokenize_config=_tokenize_config(ctx),
+            device=cfg.device, progress=ctx.progress,
+        )
+        path = folder / f"{species}.h5ad"
+        adata.write_h5ad(path, compression="gzip")
+        files[species] = str(path.resolve())
+        obs = pd.DataFrame({"cell_type": adata.obs[cfg.label_key].astype(str).to_numpy(), "species": species},
+                           index=adata.obs_names)
+        parts.append(ad.AnnData(obs=obs, obsm={EMBED_KEY: np.asarray(adata.obsm[EMBED_KEY])}))
+    both = ad.concat(parts, index_unique="-")
+    both.write_h5ad(folder / "both_species.h5ad")
+    figure = folder / "umap.png"
+    plots.umap(both, color="cell_type", species="species", key=EMBED_KEY, n_neighbors=cfg.umap_neighbors,
+               random_state=cfg.seed, title="Mix-Geneformer cell embeddings (human + mouse)", save=figure)
+    n_nan = int((~np.isfinite(both.obsm[EMBED_KEY]).all(axis=1)).sum())
+    return {
+        "files": files,
+        "n_cells": int(both.n_obs),
+        "dim": int(both.obsm[EMBED_KEY].shape[1]),
+        "cells_without_embedding": n_nan,
+        "figures": {"umap": str(figure.resolve())},
+    }
+
+
+CLASSIFY_SETTINGS = (("human", "human"), ("mouse", "mouse"), ("mouse", "human"), ("human", "mouse"))
+
+
+def _setting_name(source: str, target: str) -> str:
+    return f"{source} (within)" if source == target else f"{source} → {target}"
+
+
+def _setting_slug(source: str, target: str) -> str:
+    return f"{source}_within" if source == target else f"{source}_to_{target}"
+
+
+def _classify_config(ctx: _Context) -> Any:
+
+    cfg = ctx.config
+    return clf.ClassifyConfig(
+        labels=clf.LabelConfig(key=cfg.label_key),
+        embedding=clf.EmbeddingConfig(layer=cfg.embed_layer, pooling=cfg.pooling),
+        finetune=clf.FinetuneConfig(
+            max_steps=cfg.finetune_steps if cfg.finetune_steps > 0 else -1,
+            batch_size=cfg.batch_size, learning_rate=1e-3, warmup_steps=max(1, cfg.finetune_steps // 10),
+            pooling=cfg.pooling, device=cfg.device,
+        ),
+    )
+
+
+def _step_classify(ctx: _Context, folder: Path) -> dict[str, Any]:
+
+    cfg = ctx.config
+    adatas = _load_inputs(ctx)
+    model, vocab, medians = load_bundle(ctx.results["pretrain"]["bundle"])
+    classify_config = _classify_config(ctx)
+    save_config(classify_config, folder)
+    methods = ("knn", "logreg", "finetune") if cfg.finetune_steps > 0 else ("knn", "logreg")
+    tables, figures, notes = [], {}, {}
+    for source, target in CLASSIFY_SETTINGS:
+        name, slug = _setting_name(source, target), _setting_slug(source, target)
+        print(f"-- {name}", flush=True)
+        run = clf.run_classification(
+            adatas[source], model, vocab, medians, test=None if source == target else adatas[target],
+            methods=methods, baseline_methods=("logreg_counts", "knn_pca"), config=classify_config,
+            tokenize_config=_tokenize_config(ctx), device=cfg.device,
+        )
+        clf.save_run(run, folder / slug, overwrite=True)
+        table = run.table()
+        print(clf.markdown_table(table), flush=True)
+        table["method"] = table["method"].map(lambda m: f"mixgf_{m}" if m in methods else m)
+        table.insert(0, "setting", table.pop("setting").map(lambda _s, n=name: n))
+        table.insert(2, "n_train", int(run.task.train_rows.size))
+        table.insert(3, "n_test", int(run.task.test_rows.size))
+        tables.append(table)
+        notes[name] = list(run.task.notes)
+        figure = folder / slug / "confusion_knn.png"  # kNN on frozen embeddings: the paper's zero-shot protocol
+        if figure.exists():
+            figures[f"confusion_{slug}"] = str(figure.resolve())
+    table = pd.concat(tables, ignore_index=True)
+    table.to_csv(folder / "metrics.csv", index=False)
+    write_json(folder / "notes.json", notes)
+    return {"table": table.to_dict(orient="records"), "figures": figures, "notes": notes}
+
+
+def _step_perturb(ctx: _Context, folder: Path) -> dict[str, Any]:
+
+    cfg = ctx.config
+    adata = _load_inputs(ctx)[cfg.perturb_species]
+    model, vocab, medians = load_bundle(ctx.results["pretrain"]["bundle"])
+    config = pt.PerturbConfig(
+        perturb="delete", state_column=cfg.label_key, start=cfg.perturb_start, goal=cfg.perturb_goal,
+        alternatives=list(cfg.perturb_alternatives), cells_per_state=cfg.perturb_cells, layer=cfg.embed_layer,
+        pooling=cfg.pooling, device=cfg.device, species=cfg.perturb_species, seed=cfg.seed,
+    )
+    result, _ = pt.perturb_anndata(
+        adata, model, config, vocab=vocab, medians=medians, tokenize_config=_tokenize_config(ctx),
+        stats_mode="aggregate", progress=ctx.progress,
+    )
+    stats = pt.perturbation_statistics(result.cells, vocab, mode="vs_all")
+    pt.write_results(folder / "results", result, stats, config, vocab, overwrite=True)
+    # The report ranks genes deleted in enough cells to be tested meaningfully (a gene seen in a
+    # single cell cannot reach significance, and its one shift is noise).
+    min_cells = max(2, min(cfg.perturb_cells // 4, int(stats["n_cells"].max())))
+    ranked = stats[stats["n_cells"] >= min_cells]
+    score = _first_present(ranked, ("mean_goal_shift", "mean_shift"))
+    figure = folder / "perturbation_ranking.png"
+    plots.perturbation_ranking(
+        ranked, top=20, score=score, label=_first_present(ranked, ("symbol", "perturbed")),
+        title=f"Deleting each gene in {cfg.perturb_species} {cfg.perturb_start} cells: shift toward "
+        f"{cfg.perturb_goal}\n(genes deleted in ≥{min_cells} cells; * FDR < 0.05)",
+        save=figure,
+    )
+    columns = [c for c in ("symbol", "ensembl_id", "n_cells", "mean_goal_shift", "mean_shift", "p_value", "fdr") if c in ranked]
+    top = ranked.reindex(ranked[score].abs().sort_values(ascending=False).index).head(10)[columns]
+    return {
+        "summary": result.summary,
+        "n_genes_tested": int(len(stats)),
+        "min_cells_ranked": int(min_cells),
+        "n_significant_fdr_0.05": int((stats["fdr"] < 0.05).sum()) if "fdr" in stats.columns else None,
+        "top_genes": top.to_dict(orient="records"),
+        "figures": {"perturbation_ranking": str(figure.resolve())},
+    }
+
+
+def _first_present(frame: pd.DataFrame, names: tuple[str, ...]) -> str | None:
+    return next((n for n in names if n in frame.columns), None)
+
+
+_STEP_FUNCS: dict[str, Callable[[_Context, Path], dict[str, Any]]] = {
+    "data": _step_data,
+    "vocab": _step_vocab,
+    "medians": _step_medians,
+    "tokenize": _step_tokenize,
+    "pretrain": _step_pretrain,
+    "embed": _step_embed,
+    "classify": _step_classify,
+    "perturb": _step_perturb,
+}
