@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+import torch
 
+from ..bundle import load_for_inference
 from ..config import save_config, to_dict
 from ..errors import ConfigError
 from ..fileio import atomic_directory, write_json
 from ..genes import detect_species
+from ..medians import GeneMedians
 from ..plots import confusion_matrix
+from ..tokenize import TokenizeConfig
+from ..vocab import Vocabulary
 from .baselines import baselines
 from .config import BaselineMethod, ClassifyConfig, Method
 from .finetune import FittedClassifier, finetune
 from .metrics import EvalResult, benchmark_table, write_predictions
 from .tasks import Task, _max_len_of, tokenize_task, transfer_task, within_task
 from .zeroshot import zero_shot
+
+if TYPE_CHECKING:
+    import anndata
 
 logger = logging.getLogger(__name__)
 
@@ -40,22 +49,27 @@ class ClassificationRun:
 
 
 def run_classification(
-    adata: Any,
-    model: Any = None,
-    vocab: Any = None,
-    medians: Any = None,
-    test: Any = None,
+    adata: anndata.AnnData,
+    model: str | os.PathLike | torch.nn.Module | None = None,
+    vocab: Vocabulary | None = None,
+    medians: GeneMedians | None = None,
+    test: anndata.AnnData | None = None,
     methods: Sequence[Method] = ("knn", "logreg"),
     baseline_methods: Sequence[BaselineMethod] = (),
     config: ClassifyConfig | None = None,
-    tokenize_config: Any = None,
+    tokenize_config: TokenizeConfig | None = None,
     device: str | None = None,
 ) -> ClassificationRun:
     """Classify ``adata``'s cells (stratified split), or train on ``adata`` and test on ``test``.
 
+    ``model`` is a model bundle folder or a loaded model, as for ``embed_anndata`` and
+    ``perturb_anndata``: a folder supplies its vocabulary, medians and tokenize configuration
+    (explicit ``vocab`` / ``medians`` / ``tokenize_config`` win); a loaded model needs ``vocab``.
     With ``test`` of another species, labels are matched by canonical name (see the module
     docstring) and count baselines use one-to-one-ortholog genes.
     """
+    if model is not None:
+        model, vocab, medians, tokenize_config, _ = load_for_inference(model, vocab, medians, tokenize_config)
 
     config = config or ClassifyConfig()
     if methods and model is None:

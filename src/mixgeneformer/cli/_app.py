@@ -22,13 +22,16 @@ def _root(
     state["debug"] = debug
 
 
-def load_tokenize_config(path, bundle=None):
-    """The TokenizeConfig of ``--tokenize-config``, else the one recorded in the model bundle, else None."""
-    from ..bundle import bundle_tokenize_config
-
-    if path is None:
-        return bundle_tokenize_config(bundle) if bundle is not None and bundle.is_dir() else None
+def load_tokenize_config(path):
+    """The TokenizeConfig of ``--tokenize-config``, or None (a model bundle then supplies its own)."""
     from ..config import load_config
     from ..tokenize import TokenizeConfig
 
-    return load_config(TokenizeConfig, path)
+    return None if path is None else load_config(TokenizeConfig, path)
+
+
+def load_medians(path):
+    """The GeneMedians of ``--medians``, or None (a model bundle then supplies its own)."""
+    from ..medians import GeneMedians
+
+    return None if path is None else GeneMedians.load(path)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ..errors import ArtifactError, ConfigError
-from ._app import app, load_tokenize_config
+from ._app import app, load_medians, load_tokenize_config
 
 _MODES = {
     "finetune": ("finetune",),
@@ -66,21 +66,12 @@ def classify(
     if device is not None:
         cli_overrides.append(f"finetune.device={device}")
     settings = load_config(clf.ClassifyConfig, config, [*cli_overrides, *overrides])
-    tok_config = load_tokenize_config(tokenize_config, model)
+    tok_config = load_tokenize_config(tokenize_config)
 
     train_data = ad.read_h5ad(check_readable_file(input, "input h5ad"))
     test_data = ad.read_h5ad(check_readable_file(test, "test h5ad")) if test is not None else None
-    loaded_model = loaded_vocab = loaded_medians = None
-    if methods:
-        from ..bundle import load_bundle
-
-        loaded_model, loaded_vocab, loaded_medians = load_bundle(model)
-        if medians is not None:
-            from ..medians import GeneMedians
-
-            loaded_medians = GeneMedians.load(medians)
     run = clf.run_classification(
-        train_data, loaded_model, loaded_vocab, loaded_medians, test=test_data, methods=methods,
+        train_data, model if methods else None, medians=load_medians(medians), test=test_data, methods=methods,
         baseline_methods=("logreg_counts", "knn_pca") if baselines else (), config=settings,
         tokenize_config=tok_config, device=device,
     )

@@ -8,7 +8,7 @@ import typer
 
 from ..errors import ArtifactError, ConfigError
 from ..fileio import atomic_file, write_h5ad
-from ._app import app, load_tokenize_config
+from ._app import app, load_medians, load_tokenize_config
 
 
 @app.command("embed")
@@ -49,22 +49,16 @@ def embed(
     if color is not None and umap is None:
         raise ConfigError("--color only applies to --umap FIG.png; add --umap")
 
-    from ..bundle import load_bundle
+    from ..vocab import Vocabulary
 
-    loaded_model, loaded_vocab, loaded_medians = load_bundle(model, vocab)
-    if medians is not None:
-        from ..medians import GeneMedians
-
-        loaded_medians = GeneMedians.load(medians)
-
+    loaded_vocab = Vocabulary.load(vocab) if vocab is not None else None
     result = None
     if input.is_dir():
         produced = emb.embed_corpus_folder(
-            input, loaded_model, key=key, layer=layer, pooling=pooling, vocab=loaded_vocab, batch_size=batch_size,
+            input, model, key=key, layer=layer, pooling=pooling, vocab=loaded_vocab, batch_size=batch_size,
             device=device, gene_embeddings=gene_embeddings is not None, progress=progress, precision=precision,
         )
         adata, result = produced if isinstance(produced, tuple) else (produced, None)
-        adata.uns[f"{key}_params"]["model"] = str(model)
     else:
         import anndata as ad
 
@@ -75,14 +69,12 @@ def embed(
             adata = ad.read_h5ad(input)
         except (OSError, KeyError, ValueError) as exc:
             raise ArtifactError(f"cannot read {input} as h5ad ({exc}); is it truncated or another format?") from exc
-        tk_config = load_tokenize_config(tokenize_config, model)
         emb.embed_anndata(
-            adata, loaded_model, key=key, layer=layer, pooling=pooling, overwrite=overwrite, gene_column=gene_column,
-            species=species, vocab=loaded_vocab, medians=loaded_medians, tokenize_config=tk_config,
-            batch_size=batch_size, device=device, progress=progress, precision=precision,
-            gene_embeddings=gene_embeddings is not None,
+            adata, model, key=key, layer=layer, pooling=pooling, overwrite=overwrite, gene_column=gene_column,
+            species=species, vocab=loaded_vocab, medians=load_medians(medians),
+            tokenize_config=load_tokenize_config(tokenize_config), batch_size=batch_size, device=device,
+            progress=progress, precision=precision, gene_embeddings=gene_embeddings is not None,
         )
-        adata.uns[f"{key}_params"]["model"] = str(model)
 
     genes = None
     if gene_embeddings is not None:

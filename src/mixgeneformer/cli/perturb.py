@@ -111,11 +111,13 @@ def perturb(
     else:
         import anndata as ad
 
+        from ..bundle import bundle_tokenize_config
         from ..fileio import check_readable_file
 
         adata = ad.read_h5ad(check_readable_file(input, "input h5ad"))
+        tk_config = load_tokenize_config(tokenize_config) or bundle_tokenize_config(model)
         result, _ = pt.perturb_anndata(
-            adata, loaded, config, vocab=vocab, medians=medians, tokenize_config=load_tokenize_config(tokenize_config, model),
+            adata, loaded, config, vocab=vocab, medians=medians, tokenize_config=tk_config,
             stats_mode="aggregate", progress=progress,
         )
 
