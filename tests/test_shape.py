@@ -40,6 +40,7 @@ STAGES: list[tuple[str, ...]] = [
     ("bundle",),
     ("inference",),
     ("collator", "sampling", "checkpoints"),
+    ("trainer",),  # the Trainer subclass and callbacks of pretraining
     ("pretrain", "embed", "classify", "perturb"),  # the user APIs
     ("demo",),
     ("cli",),

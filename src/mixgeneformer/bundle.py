@@ -202,6 +202,7 @@ def _load_weights(model: MixGeneformerForPretraining, state: dict[str, torch.Ten
         logger.warning("checkpoint %s has no BERT pooler weights; pooling='pooler' would use an untrained pooler.", folder)
 
 
+# long: a 20-line docstring; the body is one validation sequence (config, vocabulary, marker, weights).
 def load_bundle(
     path: str | os.PathLike,
     vocab: Vocabulary | str | os.PathLike | None = None,

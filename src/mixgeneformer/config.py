@@ -44,6 +44,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
     return obj
 
 
+# long: one dispatch over the annotation kinds a config may use (union, literal, list, dict, dataclass, scalar).
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)

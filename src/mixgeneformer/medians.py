@@ -460,6 +460,7 @@ def _read_options(read: ReadOptions | None, overrides: dict[str, Any]) -> ReadOp
     return dataclasses.replace(read or ReadOptions(), **overrides)
 
 
+# long: plan the tasks, then merge parts as they arrive (in process or from a pool); 50 lines of body.
 def accumulate_medians(
     inputs: Sequence[Any],
     *,

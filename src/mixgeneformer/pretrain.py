@@ -328,6 +328,7 @@ def _plan_run_dir(run_dir: Path, resume: bool, overwrite: bool, resume_from: Pat
     return "fresh", None
 
 
+# long: the run in order (folder, corpus, model, Trainer, train, interrupt, bundle); each step uses the previous ones' locals.
 def run_pretraining(
     config: PretrainConfig,
     resume: bool = False,

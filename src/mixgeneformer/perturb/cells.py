@@ -60,6 +60,7 @@ class PerturbationResult:
     summary: dict[str, Any]
 
 
+# long: a 23-line docstring; resolve genes, select cells, run, assemble share one set of locals.
 def perturb_cells(
     model: torch.nn.Module,
     dataset: datasets.Dataset | Sequence[Sequence[int]],

@@ -94,6 +94,7 @@ def _variant_batches(jobs: Iterator[_CellJob], batch_size: int) -> Iterator[list
         yield pending
 
 
+# long: one batching loop: pack variants of several cells, forward, unpack per cell.
 def _run_variants(
     bert: torch.nn.Module,
     jobs: Iterator[_CellJob],

@@ -119,6 +119,7 @@ def _mwu_paired_groups(x: np.ndarray, x_codes: np.ndarray, y: np.ndarray, y_code
     return _mwu_p(u1, n1, n2, ties)
 
 
+# long: a 24-line docstring; one vectorized table per statistics mode.
 def perturbation_statistics(
     cells: pd.DataFrame,
     vocab: Vocabulary | None = None,

@@ -1,315 +1,26 @@
-"""Streaming readers: every supported input format → chunks of raw counts (cells × genes CSR).
-
-One interface over ``.h5ad`` (CSR, CSC or dense on disk; read directly with h5py in row chunks,
-never the whole matrix at once), ``.loom`` (genes × cells), 10x Genomics ``.h5`` (CellRanger v2
-and v3), a 10x ``matrix.mtx`` folder, an in-memory :class:`anndata.AnnData` (dense / CSR / CSC,
-integer or float, also backed) and a TileDB-SOMA experiment. Each chunk is validated (raw counts:
-finite, non-negative, integer unless ``allow_fractional``) with vectorized checks before anyone
-uses it (RELIABILITY 1–3).
-
-Usage::
-
-    with open_source("cells.h5ad", layer="counts") as source:
-        for chunk in source.iter_chunks(10_000, obs_columns=["cell_type"]):
-            ...  # chunk.counts (csr), chunk.gene_ids, chunk.obs, chunk.start
-"""
+"""One CountSource per input format, and open_source, which picks it."""
 
 from __future__ import annotations
 
 import gzip
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import anndata as ad
 import h5py
-import numba
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import GeneIdError, InputDataError
-from .fileio import check_readable_file
-from .genes import map_gene_ids
-
-__all__ = [
-    "CountChunk",
-    "CountSource",
-    "open_source",
-    "validate_counts",
-]
+from ..errors import InputDataError
+from ..fileio import check_readable_file
+from .base import CountSource, _decode, _pick_gene_ids
 
 # Rows read per h5py call are bounded by the chunk size the caller asks for; CSC-on-disk inputs are
 # scanned in blocks of this many stored entries so memory stays bounded.
 _CSC_SCAN_BLOCK = 1 << 24
-
-
-@dataclass
-class CountChunk:
-    """A block of consecutive cells of one source.
-
-    Attributes
-    ----------
-    counts
-        Raw counts, cells × genes, CSR (integer or float dtype), already validated.
-    gene_ids
-        Gene identifiers (str, object array) aligned with the columns of ``counts``.
-    obs
-        Per-cell metadata, rows aligned with ``counts``; the index holds cell names.
-    start
-        Index of the chunk's first cell within its source.
-    """
-
-    counts: sp.csr_matrix
-    gene_ids: np.ndarray
-    obs: pd.DataFrame
-    start: int
-
-    @property
-    def n_cells(self) -> int:
-        """Number of cells (rows) in the chunk."""
-        return int(self.counts.shape[0])
-
-
-def validate_counts(
-    counts: sp.csr_matrix,
-    *,
-    allow_fractional: bool = False,
-    start: int = 0,
-    cell_names: Sequence[str] | np.ndarray | None = None,
-    gene_ids: np.ndarray | None = None,
-    where: str = "input",
-) -> None:
-    """Check that a CSR block holds raw counts: finite, non-negative and (by default) integer.
-
-    Vectorized over the stored values. Errors name the first offending value, its cell (index and
-    name) and gene, and the fix.
-
-    Parameters
-    ----------
-    counts
-        Cells × genes CSR block.
-    allow_fractional
-        Accept non-integer values (e.g. ambient-corrected counts); negative / NaN / Inf are still errors.
-    start
-        Index of the block's first cell in its source (for messages).
-    cell_names, gene_ids
-        Names used in messages (optional).
-    where
-        What the data is (file name), for messages.
-
-    Raises
-    ------
-    InputDataError
-        On NaN / Inf, negative or (unless allowed) non-integer values.
-    """
-    data = counts.data
-    if data.size == 0 or data.dtype == np.bool_:
-        return
-
-    def locate(mask: np.ndarray) -> str:
-        k = int(np.flatnonzero(mask)[0])
-        row = int(np.searchsorted(counts.indptr, k, side="right") - 1)
-        col = int(counts.indices[k])
-        cell = f"cell {start + row}"
-        if cell_names is not None:
-            cell += f" ({cell_names[row]!s})"
-        gene = f"gene column {col}"
-        if gene_ids is not None:
-            gene += f" ({gene_ids[col]!s})"
-        return f"{data[k].item()!r} at {cell}, {gene}"
-
-    if np.issubdtype(data.dtype, np.floating):
-        finite = np.isfinite(data)
-        if not finite.all():
-            n_bad = int((~finite).sum())
-            raise InputDataError(
-                f"{where}: counts contain NaN or Inf ({n_bad} values; first: {locate(~finite)}). "
-                "Raw UMI counts are required: remove or fix these cells, or read the raw counts layer "
-                "(layer='counts')."
-            )
-    if not np.issubdtype(data.dtype, np.unsignedinteger):
-        negative = data < 0
-        if negative.any():
-            raise InputDataError(
-                f"{where}: counts contain {int(negative.sum())} negative values (first: {locate(negative)}). "
-                "Raw counts cannot be negative: the matrix looks scaled or batch-corrected; read the raw "
-                "counts instead (layer='counts')."
-            )
-    if not allow_fractional and np.issubdtype(data.dtype, np.floating):
-        fractional = data != np.rint(data)
-        if fractional.any():
-            raise InputDataError(
-                f"{where}: expects raw counts in X or layers['counts']; found {locate(fractional)} "
-                f"({int(fractional.sum())} non-integer values in cells {start}–{start + counts.shape[0] - 1}). "
-                "The data look normalized or log-transformed: pass the raw counts (layer='counts', "
-                "CLI --layer counts), or allow_fractional=True (CLI --allow-fractional) if they are "
-                "deliberately non-integer."
-            )
-
-
-def _decode(values: Any) -> np.ndarray:
-    """h5py byte strings / numbers → object array of str."""
-    arr = np.asarray(values)
-    if arr.dtype.kind == "S":
-        return np.char.decode(arr, "utf-8").astype(object)
-    if arr.dtype.kind == "O":
-        return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in arr], dtype=object)
-    return arr.astype(str).astype(object)
-
-
-def _libc_malloc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        return None
-
-
-_MALLOC_TRIM = _libc_malloc_trim()
-
-
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and chunk after chunk of
-    differently sized arrays makes a streaming process's RSS creep up with the corpus size)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-class CountSource:
-    """A count matrix that can be read in chunks of consecutive cells.
-
-    Attributes
-    ----------
-    n_cells, n_genes
-        Matrix shape (cells × genes).
-    gene_ids
-        Gene identifiers aligned with the columns (object array of str).
-    obs_columns
-        Names of per-cell metadata columns available to ``iter_chunks(obs_columns=...)``.
-    name
-        Human-readable description of the source (file name) for messages.
-    """
-
-    n_cells: int
-    n_genes: int
-    gene_ids: np.ndarray
-    obs_columns: list[str]
-    name: str
-    allow_fractional: bool = False
-
-    # -- implemented by each format --------------------------------------------------------------
-    def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
-        raise NotImplementedError
-
-    def _obs_names(self, start: int, stop: int) -> np.ndarray:
-        raise NotImplementedError
-
-    def _obs_column(self, column: str, start: int, stop: int) -> pd.Series | np.ndarray:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Release open files (sources are also context managers)."""
-
-    # -- shared -----------------------------------------------------------------------------------
-    def __enter__(self) -> CountSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r}, {self.n_cells} cells × {self.n_genes} genes)"
-
-    def check_obs_columns(self, columns: Sequence[str]) -> None:
-        """Raise :class:`InputDataError` naming the missing columns and the available ones."""
-        missing = [c for c in columns if c not in self.obs_columns]
-        if missing:
-            raise InputDataError(
-                f"{self.name}: obs column(s) {missing} not found. Available obs columns: "
-                f"{sorted(self.obs_columns)}."
-            )
-
-    def obs(self, columns: Sequence[str] = (), start: int = 0, stop: int | None = None) -> pd.DataFrame:
-        """Per-cell metadata of cells [start, stop) (only ``columns``), indexed by cell name.
-
-        Only that row range is read where the format allows (h5ad, loom, 10x), so memory stays
-        bounded by the chunk, not the corpus.
-        """
-        self.check_obs_columns(columns)
-        stop = self.n_cells if stop is None else min(stop, self.n_cells)
-        names = pd.Index(np.asarray(self._obs_names(start, stop)).astype(str), name=None)
-        frame = pd.DataFrame(index=names)
-        for column in columns:
-            values = self._obs_column(column, start, stop)
-            frame[column] = values.to_numpy() if isinstance(values, pd.Series) else values
-        return frame
-
-    def iter_chunks(
-        self,
-        chunk_size: int = 10_000,
-        obs_columns: Sequence[str] = (),
-        start: int = 0,
-        stop: int | None = None,
-        validate: bool = True,
-    ) -> Iterator[CountChunk]:
-        """Yield consecutive :class:`CountChunk` blocks of at most ``chunk_size`` cells.
-
-        Parameters
-        ----------
-        chunk_size
-            Cells per chunk (≥ 1).
-        obs_columns
-            Metadata columns to attach (error listing the available ones when missing).
-        start, stop
-            Cell range to read (default: all cells).
-        validate
-            Check every chunk holds raw counts (see :func:`validate_counts`).
-        """
-        if chunk_size < 1:
-            raise InputDataError(f"chunk_size must be ≥ 1, got {chunk_size}.")
-        stop = self.n_cells if stop is None else min(stop, self.n_cells)
-        for lo in range(start, stop, chunk_size):
-            hi = min(lo + chunk_size, stop)
-            if lo > start:
-                release_free_memory()  # the previous chunk's buffers are garbage by now
-            counts = self._read_rows(lo, hi)
-            if not isinstance(counts, sp.csr_matrix):
-                counts = sp.csr_matrix(counts)
-            if counts.shape != (hi - lo, self.n_genes):
-                raise InputDataError(
-                    f"{self.name}: rows {lo}–{hi} have shape {counts.shape}, expected {(hi - lo, self.n_genes)}; "
-                    "the file is inconsistent (truncated or corrupt)."
-                )
-            chunk_obs = self.obs(list(obs_columns), lo, hi)
-            if validate:
-                validate_counts(
-                    counts,
-                    allow_fractional=self.allow_fractional,
-                    start=lo,
-                    cell_names=chunk_obs.index,
-                    gene_ids=self.gene_ids,
-                    where=self.name,
-                )
-            yield CountChunk(counts=counts, gene_ids=self.gene_ids, obs=chunk_obs, start=lo)
-
-
-def _pick_gene_ids(var: pd.DataFrame, index: np.ndarray, gene_column: str | None, where: str) -> np.ndarray:
-    if gene_column is None:
-        return np.asarray(index).astype(str).astype(object)
-    if gene_column not in var.columns:
-        raise InputDataError(
-            f"{where}: gene_column {gene_column!r} not found in var. Available var columns: "
-            f"{sorted(map(str, var.columns))} (or leave gene_column unset to use var_names)."
-        )
-    return np.asarray(var[gene_column]).astype(str).astype(object)
-
-
-# ------------------------------------------------------------------------------------------------
-# In-memory matrices (AnnData, mtx)
 
 
 class _MatrixSource(CountSource):
@@ -433,10 +144,6 @@ def _gene_expression_features(feature_type: pd.Series | np.ndarray | None) -> np
     if keep.all() or not keep.any():
         return None
     return np.flatnonzero(keep)
-
-
-# ------------------------------------------------------------------------------------------------
-# HDF5-based files
 
 
 def _read_h5_frame_column(
@@ -723,47 +430,11 @@ class _SomaSource(CountSource):
         return self._obs[column].iloc[start:stop]
 
 
-@dataclass(frozen=True)
-class ReadOptions:
-    """How counts and gene identifiers are read from an input: one set of options for the median
-    stage, the tokenizer (:attr:`TokenizeConfig.read_options`) and the CLI.
-
-    Attributes
-    ----------
-    layer, gene_column, measurement, allow_fractional
-        Passed to :func:`open_source`.
-    species, min_coverage, allow_mixed_species
-        Passed to :func:`map_source_genes` (``"auto"`` detects the species per input).
-    totals
-        Cell totals for normalization: ``"all"`` (n_counts over all genes) or ``"kept"``
-        (vocabulary genes only); see :func:`normalization_totals`.
-    chunk_size
-        Cells per chunk (bounds memory: about 50 bytes per stored nonzero).
-    """
-
-    layer: str | None = None
-    gene_column: str | None = None
-    species: str = "auto"
-    min_coverage: float = 0.5
-    allow_mixed_species: bool = False
-    allow_fractional: bool = False
-    measurement: str = "RNA"
-    totals: str = "all"
-    chunk_size: int = 4096
-
-    def open(self, path_or_adata: Any) -> CountSource:
-        """:func:`open_source` with these options."""
-        return open_source(path_or_adata, self.layer, self.gene_column, allow_fractional=self.allow_fractional, measurement=self.measurement)
-
-    def map_genes(self, source: CountSource) -> Any:
-        """:func:`map_source_genes` with these options."""
-        return map_source_genes(source, self.species, self.min_coverage, self.allow_mixed_species)
-
-
 def _is_soma(path: Path) -> bool:
     return path.is_dir() and ((path / "__tiledb_group.tdb").exists() or (path / "__group").exists())
 
 
+# long: a 22-line docstring; the body (36 lines) picks one reader per format.
 def open_source(
     path_or_adata: Any,
     layer: str | None = None,
@@ -830,94 +501,3 @@ def open_source(
         f"{path}: unsupported file type. Supported: .h5ad, .loom, 10x .h5, a 10x mtx folder, a TileDB-SOMA "
         "experiment folder, or an AnnData object."
     )
-
-
-# ------------------------------------------------------------------------------------------------
-# Helpers shared by the median and tokenization stages
-
-
-def map_source_genes(
-    source: CountSource,
-    species: str = "auto",
-    min_coverage: float = 0.5,
-    allow_mixed: bool = False,
-) -> Any:
-    """Resolve a source's gene identifiers to Ensembl IDs (:func:`genes.map_gene_ids`).
-
-    Returns the :class:`~mixgeneformer.genes.GeneMapping`; errors name the source.
-    """
-
-    try:
-        return map_gene_ids(source.gene_ids, species=species, allow_mixed=allow_mixed, min_coverage=min_coverage)
-    except GeneIdError as exc:
-        raise GeneIdError(f"{source.name}: {exc}") from exc
-
-
-TOTALS_COLUMN = "n_counts"
-FILTER_COLUMN = "filter_pass"
-
-
-@numba.njit(cache=True, nogil=True)
-def _row_sums(indptr, data, out):  # pragma: no cover - numba
-    for r in range(len(indptr) - 1):
-        total = 0.0
-        for j in range(indptr[r], indptr[r + 1]):
-            total += data[j]
-        out[r] = total
-
-
-def row_sums(counts: sp.csr_matrix) -> np.ndarray:
-    """Per-row sums of a CSR matrix as float64 (one compiled pass, no upcast copy of the data)."""
-    out = np.empty(counts.shape[0], dtype=np.float64)
-    _row_sums(counts.indptr, counts.data, out)
-    return out
-
-
-def normalization_totals(chunk: CountChunk, mode: str = "all", kept_columns: np.ndarray | None = None) -> np.ndarray:
-    """Per-cell totals used to normalize counts (float64, one per row of ``chunk``).
-
-    ``"all"`` (Geneformer default): obs ``n_counts`` when the source has it, else the row sums over
-    all genes. ``"kept"`` (the authors' variant): row sums over ``kept_columns`` (a boolean mask).
-    """
-    if mode == "all":
-        if TOTALS_COLUMN in chunk.obs.columns:
-            totals = pd.to_numeric(chunk.obs[TOTALS_COLUMN], errors="coerce").to_numpy(dtype=np.float64)
-            if not np.all(np.isfinite(totals)) or np.any(totals < 0):
-                raise InputDataError(
-                    f"obs column {TOTALS_COLUMN!r} holds missing, infinite or negative values (cells "
-                    f"{chunk.start}–{chunk.start + chunk.n_cells - 1}); fix it or drop the column so totals are computed."
-                )
-            return totals
-        return row_sums(chunk.counts)
-    if mode == "kept":
-        if kept_columns is None:
-            raise ValueError("kept_columns is required for totals='kept'")
-        counts = chunk.counts
-        keep = np.asarray(kept_columns, dtype=bool)[counts.indices]
-        rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
-        return np.bincount(rows[keep], weights=counts.data[keep].astype(np.float64), minlength=counts.shape[0])
-    raise InputDataError(f"totals must be 'all' or 'kept', got {mode!r}.")
-
-
-def filter_pass_rows(chunk: CountChunk) -> np.ndarray | None:
-    """Boolean mask of cells to keep when obs has ``filter_pass`` (1 = keep), else None."""
-    if FILTER_COLUMN not in chunk.obs.columns:
-        return None
-    values = pd.to_numeric(chunk.obs[FILTER_COLUMN], errors="coerce").to_numpy(dtype=np.float64)
-    return values == 1
-
-
-def remap_columns(counts: sp.csr_matrix, column_map: np.ndarray, n_out: int) -> sp.csr_matrix:
-    """Move column ``j`` to ``column_map[j]`` (dropped where ``-1``); columns mapped together are summed.
-
-    Implemented as one sparse product with a 0/1 selection matrix (vectorized, exact for integer
-    counts), so duplicate gene IDs after mapping are summed as Geneformer does.
-    """
-    column_map = np.asarray(column_map, dtype=np.int64)
-    src = np.flatnonzero(column_map >= 0)
-    selection = sp.csr_matrix(
-        (np.ones(len(src), dtype=counts.dtype), (src, column_map[src])), shape=(counts.shape[1], n_out)
-    )
-    out = sp.csr_matrix(counts @ selection)
-    out.sum_duplicates()
-    return out

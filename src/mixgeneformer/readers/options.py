@@ -1,0 +1,142 @@
+"""Reader options and the chunk helpers shared by the median and tokenization stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numba
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..errors import GeneIdError, InputDataError
+from ..genes import map_gene_ids
+from .base import CountChunk, CountSource
+from .formats import open_source
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How counts and gene identifiers are read from an input: one set of options for the median
+    stage, the tokenizer (:attr:`TokenizeConfig.read_options`) and the CLI.
+
+    Attributes
+    ----------
+    layer, gene_column, measurement, allow_fractional
+        Passed to :func:`open_source`.
+    species, min_coverage, allow_mixed_species
+        Passed to :func:`map_source_genes` (``"auto"`` detects the species per input).
+    totals
+        Cell totals for normalization: ``"all"`` (n_counts over all genes) or ``"kept"``
+        (vocabulary genes only); see :func:`normalization_totals`.
+    chunk_size
+        Cells per chunk (bounds memory: about 50 bytes per stored nonzero).
+    """
+
+    layer: str | None = None
+    gene_column: str | None = None
+    species: str = "auto"
+    min_coverage: float = 0.5
+    allow_mixed_species: bool = False
+    allow_fractional: bool = False
+    measurement: str = "RNA"
+    totals: str = "all"
+    chunk_size: int = 4096
+
+    def open(self, path_or_adata: Any) -> CountSource:
+        """:func:`open_source` with these options."""
+        return open_source(path_or_adata, self.layer, self.gene_column, allow_fractional=self.allow_fractional, measurement=self.measurement)
+
+    def map_genes(self, source: CountSource) -> Any:
+        """:func:`map_source_genes` with these options."""
+        return map_source_genes(source, self.species, self.min_coverage, self.allow_mixed_species)
+
+
+def map_source_genes(
+    source: CountSource,
+    species: str = "auto",
+    min_coverage: float = 0.5,
+    allow_mixed: bool = False,
+) -> Any:
+    """Resolve a source's gene identifiers to Ensembl IDs (:func:`genes.map_gene_ids`).
+
+    Returns the :class:`~mixgeneformer.genes.GeneMapping`; errors name the source.
+    """
+
+    try:
+        return map_gene_ids(source.gene_ids, species=species, allow_mixed=allow_mixed, min_coverage=min_coverage)
+    except GeneIdError as exc:
+        raise GeneIdError(f"{source.name}: {exc}") from exc
+
+
+TOTALS_COLUMN = "n_counts"
+
+
+FILTER_COLUMN = "filter_pass"
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_sums(indptr, data, out):  # pragma: no cover - numba
+    for r in range(len(indptr) - 1):
+        total = 0.0
+        for j in range(indptr[r], indptr[r + 1]):
+            total += data[j]
+        out[r] = total
+
+
+def row_sums(counts: sp.csr_matrix) -> np.ndarray:
+    """Per-row sums of a CSR matrix as float64 (one compiled pass, no upcast copy of the data)."""
+    out = np.empty(counts.shape[0], dtype=np.float64)
+    _row_sums(counts.indptr, counts.data, out)
+    return out
+
+
+def normalization_totals(chunk: CountChunk, mode: str = "all", kept_columns: np.ndarray | None = None) -> np.ndarray:
+    """Per-cell totals used to normalize counts (float64, one per row of ``chunk``).
+
+    ``"all"`` (Geneformer default): obs ``n_counts`` when the source has it, else the row sums over
+    all genes. ``"kept"`` (the authors' variant): row sums over ``kept_columns`` (a boolean mask).
+    """
+    if mode == "all":
+        if TOTALS_COLUMN in chunk.obs.columns:
+            totals = pd.to_numeric(chunk.obs[TOTALS_COLUMN], errors="coerce").to_numpy(dtype=np.float64)
+            if not np.all(np.isfinite(totals)) or np.any(totals < 0):
+                raise InputDataError(
+                    f"obs column {TOTALS_COLUMN!r} holds missing, infinite or negative values (cells "
+                    f"{chunk.start}–{chunk.start + chunk.n_cells - 1}); fix it or drop the column so totals are computed."
+                )
+            return totals
+        return row_sums(chunk.counts)
+    if mode == "kept":
+        if kept_columns is None:
+            raise ValueError("kept_columns is required for totals='kept'")
+        counts = chunk.counts
+        keep = np.asarray(kept_columns, dtype=bool)[counts.indices]
+        rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+        return np.bincount(rows[keep], weights=counts.data[keep].astype(np.float64), minlength=counts.shape[0])
+    raise InputDataError(f"totals must be 'all' or 'kept', got {mode!r}.")
+
+
+def filter_pass_rows(chunk: CountChunk) -> np.ndarray | None:
+    """Boolean mask of cells to keep when obs has ``filter_pass`` (1 = keep), else None."""
+    if FILTER_COLUMN not in chunk.obs.columns:
+        return None
+    values = pd.to_numeric(chunk.obs[FILTER_COLUMN], errors="coerce").to_numpy(dtype=np.float64)
+    return values == 1
+
+
+def remap_columns(counts: sp.csr_matrix, column_map: np.ndarray, n_out: int) -> sp.csr_matrix:
+    """Move column ``j`` to ``column_map[j]`` (dropped where ``-1``); columns mapped together are summed.
+
+    Implemented as one sparse product with a 0/1 selection matrix (vectorized, exact for integer
+    counts), so duplicate gene IDs after mapping are summed as Geneformer does.
+    """
+    column_map = np.asarray(column_map, dtype=np.int64)
+    src = np.flatnonzero(column_map >= 0)
+    selection = sp.csr_matrix(
+        (np.ones(len(src), dtype=counts.dtype), (src, column_map[src])), shape=(counts.shape[1], n_out)
+    )
+    out = sp.csr_matrix(counts @ selection)
+    out.sum_duplicates()
+    return out

@@ -1,0 +1,378 @@
+"""Rank-value encoding: the pure, vectorized core and chunks of counts -> Arrow tables."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import numba
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import scipy.sparse as sp
+
+from ..errors import ConfigError, GeneIdError, InputDataError
+from ..medians import GeneMedians, compute_medians
+from ..readers import (
+    CountChunk,
+    filter_pass_rows,
+    map_source_genes,
+    normalization_totals,
+    remap_columns,
+    row_sums,
+)
+from .config import TokenizeConfig
+
+logger = logging.getLogger(__name__)
+
+
+@numba.njit(cache=True, nogil=True)
+def _radix_pass(src_key, src_idx, dst_key, dst_idx, m, shift, count):  # pragma: no cover - numba
+    """One stable LSD pass on 8 bits of uint32 keys; returns False (nothing moved) if the digit is constant."""
+    count[:] = 0
+    for i in range(m):
+        count[(src_key[i] >> shift) & 0xFF] += 1
+    for b in range(256):
+        if count[b] == m:
+            return False
+    total = 0
+    for b in range(256):
+        c = count[b]
+        count[b] = total
+        total += c
+    for i in range(m):
+        d = (src_key[i] >> shift) & 0xFF
+        j = count[d]
+        dst_key[j] = src_key[i]
+        dst_idx[j] = src_idx[i]
+        count[d] = j + 1
+    return True
+
+
+# long: one numba kernel over the rows of a chunk; a call per row would cost more than the work.
+@numba.njit(cache=True, nogil=True)
+def _rank_rows(indptr, indices, data, col_token, col_median, totals, max_len, out_tokens, out_lengths):  # pragma: no cover
+    """Rank-value encode every CSR row; returns the number of tokens written to ``out_tokens``.
+
+    Per row: values in float64 with Geneformer's operation order; a stable LSD radix sort (8-bit
+    digits, constant digits skipped) on the inverted float32 bits orders them descending; runs
+    of equal float32 keys are then insertion-sorted by the exact float64 value, ties by token id.
+    """
+    n_rows = len(indptr) - 1
+    width = 1
+    for r in range(n_rows):
+        width = max(width, indptr[r + 1] - indptr[r])
+    values = np.empty(width, np.float64)
+    tokens = np.empty(width, np.int32)
+    key_a = np.empty(width, np.uint32)
+    key_b = np.empty(width, np.uint32)
+    idx_a = np.empty(width, np.int32)
+    idx_b = np.empty(width, np.int32)
+    value32 = np.empty(1, np.float32)
+    value32_bits = value32.view(np.uint32)
+    count = np.empty(256, np.int64)
+    position = 0
+    for r in range(n_rows):
+        total = totals[r]
+        m = 0
+        if total > 0:
+            for j in range(indptr[r], indptr[r + 1]):
+                column = indices[j]
+                token = col_token[column]
+                x = data[j]
+                if token >= 0 and x > 0:
+                    value = x / total * 10000.0 / col_median[column]  # Geneformer's order of operations
+                    values[m] = value
+                    tokens[m] = token
+                    value32[0] = value
+                    key_a[m] = ~value32_bits[0]  # positive floats: bits are monotone; invert for descending
+                    idx_a[m] = m
+                    m += 1
+        src_key, src_idx, dst_key, dst_idx = key_a, idx_a, key_b, idx_b
+        for shift in (0, 8, 16, 24):
+            if _radix_pass(src_key, src_idx, dst_key, dst_idx, m, shift, count):
+                src_key, src_idx, dst_key, dst_idx = dst_key, dst_idx, src_key, src_idx
+        i = 0
+        while i < m:
+            k = i + 1
+            while k < m and src_key[k] == src_key[i]:
+                k += 1
+            for a in range(i + 1, k):  # insertion sort of a run of equal float32 keys (rare, short)
+                e = src_idx[a]
+                b = a - 1
+                while b >= i and (
+                    values[e] > values[src_idx[b]] or (values[e] == values[src_idx[b]] and tokens[e] < tokens[src_idx[b]])
+                ):
+                    src_idx[b + 1] = src_idx[b]
+                    b -= 1
+                src_idx[b + 1] = e
+            i = k
+        keep = min(m, max_len)
+        for a in range(keep):
+            out_tokens[position + a] = tokens[src_idx[a]]
+        out_lengths[r] = keep
+        position += keep
+    return position
+
+
+def rank_value_encode(
+    counts: sp.csr_matrix,
+    token_ids: np.ndarray,
+    medians: np.ndarray,
+    totals: np.ndarray,
+    max_len: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-value encode every cell of a CSR chunk.
+
+    Parameters
+    ----------
+    counts
+        Cells × genes CSR raw counts.
+    token_ids
+        Token id per column (``-1``: not in the vocabulary). Columns sharing a token are summed.
+    medians
+        Median per column (NaN or ≤ 0: column ignored).
+    totals
+        Per-cell normalization total; cells with total ≤ 0 get an empty sequence.
+    max_len
+        Gene tokens kept per cell.
+
+    Returns
+    -------
+    flat_tokens : np.ndarray[int32]
+        All cells' tokens concatenated (cell order kept).
+    lengths : np.ndarray[int64]
+        Tokens per cell (0 for cells without any expressed vocabulary gene).
+    """
+    counts = sp.csr_matrix(counts)
+    n_rows = counts.shape[0]
+    token_ids = np.asarray(token_ids, dtype=np.int64)
+    medians = np.asarray(medians, dtype=np.float64)
+    totals = np.asarray(totals, dtype=np.float64)
+    if token_ids.shape != (counts.shape[1],) or medians.shape != (counts.shape[1],) or totals.shape != (n_rows,):
+        raise ValueError("token_ids / medians must have one entry per column and totals one per row")
+    usable = (token_ids >= 0) & np.isfinite(medians) & (medians > 0)
+    token_ids = np.where(usable, token_ids, -1)
+    mapped = token_ids[usable]
+    if len(mapped) != len(np.unique(mapped)):
+        distinct, inverse = np.unique(mapped, return_inverse=True)
+        column_map = np.full(len(token_ids), -1, dtype=np.int64)
+        column_map[usable] = inverse
+        first_median = np.empty(len(distinct))
+        first_median[inverse] = medians[usable]
+        counts = remap_columns(counts, column_map, len(distinct))
+        token_ids, medians = distinct, first_median
+    if n_rows == 0:
+        return np.zeros(0, np.int32), np.zeros(0, np.int64)
+    flat = np.empty(counts.nnz, dtype=np.int32)
+    lengths = np.empty(n_rows, dtype=np.int64)
+    written = _rank_rows(
+        counts.indptr, counts.indices, counts.data, token_ids.astype(np.int32),
+        np.where(token_ids >= 0, medians, 1.0), totals, max_len, flat, lengths,
+    )
+    return flat[:written], lengths
+
+
+def add_special_tokens(
+    flat: np.ndarray, lengths: np.ndarray, prefix: Sequence[int] = (), suffix: Sequence[int] = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    """Insert ``prefix`` tokens before and ``suffix`` tokens after every sequence (vectorized)."""
+    n_pre, n_suf = len(prefix), len(suffix)
+    if n_pre == 0 and n_suf == 0:
+        return flat, lengths
+    new_lengths = lengths + n_pre + n_suf
+    ends = np.cumsum(new_lengths)
+    starts = ends - new_lengths
+    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int32)
+    is_gene = np.ones(len(out), dtype=bool)
+    for i, token in enumerate(prefix):
+        out[starts + i] = token
+        is_gene[starts + i] = False
+    for i, token in enumerate(suffix):
+        out[ends - n_suf + i] = token
+        is_gene[ends - n_suf + i] = False
+    out[is_gene] = flat
+    return out, new_lengths
+
+
+@dataclass
+class _Columns:
+    """Per-input column lookups: token id, median and vocabulary membership per matrix column."""
+
+    token_ids: np.ndarray
+    medians: np.ndarray
+    kept: np.ndarray
+    species: str
+    coverage: str
+
+
+def _column_lookup(source: Any, vocab: Any, medians: GeneMedians, config: TokenizeConfig) -> _Columns:
+    mapping = map_source_genes(source, config.species, config.min_coverage, config.allow_mixed_species)
+    ensembl = mapping.ensembl_ids
+    if config.duplicate_genes == "error":
+        mapped = pd.Series(ensembl[ensembl != ""])
+        dup = mapped[mapped.duplicated()]
+        if len(dup):
+            raise GeneIdError(
+                f"{source.name}: {dup.nunique()} genes appear in several columns after ID mapping (e.g. "
+                f"{dup.iloc[0]}). Remove the duplicates or use duplicate_genes='sum' (Geneformer sums them)."
+            )
+    token_ids = np.asarray(vocab.encode_genes(ensembl), dtype=np.int64)
+    gene_medians = medians.lookup(ensembl)
+    kept = (token_ids >= 0) & np.isfinite(gene_medians)
+    if not kept.any():
+        raise GeneIdError(
+            f"{source.name}: none of its {len(ensembl):,} genes is in the vocabulary with a median "
+            f"({mapping.coverage_report()}). Wrong species, or a vocabulary/median table for another species?"
+        )
+    coverage = f"{mapping.coverage_report()}; {int(kept.sum()):,} columns in the vocabulary with a median"
+    logger.info("%s: %s", source.name, coverage)
+    return _Columns(token_ids, gene_medians, kept, mapping.species, coverage)
+
+
+@dataclass
+class TokenizeReport:
+    """Counts of one tokenization run (also written to ``mixgf_corpus.json``)."""
+
+    cells_in: int = 0
+    cells_out: int = 0
+    dropped_filter_pass: int = 0
+    dropped_zero_counts: int = 0
+    dropped_no_vocab_gene: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, other: TokenizeReport) -> None:
+        for name in ("cells_in", "cells_out", "dropped_filter_pass", "dropped_zero_counts", "dropped_no_vocab_gene", "tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @property
+    def cells_per_second(self) -> float:
+        return self.cells_in / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        return (
+            f"{self.cells_in:,} cells in, {self.cells_out:,} out; dropped: {self.dropped_zero_counts:,} with zero counts, "
+            f"{self.dropped_no_vocab_gene:,} without a vocabulary gene, {self.dropped_filter_pass:,} by filter_pass; "
+            f"{self.tokens:,} tokens; {self.seconds:.1f}s ({self.cells_per_second:,.0f} cells/s)"
+        )
+
+
+def _encode_chunk(
+    chunk: CountChunk, columns: _Columns, vocab: Any, config: TokenizeConfig, obs_columns: Sequence[str], obs_types: dict[str, pa.DataType]
+) -> tuple[pa.Table, TokenizeReport]:
+    report = TokenizeReport(cells_in=chunk.n_cells)
+    totals = normalization_totals(chunk, config.totals, columns.kept)
+    passing = filter_pass_rows(chunk) if config.filter_pass else None
+    if passing is not None:
+        report.dropped_filter_pass = int((~passing).sum())
+        totals = np.where(passing, totals, 0.0)
+    flat, lengths = rank_value_encode(chunk.counts, columns.token_ids, columns.medians, totals, config.max_genes)
+    filtered = ~passing if passing is not None else np.zeros(chunk.n_cells, dtype=bool)
+    zero = ~(row_sums(chunk.counts) > 0) & ~filtered
+    keep = lengths > 0
+    report.dropped_zero_counts = int(zero.sum())
+    report.dropped_no_vocab_gene = int((~keep & ~zero & ~filtered).sum())
+    if not keep.all():
+        flat = flat[np.repeat(keep, lengths)]
+        lengths = lengths[keep]
+    prefix: list[int] = []
+    suffix: list[int] = []
+    if config.style == "v2":
+        prefix.append(vocab.cls_id)
+        suffix.append(vocab.eos_id)
+    if config.add_species_token:
+        prefix.append(vocab.species_token_id(columns.species))
+    flat, lengths = add_special_tokens(flat, lengths, prefix, suffix)
+    report.cells_out = int(len(lengths))
+    report.tokens = int(len(flat))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    arrays = {
+        "input_ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int32()))
+        if offsets[-1] >= 2**31
+        else pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat, type=pa.int32())),
+        "length": pa.array(lengths.astype(np.int32)),
+        "species": pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(lengths), np.int32)), pa.array([columns.species])).cast(pa.string()),
+        "cell_index": pa.array((chunk.start + np.flatnonzero(keep)).astype(np.int64)),
+    }
+    obs = chunk.obs.iloc[np.flatnonzero(keep)]
+    for column in obs_columns:
+        arrays[column] = _obs_array(obs[column], obs_types[column])
+    return pa.table(arrays), report
+
+
+def _obs_array(values: pd.Series, arrow_type: pa.DataType) -> pa.Array:
+    if pa.types.is_string(arrow_type):
+        text = values.astype(object).where(values.notna(), None)
+        return pa.array(text.map(lambda v: v if v is None else str(v)).to_numpy(dtype=object), type=pa.string())
+    return pa.array(values.to_numpy(), type=arrow_type, from_pandas=True)
+
+
+def _obs_arrow_types(source: Any, obs_columns: Sequence[str]) -> dict[str, pa.DataType]:
+    frame = source.obs(list(obs_columns), 0, 0)
+    types: dict[str, pa.DataType] = {}
+    for column in obs_columns:
+        dtype = frame[column].dtype
+        if pd.api.types.is_bool_dtype(dtype):
+            types[column] = pa.bool_()
+        elif pd.api.types.is_integer_dtype(dtype):
+            types[column] = pa.int64()
+        elif pd.api.types.is_float_dtype(dtype):
+            types[column] = pa.float64()
+        else:
+            types[column] = pa.string()
+    return types
+
+
+def _features(obs_types: dict[str, pa.DataType]) -> Any:
+
+    schema = pa.schema(
+        [("input_ids", pa.list_(pa.int32())), ("length", pa.int32()), ("species", pa.string()), ("cell_index", pa.int64())]
+        + list(obs_types.items())
+    )
+    return datasets.Features.from_arrow_schema(schema)
+
+
+def _check_vocab(vocab: Any, config: TokenizeConfig) -> None:
+    if config.style == "v2" and (vocab.cls_id is None or vocab.eos_id is None):
+        raise ConfigError(
+            "style='v2' needs <cls> and <eos> tokens, which this vocabulary lacks (a Geneformer V1 vocabulary?). "
+            "Use style='v1' or a vocabulary built with `mixgf vocab`."
+        )
+    if config.add_species_token and (vocab.species_token_id("human") is None and vocab.species_token_id("mouse") is None):
+        raise ConfigError("add_species_token=True but the vocabulary has no species tokens; set it to false.")
+
+
+def _check_not_empty(report: TokenizeReport, what: str) -> None:
+    if report.cells_out == 0:
+        raise InputDataError(
+            f"{what}: no cell could be tokenized ({report.summary()}). Check that the matrix holds raw counts of "
+            "genes in the vocabulary (species? gene IDs?) and that filter_pass is not 0 everywhere."
+        )
+
+
+def _medians_for(item: Any, medians: GeneMedians | None, config: TokenizeConfig) -> GeneMedians:
+    if config.medians == "corpus":
+        if medians is None:
+            raise ConfigError("medians='corpus' needs a median table; pass medians= (CLI: --medians medians.tsv).")
+        return medians
+    return compute_medians([item], read=config.read_options)
+
+
+def _iter_tables(item: Any, vocab: Any, medians: GeneMedians, config: TokenizeConfig, obs_columns: Sequence[str], obs_types: dict[str, pa.DataType], start: int = 0, stop: int | None = None):
+    with config.read_options.open(item) as source:
+        columns = _column_lookup(source, vocab, medians, config)
+        extra = [c for c in ("n_counts", "filter_pass") if c in source.obs_columns and c not in obs_columns]
+        if not config.filter_pass and "filter_pass" in extra:
+            extra.remove("filter_pass")
+        if config.totals != "all" and "n_counts" in extra:
+            extra.remove("n_counts")
+        source.check_obs_columns(obs_columns)
+        for chunk in source.iter_chunks(config.chunk_size, obs_columns=[*obs_columns, *extra], start=start, stop=stop):
+            table, report = _encode_chunk(chunk, columns, vocab, config, obs_columns, obs_types)
+            yield table, report, columns

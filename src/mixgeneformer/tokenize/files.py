@@ -1,0 +1,255 @@
+"""Tokenizing files into a corpus folder: cell-range tasks in worker processes, resume, assembly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+from datasets.arrow_writer import ArrowWriter
+from tqdm.auto import tqdm
+
+from ..config import save_config, to_dict
+from ..corpus import CORPUS_JSON
+from ..errors import ArtifactError, ConfigError, InputDataError
+from ..fileio import atomic_directory, check_readable_file, content_hash, read_json, write_json
+from ..medians import GeneMedians, compute_medians
+from ..parallel import worker_context
+from .config import TokenizeConfig
+from .encode import (
+    TokenizeReport,
+    _check_not_empty,
+    _check_vocab,
+    _features,
+    _iter_tables,
+    _obs_arrow_types,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _tokenize_task(
+    item: Any, start: int, stop: int, shard_path: str, vocab: Any, medians: GeneMedians, config: TokenizeConfig,
+    obs_columns: Sequence[str], obs_types: dict[str, pa.DataType],
+) -> dict[str, Any]:
+    """Tokenize cells [start, stop) of one input into an Arrow shard (runs in a worker process)."""
+
+    started = time.perf_counter()
+    report = TokenizeReport()
+    tmp = f"{shard_path}.tmp-{os.getpid()}"
+    coverage, species = "", ""
+    writer = ArrowWriter(features=_features(obs_types), path=tmp)
+    try:
+        for table, part, columns in _iter_tables(item, vocab, medians, config, obs_columns, obs_types, start, stop):
+            if table.num_rows:
+                writer.write_table(table)
+            report.add(part)
+            coverage, species = columns.coverage, columns.species
+        writer.finalize()
+    finally:
+        writer.close()
+    os.replace(tmp, shard_path)
+    report.seconds = time.perf_counter() - started
+    result = {**dataclasses.asdict(report), "coverage": coverage, "species": species, "start": start, "stop": stop}
+    write_json(f"{shard_path}.json", result)  # written last: marks the shard complete
+    return result
+
+
+def _input_fingerprint(item: Any) -> dict[str, Any]:
+    path = Path(item)
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def run_manifest(
+    items: Sequence[str | os.PathLike], vocab_hash: str, medians_hash: str, config: TokenizeConfig, obs_columns: Sequence[str]
+) -> dict[str, Any]:
+    """What identifies a tokenization run; a partial folder is resumed only when this matches."""
+    return {
+        "vocab_hash": vocab_hash,
+        "medians_hash": medians_hash,
+        "config": to_dict(config),
+        "obs_columns": list(obs_columns),
+        "inputs": [_input_fingerprint(p) for p in items],
+    }
+
+
+# long: plan, resume, run tasks, assemble, in order; the steps share the task list and the manifest.
+def tokenize_files(
+    paths: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    vocab: Any,
+    medians: GeneMedians | None,
+    config: TokenizeConfig | None = None,
+    obs_columns: Sequence[str] = (),
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Tokenize many files (human and mouse may be mixed) into one corpus folder.
+
+    Each input is split into ranges of ``config.task_cells`` cells; ``workers`` processes turn the
+    ranges into Arrow shards inside ``.<out>.partial/`` beside ``out_dir``. A run interrupted and
+    started again with the same inputs, vocabulary, medians and config skips the finished shards.
+    The corpus appears atomically: ``save_to_disk`` layout (loadable with
+    ``datasets.load_from_disk``), ``config.yaml`` and ``mixgf_corpus.json`` (vocabulary and median
+    hashes, per-input coverage, dropped-cell counts).
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+    """
+    config = config or TokenizeConfig()
+    _check_vocab(vocab, config)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+
+        raise ArtifactError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+    if not paths:
+        raise InputDataError("no input files given.")
+    items = [check_readable_file(p, "count matrix") for p in paths]
+    obs_columns = list(obs_columns)
+    started = time.perf_counter()
+
+    # Plan: open every input once (fails fast on missing layers / obs columns / gene IDs).
+    tasks: list[tuple[int, int, int]] = []
+    obs_types: dict[str, pa.DataType] = {}
+    for index, item in enumerate(items):
+        with config.read_options.open(item) as source:
+            source.check_obs_columns(obs_columns)
+            config.read_options.map_genes(source)
+            if index == 0:
+                obs_types = _obs_arrow_types(source, obs_columns)
+            n_cells = source.n_cells
+        tasks.extend((index, lo, min(lo + config.task_cells, n_cells)) for lo in range(0, max(n_cells, 1), config.task_cells))
+
+    if config.medians == "per_file":
+        per_file = compute_medians(items, per_file=True, workers=workers, read=config.read_options)
+        medians_hash = content_hash(*[m.hash for m in per_file])
+    else:
+        if medians is None:
+            raise ConfigError("medians='corpus' needs a median table; pass medians= (CLI: --medians medians.tsv).")
+        per_file = [medians] * len(items)
+        medians_hash = medians.hash
+
+    manifest = run_manifest(items, vocab.hash, medians_hash, config, obs_columns)
+    partial = out_dir.parent / f".{out_dir.name}.partial"
+    manifest_path = partial / "manifest.json"
+    if partial.exists():
+        previous = read_json(manifest_path, "partial-run manifest") if manifest_path.exists() else None
+        if previous != manifest:
+            logger.warning("discarding %s: it belongs to a run with other inputs or settings", partial)
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    write_json(manifest_path, manifest)
+
+    def shard_path(task: tuple[int, int, int]) -> Path:
+        return partial / f"shard-{task[0]:05d}-{task[1]:012d}.arrow"
+
+    results: dict[tuple[int, int, int], dict[str, Any]] = {}
+    todo = []
+    for task in tasks:
+        marker = Path(f"{shard_path(task)}.json")
+        if marker.exists() and shard_path(task).exists():
+            results[task] = read_json(marker, "shard report")
+        else:
+            todo.append(task)
+    if len(results):
+        logger.info("resuming: %d of %d tasks already done", len(results), len(tasks))
+
+
+    total_cells = sum(hi - lo for _, lo, hi in tasks)
+    bar = tqdm(total=total_cells, initial=sum(hi - lo for (_, lo, hi) in results), desc="tokenize", unit="cells", disable=not progress)
+    try:
+        args = [(str(items[t[0]]), t[1], t[2], str(shard_path(t)), vocab, per_file[t[0]], config, obs_columns, obs_types) for t in todo]
+        if workers > 1 and len(todo) > 1:
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(max_workers=workers, mp_context=worker_context()) as pool:
+                futures = {pool.submit(_tokenize_task, *a): t for a, t in zip(args, todo, strict=True)}
+                for future in as_completed(futures):
+                    task = futures[future]
+                    results[task] = future.result()
+                    bar.update(task[2] - task[1])
+        else:
+            for a, task in zip(args, todo, strict=True):
+                results[task] = _tokenize_task(*a)
+                bar.update(task[2] - task[1])
+    finally:
+        bar.close()
+
+    report = TokenizeReport()
+    for task in tasks:
+        report.add(TokenizeReport(**{k: v for k, v in results[task].items() if k in TokenizeReport.__dataclass_fields__ and k not in ("inputs", "seconds")}))
+    report.seconds = time.perf_counter() - started
+    for index, item in enumerate(items):
+        mine = [results[t] for t in tasks if t[0] == index]
+        report.inputs.append({
+            "path": str(item),
+            "species": mine[0]["species"],
+            "coverage": mine[0]["coverage"],
+            "cells_in": sum(r["cells_in"] for r in mine),
+            "cells_out": sum(r["cells_out"] for r in mine),
+            "dropped_zero_counts": sum(r["dropped_zero_counts"] for r in mine),
+            "dropped_no_vocab_gene": sum(r["dropped_no_vocab_gene"] for r in mine),
+            "dropped_filter_pass": sum(r["dropped_filter_pass"] for r in mine),
+        })
+    _check_not_empty(report, ", ".join(map(str, items)))
+    _assemble_corpus(out_dir, [shard_path(t) for t in tasks if results[t]["cells_out"] > 0], obs_types, config, manifest, report, overwrite)
+    shutil.rmtree(partial, ignore_errors=True)
+    logger.info("tokenize: %s", report.summary())
+    return out_dir
+
+
+def _assemble_corpus(
+    out_dir: Path, shards: list[Path], obs_types: dict[str, pa.DataType], config: TokenizeConfig,
+    manifest: dict[str, Any], report: TokenizeReport, overwrite: bool,
+) -> None:
+    """Write the ``save_to_disk`` layout from finished shards without copying their data."""
+
+
+    features = _features(obs_types)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        names = [f"data-{i:05d}-of-{len(shards):05d}.arrow" for i in range(len(shards))]
+        for shard, name in zip(shards, names, strict=True):
+            try:
+                os.link(shard, tmp / name)  # the partial folder is removed only after success
+            except OSError:
+                shutil.copyfile(shard, tmp / name)
+        state = {
+            "_data_files": [{"filename": n} for n in names],
+            "_fingerprint": content_hash(json.dumps(manifest, sort_keys=True)),
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        }
+        with open(tmp / "state.json", "w") as handle:
+            json.dump(state, handle, indent=2, sort_keys=True)
+        info = dataclasses.asdict(datasets.DatasetInfo(description=report.summary(), features=features))
+        info["features"] = features.to_dict()
+        with open(tmp / "dataset_info.json", "w") as handle:
+            json.dump({k: info[k] for k in sorted(info)}, handle, indent=2, default=str)
+        save_config(config, tmp)
+        write_json(tmp / CORPUS_JSON, {
+            "format": "mixgeneformer-corpus-v1",
+            "vocab_hash": manifest["vocab_hash"],
+            "medians_hash": manifest["medians_hash"],
+            "obs_columns": manifest["obs_columns"],
+            **{k: v for k, v in dataclasses.asdict(report).items()},
+        })
+        # Verify the folder loads before it becomes visible.
+        loaded = datasets.load_from_disk(str(tmp))
+        if len(loaded) != report.cells_out:
+            raise InputDataError(f"corpus check failed: {len(loaded)} rows written, {report.cells_out} expected.")
+        del loaded

@@ -1,0 +1,103 @@
+"""Tokenizing an in-memory AnnData (for embedding, classification and perturbation)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+
+from ..errors import ConfigError
+from ..medians import GeneMedians
+from ..readers import (
+    open_source,
+)
+from .config import TokenizeConfig
+from .encode import (
+    TokenizeReport,
+    _check_not_empty,
+    _check_vocab,
+    _features,
+    _iter_tables,
+    _medians_for,
+    _obs_arrow_types,
+)
+
+
+def tokenize_for_model(
+    adata: Any,
+    vocab: Any,
+    medians: GeneMedians | None,
+    config: TokenizeConfig | None = None,
+    max_positions: int | None = None,
+    obs_columns: Sequence[str] = (),
+    **options: Any,
+) -> tuple[Any, np.ndarray, TokenizeConfig]:
+    """Tokenize new cells for a trained model (embedding, classification, perturbation).
+
+    Parameters
+    ----------
+    adata, vocab, medians
+        The cells and the model's vocabulary and gene medians (required: a model only sees cells
+        normalized like its corpus).
+    config
+        How the model's corpus was tokenized (default :class:`TokenizeConfig`).
+    max_positions
+        The model's position limit; a longer ``max_len`` is clamped to it.
+    obs_columns
+        obs columns to carry into the corpus.
+    options
+        Further :class:`TokenizeConfig` fields to set (``None`` values are ignored), e.g. ``species``.
+
+    Returns
+    -------
+    (corpus, rows, config)
+        The in-memory corpus, the obs row of each corpus row (cells without a vocabulary gene are
+        dropped) and the configuration used.
+    """
+    if medians is None:
+        raise ConfigError(
+            "tokenizing needs the gene medians the model was trained with, and the model bundle has no "
+            "medians.tsv: pass medians= (a GeneMedians), or use a tokenized corpus instead."
+        )
+    config = config if config is not None else TokenizeConfig()
+    updates = {name: value for name, value in options.items() if value is not None}
+    if max_positions is not None and config.max_len > max_positions:
+        updates["max_len"] = max_positions
+    if updates:
+        config = dataclasses.replace(config, **updates)
+    corpus = tokenize_anndata(adata, vocab, medians, config, obs_columns=obs_columns)
+    return corpus, np.asarray(corpus["cell_index"], dtype=np.int64), config
+
+
+def tokenize_anndata(
+    adata: Any, vocab: Any, medians: GeneMedians | None, config: TokenizeConfig | None = None, obs_columns: Sequence[str] = ()
+) -> Any:
+    """Tokenize an in-memory AnnData into an in-memory :class:`datasets.Dataset` (AnnData untouched).
+
+    Columns: ``input_ids`` (list of int32), ``length``, ``species``, ``cell_index`` (row in ``adata``)
+    and the requested ``obs_columns``. Cells without counts or vocabulary genes are dropped
+    (see ``dataset.info.description`` for the counts); all cells empty → :class:`InputDataError`.
+    """
+
+    config = config or TokenizeConfig()
+    _check_vocab(vocab, config)
+    obs_columns = list(obs_columns)
+    started = time.perf_counter()
+    source_for_types = open_source(adata, config.layer, config.gene_column, allow_fractional=config.allow_fractional)
+    source_for_types.check_obs_columns(obs_columns)
+    obs_types = _obs_arrow_types(source_for_types, obs_columns)
+    table_medians = _medians_for(adata, medians, config)
+    tables, report = [], TokenizeReport()
+    for table, part, _ in _iter_tables(adata, vocab, table_medians, config, obs_columns, obs_types):
+        tables.append(table)
+        report.add(part)
+    report.seconds = time.perf_counter() - started
+    _check_not_empty(report, "the AnnData")
+    table = pa.concat_tables([t for t in tables if t.num_rows]).cast(_features(obs_types).arrow_schema)
+    info = datasets.DatasetInfo(description=report.summary(), features=_features(obs_types))
+    return datasets.Dataset(table, info=info)
