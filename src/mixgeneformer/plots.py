@@ -18,7 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .errors import ConfigError, InputDataError
-from .fileio import atomic_file
+from .fileio import atomic_file, check_readable_file
 
 if TYPE_CHECKING:
     import anndata
@@ -76,7 +76,7 @@ def umap_coordinates(
     random_state: int | None = 0,
 ) -> np.ndarray:
     """2-D UMAP (umap-learn) of the rows of ``embeddings``; float32 (n, 2)."""
-    import umap as umap_learn
+    import umap as umap_learn  # lazy: importing umap-learn compiles numba code (seconds) at import
 
     n = embeddings.shape[0]
     if n < 3:
@@ -360,8 +360,6 @@ def training_curves(
     if isinstance(metrics, pd.DataFrame):
         table = metrics
     else:
-        from .fileio import check_readable_file
-
         path = check_readable_file(metrics, "metrics CSV")
         try:
             table = pd.read_csv(path)

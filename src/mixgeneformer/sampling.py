@@ -8,6 +8,7 @@ of 50M cells is a handful of NumPy calls.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -159,7 +160,6 @@ def batch_seed(seed: int, epoch: int, input_ids: list[np.ndarray] | list[list[in
     Masking then does not depend on the global RNG, so a resumed run (which skips batches without
     collating them) masks every later batch exactly as a straight run does.
     """
-    import hashlib
 
     digest = hashlib.blake2b(digest_size=8)
     digest.update(np.asarray([seed, epoch], dtype=np.int64).tobytes())

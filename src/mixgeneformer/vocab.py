@@ -288,6 +288,8 @@ def import_geneformer(
     vocab = Vocabulary(tokens, gene_to_id, "geneformer")
     medians = None
     if gene_median_dictionary is not None:
+        # lazy: medians pulls the readers (anndata, h5py, numba), about 1 s more start-up for
+        # every `mixgf` command (cli/vocab imports this module at start-up)
         from .medians import GeneMedians
 
         raw_medians = load_restricted_pickle(gene_median_dictionary, "Geneformer gene median dictionary")

@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +173,6 @@ def tokenize_files(
     try:
         args = [(str(items[t[0]]), t[1], t[2], str(shard_path(t)), vocab, per_file[t[0]], config, obs_columns, obs_types) for t in todo]
         if workers > 1 and len(todo) > 1:
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
             with ProcessPoolExecutor(max_workers=workers, mp_context=worker_context()) as pool:
                 futures = {pool.submit(_tokenize_task, *a): t for a, t in zip(args, todo, strict=True)}
                 for future in as_completed(futures):
