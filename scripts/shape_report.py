@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("root", nargs="?", default=str(Path(__file__).parents[1] / "src" / PACKAGE))
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--graph", action="store_true", help="print the internal import graph")
+    parser.add_argument("--stages", action="store_true", help="print the graph with subpackages collapsed")
     args = parser.parse_args(argv)
     shape = measure(args.root)
     numbers = summary(shape)
@@ -203,6 +204,16 @@ def main(argv: list[str] | None = None) -> None:
         print("import graph (module -> internal modules it imports):")
         for module in sorted(shape.imports):
             print(f"  {module} -> {', '.join(sorted(shape.imports[module])) or '-'}")
+
+
+    if args.stages:
+        print("import graph by stage (subpackages collapsed; module -> what it imports):")
+        collapsed: dict[str, set[str]] = {}
+        for module, targets in shape.imports.items():
+            top = module.split(".")[0]
+            collapsed.setdefault(top, set()).update(t.split(".")[0] for t in targets if t.split(".")[0] != top)
+        for module in sorted(collapsed):
+            print(f"  {module} -> {', '.join(sorted(collapsed[module])) or '-'}")
 
 
 if __name__ == "__main__":
