@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -17,6 +17,9 @@ from .config import BaselineConfig, BaselineMethod
 from .metrics import EvalResult, Prediction, evaluate
 from .tasks import Task
 from .zeroshot import _dense, knn_predict, logreg_predict
+
+if TYPE_CHECKING:
+    import anndata
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ def log_normalize(counts: sp.spmatrix | np.ndarray, target_sum: float = 1e4) -> 
     return sp.csr_matrix(normalized)
 
 
-def ortholog_counts(adata: Any, species: Literal["human", "mouse"], layer: str | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
+def ortholog_counts(adata: anndata.AnnData, species: Literal["human", "mouse"], layer: str | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
     """Counts on human Ensembl IDs through one-to-one orthologs.
 
     Gene identifiers (symbols or Ensembl IDs, via :func:`genes.map_gene_ids`) are resolved for

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -33,8 +33,13 @@ from .tasks import (
     tokenize_task,
 )
 
+if TYPE_CHECKING:
+    import os
 
-def build_classifier(model: Any, classes: Sequence[str], vocab: Any, config: FinetuneConfig | None = None) -> Any:
+    from ..tokenize import TokenizeConfig
+
+
+def build_classifier(model: torch.nn.Module, classes: Sequence[str], vocab: Vocabulary, config: FinetuneConfig | None = None) -> Any:
     """A classification model initialised from ``model``'s encoder, with layers frozen per ``config``.
 
     ``config.train_encoder=False`` trains only the head; ``config.freeze_layers=k`` freezes the
@@ -116,7 +121,7 @@ class FittedClassifier:
                 probabilities[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return Prediction(_argmax_labels(probabilities, self.classes), probabilities, list(self.classes))
 
-    def save(self, directory: Any, overwrite: bool = False) -> Any:
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Any:
         """Write ``model/`` (config.json + model.safetensors only), ``vocab.json``, ``medians.tsv``,
         ``config.yaml`` and ``training_log.json`` atomically."""
 
@@ -131,7 +136,7 @@ class FittedClassifier:
         return Path(directory)
 
 
-def load_classifier(directory: Any) -> FittedClassifier:
+def load_classifier(directory: str | os.PathLike) -> FittedClassifier:
     """Load a classifier saved by :meth:`FittedClassifier.save` (safetensors only)."""
 
 
@@ -153,13 +158,13 @@ def load_classifier(directory: Any) -> FittedClassifier:
 
 def fit_classifier(
     task: Task,
-    model: Any,
-    vocab: Any,
-    medians: Any,
+    model: torch.nn.Module,
+    vocab: Vocabulary,
+    medians: GeneMedians | None,
     config: ClassifyConfig | None = None,
     train_tokens: TokenizedCells | None = None,
-    tokenize_config: Any = None,
-    work_dir: Any = None,
+    tokenize_config: TokenizeConfig | None = None,
+    work_dir: str | os.PathLike | None = None,
 ) -> FittedClassifier:
     """Fine-tune a classification head (and, per config, the encoder) on the task's training cells.
 
@@ -213,11 +218,11 @@ def fit_classifier(
 
 def finetune(
     task: Task,
-    model: Any,
-    vocab: Any,
-    medians: Any,
+    model: torch.nn.Module,
+    vocab: Vocabulary,
+    medians: GeneMedians | None,
     config: ClassifyConfig | None = None,
-    tokenize_config: Any = None,
+    tokenize_config: TokenizeConfig | None = None,
     tokens: tuple[TokenizedCells, TokenizedCells] | None = None,
     method: str = "finetune",
 ) -> tuple[EvalResult, FittedClassifier]:

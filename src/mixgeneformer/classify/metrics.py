@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -12,6 +12,9 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
 from ..errors import InputDataError
 from .tasks import Task
+
+if TYPE_CHECKING:
+    import anndata
 
 METRIC_COLUMNS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
 
@@ -115,7 +118,7 @@ def markdown_table(table: pd.DataFrame, digits: int = 4) -> str:
     return "\n".join([header, rule, *rows])
 
 
-def write_predictions(adata: Any, result: EvalResult, key: str | None = None, overwrite: bool = False) -> None:
+def write_predictions(adata: anndata.AnnData, result: EvalResult, key: str | None = None, overwrite: bool = False) -> None:
     """Write predictions into ``adata.obs`` in obs order (AnnData in, AnnData out).
 
     ``obs[f"{key}_pred"]`` holds the predicted class (categorical, NaN for cells that were not

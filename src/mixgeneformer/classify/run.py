@@ -101,7 +101,7 @@ def run_classification(
     return ClassificationRun(task=task, results=results, config=config, fitted=fitted)
 
 
-def save_run(run: ClassificationRun, out_dir: Any, overwrite: bool = False) -> Any:
+def save_run(run: ClassificationRun, out_dir: str | os.PathLike, overwrite: bool = False) -> Any:
     """Write a run's report folder atomically.
 
     Contents: ``metrics.csv`` / ``metrics.json`` (the table plus label-handling notes),

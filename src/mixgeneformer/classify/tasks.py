@@ -6,7 +6,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -23,6 +23,13 @@ from .labels import (
     prepare_labels,
     stratified_split,
 )
+
+if TYPE_CHECKING:
+    import anndata
+
+    from ..medians import GeneMedians
+    from ..tokenize import TokenizeConfig
+    from ..vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +57,7 @@ class Task:
         return sorted(set(self.train_labels.tolist()))
 
 
-def within_task(adata: Any, config: LabelConfig | None = None, setting: str = "within") -> Task:
+def within_task(adata: anndata.AnnData, config: LabelConfig | None = None, setting: str = "within") -> Task:
     """Stratified train / test split of one labelled dataset (default 80/20, seed 42)."""
     config = config or LabelConfig()
     selection = prepare_labels(adata, config.key, config.min_class_fraction, config.min_class_count)
@@ -68,8 +75,8 @@ def within_task(adata: Any, config: LabelConfig | None = None, setting: str = "w
 
 
 def transfer_task(
-    source: Any,
-    target: Any,
+    source: anndata.AnnData,
+    target: anndata.AnnData,
     config: LabelConfig | None = None,
     setting: str = "transfer",
     synonyms: Mapping[str, str] | None = None,
@@ -125,7 +132,7 @@ class TokenizedCells:
         return self.dataset.select(position)
 
 
-def tokenize_cells(adata: Any, vocab: Any, medians: Any, tokenize_config: Any = None, max_len: int | None = None) -> TokenizedCells:
+def tokenize_cells(adata: anndata.AnnData, vocab: Vocabulary, medians: GeneMedians | None, tokenize_config: TokenizeConfig | None = None, max_len: int | None = None) -> TokenizedCells:
     """Rank-value tokenize every cell of ``adata`` (input left untouched), remembering obs positions.
 
     Cells the tokenizer drops (no vocabulary gene) are absent from ``rows``; :func:`restrict_to_tokenized`
@@ -157,7 +164,7 @@ def restrict_to_tokenized(task: Task, train_tokens: TokenizedCells, test_tokens:
     )
 
 
-def tokenize_task(task: Task, vocab: Any, medians: Any, tokenize_config: Any = None, max_len: int | None = None) -> tuple[Task, TokenizedCells, TokenizedCells]:
+def tokenize_task(task: Task, vocab: Vocabulary, medians: GeneMedians | None, tokenize_config: TokenizeConfig | None = None, max_len: int | None = None) -> tuple[Task, TokenizedCells, TokenizedCells]:
     """Tokenize the task's data (once when train and test share an AnnData) and drop untokenizable cells."""
     train_tokens = tokenize_cells(task.train_data, vocab, medians, tokenize_config, max_len)
     test_tokens = (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -15,6 +15,13 @@ from ..inference import embed_corpus
 from .config import EmbeddingConfig
 from .metrics import EvalResult, Prediction, _argmax_labels, evaluate
 from .tasks import Task, TokenizedCells, _max_len_of, restrict_to_tokenized, tokenize_task
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..medians import GeneMedians
+    from ..tokenize import TokenizeConfig
+    from ..vocab import Vocabulary
 
 
 def knn_predict(
@@ -84,12 +91,12 @@ def zero_shot_predict(
 
 def zero_shot(
     task: Task,
-    model: Any,
-    vocab: Any,
-    medians: Any,
+    model: torch.nn.Module,
+    vocab: Vocabulary,
+    medians: GeneMedians | None,
     methods: Sequence[Literal["knn", "logreg"]] = ("knn", "logreg"),
     config: EmbeddingConfig | None = None,
-    tokenize_config: Any = None,
+    tokenize_config: TokenizeConfig | None = None,
     device: str | None = None,
     tokens: tuple[TokenizedCells, TokenizedCells] | None = None,
 ) -> list[EvalResult]:
