@@ -8,7 +8,7 @@ AdamW, optionally ``torch.compile``. Same model size, same batches of rank-value
 gradient clipping 1.0 in both.
 
 Tokens/s counts cell tokens (``batch * seq_len`` per step, each cell counted once although it is
-encoded twice). MFU uses :func:`mixgeneformer.pretrain.training_flops` over the peak dense bf16
+encoded twice). MFU uses :func:`mixgeneformer.trainer.training_flops` over the peak dense bf16
 FLOP/s (790 TFLOP/s for an H100, the project's convention) for every row, fp32 rows included.
 
 Usage::
@@ -197,7 +197,7 @@ def measure(make, cells: torch.Tensor, batch: int, steps: int, warmup: int, devi
 
 
 def _non_embedding_params(model) -> int:
-    from mixgeneformer.pretrain import count_flop_parameters
+    from mixgeneformer.trainer import count_flop_parameters
 
     return count_flop_parameters(model)
 
@@ -205,7 +205,7 @@ def _non_embedding_params(model) -> int:
 def run_variant(name, make, preset, cells, batch, seq_len, steps, warmup, device, vocab_size, n_layers, hidden,
                 peak_flops, note="") -> Row:
     """Measure one variant, halving the batch on out-of-memory."""
-    from mixgeneformer.pretrain import training_flops
+    from mixgeneformer.trainer import training_flops
 
     while batch >= 1:
         out_of_memory = False
