@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import anndata as ad
@@ -28,7 +29,8 @@ from . import __version__
 from .bundle import load_for_inference
 from .config import to_dict
 from .corpus import check_corpus_vocabulary, load_corpus
-from .errors import ConfigError
+from .errors import ArtifactError, ConfigError
+from .fileio import check_readable_file
 from .inference import (
     CorpusEmbeddings,
     Precision,
@@ -43,6 +45,8 @@ if TYPE_CHECKING:  # imported lazily at run time: they pull heavy dependencies
     import anndata
     import datasets
 
+    from .medians import GeneMedians
+    from .tokenize import TokenizeConfig
     from .vocab import Vocabulary
 
 
@@ -51,6 +55,7 @@ __all__ = [
     "embed_anndata",
     "embed_corpus",
     "embed_corpus_folder",
+    "embed_file",
 ]
 
 
@@ -258,3 +263,50 @@ def embed_corpus_folder(
     if isinstance(result, CorpusEmbeddings):
         return adata, result
     return adata
+
+
+def embed_file(
+    input: str | os.PathLike,
+    model_or_bundle_dir: str | os.PathLike | torch.nn.Module,
+    key: str = "X_mixgeneformer",
+    layer: int = -2,
+    pooling: Pooling = "mean",
+    overwrite: bool = False,
+    gene_column: str | None = None,
+    species: str = "auto",
+    *,
+    vocab: Vocabulary | None = None,
+    medians: GeneMedians | None = None,
+    tokenize_config: TokenizeConfig | None = None,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    precision: Precision = "auto",
+    gene_embeddings: bool = False,
+) -> tuple[anndata.AnnData, pd.DataFrame | None]:
+    """Embed an ``.h5ad`` file (:func:`embed_anndata`) or a tokenized corpus folder
+    (:func:`embed_corpus_folder`); returns the AnnData with ``obsm[key]`` and, with
+    ``gene_embeddings``, the gene table (:func:`gene_table`)."""
+    input = Path(input)
+    result = None
+    if input.is_dir():
+        produced = embed_corpus_folder(
+            input, model_or_bundle_dir, key=key, layer=layer, pooling=pooling, vocab=vocab, batch_size=batch_size,
+            device=device, gene_embeddings=gene_embeddings, progress=progress, precision=precision,
+        )
+        adata, result = produced if isinstance(produced, tuple) else (produced, None)
+    else:
+        check_readable_file(input, "input h5ad")
+        try:
+            adata = ad.read_h5ad(input)
+        except (OSError, KeyError, ValueError) as exc:
+            raise ArtifactError(f"cannot read {input} as h5ad ({exc}); is it truncated or another format?") from exc
+        embed_anndata(
+            adata, model_or_bundle_dir, key=key, layer=layer, pooling=pooling, overwrite=overwrite, gene_column=gene_column,
+            species=species, vocab=vocab, medians=medians, tokenize_config=tokenize_config, batch_size=batch_size,
+            device=device, progress=progress, precision=precision, gene_embeddings=gene_embeddings,
+        )
+    genes = None
+    if gene_embeddings:
+        genes = gene_table(result) if result is not None else adata.uns.pop(f"{key}_genes")
+    return adata, genes

@@ -52,34 +52,12 @@ def embed(
 
     from ..vocab import Vocabulary
 
-    loaded_vocab = Vocabulary.load(vocab) if vocab is not None else None
-    result = None
-    if input.is_dir():
-        produced = emb.embed_corpus_folder(
-            input, model, key=key, layer=layer, pooling=pooling, vocab=loaded_vocab, batch_size=batch_size,
-            device=device, gene_embeddings=gene_embeddings is not None, progress=progress, precision=precision,
-        )
-        adata, result = produced if isinstance(produced, tuple) else (produced, None)
-    else:
-        import anndata as ad
-
-        from ..fileio import check_readable_file
-
-        check_readable_file(input, "input h5ad")
-        try:
-            adata = ad.read_h5ad(input)
-        except (OSError, KeyError, ValueError) as exc:
-            raise ArtifactError(f"cannot read {input} as h5ad ({exc}); is it truncated or another format?") from exc
-        emb.embed_anndata(
-            adata, model, key=key, layer=layer, pooling=pooling, overwrite=overwrite, gene_column=gene_column,
-            species=species, vocab=loaded_vocab, medians=load_medians(medians),
-            tokenize_config=load_tokenize_config(tokenize_config), batch_size=batch_size, device=device,
-            progress=progress, precision=precision, gene_embeddings=gene_embeddings is not None,
-        )
-
-    genes = None
-    if gene_embeddings is not None:
-        genes = emb.gene_table(result) if result is not None else adata.uns.pop(f"{key}_genes")
+    adata, genes = emb.embed_file(
+        input, model, key=key, layer=layer, pooling=pooling, overwrite=overwrite, gene_column=gene_column,
+        species=species, vocab=Vocabulary.load(vocab) if vocab is not None else None, medians=load_medians(medians),
+        tokenize_config=load_tokenize_config(tokenize_config), batch_size=batch_size, device=device,
+        progress=progress, precision=precision, gene_embeddings=gene_embeddings is not None,
+    )
     write_h5ad(adata, out)
     typer.echo(f"wrote {out}: obsm[{key!r}] {adata.obsm[key].shape}")
     if genes is not None:

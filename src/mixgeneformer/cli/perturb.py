@@ -102,25 +102,9 @@ def perturb(
         raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
     null_cells = pt.read_cells(null) if null is not None else None
 
-    from ..bundle import load_bundle
-
-    loaded, vocab, medians = load_bundle(model)
-    if input.is_dir():
-        from ..corpus import load_corpus
-
-        result = pt.perturb_cells(loaded, load_corpus(input), vocab, config, progress=progress)
-    else:
-        import anndata as ad
-
-        from ..bundle import bundle_tokenize_config
-        from ..fileio import check_readable_file
-
-        adata = ad.read_h5ad(check_readable_file(input, "input h5ad"))
-        tk_config = load_tokenize_config(tokenize_config) or bundle_tokenize_config(model)
-        result, _ = pt.perturb_anndata(
-            adata, loaded, config, vocab=vocab, medians=medians, tokenize_config=tk_config,
-            stats_mode="aggregate", progress=progress,
-        )
+    result, vocab = pt.perturb_file(
+        input, model, config, tokenize_config=load_tokenize_config(tokenize_config), progress=progress
+    )
 
     if pt.is_shard_run(config):
         index, world = config.shard()

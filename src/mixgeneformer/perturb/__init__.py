@@ -61,7 +61,7 @@ Statistics over the cell table (rank-sum tests with FDR, vs-null, aggregate) liv
 
 from __future__ import annotations
 
-from .cells import PerturbationResult, perturb_anndata, perturb_cells
+from .cells import PerturbationResult, perturb_anndata, perturb_cells, perturb_file
 from .config import PerturbConfig, PerturbType
 from .results import (
     finish_run,
@@ -90,6 +90,7 @@ __all__ = [
     "merge_shards",
     "perturb_anndata",
     "perturb_cells",
+    "perturb_file",
     "perturbation_indices",
     "perturbation_statistics",
     "read_cells",

@@ -7,21 +7,25 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
 
-from ..bundle import load_for_inference
+from ..bundle import bundle_tokenize_config, load_bundle, load_for_inference
+from ..corpus import load_corpus
 from ..errors import InputDataError, VocabularyMismatchError
+from ..fileio import check_readable_file
 from ..inference import (
     embed_corpus,
     encoder_of,
     layers_to_run,
     resolve_device,
 )
-from ..tokenize import tokenize_for_model
+from ..tokenize import TokenizeConfig, tokenize_for_model
 from .config import PerturbConfig
 from .engine import _exact, _genes_per_cell
 from .screen import _screen
@@ -316,3 +320,26 @@ def perturb_anndata(
     result.cells.insert(1, "obs_name", np.asarray(adata.obs_names, dtype=object)[result.cells["cell"].to_numpy()])
     stats = perturbation_statistics(result.cells, vocab, mode="aggregate" if stats_mode == "vs_null" else stats_mode)
     return result, stats
+
+
+def perturb_file(
+    input: str | os.PathLike,
+    bundle_dir: str | os.PathLike,
+    config: PerturbConfig | None = None,
+    *,
+    tokenize_config: TokenizeConfig | None = None,
+    progress: bool = True,
+) -> tuple[PerturbationResult, Vocabulary]:
+    """Perturb the cells of a tokenized corpus folder (:func:`perturb_cells`) or of an ``.h5ad``
+    file (:func:`perturb_anndata`, tokenized with ``tokenize_config`` or the bundle's own) with the
+    model bundle ``bundle_dir``; returns the result and the model's vocabulary."""
+    loaded, vocab, medians = load_bundle(bundle_dir)
+    if Path(input).is_dir():
+        return perturb_cells(loaded, load_corpus(input), vocab, config, progress=progress), vocab
+    adata = ad.read_h5ad(check_readable_file(input, "input h5ad"))
+    tk_config = tokenize_config or bundle_tokenize_config(bundle_dir)
+    result, _ = perturb_anndata(
+        adata, loaded, config, vocab=vocab, medians=medians, tokenize_config=tk_config,
+        stats_mode="aggregate", progress=progress,
+    )
+    return result, vocab
