@@ -11,7 +11,6 @@ from ..fileio import atomic_file, write_h5ad
 from ._app import app, load_medians, load_tokenize_config
 
 
-# long: Typer declares each of the 21 options as a parameter (25 lines of signature).
 @app.command("embed")
 def embed(
     input: Path = typer.Argument(..., help="An .h5ad file with raw counts, or a tokenized corpus folder."),
