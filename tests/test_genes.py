@@ -61,11 +61,11 @@ def test_coverage_report_counts():
 
 
 @pytest.mark.realdata
-def test_baron_symbols_map_with_high_coverage(shared_data):
+def test_baron_symbols_map_with_high_coverage(baron_data):
     import anndata as ad
 
     for name, species in [("human", "human"), ("mouse", "mouse")]:
-        adata = ad.read_h5ad(shared_data / f"baron_pancreas_{name}.h5ad", backed="r")
+        adata = ad.read_h5ad(baron_data / f"baron_pancreas_{name}.h5ad", backed="r")
         mapping = genes.map_gene_ids(adata.var_names)
         assert mapping.species == species
         assert mapping.fraction_mapped > 0.9

@@ -354,14 +354,14 @@ def test_training_interrupted_is_a_user_error():
 # Real data: both losses fall on Baron human + mouse
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def baron_corpus(tmp_path_factory, shared_data):
+def baron_corpus(tmp_path_factory, baron_data):
     """Baron pancreas human + mouse (symbols) -> medians -> one V2-style corpus with species tokens."""
     from mixgeneformer.medians import compute_medians
     from mixgeneformer.tokenize import TokenizeConfig, tokenize_files
     from mixgeneformer.vocab import build_vocabulary
 
     root = tmp_path_factory.mktemp("baron")
-    files = [shared_data / "baron_pancreas_human.h5ad", shared_data / "baron_pancreas_mouse.h5ad"]
+    files = [baron_data / "baron_pancreas_human.h5ad", baron_data / "baron_pancreas_mouse.h5ad"]
     medians = compute_medians(files)
     medians.save(root / "medians.tsv")
     vocab = build_vocabulary("separate", medians=medians)

@@ -129,6 +129,7 @@ class GeneMedians:
                     f"{header[:80]!r}. Create it with `mixgf medians` or GeneMedians.save()."
                 )
             values: dict[str, float] = {}
+            first_line: dict[str, int] = {}
             for lineno, line in enumerate(handle, start=2):
                 line = line.rstrip("\n")
                 if not line:
@@ -139,6 +140,12 @@ class GeneMedians:
                         f"gene median table {path}, line {lineno}: expected 2 tab-separated fields, "
                         f"got {len(parts)} ({line[:80]!r}); the file may be truncated or corrupt."
                     )
+                if parts[0] in first_line:
+                    raise ArtifactError(
+                        f"gene median table {path} lists gene {parts[0]} twice (lines {first_line[parts[0]]} and {lineno}); "
+                        "a gene has one median. Remove the repeated line, or recompute the table with `mixgf medians`."
+                    )
+                first_line[parts[0]] = lineno
                 try:
                     values[parts[0]] = float(parts[1])
                 except ValueError as exc:
@@ -431,6 +438,7 @@ class _ReadOptions:
     totals: str = "all"
     chunk_size: int = 10_000
     bins_per_decade: int = 200
+    vocabulary_ids: frozenset[str] | None = None
 
 
 def _input_name(item: Any) -> str:
@@ -452,7 +460,8 @@ def _accumulate_range(item: Any, start: int, stop: int | None, genes: np.ndarray
 
     accumulator = MedianAccumulator(genes=genes, bins_per_decade=options.bins_per_decade)
     with open_source(item, options.layer, options.gene_column, allow_fractional=options.allow_fractional, measurement=options.measurement) as source:
-        mapping = map_source_genes(source, options.species, options.min_coverage, options.allow_mixed)
+        known = options.vocabulary_ids if genes is None else genes
+        mapping = map_source_genes(source, options.species, options.min_coverage, options.allow_mixed, known)
         ensembl = mapping.ensembl_ids
         kept = (accumulator._slots(ensembl) >= 0) if genes is not None else ensembl != ""
         extra = [c for c in ("n_counts", "filter_pass") if c in source.obs_columns]
@@ -484,6 +493,7 @@ def accumulate_medians(
     bins_per_decade: int = 200,
     workers: int = 1,
     progress: bool = False,
+    vocabulary_ids: Iterable[str] | None = None,
 ) -> tuple[list[MedianAccumulator], MedianRunStats]:
     """One :class:`MedianAccumulator` per input, streaming every input in chunks.
 
@@ -494,7 +504,13 @@ def accumulate_medians(
         raise InputDataError(f"totals must be 'all' or 'kept', got {totals!r}.")
     if not inputs:
         raise InputDataError("no inputs given: pass at least one .h5ad / .loom / 10x / SOMA path or AnnData.")
-    options = _ReadOptions(layer, gene_column, species, min_coverage, allow_mixed, allow_fractional, measurement, totals, chunk_size, bins_per_decade)
+    from .readers import check_distinct_inputs
+
+    check_distinct_inputs(inputs)
+    options = _ReadOptions(
+        layer, gene_column, species, min_coverage, allow_mixed, allow_fractional, measurement, totals, chunk_size,
+        bins_per_decade, None if vocabulary_ids is None else frozenset(vocabulary_ids),
+    )
     gene_array = None if genes is None else np.asarray(list(genes), dtype=object)
     started = time.perf_counter()
     tasks: list[tuple[int, Any, int, int | None]] = []
@@ -577,7 +593,9 @@ def compute_medians(
     **options
         Passed to :func:`accumulate_medians`: ``genes`` (restrict to these Ensembl IDs), ``layer``,
         ``gene_column``, ``species``, ``totals`` ("all" | "kept"), ``min_coverage``, ``allow_mixed``,
-        ``allow_fractional``, ``measurement``, ``chunk_size``, ``bins_per_decade``, ``progress``.
+        ``allow_fractional``, ``measurement``, ``chunk_size``, ``bins_per_decade``, ``progress``,
+        ``vocabulary_ids`` (Ensembl IDs kept even where the shipped gene table lacks them; ``genes``
+        implies them).
 
     Returns
     -------

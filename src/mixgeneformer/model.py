@@ -598,6 +598,7 @@ def load_bundle(
     path: str | os.PathLike,
     vocab: Vocabulary | str | os.PathLike | None = None,
     *,
+    medians: GeneMedians | str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[MixGeneformerForPretraining, Vocabulary, GeneMedians | None]:
@@ -612,6 +613,9 @@ def load_bundle(
         A :class:`Vocabulary` or a path to its JSON. Optional for our bundles (their
         ``vocab.json`` is used and must match when both are given); required for plain HF
         folders (e.g. ``vocab.import_geneformer(...)`` for Geneformer).
+    medians
+        A :class:`GeneMedians` or a path to its TSV, used instead of the bundle's ``medians.tsv``
+        (needed to tokenize new cells for a plain HF folder, which has none).
     device, dtype
         Where and in which dtype to put the model.
 
@@ -644,7 +648,8 @@ def load_bundle(
         if bundle_vocab is None:
             raise ArtifactError(
                 f"{folder} has no vocab.json (a plain Hugging Face folder); pass its vocabulary, e.g. for Geneformer "
-                "`vocab.import_geneformer(token_dictionary.pkl, gene_median_dictionary.pkl)` / CLI --vocab."
+                "`vocab.import_geneformer(token_dictionary.pkl, gene_median_dictionary.pkl)` / CLI --vocab VOCAB.json "
+                "(and --medians MEDIANS.tsv to tokenize new cells)."
             )
         vocab = bundle_vocab
     elif bundle_vocab is not None and bundle_vocab.hash != vocab.hash:
@@ -660,15 +665,16 @@ def load_bundle(
                 "the bundle was edited by hand. Re-save it with save_bundle."
             )
     check_vocabulary(config, vocab)
+    if medians is not None and not isinstance(medians, GeneMedians):
+        medians = GeneMedians.load(medians)
+    elif medians is None and (folder / "medians.tsv").exists():
+        medians = GeneMedians.load(check_readable_file(folder / "medians.tsv", "bundle gene medians"))
 
     state = _read_state_dict(folder)
     model = MixGeneformerForPretraining(config)
     _load_weights(model, state, folder)
     model.attach_vocabulary(vocab)
 
-    medians = None
-    if (folder / "medians.tsv").exists():
-        medians = GeneMedians.load(check_readable_file(folder / "medians.tsv", "bundle gene medians"))
     if dtype is not None:
         model = model.to(dtype=dtype)
     if device is not None:

@@ -19,7 +19,14 @@ Scores (cell embedding = pooled hidden state of ``layer``, :mod:`mixgeneformer.e
 * ``shift`` = 1 − cos(original, perturbed);
 * ``goal_shift`` = cos(perturbed, goal) − cos(original, goal), the goal state being the mean
   embedding of the cells labelled ``goal`` in ``state_column`` (likewise ``alt_shift:<state>``);
-* with ``gene_shifts=True``, per affected gene 1 − cos of its contextual state before and after.
+* with ``gene_shifts=True``, per affected gene 1 − cos of its contextual state before and after;
+* with ``score="cell_emb"``, also Geneformer's ``InSilicoPerturber`` cell score: ``cell_emb`` =
+  the mean, over the cell's remaining genes, of the cosine similarity between each gene's state
+  (hidden state of ``layer``) before and after the perturbation — the perturbed gene's position
+  left out of the original, special tokens left out of both — exactly the value Geneformer stores
+  under ``(gene, "cell_emb")`` (1 = unchanged); ``cell_emb_shift`` = 1 − ``cell_emb`` is the
+  column statistics rank by. ``shift`` compares the pooled cell embeddings; ``cell_emb`` averages
+  per-gene changes, so genes that move a lot count however the pooling weighs them.
 
 Variants of many cells run through the encoder together, in length-sorted batches, under
 ``torch.inference_mode``, computing only the layers needed. When every variant of a cell deletes
@@ -159,6 +166,12 @@ class PerturbConfig:
         with its last gene deleted). See the module docstring.
     gene_shifts
         Also measure how each remaining gene's contextual state moves (explicit ``genes`` only).
+    score
+        The score statistics test: ``"shift"`` (ours: 1 − cosine of the pooled cell embeddings
+        before and after; ``goal_shift`` when a goal state is given) or ``"cell_emb"``
+        (Geneformer's ``InSilicoPerturber`` cell score, for users migrating from Geneformer: adds
+        the ``cell_emb`` column, the mean cosine similarity of the remaining genes' states before
+        and after, and ``cell_emb_shift`` = 1 − ``cell_emb``, which is tested). Exact mode only.
     batch_size
         Sequences per forward pass (variants of several cells share a batch).
     device, precision
@@ -189,6 +202,7 @@ class PerturbConfig:
     screen_probes: int = 8
     screen_method: Literal["mask", "shift"] = "mask"
     gene_shifts: bool = False
+    score: Literal["shift", "cell_emb"] = "shift"
     batch_size: int = 16
     device: str | None = None
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
@@ -226,6 +240,10 @@ class PerturbConfig:
                 "mode='screen' estimates single-gene deletions only; use perturb='delete' without "
                 "combine/anchor/gene_shifts, or mode='exact'"
             )
+        if self.score not in ("shift", "cell_emb"):
+            raise ConfigError(f"score={self.score!r}; use 'shift' (ours) or 'cell_emb' (Geneformer's InSilicoPerturber)")
+        if self.score == "cell_emb" and self.mode == "screen":
+            raise ConfigError("score='cell_emb' needs every gene's state after each perturbation; use mode='exact'")
         if self.gene_shifts and not self.genes:
             raise ConfigError(
                 "gene_shifts=True with every gene perturbed would produce cells × genes² rows; "
@@ -235,6 +253,17 @@ class PerturbConfig:
             raise ConfigError("give both shard_index and num_shards, or neither")
         if self.num_shards is not None and not 0 <= self.shard_index < self.num_shards:
             raise ConfigError(f"shard_index={self.shard_index} must be in [0, num_shards={self.num_shards})")
+
+    @property
+    def statistics_score(self) -> str | None:
+        """The cell-table column statistics test: ``cell_emb_shift`` for ``score="cell_emb"``, else
+        None (``goal_shift`` when the table has it, else ``shift``)."""
+        return "cell_emb_shift" if self.score == "cell_emb" else None
+
+    @property
+    def needs_gene_states(self) -> bool:
+        """Whether every variant's per-gene states are compared with the original's."""
+        return self.gene_shifts or self.score == "cell_emb"
 
     def shard(self) -> tuple[int, int]:
         """(shard index, number of shards), from the config or the torchrun environment."""
@@ -535,6 +564,7 @@ class _CellJob:
     scan: DeletionScan | None = None  # shared first block, when every variant deletes one token
     deleted: np.ndarray | None = None  # (n_variants,) position each variant deletes (with scan)
     gene_rows: list = dataclasses.field(default_factory=list)  # (variant, affected token, shift)
+    cell_emb: np.ndarray | None = None  # (n_variants,) Geneformer's cell_emb score (score="cell_emb")
 
 
 def _variant_batches(jobs: Iterator[_CellJob], batch_size: int) -> Iterator[list[tuple[_CellJob, slice]]]:
@@ -574,6 +604,8 @@ def _run_variants(
         for job, part in batch:
             if job.emb is None:
                 job.emb = np.full((len(job.variants.src), bert.config.hidden_size), np.nan)
+                if config.score == "cell_emb":
+                    job.cell_emb = np.full(len(job.variants.src), np.nan)
                 remaining[id(job)] = len(job.variants.src)
                 job.deleted = _single_deletions(job.variants.src, len(job.tokens)) if shareable else None
                 if job.deleted is not None and len(job.deleted) >= _MIN_SCAN_VARIANTS:
@@ -604,7 +636,7 @@ def _run_variants(
                 first_block[at : at + len(block), : block.shape[1]] = block
                 at += len(block)
         emb, hidden = _forward(
-            bert, ids, mask, special, config, device, want_hidden=config.gene_shifts, first_block=first_block
+            bert, ids, mask, special, config, device, want_hidden=config.needs_gene_states, first_block=first_block
         )
         at = 0
         for job, part, src, ident in todo:
@@ -613,7 +645,13 @@ def _run_variants(
             block[ident] = job.embedding  # a perturbation of nothing: exactly the original
             job.emb[part] = block
             if hidden is not None:
-                _gene_shift_rows(job, part, hidden[at : at + n], origin[at : at + n], ids[at : at + n], special)
+                rows, cols, cos = _remaining_gene_cosines(job, part, hidden[at : at + n], origin[at : at + n], ids[at : at + n], special)
+                if config.gene_shifts:
+                    job.gene_rows.append((np.arange(part.start, part.stop)[rows], ids[at : at + n][rows, cols], 1.0 - cos))
+                if job.cell_emb is not None:
+                    with np.errstate(invalid="ignore"):
+                        mean = np.bincount(rows, weights=cos, minlength=n) / np.bincount(rows, minlength=n)
+                    job.cell_emb[part] = np.where(ident, 1.0, mean)
             at += n
             remaining[id(job)] -= n
             if remaining[id(job)] == 0:
@@ -643,16 +681,16 @@ def _identity_rows(src: np.ndarray, length: int) -> np.ndarray:
     return (src == np.arange(length)).all(axis=1)
 
 
-def _gene_shift_rows(job, part, hidden, origin, ids, special) -> None:
-    """Per affected gene: 1 - cos(state before, state after), stored on the job."""
+def _remaining_gene_cosines(job, part, hidden, origin, ids, special) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """cos(state before, state after) of every gene a variant keeps unperturbed: (rows, cols, cos)."""
     valid = (origin >= 0) & ~np.isin(ids, special)
     perturbed = job.variants.perturbed_tokens[part]
     valid &= ~(ids[:, :, None] == perturbed[:, None, :]).any(-1)
     rows, cols = np.nonzero(valid)
     before = job.hidden[torch.from_numpy(origin[rows, cols])]
     after = hidden[torch.from_numpy(rows), torch.from_numpy(cols)]
-    shift = 1.0 - torch.nn.functional.cosine_similarity(before.double(), after.double(), dim=-1).cpu().numpy()
-    job.gene_rows.append((np.arange(part.start, part.stop)[rows], ids[rows, cols], shift))
+    cos = torch.nn.functional.cosine_similarity(before.double(), after.double(), dim=-1).cpu().numpy()
+    return rows, cols, cos
 
 
 # --------------------------------------------------------------------------------------------
@@ -941,7 +979,7 @@ def _exact(bert, flat, offsets, rows, base_of, targets, vocab, config, device, g
                     bar.update(1)
                 continue
             job = _CellJob(row, tokens, variants, base_of[row])
-            if config.gene_shifts:
+            if config.needs_gene_states:
                 ids = torch.from_numpy(tokens[None, :].astype(np.int64)).to(device)
                 job.hidden = hidden_at_layer(bert, ids, torch.ones_like(ids), config.layer)[0].float()
             yield job
@@ -949,6 +987,9 @@ def _exact(bert, flat, offsets, rows, base_of, targets, vocab, config, device, g
     def done(job: _CellJob) -> None:
         v = job.variants
         columns = _score_columns(job.embedding, job.emb, targets, config)
+        if job.cell_emb is not None:
+            columns["cell_emb"] = job.cell_emb
+            columns["cell_emb_shift"] = 1.0 - job.cell_emb
         if anchor_token is not None:
             columns["anchor_shift"] = 1.0 - _cosine(job.emb[v.anchor_only][0][None, :], job.emb)
         label = np.asarray(v.label, dtype=object)
@@ -968,6 +1009,7 @@ def _exact(bert, flat, offsets, rows, base_of, targets, vocab, config, device, g
         counts["variants"] += len(v.src)
         job.hidden = None
         job.emb = None
+        job.cell_emb = None
         if bar is not None:
             bar.update(1)
 
@@ -988,7 +1030,7 @@ def _sorted_cells(frames: list[pd.DataFrame], targets: dict, config: PerturbConf
     else:
         score_cols = ["shift"] + [
             "goal_shift" if name == config.goal else f"alt_shift:{name}" for name in targets
-        ] + (["anchor_shift"] if anchor else [])
+        ] + (["cell_emb", "cell_emb_shift"] if config.score == "cell_emb" else []) + (["anchor_shift"] if anchor else [])
         frame = pd.DataFrame({"cell": pd.Series(dtype=np.int64), "perturbed": pd.Series(dtype=object),
                               "gene_token": pd.Series(dtype=np.int64), "gene_rank": pd.Series(dtype=np.int64),
                               **{c: pd.Series(dtype=np.float64) for c in score_cols}})
@@ -1325,5 +1367,7 @@ def perturb_anndata(
     result = perturb_cells(model, corpus, vocab, config, progress=progress)
     result.cells["cell"] = obs_rows[result.cells["cell"].to_numpy()]
     result.cells.insert(1, "obs_name", np.asarray(adata.obs_names, dtype=object)[result.cells["cell"].to_numpy()])
-    stats = perturbation_statistics(result.cells, vocab, mode="aggregate" if stats_mode == "vs_null" else stats_mode)
+    stats = perturbation_statistics(
+        result.cells, vocab, mode="aggregate" if stats_mode == "vs_null" else stats_mode, score=config.statistics_score
+    )
     return result, stats

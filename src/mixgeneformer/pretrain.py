@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from . import checkpoints as ckpt
-from .config import from_dict, load_config, save_config
+from .config import from_dict, load_config, save_config, to_dict
 from .errors import ArtifactError, ConfigError, MixGeneformerError, VocabularyMismatchError
 from .fileio import read_json, write_json
 from .sampling import PretrainSampler, batch_seed
@@ -107,7 +107,7 @@ class TrainOptions:
     per_device_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     epochs: float = 10.0
-    max_steps: int = -1  # > 0 overrides epochs
+    max_steps: int = -1  # -1: train for `epochs`; > 0: this many optimizer steps (overrides epochs)
     max_grad_norm: float = 1.0
     seed: int = 42
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported, else fp32
@@ -193,6 +193,11 @@ class PretrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {value}.")
         if self.train.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.train.learning_rate}.")
+        if self.train.max_steps == 0 or self.train.max_steps < -1:
+            raise ConfigError(
+                f"train.max_steps={self.train.max_steps} would train no step; use a positive number of optimizer "
+                "steps, or -1 to train for train.epochs."
+            )
         if self.train.max_steps <= 0 and self.train.epochs <= 0:
             raise ConfigError("set train.epochs > 0 or train.max_steps > 0.")
         if self.train.weight_decay < 0 or self.train.max_grad_norm < 0:
@@ -766,6 +771,64 @@ def _plan_run_dir(run_dir: Path, resume: bool, overwrite: bool, resume_from: Pat
     return "fresh", None
 
 
+#: Settings a resumed run may change (prefixes end in "."): how long to train, where and how often
+#: to write. Every other setting shapes the model, the optimizer, the learning-rate schedule or the
+#: data order that the checkpoint was made with.
+RESUME_MAY_CHANGE = (
+    "output_dir", "train.max_steps", "train.epochs", "checkpoint.", "logging.", "data.workers", "distributed.timeout_s",
+)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and (data or not prefix):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def check_resume_config(config: PretrainConfig, checkpoint: Path, vocab: Any) -> list[str]:
+    """Compare a resumed run's settings with those its checkpoint was saved with.
+
+    Returns the changes that are allowed on resume (:data:`RESUME_MAY_CHANGE`, e.g. a larger
+    ``train.max_steps``), one line each; every other difference is a :class:`ConfigError`, since
+    the checkpoint's weights, optimizer and schedule were made with the old values and the run
+    folder's ``config.yaml`` must record the settings really in effect.
+    """
+    import yaml
+
+    from .vocab import Vocabulary
+
+    saved_vocab = checkpoint / "vocab.json"
+    if saved_vocab.is_file() and Vocabulary.load(saved_vocab).hash != vocab.hash:
+        raise VocabularyMismatchError(
+            f"data.vocab ({config.data.vocab}) is not the vocabulary {checkpoint.name} was trained with "
+            f"({saved_vocab}); resume with that vocabulary, or start a new run."
+        )
+    saved_config = checkpoint / "config.yaml"
+    if not saved_config.is_file():
+        logger.warning("%s records no config.yaml; the resumed settings cannot be compared with it", checkpoint)
+        return []
+    try:
+        previous = to_dict(from_dict(PretrainConfig, yaml.safe_load(saved_config.read_text()) or {}, str(saved_config)))
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise ArtifactError(f"{saved_config} cannot be read as a pretraining config ({exc}); resume from another checkpoint.") from exc
+    old, new = _flatten(previous), _flatten(to_dict(config))
+    changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    lines = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed]
+    allowed = [key.startswith(RESUME_MAY_CHANGE) for key in changed]
+    refused = [line for line, ok in zip(lines, allowed, strict=True) if not ok]
+    if refused:
+        raise ConfigError(
+            f"cannot resume from {checkpoint} with changed settings ({'; '.join(refused)}): the checkpoint's weights, "
+            f"optimizer and learning-rate schedule were made with the values in {saved_config}. Restore them, or start "
+            "a new run (another output_dir, or --overwrite). On resume only these may change: "
+            f"{', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RESUME_MAY_CHANGE)}."
+        )
+    return [line for line, ok in zip(lines, allowed, strict=True) if ok]
+
+
 def run_pretraining(
     config: PretrainConfig,
     resume: bool = False,
@@ -808,6 +871,9 @@ def run_pretraining(
     if config.distributed.deepspeed_config is not None and not Path(config.distributed.deepspeed_config).is_file():
         raise ArtifactError(f"distributed.deepspeed_config not found: {config.distributed.deepspeed_config}.")
     mode, checkpoint = _plan_run_dir(run_dir, resume, overwrite, Path(resume_from) if resume_from else None)
+    if checkpoint is not None:
+        for change in check_resume_config(config, checkpoint, vocab):
+            logger.warning("resuming from %s with a changed setting, now in effect: %s", checkpoint.name, change)
     precision = resolve_precision(config.train.precision)
     torch.manual_seed(config.train.seed)
     model = build_model(config, vocab)

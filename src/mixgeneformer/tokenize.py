@@ -37,6 +37,7 @@ from .fileio import atomic_directory, check_readable_file, content_hash, read_js
 from .medians import GeneMedians, compute_medians
 from .readers import (
     CountChunk,
+    check_distinct_inputs,
     filter_pass_rows,
     map_source_genes,
     normalization_totals,
@@ -333,16 +334,10 @@ class _Columns:
 
 
 def _column_lookup(source: Any, vocab: Any, medians: GeneMedians, config: TokenizeConfig) -> _Columns:
-    mapping = map_source_genes(source, config.species, config.min_coverage, config.allow_mixed_species)
+    mapping = map_source_genes(source, config.species, config.min_coverage, config.allow_mixed_species, vocab.gene_to_id)
     ensembl = mapping.ensembl_ids
     if config.duplicate_genes == "error":
-        mapped = pd.Series(ensembl[ensembl != ""])
-        dup = mapped[mapped.duplicated()]
-        if len(dup):
-            raise GeneIdError(
-                f"{source.name}: {dup.nunique()} genes appear in several columns after ID mapping (e.g. "
-                f"{dup.iloc[0]}). Remove the duplicates or use duplicate_genes='sum' (Geneformer sums them)."
-            )
+        _check_duplicate_genes(source.name, np.asarray(source.gene_ids, dtype=object), ensembl)
     token_ids = np.asarray(vocab.encode_genes(ensembl), dtype=np.int64)
     gene_medians = medians.lookup(ensembl)
     kept = (token_ids >= 0) & np.isfinite(gene_medians)
@@ -354,6 +349,22 @@ def _column_lookup(source: Any, vocab: Any, medians: GeneMedians, config: Tokeni
     coverage = f"{mapping.coverage_report()}; {int(kept.sum()):,} columns in the vocabulary with a median"
     logger.info("%s: %s", source.name, coverage)
     return _Columns(token_ids, gene_medians, kept, mapping.species, coverage)
+
+
+def _check_duplicate_genes(name: str, columns: np.ndarray, ensembl: np.ndarray) -> None:
+    """GeneIdError naming the user's columns that resolve to one gene (duplicate_genes='error')."""
+    mapped = pd.Series(ensembl)
+    repeated = mapped.ne("") & mapped.duplicated(keep=False)
+    if not repeated.any():
+        return
+    groups = pd.Series(columns[repeated.to_numpy()]).groupby(mapped[repeated].to_numpy(), sort=False)
+    gene, names = next(iter(groups))
+    shown = ", ".join(repr(str(c)) for c in names.iloc[:5])
+    raise GeneIdError(
+        f"{name}: {groups.ngroups:,} genes appear in several columns; e.g. columns {shown} all resolve to {gene}. "
+        "Remove or rename the duplicate columns, or use duplicate_genes='sum' (CLI: --duplicate-genes sum; "
+        "Geneformer sums them)."
+    )
 
 
 @dataclass
@@ -476,7 +487,7 @@ def _check_vocab(vocab: Any, config: TokenizeConfig) -> None:
 # One task: a cell range of one input → an Arrow shard
 
 
-def _medians_for(item: Any, medians: GeneMedians | None, config: TokenizeConfig) -> GeneMedians:
+def _medians_for(item: Any, medians: GeneMedians | None, config: TokenizeConfig, vocab: Any = None) -> GeneMedians:
     if config.medians == "corpus":
         if medians is None:
             raise ConfigError("medians='corpus' needs a median table; pass medians= (CLI: --medians medians.tsv).")
@@ -485,6 +496,7 @@ def _medians_for(item: Any, medians: GeneMedians | None, config: TokenizeConfig)
         [item], layer=config.layer, gene_column=config.gene_column, species=config.species, totals=config.totals,
         min_coverage=config.min_coverage, allow_mixed=config.allow_mixed_species, allow_fractional=config.allow_fractional,
         measurement=config.measurement, chunk_size=config.chunk_size,
+        vocabulary_ids=None if vocab is None else vocab.gene_to_id,
     )
 
 
@@ -608,7 +620,7 @@ def tokenize_anndata(
     source_for_types = open_source(adata, config.layer, config.gene_column, allow_fractional=config.allow_fractional)
     source_for_types.check_obs_columns(obs_columns)
     obs_types = _obs_arrow_types(source_for_types, obs_columns)
-    table_medians = _medians_for(adata, medians, config)
+    table_medians = _medians_for(adata, medians, config, vocab)
     tables, report = [], TokenizeReport()
     for table, part, _ in _iter_tables(adata, vocab, table_medians, config, obs_columns, obs_types):
         tables.append(table)
@@ -682,6 +694,7 @@ def tokenize_files(
     if not paths:
         raise InputDataError("no input files given.")
     items = [check_readable_file(p, "count matrix") for p in paths]
+    check_distinct_inputs(items)
     obs_columns = list(obs_columns)
     started = time.perf_counter()
 
@@ -691,7 +704,7 @@ def tokenize_files(
     for index, item in enumerate(items):
         with open_source(item, config.layer, config.gene_column, allow_fractional=config.allow_fractional, measurement=config.measurement) as source:
             source.check_obs_columns(obs_columns)
-            map_source_genes(source, config.species, config.min_coverage, config.allow_mixed_species)
+            map_source_genes(source, config.species, config.min_coverage, config.allow_mixed_species, vocab.gene_to_id)
             if index == 0:
                 obs_types = _obs_arrow_types(source, obs_columns)
             n_cells = source.n_cells
@@ -702,6 +715,7 @@ def tokenize_files(
             items, per_file=True, workers=workers, layer=config.layer, gene_column=config.gene_column, species=config.species,
             totals=config.totals, min_coverage=config.min_coverage, allow_mixed=config.allow_mixed_species,
             allow_fractional=config.allow_fractional, measurement=config.measurement, chunk_size=config.chunk_size,
+            vocabulary_ids=vocab.gene_to_id,
         )
         medians_hash = content_hash(*[m.hash for m in per_file])
     else:

@@ -14,6 +14,12 @@ app = typer.Typer(
 
 state = {"debug": False}
 
+# The model-file options of every command that loads a model (passed on to model.load_bundle).
+VOCAB_OPTION = typer.Option(
+    None, "--vocab", help="Vocabulary JSON, for a plain Hugging Face model folder (Geneformer: `mixgf vocab import-geneformer`)."
+)
+MEDIANS_OPTION = typer.Option(None, "--medians", help="Gene medians TSV, instead of the bundle's (a plain Hugging Face folder has none).")
+
 
 @app.callback()
 def _root(

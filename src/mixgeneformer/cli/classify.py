@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ..errors import ArtifactError, ConfigError
-from ._app import app, load_tokenize_config
+from ._app import MEDIANS_OPTION, VOCAB_OPTION, app, load_tokenize_config
 
 _MODES = {
     "finetune": ("finetune",),
@@ -36,7 +36,8 @@ def classify(
     config: Path | None = typer.Option(None, "--config", help="YAML of ClassifyConfig options (labels, embedding, finetune, baselines, synonyms)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config option, e.g. --set finetune.learning_rate=1e-4."),
     tokenize_config: Path | None = typer.Option(None, "--tokenize-config", help="YAML of tokenize options (style, max_len, ...)."),
-    medians: Path | None = typer.Option(None, "--medians", help="Gene medians TSV, when the bundle has none."),
+    vocab: Path | None = VOCAB_OPTION,
+    medians: Path | None = MEDIANS_OPTION,
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda when available)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
 ) -> None:
@@ -74,11 +75,7 @@ def classify(
     if methods:
         from ..model import load_bundle
 
-        loaded_model, loaded_vocab, loaded_medians = load_bundle(model)
-        if medians is not None:
-            from ..medians import GeneMedians
-
-            loaded_medians = GeneMedians.load(medians)
+        loaded_model, loaded_vocab, loaded_medians = load_bundle(model, vocab, medians=medians)
     run = clf.run_classification(
         train_data, loaded_model, loaded_vocab, loaded_medians, test=test_data, methods=methods,
         baseline_methods=("logreg_counts", "knn_pca") if baselines else (), config=settings,

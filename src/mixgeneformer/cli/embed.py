@@ -10,7 +10,7 @@ import typer
 
 from ..errors import ArtifactError, ConfigError
 from ..fileio import atomic_file
-from ._app import app, load_tokenize_config
+from ._app import MEDIANS_OPTION, VOCAB_OPTION, app, load_tokenize_config
 
 
 def _write_h5ad(adata, out: Path, overwrite: bool) -> None:
@@ -41,8 +41,8 @@ def embed(
     batch_size: int = typer.Option(32, "--batch-size", help="Cells per forward pass."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16."),
-    vocab: Path | None = typer.Option(None, "--vocab", help="Vocabulary JSON, for plain Hugging Face model folders."),
-    medians: Path | None = typer.Option(None, "--medians", help="Gene medians TSV, when the bundle has none."),
+    vocab: Path | None = VOCAB_OPTION,
+    medians: Path | None = MEDIANS_OPTION,
     tokenize_config: Path | None = typer.Option(
         None, "--tokenize-config", help="YAML of tokenize options (style, add_species_token, max_len, ...)."
     ),
@@ -65,11 +65,7 @@ def embed(
 
     from ..model import load_bundle
 
-    loaded_model, loaded_vocab, loaded_medians = load_bundle(model, vocab)
-    if medians is not None:
-        from ..medians import GeneMedians
-
-        loaded_medians = GeneMedians.load(medians)
+    loaded_model, loaded_vocab, loaded_medians = load_bundle(model, vocab, medians=medians)
 
     result = None
     if input.is_dir():

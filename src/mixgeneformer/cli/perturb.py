@@ -12,7 +12,7 @@ from typing import Any
 import typer
 
 from ..errors import ArtifactError, ConfigError
-from ._app import app, load_tokenize_config
+from ._app import MEDIANS_OPTION, VOCAB_OPTION, app, load_tokenize_config
 
 
 def _config_from_options(config_file: Path | None, overrides: list[str] | None, options: dict[str, Any]):
@@ -58,6 +58,9 @@ def perturb(
     mode: str | None = typer.Option(None, "--mode", help="exact (default) or screen (first-order + exact top-k)."),
     screen_top_k: int | None = typer.Option(None, "--screen-top-k", help="Genes re-scored exactly per cell in screen mode."),
     gene_shifts: bool | None = typer.Option(None, "--gene-shifts/--no-gene-shifts", help="Also per-gene embedding shifts."),
+    score: str | None = typer.Option(
+        None, "--score", help="shift (default: 1 - cos of cell embeddings) or cell_emb (Geneformer's InSilicoPerturber cell score)."
+    ),
     layer: int | None = typer.Option(None, "--layer", help="Hidden state used (-2 = second to last, default)."),
     pooling: str | None = typer.Option(None, "--pooling", help="mean (default) or cls."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Sequences per forward pass."),
@@ -67,6 +70,8 @@ def perturb(
     tokenize_config: Path | None = typer.Option(
         None, "--tokenize-config", help="YAML of tokenize options (style, max_len, ...) for an .h5ad input."
     ),
+    vocab_file: Path | None = VOCAB_OPTION,
+    medians_file: Path | None = MEDIANS_OPTION,
     shard_index: int | None = typer.Option(None, "--shard-index", help="This process' shard (default: env RANK)."),
     num_shards: int | None = typer.Option(None, "--num-shards", help="Number of shards (default: env WORLD_SIZE)."),
     stats: str = typer.Option("vs_all", "--stats", help="vs_all, vs_null (with --null) or aggregate."),
@@ -86,7 +91,7 @@ def perturb(
             "perturb": perturb_type, "genes": _split(genes), "combine": combine, "anchor": anchor,
             "target_rank": target_rank, "state_column": state_column, "start": start, "goal": goal,
             "alternatives": _split(alternatives), "cells_per_state": cells_per_state, "mode": mode,
-            "screen_top_k": screen_top_k, "gene_shifts": gene_shifts, "layer": layer, "pooling": pooling,
+            "screen_top_k": screen_top_k, "gene_shifts": gene_shifts, "score": score, "layer": layer, "pooling": pooling,
             "batch_size": batch_size, "device": device, "precision": precision, "species": species,
             "shard_index": shard_index, "num_shards": num_shards,
         },
@@ -103,7 +108,7 @@ def perturb(
 
     from ..model import load_bundle
 
-    loaded, vocab, medians = load_bundle(model)
+    loaded, vocab, medians = load_bundle(model, vocab_file, medians=medians_file)
     if input.is_dir():
         from ..embed import load_corpus
 
@@ -149,7 +154,10 @@ def _read_cells(folder: Path):
 def _finish(out: Path, result, config, vocab, stats: str, null_cells, overwrite: bool) -> None:
     from .. import perturb as pt
 
-    table = pt.perturbation_statistics(result.cells, vocab, mode=stats, null=null_cells) if len(result.cells) else None
+    table = (
+        pt.perturbation_statistics(result.cells, vocab, mode=stats, null=null_cells, score=config.statistics_score)
+        if len(result.cells) else None
+    )
     pt.write_results(out, result, table, config, vocab, overwrite=overwrite)
     typer.echo(
         f"{result.summary.get('cells_perturbed', 0):,} cells, {len(result.cells):,} perturbations -> {out}"
@@ -164,6 +172,7 @@ def perturb_merge(
     stats: str = typer.Option("vs_all", "--stats", help="vs_all, vs_null (with --null) or aggregate."),
     null: Path | None = typer.Option(None, "--null", help="Output folder of a null run."),
     config_file: Path | None = typer.Option(None, "--config", help="YAML of the run's options (saved as config.yaml)."),
+    vocab_file: Path | None = VOCAB_OPTION,
 ) -> None:
     """Merge the shard tables of OUT/shards into one result with statistics and figure."""
     import re
@@ -179,7 +188,7 @@ def perturb_merge(
         raise ArtifactError(f"{len(shards)} shard tables found for {sorted(worlds)} shards; wait for every shard or rerun the missing ones")
     cells = pt.merge_shards(shards)
     config = _config_from_options(config_file, None, {})
-    vocab = Vocabulary.load(Path(model) / "vocab.json")
+    vocab = Vocabulary.load(vocab_file if vocab_file is not None else Path(model) / "vocab.json")
     result = pt.PerturbationResult(cells, None, {"shards": len(shards), "cells_perturbed": int(cells["cell"].nunique())})
     null_cells = _read_cells(null) if null is not None else None
     _finish(Path(out) / "merged", result, config, vocab, stats, null_cells, overwrite=True)

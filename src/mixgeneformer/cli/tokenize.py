@@ -28,6 +28,9 @@ def medians_command(
     chunk_size: int = typer.Option(10_000, help="Cells per chunk."),
     allow_fractional: bool = typer.Option(False, "--allow-fractional", help="Accept non-integer counts."),
     min_coverage: float = typer.Option(0.5, help="Minimum fraction of gene IDs that must resolve."),
+    allow_mixed_species: bool = typer.Option(
+        False, "--allow-mixed-species", help="Accept human and mouse gene IDs in one file (symbols of the other species stay unmapped)."
+    ),
 ) -> None:
     """Compute per-gene medians of nonzero normalized expression, streamed over all inputs."""
     from ..fileio import atomic_directory
@@ -42,7 +45,7 @@ def medians_command(
     result, stats = compute_medians(
         [str(p) for p in inputs], per_file=per_file, workers=workers, return_stats=True, genes=genes, layer=layer,
         gene_column=gene_column, species=species, totals=totals, chunk_size=chunk_size,
-        allow_fractional=allow_fractional, min_coverage=min_coverage, progress=True,
+        allow_fractional=allow_fractional, min_coverage=min_coverage, allow_mixed=allow_mixed_species, progress=True,
     )
     if per_file:
         with atomic_directory(out, overwrite=True) as tmp:
@@ -76,6 +79,12 @@ def tokenize_command(
     chunk_size: int = typer.Option(4096, help="Cells per chunk."),
     allow_fractional: bool = typer.Option(False, "--allow-fractional", help="Accept non-integer counts."),
     min_coverage: float = typer.Option(0.5, help="Minimum fraction of gene IDs that must resolve."),
+    duplicate_genes: str = typer.Option(
+        "sum", "--duplicate-genes", help="Columns resolving to one gene: 'sum' their counts (Geneformer) or 'error'."
+    ),
+    allow_mixed_species: bool = typer.Option(
+        False, "--allow-mixed-species", help="Accept human and mouse gene IDs in one file (symbols of the other species stay unmapped)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing corpus folder."),
 ) -> None:
     """Rank-value encode cells into a Hugging Face datasets corpus (resumable, multi-process)."""
@@ -90,7 +99,7 @@ def tokenize_command(
         "max_len": max_len, "style": style, "add_species_token": species_token, "totals": totals,
         "medians": "per_file" if per_file_medians else "corpus", "species": species, "layer": layer,
         "gene_column": gene_column, "chunk_size": chunk_size, "allow_fractional": allow_fractional,
-        "min_coverage": min_coverage,
+        "min_coverage": min_coverage, "duplicate_genes": duplicate_genes, "allow_mixed_species": allow_mixed_species,
     }, "tokenize")
     table = None if per_file_medians else (GeneMedians.load(medians) if medians is not None else None)
     if table is None and not per_file_medians:
