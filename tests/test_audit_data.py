@@ -159,12 +159,22 @@ def test_human_file_with_mouse_symbol_columns_is_refused_or_left_unmapped(caplog
     assert "20 of 2020 columns are spelled as mouse symbols" in caplog.text
 
 
-def test_real_symbols_are_not_flagged_as_foreign(baron_data, caplog):
+def test_a_mouse_spelling_is_not_folded_but_case_free_spellings_are():
+    with pytest.raises(GeneIdError, match="spelled as mouse symbols"):
+        genes.map_gene_ids(["INS", "gcg", "Sst", "KRT19"], species="human")  # Sst: the mouse spelling
+    lower = genes.map_gene_ids(["INS", "gcg", "sst", "KRT19"], species="human")  # lower case carries no species
+    assert (lower.ensembl_ids != "").all()
+
+
+def test_real_symbols_are_not_flagged_as_foreign_even_upper_cased(baron_data, caplog):
     for name in ("human", "mouse"):
         adata = ad.read_h5ad(baron_data / f"baron_pancreas_{name}.h5ad", backed="r")
+        symbols = np.asarray(adata.var_names, dtype=object)
         with caplog.at_level(logging.WARNING, logger="mixgeneformer.genes"):
-            mapping = genes.map_gene_ids(adata.var_names, species=name)
+            mapping = genes.map_gene_ids(symbols, species=name)
+            upper = genes.map_gene_ids([s.upper() for s in symbols], species=name)  # some pipelines upper-case symbols
         assert mapping.fraction_mapped > 0.9
+        np.testing.assert_array_equal(upper.ensembl_ids, mapping.ensembl_ids)
     assert "spelled as" not in caplog.text
 
 

@@ -16,7 +16,7 @@ def test_versions_stripped_and_case_folded():
 
 
 def test_symbols_resolve_per_species_in_any_case():
-    human = genes.map_gene_ids(["INS", "gcg", "Sst", "NOTAGENE"], species="human", min_coverage=0)
+    human = genes.map_gene_ids(["INS", "gcg", "sst", "NOTAGENE"], species="human", min_coverage=0)
     mouse = genes.map_gene_ids(["Ins2", "GCG", "sst", "NOTAGENE"], species="mouse", min_coverage=0)
     assert all(x.startswith("ENSG") for x in human.ensembl_ids[:3]) and human.ensembl_ids[3] == ""
     assert all(x.startswith("ENSMUSG") for x in mouse.ensembl_ids[:3]) and mouse.ensembl_ids[3] == ""

@@ -282,9 +282,15 @@ def _map_symbols(ids: np.ndarray, species: Species, extra: frozenset[str] = froz
     symbols = pd.Series(ids, dtype=str)
     exact = symbols.map(_symbol_index(species, True))
     # Case-folding never crosses species: a symbol spelled exactly as the other species writes it
-    # (mouse "Gcg" in a human file) is not folded onto this species' gene (human "GCG").
+    # (mouse "Gcg" in a human file) is not folded onto this species' gene (human "GCG"). Human
+    # symbols are upper-case, so a human spelling in a mouse file counts only where the file keeps
+    # mouse case conventions (most symbols mixed-case); an upper-cased mouse file folds as before.
     other = "mouse" if species == "human" else "human"
     foreign = exact.isna() & symbols.isin(_symbol_index(other, True).index)
+    if species == "human":
+        foreign &= symbols.str.contains("[a-z]", regex=True)
+    elif not (symbols.str.contains("[a-z]", regex=True) & symbols.str.contains("[A-Z]", regex=True)).mean() > 0.5:
+        foreign[:] = False
     loose = symbols.str.upper().map(_symbol_index(species, False))
     _check_foreign_symbols(ids, species, other, int(exact.notna().sum()), foreign.to_numpy(), (foreign & loose.notna()).to_numpy(), allow_mixed)
     resolved = exact.fillna(loose.where(~foreign)).fillna("")
