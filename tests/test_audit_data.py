@@ -113,7 +113,9 @@ def _protein_coding_symbols(species: str) -> pd.Series:
     return table.loc[(table["biotype"] == "protein_coding") & (table["symbol"] != ""), "symbol"].drop_duplicates()
 
 
-def test_mouse_symbols_with_species_human_are_refused():
+def test_mouse_symbols_with_species_human_are_refused(tmp_path, capsys):
+    from mixgeneformer.cli import main
+
     mouse = _protein_coding_symbols("mouse")
     folds = mouse.str.upper().isin(set(_protein_coding_symbols("human")))
     symbols = mouse[folds].iloc[:300].tolist()  # every one would case-fold onto a human gene (Gcg -> GCG)
@@ -124,6 +126,14 @@ def test_mouse_symbols_with_species_human_are_refused():
     vocab, medians = symbol_vocab("human", [s.upper() for s in symbols])
     with pytest.raises(GeneIdError, match="--species mouse"):
         tokenize_anndata(adata, vocab, medians, TokenizeConfig(species="human"))
+    adata.write_h5ad(tmp_path / "mouse.h5ad")
+    vocab.save(tmp_path / "vocab.json")
+    medians.save(tmp_path / "medians.tsv")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tokenize", str(tmp_path / "mouse.h5ad"), "--species", "human", "--vocab", str(tmp_path / "vocab.json"),
+              "--medians", str(tmp_path / "medians.tsv"), "--out", str(tmp_path / "corpus")])
+    assert exit_info.value.code == 2 and "--species mouse" in capsys.readouterr().err
+    assert not (tmp_path / "corpus").exists()
 
 
 def _human_plus_mouse_columns(n_human: int, n_mouse: int) -> tuple[list[str], list[str]]:
@@ -215,7 +225,7 @@ def test_cli_tokenize_the_same_file_twice_exits_2(tmp_path, capsys):
         main(["tokenize", str(tmp_path / "a.h5ad"), str(tmp_path / "a.h5ad"), "--vocab", str(tmp_path / "vocab.json"),
               "--medians", str(tmp_path / "medians.tsv"), "--out", str(tmp_path / "corpus")])
     assert exit_info.value.code == 2
-    assert "listed" not in capsys.readouterr().out and not (tmp_path / "corpus").exists()
+    assert "inputs 1 and 2 are the same" in capsys.readouterr().err and not (tmp_path / "corpus").exists()
     with pytest.raises(SystemExit) as exit_info:
         main(["medians", str(tmp_path / "a.h5ad"), str(tmp_path / "a.h5ad"), "--out", str(tmp_path / "m.tsv")])
     assert exit_info.value.code == 2 and "are the same" in capsys.readouterr().err

@@ -106,6 +106,8 @@ class GeneMapping:
     n_vocabulary_only
         Ensembl IDs kept because the vocabulary holds them although the shipped GENCODE table
         does not (retired or renamed IDs of older annotations, e.g. Geneformer's).
+    vocabulary_checked
+        Whether a vocabulary's IDs were consulted (``map_gene_ids(vocabulary_ids=...)``).
     """
 
     ensembl_ids: np.ndarray
@@ -287,10 +289,11 @@ def _map_symbols(ids: np.ndarray, species: Species, extra: frozenset[str] = froz
     # mouse case conventions (most symbols mixed-case); an upper-cased mouse file folds as before.
     other = "mouse" if species == "human" else "human"
     foreign = exact.isna() & symbols.isin(_symbol_index(other, True).index)
+    has_lower = symbols.str.contains("[a-z]", regex=True)
     if species == "human":
-        foreign &= symbols.str.contains("[a-z]", regex=True)
-    elif not (symbols.str.contains("[a-z]", regex=True) & symbols.str.contains("[A-Z]", regex=True)).mean() > 0.5:
-        foreign[:] = False
+        foreign &= has_lower
+    elif (has_lower & symbols.str.contains("[A-Z]", regex=True)).mean() <= 0.5:
+        foreign &= False
     loose = symbols.str.upper().map(_symbol_index(species, False))
     _check_foreign_symbols(ids, species, other, int(exact.notna().sum()), foreign.to_numpy(), (foreign & loose.notna()).to_numpy(), allow_mixed)
     resolved = exact.fillna(loose.where(~foreign)).fillna("")
