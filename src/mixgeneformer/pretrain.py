@@ -42,7 +42,7 @@ import torch
 from . import checkpoints as ckpt
 from .config import from_dict, load_config, save_config
 from .errors import ArtifactError, ConfigError, MixGeneformerError, VocabularyMismatchError
-from .fileio import read_json, write_json
+from .fileio import check_output, output_error, read_json, write_json, write_output_marker
 from .sampling import PretrainSampler, batch_seed
 
 logger = logging.getLogger(__name__)
@@ -594,9 +594,12 @@ def _make_trainer_class():
                     (staged / "training_args.bin").unlink(missing_ok=True)
                     self._write_extras(staged)
                     _maybe_fail_in_save(step)
-            except BaseException:
+            except BaseException as exc:
                 if self.args.should_save:
-                    shutil.rmtree(staged, ignore_errors=True)
+                    shutil.rmtree(ckpt.staging_dir(run_dir), ignore_errors=True)
+                error = output_error(run_dir / staged.name, exc)
+                if error is not None:
+                    raise error from exc
                 raise
             finally:
                 self._staging = False
@@ -748,8 +751,13 @@ def _distributed_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _plan_run_dir(run_dir: Path, resume: bool, overwrite: bool, resume_from: Path | None) -> tuple[str, Path | None]:
-    """Decide fresh / overwrite / resume without writing anything (every rank computes the same)."""
+def _plan_run_dir(
+    run_dir: Path, resume: bool, overwrite: bool, resume_from: Path | None, inputs: list[Path | None] | tuple = ()
+) -> tuple[str, Path | None]:
+    """Decide fresh / overwrite / resume without writing anything (every rank computes the same).
+
+    ``--overwrite`` never replaces a folder holding one of the run's ``inputs`` or one that is not a
+    mixgeneformer run folder (:func:`fileio.check_output`)."""
     if resume_from is not None:
         return "resume", ckpt.resolve_checkpoint(resume_from)
     occupied = run_dir.exists() and any(p.name != ckpt.STAGING for p in run_dir.iterdir())
@@ -758,6 +766,7 @@ def _plan_run_dir(run_dir: Path, resume: bool, overwrite: bool, resume_from: Pat
         return ("resume", checkpoint) if checkpoint is not None else ("fresh", None)
     if occupied:
         if overwrite:
+            check_output(run_dir, inputs, overwrite=True, option="output_dir")
             return "overwrite", None
         raise ArtifactError(
             f"run folder {run_dir} already exists. Pass --resume to continue it, --overwrite to replace it, "
@@ -807,7 +816,8 @@ def run_pretraining(
     check_corpora(list(config.data.corpus), vocab)
     if config.distributed.deepspeed_config is not None and not Path(config.distributed.deepspeed_config).is_file():
         raise ArtifactError(f"distributed.deepspeed_config not found: {config.distributed.deepspeed_config}.")
-    mode, checkpoint = _plan_run_dir(run_dir, resume, overwrite, Path(resume_from) if resume_from else None)
+    inputs = [*config.data.corpus, config.data.vocab, config.data.medians, config.distributed.deepspeed_config]
+    mode, checkpoint = _plan_run_dir(run_dir, resume, overwrite, Path(resume_from) if resume_from else None, inputs)
     precision = resolve_precision(config.train.precision)
     torch.manual_seed(config.train.seed)
     model = build_model(config, vocab)
@@ -840,6 +850,7 @@ def run_pretraining(
         shutil.rmtree(run_dir)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        write_output_marker(run_dir)
         ckpt.clean_stale(run_dir)
         # metrics.csv continues from the checkpoint: rows logged after it (before a crash) are dropped.
         trim_metrics(run_dir / "metrics.csv", ckpt.checkpoint_step(checkpoint) if checkpoint else 0)
