@@ -19,7 +19,6 @@ from _tokenize_helpers import make_adata, make_medians, make_vocab
 
 from mixgeneformer.cli import main
 from mixgeneformer.errors import ArtifactError, InputDataError
-from mixgeneformer.fileio import OUTPUT_MARKER, check_output, output_lock
 from mixgeneformer.tokenize import TokenizeConfig, tokenize_files
 
 
@@ -76,7 +75,7 @@ def test_overwrite_replaces_only_what_the_package_wrote(files, tmp_path, capsys)
 
     corpus = tmp_path / "corpus"
     assert run_cli(capsys, *tokenize_args(files, corpus))[0] == 0
-    assert (corpus / OUTPUT_MARKER).is_file()
+    assert (corpus / ".mixgf-output").is_file()
     code, err = run_cli(capsys, *tokenize_args(files, corpus))
     assert code == 2 and "--overwrite" in err
     assert run_cli(capsys, *tokenize_args(files, corpus, "--overwrite"))[0] == 0
@@ -137,6 +136,8 @@ def test_vocab_build_refuses_existing_files(files, tmp_path, capsys):
 
 
 def test_check_output_rules(tmp_path):
+    from mixgeneformer.fileio import check_output
+
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "x.h5ad").write_bytes(b"x")
     with pytest.raises(ArtifactError, match="holds the input"):
@@ -296,6 +297,8 @@ def test_a_second_tokenize_into_the_same_output_is_refused(files, tmp_path, caps
 
 
 def test_output_lock_is_reentrant_and_removed(tmp_path):
+    from mixgeneformer.fileio import output_lock
+
     with output_lock(tmp_path / "x"), output_lock(tmp_path / "x"):
         assert (tmp_path / ".x.lock").read_text() == str(__import__("os").getpid())
     assert not (tmp_path / ".x.lock").exists()
