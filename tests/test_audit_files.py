@@ -347,3 +347,13 @@ def test_pool_workers_and_forkserver_exit_when_the_parent_is_killed(tmp_path):
         for p in family:
             if p.is_running():
                 p.kill()
+
+
+def test_import_geneformer_never_replaces_its_pickles(tmp_path, capsys):
+    token_dictionary = tmp_path / "token_dictionary.pkl"
+    token_dictionary.write_bytes(pickle.dumps({"<pad>": 0, "<mask>": 1, "ENSG00000000003": 2}))
+    before = token_dictionary.read_bytes()
+    code, err = run_cli(capsys, "vocab", "import-geneformer", "--token-dictionary", token_dictionary,
+                        "--out", token_dictionary, "--overwrite")
+    assert code == 2 and "is the input" in err
+    assert token_dictionary.read_bytes() == before

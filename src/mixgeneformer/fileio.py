@@ -123,6 +123,12 @@ _MAGIC = {  # the start of each kind of file this package writes, by suffix
     ".jpg": (b"\xff\xd8",),
     ".jpeg": (b"\xff\xd8",),
     ".svg": (b"<?xml", b"<svg"),
+    ".svgz": (b"\x1f\x8b",),
+    ".tif": (b"II*\x00", b"MM\x00*"),
+    ".tiff": (b"II*\x00", b"MM\x00*"),
+    ".webp": (b"RIFF",),
+    ".eps": (b"%!PS",),
+    ".ps": (b"%!PS",),
     ".tsv": (b"ensembl_id\tmedian",),
     ".json": (b"{",),
 }
