@@ -159,8 +159,12 @@ def test_existing_run_folder_is_not_overwritten_without_a_flag(tmp_path, synthet
     with pytest.raises(ArtifactError, match="--overwrite"):
         run_pretraining(config)
     assert (out / "precious.txt").read_text() == "keep me"
-    result = run_pretraining(config, overwrite=True)
-    assert not (out / "precious.txt").exists()
+    with pytest.raises(ArtifactError, match="only replaces outputs of mixgeneformer"):  # not a run folder
+        run_pretraining(config, overwrite=True)
+    assert (out / "precious.txt").read_text() == "keep me"
+    (out / "precious.txt").unlink()
+    assert run_pretraining(config).global_step == 2
+    result = run_pretraining(config, overwrite=True)  # a run folder of this package is replaced
     assert result.global_step == 2
 
 

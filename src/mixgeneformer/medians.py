@@ -28,6 +28,7 @@ hash that corpora and models record.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -43,7 +44,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .errors import ArtifactError, InputDataError
-from .fileio import atomic_file, check_readable_file, content_hash
+from .fileio import atomic_file, check_readable_file, content_hash, read_text
 
 __all__ = ["GeneMedians", "MedianAccumulator", "MedianRunStats", "accumulate_medians", "compute_medians"]
 
@@ -120,8 +121,8 @@ class GeneMedians:
     @classmethod
     def load(cls, path: str | os.PathLike) -> GeneMedians:
         """Read a TSV written by :meth:`save` (clear errors for missing / truncated / wrong files)."""
-        path = check_readable_file(path, "gene median table")
-        with open(path) as handle:
+        path, text = read_text(path, "gene median table", "a gene median TSV (written by `mixgf medians`)")
+        with io.StringIO(text) as handle:
             header = handle.readline().rstrip("\n")
             if header != _TSV_HEADER:
                 raise ArtifactError(
@@ -544,13 +545,13 @@ def accumulate_medians(
     bar = tqdm(total=len(tasks), desc="medians", unit="task", disable=not progress)
     try:
         if workers > 1 and len(tasks) > 1:
-            from concurrent.futures import ProcessPoolExecutor, as_completed
+            from concurrent.futures import as_completed
 
-            from .tokenize import worker_context
+            from .tokenize import worker_pool
 
             local = [t for t in tasks if not isinstance(t[1], (str, os.PathLike))]
             remote = [t for t in tasks if isinstance(t[1], (str, os.PathLike))]
-            with ProcessPoolExecutor(max_workers=workers, mp_context=worker_context()) as pool:
+            with worker_pool(workers) as pool:
                 futures = {pool.submit(_accumulate_range, t[1], t[2], t[3], gene_array, options): t[0] for t in remote}
                 for i, item, lo, hi in local:
                     collect(i, _accumulate_range(item, lo, hi, gene_array, options))

@@ -42,7 +42,7 @@ import pandas as pd
 
 from .config import from_dict, save_config, to_dict
 from .errors import ArtifactError, ConfigError
-from .fileio import content_hash, read_json, write_json
+from .fileio import check_output, content_hash, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -265,6 +265,7 @@ def _prepare_out_dir(out_dir: Path, config: DemoConfig, overwrite: bool) -> None
     marker = out_dir / DEMO_MARKER
     if out_dir.exists() and any(out_dir.iterdir()):
         if overwrite:
+            check_output(out_dir, overwrite=True, markers=(DEMO_MARKER,))
             shutil.rmtree(out_dir)
         elif not marker.exists():
             raise ArtifactError(

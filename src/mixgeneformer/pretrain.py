@@ -42,7 +42,7 @@ import torch
 from . import checkpoints as ckpt
 from .config import from_dict, load_config, save_config, to_dict
 from .errors import ArtifactError, ConfigError, MixGeneformerError, VocabularyMismatchError
-from .fileio import read_json, write_json
+from .fileio import check_output, output_error, read_json, write_json, write_output_marker
 from .sampling import PretrainSampler, batch_seed
 
 logger = logging.getLogger(__name__)
@@ -599,9 +599,12 @@ def _make_trainer_class():
                     (staged / "training_args.bin").unlink(missing_ok=True)
                     self._write_extras(staged)
                     _maybe_fail_in_save(step)
-            except BaseException:
+            except BaseException as exc:
                 if self.args.should_save:
-                    shutil.rmtree(staged, ignore_errors=True)
+                    shutil.rmtree(ckpt.staging_dir(run_dir), ignore_errors=True)
+                error = output_error(run_dir / staged.name, exc)
+                if error is not None:
+                    raise error from exc
                 raise
             finally:
                 self._staging = False
@@ -638,7 +641,54 @@ def _maybe_fail_in_save(step: int) -> None:
 # --------------------------------------------------------------------------------------------
 # Callbacks: metrics CSV, signals, test failure hook
 # --------------------------------------------------------------------------------------------
-def _make_callbacks(run_dir: Path, is_main: bool, tensorboard: bool):
+class _StopRequested(Exception):
+    """Raised out of the Trainer's loop once the checkpoint for a stop signal is saved."""
+
+
+class SignalFlag:
+    """SIGTERM / SIGINT handler for a whole run, installed before any data is read.
+
+    While the run is being set up (``training`` False) a signal stops it at once (nothing is saved
+    yet); once training runs it only sets ``received``, which :class:`StopOnSignal` acts on at the
+    next point of the loop. A second signal stops at once. A process forked from this one
+    (DataLoader workers) gets the default action, so it ends as usual.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.training = False
+        self.previous: dict[int, Any] = {}
+        self.pid = os.getpid()
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked worker: behave as if no handler were installed
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        first = self.received is None
+        self.received = signum
+        if not self.training or not first:  # outside the training loop, or a second signal: stop right away
+            self.uninstall()
+            raise TrainingInterrupted(
+                f"stopped by signal {signum} {'outside a training step' if first else '(a second one)'}; nothing "
+                "new was saved. Continue with --resume.", signum,
+            )
+        logger.warning("received signal %s: saving a checkpoint now, then stopping", signum)
+
+
+def _make_callbacks(run_dir: Path, is_main: bool, tensorboard: bool, signals: SignalFlag):
     from transformers import TrainerCallback
 
     class MetricsCSV(TrainerCallback):
@@ -663,30 +713,43 @@ def _make_callbacks(run_dir: Path, is_main: bool, tensorboard: bool):
                 writer.writerow(row)
 
     class StopOnSignal(TrainerCallback):
-        """SIGTERM / SIGINT: finish the current step, save a checkpoint, stop (then exit non-zero)."""
+        """Act on a :class:`SignalFlag` at the first point of the loop after the signal: save a
+        checkpoint of the current step (unless one exists), stop, then exit non-zero.
 
-        def __init__(self) -> None:
-            self.received: int | None = None
-            self.previous: dict[int, Any] = {}
+        One process: checked before each step (the signal came during data loading or after the
+        previous step's save), after each step, after logging and evaluation (the checkpoint is
+        saved right after) and after a save. Several ranks: checked at the end of every
+        ``SIGNAL_SYNC_STEPS``-th step, where the ranks agree with one collective.
+        """
 
-        def install(self) -> None:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                try:
-                    self.previous[sig] = signal.signal(sig, self._handle)
-                except ValueError:  # not the main thread
-                    pass
+        def __init__(self, signals: SignalFlag) -> None:
+            self.signals = signals
+            self.trainer: Any = None  # set once the Trainer exists
 
-        def uninstall(self) -> None:
-            for sig, handler in self.previous.items():
-                signal.signal(sig, handler)
-            self.previous = {}
+        @property
+        def received(self) -> int | None:
+            return self.signals.received
 
-        def _handle(self, signum, frame):
-            if self.received is not None:  # a second signal: stop right away
-                self.uninstall()
-                raise KeyboardInterrupt
-            self.received = signum
-            logger.warning("received signal %s: saving a checkpoint after this step, then stopping", signum)
+        def _now(self, args) -> bool:
+            return self.signals.received is not None and args.world_size == 1
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self._now(args):
+                step = state.global_step
+                if step > 0 and ckpt.checkpoint_problem(Path(args.output_dir) / f"checkpoint-{step}") is not None:
+                    self.trainer._save_checkpoint(self.trainer.model, trial=None)
+                raise _StopRequested()
+
+        def on_log(self, args, state, control, **kwargs):
+            if self._now(args):
+                control.should_save = True
+                control.should_training_stop = True
+
+        on_evaluate = on_log
+
+        def on_save(self, args, state, control, **kwargs):
+            if self._now(args):
+                control.should_training_stop = True
 
         def on_step_end(self, args, state, control, **kwargs):
             flag = 0 if self.received is None else int(self.received)
@@ -699,7 +762,7 @@ def _make_callbacks(run_dir: Path, is_main: bool, tensorboard: bool):
                 torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
                 flag = int(tensor.item())
             if flag:
-                self.received = flag
+                self.signals.received = flag
                 control.should_save = True
                 control.should_training_stop = True
             return control
@@ -716,7 +779,7 @@ def _make_callbacks(run_dir: Path, is_main: bool, tensorboard: bool):
                 raise RuntimeError(f"injected failure on rank {rank} at step {step} (MIXGF_TEST_FAIL_AT_STEP)")
 
     callbacks: list[Any] = [MetricsCSV(run_dir / "metrics.csv"), FailAtStep()]
-    stopper = StopOnSignal()
+    stopper = StopOnSignal(signals)
     callbacks.append(stopper)
     if tensorboard and is_main:
         from torch.utils.tensorboard import SummaryWriter
@@ -753,8 +816,13 @@ def _distributed_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _plan_run_dir(run_dir: Path, resume: bool, overwrite: bool, resume_from: Path | None) -> tuple[str, Path | None]:
-    """Decide fresh / overwrite / resume without writing anything (every rank computes the same)."""
+def _plan_run_dir(
+    run_dir: Path, resume: bool, overwrite: bool, resume_from: Path | None, inputs: list[Path | None] | tuple = ()
+) -> tuple[str, Path | None]:
+    """Decide fresh / overwrite / resume without writing anything (every rank computes the same).
+
+    ``--overwrite`` never replaces a folder holding one of the run's ``inputs`` or one that is not a
+    mixgeneformer run folder (:func:`fileio.check_output`)."""
     if resume_from is not None:
         return "resume", ckpt.resolve_checkpoint(resume_from)
     occupied = run_dir.exists() and any(p.name != ckpt.STAGING for p in run_dir.iterdir())
@@ -763,6 +831,7 @@ def _plan_run_dir(run_dir: Path, resume: bool, overwrite: bool, resume_from: Pat
         return ("resume", checkpoint) if checkpoint is not None else ("fresh", None)
     if occupied:
         if overwrite:
+            check_output(run_dir, inputs, overwrite=True, option="output_dir")
             return "overwrite", None
         raise ArtifactError(
             f"run folder {run_dir} already exists. Pass --resume to continue it, --overwrite to replace it, "
@@ -855,8 +924,19 @@ def run_pretraining(
         Before any training step, for bad options, missing or damaged files, or a corpus built with
         another vocabulary.
     TrainingInterrupted
-        After SIGTERM / SIGINT, once the checkpoint is saved.
+        After SIGTERM / SIGINT, once the checkpoint is saved (a signal during setup stops at once).
     """
+    signals = SignalFlag()
+    signals.install()  # before any data is read: a signal at any moment is handled
+    try:
+        return _run_pretraining(config, resume, overwrite, resume_from, signals)
+    finally:
+        signals.uninstall()
+
+
+def _run_pretraining(
+    config: PretrainConfig, resume: bool, overwrite: bool, resume_from: str | os.PathLike | None, signals: SignalFlag
+) -> PretrainResult:
     from .vocab import Vocabulary
 
     config.validate()
@@ -870,7 +950,8 @@ def run_pretraining(
     check_corpora(list(config.data.corpus), vocab)
     if config.distributed.deepspeed_config is not None and not Path(config.distributed.deepspeed_config).is_file():
         raise ArtifactError(f"distributed.deepspeed_config not found: {config.distributed.deepspeed_config}.")
-    mode, checkpoint = _plan_run_dir(run_dir, resume, overwrite, Path(resume_from) if resume_from else None)
+    inputs = [*config.data.corpus, config.data.vocab, config.data.medians, config.distributed.deepspeed_config]
+    mode, checkpoint = _plan_run_dir(run_dir, resume, overwrite, Path(resume_from) if resume_from else None, inputs)
     if checkpoint is not None:
         for change in check_resume_config(config, checkpoint, vocab):
             logger.warning("resuming from %s with a changed setting, now in effect: %s", checkpoint.name, change)
@@ -906,6 +987,7 @@ def run_pretraining(
         shutil.rmtree(run_dir)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        write_output_marker(run_dir)
         ckpt.clean_stale(run_dir)
         # metrics.csv continues from the checkpoint: rows logged after it (before a crash) are dropped.
         trim_metrics(run_dir / "metrics.csv", ckpt.checkpoint_step(checkpoint) if checkpoint else 0)
@@ -915,7 +997,7 @@ def run_pretraining(
         save_config(config, run_dir)
         write_json(run_dir / "environment.json", environment)
     collator = SeededMaskingCollator(make_mlm_collator(vocab, config.data, truncate_to), seed=config.train.seed)
-    callbacks, stopper = _make_callbacks(run_dir, is_main, config.logging.tensorboard)
+    callbacks, stopper = _make_callbacks(run_dir, is_main, config.logging.tensorboard, signals)
     trainer_cls = _make_trainer_class()
     trainer = trainer_cls(
         model=model,
@@ -942,9 +1024,12 @@ def run_pretraining(
     trainer.accelerator.wait_for_everyone()
 
     # 4. Train.
-    stopper.install()
+    stopper.trainer = trainer
+    signals.training = True
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except _StopRequested:
+        output = None
     except Exception as exc:
         # torch.load(weights_only=True) refused a pickle that is not plain tensor data.
         if type(exc).__name__ != "UnpicklingError":
@@ -954,7 +1039,7 @@ def run_pretraining(
             "unexecuted (torch.load weights_only=True). Delete that checkpoint or resume from another."
         ) from exc
     finally:
-        stopper.uninstall()
+        signals.training = False
     if stopper.received is not None:
         raise TrainingInterrupted(
             f"training stopped by signal {stopper.received} at step {trainer.state.global_step}; "

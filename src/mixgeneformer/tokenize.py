@@ -33,7 +33,16 @@ import scipy.sparse as sp
 
 from .config import from_dict, save_config, to_dict
 from .errors import ConfigError, GeneIdError, InputDataError
-from .fileio import atomic_directory, check_readable_file, content_hash, read_json, write_json
+from .fileio import (
+    atomic_directory,
+    check_output,
+    check_readable_file,
+    content_hash,
+    output_lock,
+    read_json,
+    write_json,
+    writing,
+)
 from .medians import GeneMedians, compute_medians
 from .readers import (
     CountChunk,
@@ -526,6 +535,7 @@ def _tokenize_task(
     tmp = f"{shard_path}.tmp-{os.getpid()}"
     coverage, species = "", ""
     writer = ArrowWriter(features=_features(obs_types), path=tmp)
+    finished = False
     try:
         for table, part, columns in _iter_tables(item, vocab, medians, config, obs_columns, obs_types, start, stop):
             if table.num_rows:
@@ -533,8 +543,11 @@ def _tokenize_task(
             report.add(part)
             coverage, species = columns.coverage, columns.species
         writer.finalize()
+        finished = True
     finally:
         writer.close()
+        if not finished:
+            Path(tmp).unlink(missing_ok=True)
     os.replace(tmp, shard_path)
     report.seconds = time.perf_counter() - started
     result = {**dataclasses.asdict(report), "coverage": coverage, "species": species, "start": start, "stop": stop}
@@ -550,6 +563,43 @@ def worker_context() -> multiprocessing.context.BaseContext:
         ctx.set_forkserver_preload(["mixgeneformer.tokenize", "datasets.arrow_writer"])
         return ctx
     return multiprocessing.get_context("spawn")
+
+
+def worker_pool(workers: int) -> Any:
+    """A process pool whose workers end when the process that started it dies, however it dies.
+
+    A parent killed with SIGKILL (a scheduler, the OOM killer) runs no cleanup: without the watch,
+    its workers would wait for tasks forever and keep the forkserver alive with them.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=worker_context(), initializer=exit_with_parent, initargs=(os.getpid(),)
+    )
+
+
+def exit_with_parent(parent_pid: int, interval: float = 0.5) -> None:
+    """Worker initializer: a daemon thread ends this process once ``parent_pid`` is gone (or a zombie)."""
+    import threading
+
+    import psutil
+
+    try:
+        parent = psutil.Process(parent_pid)
+    except psutil.NoSuchProcess:
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                alive = parent.is_running() and parent.status() != psutil.STATUS_ZOMBIE  # is_running: pid not reused
+            except psutil.Error:
+                alive = False
+            if not alive:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="mixgf-parent-watch", daemon=True).start()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -686,11 +736,7 @@ def tokenize_files(
     """
     config = config or TokenizeConfig()
     _check_vocab(vocab, config)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        from .errors import ArtifactError
-
-        raise ArtifactError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+    out_dir = check_output(out_dir, paths, overwrite=overwrite)
     if not paths:
         raise InputDataError("no input files given.")
     items = [check_readable_file(p, "count matrix") for p in paths]
@@ -726,6 +772,27 @@ def tokenize_files(
 
     manifest = run_manifest(items, vocab.hash, medians_hash, config, obs_columns)
     partial = out_dir.parent / f".{out_dir.name}.partial"
+    # One writer per output; the partial folder is only looked at under the lock.
+    with output_lock(out_dir), writing(out_dir):
+        try:
+            _run_tasks(out_dir, partial, items, tasks, per_file, manifest, vocab, config, obs_columns, obs_types,
+                       workers, overwrite, progress, started)
+        except InputDataError:
+            shutil.rmtree(partial, ignore_errors=True)  # bad data: nothing a rerun could reuse
+            raise
+        except BaseException:
+            if not any(partial.glob("shard-*.arrow.json")):
+                shutil.rmtree(partial, ignore_errors=True)  # no finished shard to resume from
+            raise
+    return out_dir
+
+
+def _run_tasks(
+    out_dir: Path, partial: Path, items: list[Path], tasks: list[tuple[int, int, int]], per_file: list[GeneMedians],
+    manifest: dict[str, Any], vocab: Any, config: TokenizeConfig, obs_columns: list[str], obs_types: dict[str, pa.DataType],
+    workers: int, overwrite: bool, progress: bool, started: float,
+) -> None:
+    """Tokenize the planned tasks into shards in ``partial`` (resuming finished ones), then assemble."""
     manifest_path = partial / "manifest.json"
     if partial.exists():
         previous = read_json(manifest_path, "partial-run manifest") if manifest_path.exists() else None
@@ -756,9 +823,9 @@ def tokenize_files(
     try:
         args = [(str(items[t[0]]), t[1], t[2], str(shard_path(t)), vocab, per_file[t[0]], config, obs_columns, obs_types) for t in todo]
         if workers > 1 and len(todo) > 1:
-            from concurrent.futures import ProcessPoolExecutor, as_completed
+            from concurrent.futures import as_completed
 
-            with ProcessPoolExecutor(max_workers=workers, mp_context=worker_context()) as pool:
+            with worker_pool(workers) as pool:
                 futures = {pool.submit(_tokenize_task, *a): t for a, t in zip(args, todo, strict=True)}
                 for future in as_completed(futures):
                     task = futures[future]
@@ -791,7 +858,6 @@ def tokenize_files(
     _assemble_corpus(out_dir, [shard_path(t) for t in tasks if results[t]["cells_out"] > 0], obs_types, config, manifest, report, overwrite)
     shutil.rmtree(partial, ignore_errors=True)
     logger.info("tokenize: %s", report.summary())
-    return out_dir
 
 
 def _assemble_corpus(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..errors import ArtifactError, ConfigError
+from ..errors import ConfigError
 from ._app import MEDIANS_OPTION, VOCAB_OPTION, app, load_tokenize_config
 
 _MODES = {
@@ -42,11 +42,9 @@ def classify(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
 ) -> None:
     """Train and evaluate cell-type classifiers; write metrics, reports and predictions to OUT."""
-    import anndata as ad
-
     from .. import classify as clf
     from ..config import load_config
-    from ..fileio import check_readable_file
+    from ..fileio import check_output, read_h5ad
 
     if mode not in _MODES:
         raise ConfigError(f"--mode {mode!r} is not one of {sorted(_MODES)}.")
@@ -55,8 +53,7 @@ def classify(
         raise ConfigError("--mode none runs nothing without --baselines.")
     if methods and model is None:
         raise ConfigError(f"--mode {mode} needs --model BUNDLE (or use --mode none --baselines).")
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"{out} already exists; pass --overwrite to replace it.")
+    check_output(out, [input, test, model, config, medians, tokenize_config], overwrite=overwrite, option="--out")
     cli_overrides = [f"labels.key={label}"]
     if freeze_layers is not None:
         cli_overrides.append(f"finetune.freeze_layers={freeze_layers}")
@@ -69,8 +66,8 @@ def classify(
     settings = load_config(clf.ClassifyConfig, config, [*cli_overrides, *overrides])
     tok_config = load_tokenize_config(tokenize_config, model)
 
-    train_data = ad.read_h5ad(check_readable_file(input, "input h5ad"))
-    test_data = ad.read_h5ad(check_readable_file(test, "test h5ad")) if test is not None else None
+    train_data = read_h5ad(input, "input h5ad")
+    test_data = read_h5ad(test, "test h5ad (--test)") if test is not None else None
     loaded_model = loaded_vocab = loaded_medians = None
     if methods:
         from ..model import load_bundle

@@ -9,20 +9,52 @@ from pathlib import Path
 import typer
 
 from ..errors import ArtifactError, ConfigError
-from ..fileio import atomic_file
+from ..fileio import atomic_file, check_output, read_h5ad, writing
 from ._app import MEDIANS_OPTION, VOCAB_OPTION, app, load_tokenize_config
 
 
 def _write_h5ad(adata, out: Path, overwrite: bool) -> None:
     """Write an h5ad atomically (temporary sibling, then rename)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}.h5ad"
-    try:
-        adata.write_h5ad(tmp, compression="gzip")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}.h5ad"
+        try:
+            adata.write_h5ad(tmp, compression="gzip")
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def _check_outputs(outputs: dict[str, Path | None], inputs: list[Path | None], overwrite: bool) -> None:
+    """Every output path is valid, distinct and replaces no input (before any work is done)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffixes = {"--out": {".h5ad"}, "--gene-embeddings": {".parquet"},
+                "--umap": {f".{s}" for s in FigureCanvasBase.get_supported_filetypes()}}
+    given = {option: path for option, path in outputs.items() if path is not None}
+    for option, path in given.items():
+        if path.suffix.lower() not in suffixes[option]:
+            raise ConfigError(f"{option} {path} must end in one of {sorted(suffixes[option])}")
+        check_output(path, inputs, overwrite=overwrite, option=option, writes=path.suffix.lower())
+    resolved = [p.resolve() for p in given.values()]
+    if len(set(resolved)) != len(resolved):
+        raise ConfigError(f"{', '.join(given)} must be different files")
+
+
+def _check_color(input: Path, color: str | None):
+    """The input's obs (h5ad: the AnnData, read once; corpus: None) after checking --color exists in it."""
+    if input.is_dir():
+        from ..embed import load_corpus
+
+        columns = [c for c in load_corpus(input).column_names if c != "input_ids"]
+        adata = None
+    else:
+        adata = read_h5ad(input, "input h5ad")
+        columns = list(adata.obs.columns)
+    if color is not None and color not in columns:
+        raise ConfigError(f"--color {color!r} is not a column of {input}; available: {columns}")
+    return adata
 
 
 @app.command("embed")
@@ -54,14 +86,13 @@ def embed(
     """Embed cells with a trained model and write them to an h5ad (obsm[KEY])."""
     from .. import embed as emb
 
-    if out.suffix != ".h5ad":
-        raise ConfigError(f"--out {out} must end in .h5ad")
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"{out} already exists; pass --overwrite to replace it")
-    if not input.exists():
-        raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
     if color is not None and umap is None:
         raise ConfigError("--color only applies to --umap FIG.png; add --umap")
+    _check_outputs({"--out": out, "--gene-embeddings": gene_embeddings, "--umap": umap},
+                   [input, model, vocab, medians, tokenize_config], overwrite)
+    if not input.exists():
+        raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
+    adata = _check_color(input, color)
 
     from ..model import load_bundle
 
@@ -76,15 +107,6 @@ def embed(
         adata, result = produced if isinstance(produced, tuple) else (produced, None)
         adata.uns[f"{key}_params"]["model"] = str(model)
     else:
-        import anndata as ad
-
-        from ..fileio import check_readable_file
-
-        check_readable_file(input, "input h5ad")
-        try:
-            adata = ad.read_h5ad(input)
-        except (OSError, KeyError, ValueError) as exc:
-            raise ArtifactError(f"cannot read {input} as h5ad ({exc}); is it truncated or another format?") from exc
         tk_config = load_tokenize_config(tokenize_config, model)
         emb.embed_anndata(
             adata, loaded_model, key=key, layer=layer, pooling=pooling, overwrite=overwrite, gene_column=gene_column,

@@ -83,6 +83,7 @@ def perturb(
 ) -> None:
     """Perturb genes in silico and rank them by how far they move cells (towards a goal state)."""
     from .. import perturb as pt
+    from ..fileio import check_output
 
     config = _config_from_options(
         config_file,
@@ -100,8 +101,8 @@ def perturb(
         raise ConfigError(f"--stats {stats!r}; use vs_all, vs_null or aggregate")
     if (stats == "vs_null") != (null is not None):
         raise ConfigError("--stats vs_null and --null DIR go together (the null run's output folder)")
-    if out.exists() and not overwrite and not _is_shard_run(config):
-        raise ArtifactError(f"{out} already exists; pass --overwrite to replace it")
+    if not _is_shard_run(config):
+        check_output(out, [input, model, null, config_file, tokenize_config], overwrite=overwrite, option="--out")
     if not input.exists():
         raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
     null_cells = _read_cells(null) if null is not None else None
@@ -114,11 +115,9 @@ def perturb(
 
         result = pt.perturb_cells(loaded, load_corpus(input), vocab, config, progress=progress)
     else:
-        import anndata as ad
+        from ..fileio import read_h5ad
 
-        from ..fileio import check_readable_file
-
-        adata = ad.read_h5ad(check_readable_file(input, "input h5ad"))
+        adata = read_h5ad(input, "input h5ad")
         result, _ = pt.perturb_anndata(
             adata, loaded, config, vocab=vocab, medians=medians, tokenize_config=load_tokenize_config(tokenize_config, model),
             stats_mode="aggregate", progress=progress,

@@ -31,12 +31,14 @@ def medians_command(
     allow_mixed_species: bool = typer.Option(
         False, "--allow-mixed-species", help="Accept human and mouse gene IDs in one file (symbols of the other species stay unmapped)."
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (a medians TSV / folder)."),
 ) -> None:
     """Compute per-gene medians of nonzero normalized expression, streamed over all inputs."""
-    from ..fileio import atomic_directory
+    from ..fileio import atomic_directory, check_output
     from ..medians import compute_medians
 
     logging.basicConfig(level=logging.WARNING)
+    check_output(out, [*inputs, vocab], overwrite=overwrite, option="--out", writes=None if per_file else ".tsv")
     genes = None
     if vocab is not None:
         from ..vocab import Vocabulary
@@ -48,7 +50,7 @@ def medians_command(
         allow_fractional=allow_fractional, min_coverage=min_coverage, allow_mixed=allow_mixed_species, progress=True,
     )
     if per_file:
-        with atomic_directory(out, overwrite=True) as tmp:
+        with atomic_directory(out, overwrite=overwrite) as tmp:
             for path, table in zip(inputs, result, strict=True):
                 table.save(tmp / f"{path.name.split('.')[0]}.medians.tsv")
         typer.echo(f"wrote {len(result)} median tables into {out}")
@@ -89,12 +91,13 @@ def tokenize_command(
 ) -> None:
     """Rank-value encode cells into a Hugging Face datasets corpus (resumable, multi-process)."""
     from ..config import from_dict
-    from ..fileio import read_json
+    from ..fileio import check_output, read_json
     from ..medians import GeneMedians
     from ..tokenize import CORPUS_JSON, TokenizeConfig, tokenize_files
     from ..vocab import Vocabulary
 
     logging.basicConfig(level=logging.WARNING)
+    check_output(out, [*inputs, vocab, medians], overwrite=overwrite, option="--out")
     config = from_dict(TokenizeConfig, {
         "max_len": max_len, "style": style, "add_species_token": species_token, "totals": totals,
         "medians": "per_file" if per_file_medians else "corpus", "species": species, "layer": layer,
