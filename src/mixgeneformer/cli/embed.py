@@ -25,6 +25,16 @@ def _write_h5ad(adata, out: Path, overwrite: bool) -> None:
         raise
 
 
+def _check_paths(input: Path, out: Path, overwrite: bool) -> None:
+    """An .h5ad output that exists only with --overwrite, and an input that exists."""
+    if out.suffix != ".h5ad":
+        raise ConfigError(f"--out {out} must end in .h5ad")
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out} already exists; pass --overwrite to replace it")
+    if not input.exists():
+        raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
+
+
 @app.command("embed")
 def embed(
     input: Path = typer.Argument(..., help="An .h5ad file with raw counts, or a tokenized corpus folder."),
@@ -50,18 +60,40 @@ def embed(
     species: str = typer.Option("auto", help="auto, human or mouse."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT and an existing obsm[KEY]."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    shard_index: int | None = typer.Option(None, "--shard-index", help="This job's shard (default: env RANK under torchrun)."),
+    num_shards: int | None = typer.Option(None, "--num-shards", help="Number of shards (default: env WORLD_SIZE)."),
+    timeout: float = typer.Option(86_400, "--timeout", help="Seconds ranks of a launch wait for each other at the end."),
 ) -> None:
-    """Embed cells with a trained model and write them to an h5ad (obsm[KEY])."""
-    from .. import embed as emb
+    """Embed cells with a trained model and write them to an h5ad (obsm[KEY]).
 
-    if out.suffix != ".h5ad":
-        raise ConfigError(f"--out {out} must end in .h5ad")
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"{out} already exists; pass --overwrite to replace it")
-    if not input.exists():
-        raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
+    Under torchrun / accelerate launch each rank embeds a length-balanced share of the cells into
+    OUT.shards/ and rank 0 writes OUT; with --shard-index/--num-shards run `mixgf embed-merge OUT`
+    after every shard. A rerun reuses finished shards.
+    """
+    from .. import embed as emb
+    from ..sharding import shard_role
+
+    _check_paths(input, out, overwrite)
     if color is not None and umap is None:
         raise ConfigError("--color only applies to --umap FIG.png; add --umap")
+    role = shard_role(shard_index, num_shards)
+    if role.world > 1:
+        from ..sharding import embed_sharded
+
+        merged = embed_sharded(
+            input, model, out, role=role, key=key, layer=layer, pooling=pooling, batch_size=batch_size, device=device,
+            precision=precision, vocab=vocab, medians=medians,
+            tokenize_config=None if input.is_dir() else load_tokenize_config(tokenize_config, model),
+            gene_column=gene_column, species=species, gene_embeddings=gene_embeddings is not None, progress=progress,
+            overwrite=overwrite, extras={"gene_embeddings": gene_embeddings, "umap": umap, "color": color, "overwrite": overwrite},
+            timeout_s=timeout, echo=typer.echo,
+        )
+        if merged is not None:
+            from ..sharding import remove_shards
+
+            _write_outputs(merged[0], merged[1], out, key, gene_embeddings, umap, color, overwrite)
+            remove_shards(out)
+        return
 
     from ..model import load_bundle
 
@@ -101,6 +133,12 @@ def embed(
     genes = None
     if gene_embeddings is not None:
         genes = emb.gene_table(result) if result is not None else adata.uns.pop(f"{key}_genes")
+    _write_outputs(adata, genes, out, key, gene_embeddings, umap, color, overwrite)
+
+
+def _write_outputs(adata, genes, out: Path, key: str, gene_embeddings: Path | None, umap: Path | None,
+                   color: str | None, overwrite: bool) -> None:
+    """OUT.h5ad, then the gene table and the UMAP figure when asked for."""
     _write_h5ad(adata, out, overwrite)
     typer.echo(f"wrote {out}: obsm[{key!r}] {adata.obsm[key].shape}")
     if genes is not None:
@@ -112,3 +150,21 @@ def embed(
 
         plots.umap(adata, color=color, key=key, save=umap)
         typer.echo(f"wrote {umap}")
+
+
+@app.command("embed-merge")
+def embed_merge(
+    out: Path = typer.Argument(..., help="The --out .h5ad of a sharded `mixgf embed` run (its shards are in OUT.shards/)."),
+    keep_shards: bool = typer.Option(False, "--keep-shards", help="Keep OUT.shards/ after writing OUT."),
+) -> None:
+    """Merge the shards of `mixgf embed --shard-index I --num-shards N` into OUT (input obs order)."""
+    from ..sharding import merge, remove_shards
+
+    kind, record, adata, genes = merge(out)
+    if kind != "embed":
+        raise ConfigError(f"{out}.shards holds {kind} shards; use mixgf {kind}-merge")
+    optional = {name: Path(record[name]) if record.get(name) else None for name in ("gene_embeddings", "umap")}
+    _write_outputs(adata, genes, out, record["key"], optional["gene_embeddings"], optional["umap"],
+                   record.get("color"), bool(record.get("overwrite")))
+    if not keep_shards:
+        remove_shards(out)
