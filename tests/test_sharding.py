@@ -16,7 +16,14 @@ import torch
 
 from mixgeneformer.cli import main
 from mixgeneformer.errors import ArtifactError, ConfigError
-from mixgeneformer.sharding import ShardRole, merge, plan_shards, rank_device, shard_folder, shard_role
+from mixgeneformer.sharding import (
+    ShardRole,
+    merge,
+    plan_shards,
+    rank_device,
+    shard_folder,
+    shard_role,
+)
 from mixgeneformer.vocab import Vocabulary
 
 sys.path.insert(0, str(Path(__file__).parent))
