@@ -250,11 +250,11 @@ class _Job:
         signature = _files_signature(self.sources)
         return {
             "kind": self.kind,
-            "input": str(self.input),
+            "input": str(self.input.resolve()),
             "world": int(world),
             "bounds": [int(b) for b in bounds],
             "fingerprint": _fingerprint(self.kind, signature, self.options, int(world), [int(b) for b in bounds]),
-            "sources": [str(p) for p in self.sources],
+            "sources": [str(Path(p).resolve()) for p in self.sources],  # a merge may run elsewhere
             "signature": signature,
             "options": self.options,
             "record": self.record,
