@@ -267,16 +267,10 @@ class PerturbConfig:
 
     def shard(self) -> tuple[int, int]:
         """(shard index, number of shards), from the config or the torchrun environment."""
-        if self.num_shards is not None:
-            return int(self.shard_index), int(self.num_shards)
-        try:
-            rank = int(os.environ.get("RANK", "0"))
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-        except ValueError as exc:
-            raise ConfigError(f"RANK / WORLD_SIZE must be integers ({exc})") from exc
-        if not 0 <= rank < world:
-            raise ConfigError(f"environment RANK={rank} is not within WORLD_SIZE={world}")
-        return rank, world
+        from .sharding import shard_role
+
+        role = shard_role(self.shard_index, self.num_shards)
+        return role.index, role.world
 
 
 # --------------------------------------------------------------------------------------------

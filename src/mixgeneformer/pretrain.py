@@ -112,6 +112,7 @@ class TrainOptions:
     seed: int = 42
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported, else fp32
     torch_compile: bool = False
+    compile_blocks: bool = False  # torch.compile each encoder block in place (the benchmark loop's setting)
 
 
 @dataclass
@@ -206,6 +207,8 @@ class PretrainConfig:
             raise ConfigError(
                 "distributed.strategy=deepspeed needs distributed.deepspeed_config (e.g. configs/deepspeed_zero2.json)."
             )
+        if self.train.torch_compile and self.train.compile_blocks:
+            raise ConfigError("train.torch_compile (whole model) and train.compile_blocks (each encoder block): choose one.")
         if self.logging.peak_tflops is not None and self.logging.peak_tflops <= 0:
             raise ConfigError(f"logging.peak_tflops must be > 0, got {self.logging.peak_tflops}.")
         check_model_options(self.model.preset, {"model.overrides": self.model.overrides, "objective": self.objective})
@@ -403,6 +406,15 @@ def build_model(config: PretrainConfig, vocab: Any):
     model = model_module.MixGeneformerForPretraining(model_config)
     model.attach_vocabulary(vocab)  # special ids and the ortholog map (cross-species term)
     return model
+
+
+def compile_encoder_blocks(model: torch.nn.Module, **options: Any) -> None:
+    """``torch.compile`` every encoder block in place (``nn.Module.compile``: parameter names and
+    checkpoints unchanged; the masked-position MLM head and the losses stay eager). Shapes vary
+    with dynamic padding: after the first recompilation the length dimension is treated as dynamic.
+    ``options`` go to ``torch.compile`` (e.g. ``backend``)."""
+    for layer in model.bert.encoder.layer:
+        layer.compile(**options)
 
 
 def environment_record(precision: str, world_size: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -958,6 +970,8 @@ def _run_pretraining(
     precision = resolve_precision(config.train.precision)
     torch.manual_seed(config.train.seed)
     model = build_model(config, vocab)
+    if config.train.compile_blocks:
+        compile_encoder_blocks(model)
 
     # 2. The corpus, memory-mapped.
     dataset = open_corpus(list(config.data.corpus), config.data.max_cells)

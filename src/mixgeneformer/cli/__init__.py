@@ -17,6 +17,7 @@ from . import classify as _classify  # noqa: F401
 from . import demo as _demo  # noqa: F401
 from . import embed as _embed  # noqa: F401
 from . import perturb as _perturb  # noqa: F401
+from . import predict as _predict  # noqa: F401
 from . import pretrain as _pretrain  # noqa: F401
 from . import tokenize as _tokenize  # noqa: F401
 from . import vocab as _vocab  # noqa: F401

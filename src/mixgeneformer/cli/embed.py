@@ -42,15 +42,16 @@ def _check_outputs(outputs: dict[str, Path | None], inputs: list[Path | None], o
         raise ConfigError(f"{', '.join(given)} must be different files")
 
 
-def _check_color(input: Path, color: str | None):
-    """The input's obs (h5ad: the AnnData, read once; corpus: None) after checking --color exists in it."""
+def _check_color(input: Path, color: str | None, backed: bool = False):
+    """The input (h5ad: the AnnData, read once, backed when ``backed``; corpus: None) after checking
+    --color exists in it."""
     if input.is_dir():
         from ..embed import load_corpus
 
         columns = [c for c in load_corpus(input).column_names if c != "input_ids"]
         adata = None
     else:
-        adata = read_h5ad(input, "input h5ad")
+        adata = read_h5ad(input, "input h5ad", backed="r" if backed else None)
         columns = list(adata.obs.columns)
     if color is not None and color not in columns:
         raise ConfigError(f"--color {color!r} is not a column of {input}; available: {columns}")
@@ -82,9 +83,18 @@ def embed(
     species: str = typer.Option("auto", help="auto, human or mouse."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT and an existing obsm[KEY]."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    shard_index: int | None = typer.Option(None, "--shard-index", help="This job's shard (default: env RANK under torchrun)."),
+    num_shards: int | None = typer.Option(None, "--num-shards", help="Number of shards (default: env WORLD_SIZE)."),
+    timeout: float = typer.Option(86_400, "--timeout", help="Seconds ranks of a launch wait for each other at the end."),
 ) -> None:
-    """Embed cells with a trained model and write them to an h5ad (obsm[KEY])."""
+    """Embed cells with a trained model and write them to an h5ad (obsm[KEY]).
+
+    Under torchrun / accelerate launch each rank embeds a length-balanced share of the cells into
+    OUT.shards/ and rank 0 writes OUT; with --shard-index/--num-shards run `mixgf embed-merge OUT`
+    after every shard. A rerun reuses finished shards.
+    """
     from .. import embed as emb
+    from ..sharding import shard_role
 
     if color is not None and umap is None:
         raise ConfigError("--color only applies to --umap FIG.png; add --umap")
@@ -92,7 +102,27 @@ def embed(
                    [input, model, vocab, medians, tokenize_config], overwrite)
     if not input.exists():
         raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
-    adata = _check_color(input, color)
+    role = shard_role(shard_index, num_shards)
+    adata = _check_color(input, color, backed=role.world > 1)
+    if role.world > 1:
+        if adata is not None:
+            adata.file.close()
+        from ..sharding import embed_sharded
+
+        merged = embed_sharded(
+            input, model, out, role=role, key=key, layer=layer, pooling=pooling, batch_size=batch_size, device=device,
+            precision=precision, vocab=vocab, medians=medians,
+            tokenize_config=None if input.is_dir() else load_tokenize_config(tokenize_config, model),
+            gene_column=gene_column, species=species, gene_embeddings=gene_embeddings is not None, progress=progress,
+            overwrite=overwrite, extras={"gene_embeddings": gene_embeddings, "umap": umap, "color": color, "overwrite": overwrite},
+            timeout_s=timeout, echo=typer.echo,
+        )
+        if merged is not None:
+            from ..sharding import remove_shards
+
+            _write_outputs(merged[0], merged[1], out, key, gene_embeddings, umap, color, overwrite)
+            remove_shards(out)
+        return
 
     from ..model import load_bundle
 
@@ -119,6 +149,12 @@ def embed(
     genes = None
     if gene_embeddings is not None:
         genes = emb.gene_table(result) if result is not None else adata.uns.pop(f"{key}_genes")
+    _write_outputs(adata, genes, out, key, gene_embeddings, umap, color, overwrite)
+
+
+def _write_outputs(adata, genes, out: Path, key: str, gene_embeddings: Path | None, umap: Path | None,
+                   color: str | None, overwrite: bool) -> None:
+    """OUT.h5ad, then the gene table and the UMAP figure when asked for."""
     _write_h5ad(adata, out, overwrite)
     typer.echo(f"wrote {out}: obsm[{key!r}] {adata.obsm[key].shape}")
     if genes is not None:
@@ -130,3 +166,21 @@ def embed(
 
         plots.umap(adata, color=color, key=key, save=umap)
         typer.echo(f"wrote {umap}")
+
+
+@app.command("embed-merge")
+def embed_merge(
+    out: Path = typer.Argument(..., help="The --out .h5ad of a sharded `mixgf embed` run (its shards are in OUT.shards/)."),
+    keep_shards: bool = typer.Option(False, "--keep-shards", help="Keep OUT.shards/ after writing OUT."),
+) -> None:
+    """Merge the shards of `mixgf embed --shard-index I --num-shards N` into OUT (input obs order)."""
+    from ..sharding import merge, remove_shards
+
+    kind, record, adata, genes = merge(out)
+    if kind != "embed":
+        raise ConfigError(f"{out}.shards holds {kind} shards; use mixgf {kind}-merge")
+    optional = {name: Path(record[name]) if record.get(name) else None for name in ("gene_embeddings", "umap")}
+    _write_outputs(adata, genes, out, record["key"], optional["gene_embeddings"], optional["umap"],
+                   record.get("color"), bool(record.get("overwrite")))
+    if not keep_shards:
+        remove_shards(out)

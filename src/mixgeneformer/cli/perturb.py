@@ -84,6 +84,7 @@ def perturb(
     """Perturb genes in silico and rank them by how far they move cells (towards a goal state)."""
     from .. import perturb as pt
     from ..fileio import check_output
+    from ..sharding import rank_device
 
     config = _config_from_options(
         config_file,
@@ -93,7 +94,7 @@ def perturb(
             "target_rank": target_rank, "state_column": state_column, "start": start, "goal": goal,
             "alternatives": _split(alternatives), "cells_per_state": cells_per_state, "mode": mode,
             "screen_top_k": screen_top_k, "gene_shifts": gene_shifts, "score": score, "layer": layer, "pooling": pooling,
-            "batch_size": batch_size, "device": device, "precision": precision, "species": species,
+            "batch_size": batch_size, "device": rank_device(device), "precision": precision, "species": species,
             "shard_index": shard_index, "num_shards": num_shards,
         },
     )
