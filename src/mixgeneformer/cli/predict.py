@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..errors import ConfigError
+from ..errors import ArtifactError, ConfigError
 from ._app import app, load_tokenize_config
 
 
@@ -26,9 +26,11 @@ def predict(
 ) -> None:
     """Predict the class of every cell; under torchrun each rank takes a share (see `mixgf embed`)."""
     from ..sharding import predict_sharded, shard_role
-    from .embed import _check_paths
+    from .embed import _check_outputs
 
-    _check_paths(input, out, overwrite)
+    _check_outputs({"--out": out}, [input, classifier, tokenize_config], overwrite)
+    if not input.exists():
+        raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
     adata = predict_sharded(
         input, classifier, out, role=shard_role(shard_index, num_shards), key=key, batch_size=batch_size,
         device=device, tokenize_config=None if input.is_dir() else load_tokenize_config(tokenize_config),
