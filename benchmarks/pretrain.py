@@ -16,6 +16,13 @@ Usage::
     python benchmarks/pretrain.py                        # CPU, tiny preset (a minute or two)
     python benchmarks/pretrain.py --device cuda --quick  # H100: mix-geneformer + geneformer-v2-104m
     python benchmarks/pretrain.py --device cuda --corpus corpora/x --vocab corpora/vocab.json
+    python benchmarks/pretrain.py --trainer --no-baseline      # + the `mixgf pretrain` path, alternating
+
+``--trainer`` also measures the real ``mixgf pretrain`` path (:func:`mixgeneformer.pretrain.run_pretraining`
+on a corpus folder of the same cells: sampler, collator with seeded masking, DataLoader, HF Trainer,
+logging) at the same model, batch, length, precision and compile setting, alternating with the
+standalone loop in one process (``--rounds``); its tokens/s is the median of the per-step
+``tokens_per_s`` of ``metrics.csv`` after the warm-up steps.
 
 Without ``--corpus`` the cells are synthetic rank-value-like sequences: each cell ranks genes by
 a shared log-expression profile plus per-cell Gumbel noise and keeps the top ``seq_len`` genes,
@@ -34,6 +41,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import gc  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -196,6 +204,47 @@ def measure(make, cells: torch.Tensor, batch: int, steps: int, warmup: int, devi
     return float(np.median(times)), peak, n_params
 
 
+def trainer_run(preset: str, cells: torch.Tensor, batch: int, steps: int, warmup: int, vocab_size: int,
+                workdir: str, compile_blocks: bool, workers: int) -> tuple[float, float]:
+    """Median tokens/s of ``mixgf pretrain`` (run_pretraining) after ``warmup`` steps, and peak GB."""
+    import datasets
+
+    from mixgeneformer.pretrain import pretrain_config_from_dict, read_metrics, run_pretraining
+    from mixgeneformer.vocab import Vocabulary
+
+    root = os.path.join(workdir, f"trainer-{preset}")
+    vocab_path, corpus = os.path.join(root, "vocab.json"), os.path.join(root, "corpus")
+    if not os.path.isdir(corpus):
+        specials = ["<pad>", "<mask>", "<cls>", "<eos>", "<human>", "<mouse>"]
+        tokens = specials + [f"ENSG{i:011d}" for i in range(vocab_size - N_SPECIAL)]
+        vocab = Vocabulary(tokens, {t: i for i, t in enumerate(tokens) if t.startswith("ENSG")})
+        os.makedirs(root, exist_ok=True)
+        vocab.save(vocab_path)
+        n = batch * (steps + warmup)
+        ids = cells[torch.arange(n) % cells.shape[0]].numpy().astype(np.int32)
+        datasets.Dataset.from_dict({"input_ids": list(ids), "length": [ids.shape[1]] * n}).save_to_disk(corpus)
+        with open(os.path.join(corpus, "mixgf_corpus.json"), "w") as handle:
+            json.dump({"vocab_hash": vocab.hash}, handle)
+    seq_len = int(cells.shape[1])
+    config = pretrain_config_from_dict({
+        "output_dir": os.path.join(root, "run"),
+        "data": {"corpus": [corpus], "vocab": vocab_path, "workers": workers},
+        "model": {"preset": preset, "overrides": {"max_position_embeddings": max(seq_len, 512)}},
+        "train": {"max_steps": steps + warmup, "warmup_steps": 0, "per_device_batch_size": batch,
+                  "compile_blocks": compile_blocks},
+        "checkpoint": {"save_steps": 10**9, "keep": 0},
+        "logging": {"logging_steps": 1, "progress_bar": False, "tensorboard": False},
+    })
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    result = run_pretraining(config, overwrite=True)
+    rates = [row["tokens_per_s"] for row in read_metrics(result.run_dir) if row.get("tokens_per_s") == row.get("tokens_per_s")]
+    peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")
+    gc.collect()
+    return float(np.median(rates[warmup:])), peak
+
+
 def _non_embedding_params(model) -> int:
     from mixgeneformer.trainer import count_flop_parameters
 
@@ -245,6 +294,10 @@ def main() -> None:
                         help="also time torch.compile (auto: on CUDA)")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak (default 790 on CUDA)")
+    parser.add_argument("--trainer", action="store_true", help="also measure the `mixgf pretrain` Trainer path")
+    parser.add_argument("--rounds", type=int, default=2, help="with --trainer: alternations loop/Trainer")
+    parser.add_argument("--workers", type=int, default=0, help="with --trainer: DataLoader workers (data.workers)")
+    parser.add_argument("--workdir", default=None, help="with --trainer: folder for the corpus and runs (default: temp)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -292,6 +345,8 @@ def main() -> None:
                                     lambda p=preset, s=seq_len: ours_step_fn(p, vocab_size, s, device, cuda, True),
                                     batch=batch, **common))
             print(_fmt(rows[-1]), flush=True)
+        if args.trainer:
+            rows.extend(trainer_rows(args, preset, cells, batch, seq_len, steps, warmup, vocab_size, compile_too, common))
 
     print()
     print(f"device: {torch.cuda.get_device_name(device) if cuda else 'cpu'}; torch {torch.__version__}; "
@@ -305,6 +360,47 @@ def main() -> None:
     for r in rows:
         speedup = r.tokens_per_s / base[r.preset] if r.preset in base and base[r.preset] == base[r.preset] else math.nan
         print(_fmt(r, speedup))
+
+
+def trainer_rows(args, preset, cells, batch, seq_len, steps, warmup, vocab_size, compile_too, common) -> list[Row]:
+    """The standalone loop and the `mixgf pretrain` path, alternating ``args.rounds`` times."""
+    import tempfile
+
+    from mixgeneformer.pretrain import training_flops
+
+    device, cuda = common["device"], common["device"].type == "cuda"
+    workdir = args.workdir or tempfile.mkdtemp(prefix="mixgf-bench-")
+    loop_rates, trainer_rates, trainer_peak = [], [], float("nan")
+    label = ("ours bf16 sdpa" if cuda else "ours fp32 sdpa") + (" +compile" if compile_too else "")
+    for _ in range(args.rounds):
+        loop = run_variant(label, lambda p=preset, s=seq_len: ours_step_fn(p, vocab_size, s, device, cuda, compile_too),
+                           batch=batch, **common)
+        loop_rates.append(loop.tokens_per_s)
+        rate, trainer_peak = trainer_run(preset, cells, batch, steps, warmup, vocab_size, workdir, compile_too,
+                                         args.workers)
+        trainer_rates.append(rate)
+        print(f"  round: loop {loop.tokens_per_s:,.0f} tokens/s, mixgf pretrain {rate:,.0f} tokens/s "
+              f"({rate / loop.tokens_per_s:.3f})", flush=True)
+    rows = []
+    for name, rates, mem in (("loop, alternating", loop_rates, loop.peak_mem_gb),
+                             (f"mixgf pretrain (workers {args.workers})", trainer_rates, trainer_peak)):
+        rate = float(np.median(rates))
+        n_predicted = round(0.15 * batch * (seq_len - 1))
+        flops = training_flops(_flop_params_of(preset, vocab_size, seq_len), common["n_layers"], common["hidden"],
+                               batch, seq_len, n_views=2, vocab_size=vocab_size, n_predicted=n_predicted)
+        peak = common["peak_flops"]
+        mfu = flops * rate / (batch * seq_len) / peak if peak else math.nan
+        rows.append(Row(preset, name, batch, seq_len, batch * seq_len / rate, rate, mfu, mem,
+                        f"{args.rounds} rounds"))
+        print(_fmt(rows[-1]), flush=True)
+    ratio = np.median(trainer_rates) / np.median(loop_rates)
+    rows[-1].note += f"; mixgf pretrain / loop = {ratio:.3f}"
+    return rows
+
+
+def _flop_params_of(preset: str, vocab_size: int, seq_len: int) -> int:
+    model, _ = ours_step_fn(preset, vocab_size, seq_len, torch.device("cpu"), False, False)
+    return _non_embedding_params(model)
 
 
 def _fmt(r: Row, speedup: float = math.nan) -> str:

@@ -1,15 +1,58 @@
 #!/usr/bin/env bash
-# GPU benchmark run (one H100): pretraining throughput/MFU, then embedding and perturbation speed.
+# GPU benchmark run: pretraining throughput/MFU, embedding and perturbation speed ("base"), then the
+# distributed paths for real ("scale": the `mixgf pretrain` Trainer path vs the standalone loop,
+# sharded `mixgf embed` under torchrun vs one process, FSDP and DeepSpeed pretraining steps).
 # Usage on a GPU machine, from the project root, with the package importable (pip install -e . or
 # PYTHONPATH=src) and the Baron human h5ad at $BARON (default ../shared/data/baron_pancreas_human.h5ad):
-#   bash benchmarks/run_gpu.sh [OUT_DIR]
+#   bash benchmarks/run_gpu.sh [OUT_DIR] [all|base|scale]      # base ~8 min, scale ~9 min on one H100
 set -uo pipefail
 out=${1:-benchmarks/gpu_results}
+stage=${2:-all}
 mkdir -p "$out"
 baron=${BARON:-../shared/data/baron_pancreas_human.h5ad}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
-timeout 330 python3 benchmarks/pretrain.py --device cuda --quick 2>&1 | tee "$out/pretrain.txt"
-timeout 90 python3 benchmarks/embed.py --device cuda --data "$baron" --n-cells 256 --batch-size 64 2>&1 | tee "$out/embed.txt"
-timeout 90 python3 benchmarks/perturb.py --device cuda --data "$baron" --cells 4 --max-len 2048 --batch-size 128 --precision fp32,bf16 --loop-variants 64 2>&1 | tee "$out/perturb.txt"
+
+if [[ $stage == all || $stage == base ]]; then
+  timeout 330 python3 benchmarks/pretrain.py --device cuda --quick 2>&1 | tee "$out/pretrain.txt"
+  timeout 90 python3 benchmarks/embed.py --device cuda --data "$baron" --n-cells 256 --batch-size 64 2>&1 | tee "$out/embed.txt"
+  timeout 90 python3 benchmarks/perturb.py --device cuda --data "$baron" --cells 4 --max-len 2048 --batch-size 128 --precision fp32,bf16 --loop-variants 64 2>&1 | tee "$out/perturb.txt"
+fi
+
+if [[ $stage == all || $stage == scale ]]; then
+  work="$out/scale_work"
+  ngpu=$(nvidia-smi -L | wc -l)
+  world=$(( ngpu > 1 ? ngpu : 2 ))   # on a one-GPU machine two ranks share cuda:0
+  # 1. `mixgf pretrain` (run_pretraining: sampler, collator, DataLoader workers, Trainer) vs the loop,
+  #    alternating, at the loop's best H100 settings: mix-geneformer, batch 64 x 2,048, compiled blocks.
+  timeout 420 python3 benchmarks/pretrain.py --device cuda --quick --presets mix-geneformer --batch 64 \
+      --no-baseline --trainer --workers 4 --rounds 2 --workdir "$work/pretrain" 2>&1 | tee "$out/pretrain_trainer.txt"
+  # 2. Sharded embedding: one process vs torchrun, fp32 (equal to 1e-5) and bf16 autocast.
+  for precision in fp32 auto; do
+    timeout 240 python3 benchmarks/sharded_embed.py --device cuda --data "$baron" --world "$world" --n-cells 2048 \
+        --batch-size 64 --precision "$precision" --workdir "$work/embed" 2>&1 | tee -a "$out/sharded_embed.txt"
+  done
+  # 3. FSDP and DeepSpeed ZeRO-2 pretraining, 30 steps each on the Baron corpus built in step 2; GPU memory
+  #    sampled with nvidia-smi (reserved, so above the allocator's peak); tokens/s and MFU from metrics.csv.
+  for strategy in fsdp deepspeed; do
+    if [[ $strategy == deepspeed ]] && ! python3 -c "import deepspeed" 2>/dev/null; then
+      echo "deepspeed not installed (pip install 'mixgeneformer[deepspeed]'): skipped" | tee -a "$out/strategies.txt"; continue
+    fi
+    config=configs/geneformer_v2_fsdp.yaml
+    [[ $strategy == deepspeed ]] && config=configs/mix_geneformer_deepspeed.yaml
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$work/mem_$strategy.txt" &
+    sampler=$!
+    timeout 240 torchrun --nproc_per_node "$ngpu" -m mixgeneformer pretrain --config "$config" \
+        output_dir="$work/run_$strategy" "data.corpus=[$work/embed/corpus]" data.vocab="$work/embed/model/vocab.json" \
+        data.medians="$work/embed/model/medians.tsv" data.eval_fraction=0 train.max_steps=30 train.warmup_steps=3 \
+        checkpoint.save_steps=30 logging.logging_steps=5 logging.progress_bar=false logging.tensorboard=false \
+        --overwrite > "$work/log_$strategy.txt" 2>&1
+    status=$?
+    kill "$sampler"
+    {
+      echo "== $strategy ($config, $ngpu GPU(s)): exit $status; peak nvidia-smi memory.used MiB: $(sort -n "$work/mem_$strategy.txt" | tail -1)"
+      tail -n 4 "$work/run_$strategy/metrics.csv" 2>/dev/null || tail -n 20 "$work/log_$strategy.txt"
+    } | tee -a "$out/strategies.txt"
+  done
+fi

@@ -365,7 +365,7 @@ def baron_subset(path, per_class: int, classes: list[str], seed: int = 0) -> ad.
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory, shared_data):
+def tiny_bundle(tmp_path_factory, baron_data):
     """A random tiny model bundle with medians and a vocabulary built from the Baron data."""
     import torch
 
@@ -374,7 +374,7 @@ def tiny_bundle(tmp_path_factory, shared_data):
     from mixgeneformer.model import MixGeneformerForPretraining, make_config
     from mixgeneformer.vocab import build_vocabulary
 
-    human = baron_subset(shared_data / "baron_pancreas_human.h5ad", 30, ["alpha", "beta", "ductal", "acinar"])
+    human = baron_subset(baron_data / "baron_pancreas_human.h5ad", 30, ["alpha", "beta", "ductal", "acinar"])
     medians = compute_medians([human], species="human")
     vocab = build_vocabulary(gene_set="medians", medians=medians, species=("human",))
     torch.manual_seed(0)
@@ -440,10 +440,10 @@ def test_finetune_real_cells_for_a_few_steps(tiny_bundle):
 
 
 @pytest.mark.realdata
-def test_cross_species_transfer_baselines_on_orthologs(shared_data):
+def test_cross_species_transfer_baselines_on_orthologs(baron_data):
     classes_h = ["alpha", "beta", "ductal", "acinar", "t_cell"]
-    human = baron_subset(shared_data / "baron_pancreas_human.h5ad", 40, classes_h)
-    mouse = baron_subset(shared_data / "baron_pancreas_mouse.h5ad", 40, ["alpha", "beta", "ductal", "T_cell", "B_cell"])
+    human = baron_subset(baron_data / "baron_pancreas_human.h5ad", 40, classes_h)
+    mouse = baron_subset(baron_data / "baron_pancreas_mouse.h5ad", 40, ["alpha", "beta", "ductal", "T_cell", "B_cell"])
     config = C.ClassifyConfig(labels=C.LabelConfig(min_class_fraction=0))
     run = C.run_classification(mouse, test=human, methods=(), baseline_methods=("logreg_counts",), config=config)
     task = run.task

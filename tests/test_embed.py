@@ -383,7 +383,7 @@ def test_cli_embed_writes_h5ad_gene_table_and_umap(bundle, tmp_path, capsys):
 
 
 @pytest.mark.realdata
-def test_embed_anndata_on_real_baron_cells_with_symbol_gene_names(shared_data):
+def test_embed_anndata_on_real_baron_cells_with_symbol_gene_names(baron_data):
     """Real human pancreas cells (HGNC symbols as var_names) through tokenizer + tiny model."""
     import anndata as ad
 
@@ -391,7 +391,7 @@ def test_embed_anndata_on_real_baron_cells_with_symbol_gene_names(shared_data):
     from mixgeneformer.model import MixGeneformerForPretraining, make_config
     from mixgeneformer.vocab import build_vocabulary
 
-    adata = ad.read_h5ad(shared_data / "baron_pancreas_human.h5ad")[::40].copy()  # 54 cells
+    adata = ad.read_h5ad(baron_data / "baron_pancreas_human.h5ad")[::32].copy()  # 55 cells
     medians = compute_medians([adata])
     vocab = build_vocabulary("separate", "protein_coding", medians, species=("human",))
     torch.manual_seed(0)

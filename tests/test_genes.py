@@ -16,7 +16,7 @@ def test_versions_stripped_and_case_folded():
 
 
 def test_symbols_resolve_per_species_in_any_case():
-    human = genes.map_gene_ids(["INS", "gcg", "Sst", "NOTAGENE"], species="human", min_coverage=0)
+    human = genes.map_gene_ids(["INS", "gcg", "sst", "NOTAGENE"], species="human", min_coverage=0)
     mouse = genes.map_gene_ids(["Ins2", "GCG", "sst", "NOTAGENE"], species="mouse", min_coverage=0)
     assert all(x.startswith("ENSG") for x in human.ensembl_ids[:3]) and human.ensembl_ids[3] == ""
     assert all(x.startswith("ENSMUSG") for x in mouse.ensembl_ids[:3]) and mouse.ensembl_ids[3] == ""
@@ -61,11 +61,11 @@ def test_coverage_report_counts():
 
 
 @pytest.mark.realdata
-def test_baron_symbols_map_with_high_coverage(shared_data):
+def test_baron_symbols_map_with_high_coverage(baron_data):
     import anndata as ad
 
     for name, species in [("human", "human"), ("mouse", "mouse")]:
-        adata = ad.read_h5ad(shared_data / f"baron_pancreas_{name}.h5ad", backed="r")
+        adata = ad.read_h5ad(baron_data / f"baron_pancreas_{name}.h5ad", backed="r")
         mapping = genes.map_gene_ids(adata.var_names)
         assert mapping.species == species
         assert mapping.fraction_mapped > 0.9

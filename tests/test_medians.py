@@ -36,10 +36,10 @@ def test_gene_medians_tsv_round_trip_and_lookup(tmp_path):
 
 
 @pytest.mark.realdata
-def test_streamed_medians_within_bound_on_baron(shared_data):
+def test_streamed_medians_within_bound_on_baron(baron_data):
     import anndata as ad
 
-    adata = ad.read_h5ad(shared_data / "baron_pancreas_human.h5ad")
+    adata = ad.read_h5ad(baron_data / "baron_pancreas_human.h5ad")
     counts = sp.csr_matrix(adata.X)
     ids = np.asarray(adata.var_names, dtype=object)
     totals = np.asarray(counts.sum(axis=1), dtype=float).ravel()

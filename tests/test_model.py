@@ -258,7 +258,7 @@ def test_bundle_round_trip_and_plain_transformers_load(vocab, tmp_path):
     model = tiny_model(vocab, pooling="mean", cross_species_weight=0.5).eval()
     medians = GeneMedians({g: 1.0 + i for i, g in enumerate(sorted(vocab.gene_to_id))})
     folder = save_bundle(model, tmp_path / "bundle", vocab, medians)
-    assert sorted(os.listdir(folder)) == ["config.json", "medians.tsv", "mixgf.json", "model.safetensors", "vocab.json"]
+    assert sorted(os.listdir(folder)) == [".mixgf-output", "config.json", "medians.tsv", "mixgf.json", "model.safetensors", "vocab.json"]
     assert json.loads((folder / "mixgf.json").read_text())["vocab_hash"] == vocab.hash
 
     loaded, loaded_vocab, loaded_medians = load_bundle(folder)

@@ -39,6 +39,7 @@ STAGES: list[tuple[str, ...]] = [
     ("model",),
     ("bundle",),
     ("inference",),
+    ("sharding",),  # shard plan, shard files, barrier, merge of sharded embed / predict runs
     ("collator", "sampling", "checkpoints"),
     ("trainer",),  # the Trainer subclass and callbacks of pretraining
     ("pretrain", "embed", "classify", "perturb"),  # the user APIs

@@ -207,6 +207,7 @@ def load_bundle(
     path: str | os.PathLike,
     vocab: Vocabulary | str | os.PathLike | None = None,
     *,
+    medians: GeneMedians | str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[MixGeneformerForPretraining, Vocabulary, GeneMedians | None]:
@@ -221,6 +222,9 @@ def load_bundle(
         A :class:`Vocabulary` or a path to its JSON. Optional for our bundles (their
         ``vocab.json`` is used and must match when both are given); required for plain HF
         folders (e.g. ``vocab.import_geneformer(...)`` for Geneformer).
+    medians
+        A :class:`GeneMedians` or a path to its TSV, used instead of the bundle's ``medians.tsv``
+        (needed to tokenize new cells for a plain HF folder, which has none).
     device, dtype
         Where and in which dtype to put the model.
 
@@ -251,7 +255,8 @@ def load_bundle(
         if bundle_vocab is None:
             raise ArtifactError(
                 f"{folder} has no vocab.json (a plain Hugging Face folder); pass its vocabulary, e.g. for Geneformer "
-                "`vocab.import_geneformer(token_dictionary.pkl, gene_median_dictionary.pkl)` / CLI --vocab."
+                "`vocab.import_geneformer(token_dictionary.pkl, gene_median_dictionary.pkl)` / CLI --vocab VOCAB.json "
+                "(and --medians MEDIANS.tsv to tokenize new cells)."
             )
         vocab = bundle_vocab
     elif bundle_vocab is not None and bundle_vocab.hash != vocab.hash:
@@ -267,15 +272,16 @@ def load_bundle(
                 "the bundle was edited by hand. Re-save it with save_bundle."
             )
     check_vocabulary(config, vocab)
+    if medians is not None and not isinstance(medians, GeneMedians):
+        medians = GeneMedians.load(medians)
+    elif medians is None and (folder / "medians.tsv").exists():
+        medians = GeneMedians.load(check_readable_file(folder / "medians.tsv", "bundle gene medians"))
 
     state = _read_state_dict(folder)
     model = MixGeneformerForPretraining(config)
     _load_weights(model, state, folder)
     model.attach_vocabulary(vocab)
 
-    medians = None
-    if (folder / "medians.tsv").exists():
-        medians = GeneMedians.load(check_readable_file(folder / "medians.tsv", "bundle gene medians"))
     if dtype is not None:
         model = model.to(dtype=dtype)
     if device is not None:
@@ -293,22 +299,23 @@ def load_model(
 
 def load_for_inference(
     model_or_bundle_dir: str | os.PathLike | torch.nn.Module,
-    vocab: Vocabulary | None,
-    medians: GeneMedians | None,
+    vocab: Vocabulary | str | os.PathLike | None,
+    medians: GeneMedians | str | os.PathLike | None,
     tokenize_config: TokenizeConfig | None = None,
 ) -> tuple[torch.nn.Module, Vocabulary, GeneMedians | None, TokenizeConfig | None, str]:
     """(model, vocab, medians, tokenize config, name) from a bundle folder or an in-memory model.
 
-    Arguments given explicitly win; otherwise a bundle supplies its vocabulary, medians and the
-    tokenize configuration of its training corpus (None where it records none).
+    The one loader behind every model command (CLI ``--vocab`` / ``--medians``). ``vocab`` and
+    ``medians`` are objects or paths to their files; arguments given explicitly win; otherwise a
+    bundle supplies its vocabulary, medians and the tokenize configuration of its training corpus
+    (None where it records none).
     """
     if isinstance(model_or_bundle_dir, (str, os.PathLike)):
-
-        model, bundle_vocab, bundle_medians = load_bundle(model_or_bundle_dir, vocab)
+        model, bundle_vocab, bundle_medians = load_bundle(model_or_bundle_dir, vocab, medians=medians)
         return (
             model,
             bundle_vocab,
-            medians if medians is not None else bundle_medians,
+            bundle_medians,
             tokenize_config if tokenize_config is not None else bundle_tokenize_config(model_or_bundle_dir),
             str(model_or_bundle_dir),
         )
@@ -317,6 +324,10 @@ def load_for_inference(
             f"model_or_bundle_dir must be a model bundle folder or a torch model, got {type(model_or_bundle_dir).__name__}"
         )
     model = model_or_bundle_dir
+    if vocab is not None and not isinstance(vocab, Vocabulary):
+        vocab = Vocabulary.load(vocab)
+    if medians is not None and not isinstance(medians, GeneMedians):
+        medians = GeneMedians.load(medians)
     vocab = vocab if vocab is not None else getattr(model, "vocab", None)
     if vocab is None:
         raise ConfigError("an in-memory model needs its vocabulary: pass vocab= (or a bundle folder instead)")

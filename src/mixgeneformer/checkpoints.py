@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 from .errors import ArtifactError
+from .fileio import check_output
 
 logger = logging.getLogger(__name__)
 
@@ -177,3 +178,27 @@ def clean_stale(run_dir: str | os.PathLike) -> None:
     for child in run_dir.iterdir():
         if child.name.startswith(".checkpoint-") and ".old-" in child.name:
             shutil.rmtree(child, ignore_errors=True)
+
+
+def plan_run_dir(
+    run_dir: Path, resume: bool, overwrite: bool, resume_from: Path | None, inputs: list[Path | None] | tuple = ()
+) -> tuple[str, Path | None]:
+    """Decide fresh / overwrite / resume without writing anything (every rank computes the same).
+
+    ``--overwrite`` never replaces a folder holding one of the run's ``inputs`` or one that is not a
+    mixgeneformer run folder (:func:`fileio.check_output`)."""
+    if resume_from is not None:
+        return "resume", resolve_checkpoint(resume_from)
+    occupied = run_dir.exists() and any(p.name != STAGING for p in run_dir.iterdir())
+    if resume:
+        checkpoint = latest_complete_checkpoint(run_dir)
+        return ("resume", checkpoint) if checkpoint is not None else ("fresh", None)
+    if occupied:
+        if overwrite:
+            check_output(run_dir, inputs, overwrite=True, option="output_dir")
+            return "overwrite", None
+        raise ArtifactError(
+            f"run folder {run_dir} already exists. Pass --resume to continue it, --overwrite to replace it, "
+            "or choose another output_dir."
+        )
+    return "fresh", None

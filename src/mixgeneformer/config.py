@@ -165,3 +165,19 @@ def save_config(obj: Any, directory: str | os.PathLike, name: str = "config.yaml
     with atomic_file(path) as handle:
         yaml.safe_dump(to_dict(obj), handle, sort_keys=False)
     return path
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and (data or not prefix):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every setting that differs between two config dicts."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    return [(key, flat_old.get(key), flat_new.get(key)) for key in sorted(set(flat_old) | set(flat_new))
+            if flat_old.get(key) != flat_new.get(key)]

@@ -7,6 +7,7 @@ a temporary sibling and rename it into place (atomic on POSIX within one filesys
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -14,22 +15,27 @@ import os
 import pickle
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import ArtifactError
+from .errors import ArtifactError, ConfigError
 
 _LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
 
 
-def check_readable_file(path: str | os.PathLike, what: str = "file") -> Path:
-    """Return ``path`` as a Path after checking it exists, is non-empty and is no Git-LFS pointer."""
+def check_readable_file(path: str | os.PathLike, what: str = "file", *, file_only: bool = False) -> Path:
+    """Return ``path`` as a Path after checking it exists, is non-empty and is no Git-LFS pointer.
+
+    ``file_only``: a directory is an error (for options that expect one file).
+    """
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"{what} not found: {path}. Check the path (relative paths are taken from {Path.cwd()}).")
+    if file_only and path.is_dir():
+        raise ArtifactError(f"{what} {path} is a directory; a file was expected.")
     if path.is_file():
         size = path.stat().st_size
         if size == 0:
@@ -47,43 +53,289 @@ def check_readable_file(path: str | os.PathLike, what: str = "file") -> Path:
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success rename it to ``target``.
 
-    On any exception the temporary folder is removed and ``target`` is untouched.
+    On any exception the temporary folder is removed and ``target`` is untouched. The folder
+    carries :data:`OUTPUT_MARKER`; an existing ``target`` is replaced only with ``overwrite`` and
+    only when it carries that marker too (:func:`check_output`). A second process writing the same
+    ``target`` meanwhile is refused (:func:`output_lock`).
     """
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise ArtifactError(f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if target.exists():
-            trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, trash)
-            os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    check_output(target, overwrite=overwrite)
+    with output_lock(target), writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            write_output_marker(tmp)
+            yield tmp
+            if target.exists():
+                trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(target, trash)
+                os.replace(tmp, target)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 @contextlib.contextmanager
 def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator[io.IOBase]:
     """Open a temporary sibling of ``target`` for writing; rename it into place on success."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, mode) as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+# ------------------------------------------------------------------------------------------------
+# The user's files: outputs never replace inputs or files this package did not write
+
+OUTPUT_MARKER = ".mixgf-output"
+"""Written into every output folder; ``--overwrite`` replaces only folders that carry it."""
+
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "the disk is full (No space left on device)",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EACCES: "it is not writable (permission denied)",
+    errno.EPERM: "it is not writable (operation not permitted)",
+    errno.EROFS: "it is on a read-only file system",
+}
+_WRITE_TEXTS = (
+    (("no space left", "storagefull", "disk quota"), _WRITE_ERRNOS[errno.ENOSPC]),
+    (("read-only file system",), _WRITE_ERRNOS[errno.EROFS]),
+    (("permission denied",), _WRITE_ERRNOS[errno.EACCES]),
+)
+_MAGIC = {  # the start of each kind of file this package writes, by suffix
+    ".h5ad": (b"\x89HDF\r\n\x1a\n",),
+    ".parquet": (b"PAR1",),
+    ".png": (b"\x89PNG",),
+    ".pdf": (b"%PDF",),
+    ".jpg": (b"\xff\xd8",),
+    ".jpeg": (b"\xff\xd8",),
+    ".svg": (b"<?xml", b"<svg"),
+    ".svgz": (b"\x1f\x8b",),
+    ".tif": (b"II*\x00", b"MM\x00*"),
+    ".tiff": (b"II*\x00", b"MM\x00*"),
+    ".webp": (b"RIFF",),
+    ".eps": (b"%!PS",),
+    ".ps": (b"%!PS",),
+    ".tsv": (b"ensembl_id\tmedian",),
+    ".json": (b"{",),
+}
+_PICKLE_OR_HDF5 = {b"\x80": "a Python pickle", b"\x89HDF": "an HDF5 file (e.g. .h5ad)", b"PAR1": "a Parquet file"}
+
+
+def write_output_marker(folder: str | os.PathLike) -> None:
+    """Mark ``folder`` as written by this package (so ``--overwrite`` may replace it later)."""
+    from . import __version__
+
+    (Path(folder) / OUTPUT_MARKER).write_text(json.dumps({"written_by": "mixgeneformer", "version": __version__}) + "\n")
+
+
+def written_by_package(path: str | os.PathLike, markers: Iterable[str] = (), writes: str | None = None) -> bool:
+    """True for an empty folder, a folder with :data:`OUTPUT_MARKER` (or one of ``markers``) and a
+    file whose first bytes are those of the kind of file ``writes`` (a suffix such as ``".json"``;
+    default: the file's own suffix) as this package writes it."""
+    path = Path(path)
+    if path.is_dir():
+        return not any(path.iterdir()) or any((path / name).is_file() for name in (OUTPUT_MARKER, *markers))
+    kind = (writes or path.suffix).lower()
+    signatures = _MAGIC.get(kind)
+    if not path.is_file() or signatures is None:
+        return False
+    with open(path, "rb") as handle:
+        head = handle.read(32)
+    if kind == ".json":
+        return head.lstrip().startswith(b"{") and b"mixgeneformer" in _read_prefix(path, 4096)
+    return any(head.startswith(sig) for sig in signatures)
+
+
+def _read_prefix(path: Path, n: int) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(n)
+
+
+def check_output(
+    target: str | os.PathLike,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    *,
+    overwrite: bool = False,
+    option: str = "output",
+    markers: Iterable[str] = (),
+    writes: str | None = None,
+) -> Path:
+    """The rules every command applies to an output path before doing any work.
+
+    An output never replaces one of its command's ``inputs`` (the same path, or a folder holding
+    one); an existing output is refused without ``overwrite``; with it, only something this package
+    wrote is replaced (:func:`written_by_package`; ``writes``: the suffix of the kind of file the
+    command writes, e.g. ``".json"``). Returns ``target`` as a Path.
+    """
+    target = Path(target)
+    if not (target.exists() or target.is_symlink()):
+        return target
+    resolved = target.resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(item).resolve()
+        if source == resolved or resolved in source.parents:
+            holds = "is" if source == resolved else "holds"
+            raise ArtifactError(
+                f"{option} {target} {holds} the input {item}; an output never replaces an input. Choose another {option} path."
+            )
+    if not overwrite:
+        raise ArtifactError(f"{option} {target} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+    if not written_by_package(target, markers, writes):
+        kind = f"a folder without the {OUTPUT_MARKER} marker" if target.is_dir() else "not a file of the kind mixgeneformer writes"
+        raise ArtifactError(
+            f"{option} {target} exists and is {kind}: --overwrite only replaces outputs of mixgeneformer. "
+            "Delete or move it yourself, or choose another path."
+        )
+    return target
+
+
+def output_error(target: str | os.PathLike, exc: BaseException) -> ArtifactError | None:
+    """A clear error for a write that failed because the disk is full or the path is not writable
+    (None for any other exception). Also recognizes libraries that wrap the OS error in their own
+    exception type (safetensors, h5py, Arrow) by its text."""
+    code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    cause = _WRITE_ERRNOS.get(code) if code is not None else None
+    if cause is None:
+        text = str(exc).lower()
+        cause = next((c for keys, c in _WRITE_TEXTS if any(k in text for k in keys)), None)
+    if cause is None:
+        return None
+    filename = getattr(exc, "filename", None)
+    where = f" ({filename})" if filename and str(filename) != str(target) else ""
+    return ArtifactError(f"cannot write {target}{where}: {cause}. Nothing was left half-written; free space or choose a writable path.")
+
+
+@contextlib.contextmanager
+def writing(target: str | os.PathLike) -> Iterator[None]:
+    """Turn a disk-full / not-writable ``OSError`` raised inside into an :class:`ArtifactError` naming ``target``."""
     try:
-        with open(tmp, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        yield
+    except ArtifactError:
         raise
+    except OSError as exc:
+        error = output_error(target, exc)
+        if error is None:
+            raise
+        raise error from exc
+
+
+_HELD_LOCKS: dict[str, int] = {}
+
+
+def lock_path(target: str | os.PathLike) -> Path:
+    """The lock file guarding writes to ``target`` (a hidden sibling)."""
+    target = Path(target)
+    return target.parent / f".{target.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``target`` for as long as it is being written.
+
+    A second process asking for the same lock gets an :class:`ArtifactError` naming the first
+    one's pid. The lock is released when this process exits, however it ends (even ``kill -9``);
+    re-entrant within a process. Without ``fcntl`` (Windows) no lock is taken.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = lock_path(target)
+    key = str(path.resolve())
+    if key in _HELD_LOCKS:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise ArtifactError(
+                f"{Path(target)} is being written by another process (pid {owner}); wait for it to finish or "
+                f"choose another output path (lock: {path})."
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and our lock: retry
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _HELD_LOCKS[key] = fd
+    try:
+        yield
+    finally:
+        del _HELD_LOCKS[key]
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+
+
+def read_text(path: str | os.PathLike, what: str, expected: str) -> tuple[Path, str]:
+    """Read a text artifact (vocabulary JSON, median TSV), naming ``what`` and the ``expected``
+    kind of file when it is a directory, a pickle, an HDF5 file or otherwise not UTF-8 text."""
+    path = check_readable_file(path, what, file_only=True)
+    head = _read_prefix(path, 8)
+    for magic, kind in _PICKLE_OR_HDF5.items():
+        if head.startswith(magic):
+            raise ArtifactError(f"{what} {path} is {kind}, not {expected}.")
+    try:
+        return path, path.read_text()
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{what} {path} is a binary file, not {expected}.") from exc
+
+
+def check_outputs_of(
+    outputs: dict[str, tuple[str | os.PathLike | None, set[str]]], inputs: Iterable[str | os.PathLike | None], overwrite: bool
+) -> None:
+    """:func:`check_output` for each output of one command (``{option: (path or None, allowed
+    suffixes)}``): each path given ends in an allowed suffix, they are distinct files, none replaces
+    an input."""
+    inputs = list(inputs)
+    given = {option: Path(path) for option, (path, _) in outputs.items() if path is not None}
+    for option, path in given.items():
+        allowed = outputs[option][1]
+        if path.suffix.lower() not in allowed:
+            raise ConfigError(f"{option} {path} must end in one of {sorted(allowed)}")
+        check_output(path, inputs, overwrite=overwrite, option=option, writes=path.suffix.lower())
+    resolved = [p.resolve() for p in given.values()]
+    if len(set(resolved)) != len(resolved):
+        raise ConfigError(f"{', '.join(given)} must be different files")
+
+
+def read_h5ad(path: str | os.PathLike, what: str = "input h5ad", **kwargs: Any) -> Any:
+    """``anndata.read_h5ad`` with a clear error for missing, truncated or non-h5ad files."""
+    import anndata as ad
+
+    path = check_readable_file(path, what, file_only=True)
+    try:
+        return ad.read_h5ad(path, **kwargs)
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise ArtifactError(f"cannot read {what} {path} as h5ad ({exc}); is it truncated or another format?") from exc
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -95,10 +347,9 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """Read JSON with a clear error for missing, truncated or corrupt files."""
-    path = check_readable_file(path, what)
+    path, text = read_text(path, what, "a JSON file")
     try:
-        with open(path) as handle:
-            return json.load(handle)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{what} {path} is not valid JSON ({exc}); it may be truncated. Recreate it.") from exc
 
@@ -166,14 +417,16 @@ def load_restricted_pickle(path: str | os.PathLike, what: str = "pickle") -> Any
 
 
 def write_h5ad(adata: Any, out: str | os.PathLike) -> Path:
-    """Write an AnnData to ``out`` atomically (gzip; a temporary sibling, then rename)."""
+    """Write an AnnData to ``out`` atomically (gzip; a temporary sibling, then rename); a full or
+    read-only disk raises :class:`ArtifactError` (:func:`writing`)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}.h5ad"
-    try:
-        adata.write_h5ad(tmp, compression="gzip")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}.h5ad"
+        try:
+            adata.write_h5ad(tmp, compression="gzip")
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Literal
@@ -102,13 +102,20 @@ class GeneMapping:
     id_type
         ``"ensembl"`` or ``"symbol"``: what the input held.
     unmapped
-        The input identifiers that could not be resolved.
+        The input identifiers that could not be resolved (the first 50).
+    n_vocabulary_only
+        Ensembl IDs kept because the vocabulary holds them although the shipped GENCODE table
+        does not (retired or renamed IDs of older annotations, e.g. Geneformer's).
+    vocabulary_checked
+        Whether a vocabulary's IDs were consulted (``map_gene_ids(vocabulary_ids=...)``).
     """
 
     ensembl_ids: np.ndarray
     species: Species
     id_type: Literal["ensembl", "symbol"]
     unmapped: list[str] = field(default_factory=list)
+    n_vocabulary_only: int = 0
+    vocabulary_checked: bool = False
 
     @property
     def n_input(self) -> int:
@@ -129,8 +136,13 @@ class GeneMapping:
             total = float(np.sum(counts_per_column))
             mapped = float(np.sum(np.asarray(counts_per_column)[self.ensembl_ids != ""]))
             text += f", {mapped / total:.1%} of counts" if total > 0 else ""
-        if self.unmapped:
-            text += f"; unmapped e.g. {', '.join(self.unmapped[:5])}"
+        if self.n_vocabulary_only:
+            text += f"; {self.n_vocabulary_only:,} of them only through the vocabulary (absent from the shipped GENCODE table)"
+        n_unmapped = self.n_input - self.n_mapped
+        if n_unmapped:
+            where = "in neither the shipped gene table nor the vocabulary" if self.vocabulary_checked else "not in the shipped gene table"
+            text += f"; {n_unmapped:,} unmapped ({where}"
+            text += f", e.g. {', '.join(self.unmapped[:5])})" if self.unmapped else ")"
         return text
 
 
@@ -181,6 +193,7 @@ def map_gene_ids(
     species: Species | Literal["auto"] = "auto",
     allow_mixed: bool = False,
     min_coverage: float = 0.5,
+    vocabulary_ids: Collection[str] | None = None,
 ) -> GeneMapping:
     """Resolve gene identifiers (Ensembl IDs with/without versions, or symbols) to Ensembl IDs.
 
@@ -195,6 +208,10 @@ def map_gene_ids(
         always resolved in one species.
     min_coverage
         Fraction of identifiers that must resolve; below it a :class:`GeneIdError` suggests the cause.
+    vocabulary_ids
+        Ensembl IDs of the vocabulary in use (e.g. ``Vocabulary.gene_to_id``): an ID listed there
+        maps to itself even when the shipped GENCODE table lacks it (Geneformer's V1 vocabulary
+        holds 3,395 such IDs). Counted in :attr:`GeneMapping.n_vocabulary_only`.
 
     Returns
     -------
@@ -217,12 +234,28 @@ def map_gene_ids(
     if species == "auto" or is_ensembl:  # Ensembl IDs are always checked for mixed species
         detected = detect_species(ids, allow_mixed=allow_mixed)
         species = detected if species == "auto" else species
-    mapping = _map_ensembl(ids, kinds, species, allow_mixed) if is_ensembl else _map_symbols(ids, species)
+    extra = frozenset() if vocabulary_ids is None else frozenset(str(g).upper() for g in vocabulary_ids)
+    if is_ensembl:
+        mapping = _map_ensembl(ids, kinds, species, allow_mixed, extra)
+    else:
+        mapping = _map_symbols(ids, species, extra, allow_mixed)
+    mapping.vocabulary_checked = vocabulary_ids is not None
     _check_coverage(mapping, min_coverage)
     return mapping
 
 
-def _map_ensembl(ids: np.ndarray, kinds: np.ndarray, species: Species, allow_mixed: bool) -> GeneMapping:
+def _vocabulary_only(stripped: pd.Series, kinds: np.ndarray, species: Species, allow_mixed: bool, extra: frozenset[str]) -> np.ndarray:
+    """IDs the vocabulary holds but the shipped tables lack (never one of the other species, unless mixed)."""
+    if not extra:
+        return np.zeros(len(stripped), dtype=bool)
+    in_vocab = stripped.isin(extra).to_numpy()
+    foreign = np.zeros(len(stripped), dtype=bool) if allow_mixed else (kinds != species) & (kinds != "")
+    return in_vocab & ~foreign & ~stripped.isin(_id_set("human") | _id_set("mouse")).to_numpy()
+
+
+def _map_ensembl(
+    ids: np.ndarray, kinds: np.ndarray, species: Species, allow_mixed: bool, extra: frozenset[str] = frozenset()
+) -> GeneMapping:
     wrong = (kinds != species) & (kinds != "")
     if wrong.any() and not allow_mixed:
         other = pd.Series(kinds[wrong]).value_counts().index[0]
@@ -236,21 +269,74 @@ def _map_ensembl(ids: np.ndarray, kinds: np.ndarray, species: Species, allow_mix
     keep = pd.Series(stripped).isin(known).to_numpy()
     if not allow_mixed:
         keep &= kinds == species
+    vocabulary_only = _vocabulary_only(pd.Series(stripped), kinds, species, allow_mixed, extra)
+    keep |= vocabulary_only
     ensembl = np.where(keep, stripped, "").astype(object)
-    return GeneMapping(ensembl, species, "ensembl", [str(x) for x in ids[~keep][:50]])
+    return GeneMapping(ensembl, species, "ensembl", [str(x) for x in ids[~keep][:50]], int(vocabulary_only.sum()))
 
 
-def _map_symbols(ids: np.ndarray, species: Species) -> GeneMapping:
+#: Above this fraction of a file's symbols being exact symbols of the other species only, the file
+#: is refused as mixed (below it, those columns are left unmapped with a warning).
+MIXED_SYMBOL_FRACTION = 0.05
+
+
+def _map_symbols(ids: np.ndarray, species: Species, extra: frozenset[str] = frozenset(), allow_mixed: bool = False) -> GeneMapping:
     symbols = pd.Series(ids, dtype=str)
     exact = symbols.map(_symbol_index(species, True))
+    # Case-folding never crosses species: a symbol spelled exactly as the other species writes it
+    # (mouse "Gcg" in a human file) is not folded onto this species' gene (human "GCG"). Human
+    # symbols are upper-case, so a human spelling in a mouse file counts only where the file keeps
+    # mouse case conventions (most symbols mixed-case); an upper-cased mouse file folds as before.
+    other = "mouse" if species == "human" else "human"
+    foreign = exact.isna() & symbols.isin(_symbol_index(other, True).index)
+    has_lower = symbols.str.contains("[a-z]", regex=True)
+    if species == "human":
+        foreign &= has_lower
+    elif (has_lower & symbols.str.contains("[A-Z]", regex=True)).mean() <= 0.5:
+        foreign &= False
     loose = symbols.str.upper().map(_symbol_index(species, False))
-    resolved = exact.fillna(loose).fillna("")
+    _check_foreign_symbols(ids, species, other, int(exact.notna().sum()), foreign.to_numpy(), (foreign & loose.notna()).to_numpy(), allow_mixed)
+    resolved = exact.fillna(loose.where(~foreign)).fillna("")
     # A column may also hold a bare Ensembl ID among symbols (10x does this for unnamed genes).
     stripped = pd.Series(strip_versions(ids))
-    is_id = stripped.isin(_id_set(species))
+    vocabulary_only = _vocabulary_only(stripped, ensembl_species(ids), species, False, extra)
+    is_id = stripped.isin(_id_set(species)).to_numpy() | vocabulary_only
     resolved = resolved.where(~is_id, stripped).to_numpy(dtype=object)
     unmapped = [str(x) for x in ids[resolved == ""][:50]]
-    return GeneMapping(resolved, species, "symbol", unmapped)
+    return GeneMapping(resolved, species, "symbol", unmapped, int(vocabulary_only.sum()))
+
+
+def _check_foreign_symbols(
+    ids: np.ndarray, species: Species, other: Species, n_exact: int, foreign: np.ndarray, unfolded: np.ndarray,
+    allow_mixed: bool,
+) -> None:
+    """Refuse symbols of the other species (wrong ``species``, or a mixed file); warn about a few.
+
+    ``foreign``: spelled exactly as the other species' symbols (and not as this species'); among
+    them ``unfolded``: those that case-folding would have merged into a gene of this species.
+    """
+    n_foreign = int(foreign.sum())
+    if n_foreign == 0:
+        return
+    examples = ", ".join(map(str, ids[foreign][:5]))
+    if n_foreign > n_exact:
+        raise GeneIdError(
+            f"species={species!r} but {n_foreign:,} of {len(ids):,} gene symbols are spelled as {other} symbols "
+            f"(e.g. {examples}) and only {n_exact:,} as {species} ones. Pass species='{other}' (CLI: --species "
+            f"{other}) or 'auto'; symbols are never case-folded across species."
+        )
+    if n_foreign > MIXED_SYMBOL_FRACTION * len(ids) and not allow_mixed:
+        raise GeneIdError(
+            f"{n_foreign:,} of {len(ids):,} gene symbols ({n_foreign / len(ids):.1%}) of this {species} file are spelled "
+            f"as {other} symbols (e.g. {examples}): the file mixes species. Split it by species, or pass "
+            "allow_mixed=True (CLI: --allow-mixed-species) to leave those columns unmapped."
+        )
+    if unfolded.any():
+        logger.warning(
+            "%s gene symbols: %d of %d columns are spelled as %s symbols (e.g. %s) and are left unmapped, not folded "
+            "onto %s genes; if they are %s genes, split the file by species",
+            species, int(unfolded.sum()), len(ids), other, ", ".join(map(str, ids[unfolded][:5])), species, other,
+        )
 
 
 def _check_coverage(mapping: GeneMapping, min_coverage: float) -> None:

@@ -29,12 +29,13 @@ hash that corpora and models record.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,10 +47,11 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from .errors import ArtifactError, InputDataError
-from .fileio import atomic_file, check_readable_file, content_hash
-from .parallel import plan_ranges, worker_context
+from .fileio import atomic_file, check_readable_file, content_hash, read_text
+from .parallel import plan_ranges, worker_pool
 from .readers import (
     ReadOptions,
+    check_distinct_inputs,
     filter_pass_rows,
     normalization_totals,
     remap_columns,
@@ -130,8 +132,8 @@ class GeneMedians:
     @classmethod
     def load(cls, path: str | os.PathLike) -> GeneMedians:
         """Read a TSV written by :meth:`save` (clear errors for missing / truncated / wrong files)."""
-        path = check_readable_file(path, "gene median table")
-        with open(path) as handle:
+        path, text = read_text(path, "gene median table", "a gene median TSV (written by `mixgf medians`)")
+        with io.StringIO(text) as handle:
             header = handle.readline().rstrip("\n")
             if header != _TSV_HEADER:
                 raise ArtifactError(
@@ -139,6 +141,7 @@ class GeneMedians:
                     f"{header[:80]!r}. Create it with `mixgf medians` or GeneMedians.save()."
                 )
             values: dict[str, float] = {}
+            first_line: dict[str, int] = {}
             for lineno, line in enumerate(handle, start=2):
                 line = line.rstrip("\n")
                 if not line:
@@ -149,6 +152,12 @@ class GeneMedians:
                         f"gene median table {path}, line {lineno}: expected 2 tab-separated fields, "
                         f"got {len(parts)} ({line[:80]!r}); the file may be truncated or corrupt."
                     )
+                if parts[0] in first_line:
+                    raise ArtifactError(
+                        f"gene median table {path} lists gene {parts[0]} twice (lines {first_line[parts[0]]} and {lineno}); "
+                        "a gene has one median. Remove the repeated line, or recompute the table with `mixgf medians`."
+                    )
+                first_line[parts[0]] = lineno
                 try:
                     values[parts[0]] = float(parts[1])
                 except ValueError as exc:
@@ -432,11 +441,15 @@ def _input_name(item: Any) -> str:
     return str(item) if isinstance(item, (str, os.PathLike)) else f"AnnData[{getattr(item, 'n_obs', '?')} cells]"
 
 
-def _accumulate_range(item: Any, start: int, stop: int | None, genes: np.ndarray | None, options: ReadOptions, bins_per_decade: int) -> tuple[MedianAccumulator, int, int, str, str]:
+def _accumulate_range(
+    item: Any, start: int, stop: int | None, genes: np.ndarray | None, options: ReadOptions, bins_per_decade: int,
+    vocabulary_ids: frozenset[str] | None = None,
+) -> tuple[MedianAccumulator, int, int, str, str]:
     """Median histograms of cells [start, stop) of one input (runs in a worker process)."""
     accumulator = MedianAccumulator(genes=genes, bins_per_decade=bins_per_decade)
     with options.open(item) as source:
-        mapping = options.map_genes(source)
+        known = vocabulary_ids if genes is None else genes
+        mapping = options.map_genes(source, known)
         ensembl = mapping.ensembl_ids
         kept = (accumulator._slots(ensembl) >= 0) if genes is not None else ensembl != ""
         extra = [c for c in ("n_counts", "filter_pass") if c in source.obs_columns]
@@ -469,6 +482,7 @@ def accumulate_medians(
     bins_per_decade: int = 200,
     workers: int = 1,
     progress: bool = False,
+    vocabulary_ids: Iterable[str] | None = None,
     **read_options: Any,
 ) -> tuple[list[MedianAccumulator], MedianRunStats]:
     """One :class:`MedianAccumulator` per input, streaming every input in chunks.
@@ -481,6 +495,8 @@ def accumulate_medians(
         raise InputDataError(f"totals must be 'all' or 'kept', got {options.totals!r}.")
     if not inputs:
         raise InputDataError("no inputs given: pass at least one .h5ad / .loom / 10x / SOMA path or AnnData.")
+    check_distinct_inputs(inputs)
+    known = None if vocabulary_ids is None else frozenset(vocabulary_ids)
     gene_array = None if genes is None else np.asarray(list(genes), dtype=object)
     started = time.perf_counter()
     tasks: list[tuple[int, Any, int, int | None]] = []
@@ -512,15 +528,15 @@ def accumulate_medians(
         if workers > 1 and len(tasks) > 1:
             local = [t for t in tasks if not isinstance(t[1], (str, os.PathLike))]
             remote = [t for t in tasks if isinstance(t[1], (str, os.PathLike))]
-            with ProcessPoolExecutor(max_workers=workers, mp_context=worker_context()) as pool:
-                futures = {pool.submit(_accumulate_range, t[1], t[2], t[3], gene_array, options, bins_per_decade): t[0] for t in remote}
+            with worker_pool(workers) as pool:
+                futures = {pool.submit(_accumulate_range, t[1], t[2], t[3], gene_array, options, bins_per_decade, known): t[0] for t in remote}
                 for i, item, lo, hi in local:
-                    collect(i, _accumulate_range(item, lo, hi, gene_array, options, bins_per_decade))
+                    collect(i, _accumulate_range(item, lo, hi, gene_array, options, bins_per_decade, known))
                 for future in as_completed(futures):
                     collect(futures[future], future.result())
         else:
             for i, item, lo, hi in tasks:
-                collect(i, _accumulate_range(item, lo, hi, gene_array, options, bins_per_decade))
+                collect(i, _accumulate_range(item, lo, hi, gene_array, options, bins_per_decade, known))
     finally:
         bar.close()
     accumulators = list(merged)
@@ -557,7 +573,9 @@ def compute_medians(
         ``genes`` (restrict to these Ensembl IDs), ``bins_per_decade``, ``progress``, and any
         ReadOptions field as a keyword overriding ``read`` (``layer``, ``gene_column``, ``species``,
         ``totals`` ("all" | "kept"), ``min_coverage``, ``allow_mixed_species``, ``allow_fractional``,
-        ``measurement``, ``chunk_size``).
+        ``measurement``, ``chunk_size``),
+        ``vocabulary_ids`` (Ensembl IDs kept even where the shipped gene table lacks them; ``genes``
+        implies them).
 
     Returns
     -------

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import psutil
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
@@ -22,3 +28,34 @@ def plan_ranges(n_cells: int, workers: int, chunk_size: int, max_task_cells: int
     per_task = max(chunk_size, min(max_task_cells, -(-n_cells // max(workers, 1))))
     per_task = -(-per_task // chunk_size) * chunk_size
     return [(lo, min(lo + per_task, n_cells)) for lo in range(0, n_cells, per_task)]
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool whose workers end when the process that started it dies, however it dies.
+
+    A parent killed with SIGKILL (a scheduler, the OOM killer) runs no cleanup: without the watch,
+    its workers would wait for tasks forever and keep the forkserver alive with them.
+    """
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=worker_context(), initializer=exit_with_parent, initargs=(os.getpid(),)
+    )
+
+
+def exit_with_parent(parent_pid: int, interval: float = 0.5) -> None:
+    """Worker initializer: a daemon thread ends this process once ``parent_pid`` is gone (or a zombie)."""
+    try:
+        parent = psutil.Process(parent_pid)
+    except psutil.NoSuchProcess:
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                alive = parent.is_running() and parent.status() != psutil.STATUS_ZOMBIE  # is_running: pid not reused
+            except psutil.Error:
+                alive = False
+            if not alive:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="mixgf-parent-watch", daemon=True).start()

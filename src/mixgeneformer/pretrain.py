@@ -34,24 +34,29 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from transformers import TrainingArguments
+import yaml
 
 from . import checkpoints as ckpt
 from . import model as model_module
 from .bundle import TOKENIZE_CONFIG_NAME, save_bundle
 from .collator import PretrainingCollator
-from .config import from_dict, load_config, save_config
+from .config import changed_settings, from_dict, load_config, save_config, to_dict
 from .corpus import check_corpora, corpus_lengths, corpus_species_codes, open_corpus
-from .errors import ArtifactError, ConfigError, MixGeneformerError
-from .fileio import write_json
+from .errors import ArtifactError, ConfigError, MixGeneformerError, VocabularyMismatchError
+from .fileio import write_json, write_output_marker
 from .medians import GeneMedians
 from .trainer import (
     MixGeneformerTrainer,
     SeededMaskingCollator,
+    SignalFlag,
+    StopRequested,
+    TrainingInterrupted,
     _make_callbacks,
+    compile_encoder_blocks,
     environment_record,
     read_metrics,
     resolve_precision,
+    training_arguments,
     training_flops,
     trim_metrics,
 )
@@ -100,11 +105,12 @@ class TrainOptions:
     per_device_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     epochs: float = 10.0
-    max_steps: int = -1  # > 0 overrides epochs
+    max_steps: int = -1  # -1: train for `epochs`; > 0: this many optimizer steps (overrides epochs)
     max_grad_norm: float = 1.0
     seed: int = 42
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported, else fp32
     torch_compile: bool = False
+    compile_blocks: bool = False  # torch.compile each encoder block in place (the benchmark loop's setting)
 
 
 @dataclass
@@ -186,6 +192,11 @@ class PretrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {value}.")
         if self.train.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.train.learning_rate}.")
+        if self.train.max_steps == 0 or self.train.max_steps < -1:
+            raise ConfigError(
+                f"train.max_steps={self.train.max_steps} would train no step; use a positive number of optimizer "
+                "steps, or -1 to train for train.epochs."
+            )
         if self.train.max_steps <= 0 and self.train.epochs <= 0:
             raise ConfigError("set train.epochs > 0 or train.max_steps > 0.")
         if self.train.weight_decay < 0 or self.train.max_grad_norm < 0:
@@ -194,6 +205,8 @@ class PretrainConfig:
             raise ConfigError(
                 "distributed.strategy=deepspeed needs distributed.deepspeed_config (e.g. configs/deepspeed_zero2.json)."
             )
+        if self.train.torch_compile and self.train.compile_blocks:
+            raise ConfigError("train.torch_compile (whole model) and train.compile_blocks (each encoder block): choose one.")
         if self.logging.peak_tflops is not None and self.logging.peak_tflops <= 0:
             raise ConfigError(f"logging.peak_tflops must be > 0, got {self.logging.peak_tflops}.")
         check_model_options(self.model.preset, {"model.overrides": self.model.overrides, "objective": self.objective})
@@ -286,14 +299,6 @@ def build_model(config: PretrainConfig, vocab: Any):
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
-class TrainingInterrupted(MixGeneformerError):
-    """Training stopped on SIGTERM / SIGINT after saving a checkpoint; resume with ``--resume``."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
-
-
 @dataclass
 class PretrainResult:
     """What a finished run produced."""
@@ -310,25 +315,50 @@ def _distributed_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _plan_run_dir(run_dir: Path, resume: bool, overwrite: bool, resume_from: Path | None) -> tuple[str, Path | None]:
-    """Decide fresh / overwrite / resume without writing anything (every rank computes the same)."""
-    if resume_from is not None:
-        return "resume", ckpt.resolve_checkpoint(resume_from)
-    occupied = run_dir.exists() and any(p.name != ckpt.STAGING for p in run_dir.iterdir())
-    if resume:
-        checkpoint = ckpt.latest_complete_checkpoint(run_dir)
-        return ("resume", checkpoint) if checkpoint is not None else ("fresh", None)
-    if occupied:
-        if overwrite:
-            return "overwrite", None
-        raise ArtifactError(
-            f"run folder {run_dir} already exists. Pass --resume to continue it, --overwrite to replace it, "
-            "or choose another output_dir."
+#: Settings a resumed run may change (prefixes end in "."): how long to train, where and how often
+#: to write. Every other setting shapes the model, the optimizer, the learning-rate schedule or the
+#: data order that the checkpoint was made with.
+RESUME_MAY_CHANGE = (
+    "output_dir", "train.max_steps", "train.epochs", "checkpoint.", "logging.", "data.workers", "distributed.timeout_s",
+)
+
+
+def check_resume_config(config: PretrainConfig, checkpoint: Path, vocab: Any) -> list[str]:
+    """Compare a resumed run's settings with those its checkpoint was saved with.
+
+    Returns the changes that are allowed on resume (:data:`RESUME_MAY_CHANGE`, e.g. a larger
+    ``train.max_steps``), one line each; every other difference is a :class:`ConfigError`, since
+    the checkpoint's weights, optimizer and schedule were made with the old values and the run
+    folder's ``config.yaml`` must record the settings really in effect.
+    """
+    saved_vocab = checkpoint / "vocab.json"
+    if saved_vocab.is_file() and Vocabulary.load(saved_vocab).hash != vocab.hash:
+        raise VocabularyMismatchError(
+            f"data.vocab ({config.data.vocab}) is not the vocabulary {checkpoint.name} was trained with "
+            f"({saved_vocab}); resume with that vocabulary, or start a new run."
         )
-    return "fresh", None
+    saved_config = checkpoint / "config.yaml"
+    if not saved_config.is_file():
+        logger.warning("%s records no config.yaml; the resumed settings cannot be compared with it", checkpoint)
+        return []
+    try:
+        previous = to_dict(from_dict(PretrainConfig, yaml.safe_load(saved_config.read_text()) or {}, str(saved_config)))
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise ArtifactError(f"{saved_config} cannot be read as a pretraining config ({exc}); resume from another checkpoint.") from exc
+    changed = changed_settings(previous, to_dict(config))
+    lines = [f"{key}: {old!r} -> {new!r}" for key, old, new in changed]
+    allowed = [key.startswith(RESUME_MAY_CHANGE) for key, _, _ in changed]
+    refused = [line for line, ok in zip(lines, allowed, strict=True) if not ok]
+    if refused:
+        raise ConfigError(
+            f"cannot resume from {checkpoint} with changed settings ({'; '.join(refused)}): the checkpoint's weights, "
+            f"optimizer and learning-rate schedule were made with the values in {saved_config}. Restore them, or start "
+            "a new run (another output_dir, or --overwrite). On resume only these may change: "
+            f"{', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RESUME_MAY_CHANGE)}."
+        )
+    return [line for line, ok in zip(lines, allowed, strict=True) if ok]
 
 
-# long: the run in order (folder, corpus, model, Trainer, train, interrupt, bundle); each step uses the previous ones' locals.
 def run_pretraining(
     config: PretrainConfig,
     resume: bool = False,
@@ -355,9 +385,20 @@ def run_pretraining(
         Before any training step, for bad options, missing or damaged files, or a corpus built with
         another vocabulary.
     TrainingInterrupted
-        After SIGTERM / SIGINT, once the checkpoint is saved.
+        After SIGTERM / SIGINT, once the checkpoint is saved (a signal during setup stops at once).
     """
+    signals = SignalFlag()
+    signals.install()  # before any data is read: a signal at any moment is handled
+    try:
+        return _run_pretraining(config, resume, overwrite, resume_from, signals)
+    finally:
+        signals.uninstall()
 
+
+# long: the run in order (folder, corpus, model, Trainer, train, interrupt, bundle); each step uses the previous ones' locals.
+def _run_pretraining(
+    config: PretrainConfig, resume: bool, overwrite: bool, resume_from: str | os.PathLike | None, signals: SignalFlag
+) -> PretrainResult:
     config.validate()
     run_dir = Path(config.output_dir).resolve()  # type: ignore[arg-type]
     rank, world_size = _distributed_env()
@@ -369,10 +410,16 @@ def run_pretraining(
     check_corpora(list(config.data.corpus), vocab)
     if config.distributed.deepspeed_config is not None and not Path(config.distributed.deepspeed_config).is_file():
         raise ArtifactError(f"distributed.deepspeed_config not found: {config.distributed.deepspeed_config}.")
-    mode, checkpoint = _plan_run_dir(run_dir, resume, overwrite, Path(resume_from) if resume_from else None)
+    inputs = [*config.data.corpus, config.data.vocab, config.data.medians, config.distributed.deepspeed_config]
+    mode, checkpoint = ckpt.plan_run_dir(run_dir, resume, overwrite, Path(resume_from) if resume_from else None, inputs)
+    if checkpoint is not None:
+        for change in check_resume_config(config, checkpoint, vocab):
+            logger.warning("resuming from %s with a changed setting, now in effect: %s", checkpoint.name, change)
     precision = resolve_precision(config.train.precision)
     torch.manual_seed(config.train.seed)
     model = build_model(config, vocab)
+    if config.train.compile_blocks:
+        compile_encoder_blocks(model)
 
     # 2. The corpus, memory-mapped.
     dataset = open_corpus(list(config.data.corpus), config.data.max_cells)
@@ -396,12 +443,13 @@ def run_pretraining(
         eval_set = eval_set.select_columns(keep).with_format("numpy")
 
     # 3. Trainer.
-    args = _training_arguments(config, run_dir, precision, eval_set is not None)
+    args = training_arguments(config, run_dir, precision, eval_set is not None)
     is_main = rank == 0
     if mode == "overwrite" and is_main:
         shutil.rmtree(run_dir)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        write_output_marker(run_dir)
         ckpt.clean_stale(run_dir)
         # metrics.csv continues from the checkpoint: rows logged after it (before a crash) are dropped.
         trim_metrics(run_dir / "metrics.csv", ckpt.checkpoint_step(checkpoint) if checkpoint else 0)
@@ -411,7 +459,7 @@ def run_pretraining(
         save_config(config, run_dir)
         write_json(run_dir / "environment.json", environment)
     collator = SeededMaskingCollator(make_mlm_collator(vocab, config.data, truncate_to), seed=config.train.seed)
-    callbacks, stopper = _make_callbacks(run_dir, is_main, config.logging.tensorboard)
+    callbacks, stopper = _make_callbacks(run_dir, is_main, config.logging.tensorboard, signals)
     trainer_cls = MixGeneformerTrainer
     trainer = trainer_cls(
         model=model,
@@ -438,9 +486,12 @@ def run_pretraining(
     trainer.accelerator.wait_for_everyone()
 
     # 4. Train.
-    stopper.install()
+    stopper.trainer = trainer
+    signals.training = True
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except StopRequested:
+        output = None
     except Exception as exc:
         # torch.load(weights_only=True) refused a pickle that is not plain tensor data.
         if type(exc).__name__ != "UnpicklingError":
@@ -450,7 +501,7 @@ def run_pretraining(
             "unexecuted (torch.load weights_only=True). Delete that checkpoint or resume from another."
         ) from exc
     finally:
-        stopper.uninstall()
+        signals.training = False
     if stopper.received is not None:
         raise TrainingInterrupted(
             f"training stopped by signal {stopper.received} at step {trainer.state.global_step}; "
@@ -470,57 +521,6 @@ def run_pretraining(
         final_loss=float(output.training_loss) if output.training_loss is not None else None,
         metrics_csv=run_dir / "metrics.csv",
     )
-
-
-def _training_arguments(config: PretrainConfig, run_dir: Path, precision: str, has_eval: bool):
-
-    train, dist, log = config.train, config.distributed, config.logging
-    cuda = torch.cuda.is_available()
-    kwargs: dict[str, Any] = {
-        "output_dir": str(run_dir),
-        "per_device_train_batch_size": train.per_device_batch_size,
-        "per_device_eval_batch_size": train.per_device_batch_size,
-        "gradient_accumulation_steps": train.gradient_accumulation_steps,
-        "learning_rate": train.learning_rate,
-        "lr_scheduler_type": train.schedule,
-        "warmup_steps": train.warmup_steps,
-        "weight_decay": train.weight_decay,
-        "num_train_epochs": train.epochs,
-        "max_steps": train.max_steps,
-        "max_grad_norm": train.max_grad_norm,
-        "seed": train.seed,
-        "bf16": precision == "bf16",
-        "fp16": precision == "fp16",
-        "tf32": bool(cuda),
-        "optim": "adamw_torch_fused" if cuda else "adamw_torch",
-        "torch_compile": train.torch_compile,
-        "logging_steps": log.logging_steps,
-        "logging_first_step": True,
-        "disable_tqdm": not log.progress_bar,
-        "report_to": "none",
-        "save_strategy": "steps",
-        "save_steps": config.checkpoint.save_steps,
-        "save_total_limit": None,
-        "eval_strategy": "steps" if has_eval else "no",
-        "eval_steps": (log.eval_steps or config.checkpoint.save_steps) if has_eval else None,
-        "dataloader_num_workers": config.data.workers,
-        "dataloader_drop_last": True,
-        "dataloader_pin_memory": bool(cuda),
-        "remove_unused_columns": False,
-        "prediction_loss_only": True,
-        "ddp_timeout": dist.timeout_s,
-        "ddp_find_unused_parameters": False,
-        "use_cpu": not cuda,
-    }
-    if dist.strategy == "deepspeed":
-        kwargs["deepspeed"] = str(dist.deepspeed_config)
-    elif dist.strategy == "fsdp":
-        kwargs["fsdp"] = dist.fsdp
-        kwargs["fsdp_config"] = {"transformer_layer_cls_to_wrap": [dist.fsdp_wrap_layer]}
-    try:
-        return TrainingArguments(**kwargs)
-    except (ValueError, ImportError) as exc:
-        raise ConfigError(f"the training options are inconsistent: {exc}") from exc
 
 
 def _save_final_bundle(trainer, bundle_dir: Path, vocab: Any, medians_path: Path | None) -> None:
@@ -560,6 +560,8 @@ __all__ = [
     "TrainOptions",
     "TrainingInterrupted",
     "build_model",
+    "check_resume_config",
+    "compile_encoder_blocks",
     "load_pretrain_config",
     "pretrain_config_from_dict",
     "read_metrics",

@@ -29,8 +29,8 @@ from transformers.integrations import TensorBoardCallback
 from . import __version__
 from . import checkpoints as ckpt
 from .config import save_config
-from .errors import ConfigError
-from .fileio import atomic_file, write_json
+from .errors import ConfigError, MixGeneformerError
+from .fileio import atomic_file, output_error, write_json
 from .sampling import PretrainSampler, batch_seed
 
 logger = logging.getLogger(__name__)
@@ -291,9 +291,12 @@ class MixGeneformerTrainer(Trainer):
                 (staged / "training_args.bin").unlink(missing_ok=True)
                 self._write_extras(staged)
                 _maybe_fail_in_save(step)
-        except BaseException:
+        except BaseException as exc:
             if self.args.should_save:
-                shutil.rmtree(staged, ignore_errors=True)
+                shutil.rmtree(ckpt.staging_dir(run_dir), ignore_errors=True)
+            error = output_error(run_dir / staged.name, exc)
+            if error is not None:
+                raise error from exc
             raise
         finally:
             self._staging = False
@@ -318,6 +321,15 @@ class MixGeneformerTrainer(Trainer):
             shutil.copyfile(extras["medians_path"], folder / "medians.tsv")
         write_json(folder / "environment.json", extras["environment"])
 
+
+
+def compile_encoder_blocks(model: torch.nn.Module, **options: Any) -> None:
+    """``torch.compile`` every encoder block in place (``nn.Module.compile``: parameter names and
+    checkpoints unchanged; the masked-position MLM head and the losses stay eager). Shapes vary
+    with dynamic padding: after the first recompilation the length dimension is treated as dynamic.
+    ``options`` go to ``torch.compile`` (e.g. ``backend``)."""
+    for layer in model.bert.encoder.layer:
+        layer.compile(**options)
 
 
 def _maybe_fail_in_save(step: int) -> None:
@@ -347,12 +359,32 @@ class MetricsCSV(TrainerCallback):
                 writer.writeheader()
             writer.writerow(row)
 
-class StopOnSignal(TrainerCallback):
-    """SIGTERM / SIGINT: finish the current step, save a checkpoint, stop (then exit non-zero)."""
+class TrainingInterrupted(MixGeneformerError):
+    """Training stopped on SIGTERM / SIGINT after saving a checkpoint; resume with ``--resume``."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopRequested(Exception):
+    """Raised out of the Trainer's loop once the checkpoint for a stop signal is saved."""
+
+
+class SignalFlag:
+    """SIGTERM / SIGINT handler for a whole run, installed before any data is read.
+
+    While the run is being set up (``training`` False) a signal stops it at once (nothing is saved
+    yet); once training runs it only sets ``received``, which :class:`StopOnSignal` acts on at the
+    next point of the loop. A second signal stops at once. A process forked from this one
+    (DataLoader workers) gets the default action, so it ends as usual.
+    """
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.training = False
         self.previous: dict[int, Any] = {}
+        self.pid = os.getpid()
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -367,11 +399,59 @@ class StopOnSignal(TrainerCallback):
         self.previous = {}
 
     def _handle(self, signum, frame):
-        if self.received is not None:  # a second signal: stop right away
-            self.uninstall()
-            raise KeyboardInterrupt
+        if os.getpid() != self.pid:  # a forked worker: behave as if no handler were installed
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        first = self.received is None
         self.received = signum
-        logger.warning("received signal %s: saving a checkpoint after this step, then stopping", signum)
+        if not self.training or not first:  # outside the training loop, or a second signal: stop right away
+            self.uninstall()
+            raise TrainingInterrupted(
+                f"stopped by signal {signum} {'outside a training step' if first else '(a second one)'}; nothing "
+                "new was saved. Continue with --resume.", signum,
+            )
+        logger.warning("received signal %s: saving a checkpoint now, then stopping", signum)
+
+
+class StopOnSignal(TrainerCallback):
+    """Act on a :class:`SignalFlag` at the first point of the loop after the signal: save a
+    checkpoint of the current step (unless one exists), stop, then exit non-zero.
+
+    One process: checked before each step (the signal came during data loading or after the
+    previous step's save), after each step, after logging and evaluation (the checkpoint is
+    saved right after) and after a save. Several ranks: checked at the end of every
+    ``SIGNAL_SYNC_STEPS``-th step, where the ranks agree with one collective.
+    """
+
+    def __init__(self, signals: SignalFlag) -> None:
+        self.signals = signals
+        self.trainer: Any = None  # set once the Trainer exists
+
+    @property
+    def received(self) -> int | None:
+        return self.signals.received
+
+    def _now(self, args) -> bool:
+        return self.signals.received is not None and args.world_size == 1
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._now(args):
+            step = state.global_step
+            if step > 0 and ckpt.checkpoint_problem(Path(args.output_dir) / f"checkpoint-{step}") is not None:
+                self.trainer._save_checkpoint(self.trainer.model, trial=None)
+            raise StopRequested()
+
+    def on_log(self, args, state, control, **kwargs):
+        if self._now(args):
+            control.should_save = True
+            control.should_training_stop = True
+
+    on_evaluate = on_log
+
+    def on_save(self, args, state, control, **kwargs):
+        if self._now(args):
+            control.should_training_stop = True
 
     def on_step_end(self, args, state, control, **kwargs):
         flag = 0 if self.received is None else int(self.received)
@@ -384,7 +464,7 @@ class StopOnSignal(TrainerCallback):
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
             flag = int(tensor.item())
         if flag:
-            self.received = flag
+            self.signals.received = flag
             control.should_save = True
             control.should_training_stop = True
         return control
@@ -401,13 +481,64 @@ class FailAtStep(TrainerCallback):
             raise RuntimeError(f"injected failure on rank {rank} at step {step} (MIXGF_TEST_FAIL_AT_STEP)")
 
 
-def _make_callbacks(run_dir: Path, is_main: bool, tensorboard: bool):
+def _make_callbacks(run_dir: Path, is_main: bool, tensorboard: bool, signals: SignalFlag):
     callbacks: list[Any] = [MetricsCSV(run_dir / "metrics.csv"), FailAtStep()]
-    stopper = StopOnSignal()
+    stopper = StopOnSignal(signals)
     callbacks.append(stopper)
     if tensorboard and is_main:
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
     return callbacks, stopper
+
+
+def training_arguments(config: Any, run_dir: Path, precision: str, has_eval: bool) -> transformers.TrainingArguments:
+    """Hugging Face ``TrainingArguments`` of a :class:`~mixgeneformer.pretrain.PretrainConfig`."""
+    train, dist, log = config.train, config.distributed, config.logging
+    cuda = torch.cuda.is_available()
+    kwargs: dict[str, Any] = {
+        "output_dir": str(run_dir),
+        "per_device_train_batch_size": train.per_device_batch_size,
+        "per_device_eval_batch_size": train.per_device_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "learning_rate": train.learning_rate,
+        "lr_scheduler_type": train.schedule,
+        "warmup_steps": train.warmup_steps,
+        "weight_decay": train.weight_decay,
+        "num_train_epochs": train.epochs,
+        "max_steps": train.max_steps,
+        "max_grad_norm": train.max_grad_norm,
+        "seed": train.seed,
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+        "tf32": bool(cuda),
+        "optim": "adamw_torch_fused" if cuda else "adamw_torch",
+        "torch_compile": train.torch_compile,
+        "logging_steps": log.logging_steps,
+        "logging_first_step": True,
+        "disable_tqdm": not log.progress_bar,
+        "report_to": "none",
+        "save_strategy": "steps",
+        "save_steps": config.checkpoint.save_steps,
+        "save_total_limit": None,
+        "eval_strategy": "steps" if has_eval else "no",
+        "eval_steps": (log.eval_steps or config.checkpoint.save_steps) if has_eval else None,
+        "dataloader_num_workers": config.data.workers,
+        "dataloader_drop_last": True,
+        "dataloader_pin_memory": bool(cuda),
+        "remove_unused_columns": False,
+        "prediction_loss_only": True,
+        "ddp_timeout": dist.timeout_s,
+        "ddp_find_unused_parameters": False,
+        "use_cpu": not cuda,
+    }
+    if dist.strategy == "deepspeed":
+        kwargs["deepspeed"] = str(dist.deepspeed_config)
+    elif dist.strategy == "fsdp":
+        kwargs["fsdp"] = dist.fsdp
+        kwargs["fsdp_config"] = {"transformer_layer_cls_to_wrap": [dist.fsdp_wrap_layer]}
+    try:
+        return transformers.TrainingArguments(**kwargs)
+    except (ValueError, ImportError) as exc:
+        raise ConfigError(f"the training options are inconsistent: {exc}") from exc
 
 
 def trim_metrics(path: Path, max_step: int) -> None:

@@ -57,6 +57,7 @@ from .metrics import (
     per_class_report,
     write_predictions,
 )
+from .predict import predict_cells, predict_sharded
 from .run import ClassificationRun, run_classification, save_run
 from .tasks import (
     Task,
@@ -102,6 +103,8 @@ __all__ = [
     "fit_classifier",
     "knn_predict",
     "load_classifier",
+    "predict_cells",
+    "predict_sharded",
     "log_normalize",
     "logreg_predict",
     "markdown_table",

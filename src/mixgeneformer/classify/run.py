@@ -51,8 +51,8 @@ class ClassificationRun:
 def run_classification(
     adata: anndata.AnnData,
     model: str | os.PathLike | torch.nn.Module | None = None,
-    vocab: Vocabulary | None = None,
-    medians: GeneMedians | None = None,
+    vocab: Vocabulary | str | os.PathLike | None = None,
+    medians: GeneMedians | str | os.PathLike | None = None,
     test: anndata.AnnData | None = None,
     methods: Sequence[Method] = ("knn", "logreg"),
     baseline_methods: Sequence[BaselineMethod] = (),

@@ -15,18 +15,39 @@ from __future__ import annotations
 import sys
 
 from ..errors import MixGeneformerError
+from ..fileio import output_error
 
 # Command modules: importing them registers their commands on ``app``.
 from . import classify as _classify  # noqa: F401
 from . import demo as _demo  # noqa: F401
 from . import embed as _embed  # noqa: F401
 from . import perturb as _perturb  # noqa: F401
+from . import predict as _predict  # noqa: F401
 from . import pretrain as _pretrain  # noqa: F401
 from . import tokenize as _tokenize  # noqa: F401
 from . import vocab as _vocab  # noqa: F401
 from ._app import app, state
 
 __all__ = ["app", "main"]
+
+
+def _click_exception_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage-error classes, abort classes) of every click the installed typer may raise.
+
+    Older typer raises click's own exceptions; typer 0.29 raises those of a copy of click vendored
+    as ``typer._click`` (and ``typer.exceptions.Abort``). All are caught, whichever is installed.
+    """
+    import importlib
+
+    errors, aborts = [], []
+    for name in ("typer._click.exceptions", "typer.exceptions", "click.exceptions"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        errors.extend(c for c in (getattr(module, "ClickException", None),) if c is not None)
+        aborts.extend(c for c in (getattr(module, "Abort", None),) if c is not None)
+    return tuple(errors), tuple(aborts)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,11 +67,15 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        usage_errors, aborts = _click_exception_classes()
+        if isinstance(exc, usage_errors):
             exc.show()
             sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, aborts):
             sys.exit(130)
-        raise
+        # A write that failed because the disk is full or the folder is not writable.
+        error = output_error(getattr(exc, "filename", None) or "the output", exc) if isinstance(exc, OSError) else None
+        if error is None or state["debug"]:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -14,6 +14,12 @@ app = typer.Typer(
 
 state = {"debug": False}
 
+# The model-file options of every command that loads a model (passed on to bundle.load_for_inference).
+VOCAB_OPTION = typer.Option(
+    None, "--vocab", help="Vocabulary JSON, for a plain Hugging Face model folder (Geneformer: `mixgf vocab import-geneformer`)."
+)
+MEDIANS_OPTION = typer.Option(None, "--medians", help="Gene medians TSV, instead of the bundle's (a plain Hugging Face folder has none).")
+
 
 @app.callback()
 def _root(
@@ -28,10 +34,3 @@ def load_tokenize_config(path):
     from ..tokenize import TokenizeConfig
 
     return None if path is None else load_config(TokenizeConfig, path)
-
-
-def load_medians(path):
-    """The GeneMedians of ``--medians``, or None (a model bundle then supplies its own)."""
-    from ..medians import GeneMedians
-
-    return None if path is None else GeneMedians.load(path)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from ..errors import ArtifactError, ConfigError
-from ._app import app, load_medians, load_tokenize_config
+from ..errors import ConfigError
+from ._app import MEDIANS_OPTION, VOCAB_OPTION, app, load_tokenize_config
 
 _MODES = {
     "finetune": ("finetune",),
@@ -36,16 +36,15 @@ def classify(
     config: Path | None = typer.Option(None, "--config", help="YAML of ClassifyConfig options (labels, embedding, finetune, baselines, synonyms)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config option, e.g. --set finetune.learning_rate=1e-4."),
     tokenize_config: Path | None = typer.Option(None, "--tokenize-config", help="YAML of tokenize options (style, max_len, ...)."),
-    medians: Path | None = typer.Option(None, "--medians", help="Gene medians TSV, when the bundle has none."),
+    vocab: Path | None = VOCAB_OPTION,
+    medians: Path | None = MEDIANS_OPTION,
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda when available)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
 ) -> None:
     """Train and evaluate cell-type classifiers; write metrics, reports and predictions to OUT."""
-    import anndata as ad
-
     from .. import classify as clf
     from ..config import load_config
-    from ..fileio import check_readable_file
+    from ..fileio import check_output, read_h5ad
 
     if mode not in _MODES:
         raise ConfigError(f"--mode {mode!r} is not one of {sorted(_MODES)}.")
@@ -54,8 +53,7 @@ def classify(
         raise ConfigError("--mode none runs nothing without --baselines.")
     if methods and model is None:
         raise ConfigError(f"--mode {mode} needs --model BUNDLE (or use --mode none --baselines).")
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"{out} already exists; pass --overwrite to replace it.")
+    check_output(out, [input, test, model, config, vocab, medians, tokenize_config], overwrite=overwrite, option="--out")
     cli_overrides = [f"labels.key={label}"]
     if freeze_layers is not None:
         cli_overrides.append(f"finetune.freeze_layers={freeze_layers}")
@@ -68,10 +66,11 @@ def classify(
     settings = load_config(clf.ClassifyConfig, config, [*cli_overrides, *overrides])
     tok_config = load_tokenize_config(tokenize_config)
 
-    train_data = ad.read_h5ad(check_readable_file(input, "input h5ad"))
-    test_data = ad.read_h5ad(check_readable_file(test, "test h5ad")) if test is not None else None
+    train_data = read_h5ad(input, "input h5ad")
+    test_data = read_h5ad(test, "test h5ad (--test)") if test is not None else None
     run = clf.run_classification(
-        train_data, model if methods else None, medians=load_medians(medians), test=test_data, methods=methods,
+        train_data, model if methods else None, vocab if methods else None, medians if methods else None,
+        test=test_data, methods=methods,
         baseline_methods=("logreg_counts", "knn_pca") if baselines else (), config=settings,
         tokenize_config=tok_config, device=device,
     )

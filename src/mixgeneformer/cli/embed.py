@@ -6,9 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..errors import ArtifactError, ConfigError
-from ..fileio import atomic_file, write_h5ad
-from ._app import app, load_medians, load_tokenize_config
+from ._app import MEDIANS_OPTION, VOCAB_OPTION, app, load_tokenize_config
 
 
 @app.command("embed")
@@ -27,8 +25,8 @@ def embed(
     batch_size: int = typer.Option(32, "--batch-size", help="Cells per forward pass."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16."),
-    vocab: Path | None = typer.Option(None, "--vocab", help="Vocabulary JSON, for plain Hugging Face model folders."),
-    medians: Path | None = typer.Option(None, "--medians", help="Gene medians TSV, when the bundle has none."),
+    vocab: Path | None = VOCAB_OPTION,
+    medians: Path | None = MEDIANS_OPTION,
     tokenize_config: Path | None = typer.Option(
         None, "--tokenize-config", help="YAML of tokenize options (style, add_species_token, max_len, ...)."
     ),
@@ -36,35 +34,37 @@ def embed(
     species: str = typer.Option("auto", help="auto, human or mouse."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT and an existing obsm[KEY]."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    shard_index: int | None = typer.Option(None, "--shard-index", help="This job's shard (default: env RANK under torchrun)."),
+    num_shards: int | None = typer.Option(None, "--num-shards", help="Number of shards (default: env WORLD_SIZE)."),
+    timeout: float = typer.Option(86_400, "--timeout", help="Seconds ranks of a launch wait for each other at the end."),
 ) -> None:
-    """Embed cells with a trained model and write them to an h5ad (obsm[KEY])."""
+    """Embed cells with a trained model and write them to an h5ad (obsm[KEY]).
+
+    Under torchrun / accelerate launch each rank embeds a length-balanced share of the cells into
+    OUT.shards/ and rank 0 writes OUT; with --shard-index/--num-shards run `mixgf embed-merge OUT`
+    after every shard. A rerun reuses finished shards.
+    """
     from .. import embed as emb
 
-    if out.suffix != ".h5ad":
-        raise ConfigError(f"--out {out} must end in .h5ad")
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"{out} already exists; pass --overwrite to replace it")
-    if not input.exists():
-        raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
-    if color is not None and umap is None:
-        raise ConfigError("--color only applies to --umap FIG.png; add --umap")
-
-    from ..vocab import Vocabulary
-
-    adata, genes = emb.embed_file(
-        input, model, key=key, layer=layer, pooling=pooling, overwrite=overwrite, gene_column=gene_column,
-        species=species, vocab=Vocabulary.load(vocab) if vocab is not None else None, medians=load_medians(medians),
-        tokenize_config=load_tokenize_config(tokenize_config), batch_size=batch_size, device=device,
-        progress=progress, precision=precision, gene_embeddings=gene_embeddings is not None,
+    produced = emb.embed_to_outputs(
+        input, model, out, key=key, layer=layer, pooling=pooling, gene_embeddings=gene_embeddings, umap=umap,
+        color=color, vocab=vocab, medians=medians, tokenize_config=load_tokenize_config(tokenize_config),
+        gene_column=gene_column, species=species, batch_size=batch_size, device=device, precision=precision,
+        overwrite=overwrite, progress=progress, shard_index=shard_index, num_shards=num_shards, timeout_s=timeout,
+        echo=typer.echo, config_files=[tokenize_config],
     )
-    write_h5ad(adata, out)
-    typer.echo(f"wrote {out}: obsm[{key!r}] {adata.obsm[key].shape}")
-    if genes is not None:
-        with atomic_file(gene_embeddings, "wb") as handle:
-            genes.to_parquet(handle)
-        typer.echo(f"wrote {gene_embeddings}: {len(genes):,} genes x {genes.shape[1] - 1} dims")
-    if umap is not None:
-        from .. import plots
+    if produced is not None:
+        for line in emb.write_outputs(produced[0], produced[1], out, key, gene_embeddings, umap, color):
+            typer.echo(line)
 
-        plots.umap(adata, color=color, key=key, save=umap)
-        typer.echo(f"wrote {umap}")
+
+@app.command("embed-merge")
+def embed_merge(
+    out: Path = typer.Argument(..., help="The --out .h5ad of a sharded `mixgf embed` run (its shards are in OUT.shards/)."),
+    keep_shards: bool = typer.Option(False, "--keep-shards", help="Keep OUT.shards/ after writing OUT."),
+) -> None:
+    """Merge the shards of `mixgf embed --shard-index I --num-shards N` into OUT (input obs order)."""
+    from .. import embed as emb
+
+    for line in emb.merge_embed_shards(out, keep_shards=keep_shards):
+        typer.echo(line)

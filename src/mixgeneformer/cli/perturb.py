@@ -12,7 +12,7 @@ from typing import Any
 import typer
 
 from ..errors import ArtifactError, ConfigError
-from ._app import app, load_tokenize_config
+from ._app import MEDIANS_OPTION, VOCAB_OPTION, app, load_tokenize_config
 
 
 def _config_from_options(config_file: Path | None, overrides: list[str] | None, options: dict[str, Any]):
@@ -59,6 +59,9 @@ def perturb(
     mode: str | None = typer.Option(None, "--mode", help="exact (default) or screen (first-order + exact top-k)."),
     screen_top_k: int | None = typer.Option(None, "--screen-top-k", help="Genes re-scored exactly per cell in screen mode."),
     gene_shifts: bool | None = typer.Option(None, "--gene-shifts/--no-gene-shifts", help="Also per-gene embedding shifts."),
+    score: str | None = typer.Option(
+        None, "--score", help="shift (default: 1 - cos of cell embeddings) or cell_emb (Geneformer's InSilicoPerturber cell score)."
+    ),
     layer: int | None = typer.Option(None, "--layer", help="Hidden state used (-2 = second to last, default)."),
     pooling: str | None = typer.Option(None, "--pooling", help="mean (default) or cls."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Sequences per forward pass."),
@@ -68,6 +71,8 @@ def perturb(
     tokenize_config: Path | None = typer.Option(
         None, "--tokenize-config", help="YAML of tokenize options (style, max_len, ...) for an .h5ad input."
     ),
+    vocab_file: Path | None = VOCAB_OPTION,
+    medians_file: Path | None = MEDIANS_OPTION,
     shard_index: int | None = typer.Option(None, "--shard-index", help="This process' shard (default: env RANK)."),
     num_shards: int | None = typer.Option(None, "--num-shards", help="Number of shards (default: env WORLD_SIZE)."),
     stats: str = typer.Option("vs_all", "--stats", help="vs_all, vs_null (with --null) or aggregate."),
@@ -79,6 +84,8 @@ def perturb(
 ) -> None:
     """Perturb genes in silico and rank them by how far they move cells (towards a goal state)."""
     from .. import perturb as pt
+    from ..fileio import check_output
+    from ..sharding import rank_device
 
     config = _config_from_options(
         config_file,
@@ -87,8 +94,8 @@ def perturb(
             "perturb": perturb_type, "genes": _split(genes), "combine": combine, "anchor": anchor,
             "target_rank": target_rank, "state_column": state_column, "start": start, "goal": goal,
             "alternatives": _split(alternatives), "cells_per_state": cells_per_state, "mode": mode,
-            "screen_top_k": screen_top_k, "gene_shifts": gene_shifts, "layer": layer, "pooling": pooling,
-            "batch_size": batch_size, "device": device, "precision": precision, "species": species,
+            "screen_top_k": screen_top_k, "gene_shifts": gene_shifts, "score": score, "layer": layer, "pooling": pooling,
+            "batch_size": batch_size, "device": rank_device(device), "precision": precision, "species": species,
             "shard_index": shard_index, "num_shards": num_shards,
         },
     )
@@ -96,14 +103,15 @@ def perturb(
         raise ConfigError(f"--stats {stats!r}; use vs_all, vs_null or aggregate")
     if (stats == "vs_null") != (null is not None):
         raise ConfigError("--stats vs_null and --null DIR go together (the null run's output folder)")
-    if out.exists() and not overwrite and not pt.is_shard_run(config):
-        raise ArtifactError(f"{out} already exists; pass --overwrite to replace it")
+    if not pt.is_shard_run(config):
+        check_output(out, [input, model, null, config_file, tokenize_config, vocab_file, medians_file], overwrite=overwrite, option="--out")
     if not input.exists():
         raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
     null_cells = pt.read_cells(null) if null is not None else None
 
     result, vocab = pt.perturb_file(
-        input, model, config, tokenize_config=load_tokenize_config(tokenize_config), progress=progress
+        input, model, config, vocab=vocab_file, medians=medians_file,
+        tokenize_config=load_tokenize_config(tokenize_config), progress=progress,
     )
 
     if pt.is_shard_run(config):
@@ -130,13 +138,14 @@ def perturb_merge(
     stats: str = typer.Option("vs_all", "--stats", help="vs_all, vs_null (with --null) or aggregate."),
     null: Path | None = typer.Option(None, "--null", help="Output folder of a null run."),
     config_file: Path | None = typer.Option(None, "--config", help="YAML of the run's options (saved as config.yaml)."),
+    vocab_file: Path | None = VOCAB_OPTION,
 ) -> None:
     """Merge the shard tables of OUT/shards into one result with statistics and figure."""
     from .. import perturb as pt
     from ..vocab import Vocabulary
 
     config = _config_from_options(config_file, None, {})
-    vocab = Vocabulary.load(Path(model) / "vocab.json")
+    vocab = Vocabulary.load(vocab_file if vocab_file is not None else Path(model) / "vocab.json")
     null_cells = pt.read_cells(null) if null is not None else None
     merged, result, table = pt.merge_run(out, vocab, config, stats, null_cells)
     _report(merged, result, table)

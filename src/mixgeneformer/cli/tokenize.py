@@ -28,12 +28,17 @@ def medians_command(
     chunk_size: int = typer.Option(10_000, help="Cells per chunk."),
     allow_fractional: bool = typer.Option(False, "--allow-fractional", help="Accept non-integer counts."),
     min_coverage: float = typer.Option(0.5, help="Minimum fraction of gene IDs that must resolve."),
+    allow_mixed_species: bool = typer.Option(
+        False, "--allow-mixed-species", help="Accept human and mouse gene IDs in one file (symbols of the other species stay unmapped)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (a medians TSV / folder)."),
 ) -> None:
     """Compute per-gene medians of nonzero normalized expression, streamed over all inputs."""
-    from ..fileio import atomic_directory
+    from ..fileio import atomic_directory, check_output
     from ..medians import compute_medians
 
     logging.basicConfig(level=logging.WARNING)
+    check_output(out, [*inputs, vocab], overwrite=overwrite, option="--out", writes=None if per_file else ".tsv")
     genes = None
     if vocab is not None:
         from ..vocab import Vocabulary
@@ -42,10 +47,10 @@ def medians_command(
     result, stats = compute_medians(
         [str(p) for p in inputs], per_file=per_file, workers=workers, return_stats=True, genes=genes, layer=layer,
         gene_column=gene_column, species=species, totals=totals, chunk_size=chunk_size,
-        allow_fractional=allow_fractional, min_coverage=min_coverage, progress=True,
+        allow_fractional=allow_fractional, min_coverage=min_coverage, allow_mixed_species=allow_mixed_species, progress=True,
     )
     if per_file:
-        with atomic_directory(out, overwrite=True) as tmp:
+        with atomic_directory(out, overwrite=overwrite) as tmp:
             for path, table in zip(inputs, result, strict=True):
                 table.save(tmp / f"{path.name.split('.')[0]}.medians.tsv")
         typer.echo(f"wrote {len(result)} median tables into {out}")
@@ -76,22 +81,29 @@ def tokenize_command(
     chunk_size: int = typer.Option(4096, help="Cells per chunk."),
     allow_fractional: bool = typer.Option(False, "--allow-fractional", help="Accept non-integer counts."),
     min_coverage: float = typer.Option(0.5, help="Minimum fraction of gene IDs that must resolve."),
+    duplicate_genes: str = typer.Option(
+        "sum", "--duplicate-genes", help="Columns resolving to one gene: 'sum' their counts (Geneformer) or 'error'."
+    ),
+    allow_mixed_species: bool = typer.Option(
+        False, "--allow-mixed-species", help="Accept human and mouse gene IDs in one file (symbols of the other species stay unmapped)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing corpus folder."),
 ) -> None:
     """Rank-value encode cells into a Hugging Face datasets corpus (resumable, multi-process)."""
     from ..config import from_dict
     from ..corpus import CORPUS_JSON
-    from ..fileio import read_json
+    from ..fileio import check_output, read_json
     from ..medians import GeneMedians
     from ..tokenize import TokenizeConfig, tokenize_files
     from ..vocab import Vocabulary
 
     logging.basicConfig(level=logging.WARNING)
+    check_output(out, [*inputs, vocab, medians], overwrite=overwrite, option="--out")
     config = from_dict(TokenizeConfig, {
         "max_len": max_len, "style": style, "add_species_token": species_token, "totals": totals,
         "medians": "per_file" if per_file_medians else "corpus", "species": species, "layer": layer,
         "gene_column": gene_column, "chunk_size": chunk_size, "allow_fractional": allow_fractional,
-        "min_coverage": min_coverage,
+        "min_coverage": min_coverage, "duplicate_genes": duplicate_genes, "allow_mixed_species": allow_mixed_species,
     }, "tokenize")
     table = None if per_file_medians else (GeneMedians.load(medians) if medians is not None else None)
     if table is None and not per_file_medians:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from ..fileio import check_output
 from ..vocab import build_vocabulary, import_geneformer
 from ._app import app
 
@@ -20,8 +21,10 @@ def build(
     gene_set: str = typer.Option("protein_coding", help="'protein_coding' (+ genes with medians), 'medians' or 'all'."),
     medians: Path | None = typer.Option(None, help="Corpus medians TSV; genes it covers join the vocabulary."),
     species: str = typer.Option("human,mouse", help="Comma-separated species to include."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing vocabulary JSON at --out."),
 ) -> None:
     """Build a unified vocabulary from the shipped gene tables."""
+    check_output(out, [medians], overwrite=overwrite, option="--out", writes=".json")
     gene_medians = None
     if medians is not None:
         from ..medians import GeneMedians
@@ -38,8 +41,16 @@ def import_gf(
     gene_median_dictionary: Path | None = typer.Option(None, help="Geneformer gene_median_dictionary.pkl"),
     out: Path = typer.Option(..., "--out", "-o", help="Vocabulary JSON to write."),
     medians_out: Path | None = typer.Option(None, help="Medians TSV to write (needs --gene-median-dictionary)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --out / --medians-out files."),
 ) -> None:
     """Convert Geneformer's pickled dictionaries (read safely, never executed) to JSON/TSV."""
+    from ..errors import ConfigError
+
+    if medians_out is not None and out.resolve() == medians_out.resolve():
+        raise ConfigError(f"--out and --medians-out are the same file ({out}); give two paths.")
+    for target, option, kind in ((out, "--out", ".json"), (medians_out, "--medians-out", ".tsv")):
+        if target is not None:
+            check_output(target, [token_dictionary, gene_median_dictionary], overwrite=overwrite, option=option, writes=kind)
     vocab, medians = import_geneformer(token_dictionary, gene_median_dictionary)
     vocab.save(out)
     typer.echo(f"wrote {out}: {vocab}")

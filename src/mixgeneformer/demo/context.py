@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import from_dict, to_dict
 from ..errors import ArtifactError, ConfigError
-from ..fileio import read_json, write_json
+from ..fileio import check_output, read_json, write_json
 from .config import _STEP_TITLES, DEMO_MARKER, DEMO_STEPS, DONE_MARKER, DemoConfig
 
 
@@ -76,6 +76,7 @@ def _prepare_out_dir(out_dir: Path, config: DemoConfig, overwrite: bool) -> None
     marker = out_dir / DEMO_MARKER
     if out_dir.exists() and any(out_dir.iterdir()):
         if overwrite:
+            check_output(out_dir, overwrite=True, markers=(DEMO_MARKER,))
             shutil.rmtree(out_dir)
         elif not marker.exists():
             raise ArtifactError(

@@ -19,7 +19,14 @@ Scores (cell embedding = pooled hidden state of ``layer``, :mod:`mixgeneformer.e
 * ``shift`` = 1 − cos(original, perturbed);
 * ``goal_shift`` = cos(perturbed, goal) − cos(original, goal), the goal state being the mean
   embedding of the cells labelled ``goal`` in ``state_column`` (likewise ``alt_shift:<state>``);
-* with ``gene_shifts=True``, per affected gene 1 − cos of its contextual state before and after.
+* with ``gene_shifts=True``, per affected gene 1 − cos of its contextual state before and after;
+* with ``score="cell_emb"``, also Geneformer's ``InSilicoPerturber`` cell score: ``cell_emb`` =
+  the mean, over the cell's remaining genes, of the cosine similarity between each gene's state
+  (hidden state of ``layer``) before and after the perturbation — the perturbed gene's position
+  left out of the original, special tokens left out of both — exactly the value Geneformer stores
+  under ``(gene, "cell_emb")`` (1 = unchanged); ``cell_emb_shift`` = 1 − ``cell_emb`` is the
+  column statistics rank by. ``shift`` compares the pooled cell embeddings; ``cell_emb`` averages
+  per-gene changes, so genes that move a lot count however the pooling weighs them.
 
 Variants of many cells run through the encoder together, in length-sorted batches, under
 ``torch.inference_mode``, computing only the layers needed. When every variant of a cell deletes

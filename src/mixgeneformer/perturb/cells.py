@@ -10,15 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
 
-from ..bundle import bundle_tokenize_config, load_bundle, load_for_inference
+from ..bundle import load_for_inference
 from ..corpus import load_corpus
 from ..errors import InputDataError, VocabularyMismatchError
-from ..fileio import check_readable_file
+from ..fileio import read_h5ad
 from ..inference import (
     embed_corpus,
     encoder_of,
@@ -36,6 +35,7 @@ if TYPE_CHECKING:
     import anndata
     import datasets
 
+    from ..medians import GeneMedians
     from ..vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -318,7 +318,9 @@ def perturb_anndata(
     result = perturb_cells(model, corpus, vocab, config, progress=progress)
     result.cells["cell"] = obs_rows[result.cells["cell"].to_numpy()]
     result.cells.insert(1, "obs_name", np.asarray(adata.obs_names, dtype=object)[result.cells["cell"].to_numpy()])
-    stats = perturbation_statistics(result.cells, vocab, mode="aggregate" if stats_mode == "vs_null" else stats_mode)
+    stats = perturbation_statistics(
+        result.cells, vocab, mode="aggregate" if stats_mode == "vs_null" else stats_mode, score=config.statistics_score
+    )
     return result, stats
 
 
@@ -327,17 +329,20 @@ def perturb_file(
     bundle_dir: str | os.PathLike,
     config: PerturbConfig | None = None,
     *,
+    vocab: Vocabulary | str | os.PathLike | None = None,
+    medians: GeneMedians | str | os.PathLike | None = None,
     tokenize_config: TokenizeConfig | None = None,
     progress: bool = True,
 ) -> tuple[PerturbationResult, Vocabulary]:
     """Perturb the cells of a tokenized corpus folder (:func:`perturb_cells`) or of an ``.h5ad``
     file (:func:`perturb_anndata`, tokenized with ``tokenize_config`` or the bundle's own) with the
-    model bundle ``bundle_dir``; returns the result and the model's vocabulary."""
-    loaded, vocab, medians = load_bundle(bundle_dir)
+    model bundle ``bundle_dir`` (``vocab`` / ``medians``: for a plain Hugging Face folder, or
+    instead of the bundle's; see :func:`bundle.load_for_inference`); returns the result and the
+    model's vocabulary."""
+    loaded, vocab, medians, tk_config, _ = load_for_inference(bundle_dir, vocab, medians, tokenize_config)
     if Path(input).is_dir():
         return perturb_cells(loaded, load_corpus(input), vocab, config, progress=progress), vocab
-    adata = ad.read_h5ad(check_readable_file(input, "input h5ad"))
-    tk_config = tokenize_config or bundle_tokenize_config(bundle_dir)
+    adata = read_h5ad(input, "input h5ad")
     result, _ = perturb_anndata(
         adata, loaded, config, vocab=vocab, medians=medians, tokenize_config=tk_config,
         stats_mode="aggregate", progress=progress,

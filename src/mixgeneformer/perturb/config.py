@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import TYPE_CHECKING, Literal
 
 from ..errors import ConfigError
+from ..sharding import shard_role
 
 if TYPE_CHECKING:
 
@@ -56,6 +56,12 @@ class PerturbConfig:
         with its last gene deleted). See the module docstring.
     gene_shifts
         Also measure how each remaining gene's contextual state moves (explicit ``genes`` only).
+    score
+        The score statistics test: ``"shift"`` (ours: 1 − cosine of the pooled cell embeddings
+        before and after; ``goal_shift`` when a goal state is given) or ``"cell_emb"``
+        (Geneformer's ``InSilicoPerturber`` cell score, for users migrating from Geneformer: adds
+        the ``cell_emb`` column, the mean cosine similarity of the remaining genes' states before
+        and after, and ``cell_emb_shift`` = 1 − ``cell_emb``, which is tested). Exact mode only.
     batch_size
         Sequences per forward pass (variants of several cells share a batch).
     device, precision
@@ -86,6 +92,7 @@ class PerturbConfig:
     screen_probes: int = 8
     screen_method: Literal["mask", "shift"] = "mask"
     gene_shifts: bool = False
+    score: Literal["shift", "cell_emb"] = "shift"
     batch_size: int = 16
     device: str | None = None
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
@@ -123,6 +130,10 @@ class PerturbConfig:
                 "mode='screen' estimates single-gene deletions only; use perturb='delete' without "
                 "combine/anchor/gene_shifts, or mode='exact'"
             )
+        if self.score not in ("shift", "cell_emb"):
+            raise ConfigError(f"score={self.score!r}; use 'shift' (ours) or 'cell_emb' (Geneformer's InSilicoPerturber)")
+        if self.score == "cell_emb" and self.mode == "screen":
+            raise ConfigError("score='cell_emb' needs every gene's state after each perturbation; use mode='exact'")
         if self.gene_shifts and not self.genes:
             raise ConfigError(
                 "gene_shifts=True with every gene perturbed would produce cells × genes² rows; "
@@ -133,15 +144,18 @@ class PerturbConfig:
         if self.num_shards is not None and not 0 <= self.shard_index < self.num_shards:
             raise ConfigError(f"shard_index={self.shard_index} must be in [0, num_shards={self.num_shards})")
 
+    @property
+    def statistics_score(self) -> str | None:
+        """The cell-table column statistics test: ``cell_emb_shift`` for ``score="cell_emb"``, else
+        None (``goal_shift`` when the table has it, else ``shift``)."""
+        return "cell_emb_shift" if self.score == "cell_emb" else None
+
+    @property
+    def needs_gene_states(self) -> bool:
+        """Whether every variant's per-gene states are compared with the original's."""
+        return self.gene_shifts or self.score == "cell_emb"
+
     def shard(self) -> tuple[int, int]:
         """(shard index, number of shards), from the config or the torchrun environment."""
-        if self.num_shards is not None:
-            return int(self.shard_index), int(self.num_shards)
-        try:
-            rank = int(os.environ.get("RANK", "0"))
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-        except ValueError as exc:
-            raise ConfigError(f"RANK / WORLD_SIZE must be integers ({exc})") from exc
-        if not 0 <= rank < world:
-            raise ConfigError(f"environment RANK={rank} is not within WORLD_SIZE={world}")
-        return rank, world
+        role = shard_role(self.shard_index, self.num_shards)
+        return role.index, role.world

@@ -73,6 +73,7 @@ class _CellJob:
     scan: DeletionScan | None = None  # shared first block, when every variant deletes one token
     deleted: np.ndarray | None = None  # (n_variants,) position each variant deletes (with scan)
     gene_rows: list = dataclasses.field(default_factory=list)  # (variant, affected token, shift)
+    cell_emb: np.ndarray | None = None  # (n_variants,) Geneformer's cell_emb score (score="cell_emb")
 
 
 def _variant_batches(jobs: Iterator[_CellJob], batch_size: int) -> Iterator[list[tuple[_CellJob, slice]]]:
@@ -113,6 +114,8 @@ def _run_variants(
         for job, part in batch:
             if job.emb is None:
                 job.emb = np.full((len(job.variants.src), bert.config.hidden_size), np.nan)
+                if config.score == "cell_emb":
+                    job.cell_emb = np.full(len(job.variants.src), np.nan)
                 remaining[id(job)] = len(job.variants.src)
                 job.deleted = _single_deletions(job.variants.src, len(job.tokens)) if shareable else None
                 if job.deleted is not None and len(job.deleted) >= _MIN_SCAN_VARIANTS:
@@ -143,7 +146,7 @@ def _run_variants(
                 first_block[at : at + len(block), : block.shape[1]] = block
                 at += len(block)
         emb, hidden = _forward(
-            bert, ids, mask, special, config, device, want_hidden=config.gene_shifts, first_block=first_block
+            bert, ids, mask, special, config, device, want_hidden=config.needs_gene_states, first_block=first_block
         )
         at = 0
         for job, part, src, ident in todo:
@@ -152,7 +155,13 @@ def _run_variants(
             block[ident] = job.embedding  # a perturbation of nothing: exactly the original
             job.emb[part] = block
             if hidden is not None:
-                _gene_shift_rows(job, part, hidden[at : at + n], origin[at : at + n], ids[at : at + n], special)
+                rows, cols, cos = _remaining_gene_cosines(job, part, hidden[at : at + n], origin[at : at + n], ids[at : at + n], special)
+                if config.gene_shifts:
+                    job.gene_rows.append((np.arange(part.start, part.stop)[rows], ids[at : at + n][rows, cols], 1.0 - cos))
+                if job.cell_emb is not None:
+                    with np.errstate(invalid="ignore"):
+                        mean = np.bincount(rows, weights=cos, minlength=n) / np.bincount(rows, minlength=n)
+                    job.cell_emb[part] = np.where(ident, 1.0, mean)
             at += n
             remaining[id(job)] -= n
             if remaining[id(job)] == 0:
@@ -182,16 +191,16 @@ def _identity_rows(src: np.ndarray, length: int) -> np.ndarray:
     return (src == np.arange(length)).all(axis=1)
 
 
-def _gene_shift_rows(job, part, hidden, origin, ids, special) -> None:
-    """Per affected gene: 1 - cos(state before, state after), stored on the job."""
+def _remaining_gene_cosines(job, part, hidden, origin, ids, special) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """cos(state before, state after) of every gene a variant keeps unperturbed: (rows, cols, cos)."""
     valid = (origin >= 0) & ~np.isin(ids, special)
     perturbed = job.variants.perturbed_tokens[part]
     valid &= ~(ids[:, :, None] == perturbed[:, None, :]).any(-1)
     rows, cols = np.nonzero(valid)
     before = job.hidden[torch.from_numpy(origin[rows, cols])]
     after = hidden[torch.from_numpy(rows), torch.from_numpy(cols)]
-    shift = 1.0 - torch.nn.functional.cosine_similarity(before.double(), after.double(), dim=-1).cpu().numpy()
-    job.gene_rows.append((np.arange(part.start, part.stop)[rows], ids[rows, cols], shift))
+    cos = torch.nn.functional.cosine_similarity(before.double(), after.double(), dim=-1).cpu().numpy()
+    return rows, cols, cos
 
 
 def _genes_per_cell(flat: np.ndarray, offsets: np.ndarray, special: np.ndarray) -> np.ndarray:
@@ -243,7 +252,7 @@ def _exact(bert, flat, offsets, rows, base_of, targets, vocab, config, device, g
                     bar.update(1)
                 continue
             job = _CellJob(row, tokens, variants, base_of[row])
-            if config.gene_shifts:
+            if config.needs_gene_states:
                 ids = torch.from_numpy(tokens[None, :].astype(np.int64)).to(device)
                 job.hidden = hidden_at_layer(bert, ids, torch.ones_like(ids), config.layer)[0].float()
             yield job
@@ -251,6 +260,9 @@ def _exact(bert, flat, offsets, rows, base_of, targets, vocab, config, device, g
     def done(job: _CellJob) -> None:
         v = job.variants
         columns = _score_columns(job.embedding, job.emb, targets, config)
+        if job.cell_emb is not None:
+            columns["cell_emb"] = job.cell_emb
+            columns["cell_emb_shift"] = 1.0 - job.cell_emb
         if anchor_token is not None:
             columns["anchor_shift"] = 1.0 - _cosine(job.emb[v.anchor_only][0][None, :], job.emb)
         label = np.asarray(v.label, dtype=object)
@@ -270,6 +282,7 @@ def _exact(bert, flat, offsets, rows, base_of, targets, vocab, config, device, g
         counts["variants"] += len(v.src)
         job.hidden = None
         job.emb = None
+        job.cell_emb = None
         if bar is not None:
             bar.update(1)
 
@@ -290,7 +303,7 @@ def _sorted_cells(frames: list[pd.DataFrame], targets: dict, config: PerturbConf
     else:
         score_cols = ["shift"] + [
             "goal_shift" if name == config.goal else f"alt_shift:{name}" for name in targets
-        ] + (["anchor_shift"] if anchor else [])
+        ] + (["cell_emb", "cell_emb_shift"] if config.score == "cell_emb" else []) + (["anchor_shift"] if anchor else [])
         frame = pd.DataFrame({"cell": pd.Series(dtype=np.int64), "perturbed": pd.Series(dtype=object),
                               "gene_token": pd.Series(dtype=np.int64), "gene_rank": pd.Series(dtype=np.int64),
                               **{c: pd.Series(dtype=np.float64) for c in score_cols}})

@@ -107,7 +107,10 @@ def finish_run(
     overwrite: bool = False,
 ) -> pd.DataFrame | None:
     """Statistics of ``result`` and its folder (:func:`write_results`); returns the statistics."""
-    table = perturbation_statistics(result.cells, vocab, mode=stats_mode, null=null_cells) if len(result.cells) else None
+    table = (
+        perturbation_statistics(result.cells, vocab, mode=stats_mode, null=null_cells, score=config.statistics_score)
+        if len(result.cells) else None
+    )
     write_results(out_dir, result, table, config, vocab, overwrite=overwrite)
     return table
 

@@ -160,7 +160,7 @@ def perturbation_statistics(
         raise ConfigError(f"score column {score!r} is not in the table (columns: {list(cells.columns)})")
     if cells.empty:
         raise InputDataError("the perturbation table is empty: no cell expressed the perturbed genes")
-    value_cols = [c for c in cells.columns if c == "shift" or c.endswith("_shift") or c.startswith("alt_shift:")]
+    value_cols = [c for c in cells.columns if c in ("shift", "cell_emb") or c.endswith("_shift") or c.startswith("alt_shift:")]
     value_cols = [c for c in value_cols if not c.endswith("_estimate")]
     keys = pd.MultiIndex.from_frame(cells[["perturbed", "gene_token"]])
     codes, uniques = pd.factorize(keys, sort=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numba
@@ -48,9 +51,9 @@ class ReadOptions:
         """:func:`open_source` with these options."""
         return open_source(path_or_adata, self.layer, self.gene_column, allow_fractional=self.allow_fractional, measurement=self.measurement)
 
-    def map_genes(self, source: CountSource) -> Any:
+    def map_genes(self, source: CountSource, vocabulary_ids: Any = None) -> Any:
         """:func:`map_source_genes` with these options."""
-        return map_source_genes(source, self.species, self.min_coverage, self.allow_mixed_species)
+        return map_source_genes(source, self.species, self.min_coverage, self.allow_mixed_species, vocabulary_ids)
 
 
 def map_source_genes(
@@ -58,16 +61,51 @@ def map_source_genes(
     species: str = "auto",
     min_coverage: float = 0.5,
     allow_mixed: bool = False,
+    vocabulary_ids: Any = None,
 ) -> Any:
     """Resolve a source's gene identifiers to Ensembl IDs (:func:`genes.map_gene_ids`).
 
-    Returns the :class:`~mixgeneformer.genes.GeneMapping`; errors name the source.
+    ``vocabulary_ids``: Ensembl IDs of the vocabulary in use, which map to themselves even when
+    the shipped gene table lacks them. Returns the :class:`~mixgeneformer.genes.GeneMapping`;
+    errors name the source.
     """
-
     try:
-        return map_gene_ids(source.gene_ids, species=species, allow_mixed=allow_mixed, min_coverage=min_coverage)
+        return map_gene_ids(
+            source.gene_ids, species=species, allow_mixed=allow_mixed, min_coverage=min_coverage, vocabulary_ids=vocabulary_ids
+        )
     except GeneIdError as exc:
         raise GeneIdError(f"{source.name}: {exc}") from exc
+
+
+def check_distinct_inputs(items: Sequence[Any]) -> None:
+    """Refuse an input listed twice (the same file under any path, or the same AnnData object).
+
+    Its cells would silently count twice in medians and corpora.
+    """
+    seen: dict[Any, Any] = {}
+    for position, item in enumerate(items, start=1):
+        if isinstance(item, (str, os.PathLike)):
+            path = Path(item)
+            try:
+                stat = path.stat()
+                key: Any = ("file", stat.st_dev, stat.st_ino)
+            except OSError:
+                key = ("path", str(path.resolve()))
+        else:
+            key = ("object", id(item))
+        if key in seen:
+            first_position, first = seen[key]
+            if key[0] == "object":
+                name = f"the {type(item).__name__} object given as input {first_position}"
+            elif str(first) == str(item):
+                name = str(item)
+            else:
+                name = f"{item} (the same file as {first})"
+            raise InputDataError(
+                f"inputs {first_position} and {position} are the same: {name}; its cells would count twice. "
+                "Give each input once."
+            )
+        seen[key] = (position, item)
 
 
 TOTALS_COLUMN = "n_counts"

@@ -19,7 +19,6 @@ from ..medians import GeneMedians, compute_medians
 from ..readers import (
     CountChunk,
     filter_pass_rows,
-    map_source_genes,
     normalization_totals,
     remap_columns,
     row_sums,
@@ -210,16 +209,10 @@ class _Columns:
 
 
 def _column_lookup(source: Any, vocab: Any, medians: GeneMedians, config: TokenizeConfig) -> _Columns:
-    mapping = map_source_genes(source, config.species, config.min_coverage, config.allow_mixed_species)
+    mapping = config.read_options.map_genes(source, vocab.gene_to_id)
     ensembl = mapping.ensembl_ids
     if config.duplicate_genes == "error":
-        mapped = pd.Series(ensembl[ensembl != ""])
-        dup = mapped[mapped.duplicated()]
-        if len(dup):
-            raise GeneIdError(
-                f"{source.name}: {dup.nunique()} genes appear in several columns after ID mapping (e.g. "
-                f"{dup.iloc[0]}). Remove the duplicates or use duplicate_genes='sum' (Geneformer sums them)."
-            )
+        _check_duplicate_genes(source.name, np.asarray(source.gene_ids, dtype=object), ensembl)
     token_ids = np.asarray(vocab.encode_genes(ensembl), dtype=np.int64)
     gene_medians = medians.lookup(ensembl)
     kept = (token_ids >= 0) & np.isfinite(gene_medians)
@@ -231,6 +224,22 @@ def _column_lookup(source: Any, vocab: Any, medians: GeneMedians, config: Tokeni
     coverage = f"{mapping.coverage_report()}; {int(kept.sum()):,} columns in the vocabulary with a median"
     logger.info("%s: %s", source.name, coverage)
     return _Columns(token_ids, gene_medians, kept, mapping.species, coverage)
+
+
+def _check_duplicate_genes(name: str, columns: np.ndarray, ensembl: np.ndarray) -> None:
+    """GeneIdError naming the user's columns that resolve to one gene (duplicate_genes='error')."""
+    mapped = pd.Series(ensembl)
+    repeated = mapped.ne("") & mapped.duplicated(keep=False)
+    if not repeated.any():
+        return
+    groups = pd.Series(columns[repeated.to_numpy()]).groupby(mapped[repeated].to_numpy(), sort=False)
+    gene, names = next(iter(groups))
+    shown = ", ".join(repr(str(c)) for c in names.iloc[:5])
+    raise GeneIdError(
+        f"{name}: {groups.ngroups:,} genes appear in several columns; e.g. columns {shown} all resolve to {gene}. "
+        "Remove or rename the duplicate columns, or use duplicate_genes='sum' (CLI: --duplicate-genes sum; "
+        "Geneformer sums them)."
+    )
 
 
 @dataclass
@@ -356,12 +365,12 @@ def _check_not_empty(report: TokenizeReport, what: str) -> None:
         )
 
 
-def _medians_for(item: Any, medians: GeneMedians | None, config: TokenizeConfig) -> GeneMedians:
+def _medians_for(item: Any, medians: GeneMedians | None, config: TokenizeConfig, vocab: Any = None) -> GeneMedians:
     if config.medians == "corpus":
         if medians is None:
             raise ConfigError("medians='corpus' needs a median table; pass medians= (CLI: --medians medians.tsv).")
         return medians
-    return compute_medians([item], read=config.read_options)
+    return compute_medians([item], read=config.read_options, vocabulary_ids=None if vocab is None else vocab.gene_to_id)
 
 
 def _iter_tables(item: Any, vocab: Any, medians: GeneMedians, config: TokenizeConfig, obs_columns: Sequence[str], obs_types: dict[str, pa.DataType], start: int = 0, stop: int | None = None):

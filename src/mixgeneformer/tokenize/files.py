@@ -9,7 +9,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,20 @@ from tqdm.auto import tqdm
 
 from ..config import save_config, to_dict
 from ..corpus import CORPUS_JSON
-from ..errors import ArtifactError, ConfigError, InputDataError
-from ..fileio import atomic_directory, check_readable_file, content_hash, read_json, write_json
+from ..errors import ConfigError, InputDataError
+from ..fileio import (
+    atomic_directory,
+    check_output,
+    check_readable_file,
+    content_hash,
+    output_lock,
+    read_json,
+    write_json,
+    writing,
+)
 from ..medians import GeneMedians, compute_medians
-from ..parallel import worker_context
+from ..parallel import worker_pool
+from ..readers import check_distinct_inputs
 from .config import TokenizeConfig
 from .encode import (
     TokenizeReport,
@@ -48,6 +58,7 @@ def _tokenize_task(
     tmp = f"{shard_path}.tmp-{os.getpid()}"
     coverage, species = "", ""
     writer = ArrowWriter(features=_features(obs_types), path=tmp)
+    finished = False
     try:
         for table, part, columns in _iter_tables(item, vocab, medians, config, obs_columns, obs_types, start, stop):
             if table.num_rows:
@@ -55,8 +66,11 @@ def _tokenize_task(
             report.add(part)
             coverage, species = columns.coverage, columns.species
         writer.finalize()
+        finished = True
     finally:
         writer.close()
+        if not finished:
+            Path(tmp).unlink(missing_ok=True)
     os.replace(tmp, shard_path)
     report.seconds = time.perf_counter() - started
     result = {**dataclasses.asdict(report), "coverage": coverage, "species": species, "start": start, "stop": stop}
@@ -83,7 +97,7 @@ def run_manifest(
     }
 
 
-# long: plan, resume, run tasks, assemble, in order; the steps share the task list and the manifest.
+# long: plan the tasks, then run them under the output lock; the steps share the task list and the manifest.
 def tokenize_files(
     paths: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -111,13 +125,11 @@ def tokenize_files(
     """
     config = config or TokenizeConfig()
     _check_vocab(vocab, config)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-
-        raise ArtifactError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+    out_dir = check_output(out_dir, paths, overwrite=overwrite)
     if not paths:
         raise InputDataError("no input files given.")
     items = [check_readable_file(p, "count matrix") for p in paths]
+    check_distinct_inputs(items)
     obs_columns = list(obs_columns)
     started = time.perf_counter()
 
@@ -127,14 +139,14 @@ def tokenize_files(
     for index, item in enumerate(items):
         with config.read_options.open(item) as source:
             source.check_obs_columns(obs_columns)
-            config.read_options.map_genes(source)
+            config.read_options.map_genes(source, vocab.gene_to_id)
             if index == 0:
                 obs_types = _obs_arrow_types(source, obs_columns)
             n_cells = source.n_cells
         tasks.extend((index, lo, min(lo + config.task_cells, n_cells)) for lo in range(0, max(n_cells, 1), config.task_cells))
 
     if config.medians == "per_file":
-        per_file = compute_medians(items, per_file=True, workers=workers, read=config.read_options)
+        per_file = compute_medians(items, per_file=True, workers=workers, read=config.read_options, vocabulary_ids=vocab.gene_to_id)
         medians_hash = content_hash(*[m.hash for m in per_file])
     else:
         if medians is None:
@@ -144,6 +156,28 @@ def tokenize_files(
 
     manifest = run_manifest(items, vocab.hash, medians_hash, config, obs_columns)
     partial = out_dir.parent / f".{out_dir.name}.partial"
+    # One writer per output; the partial folder is only looked at under the lock.
+    with output_lock(out_dir), writing(out_dir):
+        try:
+            _run_tasks(out_dir, partial, items, tasks, per_file, manifest, vocab, config, obs_columns, obs_types,
+                       workers, overwrite, progress, started)
+        except InputDataError:
+            shutil.rmtree(partial, ignore_errors=True)  # bad data: nothing a rerun could reuse
+            raise
+        except BaseException:
+            if not any(partial.glob("shard-*.arrow.json")):
+                shutil.rmtree(partial, ignore_errors=True)  # no finished shard to resume from
+            raise
+    return out_dir
+
+
+# long: resume, run tasks (in process or a pool), report, assemble, in order.
+def _run_tasks(
+    out_dir: Path, partial: Path, items: list[Path], tasks: list[tuple[int, int, int]], per_file: list[GeneMedians],
+    manifest: dict[str, Any], vocab: Any, config: TokenizeConfig, obs_columns: list[str], obs_types: dict[str, pa.DataType],
+    workers: int, overwrite: bool, progress: bool, started: float,
+) -> None:
+    """Tokenize the planned tasks into shards in ``partial`` (resuming finished ones), then assemble."""
     manifest_path = partial / "manifest.json"
     if partial.exists():
         previous = read_json(manifest_path, "partial-run manifest") if manifest_path.exists() else None
@@ -167,13 +201,12 @@ def tokenize_files(
     if len(results):
         logger.info("resuming: %d of %d tasks already done", len(results), len(tasks))
 
-
     total_cells = sum(hi - lo for _, lo, hi in tasks)
     bar = tqdm(total=total_cells, initial=sum(hi - lo for (_, lo, hi) in results), desc="tokenize", unit="cells", disable=not progress)
     try:
         args = [(str(items[t[0]]), t[1], t[2], str(shard_path(t)), vocab, per_file[t[0]], config, obs_columns, obs_types) for t in todo]
         if workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=worker_context()) as pool:
+            with worker_pool(workers) as pool:
                 futures = {pool.submit(_tokenize_task, *a): t for a, t in zip(args, todo, strict=True)}
                 for future in as_completed(futures):
                     task = futures[future]
@@ -206,7 +239,6 @@ def tokenize_files(
     _assemble_corpus(out_dir, [shard_path(t) for t in tasks if results[t]["cells_out"] > 0], obs_types, config, manifest, report, overwrite)
     shutil.rmtree(partial, ignore_errors=True)
     logger.info("tokenize: %s", report.summary())
-    return out_dir
 
 
 def _assemble_corpus(

@@ -91,7 +91,7 @@ def tokenize_anndata(
     source_for_types = open_source(adata, config.layer, config.gene_column, allow_fractional=config.allow_fractional)
     source_for_types.check_obs_columns(obs_columns)
     obs_types = _obs_arrow_types(source_for_types, obs_columns)
-    table_medians = _medians_for(adata, medians, config)
+    table_medians = _medians_for(adata, medians, config, vocab)
     tables, report = [], TokenizeReport()
     for table, part, _ in _iter_tables(adata, vocab, table_medians, config, obs_columns, obs_types):
         tables.append(table)

@@ -1,0 +1,144 @@
+"""Predicting cell types of new cells with a saved fine-tuned classifier, in one process or sharded
+over many (``mixgf predict``; see :mod:`mixgeneformer.sharding`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+
+from ..config import to_dict
+from ..corpus import load_corpus
+from ..errors import ArtifactError, ConfigError
+from ..fileio import check_outputs_of, write_h5ad
+from ..inference import encoder_of
+from ..sharding import (
+    DEFAULT_TIMEOUT_S,
+    ShardJob,
+    ShardRole,
+    merge,
+    output_frame,
+    rank_device,
+    read_rows,
+    remove_shards,
+    run_shard,
+    shard_role,
+    write_prediction_columns,
+)
+from .finetune import load_classifier
+from .tasks import tokenize_cells
+
+__all__ = ["merge_predict_shards", "predict_cells", "predict_file", "predict_sharded", "write_prediction_file"]
+
+
+def predict_cells(fitted: Any, data: Any, *, tokenize_config: Any = None, batch_size: int = 64,
+                  device: str | None = None) -> tuple[np.ndarray, int]:
+    """Class probabilities of every cell of an AnnData (tokenized with the classifier's vocabulary
+    and medians) or of a tokenized corpus: ((n_cells, n_classes) float32, NaN rows for cells the
+    tokenizer dropped; number dropped)."""
+    if hasattr(data, "obs") and hasattr(data, "var"):
+        tokens = tokenize_cells(data, fitted.vocab, fitted.medians, tokenize_config,
+                                int(encoder_of(fitted.model).config.max_position_embeddings))
+        dataset, rows, n = tokens.dataset, tokens.rows, data.n_obs
+    else:
+        dataset, rows, n = data, np.arange(len(data)), len(data)
+    probabilities = np.full((n, len(fitted.classes)), np.nan, dtype=np.float32)
+    probabilities[rows] = fitted.predict(dataset, batch_size=batch_size, device=device).probabilities
+    return probabilities, int(n - len(np.unique(rows)))
+
+
+def predict_sharded(
+    input: str | os.PathLike,
+    classifier: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    role: ShardRole,
+    key: str = "predicted",
+    batch_size: int = 64,
+    device: str | None = None,
+    tokenize_config: Any = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    echo: Callable[[str], None] = print,
+) -> ad.AnnData | None:
+    """Classify ``input`` (an .h5ad or a corpus folder) with a saved fine-tuned classifier.
+
+    One process (``role.world == 1``): classify everything and return the AnnData. Several: like
+    :func:`mixgeneformer.embed.embed_sharded`, the merged AnnData on the merging process and None elsewhere.
+    Writes obs[KEY_pred], obs[KEY_prob], obsm[KEY_probabilities] and uns[KEY_classes].
+    """
+    input, out = Path(input), Path(out)
+    fitted = load_classifier(classifier)
+    device = rank_device(device)
+
+    def compute(start: int, stop: int) -> dict[str, np.ndarray]:
+        data = load_corpus(input).select(range(start, stop)) if input.is_dir() else read_rows(input, start, stop)
+        probabilities, dropped = predict_cells(fitted, data, tokenize_config=tokenize_config,
+                                               batch_size=batch_size, device=device)
+        return {"values": probabilities, "classes": np.asarray(fitted.classes, dtype=str),
+                "params": np.array(json.dumps({"n_dropped": dropped}))}
+
+    if role.world == 1:
+        adata = output_frame(input)
+        data = load_corpus(input) if input.is_dir() else adata
+        probabilities, dropped = predict_cells(fitted, data, tokenize_config=tokenize_config,
+                                               batch_size=batch_size, device=device)
+        write_prediction_columns(adata, probabilities, list(fitted.classes), key)
+        adata.uns[f"{key}_params"] = {"classifier": str(classifier), "n_cells": int(adata.n_obs), "n_dropped": dropped}
+        return adata
+    options = {"tokenize": to_dict(tokenize_config) if tokenize_config is not None else None}
+    job = ShardJob("predict", input, out, [input, Path(classifier)], options, {"key": key, "model": str(classifier)},
+               tokenize_config)
+    if not run_shard(job, role, compute, timeout_s, echo):
+        return None
+    return merge(out)[2]
+
+
+def predict_file(
+    input: str | os.PathLike,
+    classifier: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    key: str = "predicted",
+    batch_size: int = 64,
+    device: str | None = None,
+    tokenize_config: Any = None,
+    shard_index: int | None = None,
+    num_shards: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    overwrite: bool = False,
+    echo: Callable[[str], None] = print,
+    config_files: Sequence[str | os.PathLike | None] = (),
+) -> ad.AnnData | None:
+    """``mixgf predict``: check the output first, then classify ``input`` in one process or this
+    process' shard (:func:`predict_sharded`). Returns the AnnData for :func:`write_prediction_file`
+    on the process that writes; None on the others. ``config_files``: other files the run read (e.g.
+    the ``--tokenize-config`` YAML), which the output may not replace."""
+    input = Path(input)
+    check_outputs_of({"--out": (out, {".h5ad"})}, [input, classifier, *config_files], overwrite)
+    if not input.exists():
+        raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
+    return predict_sharded(
+        input, classifier, out, role=shard_role(shard_index, num_shards), key=key, batch_size=batch_size,
+        device=device, tokenize_config=None if input.is_dir() else tokenize_config, timeout_s=timeout_s, echo=echo,
+    )
+
+
+def write_prediction_file(adata: ad.AnnData, out: str | os.PathLike, key: str) -> str:
+    """Write OUT.h5ad and drop OUT.shards/; returns the line to report (the commonest classes)."""
+    write_h5ad(adata, out)
+    remove_shards(out)
+    counts = adata.obs[f"{key}_pred"].value_counts()
+    return f"wrote {out}: obs[{key + '_pred'!r}] " + ", ".join(f"{c} {n:,}" for c, n in counts.head(8).items())
+
+
+def merge_predict_shards(out: str | os.PathLike) -> str:
+    """``mixgf predict-merge``: the shards of a sharded prediction run merged into OUT."""
+    kind, record, adata, _ = merge(out)
+    if kind != "predict":
+        raise ConfigError(f"{out}.shards holds {kind} shards; use mixgf {kind}-merge")
+    return write_prediction_file(adata, out, record["key"])

@@ -1,0 +1,359 @@
+"""The user's files (RELIABILITY 23-26): outputs never replace inputs or foreign files; disk full,
+read-only folders and wrong file types give one message; failed runs leave nothing behind; one
+writer per output; workers never outlive their parent."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import pickle
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _tokenize_helpers import make_adata, make_medians, make_vocab
+
+from mixgeneformer.cli import main
+from mixgeneformer.errors import ArtifactError, InputDataError
+from mixgeneformer.tokenize import TokenizeConfig, tokenize_files
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    """Run ``mixgf ARGS`` in-process; return (exit code, stderr)."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture()
+def files(tmp_path):
+    """An input h5ad, a vocabulary JSON and a medians TSV in tmp_path/inputs."""
+    root = tmp_path / "inputs"
+    root.mkdir()
+    adata = make_adata(30, 60, seed=3)
+    genes = np.asarray(adata.var_names)
+    adata.write_h5ad(root / "in.h5ad")
+    make_vocab(genes).save(root / "vocab.json")
+    make_medians(genes).save(root / "medians.tsv")
+    return root
+
+
+def tokenize_args(files, out, *extra):
+    return ["tokenize", files / "in.h5ad", "--vocab", files / "vocab.json", "--medians", files / "medians.tsv",
+            "--out", out, *extra]
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Hidden temporary / partial / lock files beside outputs."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+# ------------------------------------------------------------------------------ 7-9: data loss
+def test_tokenize_never_replaces_the_folder_holding_its_input(files, capsys):
+    before = (files / "in.h5ad").read_bytes()
+    for extra in ((), ("--overwrite",)):
+        code, err = run_cli(capsys, *tokenize_args(files, files, *extra))
+        assert code == 2 and "holds the input" in err and "Traceback" not in err
+    assert (files / "in.h5ad").read_bytes() == before
+    assert sorted(p.name for p in files.iterdir()) == ["in.h5ad", "medians.tsv", "vocab.json"]
+
+
+def test_overwrite_replaces_only_what_the_package_wrote(files, tmp_path, capsys):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    code, err = run_cli(capsys, *tokenize_args(files, foreign, "--overwrite"))
+    assert code == 2 and "--overwrite only replaces outputs of mixgeneformer" in err
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+    corpus = tmp_path / "corpus"
+    assert run_cli(capsys, *tokenize_args(files, corpus))[0] == 0
+    assert (corpus / ".mixgf-output").is_file()
+    code, err = run_cli(capsys, *tokenize_args(files, corpus))
+    assert code == 2 and "--overwrite" in err
+    assert run_cli(capsys, *tokenize_args(files, corpus, "--overwrite"))[0] == 0
+    assert leftovers(tmp_path) == []
+
+
+def test_pretrain_overwrite_never_deletes_its_corpus_or_a_foreign_folder(tmp_path):
+    from test_pretrain import make_corpus, tiny_config
+    from test_pretrain import make_vocab as pretrain_vocab
+
+    from mixgeneformer.pretrain import pretrain_config_from_dict, run_pretraining
+
+    work = tmp_path / "work"
+    work.mkdir()
+    vocab = pretrain_vocab()
+    vocab.save(work / "vocab.json")
+    make_corpus(work / "corpus", vocab, n_cells=32)
+    config = pretrain_config_from_dict(tiny_config(work, work, train={"max_steps": 2}))
+    with pytest.raises(ArtifactError, match="holds the input"):
+        run_pretraining(config, overwrite=True)
+    assert (work / "vocab.json").is_file() and (work / "corpus" / "state.json").is_file()
+
+    foreign = tmp_path / "results"
+    foreign.mkdir()
+    (foreign / "paper.tex").write_text("x")
+    config = pretrain_config_from_dict(tiny_config(work, foreign, train={"max_steps": 2}))
+    with pytest.raises(ArtifactError, match="only replaces outputs of mixgeneformer"):
+        run_pretraining(config, overwrite=True)
+    assert (foreign / "paper.tex").read_text() == "x"
+
+
+def test_medians_never_overwrite_their_input_and_single_files_need_overwrite(files, tmp_path, capsys):
+    before = (files / "in.h5ad").read_bytes()
+    for extra in ((), ("--overwrite",)):
+        code, err = run_cli(capsys, "medians", files / "in.h5ad", "--out", files / "in.h5ad", *extra)
+        assert code == 2 and "is the input" in err
+    assert (files / "in.h5ad").read_bytes() == before
+
+    out = tmp_path / "m.tsv"
+    assert run_cli(capsys, "medians", files / "in.h5ad", "--out", out)[0] == 0
+    code, err = run_cli(capsys, "medians", files / "in.h5ad", "--out", out)
+    assert code == 2 and "--overwrite" in err
+    assert run_cli(capsys, "medians", files / "in.h5ad", "--out", out, "--overwrite")[0] == 0
+
+
+def test_vocab_build_refuses_existing_files(files, tmp_path, capsys):
+    other = tmp_path / "existing.h5ad"
+    other.write_bytes((files / "in.h5ad").read_bytes())
+    code, err = run_cli(capsys, "vocab", "build", "--out", other, "--species", "mouse")
+    assert code == 2 and "already exists" in err
+    code, err = run_cli(capsys, "vocab", "build", "--out", other, "--species", "mouse", "--overwrite")
+    assert code == 2 and "not a file of the kind mixgeneformer writes" in err
+    assert other.read_bytes() == (files / "in.h5ad").read_bytes()
+    out = tmp_path / "v.json"
+    assert run_cli(capsys, "vocab", "build", "--out", out, "--species", "mouse")[0] == 0
+    assert run_cli(capsys, "vocab", "build", "--out", out, "--species", "mouse")[0] == 2
+    assert run_cli(capsys, "vocab", "build", "--out", out, "--species", "mouse", "--overwrite")[0] == 0
+
+
+def test_check_output_rules(tmp_path):
+    from mixgeneformer.fileio import check_output
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.h5ad").write_bytes(b"x")
+    with pytest.raises(ArtifactError, match="holds the input"):
+        check_output(tmp_path, [tmp_path / "data" / "x.h5ad"], overwrite=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert check_output(empty, overwrite=True) == empty  # nothing to lose
+    assert check_output(tmp_path / "new", [tmp_path / "data" / "x.h5ad"]) == tmp_path / "new"
+
+
+# -------------------------------------------------------------- 11: disk full, read-only folders
+def _failing_writes(monkeypatch, module, code: int) -> None:
+    """Make every ``open(..., "w"/"wb")`` in ``module`` fail with ``code`` (ENOSPC, EACCES, EROFS)."""
+    real_open = builtins.open
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax"):
+            raise OSError(code, errno.errorcode[code] if code not in (errno.ENOSPC,) else "No space left on device", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(module, "open", fake_open, raising=False)
+
+
+@pytest.mark.parametrize(("code", "cause"), [(errno.ENOSPC, "disk is full"), (errno.EACCES, "not writable"),
+                                             (errno.EROFS, "read-only file system")])
+def test_single_file_outputs_on_a_full_or_read_only_disk(files, tmp_path, capsys, monkeypatch, code, cause):
+    from mixgeneformer import fileio
+
+    _failing_writes(monkeypatch, fileio, code)
+    out = tmp_path / "out"
+    out.mkdir()
+    for args in (("vocab", "build", "--out", out / "v.json", "--species", "mouse"),
+                 ("medians", files / "in.h5ad", "--out", out / "m.tsv")):
+        status, err = run_cli(capsys, *args)
+        assert status == 2 and cause in err and str(out) in err and "Traceback" not in err
+    assert list(out.iterdir()) == []
+
+
+def test_tokenize_on_a_full_disk_leaves_nothing(files, tmp_path, capsys, monkeypatch):
+    from datasets.arrow_writer import ArrowWriter
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ArrowWriter, "write_table", full)
+    out = tmp_path / "corpus"
+    status, err = run_cli(capsys, *tokenize_args(files, out))
+    assert status == 2 and f"cannot write {out}" in err and "disk is full" in err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_pretrain_disk_full_during_a_checkpoint(tmp_path, capsys, monkeypatch):
+    import yaml
+    from test_pretrain import make_corpus, tiny_config
+    from test_pretrain import make_vocab as pretrain_vocab
+
+    from mixgeneformer import checkpoints as ckpt
+
+    root = tmp_path / "data"
+    root.mkdir()
+    vocab = pretrain_vocab()
+    vocab.save(root / "vocab.json")
+    make_corpus(root / "corpus", vocab, n_cells=64)
+    run = tmp_path / "run"
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tiny_config(root, run, train={"max_steps": 6})))
+    monkeypatch.setenv("MIXGF_TEST_FAIL_IN_SAVE", "6")
+    status, err = run_cli(capsys, "pretrain", "--config", tmp_path / "run.yaml")
+    assert status == 2 and "disk is full" in err and "checkpoint-6" in err and "Traceback" not in err
+    assert [p.name for _, p in ckpt.list_checkpoints(run)] == ["checkpoint-3"]
+    assert ckpt.checkpoint_problem(run / "checkpoint-3") is None
+    assert not (run / ckpt.STAGING).exists()
+
+
+# ------------------------------------------------------------------------- 12: wrong file types
+@pytest.mark.parametrize("option", ["--vocab", "--medians"])
+def test_wrong_file_types_for_vocab_and_medians(files, tmp_path, capsys, option):
+    pickled = tmp_path / "dict.pkl"
+    pickled.write_bytes(pickle.dumps({"ENSG00000000003": 1}))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    expected = {pickled: "is a Python pickle", files / "in.h5ad": "is an HDF5 file", folder: "is a directory"}
+    for path, message in expected.items():
+        args = tokenize_args(files, tmp_path / "out")
+        args[args.index(option) + 1] = path
+        status, err = run_cli(capsys, *args)
+        assert status == 2 and message in err and "Traceback" not in err, (path, err)
+        assert ("vocabulary" if option == "--vocab" else "gene median table") in err
+
+
+def test_truncated_h5ad_in_classify_is_a_clear_error(files, tmp_path, capsys):
+    broken = tmp_path / "broken.h5ad"
+    broken.write_bytes((files / "in.h5ad").read_bytes()[:3000])
+    status, err = run_cli(capsys, "classify", broken, "--out", tmp_path / "out", "--mode", "none", "--baselines",
+                          "--label", "cell_type")
+    assert status == 2 and "cannot read input h5ad" in err and "truncated" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------- 13: validation failures clean up
+def _bad(kind: str):
+    adata = make_adata(20, 60, seed=4)
+    x = adata.X.toarray().astype(np.float32)
+    if kind == "fractional":
+        x[3, 5] = 0.5
+    elif kind == "negative":
+        x[3, 5] = -1
+    elif kind == "nan":
+        x[3, 5] = np.nan
+    elif kind == "inf":
+        x[3, 5] = np.inf
+    elif kind == "all_empty":
+        x[:] = 0
+    elif kind == "no_cells":
+        adata, x = adata[:0].copy(), x[:0]
+    adata.X = x
+    return adata
+
+
+@pytest.mark.parametrize("kind", ["fractional", "negative", "nan", "inf", "all_empty", "no_cells"])
+def test_invalid_data_leaves_no_partial_folder(tmp_path, kind):
+    adata = _bad(kind)
+    adata.write_h5ad(tmp_path / "bad.h5ad")
+    genes = np.asarray(adata.var_names)
+    with pytest.raises(InputDataError):
+        tokenize_files([tmp_path / "bad.h5ad"], tmp_path / "corpus", make_vocab(genes), make_medians(genes),
+                       TokenizeConfig(task_cells=8, chunk_size=4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5ad"]
+
+
+# ------------------------------------------------------------------ 14: one writer per output
+def test_a_second_tokenize_into_the_same_output_is_refused(files, tmp_path, capsys):
+    out = tmp_path / "corpus"
+    partial = tmp_path / ".corpus.partial"
+    partial.mkdir()
+    (partial / "manifest.json").write_text("{}")  # the first run's work in progress
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from mixgeneformer.fileio import output_lock
+            with output_lock({str(out)!r}):
+                print("locked", flush=True)
+                time.sleep(120)
+        """)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        status, err = run_cli(capsys, *tokenize_args(files, out))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert status == 2 and f"being written by another process (pid {holder.pid})" in err
+    assert (partial / "manifest.json").read_text() == "{}" and not out.exists()
+    # Once the other process is gone (even killed), the lock is free again.
+    assert run_cli(capsys, *tokenize_args(files, out))[0] == 0
+    assert leftovers(tmp_path) == []
+
+
+def test_output_lock_is_reentrant_and_removed(tmp_path):
+    from mixgeneformer.fileio import output_lock
+
+    with output_lock(tmp_path / "x"), output_lock(tmp_path / "x"):
+        assert (tmp_path / ".x.lock").read_text() == str(__import__("os").getpid())
+    assert not (tmp_path / ".x.lock").exists()
+
+
+# --------------------------------------------------------------- 21: workers die with the parent
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def test_pool_workers_and_forkserver_exit_when_the_parent_is_killed(tmp_path):
+    import psutil
+
+    script = textwrap.dedent("""
+        import time
+        from mixgeneformer.parallel import worker_pool
+        pool = worker_pool(2)
+        print(sum(pool.map(abs, range(-8, 0))), flush=True)  # both workers started, then idle
+        time.sleep(300)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "36"
+        deadline = time.time() + 30
+        family = []
+        while time.time() < deadline:
+            family = [p for p in psutil.Process(parent.pid).children(recursive=True)]
+            workers = [p for p in family if "forkserver" not in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
+            if len(workers) >= 2:
+                break
+            time.sleep(0.2)
+        assert len(family) >= 3, [p.cmdline() for p in family]  # forkserver + 2 workers (+ resource tracker)
+        parent.kill()  # SIGKILL: no cleanup runs in the parent
+        parent.wait()
+        deadline = time.time() + 20
+        while time.time() < deadline and (alive := [p for p in family if _running(p)]):
+            time.sleep(0.2)
+        assert alive == [], [(p.pid, p.cmdline()) for p in alive]
+    finally:
+        parent.kill()
+        for p in family:
+            if p.is_running():
+                p.kill()
+
+
+def test_import_geneformer_never_replaces_its_pickles(tmp_path, capsys):
+    token_dictionary = tmp_path / "token_dictionary.pkl"
+    token_dictionary.write_bytes(pickle.dumps({"<pad>": 0, "<mask>": 1, "ENSG00000000003": 2}))
+    before = token_dictionary.read_bytes()
+    code, err = run_cli(capsys, "vocab", "import-geneformer", "--token-dictionary", token_dictionary,
+                        "--out", token_dictionary, "--overwrite")
+    assert code == 2 and "is the input" in err
+    assert token_dictionary.read_bytes() == before
