@@ -81,6 +81,9 @@ class LabelConfig:
     ``min_class_count`` drops classes with fewer cells (at least 2 are needed to stratify).
     ``unseen_test_labels``: test cells whose label training never saw (a separate test set) are
     dropped and reported (``"drop"``, the default) or raise an error (``"error"``).
+    ``transfer_split``: with a separate test set, train on the training split of the first and
+    test on the test split of the second (``test_size``, ``seed``), so transfer and within-dataset
+    runs of one seed share their cells; by default every cell of each is used.
     """
 
     key: str = "cell_type1"
@@ -89,6 +92,7 @@ class LabelConfig:
     test_size: float = 0.2
     seed: int = 42
     unseen_test_labels: Literal["error", "drop"] = "drop"
+    transfer_split: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_class_fraction < 1.0:
@@ -114,12 +118,26 @@ class EmbeddingConfig:
 class FinetuneConfig:
     """Fine-tuning a classification head (and optionally the encoder) on the HF Trainer.
 
-    Defaults follow the authors (lr 5e-5, batch 12, warmup 500, 10 epochs); the warmup is capped at
-    ``warmup_max_fraction`` of all steps so small data sets still reach the peak learning rate.
+    The recipe (see :func:`fit_classifier`): a stratified validation split carved from the training
+    cells (``validation_fraction``), evaluation every epoch, the checkpoint with the best
+    validation macro-F1 kept (early stopping after ``early_stopping_patience`` epochs without a
+    gain), class-weighted cross-entropy when classes are imbalanced, and learning rates fitted to
+    the model: ``learning_rate=None`` picks :func:`default_learning_rate` of the encoder's width
+    (the authors' 5e-5 for their 256-wide model, higher for narrower ones), and the freshly
+    initialised head learns at ``head_learning_rate`` (default ``head_lr_multiplier`` × the
+    encoder's rate). The warmup is capped at ``warmup_max_fraction`` of all steps.
+
+    ``pooling="auto"`` pools cells the way the model was pretrained (its ``config.pooling``: mean
+    over genes, or the ``<cls>`` state when the cells start with one). ``freeze_layers=k`` freezes
+    the embeddings and the bottom ``k`` blocks; ``freeze_embeddings`` freezes only the embeddings.
+    ``seed`` (default: the split seed ``labels.seed``) seeds the head, dropout, data order and the
+    validation split: the same call gives the same model on the same machine.
     """
 
-    learning_rate: float = 5e-5
-    batch_size: int = 12
+    learning_rate: float | None = None
+    head_learning_rate: float | None = None
+    head_lr_multiplier: float = 10.0
+    batch_size: int = 16
     epochs: float = 10.0
     max_steps: int = -1
     warmup_steps: int = 500
@@ -127,8 +145,14 @@ class FinetuneConfig:
     weight_decay: float = 0.001
     train_encoder: bool = True
     freeze_layers: int = 0
-    pooling: Literal["mean", "cls"] = "mean"
+    freeze_embeddings: bool = False
+    pooling: Literal["auto", "mean", "cls"] = "auto"
     classifier_dropout: float = 0.1
+    validation_fraction: float = 0.1
+    early_stopping_patience: int = 3
+    class_weights: Literal["auto", "balanced", "none"] = "auto"
+    imbalance_ratio: float = 1.5
+    seed: int | None = None
     max_len: int | None = None
     device: str | None = None
     bf16: bool = False
@@ -141,6 +165,24 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.batch_size={self.batch_size} must be >= 1.")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("finetune.epochs must be > 0 (or set finetune.max_steps > 0).")
+        for name in ("learning_rate", "head_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"finetune.{name}={value} must be > 0 (or null for the default).")
+        if not self.head_lr_multiplier > 0:
+            raise ConfigError(f"finetune.head_lr_multiplier={self.head_lr_multiplier} must be > 0.")
+        if not 0.0 <= self.validation_fraction < 0.5:
+            raise ConfigError(
+                f"finetune.validation_fraction={self.validation_fraction} must be in [0, 0.5) (0: no validation split)."
+            )
+        if self.early_stopping_patience < 0:
+            raise ConfigError(
+                f"finetune.early_stopping_patience={self.early_stopping_patience} must be >= 0 (0: train every epoch)."
+            )
+        if self.imbalance_ratio < 1.0:
+            raise ConfigError(f"finetune.imbalance_ratio={self.imbalance_ratio} must be >= 1.")
+        if not 0.0 <= self.warmup_max_fraction <= 1.0:
+            raise ConfigError(f"finetune.warmup_max_fraction={self.warmup_max_fraction} must be in [0, 1].")
 
 
 @dataclass
@@ -965,6 +1007,8 @@ def _classifier_class() -> type:
             self.classifier = nn.Linear(config.hidden_size, config.num_labels)
             # A plain array, not a buffer: from_pretrained leaves non-persistent buffers uninitialised.
             self.special_ids = np.asarray(config.special_token_ids or [config.pad_token_id or 0], dtype=np.int64)
+            # Per-class loss weights while fine-tuning (a plain attribute: not saved with the model).
+            self.loss_weights: torch.Tensor | None = None
             self.post_init()
 
         def forward(self, input_ids: Any, attention_mask: Any = None, labels: Any = None, **_: Any) -> Any:
@@ -973,7 +1017,10 @@ def _classifier_class() -> type:
             hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             pooled = pool_cells(hidden, input_ids, attention_mask, self.special_ids, self.config.cell_pooling)
             logits = self.classifier(self.dropout(pooled.to(self.classifier.weight.dtype)))
-            loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
+            loss = None
+            if labels is not None:
+                weight = None if self.loss_weights is None else self.loss_weights.to(logits.device)
+                loss = nn.functional.cross_entropy(logits.float(), labels, weight=weight)
             return SequenceClassifierOutput(loss=loss, logits=logits)
 
     _CLASSIFIER_CLASS = MixGeneformerForCellClassification
@@ -983,13 +1030,21 @@ def _classifier_class() -> type:
 _CLASSIFIER_CLASS: type | None = None
 
 
-def build_classifier(model: Any, classes: Sequence[str], vocab: Any, config: FinetuneConfig | None = None) -> Any:
+def build_classifier(
+    model: Any, classes: Sequence[str], vocab: Any, config: FinetuneConfig | None = None, seed: int | None = None
+) -> Any:
     """A classification model initialised from ``model``'s encoder, with layers frozen per ``config``.
 
     ``config.train_encoder=False`` trains only the head; ``config.freeze_layers=k`` freezes the
-    embeddings and the bottom ``k`` encoder layers.
+    embeddings and the bottom ``k`` encoder layers; ``config.freeze_embeddings`` the embeddings.
+    ``config.pooling="auto"`` is resolved here from the model alone (mean unless it was pretrained
+    with ``cls`` / ``pooler`` pooling); :func:`fit_classifier` also checks the cells' first token.
+    ``seed`` initialises the head from that seed without touching the global random state
+    (default: the global state, as any torch module).
     """
     import copy
+
+    import torch
 
     from .embed import encoder_of
 
@@ -1002,11 +1057,16 @@ def build_classifier(model: Any, classes: Sequence[str], vocab: Any, config: Fin
     model_config.num_labels = len(classes)
     model_config.id2label = dict(enumerate(classes))
     model_config.label2id = {c: i for i, c in enumerate(classes)}
-    model_config.cell_pooling = config.pooling
+    model_config.cell_pooling = resolve_pooling(config.pooling, model)
     model_config.classifier_dropout = config.classifier_dropout
     model_config.special_token_ids = [int(i) for i in vocab.special_ids]
     model_config.vocab_hash = vocab.hash
-    classifier = _classifier_class()(model_config)
+    if seed is None:
+        classifier = _classifier_class()(model_config)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            classifier = _classifier_class()(model_config)
     missing, unexpected = classifier.bert.load_state_dict(bert.state_dict(), strict=False)
     unexpected = [k for k in unexpected if not k.startswith("pooler.")]
     if missing or unexpected:
@@ -1014,11 +1074,93 @@ def build_classifier(model: Any, classes: Sequence[str], vocab: Any, config: Fin
     trainable = config.train_encoder
     for parameter in classifier.bert.parameters():
         parameter.requires_grad = trainable
-    if trainable and config.freeze_layers:
+    if trainable and (config.freeze_layers or config.freeze_embeddings):
         for module in (classifier.bert.embeddings, *classifier.bert.encoder.layer[: config.freeze_layers]):
             for parameter in module.parameters():
                 parameter.requires_grad = False
     return classifier
+
+
+def resolve_pooling(pooling: str, model: Any, first_tokens: np.ndarray | None = None, special_ids: Any = None) -> str:
+    """The cell pooling of a classifier: ``"mean"`` / ``"cls"`` as given; ``"auto"`` follows pretraining.
+
+    ``"auto"``: a model pretrained with ``cls`` or ``pooler`` pooling (the state at position 0) is
+    pooled at ``<cls>`` when every cell starts with a special token (``first_tokens`` /
+    ``special_ids``, when given), otherwise (and for ``mean`` pretraining) by the mean over genes.
+    """
+    if pooling in ("mean", "cls"):
+        return pooling
+    if pooling != "auto":
+        raise ConfigError(f"finetune.pooling={pooling!r} is not one of ['auto', 'mean', 'cls'].")
+    from .embed import encoder_of
+
+    pretrained = getattr(getattr(model, "config", None), "pooling", None) or getattr(
+        encoder_of(model).config, "pooling", "mean"
+    )
+    if pretrained not in ("cls", "pooler"):
+        return "mean"
+    if first_tokens is not None and special_ids is not None:
+        if not np.isin(np.asarray(first_tokens), np.asarray(special_ids)).all():
+            return "mean"
+    return "cls"
+
+
+def default_learning_rate(hidden_size: int) -> float:
+    """Encoder fine-tuning learning rate for a model of this width.
+
+    The authors fine-tune their 256-wide model at 5e-5; Adam's update size does not shrink with
+    the width, so narrower models take proportionally larger steps for the same relative change
+    of their weights: ``5e-5 × 256 / hidden``, capped at 1e-3 (tiny: 64 wide -> 2e-4).
+    """
+    if hidden_size < 1:
+        raise ConfigError(f"hidden_size={hidden_size} must be >= 1.")
+    return float(min(1e-3, 5e-5 * 256 / hidden_size))
+
+
+def validation_split(
+    labels: Sequence[int] | np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Carve a stratified validation set from training labels: ``(fit, validation)`` positions.
+
+    Each class gives ``round(fraction × its cells)`` cells, at least one (so validation macro-F1
+    sees every class) and never all of them. Returns ``None`` (logged) when ``fraction`` is 0 or a
+    class has fewer than 2 cells: the caller then trains on every cell without validation.
+    """
+    labels = np.asarray(labels)
+    if fraction <= 0:
+        return None
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if counts.min() < 2:
+        logger.warning(
+            "no validation split: a class has %d training cell(s); training without model selection", int(counts.min())
+        )
+        return None
+    take = np.clip(np.rint(fraction * counts).astype(np.int64), 1, counts - 1)
+    # A seeded random rank within each class; the first ``take`` of each class validate.
+    order = np.random.default_rng(seed).permutation(labels.size)
+    by_class = order[np.argsort(inverse[order], kind="stable")]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(labels.size, dtype=np.int64)
+    rank[by_class] = np.arange(labels.size) - np.repeat(starts, counts)
+    is_val = rank < take[inverse.reshape(-1)]
+    return np.flatnonzero(~is_val).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
+
+
+def class_weights(
+    label_ids: Sequence[int] | np.ndarray, n_classes: int, mode: str = "auto", imbalance_ratio: float = 1.5
+) -> np.ndarray | None:
+    """Per-class loss weights ``n / (n_classes × count_c)`` (scikit-learn's "balanced"), or ``None``.
+
+    ``"auto"`` weights only when the largest class has more than ``imbalance_ratio`` times the
+    cells of the smallest; ``"balanced"`` always; ``"none"`` never.
+    """
+    if mode not in ("auto", "balanced", "none"):
+        raise ConfigError(f"finetune.class_weights={mode!r} is not one of ['auto', 'balanced', 'none'].")
+    counts = np.bincount(np.asarray(label_ids, dtype=np.int64), minlength=n_classes).astype(np.float64)
+    if mode == "none" or (mode == "auto" and counts.max() <= imbalance_ratio * counts[counts > 0].min()):
+        return None
+    weights = np.divide(counts.sum(), n_classes * counts, out=np.zeros(n_classes), where=counts > 0)
+    return weights.astype(np.float32)
 
 
 class _PadCollator:
@@ -1050,6 +1192,7 @@ class FittedClassifier:
     medians: Any
     config: ClassifyConfig
     log_history: list[dict[str, Any]]
+    summary: dict[str, Any] = field(default_factory=dict)
 
     def predict(self, dataset: Any, batch_size: int = 64, device: str | None = None) -> Prediction:
         """Class probabilities of every cell of a tokenized corpus (length-sorted batches)."""
@@ -1073,7 +1216,7 @@ class FittedClassifier:
 
     def save(self, directory: Any, overwrite: bool = False) -> Any:
         """Write ``model/`` (config.json + model.safetensors only), ``vocab.json``, ``medians.tsv``,
-        ``config.yaml`` and ``training_log.json`` atomically."""
+        ``config.yaml``, ``training_log.json`` and ``finetune_summary.json`` atomically."""
         from pathlib import Path
 
         from .config import save_config
@@ -1086,6 +1229,7 @@ class FittedClassifier:
                 self.medians.save(tmp / "medians.tsv")
             save_config(self.config, tmp)
             write_json(tmp / "training_log.json", self.log_history)
+            write_json(tmp / "finetune_summary.json", self.summary)
         return Path(directory)
 
 
@@ -1111,6 +1255,9 @@ def load_classifier(directory: Any) -> FittedClassifier:
         medians=medians,
         config=load_config(ClassifyConfig, directory / "config.yaml"),
         log_history=read_json(directory / "training_log.json", "training log"),
+        summary=read_json(directory / "finetune_summary.json", "fine-tuning summary")
+        if (directory / "finetune_summary.json").exists()
+        else {},
     )
 
 
@@ -1123,46 +1270,88 @@ def fit_classifier(
     train_tokens: TokenizedCells | None = None,
     tokenize_config: Any = None,
     work_dir: Any = None,
+    callbacks: Sequence[Any] = (),
 ) -> FittedClassifier:
     """Fine-tune a classification head (and, per config, the encoder) on the task's training cells.
 
-    Runs on the Hugging Face Trainer: AdamW, linear schedule with warmup ``min(warmup_steps,
-    warmup_max_fraction × steps)``, lr 5e-5, batch 12 by default. Nothing of the test split is
-    seen. ``work_dir`` receives the Trainer's scratch files (a temporary folder by default).
+    Runs on the Hugging Face Trainer (AdamW, linear schedule, warmup ``min(warmup_steps,
+    warmup_max_fraction × steps)``). A stratified ``validation_fraction`` of the training cells is
+    held out (:func:`validation_split`); the model is evaluated on it every epoch (or every
+    ``steps_per_epoch`` steps under ``max_steps``), the checkpoint with the best validation macro-F1
+    is restored at the end, and training stops after ``early_stopping_patience`` evaluations
+    without a gain. The head learns at its own, higher rate; the loss is class-weighted per
+    ``class_weights``. Nothing of the test split is seen. ``work_dir`` receives the Trainer's
+    scratch files (a temporary folder by default); ``callbacks`` are extra ``TrainerCallback`` s.
+    The result's ``summary`` records the resolved recipe and the validation curve.
     """
     import tempfile
 
     import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import EarlyStoppingCallback, TrainingArguments
+
+    from .embed import encoder_of
 
     config = config or ClassifyConfig()
     ft = config.finetune
+    seed = config.labels.seed if ft.seed is None else ft.seed
     if train_tokens is None:
         train_tokens = tokenize_cells(task.train_data, vocab, medians, tokenize_config, _max_len_of(model))
     keep = np.isin(task.train_rows, train_tokens.rows)
     classes = task.classes
     label_ids = pd.Index(classes).get_indexer(task.train_labels[keep])
     dataset = train_tokens.select(task.train_rows[keep]).select_columns(["input_ids"]).add_column("labels", label_ids.tolist())
-    classifier = build_classifier(model, classes, vocab, ft)
+    split = validation_split(label_ids, ft.validation_fraction, seed)
+    train_set, val_set = (dataset, None) if split is None else (dataset.select(split[0]), dataset.select(split[1]))
+    first_tokens = np.asarray([ids[0] for ids in train_set["input_ids"]])
+    pooling = resolve_pooling(ft.pooling, model, first_tokens, vocab.special_ids)
+    classifier = build_classifier(model, classes, vocab, dataclasses.replace(ft, pooling=pooling), seed=seed)
+    fit_ids = np.asarray(train_set["labels"])
+    weights = class_weights(fit_ids, len(classes), ft.class_weights, ft.imbalance_ratio)
+    classifier.loss_weights = None if weights is None else torch.as_tensor(weights)
+    learning_rate = ft.learning_rate or default_learning_rate(int(encoder_of(model).config.hidden_size))
+    head_learning_rate = ft.head_learning_rate or ft.head_lr_multiplier * learning_rate
 
-    steps_per_epoch = math.ceil(len(dataset) / ft.batch_size)
+    steps_per_epoch = math.ceil(len(train_set) / ft.batch_size)
     total_steps = ft.max_steps if ft.max_steps > 0 else math.ceil(steps_per_epoch * ft.epochs)
     warmup = min(ft.warmup_steps, int(ft.warmup_max_fraction * total_steps))
+    eval_steps = max(1, min(steps_per_epoch, total_steps))
+    validate = val_set is not None
+    summary: dict[str, Any] = {
+        "seed": int(seed),
+        "n_fit": len(train_set),
+        "n_validation": 0 if val_set is None else len(val_set),
+        "pooling": pooling,
+        "learning_rate": float(learning_rate),
+        "head_learning_rate": float(head_learning_rate),
+        "warmup_steps": int(warmup),
+        "total_steps": int(total_steps),
+        "steps_per_epoch": int(steps_per_epoch),
+        "class_weights": None if weights is None else dict(zip(classes, map(float, weights), strict=True)),
+    }
     with tempfile.TemporaryDirectory(prefix="mixgf-finetune-", dir=work_dir) as scratch:
         args = TrainingArguments(
             output_dir=scratch,
-            learning_rate=ft.learning_rate,
+            learning_rate=learning_rate,
             per_device_train_batch_size=ft.batch_size,
+            per_device_eval_batch_size=max(64, ft.batch_size),
             num_train_epochs=ft.epochs,
             max_steps=ft.max_steps,
             warmup_steps=warmup,
             weight_decay=ft.weight_decay,
             lr_scheduler_type="linear",
             logging_steps=max(1, min(ft.logging_steps, total_steps)),
-            save_strategy="no",
+            eval_strategy="steps" if validate else "no",
+            eval_steps=eval_steps,
+            save_strategy="steps" if validate else "no",
+            save_steps=eval_steps,
+            save_total_limit=1 if validate else None,
+            save_only_model=True,
+            load_best_model_at_end=validate,
+            metric_for_best_model="macro_f1" if validate else None,
+            greater_is_better=True,
             report_to=[],
-            seed=config.labels.seed,
-            data_seed=config.labels.seed,
+            seed=seed,
+            data_seed=seed,
             bf16=ft.bf16,
             use_cpu=(ft.device == "cpu"),
             remove_unused_columns=False,
@@ -1170,11 +1359,91 @@ def fit_classifier(
             dataloader_pin_memory=ft.device != "cpu" and torch.cuda.is_available(),
             disable_tqdm=True,
         )
-        trainer = Trainer(model=classifier, args=args, train_dataset=dataset, data_collator=_PadCollator(vocab.pad_id))
+        extra = list(callbacks)
+        if validate and ft.early_stopping_patience > 0:
+            extra.append(EarlyStoppingCallback(early_stopping_patience=ft.early_stopping_patience))
+        trainer = _finetune_trainer_class()(
+            head_learning_rate=head_learning_rate,
+            model=classifier,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=val_set,
+            data_collator=_PadCollator(vocab.pad_id),
+            compute_metrics=_validation_metrics if validate else None,
+            callbacks=extra,
+        )
         trainer.train()
         log_history = list(trainer.state.log_history)
+        if validate:
+            curve = [
+                {"step": int(e["step"]), "epoch": float(e["epoch"]), "macro_f1": float(e["eval_macro_f1"]),
+                 "accuracy": float(e["eval_accuracy"]), "loss": float(e["eval_loss"])}
+                for e in log_history if "eval_macro_f1" in e
+            ]
+            best = max(curve, key=lambda e: e["macro_f1"])  # first of equals, as the Trainer keeps it
+            summary.update(validation_curve=curve, best_step=best["step"], best_epoch=best["epoch"],
+                           best_validation_macro_f1=best["macro_f1"])
+        summary["steps_run"] = int(trainer.state.global_step)
     classifier = trainer.model.eval()
-    return FittedClassifier(classifier, classes, vocab, medians, config, log_history)
+    classifier.loss_weights = None
+    return FittedClassifier(classifier, classes, vocab, medians, config, log_history, summary)
+
+
+def _validation_metrics(eval_prediction: Any) -> dict[str, float]:
+    """Validation scores the Trainer logs each epoch (model selection uses ``macro_f1``)."""
+    logits = eval_prediction.predictions
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    from sklearn.metrics import accuracy_score, f1_score
+
+    y_true, y_pred = np.asarray(eval_prediction.label_ids).astype(np.int64), np.asarray(logits).argmax(axis=-1)
+    return {
+        # Classes seen in either array, absent predictions scoring 0, as classification_metrics does.
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+    }
+
+
+_FINETUNE_TRAINER: type | None = None
+
+
+def _finetune_trainer_class() -> type:
+    """A Trainer whose optimizer gives the classification head its own learning rate (built lazily)."""
+    global _FINETUNE_TRAINER
+    if _FINETUNE_TRAINER is not None:
+        return _FINETUNE_TRAINER
+    from transformers import Trainer
+
+    class FinetuneTrainer(Trainer):
+        """HF Trainer with two learning rates: encoder (``args.learning_rate``) and head."""
+
+        def __init__(self, *args: Any, head_learning_rate: float, **kwargs: Any):
+            self.head_learning_rate = head_learning_rate
+            super().__init__(*args, **kwargs)
+
+        def create_optimizer(self, model: Any = None) -> Any:
+            if self.optimizer is None:
+                model = self.model if model is None else model
+                decay = set(self.get_decay_parameter_names(model))
+                groups = []
+                for head in (False, True):
+                    for decayed in (True, False):
+                        params = [
+                            p for n, p in model.named_parameters()
+                            if p.requires_grad and n.startswith("classifier.") == head and (n in decay) == decayed
+                        ]
+                        if params:
+                            groups.append({
+                                "params": params,
+                                "weight_decay": self.args.weight_decay if decayed else 0.0,
+                                "lr": self.head_learning_rate if head else self.args.learning_rate,
+                            })
+                optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+                optimizer_kwargs.pop("lr", None)
+                self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+            return self.optimizer
+
+    _FINETUNE_TRAINER = FinetuneTrainer
+    return FinetuneTrainer
 
 
 def finetune(
@@ -1195,7 +1464,7 @@ def finetune(
         task = restrict_to_tokenized(task, train_tokens, test_tokens)
     fitted = fit_classifier(task, model, vocab, medians, config, train_tokens=train_tokens)
     prediction = fitted.predict(test_tokens.select(task.test_rows))
-    return evaluate(task, prediction, method), fitted
+    return evaluate(task, prediction, method, finetune=fitted.summary), fitted
 
 
 # --------------------------------------------------------------------------------------------
@@ -1232,7 +1501,9 @@ def run_classification(
     """Classify ``adata``'s cells (stratified split), or train on ``adata`` and test on ``test``.
 
     With ``test`` of another species, labels are matched by canonical name (see the module
-    docstring) and count baselines use one-to-one-ortholog genes.
+    docstring) and count baselines use one-to-one-ortholog genes. ``config.labels.transfer_split``
+    trains on ``adata``'s training split and tests on ``test``'s test split (each split as a
+    within-dataset run of the same seed would split it).
     """
     from .genes import detect_species
 
@@ -1245,7 +1516,13 @@ def run_classification(
     else:
         species = (detect_species(list(adata.var_names)), detect_species(list(test.var_names)))
         setting = "transfer" if species[0] == species[1] else f"{species[0]}->{species[1]}"
-        task = transfer_task(adata, test, config.labels, setting, synonyms=config.synonyms)
+        rows: dict[str, np.ndarray | None] = {"source_rows": None, "target_rows": None}
+        if config.labels.transfer_split:
+            rows = {
+                "source_rows": within_task(adata, config.labels).train_rows,
+                "target_rows": within_task(test, config.labels).test_rows,
+            }
+        task = transfer_task(adata, test, config.labels, setting, synonyms=config.synonyms, **rows)
     for note in task.notes:
         logger.info("%s", note)
     results: list[EvalResult] = []

@@ -87,9 +87,15 @@ class DemoConfig:
         ``embed_layer``. The demo pools by the mean over genes of the last layer, so the contrastive
         objective shapes exactly the embedding used downstream (a 2-layer model's second-to-last
         layer, Geneformer's default, is only its first block).
-    finetune_steps
-        Fine-tuning steps per classification setting (0 skips fine-tuning; zero-shot kNN /
-        logistic regression and the count baselines always run).
+    finetune_epochs
+        Most fine-tuning epochs per classification setting and seed, with the library's recipe
+        (validation split from the training cells, best epoch by validation macro-F1, early
+        stopping, class weights; :class:`mixgeneformer.classify.FinetuneConfig`). 0 skips
+        fine-tuning; zero-shot kNN / logistic regression and the count baselines always run.
+    classify_seeds
+        Seeds of the classification splits (and of fine-tuning): every classification number in
+        the report is a mean ± sd over them. Cross-species settings train on the source's
+        training split and test on the target's test split of the same seed.
     perturb_species, perturb_start, perturb_goal, perturb_alternatives, perturb_cells
         In silico deletion of every gene in ``perturb_cells`` cells of type ``perturb_start``,
         scored by the shift toward the mean embedding of ``perturb_goal`` cells.
@@ -121,7 +127,8 @@ class DemoConfig:
     contrastive_weight: float = 1.0
     pooling: Literal["mean"] = "mean"
     embed_layer: int = -1
-    finetune_steps: int = 100
+    finetune_epochs: float = 5.0
+    classify_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     perturb_species: Literal["human", "mouse"] = "human"
     perturb_start: str = "beta"
     perturb_goal: str = "alpha"
@@ -147,8 +154,10 @@ class DemoConfig:
                 raise ConfigError(f"demo.{name} must be >= 1, got {value}.")
         if self.cells_per_type is not None and self.cells_per_type < 2:
             raise ConfigError(f"demo.cells_per_type must be >= 2 (or None for all cells), got {self.cells_per_type}.")
-        if self.finetune_steps < 0 or self.warmup_steps < 0:
-            raise ConfigError("demo.finetune_steps and demo.warmup_steps must be >= 0.")
+        if self.finetune_epochs < 0 or self.warmup_steps < 0:
+            raise ConfigError("demo.finetune_epochs and demo.warmup_steps must be >= 0.")
+        if not self.classify_seeds or len(set(self.classify_seeds)) != len(self.classify_seeds):
+            raise ConfigError(f"demo.classify_seeds must be distinct seeds, at least one; got {self.classify_seeds}.")
         if self.learning_rate <= 0:
             raise ConfigError(f"demo.learning_rate must be > 0, got {self.learning_rate}.")
         if self.perturb_start == self.perturb_goal:
@@ -165,7 +174,8 @@ class DemoConfig:
             pretrain_steps=40,
             batch_size=16,
             warmup_steps=5,
-            finetune_steps=10,
+            finetune_epochs=2.0,
+            classify_seeds=[0, 1],
             perturb_cells=4,
             umap_neighbors=10,
             quick=True,
@@ -473,18 +483,16 @@ def _setting_slug(source: str, target: str) -> str:
     return f"{source}_within" if source == target else f"{source}_to_{target}"
 
 
-def _classify_config(ctx: _Context) -> Any:
+def _classify_config(ctx: _Context, seed: int | None = None) -> Any:
     from . import classify as clf
 
     cfg = ctx.config
     return clf.ClassifyConfig(
-        labels=clf.LabelConfig(key=cfg.label_key),
-        embedding=clf.EmbeddingConfig(layer=cfg.embed_layer, pooling=cfg.pooling),
-        finetune=clf.FinetuneConfig(
-            max_steps=cfg.finetune_steps if cfg.finetune_steps > 0 else -1,
-            batch_size=cfg.batch_size, learning_rate=1e-3, warmup_steps=max(1, cfg.finetune_steps // 10),
-            pooling=cfg.pooling, device=cfg.device,
+        labels=clf.LabelConfig(
+            key=cfg.label_key, seed=cfg.classify_seeds[0] if seed is None else seed, transfer_split=True
         ),
+        embedding=clf.EmbeddingConfig(layer=cfg.embed_layer, pooling=cfg.pooling),
+        finetune=clf.FinetuneConfig(epochs=max(cfg.finetune_epochs, 1.0), batch_size=cfg.batch_size, device=cfg.device),
     )
 
 
@@ -495,34 +503,65 @@ def _step_classify(ctx: _Context, folder: Path) -> dict[str, Any]:
     cfg = ctx.config
     adatas = _load_inputs(ctx)
     model, vocab, medians = load_bundle(ctx.results["pretrain"]["bundle"])
-    classify_config = _classify_config(ctx)
-    save_config(classify_config, folder)
-    methods = ("knn", "logreg", "finetune") if cfg.finetune_steps > 0 else ("knn", "logreg")
+    save_config(_classify_config(ctx), folder)
+    methods = ("knn", "logreg", "finetune") if cfg.finetune_epochs > 0 else ("knn", "logreg")
     tables, figures, notes = [], {}, {}
-    for source, target in CLASSIFY_SETTINGS:
-        name, slug = _setting_name(source, target), _setting_slug(source, target)
-        print(f"-- {name}", flush=True)
-        run = clf.run_classification(
-            adatas[source], model, vocab, medians, test=None if source == target else adatas[target],
-            methods=methods, baseline_methods=("logreg_counts", "knn_pca"), config=classify_config,
-            tokenize_config=_tokenize_config(ctx), device=cfg.device,
-        )
-        clf.save_run(run, folder / slug, overwrite=True)
-        table = run.table()
-        print(clf.markdown_table(table), flush=True)
-        table["method"] = table["method"].map(lambda m: f"mixgf_{m}" if m in methods else m)
-        table.insert(0, "setting", table.pop("setting").map(lambda _s, n=name: n))
-        table.insert(2, "n_train", int(run.task.train_rows.size))
-        table.insert(3, "n_test", int(run.task.test_rows.size))
-        tables.append(table)
-        notes[name] = list(run.task.notes)
-        figure = folder / slug / "confusion_knn.png"  # kNN on frozen embeddings: the paper's zero-shot protocol
-        if figure.exists():
-            figures[f"confusion_{slug}"] = str(figure.resolve())
-    table = pd.concat(tables, ignore_index=True)
+    for seed in cfg.classify_seeds:
+        # One split per species and seed; transfer trains on the source's training cells and tests
+        # on the target's test cells (labels.transfer_split), so every row of a target species is
+        # scored on the same cells.
+        classify_config = _classify_config(ctx, seed)
+        for source, target in CLASSIFY_SETTINGS:
+            name, slug = _setting_name(source, target), _setting_slug(source, target)
+            print(f"-- {name}, seed {seed}", flush=True)
+            run = clf.run_classification(
+                adatas[source], model, vocab, medians, test=None if source == target else adatas[target],
+                methods=methods, baseline_methods=("logreg_counts", "knn_pca"), config=classify_config,
+                tokenize_config=_tokenize_config(ctx), device=cfg.device,
+            )
+            clf.save_run(run, folder / slug / f"seed_{seed}", overwrite=True)
+            table = run.table()
+            print(clf.markdown_table(table), flush=True)
+            table["method"] = table["method"].map(lambda m: f"mixgf_{m}" if m in methods else m)
+            table.insert(0, "setting", table.pop("setting").map(lambda _s, n=name: n))
+            table.insert(1, "seed", seed)
+            table.insert(3, "n_train", int(run.task.train_rows.size))
+            table.insert(4, "n_test", int(run.task.test_rows.size))
+            tables.append(table)
+            notes.setdefault(name, list(run.task.notes))
+            figure = folder / slug / f"seed_{seed}" / "confusion_knn.png"  # kNN on frozen embeddings: the paper's zero-shot protocol
+            if figure.exists() and f"confusion_{slug}" not in figures:
+                figures[f"confusion_{slug}"] = str(figure.resolve())
+    per_seed = pd.concat(tables, ignore_index=True)
+    per_seed.to_csv(folder / "metrics_per_seed.csv", index=False)
+    table = seed_summary(per_seed)
     table.to_csv(folder / "metrics.csv", index=False)
     write_json(folder / "notes.json", notes)
-    return {"table": table.to_dict(orient="records"), "figures": figures, "notes": notes}
+    return {
+        "table": table.to_dict(orient="records"),
+        "per_seed": per_seed.to_dict(orient="records"),
+        "seeds": list(cfg.classify_seeds),
+        "figures": figures,
+        "notes": notes,
+    }
+
+
+def seed_summary(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample sd over seeds of every metric, per (setting, method), in first-seen order.
+
+    Columns: setting, method, n_seeds, n_train, n_test (means), then ``<metric>`` (mean) and
+    ``<metric>_sd`` for accuracy and the macro scores.
+    """
+    from .classify import METRIC_COLUMNS
+
+    keys = ["setting", "method"]
+    grouped = per_seed.groupby(keys, sort=False)
+    table = grouped[["n_train", "n_test"]].mean().round(1)
+    table.insert(0, "n_seeds", grouped.size())
+    for metric in METRIC_COLUMNS:
+        table[metric] = grouped[metric].mean()
+        table[f"{metric}_sd"] = grouped[metric].std(ddof=1).fillna(0.0)
+    return table.reset_index()
 
 
 def _step_perturb(ctx: _Context, folder: Path) -> dict[str, Any]:
@@ -661,15 +700,16 @@ def _commands(ctx: _Context) -> dict[str, list[str]]:
     corpus, bundle = out / "tokenize" / "corpus", out / "pretrain" / "run" / "model"
     tok = corpus / "config.yaml"  # the TokenizeConfig the corpus was made with
     dev = f" --device {cfg.device}" if cfg.device else ""
-    fin = "" if cfg.finetune_steps > 0 else " --mode zero-shot"
+    fin = "" if cfg.finetune_epochs > 0 else " --mode zero-shot"
     classify = []
-    for source, target in CLASSIFY_SETTINGS:
-        test = f" --test {inputs[target]}" if source != target else ""
-        classify.append(
-            f"mixgf classify {inputs[source]}{test} --model {bundle} --label {cfg.label_key}{fin} --baselines "
-            f"--config {out / 'classify' / 'config.yaml'} --tokenize-config {tok} "
-            f"--out {out / 'classify' / _setting_slug(source, target)} --overwrite{dev}"
-        )
+    for seed in cfg.classify_seeds:
+        for source, target in CLASSIFY_SETTINGS:
+            test = f" --test {inputs[target]}" if source != target else ""
+            classify.append(
+                f"mixgf classify {inputs[source]}{test} --model {bundle} --label {cfg.label_key}{fin} --baselines "
+                f"--config {out / 'classify' / 'config.yaml'} --set labels.seed={seed} --tokenize-config {tok} "
+                f"--out {out / 'classify' / _setting_slug(source, target) / f'seed_{seed}'} --overwrite{dev}"
+            )
     return {
         "vocab": [f"mixgf vocab build --out {vocab} --mode {cfg.vocab_mode} --gene-set {cfg.gene_set}"],
         "medians": [f"mixgf medians {human} {mouse} --out {medians} --workers {cfg.workers}"],
@@ -722,15 +762,40 @@ def _figures(ctx: _Context) -> dict[str, Path]:
     return figures
 
 
-def _metrics_markdown(table: pd.DataFrame) -> str:
+def _classification_text(cfg: DemoConfig, pretrain: dict[str, Any]) -> str:
+    """How the classification table was made: splits, seeds, fine-tuning recipe, what is tested."""
+    seeds = ", ".join(map(str, cfg.classify_seeds))
+    finetune = (
+        f"fine-tuned (at most {cfg.finetune_epochs:g} epochs; the epoch kept is the best by macro-F1 on a "
+        "validation set carved from the training cells, class-weighted loss, the encoder at a rate fitted to "
+        "its width and the head at 10× that rate)"
+        if cfg.finetune_epochs > 0
+        else "not fine-tuned (finetune_epochs=0)"
+    )
+    return (
+        f"Every number is the mean ± sd over {len(cfg.classify_seeds)} split seeds ({seeds}) of one model "
+        f"pretrained with seed {cfg.seed} ({pretrain['steps']} steps). Within species: a stratified 80/20 split per "
+        "seed; across species: the source's training cells → the target's test cells of the same seed (labels "
+        "matched by canonical name; count baselines on one-to-one-ortholog genes). Classes under 0.5% of cells "
+        "are dropped. Every method of a seed sees the same cells and nothing is chosen on test cells. "
+        f"Mix-Geneformer rows use the frozen embedding ({cfg.pooling} pooling, hidden state {cfg.embed_layer}), "
+        f"except the one {finetune}. The demo pretrains on all shipped cells, test cells included (without labels); "
+        "`benchmarks/classify.py` pretrains on training cells only."
+    )
+
+
+def _seeds_markdown(table: pd.DataFrame) -> str:
+    """The classification table as mean ± sd over seeds (columns of :func:`seed_summary`)."""
+    metrics = ("accuracy", "macro_f1", "macro_precision", "macro_recall")
     lines = [
-        "| setting | train / test cells | method | accuracy | macro F1 | macro precision | macro recall |",
-        "|---|---|---|---|---|---|---|",
+        "| setting | train / test cells | method | seeds | accuracy | macro F1 | macro precision | macro recall |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for row in table.itertuples(index=False):
+    for row in table.to_dict(orient="records"):
+        scores = " | ".join(f"{row[m]:.3f} ± {row.get(m + '_sd', 0.0):.3f}" for m in metrics)
         lines.append(
-            f"| {row.setting} | {row.n_train} / {row.n_test} | {_METHOD_NAMES.get(row.method, row.method)} | {row.accuracy:.3f} | "
-            f"{row.macro_f1:.3f} | {row.macro_precision:.3f} | {row.macro_recall:.3f} |"
+            f"| {row['setting']} | {row['n_train']:g} / {row['n_test']:g} | "
+            f"{_METHOD_NAMES.get(row['method'], row['method'])} | {row.get('n_seeds', 1)} | {scores} |"
         )
     return "\n".join(lines)
 
@@ -789,6 +854,8 @@ def write_report(
         "pretrain": {k: r["pretrain"][k] for k in ("steps", "first_loss", "final_loss")},
         "embed": {k: r["embed"][k] for k in ("n_cells", "dim", "cells_without_embedding")},
         "classification": r["classify"]["table"],
+        "classification_seeds": r["classify"].get("seeds"),
+        "classification_per_seed": r["classify"].get("per_seed"),
         "perturbation": {
             "summary": r["perturb"]["summary"],
             "n_genes_tested": r["perturb"]["n_genes_tested"],
@@ -847,14 +914,9 @@ def write_report(
         "",
         "## Cell-type classification",
         "",
-        "Within-species settings use a stratified 80/20 split (seed 42); cross-species settings train on every "
-        "labelled cell of the source species and test on every cell of the target species whose type both "
-        "species share (labels matched by canonical name; mouse count baselines use one-to-one orthologs). "
-        "Classes under 0.5% of cells are dropped. Accuracy and macro scores are on the test cells. All "
-        f"Mix-Geneformer rows use the same frozen embedding ({cfg.pooling} pooling, hidden state {cfg.embed_layer}) except the "
-        f"fine-tuned one ({cfg.finetune_steps} steps).",
+        _classification_text(cfg, r["pretrain"]),
         "",
-        _metrics_markdown(table),
+        _seeds_markdown(table),
         "",
         *[f"- {setting}: {'; '.join(n)}" for setting, n in r["classify"]["notes"].items()],
         "",
