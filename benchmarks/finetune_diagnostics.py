@@ -123,6 +123,11 @@ def main() -> None:
     probe_scores = C.classification_metrics(task.train_labels[val], probe.labels)
     lines.append(f"frozen probe (logreg, last layer mean): validation macro-F1 {probe_scores['macro_f1']:.3f}, "
                  f"accuracy {probe_scores['accuracy']:.3f}")
+    # What the head sees: pooled features with a large shared component and little spread between
+    # cells (the probe standardises them; the head does not).
+    mean, sd = cells.mean(axis=0), cells.std(axis=0)
+    lines.append(f"pooled features: |mean| {np.linalg.norm(mean):.3f}, per-dimension sd between cells "
+                 f"median {np.median(sd):.4f} (min {sd.min():.4f}), |mean| / median sd {np.linalg.norm(mean) / np.median(sd):.0f}")
     chosen = [r.strip() for r in args.recipes.split(";") if r.strip()] or list(RECIPES)
     records = []
     for name in chosen:
