@@ -51,3 +51,26 @@ def test_seed_summary_is_mean_and_sample_sd_per_setting_and_method():
     assert table.iloc[1]["macro_f1_sd"] == 0.0
     text = _seeds_markdown(table)
     assert "0.600 ± 0.141" in text and "| 11 / 3 |" in text and "| 2 |" in text
+
+
+def test_demo_seed_and_finetune_options_are_validated_and_reach_the_classify_config(tmp_path):
+    from mixgeneformer.errors import ConfigError
+    from mixgeneformer.pipeline import DemoConfig, _classify_config, _Context
+
+    with pytest.raises(ConfigError, match="classify_seeds"):
+        DemoConfig(classify_seeds=[])
+    with pytest.raises(ConfigError, match="classify_seeds"):
+        DemoConfig(classify_seeds=[1, 1])
+    with pytest.raises(ConfigError, match="finetune_overrides"):
+        DemoConfig(finetune_overrides={"no_such_option": 1})
+    with pytest.raises(ConfigError, match="validation_fraction"):
+        DemoConfig(finetune_overrides={"validation_fraction": 0.9})
+    with pytest.raises(ConfigError, match="finetune_epochs"):
+        DemoConfig(finetune_epochs=-1)
+    config = DemoConfig(finetune_epochs=3, finetune_overrides={"freeze_embeddings": True}, classify_seeds=[4, 5])
+    assert config.fingerprint() != DemoConfig().fingerprint()
+    ctx = _Context(out_dir=tmp_path, config=config, progress=False)
+    first, other = _classify_config(ctx), _classify_config(ctx, 5)
+    assert first.labels.seed == 4 and other.labels.seed == 5 and first.labels.transfer_split
+    assert first.finetune.epochs == 3 and first.finetune.freeze_embeddings
+    assert first.finetune.learning_rate is None  # the library's width-fitted default

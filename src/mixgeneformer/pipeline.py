@@ -92,6 +92,9 @@ class DemoConfig:
         (validation split from the training cells, best epoch by validation macro-F1, early
         stopping, class weights; :class:`mixgeneformer.classify.FinetuneConfig`). 0 skips
         fine-tuning; zero-shot kNN / logistic regression and the count baselines always run.
+    finetune_overrides
+        Further :class:`~mixgeneformer.classify.FinetuneConfig` options of the demo's fine-tuning
+        (``benchmarks/results/demo_budget_finetune.txt`` measured them).
     classify_seeds
         Seeds of the classification splits (and of fine-tuning): every classification number in
         the report is a mean ± sd over them. Cross-species settings train on the source's
@@ -128,6 +131,7 @@ class DemoConfig:
     pooling: Literal["mean"] = "mean"
     embed_layer: int = -1
     finetune_epochs: float = 5.0
+    finetune_overrides: dict[str, Any] = field(default_factory=dict)
     classify_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     perturb_species: Literal["human", "mouse"] = "human"
     perturb_start: str = "beta"
@@ -156,6 +160,9 @@ class DemoConfig:
             raise ConfigError(f"demo.cells_per_type must be >= 2 (or None for all cells), got {self.cells_per_type}.")
         if self.finetune_epochs < 0 or self.warmup_steps < 0:
             raise ConfigError("demo.finetune_epochs and demo.warmup_steps must be >= 0.")
+        from .classify import FinetuneConfig
+
+        from_dict(FinetuneConfig, {"epochs": max(self.finetune_epochs, 1.0), **self.finetune_overrides}, "demo.finetune_overrides")
         if not self.classify_seeds or len(set(self.classify_seeds)) != len(self.classify_seeds):
             raise ConfigError(f"demo.classify_seeds must be distinct seeds, at least one; got {self.classify_seeds}.")
         if self.learning_rate <= 0:
@@ -492,7 +499,11 @@ def _classify_config(ctx: _Context, seed: int | None = None) -> Any:
             key=cfg.label_key, seed=cfg.classify_seeds[0] if seed is None else seed, transfer_split=True
         ),
         embedding=clf.EmbeddingConfig(layer=cfg.embed_layer, pooling=cfg.pooling),
-        finetune=clf.FinetuneConfig(epochs=max(cfg.finetune_epochs, 1.0), batch_size=cfg.batch_size, device=cfg.device),
+        finetune=from_dict(
+            clf.FinetuneConfig,
+            {"epochs": max(cfg.finetune_epochs, 1.0), "device": cfg.device, **cfg.finetune_overrides},
+            "demo.finetune_overrides",
+        ),
     )
 
 
