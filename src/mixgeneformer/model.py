@@ -526,6 +526,8 @@ class MixGeneformerForCellClassification(BertPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         # A plain array, not a buffer: from_pretrained leaves non-persistent buffers uninitialised.
         self.special_ids = np.asarray(config.special_token_ids or [config.pad_token_id or 0], dtype=np.int64)
+        # Per-class loss weights while fine-tuning (a plain attribute: not saved with the model).
+        self.loss_weights: torch.Tensor | None = None
         self.post_init()
 
     def forward(
@@ -536,5 +538,8 @@ class MixGeneformerForCellClassification(BertPreTrainedModel):
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         pooled = pool_cells(hidden, input_ids, attention_mask, self.special_ids, self.config.cell_pooling)
         logits = self.classifier(self.dropout(pooled.to(self.classifier.weight.dtype)))
-        loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
+        loss = None
+        if labels is not None:
+            weight = None if self.loss_weights is None else self.loss_weights.to(logits.device)
+            loss = nn.functional.cross_entropy(logits.float(), labels, weight=weight)
         return SequenceClassifierOutput(loss=loss, logits=logits)
