@@ -190,6 +190,8 @@ class MixGeneformerOutput(ModelOutput):
     ``logits`` are the full ``(B, L, vocab)`` MLM scores of view 1, returned when no labels are
     given or ``output_logits=True`` (in training only the masked positions go through the head).
     ``cell_embeddings`` are the pooled view-1 embeddings ``(B, hidden)``.
+    ``masked_logits`` are the ``(n_masked, vocab)`` MLM scores at the labelled positions (row-major
+    order of ``labels != -100``), returned with ``output_masked_logits=True`` (held-out diagnostics).
     """
 
     loss: torch.Tensor | None = None
@@ -199,6 +201,7 @@ class MixGeneformerOutput(ModelOutput):
     cross_species_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     cell_embeddings: torch.Tensor | None = None
+    masked_logits: torch.Tensor | None = None
 
 
 class MixGeneformerForPretraining(BertPreTrainedModel):
@@ -209,6 +212,11 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
     """
 
     config_class = MixGeneformerConfig
+    # The loss is a mean over this micro-batch's masked positions (it never takes the Trainer's
+    # num_items_in_batch); the Trainer must then divide it by the gradient-accumulation steps itself.
+    # Without this flag it infers "accepts loss kwargs" from forward's **kwargs and skips that division:
+    # accumulated gradients (and the logged loss) were gradient_accumulation_steps times too large.
+    accepts_loss_kwargs = False
     _tied_weights_keys = {
         "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
         "cls.predictions.decoder.bias": "cls.predictions.bias",
@@ -333,6 +341,7 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
         labels: torch.Tensor | None = None,
         species: torch.Tensor | None = None,
         output_logits: bool = False,
+        output_masked_logits: bool = False,
         **kwargs: Any,
     ) -> MixGeneformerOutput:
         """MLM + contrastive pretraining step (or plain MLM scoring when ``labels`` is None).
@@ -349,6 +358,8 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
             loss (the species token, when present, is swapped by the ortholog map).
         output_logits
             Also return full ``(B, L, vocab)`` logits of view 1 when training.
+        output_masked_logits
+            Also return the MLM scores at the labelled positions only (``masked_logits``).
 
         Returns
         -------
@@ -389,7 +400,8 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
         view1_hidden, z1 = hidden[:batch], pooled[:batch]
 
         masked = labels != losses.IGNORE_INDEX
-        mlm = losses.mlm_loss(self.cls(view1_hidden[masked]), labels[masked])
+        mlm_logits = self.cls(view1_hidden[masked])
+        mlm = losses.mlm_loss(mlm_logits, labels[masked])
         total = mlm
         parts: dict[str, torch.Tensor] = {"mlm_loss": mlm.detach()}
 
@@ -417,7 +429,10 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
 
         logits = self.cls(view1_hidden) if output_logits else None
         # Built last so ``loss`` is the first field (ModelOutput keeps insertion order).
-        return MixGeneformerOutput(loss=total, **parts, logits=logits, cell_embeddings=z1)
+        return MixGeneformerOutput(
+            loss=total, **parts, logits=logits, cell_embeddings=z1,
+            masked_logits=mlm_logits if output_masked_logits else None,
+        )
 
 
 # ------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ SPECIES = ("human", "mouse")
 DONE_MARKER = "STEP_DONE.json"
 DEMO_MARKER = "mixgf_demo.json"
 EMBED_KEY = "X_mixgeneformer"
+DEMO_EVAL_FRACTION = 0.05  # cells held out of pretraining, scored by the masked-gene diagnostics
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,7 +382,7 @@ def _pretrain_config(ctx: _Context, folder: Path) -> Any:
                 "corpus": [ctx.results["tokenize"]["corpus"]],
                 "vocab": ctx.results["vocab"]["path"],
                 "medians": ctx.results["medians"]["path"],
-                "eval_fraction": 0.0,
+                "eval_fraction": DEMO_EVAL_FRACTION,
             },
             "model": {"preset": cfg.preset, "overrides": dict(cfg.model_overrides)},
             "objective": {"contrastive_weight": cfg.contrastive_weight, "pooling": cfg.pooling},
@@ -393,13 +394,15 @@ def _pretrain_config(ctx: _Context, folder: Path) -> Any:
                 "seed": cfg.seed,
             },
             "checkpoint": {"save_steps": max(1, steps // 2), "keep": 1},
-            "logging": {"logging_steps": max(1, min(10, steps // 10)), "tensorboard": False, "progress_bar": ctx.progress},
+            "logging": {"logging_steps": max(1, min(10, steps // 10)), "eval_steps": max(1, steps // 8),
+                        "tensorboard": False, "progress_bar": ctx.progress},
         }
     )
 
 
 def _step_pretrain(ctx: _Context, folder: Path) -> dict[str, Any]:
     from . import plots
+    from .diagnostics import final_evaluation
     from .pretrain import read_metrics, run_pretraining
 
     config = _pretrain_config(ctx, folder)
@@ -416,6 +419,7 @@ def _step_pretrain(ctx: _Context, folder: Path) -> dict[str, Any]:
         "steps": int(result.global_step),
         "first_loss": float(losses[0]) if losses else None,
         "final_loss": float(losses[-1]) if losses else result.final_loss,
+        "held_out": final_evaluation(rows),
         "figures": {"training_curves": str(figure.resolve())},
     }
 
@@ -786,7 +790,8 @@ def write_report(
         "vocab": {k: r["vocab"][k] for k in ("size", "mode", "hash")},
         "medians": {k: r["medians"][k] for k in ("n_genes", "n_cells")},
         "tokenize": {k: r["tokenize"][k] for k in ("n_cells", "cells_per_species", "mean_length", "max_length")},
-        "pretrain": {k: r["pretrain"][k] for k in ("steps", "first_loss", "final_loss")},
+        "pretrain": {**{k: r["pretrain"][k] for k in ("steps", "first_loss", "final_loss")},
+                     "held_out": r["pretrain"].get("held_out")},
         "embed": {k: r["embed"][k] for k in ("n_cells", "dim", "cells_without_embedding")},
         "classification": r["classify"]["table"],
         "perturbation": {
@@ -837,6 +842,8 @@ def write_report(
         f"after {r['pretrain']['steps']} steps.",
         "",
         fig("training_curves", "training curves"),
+        "",
+        _held_out_section(r["pretrain"].get("held_out")),
         "",
         "## Cell embeddings",
         "",
@@ -924,6 +931,12 @@ def write_report(
     with atomic_file(folder / "report.html") as handle:
         handle.write(_markdown_to_html(markdown, title=sections[0].lstrip("# ")))
     return path
+
+
+def _held_out_section(final: dict[str, float] | None) -> str:
+    from .diagnostics import diagnostics_markdown
+
+    return diagnostics_markdown(final)
 
 
 def _fmt(value: Any) -> str:

@@ -8,7 +8,10 @@ Run folder (``output_dir``)::
 
     config.yaml         the resolved PretrainConfig
     environment.json    versions, devices, world size, the dtype actually in use
-    metrics.csv         one row per logging step (losses, lr, tokens/s, MFU)
+    metrics.csv         one row per logging step (losses, lr, tokens/s, MFU) and per evaluation
+                        (held-out MLM loss, top-1 / top-10 masked-gene accuracy, and the same for
+                        the frequency baselines of :mod:`mixgeneformer.diagnostics`)
+    frequency_baselines.json   what the baselines were counted from (with data.eval_fraction > 0)
     tensorboard/        the same metrics for TensorBoard
     checkpoint-<step>/  atomic checkpoints (see :mod:`mixgeneformer.checkpoints`), each with the
                         config, vocabulary, medians and environment record beside the weights
@@ -49,7 +52,8 @@ logger = logging.getLogger(__name__)
 
 CORPUS_META = "mixgf_corpus.json"
 BUNDLE_DIR = "model"
-SIGNAL_SYNC_STEPS = 10  # distributed runs check for a stop signal every this many steps
+SIGNAL_SYNC_STEPS = 10
+EVAL_MASK_EPOCH = -1  # the masking seed of held-out cells: never a training epoch  # distributed runs check for a stop signal every this many steps
 METRICS_FIELDS = (
     "step",
     "epoch",
@@ -62,6 +66,15 @@ METRICS_FIELDS = (
     "tokens_per_s",
     "mfu",
     "eval_loss",
+    "eval_mlm_loss",
+    "eval_top1",
+    "eval_top10",
+    "eval_unigram_loss",
+    "eval_unigram_top1",
+    "eval_unigram_top10",
+    "eval_rank_unigram_loss",
+    "eval_rank_unigram_top1",
+    "eval_rank_unigram_top10",
     "time_s",
 )
 # Dense bf16 peak FLOP/s used for MFU. H100/H200: the project's convention (790 TFLOP/s, below
@@ -135,6 +148,8 @@ class CheckpointOptions:
 class LoggingOptions:
     logging_steps: int = 50
     eval_steps: int | None = None  # default: save_steps
+    rank_bucket: int = 8  # positions per bucket of the "unigram given rank" baseline
+    baseline_cells: int = 200_000  # training cells the frequency baselines are counted from (at most)
     tensorboard: bool = True
     progress_bar: bool = True
     peak_tflops: float | None = None  # device peak for MFU; None: looked up from the device name
@@ -178,6 +193,8 @@ class PretrainConfig:
             "train.gradient_accumulation_steps": self.train.gradient_accumulation_steps,
             "checkpoint.save_steps": self.checkpoint.save_steps,
             "logging.logging_steps": self.logging.logging_steps,
+            "logging.rank_bucket": self.logging.rank_bucket,
+            "logging.baseline_cells": self.logging.baseline_cells,
             "distributed.timeout_s": self.distributed.timeout_s,
         }
         for name, value in positive.items():
@@ -446,6 +463,26 @@ def make_mlm_collator(vocab: Any, data: DataOptions, max_len: int | None = None)
     )
 
 
+def make_eval_collator(vocab: Any, data: DataOptions, max_len: int | None, seed: int) -> SeededMaskingCollator:
+    """Masking of held-out cells: the same positions at every evaluation (fixed epoch), each one
+    replaced by ``<mask>`` (no random or unchanged tokens whose identity the model could copy)."""
+    from .collator import PretrainingCollator
+
+    inner = PretrainingCollator(
+        vocab, mlm_probability=data.mlm_probability, pad_to_multiple_of=data.pad_to_multiple_of, max_len=max_len,
+        mask_fraction=1.0, random_fraction=0.0,
+    )
+    collator = SeededMaskingCollator(inner, seed=seed)
+    collator.epoch = EVAL_MASK_EPOCH
+    return collator
+
+
+def _compute_eval_metrics(prediction: Any) -> dict[str, float]:
+    from .diagnostics import compute_eval_metrics
+
+    return compute_eval_metrics(prediction)
+
+
 # --------------------------------------------------------------------------------------------
 # Collation: the seeded wrapper
 # --------------------------------------------------------------------------------------------
@@ -528,6 +565,31 @@ def _make_trainer_class():
 
             sampler.set_epoch = set_epoch  # type: ignore[method-assign]
             return sampler
+
+        # --- held-out diagnostics -----------------------------------------------------------
+        def evaluate(self, *args, **kwargs):
+            # Held-out cells are masked by the evaluation collator (fixed positions, all <mask>).
+            eval_collator = self.run_extras.get("eval_collator")
+            train_collator = self.data_collator
+            if eval_collator is not None:
+                self.data_collator = eval_collator
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                self.data_collator = train_collator
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            baselines = self.run_extras.get("baselines")
+            if baselines is None:
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            from .diagnostics import masked_gene_stats
+
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                outputs = model(**inputs, output_masked_logits=True)
+                stats = masked_gene_stats(outputs.masked_logits, inputs["labels"], baselines)
+            # Per-cell sums travel as "logits" (gathered per cell across ranks); labels are a placeholder.
+            return outputs.loss.detach().mean(), stats, torch.zeros_like(stats[:, :1])
 
         # --- loss parts and throughput ------------------------------------------------------
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -721,6 +783,19 @@ def _make_callbacks(run_dir: Path, is_main: bool, tensorboard: bool):
     return callbacks, stopper
 
 
+def _evaluate_at_end_callback():
+    """Also evaluate after the last step (the final held-out numbers), not only every eval_steps."""
+    from transformers import TrainerCallback
+
+    class EvaluateAtEnd(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_evaluate = True
+            return control
+
+    return EvaluateAtEnd()
+
+
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
@@ -829,6 +904,16 @@ def run_pretraining(
     if config.data.species_balanced:
         species_codes, _names = corpus_species_codes(train_set)
     keep = ["input_ids"]
+    baselines = None
+    if eval_set is not None:
+        # Counted once from the training split, cut like the model's inputs (diagnostics module).
+        from .diagnostics import frequency_baselines
+
+        baselines = frequency_baselines(
+            train_set.select_columns(keep), len(vocab), np.asarray(vocab.special_ids),
+            bucket_size=config.logging.rank_bucket, max_len=int(lengths.max()),
+            max_cells=config.logging.baseline_cells, seed=config.train.seed,
+        )
     train_set = train_set.select_columns(keep).with_format("numpy")
     if eval_set is not None:
         eval_set = eval_set.select_columns(keep).with_format("numpy")
@@ -848,8 +933,12 @@ def run_pretraining(
     if is_main:
         save_config(config, run_dir)
         write_json(run_dir / "environment.json", environment)
+        if baselines is not None:
+            write_json(run_dir / "frequency_baselines.json", baselines.summary())
     collator = SeededMaskingCollator(make_mlm_collator(vocab, config.data, truncate_to), seed=config.train.seed)
     callbacks, stopper = _make_callbacks(run_dir, is_main, config.logging.tensorboard)
+    if eval_set is not None:
+        callbacks.append(_evaluate_at_end_callback())
     trainer_cls = _make_trainer_class()
     trainer = trainer_cls(
         model=model,
@@ -858,6 +947,7 @@ def run_pretraining(
         eval_dataset=eval_set,
         data_collator=collator,
         callbacks=callbacks,
+        compute_metrics=_compute_eval_metrics if baselines is not None else None,
         run_extras={
             "config": config,
             "vocab": vocab,
@@ -865,6 +955,8 @@ def run_pretraining(
             "environment": environment,
             "keep": config.checkpoint.keep,
             "peak_tflops": config.logging.peak_tflops,
+            "baselines": baselines,
+            "eval_collator": make_eval_collator(vocab, config.data, truncate_to, config.train.seed),
         },
         sampler_options={
             "lengths": lengths,
