@@ -187,6 +187,56 @@ def info_nce(
     return 0.5 * (loss_ab + loss_ba)
 
 
+def mutual_nearest_partners(profiles: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+    """Each cell's mutual nearest neighbour of the other species, by cosine of ``profiles``.
+
+    Parameters
+    ----------
+    profiles
+        ``(B, C)`` non-negative cell profiles in a space both species share (e.g. rank-weighted
+        one-to-one-ortholog genes).
+    species
+        ``(B,)`` int: 0 / 1, or -1 where unknown (such cells get no partner).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B,)`` long: the partner's row, or -1 (no cell of the other species, no shared gene, or
+        the nearest neighbour's own nearest neighbour is another cell).
+    """
+    with torch.no_grad():
+        unit = F.normalize(profiles.float(), dim=-1)
+        sim = unit @ unit.T
+        known = species >= 0
+        other = (species[:, None] != species[None, :]) & known[:, None] & known[None, :]
+        sim = sim.masked_fill(~other, float("-inf"))
+        best = sim.argmax(dim=1)
+        best_sim = sim.gather(1, best[:, None]).squeeze(1)
+        rows = torch.arange(profiles.shape[0], device=profiles.device)
+        mutual = (best.gather(0, best) == rows) & (best_sim > 0) & torch.isfinite(best_sim)
+        return torch.where(mutual, best, torch.full_like(best, -1))
+
+
+def cross_species_nce(z: torch.Tensor, partner: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """InfoNCE that pulls each cell toward its cross-species partner, against every other cell.
+
+    For every cell ``i`` with ``partner[i] >= 0`` the logits are ``cos(z_i, z_k) / temperature``
+    over all other cells ``k`` of the batch (itself excluded), the target being the partner. Its
+    own species' cells are negatives too, so the partner must come closer than they are: the
+    species have to overlap, not merely line up side by side (a species-wide offset of the
+    embedding costs loss). Mean over cells with a partner; ``0`` (attached to the graph) when
+    none has one.
+    """
+    unit = F.normalize(z.float(), dim=-1)
+    anchors = partner >= 0
+    if not bool(anchors.any()):
+        return unit.sum() * 0.0
+    rows = torch.nonzero(anchors).squeeze(1)
+    logits = unit[rows] @ unit.T / temperature
+    logits = logits.index_put((torch.arange(rows.numel(), device=z.device), rows), torch.tensor(float("-inf"), device=z.device))
+    return F.cross_entropy(logits, partner[rows])
+
+
 def simcse_pp_dimension_loss(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Dimension-wise term of SimCSE++ (a cross-correlation / decorrelation objective).
 

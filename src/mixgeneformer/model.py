@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "pooler", "mean")
 CONTRASTIVE_MODES = ("simcse", "simcse++", "none")
+CROSS_SPECIES_POSITIVES = ("mnn", "projection")
 BUNDLE_FORMAT = "mixgeneformer-model"
 BUNDLE_MARKER = "mixgf.json"
 TOKENIZE_CONFIG_NAME = "tokenize.yaml"  # how the training corpus was tokenized (written by pretraining)
@@ -77,6 +78,14 @@ class MixGeneformerConfig(BertConfig):
         Weight of the SimCSE++ dimension-wise term (0.1).
     cross_species_weight, cross_species_temperature
         Weight (0 = off; 0.5 suggested) and temperature (0.1) of the cross-species InfoNCE.
+    cross_species_positives
+        How the cross-species term pairs cells. ``"mnn"`` (default): each cell with its mutual
+        nearest neighbour of the other species in the batch, by cosine of rank-weighted
+        one-to-one-ortholog gene profiles; negatives are the other species' cells.
+        ``"projection"``: each cell with its own re-expression through one-to-one orthologs
+        (:meth:`MixGeneformerForPretraining.project_to_orthologs`), negatives every other cell's
+        projection. In an ortholog vocabulary a projection is the cell itself minus its
+        species-specific genes, so that pairing never relates cells of two species.
     gather_negatives
         Take contrastive negatives from every GPU (all_gather with gradients).
     """
@@ -92,6 +101,7 @@ class MixGeneformerConfig(BertConfig):
     simcse_pp_weight: float = 0.1
     cross_species_weight: float = 0.0
     cross_species_temperature: float = 0.1
+    cross_species_positives: str = "mnn"
     gather_negatives: bool = False
 
 
@@ -120,6 +130,9 @@ def validate_config(config: BertConfig) -> None:
     pooling = getattr(config, "pooling", "cls")
     if pooling not in POOLINGS:
         raise ConfigError(f"model.pooling={pooling!r} is not one of {list(POOLINGS)}.")
+    positives = getattr(config, "cross_species_positives", "mnn")
+    if positives not in CROSS_SPECIES_POSITIVES:
+        raise ConfigError(f"model.cross_species_positives={positives!r} is not one of {list(CROSS_SPECIES_POSITIVES)}.")
     contrastive = getattr(config, "contrastive", "simcse")
     if contrastive not in CONTRASTIVE_MODES:
         raise ConfigError(f"model.contrastive={contrastive!r} is not one of {list(CONTRASTIVE_MODES)}.")
@@ -233,6 +246,10 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
         # Lookup tables, rebuilt from the config / vocabulary; never part of the checkpoint.
         self.register_buffer("special_lookup", special, persistent=False)
         self.register_buffer("ortholog_lookup", torch.full((config.vocab_size,), -1, dtype=torch.long), persistent=False)
+        # Per token: the species it marks (0 human, 1 mouse; -1 shared or special) and the class
+        # of its one-to-one ortholog pair (-1 none), for the cross-species pairing.
+        self.register_buffer("species_lookup", torch.full((config.vocab_size,), -1, dtype=torch.long), persistent=False)
+        self.register_buffer("ortholog_class", torch.full((config.vocab_size,), -1, dtype=torch.long), persistent=False)
         self.has_ortholog_map = False
         self.pooler_is_trained = True
         self.post_init()
@@ -264,6 +281,13 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
         self.special_lookup = special
         self.set_ortholog_map(torch.as_tensor(vocab.ortholog_map, dtype=torch.long),
                               species_ids=(vocab.species_token_id("human"), vocab.species_token_id("mouse")))
+        codes = torch.as_tensor(vocab.token_species.astype("int64"))
+        marks = torch.where((codes == 0) | (codes == 1), codes, torch.full_like(codes, -1))
+        for code, name in enumerate(SPECIES_CODES):
+            token = vocab.species_token_id(name)
+            if token is not None:
+                marks[token] = code
+        self.species_lookup = marks.to(device)
 
     def set_ortholog_map(self, ortholog_map: torch.Tensor, species_ids: tuple[int | None, int | None] = (None, None)) -> None:
         """Set the token → 1:1-ortholog-token table (``-1`` = no ortholog; specials map to themselves).
@@ -282,6 +306,9 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
         if human is not None and mouse is not None:
             table[human], table[mouse] = mouse, human
         self.ortholog_lookup = table.to(self.ortholog_lookup.device)
+        ids = torch.arange(table.numel())
+        paired = (table >= 0) & ~special
+        self.ortholog_class = torch.where(paired, torch.minimum(ids, table), torch.full_like(ids, -1)).to(self.ortholog_lookup.device)
         self.has_ortholog_map = True
 
     # -- pieces of the forward ---------------------------------------------------------------
@@ -321,6 +348,40 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
         empty = ~mask.any(dim=1)
         mask[:, 0] |= empty
         return ids, mask.to(attention_mask.dtype), valid
+
+    def cell_species(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` species of each cell by a vote of its species-marking tokens (species token,
+        genes without a shared token); -1 where none marks it or the vote ties."""
+        marks = self.species_lookup[input_ids].masked_fill(~attention_mask.bool(), -1)
+        human = (marks == 0).sum(1)
+        mouse = (marks == 1).sum(1)
+        species = torch.where(mouse > human, 1, 0)
+        return torch.where(human == mouse, torch.full_like(species, -1), species)
+
+    def ortholog_profiles(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, V)`` rank-weighted profiles over one-to-one ortholog pairs (weight ``1/log2(position + 2)``)."""
+        classes = self.ortholog_class[input_ids]
+        keep = attention_mask.bool() & (classes >= 0)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device, dtype=torch.float32)
+        weights = (1.0 / torch.log2(positions + 2.0)).expand(input_ids.shape) * keep
+        profiles = torch.zeros(input_ids.shape[0], self.config.vocab_size, device=input_ids.device)
+        return profiles.scatter_add_(1, classes.clamp_min(0), weights)
+
+    def _mnn_cross_species(
+        self, z: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        species: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if not self.has_ortholog_map:
+            raise ConfigError(
+                "cross_species_weight > 0 needs the ortholog map: call model.attach_vocabulary(vocab) "
+                "(load_bundle and the pretrain stage do it)."
+            )
+        original = torch.where(labels != losses.IGNORE_INDEX, labels, input_ids)  # masked genes count too
+        if species is None:
+            species = self.cell_species(original, attention_mask)
+        species = species.to(device=z.device, dtype=torch.long)
+        partner = losses.mutual_nearest_partners(self.ortholog_profiles(original, attention_mask), species)
+        return losses.cross_species_nce(z, partner, self.config.cross_species_temperature)
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
@@ -384,13 +445,14 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
 
         use_contrastive = config.contrastive != "none" and config.contrastive_weight > 0
         use_cross = config.cross_species_weight > 0
+        project = use_cross and getattr(config, "cross_species_positives", "mnn") == "projection"
         second_view_in_batch = use_contrastive and config.contrastive == "simcse" and self.training
 
         stacked_ids, stacked_mask = [input_ids], [attention_mask]
         if second_view_in_batch:
             stacked_ids.append(input_ids)
             stacked_mask.append(attention_mask)
-        if use_cross:
+        if project:
             projected_ids, projected_mask, cross_valid = self.project_to_orthologs(input_ids, attention_mask)
             stacked_ids.append(projected_ids)
             stacked_mask.append(projected_mask)
@@ -420,10 +482,13 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
             parts["contrastive_loss"] = contrastive.detach()
             total = total + config.contrastive_weight * contrastive
 
-        if use_cross:
+        if project:
             cross = losses.info_nce(
                 z1, pooled[-batch:], config.cross_species_temperature, gather=config.gather_negatives, valid=cross_valid
             )
+        elif use_cross:
+            cross = self._mnn_cross_species(z1, input_ids, attention_mask, labels, species)
+        if use_cross:
             parts["cross_species_loss"] = cross.detach()
             total = total + config.cross_species_weight * cross
 

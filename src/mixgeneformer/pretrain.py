@@ -507,7 +507,11 @@ class SeededMaskingCollator:
             torch.manual_seed(seed)
             np.random.seed(seed % (2**32))
             try:
-                batch = dict(self.inner([{"input_ids": i} for i in ids]))
+                rows = [{"input_ids": i} for i in ids]
+                if features and "species" in features[0]:
+                    for row, feature in zip(rows, features, strict=True):
+                        row["species"] = feature["species"]
+                batch = dict(self.inner(rows))
             finally:
                 np.random.set_state(numpy_state)
         return batch
@@ -914,6 +918,8 @@ def run_pretraining(
             bucket_size=config.logging.rank_bucket, max_len=int(lengths.max()),
             max_cells=config.logging.baseline_cells, seed=config.train.seed,
         )
+    if "species" in train_set.column_names:
+        keep.append("species")  # the cross-species term pairs cells of different species
     train_set = train_set.select_columns(keep).with_format("numpy")
     if eval_set is not None:
         eval_set = eval_set.select_columns(keep).with_format("numpy")
