@@ -29,6 +29,7 @@ STAGES: list[tuple[str, ...]] = [
     ("config",),
     ("plots",),  # figures: errors and fileio only
     ("genes",),
+    ("simulate",),  # planted-truth data over the shipped gene tables
     ("readers",),
     ("parallel",),
     ("medians",),
@@ -40,8 +41,10 @@ STAGES: list[tuple[str, ...]] = [
     ("bundle",),
     ("inference",),
     ("collator", "sampling", "checkpoints"),
+    ("diagnostics",),  # held-out masked-gene diagnostics and their frequency baselines
     ("trainer",),  # the Trainer subclass and callbacks of pretraining
     ("pretrain", "embed", "classify", "perturb"),  # the user APIs
+    ("integration",),  # species mixing and cross-species transfer scores (on classify)
     ("demo",),
     ("cli",),
     ("__main__",),

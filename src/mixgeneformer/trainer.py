@@ -28,9 +28,13 @@ from transformers.integrations import TensorBoardCallback
 
 from . import __version__
 from . import checkpoints as ckpt
+from .bundle import TOKENIZE_CONFIG_NAME, save_bundle
 from .config import save_config
+from .diagnostics import masked_gene_stats
 from .errors import ConfigError
 from .fileio import atomic_file, write_json
+from .medians import GeneMedians
+from .model import MixGeneformerForPretraining
 from .sampling import PretrainSampler, batch_seed
 
 logger = logging.getLogger(__name__)
@@ -51,6 +55,15 @@ METRICS_FIELDS = (
     "tokens_per_s",
     "mfu",
     "eval_loss",
+    "eval_mlm_loss",
+    "eval_top1",
+    "eval_top10",
+    "eval_unigram_loss",
+    "eval_unigram_top1",
+    "eval_unigram_top10",
+    "eval_rank_unigram_loss",
+    "eval_rank_unigram_top1",
+    "eval_rank_unigram_top10",
     "time_s",
 )
 
@@ -173,7 +186,11 @@ class SeededMaskingCollator:
             torch.manual_seed(seed)
             np.random.seed(seed % (2**32))
             try:
-                batch = dict(self.inner([{"input_ids": i} for i in ids]))
+                rows = [{"input_ids": i} for i in ids]
+                if features and "species" in features[0]:
+                    for row, feature in zip(rows, features, strict=True):
+                        row["species"] = feature["species"]
+                batch = dict(self.inner(rows))
             finally:
                 np.random.set_state(numpy_state)
         return batch
@@ -225,6 +242,29 @@ class MixGeneformerTrainer(Trainer):
 
         sampler.set_epoch = set_epoch  # type: ignore[method-assign]
         return sampler
+
+    # --- held-out diagnostics -----------------------------------------------------------
+    def evaluate(self, *args, **kwargs):
+        # Held-out cells are masked by the evaluation collator (fixed positions, all <mask>).
+        eval_collator = self.run_extras.get("eval_collator")
+        train_collator = self.data_collator
+        if eval_collator is not None:
+            self.data_collator = eval_collator
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.data_collator = train_collator
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        baselines = self.run_extras.get("baselines")
+        if baselines is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs, output_masked_logits=True)
+            stats = masked_gene_stats(outputs.masked_logits, inputs["labels"], baselines)
+        # Per-cell sums travel as "logits" (gathered per cell across ranks); labels are a placeholder.
+        return outputs.loss.detach().mean(), stats, torch.zeros_like(stats[:, :1])
 
     # --- loss parts and throughput ------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -401,6 +441,15 @@ class FailAtStep(TrainerCallback):
             raise RuntimeError(f"injected failure on rank {rank} at step {step} (MIXGF_TEST_FAIL_AT_STEP)")
 
 
+class EvaluateAtEnd(TrainerCallback):
+    """Also evaluate after the last step (the final held-out numbers), not only every eval_steps."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_evaluate = True
+        return control
+
+
 def _make_callbacks(run_dir: Path, is_main: bool, tensorboard: bool):
     callbacks: list[Any] = [MetricsCSV(run_dir / "metrics.csv"), FailAtStep()]
     stopper = StopOnSignal()
@@ -430,3 +479,28 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, float]]:
         return []
     with open(path, newline="") as handle:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
+
+
+def _save_final_bundle(trainer: MixGeneformerTrainer, bundle_dir: Path, vocab: Any, medians_path: Path | None) -> None:
+    """Write the run's model bundle from rank 0 (full weights gathered first under FSDP / DeepSpeed)."""
+    state_dict = None
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        # Collective: every rank takes part in gathering the full weights.
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not trainer.is_world_process_zero():
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if state_dict is not None:
+        fresh = MixGeneformerForPretraining(model.config)
+        fresh.load_state_dict(state_dict, strict=False)
+        model = fresh
+    medians = None
+    if medians_path is not None:
+        medians = GeneMedians.load(medians_path)
+    save_bundle(model, bundle_dir, vocab, medians=medians, overwrite=True)
+    config = trainer.run_extras["config"]
+    save_config(config, bundle_dir, "pretrain_config.yaml")
+    corpus_config = Path(config.data.corpus[0]) / "config.yaml"
+    if corpus_config.is_file():  # new cells are tokenized like the training corpus by default
+        shutil.copyfile(corpus_config, bundle_dir / TOKENIZE_CONFIG_NAME)
+    write_json(bundle_dir / "environment.json", trainer.run_extras["environment"])

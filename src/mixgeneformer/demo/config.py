@@ -31,6 +31,9 @@ DEMO_MARKER = "mixgf_demo.json"
 EMBED_KEY = "X_mixgeneformer"
 
 
+DEMO_EVAL_FRACTION = 0.05  # cells held out of pretraining, scored by the masked-gene diagnostics
+
+
 @dataclass
 class DemoConfig:
     """Sizes and options of the demo (the defaults fit a 2-core CPU in well under 15 minutes).

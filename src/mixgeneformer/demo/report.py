@@ -18,6 +18,7 @@ import yaml
 
 from .. import __version__
 from ..config import to_dict
+from ..diagnostics import diagnostics_markdown
 from ..fileio import atomic_file, write_json
 from .config import DEMO_STEPS, SPECIES, DemoConfig
 from .context import _Context, _load_context
@@ -205,7 +206,8 @@ def report_metrics(
         "vocab": {k: r["vocab"][k] for k in ("size", "mode", "hash")},
         "medians": {k: r["medians"][k] for k in ("n_genes", "n_cells")},
         "tokenize": {k: r["tokenize"][k] for k in ("n_cells", "cells_per_species", "mean_length", "max_length")},
-        "pretrain": {k: r["pretrain"][k] for k in ("steps", "first_loss", "final_loss")},
+        "pretrain": {**{k: r["pretrain"][k] for k in ("steps", "first_loss", "final_loss")},
+                     "held_out": r["pretrain"].get("held_out")},
         "embed": {k: r["embed"][k] for k in ("n_cells", "dim", "cells_without_embedding")},
         "classification": r["classify"]["table"],
         "classification_seeds": r["classify"].get("seeds"),
@@ -276,6 +278,8 @@ def _pretrain_embed_sections(ctx: _Context, fig: Callable[[str, str], str]) -> l
         f"after {r['pretrain']['steps']} steps.",
         "",
         fig("training_curves", "training curves"),
+        "",
+        diagnostics_markdown(r["pretrain"].get("held_out")),
         "",
         "## Cell embeddings",
         "",

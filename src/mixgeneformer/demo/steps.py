@@ -16,6 +16,7 @@ from .. import perturb as pt
 from .. import plots
 from ..bundle import load_bundle
 from ..config import save_config
+from ..diagnostics import final_evaluation
 from ..embed import embed_anndata
 from ..errors import ArtifactError, ConfigError
 from ..fileio import write_json
@@ -23,7 +24,14 @@ from ..medians import GeneMedians, compute_medians
 from ..pretrain import pretrain_config_from_dict, read_metrics, run_pretraining
 from ..tokenize import TokenizeConfig, tokenize_files
 from ..vocab import Vocabulary, build_vocabulary
-from .config import EMBED_KEY, SPECIES, capped_rows, demo_data_dir, finetune_config
+from .config import (
+    DEMO_EVAL_FRACTION,
+    EMBED_KEY,
+    SPECIES,
+    capped_rows,
+    demo_data_dir,
+    finetune_config,
+)
 from .context import _Context
 
 
@@ -114,7 +122,7 @@ def _pretrain_config(ctx: _Context, folder: Path) -> Any:
                 "corpus": [ctx.results["tokenize"]["corpus"]],
                 "vocab": ctx.results["vocab"]["path"],
                 "medians": ctx.results["medians"]["path"],
-                "eval_fraction": 0.0,
+                "eval_fraction": DEMO_EVAL_FRACTION,
             },
             "model": {"preset": cfg.preset, "overrides": dict(cfg.model_overrides)},
             "objective": {"contrastive_weight": cfg.contrastive_weight, "pooling": cfg.pooling},
@@ -126,7 +134,8 @@ def _pretrain_config(ctx: _Context, folder: Path) -> Any:
                 "seed": cfg.seed,
             },
             "checkpoint": {"save_steps": max(1, steps // 2), "keep": 1},
-            "logging": {"logging_steps": max(1, min(10, steps // 10)), "tensorboard": False, "progress_bar": ctx.progress},
+            "logging": {"logging_steps": max(1, min(10, steps // 10)), "eval_steps": max(1, steps // 8),
+                        "tensorboard": False, "progress_bar": ctx.progress},
         }
     )
 
@@ -147,6 +156,7 @@ def _step_pretrain(ctx: _Context, folder: Path) -> dict[str, Any]:
         "steps": int(result.global_step),
         "first_loss": float(losses[0]) if losses else None,
         "final_loss": float(losses[-1]) if losses else result.final_loss,
+        "held_out": final_evaluation(rows),
         "figures": {"training_curves": str(figure.resolve())},
     }
 
