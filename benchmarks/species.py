@@ -38,7 +38,6 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import anndata as ad  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mixgeneformer import classify as C  # noqa: E402
@@ -46,7 +45,7 @@ from mixgeneformer.bundle import load_bundle  # noqa: E402
 from mixgeneformer.demo import demo_data_dir  # noqa: E402
 from mixgeneformer.diagnostics import final_evaluation  # noqa: E402
 from mixgeneformer.embed import embed_corpus  # noqa: E402
-from mixgeneformer.integration import cross_species_scores  # noqa: E402
+from mixgeneformer.integration import cross_species_scores, seed_table, write_benchmark_text  # noqa: E402
 from mixgeneformer.medians import compute_medians  # noqa: E402
 from mixgeneformer.pretrain import pretrain_config_from_dict, read_metrics, run_pretraining  # noqa: E402
 from mixgeneformer.tokenize import TokenizeConfig, tokenize_files  # noqa: E402
@@ -137,24 +136,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
                 rows.append(row)
     per_seed = pd.DataFrame(rows)
-    numeric = [c for c in per_seed.columns if c not in ("config", "seed") and pd.api.types.is_numeric_dtype(per_seed[c])]
-    grouped = per_seed.groupby("config", sort=False)[numeric]
-    mean, sd = grouped.mean(), grouped.std(ddof=0)
-    table = mean.T.astype(object)
-    for config in mean.index:
-        table[config] = [f"{m:.3f} ± {s:.3f}" if np.isfinite(m) else "n/a" for m, s in zip(mean.loc[config], sd.loc[config], strict=True)]
-    table.index.name = "metric"
+    table, _ = seed_table(per_seed)
     header = (
         f"Species alignment on the demo data ({', '.join(f'{s} {data[s].n_obs}' for s in SPECIES)} cells): tiny model, "
         f"{args.steps} steps x {args.batch} cells, lr {args.lr:g}, max_len {args.max_len}, cross-species weight "
         f"{args.cross_weight:g}; seeds {args.seeds}; backend of the mixing scores: {per_seed['backend'].iloc[0]}; "
         f"{time.perf_counter() - started:.0f}s in all."
     )
-    text = "\n".join([header, "", C.markdown_table(table.reset_index()), "", "Per seed:", "", C.markdown_table(per_seed)])
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    write_benchmark_text(header, table, per_seed, args.out)
     return per_seed
 
 

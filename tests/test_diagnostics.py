@@ -93,11 +93,15 @@ def _structured_corpus(path: Path, vocab: Vocabulary, n_cells: int, seed: int = 
     return path
 
 
-def test_pretraining_logs_held_out_diagnostics_and_beats_the_baselines(tmp_path):
-    human = [f"ENSG{i:011d}" for i in range(1, 97)]
-    tokens = SPECIALS + human
+def _toy_vocab(path: Path) -> Vocabulary:
+    tokens = SPECIALS + [f"ENSG{i:011d}" for i in range(1, 97)]
     vocab = Vocabulary(tokens, {g: i for i, g in enumerate(tokens) if not g.startswith("<")})
-    vocab.save(tmp_path / "vocab.json")
+    vocab.save(path)
+    return vocab
+
+
+def test_pretraining_logs_held_out_diagnostics_and_beats_the_baselines(tmp_path):
+    vocab = _toy_vocab(tmp_path / "vocab.json")
     _structured_corpus(tmp_path / "corpus", vocab, 640)
     config = pretrain_config_from_dict({
         "output_dir": str(tmp_path / "run"),
@@ -153,10 +157,7 @@ def test_training_curves_show_held_out_accuracy_beside_the_baselines(tmp_path):
 def test_gradient_accumulation_logs_the_mean_loss_not_the_sum(tmp_path):
     """The Trainer divides a micro-batch's loss by the accumulation steps only when the model does not
     claim to normalise by num_items_in_batch itself; ours does not (mean over its masked positions)."""
-    human = [f"ENSG{i:011d}" for i in range(1, 97)]
-    tokens = SPECIALS + human
-    vocab = Vocabulary(tokens, {g: i for i, g in enumerate(tokens) if not g.startswith("<")})
-    vocab.save(tmp_path / "vocab.json")
+    vocab = _toy_vocab(tmp_path / "vocab.json")
     _structured_corpus(tmp_path / "corpus", vocab, 64)
     config = pretrain_config_from_dict({
         "output_dir": str(tmp_path / "run"),
@@ -174,3 +175,16 @@ def test_gradient_accumulation_logs_the_mean_loss_not_the_sum(tmp_path):
     for row in rows:  # MLM only: the logged loss is the mean of the micro-batches' MLM losses (~log V), not 4x it
         assert row["loss"] == pytest.approx(row["mlm_loss"], rel=1e-3)
         assert row["loss"] < 1.5 * math.log(len(vocab))
+
+
+def test_final_evaluation_and_its_markdown():
+    rows = [{"step": 10, "loss": 5.0}, {"step": 10, "eval_loss": 4.0, "eval_mlm_loss": 4.0, "eval_top1": 0.2, "eval_top10": 0.5,
+            "eval_unigram_loss": 6.0, "eval_unigram_top1": 0.01, "eval_unigram_top10": 0.05,
+            "eval_rank_unigram_loss": 5.5, "eval_rank_unigram_top1": 0.02, "eval_rank_unigram_top10": 0.1}]
+    final = diagnostics.final_evaluation(rows)
+    assert final["step"] == 10 and final["mlm_loss"] == 4.0 and final["rank_unigram_top1"] == 0.02
+    text = diagnostics.diagnostics_markdown(final)
+    assert "| model | 4.000 | 0.200 | 0.500 |" in text and "| unigram given rank | 5.500 | 0.020 | 0.100 |" in text
+    assert "1.50 nats below" in text
+    assert diagnostics.final_evaluation([{"step": 1, "loss": 3.0}]) is None
+    assert "eval_fraction" in diagnostics.diagnostics_markdown(None)

@@ -54,9 +54,15 @@ def test_markers_and_programs_are_expressed_as_planted(planted):
             fold = x[inside][:, markers].mean(0) / x[outside][:, markers].mean(0)
             assert (fold > 4).all(), (species, cell_type, fold)  # planted 10x, noisy
             program = [column[g] for g in truth.programs[cell_type][species]]
-            program_fold = x[inside][:, program].mean(0) / x[outside][:, program].mean(0)
+            unrelated = outside & (labels != truth.siblings.get(cell_type))  # siblings share program genes
+            program_fold = x[inside][:, program].mean(0) / x[unrelated][:, program].mean(0)
             assert np.median(program_fold) > 1.8
             assert not set(truth.markers[cell_type][species]) & set(truth.programs[cell_type][species])
+    # Siblings (A, B), (C, ...): B repeats part of A's program, so A without its markers resembles B.
+    assert truth.siblings == {"type_A": "type_B", "type_B": "type_A"}  # the third type has no sibling
+    a, b = (set(truth.programs[t]["human"]) for t in ("type_A", "type_B"))
+    c = set(truth.programs["type_C"]["human"])
+    assert len(a & b) >= 6 > len(a & c)
     # Marker pairs are the same orthologs in both species and distinct across types.
     all_markers = [p for t in truth.types for p in truth.marker_pairs(t)]
     assert len(set(all_markers)) == len(all_markers) == 3 * 3

@@ -152,4 +152,33 @@ def cross_species_scores(
     return out
 
 
-__all__ = ["N_NEIGHBORS", "cross_species_scores", "scib_available", "species_asw_sklearn", "species_mixing"]
+def seed_table(per_seed: pd.DataFrame, by: str = "config") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-seed benchmark rows -> (``metric x <by>`` table of "mean ± sd" strings, the means).
+
+    Numeric columns only (``seed`` and ``by`` excluded); groups keep their first-seen order.
+    """
+    numeric = [c for c in per_seed.columns if c not in ("seed", by) and pd.api.types.is_numeric_dtype(per_seed[c])]
+    grouped = per_seed.groupby(by, sort=False)[numeric]
+    mean, sd = grouped.mean(), grouped.std(ddof=0)
+    table = mean.T.astype(object)
+    for group in mean.index:
+        table[group] = [f"{m:.3f} ± {s:.3f}" if np.isfinite(m) else "n/a" for m, s in zip(mean.loc[group], sd.loc[group], strict=True)]
+    table.index.name = "metric"
+    return table, mean
+
+
+def write_benchmark_text(header: str, table: pd.DataFrame, per_seed: pd.DataFrame, out: str | None) -> str:
+    """Header, the summary table and the per-seed rows as markdown; printed, and written to ``out`` if given."""
+    from .classify import markdown_table
+
+    text = "\n".join([header, "", markdown_table(table.reset_index()), "", "Per seed:", "", markdown_table(per_seed)])
+    print(text)
+    if out:
+        from pathlib import Path
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    return text
+
+
+__all__ = ["N_NEIGHBORS", "cross_species_scores", "seed_table", "write_benchmark_text", "scib_available", "species_asw_sklearn", "species_mixing"]

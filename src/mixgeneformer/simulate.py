@@ -10,7 +10,10 @@ orthologs, medians and tokenization run exactly as on real data:
 * **Cell types**: each type up-regulates a program of shared genes by ``program_fold`` (a fraction
   ``program_overlap`` of it the same pairs in both species, the rest drawn per species) plus a few
   species-specific genes, and ``n_markers`` planted marker pairs (distinct per type, the same
-  pairs in both species) by ``marker_fold``.
+  pairs in both species) by ``marker_fold``. Types come in sibling pairs (A, B), (C, D), …: the
+  cross-species part of B's program repeats a fraction ``sibling_overlap`` of A's, so an A cell
+  without its own markers (and own program genes) looks like a B cell — the planted answer of the
+  perturbation "which deletions move A toward B".
 * **Noise**: per-cell library size ``LogNormal(log(library_size), library_sd)``, counts
   negative-binomial with mean ``library x expression share`` and dispersion ``dispersion``
   (``var = mu + dispersion mu^2``), drawn as a gamma–Poisson mixture.
@@ -47,6 +50,7 @@ class PlantedConfig:
     n_specific_genes: int = 150  # per species, no one-to-one ortholog
     program_size: int = 40  # shared genes up-regulated per type
     program_overlap: float = 0.8  # share of a type's shared program identical in both species
+    sibling_overlap: float = 0.6  # share of the program a type repeats from its sibling (types 2k, 2k+1)
     specific_program_size: int = 10  # species-specific genes up-regulated per type
     n_markers: int = 5  # planted marker pairs per type
     program_fold: float = 3.0
@@ -75,8 +79,9 @@ class PlantedConfig:
             )
         if self.specific_program_size > self.n_specific_genes:
             raise ConfigError("planted.specific_program_size cannot exceed planted.n_specific_genes.")
-        if not 0.0 <= self.program_overlap <= 1.0:
-            raise ConfigError(f"planted.program_overlap must be in [0, 1], got {self.program_overlap}.")
+        for name in ("program_overlap", "sibling_overlap"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"planted.{name} must be in [0, 1], got {getattr(self, name)}.")
         if min(self.program_fold, self.marker_fold, self.library_size) <= 0 or self.dispersion < 0:
             raise ConfigError("planted folds and library_size must be > 0, dispersion >= 0.")
 
@@ -86,6 +91,7 @@ class PlantedTruth:
     """What was planted. Gene lists are Ensembl IDs of the species named in the key."""
 
     types: list[str]
+    siblings: dict[str, str]  # type -> the type sharing most of its program (pairs A-B, C-D, ...)
     markers: dict[str, dict[str, list[str]]]  # type -> species -> marker IDs (same pairs, same order)
     programs: dict[str, dict[str, list[str]]]  # type -> species -> program IDs (shared + specific, markers excluded)
     shared_pairs: pd.DataFrame  # human_id, mouse_id of every simulated one-to-one pair
@@ -138,7 +144,15 @@ def _expression_profiles(config: PlantedConfig, rng: np.random.Generator) -> dic
     rest = order[n_types * config.n_markers :]
     n_common = int(round(config.program_size * config.program_overlap))
     profiles, programs = {}, {}
-    common = [rng.choice(rest, size=n_common, replace=False) for _ in range(n_types)]
+    n_sibling = min(n_common, int(round(config.program_size * config.sibling_overlap)))
+    common = []
+    for t in range(n_types):
+        if t % 2 == 1:  # repeat part of the sibling's program, draw the rest elsewhere
+            inherited = common[t - 1][:n_sibling]
+            drawn = rng.choice(np.setdiff1d(rest, common[t - 1]), size=n_common - n_sibling, replace=False)
+            common.append(np.concatenate([inherited, drawn]))
+        else:
+            common.append(rng.choice(rest, size=n_common, replace=False))
     for species in SPECIES:
         base = np.concatenate([base_shared * (shift if species == "mouse" else 1.0),
                                rng.lognormal(0.0, config.baseline_sd, size=n_spec)])
@@ -185,6 +199,7 @@ def simulate_planted(config: PlantedConfig | None = None) -> PlantedData:
         adatas[species] = ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
     truth = PlantedTruth(
         types=types,
+        siblings={types[t]: types[t ^ 1] for t in range(config.n_types) if (t ^ 1) < config.n_types},
         markers={types[t]: {s: list(genes[s][planted["markers"][t]]) for s in SPECIES} for t in range(config.n_types)},
         programs={types[t]: {s: list(genes[s][planted["programs"][s][t]]) for s in SPECIES} for t in range(config.n_types)},
         shared_pairs=pairs[["human_id", "mouse_id"]].copy(),
