@@ -19,6 +19,7 @@ two are absent; ``backend`` says which was used.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -169,16 +170,20 @@ def seed_table(per_seed: pd.DataFrame, by: str = "config") -> tuple[pd.DataFrame
 
 def write_benchmark_text(header: str, table: pd.DataFrame, per_seed: pd.DataFrame, out: str | None) -> str:
     """Header, the summary table and the per-seed rows as markdown; printed, and written to ``out`` if given."""
-    from .classify import markdown_table
-
-    text = "\n".join([header, "", markdown_table(table.reset_index()), "", "Per seed:", "", markdown_table(per_seed)])
+    text = "\n".join([header, "", C.markdown_table(table.reset_index()), "", "Per seed:", "", C.markdown_table(per_seed)])
     print(text)
     if out:
-        from pathlib import Path
-
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
     return text
 
 
-__all__ = ["N_NEIGHBORS", "cross_species_scores", "seed_table", "write_benchmark_text", "scib_available", "species_asw_sklearn", "species_mixing"]
+__all__ = [
+    "N_NEIGHBORS",
+    "cross_species_scores",
+    "scib_available",
+    "seed_table",
+    "species_asw_sklearn",
+    "species_mixing",
+    "write_benchmark_text",
+]
