@@ -15,15 +15,21 @@ at least as well as single-species models. This script measures it on the Baron 
 4. Settings: within-human, within-mouse (train split -> test split), mouse->human and human->mouse
    (the source's train split -> the target's test split, on the classes both share, matched by
    canonical name: see :mod:`mixgeneformer.classify`).
+   With ``--seeds a,b,c`` steps 1-3 are repeated per seed (the seed of the split AND of
+   pretraining) and the table gives mean ± sd over seeds; per-seed rows go to ``--out``.
 5. Methods: zero-shot kNN (k=5, cosine) and logistic regression on frozen embeddings (``--layer``,
    default the last, mean over genes, the same for every model; the SimCSE term is trained on the
-   same mean, ``--pooling mean``, as in the demo); fine-tuning when ``--finetune-epochs`` > 0; count
+   same mean, ``--pooling mean``, as in the demo); fine-tuning when ``--finetune-epochs`` > 0 (the
+   package's recipe: validation split from the training cells, best epoch by validation macro-F1,
+   class weights, learning rates by model width unless ``--finetune-lr``); count
    baselines (CellTypist-style logistic regression on log1p-normalised counts; kNN on 50 PCs),
    across species on one-to-one-ortholog genes.
 
 Usage::
 
-    python benchmarks/classify.py                               # CPU default budget (~15 min on 2 cores)
+    python benchmarks/classify.py                               # CPU default budget, one seed
+    python benchmarks/classify.py --seeds 0,1,2 --models both --finetune-epochs 10 --work-dir W \
+        --out benchmarks/results/classify_cpu_ortholog_1600_3seeds.csv   # mean ± sd over 3 seeds
     python benchmarks/classify.py --steps 2000 --batch 32 --preset mix-geneformer --max-len 2048 \\
         --finetune-epochs 3 --device cuda                          # GPU run
 """
@@ -72,13 +78,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pooling", choices=["mean", "cls", "pooler"], default="mean", help="cell pooling of the SimCSE term")
     parser.add_argument("--layer", type=int, default=-1, help="hidden state embedded for zero-shot methods (-1 = last)")
     parser.add_argument("--finetune-epochs", type=float, default=0.0, help="> 0: also fine-tune each model")
-    parser.add_argument("--finetune-lr", type=float, default=1e-3, help="fine-tuning learning rate (the demo's)")
+    parser.add_argument("--finetune-lr", type=float, default=None, help="encoder fine-tuning learning rate (default: by width)")
+    parser.add_argument("--finetune-set", default="", help="more FinetuneConfig options, e.g. freeze_embeddings=true,batch_size=32")
+    parser.add_argument("--models", default="random,human,mouse,both", help="encoders to compare (random, human, mouse, both)")
+    parser.add_argument("--pretrain-only", action="store_true", help="prepare and pretrain, then stop (run seeds in parallel)")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse the models already pretrained in --work-dir by an earlier run with the same options")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep corpora and models here (default: temporary)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this CSV")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seeds", default="42", help="comma-separated seeds (split + pretraining); mean ± sd over them")
     return parser.parse_args()
 
 
@@ -134,95 +143,137 @@ def random_model(work: Path, vocab, medians, vocab_path: Path, args) -> Path:
     return save_bundle(build_model(config, vocab), work / "bundle_random", vocab, medians, overwrite=True)
 
 
+def run_seed(args, seed: int, work: Path) -> list[dict]:
+    """Splits, corpora, models and every method for one seed; one row per (setting, method)."""
+    started = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    args.seed = seed
+    labels = C.LabelConfig(key=args.label, seed=seed)
+    data = {s: ad.read_h5ad(args.data / f"baron_pancreas_{s}.h5ad") for s in SPECIES}
+    within = {s: C.within_task(data[s], labels, setting=f"within-{s}") for s in SPECIES}
+    tasks = [within["human"], within["mouse"]]
+    for src, tgt in (("mouse", "human"), ("human", "mouse")):
+        tasks.append(
+            C.transfer_task(
+                data[src], data[tgt], labels, f"{src}->{tgt}",
+                source_rows=within[src].train_rows, target_rows=within[tgt].test_rows,
+            )
+        )
+    for task in tasks:
+        print(f"[seed {seed}, {task.setting}] train {task.train_rows.size}, test {task.test_rows.size}; " + " | ".join(task.notes))
+
+    # Medians, vocabulary and corpora from training cells only.
+    train_files = {}
+    for s in SPECIES:
+        train_files[s] = work / f"train_{s}.h5ad"
+        data[s][within[s].train_rows].copy().write_h5ad(train_files[s])
+    medians = compute_medians([train_files[s] for s in SPECIES])
+    vocab = build_vocabulary(mode=args.vocab_mode, gene_set="medians", medians=medians)
+    vocab_path, medians_path = work / "vocab.json", work / "medians.tsv"
+    vocab.save(vocab_path)
+    medians.save(medians_path)
+    tok_config = TokenizeConfig(max_len=args.max_len, style="v2")
+    corpora = {
+        s: tokenize_files([train_files[s]], work / f"corpus_{s}", vocab, medians, tok_config, overwrite=True)
+        for s in SPECIES
+    }
+    print(f"vocabulary: {vocab}; prepared in {time.perf_counter() - started:.0f}s")
+
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    bundles = {"random": random_model(work, vocab, medians, vocab_path, args)} if "random" in names else {}
+    for name, sources in (("human", ["human"]), ("mouse", ["mouse"]), ("both", ["human", "mouse"])):
+        if name in names:
+            bundles[name] = pretrain_model(name, [corpora[s] for s in sources], work, vocab_path, medians_path, args)
+    if args.pretrain_only:
+        return []
+
+    tokens = {s: C.tokenize_cells(data[s], vocab, medians, tok_config) for s in SPECIES}
+    species_of = {"within-human": ("human", "human"), "within-mouse": ("mouse", "mouse"),
+                  "mouse->human": ("mouse", "human"), "human->mouse": ("human", "mouse")}
+    tasks = [C.restrict_to_tokenized(t, tokens[species_of[t.setting][0]], tokens[species_of[t.setting][1]]) for t in tasks]
+
+    results: list[C.EvalResult] = []
+    for task in tasks:
+        src, tgt = species_of[task.setting]
+        for result in C.baselines(task, species=(src, tgt)):
+            result.method = f"baseline {result.method}"
+            results.append(result)
+    finetune = C.FinetuneConfig(
+        epochs=max(args.finetune_epochs, 1.0), learning_rate=args.finetune_lr, device=args.device,
+        **parse_overrides(args.finetune_set),
+    )
+    config = C.ClassifyConfig(labels=labels, finetune=finetune)
+    for name, bundle in bundles.items():
+        model, model_vocab, model_medians = load_bundle(bundle)
+        t0 = time.perf_counter()
+        # One embedding per cell and model (--layer, mean over genes), shared by all tasks.
+        cells = {
+            s: embed_corpus(model, tokens[s].dataset, model_vocab, layer=args.layer, pooling="mean", device=args.device, progress=False)
+            for s in SPECIES
+        }
+        for task in tasks:
+            src, tgt = species_of[task.setting]
+            position = {s: pd.Index(tokens[s].rows) for s in SPECIES}
+            train_x = cells[src][position[src].get_indexer(task.train_rows)]
+            test_x = cells[tgt][position[tgt].get_indexer(task.test_rows)]
+            for method in ("knn", "logreg"):
+                prediction = C.zero_shot_predict(task, train_x, test_x, method)
+                results.append(C.evaluate(task, prediction, f"{name} {method}"))
+            if args.finetune_epochs > 0:
+                result, fitted = C.finetune(task, model, model_vocab, model_medians, config, tokens=(tokens[src], tokens[tgt]),
+                                            method=f"{name} finetune")
+                summary = fitted.summary
+                print(f"  {name} finetune {task.setting}: {summary['steps_run']} steps, best validation macro-F1 "
+                      f"{summary.get('best_validation_macro_f1', float('nan')):.3f} at epoch {summary.get('best_epoch')}")
+                results.append(result)
+        print(f"seed {seed}: evaluated model '{name}' in {time.perf_counter() - t0:.0f}s")
+    table = C.benchmark_table(results)
+    table.insert(1, "seed", seed)
+    return table.to_dict(orient="records")
+
+
+def mean_sd_table(per_seed: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """mean ± sd over seeds per (setting, method), settings in ``order``."""
+    grouped = per_seed.groupby(["setting", "method"], sort=False)
+    rows = []
+    for (setting, method), group in grouped:
+        row = {"setting": setting, "method": method, "seeds": len(group)}
+        for metric in C.METRIC_COLUMNS:
+            values = group[metric].to_numpy(dtype=float)
+            sd = values.std(ddof=1) if values.size > 1 else 0.0
+            row[metric] = f"{values.mean():.3f} ± {sd:.3f}"
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    rank = {s: i for i, s in enumerate(order)}
+    return table.sort_values("setting", key=lambda col: col.map(rank), kind="stable").reset_index(drop=True)
+
+
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     with tempfile.TemporaryDirectory(prefix="mixgf-bench-classify-") as scratch:
-        work = args.work_dir or Path(scratch)
-        work.mkdir(parents=True, exist_ok=True)
-        labels = C.LabelConfig(key=args.label, seed=args.seed)
-        data = {s: ad.read_h5ad(args.data / f"baron_pancreas_{s}.h5ad") for s in SPECIES}
-        within = {s: C.within_task(data[s], labels, setting=f"within-{s}") for s in SPECIES}
-        tasks = [within["human"], within["mouse"]]
-        for src, tgt in (("mouse", "human"), ("human", "mouse")):
-            tasks.append(
-                C.transfer_task(
-                    data[src], data[tgt], labels, f"{src}->{tgt}",
-                    source_rows=within[src].train_rows, target_rows=within[tgt].test_rows,
-                )
-            )
-        for task in tasks:
-            print(f"[{task.setting}] train {task.train_rows.size}, test {task.test_rows.size}; " + " | ".join(task.notes))
-
-        # Medians, vocabulary and corpora from training cells only.
-        train_files = {}
-        for s in SPECIES:
-            train_files[s] = work / f"train_{s}.h5ad"
-            data[s][within[s].train_rows].copy().write_h5ad(train_files[s])
-        medians = compute_medians([train_files[s] for s in SPECIES])
-        vocab = build_vocabulary(mode=args.vocab_mode, gene_set="medians", medians=medians)
-        vocab_path, medians_path = work / "vocab.json", work / "medians.tsv"
-        vocab.save(vocab_path)
-        medians.save(medians_path)
-        tok_config = TokenizeConfig(max_len=args.max_len, style="v2")
-        corpora = {
-            s: tokenize_files([train_files[s]], work / f"corpus_{s}", vocab, medians, tok_config, overwrite=True)
-            for s in SPECIES
-        }
-        print(f"vocabulary: {vocab}; prepared in {time.perf_counter() - started:.0f}s")
-
-        bundles = {"random": random_model(work, vocab, medians, vocab_path, args)}
-        for name, sources in (("human", ["human"]), ("mouse", ["mouse"]), ("both", ["human", "mouse"])):
-            bundles[name] = pretrain_model(name, [corpora[s] for s in sources], work, vocab_path, medians_path, args)
-
-        tokens = {s: C.tokenize_cells(data[s], vocab, medians, tok_config) for s in SPECIES}
-        species_of = {"within-human": ("human", "human"), "within-mouse": ("mouse", "mouse"),
-                      "mouse->human": ("mouse", "human"), "human->mouse": ("human", "mouse")}
-        tasks = [C.restrict_to_tokenized(t, tokens[species_of[t.setting][0]], tokens[species_of[t.setting][1]]) for t in tasks]
-
-        results: list[C.EvalResult] = []
-        for task in tasks:
-            src, tgt = species_of[task.setting]
-            for result in C.baselines(task, species=(src, tgt)):
-                result.method = f"baseline {result.method}"
-                results.append(result)
-        finetune = C.FinetuneConfig(epochs=max(args.finetune_epochs, 1.0), learning_rate=args.finetune_lr, device=args.device)
-        config = C.ClassifyConfig(labels=labels, finetune=finetune)
-        for name, bundle in bundles.items():
-            model, model_vocab, model_medians = load_bundle(bundle)
-            t0 = time.perf_counter()
-            # One embedding per cell and model (--layer, mean over genes), shared by all tasks.
-            cells = {
-                s: embed_corpus(model, tokens[s].dataset, model_vocab, layer=args.layer, pooling="mean", device=args.device, progress=False)
-                for s in SPECIES
-            }
-            for task in tasks:
-                src, tgt = species_of[task.setting]
-                position = {s: pd.Index(tokens[s].rows) for s in SPECIES}
-                train_x = cells[src][position[src].get_indexer(task.train_rows)]
-                test_x = cells[tgt][position[tgt].get_indexer(task.test_rows)]
-                for method in ("knn", "logreg"):
-                    prediction = C.zero_shot_predict(task, train_x, test_x, method)
-                    results.append(C.evaluate(task, prediction, f"{name} {method}"))
-                if args.finetune_epochs > 0:
-                    result, _ = C.finetune(task, model, model_vocab, model_medians, config, tokens=(tokens[src], tokens[tgt]),
-                                           method=f"{name} finetune")
-                    results.append(result)
-            print(f"evaluated model '{name}' in {time.perf_counter() - t0:.0f}s")
-
-        table = C.benchmark_table(results)
-        order = {s: i for i, s in enumerate(species_of)}
-        table = table.sort_values("setting", key=lambda col: col.map(order), kind="stable").reset_index(drop=True)
+        root = args.work_dir or Path(scratch)
+        rows = []
+        for seed in seeds:
+            # One folder per seed (a single seed keeps the former flat layout for --reuse).
+            rows += run_seed(args, seed, root if len(seeds) == 1 and args.work_dir is None else root / f"seed{seed}")
+        if args.pretrain_only:
+            return
+        per_seed = pd.DataFrame(rows)
+        order = ["within-human", "within-mouse", "mouse->human", "human->mouse"]
         print()
         print(
             f"Budget: {args.steps} steps x {args.batch} cells per pretrained model, preset {args.preset}, "
             f"max_len {args.max_len}, vocab {args.vocab_mode}, SimCSE pooling {args.pooling}, overrides {args.overrides or '-'}, "
-            f"embedding layer {args.layer}, fine-tuning {args.finetune_epochs:g} epochs at lr {args.finetune_lr:g}; total {time.perf_counter() - started:.0f}s"
+            f"embedding layer {args.layer}, fine-tuning at most {args.finetune_epochs:g} epochs "
+            f"(lr {args.finetune_lr or 'by width'}{', ' + args.finetune_set if args.finetune_set else ''}); "
+            f"seeds {seeds} (split and pretraining); total {time.perf_counter() - started:.0f}s"
         )
-        print(C.markdown_table(table))
+        print(C.markdown_table(mean_sd_table(per_seed, order)))
         if args.out is not None:
-            table.to_csv(args.out, index=False)
+            per_seed.to_csv(args.out, index=False)
 
 
 if __name__ == "__main__":

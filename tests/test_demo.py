@@ -113,6 +113,9 @@ def test_every_step_ran_and_is_recorded(quick_demo):
     assert metrics["mode"] == "quick"
     assert metrics["tokenize"]["cells_per_species"].keys() == {"human", "mouse"}
     assert metrics["pretrain"]["steps"] == DemoConfig.quick_config().pretrain_steps
+    held_out = metrics["pretrain"]["held_out"]  # the last held-out evaluation, beside the frequency baselines
+    assert held_out["step"] == metrics["pretrain"]["steps"] and 0 <= held_out["top1"] <= 1
+    assert "| unigram given rank |" in report.read_text()
 
 
 @pytest.mark.slow

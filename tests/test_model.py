@@ -195,7 +195,7 @@ def test_ortholog_projection_swaps_genes_species_token_and_drops_unmapped(vocab)
 
 
 def test_cross_species_gradient_flows_through_both_branches(vocab):
-    model = tiny_model(vocab, contrastive="none", cross_species_weight=1.0).train()
+    model = tiny_model(vocab, contrastive="none", cross_species_weight=1.0, cross_species_positives="projection").train()
     h = human_ids(vocab, N_PAIRS)
     ids = torch.tensor([[vocab.cls_id, vocab.species_token_id("human"), *h[i : i + 5], vocab.eos_id] for i in range(4)])
     mask = torch.ones_like(ids)

@@ -29,6 +29,7 @@ STAGES: list[tuple[str, ...]] = [
     ("config",),
     ("plots",),  # figures: errors and fileio only
     ("genes",),
+    ("simulate",),  # planted-truth data over the shipped gene tables
     ("readers",),
     ("parallel",),
     ("medians",),
@@ -41,8 +42,11 @@ STAGES: list[tuple[str, ...]] = [
     ("inference",),
     ("sharding",),  # shard plan, shard files, barrier, merge of sharded embed / predict runs
     ("collator", "sampling", "checkpoints"),
+    ("diagnostics",),  # held-out masked-gene diagnostics and their frequency baselines
+    ("stopping",),  # stop signals of pretraining (handler + Trainer callback)
     ("trainer",),  # the Trainer subclass and callbacks of pretraining
     ("pretrain", "embed", "classify", "perturb"),  # the user APIs
+    ("integration",),  # species mixing and cross-species transfer scores (on classify)
     ("demo",),
     ("cli",),
     ("__main__",),

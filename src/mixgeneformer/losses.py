@@ -1,7 +1,9 @@
 """Pretraining losses: masked-gene prediction and the contrastive terms (pure torch).
 
-Nothing here knows about genes, vocabularies or transformers; every function takes tensors and
-returns a scalar tensor that keeps the autograd graph. Similarities are computed in float32 even
+Nothing here knows about genes, vocabularies or transformers; every loss takes tensors and
+returns a scalar tensor that keeps the autograd graph. The cross-species pairing's tensor pieces
+live here too (ortholog projection, species votes, rank-weighted ortholog profiles, mutual nearest
+partners): the model holds the lookup tables and passes them in. Similarities are computed in float32 even
 when the encoder runs in bf16: with a temperature of 0.05 the logits reach ±20 and bf16 would
 round them to a step of ~0.1.
 
@@ -185,6 +187,120 @@ def info_nce(
     loss_ab = F.cross_entropy(logits_ab[valid], target[valid])
     loss_ba = F.cross_entropy(logits_ba[valid], target[valid])
     return 0.5 * (loss_ab + loss_ba)
+
+
+def project_to_orthologs(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    ortholog_lookup: torch.Tensor,
+    special_lookup: torch.Tensor,
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Re-express each cell in the other species: genes → 1:1 ortholog tokens (``ortholog_lookup``,
+    -1 none), others dropped.
+
+    Rank order is kept, dropped genes close up (stable compaction), the rest is padded; the
+    length never grows. Returns ``(ids, mask, valid)``: ``valid`` is False for cells left
+    without any gene (they get one attended pad token so attention stays finite, and are not
+    scored).
+    """
+    mapped = ortholog_lookup[input_ids]
+    keep = attention_mask.bool() & (mapped >= 0)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    ids = mapped.gather(1, order)
+    mask = keep.gather(1, order)
+    ids = ids.masked_fill(~mask, pad_id)
+    valid = (mask & ~special_lookup[ids]).any(dim=1)
+    empty = ~mask.any(dim=1)
+    mask[:, 0] |= empty
+    return ids, mask.to(attention_mask.dtype), valid
+
+
+def species_marks(token_species: torch.Tensor, species_tokens: list[int | None]) -> torch.Tensor:
+    """Per token the species it marks (``token_species`` 0 human / 1 mouse, and the species tokens
+    ``species_tokens[code]``), -1 for shared and special tokens: the input of :func:`cell_species`."""
+    marks = torch.where((token_species == 0) | (token_species == 1), token_species, torch.full_like(token_species, -1))
+    for code, token in enumerate(species_tokens):
+        if token is not None:
+            marks[token] = code
+    return marks
+
+
+def ortholog_classes(ortholog_map: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
+    """Per token the class of its one-to-one ortholog pair (the smaller token id of the two), -1 for none."""
+    ids = torch.arange(ortholog_map.numel())
+    paired = (ortholog_map >= 0) & ~special
+    return torch.where(paired, torch.minimum(ids, ortholog_map), torch.full_like(ids, -1))
+
+
+def cell_species(marks: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` species of each cell by a vote of its tokens' ``marks`` (``(B, L)``: 0 human, 1 mouse,
+    -1 neither); -1 where no attended token marks it or the vote ties."""
+    marks = marks.masked_fill(~attention_mask.bool(), -1)
+    human = (marks == 0).sum(1)
+    mouse = (marks == 1).sum(1)
+    species = torch.where(mouse > human, 1, 0)
+    return torch.where(human == mouse, torch.full_like(species, -1), species)
+
+
+def rank_weighted_profiles(classes: torch.Tensor, attention_mask: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``(B, n_classes)`` profiles: each attended token adds ``1/log2(position + 2)`` to its class
+    (``classes``: ``(B, L)``, -1 for tokens of no class)."""
+    keep = attention_mask.bool() & (classes >= 0)
+    positions = torch.arange(classes.shape[1], device=classes.device, dtype=torch.float32)
+    weights = (1.0 / torch.log2(positions + 2.0)).expand(classes.shape) * keep
+    profiles = torch.zeros(classes.shape[0], n_classes, device=classes.device)
+    return profiles.scatter_add_(1, classes.clamp_min(0), weights)
+
+
+def mutual_nearest_partners(profiles: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+    """Each cell's mutual nearest neighbour of the other species, by cosine of ``profiles``.
+
+    Parameters
+    ----------
+    profiles
+        ``(B, C)`` non-negative cell profiles in a space both species share (e.g. rank-weighted
+        one-to-one-ortholog genes).
+    species
+        ``(B,)`` int: 0 / 1, or -1 where unknown (such cells get no partner).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B,)`` long: the partner's row, or -1 (no cell of the other species, no shared gene, or
+        the nearest neighbour's own nearest neighbour is another cell).
+    """
+    with torch.no_grad():
+        unit = F.normalize(profiles.float(), dim=-1)
+        sim = unit @ unit.T
+        known = species >= 0
+        other = (species[:, None] != species[None, :]) & known[:, None] & known[None, :]
+        sim = sim.masked_fill(~other, float("-inf"))
+        best = sim.argmax(dim=1)
+        best_sim = sim.gather(1, best[:, None]).squeeze(1)
+        rows = torch.arange(profiles.shape[0], device=profiles.device)
+        mutual = (best.gather(0, best) == rows) & (best_sim > 0) & torch.isfinite(best_sim)
+        return torch.where(mutual, best, torch.full_like(best, -1))
+
+
+def cross_species_nce(z: torch.Tensor, partner: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """InfoNCE that pulls each cell toward its cross-species partner, against every other cell.
+
+    For every cell ``i`` with ``partner[i] >= 0`` the logits are ``cos(z_i, z_k) / temperature``
+    over all other cells ``k`` of the batch (itself excluded), the target being the partner. Its
+    own species' cells are negatives too, so the partner must come closer than they are: the
+    species have to overlap, not merely line up side by side (a species-wide offset of the
+    embedding costs loss). Mean over cells with a partner; ``0`` (attached to the graph) when
+    none has one.
+    """
+    unit = F.normalize(z.float(), dim=-1)
+    anchors = partner >= 0
+    if not bool(anchors.any()):
+        return unit.sum() * 0.0
+    rows = torch.nonzero(anchors).squeeze(1)
+    logits = unit[rows] @ unit.T / temperature
+    logits = logits.index_put((torch.arange(rows.numel(), device=z.device), rows), torch.tensor(float("-inf"), device=z.device))
+    return F.cross_entropy(logits, partner[rows])
 
 
 def simcse_pp_dimension_loss(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "pooler", "mean")
 CONTRASTIVE_MODES = ("simcse", "simcse++", "none")
+CROSS_SPECIES_POSITIVES = ("mnn", "projection")
 SPECIES_CODES = {"human": 0, "mouse": 1}
 Pooling = Literal["mean", "cls"]  # cell pooling of embeddings and classification
 
@@ -70,6 +71,11 @@ class MixGeneformerConfig(BertConfig):
         Weight of the SimCSE++ dimension-wise term (0.1).
     cross_species_weight, cross_species_temperature
         Weight (0 = off; 0.5 suggested) and temperature (0.1) of the cross-species InfoNCE.
+    cross_species_positives
+        How the cross-species term pairs cells: ``"mnn"`` (default, :func:`losses.mutual_nearest_partners`
+        on rank-weighted one-to-one-ortholog profiles) or ``"projection"`` (a cell and its own ortholog
+        re-expression, :meth:`MixGeneformerForPretraining.project_to_orthologs`; in an ortholog vocabulary
+        that is the cell itself minus its species-specific genes, so it never relates two species' cells).
     gather_negatives
         Take contrastive negatives from every GPU (all_gather with gradients).
     """
@@ -85,6 +91,7 @@ class MixGeneformerConfig(BertConfig):
     simcse_pp_weight: float = 0.1
     cross_species_weight: float = 0.0
     cross_species_temperature: float = 0.1
+    cross_species_positives: str = "mnn"
     gather_negatives: bool = False
 
 
@@ -113,6 +120,9 @@ def validate_config(config: BertConfig) -> None:
     pooling = getattr(config, "pooling", "cls")
     if pooling not in POOLINGS:
         raise ConfigError(f"model.pooling={pooling!r} is not one of {list(POOLINGS)}.")
+    positives = getattr(config, "cross_species_positives", "mnn")
+    if positives not in CROSS_SPECIES_POSITIVES:
+        raise ConfigError(f"model.cross_species_positives={positives!r} is not one of {list(CROSS_SPECIES_POSITIVES)}.")
     contrastive = getattr(config, "contrastive", "simcse")
     if contrastive not in CONTRASTIVE_MODES:
         raise ConfigError(f"model.contrastive={contrastive!r} is not one of {list(CONTRASTIVE_MODES)}.")
@@ -183,6 +193,8 @@ class MixGeneformerOutput(ModelOutput):
     ``logits`` are the full ``(B, L, vocab)`` MLM scores of view 1, returned when no labels are
     given or ``output_logits=True`` (in training only the masked positions go through the head).
     ``cell_embeddings`` are the pooled view-1 embeddings ``(B, hidden)``.
+    ``masked_logits`` are the ``(n_masked, vocab)`` MLM scores at the labelled positions (row-major
+    order of ``labels != -100``), returned with ``output_masked_logits=True`` (held-out diagnostics).
     """
 
     loss: torch.Tensor | None = None
@@ -192,6 +204,7 @@ class MixGeneformerOutput(ModelOutput):
     cross_species_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     cell_embeddings: torch.Tensor | None = None
+    masked_logits: torch.Tensor | None = None
 
 
 class MixGeneformerForPretraining(BertPreTrainedModel):
@@ -202,6 +215,11 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
     """
 
     config_class = MixGeneformerConfig
+    # The loss is a mean over this micro-batch's masked positions (it never takes the Trainer's
+    # num_items_in_batch); the Trainer must then divide it by the gradient-accumulation steps itself.
+    # Without this flag it infers "accepts loss kwargs" from forward's **kwargs and skips that division:
+    # accumulated gradients (and the logged loss) were gradient_accumulation_steps times too large.
+    accepts_loss_kwargs = False
     _tied_weights_keys = {
         "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
         "cls.predictions.decoder.bias": "cls.predictions.bias",
@@ -218,6 +236,10 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
         # Lookup tables, rebuilt from the config / vocabulary; never part of the checkpoint.
         self.register_buffer("special_lookup", special, persistent=False)
         self.register_buffer("ortholog_lookup", torch.full((config.vocab_size,), -1, dtype=torch.long), persistent=False)
+        # Per token: the species it marks (0 human, 1 mouse; -1 shared or special) and the class
+        # of its one-to-one ortholog pair (-1 none), for the cross-species pairing.
+        self.register_buffer("species_lookup", torch.full((config.vocab_size,), -1, dtype=torch.long), persistent=False)
+        self.register_buffer("ortholog_class", torch.full((config.vocab_size,), -1, dtype=torch.long), persistent=False)
         self.has_ortholog_map = False
         self.pooler_is_trained = True
         self.post_init()
@@ -249,6 +271,8 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
         self.special_lookup = special
         self.set_ortholog_map(torch.as_tensor(vocab.ortholog_map, dtype=torch.long),
                               species_ids=(vocab.species_token_id("human"), vocab.species_token_id("mouse")))
+        species_tokens = [vocab.species_token_id(name) for name in SPECIES_CODES]
+        self.species_lookup = losses.species_marks(torch.as_tensor(vocab.token_species.astype("int64")), species_tokens).to(device)
 
     def set_ortholog_map(self, ortholog_map: torch.Tensor, species_ids: tuple[int | None, int | None] = (None, None)) -> None:
         """Set the token → 1:1-ortholog-token table (``-1`` = no ortholog; specials map to themselves).
@@ -267,6 +291,7 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
         if human is not None and mouse is not None:
             table[human], table[mouse] = mouse, human
         self.ortholog_lookup = table.to(self.ortholog_lookup.device)
+        self.ortholog_class = losses.ortholog_classes(table, special).to(self.ortholog_lookup.device)
         self.has_ortholog_map = True
 
     # -- pieces of the forward ---------------------------------------------------------------
@@ -282,28 +307,39 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
     def project_to_orthologs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Re-express each cell in the other species: genes → 1:1 ortholog tokens, others dropped.
+        """Re-express each cell in the other species (:func:`losses.project_to_orthologs`): ``(ids, mask, valid)``."""
+        self._require_ortholog_map()
+        return losses.project_to_orthologs(
+            input_ids, attention_mask, self.ortholog_lookup, self.special_lookup, self.config.pad_token_id or 0
+        )
 
-        Rank order is kept, dropped genes close up (stable compaction), the rest is padded; the
-        length never grows. Returns ``(ids, mask, valid)``: ``valid`` is False for cells left
-        without any gene (they get one attended pad token so attention stays finite, and are not
-        scored).
-        """
+    def cell_species(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` species of each cell by a vote of its species-marking tokens (species token,
+        genes without a shared token); -1 where none marks it or the vote ties."""
+        return losses.cell_species(self.species_lookup[input_ids], attention_mask)
+
+    def ortholog_profiles(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, V)`` rank-weighted profiles over one-to-one ortholog pairs (weight ``1/log2(position + 2)``)."""
+        return losses.rank_weighted_profiles(self.ortholog_class[input_ids], attention_mask, self.config.vocab_size)
+
+    def _require_ortholog_map(self) -> None:
         if not self.has_ortholog_map:
             raise ConfigError(
                 "cross_species_weight > 0 needs the ortholog map: call model.attach_vocabulary(vocab) "
                 "(load_bundle and the pretrain stage do it)."
             )
-        mapped = self.ortholog_lookup[input_ids]
-        keep = attention_mask.bool() & (mapped >= 0)
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-        ids = mapped.gather(1, order)
-        mask = keep.gather(1, order)
-        ids = ids.masked_fill(~mask, self.config.pad_token_id or 0)
-        valid = (mask & ~self.special_lookup[ids]).any(dim=1)
-        empty = ~mask.any(dim=1)
-        mask[:, 0] |= empty
-        return ids, mask.to(attention_mask.dtype), valid
+
+    def _mnn_cross_species(
+        self, z: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        species: torch.Tensor | None,
+    ) -> torch.Tensor:
+        self._require_ortholog_map()
+        original = torch.where(labels != losses.IGNORE_INDEX, labels, input_ids)  # masked genes count too
+        if species is None:
+            species = self.cell_species(original, attention_mask)
+        profiles = self.ortholog_profiles(original, attention_mask)
+        partner = losses.mutual_nearest_partners(profiles, species.to(device=z.device, dtype=torch.long))
+        return losses.cross_species_nce(z, partner, self.config.cross_species_temperature)
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
@@ -325,6 +361,7 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
         labels: torch.Tensor | None = None,
         species: torch.Tensor | None = None,
         output_logits: bool = False,
+        output_masked_logits: bool = False,
         **kwargs: Any,
     ) -> MixGeneformerOutput:
         """MLM + contrastive pretraining step (or plain MLM scoring when ``labels`` is None).
@@ -337,10 +374,12 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
             ``(B, L)`` original token at masked positions, ``-100`` elsewhere. None: no loss, the
             output holds full ``logits`` and ``cell_embeddings``.
         species
-            ``(B,)`` 0 human / 1 mouse; accepted for the collator's batches, not needed by the
-            loss (the species token, when present, is swapped by the ortholog map).
+            ``(B,)`` 0 human / 1 mouse (from the collator), used by the ``"mnn"`` cross-species
+            pairing; None: inferred from the cells' tokens (:meth:`cell_species`).
         output_logits
             Also return full ``(B, L, vocab)`` logits of view 1 when training.
+        output_masked_logits
+            Also return the MLM scores at the labelled positions only (``masked_logits``).
 
         Returns
         -------
@@ -365,13 +404,14 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
 
         use_contrastive = config.contrastive != "none" and config.contrastive_weight > 0
         use_cross = config.cross_species_weight > 0
+        project = use_cross and getattr(config, "cross_species_positives", "mnn") == "projection"
         second_view_in_batch = use_contrastive and config.contrastive == "simcse" and self.training
 
         stacked_ids, stacked_mask = [input_ids], [attention_mask]
         if second_view_in_batch:
             stacked_ids.append(input_ids)
             stacked_mask.append(attention_mask)
-        if use_cross:
+        if project:
             projected_ids, projected_mask, cross_valid = self.project_to_orthologs(input_ids, attention_mask)
             stacked_ids.append(projected_ids)
             stacked_mask.append(projected_mask)
@@ -381,7 +421,8 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
         view1_hidden, z1 = hidden[:batch], pooled[:batch]
 
         masked = labels != losses.IGNORE_INDEX
-        mlm = losses.mlm_loss(self.cls(view1_hidden[masked]), labels[masked])
+        mlm_logits = self.cls(view1_hidden[masked])
+        mlm = losses.mlm_loss(mlm_logits, labels[masked])
         total = mlm
         parts: dict[str, torch.Tensor] = {"mlm_loss": mlm.detach()}
 
@@ -400,16 +441,22 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
             parts["contrastive_loss"] = contrastive.detach()
             total = total + config.contrastive_weight * contrastive
 
-        if use_cross:
+        if project:
             cross = losses.info_nce(
                 z1, pooled[-batch:], config.cross_species_temperature, gather=config.gather_negatives, valid=cross_valid
             )
+        elif use_cross:
+            cross = self._mnn_cross_species(z1, input_ids, attention_mask, labels, species)
+        if use_cross:
             parts["cross_species_loss"] = cross.detach()
             total = total + config.cross_species_weight * cross
 
         logits = self.cls(view1_hidden) if output_logits else None
         # Built last so ``loss`` is the first field (ModelOutput keeps insertion order).
-        return MixGeneformerOutput(loss=total, **parts, logits=logits, cell_embeddings=z1)
+        return MixGeneformerOutput(
+            loss=total, **parts, logits=logits, cell_embeddings=z1,
+            masked_logits=mlm_logits if output_masked_logits else None,
+        )
 
 
 def check_vocabulary(config: BertConfig, vocab: Vocabulary) -> None:
@@ -526,6 +573,8 @@ class MixGeneformerForCellClassification(BertPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         # A plain array, not a buffer: from_pretrained leaves non-persistent buffers uninitialised.
         self.special_ids = np.asarray(config.special_token_ids or [config.pad_token_id or 0], dtype=np.int64)
+        # Per-class loss weights while fine-tuning (a plain attribute: not saved with the model).
+        self.loss_weights: torch.Tensor | None = None
         self.post_init()
 
     def forward(
@@ -536,5 +585,8 @@ class MixGeneformerForCellClassification(BertPreTrainedModel):
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         pooled = pool_cells(hidden, input_ids, attention_mask, self.special_ids, self.config.cell_pooling)
         logits = self.classifier(self.dropout(pooled.to(self.classifier.weight.dtype)))
-        loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
+        loss = None
+        if labels is not None:
+            weight = None if self.loss_weights is None else self.loss_weights.to(logits.device)
+            loss = nn.functional.cross_entropy(logits.float(), labels, weight=weight)
         return SequenceClassifierOutput(loss=loss, logits=logits)

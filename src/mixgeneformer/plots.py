@@ -342,6 +342,20 @@ def perturbation_ranking(
 # --------------------------------------------------------------------------------------------
 # Training curves
 # --------------------------------------------------------------------------------------------
+def _plot_series(ax: Any, table: pd.DataFrame, steps: pd.Series, columns: list[Any], step_col: str, ylabel: str, title: str) -> None:
+    """One panel: a line per column against the step (NaN cells skipped); baselines (``unigram``) dashed."""
+    for col in columns:
+        values = pd.to_numeric(table[col], errors="coerce")
+        ok = values.notna() & steps.notna()
+        if ok.any():
+            style = "--" if "unigram" in str(col) else "-"
+            ax.plot(steps[ok], values[ok], style, label=col, marker="o" if ok.sum() < 30 else None, markersize=3)
+    ax.set_xlabel(step_col)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+
+
 def training_curves(
     metrics: str | os.PathLike | pd.DataFrame,
     title: str | None = None,
@@ -355,7 +369,9 @@ def training_curves(
         A CSV path or DataFrame with a step column (``step`` or ``global_step``), one or more
         loss columns (any name containing ``loss``) and optionally a learning-rate column
         (``lr`` or ``learning_rate``). Empty cells (metrics logged at other steps) are skipped
-        per series.
+        per series. Held-out accuracies (``eval_top1`` / ``eval_top10`` and the baselines'
+        ``eval_*unigram_top*``, from :mod:`mixgeneformer.diagnostics`) get a panel of their own;
+        baseline series (names containing ``unigram``) are drawn dashed.
     """
     if isinstance(metrics, pd.DataFrame):
         table = metrics
@@ -372,18 +388,13 @@ def training_curves(
     if not loss_cols:
         raise InputDataError(f"no loss column in the metrics (looked for names containing 'loss'); columns: {columns}")
 
-    fig = Figure(figsize=(11 if lr_col else 6.5, 4), layout="constrained")
-    axes = fig.subplots(1, 2 if lr_col else 1, squeeze=False)[0]
+    accuracy_cols = [c for c in columns if str(c).startswith("eval_") and "top" in str(c)]
+    accuracy_cols = [c for c in accuracy_cols if pd.to_numeric(table[c], errors="coerce").notna().any()]
+    n_panels = 1 + bool(lr_col) + bool(accuracy_cols)
+    fig = Figure(figsize=(4.5 * n_panels + 2, 4), layout="constrained")
+    axes = fig.subplots(1, n_panels, squeeze=False)[0]
     steps = pd.to_numeric(table[step_col], errors="coerce")
-    for col in loss_cols:
-        values = pd.to_numeric(table[col], errors="coerce")
-        ok = values.notna() & steps.notna()
-        if ok.any():
-            axes[0].plot(steps[ok], values[ok], label=col, marker="o" if ok.sum() < 30 else None, markersize=3)
-    axes[0].set_xlabel(step_col)
-    axes[0].set_ylabel("loss")
-    axes[0].legend(fontsize=8)
-    axes[0].set_title("losses")
+    _plot_series(axes[0], table, steps, loss_cols, step_col, "loss", "losses")
     if lr_col:
         values = pd.to_numeric(table[lr_col], errors="coerce")
         ok = values.notna() & steps.notna()
@@ -392,6 +403,9 @@ def training_curves(
         axes[1].set_ylabel(lr_col)
         axes[1].set_title("learning rate")
         axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    if accuracy_cols:
+        _plot_series(axes[-1], table, steps, accuracy_cols, step_col, "accuracy", "held-out masked-gene accuracy")
+        axes[-1].set_ylim(0, 1)
     if title:
         fig.suptitle(title)
     return _finish(fig, save)

@@ -8,7 +8,10 @@ Run folder (``output_dir``)::
 
     config.yaml         the resolved PretrainConfig
     environment.json    versions, devices, world size, the dtype actually in use
-    metrics.csv         one row per logging step (losses, lr, tokens/s, MFU)
+    metrics.csv         one row per logging step (losses, lr, tokens/s, MFU) and per evaluation
+                        (held-out MLM loss, top-1 / top-10 masked-gene accuracy, and the same for
+                        the frequency baselines of :mod:`mixgeneformer.diagnostics`)
+    frequency_baselines.json   what the baselines were counted from (with data.eval_fraction > 0)
     tensorboard/        the same metrics for TensorBoard
     checkpoint-<step>/  atomic checkpoints (see :mod:`mixgeneformer.checkpoints`), each with the
                         config, vocabulary, medians and environment record beside the weights
@@ -38,20 +41,19 @@ import yaml
 
 from . import checkpoints as ckpt
 from . import model as model_module
-from .bundle import TOKENIZE_CONFIG_NAME, save_bundle
 from .collator import PretrainingCollator
 from .config import changed_settings, from_dict, load_config, save_config, to_dict
 from .corpus import check_corpora, corpus_lengths, corpus_species_codes, open_corpus
+from .diagnostics import FrequencyBaselines, compute_eval_metrics, frequency_baselines
 from .errors import ArtifactError, ConfigError, MixGeneformerError, VocabularyMismatchError
 from .fileio import write_json, write_output_marker
-from .medians import GeneMedians
+from .stopping import SignalFlag, StopRequested, TrainingInterrupted
 from .trainer import (
+    EvaluateAtEnd,
     MixGeneformerTrainer,
     SeededMaskingCollator,
-    SignalFlag,
-    StopRequested,
-    TrainingInterrupted,
     _make_callbacks,
+    _save_final_bundle,
     compile_encoder_blocks,
     environment_record,
     read_metrics,
@@ -65,6 +67,7 @@ from .vocab import Vocabulary
 logger = logging.getLogger(__name__)
 
 BUNDLE_DIR = "model"
+EVAL_MASK_EPOCH = -1  # the masking seed of held-out cells: never a training epoch
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,6 +137,8 @@ class CheckpointOptions:
 class LoggingOptions:
     logging_steps: int = 50
     eval_steps: int | None = None  # default: save_steps
+    rank_bucket: int = 8  # positions per bucket of the "unigram given rank" baseline
+    baseline_cells: int = 200_000  # training cells the frequency baselines are counted from (at most)
     tensorboard: bool = True
     progress_bar: bool = True
     peak_tflops: float | None = None  # device peak for MFU; None: looked up from the device name
@@ -177,6 +182,8 @@ class PretrainConfig:
             "train.gradient_accumulation_steps": self.train.gradient_accumulation_steps,
             "checkpoint.save_steps": self.checkpoint.save_steps,
             "logging.logging_steps": self.logging.logging_steps,
+            "logging.rank_bucket": self.logging.rank_bucket,
+            "logging.baseline_cells": self.logging.baseline_cells,
             "distributed.timeout_s": self.distributed.timeout_s,
         }
         for name, value in positive.items():
@@ -438,6 +445,9 @@ def _run_pretraining(
     if config.data.species_balanced:
         species_codes, _names = corpus_species_codes(train_set)
     keep = ["input_ids"]
+    baselines = None if eval_set is None else _frequency_baselines(config, train_set.select_columns(keep), vocab, lengths)
+    if "species" in train_set.column_names:
+        keep.append("species")  # the cross-species term pairs cells of different species
     train_set = train_set.select_columns(keep).with_format("numpy")
     if eval_set is not None:
         eval_set = eval_set.select_columns(keep).with_format("numpy")
@@ -458,8 +468,12 @@ def _run_pretraining(
     if is_main:
         save_config(config, run_dir)
         write_json(run_dir / "environment.json", environment)
+        if baselines is not None:
+            write_json(run_dir / "frequency_baselines.json", baselines.summary())
     collator = SeededMaskingCollator(make_mlm_collator(vocab, config.data, truncate_to), seed=config.train.seed)
     callbacks, stopper = _make_callbacks(run_dir, is_main, config.logging.tensorboard, signals)
+    if eval_set is not None:
+        callbacks.append(EvaluateAtEnd())
     trainer_cls = MixGeneformerTrainer
     trainer = trainer_cls(
         model=model,
@@ -468,6 +482,7 @@ def _run_pretraining(
         eval_dataset=eval_set,
         data_collator=collator,
         callbacks=callbacks,
+        compute_metrics=compute_eval_metrics if baselines is not None else None,
         run_extras={
             "config": config,
             "vocab": vocab,
@@ -475,6 +490,8 @@ def _run_pretraining(
             "environment": environment,
             "keep": config.checkpoint.keep,
             "peak_tflops": config.logging.peak_tflops,
+            "baselines": baselines,
+            "eval_collator": make_eval_collator(vocab, config.data, truncate_to, config.train.seed),
         },
         sampler_options={
             "lengths": lengths,
@@ -523,30 +540,6 @@ def _run_pretraining(
     )
 
 
-def _save_final_bundle(trainer, bundle_dir: Path, vocab: Any, medians_path: Path | None) -> None:
-
-    state_dict = None
-    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        # Collective: every rank takes part in gathering the full weights.
-        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-    if not trainer.is_world_process_zero():
-        return
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if state_dict is not None:
-        fresh = model_module.MixGeneformerForPretraining(model.config)
-        fresh.load_state_dict(state_dict, strict=False)
-        model = fresh
-    medians = None
-    if medians_path is not None:
-
-        medians = GeneMedians.load(medians_path)
-    save_bundle(model, bundle_dir, vocab, medians=medians, overwrite=True)
-    config = trainer.run_extras["config"]
-    save_config(config, bundle_dir, "pretrain_config.yaml")
-    corpus_config = Path(config.data.corpus[0]) / "config.yaml"
-    if corpus_config.is_file():  # new cells are tokenized like the training corpus by default
-        shutil.copyfile(corpus_config, bundle_dir / TOKENIZE_CONFIG_NAME)
-    write_json(bundle_dir / "environment.json", trainer.run_extras["environment"])
 
 
 __all__ = [
@@ -576,4 +569,25 @@ def make_mlm_collator(vocab: Any, data: DataOptions, max_len: int | None = None)
 
     return PretrainingCollator(
         vocab, mlm_probability=data.mlm_probability, pad_to_multiple_of=data.pad_to_multiple_of, max_len=max_len
+    )
+
+
+def make_eval_collator(vocab: Any, data: DataOptions, max_len: int | None, seed: int) -> SeededMaskingCollator:
+    """Masking of held-out cells: the same positions at every evaluation (fixed epoch), each one
+    replaced by ``<mask>`` (no random or unchanged tokens whose identity the model could copy)."""
+    inner = PretrainingCollator(
+        vocab, mlm_probability=data.mlm_probability, pad_to_multiple_of=data.pad_to_multiple_of, max_len=max_len,
+        mask_fraction=1.0, random_fraction=0.0,
+    )
+    collator = SeededMaskingCollator(inner, seed=seed)
+    collator.epoch = EVAL_MASK_EPOCH
+    return collator
+
+
+def _frequency_baselines(config: PretrainConfig, train_set: Any, vocab: Vocabulary, lengths: np.ndarray) -> FrequencyBaselines:
+    """The held-out diagnostics' baselines, counted once from the training split, cut like the model's inputs."""
+    return frequency_baselines(
+        train_set, len(vocab), np.asarray(vocab.special_ids),
+        bucket_size=config.logging.rank_bucket, max_len=int(lengths.max()),
+        max_cells=config.logging.baseline_cells, seed=config.train.seed,
     )

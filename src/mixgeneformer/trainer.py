@@ -12,7 +12,6 @@ import logging
 import os
 import platform
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -28,15 +27,18 @@ from transformers.integrations import TensorBoardCallback
 
 from . import __version__
 from . import checkpoints as ckpt
+from .bundle import TOKENIZE_CONFIG_NAME, save_bundle
 from .config import save_config
-from .errors import ConfigError, MixGeneformerError
+from .diagnostics import masked_gene_stats
+from .errors import ConfigError
 from .fileio import atomic_file, output_error, write_json
+from .medians import GeneMedians
+from .model import MixGeneformerForPretraining
 from .sampling import PretrainSampler, batch_seed
+from .stopping import SignalFlag, StopOnSignal
 
 logger = logging.getLogger(__name__)
 
-
-SIGNAL_SYNC_STEPS = 10  # distributed runs check for a stop signal every this many steps
 
 
 METRICS_FIELDS = (
@@ -51,6 +53,15 @@ METRICS_FIELDS = (
     "tokens_per_s",
     "mfu",
     "eval_loss",
+    "eval_mlm_loss",
+    "eval_top1",
+    "eval_top10",
+    "eval_unigram_loss",
+    "eval_unigram_top1",
+    "eval_unigram_top10",
+    "eval_rank_unigram_loss",
+    "eval_rank_unigram_top1",
+    "eval_rank_unigram_top10",
     "time_s",
 )
 
@@ -173,7 +184,11 @@ class SeededMaskingCollator:
             torch.manual_seed(seed)
             np.random.seed(seed % (2**32))
             try:
-                batch = dict(self.inner([{"input_ids": i} for i in ids]))
+                rows = [{"input_ids": i} for i in ids]
+                if features and "species" in features[0]:
+                    for row, feature in zip(rows, features, strict=True):
+                        row["species"] = feature["species"]
+                batch = dict(self.inner(rows))
             finally:
                 np.random.set_state(numpy_state)
         return batch
@@ -225,6 +240,29 @@ class MixGeneformerTrainer(Trainer):
 
         sampler.set_epoch = set_epoch  # type: ignore[method-assign]
         return sampler
+
+    # --- held-out diagnostics -----------------------------------------------------------
+    def evaluate(self, *args, **kwargs):
+        # Held-out cells are masked by the evaluation collator (fixed positions, all <mask>).
+        eval_collator = self.run_extras.get("eval_collator")
+        train_collator = self.data_collator
+        if eval_collator is not None:
+            self.data_collator = eval_collator
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.data_collator = train_collator
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        baselines = self.run_extras.get("baselines")
+        if baselines is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs, output_masked_logits=True)
+            stats = masked_gene_stats(outputs.masked_logits, inputs["labels"], baselines)
+        # Per-cell sums travel as "logits" (gathered per cell across ranks); labels are a placeholder.
+        return outputs.loss.detach().mean(), stats, torch.zeros_like(stats[:, :1])
 
     # --- loss parts and throughput ------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -359,116 +397,6 @@ class MetricsCSV(TrainerCallback):
                 writer.writeheader()
             writer.writerow(row)
 
-class TrainingInterrupted(MixGeneformerError):
-    """Training stopped on SIGTERM / SIGINT after saving a checkpoint; resume with ``--resume``."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
-
-
-class StopRequested(Exception):
-    """Raised out of the Trainer's loop once the checkpoint for a stop signal is saved."""
-
-
-class SignalFlag:
-    """SIGTERM / SIGINT handler for a whole run, installed before any data is read.
-
-    While the run is being set up (``training`` False) a signal stops it at once (nothing is saved
-    yet); once training runs it only sets ``received``, which :class:`StopOnSignal` acts on at the
-    next point of the loop. A second signal stops at once. A process forked from this one
-    (DataLoader workers) gets the default action, so it ends as usual.
-    """
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.training = False
-        self.previous: dict[int, Any] = {}
-        self.pid = os.getpid()
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-
-    def uninstall(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-
-    def _handle(self, signum, frame):
-        if os.getpid() != self.pid:  # a forked worker: behave as if no handler were installed
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        first = self.received is None
-        self.received = signum
-        if not self.training or not first:  # outside the training loop, or a second signal: stop right away
-            self.uninstall()
-            raise TrainingInterrupted(
-                f"stopped by signal {signum} {'outside a training step' if first else '(a second one)'}; nothing "
-                "new was saved. Continue with --resume.", signum,
-            )
-        logger.warning("received signal %s: saving a checkpoint now, then stopping", signum)
-
-
-class StopOnSignal(TrainerCallback):
-    """Act on a :class:`SignalFlag` at the first point of the loop after the signal: save a
-    checkpoint of the current step (unless one exists), stop, then exit non-zero.
-
-    One process: checked before each step (the signal came during data loading or after the
-    previous step's save), after each step, after logging and evaluation (the checkpoint is
-    saved right after) and after a save. Several ranks: checked at the end of every
-    ``SIGNAL_SYNC_STEPS``-th step, where the ranks agree with one collective.
-    """
-
-    def __init__(self, signals: SignalFlag) -> None:
-        self.signals = signals
-        self.trainer: Any = None  # set once the Trainer exists
-
-    @property
-    def received(self) -> int | None:
-        return self.signals.received
-
-    def _now(self, args) -> bool:
-        return self.signals.received is not None and args.world_size == 1
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self._now(args):
-            step = state.global_step
-            if step > 0 and ckpt.checkpoint_problem(Path(args.output_dir) / f"checkpoint-{step}") is not None:
-                self.trainer._save_checkpoint(self.trainer.model, trial=None)
-            raise StopRequested()
-
-    def on_log(self, args, state, control, **kwargs):
-        if self._now(args):
-            control.should_save = True
-            control.should_training_stop = True
-
-    on_evaluate = on_log
-
-    def on_save(self, args, state, control, **kwargs):
-        if self._now(args):
-            control.should_training_stop = True
-
-    def on_step_end(self, args, state, control, **kwargs):
-        flag = 0 if self.received is None else int(self.received)
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if distributed and state.global_step % SIGNAL_SYNC_STEPS:
-            return control  # ranks agree on a stop only every SIGNAL_SYNC_STEPS steps (one tiny collective)
-        if distributed:
-            # One rank's signal stops every rank at the same step (else the others would hang).
-            tensor = torch.tensor([flag], device=args.device)
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-            flag = int(tensor.item())
-        if flag:
-            self.signals.received = flag
-            control.should_save = True
-            control.should_training_stop = True
-        return control
-
 class FailAtStep(TrainerCallback):
     """Test hook ``MIXGF_TEST_FAIL_AT_STEP="<rank>:<step>"``: that rank raises at that step."""
 
@@ -479,6 +407,15 @@ class FailAtStep(TrainerCallback):
         rank, step = (int(x) for x in target.split(":"))
         if args.process_index == rank and state.global_step == step:
             raise RuntimeError(f"injected failure on rank {rank} at step {step} (MIXGF_TEST_FAIL_AT_STEP)")
+
+
+class EvaluateAtEnd(TrainerCallback):
+    """Also evaluate after the last step (the final held-out numbers), not only every eval_steps."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_evaluate = True
+        return control
 
 
 def _make_callbacks(run_dir: Path, is_main: bool, tensorboard: bool, signals: SignalFlag):
@@ -561,3 +498,28 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, float]]:
         return []
     with open(path, newline="") as handle:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
+
+
+def _save_final_bundle(trainer: MixGeneformerTrainer, bundle_dir: Path, vocab: Any, medians_path: Path | None) -> None:
+    """Write the run's model bundle from rank 0 (full weights gathered first under FSDP / DeepSpeed)."""
+    state_dict = None
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        # Collective: every rank takes part in gathering the full weights.
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not trainer.is_world_process_zero():
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if state_dict is not None:
+        fresh = MixGeneformerForPretraining(model.config)
+        fresh.load_state_dict(state_dict, strict=False)
+        model = fresh
+    medians = None
+    if medians_path is not None:
+        medians = GeneMedians.load(medians_path)
+    save_bundle(model, bundle_dir, vocab, medians=medians, overwrite=True)
+    config = trainer.run_extras["config"]
+    save_config(config, bundle_dir, "pretrain_config.yaml")
+    corpus_config = Path(config.data.corpus[0]) / "config.yaml"
+    if corpus_config.is_file():  # new cells are tokenized like the training corpus by default
+        shutil.copyfile(corpus_config, bundle_dir / TOKENIZE_CONFIG_NAME)
+    write_json(bundle_dir / "environment.json", trainer.run_extras["environment"])

@@ -58,6 +58,7 @@ from .metrics import (
     write_predictions,
 )
 from .predict import predict_cells, predict_sharded
+from .recipe import class_weights, default_learning_rate, resolve_pooling, validation_split
 from .run import ClassificationRun, run_classification, save_run
 from .tasks import (
     Task,
@@ -97,7 +98,9 @@ __all__ = [
     "canonical_label_key",
     "canonical_labels",
     "check_unseen_labels",
+    "class_weights",
     "classification_metrics",
+    "default_learning_rate",
     "evaluate",
     "finetune",
     "fit_classifier",
@@ -112,6 +115,7 @@ __all__ = [
     "ortholog_counts",
     "per_class_report",
     "prepare_labels",
+    "resolve_pooling",
     "restrict_to_tokenized",
     "run_classification",
     "save_run",
@@ -119,6 +123,7 @@ __all__ = [
     "tokenize_cells",
     "tokenize_task",
     "transfer_task",
+    "validation_split",
     "within_task",
     "write_predictions",
     "zero_shot",

@@ -21,6 +21,9 @@ class LabelConfig:
     ``min_class_count`` drops classes with fewer cells (at least 2 are needed to stratify).
     ``unseen_test_labels``: test cells whose label training never saw (a separate test set) are
     dropped and reported (``"drop"``, the default) or raise an error (``"error"``).
+    ``transfer_split``: with a separate test set, train on the training split of the first and
+    test on the test split of the second (``test_size``, ``seed``), so transfer and within-dataset
+    runs of one seed share their cells; by default every cell of each is used.
     """
 
     key: str = "cell_type1"
@@ -29,6 +32,7 @@ class LabelConfig:
     test_size: float = 0.2
     seed: int = 42
     unseen_test_labels: Literal["error", "drop"] = "drop"
+    transfer_split: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_class_fraction < 1.0:
@@ -54,12 +58,26 @@ class EmbeddingConfig:
 class FinetuneConfig:
     """Fine-tuning a classification head (and optionally the encoder) on the HF Trainer.
 
-    Defaults follow the authors (lr 5e-5, batch 12, warmup 500, 10 epochs); the warmup is capped at
-    ``warmup_max_fraction`` of all steps so small data sets still reach the peak learning rate.
+    The recipe (see :func:`fit_classifier`): a stratified validation split carved from the training
+    cells (``validation_fraction``), evaluation every epoch, the checkpoint with the best
+    validation macro-F1 kept (early stopping after ``early_stopping_patience`` epochs without a
+    gain), class-weighted cross-entropy when classes are imbalanced, and learning rates fitted to
+    the model: ``learning_rate=None`` picks :func:`default_learning_rate` of the encoder's width
+    (the authors' 5e-5 for their 256-wide model, higher for narrower ones), and the freshly
+    initialised head learns at ``head_learning_rate`` (default ``head_lr_multiplier`` × the
+    encoder's rate). The warmup is capped at ``warmup_max_fraction`` of all steps.
+
+    ``pooling="auto"`` pools cells the way the model was pretrained (its ``config.pooling``: mean
+    over genes, or the ``<cls>`` state when the cells start with one). ``freeze_layers=k`` freezes
+    the embeddings and the bottom ``k`` blocks; ``freeze_embeddings`` freezes only the embeddings.
+    ``seed`` (default: the split seed ``labels.seed``) seeds the head, dropout, data order and the
+    validation split: the same call gives the same model on the same machine.
     """
 
-    learning_rate: float = 5e-5
-    batch_size: int = 12
+    learning_rate: float | None = None
+    head_learning_rate: float | None = None
+    head_lr_multiplier: float = 10.0
+    batch_size: int = 16
     epochs: float = 10.0
     max_steps: int = -1
     warmup_steps: int = 500
@@ -67,8 +85,14 @@ class FinetuneConfig:
     weight_decay: float = 0.001
     train_encoder: bool = True
     freeze_layers: int = 0
-    pooling: Literal["mean", "cls"] = "mean"
+    freeze_embeddings: bool = False
+    pooling: Literal["auto", "mean", "cls"] = "auto"
     classifier_dropout: float = 0.1
+    validation_fraction: float = 0.1
+    early_stopping_patience: int = 3
+    class_weights: Literal["auto", "balanced", "none"] = "auto"
+    imbalance_ratio: float = 1.5
+    seed: int | None = None
     max_len: int | None = None
     device: str | None = None
     bf16: bool = False
@@ -81,6 +105,24 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.batch_size={self.batch_size} must be >= 1.")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("finetune.epochs must be > 0 (or set finetune.max_steps > 0).")
+        for name in ("learning_rate", "head_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"finetune.{name}={value} must be > 0 (or null for the default).")
+        if not self.head_lr_multiplier > 0:
+            raise ConfigError(f"finetune.head_lr_multiplier={self.head_lr_multiplier} must be > 0.")
+        if not 0.0 <= self.validation_fraction < 0.5:
+            raise ConfigError(
+                f"finetune.validation_fraction={self.validation_fraction} must be in [0, 0.5) (0: no validation split)."
+            )
+        if self.early_stopping_patience < 0:
+            raise ConfigError(
+                f"finetune.early_stopping_patience={self.early_stopping_patience} must be >= 0 (0: train every epoch)."
+            )
+        if self.imbalance_ratio < 1.0:
+            raise ConfigError(f"finetune.imbalance_ratio={self.imbalance_ratio} must be >= 1.")
+        if not 0.0 <= self.warmup_max_fraction <= 1.0:
+            raise ConfigError(f"finetune.warmup_max_fraction={self.warmup_max_fraction} must be in [0, 1].")
 
 
 @dataclass

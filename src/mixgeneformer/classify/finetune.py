@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import tempfile
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import EarlyStoppingCallback, TrainingArguments
 
 from ..config import load_config, save_config
 from ..errors import ConfigError
@@ -24,6 +25,15 @@ from ..model import MixGeneformerForCellClassification
 from ..vocab import Vocabulary
 from .config import ClassifyConfig, FinetuneConfig
 from .metrics import EvalResult, Prediction, _argmax_labels, evaluate
+from .recipe import (
+    FinetuneTrainer,
+    class_weights,
+    default_learning_rate,
+    resolve_pooling,
+    validation_metrics,
+    validation_split,
+    validation_summary,
+)
 from .tasks import (
     Task,
     TokenizedCells,
@@ -39,14 +49,22 @@ if TYPE_CHECKING:
     from ..tokenize import TokenizeConfig
 
 
-def build_classifier(model: torch.nn.Module, classes: Sequence[str], vocab: Vocabulary, config: FinetuneConfig | None = None) -> Any:
+def build_classifier(
+    model: torch.nn.Module,
+    classes: Sequence[str],
+    vocab: Vocabulary,
+    config: FinetuneConfig | None = None,
+    seed: int | None = None,
+) -> Any:
     """A classification model initialised from ``model``'s encoder, with layers frozen per ``config``.
 
     ``config.train_encoder=False`` trains only the head; ``config.freeze_layers=k`` freezes the
-    embeddings and the bottom ``k`` encoder layers.
+    embeddings and the bottom ``k`` encoder layers; ``config.freeze_embeddings`` the embeddings.
+    ``config.pooling="auto"`` is resolved here from the model alone (mean unless it was pretrained
+    with ``cls`` / ``pooler`` pooling); :func:`fit_classifier` also checks the cells' first token.
+    ``seed`` initialises the head from that seed without touching the global random state
+    (default: the global state, as any torch module).
     """
-
-
     config = config or FinetuneConfig()
     bert = encoder_of(model)
     n_layers = len(bert.encoder.layer)
@@ -56,11 +74,16 @@ def build_classifier(model: torch.nn.Module, classes: Sequence[str], vocab: Voca
     model_config.num_labels = len(classes)
     model_config.id2label = dict(enumerate(classes))
     model_config.label2id = {c: i for i, c in enumerate(classes)}
-    model_config.cell_pooling = config.pooling
+    model_config.cell_pooling = resolve_pooling(config.pooling, model)
     model_config.classifier_dropout = config.classifier_dropout
     model_config.special_token_ids = [int(i) for i in vocab.special_ids]
     model_config.vocab_hash = vocab.hash
-    classifier = MixGeneformerForCellClassification(model_config)
+    if seed is None:
+        classifier = MixGeneformerForCellClassification(model_config)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            classifier = MixGeneformerForCellClassification(model_config)
     missing, unexpected = classifier.bert.load_state_dict(bert.state_dict(), strict=False)
     unexpected = [k for k in unexpected if not k.startswith("pooler.")]
     if missing or unexpected:
@@ -68,7 +91,7 @@ def build_classifier(model: torch.nn.Module, classes: Sequence[str], vocab: Voca
     trainable = config.train_encoder
     for parameter in classifier.bert.parameters():
         parameter.requires_grad = trainable
-    if trainable and config.freeze_layers:
+    if trainable and (config.freeze_layers or config.freeze_embeddings):
         for module in (classifier.bert.embeddings, *classifier.bert.encoder.layer[: config.freeze_layers]):
             for parameter in module.parameters():
                 parameter.requires_grad = False
@@ -102,6 +125,7 @@ class FittedClassifier:
     medians: Any
     config: ClassifyConfig
     log_history: list[dict[str, Any]]
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def predict(self, dataset: Any, batch_size: int = 64, device: str | None = None) -> Prediction:
         """Class probabilities of every cell of a tokenized corpus (length-sorted batches)."""
@@ -123,7 +147,7 @@ class FittedClassifier:
 
     def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Any:
         """Write ``model/`` (config.json + model.safetensors only), ``vocab.json``, ``medians.tsv``,
-        ``config.yaml`` and ``training_log.json`` atomically."""
+        ``config.yaml``, ``training_log.json`` and ``finetune_summary.json`` atomically."""
 
 
         with atomic_directory(directory, overwrite=overwrite) as tmp:
@@ -133,6 +157,7 @@ class FittedClassifier:
                 self.medians.save(tmp / "medians.tsv")
             save_config(self.config, tmp)
             write_json(tmp / "training_log.json", self.log_history)
+            write_json(tmp / "finetune_summary.json", self.summary)
         return Path(directory)
 
 
@@ -153,9 +178,13 @@ def load_classifier(directory: str | os.PathLike) -> FittedClassifier:
         medians=medians,
         config=load_config(ClassifyConfig, directory / "config.yaml"),
         log_history=read_json(directory / "training_log.json", "training log"),
+        summary=read_json(directory / "finetune_summary.json", "fine-tuning summary")
+        if (directory / "finetune_summary.json").exists()
+        else {},
     )
 
 
+# long: one fine-tuning run in order (split, head, weights, rates, Trainer, summary); a 13-line docstring
 def fit_classifier(
     task: Task,
     model: torch.nn.Module,
@@ -165,55 +194,122 @@ def fit_classifier(
     train_tokens: TokenizedCells | None = None,
     tokenize_config: TokenizeConfig | None = None,
     work_dir: str | os.PathLike | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> FittedClassifier:
     """Fine-tune a classification head (and, per config, the encoder) on the task's training cells.
 
-    Runs on the Hugging Face Trainer: AdamW, linear schedule with warmup ``min(warmup_steps,
-    warmup_max_fraction × steps)``, lr 5e-5, batch 12 by default. Nothing of the test split is
-    seen. ``work_dir`` receives the Trainer's scratch files (a temporary folder by default).
+    Runs on the Hugging Face Trainer (AdamW, linear schedule, warmup ``min(warmup_steps,
+    warmup_max_fraction × steps)``). A stratified ``validation_fraction`` of the training cells is
+    held out (:func:`validation_split`); the model is evaluated on it every epoch (or every
+    ``steps_per_epoch`` steps under ``max_steps``), the checkpoint with the best validation macro-F1
+    is restored at the end, and training stops after ``early_stopping_patience`` evaluations
+    without a gain. The head learns at its own, higher rate; the loss is class-weighted per
+    ``class_weights``. Nothing of the test split is seen. ``work_dir`` receives the Trainer's
+    scratch files (a temporary folder by default); ``callbacks`` are extra ``TrainerCallback`` s.
+    The result's ``summary`` records the resolved recipe and the validation curve.
     """
-
-
     config = config or ClassifyConfig()
     ft = config.finetune
+    seed = config.labels.seed if ft.seed is None else ft.seed
     if train_tokens is None:
         train_tokens = tokenize_cells(task.train_data, vocab, medians, tokenize_config, _max_len_of(model))
     keep = np.isin(task.train_rows, train_tokens.rows)
     classes = task.classes
     label_ids = pd.Index(classes).get_indexer(task.train_labels[keep])
     dataset = train_tokens.select(task.train_rows[keep]).select_columns(["input_ids"]).add_column("labels", label_ids.tolist())
-    classifier = build_classifier(model, classes, vocab, ft)
+    split = validation_split(label_ids, ft.validation_fraction, seed)
+    train_set, val_set = (dataset, None) if split is None else (dataset.select(split[0]), dataset.select(split[1]))
+    first_tokens = np.asarray([ids[0] for ids in train_set["input_ids"]])
+    pooling = resolve_pooling(ft.pooling, model, first_tokens, vocab.special_ids)
+    classifier = build_classifier(model, classes, vocab, dataclasses.replace(ft, pooling=pooling), seed=seed)
+    weights = class_weights(np.asarray(train_set["labels"]), len(classes), ft.class_weights, ft.imbalance_ratio)
+    classifier.loss_weights = None if weights is None else torch.as_tensor(weights)
+    learning_rate = ft.learning_rate or default_learning_rate(int(encoder_of(model).config.hidden_size))
+    head_learning_rate = ft.head_learning_rate or ft.head_lr_multiplier * learning_rate
 
-    steps_per_epoch = math.ceil(len(dataset) / ft.batch_size)
+    steps_per_epoch = math.ceil(len(train_set) / ft.batch_size)
     total_steps = ft.max_steps if ft.max_steps > 0 else math.ceil(steps_per_epoch * ft.epochs)
     warmup = min(ft.warmup_steps, int(ft.warmup_max_fraction * total_steps))
+    validate = val_set is not None
+    summary: dict[str, Any] = {
+        "seed": int(seed),
+        "n_fit": len(train_set),
+        "n_validation": 0 if val_set is None else len(val_set),
+        "pooling": pooling,
+        "learning_rate": float(learning_rate),
+        "head_learning_rate": float(head_learning_rate),
+        "warmup_steps": int(warmup),
+        "total_steps": int(total_steps),
+        "steps_per_epoch": int(steps_per_epoch),
+        "class_weights": None if weights is None else dict(zip(classes, map(float, weights), strict=True)),
+    }
     with tempfile.TemporaryDirectory(prefix="mixgf-finetune-", dir=work_dir) as scratch:
-        args = TrainingArguments(
-            output_dir=scratch,
-            learning_rate=ft.learning_rate,
-            per_device_train_batch_size=ft.batch_size,
-            num_train_epochs=ft.epochs,
-            max_steps=ft.max_steps,
-            warmup_steps=warmup,
-            weight_decay=ft.weight_decay,
-            lr_scheduler_type="linear",
-            logging_steps=max(1, min(ft.logging_steps, total_steps)),
-            save_strategy="no",
-            report_to=[],
-            seed=config.labels.seed,
-            data_seed=config.labels.seed,
-            bf16=ft.bf16,
-            use_cpu=(ft.device == "cpu"),
-            remove_unused_columns=False,
-            dataloader_num_workers=0,
-            dataloader_pin_memory=ft.device != "cpu" and torch.cuda.is_available(),
-            disable_tqdm=True,
+        args = _training_arguments(ft, scratch, learning_rate, warmup, total_steps, steps_per_epoch, validate, seed)
+        extra = list(callbacks)
+        if validate and ft.early_stopping_patience > 0:
+            extra.append(EarlyStoppingCallback(early_stopping_patience=ft.early_stopping_patience))
+        trainer = FinetuneTrainer(
+            head_learning_rate=head_learning_rate,
+            model=classifier,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=val_set,
+            data_collator=_PadCollator(vocab.pad_id),
+            compute_metrics=validation_metrics if validate else None,
+            callbacks=extra,
         )
-        trainer = Trainer(model=classifier, args=args, train_dataset=dataset, data_collator=_PadCollator(vocab.pad_id))
         trainer.train()
         log_history = list(trainer.state.log_history)
+        if validate:
+            summary.update(validation_summary(log_history))
+        summary["steps_run"] = int(trainer.state.global_step)
     classifier = trainer.model.eval()
-    return FittedClassifier(classifier, classes, vocab, medians, config, log_history)
+    classifier.loss_weights = None
+    return FittedClassifier(classifier, classes, vocab, medians, config, log_history, summary)
+
+
+def _training_arguments(
+    ft: FinetuneConfig,
+    scratch: str,
+    learning_rate: float,
+    warmup: int,
+    total_steps: int,
+    steps_per_epoch: int,
+    validate: bool,
+    seed: int,
+) -> TrainingArguments:
+    """The Trainer's arguments: evaluation and a kept checkpoint every epoch when there is a validation set."""
+    eval_steps = max(1, min(steps_per_epoch, total_steps))
+    return TrainingArguments(
+        output_dir=scratch,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=ft.batch_size,
+        per_device_eval_batch_size=max(64, ft.batch_size),
+        num_train_epochs=ft.epochs,
+        max_steps=ft.max_steps,
+        warmup_steps=warmup,
+        weight_decay=ft.weight_decay,
+        lr_scheduler_type="linear",
+        logging_steps=max(1, min(ft.logging_steps, total_steps)),
+        eval_strategy="steps" if validate else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps" if validate else "no",
+        save_steps=eval_steps,
+        save_total_limit=1 if validate else None,
+        save_only_model=True,
+        load_best_model_at_end=validate,
+        metric_for_best_model="macro_f1" if validate else None,
+        greater_is_better=True,
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        bf16=ft.bf16,
+        use_cpu=(ft.device == "cpu"),
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=ft.device != "cpu" and torch.cuda.is_available(),
+        disable_tqdm=True,
+    )
 
 
 def finetune(
@@ -234,4 +330,4 @@ def finetune(
         task = restrict_to_tokenized(task, train_tokens, test_tokens)
     fitted = fit_classifier(task, model, vocab, medians, config, train_tokens=train_tokens)
     prediction = fitted.predict(test_tokens.select(task.test_rows))
-    return evaluate(task, prediction, method), fitted
+    return evaluate(task, prediction, method, finetune=fitted.summary), fitted

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -66,7 +67,9 @@ def run_classification(
     ``perturb_anndata``: a folder supplies its vocabulary, medians and tokenize configuration
     (explicit ``vocab`` / ``medians`` / ``tokenize_config`` win); a loaded model needs ``vocab``.
     With ``test`` of another species, labels are matched by canonical name (see the module
-    docstring) and count baselines use one-to-one-ortholog genes.
+    docstring) and count baselines use one-to-one-ortholog genes. ``config.labels.transfer_split``
+    trains on ``adata``'s training split and tests on ``test``'s test split (each split as a
+    within-dataset run of the same seed would split it).
     """
     if model is not None:
         model, vocab, medians, tokenize_config, _ = load_for_inference(model, vocab, medians, tokenize_config)
@@ -80,7 +83,13 @@ def run_classification(
     else:
         species = (detect_species(list(adata.var_names)), detect_species(list(test.var_names)))
         setting = "transfer" if species[0] == species[1] else f"{species[0]}->{species[1]}"
-        task = transfer_task(adata, test, config.labels, setting, synonyms=config.synonyms)
+        rows: dict[str, np.ndarray | None] = {"source_rows": None, "target_rows": None}
+        if config.labels.transfer_split:
+            rows = {
+                "source_rows": within_task(adata, config.labels).train_rows,
+                "target_rows": within_task(test, config.labels).test_rows,
+            }
+        task = transfer_task(adata, test, config.labels, setting, synonyms=config.synonyms, **rows)
     for note in task.notes:
         logger.info("%s", note)
     results: list[EvalResult] = []

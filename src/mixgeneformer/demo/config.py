@@ -11,6 +11,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from ..classify import FinetuneConfig
 from ..config import from_dict, to_dict
 from ..errors import ConfigError
 from ..fileio import content_hash
@@ -28,6 +29,9 @@ DEMO_MARKER = "mixgf_demo.json"
 
 
 EMBED_KEY = "X_mixgeneformer"
+
+
+DEMO_EVAL_FRACTION = 0.05  # cells held out of pretraining, scored by the masked-gene diagnostics
 
 
 @dataclass
@@ -59,9 +63,18 @@ class DemoConfig:
         ``embed_layer``. The demo pools by the mean over genes of the last layer, so the contrastive
         objective shapes exactly the embedding used downstream (a 2-layer model's second-to-last
         layer, Geneformer's default, is only its first block).
-    finetune_steps
-        Fine-tuning steps per classification setting (0 skips fine-tuning; zero-shot kNN /
-        logistic regression and the count baselines always run).
+    finetune_epochs
+        Most fine-tuning epochs per classification setting and seed, with the library's recipe
+        (validation split from the training cells, best epoch by validation macro-F1, early
+        stopping, class weights; :class:`mixgeneformer.classify.FinetuneConfig`). 0 skips
+        fine-tuning; zero-shot kNN / logistic regression and the count baselines always run.
+    finetune_overrides
+        Further :class:`~mixgeneformer.classify.FinetuneConfig` options of the demo's fine-tuning
+        (``benchmarks/results/demo_budget_finetune.txt`` measured them).
+    classify_seeds
+        Seeds of the classification splits (and of fine-tuning): every classification number in
+        the report is a mean ± sd over them. Cross-species settings train on the source's
+        training split and test on the target's test split of the same seed.
     perturb_species, perturb_start, perturb_goal, perturb_alternatives, perturb_cells
         In silico deletion of every gene in ``perturb_cells`` cells of type ``perturb_start``,
         scored by the shift toward the mean embedding of ``perturb_goal`` cells.
@@ -93,7 +106,9 @@ class DemoConfig:
     contrastive_weight: float = 1.0
     pooling: Literal["mean"] = "mean"
     embed_layer: int = -1
-    finetune_steps: int = 100
+    finetune_epochs: float = 5.0
+    finetune_overrides: dict[str, Any] = field(default_factory=dict)
+    classify_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     perturb_species: Literal["human", "mouse"] = "human"
     perturb_start: str = "beta"
     perturb_goal: str = "alpha"
@@ -119,8 +134,11 @@ class DemoConfig:
                 raise ConfigError(f"demo.{name} must be >= 1, got {value}.")
         if self.cells_per_type is not None and self.cells_per_type < 2:
             raise ConfigError(f"demo.cells_per_type must be >= 2 (or None for all cells), got {self.cells_per_type}.")
-        if self.finetune_steps < 0 or self.warmup_steps < 0:
-            raise ConfigError("demo.finetune_steps and demo.warmup_steps must be >= 0.")
+        if self.finetune_epochs < 0 or self.warmup_steps < 0:
+            raise ConfigError("demo.finetune_epochs and demo.warmup_steps must be >= 0.")
+        finetune_config(self)  # validates finetune_overrides
+        if not self.classify_seeds or len(set(self.classify_seeds)) != len(self.classify_seeds):
+            raise ConfigError(f"demo.classify_seeds must be distinct seeds, at least one; got {self.classify_seeds}.")
         if self.learning_rate <= 0:
             raise ConfigError(f"demo.learning_rate must be > 0, got {self.learning_rate}.")
         if self.perturb_start == self.perturb_goal:
@@ -137,7 +155,8 @@ class DemoConfig:
             pretrain_steps=40,
             batch_size=16,
             warmup_steps=5,
-            finetune_steps=10,
+            finetune_epochs=2.0,
+            classify_seeds=[0, 1],
             perturb_cells=4,
             umap_neighbors=10,
             quick=True,
@@ -151,6 +170,12 @@ class DemoConfig:
         values.pop("device")
         values.pop("workers")
         return content_hash(json.dumps(values, sort_keys=True))
+
+
+def finetune_config(config: DemoConfig) -> FinetuneConfig:
+    """The demo's fine-tuning options: at most ``finetune_epochs`` epochs, its device, then ``finetune_overrides``."""
+    values = {"epochs": max(config.finetune_epochs, 1.0), "device": config.device, **config.finetune_overrides}
+    return from_dict(FinetuneConfig, values, "demo.finetune_overrides")
 
 
 def demo_data_dir() -> Path:

@@ -18,6 +18,7 @@ import yaml
 
 from .. import __version__
 from ..config import to_dict
+from ..diagnostics import diagnostics_markdown
 from ..fileio import atomic_file, write_json
 from .config import DEMO_STEPS, SPECIES, DemoConfig
 from .context import _Context, _load_context
@@ -41,15 +42,16 @@ def _commands(ctx: _Context) -> dict[str, list[str]]:
     corpus, bundle = out / "tokenize" / "corpus", out / "pretrain" / "run" / "model"
     tok = corpus / "config.yaml"  # the TokenizeConfig the corpus was made with
     dev = f" --device {cfg.device}" if cfg.device else ""
-    fin = "" if cfg.finetune_steps > 0 else " --mode zero-shot"
+    fin = "" if cfg.finetune_epochs > 0 else " --mode zero-shot"
     classify = []
-    for source, target in CLASSIFY_SETTINGS:
-        test = f" --test {inputs[target]}" if source != target else ""
-        classify.append(
-            f"mixgf classify {inputs[source]}{test} --model {bundle} --label {cfg.label_key}{fin} --baselines "
-            f"--config {out / 'classify' / 'config.yaml'} --tokenize-config {tok} "
-            f"--out {out / 'classify' / _setting_slug(source, target)} --overwrite{dev}"
-        )
+    for seed in cfg.classify_seeds:
+        for source, target in CLASSIFY_SETTINGS:
+            test = f" --test {inputs[target]}" if source != target else ""
+            classify.append(
+                f"mixgf classify {inputs[source]}{test} --model {bundle} --label {cfg.label_key}{fin} --baselines "
+                f"--config {out / 'classify' / 'config.yaml'} --set labels.seed={seed} --tokenize-config {tok} "
+                f"--out {out / 'classify' / _setting_slug(source, target) / f'seed_{seed}'} --overwrite{dev}"
+            )
     return {
         "vocab": [f"mixgf vocab build --out {vocab} --mode {cfg.vocab_mode} --gene-set {cfg.gene_set}"],
         "medians": [f"mixgf medians {human} {mouse} --out {medians} --workers {cfg.workers}"],
@@ -102,15 +104,40 @@ def _figures(ctx: _Context) -> dict[str, Path]:
     return figures
 
 
-def _metrics_markdown(table: pd.DataFrame) -> str:
+def _classification_text(cfg: DemoConfig, pretrain: dict[str, Any]) -> str:
+    """How the classification table was made: splits, seeds, fine-tuning recipe, what is tested."""
+    seeds = ", ".join(map(str, cfg.classify_seeds))
+    finetune = (
+        f"fine-tuned (at most {cfg.finetune_epochs:g} epochs; the epoch kept is the best by macro-F1 on a "
+        "validation set carved from the training cells, class-weighted loss, the encoder at a rate fitted to "
+        "its width and the head at 10× that rate)"
+        if cfg.finetune_epochs > 0
+        else "not fine-tuned (finetune_epochs=0)"
+    )
+    return (
+        f"Every number is the mean ± sd over {len(cfg.classify_seeds)} split seeds ({seeds}) of one model "
+        f"pretrained with seed {cfg.seed} ({pretrain['steps']} steps). Within species: a stratified 80/20 split per "
+        "seed; across species: the source's training cells → the target's test cells of the same seed (labels "
+        "matched by canonical name; count baselines on one-to-one-ortholog genes). Classes under 0.5% of cells "
+        "are dropped. Every method of a seed sees the same cells and nothing is chosen on test cells. "
+        f"Mix-Geneformer rows use the frozen embedding ({cfg.pooling} pooling, hidden state {cfg.embed_layer}), "
+        f"except the one {finetune}. The demo pretrains on all shipped cells, test cells included (without labels); "
+        "`benchmarks/classify.py` pretrains on training cells only."
+    )
+
+
+def _seeds_markdown(table: pd.DataFrame) -> str:
+    """The classification table as mean ± sd over seeds (columns of :func:`seed_summary`)."""
+    metrics = ("accuracy", "macro_f1", "macro_precision", "macro_recall")
     lines = [
-        "| setting | train / test cells | method | accuracy | macro F1 | macro precision | macro recall |",
-        "|---|---|---|---|---|---|---|",
+        "| setting | train / test cells | method | seeds | accuracy | macro F1 | macro precision | macro recall |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for row in table.itertuples(index=False):
+    for row in table.to_dict(orient="records"):
+        scores = " | ".join(f"{row[m]:.3f} ± {row.get(m + '_sd', 0.0):.3f}" for m in metrics)
         lines.append(
-            f"| {row.setting} | {row.n_train} / {row.n_test} | {_METHOD_NAMES.get(row.method, row.method)} | {row.accuracy:.3f} | "
-            f"{row.macro_f1:.3f} | {row.macro_precision:.3f} | {row.macro_recall:.3f} |"
+            f"| {row['setting']} | {row['n_train']:g} / {row['n_test']:g} | "
+            f"{_METHOD_NAMES.get(row['method'], row['method'])} | {row.get('n_seeds', 1)} | {scores} |"
         )
     return "\n".join(lines)
 
@@ -179,9 +206,12 @@ def report_metrics(
         "vocab": {k: r["vocab"][k] for k in ("size", "mode", "hash")},
         "medians": {k: r["medians"][k] for k in ("n_genes", "n_cells")},
         "tokenize": {k: r["tokenize"][k] for k in ("n_cells", "cells_per_species", "mean_length", "max_length")},
-        "pretrain": {k: r["pretrain"][k] for k in ("steps", "first_loss", "final_loss")},
+        "pretrain": {**{k: r["pretrain"][k] for k in ("steps", "first_loss", "final_loss")},
+                     "held_out": r["pretrain"].get("held_out")},
         "embed": {k: r["embed"][k] for k in ("n_cells", "dim", "cells_without_embedding")},
         "classification": r["classify"]["table"],
+        "classification_seeds": r["classify"].get("seeds"),
+        "classification_per_seed": r["classify"].get("per_seed"),
         "perturbation": {
             "summary": r["perturb"]["summary"],
             "n_genes_tested": r["perturb"]["n_genes_tested"],
@@ -249,6 +279,8 @@ def _pretrain_embed_sections(ctx: _Context, fig: Callable[[str, str], str]) -> l
         "",
         fig("training_curves", "training curves"),
         "",
+        diagnostics_markdown(r["pretrain"].get("held_out")),
+        "",
         "## Cell embeddings",
         "",
         f"{r['embed']['n_cells']:,} cells embedded ({r['embed']['dim']} dimensions, {cfg.pooling} pooling of hidden "
@@ -267,14 +299,9 @@ def _classify_perturb_sections(ctx: _Context, figures: dict[str, Path], fig: Cal
     return [
         "## Cell-type classification",
         "",
-        "Within-species settings use a stratified 80/20 split (seed 42); cross-species settings train on every "
-        "labelled cell of the source species and test on every cell of the target species whose type both "
-        "species share (labels matched by canonical name; mouse count baselines use one-to-one orthologs). "
-        "Classes under 0.5% of cells are dropped. Accuracy and macro scores are on the test cells. All "
-        f"Mix-Geneformer rows use the same frozen embedding ({cfg.pooling} pooling, hidden state {cfg.embed_layer}) except the "
-        f"fine-tuned one ({cfg.finetune_steps} steps).",
+        _classification_text(cfg, r["pretrain"]),
         "",
-        _metrics_markdown(table),
+        _seeds_markdown(table),
         "",
         *[f"- {setting}: {'; '.join(n)}" for setting, n in r["classify"]["notes"].items()],
         "",

@@ -16,6 +16,7 @@ from .. import perturb as pt
 from .. import plots
 from ..bundle import load_bundle
 from ..config import save_config
+from ..diagnostics import final_evaluation
 from ..embed import embed_anndata
 from ..errors import ArtifactError, ConfigError
 from ..fileio import write_json
@@ -23,7 +24,14 @@ from ..medians import GeneMedians, compute_medians
 from ..pretrain import pretrain_config_from_dict, read_metrics, run_pretraining
 from ..tokenize import TokenizeConfig, tokenize_files
 from ..vocab import Vocabulary, build_vocabulary
-from .config import EMBED_KEY, SPECIES, capped_rows, demo_data_dir
+from .config import (
+    DEMO_EVAL_FRACTION,
+    EMBED_KEY,
+    SPECIES,
+    capped_rows,
+    demo_data_dir,
+    finetune_config,
+)
 from .context import _Context
 
 
@@ -114,7 +122,7 @@ def _pretrain_config(ctx: _Context, folder: Path) -> Any:
                 "corpus": [ctx.results["tokenize"]["corpus"]],
                 "vocab": ctx.results["vocab"]["path"],
                 "medians": ctx.results["medians"]["path"],
-                "eval_fraction": 0.0,
+                "eval_fraction": DEMO_EVAL_FRACTION,
             },
             "model": {"preset": cfg.preset, "overrides": dict(cfg.model_overrides)},
             "objective": {"contrastive_weight": cfg.contrastive_weight, "pooling": cfg.pooling},
@@ -126,7 +134,8 @@ def _pretrain_config(ctx: _Context, folder: Path) -> Any:
                 "seed": cfg.seed,
             },
             "checkpoint": {"save_steps": max(1, steps // 2), "keep": 1},
-            "logging": {"logging_steps": max(1, min(10, steps // 10)), "tensorboard": False, "progress_bar": ctx.progress},
+            "logging": {"logging_steps": max(1, min(10, steps // 10)), "eval_steps": max(1, steps // 8),
+                        "tensorboard": False, "progress_bar": ctx.progress},
         }
     )
 
@@ -147,6 +156,7 @@ def _step_pretrain(ctx: _Context, folder: Path) -> dict[str, Any]:
         "steps": int(result.global_step),
         "first_loss": float(losses[0]) if losses else None,
         "final_loss": float(losses[-1]) if losses else result.final_loss,
+        "held_out": final_evaluation(rows),
         "figures": {"training_curves": str(figure.resolve())},
     }
 
@@ -200,53 +210,78 @@ def _setting_slug(source: str, target: str) -> str:
     return f"{source}_within" if source == target else f"{source}_to_{target}"
 
 
-def _classify_config(ctx: _Context) -> Any:
-
+def _classify_config(ctx: _Context, seed: int | None = None) -> Any:
     cfg = ctx.config
     return clf.ClassifyConfig(
-        labels=clf.LabelConfig(key=cfg.label_key),
-        embedding=clf.EmbeddingConfig(layer=cfg.embed_layer, pooling=cfg.pooling),
-        finetune=clf.FinetuneConfig(
-            max_steps=cfg.finetune_steps if cfg.finetune_steps > 0 else -1,
-            batch_size=cfg.batch_size, learning_rate=1e-3, warmup_steps=max(1, cfg.finetune_steps // 10),
-            pooling=cfg.pooling, device=cfg.device,
+        labels=clf.LabelConfig(
+            key=cfg.label_key, seed=cfg.classify_seeds[0] if seed is None else seed, transfer_split=True
         ),
+        embedding=clf.EmbeddingConfig(layer=cfg.embed_layer, pooling=cfg.pooling),
+        finetune=finetune_config(cfg),
     )
 
 
 def _step_classify(ctx: _Context, folder: Path) -> dict[str, Any]:
-
     cfg = ctx.config
     adatas = _load_inputs(ctx)
     model, vocab, medians = load_bundle(ctx.results["pretrain"]["bundle"])
-    classify_config = _classify_config(ctx)
-    save_config(classify_config, folder)
-    methods = ("knn", "logreg", "finetune") if cfg.finetune_steps > 0 else ("knn", "logreg")
+    save_config(_classify_config(ctx), folder)
+    methods = ("knn", "logreg", "finetune") if cfg.finetune_epochs > 0 else ("knn", "logreg")
     tables, figures, notes = [], {}, {}
-    for source, target in CLASSIFY_SETTINGS:
-        name, slug = _setting_name(source, target), _setting_slug(source, target)
-        print(f"-- {name}", flush=True)
-        run = clf.run_classification(
-            adatas[source], model, vocab, medians, test=None if source == target else adatas[target],
-            methods=methods, baseline_methods=("logreg_counts", "knn_pca"), config=classify_config,
-            tokenize_config=_tokenize_config(ctx), device=cfg.device,
-        )
-        clf.save_run(run, folder / slug, overwrite=True)
-        table = run.table()
-        print(clf.markdown_table(table), flush=True)
-        table["method"] = table["method"].map(lambda m: f"mixgf_{m}" if m in methods else m)
-        table.insert(0, "setting", table.pop("setting").map(lambda _s, n=name: n))
-        table.insert(2, "n_train", int(run.task.train_rows.size))
-        table.insert(3, "n_test", int(run.task.test_rows.size))
-        tables.append(table)
-        notes[name] = list(run.task.notes)
-        figure = folder / slug / "confusion_knn.png"  # kNN on frozen embeddings: the paper's zero-shot protocol
-        if figure.exists():
-            figures[f"confusion_{slug}"] = str(figure.resolve())
-    table = pd.concat(tables, ignore_index=True)
+    for seed in cfg.classify_seeds:
+        # One split per species and seed; transfer trains on the source's training cells and tests
+        # on the target's test cells (labels.transfer_split), so every row of a target species is
+        # scored on the same cells.
+        classify_config = _classify_config(ctx, seed)
+        for source, target in CLASSIFY_SETTINGS:
+            name, slug = _setting_name(source, target), _setting_slug(source, target)
+            print(f"-- {name}, seed {seed}", flush=True)
+            run = clf.run_classification(
+                adatas[source], model, vocab, medians, test=None if source == target else adatas[target],
+                methods=methods, baseline_methods=("logreg_counts", "knn_pca"), config=classify_config,
+                tokenize_config=_tokenize_config(ctx), device=cfg.device,
+            )
+            clf.save_run(run, folder / slug / f"seed_{seed}", overwrite=True)
+            table = run.table()
+            print(clf.markdown_table(table), flush=True)
+            table["method"] = table["method"].map(lambda m: f"mixgf_{m}" if m in methods else m)
+            table.insert(0, "setting", table.pop("setting").map(lambda _s, n=name: n))
+            table.insert(1, "seed", seed)
+            table.insert(3, "n_train", int(run.task.train_rows.size))
+            table.insert(4, "n_test", int(run.task.test_rows.size))
+            tables.append(table)
+            notes.setdefault(name, list(run.task.notes))
+            figure = folder / slug / f"seed_{seed}" / "confusion_knn.png"  # kNN on frozen embeddings: the paper's zero-shot protocol
+            if figure.exists() and f"confusion_{slug}" not in figures:
+                figures[f"confusion_{slug}"] = str(figure.resolve())
+    per_seed = pd.concat(tables, ignore_index=True)
+    per_seed.to_csv(folder / "metrics_per_seed.csv", index=False)
+    table = seed_summary(per_seed)
     table.to_csv(folder / "metrics.csv", index=False)
     write_json(folder / "notes.json", notes)
-    return {"table": table.to_dict(orient="records"), "figures": figures, "notes": notes}
+    return {
+        "table": table.to_dict(orient="records"),
+        "per_seed": per_seed.to_dict(orient="records"),
+        "seeds": list(cfg.classify_seeds),
+        "figures": figures,
+        "notes": notes,
+    }
+
+
+def seed_summary(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample sd over seeds of every metric, per (setting, method), in first-seen order.
+
+    Columns: setting, method, n_seeds, n_train, n_test (means), then ``<metric>`` (mean) and
+    ``<metric>_sd`` for accuracy and the macro scores.
+    """
+    keys = ["setting", "method"]
+    grouped = per_seed.groupby(keys, sort=False)
+    table = grouped[["n_train", "n_test"]].mean().round(1)
+    table.insert(0, "n_seeds", grouped.size())
+    for metric in clf.METRIC_COLUMNS:
+        table[metric] = grouped[metric].mean()
+        table[f"{metric}_sd"] = grouped[metric].std(ddof=1).fillna(0.0)
+    return table.reset_index()
 
 
 def _step_perturb(ctx: _Context, folder: Path) -> dict[str, Any]:

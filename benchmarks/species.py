@@ -1,0 +1,151 @@
+"""Species alignment on the demo data: which vocabulary / cross-species objective mixes species?
+
+The demo's pancreas cells (shipped Baron et al. 2016 subset, human + mouse, ``cell_type1``) are
+pretrained on at the demo's budget and settings (tiny preset, ≤128 genes per cell, batch 16,
+lr 1e-3, MLM + SimCSE on the mean over genes, 5% of cells held out for the masked-gene
+diagnostics), once per configuration and seed:
+
+* ``separate``          the paper's vocabulary (every gene its own token)
+* ``ortholog``          one token per one-to-one ortholog pair (the demo's default)
+* ``ortholog+xs``       plus the cross-species term (weight ``--cross-weight``), pairs = mutual nearest
+                        cells of the other species by their ortholog genes (``cross_species_positives="mnn"``)
+* ``ortholog+xs-proj``  the same weight with the earlier pairing: a cell and its own ortholog projection
+
+Per model (:func:`mixgeneformer.integration.cross_species_scores`): kNN label transfer (k=5,
+cosine, last layer mean over genes) mouse→human and human→mouse on shared types (macro-F1),
+beside kNN on 50 PCs of one-to-one-ortholog counts; species mixing within cell types (scib-metrics
+iLISI / batch ASW / kBET when installed, else the batch ASW with scikit-learn); the held-out MLM
+loss beside the rank-position baseline.
+
+Usage::
+
+    python benchmarks/species.py                               # 3 seeds x 4 configurations at the demo budget
+    python benchmarks/species.py --steps 400 --configs ortholog ortholog+xs --seeds 0
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# benchmarks/tokenize.py must not shadow the standard library's ``tokenize``: drop this folder.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import anndata as ad  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from mixgeneformer import classify as C  # noqa: E402
+from mixgeneformer.bundle import load_bundle  # noqa: E402
+from mixgeneformer.demo import demo_data_dir  # noqa: E402
+from mixgeneformer.diagnostics import final_evaluation  # noqa: E402
+from mixgeneformer.embed import embed_corpus  # noqa: E402
+from mixgeneformer.integration import cross_species_scores, seed_table, write_benchmark_text  # noqa: E402
+from mixgeneformer.medians import compute_medians  # noqa: E402
+from mixgeneformer.pretrain import pretrain_config_from_dict, read_metrics, run_pretraining  # noqa: E402
+from mixgeneformer.tokenize import TokenizeConfig, tokenize_files  # noqa: E402
+from mixgeneformer.vocab import build_vocabulary  # noqa: E402
+
+SPECIES = ("human", "mouse")
+LABEL = "cell_type1"
+RESULTS = Path(__file__).resolve().parent / "results"
+# name -> (vocabulary mode, cross-species positives or None)
+CONFIGS = {
+    "separate": ("separate", None),
+    "ortholog": ("ortholog", None),
+    "ortholog+xs": ("ortholog", "mnn"),
+    "ortholog+xs-proj": ("ortholog", "projection"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=None, help="folder with baron_pancreas_{human,mouse}.h5ad (default: the demo's)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--steps", type=int, default=1600, help="pretraining steps (the demo's budget)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--cross-weight", type=float, default=0.5)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--out", default=str(RESULTS / "species_cpu.txt"), help="table (markdown); '' to skip")
+    return parser.parse_args(argv)
+
+
+def pretrain(work: Path, corpus: Path, vocab_path: Path, medians_path: Path, positives: str | None, seed: int, args):
+    objective = {"pooling": "mean", "contrastive_weight": 1.0}
+    if positives is not None:
+        objective.update(cross_species_weight=args.cross_weight, cross_species_positives=positives)
+    config = pretrain_config_from_dict({
+        "output_dir": str(work),
+        "data": {"corpus": [str(corpus)], "vocab": str(vocab_path), "medians": str(medians_path), "eval_fraction": 0.05},
+        "model": {"preset": "tiny", "overrides": {"max_position_embeddings": 512}},
+        "objective": objective,
+        "train": {"max_steps": args.steps, "per_device_batch_size": args.batch, "learning_rate": args.lr,
+                  "warmup_steps": 40, "seed": seed},
+        "checkpoint": {"save_steps": args.steps, "keep": 1},
+        "logging": {"logging_steps": max(1, args.steps // 10), "eval_steps": args.steps, "tensorboard": False,
+                    "progress_bar": False},
+    })
+    result = run_pretraining(config, overwrite=True)
+    rows = read_metrics(result.run_dir)
+    cross = [r["cross_species_loss"] for r in rows if "cross_species_loss" in r]
+    return result.bundle_dir, final_evaluation(rows) or {}, (cross[-1] if cross else float("nan"))
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    source = args.data or demo_data_dir()
+    paths = {s: source / f"baron_pancreas_{s}.h5ad" for s in SPECIES}
+    data = {s: ad.read_h5ad(paths[s]) for s in SPECIES}
+    tok_config = TokenizeConfig(max_len=args.max_len)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mixgf-bench-species-") as scratch:
+        work = args.work_dir or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        medians = compute_medians([paths[s] for s in SPECIES])
+        medians_path = work / "medians.tsv"
+        medians.save(medians_path)
+        for name in args.configs:
+            mode, positives = CONFIGS[name]
+            vocab = build_vocabulary(mode=mode, gene_set="protein_coding", medians=medians)
+            vocab_path = Path(vocab.save(work / f"vocab_{mode}.json"))
+            corpus = work / f"corpus_{mode}"
+            if not corpus.exists():
+                tokenize_files([paths[s] for s in SPECIES], corpus, vocab, medians, tok_config, obs_columns=(LABEL,))
+            for seed in args.seeds:
+                t0 = time.perf_counter()
+                bundle, diag, cross = pretrain(work / f"run_{name}_{seed}", corpus, vocab_path, medians_path, positives, seed, args)
+                model, model_vocab, model_medians = load_bundle(bundle)
+                tokens = {s: C.tokenize_cells(data[s], model_vocab, model_medians, tok_config) for s in SPECIES}
+                emb = {s: embed_corpus(model, tokens[s].dataset, model_vocab, layer=-1, pooling="mean", device=args.device,
+                                       progress=False) for s in SPECIES}
+                row = {"config": name, "seed": seed}
+                row.update(cross_species_scores(data, emb, {s: tokens[s].rows for s in SPECIES}, LABEL))
+                row.update({"heldout_mlm_loss": diag.get("mlm_loss"), "rank_baseline_loss": diag.get("rank_unigram_loss"),
+                            "final_cross_species_loss": cross, "seconds": round(time.perf_counter() - t0, 1)})
+                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                rows.append(row)
+    per_seed = pd.DataFrame(rows)
+    table, _ = seed_table(per_seed)
+    header = (
+        f"Species alignment on the demo data ({', '.join(f'{s} {data[s].n_obs}' for s in SPECIES)} cells): tiny model, "
+        f"{args.steps} steps x {args.batch} cells, lr {args.lr:g}, max_len {args.max_len}, cross-species weight "
+        f"{args.cross_weight:g}; seeds {args.seeds}; backend of the mixing scores: {per_seed['backend'].iloc[0]}; "
+        f"{time.perf_counter() - started:.0f}s in all."
+    )
+    write_benchmark_text(header, table, per_seed, args.out)
+    return per_seed
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The fine-tuning recipe: validation split, class weights, learning rates, pooling, two-rate Trainer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+from transformers import Trainer
+
+from ..errors import ConfigError
+from ..inference import encoder_of
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_pooling(
+    pooling: str, model: torch.nn.Module, first_tokens: np.ndarray | None = None, special_ids: Any = None
+) -> str:
+    """The cell pooling of a classifier: ``"mean"`` / ``"cls"`` as given; ``"auto"`` follows pretraining.
+
+    ``"auto"``: a model pretrained with ``cls`` or ``pooler`` pooling (the state at position 0) is
+    pooled at ``<cls>`` when every cell starts with a special token (``first_tokens`` /
+    ``special_ids``, when given), otherwise (and for ``mean`` pretraining) by the mean over genes.
+    """
+    if pooling in ("mean", "cls"):
+        return pooling
+    if pooling != "auto":
+        raise ConfigError(f"finetune.pooling={pooling!r} is not one of ['auto', 'mean', 'cls'].")
+    pretrained = getattr(getattr(model, "config", None), "pooling", None) or getattr(
+        encoder_of(model).config, "pooling", "mean"
+    )
+    if pretrained not in ("cls", "pooler"):
+        return "mean"
+    if first_tokens is not None and special_ids is not None:
+        if not np.isin(np.asarray(first_tokens), np.asarray(special_ids)).all():
+            return "mean"
+    return "cls"
+
+
+def default_learning_rate(hidden_size: int) -> float:
+    """Encoder fine-tuning learning rate for a model of this width: ``5e-5 × (256 / hidden)²``, at most 1e-3.
+
+    5e-5 is the authors' rate for their 256-wide model; a 64-wide model fine-tuned at that rate
+    barely moves in 10 epochs (validation macro-F1 at chance on the demo data), while ~1e-3
+    trains it fully (``benchmarks/results/finetune_diagnostics_*.txt``). The square interpolates
+    between the two measured widths (tiny, 64 wide: 8e-4; 128: 2e-4; 768: 5.6e-6).
+    """
+    if hidden_size < 1:
+        raise ConfigError(f"hidden_size={hidden_size} must be >= 1.")
+    return float(min(1e-3, 5e-5 * (256 / hidden_size) ** 2))
+
+
+def validation_split(
+    labels: Sequence[int] | np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Carve a stratified validation set from training labels: ``(fit, validation)`` positions.
+
+    Each class gives ``round(fraction × its cells)`` cells, at least one (so validation macro-F1
+    sees every class) and never all of them. Returns ``None`` (logged) when ``fraction`` is 0 or a
+    class has fewer than 2 cells: the caller then trains on every cell without validation.
+    """
+    labels = np.asarray(labels)
+    if fraction <= 0:
+        return None
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if counts.min() < 2:
+        logger.warning(
+            "no validation split: a class has %d training cell(s); training without model selection", int(counts.min())
+        )
+        return None
+    take = np.clip(np.rint(fraction * counts).astype(np.int64), 1, counts - 1)
+    # A seeded random rank within each class; the first ``take`` of each class validate.
+    order = np.random.default_rng(seed).permutation(labels.size)
+    by_class = order[np.argsort(inverse[order], kind="stable")]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(labels.size, dtype=np.int64)
+    rank[by_class] = np.arange(labels.size) - np.repeat(starts, counts)
+    is_val = rank < take[inverse.reshape(-1)]
+    return np.flatnonzero(~is_val).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
+
+
+def class_weights(
+    label_ids: Sequence[int] | np.ndarray, n_classes: int, mode: str = "auto", imbalance_ratio: float = 1.5
+) -> np.ndarray | None:
+    """Per-class loss weights ``n / (n_classes × count_c)`` (scikit-learn's "balanced"), or ``None``.
+
+    ``"auto"`` weights only when the largest class has more than ``imbalance_ratio`` times the
+    cells of the smallest; ``"balanced"`` always; ``"none"`` never.
+    """
+    if mode not in ("auto", "balanced", "none"):
+        raise ConfigError(f"finetune.class_weights={mode!r} is not one of ['auto', 'balanced', 'none'].")
+    counts = np.bincount(np.asarray(label_ids, dtype=np.int64), minlength=n_classes).astype(np.float64)
+    if mode == "none" or (mode == "auto" and counts.max() <= imbalance_ratio * counts[counts > 0].min()):
+        return None
+    weights = np.divide(counts.sum(), n_classes * counts, out=np.zeros(n_classes), where=counts > 0)
+    return weights.astype(np.float32)
+
+
+def validation_metrics(eval_prediction: Any) -> dict[str, float]:
+    """Validation scores the Trainer logs each epoch (model selection uses ``macro_f1``)."""
+    logits = eval_prediction.predictions
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    y_true, y_pred = np.asarray(eval_prediction.label_ids).astype(np.int64), np.asarray(logits).argmax(axis=-1)
+    return {
+        # Classes seen in either array, absent predictions scoring 0, as classification_metrics does.
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+    }
+
+
+def validation_summary(log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The validation curve of a Trainer log and its best evaluation (the first of equals, as the Trainer keeps it)."""
+    curve = [
+        {
+            "step": int(e["step"]),
+            "epoch": float(e["epoch"]),
+            "macro_f1": float(e["eval_macro_f1"]),
+            "accuracy": float(e["eval_accuracy"]),
+            "loss": float(e["eval_loss"]),
+        }
+        for e in log_history
+        if "eval_macro_f1" in e
+    ]
+    best = max(curve, key=lambda e: e["macro_f1"])
+    return {
+        "validation_curve": curve,
+        "best_step": best["step"],
+        "best_epoch": best["epoch"],
+        "best_validation_macro_f1": best["macro_f1"],
+    }
+
+
+class FinetuneTrainer(Trainer):
+    """HF Trainer with two learning rates: encoder (``args.learning_rate``) and the ``classifier.*`` head."""
+
+    def __init__(self, *args: Any, head_learning_rate: float, **kwargs: Any):
+        self.head_learning_rate = head_learning_rate
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> Any:
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(model))
+            groups = []
+            for head in (False, True):
+                for decayed in (True, False):
+                    params = [
+                        p
+                        for n, p in model.named_parameters()
+                        if p.requires_grad and n.startswith("classifier.") == head and (n in decay) == decayed
+                    ]
+                    if params:
+                        groups.append({
+                            "params": params,
+                            "weight_decay": self.args.weight_decay if decayed else 0.0,
+                            "lr": self.head_learning_rate if head else self.args.learning_rate,
+                        })
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer

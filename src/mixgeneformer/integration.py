@@ -1,0 +1,189 @@
+"""How well an embedding mixes species within cell types (integration scores).
+
+With the optional ``scib-metrics`` package (``pip install "mixgeneformer[metrics]"``) the scores
+are scib's own:
+
+* ``ilisi``: integration LISI of the species label on a 90-neighbour graph, rescaled to [0, 1]
+  (``scib_metrics.ilisi_knn(..., scale=True)``; 0 = each neighbourhood one species, 1 = as mixed
+  as the species proportions allow);
+* ``species_asw``: batch silhouette of species computed within each cell type
+  (``scib_metrics.silhouette_batch``; 1 = species overlap inside a type, 0 = separate);
+* ``kbet`` (only with ``kbet=True``: minutes of CPU even for a few thousand cells): kBET
+  acceptance rate of species within each cell type (``scib_metrics.kbet_per_label``).
+
+Without it, ``species_asw`` is computed with scikit-learn (the same definition:
+``1 − |silhouette_samples(X_type, species)|`` averaged per type, then over types) and the other
+two are absent; ``backend`` says which was used.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import silhouette_samples
+from sklearn.neighbors import NearestNeighbors
+
+from . import classify as C
+from .errors import InputDataError
+
+logger = logging.getLogger(__name__)
+N_NEIGHBORS = 90  # scib's default graph size for LISI / kBET
+
+
+def scib_available() -> bool:
+    try:
+        import scib_metrics  # noqa: F401
+    except Exception:  # ImportError, or jax failing to initialise
+        return False
+    return True
+
+
+def _check(embeddings: Any, species: Any, cell_types: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x = np.asarray(embeddings, dtype=np.float32)
+    batch = np.asarray(species).astype(str)
+    labels = np.asarray(cell_types).astype(str)
+    if x.ndim != 2 or not (x.shape[0] == batch.size == labels.size):
+        raise InputDataError(
+            f"embeddings {x.shape}, species ({batch.size}) and cell types ({labels.size}) must describe the same cells."
+        )
+    keep = np.isfinite(x).all(axis=1)
+    return x[keep], batch[keep], labels[keep]
+
+
+def species_asw_sklearn(x: np.ndarray, batch: np.ndarray, labels: np.ndarray) -> float:
+    """scib's batch ASW with scikit-learn: per cell type, mean of ``1 − |silhouette by species|``."""
+    scores = []
+    for label in np.unique(labels):
+        rows = labels == label
+        if np.unique(batch[rows]).size < 2 or rows.sum() < 3:
+            continue  # one species only: nothing to mix
+        scores.append(float(np.mean(1.0 - np.abs(silhouette_samples(x[rows], batch[rows], metric="euclidean")))))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def species_mixing(
+    embeddings: Any, species: Any, cell_types: Any, n_neighbors: int = N_NEIGHBORS, kbet: bool = False
+) -> dict[str, Any]:
+    """Species-mixing scores of an embedding (module docstring); NaN rows are skipped.
+
+    Returns
+    -------
+    dict
+        ``species_asw`` (always), ``ilisi`` (and ``kbet`` when asked) with scib-metrics, ``backend``
+        (``"scib-metrics"`` or ``"sklearn"``).
+    """
+    x, batch, labels = _check(embeddings, species, cell_types)
+    if not scib_available():
+        return {"species_asw": species_asw_sklearn(x, batch, labels), "backend": "sklearn"}
+    import scib_metrics
+    from scib_metrics.nearest_neighbors import NeighborsResults
+
+    k = int(min(n_neighbors, x.shape[0] - 1))
+    distances, indices = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)
+    neighbors = NeighborsResults(indices=indices[:, 1:], distances=distances[:, 1:])
+    out: dict[str, Any] = {
+        "species_asw": float(scib_metrics.silhouette_batch(x, labels, batch)),
+        "ilisi": float(scib_metrics.ilisi_knn(neighbors, batch, scale=True)),
+        "backend": "scib-metrics",
+    }
+    if kbet:
+        try:
+            out["kbet"] = float(scib_metrics.kbet_per_label(neighbors, batch, pd.Categorical(labels)))
+        except Exception as exc:  # kBET needs enough cells per type; report the others regardless
+            logger.warning("kBET could not be computed (%s: %s)", type(exc).__name__, exc)
+            out["kbet"] = float("nan")
+    return out
+
+
+def cross_species_scores(
+    data: dict[str, Any],
+    embeddings: dict[str, np.ndarray],
+    rows: dict[str, np.ndarray],
+    label_key: str,
+    baseline: bool = True,
+) -> dict[str, Any]:
+    """Cross-species label transfer and species mixing of a human + mouse embedding.
+
+    Parameters
+    ----------
+    data
+        ``{"human": AnnData, "mouse": AnnData}`` with raw counts and ``obs[label_key]``.
+    embeddings, rows
+        Per species, the cells' embeddings and the obs positions they belong to.
+    label_key
+        Cell-type column; types are matched across species by canonical name
+        (:func:`mixgeneformer.classify.transfer_task`).
+    baseline
+        Also score kNN on 50 PCs of one-to-one-ortholog counts.
+
+    Returns
+    -------
+    dict
+        ``transfer_f1_<src>-><tgt>`` / ``transfer_acc_<src>-><tgt>`` (kNN, k=5, cosine, all source
+        cells -> all target cells of shared types), ``pca_f1_<src>-><tgt>`` with ``baseline``, and
+        :func:`species_mixing` of the cells whose type both species share.
+    """
+    config = C.LabelConfig(key=label_key)
+    position = {s: pd.Index(np.asarray(r)) for s, r in rows.items()}
+    out: dict[str, Any] = {}
+    shared_types: set[str] = set()
+    for src, tgt in (("mouse", "human"), ("human", "mouse")):
+        task = C.transfer_task(data[src], data[tgt], config, f"{src}->{tgt}",
+                               source_rows=np.asarray(rows[src]), target_rows=np.asarray(rows[tgt]))
+        train_x = embeddings[src][position[src].get_indexer(task.train_rows)]
+        test_x = embeddings[tgt][position[tgt].get_indexer(task.test_rows)]
+        metrics = C.evaluate(task, C.zero_shot_predict(task, train_x, test_x, "knn"), "knn").metrics
+        out[f"transfer_f1_{src}->{tgt}"] = metrics["macro_f1"]
+        out[f"transfer_acc_{src}->{tgt}"] = metrics["accuracy"]
+        if baseline:
+            out[f"pca_f1_{src}->{tgt}"] = C.baselines(task, ("knn_pca",), species=(src, tgt))[0].metrics["macro_f1"]
+        shared_types |= set(task.test_labels.tolist())
+    parts, species, types = [], [], []
+    for s in ("human", "mouse"):
+        canonical = C.canonical_labels(data[s].obs[label_key].astype(str).to_numpy()[np.asarray(rows[s])])
+        keep = np.isin(canonical, sorted(shared_types))
+        parts.append(embeddings[s][keep])
+        species += [s] * int(keep.sum())
+        types.append(canonical[keep])
+    out.update(species_mixing(np.concatenate(parts), np.asarray(species), np.concatenate(types)))
+    return out
+
+
+def seed_table(per_seed: pd.DataFrame, by: str = "config") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-seed benchmark rows -> (``metric x <by>`` table of "mean ± sd" strings, the means).
+
+    Numeric columns only (``seed`` and ``by`` excluded); groups keep their first-seen order.
+    """
+    numeric = [c for c in per_seed.columns if c not in ("seed", by) and pd.api.types.is_numeric_dtype(per_seed[c])]
+    grouped = per_seed.groupby(by, sort=False)[numeric]
+    mean, sd = grouped.mean(), grouped.std(ddof=0)
+    table = mean.T.astype(object)
+    for group in mean.index:
+        table[group] = [f"{m:.3f} ± {s:.3f}" if np.isfinite(m) else "n/a" for m, s in zip(mean.loc[group], sd.loc[group], strict=True)]
+    table.index.name = "metric"
+    return table, mean
+
+
+def write_benchmark_text(header: str, table: pd.DataFrame, per_seed: pd.DataFrame, out: str | None) -> str:
+    """Header, the summary table and the per-seed rows as markdown; printed, and written to ``out`` if given."""
+    text = "\n".join([header, "", C.markdown_table(table.reset_index()), "", "Per seed:", "", C.markdown_table(per_seed)])
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    return text
+
+
+__all__ = [
+    "N_NEIGHBORS",
+    "cross_species_scores",
+    "scib_available",
+    "seed_table",
+    "species_asw_sklearn",
+    "species_mixing",
+    "write_benchmark_text",
+]

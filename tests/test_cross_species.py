@@ -1,0 +1,128 @@
+"""The cross-species term pairs cells of two species (mutual nearest neighbours over orthologs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mixgeneformer import losses
+from mixgeneformer.genes import one_to_one_orthologs
+from mixgeneformer.model import MixGeneformerForPretraining, make_config
+from mixgeneformer.vocab import Vocabulary, build_vocabulary
+
+N_PAIRS = 12
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Vocabulary:
+    """Ortholog vocabulary: 12 shared pair tokens, plus one human-only and one mouse-only gene."""
+    pairs = one_to_one_orthologs().head(N_PAIRS)
+    from mixgeneformer.vocab import SPECIAL_TOKENS, SPECIES_TOKENS
+
+    tokens = [*SPECIAL_TOKENS, SPECIES_TOKENS["human"], SPECIES_TOKENS["mouse"]]
+    gene_to_id = {}
+    for human, mouse in zip(pairs["human_id"], pairs["mouse_id"], strict=True):
+        gene_to_id[human] = gene_to_id[mouse] = len(tokens)
+        tokens.append(f"{human}|{mouse}")
+    for gene in ("ENSG99999999991", "ENSMUSG99999999991"):
+        gene_to_id[gene] = len(tokens)
+        tokens.append(gene)
+    return Vocabulary(tokens, gene_to_id, "ortholog")
+
+
+def model_of(vocab, **overrides) -> MixGeneformerForPretraining:
+    config = make_config("tiny", vocab, max_position_embeddings=32, hidden_size=32, num_attention_heads=2,
+                         intermediate_size=64, pooling="mean", **overrides)
+    model = MixGeneformerForPretraining(config)
+    model.attach_vocabulary(vocab)
+    return model
+
+
+def test_partners_are_mutual_nearest_cells_of_the_other_species():
+    profiles = torch.tensor([
+        [1.0, 0.0, 0.0],  # human, type a
+        [0.0, 1.0, 0.0],  # human, type b
+        [0.0, 0.9, 0.1],  # mouse, type b
+        [0.9, 0.0, 0.1],  # mouse, type a
+        [1.0, 0.0, 0.0],  # unknown species: never paired
+    ])
+    species = torch.tensor([0, 0, 1, 1, -1])
+    assert losses.mutual_nearest_partners(profiles, species).tolist() == [3, 2, 1, 0, -1]
+    # One species only: no partner at all, and the loss is 0 but attached to the graph.
+    z = torch.randn(5, 4, requires_grad=True)
+    alone = losses.mutual_nearest_partners(profiles, torch.zeros(5, dtype=torch.long))
+    assert (alone == -1).all()
+    loss = losses.cross_species_nce(z, alone)
+    assert loss.item() == 0.0 and loss.requires_grad
+    # Not mutual: both mice are nearest to the same human cell; only that pair survives.
+    crowded = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [1.0, 0.2]])
+    assert losses.mutual_nearest_partners(crowded, torch.tensor([0, 0, 1, 1])).tolist() == [2, -1, 0, -1]
+
+
+def test_the_loss_rewards_species_mixing_not_only_instance_identity():
+    """Embeddings that separate the species score badly even when each species is well organised."""
+    partner = torch.tensor([3, 2, 1, 0])
+    species = torch.tensor([0, 0, 1, 1])
+    types = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    mixed = types
+    separated = types + 3.0 * torch.tensor([[0, 0, 1.0]]) * (species[:, None] * 2 - 1)
+    assert losses.cross_species_nce(mixed, partner).item() < 0.01
+    assert losses.cross_species_nce(separated, partner).item() > 0.5
+
+
+def test_cells_are_paired_across_species_by_their_ortholog_genes(vocab):
+    model = model_of(vocab, cross_species_weight=1.0)
+    shared = [vocab.gene_to_id[g] for g in one_to_one_orthologs().head(N_PAIRS)["human_id"]]
+    human_only, mouse_only = vocab.gene_to_id["ENSG99999999991"], vocab.gene_to_id["ENSMUSG99999999991"]
+    a, b = shared[:6], shared[6:]
+    # V1-style cells without species tokens: species from the species-specific gene; types by gene sets.
+    ids = torch.tensor([
+        [*a, human_only], [*b, human_only],              # human a, human b
+        [*b[::-1], mouse_only], [*a[::-1], mouse_only],  # mouse b, mouse a (other rank order)
+    ])
+    mask = torch.ones_like(ids)
+    assert model.cell_species(ids, mask).tolist() == [0, 0, 1, 1]
+    with_tokens = torch.cat([torch.tensor([[vocab.species_token_id("mouse")]] * 4), ids[:, :3]], dim=1)
+    assert model.cell_species(with_tokens, torch.ones_like(with_tokens)).tolist() == [1, 1, 1, 1]
+    profiles = model.ortholog_profiles(ids, mask)
+    assert profiles[:, human_only].sum() == 0 and profiles[:, mouse_only].sum() == 0  # no ortholog: not compared
+    assert losses.mutual_nearest_partners(profiles, model.cell_species(ids, mask)).tolist() == [3, 2, 1, 0]
+    # The training forward computes the term from those pairs (labels restore masked genes first).
+    labels = torch.full_like(ids, -100)
+    labels[0, 0] = ids[0, 0]
+    masked = ids.clone()
+    masked[0, 0] = vocab.mask_id
+    out = model.train()(masked, mask, labels=labels)
+    assert out.cross_species_loss is not None and out.cross_species_loss.item() > 0
+    out.loss.backward()
+    assert model.bert.embeddings.word_embeddings.weight.grad[shared].abs().sum() > 0
+
+
+def test_separate_vocabulary_pairs_through_the_ortholog_map():
+    vocab = build_vocabulary("separate", gene_set="medians", medians=_medians_for_pairs(4))
+    model = model_of(vocab, cross_species_weight=0.5)
+    pairs = one_to_one_orthologs().head(4)
+    human = [vocab.gene_to_id[g] for g in pairs["human_id"]]
+    mouse = [vocab.gene_to_id[g] for g in pairs["mouse_id"]]
+    ids = torch.tensor([[human[0], human[1]], [human[2], human[3]], [mouse[2], mouse[3]], [mouse[0], mouse[1]]])
+    mask = torch.ones_like(ids)
+    species = model.cell_species(ids, mask)
+    assert species.tolist() == [0, 0, 1, 1]
+    assert losses.mutual_nearest_partners(model.ortholog_profiles(ids, mask), species).tolist() == [3, 2, 1, 0]
+
+
+def _medians_for_pairs(k: int):
+    from mixgeneformer.medians import GeneMedians
+
+    pairs = one_to_one_orthologs().head(k)
+    return GeneMedians({g: 1.0 for g in np.concatenate([pairs["human_id"], pairs["mouse_id"]])})
+
+
+def test_projection_pairing_stays_available_and_is_validated(vocab):
+    model = model_of(vocab, cross_species_weight=0.5, cross_species_positives="projection")
+    assert model.config.cross_species_positives == "projection"
+    from mixgeneformer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cross_species_positives"):
+        model_of(vocab, cross_species_weight=0.5, cross_species_positives="labels")
