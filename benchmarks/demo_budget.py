@@ -58,6 +58,7 @@ VARIANTS = {
     "default (10 epochs)": {},
     "frozen embeddings": {"freeze_embeddings": True},
     "5 epochs": {"epochs": 5.0},
+    "8 epochs": {"epochs": 8.0},
     "3 epochs": {"epochs": 3.0},
     "5 epochs, frozen embeddings": {"epochs": 5.0, "freeze_embeddings": True},
     "3 epochs, frozen embeddings": {"epochs": 3.0, "freeze_embeddings": True},
