@@ -241,7 +241,8 @@ def _step_classify(ctx: _Context, folder: Path) -> dict[str, Any]:
                 methods=methods, baseline_methods=("logreg_counts", "knn_pca"), config=classify_config,
                 tokenize_config=_tokenize_config(ctx), device=cfg.device,
             )
-            clf.save_run(run, folder / slug / f"seed_{seed}", overwrite=True)
+            if seed == cfg.classify_seeds[0]:  # one seed's full outputs; the others' scores are in metrics_per_seed.csv
+                clf.save_run(run, folder / slug / f"seed_{seed}", overwrite=True)
             table = run.table()
             print(clf.markdown_table(table), flush=True)
             table["method"] = table["method"].map(lambda m: f"mixgf_{m}" if m in methods else m)
