@@ -55,6 +55,7 @@ from .metrics import (
     evaluate,
     markdown_table,
     per_class_report,
+    seed_summary,
     write_predictions,
 )
 from .recipe import class_weights, default_learning_rate, resolve_pooling, validation_split
@@ -116,6 +117,7 @@ __all__ = [
     "restrict_to_tokenized",
     "run_classification",
     "save_run",
+    "seed_summary",
     "stratified_split",
     "tokenize_cells",
     "tokenize_task",
