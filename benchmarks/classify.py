@@ -234,16 +234,10 @@ def run_seed(args, seed: int, work: Path) -> list[dict]:
 
 def mean_sd_table(per_seed: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     """mean ± sd over seeds per (setting, method), settings in ``order``."""
-    grouped = per_seed.groupby(["setting", "method"], sort=False)
-    rows = []
-    for (setting, method), group in grouped:
-        row = {"setting": setting, "method": method, "seeds": len(group)}
-        for metric in C.METRIC_COLUMNS:
-            values = group[metric].to_numpy(dtype=float)
-            sd = values.std(ddof=1) if values.size > 1 else 0.0
-            row[metric] = f"{values.mean():.3f} ± {sd:.3f}"
-        rows.append(row)
-    table = pd.DataFrame(rows)
+    summary = C.seed_summary(per_seed)
+    table = summary[["setting", "method", "n_seeds"]].rename(columns={"n_seeds": "seeds"})
+    for metric in C.METRIC_COLUMNS:
+        table[metric] = [f"{m:.3f} ± {sd:.3f}" for m, sd in zip(summary[metric], summary[f"{metric}_sd"], strict=True)]
     rank = {s: i for i, s in enumerate(order)}
     return table.sort_values("setting", key=lambda col: col.map(rank), kind="stable").reset_index(drop=True)
 

@@ -21,7 +21,7 @@ Measured per configuration and seed (means ± sd over ``--seeds``):
 4. species mixing within cell types (:func:`mixgeneformer.integration.species_mixing`);
 5. perturbation (type B is A's sibling: it shares most of A's program, not its markers): every
    gene of ``--perturb-cells`` human cells of type A deleted in turn, genes
-   deleted in at least half of those cells ranked by the mean shift of the cell embedding toward
+   deleted in at least a quarter of those cells ranked by the mean shift of the cell embedding toward
    the mean type-B embedding; recall of type A's planted markers among the top 20 (beside the
    chance level, 20 / number of ranked genes).
 
@@ -120,15 +120,15 @@ def knn_accuracy(task: C.Task, emb: np.ndarray, rows: pd.Index) -> float:
 
 def marker_recall(adata, model, vocab, medians, tok_config, truth, start: str, goal: str, args, seed: int) -> tuple[float, float]:
     """Recall of ``start``'s planted markers among the 20 genes whose deletion moves cells most toward
-    ``goal``, over genes deleted in at least half of the perturbed cells (a gene seen in one or two
-    cells has a noisy mean); also the chance level, 20 / number of such genes."""
+    ``goal``, over genes deleted in at least a quarter of the perturbed cells (a gene seen in one or
+    two cells has a noisy mean); also the chance level, 20 / number of such genes."""
     config = P.PerturbConfig(perturb="delete", state_column=LABEL, start=start, goal=goal,
                              cells_per_state=args.perturb_cells, layer=-1, pooling="mean", device=args.device, seed=seed)
     result, _ = P.perturb_anndata(adata, model, config, vocab=vocab, medians=medians, tokenize_config=tok_config,
                                   stats_mode="aggregate", progress=False)
     stats = P.perturbation_statistics(result.cells, vocab, mode="aggregate")
     n_cells = result.cells["cell"].nunique()
-    recurrent = stats[stats["n_cells"] >= max(1, int(np.ceil(0.5 * n_cells)))]
+    recurrent = stats[stats["n_cells"] >= max(1, int(np.ceil(0.25 * n_cells)))]
     top = recurrent.sort_values("mean_goal_shift", ascending=False).head(20)
     markers = set(vocab.encode_genes(np.asarray(truth.markers[start]["human"], dtype=object)).tolist())
     return len(markers & set(top["gene_token"].astype(int))) / len(markers), min(1.0, 20 / max(len(recurrent), 1))

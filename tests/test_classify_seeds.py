@@ -9,7 +9,6 @@ from test_classify import baron_subset
 
 from mixgeneformer import classify as C
 from mixgeneformer.demo.report import _seeds_markdown
-from mixgeneformer.demo.steps import seed_summary
 
 
 @pytest.mark.realdata
@@ -44,7 +43,7 @@ def test_seed_summary_is_mean_and_sample_sd_per_setting_and_method():
         "macro_recall": [0.1] * 6,
         "macro_f1": [0.4, 0.8, 0.6, 0.8, 0.1, 0.3],
     })
-    table = seed_summary(per_seed)
+    table = C.seed_summary(per_seed)
     assert table[["setting", "method"]].values.tolist() == [["a", "x"], ["a", "y"], ["b", "x"]]
     row = table.iloc[0]
     assert row["n_seeds"] == 2 and row["n_train"] == 11

@@ -55,6 +55,7 @@ from .metrics import (
     evaluate,
     markdown_table,
     per_class_report,
+    seed_summary,
     write_predictions,
 )
 from .predict import predict_cells, predict_sharded
@@ -119,6 +120,7 @@ __all__ = [
     "restrict_to_tokenized",
     "run_classification",
     "save_run",
+    "seed_summary",
     "stratified_split",
     "tokenize_cells",
     "tokenize_task",

@@ -107,6 +107,23 @@ def benchmark_table(results: Iterable[EvalResult]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["setting", "method", *METRIC_COLUMNS])
 
 
+def seed_summary(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample sd over seeds of every metric, per (setting, method), in first-seen order.
+
+    ``per_seed``: benchmark-table rows of several seeds. Columns: setting, method, n_seeds, n_train
+    and n_test (means, when given), then ``<metric>`` (mean) and ``<metric>_sd`` (0 for one seed)
+    for accuracy and the macro scores.
+    """
+    grouped = per_seed.groupby(["setting", "method"], sort=False)
+    sizes = [c for c in ("n_train", "n_test") if c in per_seed.columns]
+    table = grouped[sizes].mean().round(1) if sizes else pd.DataFrame(index=grouped.size().index)
+    table.insert(0, "n_seeds", grouped.size())
+    for metric in METRIC_COLUMNS:
+        table[metric] = grouped[metric].mean()
+        table[f"{metric}_sd"] = grouped[metric].std(ddof=1).fillna(0.0)
+    return table.reset_index()
+
+
 def markdown_table(table: pd.DataFrame, digits: int = 4) -> str:
     """A pipe (GitHub markdown) table of a DataFrame, floats rounded to ``digits``."""
     def cell(value: Any) -> str:

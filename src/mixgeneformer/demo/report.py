@@ -127,7 +127,7 @@ def _classification_text(cfg: DemoConfig, pretrain: dict[str, Any]) -> str:
 
 
 def _seeds_markdown(table: pd.DataFrame) -> str:
-    """The classification table as mean ± sd over seeds (columns of :func:`seed_summary`)."""
+    """The classification table as mean ± sd over seeds (columns of :func:`mixgeneformer.classify.seed_summary`)."""
     metrics = ("accuracy", "macro_f1", "macro_precision", "macro_recall")
     lines = [
         "| setting | train / test cells | method | seeds | accuracy | macro F1 | macro precision | macro recall |",

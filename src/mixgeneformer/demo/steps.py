@@ -241,7 +241,8 @@ def _step_classify(ctx: _Context, folder: Path) -> dict[str, Any]:
                 methods=methods, baseline_methods=("logreg_counts", "knn_pca"), config=classify_config,
                 tokenize_config=_tokenize_config(ctx), device=cfg.device,
             )
-            clf.save_run(run, folder / slug / f"seed_{seed}", overwrite=True)
+            if seed == cfg.classify_seeds[0]:  # one seed's full outputs; the others' scores are in metrics_per_seed.csv
+                clf.save_run(run, folder / slug / f"seed_{seed}", overwrite=True)
             table = run.table()
             print(clf.markdown_table(table), flush=True)
             table["method"] = table["method"].map(lambda m: f"mixgf_{m}" if m in methods else m)
@@ -256,7 +257,7 @@ def _step_classify(ctx: _Context, folder: Path) -> dict[str, Any]:
                 figures[f"confusion_{slug}"] = str(figure.resolve())
     per_seed = pd.concat(tables, ignore_index=True)
     per_seed.to_csv(folder / "metrics_per_seed.csv", index=False)
-    table = seed_summary(per_seed)
+    table = clf.seed_summary(per_seed)
     table.to_csv(folder / "metrics.csv", index=False)
     write_json(folder / "notes.json", notes)
     return {
@@ -266,22 +267,6 @@ def _step_classify(ctx: _Context, folder: Path) -> dict[str, Any]:
         "figures": figures,
         "notes": notes,
     }
-
-
-def seed_summary(per_seed: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sample sd over seeds of every metric, per (setting, method), in first-seen order.
-
-    Columns: setting, method, n_seeds, n_train, n_test (means), then ``<metric>`` (mean) and
-    ``<metric>_sd`` for accuracy and the macro scores.
-    """
-    keys = ["setting", "method"]
-    grouped = per_seed.groupby(keys, sort=False)
-    table = grouped[["n_train", "n_test"]].mean().round(1)
-    table.insert(0, "n_seeds", grouped.size())
-    for metric in clf.METRIC_COLUMNS:
-        table[metric] = grouped[metric].mean()
-        table[f"{metric}_sd"] = grouped[metric].std(ddof=1).fillna(0.0)
-    return table.reset_index()
 
 
 def _step_perturb(ctx: _Context, folder: Path) -> dict[str, Any]:
