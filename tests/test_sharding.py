@@ -221,11 +221,12 @@ def test_rerun_recomputes_only_missing_or_stale_shards(data, tmp_path, capsys):
 def test_sharded_prediction_equals_one_process(data, tmp_path, capsys):
     import anndata as ad
 
-    from mixgeneformer.classify import ClassifyConfig, FittedClassifier, build_classifier
+    from mixgeneformer.classify import ClassifyConfig, FinetuneConfig, FittedClassifier, build_classifier
 
     classes = ["alpha", "beta", "delta"]
     torch.manual_seed(1)
-    classifier = build_classifier(data["model"], classes, data["vocab"])
+    # The fixture's cells carry no <cls> (style v1): pool by the mean, as fit_classifier would resolve it.
+    classifier = build_classifier(data["model"], classes, data["vocab"], FinetuneConfig(pooling="mean"))
     folder = FittedClassifier(classifier, classes, data["vocab"], data["medians"], ClassifyConfig(), []).save(
         tmp_path / "classifier"
     )
