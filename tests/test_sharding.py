@@ -221,7 +221,12 @@ def test_rerun_recomputes_only_missing_or_stale_shards(data, tmp_path, capsys):
 def test_sharded_prediction_equals_one_process(data, tmp_path, capsys):
     import anndata as ad
 
-    from mixgeneformer.classify import ClassifyConfig, FinetuneConfig, FittedClassifier, build_classifier
+    from mixgeneformer.classify import (
+        ClassifyConfig,
+        FinetuneConfig,
+        FittedClassifier,
+        build_classifier,
+    )
 
     classes = ["alpha", "beta", "delta"]
     torch.manual_seed(1)
