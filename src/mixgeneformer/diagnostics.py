@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .errors import InputDataError
-from .inference import _token_columns
+from .inference import token_columns
 from .losses import IGNORE_INDEX
 
 TOP_K = 10
@@ -254,7 +254,7 @@ def frequency_baselines(
 def _read_tokens(dataset: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flat tokens and lengths of ``rows`` (Arrow columns read without a per-cell Python loop)."""
     part = [dataset[int(i)] for i in rows] if isinstance(dataset, list | tuple) else dataset.select(rows)
-    flat, offsets = _token_columns(part, 0, len(part))
+    flat, offsets = token_columns(part, 0, len(part))
     return flat.astype(np.int64), np.diff(offsets)
 
 

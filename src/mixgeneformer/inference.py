@@ -354,7 +354,7 @@ def _batches(
     """(corpus rows, padded ids, mask) batches: the corpus is read ``_SORT_CHUNK`` cells at a time
     (bounded host memory) and length-sorted within each chunk."""
     for start in range(0, n_cells, _SORT_CHUNK):
-        flat, offsets = _token_columns(dataset, start, min(start + _SORT_CHUNK, n_cells))
+        flat, offsets = token_columns(dataset, start, min(start + _SORT_CHUNK, n_cells))
         lengths = np.diff(offsets)
         _check_tokens(flat, lengths, bert, start)
         for rows in length_sorted_batches(lengths, batch_size):
@@ -375,7 +375,7 @@ def _n_cells(dataset: Any) -> int:
     return len(dataset)
 
 
-def _token_columns(dataset: Any, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+def token_columns(dataset: Any, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
     """(flat int32 tokens, int64 offsets of n+1) of cells ``start:stop``, no Python loop per cell
     for an Arrow-backed corpus."""
     if isinstance(dataset, (list, tuple)):

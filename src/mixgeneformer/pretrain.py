@@ -53,11 +53,11 @@ from .trainer import (
     MixGeneformerTrainer,
     SeededMaskingCollator,
     _make_callbacks,
-    _save_final_bundle,
     compile_encoder_blocks,
     environment_record,
     read_metrics,
     resolve_precision,
+    save_final_bundle,
     training_arguments,
     training_flops,
     trim_metrics,
@@ -474,8 +474,7 @@ def _run_pretraining(
     callbacks, stopper = _make_callbacks(run_dir, is_main, config.logging.tensorboard, signals)
     if eval_set is not None:
         callbacks.append(EvaluateAtEnd())
-    trainer_cls = MixGeneformerTrainer
-    trainer = trainer_cls(
+    trainer = MixGeneformerTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
@@ -528,7 +527,7 @@ def _run_pretraining(
 
     # 5. The final bundle (rank 0; full weights gathered first under FSDP).
     bundle_dir = run_dir / BUNDLE_DIR
-    _save_final_bundle(trainer, bundle_dir, vocab, config.data.medians)
+    save_final_bundle(trainer, bundle_dir, vocab, config.data.medians)
     trainer.accelerator.wait_for_everyone()
     return PretrainResult(
         run_dir=run_dir,

@@ -500,7 +500,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
 
 
-def _save_final_bundle(trainer: MixGeneformerTrainer, bundle_dir: Path, vocab: Any, medians_path: Path | None) -> None:
+def save_final_bundle(trainer: MixGeneformerTrainer, bundle_dir: Path, vocab: Any, medians_path: Path | None) -> None:
     """Write the run's model bundle from rank 0 (full weights gathered first under FSDP / DeepSpeed)."""
     state_dict = None
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
