@@ -316,7 +316,7 @@ def test_finetune_improves_over_chance_and_round_trips(tmp_path):
     for key, value in model.bert.state_dict().items():
         assert torch.equal(value, encoder_before[key])
     out = fitted.save(tmp_path / "clf")
-    assert (out / "model" / "model.safetensors").exists()
+    assert (out / "model.safetensors").exists() and (out / "mixgf.json").exists()
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
     assert (out / "config.yaml").exists()
     loaded = C.load_classifier(out)
@@ -324,6 +324,34 @@ def test_finetune_improves_over_chance_and_round_trips(tmp_path):
     again = loaded.predict(tokens.select(task.test_rows), device="cpu")
     assert np.array_equal(again.labels, result.y_pred)
     assert np.allclose(again.probabilities, result.probabilities, atol=1e-5)
+
+
+def test_classifier_folders_are_bundles_and_each_loader_refuses_the_other_kind(tmp_path):
+    import shutil
+
+    from mixgeneformer.bundle import load_bundle, save_bundle
+    from mixgeneformer.errors import ArtifactError
+
+    adata, vocab, tokens = token_task(n_per_class=10)
+    task = C.within_task(adata, C.LabelConfig(min_class_fraction=0))
+    config = C.ClassifyConfig(finetune=C.FinetuneConfig(epochs=1, batch_size=12, device="cpu"))
+    _, fitted = C.finetune(task, tiny_model(vocab), vocab, None, config, tokens=(tokens, tokens))
+    classifier = fitted.save(tmp_path / "clf")
+    pretrained = save_bundle(tiny_model(vocab), tmp_path / "pretrained", vocab)
+    with pytest.raises(ArtifactError, match="fine-tuned classifier, not a pretrained model"):
+        load_bundle(classifier)
+    with pytest.raises(ArtifactError, match="pretrained model, not a fine-tuned classifier"):
+        C.load_classifier(pretrained)
+    # A folder in the earlier layout (weights under model/, no marker) still loads.
+    old = tmp_path / "old"
+    (old / "model").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(classifier / name, old / "model" / name)
+    for name in ("vocab.json", "config.yaml", "training_log.json"):
+        shutil.copy(classifier / name, old / name)
+    cells = tokens.select(task.test_rows)
+    expected = fitted.predict(cells, device="cpu").probabilities
+    assert np.allclose(C.load_classifier(old).predict(cells, device="cpu").probabilities, expected, atol=1e-6)
 
 
 def test_freezing_layers():

@@ -8,7 +8,12 @@ import scipy.sparse as sp
 from _tokenize_helpers import make_adata
 
 from mixgeneformer.errors import ArtifactError
-from mixgeneformer.medians import GeneMedians, MedianAccumulator, compute_medians
+from mixgeneformer.medians import (
+    GeneMedians,
+    MedianAccumulator,
+    compute_file_medians,
+    compute_medians,
+)
 
 
 def exact_medians(counts: sp.csr_matrix, ids: np.ndarray) -> dict[str, float]:
@@ -86,5 +91,5 @@ def test_compute_medians_files_workers_and_per_file(tmp_path):
     one = compute_medians([tmp_path / "a.h5ad", b], chunk_size=7)
     two = compute_medians([str(tmp_path / "a.h5ad"), str(tmp_path / "b.h5ad")], workers=2, chunk_size=7)
     assert one == two
-    per_file = compute_medians([a, b], per_file=True)
+    per_file = compute_file_medians([a, b])
     assert per_file[0] == compute_medians(a) and per_file[1] == compute_medians(b)

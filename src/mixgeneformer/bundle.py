@@ -2,14 +2,17 @@
 
 A bundle is ``config.json`` + ``model.safetensors`` (Hugging Face layout, BertForMaskedLM-compatible
 keys), ``vocab.json``, ``medians.tsv`` (when known), ``tokenize.yaml`` (how the training corpus was
-tokenized, written by pretraining) and ``mixgf.json`` (written last: marks a complete folder). A
-plain Hugging Face BERT folder (e.g. Geneformer's) loads too, given a vocabulary."""
+tokenized, written by pretraining) and ``mixgf.json`` (written last: marks a complete folder and
+records its ``kind``). Pretrained models and fine-tuned classifiers share this one format; a
+classifier folder adds its ``config.yaml`` and training log (``classify.load_classifier`` reads
+it). A plain Hugging Face BERT folder (e.g. Geneformer's) loads too, given a vocabulary."""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from .fileio import atomic_directory, check_readable_file, read_json, write_json
 from .medians import GeneMedians
 from .model import (
     MixGeneformerConfig,
+    MixGeneformerForCellClassification,
     MixGeneformerForPretraining,
     check_vocabulary,
 )
@@ -51,21 +55,30 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_WEIGHTS_NAME = "pytorch_model.bin"
 
 
+PRETRAINED_KIND = "pretrained"
+
+
+CLASSIFIER_KIND = "classifier"
+
+
 def save_bundle(
-    model: MixGeneformerForPretraining,
+    model: MixGeneformerForPretraining | MixGeneformerForCellClassification,
     directory: str | os.PathLike,
     vocab: Vocabulary,
     medians: GeneMedians | None = None,
     overwrite: bool = False,
+    *,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write a model bundle atomically: ``config.json``, ``model.safetensors``, ``vocab.json``,
-    ``medians.tsv`` (when given) and ``mixgf.json`` (written last: its presence marks a complete
-    bundle).
+    """Write a model bundle atomically and return its folder: ``config.json``, ``model.safetensors``,
+    ``vocab.json``, ``medians.tsv`` (when given) and ``mixgf.json`` (written last: its presence
+    marks a complete bundle).
 
     Parameters
     ----------
     model
-        The model (any device / dtype; weights are saved as they are).
+        The pretraining model or a fine-tuned classifier (any device / dtype; weights are saved as
+        they are); ``mixgf.json`` records which (``kind``).
     directory
         Target folder; must not exist unless ``overwrite``.
     vocab
@@ -74,11 +87,9 @@ def save_bundle(
         The gene medians used to tokenize its corpus, so users tokenize new data identically.
     overwrite
         Replace an existing folder (only after the new one is complete).
-
-    Returns
-    -------
-    Path
-        The bundle folder.
+    extra_files
+        Writes further files into the staging folder (it is called with its path) before the
+        marker, so they are part of the same atomic write.
     """
     check_vocabulary(model.config, vocab)
     model.config.vocab_hash = vocab.hash
@@ -92,11 +103,14 @@ def save_bundle(
         vocab.save(tmp / "vocab.json")
         if medians is not None:
             medians.save(tmp / "medians.tsv")
+        if extra_files is not None:
+            extra_files(tmp)
         write_json(
             tmp / BUNDLE_MARKER,
             {
                 "format": BUNDLE_FORMAT,
                 "version": 1,
+                "kind": CLASSIFIER_KIND if isinstance(model, MixGeneformerForCellClassification) else PRETRAINED_KIND,
                 "mixgeneformer_version": __version__,
                 "vocab_hash": vocab.hash,
                 "vocab_size": len(vocab),
@@ -266,6 +280,11 @@ def load_bundle(
         )
     if (folder / BUNDLE_MARKER).exists():
         marker = read_json(folder / BUNDLE_MARKER, "bundle marker")
+        if marker.get("kind") == CLASSIFIER_KIND:
+            raise ArtifactError(
+                f"{folder} holds a fine-tuned classifier, not a pretrained model: predict with it by `mixgf predict "
+                f"--classifier {folder}` (classify.load_classifier), or pass the pretrained model folder it was fine-tuned from."
+            )
         if marker.get("vocab_hash") not in (None, vocab.hash):
             raise VocabularyMismatchError(
                 f"{folder / BUNDLE_MARKER} records vocabulary hash {marker.get('vocab_hash')} but vocab.json has {vocab.hash}; "

@@ -16,9 +16,10 @@ import pandas as pd
 import torch
 from transformers import EarlyStoppingCallback, TrainingArguments
 
+from ..bundle import BUNDLE_MARKER, CLASSIFIER_KIND, WEIGHTS_NAME, save_bundle
 from ..config import load_config, save_config
-from ..errors import ConfigError
-from ..fileio import atomic_directory, check_readable_file, read_json, write_json
+from ..errors import ArtifactError, ConfigError
+from ..fileio import check_readable_file, read_json, write_json
 from ..inference import encoder_of, length_order, pad_batch, resolve_device
 from ..medians import GeneMedians
 from ..model import MixGeneformerForCellClassification
@@ -119,10 +120,10 @@ class _PadCollator:
 class FittedClassifier:
     """A fine-tuned classifier, its classes and its training log."""
 
-    model: Any
+    model: MixGeneformerForCellClassification
     classes: list[str]
-    vocab: Any
-    medians: Any
+    vocab: Vocabulary
+    medians: GeneMedians | None
     config: ClassifyConfig
     log_history: list[dict[str, Any]]
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -145,30 +146,34 @@ class FittedClassifier:
                 probabilities[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return Prediction(_argmax_labels(probabilities, self.classes), probabilities, list(self.classes))
 
-    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Any:
-        """Write ``model/`` (config.json + model.safetensors only), ``vocab.json``, ``medians.tsv``,
-        ``config.yaml``, ``training_log.json`` and ``finetune_summary.json`` atomically."""
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the classifier as a model bundle (:func:`mixgeneformer.bundle.save_bundle`, kind
+        ``classifier``: config.json + model.safetensors, ``vocab.json``, ``medians.tsv``) plus its
+        ``config.yaml``, ``training_log.json`` and ``finetune_summary.json``, atomically."""
 
-
-        with atomic_directory(directory, overwrite=overwrite) as tmp:
-            self.model.save_pretrained(tmp / "model", safe_serialization=True)
-            self.vocab.save(tmp / "vocab.json")
-            if self.medians is not None:
-                self.medians.save(tmp / "medians.tsv")
+        def write_run_files(tmp: Path) -> None:
             save_config(self.config, tmp)
             write_json(tmp / "training_log.json", self.log_history)
             write_json(tmp / "finetune_summary.json", self.summary)
-        return Path(directory)
+
+        return save_bundle(self.model, directory, self.vocab, self.medians, overwrite=overwrite, extra_files=write_run_files)
 
 
 def load_classifier(directory: str | os.PathLike) -> FittedClassifier:
-    """Load a classifier saved by :meth:`FittedClassifier.save` (safetensors only)."""
+    """Load a classifier saved by :meth:`FittedClassifier.save` (safetensors only).
 
-
+    Folders written before classifiers were bundles (the weights in a ``model/`` subfolder) load too.
+    """
     directory = Path(directory)
-    check_readable_file(directory / "model" / "model.safetensors", "classifier weights")
+    weights_dir = directory / "model" if (directory / "model" / "config.json").is_file() else directory
+    check_readable_file(weights_dir / WEIGHTS_NAME, "classifier weights")
+    if (directory / BUNDLE_MARKER).is_file() and read_json(directory / BUNDLE_MARKER, "bundle marker").get("kind") != CLASSIFIER_KIND:
+        raise ArtifactError(
+            f"{directory} is a pretrained model, not a fine-tuned classifier: fine-tune one with `mixgf classify "
+            f"--model {directory} --out DIR` and pass DIR/finetuned."
+        )
     vocab = Vocabulary.load(check_readable_file(directory / "vocab.json", "classifier vocabulary"))
-    model = MixGeneformerForCellClassification.from_pretrained(directory / "model", use_safetensors=True)
+    model = MixGeneformerForCellClassification.from_pretrained(weights_dir, use_safetensors=True)
     medians = GeneMedians.load(directory / "medians.tsv") if (directory / "medians.tsv").exists() else None
     classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
     return FittedClassifier(

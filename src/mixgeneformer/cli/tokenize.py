@@ -35,7 +35,7 @@ def medians_command(
 ) -> None:
     """Compute per-gene medians of nonzero normalized expression, streamed over all inputs."""
     from ..fileio import atomic_directory, check_output
-    from ..medians import compute_medians
+    from ..medians import compute_file_medians, compute_medians
 
     logging.basicConfig(level=logging.WARNING)
     check_output(out, [*inputs, vocab], overwrite=overwrite, option="--out", writes=None if per_file else ".tsv")
@@ -44,8 +44,9 @@ def medians_command(
         from ..vocab import Vocabulary
 
         genes = sorted(Vocabulary.load(vocab).gene_to_id)
-    result, stats = compute_medians(
-        [str(p) for p in inputs], per_file=per_file, workers=workers, return_stats=True, genes=genes, layer=layer,
+    compute = compute_file_medians if per_file else compute_medians
+    result = compute(
+        [str(p) for p in inputs], workers=workers, genes=genes, layer=layer,
         gene_column=gene_column, species=species, totals=totals, chunk_size=chunk_size,
         allow_fractional=allow_fractional, min_coverage=min_coverage, allow_mixed_species=allow_mixed_species, progress=True,
     )
@@ -57,6 +58,7 @@ def medians_command(
     else:
         result.save(out)
         typer.echo(f"wrote {out}: {len(result):,} genes, hash {result.hash}")
+    stats = (result[0] if per_file else result).stats
     for name, read, cov in zip(stats.inputs, stats.cells_read, stats.coverage, strict=True):
         typer.echo(f"  {name}: {read:,} cells; {cov}")
     typer.echo(f"{stats.total_cells:,} cells in {stats.seconds:.1f}s ({stats.total_cells / max(stats.seconds, 1e-9):,.0f} cells/s)")

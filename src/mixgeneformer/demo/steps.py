@@ -79,9 +79,8 @@ def _step_vocab(ctx: _Context, folder: Path) -> dict[str, Any]:
 def _step_medians(ctx: _Context, folder: Path) -> dict[str, Any]:
 
     paths = _input_paths(ctx)
-    medians, stats = compute_medians(
-        [str(paths[s]) for s in SPECIES], workers=ctx.config.workers, return_stats=True, progress=ctx.progress
-    )
+    medians = compute_medians([str(paths[s]) for s in SPECIES], workers=ctx.config.workers, progress=ctx.progress)
+    stats = medians.stats
     path = folder / "medians.tsv"
     medians.save(path)
     print(f"medians of {len(medians):,} genes from {stats.total_cells:,} cells", flush=True)

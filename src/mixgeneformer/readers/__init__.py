@@ -16,7 +16,7 @@ Usage::
 
 from __future__ import annotations
 
-from .base import CountChunk, CountSource, release_free_memory, validate_counts
+from .base import CountChunk, CountInput, CountSource, release_free_memory, validate_counts
 from .formats import open_source
 from .options import (
     FILTER_COLUMN,
@@ -34,6 +34,7 @@ __all__ = [
     "FILTER_COLUMN",
     "TOTALS_COLUMN",
     "CountChunk",
+    "CountInput",
     "CountSource",
     "ReadOptions",
     "check_distinct_inputs",

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import InputDataError
+
+#: what every reader opens: a path (``.h5ad``, ``.loom``, 10x ``.h5`` / mtx folder, SOMA URI) or an AnnData
+CountInput: TypeAlias = "str | os.PathLike[str] | ad.AnnData"
 
 
 @dataclass

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 from ..errors import InputDataError
 from ..fileio import check_readable_file
-from .base import CountSource, _decode, _pick_gene_ids
+from .base import CountInput, CountSource, _decode, _pick_gene_ids
 
 # Rows read per h5py call are bounded by the chunk size the caller asks for; CSC-on-disk inputs are
 # scanned in blocks of this many stored entries so memory stays bounded.
@@ -436,7 +436,7 @@ def _is_soma(path: Path) -> bool:
 
 # long: a 22-line docstring; the body (36 lines) picks one reader per format.
 def open_source(
-    path_or_adata: Any,
+    path_or_adata: CountInput,
     layer: str | None = None,
     gene_column: str | None = None,
     *,

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from ..errors import GeneIdError, InputDataError
 from ..genes import map_gene_ids
-from .base import CountChunk, CountSource
+from .base import CountChunk, CountInput, CountSource
 from .formats import open_source
 
 
@@ -47,7 +47,7 @@ class ReadOptions:
     totals: str = "all"
     chunk_size: int = 4096
 
-    def open(self, path_or_adata: Any) -> CountSource:
+    def open(self, path_or_adata: CountInput) -> CountSource:
         """:func:`open_source` with these options."""
         return open_source(path_or_adata, self.layer, self.gene_column, allow_fractional=self.allow_fractional, measurement=self.measurement)
 

@@ -31,7 +31,7 @@ from ..fileio import (
     write_json,
     writing,
 )
-from ..medians import GeneMedians, compute_medians
+from ..medians import GeneMedians, compute_file_medians
 from ..parallel import worker_pool
 from ..readers import check_distinct_inputs
 from .config import TokenizeConfig
@@ -146,7 +146,7 @@ def tokenize_files(
         tasks.extend((index, lo, min(lo + config.task_cells, n_cells)) for lo in range(0, max(n_cells, 1), config.task_cells))
 
     if config.medians == "per_file":
-        per_file = compute_medians(items, per_file=True, workers=workers, read=config.read_options, vocabulary_ids=vocab.gene_to_id)
+        per_file = compute_file_medians(items, workers=workers, read=config.read_options, vocabulary_ids=vocab.gene_to_id)
         medians_hash = content_hash(*[m.hash for m in per_file])
     else:
         if medians is None:

@@ -1,0 +1,135 @@
+"""The finished median table: Ensembl ID → median, a TSV with a content hash."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ArtifactError, InputDataError
+from ..fileio import atomic_file, content_hash, read_text
+
+if TYPE_CHECKING:  # the run module builds tables; a table only names its stats type
+    from .run import MedianRunStats
+
+logger = logging.getLogger(__name__)
+
+_TSV_HEADER = "ensembl_id\tmedian"
+
+
+class GeneMedians:
+    """Ensembl ID → median of the gene's nonzero normalized values (count / total × 10,000).
+
+    Parameters
+    ----------
+    values
+        Mapping of unversioned upper-case Ensembl IDs to positive finite medians.
+    """
+
+    def __init__(self, values: Mapping[str, float]):
+        ids = np.array(list(values.keys()), dtype=object)
+        meds = np.array([float(v) for v in values.values()], dtype=np.float64)
+        bad = ~np.isfinite(meds) | (meds <= 0)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise InputDataError(
+                f"gene median for {ids[first]!r} is {meds[first]!r}; medians must be positive finite "
+                f"numbers ({int(bad.sum())} invalid). Recompute the medians with `mixgf medians`."
+            )
+        order = np.argsort(ids.astype(str), kind="stable") if len(ids) else np.array([], dtype=np.int64)
+        self._ids = ids[order].astype(str)
+        self._medians = meds[order]
+        self._index = pd.Index(self._ids)
+        self.values: dict[str, float] = dict(zip(self._ids.tolist(), self._medians.tolist(), strict=True))
+        #: what the run that computed this table read (``None`` when loaded from a file)
+        self.stats: MedianRunStats | None = None
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, ensembl_id: object) -> bool:
+        return ensembl_id in self.values
+
+    def __repr__(self) -> str:
+        return f"GeneMedians({len(self)} genes, hash={self.hash})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GeneMedians) and self.values == other.values
+
+    @property
+    def hash(self) -> str:
+        """Content hash over the sorted (ID, median) pairs; exact float64 values (hex) are hashed."""
+        return content_hash(
+            "gene-medians-v1",
+            "\n".join(f"{g}\t{float(m).hex()}" for g, m in zip(self._ids, self._medians, strict=True)),
+        )
+
+    def lookup(self, ensembl_ids: np.ndarray | Iterable[str]) -> np.ndarray:
+        """Medians aligned with ``ensembl_ids`` (float64), NaN where a gene has no median."""
+        ids = np.asarray(ensembl_ids, dtype=object)
+        out = np.full(ids.shape[0], np.nan, dtype=np.float64)
+        if len(self._ids) == 0 or ids.shape[0] == 0:
+            return out
+        pos = self._index.get_indexer(pd.Index(ids.astype(str)))
+        hit = pos >= 0
+        out[hit] = self._medians[pos[hit]]
+        return out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a two-column TSV (``ensembl_id``, ``median``) atomically; floats round-trip exactly."""
+        path = Path(path)
+        with atomic_file(path) as handle:
+            handle.write(_TSV_HEADER + "\n")
+            for g, m in zip(self._ids, self._medians, strict=True):
+                handle.write(f"{g}\t{float(m)!r}\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> GeneMedians:
+        """Read a TSV written by :meth:`save` (clear errors for missing / truncated / wrong files)."""
+        path, text = read_text(path, "gene median table", "a gene median TSV (written by `mixgf medians`)")
+        with io.StringIO(text) as handle:
+            header = handle.readline().rstrip("\n")
+            if header != _TSV_HEADER:
+                raise ArtifactError(
+                    f"gene median table {path} must start with the header {_TSV_HEADER!r}, found "
+                    f"{header[:80]!r}. Create it with `mixgf medians` or GeneMedians.save()."
+                )
+            values: dict[str, float] = {}
+            first_line: dict[str, int] = {}
+            for lineno, line in enumerate(handle, start=2):
+                line = line.rstrip("\n")
+                if not line:
+                    continue
+                parts = line.split("\t")
+                if len(parts) != 2:
+                    raise ArtifactError(
+                        f"gene median table {path}, line {lineno}: expected 2 tab-separated fields, "
+                        f"got {len(parts)} ({line[:80]!r}); the file may be truncated or corrupt."
+                    )
+                if parts[0] in first_line:
+                    raise ArtifactError(
+                        f"gene median table {path} lists gene {parts[0]} twice (lines {first_line[parts[0]]} and {lineno}); "
+                        "a gene has one median. Remove the repeated line, or recompute the table with `mixgf medians`."
+                    )
+                first_line[parts[0]] = lineno
+                try:
+                    values[parts[0]] = float(parts[1])
+                except ValueError as exc:
+                    raise ArtifactError(
+                        f"gene median table {path}, line {lineno}: median {parts[1]!r} is not a number."
+                    ) from exc
+        if not values:
+            raise ArtifactError(f"gene median table {path} holds no genes; recompute it with `mixgf medians`.")
+        return cls(values)
+
+    def to_series(self) -> pd.Series:
+        """The table as a pandas Series indexed by Ensembl ID."""
+        return pd.Series(self._medians.copy(), index=pd.Index(self._ids.copy(), name="ensembl_id"), name="median")
+
