@@ -71,7 +71,7 @@ def test_demo_config_rejects_bad_values():
         DemoConfig.quick_config(no_such_option=1)
     assert DemoConfig.quick_config().quick and DemoConfig.quick_config().pretrain_steps < DemoConfig().pretrain_steps
     # device / workers do not change results, so they do not change the fingerprint
-    assert DemoConfig(device="cpu", workers=2).fingerprint() == DemoConfig().fingerprint()
+    assert DemoConfig(device="cpu", workers=1).fingerprint() == DemoConfig().fingerprint()
     assert DemoConfig(seed=1).fingerprint() != DemoConfig().fingerprint()
 
 
@@ -130,6 +130,22 @@ def test_classification_metrics_are_fractions_for_every_setting_and_method(quick
     # the count baseline on real pancreas cells is far above chance even on a small subsample
     within = table[(table["method"] == "logreg_counts") & table["setting"].str.contains("within")]
     assert (within["accuracy"] > 0.6).all()
+
+
+@pytest.mark.slow
+def test_classification_does_not_depend_on_worker_processes(quick_demo, tmp_path):
+    import shutil
+
+    report, _ = quick_demo
+    out = tmp_path / "demo_output"
+    shutil.copytree(report.parent.parent, out)
+    for step in ("classify", "perturb"):
+        (out / step / "STEP_DONE.json").unlink()
+    assert DemoConfig.quick_config().workers == 2  # the fixture ran the settings in two worker processes
+    run_demo(out, DemoConfig.quick_config(device="cpu", workers=1), progress=False)  # now one after another here
+    pool = pd.read_csv(report.parent.parent / "classify" / "metrics_per_seed.csv")
+    serial = pd.read_csv(out / "classify" / "metrics_per_seed.csv")
+    pd.testing.assert_frame_equal(serial, pool)
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="Reduced size for CI: fewer cells, steps and genes per cell (~3 min on 2 cores)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the output folder first and run every step again."),
     device: str | None = typer.Option(None, "--device", help="Torch device for embedding, classification and perturbation (default: cuda if available; pretraining always uses the Trainer's choice: cuda if available)."),
-    workers: int = typer.Option(1, "--workers", help="Worker processes for medians and tokenization."),
+    workers: int = typer.Option(2, "--workers", help="Worker processes for medians, tokenization and classification (results do not depend on it)."),
     set_: list[str] | None = typer.Option(
         None, "--set", help="Override a DemoConfig option, e.g. --set pretrain_steps=200 (repeatable)."
     ),

@@ -86,7 +86,9 @@ class DemoConfig:
         Torch device for embedding, classification and perturbation (``None``: CUDA when
         available). Pretraining uses the Trainer's device choice.
     workers
-        Worker processes of the median and tokenization stages.
+        Worker processes of the median, tokenization and classification stages (classification
+        settings run one torch thread each, so results do not depend on ``workers``; on a GPU
+        they run one after another in this process).
     quick
         Set by :meth:`quick_config` (recorded in the report).
     """
@@ -117,7 +119,7 @@ class DemoConfig:
     umap_neighbors: int = 15
     seed: int = 0
     device: str | None = None
-    workers: int = 1
+    workers: int = 2
     quick: bool = False
 
     def __post_init__(self) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import anndata as ad
 import datasets
 import numpy as np
 import pandas as pd
+import torch
 
 from .. import classify as clf
 from .. import perturb as pt
@@ -20,7 +23,9 @@ from ..diagnostics import final_evaluation
 from ..embed import embed_anndata
 from ..errors import ArtifactError, ConfigError
 from ..fileio import write_json
+from ..inference import resolve_device
 from ..medians import GeneMedians, compute_medians
+from ..parallel import worker_pool
 from ..pretrain import pretrain_config_from_dict, read_metrics, run_pretraining
 from ..tokenize import TokenizeConfig, tokenize_files
 from ..vocab import Vocabulary, build_vocabulary
@@ -28,6 +33,7 @@ from .config import (
     DEMO_EVAL_FRACTION,
     EMBED_KEY,
     SPECIES,
+    DemoConfig,
     capped_rows,
     demo_data_dir,
     finetune_config,
@@ -209,8 +215,7 @@ def _setting_slug(source: str, target: str) -> str:
     return f"{source}_within" if source == target else f"{source}_to_{target}"
 
 
-def _classify_config(ctx: _Context, seed: int | None = None) -> Any:
-    cfg = ctx.config
+def _classify_config(cfg: DemoConfig, seed: int | None = None) -> clf.ClassifyConfig:
     return clf.ClassifyConfig(
         labels=clf.LabelConfig(
             key=cfg.label_key, seed=cfg.classify_seeds[0] if seed is None else seed, transfer_split=True
@@ -220,40 +225,84 @@ def _classify_config(ctx: _Context, seed: int | None = None) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class _ClassifyJob:
+    """One classification setting of one seed: everything a worker process needs to run it."""
+
+    config: DemoConfig
+    bundle: str
+    inputs: dict[str, str]
+    seed: int
+    source: str
+    target: str
+    folder: Path
+
+
+@functools.lru_cache(maxsize=1)
+def _job_inputs(bundle: str, inputs: tuple[tuple[str, str], ...]) -> tuple[Any, Vocabulary, GeneMedians | None, dict[str, ad.AnnData]]:
+    """The model and the data of a worker (loaded once per process)."""
+    model, vocab, medians = load_bundle(bundle)
+    return model, vocab, medians, {s: ad.read_h5ad(p) for s, p in inputs}
+
+
+def _run_classify_job(job: _ClassifyJob) -> tuple[pd.DataFrame, list[str], str | None]:
+    """Run one setting with one torch thread, whichever process runs it, so results do not depend on
+    ``workers``. Returns its score table, the task's notes and its kNN confusion figure (first seed)."""
+    cfg, source, target = job.config, job.source, job.target
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, vocab, medians, adatas = _job_inputs(job.bundle, tuple(sorted(job.inputs.items())))
+        run = clf.run_classification(
+            adatas[source], model, vocab, medians, test=None if source == target else adatas[target],
+            methods=_classify_methods(cfg), baseline_methods=("logreg_counts", "knn_pca"),
+            config=_classify_config(cfg, job.seed), tokenize_config=TokenizeConfig(max_len=cfg.max_len), device=cfg.device,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    name, slug = _setting_name(source, target), _setting_slug(source, target)
+    figure = None
+    if job.seed == cfg.classify_seeds[0]:  # one seed's full outputs; the others' scores are in metrics_per_seed.csv
+        clf.save_run(run, job.folder / slug / f"seed_{job.seed}", overwrite=True)
+        knn = job.folder / slug / f"seed_{job.seed}" / "confusion_knn.png"  # kNN on frozen embeddings: the paper's zero-shot protocol
+        figure = str(knn.resolve()) if knn.exists() else None
+    table = run.table()
+    print(f"-- {name}, seed {job.seed}\n{clf.markdown_table(table)}", flush=True)
+    table["method"] = table["method"].map(lambda m: f"mixgf_{m}" if m in _classify_methods(cfg) else m)
+    table.insert(0, "setting", table.pop("setting").map(lambda _s, n=name: n))
+    table.insert(1, "seed", job.seed)
+    table.insert(3, "n_train", int(run.task.train_rows.size))
+    table.insert(4, "n_test", int(run.task.test_rows.size))
+    return table, list(run.task.notes), figure
+
+
+def _classify_methods(cfg: DemoConfig) -> tuple[str, ...]:
+    return ("knn", "logreg", "finetune") if cfg.finetune_epochs > 0 else ("knn", "logreg")
+
+
 def _step_classify(ctx: _Context, folder: Path) -> dict[str, Any]:
     cfg = ctx.config
-    adatas = _load_inputs(ctx)
-    model, vocab, medians = load_bundle(ctx.results["pretrain"]["bundle"])
-    save_config(_classify_config(ctx), folder)
-    methods = ("knn", "logreg", "finetune") if cfg.finetune_epochs > 0 else ("knn", "logreg")
+    save_config(_classify_config(cfg), folder)
+    # One split per species and seed; transfer trains on the source's training cells and tests on
+    # the target's test cells (labels.transfer_split), so every row of a target species is scored
+    # on the same cells. Settings run in `workers` processes of one thread each (on CPU).
+    jobs = [
+        _ClassifyJob(cfg, ctx.results["pretrain"]["bundle"], ctx.results["data"]["inputs"], seed, source, target, folder)
+        for seed in cfg.classify_seeds
+        for source, target in CLASSIFY_SETTINGS
+    ]
+    if cfg.workers > 1 and resolve_device(cfg.device).type == "cpu":
+        with worker_pool(min(cfg.workers, len(jobs))) as pool:
+            outputs = list(pool.map(_run_classify_job, jobs))
+    else:
+        outputs = [_run_classify_job(job) for job in jobs]
     tables, figures, notes = [], {}, {}
-    for seed in cfg.classify_seeds:
-        # One split per species and seed; transfer trains on the source's training cells and tests
-        # on the target's test cells (labels.transfer_split), so every row of a target species is
-        # scored on the same cells.
-        classify_config = _classify_config(ctx, seed)
-        for source, target in CLASSIFY_SETTINGS:
-            name, slug = _setting_name(source, target), _setting_slug(source, target)
-            print(f"-- {name}, seed {seed}", flush=True)
-            run = clf.run_classification(
-                adatas[source], model, vocab, medians, test=None if source == target else adatas[target],
-                methods=methods, baseline_methods=("logreg_counts", "knn_pca"), config=classify_config,
-                tokenize_config=_tokenize_config(ctx), device=cfg.device,
-            )
-            if seed == cfg.classify_seeds[0]:  # one seed's full outputs; the others' scores are in metrics_per_seed.csv
-                clf.save_run(run, folder / slug / f"seed_{seed}", overwrite=True)
-            table = run.table()
-            print(clf.markdown_table(table), flush=True)
-            table["method"] = table["method"].map(lambda m: f"mixgf_{m}" if m in methods else m)
-            table.insert(0, "setting", table.pop("setting").map(lambda _s, n=name: n))
-            table.insert(1, "seed", seed)
-            table.insert(3, "n_train", int(run.task.train_rows.size))
-            table.insert(4, "n_test", int(run.task.test_rows.size))
-            tables.append(table)
-            notes.setdefault(name, list(run.task.notes))
-            figure = folder / slug / f"seed_{seed}" / "confusion_knn.png"  # kNN on frozen embeddings: the paper's zero-shot protocol
-            if figure.exists() and f"confusion_{slug}" not in figures:
-                figures[f"confusion_{slug}"] = str(figure.resolve())
+    for job, (table, job_notes, figure) in zip(jobs, outputs, strict=True):
+        name, slug = _setting_name(job.source, job.target), _setting_slug(job.source, job.target)
+        tables.append(table)
+        notes.setdefault(name, job_notes)
+        if figure is not None:
+            figures.setdefault(f"confusion_{slug}", figure)
     per_seed = pd.concat(tables, ignore_index=True)
     per_seed.to_csv(folder / "metrics_per_seed.csv", index=False)
     table = clf.seed_summary(per_seed)
