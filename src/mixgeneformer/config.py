@@ -12,14 +12,20 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import yaml
 
 from .errors import ConfigError
-from .fileio import atomic_file, check_readable_file
+from .fileio import JSONValue, atomic_file, check_readable_file
 
 T = TypeVar("T")
+
+
+class DataclassInstance(Protocol):
+    """Any dataclass instance (what :func:`dataclasses.asdict` accepts), e.g. a config."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
@@ -110,10 +116,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def to_dict(obj: Any) -> dict[str, Any]:
+def to_dict(obj: DataclassInstance) -> dict[str, JSONValue]:
     """A plain, YAML/JSON-serialisable dict of a dataclass (paths become strings)."""
 
-    def plain(value: Any) -> Any:
+    def plain(value: object) -> JSONValue:
         if isinstance(value, Path):
             return str(value)
         if isinstance(value, (list, tuple)):
@@ -159,7 +165,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     return from_dict(cls, apply_overrides(data, overrides), where)
 
 
-def save_config(obj: Any, directory: str | os.PathLike, name: str = "config.yaml") -> Path:
+def save_config(obj: DataclassInstance, directory: str | os.PathLike, name: str = "config.yaml") -> Path:
     """Write the resolved dataclass ``obj`` as YAML into ``directory`` (atomically)."""
     path = Path(directory) / name
     with atomic_file(path) as handle:
@@ -176,7 +182,7 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: data}
 
 
-def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+def changed_settings(old: dict[str, JSONValue], new: dict[str, JSONValue]) -> list[tuple[str, JSONValue, JSONValue]]:
     """(dotted key, old value, new value) of every setting that differs between two config dicts."""
     flat_old, flat_new = _flatten(old), _flatten(new)
     return [(key, flat_old.get(key), flat_new.get(key)) for key in sorted(set(flat_old) | set(flat_new))

@@ -24,8 +24,9 @@ positions at the end.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +34,10 @@ import torch
 from .errors import InputDataError
 from .inference import token_columns
 from .losses import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import EvalPrediction
 
 TOP_K = 10
 PRIOR_GRID = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1_000.0, 3_000.0, 10_000.0, 30_000.0, 100_000.0)
@@ -212,7 +217,7 @@ def baselines_from_counts(
 
 
 def frequency_baselines(
-    dataset: Any,
+    dataset: datasets.Dataset | Sequence[Sequence[int]],
     vocab_size: int,
     special_ids: np.ndarray,
     *,
@@ -322,7 +327,7 @@ def summarize(stats: np.ndarray | torch.Tensor) -> dict[str, float]:
     return {name: float(value / n) for name, value in zip(METRIC_NAMES, totals[1:], strict=True)}
 
 
-def compute_eval_metrics(prediction: Any) -> dict[str, float]:
+def compute_eval_metrics(prediction: EvalPrediction) -> dict[str, float]:
     """``compute_metrics`` for the Hugging Face Trainer: ``prediction.predictions`` holds per-cell sums."""
     predictions = prediction.predictions
     if isinstance(predictions, tuple | list):

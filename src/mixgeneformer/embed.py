@@ -136,9 +136,9 @@ def embed_anndata(
     species: str = "auto",
     copy: bool = False,
     *,
-    vocab: Vocabulary | None = None,
-    medians: Any = None,
-    tokenize_config: Any = None,
+    vocab: Vocabulary | str | os.PathLike | None = None,
+    medians: GeneMedians | str | os.PathLike | None = None,
+    tokenize_config: TokenizeConfig | None = None,
     batch_size: int = 32,
     device: str | torch.device | None = None,
     progress: bool = True,
@@ -171,7 +171,7 @@ def embed_anndata(
     copy
         Return an embedded copy instead of writing into ``adata``.
     vocab, medians
-        Override / supply the vocabulary and gene medians.
+        Override / supply the vocabulary and gene medians (objects or paths to their files).
     tokenize_config
         A :class:`mixgeneformer.tokenize.TokenizeConfig`; its ``max_len`` is capped at the
         model's ``max_position_embeddings``.
@@ -344,7 +344,7 @@ def embed_sharded(
     precision: str = "auto",
     vocab: str | os.PathLike | None = None,
     medians: str | os.PathLike | None = None,
-    tokenize_config: Any = None,
+    tokenize_config: TokenizeConfig | None = None,
     gene_column: str | None = None,
     species: str = "auto",
     gene_embeddings: bool = False,
@@ -408,7 +408,7 @@ def embed_sharded(
 
 
 def check_outputs(
-    out: Path, gene_embeddings: Path | None, umap: Path | None, inputs: list[Any], overwrite: bool
+    out: Path, gene_embeddings: Path | None, umap: Path | None, inputs: list[str | os.PathLike | None], overwrite: bool
 ) -> None:
     """Every output of an embedding run is valid, distinct and replaces no input (before any work)."""
     figures = {f".{s}" for s in FigureCanvasBase.get_supported_filetypes()}

@@ -17,11 +17,18 @@ import shutil
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
 from .errors import ArtifactError, ConfigError
+
+if TYPE_CHECKING:  # anndata is imported lazily at run time (start-up cost)
+    import anndata
+
+#: A JSON document: what :func:`read_json` returns and :func:`write_json` writes (also the plain
+#: config dicts of :func:`mixgeneformer.config.to_dict`).
+JSONValue: TypeAlias = dict[str, "JSONValue"] | list["JSONValue"] | str | int | float | bool | None
 
 _LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
 
@@ -327,7 +334,7 @@ def check_outputs_of(
         raise ConfigError(f"{', '.join(given)} must be different files")
 
 
-def read_h5ad(path: str | os.PathLike, what: str = "input h5ad", **kwargs: Any) -> Any:
+def read_h5ad(path: str | os.PathLike, what: str = "input h5ad", **kwargs: Any) -> anndata.AnnData:
     """``anndata.read_h5ad`` with a clear error for missing, truncated or non-h5ad files."""
     import anndata as ad
 
@@ -338,14 +345,15 @@ def read_h5ad(path: str | os.PathLike, what: str = "input h5ad", **kwargs: Any) 
         raise ArtifactError(f"cannot read {what} {path} as h5ad ({exc}); is it truncated or another format?") from exc
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
+def write_json(path: str | os.PathLike, obj: JSONValue) -> None:
+    """Write ``obj`` as indented JSON, atomically (numpy scalars and arrays and Paths inside it are
+    converted)."""
     with atomic_file(path) as handle:
         json.dump(obj, handle, indent=2, sort_keys=False, default=_json_default)
         handle.write("\n")
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> JSONValue:
     """Read JSON with a clear error for missing, truncated or corrupt files."""
     path, text = read_text(path, what, "a JSON file")
     try:
@@ -404,8 +412,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
         )
 
 
-def load_restricted_pickle(path: str | os.PathLike, what: str = "pickle") -> Any:
-    """Load a dictionary pickle (e.g. Geneformer's token/median dictionaries) without running code."""
+def load_restricted_pickle(path: str | os.PathLike, what: str = "pickle") -> object:
+    """Load a dictionary pickle (e.g. Geneformer's token/median dictionaries) without running code.
+
+    The value is whatever the pickle holds (containers of str/int/float and numpy scalars): the
+    caller checks its shape."""
     path = check_readable_file(path, what)
     with open(path, "rb") as handle:
         try:
@@ -416,7 +427,7 @@ def load_restricted_pickle(path: str | os.PathLike, what: str = "pickle") -> Any
             raise ArtifactError(f"{what} {path} could not be read ({type(exc).__name__}: {exc}); it may be truncated.") from exc
 
 
-def write_h5ad(adata: Any, out: str | os.PathLike) -> Path:
+def write_h5ad(adata: anndata.AnnData, out: str | os.PathLike) -> Path:
     """Write an AnnData to ``out`` atomically (gzip; a temporary sibling, then rename); a full or
     read-only disk raises :class:`ArtifactError` (:func:`writing`)."""
     out = Path(out)

@@ -375,7 +375,7 @@ def _n_cells(dataset: Any) -> int:
     return len(dataset)
 
 
-def token_columns(dataset: Any, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+def token_columns(dataset: datasets.Dataset | Sequence[Sequence[int]], start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
     """(flat int32 tokens, int64 offsets of n+1) of cells ``start:stop``, no Python loop per cell
     for an Arrow-backed corpus."""
     if isinstance(dataset, (list, tuple)):

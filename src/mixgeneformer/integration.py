@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,9 @@ from sklearn.neighbors import NearestNeighbors
 
 from . import classify as C
 from .errors import InputDataError
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 logger = logging.getLogger(__name__)
 N_NEIGHBORS = 90  # scib's default graph size for LISI / kBET
@@ -66,7 +69,7 @@ def species_asw_sklearn(x: np.ndarray, batch: np.ndarray, labels: np.ndarray) ->
 
 
 def species_mixing(
-    embeddings: Any, species: Any, cell_types: Any, n_neighbors: int = N_NEIGHBORS, kbet: bool = False
+    embeddings: ArrayLike, species: ArrayLike, cell_types: ArrayLike, n_neighbors: int = N_NEIGHBORS, kbet: bool = False
 ) -> dict[str, Any]:
     """Species-mixing scores of an embedding (module docstring); NaN rows are skipped.
 

@@ -8,7 +8,7 @@ given (format from the file suffix; PNG at 150 dpi by default).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from .fileio import atomic_file, check_readable_file
 
 if TYPE_CHECKING:
     import anndata
+    from numpy.typing import ArrayLike
 
 __all__ = ["confusion_matrix", "perturbation_ranking", "save_figure", "training_curves", "umap"]
 
@@ -118,8 +119,8 @@ def _scatter(ax: Any, coords: np.ndarray, labels: np.ndarray, name: str, point_s
 # long: a 25-line docstring; the body (29 lines) draws one panel per annotation.
 def umap(
     data: anndata.AnnData | np.ndarray,
-    color: str | Sequence[Any] | None = None,
-    species: str | Sequence[Any] | None = None,
+    color: str | ArrayLike | None = None,
+    species: str | ArrayLike | None = None,
     key: str = "X_mixgeneformer",
     n_neighbors: int = 15,
     min_dist: float = 0.3,
@@ -190,10 +191,10 @@ def umap(
 # --------------------------------------------------------------------------------------------
 # long: a 17-line docstring; the body annotates every cell of the matrix.
 def confusion_matrix(
-    y_true: Sequence[Any] | None = None,
-    y_pred: Sequence[Any] | None = None,
+    y_true: ArrayLike | None = None,
+    y_pred: ArrayLike | None = None,
     *,
-    labels: Sequence[Any] | None = None,
+    labels: Iterable[object] | None = None,
     matrix: np.ndarray | pd.DataFrame | None = None,
     normalize: bool = True,
     title: str | None = None,

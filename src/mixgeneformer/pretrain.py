@@ -267,7 +267,7 @@ def split_train_eval(dataset, eval_fraction: float, seed: int):
     return dataset.select(np.sort(order[n_eval:])), dataset.select(np.sort(order[:n_eval]))
 
 
-def build_model(config: PretrainConfig, vocab: Any):
+def build_model(config: PretrainConfig, vocab: Vocabulary) -> model_module.MixGeneformerForPretraining:
     """The model of ``config``: preset + overrides + objective options, validated."""
 
     check_model_options(config.model.preset, {"model.overrides": config.model.overrides, "objective": config.objective})
@@ -330,7 +330,7 @@ RESUME_MAY_CHANGE = (
 )
 
 
-def check_resume_config(config: PretrainConfig, checkpoint: Path, vocab: Any) -> list[str]:
+def check_resume_config(config: PretrainConfig, checkpoint: Path, vocab: Vocabulary) -> list[str]:
     """Compare a resumed run's settings with those its checkpoint was saved with.
 
     Returns the changes that are allowed on resume (:data:`RESUME_MAY_CHANGE`, e.g. a larger
@@ -563,7 +563,7 @@ __all__ = [
 ]
 
 
-def make_mlm_collator(vocab: Any, data: DataOptions, max_len: int | None = None) -> Any:
+def make_mlm_collator(vocab: Vocabulary, data: DataOptions, max_len: int | None = None) -> PretrainingCollator:
     """The MLM collator of :mod:`mixgeneformer.collator` (dynamic padding + 80/10/10 masking)."""
 
     return PretrainingCollator(
@@ -571,7 +571,7 @@ def make_mlm_collator(vocab: Any, data: DataOptions, max_len: int | None = None)
     )
 
 
-def make_eval_collator(vocab: Any, data: DataOptions, max_len: int | None, seed: int) -> SeededMaskingCollator:
+def make_eval_collator(vocab: Vocabulary, data: DataOptions, max_len: int | None, seed: int) -> SeededMaskingCollator:
     """Masking of held-out cells: the same positions at every evaluation (fixed epoch), each one
     replaced by ``<mask>`` (no random or unchanged tokens whose identity the model could copy)."""
     inner = PretrainingCollator(

@@ -35,7 +35,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anndata as ad
 import numpy as np
@@ -46,8 +46,11 @@ import torch.distributed as dist
 
 from .corpus import load_corpus
 from .errors import ArtifactError, ConfigError
-from .fileio import atomic_file, check_readable_file, content_hash, read_json, write_json
+from .fileio import JSONValue, atomic_file, check_readable_file, content_hash, read_json, write_json
 from .readers import open_source
+
+if TYPE_CHECKING:
+    from .tokenize import TokenizeConfig
 
 Kind = Literal["embed", "predict"]
 MANIFEST = "manifest.json"
@@ -152,7 +155,7 @@ def plan_shards(lengths: np.ndarray, world: int) -> np.ndarray:
     return np.concatenate([[0], cuts, [len(weights)]]).astype(np.int64)
 
 
-def cell_lengths(input: Path, tokenize_config: Any = None) -> np.ndarray:
+def cell_lengths(input: Path, tokenize_config: TokenizeConfig | None = None) -> np.ndarray:
     """Tokens per cell of an input, for :func:`plan_shards` (no tokenization).
 
     A corpus folder: its ``length`` column (else the ``input_ids`` lengths). A count file: the
@@ -400,7 +403,7 @@ def read_rows(input: Path, start: int, stop: int) -> ad.AnnData:
         backed.file.close()
 
 
-def plain_record(value: Any) -> Any:
+def plain_record(value: object) -> JSONValue:
     """JSON-ready copy of a ``uns`` record (numpy scalars and arrays to Python)."""
     if isinstance(value, dict):
         return {k: plain_record(v) for k, v in value.items()}
@@ -429,7 +432,7 @@ def _merge_gene_tables(shards: list[dict[str, np.ndarray]]) -> pd.DataFrame:
     return table
 
 
-def write_prediction_columns(adata: Any, probabilities: np.ndarray, classes: list[str], key: str) -> None:
+def write_prediction_columns(adata: ad.AnnData, probabilities: np.ndarray, classes: list[str], key: str) -> None:
     """obs[key_pred] (categorical, NaN for cells not classified), obs[key_prob], obsm[key_probabilities]."""
     done = np.isfinite(probabilities).all(axis=1)
     best = np.argmax(np.where(done[:, None], probabilities, 0), axis=1)

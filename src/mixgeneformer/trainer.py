@@ -14,7 +14,7 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import accelerate
 import datasets
@@ -36,6 +36,10 @@ from .medians import GeneMedians
 from .model import MixGeneformerForPretraining
 from .sampling import PretrainSampler, batch_seed
 from .stopping import SignalFlag, StopOnSignal
+
+if TYPE_CHECKING:
+    from .pretrain import PretrainConfig  # a later stage: annotations only
+    from .vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -427,7 +431,7 @@ def _make_callbacks(run_dir: Path, is_main: bool, tensorboard: bool, signals: Si
     return callbacks, stopper
 
 
-def training_arguments(config: Any, run_dir: Path, precision: str, has_eval: bool) -> transformers.TrainingArguments:
+def training_arguments(config: PretrainConfig, run_dir: Path, precision: str, has_eval: bool) -> transformers.TrainingArguments:
     """Hugging Face ``TrainingArguments`` of a :class:`~mixgeneformer.pretrain.PretrainConfig`."""
     train, dist, log = config.train, config.distributed, config.logging
     cuda = torch.cuda.is_available()
@@ -500,7 +504,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
 
 
-def save_final_bundle(trainer: MixGeneformerTrainer, bundle_dir: Path, vocab: Any, medians_path: Path | None) -> None:
+def save_final_bundle(trainer: MixGeneformerTrainer, bundle_dir: Path, vocab: Vocabulary, medians_path: Path | None) -> None:
     """Write the run's model bundle from rank 0 (full weights gathered first under FSDP / DeepSpeed)."""
     state_dict = None
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:

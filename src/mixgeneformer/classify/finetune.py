@@ -47,6 +47,9 @@ from .tasks import (
 if TYPE_CHECKING:
     import os
 
+    import datasets
+    from transformers import TrainerCallback
+
     from ..tokenize import TokenizeConfig
 
 
@@ -56,7 +59,7 @@ def build_classifier(
     vocab: Vocabulary,
     config: FinetuneConfig | None = None,
     seed: int | None = None,
-) -> Any:
+) -> MixGeneformerForCellClassification:
     """A classification model initialised from ``model``'s encoder, with layers frozen per ``config``.
 
     ``config.train_encoder=False`` trains only the head; ``config.freeze_layers=k`` freezes the
@@ -128,7 +131,7 @@ class FittedClassifier:
     log_history: list[dict[str, Any]]
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def predict(self, dataset: Any, batch_size: int = 64, device: str | None = None) -> Prediction:
+    def predict(self, dataset: datasets.Dataset, batch_size: int = 64, device: str | None = None) -> Prediction:
         """Class probabilities of every cell of a tokenized corpus (length-sorted batches)."""
 
 
@@ -199,7 +202,7 @@ def fit_classifier(
     train_tokens: TokenizedCells | None = None,
     tokenize_config: TokenizeConfig | None = None,
     work_dir: str | os.PathLike | None = None,
-    callbacks: Sequence[Any] = (),
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> FittedClassifier:
     """Fine-tune a classification head (and, per config, the encoder) on the task's training cells.
 

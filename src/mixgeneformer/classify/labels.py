@@ -7,13 +7,16 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from ..errors import InputDataError
+
+if TYPE_CHECKING:
+    import anndata
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +66,13 @@ class LabelSelection:
         )
 
 
-def _obs_of(data: Any) -> pd.DataFrame:
+def _obs_of(data: anndata.AnnData | pd.DataFrame) -> pd.DataFrame:
     return data if isinstance(data, pd.DataFrame) else data.obs
 
 
 # long: a 25-line docstring; the body (41 lines) validates one label column.
 def prepare_labels(
-    data: Any,
+    data: anndata.AnnData | pd.DataFrame,
     key: str = "cell_type1",
     min_class_fraction: float = 0.005,
     min_class_count: int = 2,

@@ -126,7 +126,7 @@ def seed_summary(per_seed: pd.DataFrame) -> pd.DataFrame:
 
 def markdown_table(table: pd.DataFrame, digits: int = 4) -> str:
     """A pipe (GitHub markdown) table of a DataFrame, floats rounded to ``digits``."""
-    def cell(value: Any) -> str:
+    def cell(value: object) -> str:
         return f"{value:.{digits}f}" if isinstance(value, (float, np.floating)) else str(value)
 
     header = "| " + " | ".join(map(str, table.columns)) + " |"

@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
@@ -30,13 +30,19 @@ from ..sharding import (
     shard_role,
     write_prediction_columns,
 )
-from .finetune import load_classifier
+from .finetune import FittedClassifier, load_classifier
 from .tasks import tokenize_cells
+
+if TYPE_CHECKING:
+    import datasets
+
+    from ..tokenize import TokenizeConfig
 
 __all__ = ["merge_predict_shards", "predict_cells", "predict_file", "predict_sharded", "write_prediction_file"]
 
 
-def predict_cells(fitted: Any, data: Any, *, tokenize_config: Any = None, batch_size: int = 64,
+def predict_cells(fitted: FittedClassifier, data: ad.AnnData | datasets.Dataset, *,
+                  tokenize_config: TokenizeConfig | None = None, batch_size: int = 64,
                   device: str | None = None) -> tuple[np.ndarray, int]:
     """Class probabilities of every cell of an AnnData (tokenized with the classifier's vocabulary
     and medians) or of a tokenized corpus: ((n_cells, n_classes) float32, NaN rows for cells the
@@ -61,7 +67,7 @@ def predict_sharded(
     key: str = "predicted",
     batch_size: int = 64,
     device: str | None = None,
-    tokenize_config: Any = None,
+    tokenize_config: TokenizeConfig | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     echo: Callable[[str], None] = print,
 ) -> ad.AnnData | None:
@@ -106,7 +112,7 @@ def predict_file(
     key: str = "predicted",
     batch_size: int = 64,
     device: str | None = None,
-    tokenize_config: Any = None,
+    tokenize_config: TokenizeConfig | None = None,
     shard_index: int | None = None,
     num_shards: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -14,11 +14,17 @@ from transformers import Trainer
 from ..errors import ConfigError
 from ..inference import encoder_of
 
+if TYPE_CHECKING:
+    from transformers import EvalPrediction
+
 logger = logging.getLogger(__name__)
 
 
 def resolve_pooling(
-    pooling: str, model: torch.nn.Module, first_tokens: np.ndarray | None = None, special_ids: Any = None
+    pooling: str,
+    model: torch.nn.Module,
+    first_tokens: np.ndarray | None = None,
+    special_ids: Sequence[int] | np.ndarray | None = None,
 ) -> str:
     """The cell pooling of a classifier: ``"mean"`` / ``"cls"`` as given; ``"auto"`` follows pretraining.
 
@@ -100,7 +106,7 @@ def class_weights(
     return weights.astype(np.float32)
 
 
-def validation_metrics(eval_prediction: Any) -> dict[str, float]:
+def validation_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
     """Validation scores the Trainer logs each epoch (model selection uses ``macro_f1``)."""
     logits = eval_prediction.predictions
     logits = logits[0] if isinstance(logits, tuple) else logits
@@ -141,7 +147,7 @@ class FinetuneTrainer(Trainer):
         self.head_learning_rate = head_learning_rate
         super().__init__(*args, **kwargs)
 
-    def create_optimizer(self, model: torch.nn.Module | None = None) -> Any:
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             model = self.model if model is None else model
             decay = set(self.get_decay_parameter_names(model))

@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -110,7 +110,7 @@ def run_classification(
     return ClassificationRun(task=task, results=results, config=config, fitted=fitted)
 
 
-def save_run(run: ClassificationRun, out_dir: str | os.PathLike, overwrite: bool = False) -> Any:
+def save_run(run: ClassificationRun, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a run's report folder atomically.
 
     Contents: ``metrics.csv`` / ``metrics.json`` (the table plus label-handling notes),

@@ -26,6 +26,7 @@ from .labels import (
 
 if TYPE_CHECKING:
     import anndata
+    import datasets
 
     from ..medians import GeneMedians
     from ..tokenize import TokenizeConfig
@@ -93,7 +94,7 @@ def transfer_task(
     """
     config = config or LabelConfig()
 
-    def side(data: Any, rows: np.ndarray | None) -> LabelSelection:
+    def side(data: anndata.AnnData, rows: np.ndarray | None) -> LabelSelection:
         selection = prepare_labels(data, config.key, config.min_class_fraction, config.min_class_count)
         if rows is not None:
             keep = np.isin(selection.rows, np.asarray(rows))
@@ -124,7 +125,7 @@ class TokenizedCells:
     dataset: Any  # datasets.Dataset with column input_ids
     rows: np.ndarray
 
-    def select(self, obs_rows: np.ndarray) -> Any:
+    def select(self, obs_rows: np.ndarray) -> datasets.Dataset:
         """The corpus rows of the given obs positions (all must have been tokenized), in that order."""
         position = pd.Index(self.rows).get_indexer(np.asarray(obs_rows))
         if (position < 0).any():

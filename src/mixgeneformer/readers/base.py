@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from ..errors import InputDataError
 
 #: what every reader opens: a path (``.h5ad``, ``.loom``, 10x ``.h5`` / mtx folder, SOMA URI) or an AnnData
-CountInput: TypeAlias = "str | os.PathLike[str] | ad.AnnData"
+CountInput: TypeAlias = str | os.PathLike[str] | ad.AnnData
 
 
 @dataclass

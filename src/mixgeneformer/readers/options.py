@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import GeneIdError, InputDataError
-from ..genes import map_gene_ids
+from ..genes import GeneMapping, map_gene_ids
 from .base import CountChunk, CountInput, CountSource
 from .formats import open_source
 
@@ -51,7 +51,7 @@ class ReadOptions:
         """:func:`open_source` with these options."""
         return open_source(path_or_adata, self.layer, self.gene_column, allow_fractional=self.allow_fractional, measurement=self.measurement)
 
-    def map_genes(self, source: CountSource, vocabulary_ids: Any = None) -> Any:
+    def map_genes(self, source: CountSource, vocabulary_ids: Collection[str] | None = None) -> GeneMapping:
         """:func:`map_source_genes` with these options."""
         return map_source_genes(source, self.species, self.min_coverage, self.allow_mixed_species, vocabulary_ids)
 
@@ -61,8 +61,8 @@ def map_source_genes(
     species: str = "auto",
     min_coverage: float = 0.5,
     allow_mixed: bool = False,
-    vocabulary_ids: Any = None,
-) -> Any:
+    vocabulary_ids: Collection[str] | None = None,
+) -> GeneMapping:
     """Resolve a source's gene identifiers to Ensembl IDs (:func:`genes.map_gene_ids`).
 
     ``vocabulary_ids``: Ensembl IDs of the vocabulary in use, which map to themselves even when
@@ -77,7 +77,7 @@ def map_source_genes(
         raise GeneIdError(f"{source.name}: {exc}") from exc
 
 
-def check_distinct_inputs(items: Sequence[Any]) -> None:
+def check_distinct_inputs(items: Sequence[CountInput]) -> None:
     """Refuse an input listed twice (the same file under any path, or the same AnnData object).
 
     Its cells would silently count twice in medians and corpora.

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import as_completed
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import pyarrow as pa
@@ -43,6 +43,9 @@ from .encode import (
     _iter_tables,
     _obs_arrow_types,
 )
+
+if TYPE_CHECKING:
+    from ..vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +104,7 @@ def run_manifest(
 def tokenize_files(
     paths: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
-    vocab: Any,
+    vocab: Vocabulary,
     medians: GeneMedians | None,
     config: TokenizeConfig | None = None,
     obs_columns: Sequence[str] = (),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -27,16 +27,21 @@ from .encode import (
     _obs_arrow_types,
 )
 
+if TYPE_CHECKING:
+    import anndata
+
+    from ..vocab import Vocabulary
+
 
 def tokenize_for_model(
-    adata: Any,
-    vocab: Any,
+    adata: anndata.AnnData,
+    vocab: Vocabulary,
     medians: GeneMedians | None,
     config: TokenizeConfig | None = None,
     max_positions: int | None = None,
     obs_columns: Sequence[str] = (),
     **options: Any,
-) -> tuple[Any, np.ndarray, TokenizeConfig]:
+) -> tuple[datasets.Dataset, np.ndarray, TokenizeConfig]:
     """Tokenize new cells for a trained model (embedding, classification, perturbation).
 
     Parameters
@@ -75,8 +80,12 @@ def tokenize_for_model(
 
 
 def tokenize_anndata(
-    adata: Any, vocab: Any, medians: GeneMedians | None, config: TokenizeConfig | None = None, obs_columns: Sequence[str] = ()
-) -> Any:
+    adata: anndata.AnnData,
+    vocab: Vocabulary,
+    medians: GeneMedians | None,
+    config: TokenizeConfig | None = None,
+    obs_columns: Sequence[str] = (),
+) -> datasets.Dataset:
     """Tokenize an in-memory AnnData into an in-memory :class:`datasets.Dataset` (AnnData untouched).
 
     Columns: ``input_ids`` (list of int32), ``length``, ``species``, ``cell_index`` (row in ``adata``)
