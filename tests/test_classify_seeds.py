@@ -53,6 +53,18 @@ def test_seed_summary_is_mean_and_sample_sd_per_setting_and_method():
     assert "0.600 ± 0.141" in text and "| 11 / 3 |" in text and "| 2 |" in text
 
 
+def test_benchmark_seed_tables_use_the_same_statistics_as_the_classification_tables():
+    from mixgeneformer.integration import seed_table
+
+    per_seed = pd.DataFrame({
+        "config": ["p", "p", "p", "q"], "seed": [0, 1, 2, 0], "score": [0.2, 0.4, 0.9, 0.5], "backend": ["s"] * 4,
+    })
+    table, mean = seed_table(per_seed)
+    assert list(table.columns) == ["p", "q"] and list(table.index) == ["score"]
+    assert table.at["score", "p"] == f"0.500 ± {np.std([0.2, 0.4, 0.9], ddof=1):.3f}"  # sample sd, as seed_summary
+    assert table.at["score", "q"] == "0.500 ± 0.000" and mean.at["p", "score"] == pytest.approx(0.5)
+
+
 def test_demo_seed_and_finetune_options_are_validated_and_reach_the_classify_config(tmp_path):
     from mixgeneformer.demo.config import DemoConfig
     from mixgeneformer.demo.context import _Context
@@ -72,7 +84,7 @@ def test_demo_seed_and_finetune_options_are_validated_and_reach_the_classify_con
     config = DemoConfig(finetune_epochs=3, finetune_overrides={"freeze_embeddings": True}, classify_seeds=[4, 5])
     assert config.fingerprint() != DemoConfig().fingerprint()
     ctx = _Context(out_dir=tmp_path, config=config, progress=False)
-    first, other = _classify_config(ctx), _classify_config(ctx, 5)
+    first, other = _classify_config(ctx.config), _classify_config(ctx.config, 5)
     assert first.labels.seed == 4 and other.labels.seed == 5 and first.labels.transfer_split
     assert first.finetune.epochs == 3 and first.finetune.freeze_embeddings
     assert first.finetune.learning_rate is None  # the library's width-fitted default

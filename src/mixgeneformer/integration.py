@@ -159,14 +159,18 @@ def cross_species_scores(
 def seed_table(per_seed: pd.DataFrame, by: str = "config") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-seed benchmark rows -> (``metric x <by>`` table of "mean ± sd" strings, the means).
 
-    Numeric columns only (``seed`` and ``by`` excluded); groups keep their first-seen order.
+    Numeric columns only (``seed`` and ``by`` excluded); groups keep their first-seen order; the
+    statistics are :func:`mixgeneformer.classify.seed_summary`'s (sample sd).
     """
     numeric = [c for c in per_seed.columns if c not in ("seed", by) and pd.api.types.is_numeric_dtype(per_seed[c])]
-    grouped = per_seed.groupby(by, sort=False)[numeric]
-    mean, sd = grouped.mean(), grouped.std(ddof=0)
+    summary = C.seed_summary(per_seed, by=(by,), metrics=numeric).set_index(by)
+    mean = summary[numeric]
     table = mean.T.astype(object)
     for group in mean.index:
-        table[group] = [f"{m:.3f} ± {s:.3f}" if np.isfinite(m) else "n/a" for m, s in zip(mean.loc[group], sd.loc[group], strict=True)]
+        table[group] = [
+            f"{summary.at[group, c]:.3f} ± {summary.at[group, f'{c}_sd']:.3f}" if np.isfinite(summary.at[group, c]) else "n/a"
+            for c in numeric
+        ]
     table.index.name = "metric"
     return table, mean
 

@@ -107,18 +107,21 @@ def benchmark_table(results: Iterable[EvalResult]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["setting", "method", *METRIC_COLUMNS])
 
 
-def seed_summary(per_seed: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sample sd over seeds of every metric, per (setting, method), in first-seen order.
+def seed_summary(
+    per_seed: pd.DataFrame, by: Sequence[str] = ("setting", "method"), metrics: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Mean and sample sd (ddof=1; 0 for one seed) over seeds of every metric, per group, in first-seen order.
 
-    ``per_seed``: benchmark-table rows of several seeds. Columns: setting, method, n_seeds, n_train
-    and n_test (means, when given), then ``<metric>`` (mean) and ``<metric>_sd`` (0 for one seed)
-    for accuracy and the macro scores.
+    ``per_seed``: rows of several seeds. Columns of the result: ``by``, n_seeds, n_train and n_test
+    (means, when given), then ``<metric>`` (mean) and ``<metric>_sd`` for each of ``metrics``
+    (default: accuracy and the macro scores). Every seed table of the package (demo report,
+    benchmarks) is made here, so every ± is the same statistic.
     """
-    grouped = per_seed.groupby(["setting", "method"], sort=False)
-    sizes = [c for c in ("n_train", "n_test") if c in per_seed.columns]
+    grouped = per_seed.groupby(list(by), sort=False)
+    sizes = [c for c in ("n_train", "n_test") if c in per_seed.columns and c not in (metrics or ())]
     table = grouped[sizes].mean().round(1) if sizes else pd.DataFrame(index=grouped.size().index)
     table.insert(0, "n_seeds", grouped.size())
-    for metric in METRIC_COLUMNS:
+    for metric in METRIC_COLUMNS if metrics is None else metrics:
         table[metric] = grouped[metric].mean()
         table[f"{metric}_sd"] = grouped[metric].std(ddof=1).fillna(0.0)
     return table.reset_index()
