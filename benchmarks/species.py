@@ -75,11 +75,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cross-weight", type=float, default=0.5)
     parser.add_argument("--device", default=None)
     parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--reuse", action="store_true",
+                        help="score the models already pretrained in --work-dir (run_<config>_<seed>/model) instead of pretraining again")
     parser.add_argument("--out", default=str(RESULTS / "species_cpu.txt"), help="table (markdown); '' to skip")
     return parser.parse_args(argv)
 
 
+def finished_run(work: Path):
+    """(bundle, final held-out evaluation, last cross-species loss) of a finished run folder."""
+    rows = read_metrics(work)
+    cross = [r["cross_species_loss"] for r in rows if "cross_species_loss" in r]
+    return work / "model", final_evaluation(rows) or {}, (cross[-1] if cross else float("nan"))
+
+
 def pretrain(work: Path, corpus: Path, vocab_path: Path, medians_path: Path, positives: str | None, seed: int, args):
+    if args.reuse and (work / "model" / "mixgf.json").is_file():
+        return finished_run(work)
     objective = {"pooling": "mean", "contrastive_weight": 1.0}
     if positives is not None:
         objective.update(cross_species_weight=args.cross_weight, cross_species_positives=positives)
@@ -95,9 +106,7 @@ def pretrain(work: Path, corpus: Path, vocab_path: Path, medians_path: Path, pos
                     "progress_bar": False},
     })
     result = run_pretraining(config, overwrite=True)
-    rows = read_metrics(result.run_dir)
-    cross = [r["cross_species_loss"] for r in rows if "cross_species_loss" in r]
-    return result.bundle_dir, final_evaluation(rows) or {}, (cross[-1] if cross else float("nan"))
+    return finished_run(result.run_dir)
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
