@@ -59,6 +59,8 @@ VARIANTS = {
     "frozen embeddings": {"freeze_embeddings": True},
     "5 epochs": {"epochs": 5.0},
     "8 epochs": {"epochs": 8.0},
+    "10 epochs, batch 32": {"batch_size": 32},
+    "8 epochs, batch 32": {"epochs": 8.0, "batch_size": 32},
     "3 epochs": {"epochs": 3.0},
     "5 epochs, frozen embeddings": {"epochs": 5.0, "freeze_embeddings": True},
     "3 epochs, frozen embeddings": {"epochs": 3.0, "freeze_embeddings": True},

@@ -116,6 +116,9 @@ def test_every_step_ran_and_is_recorded(quick_demo):
     held_out = metrics["pretrain"]["held_out"]  # the last held-out evaluation, beside the frequency baselines
     assert held_out["step"] == metrics["pretrain"]["steps"] and 0 <= held_out["top1"] <= 1
     assert "| unigram given rank |" in report.read_text()
+    mixing = json.loads((out / "embed" / "STEP_DONE.json").read_text())["result"]["species_mixing"]
+    assert 0 <= mixing["species_asw"] <= 1 and mixing["n_cells"] > 0 and "beta" in mixing["shared_types"]
+    assert f"species ASW {mixing['species_asw']:.3f}" in report.read_text()
 
 
 @pytest.mark.slow

@@ -288,6 +288,22 @@ def _pretrain_embed_sections(ctx: _Context, fig: Callable[[str, str], str]) -> l
         "",
         fig("umap", "UMAP by cell type and by species"),
         "",
+        *_mixing_lines(r["embed"].get("species_mixing")),
+    ]
+
+
+def _mixing_lines(mixing: dict[str, Any] | None) -> list[str]:
+    """The species-mixing scores of the embed step (absent in folders written before they existed)."""
+    if not mixing:
+        return []
+    scores = [f"species ASW {mixing['species_asw']:.3f}"]
+    if "ilisi" in mixing:
+        scores.append(f"iLISI {mixing['ilisi']:.3f}")
+    return [
+        f"Species mixing within the {len(mixing['shared_types'])} cell types both species share "
+        f"({mixing['n_cells']:,} cells; {mixing['backend']}): {', '.join(scores)} (1 = the species are mixed inside "
+        "each type, 0 = separated; `benchmarks/species.py` compares vocabularies and the cross-species term).",
+        "",
     ]
 
 

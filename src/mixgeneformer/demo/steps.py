@@ -24,6 +24,7 @@ from ..embed import embed_anndata
 from ..errors import ArtifactError, ConfigError
 from ..fileio import write_json
 from ..inference import resolve_device
+from ..integration import species_mixing
 from ..medians import GeneMedians, compute_medians
 from ..parallel import worker_pool
 from ..pretrain import pretrain_config_from_dict, read_metrics, run_pretraining
@@ -191,6 +192,7 @@ def _step_embed(ctx: _Context, folder: Path) -> dict[str, Any]:
         parts.append(ad.AnnData(obs=obs, obsm={EMBED_KEY: np.asarray(adata.obsm[EMBED_KEY])}))
     both = ad.concat(parts, index_unique="-")
     both.write_h5ad(folder / "both_species.h5ad")
+    mixing = _species_mixing(both)
     figure = folder / "umap.png"
     plots.umap(both, color="cell_type", species="species", key=EMBED_KEY, n_neighbors=cfg.umap_neighbors,
                random_state=cfg.seed, title="Mix-Geneformer cell embeddings (human + mouse)", save=figure)
@@ -200,8 +202,19 @@ def _step_embed(ctx: _Context, folder: Path) -> dict[str, Any]:
         "n_cells": int(both.n_obs),
         "dim": int(both.obsm[EMBED_KEY].shape[1]),
         "cells_without_embedding": n_nan,
+        "species_mixing": mixing,
         "figures": {"umap": str(figure.resolve())},
     }
+
+
+def _species_mixing(both: ad.AnnData) -> dict[str, Any]:
+    """Species mixing of the embedding within the cell types both species share (integration.species_mixing)."""
+    types = clf.canonical_labels(both.obs["cell_type"].to_numpy())
+    species = both.obs["species"].to_numpy().astype(str)
+    shared = sorted(set(types[species == SPECIES[0]]) & set(types[species == SPECIES[1]]))
+    keep = np.isin(types, shared) & np.isfinite(both.obsm[EMBED_KEY]).all(axis=1)
+    scores = species_mixing(both.obsm[EMBED_KEY][keep], species[keep], types[keep])
+    return {**scores, "n_cells": int(keep.sum()), "shared_types": [str(t) for t in shared]}
 
 
 CLASSIFY_SETTINGS = (("human", "human"), ("mouse", "mouse"), ("mouse", "human"), ("human", "mouse"))
