@@ -38,11 +38,14 @@ STAGES: list[tuple[str, ...]] = [
     ("corpus",),
     ("tokenize",),
     ("losses",),  # pure torch
+    ("model_config",),  # MixGeneformerConfig, presets, validation (transformers' BertConfig only)
     ("model",),
     ("bundle",),
     ("inference",),
     ("sharding",),  # shard plan, shard files, barrier, merge of sharded embed / predict runs
-    ("collator", "sampling", "checkpoints"),
+    # the pieces the pretraining Trainer and run assemble: masking, data order, checkpoint folders,
+    # FLOPs / MFU, the metrics.csv, the run's typed configuration
+    ("collator", "sampling", "checkpoints", "flops", "metrics_csv", "pretrain_config"),
     ("diagnostics",),  # held-out masked-gene diagnostics and their frequency baselines
     ("stopping",),  # stop signals of pretraining (handler + Trainer callback)
     ("trainer",),  # the Trainer subclass and callbacks of pretraining
