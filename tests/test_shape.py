@@ -1,7 +1,7 @@
 """The package keeps its shape: short modules, no import cycles, imports that point one way.
 
 A ratchet: the redesign cut the package into stages; these tests fail when a module grows past
-600 lines, when two modules import each other (directly or around a loop), when a stage imports a
+500 lines, when two modules import each other (directly or around a loop), when a stage imports a
 later stage or a sibling user API, when a function grows past 60 lines with no reason written
 beside it, or when more public signatures fall back to ``Any``. Measured by
 scripts/shape_report.py (ast only: nothing is imported).
@@ -38,11 +38,14 @@ STAGES: list[tuple[str, ...]] = [
     ("corpus",),
     ("tokenize",),
     ("losses",),  # pure torch
+    ("model_config",),  # MixGeneformerConfig, presets, validation (transformers' BertConfig only)
     ("model",),
     ("bundle",),
     ("inference",),
     ("sharding",),  # shard plan, shard files, barrier, merge of sharded embed / predict runs
-    ("collator", "sampling", "checkpoints"),
+    # the pieces the pretraining Trainer and run assemble: masking, data order, checkpoint folders,
+    # FLOPs / MFU, the metrics.csv, the run's typed configuration
+    ("collator", "sampling", "checkpoints", "flops", "metrics_csv", "pretrain_config"),
     ("diagnostics",),  # held-out masked-gene diagnostics and their frequency baselines
     ("stopping",),  # stop signals of pretraining (handler + Trainer callback)
     ("trainer",),  # the Trainer subclass and callbacks of pretraining
@@ -52,7 +55,7 @@ STAGES: list[tuple[str, ...]] = [
     ("cli",),
     ("__main__",),
 ]
-MAX_MODULE_LINES = 600
+MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60
 REASON_MARK = "# long:"  # a function over MAX_FUNCTION_LINES says why on its def line or the line above
 # Public functions / methods whose annotations hold Any (dict[str, Any] aside); only ever lower it.

@@ -1,14 +1,14 @@
-"""The Mix-Geneformer network: a Hugging Face BERT encoder, its pretraining heads and its bundle.
+"""The Mix-Geneformer networks on a Hugging Face BERT encoder, and the one cell pooling.
 
-* :class:`MixGeneformerConfig` is a :class:`transformers.BertConfig` (``model_type`` stays
-  ``"bert"``) with the pretraining options as extra fields, so every checkpoint we write loads in
-  plain transformers as ``BertForMaskedLM``.
 * :class:`MixGeneformerForPretraining` holds ``bert`` (a ``BertModel`` with its pooler) and ``cls``
   (``BertOnlyMLMHead``, decoder tied to the word embeddings): the state-dict keys of
   ``BertForMaskedLM`` plus ``bert.pooler.*``. Its forward computes MLM + SimCSE (+ SimCSE++ and the
   cross-species term) in one encoder pass over the stacked views.
-* :func:`save_bundle` / :func:`load_bundle` write and read a model folder (safetensors only) with its
-  vocabulary and gene medians; Geneformer's published ``BertForMaskedLM`` folders load too.
+* :class:`MixGeneformerForCellClassification` is the fine-tuning head: the same encoder, pooled with
+  :func:`pool_cells`, then dropout and a linear layer.
+* Their configuration (:class:`MixGeneformerConfig`, :data:`PRESETS`, :func:`make_config`) lives in
+  :mod:`mixgeneformer.model_config` and is re-exported here; model folders are written and read by
+  :mod:`mixgeneformer.bundle`.
 
 Embedding and perturbation code only needs ``model.bert`` (a ``transformers.BertModel``),
 ``model.config`` and the vocabulary's special ids.
@@ -32,157 +32,44 @@ from transformers.utils import ModelOutput
 
 from . import losses
 from .errors import ConfigError, VocabularyMismatchError
+from .model_config import (
+    CONTRASTIVE_MODES,
+    CROSS_SPECIES_POSITIVES,
+    POOLINGS,
+    PRESETS,
+    MixGeneformerConfig,
+    check_vocabulary,
+    make_config,
+    validate_config,
+)
 
 if TYPE_CHECKING:
     from .vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 
-POOLINGS = ("cls", "pooler", "mean")
-CONTRASTIVE_MODES = ("simcse", "simcse++", "none")
-CROSS_SPECIES_POSITIVES = ("mnn", "projection")
 SPECIES_CODES = {"human": 0, "mouse": 1}
 Pooling = Literal["mean", "cls"]  # cell pooling of embeddings and classification
 
-
-class MixGeneformerConfig(BertConfig):
-    """BERT configuration plus the Mix-Geneformer pretraining options.
-
-    ``model_type`` stays ``"bert"``: ``BertForMaskedLM.from_pretrained`` reads our ``config.json``
-    (it keeps the extra fields as plain attributes).
-
-    Extra fields
-    ------------
-    vocab_hash
-        Content hash of the vocabulary the embeddings index (checked on load).
-    special_token_ids
-        Ids of every non-gene token (excluded from mean pooling; never MLM targets).
-    pooling
-        Cell embedding for the contrastive terms: ``"cls"`` (hidden state at position 0, the
-        ``<cls>`` token; default), ``"pooler"`` (BERT's dense+tanh pooler at position 0, the
-        authors' variant, where position 0 is the top-ranked gene) or ``"mean"`` (mean over
-        gene positions).
-    contrastive
-        ``"simcse"`` (two dropout views, NT-Xent), ``"simcse++"`` (second view without dropout
-        plus the dimension-wise term) or ``"none"`` (MLM only).
-    temperature, contrastive_weight
-        NT-Xent temperature (0.05) and weight (1.0).
-    simcse_pp_weight
-        Weight of the SimCSE++ dimension-wise term (0.1).
-    cross_species_weight, cross_species_temperature
-        Weight (0 = off; 0.5 suggested) and temperature (0.1) of the cross-species InfoNCE.
-    cross_species_positives
-        How the cross-species term pairs cells: ``"mnn"`` (default, :func:`losses.mutual_nearest_partners`
-        on rank-weighted one-to-one-ortholog profiles) or ``"projection"`` (a cell and its own ortholog
-        re-expression, :meth:`MixGeneformerForPretraining.project_to_orthologs`; in an ortholog vocabulary
-        that is the cell itself minus its species-specific genes, so it never relates two species' cells).
-    gather_negatives
-        Take contrastive negatives from every GPU (all_gather with gradients).
-    """
-
-    model_type = "bert"
-
-    vocab_hash: str | None = None
-    special_token_ids: list[int] | None = None
-    pooling: str = "cls"
-    contrastive: str = "simcse"
-    temperature: float = 0.05
-    contrastive_weight: float = 1.0
-    simcse_pp_weight: float = 0.1
-    cross_species_weight: float = 0.0
-    cross_species_temperature: float = 0.1
-    cross_species_positives: str = "mnn"
-    gather_negatives: bool = False
-
-
-# layers / hidden / heads / FFN / activation / dropout / max length (SPEC §3).
-PRESETS: dict[str, dict[str, Any]] = {
-    "mix-geneformer": dict(num_hidden_layers=6, hidden_size=256, num_attention_heads=4, intermediate_size=512,
-                           hidden_act="silu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-                           max_position_embeddings=2048),
-    "geneformer-v1": dict(num_hidden_layers=6, hidden_size=256, num_attention_heads=4, intermediate_size=512,
-                          hidden_act="relu", hidden_dropout_prob=0.02, attention_probs_dropout_prob=0.02,
-                          max_position_embeddings=2048),
-    "geneformer-v2-104m": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
-                               hidden_act="relu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-                               max_position_embeddings=4096),
-    "geneformer-v2-316m": dict(num_hidden_layers=18, hidden_size=1152, num_attention_heads=18, intermediate_size=4608,
-                               hidden_act="relu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-                               max_position_embeddings=4096),
-    "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
-                 hidden_act="silu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-                 max_position_embeddings=2048),
-}
-
-
-def validate_config(config: BertConfig) -> None:
-    """Raise :class:`ConfigError` for inconsistent pretraining options (names the field and the fix)."""
-    pooling = getattr(config, "pooling", "cls")
-    if pooling not in POOLINGS:
-        raise ConfigError(f"model.pooling={pooling!r} is not one of {list(POOLINGS)}.")
-    positives = getattr(config, "cross_species_positives", "mnn")
-    if positives not in CROSS_SPECIES_POSITIVES:
-        raise ConfigError(f"model.cross_species_positives={positives!r} is not one of {list(CROSS_SPECIES_POSITIVES)}.")
-    contrastive = getattr(config, "contrastive", "simcse")
-    if contrastive not in CONTRASTIVE_MODES:
-        raise ConfigError(f"model.contrastive={contrastive!r} is not one of {list(CONTRASTIVE_MODES)}.")
-    for name in ("temperature", "cross_species_temperature"):
-        if not getattr(config, name, 1.0) > 0:
-            raise ConfigError(f"model.{name}={getattr(config, name)!r} must be > 0 (SimCSE uses 0.05, cross-species 0.1).")
-    for name in ("contrastive_weight", "simcse_pp_weight", "cross_species_weight"):
-        if getattr(config, name, 0.0) < 0:
-            raise ConfigError(f"model.{name}={getattr(config, name)!r} must be >= 0 (0 switches the term off).")
-    if config.hidden_size % config.num_attention_heads:
-        raise ConfigError(
-            f"model.hidden_size={config.hidden_size} is not divisible by model.num_attention_heads="
-            f"{config.num_attention_heads}; choose sizes such as 256/4 or 768/12."
-        )
-
-
-def make_config(preset: str = "mix-geneformer", vocab: Vocabulary | None = None, **overrides: Any) -> MixGeneformerConfig:
-    """Build a :class:`MixGeneformerConfig` from a preset, a vocabulary and free overrides.
-
-    Parameters
-    ----------
-    preset
-        A key of :data:`PRESETS`, or ``"custom"`` to give every size in ``overrides``.
-    vocab
-        Sets ``vocab_size``, ``pad_token_id``, ``special_token_ids`` and ``vocab_hash``. Without it,
-        ``vocab_size`` must be in ``overrides``.
-    **overrides
-        Any BERT or Mix-Geneformer field (e.g. ``num_hidden_layers=4``, ``pooling="mean"``).
-
-    Returns
-    -------
-    MixGeneformerConfig
-        Validated configuration with SDPA attention.
-    """
-    if preset == "custom":
-        values: dict[str, Any] = {}
-    elif preset in PRESETS:
-        values = dict(PRESETS[preset])
-    else:
-        raise ConfigError(f"model preset {preset!r} is unknown; choose one of {sorted(PRESETS)} or 'custom'.")
-    if vocab is not None:
-        values.update(
-            vocab_size=len(vocab),
-            pad_token_id=int(vocab.pad_id),
-            special_token_ids=[int(i) for i in vocab.special_ids],
-            vocab_hash=vocab.hash,
-        )
-    values.update(overrides)
-    if "vocab_size" not in values:
-        raise ConfigError("make_config needs a vocabulary (vocab=...) or an explicit vocab_size override.")
-    if vocab is not None and values["vocab_size"] != len(vocab):
-        raise VocabularyMismatchError(
-            f"vocab_size={values['vocab_size']} was given but the vocabulary has {len(vocab)} tokens; drop the override."
-        )
-    try:
-        config = MixGeneformerConfig(attn_implementation="sdpa", **values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid model option: {exc}") from exc
-    validate_config(config)
-    return config
+__all__ = [
+    "CONTRASTIVE_MODES",
+    "CROSS_SPECIES_POSITIVES",
+    "POOLINGS",
+    "PRESETS",
+    "SPECIES_CODES",
+    "MixGeneformerConfig",
+    "MixGeneformerForCellClassification",
+    "MixGeneformerForPretraining",
+    "MixGeneformerOutput",
+    "Pooling",
+    "check_vocabulary",
+    "describe",
+    "gene_positions",
+    "make_config",
+    "mean_over_genes",
+    "pool_cells",
+    "validate_config",
+]
 
 
 @dataclass
@@ -458,20 +345,6 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
             masked_logits=mlm_logits if output_masked_logits else None,
         )
 
-
-def check_vocabulary(config: BertConfig, vocab: Vocabulary) -> None:
-    """Raise :class:`VocabularyMismatchError` unless ``vocab`` is the one the model was built on."""
-    if len(vocab) != config.vocab_size:
-        raise VocabularyMismatchError(
-            f"the model has vocab_size={config.vocab_size} but the vocabulary has {len(vocab)} tokens "
-            f"(hash {vocab.hash}); use the vocabulary the model was trained with (its bundle's vocab.json)."
-        )
-    recorded = getattr(config, "vocab_hash", None)
-    if recorded and recorded != vocab.hash:
-        raise VocabularyMismatchError(
-            f"the model was trained with vocabulary hash {recorded} but this vocabulary's hash is {vocab.hash}; "
-            "use the vocabulary the model was trained with (its bundle's vocab.json)."
-        )
 
 
 def describe(model: MixGeneformerForPretraining) -> str:

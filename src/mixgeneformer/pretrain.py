@@ -1,4 +1,7 @@
-"""Pretraining: a typed run configuration and training on the Hugging Face Trainer.
+"""Pretraining on the Hugging Face Trainer: :func:`run_pretraining`, as a sequence of named steps.
+
+The run's typed configuration (:class:`PretrainConfig` and its sections) is in
+:mod:`mixgeneformer.pretrain_config` and re-exported here.
 
 One process on a CPU; ``torchrun`` or ``accelerate launch`` for many GPUs or nodes (DDP, FSDP or
 DeepSpeed ZeRO-2). The corpus stays memory-mapped (``datasets.load_from_disk``); each rank reads
@@ -26,14 +29,15 @@ Test hooks (documented so that fault-tolerance tests need no mocks):
     before the ``COMPLETE`` marker, as a full disk would.
 """
 
+
 from __future__ import annotations
 
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,12 +46,26 @@ import yaml
 from . import checkpoints as ckpt
 from . import model as model_module
 from .collator import PretrainingCollator
-from .config import changed_settings, from_dict, load_config, save_config, to_dict
+from .config import changed_settings, from_dict, save_config, to_dict
 from .corpus import check_corpora, corpus_lengths, corpus_species_codes, open_corpus
 from .diagnostics import FrequencyBaselines, compute_eval_metrics, frequency_baselines
 from .errors import ArtifactError, ConfigError, MixGeneformerError, VocabularyMismatchError
 from .fileio import write_json, write_output_marker
-from .stopping import SignalFlag, StopRequested, TrainingInterrupted
+from .flops import training_flops
+from .metrics_csv import read_metrics, trim_metrics
+from .pretrain_config import (
+    CheckpointOptions,
+    DataOptions,
+    DistributedOptions,
+    LoggingOptions,
+    ModelOptions,
+    PretrainConfig,
+    TrainOptions,
+    check_model_options,
+    load_pretrain_config,
+    pretrain_config_from_dict,
+)
+from .stopping import SignalFlag, StopOnSignal, StopRequested, TrainingInterrupted
 from .trainer import (
     EvaluateAtEnd,
     MixGeneformerTrainer,
@@ -55,204 +73,21 @@ from .trainer import (
     _make_callbacks,
     compile_encoder_blocks,
     environment_record,
-    read_metrics,
     resolve_precision,
     save_final_bundle,
     training_arguments,
-    training_flops,
-    trim_metrics,
 )
 from .vocab import Vocabulary
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import TrainOutput
 
 logger = logging.getLogger(__name__)
 
 BUNDLE_DIR = "model"
 EVAL_MASK_EPOCH = -1  # the masking seed of held-out cells: never a training epoch
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------
-@dataclass
-class DataOptions:
-    """Where the cells come from and how they are batched."""
-
-    corpus: list[Path] = field(default_factory=list)  # one or more tokenized corpus folders
-    vocab: Path | None = None  # vocab.json the corpora were tokenized with
-    medians: Path | None = None  # medians.tsv, copied into checkpoints and the bundle
-    eval_fraction: float = 0.0  # held-out cells for eval loss (0: no evaluation)
-    max_cells: int | None = None  # use only the first N cells (quick runs)
-    group_by_length: bool = True  # mega-batches sorted by length (Geneformer)
-    species_balanced: bool = False  # each species an equal share of an epoch (with replacement)
-    mlm_probability: float = 0.15
-    pad_to_multiple_of: int = 8
-    workers: int = 0  # DataLoader worker processes per rank
-
-
-@dataclass
-class ModelOptions:
-    """Architecture: a preset of :data:`mixgeneformer.model.PRESETS` plus config overrides."""
-
-    preset: str = "mix-geneformer"
-    overrides: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class TrainOptions:
-    """Optimisation (defaults: the authors' schedule)."""
-
-    learning_rate: float = 1e-3
-    schedule: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
-    warmup_steps: int = 10_000
-    weight_decay: float = 0.001
-    per_device_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    epochs: float = 10.0
-    max_steps: int = -1  # -1: train for `epochs`; > 0: this many optimizer steps (overrides epochs)
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported, else fp32
-    torch_compile: bool = False
-    compile_blocks: bool = False  # torch.compile each encoder block in place (the benchmark loop's setting)
-
-
-@dataclass
-class DistributedOptions:
-    """Multi-GPU strategy (launch with torchrun / accelerate launch)."""
-
-    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
-    deepspeed_config: Path | None = None  # ZeRO json, e.g. configs/deepspeed_zero2.json
-    fsdp: str = "full_shard auto_wrap"
-    fsdp_wrap_layer: str = "BertLayer"
-    timeout_s: int = 1800  # collective timeout: a dead rank ends the job instead of hanging it
-
-
-@dataclass
-class CheckpointOptions:
-    save_steps: int = 1000
-    keep: int = 3  # newest complete checkpoints kept (0: all)
-
-
-@dataclass
-class LoggingOptions:
-    logging_steps: int = 50
-    eval_steps: int | None = None  # default: save_steps
-    rank_bucket: int = 8  # positions per bucket of the "unigram given rank" baseline
-    baseline_cells: int = 200_000  # training cells the frequency baselines are counted from (at most)
-    tensorboard: bool = True
-    progress_bar: bool = True
-    peak_tflops: float | None = None  # device peak for MFU; None: looked up from the device name
-
-
-@dataclass
-class PretrainConfig:
-    """Everything a pretraining run needs; saved as ``config.yaml`` beside every checkpoint.
-
-    ``objective`` holds model-config fields of the pretraining objective (e.g. ``temperature``,
-    ``contrastive_weight``, ``gather_negatives``, ``pooling``); each key must be a field of
-    :class:`~mixgeneformer.model.MixGeneformerConfig`.
-    """
-
-    output_dir: Path | None = None
-    data: DataOptions = field(default_factory=DataOptions)
-    model: ModelOptions = field(default_factory=ModelOptions)
-    objective: dict[str, Any] = field(default_factory=dict)
-    train: TrainOptions = field(default_factory=TrainOptions)
-    distributed: DistributedOptions = field(default_factory=DistributedOptions)
-    checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
-    logging: LoggingOptions = field(default_factory=LoggingOptions)
-
-    def validate(self) -> PretrainConfig:
-        """Check values and their combinations (no file is opened); return self."""
-        if self.output_dir is None:
-            raise ConfigError("output_dir is required: the run folder for checkpoints and the final model.")
-        if not self.data.corpus:
-            raise ConfigError("data.corpus is required: a list of corpus folders written by `mixgf tokenize`.")
-        if self.data.vocab is None:
-            raise ConfigError("data.vocab is required: the vocab.json the corpus was tokenized with.")
-        if not 0.0 <= self.data.eval_fraction < 1.0:
-            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}.")
-        if not 0.0 < self.data.mlm_probability < 1.0:
-            raise ConfigError(f"data.mlm_probability must be in (0, 1), got {self.data.mlm_probability}.")
-        if self.data.max_cells is not None and self.data.max_cells < 1:
-            raise ConfigError(f"data.max_cells must be positive, got {self.data.max_cells}.")
-        positive = {
-            "data.pad_to_multiple_of": self.data.pad_to_multiple_of,
-            "train.per_device_batch_size": self.train.per_device_batch_size,
-            "train.gradient_accumulation_steps": self.train.gradient_accumulation_steps,
-            "checkpoint.save_steps": self.checkpoint.save_steps,
-            "logging.logging_steps": self.logging.logging_steps,
-            "logging.rank_bucket": self.logging.rank_bucket,
-            "logging.baseline_cells": self.logging.baseline_cells,
-            "distributed.timeout_s": self.distributed.timeout_s,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}.")
-        nonneg = {
-            "data.workers": self.data.workers,
-            "train.warmup_steps": self.train.warmup_steps,
-            "checkpoint.keep": self.checkpoint.keep,
-        }
-        for name, value in nonneg.items():
-            if value < 0:
-                raise ConfigError(f"{name} must be >= 0, got {value}.")
-        if self.train.learning_rate <= 0:
-            raise ConfigError(f"train.learning_rate must be > 0, got {self.train.learning_rate}.")
-        if self.train.max_steps == 0 or self.train.max_steps < -1:
-            raise ConfigError(
-                f"train.max_steps={self.train.max_steps} would train no step; use a positive number of optimizer "
-                "steps, or -1 to train for train.epochs."
-            )
-        if self.train.max_steps <= 0 and self.train.epochs <= 0:
-            raise ConfigError("set train.epochs > 0 or train.max_steps > 0.")
-        if self.train.weight_decay < 0 or self.train.max_grad_norm < 0:
-            raise ConfigError("train.weight_decay and train.max_grad_norm must be >= 0.")
-        if self.distributed.strategy == "deepspeed" and self.distributed.deepspeed_config is None:
-            raise ConfigError(
-                "distributed.strategy=deepspeed needs distributed.deepspeed_config (e.g. configs/deepspeed_zero2.json)."
-            )
-        if self.train.torch_compile and self.train.compile_blocks:
-            raise ConfigError("train.torch_compile (whole model) and train.compile_blocks (each encoder block): choose one.")
-        if self.logging.peak_tflops is not None and self.logging.peak_tflops <= 0:
-            raise ConfigError(f"logging.peak_tflops must be > 0, got {self.logging.peak_tflops}.")
-        check_model_options(self.model.preset, {"model.overrides": self.model.overrides, "objective": self.objective})
-        return self
-
-
-def check_model_options(preset: str, sections: dict[str, dict[str, Any]]) -> None:
-    """Reject an unknown preset and option names that are no MixGeneformerConfig field."""
-
-    if preset not in model_module.PRESETS:
-        raise ConfigError(f"model.preset {preset!r} is unknown; choose one of {sorted(model_module.PRESETS)}.")
-    known = model_module.MixGeneformerConfig()
-    for section, options in sections.items():
-        for key in options:
-            if key in ("vocab_size", "vocab_hash", "special_token_ids") or not hasattr(known, key):
-                raise ConfigError(
-                    f"{section}.{key} is not a settable field of MixGeneformerConfig; check the spelling "
-                    "(vocabulary fields come from data.vocab)."
-                )
-
-
-def load_pretrain_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> PretrainConfig:
-    """Read a YAML run config, apply ``key=value`` overrides, validate (before any data is read)."""
-    return load_config(PretrainConfig, path, overrides).validate()
-
-
-def pretrain_config_from_dict(data: dict[str, Any]) -> PretrainConfig:
-    """Build and validate a :class:`PretrainConfig` from a plain nested dict."""
-    return from_dict(PretrainConfig, data).validate()
-
-
-# --------------------------------------------------------------------------------------------
-# Devices, precision, FLOPs
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Corpus and model
-# --------------------------------------------------------------------------------------------
 
 
 def split_train_eval(dataset, eval_fraction: float, seed: int):
@@ -283,29 +118,6 @@ def build_model(config: PretrainConfig, vocab: Vocabulary) -> model_module.MixGe
     return model
 
 
-# --------------------------------------------------------------------------------------------
-# Collation: deterministic masking
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Collation: the seeded wrapper
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Trainer
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Callbacks: metrics CSV, signals, test failure hook
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------------------------
 @dataclass
 class PretrainResult:
     """What a finished run produced."""
@@ -402,15 +214,50 @@ def run_pretraining(
         signals.uninstall()
 
 
-# long: the run in order (folder, corpus, model, Trainer, train, interrupt, bundle); each step uses the previous ones' locals.
+# The run, one step per function; each step's results go to the next through these records.
+@dataclass
+class _RunPlan:
+    """What the checks before any data is read decided."""
+
+    run_dir: Path
+    is_main: bool  # rank 0: writes the run folder
+    vocab: Vocabulary
+    mode: str  # plan_run_dir: "fresh" | "overwrite" | "resume"
+    checkpoint: Path | None  # the checkpoint to resume from
+    precision: str  # in use (resolve_precision)
+
+
+@dataclass
+class _TrainingData:
+    """The memory-mapped training (and held-out) cells, and what the sampler and baselines need of them."""
+
+    train_set: datasets.Dataset
+    eval_set: datasets.Dataset | None
+    lengths: np.ndarray  # tokens per training cell, capped at the model's positions
+    truncate_to: int | None  # the model's positions when some cell is longer, else None
+    species_codes: np.ndarray | None  # per training cell, for species-balanced sampling
+    baselines: FrequencyBaselines | None  # the held-out diagnostics' baselines (with eval cells)
+
+
 def _run_pretraining(
     config: PretrainConfig, resume: bool, overwrite: bool, resume_from: str | os.PathLike | None, signals: SignalFlag
 ) -> PretrainResult:
+    plan = _plan_run(config, resume, overwrite, resume_from)
+    model = _seeded_model(config, plan.vocab)
+    data = _open_data(config, plan.vocab, int(model.config.max_position_embeddings))
+    args = training_arguments(config, plan.run_dir, plan.precision, data.eval_set is not None)
+    environment = _prepare_run_dir(config, plan, args.world_size, data.baselines)
+    trainer, stopper = _make_trainer(config, plan, model, data, args, environment, signals)
+    output = _train(trainer, stopper, signals, plan)
+    return _finish(trainer, plan, config, output)
+
+
+def _plan_run(config: PretrainConfig, resume: bool, overwrite: bool, resume_from: str | os.PathLike | None) -> _RunPlan:
+    """Everything that can fail cheaply fails before the corpus is touched: inputs, the run folder's
+    plan (fresh / overwrite / resume), the resumed settings, the precision."""
     config.validate()
     run_dir = Path(config.output_dir).resolve()  # type: ignore[arg-type]
-    rank, world_size = _distributed_env()
-
-    # 1. Everything that can fail cheaply fails before the corpus is touched.
+    rank, _world_size = _distributed_env()
     vocab = Vocabulary.load(config.data.vocab)
     if config.data.medians is not None and not Path(config.data.medians).is_file():
         raise ArtifactError(f"data.medians file not found: {config.data.medians}.")
@@ -423,15 +270,22 @@ def _run_pretraining(
         for change in check_resume_config(config, checkpoint, vocab):
             logger.warning("resuming from %s with a changed setting, now in effect: %s", checkpoint.name, change)
     precision = resolve_precision(config.train.precision)
+    return _RunPlan(run_dir, rank == 0, vocab, mode, checkpoint, precision)
+
+
+def _seeded_model(config: PretrainConfig, vocab: Vocabulary) -> model_module.MixGeneformerForPretraining:
+    """The model, initialised under ``train.seed`` (encoder blocks compiled with ``train.compile_blocks``)."""
     torch.manual_seed(config.train.seed)
     model = build_model(config, vocab)
     if config.train.compile_blocks:
         compile_encoder_blocks(model)
+    return model
 
-    # 2. The corpus, memory-mapped.
+
+def _open_data(config: PretrainConfig, vocab: Vocabulary, model_max_len: int) -> _TrainingData:
+    """The corpus, memory-mapped, split into training and held-out cells, cut to the model's positions."""
     dataset = open_corpus(list(config.data.corpus), config.data.max_cells)
     train_set, eval_set = split_train_eval(dataset, config.data.eval_fraction, config.train.seed)
-    model_max_len = int(model.config.max_position_embeddings)
     lengths = corpus_lengths(train_set)
     truncate_to = None
     if int(lengths.max()) > model_max_len:
@@ -451,37 +305,53 @@ def _run_pretraining(
     train_set = train_set.select_columns(keep).with_format("numpy")
     if eval_set is not None:
         eval_set = eval_set.select_columns(keep).with_format("numpy")
+    return _TrainingData(train_set, eval_set, lengths, truncate_to, species_codes, baselines)
 
-    # 3. Trainer.
-    args = training_arguments(config, run_dir, precision, eval_set is not None)
-    is_main = rank == 0
-    if mode == "overwrite" and is_main:
+
+def _prepare_run_dir(
+    config: PretrainConfig, plan: _RunPlan, world_size: int, baselines: FrequencyBaselines | None
+) -> dict[str, Any]:
+    """The run folder on rank 0 (replaced with --overwrite, stale staging removed, metrics.csv cut
+    back to the resumed checkpoint) with its config, environment and baselines records; returns
+    the environment record."""
+    run_dir, checkpoint = plan.run_dir, plan.checkpoint
+    if plan.mode == "overwrite" and plan.is_main:
         shutil.rmtree(run_dir)
-    if is_main:
+    if plan.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_output_marker(run_dir)
         ckpt.clean_stale(run_dir)
         # metrics.csv continues from the checkpoint: rows logged after it (before a crash) are dropped.
         trim_metrics(run_dir / "metrics.csv", ckpt.checkpoint_step(checkpoint) if checkpoint else 0)
-    environment = environment_record(precision, args.world_size, {"mode": mode, "resumed_from": str(checkpoint) if checkpoint else None})
-    logger.info("precision in use: %s (requested %s) on %s", precision, config.train.precision, environment["devices"])
-    if is_main:
+    environment = environment_record(plan.precision, world_size, {"mode": plan.mode, "resumed_from": str(checkpoint) if checkpoint else None})
+    logger.info("precision in use: %s (requested %s) on %s", plan.precision, config.train.precision, environment["devices"])
+    if plan.is_main:
         save_config(config, run_dir)
         write_json(run_dir / "environment.json", environment)
         if baselines is not None:
             write_json(run_dir / "frequency_baselines.json", baselines.summary())
-    collator = SeededMaskingCollator(make_mlm_collator(vocab, config.data, truncate_to), seed=config.train.seed)
-    callbacks, stopper = _make_callbacks(run_dir, is_main, config.logging.tensorboard, signals)
-    if eval_set is not None:
+    return environment
+
+
+def _make_trainer(
+    config: PretrainConfig, plan: _RunPlan, model: model_module.MixGeneformerForPretraining, data: _TrainingData,
+    args: TrainingArguments, environment: dict[str, Any], signals: SignalFlag,
+) -> tuple[MixGeneformerTrainer, StopOnSignal]:
+    """The Trainer with its collators, callbacks (metrics, signals, evaluation at the end), sampler
+    options and the records every checkpoint carries; returns it and its signal callback."""
+    vocab = plan.vocab
+    collator = SeededMaskingCollator(make_mlm_collator(vocab, config.data, data.truncate_to), seed=config.train.seed)
+    callbacks, stopper = _make_callbacks(plan.run_dir, plan.is_main, config.logging.tensorboard, signals)
+    if data.eval_set is not None:
         callbacks.append(EvaluateAtEnd())
     trainer = MixGeneformerTrainer(
         model=model,
         args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
+        train_dataset=data.train_set,
+        eval_dataset=data.eval_set,
         data_collator=collator,
         callbacks=callbacks,
-        compute_metrics=compute_eval_metrics if baselines is not None else None,
+        compute_metrics=compute_eval_metrics if data.baselines is not None else None,
         run_extras={
             "config": config,
             "vocab": vocab,
@@ -489,19 +359,23 @@ def _run_pretraining(
             "environment": environment,
             "keep": config.checkpoint.keep,
             "peak_tflops": config.logging.peak_tflops,
-            "baselines": baselines,
-            "eval_collator": make_eval_collator(vocab, config.data, truncate_to, config.train.seed),
+            "baselines": data.baselines,
+            "eval_collator": make_eval_collator(vocab, config.data, data.truncate_to, config.train.seed),
         },
         sampler_options={
-            "lengths": lengths,
-            "species_codes": species_codes,
+            "lengths": data.lengths,
+            "species_codes": data.species_codes,
             "group_by_length": config.data.group_by_length,
             "species_balanced": config.data.species_balanced,
         },
     )
     trainer.accelerator.wait_for_everyone()
+    return trainer, stopper
 
-    # 4. Train.
+
+def _train(trainer: MixGeneformerTrainer, stopper: StopOnSignal, signals: SignalFlag, plan: _RunPlan) -> TrainOutput | None:
+    """Train (from the checkpoint when resuming); TrainingInterrupted once a signal's checkpoint is saved."""
+    checkpoint = plan.checkpoint
     stopper.trainer = trainer
     signals.training = True
     try:
@@ -521,46 +395,25 @@ def _run_pretraining(
     if stopper.received is not None:
         raise TrainingInterrupted(
             f"training stopped by signal {stopper.received} at step {trainer.state.global_step}; "
-            f"checkpoint saved in {run_dir}. Continue with --resume.",
+            f"checkpoint saved in {plan.run_dir}. Continue with --resume.",
             stopper.received,
         )
+    return output
 
-    # 5. The final bundle (rank 0; full weights gathered first under FSDP).
-    bundle_dir = run_dir / BUNDLE_DIR
-    save_final_bundle(trainer, bundle_dir, vocab, config.data.medians)
+
+def _finish(trainer: MixGeneformerTrainer, plan: _RunPlan, config: PretrainConfig, output: TrainOutput | None) -> PretrainResult:
+    """The final bundle (rank 0; full weights gathered first under FSDP) and what the run produced."""
+    bundle_dir = plan.run_dir / BUNDLE_DIR
+    save_final_bundle(trainer, bundle_dir, plan.vocab, config.data.medians)
     trainer.accelerator.wait_for_everyone()
     return PretrainResult(
-        run_dir=run_dir,
+        run_dir=plan.run_dir,
         bundle_dir=bundle_dir,
         global_step=trainer.state.global_step,
-        resumed_from=checkpoint,
+        resumed_from=plan.checkpoint,
         final_loss=float(output.training_loss) if output.training_loss is not None else None,
-        metrics_csv=run_dir / "metrics.csv",
+        metrics_csv=plan.run_dir / "metrics.csv",
     )
-
-
-
-
-__all__ = [
-    "CheckpointOptions",
-    "DataOptions",
-    "DistributedOptions",
-    "LoggingOptions",
-    "ModelOptions",
-    "PretrainConfig",
-    "PretrainResult",
-    "TrainOptions",
-    "TrainingInterrupted",
-    "build_model",
-    "check_resume_config",
-    "compile_encoder_blocks",
-    "load_pretrain_config",
-    "pretrain_config_from_dict",
-    "read_metrics",
-    "resolve_precision",
-    "run_pretraining",
-    "training_flops",
-]
 
 
 def make_mlm_collator(vocab: Vocabulary, data: DataOptions, max_len: int | None = None) -> PretrainingCollator:
@@ -590,3 +443,25 @@ def _frequency_baselines(config: PretrainConfig, train_set: Any, vocab: Vocabula
         bucket_size=config.logging.rank_bucket, max_len=int(lengths.max()),
         max_cells=config.logging.baseline_cells, seed=config.train.seed,
     )
+
+
+__all__ = [
+    "CheckpointOptions",
+    "DataOptions",
+    "DistributedOptions",
+    "LoggingOptions",
+    "ModelOptions",
+    "PretrainConfig",
+    "PretrainResult",
+    "TrainOptions",
+    "TrainingInterrupted",
+    "build_model",
+    "check_resume_config",
+    "compile_encoder_blocks",
+    "load_pretrain_config",
+    "pretrain_config_from_dict",
+    "read_metrics",
+    "resolve_precision",
+    "run_pretraining",
+    "training_flops",
+]

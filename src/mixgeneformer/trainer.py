@@ -1,5 +1,6 @@
 """The training engine of pretraining on the Hugging Face Trainer: the Trainer subclass, its callbacks,
-seeded masking, FLOP counting and the metrics CSV.
+seeded masking, the training arguments and the final bundle. FLOP counting (:mod:`mixgeneformer.flops`)
+and the metrics CSV (:mod:`mixgeneformer.metrics_csv`) are their own modules, re-exported here.
 
 ``MixGeneformerTrainer`` overrides private Trainer methods (``_get_train_sampler``,
 ``_save_checkpoint``, ``_get_output_dir``): pyproject.toml bounds ``transformers`` from above for that
@@ -7,7 +8,6 @@ reason, and tests/test_pretrain.py exercises each override (sampler order, atomi
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import platform
@@ -31,48 +31,39 @@ from .bundle import TOKENIZE_CONFIG_NAME, save_bundle
 from .config import save_config
 from .diagnostics import masked_gene_stats
 from .errors import ConfigError
-from .fileio import atomic_file, output_error, write_json
+from .fileio import output_error, write_json
+from .flops import PEAK_BF16_FLOPS, count_flop_parameters, device_peak_flops, training_flops
 from .medians import GeneMedians
+from .metrics_csv import METRICS_FIELDS, MetricsCSV, read_metrics, trim_metrics
 from .model import MixGeneformerForPretraining
 from .sampling import PretrainSampler, batch_seed
 from .stopping import SignalFlag, StopOnSignal
 
 if TYPE_CHECKING:
-    from .pretrain import PretrainConfig  # a later stage: annotations only
+    from .pretrain_config import PretrainConfig
     from .vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 
-
-
-METRICS_FIELDS = (
-    "step",
-    "epoch",
-    "loss",
-    "mlm_loss",
-    "contrastive_loss",
-    "cross_species_loss",
-    "learning_rate",
-    "grad_norm",
-    "tokens_per_s",
-    "mfu",
-    "eval_loss",
-    "eval_mlm_loss",
-    "eval_top1",
-    "eval_top10",
-    "eval_unigram_loss",
-    "eval_unigram_top1",
-    "eval_unigram_top10",
-    "eval_rank_unigram_loss",
-    "eval_rank_unigram_top1",
-    "eval_rank_unigram_top10",
-    "time_s",
-)
-
-
-# Dense bf16 peak FLOP/s used for MFU. H100/H200: the project's convention (790 TFLOP/s, below
-# the 989 of the SXM datasheet, so MFU is not flattered); others from vendor datasheets.
-PEAK_BF16_FLOPS = {"H200": 790e12, "H100": 790e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+__all__ = [
+    "METRICS_FIELDS",
+    "PEAK_BF16_FLOPS",
+    "EvaluateAtEnd",
+    "FailAtStep",
+    "MetricsCSV",
+    "MixGeneformerTrainer",
+    "SeededMaskingCollator",
+    "compile_encoder_blocks",
+    "count_flop_parameters",
+    "device_peak_flops",
+    "environment_record",
+    "read_metrics",
+    "resolve_precision",
+    "save_final_bundle",
+    "training_arguments",
+    "training_flops",
+    "trim_metrics",
+]
 
 
 def resolve_precision(precision: str) -> str:
@@ -87,60 +78,8 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def device_peak_flops(device: torch.device | str | None = None, override_tflops: float | None = None) -> float | None:
-    """Dense bf16 peak FLOP/s of the device (None where unknown, e.g. CPUs)."""
-    if override_tflops is not None:
-        return override_tflops * 1e12
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(device if device is not None and str(device) != "cpu" else None)
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return flops
-    return None
-
-
-def count_flop_parameters(model: torch.nn.Module) -> int:
-    """Non-embedding parameters (the encoder's matmuls; word/position/token-type embeddings and
-    the tied decoder are excluded -- the decoder is counted per masked token in :func:`training_flops`)."""
-    total = 0
-    for name, param in model.named_parameters():
-        if "embeddings" in name or "cls.predictions.decoder" in name:
-            continue
-        total += param.numel()
-    return total
-
-
-def training_flops(
-    n_params: int,
-    n_layers: int,
-    hidden: int,
-    batch: int,
-    seq_len: int,
-    n_views: int = 1,
-    vocab_size: int = 0,
-    n_predicted: int = 0,
-) -> float:
-    """Model FLOPs of one training pass (forward + backward) over a padded batch.
-
-    ``n_views * (6 N T + 12 L H S T) + 6 V H P``, with ``T = batch * seq_len`` tokens (padded:
-    the hardware computes them), ``N`` the non-embedding parameters
-    (:func:`count_flop_parameters`), ``L`` layers, ``H`` hidden size, ``S`` the sequence length,
-    ``V`` the vocabulary and ``P`` the positions whose MLM logits are computed. ``6 N T`` is the
-    dense matmuls (2 forward + 4 backward FLOPs per parameter and token); ``12 L H S T`` the
-    attention scores and weighted sums (``2 * 2 * S * H`` per token and layer forward, x3 with
-    backward); ``6 V H P`` the decoder over the vocabulary. SimCSE encodes each batch twice
-    (``n_views=2``). MFU = FLOPs / step time / peak FLOP/s of the device (dense bf16).
-    """
-    tokens = float(batch) * float(seq_len)
-    encoder = n_views * (6.0 * n_params * tokens + 12.0 * n_layers * hidden * seq_len * tokens)
-    return encoder + 6.0 * vocab_size * hidden * float(n_predicted)
-
-
 def environment_record(precision: str, world_size: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Versions, devices and the dtype in use: what a reader needs to reproduce a run."""
-
-
     record: dict[str, Any] = {
         "mixgeneformer": __version__,
         "python": platform.python_version(),
@@ -364,7 +303,6 @@ class MixGeneformerTrainer(Trainer):
         write_json(folder / "environment.json", extras["environment"])
 
 
-
 def compile_encoder_blocks(model: torch.nn.Module, **options: Any) -> None:
     """``torch.compile`` every encoder block in place (``nn.Module.compile``: parameter names and
     checkpoints unchanged; the masked-position MLM head and the losses stay eager). Shapes vary
@@ -379,27 +317,6 @@ def _maybe_fail_in_save(step: int) -> None:
     if target and int(target) == step:
         raise OSError(28, f"No space left on device (MIXGF_TEST_FAIL_IN_SAVE={target})")
 
-
-class MetricsCSV(TrainerCallback):
-    """Append one row per log event to ``metrics.csv`` (rank 0 only)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.start = time.perf_counter()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        if not any(k in logs for k in ("loss", "eval_loss")):
-            return
-        row = {"step": state.global_step, "epoch": state.epoch, "time_s": round(time.perf_counter() - self.start, 3)}
-        row.update({k: logs[k] for k in METRICS_FIELDS if k in logs})
-        new = not self.path.exists()
-        with open(self.path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRICS_FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
 
 class FailAtStep(TrainerCallback):
     """Test hook ``MIXGF_TEST_FAIL_AT_STEP="<rank>:<step>"``: that rank raises at that step."""
@@ -480,28 +397,6 @@ def training_arguments(config: PretrainConfig, run_dir: Path, precision: str, ha
         return transformers.TrainingArguments(**kwargs)
     except (ValueError, ImportError) as exc:
         raise ConfigError(f"the training options are inconsistent: {exc}") from exc
-
-
-def trim_metrics(path: Path, max_step: int) -> None:
-    """Keep only the rows of ``metrics.csv`` logged at or before ``max_step`` (atomically)."""
-    if not path.exists():
-        return
-    with open(path, newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if float(row.get("step") or 0) <= max_step]
-
-    with atomic_file(path) as handle:
-        writer = csv.DictWriter(handle, fieldnames=METRICS_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, float]]:
-    """Rows of a run's ``metrics.csv`` as dicts of floats (empty cells omitted)."""
-    path = Path(run_dir) / "metrics.csv"
-    if not path.exists():
-        return []
-    with open(path, newline="") as handle:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
 
 
 def save_final_bundle(trainer: MixGeneformerTrainer, bundle_dir: Path, vocab: Vocabulary, medians_path: Path | None) -> None:

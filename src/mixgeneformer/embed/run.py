@@ -1,0 +1,240 @@
+"""``mixgf embed`` and ``mixgf embed-merge``: every option and output checked first
+(:func:`embed_to_outputs`), then one process (:func:`mixgeneformer.embed.cells.embed_file`) or this
+process' shard (:func:`embed_sharded`, on :func:`mixgeneformer.sharding.run_shard`); the outputs
+written by :func:`write_outputs`, sharded runs merged by :func:`merge_embed_shards`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from matplotlib.backend_bases import FigureCanvasBase
+
+from .. import plots
+from ..bundle import load_for_inference
+from ..config import to_dict
+from ..corpus import check_corpus_vocabulary, load_corpus
+from ..errors import ArtifactError, ConfigError
+from ..fileio import atomic_file, check_outputs_of, read_h5ad, write_h5ad
+from ..inference import Precision
+from ..model import Pooling
+from ..sharding import (
+    DEFAULT_TIMEOUT_S,
+    ShardJob,
+    ShardRole,
+    merge,
+    plain_record,
+    rank_device,
+    read_rows,
+    remove_shards,
+    run_shard,
+    shard_role,
+)
+from .cells import embed_anndata, embed_corpus_folder, embed_file, gene_table
+
+if TYPE_CHECKING:
+    import anndata
+
+    from ..tokenize import TokenizeConfig
+
+
+# long: 22 parameters of the one-process API, and the shard's compute step as a closure.
+def embed_sharded(
+    input: str | os.PathLike,
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    role: ShardRole,
+    key: str = "X_mixgeneformer",
+    layer: int = -2,
+    pooling: str = "mean",
+    batch_size: int = 32,
+    device: str | None = None,
+    precision: str = "auto",
+    vocab: str | os.PathLike | None = None,
+    medians: str | os.PathLike | None = None,
+    tokenize_config: TokenizeConfig | None = None,
+    gene_column: str | None = None,
+    species: str = "auto",
+    gene_embeddings: bool = False,
+    overwrite: bool = False,
+    extras: dict[str, Any] | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    progress: bool = False,
+    echo: Callable[[str], None] = print,
+) -> tuple[ad.AnnData, pd.DataFrame | None, dict[str, Any]] | None:
+    """Embed this process' shard of ``input`` (an .h5ad or a corpus folder) into ``OUT.shards/``.
+
+    Returns (adata, gene table or None, record) on the process that merges (rank 0 of a launch),
+    None elsewhere; ``extras`` are recorded for the merge step (e.g. the CLI's figure options).
+    """
+    input, out = Path(input), Path(out)
+    loaded, loaded_vocab, loaded_medians, tokenize_config, _ = load_for_inference(model, vocab, medians, tokenize_config)
+    if input.is_dir():
+        tokenize_config = None  # a corpus is tokenized already
+        check_corpus_vocabulary(input, loaded_vocab.hash)
+    tokens_ids = {t: i for i, t in enumerate(loaded_vocab.tokens)}
+    device = rank_device(device)
+
+    def compute(start: int, stop: int) -> dict[str, np.ndarray]:
+        if input.is_dir():
+            dataset = load_corpus(input).select(range(start, stop))
+            produced = embed_corpus_folder(
+                dataset, loaded, key=key, layer=layer, pooling=pooling, vocab=loaded_vocab, batch_size=batch_size,
+                device=device, gene_embeddings=gene_embeddings, progress=progress, precision=precision,
+            )
+            part, result = produced if isinstance(produced, tuple) else (produced, None)
+            part.uns[f"{key}_params"]["corpus"] = str(input)
+            genes = gene_table(result) if result is not None else None
+        else:
+            part = read_rows(input, start, stop)
+            embed_anndata(
+                part, loaded, key=key, layer=layer, pooling=pooling, overwrite=overwrite, gene_column=gene_column,
+                species=species, vocab=loaded_vocab, medians=loaded_medians, tokenize_config=tokenize_config,
+                batch_size=batch_size, device=device, progress=progress, precision=precision,
+                gene_embeddings=gene_embeddings,
+            )
+            genes = part.uns.pop(f"{key}_genes", None)
+        arrays = {"values": np.asarray(part.obsm[key], dtype=np.float32),
+                  "params": np.array(json.dumps(plain_record(part.uns[f"{key}_params"])))}
+        if genes is not None:
+            arrays.update(gene_ids=np.asarray([tokens_ids[g] for g in genes.index], dtype=np.int64),
+                          gene_names=np.asarray(genes.index, dtype=str),
+                          gene_counts=genes["n_cells"].to_numpy(np.int64),
+                          gene_means=genes.drop(columns="n_cells").to_numpy(np.float32))
+        return arrays
+
+    options = {"layer": int(layer), "pooling": pooling, "precision": precision, "gene_column": gene_column,
+               "species": species, "gene_embeddings": bool(gene_embeddings),
+               "tokenize": to_dict(tokenize_config) if tokenize_config is not None else None}
+    sources = [p for p in (input, Path(model), vocab and Path(vocab), medians and Path(medians)) if p]
+    job = ShardJob("embed", input, out, sources, options,
+               {"key": key, "model": str(model), **(extras or {})}, tokenize_config)
+    if not run_shard(job, role, compute, timeout_s, echo):
+        return None
+    _, record, adata, genes = merge(out)
+    return adata, genes, record
+
+
+def check_outputs(
+    out: Path, gene_embeddings: Path | None, umap: Path | None, inputs: list[str | os.PathLike | None], overwrite: bool
+) -> None:
+    """Every output of an embedding run is valid, distinct and replaces no input (before any work)."""
+    figures = {f".{s}" for s in FigureCanvasBase.get_supported_filetypes()}
+    check_outputs_of({"--out": (out, {".h5ad"}), "--gene-embeddings": (gene_embeddings, {".parquet"}),
+                      "--umap": (umap, figures)}, inputs, overwrite)
+
+
+def _read_checked(input: Path, color: str | None, backed: bool) -> anndata.AnnData | None:
+    """The input (h5ad: the AnnData, read once, backed when ``backed``; corpus: None) after checking
+    ``color`` is one of its columns."""
+    if input.is_dir():
+        columns = [c for c in load_corpus(input).column_names if c != "input_ids"]
+        adata = None
+    else:
+        adata = read_h5ad(input, "input h5ad", backed="r" if backed else None)
+        columns = list(adata.obs.columns)
+    if color is not None and color not in columns:
+        raise ConfigError(f"--color {color!r} is not a column of {input}; available: {columns}")
+    return adata
+
+
+# long: every option is checked before the model loads, then one of two runs (sharded or not).
+def embed_to_outputs(
+    input: str | os.PathLike,
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    key: str = "X_mixgeneformer",
+    layer: int = -2,
+    pooling: Pooling = "mean",
+    gene_embeddings: str | os.PathLike | None = None,
+    umap: str | os.PathLike | None = None,
+    color: str | None = None,
+    vocab: str | os.PathLike | None = None,
+    medians: str | os.PathLike | None = None,
+    tokenize_config: TokenizeConfig | None = None,
+    gene_column: str | None = None,
+    species: str = "auto",
+    batch_size: int = 32,
+    device: str | None = None,
+    precision: Precision = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+    shard_index: int | None = None,
+    num_shards: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    echo: Callable[[str], None] = print,
+    config_files: Sequence[str | os.PathLike | None] = (),
+) -> tuple[anndata.AnnData, pd.DataFrame | None] | None:
+    """``mixgf embed``: check every option and output first, then embed ``input`` in one process
+    (:func:`embed_file`) or this process' shard (:func:`embed_sharded`, under ``torchrun`` or with
+    ``shard_index`` / ``num_shards``). Returns (adata, gene table or None) for
+    :func:`write_outputs` on the process that writes; None on the others. ``config_files``: other
+    files the run read (e.g. the ``--tokenize-config`` YAML), which no output may replace."""
+    input, out = Path(input), Path(out)
+    gene_path = None if gene_embeddings is None else Path(gene_embeddings)
+    umap = None if umap is None else Path(umap)
+    if color is not None and umap is None:
+        raise ConfigError("--color only applies to --umap FIG.png; add --umap")
+    check_outputs(out, gene_path, umap, [input, model, vocab, medians, *config_files], overwrite)
+    if not input.exists():
+        raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
+    role = shard_role(shard_index, num_shards)
+    adata = _read_checked(input, color, backed=role.world > 1)
+    if role.world == 1:
+        return embed_file(
+            input, model, key=key, layer=layer, pooling=pooling, overwrite=overwrite, gene_column=gene_column,
+            species=species, vocab=vocab, medians=medians, tokenize_config=tokenize_config, batch_size=batch_size,
+            device=device, progress=progress, precision=precision, gene_embeddings=gene_path is not None, adata=adata,
+        )
+    if adata is not None:
+        adata.file.close()
+    merged = embed_sharded(
+        input, model, out, role=role, key=key, layer=layer, pooling=pooling, batch_size=batch_size, device=device,
+        precision=precision, vocab=vocab, medians=medians, tokenize_config=None if input.is_dir() else tokenize_config,
+        gene_column=gene_column, species=species, gene_embeddings=gene_path is not None, progress=progress,
+        overwrite=overwrite, timeout_s=timeout_s, echo=echo,
+        extras={"gene_embeddings": None if gene_path is None else str(gene_path),
+                "umap": None if umap is None else str(umap), "color": color, "overwrite": overwrite},
+    )
+    return None if merged is None else (merged[0], merged[1])
+
+
+def write_outputs(
+    adata: anndata.AnnData, genes: pd.DataFrame | None, out: str | os.PathLike, key: str,
+    gene_embeddings: str | os.PathLike | None = None, umap: str | os.PathLike | None = None, color: str | None = None,
+    keep_shards: bool = False,
+) -> list[str]:
+    """Write OUT.h5ad, then the gene table and the UMAP figure when asked for; drop OUT.shards/
+    (unless ``keep_shards``). Returns one line per file written."""
+    write_h5ad(adata, out)
+    written = [f"wrote {out}: obsm[{key!r}] {adata.obsm[key].shape}"]
+    if genes is not None and gene_embeddings is not None:
+        with atomic_file(gene_embeddings, "wb") as handle:
+            genes.to_parquet(handle)
+        written.append(f"wrote {gene_embeddings}: {len(genes):,} genes x {genes.shape[1] - 1} dims")
+    if umap is not None:
+        plots.umap(adata, color=color, key=key, save=umap)
+        written.append(f"wrote {umap}")
+    if not keep_shards:
+        remove_shards(out)
+    return written
+
+
+def merge_embed_shards(out: str | os.PathLike, keep_shards: bool = False) -> list[str]:
+    """``mixgf embed-merge``: the shards of a sharded embedding run merged into OUT (input obs order)
+    and its other outputs written; returns one line per file written."""
+    kind, record, adata, genes = merge(out)
+    if kind != "embed":
+        raise ConfigError(f"{out}.shards holds {kind} shards; use mixgf {kind}-merge")
+    optional = {name: Path(record[name]) if record.get(name) else None for name in ("gene_embeddings", "umap")}
+    return write_outputs(adata, genes, out, record["key"], optional["gene_embeddings"], optional["umap"],
+                         record.get("color"), keep_shards=keep_shards)

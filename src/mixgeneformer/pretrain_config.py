@@ -1,0 +1,190 @@
+"""The configuration of a pretraining run: :class:`PretrainConfig` and its sections, checked
+before any data is read, and the readers of its YAML / dict forms.
+
+A run saves its config as ``config.yaml`` in the run folder and beside every checkpoint; a resumed
+run is compared with it (:func:`mixgeneformer.pretrain.check_resume_config`). The run itself is
+:func:`mixgeneformer.pretrain.run_pretraining`, which re-exports these names.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .config import from_dict, load_config
+from .errors import ConfigError
+from .model_config import PRESETS, MixGeneformerConfig
+
+
+@dataclass
+class DataOptions:
+    """Where the cells come from and how they are batched."""
+
+    corpus: list[Path] = field(default_factory=list)  # one or more tokenized corpus folders
+    vocab: Path | None = None  # vocab.json the corpora were tokenized with
+    medians: Path | None = None  # medians.tsv, copied into checkpoints and the bundle
+    eval_fraction: float = 0.0  # held-out cells for eval loss (0: no evaluation)
+    max_cells: int | None = None  # use only the first N cells (quick runs)
+    group_by_length: bool = True  # mega-batches sorted by length (Geneformer)
+    species_balanced: bool = False  # each species an equal share of an epoch (with replacement)
+    mlm_probability: float = 0.15
+    pad_to_multiple_of: int = 8
+    workers: int = 0  # DataLoader worker processes per rank
+
+
+@dataclass
+class ModelOptions:
+    """Architecture: a preset of :data:`mixgeneformer.model_config.PRESETS` plus config overrides."""
+
+    preset: str = "mix-geneformer"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainOptions:
+    """Optimisation (defaults: the authors' schedule)."""
+
+    learning_rate: float = 1e-3
+    schedule: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    warmup_steps: int = 10_000
+    weight_decay: float = 0.001
+    per_device_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    epochs: float = 10.0
+    max_steps: int = -1  # -1: train for `epochs`; > 0: this many optimizer steps (overrides epochs)
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported, else fp32
+    torch_compile: bool = False
+    compile_blocks: bool = False  # torch.compile each encoder block in place (the benchmark loop's setting)
+
+
+@dataclass
+class DistributedOptions:
+    """Multi-GPU strategy (launch with torchrun / accelerate launch)."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    deepspeed_config: Path | None = None  # ZeRO json, e.g. configs/deepspeed_zero2.json
+    fsdp: str = "full_shard auto_wrap"
+    fsdp_wrap_layer: str = "BertLayer"
+    timeout_s: int = 1800  # collective timeout: a dead rank ends the job instead of hanging it
+
+
+@dataclass
+class CheckpointOptions:
+    save_steps: int = 1000
+    keep: int = 3  # newest complete checkpoints kept (0: all)
+
+
+@dataclass
+class LoggingOptions:
+    logging_steps: int = 50
+    eval_steps: int | None = None  # default: save_steps
+    rank_bucket: int = 8  # positions per bucket of the "unigram given rank" baseline
+    baseline_cells: int = 200_000  # training cells the frequency baselines are counted from (at most)
+    tensorboard: bool = True
+    progress_bar: bool = True
+    peak_tflops: float | None = None  # device peak for MFU; None: looked up from the device name
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run needs; saved as ``config.yaml`` beside every checkpoint.
+
+    ``objective`` holds model-config fields of the pretraining objective (e.g. ``temperature``,
+    ``contrastive_weight``, ``gather_negatives``, ``pooling``); each key must be a field of
+    :class:`~mixgeneformer.model_config.MixGeneformerConfig`.
+    """
+
+    output_dir: Path | None = None
+    data: DataOptions = field(default_factory=DataOptions)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    objective: dict[str, Any] = field(default_factory=dict)
+    train: TrainOptions = field(default_factory=TrainOptions)
+    distributed: DistributedOptions = field(default_factory=DistributedOptions)
+    checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
+    logging: LoggingOptions = field(default_factory=LoggingOptions)
+
+    def validate(self) -> PretrainConfig:
+        """Check values and their combinations (no file is opened); return self."""
+        if self.output_dir is None:
+            raise ConfigError("output_dir is required: the run folder for checkpoints and the final model.")
+        if not self.data.corpus:
+            raise ConfigError("data.corpus is required: a list of corpus folders written by `mixgf tokenize`.")
+        if self.data.vocab is None:
+            raise ConfigError("data.vocab is required: the vocab.json the corpus was tokenized with.")
+        if not 0.0 <= self.data.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}.")
+        if not 0.0 < self.data.mlm_probability < 1.0:
+            raise ConfigError(f"data.mlm_probability must be in (0, 1), got {self.data.mlm_probability}.")
+        if self.data.max_cells is not None and self.data.max_cells < 1:
+            raise ConfigError(f"data.max_cells must be positive, got {self.data.max_cells}.")
+        positive = {
+            "data.pad_to_multiple_of": self.data.pad_to_multiple_of,
+            "train.per_device_batch_size": self.train.per_device_batch_size,
+            "train.gradient_accumulation_steps": self.train.gradient_accumulation_steps,
+            "checkpoint.save_steps": self.checkpoint.save_steps,
+            "logging.logging_steps": self.logging.logging_steps,
+            "logging.rank_bucket": self.logging.rank_bucket,
+            "logging.baseline_cells": self.logging.baseline_cells,
+            "distributed.timeout_s": self.distributed.timeout_s,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}.")
+        nonneg = {
+            "data.workers": self.data.workers,
+            "train.warmup_steps": self.train.warmup_steps,
+            "checkpoint.keep": self.checkpoint.keep,
+        }
+        for name, value in nonneg.items():
+            if value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}.")
+        if self.train.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate must be > 0, got {self.train.learning_rate}.")
+        if self.train.max_steps == 0 or self.train.max_steps < -1:
+            raise ConfigError(
+                f"train.max_steps={self.train.max_steps} would train no step; use a positive number of optimizer "
+                "steps, or -1 to train for train.epochs."
+            )
+        if self.train.max_steps <= 0 and self.train.epochs <= 0:
+            raise ConfigError("set train.epochs > 0 or train.max_steps > 0.")
+        if self.train.weight_decay < 0 or self.train.max_grad_norm < 0:
+            raise ConfigError("train.weight_decay and train.max_grad_norm must be >= 0.")
+        if self.distributed.strategy == "deepspeed" and self.distributed.deepspeed_config is None:
+            raise ConfigError(
+                "distributed.strategy=deepspeed needs distributed.deepspeed_config (e.g. configs/deepspeed_zero2.json)."
+            )
+        if self.train.torch_compile and self.train.compile_blocks:
+            raise ConfigError("train.torch_compile (whole model) and train.compile_blocks (each encoder block): choose one.")
+        if self.logging.peak_tflops is not None and self.logging.peak_tflops <= 0:
+            raise ConfigError(f"logging.peak_tflops must be > 0, got {self.logging.peak_tflops}.")
+        check_model_options(self.model.preset, {"model.overrides": self.model.overrides, "objective": self.objective})
+        return self
+
+
+def check_model_options(preset: str, sections: dict[str, dict[str, Any]]) -> None:
+    """Reject an unknown preset and option names that are no MixGeneformerConfig field."""
+
+    if preset not in PRESETS:
+        raise ConfigError(f"model.preset {preset!r} is unknown; choose one of {sorted(PRESETS)}.")
+    known = MixGeneformerConfig()
+    for section, options in sections.items():
+        for key in options:
+            if key in ("vocab_size", "vocab_hash", "special_token_ids") or not hasattr(known, key):
+                raise ConfigError(
+                    f"{section}.{key} is not a settable field of MixGeneformerConfig; check the spelling "
+                    "(vocabulary fields come from data.vocab)."
+                )
+
+
+def load_pretrain_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> PretrainConfig:
+    """Read a YAML run config, apply ``key=value`` overrides, validate (before any data is read)."""
+    return load_config(PretrainConfig, path, overrides).validate()
+
+
+def pretrain_config_from_dict(data: dict[str, Any]) -> PretrainConfig:
+    """Build and validate a :class:`PretrainConfig` from a plain nested dict."""
+    return from_dict(PretrainConfig, data).validate()
