@@ -10,7 +10,7 @@ import scipy.sparse as sp
 from sklearn.metrics import accuracy_score, classification_report, precision_recall_fscore_support
 
 from mixgeneformer import classify as C
-from mixgeneformer.classify.finetune import _PadCollator
+from mixgeneformer.classify.recipe import PadCollator
 from mixgeneformer.errors import ConfigError, InputDataError
 
 
@@ -371,7 +371,7 @@ def test_freezing_layers():
 
     from mixgeneformer.embed import embed_corpus
 
-    batch = _PadCollator(vocab.pad_id)([{"input_ids": x} for x in tokens.dataset["input_ids"][:4]])
+    batch = PadCollator(vocab.pad_id)([{"input_ids": x} for x in tokens.dataset["input_ids"][:4]])
     with torch.no_grad():
         hidden = clf.eval().bert(**batch).last_hidden_state
     expected = embed_corpus(model, tokens.dataset.select(range(4)), vocab, layer=-1, progress=False, device="cpu")

@@ -225,3 +225,34 @@ def test_class_weighted_loss_is_used_when_classes_are_imbalanced():
     plain = C.fit_classifier(task, tiny_model(vocab), vocab, None, recipe(epochs=1, class_weights="none"), train_tokens=small_tokens)
     assert plain.summary["class_weights"] is None
     assert weighted.model.loss_weights is None  # training-only state is not left on the model
+
+
+def test_probe_head_starts_at_the_probe_and_is_kept_when_no_epoch_beats_it():
+    from mixgeneformer.classify.recipe import pooled_features
+
+    adata, vocab, tokens = token_task(n_per_class=40)
+    task = C.within_task(adata, C.LabelConfig(min_class_fraction=0))
+    config = recipe(epochs=3, batch_size=8, validation_fraction=0.2, class_weights="none", early_stopping_patience=1)
+    # From the first step on every trained epoch predicts one class: only the probe start is any good.
+    fitted = C.fit_classifier(task, tiny_model(vocab), vocab, None, config, train_tokens=tokens, callbacks=[Sabotage(0)])
+    summary = fitted.summary
+    assert summary["head_init"] == "probe" and summary["kept"] == "probe"
+    assert summary["probe_validation_macro_f1"] > 0.6 > max(e["macro_f1"] for e in summary["validation_curve"])
+    # The model returned is the probe: a logistic regression (standardised, as the frozen-embedding
+    # probe of the package) on the pooled embeddings of the fit cells predicts the same classes.
+    ids = pd.Index(task.classes).get_indexer(task.train_labels)
+    fit, val = C.validation_split(ids, 0.2, seed=config.labels.seed)
+    cells = tokens.select(task.train_rows)
+    features = pooled_features(fitted.model, cells, vocab.pad_id)
+    labels = np.asarray(task.classes, dtype=object)[ids]
+    probe = C.logreg_predict(features[fit], labels[fit], features[val])
+    prediction = fitted.predict(tokens.select(task.train_rows[val]), device="cpu")
+    assert np.array_equal(prediction.labels, probe.labels)
+    assert C.classification_metrics(labels[val], prediction.labels)["macro_f1"] == pytest.approx(summary["probe_validation_macro_f1"])
+    # A random head has no such start: the best trained epoch is kept, however bad.
+    random = C.fit_classifier(task, tiny_model(vocab), vocab, None, recipe(
+        epochs=3, batch_size=8, validation_fraction=0.2, class_weights="none", early_stopping_patience=1, head_init="random"),
+        train_tokens=tokens, callbacks=[Sabotage(0)])
+    assert random.summary["kept"] == "trained" and random.summary["probe_validation_macro_f1"] is None
+    with pytest.raises(ConfigError, match="head_init"):
+        C.FinetuneConfig(head_init="zeros")

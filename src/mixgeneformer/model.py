@@ -450,13 +450,17 @@ class MixGeneformerForCellClassification(BertPreTrainedModel):
         self.loss_weights: torch.Tensor | None = None
         self.post_init()
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, **_: Any
-    ) -> SequenceClassifierOutput:
+    def cell_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The pooled cell embeddings the head reads (before its dropout)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        pooled = pool_cells(hidden, input_ids, attention_mask, self.special_ids, self.config.cell_pooling)
+        return pool_cells(hidden, input_ids, attention_mask, self.special_ids, self.config.cell_pooling)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, **_: Any
+    ) -> SequenceClassifierOutput:
+        pooled = self.cell_embeddings(input_ids, attention_mask)
         logits = self.classifier(self.dropout(pooled.to(self.classifier.weight.dtype)))
         loss = None
         if labels is not None:

@@ -72,6 +72,12 @@ class FinetuneConfig:
     the embeddings and the bottom ``k`` blocks; ``freeze_embeddings`` freezes only the embeddings.
     ``seed`` (default: the split seed ``labels.seed``) seeds the head, dropout, data order and the
     validation split: the same call gives the same model on the same machine.
+
+    ``head_init="probe"`` starts the head at the frozen-encoder probe (a logistic regression on the
+    pooled embeddings of the fit cells, standardisation folded into the layer; linear probing then
+    fine-tuning) and keeps that starting model when no epoch beats its validation macro-F1, so the
+    selected model is never worse than the probe on the validation cells. ``"random"``: a seeded
+    random head (the usual recipe).
     """
 
     learning_rate: float | None = None
@@ -87,6 +93,7 @@ class FinetuneConfig:
     freeze_layers: int = 0
     freeze_embeddings: bool = False
     pooling: Literal["auto", "mean", "cls"] = "auto"
+    head_init: Literal["probe", "random"] = "probe"
     classifier_dropout: float = 0.1
     validation_fraction: float = 0.1
     early_stopping_patience: int = 3
@@ -119,6 +126,8 @@ class FinetuneConfig:
             raise ConfigError(
                 f"finetune.early_stopping_patience={self.early_stopping_patience} must be >= 0 (0: train every epoch)."
             )
+        if self.head_init not in ("probe", "random"):
+            raise ConfigError(f"finetune.head_init={self.head_init!r} is not one of ['probe', 'random'].")
         if self.imbalance_ratio < 1.0:
             raise ConfigError(f"finetune.imbalance_ratio={self.imbalance_ratio} must be >= 1.")
         if not 0.0 <= self.warmup_max_fraction <= 1.0:

@@ -20,7 +20,7 @@ from ..bundle import BUNDLE_MARKER, CLASSIFIER_KIND, WEIGHTS_NAME, save_bundle
 from ..config import load_config, save_config
 from ..errors import ArtifactError, ConfigError
 from ..fileio import check_readable_file, read_json, write_json
-from ..inference import encoder_of, length_order, pad_batch, resolve_device
+from ..inference import encoder_of, length_order, resolve_device
 from ..medians import GeneMedians
 from ..model import MixGeneformerForCellClassification
 from ..vocab import Vocabulary
@@ -28,8 +28,10 @@ from .config import ClassifyConfig, FinetuneConfig
 from .metrics import EvalResult, Prediction, _argmax_labels, evaluate
 from .recipe import (
     FinetuneTrainer,
+    PadCollator,
     class_weights,
     default_learning_rate,
+    init_head_from_probe,
     resolve_pooling,
     validation_metrics,
     validation_split,
@@ -102,23 +104,6 @@ def build_classifier(
     return classifier
 
 
-class _PadCollator:
-    """Pad a batch of token sequences to its longest cell; labels as int64."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-
-        lengths = np.asarray([len(f["input_ids"]) for f in features], dtype=np.int64)
-        flat = np.concatenate([np.asarray(f["input_ids"], dtype=np.int64) for f in features])
-        ids, mask = pad_batch(flat, np.cumsum(lengths) - lengths, lengths, self.pad_id)
-        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
-        if "labels" in features[0]:
-            batch["labels"] = torch.as_tensor([int(f["labels"]) for f in features], dtype=torch.long)
-        return batch
-
-
 @dataclass
 class FittedClassifier:
     """A fine-tuned classifier, its classes and its training log."""
@@ -138,7 +123,7 @@ class FittedClassifier:
         torch_device = resolve_device(device or self.config.finetune.device)
         lengths = np.asarray(dataset.with_format("numpy")["length"]) if "length" in dataset.column_names else None
         order = length_order(lengths) if lengths is not None else np.arange(len(dataset))
-        collate = _PadCollator(self.vocab.pad_id)
+        collate = PadCollator(self.vocab.pad_id)
         probabilities = np.zeros((len(dataset), len(self.classes)), dtype=np.float32)
         model = self.model.to(torch_device).eval()
         with torch.inference_mode():
@@ -232,6 +217,10 @@ def fit_classifier(
     classifier = build_classifier(model, classes, vocab, dataclasses.replace(ft, pooling=pooling), seed=seed)
     weights = class_weights(np.asarray(train_set["labels"]), len(classes), ft.class_weights, ft.imbalance_ratio)
     classifier.loss_weights = None if weights is None else torch.as_tensor(weights)
+    probe_f1 = None
+    if ft.head_init == "probe":
+        probe_f1 = init_head_from_probe(classifier, train_set, val_set, vocab.pad_id, weights is not None, seed)
+    start = copy.deepcopy(classifier.state_dict()) if probe_f1 is not None else None
     learning_rate = ft.learning_rate or default_learning_rate(int(encoder_of(model).config.hidden_size))
     head_learning_rate = ft.head_learning_rate or ft.head_lr_multiplier * learning_rate
 
@@ -250,6 +239,8 @@ def fit_classifier(
         "total_steps": int(total_steps),
         "steps_per_epoch": int(steps_per_epoch),
         "class_weights": None if weights is None else dict(zip(classes, map(float, weights), strict=True)),
+        "head_init": ft.head_init,
+        "probe_validation_macro_f1": probe_f1,
     }
     with tempfile.TemporaryDirectory(prefix="mixgf-finetune-", dir=work_dir) as scratch:
         args = _training_arguments(ft, scratch, learning_rate, warmup, total_steps, steps_per_epoch, validate, seed)
@@ -262,7 +253,7 @@ def fit_classifier(
             args=args,
             train_dataset=train_set,
             eval_dataset=val_set,
-            data_collator=_PadCollator(vocab.pad_id),
+            data_collator=PadCollator(vocab.pad_id),
             compute_metrics=validation_metrics if validate else None,
             callbacks=extra,
         )
@@ -272,6 +263,11 @@ def fit_classifier(
             summary.update(validation_summary(log_history))
         summary["steps_run"] = int(trainer.state.global_step)
     classifier = trainer.model.eval()
+    # The probe-initialised start is a candidate too: no epoch beating it on validation keeps it.
+    summary["kept"] = "trained"
+    if start is not None and probe_f1 is not None and summary.get("best_validation_macro_f1", -1.0) < probe_f1:
+        classifier.load_state_dict(start)
+        summary["kept"] = "probe"
     classifier.loss_weights = None
     return FittedClassifier(classifier, classes, vocab, medians, config, log_history, summary)
 

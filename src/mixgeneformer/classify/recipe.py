@@ -8,13 +8,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 from transformers import Trainer
 
 from ..errors import ConfigError
-from ..inference import encoder_of
+from ..inference import encoder_of, length_order, pad_batch
+from ..model import MixGeneformerForCellClassification
 
 if TYPE_CHECKING:
+    from datasets import Dataset
     from transformers import EvalPrediction
 
 logger = logging.getLogger(__name__)
@@ -138,6 +141,80 @@ def validation_summary(log_history: list[dict[str, Any]]) -> dict[str, Any]:
         "best_epoch": best["epoch"],
         "best_validation_macro_f1": best["macro_f1"],
     }
+
+
+class PadCollator:
+    """Pad a batch of token sequences to its longest cell; labels as int64."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+
+        lengths = np.asarray([len(f["input_ids"]) for f in features], dtype=np.int64)
+        flat = np.concatenate([np.asarray(f["input_ids"], dtype=np.int64) for f in features])
+        ids, mask = pad_batch(flat, np.cumsum(lengths) - lengths, lengths, self.pad_id)
+        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        if "labels" in features[0]:
+            batch["labels"] = torch.as_tensor([int(f["labels"]) for f in features], dtype=torch.long)
+        return batch
+
+
+def pooled_features(classifier: MixGeneformerForCellClassification, dataset: Dataset, pad_id: int, batch_size: int = 64) -> np.ndarray:
+    """The classifier's pooled cell embeddings of every cell of ``dataset`` (eval mode, length-ordered batches)."""
+    input_ids = dataset["input_ids"]
+    order = length_order(np.asarray([len(ids) for ids in input_ids]))
+    device = next(classifier.parameters()).device
+    features = np.zeros((len(input_ids), classifier.config.hidden_size), dtype=np.float32)
+    was_training = classifier.training
+    classifier.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = PadCollator(pad_id)([{"input_ids": input_ids[i]} for i in rows])
+            pooled = classifier.cell_embeddings(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            features[rows] = pooled.float().cpu().numpy()
+    classifier.train(was_training)
+    return features
+
+
+def init_head_from_probe(
+    classifier: MixGeneformerForCellClassification,
+    fit_set: Dataset,
+    val_set: Dataset | None,
+    pad_id: int,
+    balanced: bool,
+    seed: int,
+) -> float | None:
+    """Set the head to a logistic-regression probe on the frozen pooled embeddings of ``fit_set``.
+
+    The probe is fitted on standardised features (as :func:`mixgeneformer.classify.logreg_predict`);
+    the standardisation is folded into the linear layer, so the classifier's logits at the start of
+    fine-tuning are the probe's. Classes absent from the fit cells get a low bias. Returns the
+    probe's validation macro-F1 (None without validation cells).
+    """
+    x = pooled_features(classifier, fit_set, pad_id)
+    y = np.asarray(fit_set["labels"], dtype=np.int64)
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    std[std == 0] = 1.0
+    probe = LogisticRegression(C=1.0, max_iter=1000, class_weight="balanced" if balanced else None, random_state=seed)
+    probe.fit((x - mean) / std, y)
+    n_classes, coef = classifier.config.num_labels, probe.coef_
+    if coef.shape[0] == 1:  # sklearn's binary form: one row for class 1
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-probe.intercept_[0] / 2, probe.intercept_[0] / 2])
+    else:
+        intercept = probe.intercept_
+    weight = np.zeros((n_classes, x.shape[1]))
+    bias = np.full(n_classes, intercept.min() - 10.0)
+    weight[probe.classes_] = coef / std
+    bias[probe.classes_] = intercept - (coef / std) @ mean
+    with torch.no_grad():
+        classifier.classifier.weight.copy_(torch.as_tensor(weight, dtype=classifier.classifier.weight.dtype))
+        classifier.classifier.bias.copy_(torch.as_tensor(bias, dtype=classifier.classifier.bias.dtype))
+    if val_set is None:
+        return None
+    predicted = (pooled_features(classifier, val_set, pad_id) @ weight.T + bias).argmax(axis=1)
+    return float(f1_score(np.asarray(val_set["labels"]), predicted, average="macro", zero_division=0))
 
 
 class FinetuneTrainer(Trainer):

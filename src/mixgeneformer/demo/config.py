@@ -57,6 +57,10 @@ class DemoConfig:
         Model preset of :data:`mixgeneformer.model.PRESETS` and config overrides.
     pretrain_steps, batch_size, learning_rate, warmup_steps, contrastive_weight
         Pretraining budget and objective (MLM + SimCSE with this weight).
+    cross_species_weight
+        Weight of the cross-species term (each cell's positive is its mutual nearest cell of the
+        other species by ortholog genes; ``cross_species_positives="mnn"``); 0 turns it off.
+        ``benchmarks/results/species_cpu.txt`` measured the choice.
     pooling, embed_layer
         Cell representation: the SimCSE term is trained on ``pooling`` of the last layer, and cells
         are embedded (UMAP, zero-shot classification, perturbation) from hidden state
@@ -106,6 +110,7 @@ class DemoConfig:
     learning_rate: float = 1e-3
     warmup_steps: int = 40
     contrastive_weight: float = 1.0
+    cross_species_weight: float = 0.5
     pooling: Literal["mean"] = "mean"
     embed_layer: int = -1
     finetune_epochs: float = 5.0
@@ -136,8 +141,8 @@ class DemoConfig:
                 raise ConfigError(f"demo.{name} must be >= 1, got {value}.")
         if self.cells_per_type is not None and self.cells_per_type < 2:
             raise ConfigError(f"demo.cells_per_type must be >= 2 (or None for all cells), got {self.cells_per_type}.")
-        if self.finetune_epochs < 0 or self.warmup_steps < 0:
-            raise ConfigError("demo.finetune_epochs and demo.warmup_steps must be >= 0.")
+        if self.finetune_epochs < 0 or self.warmup_steps < 0 or self.cross_species_weight < 0:
+            raise ConfigError("demo.finetune_epochs, demo.warmup_steps and demo.cross_species_weight must be >= 0.")
         finetune_config(self)  # validates finetune_overrides
         if not self.classify_seeds or len(set(self.classify_seeds)) != len(self.classify_seeds):
             raise ConfigError(f"demo.classify_seeds must be distinct seeds, at least one; got {self.classify_seeds}.")

@@ -253,7 +253,7 @@ def _overview_section(ctx: _Context, metrics: dict[str, Any], wall_seconds: floa
         f"Human and mouse pancreas cells (Baron et al. 2016, GEO GSE84133; {r['data']['cells']['human']:,} human + "
         f"{r['data']['cells']['mouse']:,} mouse cells) → one {cfg.vocab_mode} vocabulary of {r['vocab']['size']:,} "
         f"tokens → gene medians over both species → one mixed rank-value corpus (≤{cfg.max_len} genes per cell) → "
-        f"a `{cfg.preset}` model pretrained for {r['pretrain']['steps']} steps (MLM + SimCSE) → embeddings, "
+        f"a `{cfg.preset}` model pretrained for {r['pretrain']['steps']} steps ({_objective(cfg)}) → embeddings, "
         "classification and in silico perturbation.",
         "",
         f"Created {metrics['created']} with mixgeneformer {metrics['mixgeneformer_version']} on {metrics['machine']['platform']} "
@@ -290,6 +290,12 @@ def _pretrain_embed_sections(ctx: _Context, fig: Callable[[str, str], str]) -> l
         "",
         *_mixing_lines(r["embed"].get("species_mixing")),
     ]
+
+
+def _objective(cfg: DemoConfig) -> str:
+    if cfg.cross_species_weight > 0:
+        return f"MLM + SimCSE + cross-species term × {cfg.cross_species_weight:g}, mutual nearest cells as positives"
+    return "MLM + SimCSE"
 
 
 def _mixing_lines(mixing: dict[str, Any] | None) -> list[str]:

@@ -131,7 +131,8 @@ def _pretrain_config(ctx: _Context, folder: Path) -> Any:
                 "eval_fraction": DEMO_EVAL_FRACTION,
             },
             "model": {"preset": cfg.preset, "overrides": dict(cfg.model_overrides)},
-            "objective": {"contrastive_weight": cfg.contrastive_weight, "pooling": cfg.pooling},
+            "objective": {"contrastive_weight": cfg.contrastive_weight, "pooling": cfg.pooling,
+                          "cross_species_weight": cfg.cross_species_weight},
             "train": {
                 "learning_rate": cfg.learning_rate,
                 "warmup_steps": cfg.warmup_steps,
