@@ -64,6 +64,8 @@ VARIANTS = {
     "8 epochs, batch 32, random head": {"epochs": 8.0, "batch_size": 32, "head_init": "random"},
     "5 epochs, batch 32": {"epochs": 5.0, "batch_size": 32},
     "5 epochs, random head": {"epochs": 5.0, "head_init": "random"},
+    "5 epochs, batch 32, head at 1x": {"epochs": 5.0, "batch_size": 32, "head_lr_multiplier": 1.0},
+    "5 epochs, batch 32, lr 4e-4": {"epochs": 5.0, "batch_size": 32, "learning_rate": 4e-4},
     "3 epochs": {"epochs": 3.0},
     "5 epochs, frozen embeddings": {"epochs": 5.0, "freeze_embeddings": True},
     "3 epochs, frozen embeddings": {"epochs": 3.0, "freeze_embeddings": True},

@@ -60,7 +60,7 @@ class DemoConfig:
     cross_species_weight
         Weight of the cross-species term (each cell's positive is its mutual nearest cell of the
         other species by ortholog genes; ``cross_species_positives="mnn"``); 0 turns it off.
-        ``benchmarks/results/species_cpu.txt`` measured the choice.
+        ``benchmarks/results/species_cpu_1600.txt`` measured the choice.
     pooling, embed_layer
         Cell representation: the SimCSE term is trained on ``pooling`` of the last layer, and cells
         are embedded (UMAP, zero-shot classification, perturbation) from hidden state
