@@ -119,6 +119,7 @@ def test_every_step_ran_and_is_recorded(quick_demo):
     mixing = json.loads((out / "embed" / "STEP_DONE.json").read_text())["result"]["species_mixing"]
     assert 0 <= mixing["species_asw"] <= 1 and mixing["n_cells"] > 0 and "beta" in mixing["shared_types"]
     assert f"species ASW {mixing['species_asw']:.3f}" in report.read_text()
+    assert metrics["embed"]["species_mixing"] == mixing
 
 
 @pytest.mark.slow

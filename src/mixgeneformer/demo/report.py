@@ -208,7 +208,7 @@ def report_metrics(
         "tokenize": {k: r["tokenize"][k] for k in ("n_cells", "cells_per_species", "mean_length", "max_length")},
         "pretrain": {**{k: r["pretrain"][k] for k in ("steps", "first_loss", "final_loss")},
                      "held_out": r["pretrain"].get("held_out")},
-        "embed": {k: r["embed"][k] for k in ("n_cells", "dim", "cells_without_embedding")},
+        "embed": {k: r["embed"][k] for k in ("n_cells", "dim", "cells_without_embedding", "species_mixing") if k in r["embed"]},
         "classification": r["classify"]["table"],
         "classification_seeds": r["classify"].get("seeds"),
         "classification_per_seed": r["classify"].get("per_seed"),
