@@ -70,7 +70,14 @@ from .tasks import (
     transfer_task,
     within_task,
 )
-from .zeroshot import knn_predict, logreg_predict, zero_shot, zero_shot_predict
+from .zeroshot import (
+    StandardizedLogReg,
+    fit_logreg,
+    knn_predict,
+    logreg_predict,
+    zero_shot,
+    zero_shot_predict,
+)
 
 __all__ = [
     "BaselineConfig",
@@ -78,6 +85,7 @@ __all__ = [
     "ClassificationRun",
     "ClassifyConfig",
     "EmbeddingConfig",
+    "StandardizedLogReg",
     "EvalResult",
     "FinetuneConfig",
     "FittedClassifier",
@@ -110,6 +118,7 @@ __all__ = [
     "predict_cells",
     "predict_sharded",
     "log_normalize",
+    "fit_logreg",
     "logreg_predict",
     "markdown_table",
     "match_labels",

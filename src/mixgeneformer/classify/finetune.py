@@ -20,7 +20,7 @@ from ..bundle import BUNDLE_MARKER, CLASSIFIER_KIND, WEIGHTS_NAME, save_bundle
 from ..config import load_config, save_config
 from ..errors import ArtifactError, ConfigError
 from ..fileio import check_readable_file, read_json, write_json
-from ..inference import encoder_of, length_order, resolve_device
+from ..inference import encoder_of, resolve_device
 from ..medians import GeneMedians
 from ..model import MixGeneformerForCellClassification
 from ..vocab import Vocabulary
@@ -32,6 +32,7 @@ from .recipe import (
     class_weights,
     default_learning_rate,
     init_head_from_probe,
+    pooled_features,
     resolve_pooling,
     validation_metrics,
     validation_split,
@@ -120,18 +121,11 @@ class FittedClassifier:
         """Class probabilities of every cell of a tokenized corpus (length-sorted batches)."""
 
 
-        torch_device = resolve_device(device or self.config.finetune.device)
-        lengths = np.asarray(dataset.with_format("numpy")["length"]) if "length" in dataset.column_names else None
-        order = length_order(lengths) if lengths is not None else np.arange(len(dataset))
-        collate = PadCollator(self.vocab.pad_id)
-        probabilities = np.zeros((len(dataset), len(self.classes)), dtype=np.float32)
-        model = self.model.to(torch_device).eval()
+        model = self.model.to(resolve_device(device or self.config.finetune.device)).eval()
+        features = pooled_features(model, dataset, self.vocab.pad_id, batch_size)
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                batch = collate([{"input_ids": x} for x in dataset.select(rows)["input_ids"]])
-                logits = model(**{k: v.to(torch_device) for k, v in batch.items()}).logits
-                probabilities[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+            logits = model.classifier(torch.from_numpy(features).to(model.classifier.weight))
+        probabilities = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return Prediction(_argmax_labels(probabilities, self.classes), probabilities, list(self.classes))
 
     def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -209,7 +203,9 @@ def fit_classifier(
     keep = np.isin(task.train_rows, train_tokens.rows)
     classes = task.classes
     label_ids = pd.Index(classes).get_indexer(task.train_labels[keep])
-    dataset = train_tokens.select(task.train_rows[keep]).select_columns(["input_ids"]).add_column("labels", label_ids.tolist())
+    cells = train_tokens.select(task.train_rows[keep])
+    columns = [c for c in ("input_ids", "length") if c in cells.column_names]  # length orders the probe's batches
+    dataset = cells.select_columns(columns).add_column("labels", label_ids.tolist())
     split = validation_split(label_ids, ft.validation_fraction, seed)
     train_set, val_set = (dataset, None) if split is None else (dataset.select(split[0]), dataset.select(split[1]))
     first_tokens = np.asarray([ids[0] for ids in train_set["input_ids"]])

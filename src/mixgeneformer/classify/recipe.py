@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 from transformers import Trainer
 
 from ..errors import ConfigError
 from ..inference import encoder_of, length_order, pad_batch
 from ..model import MixGeneformerForCellClassification
+from .zeroshot import fit_logreg
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -161,17 +161,20 @@ class PadCollator:
 
 
 def pooled_features(classifier: MixGeneformerForCellClassification, dataset: Dataset, pad_id: int, batch_size: int = 64) -> np.ndarray:
-    """The classifier's pooled cell embeddings of every cell of ``dataset`` (eval mode, length-ordered batches)."""
-    input_ids = dataset["input_ids"]
-    order = length_order(np.asarray([len(ids) for ids in input_ids]))
+    """The classifier's pooled cell embeddings of every cell of ``dataset`` (eval mode, on the
+    classifier's device; batches read one at a time, in length order when the dataset has a ``length``
+    column)."""
+    lengths = np.asarray(dataset.with_format("numpy")["length"]) if "length" in dataset.column_names else None
+    order = length_order(lengths) if lengths is not None else np.arange(len(dataset))
     device = next(classifier.parameters()).device
-    features = np.zeros((len(input_ids), classifier.config.hidden_size), dtype=np.float32)
+    collate = PadCollator(pad_id)
+    features = np.zeros((len(dataset), classifier.config.hidden_size), dtype=np.float32)
     was_training = classifier.training
     classifier.eval()
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            batch = PadCollator(pad_id)([{"input_ids": input_ids[i]} for i in rows])
+            batch = collate([{"input_ids": x} for x in dataset.select(rows)["input_ids"]])
             pooled = classifier.cell_embeddings(batch["input_ids"].to(device), batch["attention_mask"].to(device))
             features[rows] = pooled.float().cpu().numpy()
     classifier.train(was_training)
@@ -188,26 +191,25 @@ def init_head_from_probe(
 ) -> float | None:
     """Set the head to a logistic-regression probe on the frozen pooled embeddings of ``fit_set``.
 
-    The probe is fitted on standardised features (as :func:`mixgeneformer.classify.logreg_predict`);
-    the standardisation is folded into the linear layer, so the classifier's logits at the start of
-    fine-tuning are the probe's. Classes absent from the fit cells get a low bias. Returns the
-    probe's validation macro-F1 (None without validation cells).
+    The probe is :func:`mixgeneformer.classify.fit_logreg` (standardised features, as
+    :func:`~mixgeneformer.classify.logreg_predict`); the standardisation is folded into the linear
+    layer, so the classifier's logits at the start of fine-tuning are the probe's. Classes absent
+    from the fit cells get a low bias. Returns the probe's validation macro-F1 (None without
+    validation cells).
     """
     x = pooled_features(classifier, fit_set, pad_id)
     y = np.asarray(fit_set["labels"], dtype=np.int64)
-    mean, std = x.mean(axis=0), x.std(axis=0)
-    std[std == 0] = 1.0
-    probe = LogisticRegression(C=1.0, max_iter=1000, class_weight="balanced" if balanced else None, random_state=seed)
-    probe.fit((x - mean) / std, y)
-    n_classes, coef = classifier.config.num_labels, probe.coef_
+    probe = fit_logreg(x, y, seed=seed, class_weight="balanced" if balanced else None)
+    mean, std, model = probe.mean, probe.std, probe.model
+    n_classes, coef = classifier.config.num_labels, model.coef_
     if coef.shape[0] == 1:  # sklearn's binary form: one row for class 1
-        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-probe.intercept_[0] / 2, probe.intercept_[0] / 2])
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-model.intercept_[0] / 2, model.intercept_[0] / 2])
     else:
-        intercept = probe.intercept_
+        intercept = model.intercept_
     weight = np.zeros((n_classes, x.shape[1]))
     bias = np.full(n_classes, intercept.min() - 10.0)
-    weight[probe.classes_] = coef / std
-    bias[probe.classes_] = intercept - (coef / std) @ mean
+    weight[model.classes_] = coef / std
+    bias[model.classes_] = intercept - (coef / std) @ mean
     with torch.no_grad():
         classifier.classifier.weight.copy_(torch.as_tensor(weight, dtype=classifier.classifier.weight.dtype))
         classifier.classifier.bias.copy_(torch.as_tensor(bias, dtype=classifier.classifier.bias.dtype))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -37,6 +38,54 @@ def knn_predict(
     return Prediction(labels=_argmax_labels(proba, classes), probabilities=proba, classes=classes)
 
 
+@dataclass
+class StandardizedLogReg:
+    """A fitted logistic regression and the standardisation of its inputs (``mean`` / ``std`` of the
+    training cells; 0 / 1 without standardisation; values capped at ``±clip`` after it)."""
+
+    model: LogisticRegression
+    mean: np.ndarray
+    std: np.ndarray
+    clip: float | None = None
+
+    def transform(self, x: np.ndarray | sp.spmatrix) -> np.ndarray:
+        out = (_dense(x) - self.mean) / self.std
+        if self.clip is not None:
+            np.clip(out, -self.clip, self.clip, out=out)
+        return out
+
+    def predict_proba(self, x: np.ndarray | sp.spmatrix) -> np.ndarray:
+        return self.model.predict_proba(self.transform(x))
+
+
+def fit_logreg(
+    train_x: np.ndarray | sp.spmatrix,
+    train_y: np.ndarray,
+    *,
+    c: float = 1.0,
+    max_iter: int = 1000,
+    standardize: bool = True,
+    clip: float | None = None,
+    seed: int = 0,
+    class_weight: str | None = None,
+) -> StandardizedLogReg:
+    """L2 logistic regression (multinomial, lbfgs) on features standardised on the training cells.
+
+    ``clip`` caps standardised values at ``±clip`` (CellTypist caps at 10). The one fit behind
+    :func:`logreg_predict` and the fine-tuning head's probe start (``classify.recipe``).
+    """
+    train_x = _dense(train_x)
+    mean, std = np.zeros(train_x.shape[1], dtype=train_x.dtype), np.ones(train_x.shape[1], dtype=train_x.dtype)
+    if standardize:
+        mean = train_x.mean(axis=0)
+        std = train_x.std(axis=0)
+        std[std == 0] = 1.0
+    fitted = StandardizedLogReg(LogisticRegression(C=c, max_iter=max_iter, random_state=seed, class_weight=class_weight),
+                                mean, std, clip if standardize else None)
+    fitted.model.fit(fitted.transform(train_x), train_y)
+    return fitted
+
+
 def logreg_predict(
     train_x: np.ndarray | sp.spmatrix,
     train_y: np.ndarray,
@@ -47,24 +96,11 @@ def logreg_predict(
     clip: float | None = None,
     seed: int = 0,
 ) -> Prediction:
-    """L2 logistic regression (multinomial, lbfgs), features standardised on the training cells.
-
-    ``clip`` caps standardised values at ``±clip`` (CellTypist caps at 10).
-    """
-
-    train_x, test_x = _dense(train_x), _dense(test_x)
-    if standardize:
-        mean = train_x.mean(axis=0)
-        std = train_x.std(axis=0)
-        std[std == 0] = 1.0
-        train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-        if clip is not None:
-            np.clip(train_x, -clip, clip, out=train_x)
-            np.clip(test_x, -clip, clip, out=test_x)
-    model = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
-    model.fit(train_x, np.asarray(train_y, dtype=object))
-    proba = model.predict_proba(test_x)
-    classes = [str(cl) for cl in model.classes_]
+    """:func:`fit_logreg` on the training cells, class probabilities of the test cells."""
+    fitted = fit_logreg(train_x, np.asarray(train_y, dtype=object), c=c, max_iter=max_iter, standardize=standardize,
+                        clip=clip, seed=seed)
+    proba = fitted.predict_proba(test_x)
+    classes = [str(cl) for cl in fitted.model.classes_]
     return Prediction(labels=_argmax_labels(proba, classes), probabilities=proba, classes=classes)
 
 

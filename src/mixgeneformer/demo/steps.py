@@ -46,9 +46,8 @@ def _input_paths(ctx: _Context) -> dict[str, Path]:
     return {s: Path(p) for s, p in ctx.results["data"]["inputs"].items()}
 
 
-def _tokenize_config(ctx: _Context) -> Any:
-
-    return TokenizeConfig(max_len=ctx.config.max_len)
+def _tokenize_config(cfg: DemoConfig) -> TokenizeConfig:
+    return TokenizeConfig(max_len=cfg.max_len)
 
 
 def _step_data(ctx: _Context, folder: Path) -> dict[str, Any]:
@@ -101,7 +100,7 @@ def _step_tokenize(ctx: _Context, folder: Path) -> dict[str, Any]:
     paths = _input_paths(ctx)
     corpus = folder / "corpus"
     tokenize_files(
-        [str(paths[s]) for s in SPECIES], corpus, vocab, medians, _tokenize_config(ctx),
+        [str(paths[s]) for s in SPECIES], corpus, vocab, medians, _tokenize_config(ctx.config),
         obs_columns=(ctx.config.label_key,), workers=ctx.config.workers, overwrite=True, progress=ctx.progress,
     )
 
@@ -168,9 +167,12 @@ def _step_pretrain(ctx: _Context, folder: Path) -> dict[str, Any]:
     }
 
 
-def _load_inputs(ctx: _Context) -> dict[str, Any]:
+def _load_inputs(ctx: _Context) -> dict[str, ad.AnnData]:
+    return _read_inputs(ctx.results["data"]["inputs"])
 
-    return {s: ad.read_h5ad(p) for s, p in _input_paths(ctx).items()}
+
+def _read_inputs(paths: dict[str, str | Path]) -> dict[str, ad.AnnData]:
+    return {s: ad.read_h5ad(p) for s, p in paths.items()}
 
 
 def _step_embed(ctx: _Context, folder: Path) -> dict[str, Any]:
@@ -182,7 +184,7 @@ def _step_embed(ctx: _Context, folder: Path) -> dict[str, Any]:
     for species, adata in _load_inputs(ctx).items():
         embed_anndata(
             adata, bundle, key=EMBED_KEY, layer=cfg.embed_layer, pooling=cfg.pooling, species=species,
-            tokenize_config=_tokenize_config(ctx),
+            tokenize_config=_tokenize_config(ctx.config),
             device=cfg.device, progress=ctx.progress,
         )
         path = folder / f"{species}.h5ad"
@@ -256,7 +258,7 @@ class _ClassifyJob:
 def _job_inputs(bundle: str, inputs: tuple[tuple[str, str], ...]) -> tuple[Any, Vocabulary, GeneMedians | None, dict[str, ad.AnnData]]:
     """The model and the data of a worker (loaded once per process)."""
     model, vocab, medians = load_bundle(bundle)
-    return model, vocab, medians, {s: ad.read_h5ad(p) for s, p in inputs}
+    return model, vocab, medians, _read_inputs(dict(inputs))
 
 
 def _run_classify_job(job: _ClassifyJob) -> tuple[pd.DataFrame, list[str], str | None]:
@@ -270,7 +272,7 @@ def _run_classify_job(job: _ClassifyJob) -> tuple[pd.DataFrame, list[str], str |
         run = clf.run_classification(
             adatas[source], model, vocab, medians, test=None if source == target else adatas[target],
             methods=_classify_methods(cfg), baseline_methods=("logreg_counts", "knn_pca"),
-            config=_classify_config(cfg, job.seed), tokenize_config=TokenizeConfig(max_len=cfg.max_len), device=cfg.device,
+            config=_classify_config(cfg, job.seed), tokenize_config=_tokenize_config(cfg), device=cfg.device,
         )
     finally:
         torch.set_num_threads(threads)
@@ -310,6 +312,7 @@ def _step_classify(ctx: _Context, folder: Path) -> dict[str, Any]:
             outputs = list(pool.map(_run_classify_job, jobs))
     else:
         outputs = [_run_classify_job(job) for job in jobs]
+        _job_inputs.cache_clear()  # the model and data of the jobs are not kept for the later steps
     tables, figures, notes = [], {}, {}
     for job, (table, job_notes, figure) in zip(jobs, outputs, strict=True):
         name, slug = _setting_name(job.source, job.target), _setting_slug(job.source, job.target)
@@ -342,7 +345,7 @@ def _step_perturb(ctx: _Context, folder: Path) -> dict[str, Any]:
         pooling=cfg.pooling, device=cfg.device, species=cfg.perturb_species, seed=cfg.seed,
     )
     result, _ = pt.perturb_anndata(
-        adata, model, config, vocab=vocab, medians=medians, tokenize_config=_tokenize_config(ctx),
+        adata, model, config, vocab=vocab, medians=medians, tokenize_config=_tokenize_config(ctx.config),
         stats_mode="aggregate", progress=ctx.progress,
     )
     stats = pt.perturbation_statistics(result.cells, vocab, mode="vs_all")
