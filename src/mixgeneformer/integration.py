@@ -19,6 +19,7 @@ two are absent; ``backend`` says which was used.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -145,15 +146,31 @@ def cross_species_scores(
         if baseline:
             out[f"pca_f1_{src}->{tgt}"] = C.baselines(task, ("knn_pca",), species=(src, tgt))[0].metrics["macro_f1"]
         shared_types |= set(task.test_labels.tolist())
+    labels = {s: data[s].obs[label_key].astype(str).to_numpy()[np.asarray(rows[s])] for s in ("human", "mouse")}
+    out.update(shared_type_mixing(embeddings, labels, shared_types)[0])
+    return out
+
+
+def shared_type_mixing(
+    embeddings: dict[str, np.ndarray], cell_types: dict[str, ArrayLike], shared: Iterable[str] | None = None
+) -> tuple[dict[str, Any], int, list[str]]:
+    """:func:`species_mixing` of the cells whose type (canonical name) is in ``shared`` (default: every
+    type both species have), human cells first; rows with a non-finite embedding are left out.
+
+    Returns (the scores, the number of cells scored, the shared types).
+    """
+    canonical = {s: C.canonical_labels(np.asarray(t)) for s, t in cell_types.items()}
+    if shared is None:
+        shared = set(canonical["human"]) & set(canonical["mouse"])
+    shared = sorted(str(t) for t in shared)
     parts, species, types = [], [], []
     for s in ("human", "mouse"):
-        canonical = C.canonical_labels(data[s].obs[label_key].astype(str).to_numpy()[np.asarray(rows[s])])
-        keep = np.isin(canonical, sorted(shared_types))
+        keep = np.isin(canonical[s], shared) & np.isfinite(embeddings[s]).all(axis=1)
         parts.append(embeddings[s][keep])
         species += [s] * int(keep.sum())
-        types.append(canonical[keep])
-    out.update(species_mixing(np.concatenate(parts), np.asarray(species), np.concatenate(types)))
-    return out
+        types.append(canonical[s][keep])
+    scores = species_mixing(np.concatenate(parts), np.asarray(species), np.concatenate(types))
+    return scores, len(species), shared
 
 
 def seed_table(per_seed: pd.DataFrame, by: str = "config") -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -190,6 +207,7 @@ __all__ = [
     "cross_species_scores",
     "scib_available",
     "seed_table",
+    "shared_type_mixing",
     "species_asw_sklearn",
     "species_mixing",
     "write_benchmark_text",

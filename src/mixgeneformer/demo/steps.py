@@ -24,7 +24,7 @@ from ..embed import embed_anndata
 from ..errors import ArtifactError, ConfigError
 from ..fileio import write_json
 from ..inference import resolve_device
-from ..integration import species_mixing
+from ..integration import shared_type_mixing
 from ..medians import GeneMedians, compute_medians
 from ..parallel import worker_pool
 from ..pretrain import pretrain_config_from_dict, read_metrics, run_pretraining
@@ -211,13 +211,14 @@ def _step_embed(ctx: _Context, folder: Path) -> dict[str, Any]:
 
 
 def _species_mixing(both: ad.AnnData) -> dict[str, Any]:
-    """Species mixing of the embedding within the cell types both species share (integration.species_mixing)."""
-    types = clf.canonical_labels(both.obs["cell_type"].to_numpy())
+    """Species mixing of the embedding within the cell types both species share (integration.shared_type_mixing)."""
     species = both.obs["species"].to_numpy().astype(str)
-    shared = sorted(set(types[species == SPECIES[0]]) & set(types[species == SPECIES[1]]))
-    keep = np.isin(types, shared) & np.isfinite(both.obsm[EMBED_KEY]).all(axis=1)
-    scores = species_mixing(both.obsm[EMBED_KEY][keep], species[keep], types[keep])
-    return {**scores, "n_cells": int(keep.sum()), "shared_types": [str(t) for t in shared]}
+    by_species = {s: species == s for s in SPECIES}
+    scores, n_cells, shared = shared_type_mixing(
+        {s: both.obsm[EMBED_KEY][rows] for s, rows in by_species.items()},
+        {s: both.obs["cell_type"].to_numpy()[rows] for s, rows in by_species.items()},
+    )
+    return {**scores, "n_cells": n_cells, "shared_types": shared}
 
 
 CLASSIFY_SETTINGS = (("human", "human"), ("mouse", "mouse"), ("mouse", "human"), ("human", "mouse"))
