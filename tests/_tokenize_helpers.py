@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -46,3 +49,34 @@ def make_vocab(genes: np.ndarray, drop_every: int = 7) -> Vocabulary:
 def make_medians(genes: np.ndarray, seed: int = 1) -> GeneMedians:
     rng = np.random.default_rng(seed)
     return GeneMedians({g: float(v) for g, v in zip(genes, rng.uniform(0.5, 20, len(genes)), strict=True)})
+
+
+@dataclass
+class GeneBundle:
+    """A saved random model bundle over real human genes (see :func:`random_gene_bundle`)."""
+
+    ids: list[str]  # the vocabulary's genes, then the genes outside it
+    vocab: Vocabulary
+    medians: GeneMedians
+    model: object
+    folder: Path
+    rng: np.random.Generator  # seeded 0 and drawn only for the medians: draw the cells from it
+
+
+def random_gene_bundle(folder: Path, n_genes: int, n_outside: int) -> GeneBundle:
+    """A tiny 3-layer model (random, seeded) over the first ``n_genes`` protein-coding human genes,
+    with random medians, saved as a bundle in ``folder``; ``n_outside`` more genes lie outside it."""
+    import torch
+
+    from mixgeneformer.bundle import save_bundle
+    from mixgeneformer.model import MixGeneformerForPretraining, make_config
+
+    ids = human_ids(n_genes + n_outside).tolist()
+    in_vocab = ids[:n_genes]
+    tokens = SPECIALS + in_vocab
+    vocab = Vocabulary(tokens, {t: i for i, t in enumerate(tokens) if t.startswith("ENSG")})
+    rng = np.random.default_rng(0)
+    medians = GeneMedians({g: float(m) for g, m in zip(in_vocab, rng.uniform(0.5, 5, n_genes), strict=True)})
+    torch.manual_seed(0)
+    model = MixGeneformerForPretraining(make_config("tiny", vocab, num_hidden_layers=3, max_position_embeddings=128))
+    return GeneBundle(ids, vocab, medians, model, save_bundle(model, folder, vocab, medians), rng)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _tokenize_helpers import SPECIALS, random_gene_bundle
 from transformers import BertConfig, BertModel
 
 from mixgeneformer.embed import CorpusEmbeddings, embed_anndata, embed_corpus, embed_corpus_folder
@@ -14,7 +15,6 @@ from mixgeneformer.model import pool_cells
 from mixgeneformer.vocab import Vocabulary
 
 N_GENES = 300
-SPECIALS = ["<pad>", "<mask>", "<cls>", "<eos>", "<human>", "<mouse>"]
 
 
 @pytest.fixture(scope="module")
@@ -248,21 +248,9 @@ def bundle(tmp_path_factory):
     import anndata as ad
     import pandas as pd
 
-    from mixgeneformer.bundle import save_bundle
-    from mixgeneformer.genes import gene_table
-    from mixgeneformer.medians import GeneMedians
-    from mixgeneformer.model import MixGeneformerForPretraining, make_config
 
-    table = gene_table("human")
-    ids = table.loc[table["biotype"] == "protein_coding", "ensembl_id"].head(N_GENES + 50).tolist()
-    in_vocab, outside = ids[:N_GENES], ids[N_GENES:]
-    tokens = SPECIALS + in_vocab
-    vocab = Vocabulary(tokens, {t: i for i, t in enumerate(tokens) if t.startswith("ENSG")})
-    rng = np.random.default_rng(0)
-    medians = GeneMedians({g: float(m) for g, m in zip(in_vocab, rng.uniform(0.5, 5, N_GENES), strict=True)})
-    torch.manual_seed(0)
-    model = MixGeneformerForPretraining(make_config("tiny", vocab, num_hidden_layers=3, max_position_embeddings=128))
-    folder = save_bundle(model, tmp_path_factory.mktemp("bundle") / "model", vocab, medians)
+    made = random_gene_bundle(tmp_path_factory.mktemp("bundle") / "model", N_GENES, 50)
+    in_vocab, outside, folder, rng = made.ids[:N_GENES], made.ids[N_GENES:], made.folder, made.rng
 
     n_cells = 40
     counts = rng.poisson(0.4, size=(n_cells, N_GENES + 50)).astype(np.float32)

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _tokenize_helpers import random_gene_bundle
 
 from mixgeneformer.cli import main
 from mixgeneformer.errors import ArtifactError, ConfigError
@@ -24,13 +25,11 @@ from mixgeneformer.sharding import (
     shard_folder,
     shard_role,
 )
-from mixgeneformer.vocab import Vocabulary
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_distributed import _free_port  # noqa: E402
 
 N_GENES, N_CELLS = 300, 60
-SPECIALS = ["<pad>", "<mask>", "<cls>", "<eos>", "<human>", "<mouse>"]
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -89,23 +88,11 @@ def data(tmp_path_factory):
     without any vocabulary gene) as .h5ad and as a tokenized corpus; a one-process reference."""
     import anndata as ad
 
-    from mixgeneformer.bundle import save_bundle
-    from mixgeneformer.genes import gene_table
-    from mixgeneformer.medians import GeneMedians
-    from mixgeneformer.model import MixGeneformerForPretraining, make_config
     from mixgeneformer.tokenize import TokenizeConfig, tokenize_files
 
     root = tmp_path_factory.mktemp("sharding")
-    table = gene_table("human")
-    ids = table.loc[table["biotype"] == "protein_coding", "ensembl_id"].head(N_GENES + 20).tolist()
-    in_vocab = ids[:N_GENES]
-    tokens = SPECIALS + in_vocab
-    vocab = Vocabulary(tokens, {t: i for i, t in enumerate(tokens) if t.startswith("ENSG")})
-    rng = np.random.default_rng(0)
-    medians = GeneMedians({g: float(m) for g, m in zip(in_vocab, rng.uniform(0.5, 5, N_GENES), strict=True)})
-    torch.manual_seed(0)
-    model = MixGeneformerForPretraining(make_config("tiny", vocab, num_hidden_layers=3, max_position_embeddings=128))
-    bundle = save_bundle(model, root / "model", vocab, medians)
+    made = random_gene_bundle(root / "model", N_GENES, 20)
+    ids, vocab, medians, model, bundle, rng = made.ids, made.vocab, made.medians, made.model, made.folder, made.rng
 
     depth = np.where(np.arange(N_CELLS) < 20, 2.0, 0.15)  # deep cells first: unequal token counts
     counts = rng.poisson(depth[:, None], size=(N_CELLS, N_GENES + 20)).astype(np.float32)
