@@ -1,15 +1,18 @@
-"""How often the cross-species term's positives are cells of the same type, by batch size.
+"""How often the cross-species term's positives are cells of the same type, by batch and queue size.
 
-The ``"mnn"`` cross-species positives (:func:`mixgeneformer.losses.mutual_nearest_partners`) are
-found inside each training batch. This script draws random batches of a tokenized two-species
-corpus (the demo's, with its ``cell_type1`` column), pairs cells exactly as pretraining does
-(rank-weighted one-to-one-ortholog profiles of the model's vocabulary) and reports, per batch
-size, the share of cells that get a partner and the share of partners of the same cell type,
+The ``"mnn"`` cross-species positives are found among each training batch plus, with
+``model.cross_species_queue`` = P, the P cells of earlier batches
+(:func:`mixgeneformer.losses.mutual_nearest_in_pool`). This script draws random batches of a
+tokenized two-species corpus (the demo's, with its ``cell_type1`` column), adds P other random
+cells as the queue, pairs cells exactly as pretraining does (rank-weighted one-to-one-ortholog
+profiles of the model's vocabulary) and reports, per setup ``B`` or ``B+P``, the share of batch
+cells that get a partner, the partners per step and the share of partners of the same cell type,
 overall and per type (types matched by their canonical names). Labels are used only to score.
 
 Usage::
 
-    python benchmarks/mnn_purity.py --corpus demo_output/tokenize/corpus --model demo_output/pretrain/run/model
+    python benchmarks/mnn_purity.py --corpus demo_output/tokenize/corpus --model demo_output/pretrain/run/model \
+        --setups 16,16+256,16+1024,1024
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--label", default="cell_type1")
-    parser.add_argument("--batch-sizes", default="16,64,256,1024")
-    parser.add_argument("--cells", type=int, default=8192, help="cells drawn per batch size (in batches)")
+    parser.add_argument("--setups", default="16,16+256,16+1024,64,1024", help="batch size B, B+P (P queued cells), optionally kK (K-reciprocal pairs)")
+    parser.add_argument("--cells", type=int, default=8192, help="batch cells drawn per setup (in batches)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -54,31 +57,38 @@ def main() -> None:
     starts = np.cumsum(lengths) - lengths
     rng = np.random.default_rng(args.seed)
     rows, per_type = [], []
-    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        paired = same = total = 0
+    for setup in [x.strip() for x in args.setups.split(",") if x.strip()]:
+        setup_k, _, k = setup.partition("k")
+        batch_size, _, queue = setup_k.partition("+")
+        batch_size, queue, k = int(batch_size), int(queue or 0), int(k or 1)
+        paired = same = total = steps = 0
         hits: dict[str, list[int]] = {}
         for _ in range(max(1, args.cells // batch_size)):
-            batch = rng.choice(len(ids), size=min(batch_size, len(ids)), replace=False)
-            input_ids, mask = pad_batch(flat, starts[batch], lengths[batch], vocab.pad_id)
-            with torch.no_grad():
-                profiles = model.ortholog_profiles(torch.from_numpy(input_ids), torch.from_numpy(mask))
-            partner = losses.mutual_nearest_partners(profiles, torch.from_numpy(codes[batch])).numpy()
+            pool = rng.choice(len(ids), size=min(batch_size + queue, len(ids)), replace=False)
+            batch = pool[:batch_size]
+            input_ids, mask = (torch.from_numpy(x) for x in pad_batch(flat, starts[pool], lengths[pool], vocab.pad_id))
+            classes = model.ortholog_class[input_ids]
+            weights = losses.rank_weights(classes, mask)
+            norms = losses.sparse_rows_to_dense(classes, weights, model.config.vocab_size).norm(dim=1)
+            partner = losses.mutual_nearest_in_pool(
+                classes, weights, norms, torch.from_numpy(codes[pool]), n_queries=batch.size, n_classes=model.config.vocab_size, k=k
+            ).numpy()
             has = partner >= 0
-            match = types[batch][has] == types[batch][partner[has]]
-            total, paired, same = total + batch.size, paired + int(has.sum()), same + int(match.sum())
+            match = types[batch][has] == types[pool][partner[has]]
+            total, paired, same, steps = total + batch.size, paired + int(has.sum()), same + int(match.sum()), steps + 1
             for t, m in zip(types[batch][has], match, strict=True):
                 hits.setdefault(str(t), []).append(int(m))
-        rows.append({"batch": batch_size, "cells": total, "with_partner": round(paired / total, 3),
-                     "same_type_partner": round(same / max(paired, 1), 3)})
-        per_type.extend({"batch": batch_size, "type": t, "pairs": len(h), "same_type": round(float(np.mean(h)), 3)}
+        rows.append({"setup": setup, "cells": total, "with_partner": round(paired / total, 3),
+                     "pairs_per_step": round(paired / steps, 2), "same_type_partner": round(same / max(paired, 1), 3)})
+        per_type.extend({"setup": setup, "type": t, "pairs": len(h), "same_type": round(float(np.mean(h)), 3)}
                         for t, h in sorted(hits.items()))
     table = pd.DataFrame(rows)
-    by_type = pd.DataFrame(per_type).pivot(index="type", columns="batch", values="same_type")
+    by_type = pd.DataFrame(per_type).pivot(index="type", columns="setup", values="same_type")[list(table["setup"])]
     share = pd.Series(types).value_counts(normalize=True).round(3).rename("share_of_cells")
     by_type = by_type.join(share).sort_values("share_of_cells", ascending=False)
     text = "\n".join([
         f"Cross-species positives (mutual nearest cells by rank-weighted ortholog profiles) in random batches of {args.corpus}:",
-        "", C.markdown_table(table), "", "Same-type share of the partners, per type (columns: batch size):", "",
+        "", C.markdown_table(table), "", "Same-type share of the partners, per type (columns: batch B or B+P queued):", "",
         C.markdown_table(by_type.reset_index(), digits=3),
     ])
     print(text)

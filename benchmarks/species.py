@@ -11,6 +11,10 @@ diagnostics), once per configuration and seed:
                         cells of the other species by their ortholog genes (``cross_species_positives="mnn"``)
 * ``ortholog+xs-proj``  the same weight with the earlier pairing: a cell and its own ortholog projection
 
+A ``+xs`` name may add options after colons: the weight, ``qP`` a pairing queue of P earlier cells
+(``cross_species_queue``) and ``kK`` K-reciprocal pairs (``cross_species_k``), e.g.
+``ortholog+xs:0.1:q1024:k20``.
+
 Per model (:func:`mixgeneformer.integration.cross_species_scores`): kNN label transfer (k=5,
 cosine, last layer mean over genes) mouse→human and human→mouse on shared types (macro-F1),
 beside kNN on 50 PCs of one-to-one-ortholog counts; species mixing within cell types (scib-metrics
@@ -38,6 +42,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import anndata as ad  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mixgeneformer import classify as C  # noqa: E402
@@ -89,20 +94,26 @@ def finished_run(work: Path):
     return work / "model", final_evaluation(rows) or {}, (cross[-1] if cross else float("nan"))
 
 
-def parse_config(name: str, default_weight: float) -> tuple[str, str | None, float]:
-    """'ortholog+xs:0.1' -> (vocabulary mode, cross-species positives, cross-species weight)."""
-    base, _, weight = name.partition(":")
-    if base not in CONFIGS or (weight and CONFIGS[base][1] is None):
-        raise SystemExit(f"unknown configuration {name!r}; choose from {list(CONFIGS)} (a weight only after a +xs one)")
-    return (*CONFIGS[base], float(weight) if weight else default_weight)
+def parse_config(name: str, default_weight: float) -> tuple[str, dict]:
+    """'ortholog+xs:0.1:q1024:k20' -> (vocabulary mode, objective options): weight, then optionally
+    ``q`` the pairing queue (``cross_species_queue``) and ``k`` its reciprocity (``cross_species_k``)."""
+    base, *parts = name.split(":")
+    if base not in CONFIGS or (parts and CONFIGS[base][1] is None):
+        raise SystemExit(f"unknown configuration {name!r}; choose from {list(CONFIGS)} (options only after a +xs one)")
+    mode, positives = CONFIGS[base]
+    if positives is None:
+        return mode, {}
+    objective = {"cross_species_positives": positives, "cross_species_weight": default_weight}
+    for part in parts:
+        key = {"q": "cross_species_queue", "k": "cross_species_k"}.get(part[:1])
+        objective.update({key: int(part[1:])} if key else {"cross_species_weight": float(part)})
+    return mode, objective
 
 
-def pretrain(work: Path, corpus: Path, vocab_path: Path, medians_path: Path, positives: str | None, weight: float, seed: int, args):
+def pretrain(work: Path, corpus: Path, vocab_path: Path, medians_path: Path, cross: dict, seed: int, args):
     if args.reuse and (work / "model" / "mixgf.json").is_file():
         return finished_run(work)
-    objective = {"pooling": "mean", "contrastive_weight": 1.0}
-    if positives is not None:
-        objective.update(cross_species_weight=weight, cross_species_positives=positives)
+    objective = {"pooling": "mean", "contrastive_weight": 1.0, **cross}
     config = pretrain_config_from_dict({
         "output_dir": str(work),
         "data": {"corpus": [str(corpus)], "vocab": str(vocab_path), "medians": str(medians_path), "eval_fraction": 0.05},
@@ -134,7 +145,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         medians_path = work / "medians.tsv"
         medians.save(medians_path)
         for name in args.configs:
-            mode, positives, weight = parse_config(name, args.cross_weight)
+            mode, objective = parse_config(name, args.cross_weight)
             vocab = build_vocabulary(mode=mode, gene_set="protein_coding", medians=medians)
             vocab_path = Path(vocab.save(work / f"vocab_{mode}.json"))
             corpus = work / f"corpus_{mode}"
@@ -142,18 +153,21 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 tokenize_files([paths[s] for s in SPECIES], corpus, vocab, medians, tok_config, obs_columns=(LABEL,))
             for seed in args.seeds:
                 t0 = time.perf_counter()
-                bundle, diag, cross = pretrain(work / f"run_{name}_{seed}", corpus, vocab_path, medians_path, positives, weight, seed, args)
+                bundle, diag, cross = pretrain(work / f"run_{name}_{seed}", corpus, vocab_path, medians_path, objective, seed, args)
                 model, model_vocab, model_medians = load_bundle(bundle)
                 tokens = {s: C.tokenize_cells(data[s], model_vocab, model_medians, tok_config) for s in SPECIES}
                 emb = {s: embed_corpus(model, tokens[s].dataset, model_vocab, layer=-1, pooling="mean", device=args.device,
                                        progress=False) for s in SPECIES}
                 row = {"config": name, "seed": seed}
-                row.update(cross_species_scores(data, emb, {s: tokens[s].rows for s in SPECIES}, LABEL))
+                row.update(cross_species_scores(data, emb, {s: tokens[s].rows for s in SPECIES}, LABEL, per_type=True))
                 row.update({"heldout_mlm_loss": diag.get("mlm_loss"), "rank_baseline_loss": diag.get("rank_unigram_loss"),
                             "final_cross_species_loss": cross, "seconds": round(time.perf_counter() - t0, 1)})
-                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if "type_f1" not in k}, flush=True)
                 rows.append(row)
     per_seed = pd.DataFrame(rows)
+    typed = [c for c in per_seed.columns if "type_f1" in c]
+    by_type = per_type_table(per_seed[["config", "seed", *typed]])
+    per_seed = per_seed.drop(columns=typed)
     table, _ = seed_table(per_seed)
     header = (
         f"Species alignment on the demo data ({', '.join(f'{s} {data[s].n_obs}' for s in SPECIES)} cells): tiny model, "
@@ -161,8 +175,23 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         f"{args.cross_weight:g} (or the one a configuration names after ':'); seeds {args.seeds}; backend of the mixing scores: {per_seed['backend'].iloc[0]}; "
         f"{time.perf_counter() - started:.0f}s in all."
     )
-    write_benchmark_text(header, table, per_seed, args.out)
+    text = write_benchmark_text(header, table, per_seed, None)
+    by_type_text = "kNN transfer F1 per shared type, mean over seeds (pca: kNN on 50 PCs of one-to-one-ortholog counts):\n\n" + C.markdown_table(by_type, digits=3)
+    print("\n" + by_type_text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n\n" + by_type_text + "\n")
     return per_seed
+
+
+def per_type_table(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Rows (direction, type), columns: each configuration's mean F1 over seeds, then the count PCA-kNN's."""
+    long = per_seed.melt(id_vars=["config", "seed"], var_name="key", value_name="f1").dropna()
+    long["source"] = np.where(long["key"].str.startswith("pca_"), "pca", long["config"])
+    long[["direction", "type"]] = long["key"].str.replace("pca_", "").str.replace("type_f1_", "").str.split(":", n=1, expand=True)
+    mean = long.groupby(["direction", "type", "source"], sort=False)["f1"].mean().unstack("source")
+    ordered = [*dict.fromkeys(per_seed["config"]), "pca"]
+    return mean[[c for c in ordered if c in mean.columns]].reset_index()
 
 
 if __name__ == "__main__":

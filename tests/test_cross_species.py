@@ -126,3 +126,79 @@ def test_projection_pairing_stays_available_and_is_validated(vocab):
 
     with pytest.raises(ConfigError, match="cross_species_positives"):
         model_of(vocab, cross_species_weight=0.5, cross_species_positives="labels")
+
+
+def test_pool_pairing_equals_batch_pairing_when_the_pool_is_the_batch():
+    generator = torch.Generator().manual_seed(0)
+    classes = torch.stack([torch.randperm(40, generator=generator)[:8] for _ in range(12)])
+    classes[0, -2:] = -1
+    mask = torch.ones_like(classes)
+    mask[1, -3:] = 0
+    species = torch.tensor([0, 1] * 5 + [-1, 0])
+    weights = losses.rank_weights(classes, mask)
+    profiles = losses.sparse_rows_to_dense(classes, weights, 40)
+    batch_only = losses.mutual_nearest_partners(profiles, species)
+    pooled = losses.mutual_nearest_in_pool(classes, weights, profiles.norm(dim=1), species, n_queries=12, n_classes=40)
+    assert torch.equal(batch_only, pooled) and (batch_only >= 0).any()
+    # Blocked gathers give the same cosines as one dense product.
+    unit = torch.nn.functional.normalize(profiles, dim=1)
+    blocked = losses.profile_cosine(profiles, classes, weights, profiles.norm(dim=1), block_elements=20)
+    assert torch.allclose(blocked, unit @ unit.T, atol=1e-6)
+
+
+def test_the_bank_supplies_same_type_partners_a_small_batch_lacks():
+    """A batch of human cells alone has no partner; with mouse cells of the same types in the bank,
+    each cell is paired with the bank cell of its own type, whose stored key is the positive."""
+    from mixgeneformer.cell_bank import CellBank
+
+    a, b = [0, 1, 2, 3], [4, 5, 6, 7]
+    human = torch.tensor([a, b])
+    mouse = torch.tensor([b[::-1], a[::-1]])  # same types, other rank order, pushed earlier
+    mask = torch.ones_like(human)
+    bank = CellBank(size=3)
+    keys = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    weights = losses.rank_weights(mouse, mask)
+    bank.push(mouse, weights, losses.sparse_rows_to_dense(mouse, weights, 8).norm(dim=1), torch.tensor([1, 1]), keys)
+    weights = losses.rank_weights(human, mask)
+    norms = losses.sparse_rows_to_dense(human, weights, 8).norm(dim=1)
+    pool = bank.pool(human, weights, norms, torch.tensor([0, 0]), dim=2)
+    assert pool[3].tolist() == [0, 0, 1, 1, -1]  # batch, two bank cells, one empty slot
+    partner = losses.mutual_nearest_in_pool(*pool, n_queries=2, n_classes=8)
+    assert partner.tolist() == [3, 2]  # human a -> bank row 1 (mouse a), human b -> bank row 0 (mouse b)
+    assert losses.mutual_nearest_partners(losses.sparse_rows_to_dense(human, weights, 8), torch.tensor([0, 0])).tolist() == [-1, -1]
+    # The positive is the bank key: embeddings that sit on their partner's key score low, swapped ones high.
+    aligned = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    low = losses.cross_species_nce(aligned, partner, 0.1, bank=bank.keys)
+    high = losses.cross_species_nce(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), partner, 0.1, bank=bank.keys)
+    assert low.item() < 0.01 and high.item() > 0.5
+    low.backward()
+    assert aligned.grad is not None and bank.keys.grad is None
+    # The ring buffer overwrites its oldest slot first and widens for longer cells.
+    bank.push(human, weights, norms, torch.tensor([0, 0]), torch.eye(2))
+    assert bank.species.tolist() == [0, 1, 0] and bank.keys[1].tolist() == [1.0, 0.0]
+    wide = torch.tensor([[0, 1, 2, 3, 4, 5]])
+    pool = bank.pool(wide, losses.rank_weights(wide, torch.ones_like(wide)), norms[:1], torch.tensor([1]), dim=2)
+    assert pool[0].shape == (4, 6) and bank.classes.shape == (3, 6)
+
+
+def test_training_with_a_queue_fills_it_and_scoring_leaves_it_alone(vocab):
+    from mixgeneformer.errors import ConfigError
+
+    model = model_of(vocab, cross_species_weight=1.0, cross_species_queue=8)
+    shared = [vocab.gene_to_id[g] for g in one_to_one_orthologs().head(N_PAIRS)["human_id"]]
+    ids = torch.tensor([shared[:6], shared[6:], shared[6:][::-1], shared[:6][::-1]])
+    mask, species = torch.ones_like(ids), torch.tensor([0, 0, 1, 1])
+    labels = torch.full_like(ids, -100)
+    labels[:, 0] = ids[:, 0]
+    out = model.train()(ids, mask, labels=labels, species=species)
+    out.loss.backward()
+    assert out.cross_species_loss.item() > 0
+    assert model._cell_bank.species.tolist() == [0, 0, 1, 1] + [-1] * 4
+    model.eval()(ids, mask, labels=labels, species=species)
+    assert model._cell_bank.species.tolist() == [0, 0, 1, 1] + [-1] * 4  # not pushed when scoring
+    assert "_cell_bank" not in "".join(model.state_dict())  # training state, never saved
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="cross_species_queue"):
+            model_of(vocab, cross_species_weight=1.0, cross_species_queue=bad)
+    with pytest.raises(ConfigError, match="cross_species_queue"):
+        model_of(vocab, cross_species_weight=1.0, cross_species_queue=4, cross_species_positives="projection")

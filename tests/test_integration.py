@@ -46,3 +46,31 @@ def test_scib_scores_agree_with_the_sklearn_silhouette():
     assert a["species_asw"] == pytest.approx(integration.species_asw_sklearn(*mixed), abs=1e-4)
     assert a["ilisi"] > 0.7 > 0.2 > b["ilisi"]
     assert "kbet" not in a  # opt-in (slow)
+
+
+def test_cross_species_scores_per_type_agree_with_the_macro_f1(monkeypatch):
+    """Per-type transfer F1 (model and count baseline) average to the macro-F1 the table reports."""
+    from mixgeneformer.classify import canonical_labels
+    from mixgeneformer.simulate import PlantedConfig, simulate_planted
+
+    monkeypatch.setattr(integration, "scib_available", lambda: False)  # the mixing scores are tested above
+    data = simulate_planted(PlantedConfig(n_types=4, cells_per_type=30, n_shared_genes=120, n_specific_genes=20,
+                                          program_size=20, specific_program_size=5))
+    label = "cell_type"
+    rng = np.random.default_rng(0)
+    types = sorted(set(data.human.obs[label].astype(str)))
+    emb, rows = {}, {}
+    for s in ("human", "mouse"):
+        code = data[s].obs[label].astype(str).map({t: i for i, t in enumerate(types)}).to_numpy()
+        code = np.where(code == 3, 2, code) if s == "mouse" else code  # mouse type 3 looks like type 2: a miss
+        emb[s] = np.eye(len(types))[code] + 0.01 * rng.normal(size=(code.size, len(types)))
+        rows[s] = np.arange(data[s].n_obs)
+    out = integration.cross_species_scores(dict(human=data.human, mouse=data.mouse), emb, rows, label, per_type=True)
+    for src, tgt in (("mouse", "human"), ("human", "mouse")):
+        for prefix, macro in (("type_f1", "transfer_f1"), ("pca_type_f1", "pca_f1")):
+            per_type = [out[f"{prefix}_{src}->{tgt}:{t}"] for t in canonical_labels(np.asarray(types))]
+            assert np.mean(per_type) == pytest.approx(out[f"{macro}_{src}->{tgt}"])
+        assert out[f"type_f1_{src}->{tgt}:type_d"] < 0.5  # the planted miss shows in its own type
+    assert out["type_f1_human->mouse:type_a"] == pytest.approx(1.0)  # and not in the types told apart
+    plain = integration.cross_species_scores(dict(human=data.human, mouse=data.mouse), emb, rows, label)
+    assert not any("type_f1" in k for k in plain) and plain["transfer_f1_mouse->human"] == out["transfer_f1_mouse->human"]

@@ -109,6 +109,7 @@ def cross_species_scores(
     rows: dict[str, np.ndarray],
     label_key: str,
     baseline: bool = True,
+    per_type: bool = False,
 ) -> dict[str, Any]:
     """Cross-species label transfer and species mixing of a human + mouse embedding.
 
@@ -123,6 +124,9 @@ def cross_species_scores(
         (:func:`mixgeneformer.classify.transfer_task`).
     baseline
         Also score kNN on 50 PCs of one-to-one-ortholog counts.
+    per_type
+        Also the F1 of each shared type: ``type_f1_<src>-><tgt>:<type>`` (and ``pca_type_f1_...``
+        with ``baseline``).
 
     Returns
     -------
@@ -140,11 +144,17 @@ def cross_species_scores(
                                source_rows=np.asarray(rows[src]), target_rows=np.asarray(rows[tgt]))
         train_x = embeddings[src][position[src].get_indexer(task.train_rows)]
         test_x = embeddings[tgt][position[tgt].get_indexer(task.test_rows)]
-        metrics = C.evaluate(task, C.zero_shot_predict(task, train_x, test_x, "knn"), "knn").metrics
-        out[f"transfer_f1_{src}->{tgt}"] = metrics["macro_f1"]
-        out[f"transfer_acc_{src}->{tgt}"] = metrics["accuracy"]
+        scored = {"transfer": C.evaluate(task, C.zero_shot_predict(task, train_x, test_x, "knn"), "knn")}
+        out[f"transfer_f1_{src}->{tgt}"] = scored["transfer"].metrics["macro_f1"]
+        out[f"transfer_acc_{src}->{tgt}"] = scored["transfer"].metrics["accuracy"]
         if baseline:
-            out[f"pca_f1_{src}->{tgt}"] = C.baselines(task, ("knn_pca",), species=(src, tgt))[0].metrics["macro_f1"]
+            scored["pca"] = C.baselines(task, ("knn_pca",), species=(src, tgt))[0]
+            out[f"pca_f1_{src}->{tgt}"] = scored["pca"].metrics["macro_f1"]
+        if per_type:
+            for name, result in scored.items():
+                prefix = "type_f1" if name == "transfer" else "pca_type_f1"
+                f1 = result.report["f1"]
+                out.update({f"{prefix}_{src}->{tgt}:{t}": float(f1.get(t, 0.0)) for t in sorted(set(task.test_labels.tolist()))})
         shared_types |= set(task.test_labels.tolist())
     labels = {s: data[s].obs[label_key].astype(str).to_numpy()[np.asarray(rows[s])] for s in ("human", "mouse")}
     out.update(shared_type_mixing(embeddings, labels, shared_types)[0])

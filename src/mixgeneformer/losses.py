@@ -243,14 +243,23 @@ def cell_species(marks: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     return torch.where(human == mouse, torch.full_like(species, -1), species)
 
 
+def rank_weights(classes: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, L)`` weight ``1/log2(position + 2)`` of each attended token with a class (``classes`` >= 0), else 0."""
+    keep = attention_mask.bool() & (classes >= 0)
+    positions = torch.arange(classes.shape[1], device=classes.device, dtype=torch.float32)
+    return (1.0 / torch.log2(positions + 2.0)).expand(classes.shape) * keep
+
+
+def sparse_rows_to_dense(classes: torch.Tensor, weights: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``(B, n_classes)``: each row's ``weights`` summed into its ``classes`` (-1 / weight 0 adds nothing)."""
+    dense = torch.zeros(classes.shape[0], n_classes, device=classes.device)
+    return dense.scatter_add_(1, classes.clamp_min(0), weights.float())
+
+
 def rank_weighted_profiles(classes: torch.Tensor, attention_mask: torch.Tensor, n_classes: int) -> torch.Tensor:
     """``(B, n_classes)`` profiles: each attended token adds ``1/log2(position + 2)`` to its class
     (``classes``: ``(B, L)``, -1 for tokens of no class)."""
-    keep = attention_mask.bool() & (classes >= 0)
-    positions = torch.arange(classes.shape[1], device=classes.device, dtype=torch.float32)
-    weights = (1.0 / torch.log2(positions + 2.0)).expand(classes.shape) * keep
-    profiles = torch.zeros(classes.shape[0], n_classes, device=classes.device)
-    return profiles.scatter_add_(1, classes.clamp_min(0), weights)
+    return sparse_rows_to_dense(classes, rank_weights(classes, attention_mask), n_classes)
 
 
 def mutual_nearest_partners(profiles: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
@@ -283,7 +292,64 @@ def mutual_nearest_partners(profiles: torch.Tensor, species: torch.Tensor) -> to
         return torch.where(mutual, best, torch.full_like(best, -1))
 
 
-def cross_species_nce(z: torch.Tensor, partner: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+def profile_cosine(
+    profiles: torch.Tensor, classes: torch.Tensor, weights: torch.Tensor, norms: torch.Tensor, block_elements: int = 1 << 24
+) -> torch.Tensor:
+    """``(Q, N)`` cosine between dense ``(Q, C)`` profiles and ``N`` sparse rows (``classes``/``weights``
+    ``(N, L)``, their norms ``(N,)``), computed in blocks of at most ``block_elements`` gathered values."""
+    q_norm = profiles.norm(dim=1).clamp_min(1e-12)
+    block = max(1, block_elements // max(1, profiles.shape[0] * classes.shape[1]))
+    dots = [
+        (profiles[:, classes[start : start + block].clamp_min(0)] * weights[start : start + block]).sum(-1)
+        for start in range(0, classes.shape[0], block)
+    ]
+    return torch.cat(dots, dim=1) / (q_norm[:, None] * norms.clamp_min(1e-12)[None, :])
+
+
+def mutual_nearest_in_pool(
+    classes: torch.Tensor, weights: torch.Tensor, norms: torch.Tensor, species: torch.Tensor, n_queries: int, n_classes: int,
+    k: int = 1,
+) -> torch.Tensor:
+    """:func:`mutual_nearest_partners` for the first ``n_queries`` rows of a larger pool of cells.
+
+    The pool (the batch, then a :class:`mixgeneformer.cell_bank.CellBank` of earlier cells) is held
+    sparse: ``classes`` / ``weights`` ``(N, L)`` from :func:`rank_weights`, ``norms`` ``(N,)`` the
+    norms of the rows' profiles, ``species`` ``(N,)`` (-1: unknown or an empty slot, never paired).
+    A query's partner is its nearest cell of the other species in the whole pool, kept only when
+    the query is among that cell's own ``k`` nearest cells of the query's species in the whole
+    pool (``k=1``: mutual nearest neighbours; a larger ``k`` pairs more cells, as MNN batch
+    correction does with k=20).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n_queries,)`` long: the partner's row in the pool, or -1.
+    """
+    with torch.no_grad():
+        rows = torch.arange(n_queries, device=classes.device)
+        known = species >= 0
+
+        def other_species_cosine(query_rows: torch.Tensor) -> torch.Tensor:
+            dense = sparse_rows_to_dense(classes[query_rows], weights[query_rows], n_classes)
+            sim = profile_cosine(dense, classes, weights, norms)
+            other = (species[query_rows][:, None] != species[None, :]) & known[query_rows][:, None] & known[None, :]
+            return sim.masked_fill(~other, float("-inf"))
+
+        sim = other_species_cosine(rows)
+        best = sim.argmax(dim=1)
+        best_sim = sim.gather(1, best[:, None]).squeeze(1)
+        back = other_species_cosine(best)
+        if k <= 1:
+            reciprocal = back.argmax(dim=1) == rows
+        else:
+            reciprocal = (back.topk(min(k, back.shape[1]), dim=1).indices == rows[:, None]).any(dim=1)
+        mutual = reciprocal & (best_sim > 0) & torch.isfinite(best_sim)
+        return torch.where(mutual, best, torch.full_like(best, -1))
+
+
+def cross_species_nce(
+    z: torch.Tensor, partner: torch.Tensor, temperature: float = 0.1, bank: torch.Tensor | None = None
+) -> torch.Tensor:
     """InfoNCE that pulls each cell toward its cross-species partner, against every other cell.
 
     For every cell ``i`` with ``partner[i] >= 0`` the logits are ``cos(z_i, z_k) / temperature``
@@ -292,15 +358,27 @@ def cross_species_nce(z: torch.Tensor, partner: torch.Tensor, temperature: float
     species have to overlap, not merely line up side by side (a species-wide offset of the
     embedding costs loss). Mean over cells with a partner; ``0`` (attached to the graph) when
     none has one.
+
+    ``bank`` ``(P, D)``: detached embeddings of earlier cells (a memory bank). A ``partner`` of
+    ``B + j`` then means bank row ``j``; that one row joins the logits as the positive (the other
+    bank rows are not negatives: many are cells of the same type).
     """
     unit = F.normalize(z.float(), dim=-1)
     anchors = partner >= 0
     if not bool(anchors.any()):
         return unit.sum() * 0.0
     rows = torch.nonzero(anchors).squeeze(1)
+    batch = z.shape[0]
     logits = unit[rows] @ unit.T / temperature
     logits = logits.index_put((torch.arange(rows.numel(), device=z.device), rows), torch.tensor(float("-inf"), device=z.device))
-    return F.cross_entropy(logits, partner[rows])
+    target = partner[rows]
+    if bank is not None:
+        in_bank = target >= batch
+        keys = F.normalize(bank.float(), dim=-1)[(target - batch).clamp(0, bank.shape[0] - 1)]
+        extra = ((unit[rows] * keys).sum(-1) / temperature).masked_fill(~in_bank, float("-inf"))
+        logits = torch.cat([logits, extra[:, None]], dim=1)
+        target = torch.where(in_bank, torch.full_like(target, batch), target)
+    return F.cross_entropy(logits, target)
 
 
 def simcse_pp_dimension_loss(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

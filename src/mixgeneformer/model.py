@@ -31,6 +31,7 @@ from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 from transformers.utils import ModelOutput
 
 from . import losses
+from .cell_bank import CellBank
 from .errors import ConfigError, VocabularyMismatchError
 from .model_config import (
     CONTRASTIVE_MODES,
@@ -127,6 +128,7 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
         # of its one-to-one ortholog pair (-1 none), for the cross-species pairing.
         self.register_buffer("species_lookup", torch.full((config.vocab_size,), -1, dtype=torch.long), persistent=False)
         self.register_buffer("ortholog_class", torch.full((config.vocab_size,), -1, dtype=torch.long), persistent=False)
+        self._cell_bank: CellBank | None = None  # cross_species_queue > 0: recent cells for the pairing
         self.has_ortholog_map = False
         self.pooler_is_trained = True
         self.post_init()
@@ -224,9 +226,26 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
         original = torch.where(labels != losses.IGNORE_INDEX, labels, input_ids)  # masked genes count too
         if species is None:
             species = self.cell_species(original, attention_mask)
-        profiles = self.ortholog_profiles(original, attention_mask)
-        partner = losses.mutual_nearest_partners(profiles, species.to(device=z.device, dtype=torch.long))
-        return losses.cross_species_nce(z, partner, self.config.cross_species_temperature)
+        species = species.to(device=z.device, dtype=torch.long)
+        bank_size = int(getattr(self.config, "cross_species_queue", 0) or 0) if self.training else 0
+        k = int(getattr(self.config, "cross_species_k", 1) or 1)
+        temperature = self.config.cross_species_temperature
+        if bank_size <= 0 and k <= 1:
+            partner = losses.mutual_nearest_partners(self.ortholog_profiles(original, attention_mask), species)
+            return losses.cross_species_nce(z, partner, temperature)
+        classes = self.ortholog_class[original]
+        weights = losses.rank_weights(classes, attention_mask)
+        norms = losses.sparse_rows_to_dense(classes, weights, self.config.vocab_size).norm(dim=1)
+        if bank_size <= 0:
+            partner = losses.mutual_nearest_in_pool(classes, weights, norms, species, z.shape[0], self.config.vocab_size, k=k)
+            return losses.cross_species_nce(z, partner, temperature)
+        if self._cell_bank is None or self._cell_bank.size != bank_size:
+            self._cell_bank = CellBank(bank_size)
+        pool = self._cell_bank.pool(classes, weights, norms, species, z.shape[1])
+        partner = losses.mutual_nearest_in_pool(*pool, n_queries=z.shape[0], n_classes=self.config.vocab_size, k=k)
+        loss = losses.cross_species_nce(z, partner, temperature, bank=self._cell_bank.keys)
+        self._cell_bank.push(classes, weights, norms, species, z)
+        return loss
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state

@@ -53,6 +53,15 @@ class MixGeneformerConfig(BertConfig):
         on rank-weighted one-to-one-ortholog profiles) or ``"projection"`` (a cell and its own ortholog
         re-expression, :meth:`MixGeneformerForPretraining.project_to_orthologs`; in an ortholog vocabulary
         that is the cell itself minus its species-specific genes, so it never relates two species' cells).
+    cross_species_queue
+        ``"mnn"`` pairing only: how many earlier training cells (with their detached embeddings) the
+        pairing searches besides the batch (:class:`mixgeneformer.cell_bank.CellBank`); 0 (default)
+        = the batch only.
+    cross_species_k
+        ``"mnn"`` pairing only: a cell's nearest other-species cell is its partner when the cell is
+        among that one's ``k`` nearest of its own species (1, default: mutual nearest neighbours).
+        On the demo data at batch 16, queue 1,024 and k 20 pair 10 cells a step, 78% of them of
+        the same type, against 6 at 62% in the batch alone (``benchmarks/mnn_purity.py``).
     gather_negatives
         Take contrastive negatives from every GPU (all_gather with gradients).
     """
@@ -69,6 +78,8 @@ class MixGeneformerConfig(BertConfig):
     cross_species_weight: float = 0.0
     cross_species_temperature: float = 0.1
     cross_species_positives: str = "mnn"
+    cross_species_queue: int = 0
+    cross_species_k: int = 1
     gather_negatives: bool = False
 
 
@@ -100,6 +111,13 @@ def validate_config(config: BertConfig) -> None:
     positives = getattr(config, "cross_species_positives", "mnn")
     if positives not in CROSS_SPECIES_POSITIVES:
         raise ConfigError(f"model.cross_species_positives={positives!r} is not one of {list(CROSS_SPECIES_POSITIVES)}.")
+    for name, least, meaning in (("cross_species_queue", 0, "0 = pair within the batch only"),
+                                 ("cross_species_k", 1, "1 = mutual nearest neighbours")):
+        value = getattr(config, name, least)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"model.{name}={value!r} must be an integer >= {least} ({meaning}).")
+        if value != least and positives != "mnn":
+            raise ConfigError(f"model.{name} needs model.cross_species_positives='mnn' (the projection pairs a cell with itself).")
     contrastive = getattr(config, "contrastive", "simcse")
     if contrastive not in CONTRASTIVE_MODES:
         raise ConfigError(f"model.contrastive={contrastive!r} is not one of {list(CONTRASTIVE_MODES)}.")

@@ -1,0 +1,100 @@
+"""How much cell-type information the model's input holds: a linear model on each cell's tokens.
+
+The encoder reads a cell as its top ``max_len`` genes by normalised expression (rank-value
+encoding), while the count baselines read every gene. This script fits the same L2 logistic
+regression the package uses (:func:`mixgeneformer.classify.logreg_predict`) to a bag of each
+cell's tokens (binary, and weighted ``1/log2(rank + 2)``) and to log-normalised counts
+(``logreg_counts``), on the demo's within-species splits (split seeds as the demo's,
+stratified 80/20, rare classes dropped). Where the bag of 128 tokens scores below the counts, a
+model that reads 128 genes starts from less information than the count baseline; raising
+``max_len`` shows how much of the gap the input length explains. Labels are used only to fit and
+score the regressions; no model is trained.
+
+Usage::
+
+    python benchmarks/input_bound.py --out benchmarks/results/input_bound_demo.txt
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# benchmarks/tokenize.py must not shadow the standard library's ``tokenize``: drop this folder.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import anndata as ad  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+from sklearn.metrics import f1_score  # noqa: E402
+
+from mixgeneformer import classify as C  # noqa: E402
+from mixgeneformer.demo.config import demo_data_dir  # noqa: E402
+from mixgeneformer.integration import seed_table, write_benchmark_text  # noqa: E402
+from mixgeneformer.medians import compute_medians  # noqa: E402
+from mixgeneformer.tokenize import TokenizeConfig  # noqa: E402
+from mixgeneformer.vocab import build_vocabulary  # noqa: E402
+
+SPECIES = ("human", "mouse")
+
+
+def token_bag(dataset, n_tokens: int, rank_weighted: bool) -> sp.csr_matrix:
+    """``(cells, n_tokens)``: 1 (or ``1/log2(rank + 2)``) for each token of each cell."""
+    ids = dataset["input_ids"]
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    cols = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids])
+    rows = np.repeat(np.arange(len(ids)), lengths)
+    ranks = np.arange(cols.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    values = 1.0 / np.log2(ranks + 2.0) if rank_weighted else np.ones(cols.size)
+    return sp.csr_matrix((values, (rows, cols)), shape=(len(ids), n_tokens))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=None, help="folder with baron_pancreas_{human,mouse}.h5ad (default: the demo's)")
+    parser.add_argument("--label", default="cell_type1")
+    parser.add_argument("--max-lens", default="128,256,512", help="genes per cell to compare")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="split seeds (the demo's)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    started = time.perf_counter()
+    source = args.data or demo_data_dir()
+    data = {s: ad.read_h5ad(source / f"baron_pancreas_{s}.h5ad") for s in SPECIES}
+    medians = compute_medians([data[s] for s in SPECIES])
+    vocab = build_vocabulary(mode="ortholog", gene_set="protein_coding", medians=medians)  # the demo's vocabulary
+    rows = []
+    for species in SPECIES:
+        for seed in args.seeds:
+            task = C.within_task(data[species], C.LabelConfig(key=args.label, seed=seed))
+            row = {"config": species, "seed": seed}
+            for max_len in [int(x) for x in args.max_lens.split(",")]:
+                task_n, train, test = C.tokenize_task(task, vocab, medians, TokenizeConfig(), max_len=max_len)
+                for name, weighted in (("binary", False), ("rank", True)):
+                    fitted = C.logreg_predict(token_bag(train.select(task_n.train_rows), len(vocab.tokens), weighted),
+                                              task_n.train_labels,
+                                              token_bag(test.select(task_n.test_rows), len(vocab.tokens), weighted), clip=10.0)
+                    row[f"bag_{name}_{max_len}"] = f1_score(task_n.test_labels, fitted.labels, average="macro")
+            x = sp.csr_matrix(data[species].X)
+            fitted = C.baseline_predict(x[task.train_rows], task.train_labels, x[task.test_rows], "logreg_counts")
+            row["logreg_counts"] = f1_score(task.test_labels, fitted.labels, average="macro")
+            print(row, flush=True)
+            rows.append(row)
+    per_seed = pd.DataFrame(rows)
+    table, _ = seed_table(per_seed)
+    header = (
+        f"Macro-F1 of logistic regression on each cell's top-N tokens (bag_binary_N, bag_rank_N) vs log-normalised counts "
+        f"(logreg_counts), within species, demo data ({', '.join(f'{s} {data[s].n_obs}' for s in SPECIES)} cells), "
+        f"ortholog vocabulary, split seeds {args.seeds}; {time.perf_counter() - started:.0f}s."
+    )
+    write_benchmark_text(header, table, per_seed, args.out)
+
+
+if __name__ == "__main__":
+    main()
