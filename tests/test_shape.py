@@ -38,6 +38,7 @@ STAGES: list[tuple[str, ...]] = [
     ("corpus",),
     ("tokenize",),
     ("losses",),  # pure torch
+    ("cell_bank",),  # the cross-species pairing's queue of earlier cells (torch only)
     ("model_config",),  # MixGeneformerConfig, presets, validation (transformers' BertConfig only)
     ("model",),
     ("bundle",),
