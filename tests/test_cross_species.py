@@ -140,8 +140,14 @@ def test_pool_pairing_equals_batch_pairing_when_the_pool_is_the_batch():
     batch_only = losses.mutual_nearest_partners(profiles, species)
     pooled = losses.mutual_nearest_in_pool(classes, weights, profiles.norm(dim=1), species, n_queries=12, n_classes=40)
     assert torch.equal(batch_only, pooled) and (batch_only >= 0).any()
-    # Blocked gathers give the same cosines as one dense product.
+    # K as large as the pool: every cell of known species keeps its nearest other-species cell.
+    everyone = losses.mutual_nearest_in_pool(classes, weights, profiles.norm(dim=1), species, n_queries=12, n_classes=40, k=12)
     unit = torch.nn.functional.normalize(profiles, dim=1)
+    other = (species[:, None] != species[None, :]) & (species[:, None] >= 0) & (species[None, :] >= 0)
+    nearest = (unit @ unit.T).masked_fill(~other, float("-inf")).argmax(dim=1)
+    assert torch.equal(everyone, torch.where(species >= 0, nearest, -1))
+    assert (everyone >= 0).sum() > (pooled >= 0).sum()
+    # Blocked gathers give the same cosines as one dense product.
     blocked = losses.profile_cosine(profiles, classes, weights, profiles.norm(dim=1), block_elements=20)
     assert torch.allclose(blocked, unit @ unit.T, atol=1e-6)
 

@@ -69,6 +69,10 @@ def test_demo_config_rejects_bad_values():
         DemoConfig(perturb_start="beta", perturb_goal="beta")
     with pytest.raises(ConfigError, match="unknown option"):
         DemoConfig.quick_config(no_such_option=1)
+    with pytest.raises(ConfigError, match="cross_species_k"):
+        DemoConfig(cross_species_k=0)
+    with pytest.raises(ConfigError, match="cross_species_queue"):
+        DemoConfig(cross_species_queue=-1)
     assert DemoConfig.quick_config().quick and DemoConfig.quick_config().pretrain_steps < DemoConfig().pretrain_steps
     # device / workers do not change results, so they do not change the fingerprint
     assert DemoConfig(device="cpu", workers=1).fingerprint() == DemoConfig().fingerprint()
@@ -120,6 +124,11 @@ def test_every_step_ran_and_is_recorded(quick_demo):
     assert 0 <= mixing["species_asw"] <= 1 and mixing["n_cells"] > 0 and "beta" in mixing["shared_types"]
     assert f"species ASW {mixing['species_asw']:.3f}" in report.read_text()
     assert metrics["embed"]["species_mixing"] == mixing
+    # The pairing queue and K reach the pretrained model and the report names them.
+    model_config = json.loads((out / "pretrain" / "run" / "model" / "config.json").read_text())
+    config = DemoConfig.quick_config()
+    assert (model_config["cross_species_queue"], model_config["cross_species_k"]) == (config.cross_species_queue, config.cross_species_k)
+    assert f"{config.cross_species_k}-reciprocal nearest cells of the batch and {config.cross_species_queue:,} earlier cells" in report.read_text()
 
 
 @pytest.mark.slow

@@ -235,16 +235,17 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
             return losses.cross_species_nce(z, partner, temperature)
         classes = self.ortholog_class[original]
         weights = losses.rank_weights(classes, attention_mask)
-        norms = losses.sparse_rows_to_dense(classes, weights, self.config.vocab_size).norm(dim=1)
-        if bank_size <= 0:
-            partner = losses.mutual_nearest_in_pool(classes, weights, norms, species, z.shape[0], self.config.vocab_size, k=k)
-            return losses.cross_species_nce(z, partner, temperature)
-        if self._cell_bank is None or self._cell_bank.size != bank_size:
-            self._cell_bank = CellBank(bank_size)
-        pool = self._cell_bank.pool(classes, weights, norms, species, z.shape[1])
+        rows = (classes, weights, losses.sparse_rows_to_dense(classes, weights, self.config.vocab_size).norm(dim=1), species)
+        bank = None
+        if bank_size > 0:
+            if self._cell_bank is None or self._cell_bank.size != bank_size:
+                self._cell_bank = CellBank(bank_size)
+            bank = self._cell_bank
+        pool = bank.pool(*rows, dim=z.shape[1]) if bank is not None else rows
         partner = losses.mutual_nearest_in_pool(*pool, n_queries=z.shape[0], n_classes=self.config.vocab_size, k=k)
-        loss = losses.cross_species_nce(z, partner, temperature, bank=self._cell_bank.keys)
-        self._cell_bank.push(classes, weights, norms, species, z)
+        loss = losses.cross_species_nce(z, partner, temperature, bank=None if bank is None else bank.keys)
+        if bank is not None:
+            bank.push(*rows, z=z)
         return loss
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -294,7 +294,9 @@ def _pretrain_embed_sections(ctx: _Context, fig: Callable[[str, str], str]) -> l
 
 def _objective(cfg: DemoConfig) -> str:
     if cfg.cross_species_weight > 0:
-        return f"MLM + SimCSE + cross-species term × {cfg.cross_species_weight:g}, mutual nearest cells as positives"
+        pairs = "mutual nearest cells" if cfg.cross_species_k == 1 else f"{cfg.cross_species_k}-reciprocal nearest cells"
+        pool = f" of the batch and {cfg.cross_species_queue:,} earlier cells" if cfg.cross_species_queue else " of the batch"
+        return f"MLM + SimCSE + cross-species term × {cfg.cross_species_weight:g}, {pairs}{pool} as positives"
     return "MLM + SimCSE"
 
 

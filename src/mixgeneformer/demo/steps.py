@@ -131,7 +131,8 @@ def _pretrain_config(ctx: _Context, folder: Path) -> Any:
             },
             "model": {"preset": cfg.preset, "overrides": dict(cfg.model_overrides)},
             "objective": {"contrastive_weight": cfg.contrastive_weight, "pooling": cfg.pooling,
-                          "cross_species_weight": cfg.cross_species_weight},
+                          "cross_species_weight": cfg.cross_species_weight,
+                          "cross_species_queue": cfg.cross_species_queue, "cross_species_k": cfg.cross_species_k},
             "train": {
                 "learning_rate": cfg.learning_rate,
                 "warmup_steps": cfg.warmup_steps,
