@@ -8,6 +8,7 @@ given (format from the file suffix; PNG at 150 dpi by default).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,9 @@ def _annotation(data: Any, value: Any, n: int, what: str) -> tuple[str, np.ndarr
     return what, values
 
 
+EXACT_KNN_MAX_CELLS = 20_000  # brute-force neighbours below this many cells (UMAP figures)
+
+
 def umap_coordinates(
     embeddings: np.ndarray,
     n_neighbors: int = 15,
@@ -76,20 +80,36 @@ def umap_coordinates(
     metric: str = "cosine",
     random_state: int | None = 0,
 ) -> np.ndarray:
-    """2-D UMAP (umap-learn) of the rows of ``embeddings``; float32 (n, 2)."""
+    """2-D UMAP (umap-learn) of the rows of ``embeddings``; float32 (n, 2).
+
+    Up to :data:`EXACT_KNN_MAX_CELLS` cells the neighbour graph is computed exactly by
+    scikit-learn and handed to umap-learn (``precomputed_knn``), which skips compiling and running
+    its approximate search: about 10 s less for the demo's 3,000 cells on CPU.
+    """
     import umap as umap_learn  # lazy: importing umap-learn compiles numba code (seconds) at import
 
-    n = embeddings.shape[0]
+    x = np.asarray(embeddings, dtype=np.float32)
+    n = x.shape[0]
     if n < 3:
         raise InputDataError(f"UMAP needs at least 3 cells, got {n}")
+    k = min(n_neighbors, n - 1)
+    knn = (None, None, None)
+    if n <= EXACT_KNN_MAX_CELLS:
+        from sklearn.neighbors import NearestNeighbors
+
+        distances, indices = NearestNeighbors(n_neighbors=k, metric=metric, algorithm="brute").fit(x).kneighbors(x)
+        knn = (indices, distances.astype(np.float32), None)
     reducer = umap_learn.UMAP(
-        n_neighbors=min(n_neighbors, n - 1),
+        n_neighbors=k,
         min_dist=min_dist,
         metric=metric,
         random_state=random_state,
         n_jobs=1 if random_state is not None else -1,
+        precomputed_knn=knn,
     )
-    return reducer.fit_transform(np.asarray(embeddings, dtype=np.float32)).astype(np.float32)
+    with warnings.catch_warnings():  # the figure never calls reducer.transform, which a precomputed graph disables
+        warnings.filterwarnings("ignore", message="precomputed_knn", category=UserWarning)
+        return reducer.fit_transform(x).astype(np.float32)
 
 
 def _scatter(ax: Any, coords: np.ndarray, labels: np.ndarray, name: str, point_size: float) -> None:
