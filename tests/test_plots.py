@@ -131,3 +131,15 @@ def test_save_rejects_unknown_formats(tmp_path):
     plots.save_figure(fig, tmp_path / "x.pdf")
     assert (tmp_path / "x.pdf").read_bytes().startswith(b"%PDF")
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_umap_coordinates_keep_clusters_apart_with_the_exact_graph_and_with_umap_only_metrics(clustered):
+    """Cosine (scikit-learn's exact neighbour graph) and hellinger (umap-learn's own search) both separate the clusters."""
+    embeddings, labels, _ = clustered
+    for metric, x in (("cosine", embeddings), ("hellinger", np.abs(embeddings))):
+        coords = plots.umap_coordinates(x, n_neighbors=10, metric=metric)
+        assert coords.shape == (90, 2) and np.isfinite(coords).all()
+        centers = np.stack([coords[labels == t].mean(axis=0) for t in np.unique(labels)])
+        spread = max(np.linalg.norm(coords[labels == t] - c, axis=1).mean() for t, c in zip(np.unique(labels), centers, strict=True))
+        gaps = [np.linalg.norm(a - b) for i, a in enumerate(centers) for b in centers[i + 1:]]
+        assert min(gaps) > spread, metric

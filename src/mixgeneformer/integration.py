@@ -150,12 +150,12 @@ def cross_species_scores(
         if baseline:
             scored["pca"] = C.baselines(task, ("knn_pca",), species=(src, tgt))[0]
             out[f"pca_f1_{src}->{tgt}"] = scored["pca"].metrics["macro_f1"]
+        tested = sorted(set(task.test_labels.tolist()))
         if per_type:
             for name, result in scored.items():
                 prefix = "type_f1" if name == "transfer" else "pca_type_f1"
-                f1 = result.report["f1"]
-                out.update({f"{prefix}_{src}->{tgt}:{t}": float(f1.get(t, 0.0)) for t in sorted(set(task.test_labels.tolist()))})
-        shared_types |= set(task.test_labels.tolist())
+                out.update({f"{prefix}_{src}->{tgt}:{t}": float(result.report["f1"].get(t, 0.0)) for t in tested})
+        shared_types |= set(tested)
     labels = {s: data[s].obs[label_key].astype(str).to_numpy()[np.asarray(rows[s])] for s in ("human", "mouse")}
     out.update(shared_type_mixing(embeddings, labels, shared_types)[0])
     return out

@@ -60,8 +60,8 @@ class MixGeneformerConfig(BertConfig):
     cross_species_k
         ``"mnn"`` pairing only: a cell's nearest other-species cell is its partner when the cell is
         among that one's ``k`` nearest of its own species (1, default: mutual nearest neighbours).
-        On the demo data at batch 16, queue 1,024 and k 20 pair 10 cells a step, 78% of them of
-        the same type, against 6 at 62% in the batch alone (``benchmarks/mnn_purity.py``).
+        On the demo data at batch 16, queue 1,024 and k 20 pair 10 cells a step, 77% of them of
+        the same type, against 6 at 60% in the batch alone (``benchmarks/mnn_purity.py``).
     gather_negatives
         Take contrastive negatives from every GPU (all_gather with gradients).
     """

@@ -82,11 +82,13 @@ def umap_coordinates(
 ) -> np.ndarray:
     """2-D UMAP (umap-learn) of the rows of ``embeddings``; float32 (n, 2).
 
-    Up to :data:`EXACT_KNN_MAX_CELLS` cells the neighbour graph is computed exactly by
-    scikit-learn and handed to umap-learn (``precomputed_knn``), which skips compiling and running
-    its approximate search: about 10 s less for the demo's 3,000 cells on CPU.
+    Up to :data:`EXACT_KNN_MAX_CELLS` cells, and for metrics scikit-learn's brute-force search
+    knows, the neighbour graph is computed exactly by scikit-learn and handed to umap-learn
+    (``precomputed_knn``), which skips compiling and running its approximate search: about 10 s
+    less for the demo's 3,000 cells on CPU. Other metrics (umap-learn's own) use umap-learn's search.
     """
     import umap as umap_learn  # lazy: importing umap-learn compiles numba code (seconds) at import
+    from sklearn.neighbors import VALID_METRICS, NearestNeighbors
 
     x = np.asarray(embeddings, dtype=np.float32)
     n = x.shape[0]
@@ -94,9 +96,7 @@ def umap_coordinates(
         raise InputDataError(f"UMAP needs at least 3 cells, got {n}")
     k = min(n_neighbors, n - 1)
     knn = (None, None, None)
-    if n <= EXACT_KNN_MAX_CELLS:
-        from sklearn.neighbors import NearestNeighbors
-
+    if n <= EXACT_KNN_MAX_CELLS and metric in VALID_METRICS["brute"]:
         distances, indices = NearestNeighbors(n_neighbors=k, metric=metric, algorithm="brute").fit(x).kneighbors(x)
         knn = (indices, distances.astype(np.float32), None)
     reducer = umap_learn.UMAP(
