@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--eval-steps", type=int, default=None,
+                        help="score the held-out cells every N steps (default: once, at the end)")
     parser.add_argument("--cross-weight", type=float, default=0.5)
     parser.add_argument("--device", default=None)
     parser.add_argument("--work-dir", type=Path, default=None)
@@ -122,7 +124,7 @@ def pretrain(work: Path, corpus: Path, vocab_path: Path, medians_path: Path, cro
         "train": {"max_steps": args.steps, "per_device_batch_size": args.batch, "learning_rate": args.lr,
                   "warmup_steps": 40, "seed": seed},
         "checkpoint": {"save_steps": args.steps, "keep": 1},
-        "logging": {"logging_steps": max(1, args.steps // 10), "eval_steps": args.steps, "tensorboard": False,
+        "logging": {"logging_steps": max(1, args.steps // 10), "eval_steps": args.eval_steps or args.steps, "tensorboard": False,
                     "progress_bar": False},
     })
     result = run_pretraining(config, overwrite=True)
