@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--mlm-bias-init", choices=["zero", "unigram"], default="zero",
+                        help="train.mlm_bias_init: the MLM output bias starts at zero or at the log gene frequencies")
     parser.add_argument("--eval-steps", type=int, default=None,
                         help="score the held-out cells every N steps (default: once, at the end)")
     parser.add_argument("--cross-weight", type=float, default=0.5)
@@ -122,7 +124,8 @@ def pretrain(work: Path, corpus: Path, vocab_path: Path, medians_path: Path, cro
         "model": {"preset": "tiny", "overrides": {"max_position_embeddings": 512}},
         "objective": objective,
         "train": {"max_steps": args.steps, "per_device_batch_size": args.batch, "learning_rate": args.lr,
-                  "warmup_steps": 40, "seed": seed},
+                  "warmup_steps": 40, "seed": seed,
+                  "mlm_bias_init": args.mlm_bias_init},
         "checkpoint": {"save_steps": args.steps, "keep": 1},
         "logging": {"logging_steps": max(1, args.steps // 10), "eval_steps": args.eval_steps or args.steps, "tensorboard": False,
                     "progress_bar": False},

@@ -249,6 +249,31 @@ def test_run_writes_checkpoints_metrics_and_a_loadable_bundle(tmp_path, syntheti
     assert torch.equal(model.bert.embeddings.word_embeddings.weight, trained["bert.embeddings.word_embeddings.weight"])
 
 
+def test_unigram_mlm_bias_starts_at_the_training_cells_log_gene_frequencies(tmp_path, synthetic):
+    from mixgeneformer.corpus import load_corpus
+    from mixgeneformer.pretrain import split_train_eval
+
+    vocab = Vocabulary.load(synthetic / "vocab.json")
+    # 2 warmup steps: the one step taken has learning rate 0, so the bundle holds the initial weights.
+    sections = {"train": {"max_steps": 1, "warmup_steps": 2}, "data": {"eval_fraction": 0.1}, "checkpoint": {"save_steps": 1}}
+    bias = {}
+    for init in ("zero", "unigram"):
+        config = tiny_config(synthetic, tmp_path / init, **sections)
+        config["train"]["mlm_bias_init"] = init
+        bias[init] = params_of(run_pretraining(pretrain_config_from_dict(config)).bundle_dir)["cls.predictions.bias"]
+    assert torch.count_nonzero(bias["zero"]) == 0
+    train, _ = split_train_eval(load_corpus(synthetic / "corpus"), 0.1, 7)
+    counts = np.bincount(np.concatenate(train["input_ids"]), minlength=len(vocab)).astype(float)
+    genes = np.setdiff1d(np.arange(len(vocab)), vocab.special_ids)
+    expected = np.log((counts[genes] + 1) / (counts[genes].sum() + genes.size))  # add-one unigram of the training split
+    got = bias["unigram"].numpy().astype(float)
+    np.testing.assert_allclose(got[genes] - got[genes].mean(), expected - expected.mean(), atol=1e-5)
+    assert np.all(got[vocab.special_ids] <= got[genes].min() + 1e-6)  # never a target: the lowest value
+    assert abs(got.mean()) < 1e-5
+    with pytest.raises(ConfigError, match="mlm_bias_init"):
+        pretrain_config_from_dict(tiny_config(synthetic, tmp_path / "bad", train={"mlm_bias_init": "frequency"})).validate()
+
+
 def test_resume_after_a_crash_equals_a_straight_run(tmp_path, synthetic, monkeypatch):
     straight = run_pretraining(pretrain_config_from_dict(tiny_config(synthetic, tmp_path / "a")))
 

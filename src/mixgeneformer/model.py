@@ -147,6 +147,20 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
         self.cls.predictions.decoder = new_embeddings
         self.cls.predictions.bias = new_embeddings.bias
 
+    @torch.no_grad()
+    def init_mlm_bias(self, log_prob: torch.Tensor) -> None:
+        """Start the MLM output bias at ``log_prob`` (``(V,)`` log gene frequencies; -inf for special
+        tokens, which are never targets and get the lowest finite value), centred to mean zero."""
+        bias = self.cls.predictions.bias
+        if log_prob.shape != bias.shape:
+            raise ValueError(f"{tuple(log_prob.shape)} log-probabilities for an MLM bias of shape {tuple(bias.shape)}.")
+        values = log_prob.to(dtype=torch.float32, device=bias.device)
+        finite = torch.isfinite(values)
+        if not bool(finite.any()):
+            raise ValueError("no finite log-probability to start the MLM bias from.")
+        values = torch.where(finite, values, values[finite].min())
+        bias.copy_((values - values.mean()).to(bias.dtype))
+
     # -- vocabulary-dependent tables ---------------------------------------------------------
     def attach_vocabulary(self, vocab: Vocabulary) -> None:
         """Record the vocabulary's special ids, hash and ortholog map (needed by mean pooling and

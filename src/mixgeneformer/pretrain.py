@@ -245,6 +245,9 @@ def _run_pretraining(
     plan = _plan_run(config, resume, overwrite, resume_from)
     model = _seeded_model(config, plan.vocab)
     data = _open_data(config, plan.vocab, int(model.config.max_position_embeddings))
+    if config.train.mlm_bias_init == "unigram" and plan.checkpoint is None:
+        counted = data.baselines or _frequency_baselines(config, data.train_set.select_columns(["input_ids"]), plan.vocab, data.lengths)
+        model.init_mlm_bias(torch.from_numpy(counted.unigram_log_prob))
     args = training_arguments(config, plan.run_dir, plan.precision, data.eval_set is not None)
     environment = _prepare_run_dir(config, plan, args.world_size, data.baselines)
     trainer, stopper = _make_trainer(config, plan, model, data, args, environment, signals)

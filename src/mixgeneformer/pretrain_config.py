@@ -59,6 +59,9 @@ class TrainOptions:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported, else fp32
     torch_compile: bool = False
     compile_blocks: bool = False  # torch.compile each encoder block in place (the benchmark loop's setting)
+    # "unigram": a fresh model's MLM output bias starts at the log gene frequencies of the training cells, so the
+    # first steps go to what the context adds rather than to relearning frequencies; "zero": BERT's init.
+    mlm_bias_init: Literal["zero", "unigram"] = "zero"
 
 
 @dataclass
@@ -157,6 +160,8 @@ class PretrainConfig:
             raise ConfigError(
                 "distributed.strategy=deepspeed needs distributed.deepspeed_config (e.g. configs/deepspeed_zero2.json)."
             )
+        if self.train.mlm_bias_init not in ("zero", "unigram"):
+            raise ConfigError(f"train.mlm_bias_init must be 'zero' or 'unigram', got {self.train.mlm_bias_init!r}.")
         if self.train.torch_compile and self.train.compile_blocks:
             raise ConfigError("train.torch_compile (whole model) and train.compile_blocks (each encoder block): choose one.")
         if self.logging.peak_tflops is not None and self.logging.peak_tflops <= 0:
