@@ -71,6 +71,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--overrides", default="", help="model overrides, e.g. num_hidden_layers=4,hidden_size=128")
     parser.add_argument("--steps", type=int, default=1600, help="pretraining steps per model (the budget)")
     parser.add_argument("--batch", type=int, default=16, help="pretraining cells per step (the budget)")
+    parser.add_argument("--mlm-bias-init", choices=["zero", "unigram"], default="zero",
+                        help="train.mlm_bias_init of the pretraining (the MLM output bias starts at zero or the log gene frequencies)")
     parser.add_argument("--lr", type=float, default=1e-3, help="pretraining learning rate")
     parser.add_argument("--max-len", type=int, default=128, help="tokens per cell (top-ranked genes)")
     parser.add_argument("--vocab-mode", choices=["separate", "ortholog"], default="ortholog",
@@ -115,7 +117,7 @@ def pretrain_model(name: str, corpora: list[Path], work: Path, vocab_path: Path,
             "model": model_section(args),
             "train": {
                 "max_steps": args.steps, "per_device_batch_size": args.batch, "learning_rate": args.lr,
-                "warmup_steps": max(1, args.steps // 10), "seed": args.seed,
+                "warmup_steps": max(1, args.steps // 10), "seed": args.seed, "mlm_bias_init": args.mlm_bias_init,
             },
             "checkpoint": {"save_steps": args.steps, "keep": 1},
             "logging": {"logging_steps": max(1, args.steps // 5), "tensorboard": False, "progress_bar": False},

@@ -136,6 +136,7 @@ def _pretrain_config(ctx: _Context, folder: Path) -> Any:
             "train": {
                 "learning_rate": cfg.learning_rate,
                 "warmup_steps": cfg.warmup_steps,
+                "mlm_bias_init": cfg.mlm_bias_init,
                 "per_device_batch_size": cfg.batch_size,
                 "max_steps": steps,
                 "seed": cfg.seed,
