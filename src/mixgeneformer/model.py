@@ -149,16 +149,11 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
 
     @torch.no_grad()
     def init_mlm_bias(self, log_prob: torch.Tensor) -> None:
-        """Start the MLM output bias at ``log_prob`` (``(V,)`` log gene frequencies; -inf for special
-        tokens, which are never targets and get the lowest finite value), centred to mean zero."""
+        """Start the MLM output bias at ``log_prob`` (``(V,)`` log gene frequencies), centred; special
+        tokens (-inf there: never targets) get the lowest finite value."""
         bias = self.cls.predictions.bias
-        if log_prob.shape != bias.shape:
-            raise ValueError(f"{tuple(log_prob.shape)} log-probabilities for an MLM bias of shape {tuple(bias.shape)}.")
-        values = log_prob.to(dtype=torch.float32, device=bias.device)
-        finite = torch.isfinite(values)
-        if not bool(finite.any()):
-            raise ValueError("no finite log-probability to start the MLM bias from.")
-        values = torch.where(finite, values, values[finite].min())
+        values = log_prob.to(dtype=torch.float32, device=bias.device).reshape(bias.shape)
+        values = torch.where(torch.isfinite(values), values, values[torch.isfinite(values)].min())
         bias.copy_((values - values.mean()).to(bias.dtype))
 
     # -- vocabulary-dependent tables ---------------------------------------------------------

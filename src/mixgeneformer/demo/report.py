@@ -293,11 +293,12 @@ def _pretrain_embed_sections(ctx: _Context, fig: Callable[[str, str], str]) -> l
 
 
 def _objective(cfg: DemoConfig) -> str:
+    mlm = "MLM (output bias started at the log gene frequencies)" if cfg.mlm_bias_init == "unigram" else "MLM"
     if cfg.cross_species_weight > 0:
         pairs = "mutual nearest cells" if cfg.cross_species_k == 1 else f"{cfg.cross_species_k}-reciprocal nearest cells"
         pool = f" of the batch and {cfg.cross_species_queue:,} earlier cells" if cfg.cross_species_queue else " of the batch"
-        return f"MLM + SimCSE + cross-species term × {cfg.cross_species_weight:g}, {pairs}{pool} as positives"
-    return "MLM + SimCSE"
+        return f"{mlm} + SimCSE + cross-species term × {cfg.cross_species_weight:g}, {pairs}{pool} as positives"
+    return f"{mlm} + SimCSE"
 
 
 def _mixing_lines(mixing: dict[str, Any] | None) -> list[str]:
