@@ -16,7 +16,7 @@ same kind of held-out masked positions:
   ``k``, ``s`` and ``lam`` are chosen on training cells scored against the other training cells
   (leave-one-out), never on the held-out cells.
 
-The held-out cells are the pretraining run's (``eval_fraction`` 0.05, split seed as ``--seed``),
+The held-out cells are the pretraining runs' (``eval_fraction`` 0.05; split seeds as ``--seeds``, 0 1 2 by default),
 15% of each cell's gene positions are masked (seeded), and the predictors see the unmasked genes
 at their positions. A predictor that reaches ``X`` nats below the rank baseline shows that at least
 that much is learnable from this corpus; it is a lower estimate of the attainable gap, not a bound.
