@@ -36,6 +36,7 @@ from sklearn.metrics import f1_score  # noqa: E402
 
 from mixgeneformer import classify as C  # noqa: E402
 from mixgeneformer.demo.config import demo_data_dir  # noqa: E402
+from mixgeneformer.diagnostics import token_positions  # noqa: E402
 from mixgeneformer.integration import seed_table, write_benchmark_text  # noqa: E402
 from mixgeneformer.medians import compute_medians  # noqa: E402
 from mixgeneformer.tokenize import TokenizeConfig  # noqa: E402
@@ -50,7 +51,7 @@ def token_bag(dataset, n_tokens: int, rank_weighted: bool) -> sp.csr_matrix:
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     cols = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids])
     rows = np.repeat(np.arange(len(ids)), lengths)
-    ranks = np.arange(cols.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    ranks = token_positions(lengths)
     values = 1.0 / np.log2(ranks + 2.0) if rank_weighted else np.ones(cols.size)
     return sp.csr_matrix((values, (rows, cols)), shape=(len(ids), n_tokens))
 

@@ -44,11 +44,12 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
+from sklearn.preprocessing import normalize  # noqa: E402
 
 from mixgeneformer import classify as C  # noqa: E402
 from mixgeneformer.corpus import load_corpus  # noqa: E402
 from mixgeneformer.demo.config import demo_data_dir  # noqa: E402
-from mixgeneformer.diagnostics import frequency_baselines  # noqa: E402
+from mixgeneformer.diagnostics import frequency_baselines, token_positions  # noqa: E402
 from mixgeneformer.medians import compute_medians  # noqa: E402
 from mixgeneformer.pretrain import split_train_eval  # noqa: E402
 from mixgeneformer.tokenize import TokenizeConfig, tokenize_files  # noqa: E402
@@ -64,16 +65,12 @@ def cells_of(dataset) -> list[np.ndarray]:
 
 def bag(cells: list[np.ndarray], keep: list[np.ndarray] | None, vocab_size: int) -> sp.csr_matrix:
     """Rows: L2-normalised token bags, weight ``1 / log2(position + 2)``; ``keep`` masks positions out."""
-    rows, cols, vals = [], [], []
-    for i, ids in enumerate(cells):
-        pos = np.arange(ids.size)
-        sel = np.ones(ids.size, bool) if keep is None else keep[i]
-        rows.append(np.full(sel.sum(), i))
-        cols.append(ids[sel])
-        vals.append(1.0 / np.log2(pos[sel] + 2.0))
-    m = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(cells), vocab_size))
-    norms = np.sqrt(np.asarray(m.multiply(m).sum(axis=1))).ravel()
-    return sp.diags(1.0 / np.maximum(norms, 1e-12)) @ m
+    lengths = np.fromiter((ids.size for ids in cells), dtype=np.int64, count=len(cells))
+    flat = np.concatenate(cells)
+    rows = np.repeat(np.arange(len(cells)), lengths)
+    sel = np.ones(flat.size, bool) if keep is None else np.concatenate(keep)
+    weights = 1.0 / np.log2(token_positions(lengths)[sel] + 2.0)
+    return normalize(sp.csr_matrix((weights, (rows[sel], flat[sel])), shape=(len(cells), vocab_size)))
 
 
 def masks(cells: list[np.ndarray], special: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:

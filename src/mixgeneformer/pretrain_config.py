@@ -160,8 +160,6 @@ class PretrainConfig:
             raise ConfigError(
                 "distributed.strategy=deepspeed needs distributed.deepspeed_config (e.g. configs/deepspeed_zero2.json)."
             )
-        if self.train.mlm_bias_init not in ("zero", "unigram"):
-            raise ConfigError(f"train.mlm_bias_init must be 'zero' or 'unigram', got {self.train.mlm_bias_init!r}.")
         if self.train.torch_compile and self.train.compile_blocks:
             raise ConfigError("train.torch_compile (whole model) and train.compile_blocks (each encoder block): choose one.")
         if self.logging.peak_tflops is not None and self.logging.peak_tflops <= 0:
