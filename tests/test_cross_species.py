@@ -147,7 +147,12 @@ def test_pool_pairing_equals_batch_pairing_when_the_pool_is_the_batch():
     nearest = (unit @ unit.T).masked_fill(~other, float("-inf")).argmax(dim=1)
     assert torch.equal(everyone, torch.where(species >= 0, nearest, -1))
     assert (everyone >= 0).sum() > (pooled >= 0).sum()
-    # The sparse cosines equal the dense product.
+    # The sparse norms and cosines equal the dense ones, also when a class recurs within a row.
+    assert torch.allclose(losses.sparse_row_norms(classes, weights), profiles.norm(dim=1), atol=1e-6)
+    repeated = classes.clone()
+    repeated[2, 1] = repeated[2, 5]
+    dense = losses.sparse_rows_to_dense(repeated, weights, 40).norm(dim=1)
+    assert torch.allclose(losses.sparse_row_norms(repeated, weights), dense, atol=1e-6) and dense[2] > profiles.norm(dim=1)[2]
     rows = (classes, weights, profiles.norm(dim=1))
     assert torch.allclose(losses.sparse_cosine(rows, rows, 40), unit @ unit.T, atol=1e-6)
 

@@ -244,7 +244,7 @@ class MixGeneformerForPretraining(BertPreTrainedModel):
             return losses.cross_species_nce(z, partner, temperature)
         classes = self.ortholog_class[original]
         weights = losses.rank_weights(classes, attention_mask)
-        rows = (classes, weights, losses.sparse_rows_to_dense(classes, weights, self.config.vocab_size).norm(dim=1), species)
+        rows = (classes, weights, losses.sparse_row_norms(classes, weights), species)
         bank = None
         if bank_size > 0:
             if self._cell_bank is None or self._cell_bank.size != bank_size:
