@@ -110,8 +110,27 @@ def test_new_options_are_validated():
         from_dict(C.FinetuneConfig, {"class_weights": "inverse"}, "finetune")
     with pytest.raises(ConfigError, match="pooling"):
         from_dict(C.FinetuneConfig, {"pooling": "max"}, "finetune")
+    for name in ("classifier_dropout", "attention_dropout", "hidden_dropout"):
+        with pytest.raises(ConfigError, match=name):
+            C.FinetuneConfig(**{name: 1.0})
+    with pytest.raises(ConfigError, match="selection_metric"):
+        from_dict(C.FinetuneConfig, {"selection_metric": "accuracy"}, "finetune")
     config = from_dict(C.FinetuneConfig, {"learning_rate": "2e-4", "head_learning_rate": None}, "finetune")
     assert config.learning_rate == 2e-4 and config.head_learning_rate is None
+
+
+def test_encoder_dropout_for_fine_tuning_replaces_the_pretrained_rates_only_when_set():
+    _, vocab, _ = token_task(n_per_class=10)
+    model = tiny_model(vocab)
+    pretrained = model.config
+    same = C.build_classifier(model, ["a", "b"], vocab, C.FinetuneConfig())
+    assert same.config.attention_probs_dropout_prob == pretrained.attention_probs_dropout_prob > 0
+    assert same.config.hidden_dropout_prob == pretrained.hidden_dropout_prob > 0
+    changed = C.build_classifier(model, ["a", "b"], vocab, C.FinetuneConfig(attention_dropout=0.0, hidden_dropout=0.05))
+    assert changed.config.attention_probs_dropout_prob == 0.0 and changed.config.hidden_dropout_prob == 0.05
+    assert changed.bert.encoder.layer[0].attention.self.dropout.p == 0.0
+    assert changed.bert.embeddings.dropout.p == 0.05
+    assert model.config.attention_probs_dropout_prob == pretrained.attention_probs_dropout_prob  # the model is untouched
 
 
 # ---------------------------------------------------------------- fine-tuning runs
@@ -186,6 +205,27 @@ def test_early_stopping_restores_the_best_epoch():
     prediction = fitted.predict(tokens.select(task.train_rows[val]), device="cpu")
     scores = C.classification_metrics(np.asarray(task.classes, dtype=object)[ids[val]], prediction.labels)
     assert scores["macro_f1"] == pytest.approx(max(curve))
+
+
+def test_selection_by_validation_loss_restores_the_lowest_loss_epoch():
+    adata, vocab, tokens = token_task(n_per_class=40)
+    task = C.within_task(adata, C.LabelConfig(min_class_fraction=0))
+    config = recipe(epochs=6, batch_size=8, early_stopping_patience=0, validation_fraction=0.2, class_weights="none",
+                    selection_metric="loss")
+    fitted = C.fit_classifier(task, tiny_model(vocab), vocab, None, config, train_tokens=tokens, callbacks=[Sabotage(3)])
+    summary = fitted.summary
+    losses = [e["loss"] for e in summary["validation_curve"]]
+    # After epoch 3 the head is confidently wrong on two classes of three: the loss jumps.
+    assert len(losses) == 6 and min(losses[3:]) > 2 * min(losses[:3]), losses
+    assert summary["selection_metric"] == "loss" and summary["kept"] == "trained"
+    assert summary["best_validation_loss"] == min(losses) and summary["best_epoch"] == int(np.argmin(losses)) + 1
+    # The returned model is that checkpoint: its cross-entropy on the validation cells is the minimum.
+    ids = pd.Index(task.classes).get_indexer(task.train_labels)
+    _, val = C.validation_split(ids, 0.2, seed=config.labels.seed)
+    prediction = fitted.predict(tokens.select(task.train_rows[val]), device="cpu")
+    columns = pd.Index(prediction.classes).get_indexer(np.asarray(task.classes)[ids[val]])
+    cross_entropy = -np.log(prediction.probabilities[np.arange(val.size), columns]).mean()
+    assert cross_entropy == pytest.approx(min(losses), rel=1e-4)
 
 
 def test_finetuning_twice_gives_identical_predictions():

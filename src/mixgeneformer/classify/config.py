@@ -61,7 +61,8 @@ class FinetuneConfig:
     The recipe (see :func:`fit_classifier`): a stratified validation split carved from the training
     cells (``validation_fraction``), evaluation every epoch, the checkpoint with the best
     validation macro-F1 kept (early stopping after ``early_stopping_patience`` epochs without a
-    gain), class-weighted cross-entropy when classes are imbalanced, and learning rates fitted to
+    gain; ``selection_metric="loss"`` selects and stops on the validation loss instead, which is
+    smoother than macro-F1 when a class has only a few validation cells), class-weighted cross-entropy when classes are imbalanced, and learning rates fitted to
     the model: ``learning_rate=None`` picks :func:`default_learning_rate` of the encoder's width
     (the authors' 5e-5 for their 256-wide model, higher for narrower ones), and the freshly
     initialised head learns at ``head_learning_rate`` (default ``head_lr_multiplier`` × the
@@ -73,10 +74,14 @@ class FinetuneConfig:
     ``seed`` (default: the split seed ``labels.seed``) seeds the head, dropout, data order and the
     validation split: the same call gives the same model on the same machine.
 
+    ``attention_dropout`` / ``hidden_dropout`` replace the encoder's dropout rates for fine-tuning
+    (``None``: as pretrained). Without attention dropout PyTorch's fused attention kernels run:
+    fine-tuning the demo's model takes about a third less time on a CPU.
+
     ``head_init="probe"`` starts the head at the frozen-encoder probe (a logistic regression on the
     pooled embeddings of the fit cells, standardisation folded into the layer; linear probing then
-    fine-tuning) and keeps that starting model when no epoch beats its validation macro-F1, so the
-    selected model is never worse than the probe on the validation cells. ``"random"``: a seeded
+    fine-tuning) and keeps that starting model when no epoch beats its validation score (the
+    ``selection_metric``), so the selected model is never worse than the probe on the validation cells. ``"random"``: a seeded
     random head (the usual recipe).
     """
 
@@ -95,8 +100,11 @@ class FinetuneConfig:
     pooling: Literal["auto", "mean", "cls"] = "auto"
     head_init: Literal["probe", "random"] = "probe"
     classifier_dropout: float = 0.1
+    attention_dropout: float | None = None
+    hidden_dropout: float | None = None
     validation_fraction: float = 0.1
     early_stopping_patience: int = 3
+    selection_metric: Literal["macro_f1", "loss"] = "macro_f1"
     class_weights: Literal["auto", "balanced", "none"] = "auto"
     imbalance_ratio: float = 1.5
     seed: int | None = None
@@ -126,8 +134,14 @@ class FinetuneConfig:
             raise ConfigError(
                 f"finetune.early_stopping_patience={self.early_stopping_patience} must be >= 0 (0: train every epoch)."
             )
+        if self.selection_metric not in ("macro_f1", "loss"):
+            raise ConfigError(f"finetune.selection_metric={self.selection_metric!r} is not one of ['macro_f1', 'loss'].")
         if self.head_init not in ("probe", "random"):
             raise ConfigError(f"finetune.head_init={self.head_init!r} is not one of ['probe', 'random'].")
+        for name in ("classifier_dropout", "attention_dropout", "hidden_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ConfigError(f"finetune.{name}={value} must be in [0, 1) (or null: as pretrained).")
         if self.imbalance_ratio < 1.0:
             raise ConfigError(f"finetune.imbalance_ratio={self.imbalance_ratio} must be >= 1.")
         if not 0.0 <= self.warmup_max_fraction <= 1.0:

@@ -29,6 +29,7 @@ from .metrics import EvalResult, Prediction, _argmax_labels, evaluate
 from .recipe import (
     FinetuneTrainer,
     PadCollator,
+    beats,
     class_weights,
     default_learning_rate,
     init_head_from_probe,
@@ -83,6 +84,10 @@ def build_classifier(
     model_config.label2id = {c: i for i, c in enumerate(classes)}
     model_config.cell_pooling = resolve_pooling(config.pooling, model)
     model_config.classifier_dropout = config.classifier_dropout
+    if config.attention_dropout is not None:
+        model_config.attention_probs_dropout_prob = config.attention_dropout
+    if config.hidden_dropout is not None:
+        model_config.hidden_dropout_prob = config.hidden_dropout
     model_config.special_token_ids = [int(i) for i in vocab.special_ids]
     model_config.vocab_hash = vocab.hash
     if seed is None:
@@ -213,10 +218,8 @@ def fit_classifier(
     classifier = build_classifier(model, classes, vocab, dataclasses.replace(ft, pooling=pooling), seed=seed)
     weights = class_weights(np.asarray(train_set["labels"]), len(classes), ft.class_weights, ft.imbalance_ratio)
     classifier.loss_weights = None if weights is None else torch.as_tensor(weights)
-    probe_f1 = None
     if ft.head_init == "probe":
-        probe_f1 = init_head_from_probe(classifier, train_set, val_set, vocab.pad_id, weights is not None, seed)
-    start = copy.deepcopy(classifier.state_dict()) if probe_f1 is not None else None
+        init_head_from_probe(classifier, train_set, vocab.pad_id, weights is not None, seed)
     learning_rate = ft.learning_rate or default_learning_rate(int(encoder_of(model).config.hidden_size))
     head_learning_rate = ft.head_learning_rate or ft.head_lr_multiplier * learning_rate
 
@@ -236,7 +239,8 @@ def fit_classifier(
         "steps_per_epoch": int(steps_per_epoch),
         "class_weights": None if weights is None else dict(zip(classes, map(float, weights), strict=True)),
         "head_init": ft.head_init,
-        "probe_validation_macro_f1": probe_f1,
+        "selection_metric": ft.selection_metric,
+        "probe_validation_macro_f1": None,
     }
     with tempfile.TemporaryDirectory(prefix="mixgf-finetune-", dir=work_dir) as scratch:
         args = _training_arguments(ft, scratch, learning_rate, warmup, total_steps, steps_per_epoch, validate, seed)
@@ -253,15 +257,21 @@ def fit_classifier(
             compute_metrics=validation_metrics if validate else None,
             callbacks=extra,
         )
+        # The probe-initialised start is a candidate too, scored on the validation cells as every epoch is.
+        start = None
+        if ft.head_init == "probe" and validate:
+            start = copy.deepcopy(classifier.state_dict())
+            probe = {k.removeprefix("eval_"): float(v) for k, v in trainer.evaluate().items()}
+            summary.update(probe_validation_macro_f1=probe["macro_f1"], probe_validation_loss=probe["loss"])
         trainer.train()
         log_history = list(trainer.state.log_history)
         if validate:
-            summary.update(validation_summary(log_history))
+            summary.update(validation_summary(log_history, ft.selection_metric))
         summary["steps_run"] = int(trainer.state.global_step)
     classifier = trainer.model.eval()
-    # The probe-initialised start is a candidate too: no epoch beating it on validation keeps it.
     summary["kept"] = "trained"
-    if start is not None and probe_f1 is not None and summary.get("best_validation_macro_f1", -1.0) < probe_f1:
+    best = {"macro_f1": summary.get("best_validation_macro_f1"), "loss": summary.get("best_validation_loss")}
+    if start is not None and beats(probe, best, ft.selection_metric):  # no epoch beat the start
         classifier.load_state_dict(start)
         summary["kept"] = "probe"
     classifier.loss_weights = None
@@ -298,8 +308,8 @@ def _training_arguments(
         save_total_limit=1 if validate else None,
         save_only_model=True,
         load_best_model_at_end=validate,
-        metric_for_best_model="macro_f1" if validate else None,
-        greater_is_better=True,
+        metric_for_best_model=ft.selection_metric if validate else None,
+        greater_is_better=ft.selection_metric == "macro_f1",
         report_to=[],
         seed=seed,
         data_seed=seed,

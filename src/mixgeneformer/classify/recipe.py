@@ -121,8 +121,9 @@ def validation_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
     }
 
 
-def validation_summary(log_history: list[dict[str, Any]]) -> dict[str, Any]:
-    """The validation curve of a Trainer log and its best evaluation (the first of equals, as the Trainer keeps it)."""
+def validation_summary(log_history: list[dict[str, Any]], metric: str = "macro_f1") -> dict[str, Any]:
+    """The validation curve of a Trainer log and its best evaluation by ``metric`` (``"macro_f1"``,
+    highest, or ``"loss"``, lowest; the first of equals, as the Trainer keeps it)."""
     curve = [
         {
             "step": int(e["step"]),
@@ -134,13 +135,19 @@ def validation_summary(log_history: list[dict[str, Any]]) -> dict[str, Any]:
         for e in log_history
         if "eval_macro_f1" in e
     ]
-    best = max(curve, key=lambda e: e["macro_f1"])
+    best = max(curve, key=lambda e: e["macro_f1"]) if metric == "macro_f1" else min(curve, key=lambda e: e["loss"])
     return {
         "validation_curve": curve,
         "best_step": best["step"],
         "best_epoch": best["epoch"],
         "best_validation_macro_f1": best["macro_f1"],
+        "best_validation_loss": best["loss"],
     }
+
+
+def beats(score: dict[str, float], reference: dict[str, float], metric: str) -> bool:
+    """Whether validation ``score`` is strictly better than ``reference`` by ``metric`` (macro-F1 up, loss down)."""
+    return score[metric] > reference[metric] if metric == "macro_f1" else score[metric] < reference[metric]
 
 
 class PadCollator:
@@ -182,20 +189,14 @@ def pooled_features(classifier: MixGeneformerForCellClassification, dataset: Dat
 
 
 def init_head_from_probe(
-    classifier: MixGeneformerForCellClassification,
-    fit_set: Dataset,
-    val_set: Dataset | None,
-    pad_id: int,
-    balanced: bool,
-    seed: int,
-) -> float | None:
+    classifier: MixGeneformerForCellClassification, fit_set: Dataset, pad_id: int, balanced: bool, seed: int
+) -> None:
     """Set the head to a logistic-regression probe on the frozen pooled embeddings of ``fit_set``.
 
     The probe is :func:`mixgeneformer.classify.fit_logreg` (standardised features, as
     :func:`~mixgeneformer.classify.logreg_predict`); the standardisation is folded into the linear
     layer, so the classifier's logits at the start of fine-tuning are the probe's. Classes absent
-    from the fit cells get a low bias. Returns the probe's validation macro-F1 (None without
-    validation cells).
+    from the fit cells get a low bias.
     """
     x = pooled_features(classifier, fit_set, pad_id)
     y = np.asarray(fit_set["labels"], dtype=np.int64)
@@ -213,10 +214,6 @@ def init_head_from_probe(
     with torch.no_grad():
         classifier.classifier.weight.copy_(torch.as_tensor(weight, dtype=classifier.classifier.weight.dtype))
         classifier.classifier.bias.copy_(torch.as_tensor(bias, dtype=classifier.classifier.bias.dtype))
-    if val_set is None:
-        return None
-    predicted = (pooled_features(classifier, val_set, pad_id) @ weight.T + bias).argmax(axis=1)
-    return float(f1_score(np.asarray(val_set["labels"]), predicted, average="macro", zero_division=0))
 
 
 class FinetuneTrainer(Trainer):

@@ -20,7 +20,7 @@ from .. import __version__
 from ..config import to_dict
 from ..diagnostics import diagnostics_markdown
 from ..fileio import atomic_file, write_json
-from .config import DEMO_STEPS, SPECIES, DemoConfig
+from .config import DEMO_STEPS, SPECIES, DemoConfig, finetune_config
 from .context import _Context, _load_context
 from .steps import CLASSIFY_SETTINGS, _setting_slug
 
@@ -107,10 +107,16 @@ def _figures(ctx: _Context) -> dict[str, Path]:
 def _classification_text(cfg: DemoConfig, pretrain: dict[str, Any]) -> str:
     """How the classification table was made: splits, seeds, fine-tuning recipe, what is tested."""
     seeds = ", ".join(map(str, cfg.classify_seeds))
+    ft = finetune_config(cfg)
+    selection = (
+        f"at most {ft.epochs:g} epochs, the epoch kept the best by validation {ft.selection_metric} on "
+        f"{ft.validation_fraction:.0%} of the training cells"
+        if ft.validation_fraction > 0
+        else f"{ft.epochs:g} epochs on every training cell, the last one kept"
+    )
     finetune = (
-        f"fine-tuned (at most {cfg.finetune_epochs:g} epochs; the epoch kept is the best by macro-F1 on a "
-        "validation set carved from the training cells, class-weighted loss, the encoder at a rate fitted to "
-        "its width and the head at 10× that rate)"
+        f"fine-tuned ({selection}; the head started at the {'frozen-embedding probe' if ft.head_init == 'probe' else 'random'}, "
+        f"class-weighted loss, the encoder at a rate fitted to its width and the head at {ft.head_lr_multiplier:g}× that rate)"
         if cfg.finetune_epochs > 0
         else "not fine-tuned (finetune_epochs=0)"
     )
