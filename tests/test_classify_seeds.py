@@ -88,3 +88,11 @@ def test_demo_seed_and_finetune_options_are_validated_and_reach_the_classify_con
     assert first.labels.seed == 4 and other.labels.seed == 5 and first.labels.transfer_split
     assert first.finetune.epochs == 3 and first.finetune.freeze_embeddings
     assert first.finetune.learning_rate is None  # the library's width-fitted default
+    # The report describes the fine-tuning the demo resolved: by default every training cell fits and
+    # the last epoch is kept; with a validation split, the epoch is selected on it.
+    from mixgeneformer.demo.report import _classification_text
+
+    assert "10 epochs on every training cell, the last one kept" in _classification_text(DemoConfig(), {"steps": 1600})
+    split = DemoConfig(finetune_overrides={"validation_fraction": 0.1, "selection_metric": "loss"})
+    text = _classification_text(split, {"steps": 1600})
+    assert "at most 10 epochs, the epoch kept the best by validation loss on 10% of the training cells" in text

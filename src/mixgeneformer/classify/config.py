@@ -62,8 +62,8 @@ class FinetuneConfig:
     cells (``validation_fraction``), evaluation every epoch, the checkpoint with the best
     validation macro-F1 kept (early stopping after ``early_stopping_patience`` epochs without a
     gain; ``selection_metric="loss"`` selects and stops on the validation loss instead, which is
-    smoother than macro-F1 when a class has only a few validation cells), class-weighted cross-entropy when classes are imbalanced, and learning rates fitted to
-    the model: ``learning_rate=None`` picks :func:`default_learning_rate` of the encoder's width
+    smoother than macro-F1 when a class has only a few validation cells), class-weighted
+    cross-entropy when classes are imbalanced, and learning rates fitted to the model: ``learning_rate=None`` picks :func:`default_learning_rate` of the encoder's width
     (the authors' 5e-5 for their 256-wide model, higher for narrower ones), and the freshly
     initialised head learns at ``head_learning_rate`` (default ``head_lr_multiplier`` × the
     encoder's rate). The warmup is capped at ``warmup_max_fraction`` of all steps.
@@ -81,8 +81,8 @@ class FinetuneConfig:
     ``head_init="probe"`` starts the head at the frozen-encoder probe (a logistic regression on the
     pooled embeddings of the fit cells, standardisation folded into the layer; linear probing then
     fine-tuning) and keeps that starting model when no epoch beats its validation score (the
-    ``selection_metric``), so the selected model is never worse than the probe on the validation cells. ``"random"``: a seeded
-    random head (the usual recipe).
+    ``selection_metric``), so the selected model is never worse than the probe on the validation
+    cells. ``"random"``: a seeded random head (the usual recipe).
     """
 
     learning_rate: float | None = None

@@ -92,7 +92,8 @@ class DemoConfig:
         batch 32; every training cell fits, the last epoch is kept (``validation_fraction=0``: on
         these ~1,000-cell sets carving and selecting on a validation split cost 1-5 points of
         cross-validated macro-F1, its noisy macro-F1 stopping at epoch 3 of 10); no encoder dropout
-        (as accurate within noise, and PyTorch's fused attention makes it ~40% faster).
+        (as accurate within noise, and ~45% less fine-tuning time: PyTorch's fused attention runs
+        without attention dropout).
     classify_seeds
         Seeds of the classification splits (and of fine-tuning): every classification number in
         the report is a mean ± sd over them. Cross-species settings train on the source's

@@ -109,13 +109,14 @@ def _classification_text(cfg: DemoConfig, pretrain: dict[str, Any]) -> str:
     seeds = ", ".join(map(str, cfg.classify_seeds))
     ft = finetune_config(cfg)
     selection = (
-        f"at most {ft.epochs:g} epochs, the epoch kept the best by validation {ft.selection_metric} on "
+        f"at most {ft.epochs:g} epochs, the epoch kept the best by validation "
+        f"{'macro-F1' if ft.selection_metric == 'macro_f1' else 'loss'} on "
         f"{ft.validation_fraction:.0%} of the training cells"
         if ft.validation_fraction > 0
         else f"{ft.epochs:g} epochs on every training cell, the last one kept"
     )
     finetune = (
-        f"fine-tuned ({selection}; the head started at the {'frozen-embedding probe' if ft.head_init == 'probe' else 'random'}, "
+        f"fine-tuned ({selection}; {'the head started at the frozen-embedding probe' if ft.head_init == 'probe' else 'a random head'}, "
         f"class-weighted loss, the encoder at a rate fitted to its width and the head at {ft.head_lr_multiplier:g}× that rate)"
         if cfg.finetune_epochs > 0
         else "not fine-tuned (finetune_epochs=0)"
