@@ -90,8 +90,9 @@ def cross_validated(task: C.Task, folds: list[tuple[np.ndarray, np.ndarray]], fi
     return predicted
 
 
-def seed_rows(seed: int, data: ad.AnnData, bundle: tuple, recipes: list[str], folds: int) -> tuple[list[dict], str]:
-    """Cross-validated scores of the references and of every recipe on one split seed's training cells."""
+def seed_rows(seed: int, data: ad.AnnData, bundle: tuple, recipes: list[str], folds: int) -> tuple[list[dict], str, pd.DataFrame]:
+    """Cross-validated scores of the references and of every recipe on one split seed's training cells,
+    with each one's per-class F1 (long table: recipe, seed, class, f1, support)."""
     model, vocab, medians = bundle
     demo = DemoConfig()
     labels = C.LabelConfig(key=demo.label_key, seed=seed)
@@ -111,12 +112,17 @@ def seed_rows(seed: int, data: ad.AnnData, bundle: tuple, recipes: list[str], fo
     def count_logreg(fold: C.Task) -> np.ndarray:
         return C.baseline_predict(data.X[fold.train_rows], fold.train_labels, data.X[fold.test_rows], "logreg_counts").labels
 
-    rows = []
+    rows, per_class = [], []
+
+    def record(name: str, predicted: np.ndarray, seconds: float, **extra: float) -> None:
+        rows.append({"recipe": name, "seed": seed, **C.classification_metrics(truth, predicted), "seconds": seconds, **extra})
+        report = C.per_class_report(truth, predicted).reset_index()
+        per_class.append(report.assign(recipe=name, seed=seed)[["recipe", "seed", "class", "f1", "support"]])
+
     for name, fit_predict in {"reference: frozen probe (logreg)": probe, "reference: count logreg": count_logreg}.items():
         t = time.perf_counter()
         predicted = cross_validated(task, splits, fit_predict)
-        rows.append({"recipe": name, "seed": seed, **C.classification_metrics(truth, predicted),
-                     "seconds": time.perf_counter() - t, "kept_probe": np.nan, "mean_best_epoch": np.nan})
+        record(name, predicted, time.perf_counter() - t, kept_probe=np.nan, mean_best_epoch=np.nan)
     for name in recipes:
         config = C.ClassifyConfig(labels=labels, finetune=dataclasses.replace(BASE, **RECIPES[name]))
         kept, epochs = [], []
@@ -129,11 +135,9 @@ def seed_rows(seed: int, data: ad.AnnData, bundle: tuple, recipes: list[str], fo
 
         t = time.perf_counter()
         predicted = cross_validated(task, splits, finetuned)
-        rows.append({"recipe": name, "seed": seed, **C.classification_metrics(truth, predicted),
-                     "seconds": time.perf_counter() - t, "kept_probe": float(np.mean(kept)),
-                     "mean_best_epoch": float(np.mean(epochs))})
+        record(name, predicted, time.perf_counter() - t, kept_probe=float(np.mean(kept)), mean_best_epoch=float(np.mean(epochs)))
         print(f"seed {seed} {name}: macro-F1 {rows[-1]['macro_f1']:.4f} ({rows[-1]['seconds']:.0f}s)", flush=True)
-    return rows, note
+    return rows, note, pd.concat(per_class, ignore_index=True)
 
 
 def main() -> None:
@@ -143,12 +147,13 @@ def main() -> None:
     data = ad.read_h5ad((args.data or demo_data_dir()) / f"baron_pancreas_{args.species}.h5ad")
     bundle = load_bundle(args.bundle)
     chosen = [r.strip() for r in args.recipes.split(";") if r.strip()] or list(RECIPES)
-    rows, notes = [], []
+    rows, notes, per_class = [], [], []
     started_all = time.perf_counter()
     for seed in [int(s) for s in args.seeds.split(",")]:
-        seed_table, note = seed_rows(seed, data, bundle, chosen, args.folds)
+        seed_table, note, classes = seed_rows(seed, data, bundle, chosen, args.folds)
         rows += seed_table
         notes.append(note)
+        per_class.append(classes)
     per_seed = pd.DataFrame(rows)
     order = list(dict.fromkeys(per_seed["recipe"]))
     summary = per_seed.groupby("recipe", sort=False).agg(
@@ -158,6 +163,10 @@ def main() -> None:
     ).loc[order].reset_index()
     wide = per_seed.pivot(index="recipe", columns="seed", values="macro_f1").loc[order].reset_index()
     wide.columns = [str(c) if c == "recipe" else f"seed {c}" for c in wide.columns]
+    per_class = pd.concat(per_class, ignore_index=True)
+    by_class = per_class.pivot_table(index="class", columns="recipe", values="f1", aggfunc="mean")[order]
+    by_class.insert(0, "training cells", per_class.groupby("class")["support"].mean().round().astype(int))
+    by_class = by_class.sort_values("training cells").reset_index()
     lines = [
         f"{args.folds}-fold cross-validated macro-F1 on the training cells of each split seed, {args.species}, "
         f"bundle {args.bundle}; fine-tuning = BASE ({json.dumps({'epochs': BASE.epochs, 'batch_size': BASE.batch_size})}, "
@@ -169,12 +178,17 @@ def main() -> None:
         "Per seed (macro-F1):",
         "",
         C.markdown_table(wide, digits=4),
+        "",
+        "Per class: out-of-fold F1, mean over seeds (rarest classes first):",
+        "",
+        C.markdown_table(by_class, digits=3),
     ]
     report = "\n".join(lines)
     print(report)
     if args.out is not None:
         args.out.write_text(report + "\n")
         per_seed.to_csv(args.out.with_suffix(".csv"), index=False)
+        per_class.to_csv(args.out.with_name(args.out.stem + "_per_class.csv"), index=False)
 
 
 if __name__ == "__main__":
