@@ -48,6 +48,9 @@ from mixgeneformer.tokenize import TokenizeConfig  # noqa: E402
 #: epochs of batch 32, a 10% validation split selecting the epoch by macro-F1; library defaults else).
 BASE = C.FinetuneConfig(epochs=5.0, batch_size=32, device="cpu")
 
+#: The demo's fine-tuning as overrides of BASE.
+DEMO = {"epochs": 10.0, "validation_fraction": 0.0, "attention_dropout": 0.0, "hidden_dropout": 0.0}
+
 #: name -> FinetuneConfig overrides of BASE. The demo now uses "no validation, 10 ep, no encoder dropout".
 RECIPES: dict[str, dict] = {
     "macro-F1 selection, 5 ep (former demo)": {},
@@ -58,9 +61,10 @@ RECIPES: dict[str, dict] = {
     "no validation, 10 ep": {"epochs": 10.0, "validation_fraction": 0.0},
     "no validation, 8 ep, no attention dropout": {"epochs": 8.0, "validation_fraction": 0.0, "attention_dropout": 0.0},
     "no validation, 10 ep, no attention dropout": {"epochs": 10.0, "validation_fraction": 0.0, "attention_dropout": 0.0},
-    "no validation, 10 ep, no encoder dropout": {
-        "epochs": 10.0, "validation_fraction": 0.0, "attention_dropout": 0.0, "hidden_dropout": 0.0,
-    },
+    "no validation, 10 ep, no encoder dropout": DEMO,
+    "demo recipe, 15 ep": {**DEMO, "epochs": 15.0},
+    "demo recipe, lr x2": {**DEMO, "learning_rate": 1.6e-3},
+    "demo recipe, no class weights": {**DEMO, "class_weights": "none"},
 }
 
 
