@@ -259,20 +259,14 @@ def sparse_rows_to_dense(classes: torch.Tensor, weights: torch.Tensor, n_classes
 def sparse_row_norms(classes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``(B,)`` L2 norms of the rows :func:`sparse_rows_to_dense` would build, without the ``(B, n_classes)`` matrix.
 
-    Weights of a class that recurs within a row are summed first (a sort and a segmented sum over
-    the ``(B, L)`` entries), so the result equals the dense norm in every case.
+    Weights of a class that recurs within a row are summed first (each row sorted by class, each run
+    of one class summed into its own slot), so the result equals the dense norm in every case.
     """
-    if classes.numel() == 0:
-        return torch.zeros(classes.shape[0], device=classes.device)
     ordered, order = classes.sort(dim=1)
-    w = weights.float().gather(1, order)
-    # A segment ends where the next entry holds another class, and at every row's end.
-    ends = torch.ones_like(ordered, dtype=torch.bool)
-    ends[:, :-1] = ordered[:, 1:] != ordered[:, :-1]
-    totals = w.flatten().cumsum(0)[ends.flatten()]
-    sums = torch.diff(totals, prepend=totals.new_zeros(1))
-    rows = torch.arange(classes.shape[0], device=classes.device).repeat_interleave(ends.sum(1))
-    return torch.zeros(classes.shape[0], device=classes.device).index_add_(0, rows, sums.square()).sqrt()
+    starts = torch.ones_like(ordered, dtype=torch.long)
+    starts[:, 1:] = (ordered[:, 1:] != ordered[:, :-1]).long()
+    sums = torch.zeros(classes.shape, device=classes.device).scatter_add_(1, starts.cumsum(1) - 1, weights.float().gather(1, order))
+    return sums.square().sum(1).sqrt()
 
 
 def rank_weighted_profiles(classes: torch.Tensor, attention_mask: torch.Tensor, n_classes: int) -> torch.Tensor:
