@@ -122,15 +122,15 @@ def test_new_options_are_validated():
 def test_encoder_dropout_for_fine_tuning_replaces_the_pretrained_rates_only_when_set():
     _, vocab, _ = token_task(n_per_class=10)
     model = tiny_model(vocab)
-    pretrained = model.config
+    rates = (model.config.attention_probs_dropout_prob, model.config.hidden_dropout_prob)
+    assert min(rates) > 0
     same = C.build_classifier(model, ["a", "b"], vocab, C.FinetuneConfig())
-    assert same.config.attention_probs_dropout_prob == pretrained.attention_probs_dropout_prob > 0
-    assert same.config.hidden_dropout_prob == pretrained.hidden_dropout_prob > 0
+    assert (same.config.attention_probs_dropout_prob, same.config.hidden_dropout_prob) == rates
     changed = C.build_classifier(model, ["a", "b"], vocab, C.FinetuneConfig(attention_dropout=0.0, hidden_dropout=0.05))
     assert changed.config.attention_probs_dropout_prob == 0.0 and changed.config.hidden_dropout_prob == 0.05
     assert changed.bert.encoder.layer[0].attention.self.dropout.p == 0.0
     assert changed.bert.embeddings.dropout.p == 0.05
-    assert model.config.attention_probs_dropout_prob == pretrained.attention_probs_dropout_prob  # the model is untouched
+    assert (model.config.attention_probs_dropout_prob, model.config.hidden_dropout_prob) == rates  # the model is untouched
 
 
 # ---------------------------------------------------------------- fine-tuning runs

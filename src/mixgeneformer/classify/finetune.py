@@ -27,6 +27,7 @@ from ..vocab import Vocabulary
 from .config import ClassifyConfig, FinetuneConfig
 from .metrics import EvalResult, Prediction, _argmax_labels, evaluate
 from .recipe import (
+    GREATER_IS_BETTER,
     FinetuneTrainer,
     PadCollator,
     beats,
@@ -258,7 +259,7 @@ def fit_classifier(
             callbacks=extra,
         )
         # The probe-initialised start is a candidate too, scored on the validation cells as every epoch is.
-        start = None
+        start = probe = None
         if ft.head_init == "probe" and validate:
             start = copy.deepcopy(classifier.state_dict())
             probe = {k.removeprefix("eval_"): float(v) for k, v in trainer.evaluate().items()}
@@ -271,7 +272,7 @@ def fit_classifier(
     classifier = trainer.model.eval()
     summary["kept"] = "trained"
     best = {"macro_f1": summary.get("best_validation_macro_f1"), "loss": summary.get("best_validation_loss")}
-    if start is not None and beats(probe, best, ft.selection_metric):  # no epoch beat the start
+    if probe is not None and beats(probe, best, ft.selection_metric):  # no epoch beat the start
         classifier.load_state_dict(start)
         summary["kept"] = "probe"
     classifier.loss_weights = None
@@ -309,7 +310,7 @@ def _training_arguments(
         save_only_model=True,
         load_best_model_at_end=validate,
         metric_for_best_model=ft.selection_metric if validate else None,
-        greater_is_better=ft.selection_metric == "macro_f1",
+        greater_is_better=GREATER_IS_BETTER[ft.selection_metric],
         report_to=[],
         seed=seed,
         data_seed=seed,

@@ -121,6 +121,15 @@ def validation_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
     }
 
 
+#: Per validation score that selects a fine-tuned model: whether higher is better.
+GREATER_IS_BETTER = {"macro_f1": True, "loss": False}
+
+
+def beats(score: dict[str, float], reference: dict[str, float], metric: str) -> bool:
+    """Whether validation ``score`` is strictly better than ``reference`` by ``metric`` (macro-F1 up, loss down)."""
+    return score[metric] > reference[metric] if GREATER_IS_BETTER[metric] else score[metric] < reference[metric]
+
+
 def validation_summary(log_history: list[dict[str, Any]], metric: str = "macro_f1") -> dict[str, Any]:
     """The validation curve of a Trainer log and its best evaluation by ``metric`` (``"macro_f1"``,
     highest, or ``"loss"``, lowest; the first of equals, as the Trainer keeps it)."""
@@ -135,7 +144,10 @@ def validation_summary(log_history: list[dict[str, Any]], metric: str = "macro_f
         for e in log_history
         if "eval_macro_f1" in e
     ]
-    best = max(curve, key=lambda e: e["macro_f1"]) if metric == "macro_f1" else min(curve, key=lambda e: e["loss"])
+    best = curve[0]
+    for evaluation in curve[1:]:
+        if beats(evaluation, best, metric):
+            best = evaluation
     return {
         "validation_curve": curve,
         "best_step": best["step"],
@@ -143,11 +155,6 @@ def validation_summary(log_history: list[dict[str, Any]], metric: str = "macro_f
         "best_validation_macro_f1": best["macro_f1"],
         "best_validation_loss": best["loss"],
     }
-
-
-def beats(score: dict[str, float], reference: dict[str, float], metric: str) -> bool:
-    """Whether validation ``score`` is strictly better than ``reference`` by ``metric`` (macro-F1 up, loss down)."""
-    return score[metric] > reference[metric] if metric == "macro_f1" else score[metric] < reference[metric]
 
 
 class PadCollator:
