@@ -113,6 +113,6 @@ def test_perturb_truncated_input_and_full_disk(bundle, tmp_path, capsys, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(pd.DataFrame, "to_parquet", full)
-    code, err = run_cli(capsys, base[0], tmp_path / "cells.h5ad", *base[1:], "--cells-per-state", "2")
+    code, err = run_cli(capsys, base[0], tmp_path / "cells.h5ad", *base[1:])
     assert code == 2 and f"cannot write {out}" in err and "disk is full" in err
     assert not out.exists() and leftovers(tmp_path) == []

@@ -27,6 +27,7 @@ STAGES: list[tuple[str, ...]] = [
     ("__init__",),  # __version__ only
     ("errors",),
     ("fileio",),
+    ("jit",),  # numba kernels, cached on disk where a cache folder is writable
     ("config",),
     ("plots",),  # figures: errors and fileio only
     ("genes",),

@@ -192,7 +192,18 @@ def plan_run_dir(
     occupied = run_dir.exists() and any(p.name != STAGING for p in run_dir.iterdir())
     if resume:
         checkpoint = latest_complete_checkpoint(run_dir)
-        return ("resume", checkpoint) if checkpoint is not None else ("fresh", None)
+        if checkpoint is not None:
+            return "resume", checkpoint
+        if not occupied:
+            logger.warning("--resume: no run in %s yet; starting a fresh run there", run_dir)
+            return "fresh", None
+        # a run stopped before its first checkpoint is started over, as --overwrite would; anything else is refused
+        try:
+            check_output(run_dir, inputs, overwrite=True, option="output_dir")
+        except ArtifactError as exc:
+            raise ArtifactError(f"--resume: {run_dir} holds no checkpoint to resume from, and a new run cannot start there: {exc}") from exc
+        logger.warning("--resume: %s holds no complete checkpoint; starting over from step 0", run_dir)
+        return "overwrite", None
     if occupied:
         if overwrite:
             check_output(run_dir, inputs, overwrite=True, option="output_dir")

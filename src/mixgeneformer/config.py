@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import yaml
 
 from .errors import ConfigError
-from .fileio import JSONValue, atomic_file, check_readable_file
+from .fileio import JSONValue, atomic_file, read_text
 
 T = TypeVar("T")
 
@@ -154,10 +154,10 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     data: dict[str, Any] = {}
     where = "config"
     if path is not None:
-        path = check_readable_file(path, "config file")
+        path, text = read_text(path, "config file", "a YAML or JSON config")
         where = str(path)
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         if not isinstance(data, dict):

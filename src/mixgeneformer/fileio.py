@@ -183,14 +183,25 @@ def check_output(
 ) -> Path:
     """The rules every command applies to an output path before doing any work.
 
-    An output never replaces one of its command's ``inputs`` (the same path, or a folder holding
-    one); an existing output is refused without ``overwrite``; with it, only something this package
-    wrote is replaced (:func:`written_by_package`; ``writes``: the suffix of the kind of file the
-    command writes, e.g. ``".json"``). Returns ``target`` as a Path.
+    The output can be written (its nearest existing ancestor is a writable folder); it never
+    replaces one of its command's ``inputs`` (the same path, or a folder holding one); an existing
+    output is refused without ``overwrite``; with it, only something this package wrote is
+    replaced (:func:`written_by_package`; ``writes``: the suffix of the one file the command
+    writes, e.g. ``".json"``, so a folder there is refused). Returns ``target`` as a Path.
     """
     target = Path(target)
+    folder = next(parent for parent in target.absolute().parents if parent.exists())  # the root always exists
+    if not folder.is_dir():
+        raise ArtifactError(f"{option} {target}: {folder} is a file, not a folder, so nothing can be written under it. Choose another path.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ArtifactError(
+            f"cannot write {option} {target}: {folder} is not writable (permission denied or a read-only file system). "
+            "Choose a writable path."
+        )
     if not (target.exists() or target.is_symlink()):
         return target
+    if writes is not None and target.is_dir():
+        raise ArtifactError(f"{option} {target} is a folder; this command writes one {writes} file there. Give a file path.")
     resolved = target.resolve()
     for item in inputs:
         if item is None:
@@ -302,18 +313,20 @@ def output_lock(target: str | os.PathLike) -> Iterator[None]:
         os.close(fd)
 
 
-def read_text(path: str | os.PathLike, what: str, expected: str) -> tuple[Path, str]:
-    """Read a text artifact (vocabulary JSON, median TSV), naming ``what`` and the ``expected``
-    kind of file when it is a directory, a pickle, an HDF5 file or otherwise not UTF-8 text."""
+def read_text(path: str | os.PathLike, what: str, expected: str, hint: str = "") -> tuple[Path, str]:
+    """Read a text artifact (vocabulary JSON, median TSV, config), naming ``what`` and the ``expected``
+    kind of file (and ``hint``, a sentence) when it is a directory, a pickle, an HDF5 file or
+    otherwise not UTF-8 text."""
     path = check_readable_file(path, what, file_only=True)
     head = _read_prefix(path, 8)
+    hint = f" {hint}" if hint else ""
     for magic, kind in _PICKLE_OR_HDF5.items():
         if head.startswith(magic):
-            raise ArtifactError(f"{what} {path} is {kind}, not {expected}.")
+            raise ArtifactError(f"{what} {path} is {kind}, not {expected}.{hint}")
     try:
-        return path, path.read_text()
+        return path, path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ArtifactError(f"{what} {path} is a binary file, not {expected}.") from exc
+        raise ArtifactError(f"{what} {path} is a binary file, not {expected}.{hint}") from exc
 
 
 def check_outputs_of(
@@ -353,9 +366,9 @@ def write_json(path: str | os.PathLike, obj: JSONValue) -> None:
         handle.write("\n")
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file") -> JSONValue:
-    """Read JSON with a clear error for missing, truncated or corrupt files."""
-    path, text = read_text(path, what, "a JSON file")
+def read_json(path: str | os.PathLike, what: str = "JSON file", hint: str = "") -> JSONValue:
+    """Read JSON with a clear error for missing, truncated or corrupt files (``hint``: see :func:`read_text`)."""
+    path, text = read_text(path, what, "a JSON file", hint)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

@@ -296,7 +296,8 @@ def _map_symbols(ids: np.ndarray, species: Species, extra: frozenset[str] = froz
         foreign &= False
     loose = symbols.str.upper().map(_symbol_index(species, False))
     _check_foreign_symbols(ids, species, other, int(exact.notna().sum()), foreign.to_numpy(), (foreign & loose.notna()).to_numpy(), allow_mixed)
-    resolved = exact.fillna(loose.where(~foreign)).fillna("")
+    resolved = exact.where(exact.notna(), loose.where(~foreign))
+    resolved = resolved.where(resolved.notna(), "")  # not fillna: it warns when it would downcast an all-missing column
     # A column may also hold a bare Ensembl ID among symbols (10x does this for unnamed genes).
     stripped = pd.Series(strip_versions(ids))
     vocabulary_only = _vocabulary_only(stripped, ensembl_species(ids), species, False, extra)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import numbers
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -187,7 +188,7 @@ class Vocabulary:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocabulary:
         """Read a vocabulary JSON written by :meth:`save`, verifying its content hash."""
-        data = read_json(path, "vocabulary")
+        data = read_json(path, "vocabulary", "Geneformer's token_dictionary.pkl converts with `mixgf vocab import-geneformer`.")
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise ArtifactError(
                 f"{path} is not a mixgeneformer vocabulary (no format={_FORMAT!r}). Build one with `mixgf vocab build` "
@@ -280,6 +281,11 @@ def import_geneformer(
     raw = load_restricted_pickle(token_dictionary, "Geneformer token dictionary")
     if not isinstance(raw, dict) or not raw:
         raise ArtifactError(f"{token_dictionary} is not a Geneformer token dictionary (expected a dict of token → id).")
+    if not all(isinstance(v, numbers.Integral) for v in raw.values()):
+        raise ArtifactError(
+            f"{token_dictionary} is not a Geneformer token dictionary: its values must be integer token ids "
+            f"(e.g. token_dictionary.pkl), found {type(next(v for v in raw.values() if not isinstance(v, numbers.Integral))).__name__}."
+        )
     by_id = {int(v): str(k) for k, v in raw.items()}
     if sorted(by_id) != list(range(len(by_id))):
         raise ArtifactError(f"{token_dictionary}: token ids are not contiguous 0..{len(by_id) - 1}; the dictionary is corrupt.")
@@ -293,7 +299,10 @@ def import_geneformer(
         from .medians import GeneMedians
 
         raw_medians = load_restricted_pickle(gene_median_dictionary, "Geneformer gene median dictionary")
-        if not isinstance(raw_medians, dict):
-            raise ArtifactError(f"{gene_median_dictionary} is not a Geneformer median dictionary (expected a dict).")
+        if not isinstance(raw_medians, dict) or not all(isinstance(v, numbers.Real) for v in raw_medians.values()):
+            raise ArtifactError(
+                f"{gene_median_dictionary} is not a Geneformer gene median dictionary (expected a dict of Ensembl ID → "
+                "median number, e.g. gene_median_dictionary.pkl)."
+            )
         medians = GeneMedians({str(k).upper(): float(v) for k, v in raw_medians.items()})
     return vocab, medians

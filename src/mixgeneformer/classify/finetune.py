@@ -16,7 +16,14 @@ import pandas as pd
 import torch
 from transformers import EarlyStoppingCallback, TrainingArguments
 
-from ..bundle import BUNDLE_MARKER, CLASSIFIER_KIND, WEIGHTS_NAME, save_bundle
+from ..bundle import (
+    BUNDLE_MARKER,
+    CLASSIFIER_KIND,
+    TOKENIZE_CONFIG_NAME,
+    WEIGHTS_NAME,
+    bundle_tokenize_config,
+    save_bundle,
+)
 from ..config import load_config, save_config
 from ..errors import ArtifactError, ConfigError
 from ..fileio import check_readable_file, read_json, write_json
@@ -122,6 +129,7 @@ class FittedClassifier:
     config: ClassifyConfig
     log_history: list[dict[str, Any]]
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tokenize_config: TokenizeConfig | None = None  # how its cells were tokenized; saved so `mixgf predict` tokenizes alike
 
     def predict(self, dataset: datasets.Dataset, batch_size: int = 64, device: str | None = None) -> Prediction:
         """Class probabilities of every cell of a tokenized corpus (length-sorted batches)."""
@@ -137,10 +145,13 @@ class FittedClassifier:
     def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the classifier as a model bundle (:func:`mixgeneformer.bundle.save_bundle`, kind
         ``classifier``: config.json + model.safetensors, ``vocab.json``, ``medians.tsv``) plus its
-        ``config.yaml``, ``training_log.json`` and ``finetune_summary.json``, atomically."""
+        ``config.yaml``, ``tokenize.yaml`` (when known), ``training_log.json`` and
+        ``finetune_summary.json``, atomically."""
 
         def write_run_files(tmp: Path) -> None:
             save_config(self.config, tmp)
+            if self.tokenize_config is not None:
+                save_config(self.tokenize_config, tmp, TOKENIZE_CONFIG_NAME)
             write_json(tmp / "training_log.json", self.log_history)
             write_json(tmp / "finetune_summary.json", self.summary)
 
@@ -174,6 +185,7 @@ def load_classifier(directory: str | os.PathLike) -> FittedClassifier:
         summary=read_json(directory / "finetune_summary.json", "fine-tuning summary")
         if (directory / "finetune_summary.json").exists()
         else {},
+        tokenize_config=bundle_tokenize_config(directory),
     )
 
 
@@ -276,7 +288,7 @@ def fit_classifier(
         classifier.load_state_dict(start)
         summary["kept"] = "probe"
     classifier.loss_weights = None
-    return FittedClassifier(classifier, classes, vocab, medians, config, log_history, summary)
+    return FittedClassifier(classifier, classes, vocab, medians, config, log_history, summary, tokenize_config)
 
 
 def _training_arguments(
@@ -339,6 +351,6 @@ def finetune(
     else:
         train_tokens, test_tokens = tokens
         task = restrict_to_tokenized(task, train_tokens, test_tokens)
-    fitted = fit_classifier(task, model, vocab, medians, config, train_tokens=train_tokens)
+    fitted = fit_classifier(task, model, vocab, medians, config, train_tokens=train_tokens, tokenize_config=tokenize_config)
     prediction = fitted.predict(test_tokens.select(task.test_rows))
     return evaluate(task, prediction, method, finetune=fitted.summary), fitted

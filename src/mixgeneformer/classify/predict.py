@@ -45,9 +45,11 @@ def predict_cells(fitted: FittedClassifier, data: ad.AnnData | datasets.Dataset,
                   tokenize_config: TokenizeConfig | None = None, batch_size: int = 64,
                   device: str | None = None) -> tuple[np.ndarray, int]:
     """Class probabilities of every cell of an AnnData (tokenized with the classifier's vocabulary
-    and medians) or of a tokenized corpus: ((n_cells, n_classes) float32, NaN rows for cells the
-    tokenizer dropped; number dropped)."""
+    and medians, and the tokenize options it was trained with unless ``tokenize_config`` is given) or
+    of a tokenized corpus: ((n_cells, n_classes) float32, NaN rows for cells the tokenizer dropped;
+    number dropped)."""
     if hasattr(data, "obs") and hasattr(data, "var"):
+        tokenize_config = tokenize_config if tokenize_config is not None else fitted.tokenize_config
         tokens = tokenize_cells(data, fitted.vocab, fitted.medians, tokenize_config,
                                 int(encoder_of(fitted.model).config.max_position_embeddings))
         dataset, rows, n = tokens.dataset, tokens.rows, data.n_obs

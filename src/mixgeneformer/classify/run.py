@@ -49,6 +49,15 @@ class ClassificationRun:
         return benchmark_table(self.results)
 
 
+def _check_model_options(model: torch.nn.Module | None, methods: Sequence[Method], config: ClassifyConfig) -> None:
+    """The options that need the model, checked before any cell is tokenized."""
+    if methods and model is None:
+        raise ConfigError(f"methods {list(methods)} need a model (CLI: --model BUNDLE); or run only baselines.")
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if "finetune" in methods and n_layers is not None and config.finetune.freeze_layers > n_layers:
+        raise ConfigError(f"finetune.freeze_layers={config.finetune.freeze_layers} but the model has {n_layers} layers.")
+
+
 def run_classification(
     adata: anndata.AnnData,
     model: str | os.PathLike | torch.nn.Module | None = None,
@@ -75,8 +84,7 @@ def run_classification(
         model, vocab, medians, tokenize_config, _ = load_for_inference(model, vocab, medians, tokenize_config)
 
     config = config or ClassifyConfig()
-    if methods and model is None:
-        raise ConfigError(f"methods {list(methods)} need a model (CLI: --model BUNDLE); or run only baselines.")
+    _check_model_options(model, methods, config)
     if test is None:
         task = within_task(adata, config.labels)
         species = None
@@ -103,7 +111,7 @@ def run_classification(
         if zero:
             results += zero_shot(task, model, vocab, medians, zero, config.embedding, device=device, tokens=(train_tokens, test_tokens))  # type: ignore[arg-type]
         if "finetune" in model_methods:
-            result, fitted = finetune(task, model, vocab, medians, config, tokens=(train_tokens, test_tokens))
+            result, fitted = finetune(task, model, vocab, medians, config, tokenize_config, tokens=(train_tokens, test_tokens))
             results.append(result)
     if baseline_methods:
         results += baselines(task, baseline_methods, config.baselines, species=species)

@@ -19,6 +19,14 @@ _MODES = {
 }
 
 
+def _check_test_file(input: Path, test: Path | None) -> None:
+    if test is not None and test.exists() and input.exists() and test.resolve() == input.resolve():
+        raise ConfigError(
+            f"--test {test} is the training file: its score would be measured on the training cells. "
+            "Leave out --test for a held-out split of the input, or give another file."
+        )
+
+
 @app.command("classify")
 def classify(
     input: Path = typer.Argument(..., help="Labelled .h5ad with raw counts (train cells; split 80/20 without --test)."),
@@ -53,6 +61,7 @@ def classify(
         raise ConfigError("--mode none runs nothing without --baselines.")
     if methods and model is None:
         raise ConfigError(f"--mode {mode} needs --model BUNDLE (or use --mode none --baselines).")
+    _check_test_file(input, test)
     check_output(out, [input, test, model, config, vocab, medians, tokenize_config], overwrite=overwrite, option="--out")
     cli_overrides = [f"labels.key={label}"]
     if freeze_layers is not None:

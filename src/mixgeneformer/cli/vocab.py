@@ -46,6 +46,9 @@ def import_gf(
     """Convert Geneformer's pickled dictionaries (read safely, never executed) to JSON/TSV."""
     from ..errors import ConfigError
 
+    if (medians_out is None) != (gene_median_dictionary is None):
+        given, missing = ("--medians-out", "--gene-median-dictionary") if gene_median_dictionary is None else ("--gene-median-dictionary", "--medians-out")
+        raise ConfigError(f"{given} needs {missing}: the medians TSV is written from Geneformer's gene median dictionary. Give both, or neither.")
     if medians_out is not None and out.resolve() == medians_out.resolve():
         raise ConfigError(f"--out and --medians-out are the same file ({out}); give two paths.")
     for target, option, kind in ((out, "--out", ".json"), (medians_out, "--medians-out", ".tsv")):
@@ -54,7 +57,7 @@ def import_gf(
     vocab, medians = import_geneformer(token_dictionary, gene_median_dictionary)
     vocab.save(out)
     typer.echo(f"wrote {out}: {vocab}")
-    if medians is not None and medians_out is not None:
+    if medians is not None and medians_out is not None:  # both given or neither (checked above)
         medians.save(medians_out)
         typer.echo(f"wrote {medians_out}: {len(medians):,} gene medians")
 

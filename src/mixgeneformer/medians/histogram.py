@@ -30,20 +30,20 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numba
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ArtifactError, InputDataError
 from ..fileio import atomic_file, check_readable_file
+from ..jit import njit
 from ..readers import (
     remap_columns,
 )
 from .table import GeneMedians
 
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def _histogram_update(hist, data, indices, indptr, totals, column_slot, log_min, bins_per_decade):  # pragma: no cover - numba
     """hist[slot, bin(value)] += 1 for every stored nonzero; value = count / total × 10,000.
 

@@ -103,6 +103,8 @@ def accumulate_medians(
         raise InputDataError(f"totals must be 'all' or 'kept', got {options.totals!r}.")
     if not inputs:
         raise InputDataError("no inputs given: pass at least one .h5ad / .loom / 10x / SOMA path or AnnData.")
+    if workers < 1:
+        raise InputDataError(f"workers must be >= 1, got {workers}.")
     check_distinct_inputs(inputs)
     known = None if vocabulary_ids is None else frozenset(vocabulary_ids)
     gene_array = None if genes is None else np.asarray(list(genes), dtype=object)

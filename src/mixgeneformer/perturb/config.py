@@ -117,6 +117,8 @@ class PerturbConfig:
             raise ConfigError("use either combine (one set of genes) or anchor (pairs with one gene), not both")
         if (self.start or self.goal or self.alternatives) and not self.state_column:
             raise ConfigError("start / goal / alternatives need state_column (CLI: --state-column)")
+        if self.cells_per_state is not None and not self.state_column:
+            raise ConfigError("cells_per_state caps the cells of each state and needs state_column (CLI: --state-column)")
         for name in ("min_genes", "batch_size", "screen_top_k", "screen_probes"):
             value = getattr(self, name)
             if value < (1 if name != "screen_top_k" else 0):

@@ -117,9 +117,10 @@ def validate_counts(
             raise InputDataError(
                 f"{where}: expects raw counts in X or layers['counts']; found {locate(fractional)} "
                 f"({int(fractional.sum())} non-integer values in cells {start}–{start + counts.shape[0] - 1}). "
-                "The data look normalized or log-transformed: pass the raw counts (layer='counts', "
-                "CLI --layer counts), or allow_fractional=True (CLI --allow-fractional) if they are "
-                "deliberately non-integer."
+                "The data look normalized or log-transformed: read the raw counts (layer='counts': "
+                "`--layer counts` for medians / tokenize, `layer: counts` in the --tokenize-config YAML "
+                "for embed / classify / perturb), or allow_fractional=True (`--allow-fractional`, or "
+                "`allow_fractional: true` in that YAML) if they are deliberately non-integer."
             )
 
 

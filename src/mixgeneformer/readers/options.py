@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numba
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import GeneIdError, InputDataError
 from ..genes import GeneMapping, map_gene_ids
+from ..jit import njit
 from .base import CountChunk, CountInput, CountSource
 from .formats import open_source
 
@@ -114,7 +114,7 @@ TOTALS_COLUMN = "n_counts"
 FILTER_COLUMN = "filter_pass"
 
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def _row_sums(indptr, data, out):  # pragma: no cover - numba
     for r in range(len(indptr) - 1):
         total = 0.0

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
-import numba
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
 
 from ..errors import ConfigError, GeneIdError, InputDataError
+from ..jit import njit
 from ..medians import GeneMedians, compute_medians
 from ..readers import (
     CountChunk,
@@ -28,7 +28,7 @@ from .config import TokenizeConfig
 logger = logging.getLogger(__name__)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit
 def _radix_pass(src_key, src_idx, dst_key, dst_idx, m, shift, count):  # pragma: no cover - numba
     """One stable LSD pass on 8 bits of uint32 keys; returns False (nothing moved) if the digit is constant."""
     count[:] = 0
@@ -52,7 +52,7 @@ def _radix_pass(src_key, src_idx, dst_key, dst_idx, m, shift, count):  # pragma:
 
 
 # long: one numba kernel over the rows of a chunk; a call per row would cost more than the work.
-@numba.njit(cache=True, nogil=True)
+@njit
 def _rank_rows(indptr, indices, data, col_token, col_median, totals, max_len, out_tokens, out_lengths):  # pragma: no cover
     """Rank-value encode every CSR row; returns the number of tokens written to ``out_tokens``.
 

@@ -131,6 +131,8 @@ def tokenize_files(
     out_dir = check_output(out_dir, paths, overwrite=overwrite)
     if not paths:
         raise InputDataError("no input files given.")
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}.")
     items = [check_readable_file(p, "count matrix") for p in paths]
     check_distinct_inputs(items)
     obs_columns = list(obs_columns)
