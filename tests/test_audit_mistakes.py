@@ -91,16 +91,22 @@ def test_a_pickle_given_as_vocabulary_points_to_the_converter(tmp_path):
 
 
 # ------------------------------------------------------------ pretrain --resume (23, 27)
-def test_resume_without_a_checkpoint_never_writes_into_an_input_or_a_foreign_folder(tmp_path, caplog):
+def test_resume_never_writes_into_an_input_nor_without_a_checkpoint_into_a_foreign_folder(tmp_path, caplog, monkeypatch):
     from test_pretrain import make_corpus
     from test_pretrain import make_vocab as pretrain_vocab
 
+    from mixgeneformer import checkpoints
     from mixgeneformer.checkpoints import plan_run_dir
 
     vocab = pretrain_vocab()
     corpus = make_corpus(tmp_path / "corpus", vocab, n_cells=8)
-    with pytest.raises(ArtifactError, match="no checkpoint to resume from.*is the input"):
-        plan_run_dir(corpus, True, False, None, [corpus])
+    for resume in (True, False):  # with a checkpoint in it too: the run would write its config.yaml there
+        with pytest.raises(ArtifactError, match="is the input"):
+            plan_run_dir(corpus, resume, False, None, [corpus])
+    with monkeypatch.context() as patch:  # as if a run had already checkpointed there
+        patch.setattr(checkpoints, "latest_complete_checkpoint", lambda run_dir: run_dir / "checkpoint-2")
+        with pytest.raises(ArtifactError, match="is the input"):
+            plan_run_dir(corpus, True, False, None, [corpus])
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "paper.tex").write_text("x")

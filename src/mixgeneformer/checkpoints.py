@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 from .errors import ArtifactError
-from .fileio import check_output
+from .fileio import check_not_input, check_output
 
 logger = logging.getLogger(__name__)
 
@@ -185,11 +185,14 @@ def plan_run_dir(
 ) -> tuple[str, Path | None]:
     """Decide fresh / overwrite / resume without writing anything (every rank computes the same).
 
-    ``--overwrite`` never replaces a folder holding one of the run's ``inputs`` or one that is not a
-    mixgeneformer run folder (:func:`fileio.check_output`)."""
+    No mode writes into a folder that is or holds one of the run's ``inputs``; ``--overwrite`` (and
+    ``--resume`` where there is no checkpoint yet) replaces only a mixgeneformer run folder
+    (:func:`fileio.check_output`)."""
+    occupied = run_dir.exists() and any(p.name != STAGING for p in run_dir.iterdir())
+    if occupied:
+        check_not_input(run_dir, inputs, "output_dir")  # even to resume: the run writes its config.yaml there
     if resume_from is not None:
         return "resume", resolve_checkpoint(resume_from)
-    occupied = run_dir.exists() and any(p.name != STAGING for p in run_dir.iterdir())
     if resume:
         checkpoint = latest_complete_checkpoint(run_dir)
         if checkpoint is not None:

@@ -172,6 +172,20 @@ def _read_prefix(path: Path, n: int) -> bytes:
         return handle.read(n)
 
 
+def check_not_input(target: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], option: str = "output") -> None:
+    """An output ``target`` is not one of its command's ``inputs`` and no folder holding one."""
+    resolved = Path(target).resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(item).resolve()
+        if source == resolved or resolved in source.parents:
+            holds = "is" if source == resolved else "holds"
+            raise ArtifactError(
+                f"{option} {target} {holds} the input {item}; an output never replaces an input. Choose another {option} path."
+            )
+
+
 def check_output(
     target: str | os.PathLike,
     inputs: Iterable[str | os.PathLike | None] = (),
@@ -202,16 +216,7 @@ def check_output(
         return target
     if writes is not None and target.is_dir():
         raise ArtifactError(f"{option} {target} is a folder; this command writes one {writes} file there. Give a file path.")
-    resolved = target.resolve()
-    for item in inputs:
-        if item is None:
-            continue
-        source = Path(item).resolve()
-        if source == resolved or resolved in source.parents:
-            holds = "is" if source == resolved else "holds"
-            raise ArtifactError(
-                f"{option} {target} {holds} the input {item}; an output never replaces an input. Choose another {option} path."
-            )
+    check_not_input(target, inputs, option)
     if not overwrite:
         raise ArtifactError(f"{option} {target} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     if not written_by_package(target, markers, writes):
