@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 import yaml
 from test_pretrain import TINY, synthetic, tiny_config  # noqa: F401  (synthetic is a fixture)
 
@@ -77,3 +78,60 @@ def test_max_steps_that_train_nothing_are_refused(tmp_path, synthetic, steps, ca
         main(["pretrain", "--config", str(tmp_path / "run.yaml"), f"train.max_steps={steps}"])
     assert exit_info.value.code == 2 and "train.max_steps" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_at_or_past_max_steps_trains_nothing(tmp_path, synthetic, caplog):  # noqa: F811
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    first = run_pretraining(pretrain_config_from_dict(tiny_config(synthetic, out, train={"max_steps": 4})))
+    weights = load_file(first.bundle_dir / "model.safetensors")
+    for steps in (4, 2):  # the same run again; a lowered max_steps
+        with caplog.at_level(logging.WARNING, logger="mixgeneformer.pretrain"):
+            again = run_pretraining(pretrain_config_from_dict(tiny_config(synthetic, out, train={"max_steps": steps})), resume=True)
+        assert again.global_step == 4 and "nothing to train" in caplog.text
+        assert [p.name for _, p in ckpt.list_checkpoints(out)][-1] == "checkpoint-4"
+        resaved = load_file(again.bundle_dir / "model.safetensors")
+        assert all(torch.equal(resaved[k], weights[k]) for k in weights)
+
+
+def test_resume_on_another_corpus_at_the_same_path_is_refused(tmp_path, synthetic):  # noqa: F811
+    import shutil
+
+    from test_pretrain import make_corpus, make_vocab
+
+    out = tmp_path / "run"
+    corpus = tmp_path / "corpus"
+    shutil.copytree(synthetic / "corpus", corpus)
+    config = tiny_config(synthetic, out, train={"max_steps": 3}, data={"corpus": [str(corpus)], "vocab": str(synthetic / "vocab.json")})
+    run_pretraining(pretrain_config_from_dict(config))
+    shutil.rmtree(corpus)
+    make_corpus(corpus, make_vocab(), n_cells=100, seed=5)  # re-tokenized: other cells, same path
+    config["train"]["max_steps"] = 6
+    with pytest.raises(ConfigError, match="the corpus is not the one checkpoint-3 was trained on"):
+        run_pretraining(pretrain_config_from_dict(config), resume=True)
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path, synthetic):  # noqa: F811
+    import subprocess
+    import sys
+    import textwrap
+
+    from mixgeneformer.errors import ArtifactError
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from mixgeneformer.fileio import output_lock
+        with output_lock({str(out)!r}):
+            print("locked", flush=True)
+            time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ArtifactError, match=f"being written by another process \\(pid {holder.pid}\\)"):
+            run_pretraining(pretrain_config_from_dict(tiny_config(synthetic, out, train={"max_steps": 2})), resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not out.exists()

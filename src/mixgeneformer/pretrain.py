@@ -32,6 +32,7 @@ Test hooks (documented so that fault-tolerance tests need no mocks):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -50,7 +51,7 @@ from .config import changed_settings, from_dict, save_config, to_dict
 from .corpus import check_corpora, corpus_lengths, corpus_species_codes, open_corpus
 from .diagnostics import FrequencyBaselines, compute_eval_metrics, frequency_baselines
 from .errors import ArtifactError, ConfigError, MixGeneformerError, VocabularyMismatchError
-from .fileio import write_json, write_output_marker
+from .fileio import content_hash, output_lock, read_json, write_json, write_output_marker
 from .flops import training_flops
 from .metrics_csv import read_metrics, trim_metrics
 from .pretrain_config import (
@@ -209,7 +210,10 @@ def run_pretraining(
     signals = SignalFlag()
     signals.install()  # before any data is read: a signal at any moment is handled
     try:
-        return _run_pretraining(config, resume, overwrite, resume_from, signals)
+        config.validate()
+        # a second run writing the same folder meanwhile is refused (rank 0 writes the folder)
+        with output_lock(config.output_dir) if _distributed_env()[0] == 0 else contextlib.nullcontext():
+            return _run_pretraining(config, resume, overwrite, resume_from, signals)
     finally:
         signals.uninstall()
 
@@ -248,8 +252,11 @@ def _run_pretraining(
     if config.train.mlm_bias_init == "unigram" and plan.checkpoint is None:
         counted = data.baselines or _frequency_baselines(config, data.train_set.select_columns(["input_ids"]), plan.vocab, data.lengths)
         model.init_mlm_bias(torch.from_numpy(counted.unigram_log_prob))
+    corpus = {"cells": int(data.lengths.size), "tokens": int(data.lengths.sum()), "hash": content_hash(data.lengths.astype("<i8").tobytes())}
+    if plan.checkpoint is not None:
+        _check_resume_corpus(plan.checkpoint, corpus)
     args = training_arguments(config, plan.run_dir, plan.precision, data.eval_set is not None)
-    environment = _prepare_run_dir(config, plan, args.world_size, data.baselines)
+    environment = _prepare_run_dir(config, plan, args.world_size, data.baselines, corpus)
     trainer, stopper = _make_trainer(config, plan, model, data, args, environment, signals)
     output = _train(trainer, stopper, signals, plan)
     return _finish(trainer, plan, config, output)
@@ -311,8 +318,19 @@ def _open_data(config: PretrainConfig, vocab: Vocabulary, model_max_len: int) ->
     return _TrainingData(train_set, eval_set, lengths, truncate_to, species_codes, baselines)
 
 
+def _check_resume_corpus(checkpoint: Path, corpus: dict[str, Any]) -> None:
+    """The training cells are those the checkpoint was trained on (their lengths' hash; its data order refers to them)."""
+    saved = read_json(checkpoint / "environment.json").get("corpus") if (checkpoint / "environment.json").is_file() else None
+    if saved is not None and saved != corpus:
+        raise ConfigError(
+            f"the corpus is not the one {checkpoint.name} was trained on ({saved['cells']:,} training cells, {saved['tokens']:,} "
+            f"tokens then; {corpus['cells']:,} and {corpus['tokens']:,} now): the data order it restores would refer to other "
+            "cells. Resume with that corpus, or start a new run (another output_dir, or --overwrite)."
+        )
+
+
 def _prepare_run_dir(
-    config: PretrainConfig, plan: _RunPlan, world_size: int, baselines: FrequencyBaselines | None
+    config: PretrainConfig, plan: _RunPlan, world_size: int, baselines: FrequencyBaselines | None, corpus: dict[str, Any]
 ) -> dict[str, Any]:
     """The run folder on rank 0 (replaced with --overwrite, stale staging removed, metrics.csv cut
     back to the resumed checkpoint) with its config, environment and baselines records; returns
@@ -326,7 +344,8 @@ def _prepare_run_dir(
         ckpt.clean_stale(run_dir)
         # metrics.csv continues from the checkpoint: rows logged after it (before a crash) are dropped.
         trim_metrics(run_dir / "metrics.csv", ckpt.checkpoint_step(checkpoint) if checkpoint else 0)
-    environment = environment_record(plan.precision, world_size, {"mode": plan.mode, "resumed_from": str(checkpoint) if checkpoint else None})
+    environment = environment_record(plan.precision, world_size, {"mode": plan.mode, "resumed_from": str(checkpoint) if checkpoint else None,
+                                                                        "corpus": corpus})
     logger.info("precision in use: %s (requested %s) on %s", plan.precision, config.train.precision, environment["devices"])
     if plan.is_main:
         save_config(config, run_dir)
@@ -379,6 +398,12 @@ def _make_trainer(
 def _train(trainer: MixGeneformerTrainer, stopper: StopOnSignal, signals: SignalFlag, plan: _RunPlan) -> TrainOutput | None:
     """Train (from the checkpoint when resuming); TrainingInterrupted once a signal's checkpoint is saved."""
     checkpoint = plan.checkpoint
+    if checkpoint is not None and (step := ckpt.checkpoint_step(checkpoint)) >= trainer.args.max_steps:
+        logger.warning("%s is at step %d and train.max_steps is %d: nothing to train; the model is saved from it "
+                       "(raise train.max_steps to train on)", checkpoint.name, step, trainer.args.max_steps)
+        trainer._load_from_checkpoint(str(checkpoint))  # transformers' own loader (weights only; FSDP / DeepSpeed too)
+        trainer.state.global_step = step
+        return None
     stopper.trainer = trainer
     signals.training = True
     try:
@@ -414,7 +439,7 @@ def _finish(trainer: MixGeneformerTrainer, plan: _RunPlan, config: PretrainConfi
         bundle_dir=bundle_dir,
         global_step=trainer.state.global_step,
         resumed_from=plan.checkpoint,
-        final_loss=float(output.training_loss) if output.training_loss is not None else None,
+        final_loss=float(output.training_loss) if output is not None and output.training_loss is not None else None,
         metrics_csv=plan.run_dir / "metrics.csv",
     )
 

@@ -26,6 +26,7 @@ makes it hang.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -46,7 +47,15 @@ import torch.distributed as dist
 
 from .corpus import load_corpus
 from .errors import ArtifactError, ConfigError
-from .fileio import JSONValue, atomic_file, check_readable_file, content_hash, read_json, write_json
+from .fileio import (
+    JSONValue,
+    atomic_file,
+    check_readable_file,
+    content_hash,
+    output_lock,
+    read_json,
+    write_json,
+)
 from .readers import open_source
 
 if TYPE_CHECKING:
@@ -92,6 +101,12 @@ class ShardRole:
     @property
     def merges(self) -> bool:
         return self.launched and self.index == 0
+
+
+def writer_lock(out: str | os.PathLike, shard_index: int | None = None, num_shards: int | None = None) -> contextlib.AbstractContextManager:
+    """The output lock of a one-process run, so a second run writing ``out`` meanwhile is refused
+    (:func:`fileio.output_lock`); the processes of a sharded run share ``out`` by design (OUT.shards/)."""
+    return output_lock(out) if shard_role(shard_index, num_shards).world == 1 else contextlib.nullcontext()
 
 
 def shard_role(shard_index: int | None = None, num_shards: int | None = None) -> ShardRole:

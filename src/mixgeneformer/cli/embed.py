@@ -45,17 +45,19 @@ def embed(
     after every shard. A rerun reuses finished shards.
     """
     from .. import embed as emb
+    from ..sharding import writer_lock
 
-    produced = emb.embed_to_outputs(
-        input, model, out, key=key, layer=layer, pooling=pooling, gene_embeddings=gene_embeddings, umap=umap,
-        color=color, vocab=vocab, medians=medians, tokenize_config=load_tokenize_config(tokenize_config),
-        gene_column=gene_column, species=species, batch_size=batch_size, device=device, precision=precision,
-        overwrite=overwrite, progress=progress, shard_index=shard_index, num_shards=num_shards, timeout_s=timeout,
-        echo=typer.echo, config_files=[tokenize_config],
-    )
-    if produced is not None:
-        for line in emb.write_outputs(produced[0], produced[1], out, key, gene_embeddings, umap, color):
-            typer.echo(line)
+    with writer_lock(out, shard_index, num_shards):
+        produced = emb.embed_to_outputs(
+            input, model, out, key=key, layer=layer, pooling=pooling, gene_embeddings=gene_embeddings, umap=umap,
+            color=color, vocab=vocab, medians=medians, tokenize_config=load_tokenize_config(tokenize_config),
+            gene_column=gene_column, species=species, batch_size=batch_size, device=device, precision=precision,
+            overwrite=overwrite, progress=progress, shard_index=shard_index, num_shards=num_shards, timeout_s=timeout,
+            echo=typer.echo, config_files=[tokenize_config],
+        )
+        if produced is not None:
+            for line in emb.write_outputs(produced[0], produced[1], out, key, gene_embeddings, umap, color):
+                typer.echo(line)
 
 
 @app.command("embed-merge")

@@ -25,14 +25,16 @@ def predict(
 ) -> None:
     """Predict the class of every cell; under torchrun each rank takes a share (see `mixgf embed`)."""
     from ..classify import predict as pred
+    from ..sharding import writer_lock
 
-    adata = pred.predict_file(
-        input, classifier, out, key=key, batch_size=batch_size, device=device,
-        tokenize_config=load_tokenize_config(tokenize_config), shard_index=shard_index, num_shards=num_shards,
-        timeout_s=timeout, overwrite=overwrite, echo=typer.echo, config_files=[tokenize_config],
-    )
-    if adata is not None:
-        typer.echo(pred.write_prediction_file(adata, out, key))
+    with writer_lock(out, shard_index, num_shards):
+        adata = pred.predict_file(
+            input, classifier, out, key=key, batch_size=batch_size, device=device,
+            tokenize_config=load_tokenize_config(tokenize_config), shard_index=shard_index, num_shards=num_shards,
+            timeout_s=timeout, overwrite=overwrite, echo=typer.echo, config_files=[tokenize_config],
+        )
+        if adata is not None:
+            typer.echo(pred.write_prediction_file(adata, out, key))
 
 
 @app.command("predict-merge")
