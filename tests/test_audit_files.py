@@ -5,6 +5,7 @@ writer per output; workers never outlive their parent."""
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import pickle
 import subprocess
@@ -48,6 +49,27 @@ def files(tmp_path):
 def tokenize_args(files, out, *extra):
     return ["tokenize", files / "in.h5ad", "--vocab", files / "vocab.json", "--medians", files / "medians.tsv",
             "--out", out, *extra]
+
+
+@contextlib.contextmanager
+def lock_holder(target: Path):
+    """Another process holding the output lock of ``target`` (killed on exit); yields its pid."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import time
+            from mixgeneformer.fileio import output_lock
+            with output_lock({str(target)!r}):
+                print("locked", flush=True)
+                time.sleep(120)
+        """)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -273,23 +295,9 @@ def test_a_second_tokenize_into_the_same_output_is_refused(files, tmp_path, caps
     partial = tmp_path / ".corpus.partial"
     partial.mkdir()
     (partial / "manifest.json").write_text("{}")  # the first run's work in progress
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import sys, time
-            from mixgeneformer.fileio import output_lock
-            with output_lock({str(out)!r}):
-                print("locked", flush=True)
-                time.sleep(120)
-        """)],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_holder(out) as pid:
         status, err = run_cli(capsys, *tokenize_args(files, out))
-    finally:
-        holder.kill()
-        holder.wait()
-    assert status == 2 and f"being written by another process (pid {holder.pid})" in err
+    assert status == 2 and f"being written by another process (pid {pid})" in err
     assert (partial / "manifest.json").read_text() == "{}" and not out.exists()
     # Once the other process is gone (even killed), the lock is free again.
     assert run_cli(capsys, *tokenize_args(files, out))[0] == 0

@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
-from test_audit_files import files, run_cli  # noqa: F401  (the inputs fixture)
+from test_audit_files import files, lock_holder, run_cli  # noqa: F401  (the inputs fixture)
 from test_classify import tiny_model, token_task
 from test_embed import bundle  # noqa: F401  (the tiny model bundle fixture)
 
@@ -224,26 +224,11 @@ def test_kernels_compile_without_a_writable_cache(monkeypatch):
 
 
 def test_a_second_embed_or_predict_into_the_same_file_is_refused(bundle, tmp_path, capsys):  # noqa: F811
-    import subprocess
-    import sys
-    import textwrap
-
     folder, adata = bundle
     adata.write_h5ad(tmp_path / "cells.h5ad")
     out = tmp_path / "out.h5ad"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import time
-        from mixgeneformer.fileio import output_lock
-        with output_lock({str(out)!r}):
-            print("locked", flush=True)
-            time.sleep(120)
-    """)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_holder(out) as pid:
         for args in (("embed", tmp_path / "cells.h5ad", "--model", folder), ("predict", tmp_path / "cells.h5ad", "-c", folder)):
             code, err = run_cli(capsys, *args, "--out", out, "--device", "cpu")
-            assert code == 2 and f"being written by another process (pid {holder.pid})" in err, err
-    finally:
-        holder.kill()
-        holder.wait()
+            assert code == 2 and f"being written by another process (pid {pid})" in err, err
     assert not out.exists()  # (the killed holder's lock file stays; the lock itself is gone with it)

@@ -113,25 +113,11 @@ def test_resume_on_another_corpus_at_the_same_path_is_refused(tmp_path, syntheti
 
 
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path, synthetic):  # noqa: F811
-    import subprocess
-    import sys
-    import textwrap
+    from test_audit_files import lock_holder
 
     from mixgeneformer.errors import ArtifactError
 
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import time
-        from mixgeneformer.fileio import output_lock
-        with output_lock({str(out)!r}):
-            print("locked", flush=True)
-            time.sleep(120)
-    """)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ArtifactError, match=f"being written by another process \\(pid {holder.pid}\\)"):
-            run_pretraining(pretrain_config_from_dict(tiny_config(synthetic, out, train={"max_steps": 2})), resume=True)
-    finally:
-        holder.kill()
-        holder.wait()
+    with lock_holder(out) as pid, pytest.raises(ArtifactError, match=f"being written by another process \\(pid {pid}\\)"):
+        run_pretraining(pretrain_config_from_dict(tiny_config(synthetic, out, train={"max_steps": 2})), resume=True)
     assert not out.exists()
