@@ -110,14 +110,17 @@ def test_resume_never_writes_into_an_input_nor_without_a_checkpoint_into_a_forei
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "paper.tex").write_text("x")
-    with pytest.raises(ArtifactError, match="no checkpoint to resume from.*only replaces outputs of mixgeneformer"):
-        plan_run_dir(foreign, True, False, None, [corpus])
+    other_output = make_corpus(tmp_path / "other_corpus", vocab, n_cells=8)  # a mixgeneformer output, not a run
+    (other_output / OUTPUT_MARKER).write_text("")
+    for folder in (foreign, other_output):
+        with pytest.raises(ArtifactError, match="no checkpoint to resume from.*not a pretraining run folder"):
+            plan_run_dir(folder, True, False, None, [corpus])
     assert (foreign / "paper.tex").read_text() == "x"
 
     started = tmp_path / "run"  # a run stopped before its first checkpoint starts over
     started.mkdir()
     (started / OUTPUT_MARKER).write_text("")
-    (started / "metrics.csv").write_text("step\n")
+    (started / "environment.json").write_text("{}")
     with caplog.at_level("WARNING"):
         assert plan_run_dir(started, True, False, None, [corpus]) == ("overwrite", None)
         assert plan_run_dir(tmp_path / "typo", True, False, None, [corpus]) == ("fresh", None)

@@ -185,9 +185,9 @@ def plan_run_dir(
 ) -> tuple[str, Path | None]:
     """Decide fresh / overwrite / resume without writing anything (every rank computes the same).
 
-    No mode writes into a folder that is or holds one of the run's ``inputs``; ``--overwrite`` (and
-    ``--resume`` where there is no checkpoint yet) replaces only a mixgeneformer run folder
-    (:func:`fileio.check_output`)."""
+    No mode writes into a folder that is or holds one of the run's ``inputs``; ``--overwrite``
+    replaces only a mixgeneformer output (:func:`fileio.check_output`), ``--resume`` without a
+    checkpoint only a pretraining run folder stopped before its first checkpoint."""
     occupied = run_dir.exists() and any(p.name != STAGING for p in run_dir.iterdir())
     if occupied:
         check_not_input(run_dir, inputs, "output_dir")  # even to resume: the run writes its config.yaml there
@@ -200,8 +200,11 @@ def plan_run_dir(
         if not occupied:
             logger.warning("--resume: no run in %s yet; starting a fresh run there", run_dir)
             return "fresh", None
-        # a run stopped before its first checkpoint is started over, as --overwrite would; anything else is refused
+        # a run stopped before its first checkpoint (its environment.json written) starts over; anything else,
+        # even another mixgeneformer output, is refused: --resume never replaces what --overwrite would
         try:
+            if not (run_dir / "environment.json").is_file():
+                raise ArtifactError("it is not a pretraining run folder (no environment.json)")
             check_output(run_dir, inputs, overwrite=True, option="output_dir")
         except ArtifactError as exc:
             raise ArtifactError(f"--resume: {run_dir} holds no checkpoint to resume from, and a new run cannot start there: {exc}") from exc

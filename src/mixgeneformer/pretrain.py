@@ -252,7 +252,8 @@ def _run_pretraining(
     if config.train.mlm_bias_init == "unigram" and plan.checkpoint is None:
         counted = data.baselines or _frequency_baselines(config, data.train_set.select_columns(["input_ids"]), plan.vocab, data.lengths)
         model.init_mlm_bias(torch.from_numpy(counted.unigram_log_prob))
-    corpus = {"cells": int(data.lengths.size), "tokens": int(data.lengths.sum()), "hash": content_hash(data.lengths.astype("<i8").tobytes())}
+    lengths = data.lengths.astype("<i8")  # the training cells, as a checkpoint records them (_check_resume_corpus)
+    corpus = {"cells": int(lengths.size), "tokens": int(lengths.sum()), "hash": content_hash(lengths.tobytes())}
     if plan.checkpoint is not None:
         _check_resume_corpus(plan.checkpoint, corpus)
     args = training_arguments(config, plan.run_dir, plan.precision, data.eval_set is not None)
@@ -344,8 +345,8 @@ def _prepare_run_dir(
         ckpt.clean_stale(run_dir)
         # metrics.csv continues from the checkpoint: rows logged after it (before a crash) are dropped.
         trim_metrics(run_dir / "metrics.csv", ckpt.checkpoint_step(checkpoint) if checkpoint else 0)
-    environment = environment_record(plan.precision, world_size, {"mode": plan.mode, "resumed_from": str(checkpoint) if checkpoint else None,
-                                                                        "corpus": corpus})
+    run = {"mode": plan.mode, "resumed_from": str(checkpoint) if checkpoint else None, "corpus": corpus}
+    environment = environment_record(plan.precision, world_size, run)
     logger.info("precision in use: %s (requested %s) on %s", plan.precision, config.train.precision, environment["devices"])
     if plan.is_main:
         save_config(config, run_dir)
