@@ -235,3 +235,51 @@ def test_a_second_embed_or_predict_into_the_same_file_is_refused(bundle, tmp_pat
             code, err = run_cli(capsys, *args, "--out", out, "--device", "cpu")
             assert code == 2 and f"being written by another process (pid {pid})" in err, err
     assert not out.exists()  # (the killed holder's lock file stays; the lock itself is gone with it)
+
+
+# ------------------------------------------------------- silent results of the Python API
+def test_text_that_means_no_label_is_dropped_not_a_class():
+    import pandas as pd
+
+    from mixgeneformer.classify.labels import prepare_labels
+
+    labels = ["alpha"] * 10 + ["beta"] * 10 + ["nan", "", "None", " NA ", np.nan]
+    selection = prepare_labels(pd.DataFrame({"lab": labels}), "lab", min_class_fraction=0)
+    assert sorted(set(selection.labels)) == ["alpha", "beta"] and len(selection.rows) == 20
+
+
+def test_one_gene_named_twice_is_refused(bundle):  # noqa: F811
+    from mixgeneformer.bundle import load_bundle
+    from mixgeneformer.perturb.variants import resolve_genes
+
+    _, vocab, _ = load_bundle(bundle[0])
+    gene = sorted(vocab.gene_to_id)[0]
+    assert resolve_genes([gene], vocab).size == 1
+    with pytest.raises(ConfigError, match=f"one gene more than once \\({gene} = {gene}.1\\)"):
+        resolve_genes([gene, f"{gene}.1"], vocab)  # an Ensembl ID and its versioned form
+
+
+def test_perturbing_an_anndata_counts_the_cells_the_tokenizer_dropped(bundle):  # noqa: F811
+    from mixgeneformer.perturb import PerturbConfig, perturb_anndata
+
+    folder, adata = bundle  # two of its 40 cells have no vocabulary gene
+    with pytest.warns(UserWarning, match="2 of 12 cells were dropped by the tokenizer"):
+        result, _ = perturb_anndata(adata[:12].copy(), folder, PerturbConfig(device="cpu"), progress=False)
+    assert result.summary["cells_dropped_by_tokenizer"] == 2
+
+
+def test_human_symbols_given_as_mouse_are_refused_and_upper_case_mouse_still_folds():
+    import anndata as ad
+
+    from mixgeneformer.demo.config import demo_data_dir
+    from mixgeneformer.errors import GeneIdError
+    from mixgeneformer.genes import map_gene_ids
+
+    def var_names(species):
+        return np.asarray(ad.read_h5ad(demo_data_dir() / f"baron_pancreas_{species}.h5ad", backed="r").var_names, dtype=object)
+
+    with pytest.raises(GeneIdError, match="spelled as human symbols.*Pass species='human'"):
+        map_gene_ids(var_names("human"), species="mouse")
+    mouse = var_names("mouse")
+    upper = map_gene_ids(np.array([g.upper() for g in mouse], dtype=object), species="mouse")
+    assert list(upper.ensembl_ids) == list(map_gene_ids(mouse, species="mouse").ensembl_ids)

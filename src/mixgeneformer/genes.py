@@ -293,7 +293,10 @@ def _map_symbols(ids: np.ndarray, species: Species, extra: frozenset[str] = froz
     if species == "human":
         foreign &= has_lower
     elif (has_lower & symbols.str.contains("[A-Z]", regex=True)).mean() <= 0.5:
-        foreign &= False
+        # upper-cased symbols: a mouse file written in upper case folds, unless more of them are exact human
+        # symbols than fold onto mouse genes at all (a human file given as mouse)
+        if symbols.isin(_symbol_index(other, True).index).sum() <= symbols.str.upper().isin(_symbol_index(species, False).index).sum():
+            foreign &= False
     loose = symbols.str.upper().map(_symbol_index(species, False))
     _check_foreign_symbols(ids, species, other, int(exact.notna().sum()), foreign.to_numpy(), (foreign & loose.notna()).to_numpy(), allow_mixed)
     resolved = exact.where(exact.notna(), loose.where(~foreign))

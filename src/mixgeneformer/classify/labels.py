@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+MISSING_TEXT = frozenset({"", "nan", "none", "na", "n/a", "null"})
+"""Label text that means "no label" (compared stripped, case-insensitively)."""
+
 
 #: Canonical-name synonyms used to match labels across datasets / species (applied after
 #: :func:`canonical_label`'s normalisation). Extend per call with ``synonyms=``.
@@ -109,10 +112,11 @@ def prepare_labels(
             "Pass the right one with --label / key=."
         )
     column = obs[key]
-    missing = column.isna().to_numpy()
+    # missing, also as the text a str() conversion or a CSV round trip leaves ("nan", "", "None", "NA")
+    missing = (column.isna() | column.map(lambda v: isinstance(v, str) and v.strip().lower() in MISSING_TEXT)).to_numpy()
     n_missing = int(missing.sum())
     if n_missing:
-        logger.warning("%d cells have no %r label and are dropped", n_missing, key)
+        logger.warning("%d cells have no %r label (missing, or %s) and are dropped", n_missing, key, sorted(MISSING_TEXT))
     labels = column.astype(object).where(~missing, None).to_numpy()
     labelled = np.flatnonzero(~missing)
     if labelled.size == 0:

@@ -41,6 +41,8 @@ def resolve_genes(names: Sequence[str], vocab: Vocabulary, species: str = "auto"
     ------
     GeneIdError
         A name is unknown or its gene is not in the vocabulary.
+    ConfigError
+        Two names are the same gene (a symbol and its Ensembl ID count as one).
     """
 
     out = np.empty(len(names), dtype=np.int64)
@@ -72,6 +74,13 @@ def resolve_genes(names: Sequence[str], vocab: Vocabulary, species: str = "auto"
                 f"({len(vocab.gene_to_id):,} genes); it cannot be perturbed with this model"
             )
         out[i] = tokens[0]
+    _, first, counts = np.unique(out, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        same = [[str(names[j]) for j in np.flatnonzero(out == out[k])] for k in first[counts > 1]]
+        raise ConfigError(
+            f"genes name one gene more than once ({'; '.join(' = '.join(group) for group in same)}): each would be "
+            "perturbed and scored twice per cell. List each gene once."
+        )
     return out
 
 
