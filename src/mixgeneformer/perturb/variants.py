@@ -74,14 +74,19 @@ def resolve_genes(names: Sequence[str], vocab: Vocabulary, species: str = "auto"
                 f"({len(vocab.gene_to_id):,} genes); it cannot be perturbed with this model"
             )
         out[i] = tokens[0]
-    _, first, counts = np.unique(out, return_index=True, return_counts=True)
+    _refuse_repeats(names, out)
+    return out
+
+
+def _refuse_repeats(names: Sequence[str], tokens: np.ndarray) -> None:
+    """A gene named twice (also as a symbol and its ID) would be perturbed and scored twice per cell."""
+    _, first, counts = np.unique(tokens, return_index=True, return_counts=True)
     if (counts > 1).any():
-        same = [[str(names[j]) for j in np.flatnonzero(out == out[k])] for k in first[counts > 1]]
+        same = [[str(names[j]) for j in np.flatnonzero(tokens == tokens[k])] for k in first[counts > 1]]
         raise ConfigError(
             f"genes name one gene more than once ({'; '.join(' = '.join(group) for group in same)}): each would be "
             "perturbed and scored twice per cell. List each gene once."
         )
-    return out
 
 
 # long: a 28-line docstring; the body (50 lines) builds the gather index of each perturbation kind.
