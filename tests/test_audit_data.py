@@ -271,6 +271,7 @@ def test_duplicate_gene_error_names_the_columns_the_user_has(tmp_path, capsys):
     assert "'INS', 'ins'" in capsys.readouterr().err and not (tmp_path / "corpus").exists()
     main([*args, "--duplicate-genes", "sum"])
     assert (tmp_path / "corpus").is_dir()
+    assert "2 columns resolve to a gene another column has too and are summed" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------

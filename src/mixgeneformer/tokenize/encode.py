@@ -222,6 +222,9 @@ def _column_lookup(source: Any, vocab: Any, medians: GeneMedians, config: Tokeni
             f"({mapping.coverage_report()}). Wrong species, or a vocabulary/median table for another species?"
         )
     coverage = f"{mapping.coverage_report()}; {int(kept.sum()):,} columns in the vocabulary with a median"
+    shared = pd.Series(ensembl).pipe(lambda ids: ids.ne("") & ids.duplicated(keep=False)).to_numpy() & kept
+    if shared.any():  # duplicate_genes="sum" (with "error" this input was refused above)
+        coverage += f"; {int(shared.sum()):,} columns resolve to a gene another column has too and are summed"
     logger.info("%s: %s", source.name, coverage)
     return _Columns(token_ids, gene_medians, kept, mapping.species, coverage)
 
