@@ -202,9 +202,12 @@ def plan_run_dir(
             return "fresh", None
         # a run stopped before its first checkpoint (its environment.json written) starts over; anything else,
         # even another mixgeneformer output, is refused: --resume never replaces what --overwrite would
+        if not (run_dir / "environment.json").is_file():
+            raise ArtifactError(
+                f"--resume: {run_dir} holds no checkpoint to resume from, and a new run cannot start there: it is not a "
+                "pretraining run folder (no environment.json). Choose another output_dir."
+            )
         try:
-            if not (run_dir / "environment.json").is_file():
-                raise ArtifactError("it is not a pretraining run folder (no environment.json)")
             check_output(run_dir, inputs, overwrite=True, option="output_dir")
         except ArtifactError as exc:
             raise ArtifactError(f"--resume: {run_dir} holds no checkpoint to resume from, and a new run cannot start there: {exc}") from exc

@@ -290,14 +290,14 @@ def _map_symbols(ids: np.ndarray, species: Species, extra: frozenset[str] = froz
     other = "mouse" if species == "human" else "human"
     foreign = exact.isna() & symbols.isin(_symbol_index(other, True).index)
     has_lower = symbols.str.contains("[a-z]", regex=True)
+    loose = symbols.str.upper().map(_symbol_index(species, False))
     if species == "human":
         foreign &= has_lower
     elif (has_lower & symbols.str.contains("[A-Z]", regex=True)).mean() <= 0.5:
         # upper-cased symbols: a mouse file written in upper case folds, unless more of them are exact human
         # symbols than fold onto mouse genes at all (a human file given as mouse)
-        if symbols.isin(_symbol_index(other, True).index).sum() <= symbols.str.upper().isin(_symbol_index(species, False).index).sum():
+        if symbols.isin(_symbol_index(other, True).index).sum() <= loose.notna().sum():
             foreign &= False
-    loose = symbols.str.upper().map(_symbol_index(species, False))
     _check_foreign_symbols(ids, species, other, int(exact.notna().sum()), foreign.to_numpy(), (foreign & loose.notna()).to_numpy(), allow_mixed)
     resolved = exact.where(exact.notna(), loose.where(~foreign))
     resolved = resolved.where(resolved.notna(), "")  # not fillna: it warns when it would downcast an all-missing column

@@ -281,10 +281,11 @@ def import_geneformer(
     raw = load_restricted_pickle(token_dictionary, "Geneformer token dictionary")
     if not isinstance(raw, dict) or not raw:
         raise ArtifactError(f"{token_dictionary} is not a Geneformer token dictionary (expected a dict of token → id).")
-    if not all(isinstance(v, numbers.Integral) for v in raw.values()):
+    not_ids = [v for v in raw.values() if not isinstance(v, numbers.Integral)]
+    if not_ids:
         raise ArtifactError(
             f"{token_dictionary} is not a Geneformer token dictionary: its values must be integer token ids "
-            f"(e.g. token_dictionary.pkl), found {type(next(v for v in raw.values() if not isinstance(v, numbers.Integral))).__name__}."
+            f"(e.g. token_dictionary.pkl), found {type(not_ids[0]).__name__}."
         )
     by_id = {int(v): str(k) for k, v in raw.items()}
     if sorted(by_id) != list(range(len(by_id))):

@@ -113,7 +113,7 @@ def prepare_labels(
         )
     column = obs[key]
     # missing, also as the text a str() conversion or a CSV round trip leaves ("nan", "", "None", "NA")
-    missing = (column.isna() | column.map(lambda v: isinstance(v, str) and v.strip().lower() in MISSING_TEXT)).to_numpy()
+    missing = (column.isna() | column.astype("string").str.strip().str.lower().isin(MISSING_TEXT)).to_numpy()
     n_missing = int(missing.sum())
     if n_missing:
         logger.warning("%d cells have no %r label (missing, or %s) and are dropped", n_missing, key, sorted(MISSING_TEXT))

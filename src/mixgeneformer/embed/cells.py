@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -23,7 +22,7 @@ from ..errors import ConfigError
 from ..fileio import read_h5ad
 from ..inference import CorpusEmbeddings, Precision, embed_corpus, encoder_of, layers_to_run
 from ..model import Pooling
-from ..tokenize import tokenize_for_model
+from ..tokenize import tokenize_for_model, warn_dropped
 
 if TYPE_CHECKING:  # imported lazily at run time: they pull heavy dependencies
     import anndata
@@ -151,15 +150,7 @@ def embed_anndata(
     hidden = cells.shape[1]
     out = np.full((adata.n_obs, hidden), np.nan, dtype=np.float32)
     out[rows] = cells
-    n_dropped = adata.n_obs - len(np.unique(rows))
-    if n_dropped:
-        warnings.warn(
-            f"{n_dropped} of {adata.n_obs} cells were dropped by the tokenizer (no counts, no gene in the "
-            f"model's vocabulary, or filter_pass=0) and were not embedded; their rows of obsm[{key!r}] are NaN. "
-            f"Tokenizer report: {corpus.info.description}",
-            UserWarning,
-            stacklevel=2,
-        )
+    n_dropped = warn_dropped(adata.n_obs, rows, corpus, f"were not embedded; their rows of obsm[{key!r}] are NaN")
     target = adata.copy() if copy else adata
     target.obsm[key] = out
     target.uns[f"{key}_params"] = _params_record(

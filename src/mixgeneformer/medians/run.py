@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import InputDataError
+from ..errors import ConfigError, InputDataError
 from ..parallel import plan_ranges, worker_pool
 from ..readers import (
     CountInput,
@@ -104,7 +104,7 @@ def accumulate_medians(
     if not inputs:
         raise InputDataError("no inputs given: pass at least one .h5ad / .loom / 10x / SOMA path or AnnData.")
     if workers < 1:
-        raise InputDataError(f"workers must be >= 1, got {workers}.")
+        raise ConfigError(f"workers must be >= 1, got {workers}.")
     check_distinct_inputs(inputs)
     known = None if vocabulary_ids is None else frozenset(vocabulary_ids)
     gene_array = None if genes is None else np.asarray(list(genes), dtype=object)

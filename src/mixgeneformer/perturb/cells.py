@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,7 @@ from ..inference import (
     layers_to_run,
     resolve_device,
 )
-from ..tokenize import TokenizeConfig, tokenize_for_model
+from ..tokenize import TokenizeConfig, tokenize_for_model, warn_dropped
 from .config import PerturbConfig
 from .engine import _exact, _genes_per_cell
 from .screen import _screen
@@ -316,11 +315,7 @@ def perturb_anndata(
     columns = [config.state_column] if config.state_column else []
     max_positions = int(encoder_of(model).config.max_position_embeddings)
     corpus, obs_rows, _ = tokenize_for_model(adata, vocab, medians, tokenize_config, max_positions, obs_columns=columns)
-    n_dropped = adata.n_obs - len(np.unique(obs_rows))
-    if n_dropped:
-        warnings.warn(f"{n_dropped} of {adata.n_obs} cells were dropped by the tokenizer (no counts, no gene in the model's "
-                      f"vocabulary, or filter_pass=0) and were not perturbed. Tokenizer report: {corpus.info.description}",
-                      UserWarning, stacklevel=2)
+    n_dropped = warn_dropped(adata.n_obs, obs_rows, corpus, "were not perturbed")
     result = perturb_cells(model, corpus, vocab, config, progress=progress)
     result.summary["cells_dropped_by_tokenizer"] = int(n_dropped)
     result.cells["cell"] = obs_rows[result.cells["cell"].to_numpy()]

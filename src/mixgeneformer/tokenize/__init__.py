@@ -17,7 +17,7 @@ from __future__ import annotations
 from .config import V2_MAX_LEN, TokenizeConfig, load_tokenize_config
 from .encode import TokenizeReport, add_special_tokens, rank_value_encode
 from .files import run_manifest, tokenize_files
-from .inmemory import tokenize_anndata, tokenize_for_model
+from .inmemory import tokenize_anndata, tokenize_for_model, warn_dropped
 
 __all__ = [
     "V2_MAX_LEN",
@@ -30,4 +30,5 @@ __all__ = [
     "tokenize_anndata",
     "tokenize_for_model",
     "tokenize_files",
+    "warn_dropped",
 ]

@@ -222,20 +222,25 @@ def _column_lookup(source: Any, vocab: Any, medians: GeneMedians, config: Tokeni
             f"({mapping.coverage_report()}). Wrong species, or a vocabulary/median table for another species?"
         )
     coverage = f"{mapping.coverage_report()}; {int(kept.sum()):,} columns in the vocabulary with a median"
-    shared = pd.Series(ensembl).pipe(lambda ids: ids.ne("") & ids.duplicated(keep=False)).to_numpy() & kept
+    shared = _shared_gene_columns(ensembl) & kept
     if shared.any():  # duplicate_genes="sum" (with "error" this input was refused above)
         coverage += f"; {int(shared.sum()):,} columns resolve to a gene another column has too and are summed"
     logger.info("%s: %s", source.name, coverage)
     return _Columns(token_ids, gene_medians, kept, mapping.species, coverage)
 
 
+def _shared_gene_columns(ensembl: np.ndarray) -> np.ndarray:
+    """True for the columns that resolve to a gene another column resolves to as well."""
+    mapped = pd.Series(ensembl)
+    return (mapped.ne("") & mapped.duplicated(keep=False)).to_numpy()
+
+
 def _check_duplicate_genes(name: str, columns: np.ndarray, ensembl: np.ndarray) -> None:
     """GeneIdError naming the user's columns that resolve to one gene (duplicate_genes='error')."""
-    mapped = pd.Series(ensembl)
-    repeated = mapped.ne("") & mapped.duplicated(keep=False)
+    repeated = _shared_gene_columns(ensembl)
     if not repeated.any():
         return
-    groups = pd.Series(columns[repeated.to_numpy()]).groupby(mapped[repeated].to_numpy(), sort=False)
+    groups = pd.Series(columns[repeated]).groupby(np.asarray(ensembl)[repeated], sort=False)
     gene, names = next(iter(groups))
     shown = ", ".join(repr(str(c)) for c in names.iloc[:5])
     raise GeneIdError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +78,20 @@ def tokenize_for_model(
         config = dataclasses.replace(config, **updates)
     corpus = tokenize_anndata(adata, vocab, medians, config, obs_columns=obs_columns)
     return corpus, np.asarray(corpus["cell_index"], dtype=np.int64), config
+
+
+def warn_dropped(n_obs: int, rows: np.ndarray, corpus: datasets.Dataset, consequence: str) -> int:
+    """How many of an AnnData's ``n_obs`` cells :func:`tokenize_for_model` dropped (``rows``: the
+    obs positions it kept); a warning saying so and what it means (``consequence``) when any."""
+    n_dropped = n_obs - len(np.unique(rows))
+    if n_dropped:
+        warnings.warn(
+            f"{n_dropped} of {n_obs} cells were dropped by the tokenizer (no counts, no gene in the model's vocabulary, "
+            f"or filter_pass=0) and {consequence}. Tokenizer report: {corpus.info.description}",
+            UserWarning,
+            stacklevel=3,  # the caller of embed_anndata / perturb_anndata
+        )
+    return n_dropped
 
 
 def tokenize_anndata(
