@@ -76,6 +76,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2", help="split seeds (the demo's classify_seeds)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--recipes", default="", help="recipe names separated by ; (default: all)")
+    parser.add_argument("--max-len", type=int, default=DemoConfig().max_len, help="genes per cell (default: the demo's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the demo's classify jobs use 1)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report here (+ .csv per seed)")
     return parser.parse_args()
@@ -94,13 +95,14 @@ def cross_validated(task: C.Task, folds: list[tuple[np.ndarray, np.ndarray]], fi
     return predicted
 
 
-def seed_rows(seed: int, data: ad.AnnData, bundle: tuple, recipes: list[str], folds: int) -> tuple[list[dict], str, pd.DataFrame]:
+def seed_rows(seed: int, data: ad.AnnData, bundle: tuple, recipes: list[str], folds: int,
+              max_len: int) -> tuple[list[dict], str, pd.DataFrame]:
     """Cross-validated scores of the references and of every recipe on one split seed's training cells,
     with each one's per-class F1 (long table: recipe, seed, class, f1, support)."""
     model, vocab, medians = bundle
     demo = DemoConfig()
     labels = C.LabelConfig(key=demo.label_key, seed=seed)
-    task, tokens, _ = C.tokenize_task(C.within_task(data, labels), vocab, medians, TokenizeConfig(max_len=demo.max_len))
+    task, tokens, _ = C.tokenize_task(C.within_task(data, labels), vocab, medians, TokenizeConfig(max_len=max_len))
     splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(task.train_rows, task.train_labels))
     truth = task.train_labels
     note = (f"seed {seed}: {truth.size} training cells, {len(task.classes)} classes, smallest "
@@ -154,7 +156,7 @@ def main() -> None:
     rows, notes, per_class = [], [], []
     started_all = time.perf_counter()
     for seed in [int(s) for s in args.seeds.split(",")]:
-        seed_table, note, classes = seed_rows(seed, data, bundle, chosen, args.folds)
+        seed_table, note, classes = seed_rows(seed, data, bundle, chosen, args.folds, args.max_len)
         rows += seed_table
         notes.append(note)
         per_class.append(classes)
@@ -173,7 +175,7 @@ def main() -> None:
     by_class = by_class.sort_values("training cells").reset_index()
     lines = [
         f"{args.folds}-fold cross-validated macro-F1 on the training cells of each split seed, {args.species}, "
-        f"bundle {args.bundle}; fine-tuning = BASE ({json.dumps({'epochs': BASE.epochs, 'batch_size': BASE.batch_size})}, "
+        f"bundle {args.bundle}, {args.max_len} genes per cell; fine-tuning = BASE ({json.dumps({'epochs': BASE.epochs, 'batch_size': BASE.batch_size})}, "
         f"validation_fraction {BASE.validation_fraction}) + the recipe's overrides; {args.threads} torch thread(s); {time.perf_counter() - started_all:.0f}s in all.",
         *notes,
         "",
