@@ -151,7 +151,18 @@ def test_cli_perturb_score_cell_emb_ranks_by_geneformer_score(plain_hf_model, tm
     cells = pd.read_parquet(out / "cells.parquet")
     table = pd.read_csv(out / "genes.csv")
     assert cells["cell_emb"].between(-1, 1).all() and "mean_cell_emb_shift" in table.columns
-    ranked = table.sort_values(["fdr", "mean_cell_emb_shift"], ascending=[True, False], kind="stable")
+    ranked = table.sort_values(["significant", "mean_cell_emb_shift", "fdr"], ascending=[False, False, True], kind="stable")
     assert ranked.index.tolist() == table.index.tolist()  # the table is ranked by Geneformer's score
     assert "score: cell_emb" in (out / "config.yaml").read_text()
     assert ad.read_h5ad(root / "cells.h5ad").n_obs == 45  # input untouched
+
+
+def test_cli_combine_with_vs_all_is_refused_before_work(plain_hf_model, tmp_path, capsys):
+    root, genes = plain_hf_model
+    out = tmp_path / "out"
+    args = ["perturb", str(root / "cells.h5ad"), "--model", str(root / "model"), "--vocab", str(root / "vocab.json"),
+            "--medians", str(root / "medians.tsv"), "--out", str(out), "--genes", ",".join(genes[:2]), "--combine",
+            "--device", "cpu", "--no-progress"]
+    assert _run(args) == 2 and not out.exists()
+    assert "--stats aggregate" in capsys.readouterr().err
+    assert _run([*args, "--stats", "aggregate"]) == 0 and (out / "genes.csv").exists()

@@ -9,7 +9,7 @@ import scipy.stats
 import torch
 from transformers import BertConfig, BertModel
 
-from mixgeneformer.errors import GeneIdError, InputDataError
+from mixgeneformer.errors import ConfigError, GeneIdError, InputDataError
 from mixgeneformer.genes import gene_table
 from mixgeneformer.perturb import (
     PerturbConfig,
@@ -322,3 +322,59 @@ def test_cli_perturb_h5ad_end_to_end(tmp_path, vocab):
     with pytest.raises(SystemExit) as exit_info:  # a gene outside the vocabulary: exit 2, clear message
         main(["perturb", str(tmp_path / "in.h5ad"), "--model", str(tmp_path / "bundle"), "--out", str(tmp_path / "o2"), "--genes", "GCG"])
     assert exit_info.value.code == 2
+
+
+# -- found by a scientist's audit of the results ----------------------------------------------
+def test_combined_overexpression_puts_the_set_first_in_the_listed_order(vocab, bert, cells):
+    tokens = np.arange(10, 20)
+    specials = np.arange(6)
+    assert tokens[perturbation_indices(tokens, np.array([[1, 0, 5]]), "overexpress", specials)[0]].tolist()[:4] == [11, 10, 15, 12]
+    in_place = perturbation_indices(tokens, np.array([[0, 1]]), "overexpress", specials)[0]
+    assert in_place.tolist() == list(range(10))  # a set already first, in that order, is unchanged
+    cell = cells[0]  # <cls> <human> g0 g1 ...: overexpressing (g0, g1) together changes nothing
+    config = PerturbConfig(genes=[vocab.tokens[cell[2]], vocab.tokens[cell[3]]], combine=True, perturb="overexpress")
+    result = perturb_cells(bert, [cell], vocab, config, progress=False).cells
+    assert len(result) == 1 and abs(result["shift"].iloc[0]) < 1e-6
+
+
+def test_options_a_mode_would_ignore_are_refused():
+    with pytest.raises(ConfigError, match="screens every gene"):
+        PerturbConfig(mode="screen", genes=["INS"])
+    with pytest.raises(ConfigError, match="target_rank"):
+        PerturbConfig(perturb="delete", target_rank=3)
+
+
+def test_statistics_rank_significant_genes_toward_the_goal_first():
+    rng = np.random.default_rng(0)
+    rows = []
+    for gene, (centre, n) in {"toward": (0.02, 40), "away": (-0.05, 60), "big_but_rare": (0.2, 1), "null": (0.0, 200)}.items():
+        rows += [{"cell": i, "perturbed": gene, "gene_token": 10, "goal_shift": centre + 0.001 * rng.standard_normal()} for i in range(n)]
+    table = pd.DataFrame(rows)
+    table["gene_token"] = pd.factorize(table["perturbed"])[0] + 10
+    stats = perturbation_statistics(table)
+    assert stats.set_index("perturbed").loc[["toward", "away"], "significant"].all()
+    assert stats.set_index("perturbed").at["away", "fdr"] < stats.set_index("perturbed").at["toward", "fdr"]
+    order = stats["perturbed"].tolist()
+    assert order.index("toward") < order.index("away")  # away from the goal ranks below toward it
+    assert not stats.set_index("perturbed").at["big_but_rare", "significant"] and order[-1] in ("big_but_rare", "null")
+    with pytest.raises(ConfigError, match="aggregate"):
+        perturbation_statistics(table[table["perturbed"] == "toward"])
+
+
+def test_anchor_pairs_are_named_anchor_plus_partner(vocab, bert, cells):
+    anchor = int(cells[0][4])
+    result = perturb_cells(bert, cells, vocab, PerturbConfig(anchor=vocab.tokens[anchor]), progress=False)
+    stats = perturbation_statistics(result.cells, vocab).set_index("perturbed")
+    alone = stats.loc[vocab.tokens[anchor]]
+    assert alone["ensembl_id"] == vocab.tokens[anchor]
+    pairs = stats.drop(index=vocab.tokens[anchor])
+    assert len(pairs) and (pairs["ensembl_id"] == vocab.tokens[anchor] + "+" + pairs.index.str.split("+").str[1]).all()
+
+
+def test_genes_no_cell_expresses_and_symbols_of_the_other_species_say_why(vocab, bert, cells):
+    gene = int(cells[0][5])
+    without = [c[c != gene] for c in cells]
+    with pytest.raises(InputDataError, match="none of the 10 selected cells expresses"):
+        perturb_cells(bert, without, vocab, PerturbConfig(genes=[vocab.tokens[gene]]), progress=False)
+    with pytest.raises(GeneIdError, match="species='mouse'"):
+        resolve_genes(["Ins2"], vocab, "human")

@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from transformers import BertConfig, BertModel
 
-from mixgeneformer.errors import ArtifactError
+from mixgeneformer.errors import ArtifactError, ConfigError
 from mixgeneformer.genes import gene_table
 from mixgeneformer.perturb import (
     PerturbConfig,
@@ -52,7 +53,8 @@ def test_shards_written_then_merged_equal_the_single_run(setup, tmp_path):
                 merge_run(out, vocab, PerturbConfig())
         else:
             write_shard(out, perturb_cells(bert, cells, vocab, config, progress=False), config)
-    assert sorted(p.name for p in (out / "shards").iterdir()) == [f"cells-{i:05d}-of-00003.parquet" for i in range(3)]
+    assert sorted(p.name for p in (out / "shards").glob("cells-*")) == [f"cells-{i:05d}-of-00003.parquet" for i in range(3)]
+    assert len(list((out / "shards").glob("config-*-of-00003.yaml"))) == 3
     folder, merged, stats = merge_run(out, vocab, PerturbConfig())
     assert folder == out / "merged" and (folder / "genes.csv").exists()
     assert merged.summary == {"shards": 3, "cells_perturbed": 6}
@@ -64,3 +66,24 @@ def test_shards_written_then_merged_equal_the_single_run(setup, tmp_path):
 def test_merge_without_shards_says_how_to_make_them(tmp_path):
     with pytest.raises(ArtifactError, match="--num-shards"):
         merge_run(tmp_path, None, PerturbConfig())
+
+
+def test_merge_uses_the_options_the_shards_ran_with(setup, tmp_path):
+    vocab, bert, cells = setup
+    genes = [vocab.tokens[int(t)] for t in cells[0][1:4]]
+    out = tmp_path / "sharded"
+    for i in range(2):
+        config = PerturbConfig(genes=genes, batch_size=4, shard_index=i, num_shards=2)
+        write_shard(out, perturb_cells(bert, cells, vocab, config, progress=False), config)
+    folder, _, stats = merge_run(out, vocab)  # no options given: the shards' own
+    recorded = yaml.safe_load((folder / "config.yaml").read_text())
+    assert recorded["genes"] == genes and recorded["shard_index"] is None
+    assert sorted(stats["perturbed"]) == sorted(genes)
+    merge_run(out, vocab, PerturbConfig(genes=genes, batch_size=64))  # the batch size changes nothing computed
+    with pytest.raises(ConfigError, match="genes"):
+        merge_run(out, vocab, PerturbConfig(genes=genes[:1]))
+    for saved in (out / "shards").glob("config-*.yaml"):
+        saved.unlink()  # shards of an older version saved no options
+    with pytest.raises(ArtifactError, match="--config"):
+        merge_run(out, vocab)
+    assert merge_run(out, vocab, PerturbConfig(genes=genes))[2] is not None

@@ -101,6 +101,9 @@ def perturb(
     )
     if stats not in ("vs_all", "vs_null", "aggregate"):
         raise ConfigError(f"--stats {stats!r}; use vs_all, vs_null or aggregate")
+    if config.combine and stats == "vs_all":
+        raise ConfigError("--combine scores one gene set, which --stats vs_all would test against itself; "
+                          "use --stats aggregate, or --stats vs_null with --null DIR")
     if (stats == "vs_null") != (null is not None):
         raise ConfigError("--stats vs_null and --null DIR go together (the null run's output folder)")
     if not pt.is_shard_run(config):
@@ -137,14 +140,16 @@ def perturb_merge(
     model: Path = typer.Option(..., "--model", "-m", help="The model bundle (for gene names)."),
     stats: str = typer.Option("vs_all", "--stats", help="vs_all, vs_null (with --null) or aggregate."),
     null: Path | None = typer.Option(None, "--null", help="Output folder of a null run."),
-    config_file: Path | None = typer.Option(None, "--config", help="YAML of the run's options (saved as config.yaml)."),
+    config_file: Path | None = typer.Option(
+        None, "--config", help="YAML of the run's options, for shards that saved none (default: the shards' own)."
+    ),
     vocab_file: Path | None = VOCAB_OPTION,
 ) -> None:
     """Merge the shard tables of OUT/shards into one result with statistics and figure."""
     from .. import perturb as pt
     from ..vocab import Vocabulary
 
-    config = _config_from_options(config_file, None, {})
+    config = _config_from_options(config_file, None, {}) if config_file is not None else None
     vocab = Vocabulary.load(vocab_file if vocab_file is not None else Path(model) / "vocab.json")
     null_cells = pt.read_cells(null) if null is not None else None
     merged, result, table = pt.merge_run(out, vocab, config, stats, null_cells)

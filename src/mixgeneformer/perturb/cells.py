@@ -152,6 +152,11 @@ def perturb_cells(
             )
     finally:
         model.train(was_training)
+    if gene_tokens is not None and len(mine) and not summary["cells_perturbed"] and num_shards == 1:
+        raise InputDataError(
+            f"none of the {len(mine):,} selected cells expresses {', '.join(config.genes)} (species "
+            f"{_species_for(dataset, config)!r}); check the gene names and the species (CLI: --species), or choose cells that express them"
+        )
     frame.insert(1, "n_genes", n_genes[frame["cell"].to_numpy()])
     if labels is not None:
         frame.insert(1, "state", np.asarray(labels, dtype=object)[frame["cell"].to_numpy()])

@@ -111,6 +111,11 @@ class PerturbConfig:
                 f"perturb={self.perturb!r} needs target_rank (CLI: --target-rank), the gene rank "
                 "to move genes to (0 = top, -1 = last)"
             )
+        if self.target_rank is not None and self.perturb not in ("activate", "inhibit"):
+            raise ConfigError(
+                f"target_rank={self.target_rank} moves genes for perturb='activate' / 'inhibit' only; "
+                f"perturb={self.perturb!r} does not use it (drop --target-rank)"
+            )
         if self.combine and len(self.genes) < 2:
             raise ConfigError("combine=True perturbs the listed genes together; list at least two genes")
         if self.combine and self.anchor is not None:
@@ -131,6 +136,11 @@ class PerturbConfig:
             raise ConfigError(
                 "mode='screen' estimates single-gene deletions only; use perturb='delete' without "
                 "combine/anchor/gene_shifts, or mode='exact'"
+            )
+        if self.mode == "screen" and self.genes:
+            raise ConfigError(
+                f"mode='screen' screens every gene of each cell and would ignore genes={self.genes}; "
+                "drop the genes (CLI: --genes) to screen, or use mode='exact' to score the listed genes"
             )
         if self.score not in ("shift", "cell_emb"):
             raise ConfigError(f"score={self.score!r}; use 'shift' (ours) or 'cell_emb' (Geneformer's InSilicoPerturber)")

@@ -272,6 +272,8 @@ def _exact(bert, flat, offsets, rows, base_of, targets, vocab, config, device, g
         frame = pd.DataFrame(
             {"cell": job.row, "perturbed": label, "gene_token": v.gene_token, "gene_rank": v.gene_rank, **columns}
         )
+        if anchor_token is not None:  # pair rows: gene_token is the partner; the anchor-alone row: -1
+            frame["anchor_token"] = np.where(v.anchor_only, -1, anchor_token)
         frames.append(frame)
         if job.gene_rows:
             variant, affected, shift = (np.concatenate(parts) for parts in zip(*job.gene_rows, strict=True))
@@ -307,6 +309,8 @@ def _sorted_cells(frames: list[pd.DataFrame], targets: dict, config: PerturbConf
         frame = pd.DataFrame({"cell": pd.Series(dtype=np.int64), "perturbed": pd.Series(dtype=object),
                               "gene_token": pd.Series(dtype=np.int64), "gene_rank": pd.Series(dtype=np.int64),
                               **{c: pd.Series(dtype=np.float64) for c in score_cols}})
+        if anchor:
+            frame["anchor_token"] = pd.Series(dtype=np.int64)
     # Deterministic order whatever the batching or sharding: dataset row, then gene rank.
     return frame.sort_values(["cell", "gene_rank", "perturbed"], kind="stable").reset_index(drop=True)
 

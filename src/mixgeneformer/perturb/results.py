@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Sequence
@@ -11,8 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ..config import save_config
-from ..errors import ArtifactError, InputDataError
+from ..config import changed_settings, load_config, save_config, to_dict
+from ..errors import ArtifactError, ConfigError, InputDataError
 from ..fileio import atomic_directory, atomic_file, check_readable_file, write_json
 from ..plots import perturbation_ranking
 from .cells import PerturbationResult
@@ -80,15 +81,46 @@ def is_shard_run(config: PerturbConfig) -> bool:
     return config.shard()[1] > 1
 
 
+def _run_options(config: PerturbConfig) -> PerturbConfig:
+    """The options of the whole sharded run: what every shard shares (not its index or device)."""
+    return dataclasses.replace(config, shard_index=None, num_shards=None, device=None)
+
+
 def write_shard(out_dir: str | os.PathLike, result: PerturbationResult, config: PerturbConfig) -> Path:
-    """Write this shard's cell table to ``out_dir/shards/cells-RRRRR-of-WWWWW.parquet`` atomically."""
+    """Write this shard's cell table to ``out_dir/shards/cells-RRRRR-of-WWWWW.parquet`` atomically,
+    after its options (``config-RRRRR-of-WWWWW.yaml``), which the merge reuses."""
     index, world = config.shard()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / "shards" / f"cells-{index:05d}-of-{world:05d}.parquet"
+    shards = Path(out_dir) / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    save_config(_run_options(config), shards, f"config-{index:05d}-of-{world:05d}.yaml")
+    target = shards / f"cells-{index:05d}-of-{world:05d}.parquet"
     with atomic_file(target, "wb") as handle:
         result.cells.to_parquet(handle, index=False)
     return target
+
+
+def shard_options(shards: Path, given: PerturbConfig | None) -> PerturbConfig:
+    """The options the shards in ``shards`` ran with (``given``, for shards that saved none, must
+    match them): the statistics test the score those options chose and the merge records them."""
+    saved = sorted(shards.glob("config-*-of-*.yaml"))
+    texts = {path.read_text() for path in saved}
+    if len(texts) > 1:
+        raise ArtifactError(f"the shards in {shards} ran with different options ({len(texts)} versions of config-*.yaml); "
+                            "rerun every shard with the same options")
+    if not saved:
+        if given is None:
+            raise ArtifactError(f"the shards in {shards} saved no options (config-*.yaml); pass the run's options "
+                                "(CLI: perturb-merge --config FILE) so the statistics test the score it used")
+        return given
+    options = load_config(PerturbConfig, saved[0])
+    if given is not None:
+        changed = [c for c in changed_settings(to_dict(options), to_dict(_run_options(given)))
+                   if c[0] not in ("batch_size", "device")]  # neither changes what is computed
+        if changed:
+            raise ConfigError("the given options differ from those the shards ran with: "
+                              + ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
+                              + f"; drop --config to use the shards' own ({saved[0]})")
+    return options
 
 
 def read_cells(folder: str | os.PathLike) -> pd.DataFrame:
@@ -118,18 +150,20 @@ def finish_run(
 def merge_run(
     out_dir: str | os.PathLike,
     vocab: Vocabulary,
-    config: PerturbConfig,
+    config: PerturbConfig | None = None,
     stats_mode: StatsMode = "vs_all",
     null_cells: pd.DataFrame | None = None,
 ) -> tuple[Path, PerturbationResult, pd.DataFrame | None]:
     """Join the shard tables of a sharded run (``out_dir/shards``) into ``out_dir/merged``, with
-    statistics and figure. Returns (merged folder, merged result, statistics)."""
+    statistics and figure. ``config``: None uses the options the shards saved (a given one must
+    match them). Returns (merged folder, merged result, statistics)."""
     shards = sorted((Path(out_dir) / "shards").glob("cells-*-of-*.parquet"))
     if not shards:
         raise ArtifactError(f"no shard tables in {Path(out_dir) / 'shards'}; run mixgf perturb with --num-shards first")
     worlds = {int(_SHARD_NAME.search(p.name).group(1)) for p in shards}
     if len(worlds) != 1 or len(shards) != next(iter(worlds)):
         raise ArtifactError(f"{len(shards)} shard tables found for {sorted(worlds)} shards; wait for every shard or rerun the missing ones")
+    config = shard_options(Path(out_dir) / "shards", config)
     cells = merge_shards(shards)
     result = PerturbationResult(cells, None, {"shards": len(shards), "cells_perturbed": int(cells["cell"].nunique())})
     merged = Path(out_dir) / "merged"

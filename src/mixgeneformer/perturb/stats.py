@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 StatsMode = Literal["vs_all", "vs_null", "aggregate"]
 
+#: FDR below which a perturbation counts as significant (the ``significant`` column; the order of the table).
+FDR_ALPHA = 0.05
+
 __all__ = ["StatsMode", "benjamini_hochberg", "gene_names", "perturbation_statistics"]
 
 
@@ -149,7 +152,10 @@ def perturbation_statistics(
     pandas.DataFrame
         One row per perturbed gene (or gene set): ``perturbed``, ``gene_token``, ``ensembl_id``,
         ``symbol``, ``n_cells``, ``mean_shift``, ``mean_goal_shift`` (and other means), and for
-        the tests ``p_value`` and ``fdr`` (Benjamini–Hochberg); sorted by FDR, then by score.
+        the tests ``p_value``, ``fdr`` (Benjamini–Hochberg) and ``significant`` (``fdr <
+        FDR_ALPHA``). Sorted as Geneformer's goal-state statistics: significant rows first, each
+        group by the mean score descending (toward the goal first), then by FDR; without a test,
+        by the mean score.
     """
     if mode not in ("vs_all", "vs_null", "aggregate"):
         raise ConfigError(f"mode={mode!r}; use 'vs_all', 'vs_null' or 'aggregate'")
@@ -175,6 +181,11 @@ def perturbation_statistics(
     for col in value_cols:
         table["mean_" + col] = groups[col].mean().to_numpy()
     values = cells[score].to_numpy(np.float64)
+    if mode == "vs_all" and len(uniques) < 2:
+        raise ConfigError(
+            f"mode='vs_all' tests each perturbation against all of them, and this table has one ({uniques[0][0]}); "
+            "use mode='aggregate', or 'vs_null' with a null run (CLI: --stats)"
+        )
     if mode == "vs_all":
         table["p_value"] = _mwu_vs_all(values, codes, len(uniques))
     elif mode == "vs_null":
@@ -195,10 +206,21 @@ def perturbation_statistics(
         names = gene_names(np.where(table["gene_token"] >= 0, table["gene_token"], 0), vocab)
         set_rows = table["gene_token"].to_numpy() < 0
         names.loc[set_rows, ["ensembl_id", "symbol"]] = ""
+        if "anchor_token" in cells.columns:  # a pair row is named "anchor+partner", like its label
+            anchors = groups["anchor_token"].first().to_numpy()
+            paired = anchors >= 0
+            anchor_names = gene_names(np.where(paired, anchors, 0), vocab)
+            for column in ("ensembl_id", "symbol"):
+                names.loc[paired, column] = anchor_names.loc[paired, column] + "+" + names.loc[paired, column]
         table.insert(2, "ensembl_id", names["ensembl_id"].to_numpy())
         table.insert(3, "symbol", names["symbol"].to_numpy())
-    sort_cols = (["fdr"] if "fdr" in table.columns else []) + ["mean_" + score]
-    ascending = ([True] if "fdr" in table.columns else []) + [False]
+    if "fdr" in table.columns:
+        # Geneformer's order: the significant perturbations first, each group by its mean score
+        # (the shift toward the goal: genes that move cells away from it come last), then by FDR.
+        table.insert(table.columns.get_loc("fdr") + 1, "significant", table["fdr"].to_numpy() < FDR_ALPHA)
+        sort_cols, ascending = ["significant", "mean_" + score, "fdr"], [False, False, True]
+    else:
+        sort_cols, ascending = ["mean_" + score], [False]
     table = table.sort_values(sort_cols, ascending=ascending, kind="stable", na_position="last")
     table.attrs["score"] = score
     table.attrs["mode"] = mode

@@ -52,20 +52,21 @@ def resolve_genes(names: Sequence[str], vocab: Vocabulary, species: str = "auto"
     for i, raw in enumerate(names):
         name = str(raw).strip()
         candidates: list[str] = []
+        hints: list[str] = []
         if _ENSEMBL.match(name):
             candidates = [str(strip_versions(np.array([name.upper()], dtype=object))[0])]
         else:
             for sp in order:
                 try:
                     mapped = map_gene_ids([name], species=sp, min_coverage=0.0).ensembl_ids[0]
-                except GeneIdError:
-                    mapped = ""
+                except GeneIdError as error:  # e.g. a mouse symbol with species="human": says so
+                    mapped, hints = "", [*hints, str(error)]
                 if mapped:
                     candidates.append(str(mapped))
             if not candidates:
                 raise GeneIdError(
                     f"gene {name!r} is neither an Ensembl ID nor a known {'/'.join(order)} gene symbol; "
-                    "check the spelling or pass its Ensembl ID (ENSG…/ENSMUSG…)"
+                    "check the spelling or pass its Ensembl ID (ENSG…/ENSMUSG…)" + "".join(f". {h}" for h in hints)
                 )
         tokens = [vocab.gene_to_id[c] for c in candidates if c in vocab.gene_to_id]
         if not tokens:
@@ -106,7 +107,8 @@ def perturbation_indices(
     targets
         (n_variants, k) positions in ``tokens`` of the genes each variant perturbs (gene
         positions, distinct within a row). For moves, the row order is the order the genes end
-        up in.
+        up in (``activate`` / ``inhibit``: of the genes that move; a gene already past the target
+        rank in the move's direction stays where it is).
     perturb
         ``"delete"``, ``"overexpress"``, ``"activate"`` or ``"inhibit"``.
     special_ids
@@ -157,8 +159,13 @@ def perturbation_indices(
         rank = int(target_rank) if target_rank >= 0 else n_genes - k + 1 + int(target_rank)
     rank = min(max(rank, 0), n_genes - k)
     current = gene_rank[targets]  # (n_var, k)
-    # Activation never lowers a gene, inhibition never raises one: such genes stay in place.
-    moves = current < rank if perturb == "inhibit" else current > rank
+    # Overexpression puts the whole set first, in the listed order (Geneformer's); a set already
+    # there is unchanged. Activation never lowers a gene, inhibition never raises one: such genes
+    # stay in place and the others form the block.
+    if perturb == "overexpress":
+        moves = np.ones(targets.shape, dtype=bool)
+    else:
+        moves = current < rank if perturb == "inhibit" else current > rank
     moved = np.zeros((n_var, length), dtype=bool)
     moved[np.broadcast_to(rows, targets.shape)[moves], targets[moves]] = True
     n_moved = moves.sum(axis=1)
