@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import ArtifactError, VocabularyMismatchError
-from .fileio import read_json
+from .errors import ArtifactError, InputDataError, VocabularyMismatchError
+from .fileio import check_readable_file, read_json
 from .vocab import Vocabulary
 
 CORPUS_JSON = "mixgf_corpus.json"
@@ -43,6 +43,38 @@ def check_corpora(paths: list[Path], vocab: Vocabulary) -> None:
                 f"corpus {path} was tokenized with vocabulary {recorded}, but data.vocab has hash {vocab.hash}. "
                 "Use the vocab.json the corpus was built with, or re-tokenize the data."
             )
+
+
+_COUNT_FORMATS = {".loom": "a .loom file", ".h5": "a 10x .h5 file", ".mtx": "a Matrix Market file", ".gz": "a compressed file"}
+
+
+def check_cells_input(path: str | os.PathLike, option: str = "input", corpus: bool = True) -> Path:
+    """The cells a model command reads: an ``.h5ad`` file, or (``corpus``) a tokenized corpus folder.
+    A 10x folder, a SOMA experiment, a loom or 10x ``.h5`` file gets one message saying how to
+    convert it, not a reader's error."""
+    path = check_readable_file(path, option)
+    reads = "an .h5ad file or a tokenized corpus folder" if corpus else "an .h5ad file"
+    convert = ("tokenize it first (mixgf tokenize INPUT --vocab MODEL/vocab.json --medians MODEL/medians.tsv -o CORPUS) or "
+               if corpus else "") + "convert it to .h5ad (e.g. scanpy.read_10x_mtx / read_10x_h5 / read_loom, then .write_h5ad)"
+    if path.is_dir():
+        if corpus and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+            return path
+        raise InputDataError(f"{option} {path} is a folder but not a tokenized corpus; this command reads {reads}: {convert}.")
+    kind = next((name for suffix, name in _COUNT_FORMATS.items() if path.name.lower().endswith(suffix)), None)
+    if kind is not None and not (kind.endswith(".h5 file") and _holds_anndata(path)):
+        raise InputDataError(f"{option} {path} is {kind}; this command reads {reads}: {convert}.")
+    return path
+
+
+def _holds_anndata(path: Path) -> bool:
+    """An HDF5 file laid out as an AnnData (an .h5ad under another name)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return "X" in f or ("obs" in f and "var" in f)
+    except OSError:
+        return False
 
 
 def open_corpus(paths: list[Path], max_cells: int | None = None):

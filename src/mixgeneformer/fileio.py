@@ -173,7 +173,8 @@ def _read_prefix(path: Path, n: int) -> bytes:
 
 
 def check_not_input(target: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], option: str = "output") -> None:
-    """An output ``target`` is not one of its command's ``inputs`` and no folder holding one."""
+    """An output ``target`` is not one of its command's ``inputs``, no folder holding one, and not
+    inside an input folder (a 10x folder, a corpus, a model: writing there changes the input)."""
     resolved = Path(target).resolve()
     for item in inputs:
         if item is None:
@@ -183,6 +184,11 @@ def check_not_input(target: str | os.PathLike, inputs: Iterable[str | os.PathLik
             holds = "is" if source == resolved else "holds"
             raise ArtifactError(
                 f"{option} {target} {holds} the input {item}; an output never replaces an input. Choose another {option} path."
+            )
+        if source in resolved.parents and source.is_dir():
+            raise ArtifactError(
+                f"{option} {target} is inside the input folder {item}; writing there would change that input. "
+                f"Choose an {option} path outside it."
             )
 
 
@@ -212,11 +218,11 @@ def check_output(
             f"cannot write {option} {target}: {folder} is not writable (permission denied or a read-only file system). "
             "Choose a writable path."
         )
+    check_not_input(target, inputs, option)
     if not (target.exists() or target.is_symlink()):
         return target
     if writes is not None and target.is_dir():
         raise ArtifactError(f"{option} {target} is a folder; this command writes one {writes} file there. Give a file path.")
-    check_not_input(target, inputs, option)
     if not overwrite:
         raise ArtifactError(f"{option} {target} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     if not written_by_package(target, markers, writes):

@@ -146,6 +146,11 @@ class GeneMapping:
         return text
 
 
+#: How much more of a file's symbols (ignoring case) the other species must match before a guess
+#: from the symbols' case is refused as ambiguous.
+CASE_AMBIGUITY_MARGIN = 0.05
+
+
 def detect_species(ids: Sequence[str], allow_mixed: bool = False) -> Species:
     """Guess the species of gene identifiers (Ensembl prefixes, else symbol tables and case)."""
     ids = np.asarray(ids, dtype=object)
@@ -185,7 +190,28 @@ def detect_species(ids: Sequence[str], allow_mixed: bool = False) -> Species:
             f"the gene symbols look like a mix of species ({only_human:,} only human-style, {only_mouse:,} "
             "only mouse-style). Pass species='human' or 'mouse' (CLI: --species) to choose."
         )
-    return "human" if only_human >= only_mouse else "mouse"
+    by_case: Species = "human" if only_human >= only_mouse else "mouse"
+    _check_case_agrees(symbols, by_case)
+    return by_case
+
+
+def _check_case_agrees(symbols: pd.Series, by_case: Species) -> None:
+    """Refuse a guess from the symbols' case when, ignoring case, the other species' symbols match
+    clearly more of them: the case was changed (an upper-cased mouse file reads as human)."""
+    upper = symbols.str.upper()
+    loose = {s: float(upper.isin(_symbol_index(s, False).index).mean()) for s in SPECIES}
+    other: Species = "mouse" if by_case == "human" else "human"
+    if loose[other] > loose[by_case] + CASE_AMBIGUITY_MARGIN:
+        fix = (
+            "If they are mouse genes, pass species='mouse' (CLI: --species mouse): case is folded within a species."
+            if other == "mouse"
+            else "If they are human genes, upper-case them (human symbols are upper case, e.g. "
+            "adata.var_names = adata.var_names.str.upper()) or use their Ensembl IDs: title case reads as mouse."
+        )
+        raise GeneIdError(
+            f"the symbols' case says {by_case} (e.g. {', '.join(symbols[:3])}), but ignoring case {loose[other]:.0%} of them "
+            f"are {other} symbols and {loose[by_case]:.0%} {by_case} ones: the case looks changed. {fix}"
+        )
 
 
 def map_gene_ids(

@@ -52,6 +52,7 @@ def classify(
     """Train and evaluate cell-type classifiers; write metrics, reports and predictions to OUT."""
     from .. import classify as clf
     from ..config import load_config
+    from ..corpus import check_cells_input
     from ..fileio import check_output, read_h5ad
 
     if mode not in _MODES:
@@ -62,6 +63,9 @@ def classify(
     if methods and model is None:
         raise ConfigError(f"--mode {mode} needs --model BUNDLE (or use --mode none --baselines).")
     _check_test_file(input, test)
+    for path, option in ((input, "input"), (test, "--test")):
+        if path is not None:
+            check_cells_input(path, option, corpus=False)
     check_output(out, [input, test, model, config, vocab, medians, tokenize_config], overwrite=overwrite, option="--out")
     cli_overrides = [f"labels.key={label}"]
     if freeze_layers is not None:

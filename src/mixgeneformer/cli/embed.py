@@ -45,8 +45,10 @@ def embed(
     after every shard. A rerun reuses finished shards.
     """
     from .. import embed as emb
+    from ..corpus import check_cells_input
     from ..sharding import writer_lock
 
+    check_cells_input(input)
     with writer_lock(out, shard_index, num_shards):
         produced = emb.embed_to_outputs(
             input, model, out, key=key, layer=layer, pooling=pooling, gene_embeddings=gene_embeddings, umap=umap,

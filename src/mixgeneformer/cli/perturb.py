@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from ..errors import ArtifactError, ConfigError
+from ..errors import ConfigError
 from ._app import MEDIANS_OPTION, VOCAB_OPTION, app, load_tokenize_config
 
 
@@ -84,6 +84,7 @@ def perturb(
 ) -> None:
     """Perturb genes in silico and rank them by how far they move cells (towards a goal state)."""
     from .. import perturb as pt
+    from ..corpus import check_cells_input
     from ..fileio import check_output
     from ..sharding import rank_device
 
@@ -108,8 +109,7 @@ def perturb(
         raise ConfigError("--stats vs_null and --null DIR go together (the null run's output folder)")
     if not pt.is_shard_run(config):
         check_output(out, [input, model, null, config_file, tokenize_config, vocab_file, medians_file], overwrite=overwrite, option="--out")
-    if not input.exists():
-        raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
+    check_cells_input(input)
     null_cells = pt.read_cells(null) if null is not None else None
 
     result, vocab = pt.perturb_file(

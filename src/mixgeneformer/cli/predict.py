@@ -25,8 +25,10 @@ def predict(
 ) -> None:
     """Predict the class of every cell; under torchrun each rank takes a share (see `mixgf embed`)."""
     from ..classify import predict as pred
+    from ..corpus import check_cells_input
     from ..sharding import writer_lock
 
+    check_cells_input(input)
     with writer_lock(out, shard_index, num_shards):
         adata = pred.predict_file(
             input, classifier, out, key=key, batch_size=batch_size, device=device,

@@ -14,6 +14,14 @@ def _split(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
+def _table_name(path: Path) -> str:
+    """An input's name without its format's extension (``x.v2.h5ad`` → ``x.v2``, ``m.mtx.gz`` → ``m``)."""
+    name = path.name
+    for suffix in (".gz", ".h5ad", ".loom", ".h5", ".mtx"):
+        name = name[: -len(suffix)] if name.lower().endswith(suffix) and len(name) > len(suffix) else name
+    return name
+
+
 @app.command("medians")
 def medians_command(
     inputs: list[Path] = typer.Argument(..., help="Count files: .h5ad, .loom, 10x .h5 / mtx folder, SOMA experiment."),
@@ -34,11 +42,17 @@ def medians_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (a medians TSV / folder)."),
 ) -> None:
     """Compute per-gene medians of nonzero normalized expression, streamed over all inputs."""
+    from ..errors import ConfigError
     from ..fileio import atomic_directory, check_output
     from ..medians import compute_file_medians, compute_medians
 
     logging.basicConfig(level=logging.WARNING)
     check_output(out, [*inputs, vocab], overwrite=overwrite, option="--out", writes=None if per_file else ".tsv")
+    names = [_table_name(path) for path in inputs] if per_file else []
+    clashes = sorted({name for name in names if names.count(name) > 1})
+    if clashes:
+        raise ConfigError(f"--per-file writes one <name>.medians.tsv per input, and several inputs are named {clashes}; "
+                          "rename or link them so each input's name (without its extension) differs.")
     genes = None
     if vocab is not None:
         from ..vocab import Vocabulary
@@ -52,8 +66,8 @@ def medians_command(
     )
     if per_file:
         with atomic_directory(out, overwrite=overwrite) as tmp:
-            for path, table in zip(inputs, result, strict=True):
-                table.save(tmp / f"{path.name.split('.')[0]}.medians.tsv")
+            for name, table in zip(names, result, strict=True):
+                table.save(tmp / f"{name}.medians.tsv")
         typer.echo(f"wrote {len(result)} median tables into {out}")
     else:
         result.save(out)

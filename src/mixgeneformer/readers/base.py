@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -12,10 +14,55 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..errors import InputDataError
+from ..errors import InputDataError, MixGeneformerError
+
+#: What h5py, gzip, pandas, scipy and numpy raise on a damaged or malformed file (the package's own
+#: errors pass through :func:`reading` unchanged).
+READ_ERRORS = (OSError, EOFError, KeyError, IndexError, ValueError, TypeError, NotImplementedError, zlib.error)
 
 #: what every reader opens: a path (``.h5ad``, ``.loom``, 10x ``.h5`` / mtx folder, SOMA URI) or an AnnData
 CountInput: TypeAlias = str | os.PathLike[str] | ad.AnnData
+
+
+@contextlib.contextmanager
+def reading(where: str, what: str) -> Iterator[None]:
+    """Turn a reader library's exception while ``what`` into one :class:`InputDataError` naming the file."""
+    try:
+        yield
+    except MixGeneformerError:
+        raise
+    except READ_ERRORS as exc:
+        raise InputDataError(
+            f"{where}: {what} failed ({type(exc).__name__}: {exc}). The file is damaged, truncated or not in the "
+            "format its name says; check that anndata / scanpy can read it, or export it again."
+        ) from exc
+
+
+def check_compressed(indptr: np.ndarray, n_outer: int, n_stored: int, where: str) -> None:
+    """The pointer array of a CSR / CSC matrix on disk: ``n_outer + 1`` entries from 0, never
+    decreasing, ending at the number of stored values (else rows would be dropped or misread)."""
+    problem = (
+        f"{indptr.size} pointers for {n_outer} rows/columns" if indptr.size != n_outer + 1
+        else f"the first pointer is {indptr[0]}, not 0" if indptr[0] != 0
+        else f"pointers decrease at position {int(np.flatnonzero(np.diff(indptr) < 0)[0]) + 1}" if (np.diff(indptr) < 0).any()
+        else f"the last pointer is {indptr[-1]} but {n_stored} values are stored" if indptr[-1] != n_stored
+        else ""
+    )
+    if problem:
+        raise InputDataError(f"{where}: the sparse count matrix is corrupt ({problem}); export the file again.")
+
+
+def checked_csr(matrix: sp.csr_matrix, where: str, start: int) -> sp.csr_matrix:
+    """``matrix`` after scipy's full structure check (column indices in range, sorted pointers):
+    a corrupt index would otherwise be read out of bounds by the compiled kernels."""
+    try:
+        matrix.check_format(full_check=True)
+    except ValueError as exc:
+        raise InputDataError(
+            f"{where}: the sparse count matrix is corrupt in cells {start}–{start + matrix.shape[0] - 1} ({exc}); "
+            "export the file again."
+        ) from exc
+    return matrix
 
 
 @dataclass
@@ -250,15 +297,24 @@ class CountSource:
             hi = min(lo + chunk_size, stop)
             if lo > start:
                 release_free_memory()  # the previous chunk's buffers are garbage by now
-            counts = self._read_rows(lo, hi)
-            if not isinstance(counts, sp.csr_matrix):
-                counts = sp.csr_matrix(counts)
+            with reading(self.name, f"reading cells {lo}–{hi - 1}"):
+                counts = self._read_rows(lo, hi)
+                if not isinstance(counts, sp.csr_matrix):
+                    counts = sp.csr_matrix(counts)
+                chunk_obs = self.obs(list(obs_columns), lo, hi)
+            if len(chunk_obs) != hi - lo:
+                raise InputDataError(f"{self.name}: cells {lo}–{hi - 1} have {len(chunk_obs)} obs names for {hi - lo} "
+                                     "matrix rows; obs and the matrix disagree (the file is damaged): export it again.")
+            if counts.dtype == np.bool_:
+                raise InputDataError(f"{self.name}: the matrix is boolean (detected / not detected), not counts; "
+                                     "read the raw UMI counts (e.g. layer='counts').")
+            if counts.dtype == np.float16:  # half precision holds counts up to 2,048 exactly; the kernels need 32 bits
+                counts = counts.astype(np.float32)
             if counts.shape != (hi - lo, self.n_genes):
                 raise InputDataError(
                     f"{self.name}: rows {lo}–{hi} have shape {counts.shape}, expected {(hi - lo, self.n_genes)}; "
                     "the file is inconsistent (truncated or corrupt)."
                 )
-            chunk_obs = self.obs(list(obs_columns), lo, hi)
             if validate:
                 validate_counts(
                     counts,

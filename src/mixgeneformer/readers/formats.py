@@ -16,7 +16,15 @@ import scipy.sparse as sp
 
 from ..errors import InputDataError
 from ..fileio import check_readable_file
-from .base import CountInput, CountSource, _decode, _pick_gene_ids
+from .base import (
+    CountInput,
+    CountSource,
+    _decode,
+    _pick_gene_ids,
+    check_compressed,
+    checked_csr,
+    reading,
+)
 from .h5ad import _H5adSource
 
 
@@ -116,6 +124,9 @@ def _read_mtx(path: Path) -> sp.coo_matrix:
         header = handle.readline()
         if not header.startswith("%%MatrixMarket") or "coordinate" not in header:
             raise InputDataError(f"{path} is not a Matrix Market coordinate file (header {header.strip()[:60]!r}).")
+        if any(word in header.lower() for word in ("pattern", "symmetric", "hermitian")):
+            raise InputDataError(f"{path}: a '{header.strip()[15:]}' matrix holds no plain counts; a 10x matrix.mtx "
+                                 "is 'coordinate integer general' (or real): export the raw counts again.")
         line = handle.readline()
         while line.startswith("%"):
             line = handle.readline()
@@ -146,7 +157,7 @@ def _gene_expression_features(feature_type: pd.Series | np.ndarray | None) -> np
 class _LoomSource(CountSource):
     """``.loom``: a dense genes × cells matrix; cells are columns, read in column slabs."""
 
-    _GENE_COLUMNS = ("ensembl_id", "Accession", "gene_ids", "Gene")
+    _GENE_COLUMNS = ("ensembl_id", "Accession", "gene_ids", "Gene", "var_names")  # var_names: anndata's write_loom
 
     def __init__(self, path: Path, layer: str | None, gene_column: str | None, allow_fractional: bool):
         self.name = str(path)
@@ -168,11 +179,14 @@ class _LoomSource(CountSource):
             if gene_column is None:
                 raise InputDataError(
                     f"{path}: no gene identifier row attribute found (looked for {list(self._GENE_COLUMNS)}). "
-                    f"Pass gene_column= one of {available}."
+                    f"Pass gene_column= one of {available} (CLI: --gene-column NAME)."
                 )
         elif gene_column not in row_attrs:
             raise InputDataError(f"{path}: gene_column {gene_column!r} not found in row_attrs. Available: {available}.")
         self.gene_ids = _decode(row_attrs[gene_column][()])
+        if self.gene_ids.shape != (self.n_genes,):
+            raise InputDataError(f"{path}: row attribute {gene_column!r} has {self.gene_ids.shape} entries for "
+                                 f"{self.n_genes} matrix rows (genes); the file is damaged: export it again.")
         self._col_attrs = f["col_attrs"]
         self._cell_key = next((k for k in ("CellID", "obs_names", "cell_id") if k in self._col_attrs), None)
         self.obs_columns = [k for k in self._col_attrs.keys() if k != self._cell_key]
@@ -221,6 +235,7 @@ class _TenxH5Source(CountSource):
         gene_ids = table[column]
         n_genes, self.n_cells = (int(s) for s in group["shape"][()])
         self._indptr = group["indptr"][()].astype(np.int64)
+        check_compressed(self._indptr, self.n_cells, group["indices"].shape[0], self.name)
         self._all_genes = n_genes
         keep = _gene_expression_features(table.get("feature_type"))
         self._keep = keep
@@ -233,10 +248,10 @@ class _TenxH5Source(CountSource):
 
     def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
         lo, hi = int(self._indptr[start]), int(self._indptr[stop])
-        counts = sp.csr_matrix(
+        counts = checked_csr(sp.csr_matrix(
             (self._group["data"][lo:hi], self._group["indices"][lo:hi], self._indptr[start : stop + 1] - lo),
             shape=(stop - start, self._all_genes),
-        )
+        ), self.name, start)
         return counts if self._keep is None else counts[:, self._keep]
 
     def _obs_names(self, start: int, stop: int) -> np.ndarray:
@@ -346,17 +361,20 @@ def open_source(
     path = check_readable_file(path_or_adata, "count matrix")
     if path.is_dir():
         if _is_soma(path):
-            return _SomaSource(str(path), layer, gene_column, measurement, allow_fractional)
+            with reading(str(path), "opening it as a TileDB-SOMA experiment"):
+                return _SomaSource(str(path), layer, gene_column, measurement, allow_fractional)
         if _find_one(path, ["matrix.mtx"]) is not None:
             if layer is not None:
                 raise InputDataError(f"{path}: a 10x mtx folder has no layers; remove layer={layer!r}.")
-            return _mtx_source(path, gene_column, allow_fractional)
+            with reading(str(path), "reading it as a 10x mtx folder"):
+                return _mtx_source(path, gene_column, allow_fractional)
         raise InputDataError(
             f"{path} is a folder but neither a 10x mtx folder (matrix.mtx[.gz]) nor a TileDB-SOMA experiment."
         )
     suffix = path.name.lower()
     if suffix.endswith(".loom"):
-        return _LoomSource(path, layer, gene_column, allow_fractional)
+        with reading(str(path), "opening it as a .loom file"):
+            return _LoomSource(path, layer, gene_column, allow_fractional)
     if suffix.endswith((".h5ad", ".h5")):
         try:
             with h5py.File(path, "r") as f:
@@ -364,10 +382,12 @@ def open_source(
         except OSError as exc:
             raise InputDataError(f"{path} could not be opened as HDF5 ({exc}); the file may be truncated.") from exc
         if is_h5ad:
-            return _H5adSource(path, layer, gene_column, allow_fractional)
+            with reading(str(path), "opening it as an .h5ad file"):
+                return _H5adSource(path, layer, gene_column, allow_fractional)
         if layer is not None:
             raise InputDataError(f"{path}: a 10x .h5 file has no layers; remove layer={layer!r}.")
-        return _TenxH5Source(path, gene_column, allow_fractional)
+        with reading(str(path), "opening it as a 10x .h5 file"):
+            return _TenxH5Source(path, gene_column, allow_fractional)
     raise InputDataError(
         f"{path}: unsupported file type. Supported: .h5ad, .loom, 10x .h5, a 10x mtx folder, a TileDB-SOMA "
         "experiment folder, or an AnnData object."

@@ -12,7 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import InputDataError
-from .base import CountSource, _decode
+from .base import CountSource, _decode, check_compressed, checked_csr
 
 # Rows read per h5py call are bounded by the chunk size the caller asks for; CSC-on-disk inputs are
 # scanned in blocks of this many stored entries so memory stays bounded.
@@ -91,6 +91,12 @@ class _H5adSource(CountSource):
                 raise InputDataError(f"{path}: unsupported matrix encoding {encoding!r} for the counts.")
             shape = tuple(int(s) for s in x.attrs.get("shape", x.attrs.get("h5sparse_shape")))
             self._indptr = x["indptr"][()].astype(np.int64)
+            if x["data"].shape != x["indices"].shape:
+                raise InputDataError(f"{path}: the sparse count matrix is corrupt ({x['data'].shape[0]} values but "
+                                     f"{x['indices'].shape[0]} indices); export the file again.")
+            check_compressed(self._indptr, shape[0] if self._kind == "csr" else shape[1], x["indices"].shape[0], str(path))
+        if len(shape) != 2:
+            raise InputDataError(f"{path}: the count matrix has shape {shape}; a cells × genes matrix is expected.")
         self.n_cells, self.n_genes = int(shape[0]), int(shape[1])
         if len(self.gene_ids) != self.n_genes:
             raise InputDataError(f"{path}: {len(self.gene_ids)} var entries but the matrix has {self.n_genes} columns.")
@@ -110,7 +116,7 @@ class _H5adSource(CountSource):
             data = x["data"][lo:hi]
             indices = x["indices"][lo:hi]
             indptr = self._indptr[start : stop + 1] - lo
-            return sp.csr_matrix((data, indices, indptr), shape=(stop - start, self.n_genes))
+            return checked_csr(sp.csr_matrix((data, indices, indptr), shape=(stop - start, self.n_genes)), self.name, start)
         return self._read_rows_csc(start, stop)
 
     def _read_rows_csc(self, start: int, stop: int) -> sp.csr_matrix:
@@ -122,6 +128,9 @@ class _H5adSource(CountSource):
         for lo in range(0, nnz, _CSC_SCAN_BLOCK):
             hi = min(lo + _CSC_SCAN_BLOCK, nnz)
             rows = x["indices"][lo:hi]
+            if rows.size and (rows.min() < 0 or rows.max() >= self.n_cells):
+                raise InputDataError(f"{self.name}: the sparse count matrix is corrupt (a row index outside 0–"
+                                     f"{self.n_cells - 1}); export the file again.")
             keep = (rows >= start) & (rows < stop)
             if not keep.any():
                 continue

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..errors import GeneIdError, InputDataError
+from ..errors import ConfigError, GeneIdError, InputDataError
 from ..genes import GeneMapping, map_gene_ids
 from ..jit import njit
 from .base import CountChunk, CountInput, CountSource
@@ -46,6 +46,10 @@ class ReadOptions:
     measurement: str = "RNA"
     totals: str = "all"
     chunk_size: int = 4096
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_coverage <= 1.0:
+            raise ConfigError(f"min_coverage={self.min_coverage} is a fraction of gene IDs: give a value from 0 to 1 (e.g. 0.5).")
 
     def open(self, path_or_adata: CountInput) -> CountSource:
         """:func:`open_source` with these options."""

@@ -78,6 +78,8 @@ class TokenizeConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"tokenize.{name}={getattr(self, name)!r} is not one of {list(allowed)}.")
+        if not 0.0 <= self.min_coverage <= 1.0:
+            raise ConfigError(f"tokenize.min_coverage={self.min_coverage} is a fraction of gene IDs: give a value from 0 to 1.")
         if self.style == "v2" and self.max_len > V2_MAX_LEN:
             raise ConfigError(f"tokenize.max_len={self.max_len} exceeds {V2_MAX_LEN}, the V2 maximum (special tokens included).")
         if self.max_len <= self.n_special:
