@@ -142,3 +142,15 @@ def test_cli_refuses_clashing_per_file_names_and_count_files_for_model_commands(
     write_loom(adata, tmp_path / "cells.loom")
     assert _run(["embed", str(tmp_path / "cells.loom"), "-m", str(tmp_path), "-o", str(tmp_path / "e.h5ad")]) == 2
     assert "is a .loom file" in capsys.readouterr().err  # "AnnData.__init__() got an unexpected keyword" before
+
+
+def test_a_stale_zero_n_counts_is_refused(tmp_path):
+    from mixgeneformer.readers import normalization_totals, open_source
+
+    adata = make_adata(20, 40)
+    adata.obs["n_counts"] = np.asarray(adata.X.sum(axis=1)).ravel()
+    adata.obs.loc[adata.obs_names[3], "n_counts"] = 0  # the cell was dropped as "without a vocabulary gene" before
+    with open_source(adata) as source:
+        chunk = next(source.iter_chunks(100, obs_columns=["n_counts"]))
+    with pytest.raises(InputDataError, match="is 0 for 1 cells that have counts"):
+        normalization_totals(chunk)

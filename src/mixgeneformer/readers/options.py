@@ -148,6 +148,13 @@ def normalization_totals(chunk: CountChunk, mode: str = "all", kept_columns: np.
                     f"obs column {TOTALS_COLUMN!r} holds missing, infinite or negative values (cells "
                     f"{chunk.start}–{chunk.start + chunk.n_cells - 1}); fix it or drop the column so totals are computed."
                 )
+            stale = (totals == 0) & (np.diff(chunk.counts.indptr) > 0)
+            if stale.any():
+                raise InputDataError(
+                    f"obs column {TOTALS_COLUMN!r} is 0 for {int(stale.sum())} cells that have counts (first: cell "
+                    f"{chunk.start + int(np.flatnonzero(stale)[0])}); it is stale (computed before a filter or on "
+                    "another matrix): recompute it from the raw counts or drop the column so totals are computed."
+                )
             return totals
         return row_sums(chunk.counts)
     if mode == "kept":
