@@ -167,6 +167,12 @@ def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.n
         yield order[b : b + batch_size]
 
 
+def check_batch_size(batch_size: object) -> None:
+    """Raise :class:`ConfigError` unless ``batch_size`` is a positive integer (cells per forward pass)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer (cells per forward pass), got {batch_size!r}")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """The torch device to run on: ``None`` picks CUDA when available, else the CPU.
 
@@ -285,8 +291,7 @@ def embed_corpus(
         raise ConfigError(
             f"gene_embeddings must be False, True, 'mean' or 'per_cell', got {gene_embeddings!r}"
         )
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_batch_size(batch_size)
     if pooling not in ("mean", "cls"):
         raise ConfigError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
     bert = encoder_of(model)

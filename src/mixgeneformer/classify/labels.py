@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -73,14 +73,17 @@ def _obs_of(data: anndata.AnnData | pd.DataFrame) -> pd.DataFrame:
     return data if isinstance(data, pd.DataFrame) else data.obs
 
 
-# long: a 25-line docstring; the body (41 lines) validates one label column.
+# long: a 30-line docstring; the body (43 lines) validates one label column.
 def prepare_labels(
     data: anndata.AnnData | pd.DataFrame,
     key: str = "cell_type1",
     min_class_fraction: float = 0.005,
     min_class_count: int = 2,
+    rename: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> LabelSelection:
     """Validate a label column and select the cells and classes to classify.
+
+    Labels are compared as text with surrounding whitespace removed ("beta " is "beta").
 
     Parameters
     ----------
@@ -93,6 +96,9 @@ def prepare_labels(
         authors); 0 keeps every class.
     min_class_count
         Classes with fewer cells than this are dropped too.
+    rename
+        Maps the label texts to the names classes are counted by (e.g. :func:`canonical_labels`, so
+        spellings of one class are counted together before rare classes are dropped).
 
     Returns
     -------
@@ -121,7 +127,9 @@ def prepare_labels(
     labelled = np.flatnonzero(~missing)
     if labelled.size == 0:
         raise InputDataError(f"label column {key!r} has no labels (all {len(obs)} values are missing).")
-    names = np.asarray([str(v) for v in labels[labelled]], dtype=object)
+    names = np.asarray([str(v).strip() for v in labels[labelled]], dtype=object)
+    if rename is not None:
+        names = np.asarray(rename(names), dtype=object)
     classes, counts = np.unique(names, return_counts=True)
     threshold = max(float(min_class_count), min_class_fraction * labelled.size)
     rare = counts < threshold

@@ -16,7 +16,7 @@ from ..config import to_dict
 from ..corpus import load_corpus
 from ..errors import ArtifactError, ConfigError
 from ..fileio import check_outputs_of, write_h5ad
-from ..inference import encoder_of
+from ..inference import check_batch_size, encoder_of, resolve_device
 from ..sharding import (
     DEFAULT_TIMEOUT_S,
     ShardJob,
@@ -80,8 +80,10 @@ def predict_sharded(
     Writes obs[KEY_pred], obs[KEY_prob], obsm[KEY_probabilities] and uns[KEY_classes].
     """
     input, out = Path(input), Path(out)
-    fitted = load_classifier(classifier)
+    check_batch_size(batch_size)
     device = rank_device(device)
+    resolve_device(device)  # a bad --device is refused before any work
+    fitted = load_classifier(classifier)
 
     def compute(start: int, stop: int) -> dict[str, np.ndarray]:
         data = load_corpus(input).select(range(start, stop)) if input.is_dir() else read_rows(input, start, stop)

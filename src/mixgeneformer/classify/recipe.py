@@ -12,7 +12,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from transformers import Trainer
 
 from ..errors import ConfigError
-from ..inference import encoder_of, length_order, pad_batch
+from ..inference import check_batch_size, encoder_of, length_order, pad_batch
 from ..model import MixGeneformerForCellClassification
 from .zeroshot import fit_logreg
 
@@ -178,6 +178,7 @@ def pooled_features(classifier: MixGeneformerForCellClassification, dataset: Dat
     """The classifier's pooled cell embeddings of every cell of ``dataset`` (eval mode, on the
     classifier's device; batches read one at a time, in length order when the dataset has a ``length``
     column)."""
+    check_batch_size(batch_size)
     lengths = np.asarray(dataset.with_format("numpy")["length"]) if "length" in dataset.column_names else None
     order = length_order(lengths) if lengths is not None else np.arange(len(dataset))
     device = next(classifier.parameters()).device

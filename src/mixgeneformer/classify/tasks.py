@@ -86,8 +86,9 @@ def transfer_task(
 ) -> Task:
     """Train on ``source``, test on ``target``, on the classes both share.
 
-    Rare classes are dropped on each side first (``config``), then labels are matched by canonical
-    name (:func:`match_labels`); labels of the task are the canonical names. Source-only classes
+    Labels are matched by canonical name (:func:`match_labels`), and rare classes (``config``) are
+    found on each side after spellings of one class are counted together; labels of the task are
+    the canonical names. Source-only classes
     are dropped; target-only classes follow ``config.unseen_test_labels``. ``source_rows`` /
     ``target_rows`` restrict each side to given obs positions (e.g. the source's training split and
     the target's test split, so transfer and within-species numbers share test cells).
@@ -95,7 +96,8 @@ def transfer_task(
     config = config or LabelConfig()
 
     def side(data: anndata.AnnData, rows: np.ndarray | None) -> LabelSelection:
-        selection = prepare_labels(data, config.key, config.min_class_fraction, config.min_class_count)
+        selection = prepare_labels(data, config.key, config.min_class_fraction, config.min_class_count,
+                                   rename=lambda names: canonical_labels(names, synonyms))
         if rows is not None:
             keep = np.isin(selection.rows, np.asarray(rows))
             selection = dataclasses.replace(selection, rows=selection.rows[keep], labels=selection.labels[keep])
@@ -103,17 +105,16 @@ def transfer_task(
 
     src, tgt = side(source, source_rows), side(target, target_rows)
     match = match_labels(src.labels, tgt.labels, synonyms)
-    src_canon, tgt_canon = canonical_labels(src.labels, synonyms), canonical_labels(tgt.labels, synonyms)
-    src_keep = np.isin(src_canon, match.shared)
-    tgt_keep = check_unseen_labels(match.shared, tgt_canon, config.unseen_test_labels)
+    src_keep = np.isin(src.labels, match.shared)
+    tgt_keep = check_unseen_labels(match.shared, tgt.labels, config.unseen_test_labels)
     return Task(
         setting=setting,
         train_data=source,
         train_rows=src.rows[src_keep],
-        train_labels=src_canon[src_keep],
+        train_labels=src.labels[src_keep],
         test_data=target,
         test_rows=tgt.rows[tgt_keep],
-        test_labels=tgt_canon[tgt_keep],
+        test_labels=tgt.labels[tgt_keep],
         notes=[f"source: {src.summary()}", f"target: {tgt.summary()}", match.summary()],
     )
 

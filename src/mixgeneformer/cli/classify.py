@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputDataError
 from ._app import MEDIANS_OPTION, VOCAB_OPTION, app, load_tokenize_config
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 _MODES = {
     "finetune": ("finetune",),
@@ -25,6 +29,26 @@ def _check_test_file(input: Path, test: Path | None) -> None:
             f"--test {test} is the training file: its score would be measured on the training cells. "
             "Leave out --test for a held-out split of the input, or give another file."
         )
+
+
+def _option_overrides(label: str, freeze_layers: int | None, epochs: float | None, unseen: str | None,
+                      device: str | None) -> list[str]:
+    """The ``--set`` overrides the dedicated options stand for (options not given change nothing)."""
+    overrides = [f"labels.key={label}"]
+    for name, value in (("finetune.freeze_layers", freeze_layers), ("finetune.epochs", epochs),
+                        ("labels.unseen_test_labels", unseen), ("finetune.device", device)):
+        if value is not None:
+            overrides.append(f"{name}={value}")
+    return overrides
+
+
+def _labelled(data: AnnData, label: str, path: Path) -> AnnData:
+    if label not in data.obs.columns:
+        raise InputDataError(
+            f"label column {label!r} not found in the obs of {path}. Available obs columns: "
+            f"{list(map(str, data.obs.columns))}. Pass the right one with --label."
+        )
+    return data
 
 
 @app.command("classify")
@@ -54,6 +78,7 @@ def classify(
     from ..config import load_config
     from ..corpus import check_cells_input
     from ..fileio import check_output, read_h5ad
+    from ..inference import resolve_device
 
     if mode not in _MODES:
         raise ConfigError(f"--mode {mode!r} is not one of {sorted(_MODES)}.")
@@ -63,24 +88,17 @@ def classify(
     if methods and model is None:
         raise ConfigError(f"--mode {mode} needs --model BUNDLE (or use --mode none --baselines).")
     _check_test_file(input, test)
+    resolve_device(device)  # a bad --device is refused before any work
     for path, option in ((input, "input"), (test, "--test")):
         if path is not None:
             check_cells_input(path, option, corpus=False)
     check_output(out, [input, test, model, config, vocab, medians, tokenize_config], overwrite=overwrite, option="--out")
-    cli_overrides = [f"labels.key={label}"]
-    if freeze_layers is not None:
-        cli_overrides.append(f"finetune.freeze_layers={freeze_layers}")
-    if epochs is not None:
-        cli_overrides.append(f"finetune.epochs={epochs}")
-    if unseen is not None:
-        cli_overrides.append(f"labels.unseen_test_labels={unseen}")
-    if device is not None:
-        cli_overrides.append(f"finetune.device={device}")
+    cli_overrides = _option_overrides(label, freeze_layers, epochs, unseen, device)
     settings = load_config(clf.ClassifyConfig, config, [*cli_overrides, *overrides])
     tok_config = load_tokenize_config(tokenize_config)
 
-    train_data = read_h5ad(input, "input h5ad")
-    test_data = read_h5ad(test, "test h5ad (--test)") if test is not None else None
+    train_data = _labelled(read_h5ad(input, "input h5ad"), settings.labels.key, input)
+    test_data = _labelled(read_h5ad(test, "test h5ad (--test)"), settings.labels.key, test) if test is not None else None
     run = clf.run_classification(
         train_data, model if methods else None, vocab if methods else None, medians if methods else None,
         test=test_data, methods=methods,

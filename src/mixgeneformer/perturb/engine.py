@@ -259,21 +259,7 @@ def _exact(bert, flat, offsets, rows, base_of, targets, vocab, config, device, g
 
     def done(job: _CellJob) -> None:
         v = job.variants
-        columns = _score_columns(job.embedding, job.emb, targets, config)
-        if job.cell_emb is not None:
-            columns["cell_emb"] = job.cell_emb
-            columns["cell_emb_shift"] = 1.0 - job.cell_emb
-        if anchor_token is not None:
-            columns["anchor_shift"] = 1.0 - _cosine(job.emb[v.anchor_only][0][None, :], job.emb)
-        label = np.asarray(v.label, dtype=object)
-        if anchor_token is not None:
-            anchor_name = vocab.tokens[anchor_token]
-            label = np.where(v.anchor_only, label, anchor_name + "+" + label.astype(str)).astype(object)
-        frame = pd.DataFrame(
-            {"cell": job.row, "perturbed": label, "gene_token": v.gene_token, "gene_rank": v.gene_rank, **columns}
-        )
-        if anchor_token is not None:  # pair rows: gene_token is the partner; the anchor-alone row: -1
-            frame["anchor_token"] = np.where(v.anchor_only, -1, anchor_token)
+        frame, label = _cell_frame(job, targets, vocab, config, anchor_token)
         frames.append(frame)
         if job.gene_rows:
             variant, affected, shift = (np.concatenate(parts) for parts in zip(*job.gene_rows, strict=True))
@@ -297,6 +283,25 @@ def _exact(bert, flat, offsets, rows, base_of, targets, vocab, config, device, g
     frame = _sorted_cells(frames, targets, config, anchor=anchor_token is not None)
     gene_frame = _gene_shift_table(gene_frames, vocab) if config.gene_shifts else None
     return frame, gene_frame, counts
+
+
+def _cell_frame(job, targets: dict, vocab, config: PerturbConfig, anchor_token: int | None) -> tuple[pd.DataFrame, np.ndarray]:
+    """One cell's rows of the cells table (one per variant) and the variants' names."""
+    v = job.variants
+    columns = _score_columns(job.embedding, job.emb, targets, config)
+    if job.cell_emb is not None:
+        columns["cell_emb"] = job.cell_emb
+        columns["cell_emb_shift"] = 1.0 - job.cell_emb
+    label = np.asarray(v.label, dtype=object)
+    if anchor_token is not None:
+        columns["anchor_shift"] = 1.0 - _cosine(job.emb[v.anchor_only][0][None, :], job.emb)
+        label = np.where(v.anchor_only, label, vocab.tokens[anchor_token] + "+" + label.astype(str)).astype(object)
+    frame = pd.DataFrame(
+        {"cell": job.row, "perturbed": label, "gene_token": v.gene_token, "gene_rank": v.gene_rank, **columns}
+    )
+    if anchor_token is not None:  # pair rows: gene_token is the partner; the anchor-alone row: -1
+        frame["anchor_token"] = np.where(v.anchor_only, -1, anchor_token)
+    return frame, label
 
 
 def _sorted_cells(frames: list[pd.DataFrame], targets: dict, config: PerturbConfig, anchor: bool) -> pd.DataFrame:
