@@ -69,3 +69,16 @@ def test_cli_classify_refuses_a_bad_device_and_names_the_file_without_the_label(
     assert exit_info.value.code == 2 and "'cell_type1' not found" in err and str(test) in err and "celltype" in err
     assert not (tmp_path / "o2").exists()
     assert np.isin(["train.h5ad", "test.h5ad"], [p.name for p in tmp_path.iterdir()]).all()
+
+
+def test_classifier_cls_pooling_refuses_a_species_token_at_position_zero():
+    import torch
+
+    _, vocab, tokens = token_task(n_per_class=2)
+    classifier = C.build_classifier(tiny_model(vocab), ["type0", "type1", "type2"], vocab, C.FinetuneConfig(pooling="cls"))
+    assert classifier.config.cls_token_id == vocab.cls_id
+    cell = torch.as_tensor([tokens.dataset[0]["input_ids"]])
+    assert classifier.cell_embeddings(cell).shape == (1, classifier.config.hidden_size)
+    cell[0, 0] = vocab.id_of("<human>")
+    with pytest.raises(ConfigError, match="<cls>"):
+        classifier.cell_embeddings(cell)

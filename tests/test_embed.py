@@ -139,6 +139,11 @@ def test_cls_pooling_takes_position_zero(bert, vocab):
 def test_cls_pooling_without_cls_token_is_an_error(bert, vocab):
     with pytest.raises(ConfigError, match="<cls>"):
         embed_corpus(bert, _cells(3, seed=7), vocab, pooling="cls", progress=False)
+    # Style v1 with a species token: cells start <human> gene ...; its state is not <cls>'s.
+    species_first = [cell[1:-1] for cell in _cells(3, seed=7, special=True)]
+    assert all(cell[0] == vocab.id_of("<human>") for cell in species_first)
+    with pytest.raises(ConfigError, match="<cls>"):
+        embed_corpus(bert, species_first, vocab, pooling="cls", progress=False)
 
 
 # ---------------------------------------------------------------------------- batching

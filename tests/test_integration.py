@@ -20,6 +20,14 @@ def _embeddings(separate: bool, n: int = 240, seed: int = 0):
     return x, species, types
 
 
+def test_shuffling_within_types_keeps_each_types_species_counts():
+    species = np.array(["h", "h", "m", "m", "m", "h"])
+    types = np.array(["a", "a", "a", "b", "b", "b"])
+    out = integration.shuffled_within_types(species, types, seed=3)
+    for t in ("a", "b"):
+        assert sorted(out[types == t]) == sorted(species[types == t])
+
+
 def test_sklearn_species_asw_orders_mixed_above_separated():
     mixed = integration.species_asw_sklearn(*_embeddings(False))
     separated = integration.species_asw_sklearn(*_embeddings(True))
@@ -31,7 +39,8 @@ def test_species_mixing_reports_its_backend_and_skips_nan_rows(monkeypatch):
     x[0] = np.nan
     monkeypatch.setattr(integration, "scib_available", lambda: False)
     out = integration.species_mixing(x, species, types)
-    assert out["backend"] == "sklearn" and set(out) == {"species_asw", "backend"}
+    assert out["backend"] == "sklearn" and set(out) == {"species_asw", "species_asw_shuffled", "backend"}
+    assert out["species_asw_shuffled"] > 0.9 > out["species_asw"]  # separated species; shuffling mixes them
     assert out["species_asw"] == pytest.approx(integration.species_asw_sklearn(x[1:], species[1:], types[1:].astype(str)))
     with pytest.raises(InputDataError, match="same cells"):
         integration.species_mixing(x, species[:-1], types)
@@ -45,6 +54,7 @@ def test_scib_scores_agree_with_the_sklearn_silhouette():
     assert a["backend"] == "scib-metrics"
     assert a["species_asw"] == pytest.approx(integration.species_asw_sklearn(*mixed), abs=1e-4)
     assert a["ilisi"] > 0.7 > 0.2 > b["ilisi"]
+    assert b["ilisi_shuffled"] > 0.7 and b["species_asw_shuffled"] > b["species_asw"]
     assert "kbet" not in a  # opt-in (slow)
 
 

@@ -149,6 +149,9 @@ def test_unsupported_inputs(tmp_path):
 def test_remap_columns_sums_duplicates():
     m = sp.csr_matrix(np.array([[1, 2, 0, 3], [0, 0, 5, 1]]))
     np.testing.assert_array_equal(remap_columns(m, np.array([0, -1, 1, 0]), 2).toarray(), [[4, 0], [1, 5]])
+    # Summed in a wide type: two uint8 columns of 200 are 400, not 144.
+    small = sp.csr_matrix(np.array([[200, 200, 7]], dtype=np.uint8))
+    np.testing.assert_array_equal(remap_columns(small, np.array([0, 0, 1]), 2).toarray(), [[400, 7]])
 
 
 def test_obs_is_read_per_chunk_with_types_kept(tmp_path):

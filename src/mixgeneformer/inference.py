@@ -223,7 +223,9 @@ class CorpusEmbeddings:
         (``Vocabulary.tokens``, name ``"gene"``), columns ``dim_0 … dim_{hidden-1}``, float32.
         Only genes seen in the corpus appear, sorted by token id.
     gene_counts
-        Number of cells each gene of ``genes`` was averaged over (same index).
+        Number of cells each gene of ``genes`` was averaged over (same index): the cells whose
+        tokens hold the gene, i.e. where it is among the cell's top ``max_len`` ranked genes. That
+        is fewer than the cells that express it (INS: 535 of 1,594 Baron human cells at 128 genes).
     per_cell
         With ``gene_embeddings="per_cell"``: one (n_genes_in_cell, hidden) float32 array per cell,
         rows aligned with that cell's gene tokens (special tokens removed), else ``None``.
@@ -321,7 +323,7 @@ def embed_corpus(
                 ids = torch.from_numpy(ids_np).to(torch_device, non_blocking=True)
                 mask = torch.from_numpy(mask_np).to(torch_device, non_blocking=True)
                 hidden = hidden_at_layer(bert, ids, mask, layer)
-                cells[rows] = pool_cells(hidden, ids, mask, special_ids, pooling).cpu().numpy()
+                cells[rows] = pool_cells(hidden, ids, mask, special_ids, pooling, vocab.cls_id).cpu().numpy()
                 if want_genes:
                     genes = gene_positions(ids, mask, special_ids)
                     states = hidden[genes].double()

@@ -3,13 +3,19 @@
 With the optional ``scib-metrics`` package (``pip install "mixgeneformer[metrics]"``) the scores
 are scib's own:
 
-* ``ilisi``: integration LISI of the species label on a 90-neighbour graph, rescaled to [0, 1]
-  (``scib_metrics.ilisi_knn(..., scale=True)``; 0 = each neighbourhood one species, 1 = as mixed
-  as the species proportions allow);
+* ``ilisi``: integration LISI of the species label on one 90-neighbour graph of all cells,
+  rescaled as ``(median LISI − 1) / (number of species − 1)``
+  (``scib_metrics.ilisi_knn(..., scale=True)``; 0 = each neighbourhood one species, 1 = every
+  neighbourhood holds the species in equal parts, which unequal species sizes cannot reach);
 * ``species_asw``: batch silhouette of species computed within each cell type
   (``scib_metrics.silhouette_batch``; 1 = species overlap inside a type, 0 = separate);
 * ``kbet`` (only with ``kbet=True``: minutes of CPU even for a few thousand cells): kBET
   acceptance rate of species within each cell type (``scib_metrics.kbet_per_label``).
+
+Neither score has a fixed "perfect" value: both depend on the species proportions and the cell
+types. So each comes with a reference (``reference=True``): the same score with the species
+labels shuffled within each cell type (``*_shuffled``), what complete mixing inside every type
+gives on these cells.
 
 Without it, ``species_asw`` is computed with scikit-learn (the same definition:
 ``1 − |silhouette_samples(X_type, species)|`` averaged per type, then over types) and the other
@@ -69,8 +75,19 @@ def species_asw_sklearn(x: np.ndarray, batch: np.ndarray, labels: np.ndarray) ->
     return float(np.mean(scores)) if scores else float("nan")
 
 
+def shuffled_within_types(species: np.ndarray, cell_types: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``species`` permuted among the cells of each type: the labels of complete mixing inside types."""
+    rng = np.random.default_rng(seed)
+    out = species.copy()
+    for label in np.unique(cell_types):
+        rows = np.flatnonzero(cell_types == label)
+        out[rows] = species[rng.permutation(rows)]
+    return out
+
+
 def species_mixing(
-    embeddings: ArrayLike, species: ArrayLike, cell_types: ArrayLike, n_neighbors: int = N_NEIGHBORS, kbet: bool = False
+    embeddings: ArrayLike, species: ArrayLike, cell_types: ArrayLike, n_neighbors: int = N_NEIGHBORS,
+    kbet: bool = False, reference: bool = True,
 ) -> dict[str, Any]:
     """Species-mixing scores of an embedding (module docstring); NaN rows are skipped.
 
@@ -78,22 +95,30 @@ def species_mixing(
     -------
     dict
         ``species_asw`` (always), ``ilisi`` (and ``kbet`` when asked) with scib-metrics, ``backend``
-        (``"scib-metrics"`` or ``"sklearn"``).
+        (``"scib-metrics"`` or ``"sklearn"``); with ``reference``, ``species_asw_shuffled`` and
+        ``ilisi_shuffled``: the scores of the same cells with species shuffled within each type.
     """
     x, batch, labels = _check(embeddings, species, cell_types)
+    mixed = shuffled_within_types(batch, labels) if reference else None
     if not scib_available():
-        return {"species_asw": species_asw_sklearn(x, batch, labels), "backend": "sklearn"}
+        out: dict[str, Any] = {"species_asw": species_asw_sklearn(x, batch, labels), "backend": "sklearn"}
+        if mixed is not None:
+            out["species_asw_shuffled"] = species_asw_sklearn(x, mixed, labels)
+        return out
     import scib_metrics
     from scib_metrics.nearest_neighbors import NeighborsResults
 
     k = int(min(n_neighbors, x.shape[0] - 1))
     distances, indices = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)
     neighbors = NeighborsResults(indices=indices[:, 1:], distances=distances[:, 1:])
-    out: dict[str, Any] = {
+    out = {
         "species_asw": float(scib_metrics.silhouette_batch(x, labels, batch)),
         "ilisi": float(scib_metrics.ilisi_knn(neighbors, batch, scale=True)),
         "backend": "scib-metrics",
     }
+    if mixed is not None:
+        out["species_asw_shuffled"] = float(scib_metrics.silhouette_batch(x, labels, mixed))
+        out["ilisi_shuffled"] = float(scib_metrics.ilisi_knn(neighbors, mixed, scale=True))
     if kbet:
         try:
             out["kbet"] = float(scib_metrics.kbet_per_label(neighbors, batch, pd.Categorical(labels)))
@@ -218,6 +243,7 @@ __all__ = [
     "scib_available",
     "seed_table",
     "shared_type_mixing",
+    "shuffled_within_types",
     "species_asw_sklearn",
     "species_mixing",
     "write_benchmark_text",

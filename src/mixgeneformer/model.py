@@ -411,6 +411,7 @@ def pool_cells(
     attention_mask: torch.Tensor,
     special_ids: Sequence[int] | np.ndarray,
     pooling: Pooling = "mean",
+    cls_id: int | None = None,
 ) -> torch.Tensor:
     """One float32 vector per cell from its token states.
 
@@ -424,7 +425,10 @@ def pool_cells(
         Every non-gene token id (``Vocabulary.special_ids``): excluded from mean pooling.
     pooling
         ``"mean"``: average over gene positions (no padding, no special token);
-        ``"cls"``: the state at position 0, which must hold a special token (``<cls>``).
+        ``"cls"``: the state at position 0, which must hold ``<cls>``.
+    cls_id
+        The ``<cls>`` id (``Vocabulary.cls_id``). Without it, position 0 need only hold some special
+        token, which cannot tell ``<cls>`` from a species token.
 
     Returns
     -------
@@ -433,11 +437,11 @@ def pool_cells(
     """
     if pooling == "cls":
         first = input_ids[:, 0]
-        special = torch.as_tensor(np.asarray(special_ids, dtype=np.int64), device=input_ids.device)
-        if not bool(torch.isin(first, special).all()):
+        allowed = [cls_id] if cls_id is not None else np.asarray(special_ids, dtype=np.int64)
+        if not bool(torch.isin(first, torch.as_tensor(allowed, dtype=torch.int64, device=input_ids.device)).all()):
             raise ConfigError(
                 "pooling='cls' needs a <cls> token at position 0 of every cell, but the corpus "
-                "starts with gene tokens; tokenize with style='v2' (adds <cls>/<eos>) or use "
+                "starts with gene or species tokens; tokenize with style='v2' (adds <cls>/<eos>) or use "
                 "pooling='mean'"
             )
         return hidden[:, 0].float()
@@ -484,7 +488,8 @@ class MixGeneformerForCellClassification(BertPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return pool_cells(hidden, input_ids, attention_mask, self.special_ids, self.config.cell_pooling)
+        return pool_cells(hidden, input_ids, attention_mask, self.special_ids, self.config.cell_pooling,
+                          getattr(self.config, "cls_token_id", None))
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, **_: Any

@@ -91,6 +91,7 @@ def build_classifier(
     model_config.id2label = dict(enumerate(classes))
     model_config.label2id = {c: i for i, c in enumerate(classes)}
     model_config.cell_pooling = resolve_pooling(config.pooling, model)
+    model_config.cls_token_id = vocab.cls_id  # cls pooling checks position 0 holds <cls>, not a species token
     model_config.classifier_dropout = config.classifier_dropout
     if config.attention_dropout is not None:
         model_config.attention_probs_dropout_prob = config.attention_dropout

@@ -18,7 +18,7 @@ def embed(
     layer: int = typer.Option(-2, help="Hidden state to pool: -1 last layer, -2 second to last (default), 0 embeddings."),
     pooling: str = typer.Option("mean", help="'mean' over gene tokens or 'cls' (needs <cls>, i.e. style v2)."),
     gene_embeddings: Path | None = typer.Option(
-        None, "--gene-embeddings", help="Also write each gene's mean contextual embedding to this .parquet."
+        None, "--gene-embeddings", help="Also write each gene's mean contextual embedding to this .parquet (over the cells whose top-ranked tokens hold the gene; n_cells counts them)."
     ),
     umap: Path | None = typer.Option(None, "--umap", help="Also draw a UMAP of the embeddings to this image (.png/.pdf)."),
     color: str | None = typer.Option(None, "--color", help="obs column to colour the UMAP by (e.g. cell_type1)."),

@@ -312,13 +312,17 @@ def _mixing_lines(mixing: dict[str, Any] | None) -> list[str]:
     """The species-mixing scores of the embed step (absent in folders written before they existed)."""
     if not mixing:
         return []
-    scores = [f"species ASW {mixing['species_asw']:.3f}"]
-    if "ilisi" in mixing:
-        scores.append(f"iLISI {mixing['ilisi']:.3f}")
+    scores = []
+    for key, name in (("species_asw", "species ASW"), ("ilisi", "iLISI")):
+        if key in mixing:
+            shuffled = f" (shuffled: {mixing[key + '_shuffled']:.3f})" if key + "_shuffled" in mixing else ""
+            scores.append(f"{name} {mixing[key]:.3f}{shuffled}")
     return [
-        f"Species mixing within the {len(mixing['shared_types'])} cell types both species share "
-        f"({mixing['n_cells']:,} cells; {mixing['backend']}): {', '.join(scores)} (1 = the species are mixed inside "
-        "each type, 0 = separated; `benchmarks/species.py` compares vocabularies and the cross-species term).",
+        f"Species mixing of the {mixing['n_cells']:,} cells of the {len(mixing['shared_types'])} cell types both "
+        f"species share ({mixing['backend']}): {', '.join(scores)}. Higher is more mixed, 0 = separated; "
+        "'shuffled' is the same score with the species labels shuffled within each type, i.e. what complete "
+        "mixing inside every type gives on these cells (`benchmarks/species.py` compares vocabularies and the "
+        "cross-species term).",
         "",
     ]
 

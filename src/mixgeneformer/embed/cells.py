@@ -119,7 +119,9 @@ def embed_anndata(
         As in :func:`embed_corpus`.
     gene_embeddings
         Also store each gene's mean contextual embedding over the cells as a DataFrame in
-        ``uns[key + "_genes"]`` (index: gene token; columns ``n_cells``, ``dim_0`` ...).
+        ``uns[key + "_genes"]`` (index: gene token; columns ``n_cells``, ``dim_0`` ...). A gene is
+        averaged over the cells whose tokens hold it (among the top ``max_len`` ranked genes), and
+        ``n_cells`` counts those cells, not every cell that expresses the gene.
 
     Returns
     -------

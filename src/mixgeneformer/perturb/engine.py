@@ -40,6 +40,7 @@ def _forward(
     ids: np.ndarray,
     mask: np.ndarray,
     special_ids: np.ndarray,
+    cls_id: int | None,
     config: PerturbConfig,
     device: torch.device,
     want_hidden: bool = False,
@@ -56,7 +57,7 @@ def _forward(
         hidden = hidden_at_layer(bert, ids_t, mask_t, config.layer)
     else:
         hidden = continue_encoder(bert, first_block, mask_t, 1, config.layer)
-    cells = pool_cells(hidden, ids_t, mask_t, special_ids, config.pooling)
+    cells = pool_cells(hidden, ids_t, mask_t, special_ids, config.pooling, cls_id)
     return cells.double().cpu().numpy(), (hidden.float() if want_hidden else None)
 
 
@@ -146,7 +147,8 @@ def _run_variants(
                 first_block[at : at + len(block), : block.shape[1]] = block
                 at += len(block)
         emb, hidden = _forward(
-            bert, ids, mask, special, config, device, want_hidden=config.needs_gene_states, first_block=first_block
+            bert, ids, mask, special, vocab.cls_id, config, device, want_hidden=config.needs_gene_states,
+            first_block=first_block,
         )
         at = 0
         for job, part, src, ident in todo:

@@ -155,7 +155,7 @@ def _readout_gradients(bert, tokens, probes, targets, vocab, config, device, rel
                     e = (hidden[0].double() * weights[:, None]).sum(0) / weights.sum()
             else:
                 hidden = hidden_at_layer(bert, ids, mask, config.layer)
-                e = pool_cells(hidden, ids, mask, vocab.special_ids, config.pooling)[0].double()
+                e = pool_cells(hidden, ids, mask, vocab.special_ids, config.pooling, vocab.cls_id)[0].double()
             readouts = [torch.as_tensor(probes, device=device) @ e]
             for state in targets.values():
                 goal = torch.as_tensor(state, device=device)

@@ -183,6 +183,9 @@ def remap_columns(counts: sp.csr_matrix, column_map: np.ndarray, n_out: int) -> 
     """
     column_map = np.asarray(column_map, dtype=np.int64)
     src = np.flatnonzero(column_map >= 0)
+    merges = len(np.unique(column_map[src])) < len(src)
+    if merges and counts.dtype.kind in "iu" and counts.dtype.itemsize < 8:
+        counts = counts.astype(np.int64)  # a sum of small integer types would wrap (uint8: 200 + 200 = 144)
     selection = sp.csr_matrix(
         (np.ones(len(src), dtype=counts.dtype), (src, column_map[src])), shape=(counts.shape[1], n_out)
     )
