@@ -34,7 +34,9 @@ class TokenizeConfig:
     duplicate_genes
         Columns that map to the same gene: ``"sum"`` their counts (Geneformer) or ``"error"``.
     min_coverage
-        Minimum fraction of an input's gene identifiers that must resolve to Ensembl IDs.
+        Minimum fraction of an input's gene identifiers that must resolve to Ensembl IDs (an error
+        below it); a warning too when less than this fraction of its counts falls on vocabulary
+        genes with a median.
     chunk_size
         Cells per chunk (bounds memory: about 50 bytes per stored nonzero).
     task_cells
@@ -86,8 +88,6 @@ class TokenizeConfig:
             raise ConfigError(f"tokenize.max_len={self.max_len} leaves no room for genes after {self.n_special} special tokens.")
         if self.chunk_size < 1 or self.task_cells < 1:
             raise ConfigError(f"tokenize.chunk_size ({self.chunk_size}) and task_cells ({self.task_cells}) must be ≥ 1.")
-        if not 0.0 <= self.min_coverage <= 1.0:
-            raise ConfigError(f"tokenize.min_coverage={self.min_coverage} must be within [0, 1].")
 
     @property
     def read_options(self) -> ReadOptions:

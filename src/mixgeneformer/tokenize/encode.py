@@ -131,7 +131,8 @@ def rank_value_encode(
     counts
         Cells × genes CSR raw counts.
     token_ids
-        Token id per column (``-1``: not in the vocabulary). Columns sharing a token are summed.
+        Token id per column (``-1``: not in the vocabulary). Columns sharing a token are summed,
+        each normalised by its own median (exact sums of counts when the medians agree).
     medians
         Median per column (NaN or ≤ 0: column ignored).
     totals
@@ -157,13 +158,18 @@ def rank_value_encode(
     token_ids = np.where(usable, token_ids, -1)
     mapped = token_ids[usable]
     if len(mapped) != len(np.unique(mapped)):
-        distinct, inverse = np.unique(mapped, return_inverse=True)
+        distinct, first, inverse = np.unique(mapped, return_index=True, return_inverse=True)
         column_map = np.full(len(token_ids), -1, dtype=np.int64)
         column_map[usable] = inverse
-        first_median = np.empty(len(distinct))
-        first_median[inverse] = medians[usable]
+        token_median = medians[usable][first]
+        # Columns of one token with different medians (a human gene and its mouse ortholog in one
+        # file) are each normalised by their own median before the sum: scaled by token/own median.
+        scale = np.ones(len(token_ids))
+        scale[usable] = token_median[inverse] / medians[usable]
+        if (scale != 1.0).any():
+            counts = sp.csr_matrix(counts.astype(np.float64) @ sp.diags(scale))
         counts = remap_columns(counts, column_map, len(distinct))
-        token_ids, medians = distinct, first_median
+        token_ids, medians = distinct, token_median
     if n_rows == 0:
         return np.zeros(0, np.int32), np.zeros(0, np.int64)
     flat = np.empty(counts.nnz, dtype=np.int32)
@@ -225,6 +231,10 @@ def _column_lookup(source: Any, vocab: Any, medians: GeneMedians, config: Tokeni
     shared = _shared_gene_columns(ensembl) & kept
     if shared.any():  # duplicate_genes="sum" (with "error" this input was refused above)
         coverage += f"; {int(shared.sum()):,} columns resolve to a gene another column has too and are summed"
+    orthologs = kept & ~shared & pd.Series(np.where(kept, token_ids, -1)).duplicated(keep=False).to_numpy()
+    if orthologs.any():  # e.g. human and mouse genes of one ortholog token in a mixed-species file
+        coverage += (f"; {int(orthologs.sum()):,} columns of different genes share a token (orthologs) and are "
+                     "summed after each is divided by its own median")
     logger.info("%s: %s", source.name, coverage)
     return _Columns(token_ids, gene_medians, kept, mapping.species, coverage)
 
@@ -260,22 +270,46 @@ class TokenizeReport:
     dropped_zero_counts: int = 0
     dropped_no_vocab_gene: int = 0
     tokens: int = 0
+    counts: float = 0.0  # every count read
+    counts_in_vocabulary: float = 0.0  # those on genes of the vocabulary with a median
     seconds: float = 0.0
     inputs: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, other: TokenizeReport) -> None:
-        for name in ("cells_in", "cells_out", "dropped_filter_pass", "dropped_zero_counts", "dropped_no_vocab_gene", "tokens"):
+        for name in ("cells_in", "cells_out", "dropped_filter_pass", "dropped_zero_counts", "dropped_no_vocab_gene",
+                     "tokens", "counts", "counts_in_vocabulary"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     @property
     def cells_per_second(self) -> float:
         return self.cells_in / self.seconds if self.seconds > 0 else float("nan")
 
+    @property
+    def counts_fraction(self) -> float:
+        """The fraction of all counts that fall on vocabulary genes with a median (NaN without counts)."""
+        return self.counts_in_vocabulary / self.counts if self.counts > 0 else float("nan")
+
     def summary(self) -> str:
+        counts = f"; {self.counts_fraction:.1%} of counts on vocabulary genes" if self.counts > 0 else ""
         return (
             f"{self.cells_in:,} cells in, {self.cells_out:,} out; dropped: {self.dropped_zero_counts:,} with zero counts, "
             f"{self.dropped_no_vocab_gene:,} without a vocabulary gene, {self.dropped_filter_pass:,} by filter_pass; "
-            f"{self.tokens:,} tokens; {self.seconds:.1f}s ({self.cells_per_second:,.0f} cells/s)"
+            f"{self.tokens:,} tokens{counts}; {self.seconds:.1f}s ({self.cells_per_second:,.0f} cells/s)"
+        )
+
+
+def warn_low_counts_coverage(name: str, counts: float, in_vocabulary: float, min_coverage: float) -> None:
+    """Log a warning when under ``min_coverage`` of an input's counts fall on vocabulary genes.
+
+    The gene-ID check before tokenizing counts identifiers; this one counts expression, so it
+    catches files whose most expressed genes are unknown (other symbols, another annotation).
+    """
+    if counts > 0 and in_vocabulary / counts < min_coverage:
+        logger.warning(
+            "%s: only %.1f%% of its counts fall on genes of the vocabulary with a median (min_coverage=%.0f%%): the "
+            "cells' most expressed genes are missing from their tokens. Check the species, the gene column "
+            "(--gene-column) and the gene symbols (outdated symbols are not mapped).",
+            name, 100 * in_vocabulary / counts, 100 * min_coverage,
         )
 
 
@@ -283,6 +317,8 @@ def _encode_chunk(
     chunk: CountChunk, columns: _Columns, vocab: Any, config: TokenizeConfig, obs_columns: Sequence[str], obs_types: dict[str, pa.DataType]
 ) -> tuple[pa.Table, TokenizeReport]:
     report = TokenizeReport(cells_in=chunk.n_cells)
+    per_gene = np.asarray(chunk.counts.sum(axis=0), dtype=np.float64).ravel()
+    report.counts, report.counts_in_vocabulary = float(per_gene.sum()), float(per_gene[columns.kept].sum())
     totals = normalization_totals(chunk, config.totals, columns.kept)
     passing = filter_pass_rows(chunk) if config.filter_pass else None
     if passing is not None:

@@ -42,6 +42,7 @@ from .encode import (
     _features,
     _iter_tables,
     _obs_arrow_types,
+    warn_low_counts_coverage,
 )
 
 if TYPE_CHECKING:
@@ -239,7 +240,11 @@ def _run_tasks(
             "dropped_zero_counts": sum(r["dropped_zero_counts"] for r in mine),
             "dropped_no_vocab_gene": sum(r["dropped_no_vocab_gene"] for r in mine),
             "dropped_filter_pass": sum(r["dropped_filter_pass"] for r in mine),
+            "counts": sum(r.get("counts", 0.0) for r in mine),
+            "counts_in_vocabulary": sum(r.get("counts_in_vocabulary", 0.0) for r in mine),
         })
+        warn_low_counts_coverage(str(item), report.inputs[-1]["counts"], report.inputs[-1]["counts_in_vocabulary"],
+                                 config.min_coverage)
     _check_not_empty(report, ", ".join(map(str, items)))
     _assemble_corpus(out_dir, [shard_path(t) for t in tasks if results[t]["cells_out"] > 0], obs_types, config, manifest, report, overwrite)
     shutil.rmtree(partial, ignore_errors=True)

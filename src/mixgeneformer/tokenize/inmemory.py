@@ -26,6 +26,7 @@ from .encode import (
     _iter_tables,
     _medians_for,
     _obs_arrow_types,
+    warn_low_counts_coverage,
 )
 
 if TYPE_CHECKING:
@@ -122,6 +123,7 @@ def tokenize_anndata(
         report.add(part)
     report.seconds = time.perf_counter() - started
     _check_not_empty(report, "the AnnData")
+    warn_low_counts_coverage("the AnnData", report.counts, report.counts_in_vocabulary, config.min_coverage)
     table = pa.concat_tables([t for t in tables if t.num_rows]).cast(_features(obs_types).arrow_schema)
     info = datasets.DatasetInfo(description=report.summary(), features=_features(obs_types))
     return datasets.Dataset(table, info=info)
