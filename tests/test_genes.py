@@ -76,3 +76,16 @@ def test_orthologs_table():
     assert len(pairs) > 15_000
     assert pairs["human_id"].is_unique and pairs["mouse_id"].is_unique
     assert genes.symbols_of(["ENSG00000254647"])[0] == "INS"
+
+
+def test_r_make_names_symbols_are_read_with_dashes():
+    # R's make.names writes HLA-A as HLA.A (Baron human: 0.5% of counts on such names, mouse H2.K1 ...).
+    human = genes.map_gene_ids(["HLA.A", "INS", "HLA.NOPE"], species="human")
+    table = genes.gene_table("human").set_index("symbol")["ensembl_id"]
+    assert human.ensembl_ids[0] == table["HLA-A"] and human.ensembl_ids[2] == ""
+    assert human.n_dots_repaired == 1 and "'.' for '-'" in human.coverage_report()
+    mouse = genes.map_gene_ids(["H2.K1", "Ins1", "Gcg"], species="mouse")
+    assert mouse.ensembl_ids[0] == genes.gene_table("mouse").set_index("symbol")["ensembl_id"]["H2-K1"]
+    # Where the file also has the dashed spelling, the dotted column is a different thing: left unmapped.
+    both = genes.map_gene_ids(["HLA-A", "HLA.A", "INS"], species="human")
+    assert both.ensembl_ids[1] == "" and both.n_dots_repaired == 0

@@ -108,6 +108,9 @@ class GeneMapping:
         does not (retired or renamed IDs of older annotations, e.g. Geneformer's).
     vocabulary_checked
         Whether a vocabulary's IDs were consulted (``map_gene_ids(vocabulary_ids=...)``).
+    n_dots_repaired
+        Symbols resolved only after reading ``.`` as ``-`` (R's ``make.names`` writes ``HLA-A`` as
+        ``HLA.A`` and ``H2-K1`` as ``H2.K1``).
     """
 
     ensembl_ids: np.ndarray
@@ -116,6 +119,7 @@ class GeneMapping:
     unmapped: list[str] = field(default_factory=list)
     n_vocabulary_only: int = 0
     vocabulary_checked: bool = False
+    n_dots_repaired: int = 0
 
     @property
     def n_input(self) -> int:
@@ -136,6 +140,8 @@ class GeneMapping:
             total = float(np.sum(counts_per_column))
             mapped = float(np.sum(np.asarray(counts_per_column)[self.ensembl_ids != ""]))
             text += f", {mapped / total:.1%} of counts" if total > 0 else ""
+        if self.n_dots_repaired:
+            text += f"; {self.n_dots_repaired:,} of them symbols with '.' for '-' (R's make.names, e.g. HLA.A)"
         if self.n_vocabulary_only:
             text += f"; {self.n_vocabulary_only:,} of them only through the vocabulary (absent from the shipped GENCODE table)"
         n_unmapped = self.n_input - self.n_mapped
@@ -326,6 +332,7 @@ def _map_symbols(ids: np.ndarray, species: Species, extra: frozenset[str] = froz
             foreign &= False
     _check_foreign_symbols(ids, species, other, int(exact.notna().sum()), foreign.to_numpy(), (foreign & loose.notna()).to_numpy(), allow_mixed)
     resolved = exact.where(exact.notna(), loose.where(~foreign))
+    resolved, n_repaired = _repair_dots(symbols, resolved, species)
     resolved = resolved.where(resolved.notna(), "")  # not fillna: it warns when it would downcast an all-missing column
     # A column may also hold a bare Ensembl ID among symbols (10x does this for unnamed genes).
     stripped = pd.Series(strip_versions(ids))
@@ -333,7 +340,21 @@ def _map_symbols(ids: np.ndarray, species: Species, extra: frozenset[str] = froz
     is_id = stripped.isin(_id_set(species)).to_numpy() | vocabulary_only
     resolved = resolved.where(~is_id, stripped).to_numpy(dtype=object)
     unmapped = [str(x) for x in ids[resolved == ""][:50]]
-    return GeneMapping(resolved, species, "symbol", unmapped, int(vocabulary_only.sum()))
+    return GeneMapping(resolved, species, "symbol", unmapped, int(vocabulary_only.sum()), n_dots_repaired=n_repaired)
+
+
+def _repair_dots(symbols: pd.Series, resolved: pd.Series, species: Species) -> tuple[pd.Series, int]:
+    """Resolve unknown symbols with a '.' as the same symbol with '-' (R's make.names turned '-' into
+    '.'), where the file does not also hold that '-' spelling; returns the mapping and how many."""
+    dashed = symbols.str.replace(".", "-", regex=False)
+    candidate = resolved.isna() & symbols.str.contains(".", regex=False) & ~dashed.isin(set(symbols))
+    if not candidate.any():
+        return resolved, 0
+    repaired = dashed[candidate].map(_symbol_index(species, True))
+    repaired = repaired.where(repaired.notna(), dashed[candidate].str.upper().map(_symbol_index(species, False)))
+    resolved = resolved.copy()
+    resolved[candidate] = repaired
+    return resolved, int(repaired.notna().sum())
 
 
 def _check_foreign_symbols(

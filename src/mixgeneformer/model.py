@@ -406,12 +406,8 @@ def gene_positions(
 
 
 def pool_cells(
-    hidden: torch.Tensor,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    special_ids: Sequence[int] | np.ndarray,
-    pooling: Pooling = "mean",
-    cls_id: int | None = None,
+    hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    special_ids: Sequence[int] | np.ndarray, pooling: Pooling = "mean", cls_id: int | None = None,
 ) -> torch.Tensor:
     """One float32 vector per cell from its token states.
 

@@ -156,20 +156,8 @@ def rank_value_encode(
         raise ValueError("token_ids / medians must have one entry per column and totals one per row")
     usable = (token_ids >= 0) & np.isfinite(medians) & (medians > 0)
     token_ids = np.where(usable, token_ids, -1)
-    mapped = token_ids[usable]
-    if len(mapped) != len(np.unique(mapped)):
-        distinct, first, inverse = np.unique(mapped, return_index=True, return_inverse=True)
-        column_map = np.full(len(token_ids), -1, dtype=np.int64)
-        column_map[usable] = inverse
-        token_median = medians[usable][first]
-        # Columns of one token with different medians (a human gene and its mouse ortholog in one
-        # file) are each normalised by their own median before the sum: scaled by token/own median.
-        scale = np.ones(len(token_ids))
-        scale[usable] = token_median[inverse] / medians[usable]
-        if (scale != 1.0).any():
-            counts = sp.csr_matrix(counts.astype(np.float64) @ sp.diags(scale))
-        counts = remap_columns(counts, column_map, len(distinct))
-        token_ids, medians = distinct, token_median
+    if len(token_ids[usable]) != len(np.unique(token_ids[usable])):
+        counts, token_ids, medians = _merge_shared_tokens(counts, token_ids, medians, usable)
     if n_rows == 0:
         return np.zeros(0, np.int32), np.zeros(0, np.int64)
     flat = np.empty(counts.nnz, dtype=np.int32)
@@ -179,6 +167,26 @@ def rank_value_encode(
         np.where(token_ids >= 0, medians, 1.0), totals, max_len, flat, lengths,
     )
     return flat[:written], lengths
+
+
+def _merge_shared_tokens(
+    counts: sp.csr_matrix, token_ids: np.ndarray, medians: np.ndarray, usable: np.ndarray
+) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+    """One column per distinct token of the ``usable`` columns: (counts, token ids, medians).
+
+    Columns of one token with different medians (a human gene and its mouse ortholog in one file)
+    are each normalised by their own median before the sum: scaled by token median / own median.
+    Where the medians agree (a gene in two columns) the counts are summed exactly.
+    """
+    distinct, first, inverse = np.unique(token_ids[usable], return_index=True, return_inverse=True)
+    column_map = np.full(len(token_ids), -1, dtype=np.int64)
+    column_map[usable] = inverse
+    token_median = medians[usable][first]
+    scale = np.ones(len(token_ids))
+    scale[usable] = token_median[inverse] / medians[usable]
+    if (scale != 1.0).any():
+        counts = sp.csr_matrix(counts.astype(np.float64) @ sp.diags(scale))
+    return remap_columns(counts, column_map, len(distinct)), distinct, token_median
 
 
 def add_special_tokens(
