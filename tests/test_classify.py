@@ -454,6 +454,29 @@ def test_cli_missing_label_column_exits_2(tiny_bundle, tmp_path, capsys):
 
 
 @pytest.mark.realdata
+def test_cli_classify_max_len_fine_tunes_on_more_genes_and_predict_follows(tiny_bundle, tmp_path, capsys):
+    import yaml
+
+    from mixgeneformer.cli import main
+
+    bundle, path, _ = tiny_bundle
+    assert not (bundle / "tokenize.yaml").exists()  # the default TokenizeConfig (2,048, capped at the 64 positions)
+    out = tmp_path / "out"
+    main(["classify", str(path), "--model", str(bundle), "--out", str(out), "--mode", "finetune", "--epochs", "1",
+          "--max-len", "48", "--device", "cpu"])
+    assert yaml.safe_load((out / "finetuned" / "tokenize.yaml").read_text())["max_len"] == 48
+    main(["predict", str(path), "-c", str(out / "finetuned"), "-o", str(tmp_path / "p.h5ad"), "--device", "cpu"])
+    assert ad.read_h5ad(tmp_path / "p.h5ad").obs["predicted_pred"].notna().all()
+    for args in (["--max-len", "65"], ["--mode", "none", "--baselines", "--max-len", "48"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["classify", str(path), "--model", str(bundle), "--out", str(tmp_path / "bad"), *args])
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "exceeds the model's 64 positions" in err and "--mode none has none" in err
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.realdata
 def test_finetune_real_cells_for_a_few_steps(tiny_bundle):
     from mixgeneformer.bundle import load_bundle
 

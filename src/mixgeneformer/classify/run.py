@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -69,6 +70,7 @@ def run_classification(
     config: ClassifyConfig | None = None,
     tokenize_config: TokenizeConfig | None = None,
     device: str | None = None,
+    max_len: int | None = None,
 ) -> ClassificationRun:
     """Classify ``adata``'s cells (stratified split), or train on ``adata`` and test on ``test``.
 
@@ -78,26 +80,18 @@ def run_classification(
     With ``test`` of another species, labels are matched by canonical name (see the module
     docstring) and count baselines use one-to-one-ortholog genes. ``config.labels.transfer_split``
     trains on ``adata``'s training split and tests on ``test``'s test split (each split as a
-    within-dataset run of the same seed would split it).
+    within-dataset run of the same seed would split it). ``max_len`` replaces the tokenize
+    configuration's: e.g. fine-tune on more genes per cell than the model was pretrained on, up to
+    its ``max_position_embeddings`` (the positions beyond pretraining are learned while fine-tuning).
     """
     if model is not None:
         model, vocab, medians, tokenize_config, _ = load_for_inference(model, vocab, medians, tokenize_config)
+        if max_len is not None:
+            tokenize_config = _with_max_len(tokenize_config, max_len, _max_len_of(model))
 
     config = config or ClassifyConfig()
     _check_model_options(model, methods, config)
-    if test is None:
-        task = within_task(adata, config.labels)
-        species = None
-    else:
-        species = (detect_species(list(adata.var_names)), detect_species(list(test.var_names)))
-        setting = "transfer" if species[0] == species[1] else f"{species[0]}->{species[1]}"
-        rows: dict[str, np.ndarray | None] = {"source_rows": None, "target_rows": None}
-        if config.labels.transfer_split:
-            rows = {
-                "source_rows": within_task(adata, config.labels).train_rows,
-                "target_rows": within_task(test, config.labels).test_rows,
-            }
-        task = transfer_task(adata, test, config.labels, setting, synonyms=config.synonyms, **rows)
+    task, species = _task_of(adata, test, config)
     for note in task.notes:
         logger.info("%s", note)
     results: list[EvalResult] = []
@@ -116,6 +110,29 @@ def run_classification(
     if baseline_methods:
         results += baselines(task, baseline_methods, config.baselines, species=species)
     return ClassificationRun(task=task, results=results, config=config, fitted=fitted)
+
+
+def _task_of(adata: anndata.AnnData, test: anndata.AnnData | None, config: ClassifyConfig) -> tuple[Task, tuple[str, str] | None]:
+    """The within-dataset task, or the transfer task to ``test`` with the two files' species."""
+    if test is None:
+        return within_task(adata, config.labels), None
+    species = (detect_species(list(adata.var_names)), detect_species(list(test.var_names)))
+    setting = "transfer" if species[0] == species[1] else f"{species[0]}->{species[1]}"
+    rows: dict[str, np.ndarray | None] = {"source_rows": None, "target_rows": None}
+    if config.labels.transfer_split:
+        rows = {
+            "source_rows": within_task(adata, config.labels).train_rows,
+            "target_rows": within_task(test, config.labels).test_rows,
+        }
+    return transfer_task(adata, test, config.labels, setting, synonyms=config.synonyms, **rows), species
+
+
+def _with_max_len(config: TokenizeConfig | None, max_len: int, positions: int) -> TokenizeConfig:
+    if max_len > positions:
+        raise ConfigError(
+            f"max_len={max_len} exceeds the model's {positions} positions (max_position_embeddings); use at most {positions}."
+        )
+    return dataclasses.replace(config or TokenizeConfig(), max_len=max_len)
 
 
 def save_run(run: ClassificationRun, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
