@@ -88,8 +88,8 @@ def transfer_task(
 
     Labels are matched by canonical name (:func:`match_labels`), and rare classes (``config``) are
     found on each side after spellings of one class are counted together; labels of the task are
-    the canonical names. Source-only classes
-    are dropped; target-only classes follow ``config.unseen_test_labels``. ``source_rows`` /
+    the canonical names. Source-only classes are dropped; target-only classes follow
+    ``config.unseen_test_labels``. ``source_rows`` /
     ``target_rows`` restrict each side to given obs positions (e.g. the source's training split and
     the target's test split, so transfer and within-species numbers share test cells).
     """
