@@ -17,7 +17,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from .errors import ArtifactError
+from .errors import ArtifactError, ConfigError
 from .fileio import check_not_input, check_output
 
 logger = logging.getLogger(__name__)
@@ -188,6 +188,10 @@ def plan_run_dir(
     No mode writes into a folder that is or holds one of the run's ``inputs``; ``--overwrite``
     replaces only a mixgeneformer output (:func:`fileio.check_output`), ``--resume`` without a
     checkpoint only a pretraining run folder stopped before its first checkpoint."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ArtifactError(f"output_dir {run_dir} is a file; a run needs a folder. Choose another output_dir.")
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in output_dir and --overwrite replaces it; pass one of them.")
     occupied = run_dir.exists() and any(p.name != STAGING for p in run_dir.iterdir())
     if occupied:
         check_not_input(run_dir, inputs, "output_dir")  # even to resume: the run writes its config.yaml there

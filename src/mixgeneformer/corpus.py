@@ -99,8 +99,12 @@ def _load_one(path: str | os.PathLike) -> datasets.Dataset:
         part = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise ArtifactError(f"corpus {path} could not be opened ({exc}); it may be incomplete. Re-tokenize it (mixgf tokenize).") from exc
+    except IndexError as exc:  # datasets concatenates the folder's data files, and it has none
+        raise ArtifactError(f"corpus {path} holds no cells (no data files); tokenize cells into it (mixgf tokenize).") from exc
     if isinstance(part, datasets.DatasetDict):
         raise ArtifactError(f"corpus {path} holds several splits {list(part)}; point at one split's folder.")
+    if len(part) == 0:
+        raise ArtifactError(f"corpus {path} holds no cells; tokenize cells into it (mixgf tokenize).")
     return part
 
 

@@ -16,7 +16,7 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="Reduced size for CI: fewer cells, steps and genes per cell (~3 min on 2 cores)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the output folder first and run every step again."),
     device: str | None = typer.Option(None, "--device", help="Torch device for embedding, classification and perturbation (default: cuda if available; pretraining always uses the Trainer's choice: cuda if available)."),
-    workers: int = typer.Option(2, "--workers", help="Worker processes for medians, tokenization and classification (results do not depend on it)."),
+    workers: int | None = typer.Option(None, "--workers", help="Worker processes for medians, tokenization and classification (default 2; results do not depend on it)."),
     set_: list[str] | None = typer.Option(
         None, "--set", help="Override a DemoConfig option, e.g. --set pretrain_steps=200 (repeatable)."
     ),
@@ -32,7 +32,7 @@ def demo(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     base = DemoConfig.quick_config() if quick else DemoConfig()
     values = apply_overrides(to_dict(base), list(set_ or []))
-    values.update(device=device, workers=workers)
+    values.update({name: value for name, value in (("device", device), ("workers", workers)) if value is not None})
     config = from_dict(DemoConfig, values, "demo")
     report = run_demo(out, config, overwrite=overwrite)
     typer.echo(f"demo finished; report: {report}")

@@ -15,6 +15,8 @@ from ..classify import FinetuneConfig
 from ..config import from_dict, to_dict
 from ..errors import ConfigError
 from ..fileio import content_hash
+from ..inference import layers_to_run
+from ..model_config import PRESETS
 
 DEMO_STEPS = ("data", "vocab", "medians", "tokenize", "pretrain", "embed", "classify", "perturb")
 
@@ -176,10 +178,20 @@ class DemoConfig:
             raise ConfigError(f"demo.classify_seeds must be distinct seeds, at least one; got {self.classify_seeds}.")
         if self.learning_rate <= 0:
             raise ConfigError(f"demo.learning_rate must be > 0, got {self.learning_rate}.")
+        self._check_model()
         if self.perturb_start == self.perturb_goal:
             raise ConfigError(
                 f"demo.perturb_start and demo.perturb_goal are both {self.perturb_start!r}; choose two cell types."
             )
+
+    def _check_model(self) -> None:
+        """The preset exists and ``embed_layer`` is one of its hidden states (before four steps run)."""
+        if self.preset not in (*PRESETS, "custom"):
+            raise ConfigError(f"demo.preset={self.preset!r} is not one of {[*PRESETS, 'custom']}.")
+        overrides = self.model_overrides if isinstance(self.model_overrides, dict) else {}
+        layers = overrides.get("num_hidden_layers", PRESETS.get(self.preset, {}).get("num_hidden_layers"))
+        if isinstance(layers, int):
+            layers_to_run(layers, self.embed_layer)
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> DemoConfig:

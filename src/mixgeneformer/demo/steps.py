@@ -70,8 +70,19 @@ def _step_data(ctx: _Context, folder: Path) -> dict[str, Any]:
         cells[species] = int(adata.n_obs)
         types[species] = {str(k): int(v) for k, v in adata.obs[cfg.label_key].value_counts().items()}
         print(f"{species}: {adata.n_obs} cells x {adata.n_vars} genes from {path}", flush=True)
+    _check_perturb_states(cfg, types[cfg.perturb_species])
     write_json(folder / "inputs.json", {"inputs": inputs, "cells": cells, "cell_types": types})
     return {"inputs": inputs, "cells": cells, "cell_types": types, "source": str(source)}
+
+
+def _check_perturb_states(cfg: DemoConfig, types: dict[str, int]) -> None:
+    """The perturbation's cell types exist, checked here rather than after pretraining."""
+    missing = [t for t in (cfg.perturb_start, cfg.perturb_goal, *cfg.perturb_alternatives) if t not in types]
+    if missing:
+        raise ConfigError(
+            f"demo perturb_start / perturb_goal / perturb_alternatives name cell types {missing} that the "
+            f"{cfg.perturb_species} data lacks; its {cfg.label_key} types: {sorted(types)}."
+        )
 
 
 def _step_vocab(ctx: _Context, folder: Path) -> dict[str, Any]:
