@@ -82,3 +82,18 @@ def test_an_empty_corpus_is_one_message(tmp_path):
     corpus.save_to_disk(str(tmp_path / "empty"))
     with pytest.raises(ArtifactError, match="holds no cells"):
         load_corpus(Path(tmp_path / "empty"))
+
+
+def test_an_ortholog_vocabulary_of_one_species_is_refused():
+    from mixgeneformer.vocab import build_vocabulary
+
+    with pytest.raises(ConfigError, match="use mode='separate' for one"):
+        build_vocabulary("ortholog", species=("human",))
+
+
+def test_a_demo_folder_of_other_options_names_what_changed(tmp_path, capsys):
+    from mixgeneformer.demo.context import _prepare_out_dir
+
+    _prepare_out_dir(tmp_path / "run", DemoConfig.quick_config(), overwrite=False)
+    with pytest.raises(ConfigError, match=r"pretrain_steps: 40 -> 41"):
+        _prepare_out_dir(tmp_path / "run", DemoConfig.quick_config(pretrain_steps=41), overwrite=False)

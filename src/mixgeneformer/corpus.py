@@ -36,7 +36,8 @@ def check_corpora(paths: list[Path], vocab: Vocabulary) -> None:
     """Every corpus must exist and record the hash of ``vocab``; checked before training starts."""
     for path in paths:
         if not Path(path).is_dir():
-            raise ArtifactError(f"corpus folder not found: {path} (data.corpus). Check the path.")
+            what = "is a file, not a corpus folder" if Path(path).is_file() else "not found"
+            raise ArtifactError(f"corpus folder {what}: {path} (data.corpus). Check the path.")
         recorded = corpus_vocab_hash(Path(path))
         if recorded != vocab.hash:
             raise VocabularyMismatchError(
@@ -132,6 +133,8 @@ def corpus_species_codes(dataset) -> tuple[np.ndarray, list[str]]:
 def load_corpus(corpus_dir: str | os.PathLike) -> datasets.Dataset:
     """Open a tokenized corpus folder (``datasets.save_to_disk`` layout) with a clear error."""
     folder = Path(corpus_dir)
+    if folder.is_file():
+        raise ArtifactError(f"corpus {folder} is a file; a corpus is the folder `mixgf tokenize --out` writes.")
     if not folder.is_dir():
         raise ArtifactError(f"corpus folder {folder} does not exist; tokenize first (mixgf tokenize)")
     return _load_one(folder)

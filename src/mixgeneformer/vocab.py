@@ -236,6 +236,11 @@ def build_vocabulary(
     for s in species:
         if s not in SPECIES:
             raise ConfigError(f"unknown species {s!r}; choose from {list(SPECIES)}.")
+    if mode == "ortholog" and set(species) != set(SPECIES):
+        raise ConfigError(
+            f"mode='ortholog' joins human and mouse orthologs into shared tokens, but species={list(species)}; "
+            "build it for both species, or use mode='separate' for one."
+        )
     chosen: dict[str, list[str]] = {}
     median_genes = set(medians.values) if medians is not None else set()
     extra = {str(g).upper() for g in extra_genes}

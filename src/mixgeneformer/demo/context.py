@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import from_dict, to_dict
+from ..config import changed_settings, from_dict, to_dict
 from ..errors import ArtifactError, ConfigError
 from ..fileio import check_not_input, check_output, read_json, write_json
 from .config import _STEP_TITLES, DEMO_MARKER, DEMO_STEPS, DONE_MARKER, DemoConfig
@@ -93,8 +93,10 @@ def _prepare_out_dir(out_dir: Path, config: DemoConfig, overwrite: bool) -> None
         else:
             recorded = read_json(marker, "demo marker")
             if recorded.get("fingerprint") != config.fingerprint():
+                changed = changed_settings(recorded.get("config") or {}, to_dict(config))
+                shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed[:8]) or "its fingerprint"
                 raise ConfigError(
-                    f"{out_dir} holds a demo run with other options ({recorded.get('config')}); pass --overwrite "
+                    f"{out_dir} holds a demo run with other options ({shown}); pass --overwrite "
                     "to start it over with the current options, or choose another --out."
                 )
     out_dir.mkdir(parents=True, exist_ok=True)
