@@ -1,5 +1,6 @@
-"""Demo and pretraining mistakes an audit found: data deleted by --overwrite, options ignored or
-checked only after pretraining, tracebacks for a file where a folder belongs, an empty corpus."""
+"""Demo, pretraining and merge-command mistakes an audit found: data deleted by --overwrite, options
+ignored or checked only after pretraining, tracebacks for a file where a folder belongs, an empty
+corpus, a merge option reported under another name."""
 
 from __future__ import annotations
 
@@ -97,3 +98,10 @@ def test_a_demo_folder_of_other_options_names_what_changed(tmp_path, capsys):
     _prepare_out_dir(tmp_path / "run", DemoConfig.quick_config(), overwrite=False)
     with pytest.raises(ConfigError, match=r"pretrain_steps: 40 -> 41"):
         _prepare_out_dir(tmp_path / "run", DemoConfig.quick_config(pretrain_steps=41), overwrite=False)
+
+
+def test_perturb_merge_names_its_stats_option(tmp_path, capsys):
+    assert _exit_code(["perturb-merge", str(tmp_path), "--model", str(tmp_path), "--stats", "foo"]) == 2
+    assert "--stats 'foo'" in capsys.readouterr().err
+    assert _exit_code(["perturb-merge", str(tmp_path), "--model", str(tmp_path), "--stats", "vs_null"]) == 2
+    assert "go together" in capsys.readouterr().err

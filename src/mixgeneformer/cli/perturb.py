@@ -100,13 +100,10 @@ def perturb(
             "shard_index": shard_index, "num_shards": num_shards,
         },
     )
-    if stats not in ("vs_all", "vs_null", "aggregate"):
-        raise ConfigError(f"--stats {stats!r}; use vs_all, vs_null or aggregate")
+    _check_stats(stats, null)
     if config.combine and stats == "vs_all":
         raise ConfigError("--combine scores one gene set, which --stats vs_all would test against itself; "
                           "use --stats aggregate, or --stats vs_null with --null DIR")
-    if (stats == "vs_null") != (null is not None):
-        raise ConfigError("--stats vs_null and --null DIR go together (the null run's output folder)")
     if not pt.is_shard_run(config):
         check_output(out, [input, model, null, config_file, tokenize_config, vocab_file, medians_file], overwrite=overwrite, option="--out")
     check_cells_input(input)
@@ -134,6 +131,13 @@ def _report(out: Path, result, table) -> None:
     )
 
 
+def _check_stats(stats: str, null: Path | None) -> None:
+    if stats not in ("vs_all", "vs_null", "aggregate"):
+        raise ConfigError(f"--stats {stats!r}; use vs_all, vs_null or aggregate")
+    if (stats == "vs_null") != (null is not None):
+        raise ConfigError("--stats vs_null and --null DIR go together (the null run's output folder)")
+
+
 @app.command("perturb-merge")
 def perturb_merge(
     out: Path = typer.Argument(..., help="Output folder of a sharded `mixgf perturb` run."),
@@ -149,6 +153,7 @@ def perturb_merge(
     from .. import perturb as pt
     from ..vocab import Vocabulary
 
+    _check_stats(stats, null)
     config = _config_from_options(config_file, None, {}) if config_file is not None else None
     vocab = Vocabulary.load(vocab_file if vocab_file is not None else Path(model) / "vocab.json")
     null_cells = pt.read_cells(null) if null is not None else None
