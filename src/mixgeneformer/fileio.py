@@ -192,6 +192,23 @@ def check_not_input(target: str | os.PathLike, inputs: Iterable[str | os.PathLik
             )
 
 
+def check_writable(target: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), option: str = "output") -> Path:
+    """The first rules of :func:`check_output`, for commands that decide themselves what an existing
+    output means (resume, replace): ``target`` can be written (its nearest existing ancestor is a
+    writable folder) and is none of the ``inputs`` nor holds or sits in one. Returns it as a Path."""
+    target = Path(target)
+    folder = next(parent for parent in target.absolute().parents if parent.exists())  # the root always exists
+    if not folder.is_dir():
+        raise ArtifactError(f"{option} {target}: {folder} is a file, not a folder, so nothing can be written under it. Choose another path.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ArtifactError(
+            f"cannot write {option} {target}: {folder} is not writable (permission denied or a read-only file system). "
+            "Choose a writable path."
+        )
+    check_not_input(target, inputs, option)
+    return target
+
+
 def check_output(
     target: str | os.PathLike,
     inputs: Iterable[str | os.PathLike | None] = (),
@@ -209,16 +226,7 @@ def check_output(
     replaced (:func:`written_by_package`; ``writes``: the suffix of the one file the command
     writes, e.g. ``".json"``, so a folder there is refused). Returns ``target`` as a Path.
     """
-    target = Path(target)
-    folder = next(parent for parent in target.absolute().parents if parent.exists())  # the root always exists
-    if not folder.is_dir():
-        raise ArtifactError(f"{option} {target}: {folder} is a file, not a folder, so nothing can be written under it. Choose another path.")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ArtifactError(
-            f"cannot write {option} {target}: {folder} is not writable (permission denied or a read-only file system). "
-            "Choose a writable path."
-        )
-    check_not_input(target, inputs, option)
+    target = check_writable(target, inputs, option)
     if not (target.exists() or target.is_symlink()):
         return target
     if writes is not None and target.is_dir():
