@@ -136,6 +136,8 @@ def test_medians_never_overwrite_their_input_and_single_files_need_overwrite(fil
         assert code == 2 and "is the input" in err
     assert (files / "in.h5ad").read_bytes() == before
 
+    code, err = run_cli(capsys, "medians", files / "in.h5ad", "--out", tmp_path / "medians.json")
+    assert code == 2 and "must end in one of ['.tsv']" in err
     out = tmp_path / "m.tsv"
     assert run_cli(capsys, "medians", files / "in.h5ad", "--out", out)[0] == 0
     code, err = run_cli(capsys, "medians", files / "in.h5ad", "--out", out)
@@ -144,13 +146,19 @@ def test_medians_never_overwrite_their_input_and_single_files_need_overwrite(fil
 
 
 def test_vocab_build_refuses_existing_files(files, tmp_path, capsys):
-    other = tmp_path / "existing.h5ad"
-    other.write_bytes((files / "in.h5ad").read_bytes())
+    h5ad = tmp_path / "existing.h5ad"
+    h5ad.write_bytes((files / "in.h5ad").read_bytes())
+    for extra in ((), ("--overwrite",)):
+        code, err = run_cli(capsys, "vocab", "build", "--out", h5ad, "--species", "mouse", *extra)
+        assert code == 2 and "must end in one of ['.json']" in err
+    assert h5ad.read_bytes() == (files / "in.h5ad").read_bytes()
+    other = tmp_path / "package.json"  # a JSON file this package did not write
+    other.write_text('{"name": "mine"}')
     code, err = run_cli(capsys, "vocab", "build", "--out", other, "--species", "mouse")
     assert code == 2 and "already exists" in err
     code, err = run_cli(capsys, "vocab", "build", "--out", other, "--species", "mouse", "--overwrite")
     assert code == 2 and "not a file of the kind mixgeneformer writes" in err
-    assert other.read_bytes() == (files / "in.h5ad").read_bytes()
+    assert other.read_text() == '{"name": "mine"}'
     out = tmp_path / "v.json"
     assert run_cli(capsys, "vocab", "build", "--out", out, "--species", "mouse")[0] == 0
     assert run_cli(capsys, "vocab", "build", "--out", out, "--species", "mouse")[0] == 2
@@ -365,3 +373,12 @@ def test_import_geneformer_never_replaces_its_pickles(tmp_path, capsys):
                         "--out", token_dictionary, "--overwrite")
     assert code == 2 and "is the input" in err
     assert token_dictionary.read_bytes() == before
+    medians = tmp_path / "gene_median_dictionary.pkl"
+    medians.write_bytes(pickle.dumps({"ENSG00000000003": 1.5}))
+    for out, medians_out, expected in (("vocab.pkl", "m.tsv", "--out vocab.pkl must end in one of ['.json']"),
+                                       ("v.json", "m.pkl", "--medians-out m.pkl must end in one of ['.tsv']"),
+                                       ("same.json", "same.json", "must end in one of ['.tsv']")):
+        code, err = run_cli(capsys, "vocab", "import-geneformer", "--token-dictionary", token_dictionary,
+                            "--gene-median-dictionary", medians, "--out", tmp_path / out, "--medians-out", tmp_path / medians_out)
+        assert code == 2 and expected in err.replace(f"{tmp_path}/", ""), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gene_median_dictionary.pkl", "token_dictionary.pkl"]

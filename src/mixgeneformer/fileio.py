@@ -357,10 +357,11 @@ def check_outputs_of(
     inputs = list(inputs)
     given = {option: Path(path) for option, (path, _) in outputs.items() if path is not None}
     for option, path in given.items():
-        allowed = outputs[option][1]
-        if path.suffix.lower() not in allowed:
+        allowed, suffix = outputs[option][1], path.suffix.lower()
+        if suffix not in allowed and not path.is_dir():  # a folder there gets check_output's message
+            check_writable(path, inputs, option)  # "is the input" says more than the suffix
             raise ConfigError(f"{option} {path} must end in one of {sorted(allowed)}")
-        check_output(path, inputs, overwrite=overwrite, option=option, writes=path.suffix.lower())
+        check_output(path, inputs, overwrite=overwrite, option=option, writes=suffix if suffix in allowed else min(allowed))
     resolved = [p.resolve() for p in given.values()]
     if len(set(resolved)) != len(resolved):
         raise ConfigError(f"{', '.join(given)} must be different files")

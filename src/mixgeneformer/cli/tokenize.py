@@ -43,11 +43,14 @@ def medians_command(
 ) -> None:
     """Compute per-gene medians of nonzero normalized expression, streamed over all inputs."""
     from ..errors import ConfigError
-    from ..fileio import atomic_directory, check_output
+    from ..fileio import atomic_directory, check_output, check_outputs_of
     from ..medians import compute_file_medians, compute_medians
 
     logging.basicConfig(level=logging.WARNING)
-    check_output(out, [*inputs, vocab], overwrite=overwrite, option="--out", writes=None if per_file else ".tsv")
+    if per_file:  # a folder of <name>.medians.tsv
+        check_output(out, [*inputs, vocab], overwrite=overwrite, option="--out")
+    else:
+        check_outputs_of({"--out": (out, {".tsv"})}, [*inputs, vocab], overwrite)
     names = [_table_name(path) for path in inputs] if per_file else []
     clashes = sorted({name for name in names if names.count(name) > 1})
     if clashes:

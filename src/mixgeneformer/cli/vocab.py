@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..fileio import check_output
+from ..fileio import check_outputs_of
 from ..vocab import build_vocabulary, import_geneformer
 from ._app import app
 
@@ -24,7 +24,7 @@ def build(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing vocabulary JSON at --out."),
 ) -> None:
     """Build a unified vocabulary from the shipped gene tables."""
-    check_output(out, [medians], overwrite=overwrite, option="--out", writes=".json")
+    check_outputs_of({"--out": (out, {".json"})}, [medians], overwrite)
     gene_medians = None
     if medians is not None:
         from ..medians import GeneMedians
@@ -49,11 +49,7 @@ def import_gf(
     if (medians_out is None) != (gene_median_dictionary is None):
         given, missing = ("--medians-out", "--gene-median-dictionary") if gene_median_dictionary is None else ("--gene-median-dictionary", "--medians-out")
         raise ConfigError(f"{given} needs {missing}: the medians TSV is written from Geneformer's gene median dictionary. Give both, or neither.")
-    if medians_out is not None and out.resolve() == medians_out.resolve():
-        raise ConfigError(f"--out and --medians-out are the same file ({out}); give two paths.")
-    for target, option, kind in ((out, "--out", ".json"), (medians_out, "--medians-out", ".tsv")):
-        if target is not None:
-            check_output(target, [token_dictionary, gene_median_dictionary], overwrite=overwrite, option=option, writes=kind)
+    check_outputs_of({"--out": (out, {".json"}), "--medians-out": (medians_out, {".tsv"})}, [token_dictionary, gene_median_dictionary], overwrite)
     vocab, medians = import_geneformer(token_dictionary, gene_median_dictionary)
     vocab.save(out)
     typer.echo(f"wrote {out}: {vocab}")
