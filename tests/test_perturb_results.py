@@ -10,6 +10,7 @@ import yaml
 from transformers import BertConfig, BertModel
 
 from mixgeneformer.errors import ArtifactError, ConfigError
+from mixgeneformer.fileio import OUTPUT_MARKER
 from mixgeneformer.genes import gene_table
 from mixgeneformer.perturb import (
     PerturbConfig,
@@ -61,6 +62,12 @@ def test_shards_written_then_merged_equal_the_single_run(setup, tmp_path):
     pd.testing.assert_frame_equal(read_cells(folder)[["cell", "perturbed"]], single.cells[["cell", "perturbed"]])
     assert np.abs(read_cells(folder)["shift"].to_numpy() - single.cells["shift"].to_numpy()).max() <= 1e-5
     assert sorted(stats["perturbed"]) == sorted(whole["perturbed"])
+    assert merge_run(out, vocab, PerturbConfig())[0] == folder  # a second merge replaces its own folder
+    (folder / OUTPUT_MARKER).unlink()  # now a folder the user may own
+    (folder / "mine.txt").write_text("notes")
+    with pytest.raises(ArtifactError, match="was not written by mixgeneformer.*Move that folder away"):
+        merge_run(out, vocab, PerturbConfig())
+    assert (folder / "mine.txt").read_text() == "notes"
 
 
 def test_merge_without_shards_says_how_to_make_them(tmp_path):

@@ -14,7 +14,14 @@ import pandas as pd
 
 from ..config import changed_settings, load_config, save_config, to_dict
 from ..errors import ArtifactError, ConfigError, InputDataError
-from ..fileio import atomic_directory, atomic_file, check_readable_file, write_json
+from ..fileio import (
+    OUTPUT_MARKER,
+    atomic_directory,
+    atomic_file,
+    check_readable_file,
+    write_json,
+    written_by_package,
+)
 from ..plots import perturbation_ranking
 from .cells import PerturbationResult
 from .config import PerturbConfig
@@ -157,6 +164,12 @@ def merge_run(
     """Join the shard tables of a sharded run (``out_dir/shards``) into ``out_dir/merged``, with
     statistics and figure. ``config``: None uses the options the shards saved (a given one must
     match them). Returns (merged folder, merged result, statistics)."""
+    merged = Path(out_dir) / "merged"
+    if merged.exists() and not written_by_package(merged):  # it is replaced by each merge, but only if it is ours
+        raise ArtifactError(
+            f"{merged} exists and was not written by mixgeneformer (no {OUTPUT_MARKER}); perturb-merge writes its result "
+            "there. Move that folder away, then merge again."
+        )
     shards = sorted((Path(out_dir) / "shards").glob("cells-*-of-*.parquet"))
     if not shards:
         raise ArtifactError(f"no shard tables in {Path(out_dir) / 'shards'}; run mixgf perturb with --num-shards first")
@@ -166,6 +179,5 @@ def merge_run(
     config = shard_options(Path(out_dir) / "shards", config)
     cells = merge_shards(shards)
     result = PerturbationResult(cells, None, {"shards": len(shards), "cells_perturbed": int(cells["cell"].nunique())})
-    merged = Path(out_dir) / "merged"
     table = finish_run(merged, result, config, vocab, stats_mode, null_cells, overwrite=True)
     return merged, result, table
