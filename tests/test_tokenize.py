@@ -24,6 +24,7 @@ from mixgeneformer.tokenize import (
     tokenize_anndata,
     tokenize_files,
 )
+from mixgeneformer.vocab import Vocabulary
 
 
 def reference_cell(values: np.ndarray, tokens: np.ndarray, max_len: int) -> list[int]:
@@ -276,6 +277,38 @@ def test_mixed_species_files_make_one_corpus(tmp_path):
     corpus = datasets.load_from_disk(str(out))
     assert corpus["species"] == ["human"] * 10 + ["mouse"] * 8
     assert {row[1] for row in corpus["input_ids"]} == {vocab.species_token_id("human"), vocab.species_token_id("mouse")}
+
+
+def test_a_barnyard_file_gives_each_cell_the_species_of_most_of_its_counts(tmp_path):
+    # One matrix over human + mouse genes (a mixed-reference experiment): cells 0-5 express the
+    # human genes, cells 6-9 the mouse genes (with a little of the other, as ambient RNA does).
+    import anndata as ad
+
+    from mixgeneformer.genes import gene_table
+
+    mouse_genes = gene_table("mouse").query("biotype == 'protein_coding'")["ensembl_id"].to_numpy(dtype=object)[:30]
+    genes = np.concatenate([human_ids(30), mouse_genes])
+    rng = np.random.default_rng(0)
+    dense = rng.integers(0, 2, (10, 60)).astype(np.int32)
+    dense[:6, :30] += rng.integers(1, 20, (6, 30))
+    dense[6:, 30:] += rng.integers(1, 20, (4, 30))
+    adata = ad.AnnData(sp.csr_matrix(dense), var=pd.DataFrame(index=genes))
+    adata.write_h5ad(tmp_path / "barnyard.h5ad")
+    vocab, medians = make_vocab(genes, drop_every=1000), make_medians(genes)
+    config = TokenizeConfig(style="v2", add_species_token=True, allow_mixed_species=True)
+    out = tokenize_files([tmp_path / "barnyard.h5ad"], tmp_path / "c", vocab, medians, config)
+    corpus = datasets.load_from_disk(str(out))
+    assert corpus["species"] == ["human"] * 6 + ["mouse"] * 4
+    assert [row[1] for row in corpus["input_ids"]] == [vocab.species_token_id("human")] * 6 + [vocab.species_token_id("mouse")] * 4
+    report = json.loads((out / "mixgf_corpus.json").read_text())
+    assert (report["inputs"][0]["cells_human"], report["inputs"][0]["cells_mouse"]) == (6, 4)
+    assert "each cell is given the species" in report["inputs"][0]["coverage"]
+    dataset = tokenize_anndata(adata, vocab, medians, config)  # the in-memory path agrees
+    assert dataset["species"] == corpus["species"] and dataset["input_ids"] == corpus["input_ids"]
+    tokens = [token for token in vocab.tokens if token != "<mouse>"]
+    without = Vocabulary(tokens, {g: i for i, g in enumerate(tokens) if g.startswith("ENS")}, "separate")
+    with pytest.raises(ConfigError, match="mouse cells, and the vocabulary has no species token"):
+        tokenize_anndata(adata, without, medians, config)
 
 
 def test_counts_on_unknown_genes_are_reported_and_warned(caplog):

@@ -14,6 +14,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from ..errors import ConfigError, GeneIdError, InputDataError
+from ..genes import SPECIES, ensembl_species
 from ..jit import njit
 from ..medians import GeneMedians, compute_medians
 from ..readers import (
@@ -190,9 +191,10 @@ def _merge_shared_tokens(
 
 
 def add_special_tokens(
-    flat: np.ndarray, lengths: np.ndarray, prefix: Sequence[int] = (), suffix: Sequence[int] = ()
+    flat: np.ndarray, lengths: np.ndarray, prefix: Sequence[int | np.ndarray] = (), suffix: Sequence[int] = ()
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Insert ``prefix`` tokens before and ``suffix`` tokens after every sequence (vectorized)."""
+    """Insert ``prefix`` tokens before and ``suffix`` tokens after every sequence (vectorized). A
+    prefix entry may be an array with one token per sequence (the species token of mixed inputs)."""
     n_pre, n_suf = len(prefix), len(suffix)
     if n_pre == 0 and n_suf == 0:
         return flat, lengths
@@ -220,6 +222,28 @@ class _Columns:
     kept: np.ndarray
     species: str
     coverage: str
+    column_species: np.ndarray | None = None  # per column 0 human / 1 mouse / -1: inputs holding both species' genes
+
+
+def _mixed_species_columns(ensembl: np.ndarray, kept: np.ndarray) -> np.ndarray | None:
+    """Per column the index in SPECIES of its gene's species (-1 if not kept), when the kept columns
+    hold genes of both species (a human + mouse reference, e.g. a barnyard experiment); else None."""
+    codes = pd.Series(ensembl_species(ensembl)).map({s: i for i, s in enumerate(SPECIES)}).fillna(-1).to_numpy(np.int8)
+    codes[~kept] = -1
+    return codes if all((codes == i).any() for i in range(len(SPECIES))) else None
+
+
+def cell_species(counts: sp.spmatrix, columns: _Columns) -> np.ndarray:
+    """Per cell the index in SPECIES of its species: the input's, or in an input holding both
+    species' genes, the species whose genes hold more of the cell's counts (ties: the input's)."""
+    default = SPECIES.index(columns.species)
+    if columns.column_species is None:
+        return np.full(counts.shape[0], default, dtype=np.int8)
+    indicator = np.stack([columns.column_species == i for i in range(len(SPECIES))], axis=1).astype(np.float64)
+    per_species = np.asarray(counts @ indicator)
+    best = per_species.argmax(axis=1)
+    tied = per_species.max(axis=1) == per_species[:, default]
+    return np.where(tied, default, best).astype(np.int8)
 
 
 def _column_lookup(source: Any, vocab: Any, medians: GeneMedians, config: TokenizeConfig) -> _Columns:
@@ -243,8 +267,15 @@ def _column_lookup(source: Any, vocab: Any, medians: GeneMedians, config: Tokeni
     if orthologs.any():  # e.g. human and mouse genes of one ortholog token in a mixed-species file
         coverage += (f"; {int(orthologs.sum()):,} columns of different genes share a token (orthologs) and are "
                      "summed after each is divided by its own median")
+    column_species = _mixed_species_columns(ensembl, kept) if config.allow_mixed_species else None
+    if column_species is not None:
+        coverage += "; genes of both species: each cell is given the species whose genes hold more of its counts"
+    missing = [s for s in (SPECIES if column_species is not None else (mapping.species,)) if vocab.species_token_id(s) is None]
+    if config.add_species_token and missing:
+        raise ConfigError(f"{source.name} has {' and '.join(missing)} cells, and the vocabulary has no species token for "
+                          "them (add_species_token=True); use a vocabulary built by `mixgf vocab build`, or add_species_token=False.")
     logger.info("%s: %s", source.name, coverage)
-    return _Columns(token_ids, gene_medians, kept, mapping.species, coverage)
+    return _Columns(token_ids, gene_medians, kept, mapping.species, coverage, column_species)
 
 
 def _shared_gene_columns(ensembl: np.ndarray) -> np.ndarray:
@@ -277,6 +308,8 @@ class TokenizeReport:
     dropped_filter_pass: int = 0
     dropped_zero_counts: int = 0
     dropped_no_vocab_gene: int = 0
+    cells_human: int = 0  # of cells_out
+    cells_mouse: int = 0
     tokens: int = 0
     counts: float = 0.0  # every count read
     counts_in_vocabulary: float = 0.0  # those on genes of the vocabulary with a median
@@ -285,7 +318,7 @@ class TokenizeReport:
 
     def add(self, other: TokenizeReport) -> None:
         for name in ("cells_in", "cells_out", "dropped_filter_pass", "dropped_zero_counts", "dropped_no_vocab_gene",
-                     "tokens", "counts", "counts_in_vocabulary"):
+                     "cells_human", "cells_mouse", "tokens", "counts", "counts_in_vocabulary"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     @property
@@ -300,7 +333,7 @@ class TokenizeReport:
     def summary(self) -> str:
         counts = f"; {self.counts_fraction:.1%} of counts on vocabulary genes" if self.counts > 0 else ""
         return (
-            f"{self.cells_in:,} cells in, {self.cells_out:,} out; dropped: {self.dropped_zero_counts:,} with zero counts, "
+            f"{self.cells_in:,} cells in, {self.cells_out:,} out ({self.cells_human:,} human, {self.cells_mouse:,} mouse); dropped: {self.dropped_zero_counts:,} with zero counts, "
             f"{self.dropped_no_vocab_gene:,} without a vocabulary gene, {self.dropped_filter_pass:,} by filter_pass; "
             f"{self.tokens:,} tokens{counts}; {self.seconds:.1f}s ({self.cells_per_second:,.0f} cells/s)"
         )
@@ -338,18 +371,21 @@ def _encode_chunk(
     keep = lengths > 0
     report.dropped_zero_counts = int(zero.sum())
     report.dropped_no_vocab_gene = int((~keep & ~zero & ~filtered).sum())
+    species = cell_species(chunk.counts, columns)[keep]
     if not keep.all():
         flat = flat[np.repeat(keep, lengths)]
         lengths = lengths[keep]
-    prefix: list[int] = []
+    prefix: list[int | np.ndarray] = []
     suffix: list[int] = []
     if config.style == "v2":
         prefix.append(vocab.cls_id)
         suffix.append(vocab.eos_id)
     if config.add_species_token:
-        prefix.append(vocab.species_token_id(columns.species))
+        token_of = np.asarray([vocab.species_token_id(s) or 0 for s in SPECIES])  # a missing one is refused above
+        prefix.append(token_of[species])
     flat, lengths = add_special_tokens(flat, lengths, prefix, suffix)
     report.cells_out = int(len(lengths))
+    report.cells_human, report.cells_mouse = (int((species == i).sum()) for i in range(len(SPECIES)))
     report.tokens = int(len(flat))
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -358,7 +394,7 @@ def _encode_chunk(
         if offsets[-1] >= 2**31
         else pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat, type=pa.int32())),
         "length": pa.array(lengths.astype(np.int32)),
-        "species": pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(lengths), np.int32)), pa.array([columns.species])).cast(pa.string()),
+        "species": pa.DictionaryArray.from_arrays(pa.array(species.astype(np.int32)), pa.array(list(SPECIES))).cast(pa.string()),
         "cell_index": pa.array((chunk.start + np.flatnonzero(keep)).astype(np.int64)),
     }
     obs = chunk.obs.iloc[np.flatnonzero(keep)]

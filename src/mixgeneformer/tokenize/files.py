@@ -240,6 +240,7 @@ def _run_tasks(
             "dropped_zero_counts": sum(r["dropped_zero_counts"] for r in mine),
             "dropped_no_vocab_gene": sum(r["dropped_no_vocab_gene"] for r in mine),
             "dropped_filter_pass": sum(r["dropped_filter_pass"] for r in mine),
+            **{key: sum(r.get(key, 0) for r in mine) for key in ("cells_human", "cells_mouse")},
             "counts": sum(r.get("counts", 0.0) for r in mine),
             "counts_in_vocabulary": sum(r.get("counts_in_vocabulary", 0.0) for r in mine),
         })
