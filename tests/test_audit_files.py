@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from _tokenize_helpers import make_adata, make_medians, make_vocab
 
@@ -157,7 +159,7 @@ def test_vocab_build_refuses_existing_files(files, tmp_path, capsys):
     code, err = run_cli(capsys, "vocab", "build", "--out", other, "--species", "mouse")
     assert code == 2 and "already exists" in err
     code, err = run_cli(capsys, "vocab", "build", "--out", other, "--species", "mouse", "--overwrite")
-    assert code == 2 and "not a file of the kind mixgeneformer writes" in err
+    assert code == 2 and "not a file mixgeneformer wrote" in err
     assert other.read_text() == '{"name": "mine"}'
     out = tmp_path / "v.json"
     assert run_cli(capsys, "vocab", "build", "--out", out, "--species", "mouse")[0] == 0
@@ -382,3 +384,71 @@ def test_import_geneformer_never_replaces_its_pickles(tmp_path, capsys):
                             "--gene-median-dictionary", medians, "--out", tmp_path / out, "--medians-out", tmp_path / medians_out)
         assert code == 2 and expected in err.replace(f"{tmp_path}/", ""), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gene_median_dictionary.pkl", "token_dictionary.pkl"]
+
+
+# ------------------------------------------------------------------ stamps and failed writes (23, 24)
+def test_overwrite_replaces_only_single_files_this_package_wrote(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import anndata as ad
+    from matplotlib.figure import Figure
+
+    from mixgeneformer.fileio import check_output, write_h5ad
+    from mixgeneformer.filekinds import parquet_table
+    from mixgeneformer.plots import save_figure
+
+    adata = make_adata(5, 10, seed=0)
+    frame = pd.DataFrame({"gene": ["a", "b"], "x": [1.0, 2.0]})
+    figure = Figure()
+    figure.add_subplot().plot([1, 2])
+    users = {"user.h5ad": lambda p: adata.write_h5ad(p), "user.parquet": lambda p: frame.to_parquet(p),
+             "user.png": lambda p: figure.savefig(p), "user.pdf": lambda p: figure.savefig(p)}
+    ours = {"ours.h5ad": lambda p: write_h5ad(adata, p), "ours.parquet": lambda p: pq.write_table(parquet_table(frame), p),
+            "ours.png": lambda p: save_figure(figure, p), "ours.pdf": lambda p: save_figure(figure, p)}
+    for name, write in {**users, **ours}.items():
+        write(tmp_path / name)
+    for name in users:  # the same kind of file, written by anything else: the user's data
+        with pytest.raises(ArtifactError, match="not a file mixgeneformer wrote"):
+            check_output(tmp_path / name, overwrite=True)
+    for name in ours:
+        assert check_output(tmp_path / name, overwrite=True) == tmp_path / name
+    back = ad.read_h5ad(tmp_path / "ours.h5ad")  # the stamp is invisible to anndata
+    assert back.obs_names.tolist() == adata.obs_names.tolist() and (back.X != adata.X).nnz == 0
+
+
+def test_a_full_disk_during_an_h5ad_write_is_one_error_and_leaves_nothing(tmp_path):
+    # A file-size limit makes every write past 64 KiB fail, as a full disk does. HDF5 used to keep
+    # flushing into the failed file and crash the interpreter (exit 139) with pages of tracebacks.
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        import numpy as np, anndata as ad
+        from mixgeneformer.errors import ArtifactError
+        from mixgeneformer.fileio import write_h5ad
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))
+        adata = ad.AnnData(np.random.default_rng(0).random((400, 400)).astype(np.float32))
+        try:
+            write_h5ad(adata, {str(tmp_path / "out.h5ad")!r})
+        except ArtifactError as exc:
+            print("ArtifactError:", exc)
+            sys.exit(0)
+        sys.exit(3)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "cannot write" in run.stdout and "File too large" in run.stdout
+    assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr, run.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unexplained_write_error_on_a_full_disk_names_the_disk(tmp_path, monkeypatch):
+    import shutil as _shutil
+
+    from mixgeneformer.fileio import output_error
+
+    error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 123 vs 456")  # torch's zip writer
+    assert output_error(tmp_path / "checkpoint-15", error) is None  # space left: not a disk problem
+    monkeypatch.setattr(_shutil, "disk_usage", lambda path: _shutil._ntuple_diskusage(10 << 30, 10 << 30, 0))
+    assert "the disk is full" in str(output_error(tmp_path / "checkpoint-15", error))
+    assert output_error(tmp_path / "x", KeyboardInterrupt()) is None

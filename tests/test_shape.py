@@ -25,7 +25,7 @@ PACKAGE_DIR = ROOT / "src" / "mixgeneformer"
 # (cycles still fail).
 STAGES: list[tuple[str, ...]] = [
     ("__init__",),  # __version__ only
-    ("errors",),
+    ("errors", "filekinds"),  # filekinds: the stamp in each kind of file this package writes
     ("fileio",),
     ("jit",),  # numba kernels, cached on disk where a cache folder is writable
     ("config",),

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import numpy as np
 
 from .errors import ArtifactError, ConfigError
+from .filekinds import is_package_file
+from .filekinds import write_h5ad as write_stamped_h5ad
 
 if TYPE_CHECKING:  # anndata is imported lazily at run time (start-up cost)
     import anndata
@@ -116,29 +118,13 @@ _WRITE_ERRNOS = {
     errno.EACCES: "it is not writable (permission denied)",
     errno.EPERM: "it is not writable (operation not permitted)",
     errno.EROFS: "it is on a read-only file system",
+    errno.EFBIG: "the file is larger than this system or your file-size limit allows (File too large)",
 }
 _WRITE_TEXTS = (
     (("no space left", "storagefull", "disk quota"), _WRITE_ERRNOS[errno.ENOSPC]),
     (("read-only file system",), _WRITE_ERRNOS[errno.EROFS]),
     (("permission denied",), _WRITE_ERRNOS[errno.EACCES]),
 )
-_MAGIC = {  # the start of each kind of file this package writes, by suffix
-    ".h5ad": (b"\x89HDF\r\n\x1a\n",),
-    ".parquet": (b"PAR1",),
-    ".png": (b"\x89PNG",),
-    ".pdf": (b"%PDF",),
-    ".jpg": (b"\xff\xd8",),
-    ".jpeg": (b"\xff\xd8",),
-    ".svg": (b"<?xml", b"<svg"),
-    ".svgz": (b"\x1f\x8b",),
-    ".tif": (b"II*\x00", b"MM\x00*"),
-    ".tiff": (b"II*\x00", b"MM\x00*"),
-    ".webp": (b"RIFF",),
-    ".eps": (b"%!PS",),
-    ".ps": (b"%!PS",),
-    ".tsv": (b"ensembl_id\tmedian",),
-    ".json": (b"{",),
-}
 _PICKLE_OR_HDF5 = {b"\x80": "a Python pickle", b"\x89HDF": "an HDF5 file (e.g. .h5ad)", b"PAR1": "a Parquet file"}
 
 
@@ -151,20 +137,12 @@ def write_output_marker(folder: str | os.PathLike) -> None:
 
 def written_by_package(path: str | os.PathLike, markers: Iterable[str] = (), writes: str | None = None) -> bool:
     """True for an empty folder, a folder with :data:`OUTPUT_MARKER` (or one of ``markers``) and a
-    file whose first bytes are those of the kind of file ``writes`` (a suffix such as ``".json"``;
-    default: the file's own suffix) as this package writes it."""
+    file of the kind ``writes`` (a suffix such as ``".json"``; default: the file's own suffix) that
+    carries this package's stamp (:func:`filekinds.is_package_file`)."""
     path = Path(path)
     if path.is_dir():
         return not any(path.iterdir()) or any((path / name).is_file() for name in (OUTPUT_MARKER, *markers))
-    kind = (writes or path.suffix).lower()
-    signatures = _MAGIC.get(kind)
-    if not path.is_file() or signatures is None:
-        return False
-    with open(path, "rb") as handle:
-        head = handle.read(32)
-    if kind == ".json":
-        return head.lstrip().startswith(b"{") and b"mixgeneformer" in _read_prefix(path, 4096)
-    return any(head.startswith(sig) for sig in signatures)
+    return path.is_file() and is_package_file(path, writes or path.suffix)
 
 
 def _read_prefix(path: Path, n: int) -> bytes:
@@ -234,12 +212,21 @@ def check_output(
     if not overwrite:
         raise ArtifactError(f"{option} {target} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     if not written_by_package(target, markers, writes):
-        kind = f"a folder without the {OUTPUT_MARKER} marker" if target.is_dir() else "not a file of the kind mixgeneformer writes"
+        kind = f"a folder without the {OUTPUT_MARKER} marker" if target.is_dir() else "not a file mixgeneformer wrote (it carries no mixgeneformer stamp)"
         raise ArtifactError(
             f"{option} {target} exists and is {kind}: --overwrite only replaces outputs of mixgeneformer. "
             "Delete or move it yourself, or choose another path."
         )
     return target
+
+
+def _disk_is_full(target: str | os.PathLike) -> bool:
+    """Whether the file system ``target`` is written to has (almost) no space left."""
+    folder = next((parent for parent in Path(target).absolute().parents if parent.exists()), None)
+    try:
+        return folder is not None and shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def output_error(target: str | os.PathLike, exc: BaseException) -> ArtifactError | None:
@@ -251,6 +238,8 @@ def output_error(target: str | os.PathLike, exc: BaseException) -> ArtifactError
     if cause is None:
         text = str(exc).lower()
         cause = next((c for keys, c in _WRITE_TEXTS if any(k in text for k in keys)), None)
+    if cause is None and isinstance(exc, (OSError, RuntimeError)) and _disk_is_full(target):
+        cause = _WRITE_ERRNOS[errno.ENOSPC]  # e.g. torch's zip writer: "unexpected pos", no errno
     if cause is None:
         return None
     filename = getattr(exc, "filename", None)
@@ -468,7 +457,7 @@ def write_h5ad(adata: anndata.AnnData, out: str | os.PathLike) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}.h5ad"
         try:
-            adata.write_h5ad(tmp, compression="gzip")
+            write_stamped_h5ad(adata, tmp)
             os.replace(tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)

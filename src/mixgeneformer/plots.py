@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 
 from .errors import ConfigError, InputDataError
 from .fileio import atomic_file, check_readable_file
+from .filekinds import figure_metadata
 
 if TYPE_CHECKING:
     import anndata
@@ -40,7 +41,7 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
             f"{sorted(fig.canvas.get_supported_filetypes())}"
         )
     with atomic_file(path, "wb") as handle:
-        fig.savefig(handle, format=fmt, dpi=dpi, bbox_inches="tight")
+        fig.savefig(handle, format=fmt, dpi=dpi, bbox_inches="tight", metadata=figure_metadata(fmt))
     return path
 
 

@@ -273,9 +273,9 @@ class MixGeneformerTrainer(Trainer):
                 self._write_extras(staged)
                 _maybe_fail_in_save(step)
         except BaseException as exc:
+            error = output_error(run_dir / staged.name, exc)  # before the cleanup frees the space it reads
             if self.args.should_save:
                 shutil.rmtree(ckpt.staging_dir(run_dir), ignore_errors=True)
-            error = output_error(run_dir / staged.name, exc)
             if error is not None:
                 raise error from exc
             raise

@@ -17,7 +17,7 @@ import torch
 from ..bundle import load_for_inference
 from ..config import save_config, to_dict
 from ..errors import ConfigError
-from ..fileio import atomic_directory, write_json
+from ..fileio import atomic_directory, write_h5ad, write_json
 from ..genes import detect_species
 from ..medians import GeneMedians
 from ..plots import confusion_matrix
@@ -170,7 +170,7 @@ def save_run(run: ClassificationRun, out_dir: str | os.PathLike, overwrite: bool
                 save=tmp / f"confusion_{result.method}.png",
             )
             write_predictions(predictions, result, key=f"{label}_{result.method}", overwrite=True)
-        predictions.write_h5ad(tmp / "predictions.h5ad", compression="gzip")
+        write_h5ad(predictions, tmp / "predictions.h5ad")
         save_config(run.config, tmp)
         if run.fitted is not None:
             run.fitted.save(tmp / "finetuned")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from matplotlib.backend_bases import FigureCanvasBase
 
 from .. import plots
@@ -23,6 +24,7 @@ from ..config import to_dict
 from ..corpus import check_corpus_vocabulary, load_corpus
 from ..errors import ArtifactError, ConfigError
 from ..fileio import atomic_file, check_outputs_of, read_h5ad, write_h5ad
+from ..filekinds import parquet_table
 from ..inference import Precision
 from ..model import Pooling
 from ..sharding import (
@@ -219,7 +221,7 @@ def write_outputs(
     written = [f"wrote {out}: obsm[{key!r}] {adata.obsm[key].shape}"]
     if genes is not None and gene_embeddings is not None:
         with atomic_file(gene_embeddings, "wb") as handle:
-            genes.to_parquet(handle)
+            pq.write_table(parquet_table(genes), handle)
         written.append(f"wrote {gene_embeddings}: {len(genes):,} genes x {genes.shape[1] - 1} dims")
     if umap is not None:
         plots.umap(adata, color=color, key=key, save=umap)

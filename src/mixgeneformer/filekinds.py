@@ -1,0 +1,142 @@
+"""The kinds of single file this package writes, and how each carries a stamp saying so.
+
+``--overwrite`` may replace a file only if this package wrote it. A folder says so with its
+marker file; a file says so inside itself: an HDF5 root attribute (``.h5ad``), Parquet schema
+metadata, a figure's ``Creator`` metadata, the word ``mixgeneformer`` in a JSON document, the
+header line of a median table. A file of the right type without the stamp (the user's own data,
+or a file of a version before stamps) is never replaced.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import anndata
+    import pandas as pd
+    import pyarrow as pa
+
+WRITTEN_BY = "mixgeneformer"
+_KEY = "written_by"
+
+#: Figure formats whose metadata matplotlib writes as text we can find again (others: not stamped).
+STAMPED_FIGURES = frozenset({"png", "pdf", "svg", "eps", "ps"})
+
+_TSV_HEADER = b"ensembl_id\tmedian"
+
+
+class _FirstErrorKept(io.RawIOBase):
+    """A binary file for h5py that remembers the first failed write and drops the ones after it.
+
+    HDF5 keeps writing (metadata, then flushes when its handles are closed or garbage collected);
+    on a full disk each of those fails again, and h5py can crash the interpreter. Here the first
+    failure is kept, HDF5 closes cleanly, and :func:`write_h5ad` raises that failure.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        super().__init__()
+        self.handle, self.error = handle, None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.handle.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        return self.handle.readinto(buffer)
+
+    def write(self, data: Any) -> int:
+        if self.error is None:
+            try:
+                return self.handle.write(data)
+            except OSError as exc:
+                self.error = exc
+        return len(memoryview(data))
+
+    def truncate(self, size: int | None = None) -> int:
+        return self.handle.truncate(size)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.handle.flush()
+            except OSError as exc:
+                self.error = exc
+
+
+def write_h5ad(adata: anndata.AnnData, path: str | Path) -> None:
+    """Write ``adata`` to ``path`` as gzip-compressed h5ad carrying the stamp (a root attribute
+    anndata ignores). A failed write (a full disk) raises its ``OSError`` after HDF5 has closed."""
+    import anndata as ad
+    import h5py
+
+    adata.strings_to_categoricals()  # as AnnData.write_h5ad does
+    if adata.raw is not None:
+        adata.strings_to_categoricals(adata.raw.var)
+    with open(path, "w+b", buffering=0) as handle:  # unbuffered: a seek never writes
+        guarded = _FirstErrorKept(handle)
+        try:
+            with h5py.File(guarded, "w") as store:
+                ad.io.write_elem(store, "/", adata, dataset_kwargs={"compression": "gzip"})
+                store.attrs[_KEY] = WRITTEN_BY
+        except Exception as exc:  # after a dropped write HDF5 reads a short file and fails its own way
+            if guarded.error is not None:
+                raise guarded.error from exc
+            raise
+        if guarded.error is not None:
+            raise guarded.error
+        os.fsync(handle.fileno())
+
+
+def parquet_table(frame: pd.DataFrame) -> pa.Table:
+    """``frame`` as an Arrow table whose schema metadata carries the stamp (index kept as pandas does)."""
+    import pyarrow as pa
+
+    table = pa.Table.from_pandas(frame)
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), _KEY.encode(): WRITTEN_BY.encode()})
+
+
+def figure_metadata(fmt: str) -> dict[str, Any] | None:
+    """The ``savefig(metadata=...)`` that stamps a figure of format ``fmt`` (None where none can)."""
+    return {"Creator": WRITTEN_BY} if fmt.lower() in STAMPED_FIGURES else None
+
+
+def is_package_file(path: Path, kind: str) -> bool:
+    """Whether the file ``path``, read as a file of suffix ``kind``, carries this package's stamp."""
+    kind = kind.lower()
+    try:
+        if kind == ".h5ad":
+            import h5py
+
+            with h5py.File(path, "r") as handle:
+                return str(handle.attrs.get(_KEY, "")) == WRITTEN_BY
+        if kind == ".parquet":
+            import pyarrow.parquet as pq
+
+            return (pq.read_schema(path).metadata or {}).get(_KEY.encode()) == WRITTEN_BY.encode()
+        with open(path, "rb") as handle:
+            head = handle.read(8192)
+            handle.seek(max(0, path.stat().st_size - 8192))
+            tail = handle.read()
+    except Exception:  # unreadable, truncated, or not of that type at all
+        return False
+    if kind == ".tsv":
+        return head.startswith(_TSV_HEADER)
+    if kind == ".json":
+        return head.lstrip().startswith(b"{") and WRITTEN_BY.encode() in head[:4096]
+    if kind.lstrip(".") in STAMPED_FIGURES:
+        return WRITTEN_BY.encode() in head or WRITTEN_BY.encode() in tail  # Creator metadata: at the start, PDF's near the end
+    return False
