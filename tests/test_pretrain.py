@@ -300,6 +300,24 @@ def test_resume_after_a_crash_equals_a_straight_run(tmp_path, synthetic, monkeyp
             assert rows_a[step][key] == pytest.approx(rows_b[step][key], rel=0, abs=0), (step, key)
 
 
+def test_overwrite_keeps_the_previous_run_until_the_new_one_finishes(tmp_path, synthetic, monkeypatch):
+    out = tmp_path / "run"
+    config = pretrain_config_from_dict(tiny_config(synthetic, out))
+    first = run_pretraining(config)
+    weights = params_of(first.bundle_dir)
+    kept = ckpt.previous_run_dir(out)
+    monkeypatch.setenv("MIXGF_TEST_FAIL_AT_STEP", "0:7")
+    for _ in range(2):  # the second --overwrite drops the first one's partial run, not the kept run
+        with pytest.raises(RuntimeError, match="injected failure"):
+            run_pretraining(config, overwrite=True)
+        restored = params_of(kept / first.bundle_dir.name)
+        assert restored.keys() == weights.keys() and all(torch.equal(weights[k], restored[k]) for k in weights)
+        assert not (out / first.bundle_dir.name).exists() and ckpt.latest_complete_checkpoint(out).name == "checkpoint-6"
+    monkeypatch.delenv("MIXGF_TEST_FAIL_AT_STEP")
+    assert run_pretraining(config, resume=True).global_step == 12
+    assert not kept.exists() and (out / first.bundle_dir.name).is_dir()
+
+
 def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, synthetic, monkeypatch):
     out = tmp_path / "run"
     config = pretrain_config_from_dict(tiny_config(synthetic, out, train={"max_steps": 9}))

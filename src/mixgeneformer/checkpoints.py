@@ -226,3 +226,27 @@ def plan_run_dir(
             "or choose another output_dir."
         )
     return "fresh", None
+
+
+def previous_run_dir(run_dir: Path) -> Path:
+    """Where ``--overwrite`` keeps the run it replaces until the new one has finished."""
+    return run_dir.parent / f".{run_dir.name}.replaced"
+
+
+def set_aside_previous_run(run_dir: Path) -> None:
+    """``--overwrite``: move the previous run beside (not delete it), so a crash or kill of the new
+    run loses neither; :func:`drop_previous_run` removes it once the new run has finished."""
+    kept = previous_run_dir(run_dir)
+    if kept.exists():  # an earlier --overwrite never finished: run_dir holds its partial run, kept the one before
+        shutil.rmtree(run_dir)
+    else:
+        run_dir.rename(kept)
+    logger.warning("the run being replaced is kept in %s until this one has finished", kept)
+
+
+def drop_previous_run(run_dir: Path) -> None:
+    """Remove the run ``--overwrite`` replaced (the new one has finished)."""
+    kept = previous_run_dir(run_dir)
+    if kept.exists():
+        shutil.rmtree(kept)
+        logger.info("removed the replaced run %s", kept)

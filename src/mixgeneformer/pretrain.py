@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -195,7 +194,7 @@ def run_pretraining(
         Continue from the newest complete checkpoint of ``config.output_dir`` (start fresh when
         there is none).
     overwrite
-        Replace an existing run folder.
+        Replace an existing run folder (kept beside it as ``.NAME.replaced`` until the new run finishes).
     resume_from
         Continue from this checkpoint folder instead (it must be complete).
 
@@ -338,7 +337,7 @@ def _prepare_run_dir(
     the environment record."""
     run_dir, checkpoint = plan.run_dir, plan.checkpoint
     if plan.mode == "overwrite" and plan.is_main:
-        shutil.rmtree(run_dir)
+        ckpt.set_aside_previous_run(run_dir)
     if plan.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_output_marker(run_dir)
@@ -434,6 +433,8 @@ def _finish(trainer: MixGeneformerTrainer, plan: _RunPlan, config: PretrainConfi
     """The final bundle (rank 0; full weights gathered first under FSDP) and what the run produced."""
     bundle_dir = plan.run_dir / BUNDLE_DIR
     save_final_bundle(trainer, bundle_dir, plan.vocab, config.data.medians)
+    if plan.is_main:
+        ckpt.drop_previous_run(plan.run_dir)
     trainer.accelerator.wait_for_everyone()
     return PretrainResult(
         run_dir=plan.run_dir,
