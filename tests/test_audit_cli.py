@@ -73,11 +73,11 @@ def test_embed_output_never_replaces_the_input(bundle, tmp_path, capsys):  # noq
 def test_embed_on_a_full_disk(bundle, tmp_path, capsys, monkeypatch):  # noqa: F811
     import anndata as ad
 
-    def full(self, *args, **kwargs):
+    def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     args = _embed_args(bundle, tmp_path)
-    monkeypatch.setattr(ad.AnnData, "write_h5ad", full)
+    monkeypatch.setattr(ad.io, "write_elem", full)
     with pytest.warns(UserWarning, match="dropped"):
         code, err = run_cli(capsys, *args)
     assert code == 2 and "disk is full" in err and str(tmp_path / "out.h5ad") in err
@@ -109,7 +109,7 @@ def test_perturb_truncated_input_and_full_disk(bundle, tmp_path, capsys, monkeyp
     code, err = run_cli(capsys, base[0], broken, *base[1:])
     assert code == 2 and "cannot read input h5ad" in err and "Traceback" not in err
 
-    def full(self, *args, **kwargs):
+    def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(pd.DataFrame, "to_parquet", full)

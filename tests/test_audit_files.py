@@ -452,3 +452,26 @@ def test_an_unexplained_write_error_on_a_full_disk_names_the_disk(tmp_path, monk
     monkeypatch.setattr(_shutil, "disk_usage", lambda path: _shutil._ntuple_diskusage(10 << 30, 10 << 30, 0))
     assert "the disk is full" in str(output_error(tmp_path / "checkpoint-15", error))
     assert output_error(tmp_path / "x", KeyboardInterrupt()) is None
+
+
+def test_single_file_commands_and_the_demo_hold_their_output_for_the_whole_run(files, tmp_path, capsys, monkeypatch):
+    from mixgeneformer import fileio, medians
+    from mixgeneformer.demo import DemoConfig, run_demo
+
+    out = tmp_path / "m.tsv"
+    held, compute = [], medians.compute_medians
+    monkeypatch.setattr(medians, "compute_medians", lambda *a, **k: held.append(
+        str(fileio.lock_path(out).resolve()) in fileio._HELD_LOCKS) or compute(*a, **k))
+    assert run_cli(capsys, "medians", files / "in.h5ad", "--out", out)[0] == 0
+    assert held == [True]  # locked while computing, not only while renaming: two runs cannot both compute
+    out.unlink()
+    with lock_holder(out) as pid:  # another `mixgf medians -o m.tsv` is running: this one must not race it
+        code, err = run_cli(capsys, "medians", files / "in.h5ad", "--out", out)
+        assert code == 2 and f"being written by another process (pid {pid})" in err
+        code, err = run_cli(capsys, "vocab", "build", "--out", tmp_path / "v.json", "--species", "mouse")
+        assert code == 0, err  # other outputs are free
+    assert not out.exists()
+    demo = tmp_path / "demo"
+    with lock_holder(demo) as pid, pytest.raises(ArtifactError, match=f"pid {pid}"):
+        run_demo(demo, DemoConfig.quick_config(), progress=False)
+    assert not demo.exists()

@@ -15,7 +15,7 @@ import os
 import pickle
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -262,6 +262,20 @@ def writing(target: str | os.PathLike) -> Iterator[None]:
 
 
 _HELD_LOCKS: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def claim_outputs(check: Callable[[], object], *targets: str | os.PathLike | None) -> Iterator[None]:
+    """Hold the lock of every output of a command for its whole run. ``check`` (the command's output
+    rules) runs before the locks, so a refused output creates nothing, and again under them: another
+    process may have written an output meanwhile. A second writer is refused (:func:`output_lock`)."""
+    check()
+    with contextlib.ExitStack() as stack:
+        for target in targets:
+            if target is not None:
+                stack.enter_context(output_lock(target))
+        check()
+        yield
 
 
 def lock_path(target: str | os.PathLike) -> Path:

@@ -82,7 +82,7 @@ def classify(
     from .. import classify as clf
     from ..config import load_config
     from ..corpus import check_cells_input
-    from ..fileio import check_output, read_h5ad
+    from ..fileio import check_output, claim_outputs, read_h5ad
     from ..inference import resolve_device
 
     if mode not in _MODES:
@@ -99,20 +99,21 @@ def classify(
     for path, option in ((input, "input"), (test, "--test")):
         if path is not None:
             check_cells_input(path, option, corpus=False)
-    check_output(out, [input, test, model, config, vocab, medians, tokenize_config], overwrite=overwrite, option="--out")
-    cli_overrides = _option_overrides(label, freeze_layers, epochs, unseen, device)
-    settings = load_config(clf.ClassifyConfig, config, [*cli_overrides, *overrides])
-    tok_config = load_tokenize_config(tokenize_config)
+    inputs = [input, test, model, config, vocab, medians, tokenize_config]
+    with claim_outputs(lambda: check_output(out, inputs, overwrite=overwrite, option="--out"), out):
+        cli_overrides = _option_overrides(label, freeze_layers, epochs, unseen, device)
+        settings = load_config(clf.ClassifyConfig, config, [*cli_overrides, *overrides])
+        tok_config = load_tokenize_config(tokenize_config)
 
-    train_data = _labelled(read_h5ad(input, "input h5ad"), settings.labels.key, input)
-    test_data = _labelled(read_h5ad(test, "test h5ad (--test)"), settings.labels.key, test) if test is not None else None
-    run = clf.run_classification(
-        train_data, model if methods else None, vocab if methods else None, medians if methods else None,
-        test=test_data, methods=methods,
-        baseline_methods=("logreg_counts", "knn_pca") if baselines else (), config=settings,
-        tokenize_config=tok_config, device=device, max_len=max_len,
-    )
-    clf.save_run(run, out, overwrite=overwrite)
+        train_data = _labelled(read_h5ad(input, "input h5ad"), settings.labels.key, input)
+        test_data = _labelled(read_h5ad(test, "test h5ad (--test)"), settings.labels.key, test) if test is not None else None
+        run = clf.run_classification(
+            train_data, model if methods else None, vocab if methods else None, medians if methods else None,
+            test=test_data, methods=methods,
+            baseline_methods=("logreg_counts", "knn_pca") if baselines else (), config=settings,
+            tokenize_config=tok_config, device=device, max_len=max_len,
+        )
+        clf.save_run(run, out, overwrite=overwrite)
     for note in run.task.notes:
         typer.echo(note)
     typer.echo(clf.markdown_table(run.table()))

@@ -85,7 +85,7 @@ def perturb(
     """Perturb genes in silico and rank them by how far they move cells (towards a goal state)."""
     from .. import perturb as pt
     from ..corpus import check_cells_input
-    from ..fileio import check_output
+    from ..fileio import check_output, claim_outputs
     from ..sharding import rank_device
 
     config = _config_from_options(
@@ -104,23 +104,21 @@ def perturb(
     if config.combine and stats == "vs_all":
         raise ConfigError("--combine scores one gene set, which --stats vs_all would test against itself; "
                           "use --stats aggregate, or --stats vs_null with --null DIR")
-    if not pt.is_shard_run(config):
-        check_output(out, [input, model, null, config_file, tokenize_config, vocab_file, medians_file], overwrite=overwrite, option="--out")
     check_cells_input(input)
-    null_cells = pt.read_cells(null) if null is not None else None
-
-    result, vocab = pt.perturb_file(
-        input, model, config, vocab=vocab_file, medians=medians_file,
-        tokenize_config=load_tokenize_config(tokenize_config), progress=progress,
-    )
-
-    if pt.is_shard_run(config):
+    if pt.is_shard_run(config):  # the shards of one run share OUT by design: each writes its own OUT/shards file
+        result, _ = pt.perturb_file(input, model, config, vocab=vocab_file, medians=medians_file,
+                                    tokenize_config=load_tokenize_config(tokenize_config), progress=progress)
         index, world = config.shard()
         target = pt.write_shard(out, result, config)
         typer.echo(f"shard {index + 1}/{world}: {len(result.cells):,} perturbations -> {target}")
         typer.echo(f"when every shard is done: mixgf perturb-merge {out}")
         return
-    table = pt.finish_run(out, result, config, vocab, stats, null_cells, overwrite)
+    inputs = [input, model, null, config_file, tokenize_config, vocab_file, medians_file]
+    with claim_outputs(lambda: check_output(out, inputs, overwrite=overwrite, option="--out"), out):
+        null_cells = pt.read_cells(null) if null is not None else None
+        result, vocab = pt.perturb_file(input, model, config, vocab=vocab_file, medians=medians_file,
+                                        tokenize_config=load_tokenize_config(tokenize_config), progress=progress)
+        table = pt.finish_run(out, result, config, vocab, stats, null_cells, overwrite)
     _report(out, result, table)
 
 

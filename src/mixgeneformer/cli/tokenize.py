@@ -43,30 +43,40 @@ def medians_command(
 ) -> None:
     """Compute per-gene medians of nonzero normalized expression, streamed over all inputs."""
     from ..errors import ConfigError
-    from ..fileio import atomic_directory, check_output, check_outputs_of
-    from ..medians import compute_file_medians, compute_medians
+    from ..fileio import check_output, check_outputs_of, claim_outputs
 
     logging.basicConfig(level=logging.WARNING)
-    if per_file:  # a folder of <name>.medians.tsv
-        check_output(out, [*inputs, vocab], overwrite=overwrite, option="--out")
-    else:
-        check_outputs_of({"--out": (out, {".tsv"})}, [*inputs, vocab], overwrite)
+
+    def check() -> None:
+        if per_file:  # a folder of <name>.medians.tsv
+            check_output(out, [*inputs, vocab], overwrite=overwrite, option="--out")
+        else:
+            check_outputs_of({"--out": (out, {".tsv"})}, [*inputs, vocab], overwrite)
+
     names = [_table_name(path) for path in inputs] if per_file else []
     clashes = sorted({name for name in names if names.count(name) > 1})
     if clashes:
         raise ConfigError(f"--per-file writes one <name>.medians.tsv per input, and several inputs are named {clashes}; "
                           "rename or link them so each input's name (without its extension) differs.")
-    genes = None
-    if vocab is not None:
-        from ..vocab import Vocabulary
+    with claim_outputs(check, out):
+        genes = None
+        if vocab is not None:
+            from ..vocab import Vocabulary
 
-        genes = sorted(Vocabulary.load(vocab).gene_to_id)
+            genes = sorted(Vocabulary.load(vocab).gene_to_id)
+        options = {"workers": workers, "genes": genes, "layer": layer, "gene_column": gene_column, "species": species,
+                   "totals": totals, "chunk_size": chunk_size, "allow_fractional": allow_fractional,
+                   "min_coverage": min_coverage, "allow_mixed_species": allow_mixed_species}
+        _write_medians(inputs, out, names, per_file, overwrite, options)
+
+
+def _write_medians(inputs: list[Path], out: Path, names: list[str], per_file: bool, overwrite: bool, options: dict) -> None:
+    """Compute the median table(s) and write them; print what was read."""
+    from ..fileio import atomic_directory
+    from ..medians import compute_file_medians, compute_medians
+
     compute = compute_file_medians if per_file else compute_medians
-    result = compute(
-        [str(p) for p in inputs], workers=workers, genes=genes, layer=layer,
-        gene_column=gene_column, species=species, totals=totals, chunk_size=chunk_size,
-        allow_fractional=allow_fractional, min_coverage=min_coverage, allow_mixed_species=allow_mixed_species, progress=True,
-    )
+    result = compute([str(p) for p in inputs], progress=True, **options)
     if per_file:
         with atomic_directory(out, overwrite=overwrite) as tmp:
             for name, table in zip(names, result, strict=True):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..fileio import check_outputs_of
+from ..fileio import check_outputs_of, claim_outputs
 from ..vocab import build_vocabulary, import_geneformer
 from ._app import app
 
@@ -24,14 +24,14 @@ def build(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing vocabulary JSON at --out."),
 ) -> None:
     """Build a unified vocabulary from the shipped gene tables."""
-    check_outputs_of({"--out": (out, {".json"})}, [medians], overwrite)
-    gene_medians = None
-    if medians is not None:
-        from ..medians import GeneMedians
+    with claim_outputs(lambda: check_outputs_of({"--out": (out, {".json"})}, [medians], overwrite), out):
+        gene_medians = None
+        if medians is not None:
+            from ..medians import GeneMedians
 
-        gene_medians = GeneMedians.load(medians)
-    vocab = build_vocabulary(mode, gene_set, gene_medians, tuple(s.strip() for s in species.split(",") if s.strip()))
-    vocab.save(out)
+            gene_medians = GeneMedians.load(medians)
+        vocab = build_vocabulary(mode, gene_set, gene_medians, tuple(s.strip() for s in species.split(",") if s.strip()))
+        vocab.save(out)
     typer.echo(f"wrote {out}: {vocab}")
 
 
@@ -49,13 +49,14 @@ def import_gf(
     if (medians_out is None) != (gene_median_dictionary is None):
         given, missing = ("--medians-out", "--gene-median-dictionary") if gene_median_dictionary is None else ("--gene-median-dictionary", "--medians-out")
         raise ConfigError(f"{given} needs {missing}: the medians TSV is written from Geneformer's gene median dictionary. Give both, or neither.")
-    check_outputs_of({"--out": (out, {".json"}), "--medians-out": (medians_out, {".tsv"})}, [token_dictionary, gene_median_dictionary], overwrite)
-    vocab, medians = import_geneformer(token_dictionary, gene_median_dictionary)
-    vocab.save(out)
-    typer.echo(f"wrote {out}: {vocab}")
-    if medians is not None and medians_out is not None:  # both given or neither (checked above)
-        medians.save(medians_out)
-        typer.echo(f"wrote {medians_out}: {len(medians):,} gene medians")
+    outputs = {"--out": (out, {".json"}), "--medians-out": (medians_out, {".tsv"})}
+    with claim_outputs(lambda: check_outputs_of(outputs, [token_dictionary, gene_median_dictionary], overwrite), out, medians_out):
+        vocab, medians = import_geneformer(token_dictionary, gene_median_dictionary)
+        vocab.save(out)
+        typer.echo(f"wrote {out}: {vocab}")
+        if medians is not None and medians_out is not None:  # both given or neither (checked above)
+            medians.save(medians_out)
+            typer.echo(f"wrote {medians_out}: {len(medians):,} gene medians")
 
 
 @vocab_app.command("info")

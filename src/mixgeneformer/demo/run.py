@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+from ..fileio import check_writable, output_lock
 from .config import DEMO_STEPS, DemoConfig
 from .context import _banner, _Context, _prepare_out_dir, _run_step
 from .report import write_report
@@ -41,15 +42,17 @@ def run_demo(
     """
     config = config or DemoConfig()
     out_dir = Path(out_dir).resolve()
-    _prepare_out_dir(out_dir, config, overwrite)
-    ctx = _Context(out_dir=out_dir, config=config, progress=progress)
-    started = time.perf_counter()
-    mode = "quick" if config.quick else "full"
-    _banner(f"Mix-Geneformer demo ({mode}) → {out_dir}")
-    for index, step in enumerate(DEMO_STEPS, start=1):
-        _run_step(ctx, index, step, _STEP_FUNCS[step])
-    wall = round(time.perf_counter() - started, 2)
-    _banner("report")
-    report = write_report(out_dir, ctx.record, wall)
+    check_writable(out_dir, [config.data_dir], "--out")  # before the lock creates anything beside it
+    with output_lock(out_dir):  # a second demo on this folder meanwhile is refused
+        _prepare_out_dir(out_dir, config, overwrite)
+        ctx = _Context(out_dir=out_dir, config=config, progress=progress)
+        started = time.perf_counter()
+        mode = "quick" if config.quick else "full"
+        _banner(f"Mix-Geneformer demo ({mode}) → {out_dir}")
+        for index, step in enumerate(DEMO_STEPS, start=1):
+            _run_step(ctx, index, step, _STEP_FUNCS[step])
+        wall = round(time.perf_counter() - started, 2)
+        _banner("report")
+        report = write_report(out_dir, ctx.record, wall)
     print(f"\nreport: {report}\nwall time of this run: {wall:.1f}s", flush=True)
     return report

@@ -22,7 +22,7 @@ from ..config import save_config
 from ..diagnostics import final_evaluation
 from ..embed import embed_anndata
 from ..errors import ArtifactError, ConfigError
-from ..fileio import write_json
+from ..fileio import write_h5ad, write_json
 from ..inference import resolve_device
 from ..integration import shared_type_mixing
 from ..medians import GeneMedians, compute_medians
@@ -65,7 +65,7 @@ def _step_data(ctx: _Context, folder: Path) -> dict[str, Any]:
         if cfg.cells_per_type is not None:
             adata = adata[capped_rows(adata.obs[cfg.label_key], cfg.cells_per_type, cfg.seed)].copy()
             path = folder / f"baron_pancreas_{species}.h5ad"
-            adata.write_h5ad(path, compression="gzip")
+            write_h5ad(adata, path)
         inputs[species] = str(path.resolve())
         cells[species] = int(adata.n_obs)
         types[species] = {str(k): int(v) for k, v in adata.obs[cfg.label_key].value_counts().items()}
@@ -201,13 +201,13 @@ def _step_embed(ctx: _Context, folder: Path) -> dict[str, Any]:
             device=cfg.device, progress=ctx.progress,
         )
         path = folder / f"{species}.h5ad"
-        adata.write_h5ad(path, compression="gzip")
+        write_h5ad(adata, path)
         files[species] = str(path.resolve())
         obs = pd.DataFrame({"cell_type": adata.obs[cfg.label_key].astype(str).to_numpy(), "species": species},
                            index=adata.obs_names)
         parts.append(ad.AnnData(obs=obs, obsm={EMBED_KEY: np.asarray(adata.obsm[EMBED_KEY])}))
     both = ad.concat(parts, index_unique="-")
-    both.write_h5ad(folder / "both_species.h5ad")
+    write_h5ad(both, folder / "both_species.h5ad")
     mixing = _species_mixing(both)
     figure = folder / "umap.png"
     plots.umap(both, color="cell_type", species="species", key=EMBED_KEY, n_neighbors=cfg.umap_neighbors,
