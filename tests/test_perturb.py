@@ -290,24 +290,31 @@ def test_results_folder(tmp_path, vocab, bert, cells):
     pd.testing.assert_frame_equal(pd.read_parquet(out / "cells.parquet"), result.cells)
 
 
-def test_cli_perturb_h5ad_end_to_end(tmp_path, vocab):
+def bundle_and_cells(folder, vocab, seed: int = 0) -> list[str]:
+    """A tiny model bundle (folder/bundle) and 12 cells of two states 'x' / 'y' (folder/in.h5ad); returns the genes."""
     import anndata as ad
     import scipy.sparse as sp
 
     from mixgeneformer.bundle import save_bundle
-    from mixgeneformer.cli import main
     from mixgeneformer.medians import GeneMedians
     from mixgeneformer.model import MixGeneformerForPretraining, make_config
 
     genes = list(vocab.gene_to_id)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = MixGeneformerForPretraining(make_config("tiny", vocab, max_position_embeddings=64))
-    save_bundle(model, tmp_path / "bundle", vocab, GeneMedians({g: 1.0 for g in genes}))
+    save_bundle(model, folder / "bundle", vocab, GeneMedians({g: 1.0 for g in genes}))
     rng = np.random.default_rng(0)
     counts = sp.csr_matrix(rng.poisson(0.3, (12, len(genes))) * rng.integers(1, 5, (12, len(genes))))
     adata = ad.AnnData(counts.astype(np.int32), obs=pd.DataFrame({"kind": ["x", "y"] * 6}, index=[f"c{i}" for i in range(12)]))
     adata.var_names = genes
-    adata.write_h5ad(tmp_path / "in.h5ad")
+    adata.write_h5ad(folder / "in.h5ad")
+    return genes
+
+
+def test_cli_perturb_h5ad_end_to_end(tmp_path, vocab):
+    from mixgeneformer.cli import main
+
+    genes = bundle_and_cells(tmp_path, vocab)
     out = tmp_path / "out"
     main([
         "perturb", str(tmp_path / "in.h5ad"), "--model", str(tmp_path / "bundle"), "--out", str(out),

@@ -49,7 +49,7 @@ def test_shards_written_then_merged_equal_the_single_run(setup, tmp_path):
         config = PerturbConfig(batch_size=8, shard_index=i, num_shards=3)
         assert is_shard_run(config)
         if i < 2:
-            with pytest.raises(ArtifactError, match="wait for every shard"):
+            with pytest.raises(ArtifactError, match="have not finished: wait for them"):
                 write_shard(out, perturb_cells(bert, cells, vocab, config, progress=False), config)
                 merge_run(out, vocab, PerturbConfig())
         else:
@@ -58,7 +58,8 @@ def test_shards_written_then_merged_equal_the_single_run(setup, tmp_path):
     assert len(list((out / "shards").glob("config-*-of-00003.yaml"))) == 3
     folder, merged, stats = merge_run(out, vocab, PerturbConfig())
     assert folder == out / "merged" and (folder / "genes.csv").exists()
-    assert merged.summary == {"shards": 3, "cells_perturbed": 6}
+    expected = {k: v for k, v in single.summary.items() if k not in ("seconds", "shard")}
+    assert merged.summary == {"shards": 3, **expected}  # the shards' counts summed
     pd.testing.assert_frame_equal(read_cells(folder)[["cell", "perturbed"]], single.cells[["cell", "perturbed"]])
     assert np.abs(read_cells(folder)["shift"].to_numpy() - single.cells["shift"].to_numpy()).max() <= 1e-5
     assert sorted(stats["perturbed"]) == sorted(whole["perturbed"])
@@ -94,3 +95,50 @@ def test_merge_uses_the_options_the_shards_ran_with(setup, tmp_path):
     with pytest.raises(ArtifactError, match="--config"):
         merge_run(out, vocab)
     assert merge_run(out, vocab, PerturbConfig(genes=genes))[2] is not None
+
+
+def test_sharded_cli_run_merges_to_the_single_run_with_gene_shifts_and_empty_shards(setup, tmp_path, capsys):
+    import json
+
+    from test_audit_files import run_cli
+    from test_perturb import bundle_and_cells
+
+    vocab = setup[0]
+    genes = bundle_and_cells(tmp_path, vocab)
+    args = ["perturb", tmp_path / "in.h5ad", "--model", tmp_path / "bundle", "--genes", ",".join(genes[:4]),
+            "--state-column", "kind", "--start", "x", "--goal", "y", "--gene-shifts", "--device", "cpu", "--no-progress"]
+    assert run_cli(capsys, *args, "--out", tmp_path / "single")[0] == 0
+    sharded = tmp_path / "sharded"
+    for index in range(8):  # 6 'x' cells over 8 shards: shards 6 and 7 hold none
+        code, err = run_cli(capsys, *args, "--out", sharded, "--shard-index", str(index), "--num-shards", "8")
+        assert code == 0, err
+    assert run_cli(capsys, "perturb-merge", sharded, "--model", tmp_path / "bundle")[0] == 0
+    merged, single = sharded / "merged", tmp_path / "single"
+    for table in ("cells.parquet", "genes.parquet", "gene_shifts.parquet"):
+        a, b = pd.read_parquet(single / table), pd.read_parquet(merged / table)
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-5, atol=1e-8)  # float32 batches differ
+    summary = {k: v for k, v in json.loads((single / "summary.json").read_text()).items() if k not in ("seconds", "shard")}
+    assert summary.items() <= json.loads((merged / "summary.json").read_text()).items()
+
+    (tmp_path / "other").mkdir()
+    bundle_and_cells(tmp_path / "other", vocab, seed=1)  # another model
+    assert run_cli(capsys, *[tmp_path / "other" / "bundle" if a == tmp_path / "bundle" else a for a in args],
+                   "--out", sharded, "--shard-index", "3", "--num-shards", "8")[0] == 0
+    code, err = run_cli(capsys, "perturb-merge", sharded, "--model", tmp_path / "bundle")
+    assert code == 2 and "cells-00003-of-00008.parquet read other inputs" in err
+
+    for out in (tmp_path / "in.h5ad", tmp_path / "bundle"):  # a shard never writes into an input
+        code, err = run_cli(capsys, *args, "--out", out, "--shard-index", "0", "--num-shards", "2")
+        assert code == 2 and "is the input" in err and not (out / "shards").exists()
+
+
+def test_merge_names_missing_shards_and_shards_of_other_runs(tmp_path):
+    shards = tmp_path / "run" / "shards"
+    shards.mkdir(parents=True)
+    for name in ("cells-00000-of-00003.parquet", "cells-00002-of-00003.parquet"):
+        pd.DataFrame({"cell": [0]}).to_parquet(shards / name)
+    with pytest.raises(ArtifactError, match=r"2 of 3 shard tables .* shards \[1\] have not finished"):
+        merge_run(tmp_path / "run", None, PerturbConfig())
+    pd.DataFrame({"cell": [0]}).to_parquet(shards / "cells-00000-of-00002.parquet")
+    with pytest.raises(ArtifactError, match=r"runs with \[2, 3\] shards .* delete the files of the run you do not want"):
+        merge_run(tmp_path / "run", None, PerturbConfig())

@@ -208,7 +208,7 @@ def _shard_path(folder: Path, index: int, world: int) -> Path:
     return folder / f"shard-{index:05d}-of-{world:05d}.npz"
 
 
-def _files_signature(paths: list[Path]) -> list[list[Any]]:
+def files_signature(paths: list[Path]) -> list[list[str | int]]:
     """(path, size, mtime) of every file at or under ``paths``: what a rerun must find unchanged."""
     signature = []
     for path in paths:
@@ -262,7 +262,7 @@ class ShardJob:
     tokenize_config: Any = None
 
     def manifest(self, world: int, bounds: np.ndarray) -> dict[str, Any]:
-        signature = _files_signature(self.sources)
+        signature = files_signature(self.sources)
         return {
             "kind": self.kind,
             "input": str(self.input.resolve()),
@@ -338,7 +338,7 @@ def _complete_shards(out: Path) -> tuple[dict[str, Any], list[dict[str, np.ndarr
     """The manifest and every shard of ``out``; errors name what is missing or changed."""
     folder = shard_folder(out)
     manifest = read_json(folder / MANIFEST, "shard manifest")
-    if _files_signature([Path(p) for p in manifest["sources"]]) != manifest["signature"]:
+    if files_signature([Path(p) for p in manifest["sources"]]) != manifest["signature"]:
         raise ArtifactError(
             f"the input or model changed since the shards in {folder} were computed; rerun the command"
         )

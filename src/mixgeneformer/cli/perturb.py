@@ -84,9 +84,10 @@ def perturb(
 ) -> None:
     """Perturb genes in silico and rank them by how far they move cells (towards a goal state)."""
     from .. import perturb as pt
+    from ..config import to_dict
     from ..corpus import check_cells_input
     from ..fileio import check_output, claim_outputs
-    from ..sharding import rank_device
+    from ..sharding import files_signature, rank_device
 
     config = _config_from_options(
         config_file,
@@ -105,15 +106,18 @@ def perturb(
         raise ConfigError("--combine scores one gene set, which --stats vs_all would test against itself; "
                           "use --stats aggregate, or --stats vs_null with --null DIR")
     check_cells_input(input)
+    inputs = [input, model, null, config_file, tokenize_config, vocab_file, medians_file]
     if pt.is_shard_run(config):  # the shards of one run share OUT by design: each writes its own OUT/shards file
+        pt.check_shard_folder(out, inputs)
+        read = files_signature([Path(p) for p in inputs if p is not None and p != null])  # the merge compares them
+        tk_config = load_tokenize_config(tokenize_config)
         result, _ = pt.perturb_file(input, model, config, vocab=vocab_file, medians=medians_file,
-                                    tokenize_config=load_tokenize_config(tokenize_config), progress=progress)
+                                    tokenize_config=tk_config, progress=progress)
         index, world = config.shard()
-        target = pt.write_shard(out, result, config)
+        target = pt.write_shard(out, result, config, {"files": read, "tokenize": to_dict(tk_config) if tk_config else None})
         typer.echo(f"shard {index + 1}/{world}: {len(result.cells):,} perturbations -> {target}")
         typer.echo(f"when every shard is done: mixgf perturb-merge {out}")
         return
-    inputs = [input, model, null, config_file, tokenize_config, vocab_file, medians_file]
     with claim_outputs(lambda: check_output(out, inputs, overwrite=overwrite, option="--out"), out):
         null_cells = pt.read_cells(null) if null is not None else None
         result, vocab = pt.perturb_file(input, model, config, vocab=vocab_file, medians=medians_file,

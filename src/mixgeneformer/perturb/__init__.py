@@ -71,6 +71,7 @@ from __future__ import annotations
 from .cells import PerturbationResult, perturb_anndata, perturb_cells, perturb_file
 from .config import PerturbConfig, PerturbType
 from .results import (
+    check_shard_folder,
     finish_run,
     is_shard_run,
     merge_run,
@@ -90,6 +91,7 @@ __all__ = [
     "StatsMode",
     "benjamini_hochberg",
     "cell_variants",
+    "check_shard_folder",
     "finish_run",
     "gene_names",
     "is_shard_run",

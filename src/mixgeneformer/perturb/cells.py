@@ -285,7 +285,7 @@ def perturb_anndata(
     vocab: Vocabulary | None = None,
     medians=None,
     tokenize_config=None,
-    stats_mode: StatsMode = "vs_all",
+    stats_mode: StatsMode | None = "vs_all",
     progress: bool = True,
 ) -> tuple[PerturbationResult, pd.DataFrame]:
     """Tokenize an AnnData with the model bundle's vocabulary and medians, then perturb it.
@@ -303,11 +303,11 @@ def perturb_anndata(
         :class:`mixgeneformer.tokenize.TokenizeConfig` (``max_len`` capped at the model's).
     stats_mode
         ``"vs_all"`` or ``"aggregate"`` (``vs_null`` needs a second run: use
-        :func:`perturbation_statistics`).
+        :func:`perturbation_statistics`); None computes none (one shard of a run: the merge tests).
 
     Returns
     -------
-    (PerturbationResult, pandas.DataFrame)
+    (PerturbationResult, pandas.DataFrame or None)
         The per-cell table (``cell`` = obs position, plus ``obs_name``) and the statistics.
     """
 
@@ -325,6 +325,8 @@ def perturb_anndata(
     result.summary["cells_dropped_by_tokenizer"] = int(n_dropped)
     result.cells["cell"] = obs_rows[result.cells["cell"].to_numpy()]
     result.cells.insert(1, "obs_name", np.asarray(adata.obs_names, dtype=object)[result.cells["cell"].to_numpy()])
+    if stats_mode is None:
+        return result, None
     stats = perturbation_statistics(
         result.cells, vocab, mode="aggregate" if stats_mode == "vs_null" else stats_mode, score=config.statistics_score
     )
@@ -352,6 +354,6 @@ def perturb_file(
     adata = read_h5ad(input, "input h5ad")
     result, _ = perturb_anndata(
         adata, loaded, config, vocab=vocab, medians=medians, tokenize_config=tk_config,
-        stats_mode="aggregate", progress=progress,
+        stats_mode=None, progress=progress,  # the caller tests (finish_run), or the merge of the shards
     )
     return result, vocab

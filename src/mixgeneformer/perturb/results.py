@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -19,7 +19,10 @@ from ..fileio import (
     atomic_directory,
     atomic_file,
     check_readable_file,
+    check_writable,
+    read_json,
     write_json,
+    write_output_marker,
     written_by_package,
 )
 from ..plots import perturbation_ranking
@@ -93,14 +96,36 @@ def _run_options(config: PerturbConfig) -> PerturbConfig:
     return dataclasses.replace(config, shard_index=None, num_shards=None, device=None)
 
 
-def write_shard(out_dir: str | os.PathLike, result: PerturbationResult, config: PerturbConfig) -> Path:
+def check_shard_folder(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike | None]) -> None:
+    """The output folder of one shard of a run, before any work: writable, none of the ``inputs``
+    nor inside one, and new or a perturbation run's folder (the shards of a run share it)."""
+    out = check_writable(out_dir, inputs, "--out")
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"--out {out} is a file; a sharded run writes a folder (OUT/shards/). Choose another --out.")
+    if out.is_dir() and any(out.iterdir()) and not (out / "shards").is_dir() and not written_by_package(out):
+        raise ArtifactError(f"--out {out} holds files of something else (no shards/ folder, no {OUTPUT_MARKER}); a sharded "
+                            "run writes only into a folder of its own. Choose another --out.")
+
+
+def write_shard(
+    out_dir: str | os.PathLike, result: PerturbationResult, config: PerturbConfig, inputs: dict[str, Any] | None = None
+) -> Path:
     """Write this shard's cell table to ``out_dir/shards/cells-RRRRR-of-WWWWW.parquet`` atomically,
-    after its options (``config-RRRRR-of-WWWWW.yaml``), which the merge reuses."""
+    last: before it go its options (``config-*.yaml``, which the merge reuses), its summary with
+    ``inputs`` (what it read, e.g. :func:`sharding.files_signature`; the merge refuses shards that
+    read different inputs) and its gene-shift table (``gene_shifts-*.parquet``) when measured."""
     index, world = config.shard()
     shards = Path(out_dir) / "shards"
     shards.mkdir(parents=True, exist_ok=True)
-    save_config(_run_options(config), shards, f"config-{index:05d}-of-{world:05d}.yaml")
-    target = shards / f"cells-{index:05d}-of-{world:05d}.parquet"
+    if not (Path(out_dir) / OUTPUT_MARKER).exists():
+        write_output_marker(out_dir)
+    name = f"{index:05d}-of-{world:05d}"
+    save_config(_run_options(config), shards, f"config-{name}.yaml")
+    write_json(shards / f"summary-{name}.json", {"summary": result.summary, "inputs": inputs})
+    if result.gene_shifts is not None:
+        with atomic_file(shards / f"gene_shifts-{name}.parquet", "wb") as handle:
+            result.gene_shifts.to_parquet(handle, index=False)
+    target = shards / f"cells-{name}.parquet"
     with atomic_file(target, "wb") as handle:
         result.cells.to_parquet(handle, index=False)
     return target
@@ -170,14 +195,72 @@ def merge_run(
             f"{merged} exists and was not written by mixgeneformer (no {OUTPUT_MARKER}); perturb-merge writes its result "
             "there. Move that folder away, then merge again."
         )
-    shards = sorted((Path(out_dir) / "shards").glob("cells-*-of-*.parquet"))
-    if not shards:
-        raise ArtifactError(f"no shard tables in {Path(out_dir) / 'shards'}; run mixgf perturb with --num-shards first")
-    worlds = {int(_SHARD_NAME.search(p.name).group(1)) for p in shards}
-    if len(worlds) != 1 or len(shards) != next(iter(worlds)):
-        raise ArtifactError(f"{len(shards)} shard tables found for {sorted(worlds)} shards; wait for every shard or rerun the missing ones")
-    config = shard_options(Path(out_dir) / "shards", config)
+    folder = Path(out_dir) / "shards"
+    shards = _complete_shards(folder)
+    config = shard_options(folder, config)
+    summaries = _shard_summaries(shards)
+    shifts = [path for path in (p.with_name(p.name.replace("cells-", "gene_shifts-", 1)) for p in shards) if path.is_file()]
+    if shifts and len(shifts) != len(shards):
+        raise ArtifactError(f"only {len(shifts)} of the {len(shards)} shards in {folder} measured gene shifts; rerun every shard with the same options")
     cells = merge_shards(shards)
-    result = PerturbationResult(cells, None, {"shards": len(shards), "cells_perturbed": int(cells["cell"].nunique())})
+    gene_shifts = _merge_gene_shifts([pd.read_parquet(p) for p in shifts]) if shifts else None
+    result = PerturbationResult(cells, gene_shifts, _merged_summary(summaries, len(shards), cells))
     table = finish_run(merged, result, config, vocab, stats_mode, null_cells, overwrite=True)
     return merged, result, table
+
+
+def _merge_gene_shifts(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The shards' gene-shift tables as one: per (perturbed, affected) gene, cells summed and mean
+    shifts weighted by them (the shards hold disjoint cells), in the order a single run gives."""
+    long = pd.concat(frames, ignore_index=True)
+    long["total"] = long["n_cells"] * long["mean_gene_shift"]
+    table = (long.groupby(["perturbed", "affected_token", "affected"], sort=True)
+             .agg(n_cells=("n_cells", "sum"), total=("total", "sum")).reset_index())
+    table["mean_gene_shift"] = table.pop("total") / table["n_cells"]
+    return table.sort_values(["perturbed", "mean_gene_shift"], ascending=[True, False], kind="stable").reset_index(drop=True)
+
+
+def _complete_shards(folder: Path) -> list[Path]:
+    """The cell tables of every shard of one run, in shard order (refused: none, some missing, or
+    tables of runs with different shard counts)."""
+    shards = sorted(folder.glob("cells-*-of-*.parquet"))
+    if not shards:
+        raise ArtifactError(f"no shard tables in {folder}; run mixgf perturb with --num-shards first")
+    worlds = sorted({int(_SHARD_NAME.search(p.name).group(1)) for p in shards})
+    if len(worlds) > 1:
+        raise ArtifactError(f"{folder} holds shard tables of runs with {worlds} shards (cells-*-of-N.parquet): delete the "
+                            "files of the run you do not want to merge (all its *-of-N.* files), then merge again")
+    world = worlds[0]
+    missing = sorted(set(range(world)) - {int(p.name.split("-")[1]) for p in shards})
+    if missing:
+        raise ArtifactError(f"{len(shards)} of {world} shard tables in {folder}; shards {missing} have not finished: wait for "
+                            "them, or rerun them (--shard-index I --num-shards N)")
+    return shards
+
+
+def _shard_summaries(shards: list[Path]) -> list[dict[str, Any]]:
+    """Each shard's summary record (None for shards written before they had one); refused when the
+    shards read different inputs (another model, corpus or vocabulary)."""
+    records = []
+    for path in shards:
+        summary = path.with_name(path.name.replace("cells-", "summary-", 1).replace(".parquet", ".json"))
+        records.append(read_json(summary) if summary.is_file() else None)
+    known = [(path, record["inputs"]) for path, record in zip(shards, records, strict=True) if record and record.get("inputs")]
+    for path, inputs in known[1:]:
+        if inputs != known[0][1]:
+            raise ArtifactError(f"shard {path.name} read other inputs than {known[0][0].name} (a changed model, input or "
+                                "vocabulary between the shards); rerun every shard with the same inputs")
+    return [record["summary"] for record in records if record]
+
+
+def _merged_summary(summaries: list[dict[str, Any]], n_shards: int, cells: pd.DataFrame) -> dict[str, Any]:
+    """The summary of the whole run: the shards' counts summed (the cell selection is the same on every shard)."""
+    merged: dict[str, Any] = {"shards": n_shards, "cells_perturbed": int(cells["cell"].nunique())}
+    for key in ("variants", "cells_skipped_gene_absent"):
+        values = [s[key] for s in summaries if key in s]
+        if len(values) == n_shards:
+            merged[key] = int(sum(values))
+    for key in ("cells_selected", "cells_dropped_few_genes", "cells_dropped_by_tokenizer"):
+        if summaries and key in summaries[0]:
+            merged[key] = summaries[0][key]
+    return merged
