@@ -33,6 +33,8 @@ config = load_pretrain_config(sys.argv[1])
 result = run_pretraining(config)
 rank, world = dist.get_rank(), dist.get_world_size()
 report = {"rank": rank, "world": world, "step": result.global_step}
+backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+report["timeout_s"] = backend.options._timeout.total_seconds()  # distributed.timeout_s, not the 30-min default
 
 # The same process group: are the trained parameters identical on every rank?
 from mixgeneformer.bundle import load_bundle
@@ -98,6 +100,7 @@ def test_two_gloo_ranks_stay_in_sync_and_only_rank0_writes(tmp_path, corpus_root
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (json.loads((reports / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == 2 and r0["step"] == r1["step"] == 6
+    assert r0["timeout_s"] == r1["timeout_s"] == 60  # a hung rank ends the job after distributed.timeout_s
     assert r1["max_param_diff_vs_rank0"] == 0.0
 
     # Only rank 0 wrote: one metrics file, one set of checkpoints, one RNG state per rank inside.

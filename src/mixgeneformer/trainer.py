@@ -348,6 +348,18 @@ def _make_callbacks(run_dir: Path, is_main: bool, tensorboard: bool, signals: Si
     return callbacks, stopper
 
 
+def _start_cpu_process_group(timeout_s: int) -> None:
+    """Start the gloo process group of a multi-process CPU run with ``distributed.timeout_s``:
+    transformers passes its ``ddp_timeout`` only to GPU groups, so a hung rank would block the
+    others for the 30-minute default. Accelerate then uses this group."""
+    import datetime
+
+    import torch.distributed as torch_dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch_dist.is_available() and not torch_dist.is_initialized():
+        torch_dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def training_arguments(config: PretrainConfig, run_dir: Path, precision: str, has_eval: bool) -> transformers.TrainingArguments:
     """Hugging Face ``TrainingArguments`` of a :class:`~mixgeneformer.pretrain.PretrainConfig`."""
     train, dist, log = config.train, config.distributed, config.logging
@@ -388,6 +400,8 @@ def training_arguments(config: PretrainConfig, run_dir: Path, precision: str, ha
         "ddp_find_unused_parameters": False,
         "use_cpu": not cuda,
     }
+    if not cuda:
+        _start_cpu_process_group(dist.timeout_s)
     if dist.strategy == "deepspeed":
         kwargs["deepspeed"] = str(dist.deepspeed_config)
     elif dist.strategy == "fsdp":
