@@ -107,3 +107,33 @@ def test_sigterm_while_fetching_the_next_batch_saves_the_last_step(data, tmp_pat
     assert len(steps) == 1 and steps[0] in (3, 4) and ckpt.checkpoint_problem(out / f"checkpoint-{steps[0]}") is None
     assert f"step {steps[0]}" in str(info.value)
     assert max(int(r["step"]) for r in pretrain_module.read_metrics(out)) == steps[0]
+
+
+def test_sigterm_during_any_command_removes_its_temporary_file(tmp_path):
+    # `mixgf vocab build` receives SIGTERM halfway through writing its JSON: the command exits 143
+    # through Python, so the writer's cleanup removes the temporary file (the signal's default
+    # action ended the process on the spot and left `.v.json.tmp-*` behind for good).
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, signal
+        from mixgeneformer import vocab
+        from mixgeneformer.cli import main
+        from mixgeneformer.fileio import atomic_file
+
+        def save(self, path):
+            with atomic_file(path) as handle:
+                handle.write('{{"half": ')
+                handle.flush()
+                os.kill(os.getpid(), signal.SIGTERM)
+                handle.write('"written"}}')
+
+        vocab.Vocabulary.save = save
+        main(["vocab", "build", "--out", {str(tmp_path / "v.json")!r}, "--species", "mouse"])
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 128 + signal.SIGTERM, run.stderr[-2000:]
+    assert "terminated" in run.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -12,7 +12,9 @@ command pay only for what they use. The library modules import at their tops.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 from ..errors import MixGeneformerError
 from ..fileio import output_error
@@ -50,10 +52,25 @@ def _click_exception_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
     return tuple(errors), tuple(aborts)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    print("terminated", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+def _exit_on_sigterm() -> object:
+    """SIGTERM (a scheduler's kill, ``timeout``) exits through Python, so every writer's cleanup runs
+    and no temporary file is left; its default action ended the process on the spot. Pretraining
+    installs its own handler (a checkpoint first). Returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _terminated)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``mixgf`` console script."""
     args = sys.argv[1:] if argv is None else argv
     state["debug"] = "--debug" in args
+    previous = _exit_on_sigterm()
     try:
         app(args=args, standalone_mode=False)
     except MixGeneformerError as exc:
@@ -79,3 +96,6 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
