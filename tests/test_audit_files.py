@@ -475,3 +475,30 @@ def test_single_file_commands_and_the_demo_hold_their_output_for_the_whole_run(f
     with lock_holder(demo) as pid, pytest.raises(ArtifactError, match=f"pid {pid}"):
         run_demo(demo, DemoConfig.quick_config(), progress=False)
     assert not demo.exists()
+
+
+def test_a_file_where_the_package_keeps_unfinished_work(files, tmp_path, capsys):
+    (tmp_path / ".corpus.partial").write_text("not a folder")
+    code, err = run_cli(capsys, *tokenize_args(files, tmp_path / "corpus"))
+    assert code == 2 and ".corpus.partial is a file" in err and "Traceback" not in err
+    assert (tmp_path / ".corpus.partial").read_text() == "not a folder"
+
+    from test_pretrain import make_corpus, tiny_config
+    from test_pretrain import make_vocab as pretrain_vocab
+
+    from mixgeneformer import checkpoints as ckpt
+    from mixgeneformer.pretrain import pretrain_config_from_dict, run_pretraining
+
+    vocab = pretrain_vocab()
+    vocab.save(tmp_path / "vocab.json")
+    make_corpus(tmp_path / "corpus", vocab, n_cells=64)
+    out = tmp_path / "run"
+    config = pretrain_config_from_dict(tiny_config(tmp_path, out, train={"max_steps": 4}, checkpoint={"save_steps": 2}))
+    run_pretraining(config)
+    (out / ckpt.STAGING).write_text("junk")  # inside the run folder: the package's own, replaced
+    config = pretrain_config_from_dict(tiny_config(tmp_path, out, train={"max_steps": 6}, checkpoint={"save_steps": 2}))
+    assert run_pretraining(config, resume=True).global_step == 6
+    ckpt.previous_run_dir(out).write_text("mine")  # beside it: refused, the run untouched
+    with pytest.raises(ArtifactError, match=r"\.run\.replaced is a file"):
+        run_pretraining(config, overwrite=True)
+    assert (out / "model").is_dir() and ckpt.previous_run_dir(out).read_text() == "mine"

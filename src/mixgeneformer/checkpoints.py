@@ -174,7 +174,10 @@ def clean_stale(run_dir: str | os.PathLike) -> None:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return
-    shutil.rmtree(staging_dir(run_dir), ignore_errors=True)
+    staging = staging_dir(run_dir)
+    if staging.is_symlink() or staging.is_file():  # not ours to assemble in: the run folder is this package's
+        staging.unlink()
+    shutil.rmtree(staging, ignore_errors=True)
     for child in run_dir.iterdir():
         if child.name.startswith(".checkpoint-") and ".old-" in child.name:
             shutil.rmtree(child, ignore_errors=True)
@@ -237,6 +240,9 @@ def set_aside_previous_run(run_dir: Path) -> None:
     """``--overwrite``: move the previous run beside (not delete it), so a crash or kill of the new
     run loses neither; :func:`drop_previous_run` removes it once the new run has finished."""
     kept = previous_run_dir(run_dir)
+    if kept.exists() and not kept.is_dir():
+        raise ArtifactError(f"{kept} is a file, where --overwrite keeps the run it replaces until the new one has "
+                            "finished; move or delete it, then rerun.")
     if kept.exists():  # an earlier --overwrite never finished: run_dir holds its partial run, kept the one before
         shutil.rmtree(run_dir)
     else:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..config import save_config, to_dict
 from ..corpus import CORPUS_JSON
-from ..errors import ConfigError, InputDataError
+from ..errors import ArtifactError, ConfigError, InputDataError
 from ..fileio import (
     atomic_directory,
     check_output,
@@ -130,6 +130,9 @@ def tokenize_files(
     config = config or TokenizeConfig()
     _check_vocab(vocab, config)
     out_dir = check_output(out_dir, paths, overwrite=overwrite)
+    if (out_dir.parent / f".{out_dir.name}.partial").is_file():
+        raise ArtifactError(f"{out_dir.parent / f'.{out_dir.name}.partial'} is a file, where tokenize keeps the shards of "
+                            "an unfinished run; move or delete it, then rerun.")
     if not paths:
         raise InputDataError("no input files given.")
     if workers < 1:
