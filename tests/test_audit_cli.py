@@ -84,6 +84,25 @@ def test_embed_on_a_full_disk(bundle, tmp_path, capsys, monkeypatch):  # noqa: F
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad"]
 
 
+def test_embed_outputs_are_replaced_all_or_none(bundle, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import pyarrow.parquet as pq
+
+    args = _embed_args(bundle, tmp_path, "--gene-embeddings", tmp_path / "genes.parquet", "--overwrite")
+    with pytest.warns(UserWarning, match="dropped"):
+        assert run_cli(capsys, *args)[0] == 0
+    before = {name: (tmp_path / name).read_bytes() for name in ("out.h5ad", "genes.parquet")}
+
+    def full(*args, **kwargs):  # the disk fills up while the second file is written
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", full)
+    with pytest.warns(UserWarning, match="dropped"):
+        code, err = run_cli(capsys, *args, "--layer", "-1")  # another embedding: another h5ad
+    assert code == 2 and "disk is full" in err
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before  # the h5ad was replaced already
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad", "genes.parquet", "out.h5ad"]
+
+
 # --------------------------------------------------- 11 / 12: classify and perturb outputs
 def test_classify_on_a_read_only_folder_leaves_nothing(bundle, tmp_path, capsys, monkeypatch):  # noqa: F811
     folder, adata = bundle

@@ -27,6 +27,7 @@ STAGES: list[tuple[str, ...]] = [
     ("__init__",),  # __version__ only
     ("errors", "filekinds"),  # filekinds: the stamp in each kind of file this package writes
     ("fileio",),
+    ("pickles",),  # Geneformer's dictionary pickles, read without running code
     ("jit",),  # numba kernels, cached on disk where a cache folder is writable
     ("config",),
     ("plots",),  # figures: errors and fileio only

@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -88,6 +87,35 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
             raise
 
 
+_TOGETHER: list[list[tuple[Path, Path]]] = []  # the renames held back by each open written_together()
+
+
+@contextlib.contextmanager
+def written_together() -> Iterator[None]:
+    """Several output files of one command replace their targets all or none: inside the block,
+    :func:`atomic_file` and :func:`write_h5ad` leave each file at its temporary path, and every
+    rename happens when the block has succeeded (a full disk on the last file keeps the first)."""
+    pending: list[tuple[Path, Path]] = []
+    _TOGETHER.append(pending)
+    try:
+        yield
+        for tmp, target in pending:
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        _TOGETHER.pop()
+
+
+def _rename_into_place(tmp: Path, target: Path) -> None:
+    if _TOGETHER:
+        _TOGETHER[-1].append((tmp, target))
+    else:
+        os.replace(tmp, target)
+
+
 @contextlib.contextmanager
 def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator[io.IOBase]:
     """Open a temporary sibling of ``target`` for writing; rename it into place on success."""
@@ -100,7 +128,7 @@ def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator[io.IOBas
                 yield handle
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, target)
+            _rename_into_place(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -419,50 +447,6 @@ def content_hash(*parts: bytes | str) -> str:
     return digest.hexdigest()[:16]
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admit only plain containers and numpy scalars; anything else (code!) is refused."""
-
-    _allowed = {
-        ("builtins", "dict"),
-        ("builtins", "list"),
-        ("builtins", "tuple"),
-        ("builtins", "set"),
-        ("builtins", "str"),
-        ("builtins", "int"),
-        ("builtins", "float"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._allowed:
-            if module.startswith("numpy"):
-                import importlib
-
-                return getattr(importlib.import_module(module), name)
-            return getattr(__import__("builtins"), name)
-        raise ArtifactError(
-            f"refusing to unpickle {module}.{name}: only dicts of str/int/float and numpy scalars are "
-            "allowed in dictionary pickles. The file may be malicious or not a Geneformer dictionary."
-        )
-
-
-def load_restricted_pickle(path: str | os.PathLike, what: str = "pickle") -> object:
-    """Load a dictionary pickle (e.g. Geneformer's token/median dictionaries) without running code.
-
-    The value is whatever the pickle holds (containers of str/int/float and numpy scalars): the
-    caller checks its shape."""
-    path = check_readable_file(path, what)
-    with open(path, "rb") as handle:
-        try:
-            return _RestrictedUnpickler(handle).load()
-        except ArtifactError:
-            raise
-        except Exception as exc:  # truncated or corrupt pickles raise many exception types
-            raise ArtifactError(f"{what} {path} could not be read ({type(exc).__name__}: {exc}); it may be truncated.") from exc
-
-
 def write_h5ad(adata: anndata.AnnData, out: str | os.PathLike) -> Path:
     """Write an AnnData to ``out`` atomically (gzip; a temporary sibling, then rename); a full or
     read-only disk raises :class:`ArtifactError` (:func:`writing`)."""
@@ -472,7 +456,7 @@ def write_h5ad(adata: anndata.AnnData, out: str | os.PathLike) -> Path:
         tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}.h5ad"
         try:
             write_stamped_h5ad(adata, tmp)
-            os.replace(tmp, out)
+            _rename_into_place(tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

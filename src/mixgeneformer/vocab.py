@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 
 from .errors import ArtifactError, ConfigError, GeneIdError
-from .fileio import content_hash, load_restricted_pickle, read_json, write_json
+from .fileio import content_hash, read_json, write_json
 from .genes import SPECIES, Species, gene_table, one_to_one_orthologs
+from .pickles import load_restricted_pickle
 
 if TYPE_CHECKING:
     from .medians import GeneMedians

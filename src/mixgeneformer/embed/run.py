@@ -23,7 +23,7 @@ from ..bundle import load_for_inference
 from ..config import to_dict
 from ..corpus import check_corpus_vocabulary, load_corpus
 from ..errors import ArtifactError, ConfigError
-from ..fileio import atomic_file, check_outputs_of, read_h5ad, write_h5ad
+from ..fileio import atomic_file, check_outputs_of, read_h5ad, write_h5ad, written_together
 from ..filekinds import parquet_table
 from ..inference import Precision
 from ..model import Pooling
@@ -215,17 +215,19 @@ def write_outputs(
     gene_embeddings: str | os.PathLike | None = None, umap: str | os.PathLike | None = None, color: str | None = None,
     keep_shards: bool = False,
 ) -> list[str]:
-    """Write OUT.h5ad, then the gene table and the UMAP figure when asked for; drop OUT.shards/
-    (unless ``keep_shards``). Returns one line per file written."""
-    write_h5ad(adata, out)
-    written = [f"wrote {out}: obsm[{key!r}] {adata.obsm[key].shape}"]
-    if genes is not None and gene_embeddings is not None:
-        with atomic_file(gene_embeddings, "wb") as handle:
-            pq.write_table(parquet_table(genes), handle)
-        written.append(f"wrote {gene_embeddings}: {len(genes):,} genes x {genes.shape[1] - 1} dims")
-    if umap is not None:
-        plots.umap(adata, color=color, key=key, save=umap)
-        written.append(f"wrote {umap}")
+    """Write OUT.h5ad, the gene table and the UMAP figure when asked for, all or none (a failure of
+    the last keeps every earlier file as it was); drop OUT.shards/ (unless ``keep_shards``).
+    Returns one line per file written."""
+    with written_together():
+        write_h5ad(adata, out)
+        written = [f"wrote {out}: obsm[{key!r}] {adata.obsm[key].shape}"]
+        if genes is not None and gene_embeddings is not None:
+            with atomic_file(gene_embeddings, "wb") as handle:
+                pq.write_table(parquet_table(genes), handle)
+            written.append(f"wrote {gene_embeddings}: {len(genes):,} genes x {genes.shape[1] - 1} dims")
+        if umap is not None:
+            plots.umap(adata, color=color, key=key, save=umap)
+            written.append(f"wrote {umap}")
     if not keep_shards:
         remove_shards(out)
     return written
