@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -64,6 +66,12 @@ def test_shards_written_then_merged_equal_the_single_run(setup, tmp_path):
     assert np.abs(read_cells(folder)["shift"].to_numpy() - single.cells["shift"].to_numpy()).max() <= 1e-5
     assert sorted(stats["perturbed"]) == sorted(whole["perturbed"])
     assert merge_run(out, vocab, PerturbConfig())[0] == folder  # a second merge replaces its own folder
+    genes = [vocab.tokens[int(t)] for t in cells[0][1:3]]
+    shifted = dataclasses.replace(config, gene_shifts=True, genes=genes)
+    write_shard(out, perturb_cells(bert, cells, vocab, shifted, progress=False), shifted)
+    assert (out / "shards" / "gene_shifts-00002-of-00003.parquet").is_file()
+    write_shard(out, perturb_cells(bert, cells, vocab, config, progress=False), config)  # rerun without them
+    assert merge_run(out, vocab, PerturbConfig())[1].gene_shifts is None  # no stale table merged
     (folder / OUTPUT_MARKER).unlink()  # now a folder the user may own
     (folder / "mine.txt").write_text("notes")
     with pytest.raises(ArtifactError, match="was not written by mixgeneformer.*Move that folder away"):

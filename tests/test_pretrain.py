@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -316,6 +317,11 @@ def test_overwrite_keeps_the_previous_run_until_the_new_one_finishes(tmp_path, s
     monkeypatch.delenv("MIXGF_TEST_FAIL_AT_STEP")
     assert run_pretraining(config, resume=True).global_step == 12
     assert not kept.exists() and (out / first.bundle_dir.name).is_dir()
+    assert [p.name for p in out.glob(".*")] == [".mixgf-output"]
+    shutil.copytree(out, kept)  # a kept run the user has not dealt with; the run folder deleted by hand
+    shutil.rmtree(out)
+    run_pretraining(config)  # a fresh run did not set it aside: it stays
+    assert (kept / first.bundle_dir.name).is_dir()
 
 
 def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, synthetic, monkeypatch):

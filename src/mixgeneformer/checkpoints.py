@@ -195,6 +195,7 @@ def plan_run_dir(
         raise ArtifactError(f"output_dir {run_dir} is a file; a run needs a folder. Choose another output_dir.")
     if resume and overwrite:
         raise ConfigError("--resume continues the run in output_dir and --overwrite replaces it; pass one of them.")
+    check_previous_run_dir(run_dir)
     occupied = run_dir.exists() and any(p.name != STAGING for p in run_dir.iterdir())
     if occupied:
         check_not_input(run_dir, inputs, "output_dir")  # even to resume: the run writes its config.yaml there
@@ -236,23 +237,38 @@ def previous_run_dir(run_dir: Path) -> Path:
     return run_dir.parent / f".{run_dir.name}.replaced"
 
 
-def set_aside_previous_run(run_dir: Path) -> None:
-    """``--overwrite``: move the previous run beside (not delete it), so a crash or kill of the new
-    run loses neither; :func:`drop_previous_run` removes it once the new run has finished."""
+_REPLACES = ".replaces"  # in a run folder: this run set the previous one aside (drop it when finished)
+
+
+def check_previous_run_dir(run_dir: Path) -> None:
+    """Refuse a file where ``--overwrite`` keeps the replaced run (every rank checks; nothing written)."""
     kept = previous_run_dir(run_dir)
     if kept.exists() and not kept.is_dir():
         raise ArtifactError(f"{kept} is a file, where --overwrite keeps the run it replaces until the new one has "
                             "finished; move or delete it, then rerun.")
+
+
+def set_aside_previous_run(run_dir: Path) -> None:
+    """``--overwrite``: move the previous run beside (not delete it), so a crash or kill of the new
+    run loses neither; :func:`drop_previous_run` removes it once the new run has finished."""
+    kept = previous_run_dir(run_dir)
     if kept.exists():  # an earlier --overwrite never finished: run_dir holds its partial run, kept the one before
         shutil.rmtree(run_dir)
     else:
         run_dir.rename(kept)
+    run_dir.mkdir(parents=True)
+    (run_dir / _REPLACES).write_text(str(kept))
     logger.warning("the run being replaced is kept in %s until this one has finished", kept)
 
 
 def drop_previous_run(run_dir: Path) -> None:
-    """Remove the run ``--overwrite`` replaced (the new one has finished)."""
+    """Remove the run ``--overwrite`` replaced, now that the run that replaces it has finished (only
+    that run: a fresh run in the folder leaves a kept run alone)."""
+    marker = run_dir / _REPLACES
+    if not marker.is_file():
+        return
     kept = previous_run_dir(run_dir)
-    if kept.exists():
+    if kept.is_dir():
         shutil.rmtree(kept)
         logger.info("removed the replaced run %s", kept)
+    marker.unlink()

@@ -240,7 +240,7 @@ def check_output(
     if not overwrite:
         raise ArtifactError(f"{option} {target} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     if not written_by_package(target, markers, writes):
-        kind = f"a folder without the {OUTPUT_MARKER} marker" if target.is_dir() else "not a file mixgeneformer wrote (it carries no mixgeneformer stamp)"
+        kind = f"a folder without the {OUTPUT_MARKER} marker" if target.is_dir() else "not a file mixgeneformer wrote (it carries no mixgeneformer stamp; outputs of earlier versions of mixgeneformer carry none)"
         raise ArtifactError(
             f"{option} {target} exists and is {kind}: --overwrite only replaces outputs of mixgeneformer. "
             "Delete or move it yourself, or choose another path."
@@ -257,16 +257,17 @@ def _disk_is_full(target: str | os.PathLike) -> bool:
         return False
 
 
-def output_error(target: str | os.PathLike, exc: BaseException) -> ArtifactError | None:
+def output_error(target: str | os.PathLike, exc: BaseException, guess: bool = True) -> ArtifactError | None:
     """A clear error for a write that failed because the disk is full or the path is not writable
     (None for any other exception). Also recognizes libraries that wrap the OS error in their own
-    exception type (safetensors, h5py, Arrow) by its text."""
+    exception type (safetensors, h5py, Arrow) by its text; with ``guess``, any write error while the
+    disk of ``target`` has almost no space left (torch's zip writer says "unexpected pos")."""
     code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
     cause = _WRITE_ERRNOS.get(code) if code is not None else None
     if cause is None:
         text = str(exc).lower()
         cause = next((c for keys, c in _WRITE_TEXTS if any(k in text for k in keys)), None)
-    if cause is None and isinstance(exc, (OSError, RuntimeError)) and _disk_is_full(target):
+    if cause is None and guess and isinstance(exc, (OSError, RuntimeError)) and _disk_is_full(target):
         cause = _WRITE_ERRNOS[errno.ENOSPC]  # e.g. torch's zip writer: "unexpected pos", no errno
     if cause is None:
         return None
@@ -296,14 +297,22 @@ _HELD_LOCKS: dict[str, int] = {}
 def claim_outputs(check: Callable[[], object], *targets: str | os.PathLike | None) -> Iterator[None]:
     """Hold the lock of every output of a command for its whole run. ``check`` (the command's output
     rules) runs before the locks, so a refused output creates nothing, and again under them: another
-    process may have written an output meanwhile. A second writer is refused (:func:`output_lock`)."""
+    process may have written an output meanwhile. A second writer is refused (:func:`output_lock`).
+    Folders the locks created are removed again if the command fails and leaves them empty."""
     check()
-    with contextlib.ExitStack() as stack:
-        for target in targets:
-            if target is not None:
-                stack.enter_context(output_lock(target))
-        check()
-        yield
+    made = [p for t in targets if t is not None for p in Path(t).absolute().parents if not p.exists()]
+    try:
+        with contextlib.ExitStack() as stack:
+            for target in targets:
+                if target is not None:
+                    stack.enter_context(output_lock(target))
+            check()
+            yield
+    except BaseException:
+        for folder in sorted(set(made), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+        raise
 
 
 def lock_path(target: str | os.PathLike) -> Path:

@@ -9,8 +9,10 @@ or a file of a version before stamps) is never replaced.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +24,17 @@ if TYPE_CHECKING:
 WRITTEN_BY = "mixgeneformer"
 _KEY = "written_by"
 
-#: Figure formats whose metadata matplotlib writes as text we can find again (others: not stamped).
-STAMPED_FIGURES = frozenset({"png", "pdf", "svg", "eps", "ps"})
+#: Figure formats whose metadata matplotlib writes as text we can find again: the only ones a
+#: command writes as a file of its own (``--umap``), and each one's stamp as it appears in the file.
+_FIGURE_STAMPS = {
+    "png": re.compile(rb"tEXtCreator\x00mixgeneformer"),
+    "pdf": re.compile(rb"/Creator \(mixgeneformer\)"),
+    "svg": re.compile(rb"<dc:creator>\s*<cc:Agent>\s*<dc:title>mixgeneformer</dc:title>"),
+    "eps": re.compile(rb"\n%%Creator: mixgeneformer\n"),
+    "ps": re.compile(rb"\n%%Creator: mixgeneformer\n"),
+}
+STAMPED_FIGURES = frozenset(_FIGURE_STAMPS)
+_MAX_FIGURE_BYTES = 256 << 20
 
 _TSV_HEADER = b"ensembl_id\tmedian"
 
@@ -59,12 +70,18 @@ class _FirstErrorKept(io.RawIOBase):
         return self.handle.readinto(buffer)
 
     def write(self, data: Any) -> int:
-        if self.error is None:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        while self.error is None and len(view):  # an unbuffered write may take only part (h5py ignores the count)
             try:
-                return self.handle.write(data)
+                written = self.handle.write(view)
             except OSError as exc:
                 self.error = exc
-        return len(memoryview(data))
+                break
+            if not written:
+                self.error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            view = view[written or len(view):]
+        return size
 
     def truncate(self, size: int | None = None) -> int:
         return self.handle.truncate(size)
@@ -127,16 +144,13 @@ def is_package_file(path: Path, kind: str) -> bool:
             import pyarrow.parquet as pq
 
             return (pq.read_schema(path).metadata or {}).get(_KEY.encode()) == WRITTEN_BY.encode()
-        with open(path, "rb") as handle:
-            head = handle.read(8192)
-            handle.seek(max(0, path.stat().st_size - 8192))
-            tail = handle.read()
+        figure = _FIGURE_STAMPS.get(kind.lstrip("."))
+        with open(path, "rb") as handle:  # a figure whole: PDF's Info dictionary sits anywhere before its xref table
+            head = handle.read(_MAX_FIGURE_BYTES if figure is not None else 4096)
     except Exception:  # unreadable, truncated, or not of that type at all
         return False
     if kind == ".tsv":
         return head.startswith(_TSV_HEADER)
     if kind == ".json":
-        return head.lstrip().startswith(b"{") and WRITTEN_BY.encode() in head[:4096]
-    if kind.lstrip(".") in STAMPED_FIGURES:
-        return WRITTEN_BY.encode() in head or WRITTEN_BY.encode() in tail  # Creator metadata: at the start, PDF's near the end
-    return False
+        return head.lstrip().startswith(b"{") and WRITTEN_BY.encode() in head
+    return figure is not None and figure.search(head) is not None

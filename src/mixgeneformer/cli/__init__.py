@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, aborts):
             sys.exit(130)
         # A write that failed because the disk is full or the folder is not writable.
-        error = output_error(getattr(exc, "filename", None) or "the output", exc) if isinstance(exc, OSError) else None
+        filename = getattr(exc, "filename", None)  # without one, the disk to ask about is unknown: no guess
+        error = output_error(filename or "the output", exc, guess=filename is not None) if isinstance(exc, OSError) else None
         if error is None or state["debug"]:
             raise
         print(f"error: {error}", file=sys.stderr)

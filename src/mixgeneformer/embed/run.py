@@ -16,7 +16,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from matplotlib.backend_bases import FigureCanvasBase
 
 from .. import plots
 from ..bundle import load_for_inference
@@ -24,7 +23,7 @@ from ..config import to_dict
 from ..corpus import check_corpus_vocabulary, load_corpus
 from ..errors import ArtifactError, ConfigError
 from ..fileio import atomic_file, check_outputs_of, read_h5ad, write_h5ad, written_together
-from ..filekinds import parquet_table
+from ..filekinds import STAMPED_FIGURES, parquet_table
 from ..inference import Precision
 from ..model import Pooling
 from ..sharding import (
@@ -129,7 +128,7 @@ def check_outputs(
     out: Path, gene_embeddings: Path | None, umap: Path | None, inputs: list[str | os.PathLike | None], overwrite: bool
 ) -> None:
     """Every output of an embedding run is valid, distinct and replaces no input (before any work)."""
-    figures = {f".{s}" for s in FigureCanvasBase.get_supported_filetypes()}
+    figures = {f".{s}" for s in STAMPED_FIGURES}  # formats that carry the stamp --overwrite asks for
     check_outputs_of({"--out": (out, {".h5ad"}), "--gene-embeddings": (gene_embeddings, {".parquet"}),
                       "--umap": (umap, figures)}, inputs, overwrite)
 

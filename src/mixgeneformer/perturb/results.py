@@ -122,8 +122,10 @@ def write_shard(
     name = f"{index:05d}-of-{world:05d}"
     save_config(_run_options(config), shards, f"config-{name}.yaml")
     write_json(shards / f"summary-{name}.json", {"summary": result.summary, "inputs": inputs})
+    shifts = shards / f"gene_shifts-{name}.parquet"
+    shifts.unlink(missing_ok=True)  # an earlier run's, if this one measures none
     if result.gene_shifts is not None:
-        with atomic_file(shards / f"gene_shifts-{name}.parquet", "wb") as handle:
+        with atomic_file(shifts, "wb") as handle:
             result.gene_shifts.to_parquet(handle, index=False)
     target = shards / f"cells-{name}.parquet"
     with atomic_file(target, "wb") as handle:
@@ -199,7 +201,8 @@ def merge_run(
     shards = _complete_shards(folder)
     config = shard_options(folder, config)
     summaries = _shard_summaries(shards)
-    shifts = [path for path in (p.with_name(p.name.replace("cells-", "gene_shifts-", 1)) for p in shards) if path.is_file()]
+    shifts = [p.with_name(p.name.replace("cells-", "gene_shifts-", 1)) for p in shards] if config.gene_shifts else []
+    shifts = [path for path in shifts if path.is_file()]
     if shifts and len(shifts) != len(shards):
         raise ArtifactError(f"only {len(shifts)} of the {len(shards)} shards in {folder} measured gene shifts; rerun every shard with the same options")
     cells = merge_shards(shards)
