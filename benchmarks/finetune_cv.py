@@ -1,4 +1,5 @@
-"""Fine-tuning recipes compared by cross-validation on the TRAINING cells only (no test cell is read).
+"""Fine-tuning recipes compared by cross-validation on the TRAINING cells only (no test cell of a seed is read;
+averaged over seeds, a seed's test cells are among the other seeds' training cells).
 
 The demo's within-species scores come from 345 (human) / 278 (mouse) test cells in which a rare
 class has 4-15 cells, and each fine-tuned model is chosen on a validation split of ~140 cells

@@ -129,7 +129,9 @@ def baselines(
 
     Within one dataset the genes are used as given. When ``species=(train_species, test_species)``
     names two different species, both sides are mapped to human Ensembl IDs through one-to-one
-    orthologs (:func:`ortholog_counts`) and restricted to the shared genes.
+    orthologs (:func:`ortholog_counts`) and restricted to the shared genes; each cell is then scaled
+    over those shared genes, so cells of both species are proportions over the same genes (a
+    species' share of counts on genes without an ortholog does not shift its cells).
     """
     if species is not None and species[0] != species[1]:
         train_all, train_ids = ortholog_counts(task.train_data, species[0], layer)  # type: ignore[arg-type]

@@ -178,13 +178,29 @@ def stratified_split(labels: Sequence[str] | np.ndarray, test_size: float = 0.2,
     train, test = train_test_split(
         np.arange(labels.size), test_size=test_size, random_state=seed, shuffle=True, stratify=labels
     )
-    return np.sort(train).astype(np.int64), np.sort(test).astype(np.int64)
+    return _both_sides(labels, np.sort(train).astype(np.int64), np.sort(test).astype(np.int64), seed)
+
+
+def _both_sides(labels: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Move one cell of each class a side lacks over from the other side (sklearn's stratified
+    split rounds a 2-cell class wholly into training at 20%), so every class is trained and tested."""
+    rng = np.random.default_rng(seed)
+    for cls in np.unique(labels):
+        for source, target in ((0, 1), (1, 0)):
+            sides = [train, test]
+            if not (labels[sides[target]] == cls).any():
+                pool = sides[source][labels[sides[source]] == cls]
+                moved = pool[rng.integers(pool.size)]
+                sides[source] = sides[source][sides[source] != moved]
+                sides[target] = np.sort(np.append(sides[target], moved))
+                train, test = sides
+    return train, test
 
 
 def canonical_label(label: str, synonyms: Mapping[str, str] | None = None) -> str:
     """The name labels are matched by: lower-cased, non-alphanumerics -> ``_``, then synonyms."""
     name = canonical_label_key(label)
-    table = {**LABEL_SYNONYMS, **{canonical_label_key(k): v for k, v in (synonyms or {}).items()}}
+    table = {**LABEL_SYNONYMS, **{canonical_label_key(k): canonical_label_key(v) for k, v in (synonyms or {}).items()}}
     return table.get(name, name)
 
 

@@ -49,16 +49,20 @@ class EvalResult:
 
 
 def classification_metrics(y_true: Sequence[str] | np.ndarray, y_pred: Sequence[str] | np.ndarray) -> dict[str, float]:
-    """Accuracy and macro precision / recall / F1 (sklearn; classes = labels seen in either array).
+    """Accuracy and macro precision / recall / F1 (sklearn) over the classes of ``y_true``.
 
     A class never predicted has precision 0 (``zero_division=0``), so macro scores do not flatter
-    a classifier that ignores classes.
+    a classifier that ignores classes. A prediction of a class the test cells do not hold costs
+    the recall of the cell's true class; it does not add a class to the average (whose weight
+    would otherwise depend on what each method happens to predict).
     """
 
     y_true, y_pred = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
     if y_true.shape != y_pred.shape or y_true.size == 0:
         raise InputDataError(f"need equally long, non-empty label arrays; got {y_true.shape} and {y_pred.shape}.")
-    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=np.unique(y_true), average="macro", zero_division=0
+    )
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_precision": float(precision),
