@@ -94,7 +94,8 @@ _TOGETHER: list[list[tuple[Path, Path]]] = []  # the renames held back by each o
 def written_together() -> Iterator[None]:
     """Several output files of one command replace their targets all or none: inside the block,
     :func:`atomic_file` and :func:`write_h5ad` leave each file at its temporary path, and every
-    rename happens when the block has succeeded (a full disk on the last file keeps the first)."""
+    rename happens when the block has succeeded (a full disk on the last file keeps the first). The
+    renames themselves (within one folder, metadata only) are not atomic as a group."""
     pending: list[tuple[Path, Path]] = []
     _TOGETHER.append(pending)
     try:

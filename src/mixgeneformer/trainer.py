@@ -348,7 +348,7 @@ def _make_callbacks(run_dir: Path, is_main: bool, tensorboard: bool, signals: Si
     return callbacks, stopper
 
 
-def _start_cpu_process_group(timeout_s: int) -> None:
+def start_cpu_process_group(timeout_s: int) -> None:
     """Start the gloo process group of a multi-process CPU run with ``distributed.timeout_s``:
     transformers passes its ``ddp_timeout`` only to GPU groups, so a hung rank would block the
     others for the 30-minute default. Accelerate then uses this group."""
@@ -400,8 +400,6 @@ def training_arguments(config: PretrainConfig, run_dir: Path, precision: str, ha
         "ddp_find_unused_parameters": False,
         "use_cpu": not cuda,
     }
-    if not cuda:
-        _start_cpu_process_group(dist.timeout_s)
     if dist.strategy == "deepspeed":
         kwargs["deepspeed"] = str(dist.deepspeed_config)
     elif dist.strategy == "fsdp":

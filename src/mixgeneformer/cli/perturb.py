@@ -107,12 +107,16 @@ def perturb(
                           "use --stats aggregate, or --stats vs_null with --null DIR")
     check_cells_input(input)
     inputs = [input, model, null, config_file, tokenize_config, vocab_file, medians_file]
+    tk_config = load_tokenize_config(tokenize_config)
+
+    def run() -> tuple:
+        return pt.perturb_file(input, model, config, vocab=vocab_file, medians=medians_file, tokenize_config=tk_config,
+                               progress=progress)
+
     if pt.is_shard_run(config):  # the shards of one run share OUT by design: each writes its own OUT/shards file
         pt.check_shard_folder(out, inputs)
         read = files_signature([Path(p) for p in inputs if p is not None and p != null])  # the merge compares them
-        tk_config = load_tokenize_config(tokenize_config)
-        result, _ = pt.perturb_file(input, model, config, vocab=vocab_file, medians=medians_file,
-                                    tokenize_config=tk_config, progress=progress)
+        result, _ = run()
         index, world = config.shard()
         target = pt.write_shard(out, result, config, {"files": read, "tokenize": to_dict(tk_config) if tk_config else None})
         typer.echo(f"shard {index + 1}/{world}: {len(result.cells):,} perturbations -> {target}")
@@ -120,8 +124,7 @@ def perturb(
         return
     with claim_outputs(lambda: check_output(out, inputs, overwrite=overwrite, option="--out"), out):
         null_cells = pt.read_cells(null) if null is not None else None
-        result, vocab = pt.perturb_file(input, model, config, vocab=vocab_file, medians=medians_file,
-                                        tokenize_config=load_tokenize_config(tokenize_config), progress=progress)
+        result, vocab = run()
         table = pt.finish_run(out, result, config, vocab, stats, null_cells, overwrite)
     _report(out, result, table)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import changed_settings, from_dict, to_dict
 from ..errors import ArtifactError, ConfigError
-from ..fileio import check_output, check_writable, read_json, write_json
+from ..fileio import check_output, read_json, write_json
 from .config import _STEP_TITLES, DEMO_MARKER, DEMO_STEPS, DONE_MARKER, DemoConfig
 
 
@@ -76,7 +76,6 @@ def _prepare_out_dir(out_dir: Path, config: DemoConfig, overwrite: bool) -> None
     marker = out_dir / DEMO_MARKER
     if out_dir.exists() and not out_dir.is_dir():
         raise ArtifactError(f"--out {out_dir} is a file; the demo writes a folder. Choose another --out.")
-    check_writable(out_dir, [config.data_dir], "--out")  # --overwrite would delete the demo's input data
     if out_dir.exists() and any(out_dir.iterdir()):
         if overwrite:
             check_output(out_dir, overwrite=True, markers=(DEMO_MARKER,))

@@ -42,7 +42,8 @@ def run_demo(
     """
     config = config or DemoConfig()
     out_dir = Path(out_dir).resolve()
-    check_writable(out_dir, [config.data_dir], "--out")  # before the lock creates anything beside it
+    # writable and no input (--overwrite would delete the demo's data), before the lock creates anything beside it
+    check_writable(out_dir, [config.data_dir], "--out")
     with output_lock(out_dir):  # a second demo on this folder meanwhile is refused
         _prepare_out_dir(out_dir, config, overwrite)
         ctx = _Context(out_dir=out_dir, config=config, progress=progress)

@@ -130,9 +130,10 @@ def tokenize_files(
     config = config or TokenizeConfig()
     _check_vocab(vocab, config)
     out_dir = check_output(out_dir, paths, overwrite=overwrite)
-    if (out_dir.parent / f".{out_dir.name}.partial").is_file():
-        raise ArtifactError(f"{out_dir.parent / f'.{out_dir.name}.partial'} is a file, where tokenize keeps the shards of "
-                            "an unfinished run; move or delete it, then rerun.")
+    partial = out_dir.parent / f".{out_dir.name}.partial"
+    if partial.is_file():
+        raise ArtifactError(f"{partial} is a file, where tokenize keeps the shards of an unfinished run; move or delete "
+                            "it, then rerun.")
     if not paths:
         raise InputDataError("no input files given.")
     if workers < 1:
@@ -164,7 +165,6 @@ def tokenize_files(
         medians_hash = medians.hash
 
     manifest = run_manifest(items, vocab.hash, medians_hash, config, obs_columns)
-    partial = out_dir.parent / f".{out_dir.name}.partial"
     # One writer per output; the partial folder is only looked at under the lock.
     with output_lock(out_dir), writing(out_dir):
         try:
