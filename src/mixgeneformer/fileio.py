@@ -199,12 +199,17 @@ def check_not_input(target: str | os.PathLike, inputs: Iterable[str | os.PathLik
             )
 
 
+def _nearest_existing(target: str | os.PathLike) -> Path:
+    """The nearest ancestor of ``target`` that exists (where its writes land; the root always exists)."""
+    return next(parent for parent in Path(target).absolute().parents if parent.exists())
+
+
 def check_writable(target: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), option: str = "output") -> Path:
     """The first rules of :func:`check_output`, for commands that decide themselves what an existing
     output means (resume, replace): ``target`` can be written (its nearest existing ancestor is a
     writable folder) and is none of the ``inputs`` nor holds or sits in one. Returns it as a Path."""
     target = Path(target)
-    folder = next(parent for parent in target.absolute().parents if parent.exists())  # the root always exists
+    folder = _nearest_existing(target)
     if not folder.is_dir():
         raise ArtifactError(f"{option} {target}: {folder} is a file, not a folder, so nothing can be written under it. Choose another path.")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -251,9 +256,8 @@ def check_output(
 
 def _disk_is_full(target: str | os.PathLike) -> bool:
     """Whether the file system ``target`` is written to has (almost) no space left."""
-    folder = next((parent for parent in Path(target).absolute().parents if parent.exists()), None)
     try:
-        return folder is not None and shutil.disk_usage(folder).free < 1 << 20
+        return shutil.disk_usage(_nearest_existing(target)).free < 1 << 20
     except OSError:
         return False
 

@@ -36,7 +36,8 @@ _FIGURE_STAMPS = {
 STAMPED_FIGURES = frozenset(_FIGURE_STAMPS)
 _MAX_FIGURE_BYTES = 256 << 20
 
-_TSV_HEADER = b"ensembl_id\tmedian"
+#: The first line of a median table (medians/table.py writes it; it is that file's stamp).
+MEDIANS_HEADER = "ensembl_id\tmedian"
 
 
 class _FirstErrorKept(io.RawIOBase):
@@ -150,7 +151,7 @@ def is_package_file(path: Path, kind: str) -> bool:
     except Exception:  # unreadable, truncated, or not of that type at all
         return False
     if kind == ".tsv":
-        return head.startswith(_TSV_HEADER)
+        return head.startswith(MEDIANS_HEADER.encode())
     if kind == ".json":
         return head.lstrip().startswith(b"{") and WRITTEN_BY.encode() in head
     return figure is not None and figure.search(head) is not None

@@ -256,7 +256,7 @@ def _run_pretraining(
     corpus = {"cells": int(lengths.size), "tokens": int(lengths.sum()), "hash": content_hash(lengths.tobytes())}
     if plan.checkpoint is not None:
         _check_resume_corpus(plan.checkpoint, corpus)
-    if not torch.cuda.is_available():
+    if _distributed_env()[1] > 1 and not torch.cuda.is_available():
         start_cpu_process_group(config.distributed.timeout_s)  # before the Trainer's own, which would ignore it
     args = training_arguments(config, plan.run_dir, plan.precision, data.eval_set is not None)
     environment = _prepare_run_dir(config, plan, args.world_size, data.baselines, corpus)

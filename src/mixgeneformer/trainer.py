@@ -349,14 +349,14 @@ def _make_callbacks(run_dir: Path, is_main: bool, tensorboard: bool, signals: Si
 
 
 def start_cpu_process_group(timeout_s: int) -> None:
-    """Start the gloo process group of a multi-process CPU run with ``distributed.timeout_s``:
-    transformers passes its ``ddp_timeout`` only to GPU groups, so a hung rank would block the
-    others for the 30-minute default. Accelerate then uses this group."""
+    """Start the gloo process group of a multi-process CPU run (torchrun's environment) with
+    ``distributed.timeout_s``: transformers passes its ``ddp_timeout`` only to GPU groups, so a hung
+    rank would block the others for the 30-minute default. Accelerate then uses this group."""
     import datetime
 
     import torch.distributed as torch_dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch_dist.is_available() and not torch_dist.is_initialized():
+    if torch_dist.is_available() and not torch_dist.is_initialized():
         torch_dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 

@@ -14,13 +14,12 @@ import pandas as pd
 
 from ..errors import ArtifactError, InputDataError
 from ..fileio import atomic_file, content_hash, read_text
+from ..filekinds import MEDIANS_HEADER
 
 if TYPE_CHECKING:  # the run module builds tables; a table only names its stats type
     from .run import MedianRunStats
 
 logger = logging.getLogger(__name__)
-
-_TSV_HEADER = "ensembl_id\tmedian"
 
 
 class GeneMedians:
@@ -85,7 +84,7 @@ class GeneMedians:
         """Write a two-column TSV (``ensembl_id``, ``median``) atomically; floats round-trip exactly."""
         path = Path(path)
         with atomic_file(path) as handle:
-            handle.write(_TSV_HEADER + "\n")
+            handle.write(MEDIANS_HEADER + "\n")
             for g, m in zip(self._ids, self._medians, strict=True):
                 handle.write(f"{g}\t{float(m)!r}\n")
         return path
@@ -96,9 +95,9 @@ class GeneMedians:
         path, text = read_text(path, "gene median table", "a gene median TSV (written by `mixgf medians`)")
         with io.StringIO(text) as handle:
             header = handle.readline().rstrip("\n")
-            if header != _TSV_HEADER:
+            if header != MEDIANS_HEADER:
                 raise ArtifactError(
-                    f"gene median table {path} must start with the header {_TSV_HEADER!r}, found "
+                    f"gene median table {path} must start with the header {MEDIANS_HEADER!r}, found "
                     f"{header[:80]!r}. Create it with `mixgf medians` or GeneMedians.save()."
                 )
             values: dict[str, float] = {}
