@@ -8,7 +8,10 @@ command line; :func:`save_config` writes the resolved configuration beside an ar
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -34,7 +37,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping of option names to values, got {type(data).__name__}.")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         raise ConfigError(
             f"unknown option(s) {unknown} in {where}. Valid options: {sorted(fields)}."
@@ -67,6 +70,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if len(errors) == 1:  # an optional value: the one type's own message
+            raise ConfigError(errors[0])
         raise ConfigError(f"{where}: {value!r} matches none of {hint}.")
     if origin is typing.Literal:
         if value not in args:
@@ -87,7 +92,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}.")
-        return dict(value)
+        return {key: _yaml11_float(item) for key, item in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -97,13 +102,16 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected an integer, got {value!r}.")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = value
         if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}.")
+            return float(number)
         raise ConfigError(f"{where}: expected a number, got {value!r}.")
     if hint is str:
         if isinstance(value, str):
@@ -114,6 +122,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return Path(value)
         raise ConfigError(f"{where}: expected a path, got {value!r}.")
     return value
+
+
+#: a number in exponent notation without a dot ("5e-4"), which YAML 1.1 reads as a string
+_EXPONENT_NUMBER = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+
+
+def _yaml11_float(value: Any) -> Any:
+    """``value``, or the float a string such as ``"5e-4"`` stands for (YAML 1.1 leaves it a string)."""
+    return float(value) if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()) else value
 
 
 def to_dict(obj: DataclassInstance) -> dict[str, JSONValue]:
@@ -131,38 +148,63 @@ def to_dict(obj: DataclassInstance) -> dict[str, JSONValue]:
     return {k: plain(v) for k, v in dataclasses.asdict(obj).items()}
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides (values parsed as YAML scalars) to a nested dict copy."""
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None, values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A nested dict copy of ``data`` with ``values`` (dotted key -> value, taken as given, e.g. a
+    CLI option's string) and then the ``a.b=value`` ``overrides`` (values parsed as YAML) set."""
     result = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (data or {}).items()}
+    for key, value in (values or {}).items():
+        _set_dotted(result, key, value)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.learning_rate=1e-4).")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
-        node = result
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            node[part] = dict(child) if isinstance(child, dict) else {}
-            node = node[part]
-        node[parts[-1]] = value
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"override {key.strip()}: the value {raw!r} is not valid YAML ({str(exc).splitlines()[0]}); "
+                f"quote it as a string, e.g. {key.strip()}='{raw}'."
+            ) from exc
+        _set_dotted(result, key, value)
     return result
 
 
-def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
-    """Read a YAML/JSON config file (optional), apply CLI overrides, validate into ``cls``."""
+def _set_dotted(result: dict[str, Any], key: str, value: Any) -> None:
+    node = result
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        node[part] = dict(child) if isinstance(child, dict) else {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def load_config(
+    cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None, values: dict[str, Any] | None = None
+) -> T:
+    """Read a YAML/JSON config file (optional), set ``values`` and apply CLI ``overrides`` (see
+    :func:`apply_overrides`), validate into ``cls``."""
     data: dict[str, Any] = {}
     where = "config"
     if path is not None:
         path, text = read_text(path, "config file", "a YAML or JSON config")
         where = str(path)
+        data = _parse_config_text(text, path)
+    return from_dict(cls, apply_overrides(data, overrides, values), where)
+
+
+def _parse_config_text(text: str, path: Path) -> dict[str, Any]:
+    """A config file's mapping: YAML, or JSON that YAML does not read (e.g. tab-indented)."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
         try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of option names to values.")
-    return from_dict(cls, apply_overrides(data, overrides), where)
+            data = json.loads(text)
+        except ValueError:
+            raise ConfigError(f"config file {path} is not valid YAML or JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option names to values.")
+    return data
 
 
 def save_config(obj: DataclassInstance, directory: str | os.PathLike, name: str = "config.yaml") -> Path:

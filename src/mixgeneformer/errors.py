@@ -31,3 +31,7 @@ class VocabularyMismatchError(MixGeneformerError, ValueError):
 
 class OfflineError(MixGeneformerError, RuntimeError):
     """Something would need the network (e.g. a hub model ID) but we never download at run time."""
+
+
+class TrainingDivergedError(MixGeneformerError, RuntimeError):
+    """The training loss became NaN or infinite: the settings (learning rate, warmup) need changing."""

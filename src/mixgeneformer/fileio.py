@@ -424,11 +424,24 @@ def read_h5ad(path: str | os.PathLike, what: str = "input h5ad", **kwargs: Any) 
 
 
 def write_json(path: str | os.PathLike, obj: JSONValue) -> None:
-    """Write ``obj`` as indented JSON, atomically (numpy scalars and arrays and Paths inside it are
-    converted)."""
+    """Write ``obj`` as indented, strict JSON, atomically (numpy scalars and arrays and Paths inside
+    it are converted; NaN and infinities become ``null``)."""
+    text = json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
     with atomic_file(path) as handle:
-        json.dump(obj, handle, indent=2, sort_keys=False, default=_json_default)
-        handle.write("\n")
+        handle.write(text + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float (Python or numpy, in lists, tuples, dicts, arrays) as None."""
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.ndarray) and obj.dtype.kind == "f":
+        return _finite(obj.tolist())
+    return obj
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file", hint: str = "") -> JSONValue:

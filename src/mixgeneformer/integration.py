@@ -61,6 +61,11 @@ def _check(embeddings: Any, species: Any, cell_types: Any) -> tuple[np.ndarray, 
             f"embeddings {x.shape}, species ({batch.size}) and cell types ({labels.size}) must describe the same cells."
         )
     keep = np.isfinite(x).all(axis=1)
+    if keep.sum() < 2:
+        raise InputDataError(
+            f"only {int(keep.sum())} of {keep.size} cells have a finite embedding; species mixing needs at least 2. "
+            "Check the model (a diverged training gives NaN embeddings) and the cells' genes."
+        )
     return x[keep], batch[keep], labels[keep]
 
 

@@ -14,6 +14,14 @@ from transformers import BertConfig
 
 from .errors import ConfigError, VocabularyMismatchError
 
+try:  # transformers 5 validates config fields through huggingface_hub's strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # older huggingface_hub: configs raise TypeError / ValueError only
+    StrictDataclassError = TypeError  # type: ignore[assignment,misc]
+
+#: what building a config from bad values raises
+CONFIG_VALUE_ERRORS = (TypeError, ValueError, StrictDataclassError)
+
 if TYPE_CHECKING:
     from .vocab import Vocabulary
 
@@ -174,7 +182,7 @@ def make_config(preset: str = "mix-geneformer", vocab: Vocabulary | None = None,
         )
     try:
         config = MixGeneformerConfig(attn_implementation="sdpa", **values)
-    except (TypeError, ValueError) as exc:
+    except CONFIG_VALUE_ERRORS as exc:
         raise ConfigError(f"invalid model option: {exc}") from exc
     validate_config(config)
     return config

@@ -28,6 +28,12 @@ if TYPE_CHECKING:
 
 __all__ = ["confusion_matrix", "perturbation_ranking", "save_figure", "training_curves", "umap"]
 
+
+def plain_text(value: object) -> str:
+    """``value`` as literal figure text: matplotlib reads ``$...$`` as math (and fails on bad TeX)."""
+    return str(value).replace("$", r"\$")
+
+
 _MAX_LEGEND = 30  # beyond this many categories a legend is unreadable; colour without it
 
 
@@ -126,7 +132,7 @@ def _scatter(ax: Any, coords: np.ndarray, labels: np.ndarray, name: str, point_s
             chosen = labels == category
             ax.scatter(
                 coords[chosen, 0], coords[chosen, 1], s=point_size, linewidths=0,
-                color=colours(i % colours.N), label=f"{category} ({int(chosen.sum())})",
+                color=colours(i % colours.N), label=plain_text(f"{category} ({int(chosen.sum())})"),
             )
         if len(categories) <= _MAX_LEGEND:
             ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=3, frameon=False)
@@ -270,8 +276,8 @@ def confusion_matrix(
     ax = fig.subplots()
     image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "cells")
-    ax.set_xticks(range(k), [str(x) for x in labels], rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(k), [f"{x} (n={int(n)})" for x, n in zip(labels, totals, strict=True)], fontsize=8)
+    ax.set_xticks(range(k), [plain_text(x) for x in labels], rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(k), [plain_text(f"{x} (n={int(n)})") for x, n in zip(labels, totals, strict=True)], fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if k <= 25:
@@ -353,7 +359,7 @@ def perturbation_ranking(
     colours = np.where(scores >= 0, "#c0392b", "#2c7fb8")
     for yi, s, c, sig in zip(y, scores, colours, significant, strict=True):
         ax.barh(yi, s, color=c if sig else "white", edgecolor=c, hatch=None if sig else "///")
-    ax.set_yticks(y, [f"{n} *" if (fdr_col and sig) else n for n, sig in zip(names, significant, strict=True)], fontsize=8)
+    ax.set_yticks(y, [plain_text(f"{n} *" if (fdr_col and sig) else n) for n, sig in zip(names, significant, strict=True)], fontsize=8)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel(score_col)
     note = f"; * FDR < {alpha:g} ({fdr_col})" if fdr_col else ""

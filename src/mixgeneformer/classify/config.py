@@ -53,6 +53,15 @@ class EmbeddingConfig:
     knn_k: int = 5
     logreg_c: float = 1.0
 
+    def __post_init__(self) -> None:
+        _check_positive("embedding", {"batch_size": self.batch_size, "knn_k": self.knn_k, "logreg_c": self.logreg_c})
+
+
+def _check_positive(section: str, values: dict[str, float]) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ConfigError(f"{section}.{name}={value} must be > 0.")
+
 
 @dataclass
 class FinetuneConfig:
@@ -158,6 +167,12 @@ class BaselineConfig:
     max_iter: int = 1000
     n_pcs: int = 50
     knn_k: int = 5
+
+    def __post_init__(self) -> None:
+        _check_positive("baselines", {
+            "target_sum": self.target_sum, "clip": self.clip, "logreg_c": self.logreg_c,
+            "max_iter": self.max_iter, "n_pcs": self.n_pcs, "knn_k": self.knn_k,
+        })
 
 
 @dataclass

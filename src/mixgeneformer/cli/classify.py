@@ -31,15 +31,13 @@ def _check_test_file(input: Path, test: Path | None) -> None:
         )
 
 
-def _option_overrides(label: str, freeze_layers: int | None, epochs: float | None, unseen: str | None,
-                      device: str | None) -> list[str]:
-    """The ``--set`` overrides the dedicated options stand for (options not given change nothing)."""
-    overrides = [f"labels.key={label}"]
-    for name, value in (("finetune.freeze_layers", freeze_layers), ("finetune.epochs", epochs),
-                        ("labels.unseen_test_labels", unseen), ("finetune.device", device)):
-        if value is not None:
-            overrides.append(f"{name}={value}")
-    return overrides
+def _option_values(label: str | None, freeze_layers: int | None, epochs: float | None, unseen: str | None,
+                   device: str | None) -> dict[str, object]:
+    """The config settings the dedicated options stand for, taken as given (not parsed as YAML: a
+    column named ``1`` or ``a #b`` stays that string); options not given change nothing."""
+    values = {"labels.key": label, "finetune.freeze_layers": freeze_layers, "finetune.epochs": epochs,
+              "labels.unseen_test_labels": unseen, "finetune.device": device}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _labelled(data: AnnData, label: str, path: Path) -> AnnData:
@@ -57,7 +55,9 @@ def classify(
     input: Path = typer.Argument(..., help="Labelled .h5ad with raw counts (train cells; split 80/20 without --test)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: metrics, per-class reports, confusion matrices, predictions.h5ad."),
     model: Path | None = typer.Option(None, "--model", "-m", help="Model bundle folder (needed unless --mode none)."),
-    label: str = typer.Option("cell_type1", "--label", help="obs column with the cell types."),
+    label: str | None = typer.Option(
+        None, "--label", help="obs column with the cell types [default: labels.key of --config, else cell_type1]."
+    ),
     mode: str = typer.Option("all", "--mode", help=f"One of {sorted(_MODES)}: which model-based methods to run."),
     test: Path | None = typer.Option(
         None, "--test", help="A second labelled .h5ad to test on (e.g. the other species: cross-species transfer)."
@@ -101,8 +101,8 @@ def classify(
             check_cells_input(path, option, corpus=False)
     inputs = [input, test, model, config, vocab, medians, tokenize_config]
     with claim_outputs(lambda: check_output(out, inputs, overwrite=overwrite, option="--out"), out):
-        cli_overrides = _option_overrides(label, freeze_layers, epochs, unseen, device)
-        settings = load_config(clf.ClassifyConfig, config, [*cli_overrides, *overrides])
+        values = _option_values(label, freeze_layers, epochs, unseen, device)
+        settings = load_config(clf.ClassifyConfig, config, overrides, values)
         tok_config = load_tokenize_config(tokenize_config)
 
         train_data = _labelled(read_h5ad(input, "input h5ad"), settings.labels.key, input)

@@ -17,20 +17,10 @@ from ._app import MEDIANS_OPTION, VOCAB_OPTION, app, load_tokenize_config
 
 def _config_from_options(config_file: Path | None, overrides: list[str] | None, options: dict[str, Any]):
     """PerturbConfig from a YAML file, then explicit CLI options, then ``--set key=value``."""
-    import yaml
-
-    from ..config import apply_overrides, from_dict
-    from ..fileio import check_readable_file
+    from ..config import load_config
     from ..perturb import PerturbConfig
 
-    data: dict[str, Any] = {}
-    if config_file is not None:
-        path = check_readable_file(config_file, "perturbation config")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of perturbation options")
-    data.update({k: v for k, v in options.items() if v is not None})
-    return from_dict(PerturbConfig, apply_overrides(data, overrides), "perturb config")
+    return load_config(PerturbConfig, config_file, overrides, {k: v for k, v in options.items() if v is not None})
 
 
 def _split(text: str | None) -> list[str] | None:

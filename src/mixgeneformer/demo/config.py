@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -167,16 +168,18 @@ class DemoConfig:
                 raise ConfigError(f"demo.{name} must be >= 1, got {value}.")
         if self.cells_per_type is not None and self.cells_per_type < 2:
             raise ConfigError(f"demo.cells_per_type must be >= 2 (or None for all cells), got {self.cells_per_type}.")
-        if min(self.finetune_epochs, self.warmup_steps, self.cross_species_weight, self.cross_species_queue) < 0:
+        nonneg = (self.finetune_epochs, self.warmup_steps, self.cross_species_weight, self.cross_species_queue)
+        if not all(value >= 0 and math.isfinite(value) for value in nonneg):
             raise ConfigError(
-                "demo.finetune_epochs, demo.warmup_steps, demo.cross_species_weight and demo.cross_species_queue must be >= 0."
+                "demo.finetune_epochs, demo.warmup_steps, demo.cross_species_weight and demo.cross_species_queue must be "
+                f"finite and >= 0, got {list(nonneg)}."
             )
         if self.cross_species_k < 1:
             raise ConfigError(f"demo.cross_species_k must be >= 1 (1 = mutual nearest cells), got {self.cross_species_k}.")
         finetune_config(self)  # validates finetune_overrides
         if not self.classify_seeds or len(set(self.classify_seeds)) != len(self.classify_seeds):
             raise ConfigError(f"demo.classify_seeds must be distinct seeds, at least one; got {self.classify_seeds}.")
-        if self.learning_rate <= 0:
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ConfigError(f"demo.learning_rate must be > 0, got {self.learning_rate}.")
         self._check_model()
         if self.perturb_start == self.perturb_goal:
@@ -186,8 +189,8 @@ class DemoConfig:
 
     def _check_model(self) -> None:
         """The preset exists and ``embed_layer`` is one of its hidden states (before four steps run)."""
-        if self.preset not in (*PRESETS, "custom"):
-            raise ConfigError(f"demo.preset={self.preset!r} is not one of {[*PRESETS, 'custom']}.")
+        if self.preset not in PRESETS:  # pretraining's check (check_model_options) takes presets only
+            raise ConfigError(f"demo.preset={self.preset!r} is not one of {sorted(PRESETS)}.")
         overrides = self.model_overrides if isinstance(self.model_overrides, dict) else {}
         layers = overrides.get("num_hidden_layers", PRESETS.get(self.preset, {}).get("num_hidden_layers"))
         if isinstance(layers, int):

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import datetime as _dt
-import html
 import json
 import os
 import platform
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +20,7 @@ from ..diagnostics import diagnostics_markdown
 from ..fileio import atomic_file, write_json
 from .config import DEMO_STEPS, SPECIES, DemoConfig, finetune_config
 from .context import _Context, _load_context
+from .markdown import frame_markdown, markdown_to_html, md_text, shell_word
 from .steps import CLASSIFY_SETTINGS, _setting_slug
 
 _METHOD_NAMES = {
@@ -34,61 +33,63 @@ _METHOD_NAMES = {
 
 
 def _commands(ctx: _Context) -> dict[str, list[str]]:
-    """CLI commands that redo each step with the options the demo used (same Python API)."""
+    """CLI commands that redo each step with the options the demo used (same Python API), every
+    value shell-quoted."""
     out, cfg, r = ctx.out_dir, ctx.config, ctx.results
     inputs = r["data"]["inputs"]
     human, mouse = inputs["human"], inputs["mouse"]
     vocab, medians = out / "vocab" / "vocab.json", out / "medians" / "medians.tsv"
     corpus, bundle = out / "tokenize" / "corpus", out / "pretrain" / "run" / "model"
     tok = corpus / "config.yaml"  # the TokenizeConfig the corpus was made with
-    dev = f" --device {cfg.device}" if cfg.device else ""
+    dev = f" --device {shell_word(cfg.device)}" if cfg.device else ""
     fin = "" if cfg.finetune_epochs > 0 else " --mode zero-shot"
     classify = []
     for seed in cfg.classify_seeds:
         for source, target in CLASSIFY_SETTINGS:
-            test = f" --test {inputs[target]}" if source != target else ""
+            test = f" --test {shell_word(inputs[target])}" if source != target else ""
             classify.append(
-                f"mixgf classify {inputs[source]}{test} --model {bundle} --label {cfg.label_key}{fin} --baselines "
-                f"--config {out / 'classify' / 'config.yaml'} --set labels.seed={seed} --tokenize-config {tok} "
-                f"--out {out / 'classify' / _setting_slug(source, target) / f'seed_{seed}'} --overwrite{dev}"
+                f"mixgf classify {shell_word(inputs[source])}{test} --model {shell_word(bundle)} --label {shell_word(cfg.label_key)}{fin} --baselines "
+                f"--config {shell_word(out / 'classify' / 'config.yaml')} --set labels.seed={shell_word(seed)} --tokenize-config {shell_word(tok)} "
+                f"--out {shell_word(out / 'classify' / _setting_slug(source, target) / f'seed_{seed}')} --overwrite{dev}"
             )
     return {
-        "vocab": [f"mixgf vocab build --out {vocab} --mode {cfg.vocab_mode} --gene-set {cfg.gene_set}"],
-        "medians": [f"mixgf medians {human} {mouse} --out {medians} --workers {cfg.workers}"],
+        "vocab": [f"mixgf vocab build --out {shell_word(vocab)} --mode {shell_word(cfg.vocab_mode)} --gene-set {shell_word(cfg.gene_set)}"],
+        "medians": [f"mixgf medians {shell_word(human)} {shell_word(mouse)} --out {shell_word(medians)} --workers {shell_word(cfg.workers)}"],
         "tokenize": [
-            f"mixgf tokenize {human} {mouse} --vocab {vocab} --medians {medians} --out {corpus} "
-            f"--max-len {cfg.max_len} --obs-columns {cfg.label_key} --workers {cfg.workers}"
+            f"mixgf tokenize {shell_word(human)} {shell_word(mouse)} --vocab {shell_word(vocab)} --medians {shell_word(medians)} --out {shell_word(corpus)} "
+            f"--max-len {shell_word(cfg.max_len)} --obs-columns {shell_word(cfg.label_key)} --workers {shell_word(cfg.workers)}"
         ],
-        "pretrain": [f"mixgf pretrain --config {out / 'pretrain' / 'pretrain.yaml'} --resume"],
+        "pretrain": [f"mixgf pretrain --config {shell_word(out / 'pretrain' / 'pretrain.yaml')} --resume"],
         "embed": [
-            f"mixgf embed {inputs[s]} --model {bundle} --species {s} --tokenize-config {tok} "
-            f"--layer {cfg.embed_layer} --pooling {cfg.pooling} "
-            f"--out {out / 'embed' / (s + '.h5ad')} --umap {out / 'embed' / ('umap_' + s + '.png')} "
-            f"--color {cfg.label_key} --overwrite{dev}"
+            f"mixgf embed {shell_word(inputs[s])} --model {shell_word(bundle)} --species {shell_word(s)} --tokenize-config {shell_word(tok)} "
+            f"--layer {shell_word(cfg.embed_layer)} --pooling {shell_word(cfg.pooling)} "
+            f"--out {shell_word(out / 'embed' / (s + '.h5ad'))} --umap {shell_word(out / 'embed' / ('umap_' + s + '.png'))} "
+            f"--color {shell_word(cfg.label_key)} --overwrite{dev}"
             for s in SPECIES
         ],
         "classify": classify,
         "perturb": [
-            f"mixgf perturb {inputs[cfg.perturb_species]} --model {bundle} --perturb delete --genes all "
-            f"--state-column {cfg.label_key} --start {cfg.perturb_start} --goal {cfg.perturb_goal} "
-            f"--alternatives {','.join(cfg.perturb_alternatives)} --cells-per-state {cfg.perturb_cells} "
-            f"--species {cfg.perturb_species} --tokenize-config {tok} --layer {cfg.embed_layer} "
-            f"--pooling {cfg.pooling} --set seed={cfg.seed} --stats vs_all "
-            f"--out {out / 'perturb' / 'results'} --overwrite{dev}"
+            f"mixgf perturb {shell_word(inputs[cfg.perturb_species])} --model {shell_word(bundle)} --perturb delete --genes all "
+            f"--state-column {shell_word(cfg.label_key)} --start {shell_word(cfg.perturb_start)} --goal {shell_word(cfg.perturb_goal)} "
+            f"--alternatives {shell_word(','.join(cfg.perturb_alternatives))} --cells-per-state {shell_word(cfg.perturb_cells)} "
+            f"--species {shell_word(cfg.perturb_species)} --tokenize-config {shell_word(tok)} --layer {shell_word(cfg.embed_layer)} "
+            f"--pooling {shell_word(cfg.pooling)} --set seed={shell_word(cfg.seed)} --stats vs_all "
+            f"--out {shell_word(out / 'perturb' / 'results')} --overwrite{dev}"
         ],
         "demo": [
-            f"mixgf demo --out {out}{' --quick' if cfg.quick else ''}{dev}"
-            + "".join(f" --set {k}={v}" for k, v in _non_default_options(cfg).items())
+            f"mixgf demo --out {shell_word(out)}{' --quick' if cfg.quick else ''}{dev}"
+            + "".join(f" --set {shell_word(f'{k}={v}')}" for k, v in _non_default_options(cfg).items())
         ],
     }
 
 
 def _non_default_options(cfg: DemoConfig) -> dict[str, Any]:
-    """Options that differ from the (quick or full) defaults, as ``--set`` would give them."""
+    """Options that differ from the (quick or full) defaults, as ``--set`` would give them (JSON, which
+    ``--set`` reads back as the same value: a label ``"1"`` stays a string)."""
     base = to_dict(DemoConfig.quick_config() if cfg.quick else DemoConfig())
     mine = to_dict(cfg)
     skip = {"device", "workers", "quick"}
-    return {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in mine.items() if k not in skip and v != base[k]}
+    return {k: json.dumps(v) for k, v in mine.items() if k not in skip and v != base[k]}
 
 
 def _figures(ctx: _Context) -> dict[str, Path]:
@@ -145,8 +146,8 @@ def _seeds_markdown(table: pd.DataFrame) -> str:
     for row in table.to_dict(orient="records"):
         scores = " | ".join(f"{row[m]:.3f} ± {row.get(m + '_sd', 0.0):.3f}" for m in metrics)
         lines.append(
-            f"| {row['setting']} | {row['n_train']:g} / {row['n_test']:g} | "
-            f"{_METHOD_NAMES.get(row['method'], row['method'])} | {row.get('n_seeds', 1)} | {scores} |"
+            f"| {md_text(row['setting'])} | {row['n_train']:g} / {row['n_test']:g} | "
+            f"{md_text(_METHOD_NAMES.get(row['method'], row['method']))} | {row.get('n_seeds', 1)} | {scores} |"
         )
     return "\n".join(lines)
 
@@ -190,7 +191,7 @@ def write_report(
     with atomic_file(path) as handle:
         handle.write(markdown)
     with atomic_file(folder / "report.html") as handle:
-        handle.write(_markdown_to_html(markdown, title=sections[0].lstrip("# ")))
+        handle.write(markdown_to_html(markdown, title=sections[0].lstrip("# ")))
     return path
 
 
@@ -333,7 +334,7 @@ def _classify_perturb_sections(ctx: _Context, figures: dict[str, Path], fig: Cal
     cfg, r = ctx.config, ctx.results
     table = pd.DataFrame(r["classify"]["table"])
     top = pd.DataFrame(r["perturb"]["top_genes"])
-    top_md = _frame_markdown(top) if len(top) else "(no genes)"
+    top_md = frame_markdown(top) if len(top) else "(no genes)"
     return [
         "## Cell-type classification",
         "",
@@ -341,7 +342,7 @@ def _classify_perturb_sections(ctx: _Context, figures: dict[str, Path], fig: Cal
         "",
         _seeds_markdown(table),
         "",
-        *[f"- {setting}: {'; '.join(n)}" for setting, n in r["classify"]["notes"].items()],
+        *[f"- {md_text(setting)}: {md_text('; '.join(n))}" for setting, n in r["classify"]["notes"].items()],
         "",
         "Confusion matrices (Mix-Geneformer embedding + kNN, rows = true type, normalized per row):",
         "",
@@ -416,78 +417,6 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
 
 
-def _frame_markdown(frame: pd.DataFrame) -> str:
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.3g}"
-        return str(value).replace("|", "/")  # ortholog tokens are "HUMAN|mouse"; "|" would split the table cell
-
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "|" + "---|" * len(frame.columns)
-    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *rows])
-
-
 def _version() -> str:
 
     return str(__version__)
-
-
-def _markdown_to_html(markdown: str, title: str) -> str:
-    """A small converter for the subset of Markdown the report uses (headings, tables, images,
-    code blocks, lists, paragraphs), so no extra dependency is needed."""
-
-    out: list[str] = []
-    lines = markdown.splitlines()
-    i = 0
-
-    def inline(text: str) -> str:
-        text = html.escape(text)
-        text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-        return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
-
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("```"):
-            block = []
-            i += 1
-            while i < len(lines) and not lines[i].startswith("```"):
-                block.append(html.escape(lines[i]))
-                i += 1
-            out.append("<pre><code>" + "\n".join(block) + "</code></pre>")
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
-        elif line.startswith("|"):
-            rows = []
-            while i < len(lines) and lines[i].startswith("|"):
-                rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
-                i += 1
-            i -= 1
-            body = [r for r in rows[2:]] if len(rows) > 1 else []
-            out.append(
-                "<table><thead><tr>" + "".join(f"<th>{inline(c)}</th>" for c in rows[0]) + "</tr></thead><tbody>"
-                + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in body)
-                + "</tbody></table>"
-            )
-        elif (match := re.match(r"^!\[([^\]]*)\]\(([^)]+)\)$", line)) is not None:
-            out.append(f'<p><img src="{html.escape(match.group(2))}" alt="{html.escape(match.group(1))}" style="max-width:100%"></p>')
-        elif line.startswith("- "):
-            items = []
-            while i < len(lines) and lines[i].startswith("- "):
-                items.append(f"<li>{inline(lines[i][2:])}</li>")
-                i += 1
-            i -= 1
-            out.append("<ul>" + "".join(items) + "</ul>")
-        elif line.strip():
-            out.append(f"<p>{inline(line)}</p>")
-        i += 1
-    style = (
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.4}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:90%}"
-        "pre{background:#f5f5f5;padding:8px;overflow-x:auto}"
-    )
-    return (
-        f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-        f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n"
-    )

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ..fileio import check_writable, output_lock
+from ..inference import resolve_device
 from .config import DEMO_STEPS, DemoConfig
 from .context import _banner, _Context, _prepare_out_dir, _run_step
 from .report import write_report
@@ -41,6 +42,7 @@ def run_demo(
         ``out_dir`` exists and is not a demo folder, or an input is missing.
     """
     config = config or DemoConfig()
+    resolve_device(config.device)  # an unknown or absent device is refused before any step runs
     out_dir = Path(out_dir).resolve()
     # writable and no input (--overwrite would delete the demo's data), before the lock creates anything beside it
     check_writable(out_dir, [config.data_dir], "--out")
