@@ -157,3 +157,29 @@ def test_species_mixing_without_finite_embeddings_says_so():
 
     with pytest.raises(InputDataError, match="finite embedding"):
         species_mixing(np.full((6, 3), np.nan), ["human", "mouse"] * 3, ["a"] * 6)
+
+
+def test_a_few_ids_of_the_other_species_are_left_out_with_a_warning(caplog):
+    import logging
+
+    from mixgeneformer.genes import _id_set, map_gene_ids
+
+    human = sorted(_id_set("human"))[:98]
+    mouse = sorted(_id_set("mouse"))[:2]
+    with caplog.at_level(logging.WARNING, logger="mixgeneformer.genes"):
+        mapping = map_gene_ids(human + mouse, species="human")
+    assert list(mapping.ensembl_ids[-2:]) == ["", ""] and all(mapping.ensembl_ids[:98])
+    assert any("2 of 100 gene IDs are not human" in r.getMessage() and "--allow-mixed-species" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("medians", [True, False])
+def test_tokenize_takes_exactly_one_source_of_medians(tmp_path, capsys, medians):
+    from mixgeneformer.cli import main
+
+    args = ["tokenize", str(tmp_path / "in.h5ad"), "--vocab", str(tmp_path / "v.json"), "--out", str(tmp_path / "c")]
+    args += ["--medians", str(tmp_path / "m.tsv"), "--per-file-medians"] if medians else []
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and "pass one of --medians" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -490,7 +490,7 @@ def test_cli_classify_max_len_fine_tunes_on_more_genes_and_predict_follows(tiny_
             main(["classify", str(path), "--model", str(bundle), "--out", str(tmp_path / "bad"), *args])
         assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "exceeds the model's 64 positions" in err and "--mode none has none" in err
+    assert "exceeds the model's 64 positions" in err and "--mode none runs none" in err
     assert not (tmp_path / "bad").exists()
 
 

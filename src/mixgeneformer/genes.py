@@ -296,6 +296,11 @@ def _map_ensembl(
                 f"species={species!r} but {wrong.sum():,} of {len(ids):,} gene IDs are {other} "
                 f"(e.g. {ids[wrong][0]!r}). Pass species='{other}' (CLI: --species {other}) or 'auto'."
             )
+        logger.warning(
+            "%s of %s gene IDs are not %s Ensembl IDs (e.g. %r, %s) and are left unmapped; split the file by "
+            "species, or pass allow_mixed=True (CLI: --allow-mixed-species) to keep human and mouse genes.",
+            f"{wrong.sum():,}", f"{len(ids):,}", species, ids[wrong][0], other,
+        )
     stripped = strip_versions(ids)
     known = _id_set("human") | _id_set("mouse") if allow_mixed else _id_set(species)
     keep = pd.Series(stripped).isin(known).to_numpy()

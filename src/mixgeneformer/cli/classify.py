@@ -90,8 +90,11 @@ def classify(
     methods = _MODES[mode]
     if not methods and not baselines:
         raise ConfigError("--mode none runs nothing without --baselines.")
-    if max_len is not None and not methods:
-        raise ConfigError("--max-len sets the genes per cell of the model-based methods; --mode none has none.")
+    if not methods:
+        given = [name for name, value in (("--max-len", max_len), ("--model", model), ("--vocab", vocab),
+                 ("--medians", medians), ("--tokenize-config", tokenize_config)) if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} serve the model-based methods; --mode none runs none. Drop them or choose a --mode.")
     if methods and model is None:
         raise ConfigError(f"--mode {mode} needs --model BUNDLE (or use --mode none --baselines).")
     _check_test_file(input, test)

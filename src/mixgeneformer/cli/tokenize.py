@@ -134,11 +134,11 @@ def tokenize_command(
         "gene_column": gene_column, "chunk_size": chunk_size, "allow_fractional": allow_fractional,
         "min_coverage": min_coverage, "duplicate_genes": duplicate_genes, "allow_mixed_species": allow_mixed_species,
     }, "tokenize")
-    table = None if per_file_medians else (GeneMedians.load(medians) if medians is not None else None)
-    if table is None and not per_file_medians:
+    if (medians is None) != per_file_medians:
         from ..errors import ConfigError
 
-        raise ConfigError("--medians is required (or pass --per-file-medians).")
+        raise ConfigError("pass one of --medians TSV (the corpus's medians) and --per-file-medians (each file's own).")
+    table = None if per_file_medians else GeneMedians.load(medians)
     out_dir = tokenize_files(
         [str(p) for p in inputs], out, Vocabulary.load(vocab), table, config, _split(obs_columns),
         workers=workers, overwrite=overwrite, progress=True,
