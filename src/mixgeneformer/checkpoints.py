@@ -196,9 +196,10 @@ def plan_run_dir(
     if resume and overwrite:
         raise ConfigError("--resume continues the run in output_dir and --overwrite replaces it; pass one of them.")
     check_previous_run_dir(run_dir)
+    # every mode, a new run folder too (inside a corpus it would write checkpoints into that input); even
+    # to resume: the run writes its config.yaml there
+    check_not_input(run_dir, inputs, "output_dir")
     occupied = run_dir.exists() and any(p.name != STAGING for p in run_dir.iterdir())
-    if occupied:
-        check_not_input(run_dir, inputs, "output_dir")  # even to resume: the run writes its config.yaml there
     if resume_from is not None:
         return "resume", resolve_checkpoint(resume_from)
     if resume:

@@ -2,10 +2,11 @@
 
 A corpus is a ``datasets.save_to_disk`` folder (columns ``input_ids``, ``length``, ``species``,
 ``cell_index`` + obs columns), its ``config.yaml`` (the TokenizeConfig) and ``mixgf_corpus.json``
-(vocabulary and median hashes, counts). One opener, one vocabulary check."""
+(vocabulary and median hashes, counts). One opener, one vocabulary and median-table check."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -13,27 +14,69 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import yaml
 
-from .errors import ArtifactError, InputDataError, VocabularyMismatchError
+from .errors import ArtifactError, ConfigError, InputDataError, VocabularyMismatchError
 from .fileio import check_readable_file, read_json
+from .medians import GeneMedians
 from .vocab import Vocabulary
 
 CORPUS_JSON = "mixgf_corpus.json"
+logger = logging.getLogger(__name__)
 
 
-def corpus_vocab_hash(corpus_dir: Path) -> str | None:
-    """The vocabulary hash a corpus records in ``mixgf_corpus.json`` (None if it records none)."""
+def _corpus_meta(corpus_dir: Path) -> dict:
+    """A corpus's ``mixgf_corpus.json`` (an error naming the fix when it is missing)."""
     meta_path = Path(corpus_dir) / CORPUS_JSON
     if not meta_path.exists():
         raise ArtifactError(
             f"{corpus_dir} is not a mixgeneformer corpus ({CORPUS_JSON} missing). Create it with `mixgf tokenize`."
         )
     meta = read_json(meta_path, "corpus metadata")
-    return meta.get("vocab_hash") if isinstance(meta, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
-def check_corpora(paths: list[Path], vocab: Vocabulary) -> None:
-    """Every corpus must exist and record the hash of ``vocab``; checked before training starts."""
+def corpus_vocab_hash(corpus_dir: Path) -> str | None:
+    """The vocabulary hash a corpus records in ``mixgf_corpus.json`` (None if it records none)."""
+    return _corpus_meta(corpus_dir).get("vocab_hash")
+
+
+def _tokenized_per_file(corpus_dir: Path) -> bool:
+    """Whether the corpus's ``config.yaml`` (its TokenizeConfig) says ``medians: per_file``."""
+    try:
+        settings = yaml.safe_load((Path(corpus_dir) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(settings, dict) and settings.get("medians") == "per_file"
+
+
+def check_corpus_medians(paths: list[Path], medians: str | os.PathLike | None) -> None:
+    """``medians`` (data.medians, which the model bundle ships to tokenize new cells) must be the table
+    each corpus was tokenized with, as its ``mixgf_corpus.json`` records it (``GeneMedians.hash``).
+
+    Not compared: a corpus recording no medians hash (written by other tools or older versions), and
+    one tokenized with per-file medians (each input normalized by its own table: no single table is it).
+    """
+    if medians is None:
+        return
+    table_hash = GeneMedians.load(medians).hash
+    for path in paths:
+        recorded = _corpus_meta(Path(path)).get("medians_hash")
+        if recorded in (None, table_hash):
+            continue
+        if _tokenized_per_file(Path(path)):
+            logger.info("corpus %s was tokenized with per-file medians; data.medians %s is not compared with them", path, medians)
+            continue
+        raise ConfigError(
+            f"corpus {path} was tokenized with gene medians {recorded}, but data.medians ({medians}) has hash "
+            f"{table_hash}; the model bundle would ship a table its corpus was not normalized with. Set data.medians "
+            "to the medians.tsv the corpus was tokenized with (mixgf tokenize --medians), or re-tokenize the corpus with this table."
+        )
+
+
+def check_corpora(paths: list[Path], vocab: Vocabulary, medians: str | os.PathLike | None = None) -> None:
+    """Every corpus must exist and record the hash of ``vocab`` and (when given) of the ``medians``
+    table (:func:`check_corpus_medians`); checked before training starts."""
     for path in paths:
         if not Path(path).is_dir():
             what = "is a file, not a corpus folder" if Path(path).is_file() else "not found"
@@ -44,6 +87,7 @@ def check_corpora(paths: list[Path], vocab: Vocabulary) -> None:
                 f"corpus {path} was tokenized with vocabulary {recorded}, but data.vocab has hash {vocab.hash}. "
                 "Use the vocab.json the corpus was built with, or re-tokenize the data."
             )
+    check_corpus_medians(paths, medians)
 
 
 _COUNT_FORMATS = {".loom": "a .loom file", ".h5": "a 10x .h5 file", ".mtx": "a Matrix Market file", ".gz": "a compressed file"}

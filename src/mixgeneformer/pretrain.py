@@ -274,7 +274,7 @@ def _plan_run(config: PretrainConfig, resume: bool, overwrite: bool, resume_from
     vocab = Vocabulary.load(config.data.vocab)
     if config.data.medians is not None and not Path(config.data.medians).is_file():
         raise ArtifactError(f"data.medians file not found: {config.data.medians}.")
-    check_corpora(list(config.data.corpus), vocab)
+    check_corpora(list(config.data.corpus), vocab, config.data.medians)
     if config.distributed.deepspeed_config is not None and not Path(config.distributed.deepspeed_config).is_file():
         raise ArtifactError(f"distributed.deepspeed_config not found: {config.distributed.deepspeed_config}.")
     inputs = [*config.data.corpus, config.data.vocab, config.data.medians, config.distributed.deepspeed_config]

@@ -43,6 +43,23 @@ def _check_key(adata: Any, key: str, overwrite: bool) -> None:
         )
 
 
+def _check_writable(adata: Any, copy: bool) -> None:
+    """anndata cannot copy a backed AnnData nor write into a view of one: refused before any work."""
+    if not getattr(adata, "isbacked", False):
+        return
+    if adata.is_view:
+        raise ConfigError(
+            f"adata is a view of the backed file {adata.filename}, and anndata cannot write the embedding into it; "
+            "read the view into memory first (adata[...].to_memory() reads only its cells)."
+        )
+    if copy:
+        raise ConfigError(
+            f"copy=True cannot copy the backed AnnData {adata.filename} (anndata copies backed objects only to a "
+            "new file); pass copy=False (obsm is written in memory, the file is untouched) or read it into "
+            "memory first (adata.to_memory())."
+        )
+
+
 def _params_record(model_name: str, vocab: Vocabulary, layer: int, pooling: str, hidden: int, **extra: Any) -> dict:
 
     record = {
@@ -133,6 +150,7 @@ def embed_anndata(
     if not hasattr(adata, "obsm") or not hasattr(adata, "obs"):
         raise ConfigError(f"adata must be an AnnData, got {type(adata).__name__}")
     _check_key(adata, key, overwrite)
+    _check_writable(adata, copy)
     model, vocab, medians, tokenize_config, model_name = load_for_inference(model_or_bundle_dir, vocab, medians, tokenize_config)
     bert = encoder_of(model)
     layers_to_run(len(bert.encoder.layer), layer)

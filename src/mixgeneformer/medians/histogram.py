@@ -37,9 +37,7 @@ import scipy.sparse as sp
 from ..errors import ArtifactError, InputDataError
 from ..fileio import atomic_file, check_readable_file
 from ..jit import njit
-from ..readers import (
-    remap_columns,
-)
+from ..readers import canonical_csr, remap_columns
 from .table import GeneMedians
 
 
@@ -173,7 +171,7 @@ class MedianAccumulator:
             Per-cell normalization totals; cells with total ≤ 0 (or NaN) are skipped, so a caller
             excludes cells by setting their total to 0.
         """
-        counts = sp.csr_matrix(counts)
+        counts = canonical_csr(counts)  # a gene stored twice in a cell is one value, their sum
         totals = np.ascontiguousarray(totals, dtype=np.float64)
         if totals.shape != (counts.shape[0],):
             raise ValueError(f"totals has shape {totals.shape}, expected ({counts.shape[0]},)")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputDataError
@@ -59,7 +60,9 @@ def _accumulate_range(
         known = vocabulary_ids if genes is None else genes
         mapping = options.map_genes(source, known)
         ensembl = mapping.ensembl_ids
-        kept = (accumulator._slots(ensembl) >= 0) if genes is not None else ensembl != ""
+        kept = None
+        if options.totals == "kept":  # the vocabulary's genes, as in the tokenizer's totals (checked given)
+            kept = accumulator._slots(ensembl) >= 0 if genes is not None else pd.Index(ensembl).isin(list(vocabulary_ids or ()))
         extra = [c for c in ("n_counts", "filter_pass") if c in source.obs_columns]
         read = used = 0
         for chunk in source.iter_chunks(options.chunk_size, obs_columns=extra, start=start, stop=stop):
@@ -101,6 +104,9 @@ def accumulate_medians(
     options = _read_options(read, read_options)
     if options.totals not in ("all", "kept"):
         raise InputDataError(f"totals must be 'all' or 'kept', got {options.totals!r}.")
+    if options.totals == "kept" and genes is None and vocabulary_ids is None:
+        raise ConfigError("totals='kept' divides each count by the cell's total over the vocabulary's genes, and no "
+                          "vocabulary was given: pass --vocab VOCAB.json (API: genes= or vocabulary_ids=), or use totals='all'.")
     if not inputs:
         raise InputDataError("no inputs given: pass at least one .h5ad / .loom / 10x / SOMA path or AnnData.")
     if workers < 1:
@@ -176,7 +182,8 @@ def compute_medians(
         Passed to :func:`accumulate_medians`: ``read`` (a :class:`~mixgeneformer.readers.ReadOptions`),
         ``genes`` (restrict to these Ensembl IDs), ``bins_per_decade``, ``progress``, and any
         ReadOptions field as a keyword overriding ``read`` (``layer``, ``gene_column``, ``species``,
-        ``totals`` ("all" | "kept"), ``min_coverage``, ``allow_mixed_species``, ``allow_fractional``,
+        ``totals`` ("all" | "kept": the vocabulary's genes, so ``genes`` or ``vocabulary_ids`` is
+        required), ``min_coverage``, ``allow_mixed_species``, ``allow_fractional``,
         ``measurement``, ``chunk_size``),
         ``vocabulary_ids`` (Ensembl IDs kept even where the shipped gene table lacks them; ``genes``
         implies them).

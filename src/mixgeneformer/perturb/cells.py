@@ -117,6 +117,8 @@ def perturb_cells(
     too_small = chosen[n_genes[chosen] < config.min_genes]
     if len(too_small):
         logger.warning("dropping %d cells with fewer than %d genes", len(too_small), config.min_genes)
+    if len(too_small) == len(chosen):
+        raise InputDataError(_all_dropped_message(config, n_genes[chosen]))
     chosen = chosen[n_genes[chosen] >= config.min_genes]
     shard_index, num_shards = config.shard()
     mine = chosen[shard_index::num_shards]
@@ -167,6 +169,16 @@ def perturb_cells(
         seconds=round(time.perf_counter() - started, 3),
     )
     return PerturbationResult(frame, gene_frame, summary)
+
+
+def _all_dropped_message(config: PerturbConfig, selected_genes: np.ndarray) -> str:
+    """Why nothing is left to perturb: every selected cell has fewer than ``min_genes`` genes."""
+    which = f" of state {config.start!r} ({config.state_column!r})" if config.start is not None else ""
+    return (
+        f"all {len(selected_genes):,} selected cells{which} have fewer than min_genes={config.min_genes} genes (the most "
+        f"has {int(selected_genes.max())}) and were dropped; nothing would be perturbed. Lower min_genes (CLI: --set "
+        "min_genes=N), or select other cells (start state, cells_per_state)."
+    )
 
 
 def _read_tokens(dataset: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,14 @@ Usage::
 
 from __future__ import annotations
 
-from .base import CountChunk, CountInput, CountSource, release_free_memory, validate_counts
+from .base import (
+    CountChunk,
+    CountInput,
+    CountSource,
+    canonical_csr,
+    release_free_memory,
+    validate_counts,
+)
 from .formats import open_source
 from .options import (
     FILTER_COLUMN,
@@ -37,6 +44,7 @@ __all__ = [
     "CountInput",
     "CountSource",
     "ReadOptions",
+    "canonical_csr",
     "check_distinct_inputs",
     "filter_pass_rows",
     "map_source_genes",

@@ -65,6 +65,18 @@ def checked_csr(matrix: sp.csr_matrix, where: str, start: int) -> sp.csr_matrix:
     return matrix
 
 
+def canonical_csr(counts: sp.spmatrix | sp.sparray | np.ndarray) -> sp.csr_matrix:
+    """``counts`` as CSR with one stored entry per (cell, gene), summed, and sorted columns. A matrix
+    built from data / indices / indptr may store a cell's gene twice; every consumer reads the stored
+    entries as the gene's count (the caller's matrix is never modified)."""
+    if not isinstance(counts, sp.csr_matrix):
+        counts = sp.csr_matrix(counts)
+    if not counts.has_canonical_format:
+        counts = counts.copy()
+        counts.sum_duplicates()
+    return counts
+
+
 @dataclass
 class CountChunk:
     """A block of consecutive cells of one source.
@@ -299,8 +311,7 @@ class CountSource:
                 release_free_memory()  # the previous chunk's buffers are garbage by now
             with reading(self.name, f"reading cells {lo}–{hi - 1}"):
                 counts = self._read_rows(lo, hi)
-                if not isinstance(counts, sp.csr_matrix):
-                    counts = sp.csr_matrix(counts)
+                counts = canonical_csr(counts)
                 chunk_obs = self.obs(list(obs_columns), lo, hi)
             if len(chunk_obs) != hi - lo:
                 raise InputDataError(f"{self.name}: cells {lo}–{hi - 1} have {len(chunk_obs)} obs names for {hi - lo} "

@@ -59,10 +59,34 @@ class _MatrixSource(CountSource):
         return self._obs_frame[column].iloc[start:stop]
 
 
+class _BackedSource(_H5adSource):
+    """A backed AnnData (not a view): counts streamed from its file, gene IDs and obs from the object
+    (changes made to its var / obs since it was opened count, as for an in-memory AnnData)."""
+
+    def __init__(self, adata: Any, gene_column: str | None, allow_fractional: bool):
+        super().__init__(Path(adata.filename), None, None, allow_fractional)
+        if (self.n_cells, self.n_genes) != tuple(adata.shape):
+            raise InputDataError(f"{self.name}: the file holds {self.n_cells} × {self.n_genes} counts but the backed "
+                                 f"AnnData is {adata.n_obs} × {adata.n_vars}; the file changed since it was opened: open it again.")
+        self.gene_ids = _pick_gene_ids(adata.var, np.asarray(adata.var_names), gene_column, self.name)
+        self._obs_frame = adata.obs
+        self.obs_columns = [str(c) for c in adata.obs.columns]
+
+    def _obs_names(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self._obs_frame.index[start:stop])
+
+    def _obs_column(self, column: str, start: int, stop: int) -> pd.Series:
+        return self._obs_frame[column].iloc[start:stop]
+
+
 def _anndata_source(adata: Any, layer: str | None, gene_column: str | None, allow_fractional: bool) -> CountSource:
     name = "AnnData"
-    if getattr(adata, "isbacked", False) and adata.filename is not None:
-        return _H5adSource(Path(adata.filename), layer, gene_column, allow_fractional)
+    if getattr(adata, "isbacked", False):
+        if adata.is_view:  # a selection of a backed file's cells / genes: read just those, in the view's order
+            with reading(str(adata.filename), f"reading the {adata.n_obs} × {adata.n_vars} view of the backed AnnData"):
+                adata = adata.to_memory()
+        elif layer is None:  # X stays on disk (a backed object's layers are in memory: read below)
+            return _BackedSource(adata, gene_column, allow_fractional)
     if layer is None:
         matrix = adata.X
         if matrix is None:
