@@ -183,3 +183,17 @@ def test_tokenize_takes_exactly_one_source_of_medians(tmp_path, capsys, medians)
         main(args)
     assert exit_info.value.code == 2 and "pass one of --medians" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_rank_value_encode_sums_a_gene_stored_twice():
+    import scipy.sparse as sp
+
+    from mixgeneformer.tokenize.encode import rank_value_encode
+
+    split = sp.csr_matrix((np.array([2.0, 3.0, 3.0, 1.0]), np.array([0, 0, 2, 3]), np.array([0, 4])), shape=(1, 4))
+    whole = sp.csr_matrix(np.array([[5.0, 0.0, 3.0, 1.0]]))
+    args = (np.arange(4, dtype=np.int64) + 10, np.ones(4), np.array([9.0]), 8)
+    tokens, lengths = rank_value_encode(split, *args)
+    assert split.nnz == 4  # the caller's matrix is not changed
+    np.testing.assert_array_equal(tokens, rank_value_encode(whole, *args)[0])
+    assert list(lengths) == [3]

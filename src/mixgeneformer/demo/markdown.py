@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import re
 import shlex
-from typing import Any
 
 import pandas as pd
 
@@ -36,7 +35,7 @@ def md_text(value: object) -> str:
 def frame_markdown(frame: pd.DataFrame) -> str:
     """A Markdown table of ``frame`` (floats to 3 significant digits, every cell through :func:`md_text`)."""
 
-    def cell(value: Any) -> str:
+    def cell(value: object) -> str:
         return f"{value:.3g}" if isinstance(value, float) else md_text(value)
 
     header = "| " + " | ".join(map(md_text, frame.columns)) + " |"

@@ -19,6 +19,7 @@ from ..jit import njit
 from ..medians import GeneMedians, compute_medians
 from ..readers import (
     CountChunk,
+    canonical_csr,
     filter_pass_rows,
     normalization_totals,
     remap_columns,
@@ -148,7 +149,7 @@ def rank_value_encode(
     lengths : np.ndarray[int64]
         Tokens per cell (0 for cells without any expressed vocabulary gene).
     """
-    counts = sp.csr_matrix(counts)
+    counts = canonical_csr(counts)  # a gene stored twice in a cell is one count
     n_rows = counts.shape[0]
     token_ids = np.asarray(token_ids, dtype=np.int64)
     medians = np.asarray(medians, dtype=np.float64)
