@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from . import __version__
-from .config import load_config
+from .config import load_config, to_dict
 from .errors import ArtifactError, ConfigError, OfflineError, VocabularyMismatchError
 from .fileio import atomic_directory, check_readable_file, read_json, write_json
 from .medians import GeneMedians
@@ -31,8 +31,13 @@ from .model import (
     MixGeneformerForPretraining,
     check_vocabulary,
 )
-from .tokenize import TokenizeConfig
+from .tokenize import TokenizeConfig, load_tokenize_config
 from .vocab import Vocabulary
+
+try:  # transformers 5 validates config fields through huggingface_hub's strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # older huggingface_hub: configs raise TypeError / ValueError only
+    StrictDataclassError = TypeError  # type: ignore[assignment,misc]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,14 @@ PRETRAINED_KIND = "pretrained"
 
 
 CLASSIFIER_KIND = "classifier"
+
+
+#: Files of a pretraining checkpoint folder (RUN/checkpoint-N): checkpoints.COMPLETE (written last by
+#: this package) and the Hugging Face Trainer's state. Such a folder holds weights but no tokenize.yaml.
+CHECKPOINT_FILES = ("COMPLETE", "trainer_state.json", "optimizer.pt")
+
+
+RUN_BUNDLE_DIR = "model"  # where a pretraining run writes its bundle (pretrain.BUNDLE_DIR)
 
 
 def save_bundle(
@@ -133,6 +146,39 @@ def bundle_tokenize_config(directory: str | os.PathLike) -> TokenizeConfig | Non
     return load_config(TokenizeConfig, path)
 
 
+class TokenizeOverrides(TokenizeConfig):
+    """Tokenize options that override a bundle's ``tokenize.yaml`` key by key (CLI ``--tokenize-config``).
+
+    Built like a :class:`TokenizeConfig` from the options a file sets (``load_config(TokenizeOverrides,
+    path)``); :func:`resolve_tokenize_config` puts exactly those options over the bundle's recorded
+    ones, so ``layer: counts`` alone keeps the bundle's ``max_len``, ``style`` and species token. A plain
+    :class:`TokenizeConfig` passed to an API replaces the bundle's settings as a whole.
+    """
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)  # type: ignore[arg-type]
+        self.given = frozenset(options)
+
+    def __repr__(self) -> str:
+        return f"TokenizeOverrides({', '.join(f'{k}={getattr(self, k)!r}' for k in sorted(self.given))})"
+
+    def over(self, base: TokenizeConfig | None) -> TokenizeConfig:
+        """``base`` (defaults where None) with the options given here set."""
+        values = to_dict(base) if base is not None else {}
+        values.update({name: getattr(self, name) for name in self.given})
+        return load_tokenize_config(values)
+
+
+def resolve_tokenize_config(given: TokenizeConfig | None, recorded: TokenizeConfig | None) -> TokenizeConfig | None:
+    """The tokenize options to use: ``recorded`` (a bundle's) when nothing is given, ``given`` laid over
+    it when it is a :class:`TokenizeOverrides`, else ``given`` as a whole."""
+    if given is None:
+        return recorded
+    if isinstance(given, TokenizeOverrides):
+        return given.over(recorded)
+    return given
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -141,8 +187,10 @@ def _resolve_folder(path: str | os.PathLike) -> Path:
     if folder.exists():
         if not folder.is_dir():
             raise ArtifactError(f"model path {folder} is a file; pass the folder that holds config.json and model.safetensors.")
+        _refuse_training_folder(folder)
         return folder
-    if isinstance(path, str) and _HUB_ID.match(path) and not path.startswith((".", "/", "~")):
+    path = os.fspath(path)  # a Path too: the CLI passes one
+    if _HUB_ID.match(path) and not path.startswith((".", "/", "~")):
         raise OfflineError(
             f"{path!r} is not a local folder and looks like a Hugging Face Hub ID; mixgeneformer never downloads at "
             f"run time. Download it first (e.g. `huggingface-cli download {path} --local-dir ./{path.split('/')[-1]}`) "
@@ -150,6 +198,50 @@ def _resolve_folder(path: str | os.PathLike) -> Path:
             f"{Path.cwd()})."
         )
     raise ArtifactError(f"model folder not found: {folder}. Check the path (relative paths are taken from {Path.cwd()}).")
+
+
+def _refuse_training_folder(folder: Path) -> None:
+    """A pretraining checkpoint (RUN/checkpoint-N) or run folder (RUN) is no model to use: it records no
+    tokenize settings, so new cells would be tokenized unlike the training corpus. Name RUN/model."""
+    if any((folder / name).exists() for name in CHECKPOINT_FILES):
+        run = folder.parent.parent if folder.parent.name == ".staging" else folder.parent
+        raise ArtifactError(
+            f"{folder} is a pretraining checkpoint (for resuming training with --resume-from), not a model bundle: it "
+            "lacks the tokenize settings of the training corpus. Pass the run's model bundle "
+            f"{run / RUN_BUNDLE_DIR} (written when the run finishes)."
+        )
+    if not (folder / "config.json").exists() and (
+        (folder / RUN_BUNDLE_DIR / "config.json").exists() or any(folder.glob("checkpoint-*"))
+    ):
+        raise ArtifactError(
+            f"{folder} is a pretraining run folder, not a model bundle; pass its model bundle {folder / RUN_BUNDLE_DIR} "
+            "(written when the run finishes)."
+        )
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The ``mixgf.json`` marker of a bundle folder (None when it has none); an error unless it is a mapping."""
+    path = folder / BUNDLE_MARKER
+    if not path.exists():
+        return None
+    marker = read_json(path, "bundle marker")
+    if not isinstance(marker, dict):
+        raise ArtifactError(
+            f"bundle marker {path} holds a JSON {type(marker).__name__}, not an object; the folder was edited or "
+            "damaged. Re-save the model (save_bundle) or re-download it."
+        )
+    return marker
+
+
+def check_bundle_vocabulary(folder: Path, marker: dict[str, Any] | None, config: MixGeneformerConfig, vocab: Vocabulary) -> None:
+    """The vocabulary fits the bundle: the hash its ``mixgf.json`` records and the model's ``vocab_size``
+    (:func:`model.check_vocabulary`); shared by :func:`load_bundle` and ``classify.load_classifier``."""
+    if marker is not None and marker.get("vocab_hash") not in (None, vocab.hash):
+        raise VocabularyMismatchError(
+            f"{folder / BUNDLE_MARKER} records vocabulary hash {marker.get('vocab_hash')} but vocab.json has {vocab.hash}; "
+            "the bundle was edited by hand. Re-save it with save_bundle."
+        )
+    check_vocabulary(config, vocab)
 
 
 def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -191,10 +283,22 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_weights(model: MixGeneformerForPretraining, state: dict[str, torch.Tensor], folder: Path) -> None:
-    """Load a BertForMaskedLM / BertForPreTraining / BertModel / our state dict into ``model``."""
+    """Load a BertForMaskedLM / BertForPreTraining / BertModel / our state dict into ``model``.
+
+    Tensors the model has no place for are dropped when they are heads it does not use (BERT's
+    next-sentence head, a task head) or old ``position_ids`` buffers; an encoder or embedding tensor
+    without a place means config.json describes a smaller model than the weights: an error."""
     expected = set(model.state_dict())
     if not any(k.startswith("bert.") for k in state):  # a bare BertModel checkpoint
         state = {f"bert.{k}": v for k, v in state.items()}
+    unused = sorted(k for k in state if k not in expected and k.startswith(("bert.encoder.", "bert.embeddings."))
+                    and not k.endswith("position_ids"))
+    if unused:
+        raise ArtifactError(
+            f"model weights in {folder} hold {len(unused)} encoder tensors that config.json has no place for (e.g. "
+            f"{unused[:3]}); config.json (num_hidden_layers={model.config.num_hidden_layers}) does not describe these "
+            "weights. Restore the config.json saved with them."
+        )
     state = {k: v for k, v in state.items() if k in expected}
     tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
     missing = sorted(expected - set(state) - tied)
@@ -214,6 +318,31 @@ def _load_weights(model: MixGeneformerForPretraining, state: dict[str, torch.Ten
         # The pooler stays randomly initialised; it only matters for pooling="pooler".
         model.pooler_is_trained = False
         logger.warning("checkpoint %s has no BERT pooler weights; pooling='pooler' would use an untrained pooler.", folder)
+
+
+def _read_config(folder: Path) -> MixGeneformerConfig:
+    """The folder's ``config.json`` as a config; an error naming the file when it is no valid BERT config."""
+    config_path = check_readable_file(folder / "config.json", "model config")
+    raw_config = read_json(config_path, "model config")
+    model_type = raw_config.get("model_type", "bert") if isinstance(raw_config, dict) else type(raw_config).__name__
+    if model_type != "bert":
+        raise ArtifactError(f"{config_path} is not a BERT config (model_type={model_type!r}); pass a BERT / Geneformer model folder.")
+    try:
+        return MixGeneformerConfig.from_dict(raw_config)
+    except (TypeError, ValueError, StrictDataclassError) as exc:
+        raise ArtifactError(f"{config_path} is not a valid BERT config ({exc}); restore the config.json saved with the weights.") from exc
+
+
+def _build_model(config: MixGeneformerConfig, config_path: Path) -> MixGeneformerForPretraining:
+    """The model ``config`` describes; values no model can be built from (e.g. an unknown ``hidden_act``)
+    are an error naming ``config_path``."""
+    try:
+        return MixGeneformerForPretraining(config)
+    except (KeyError, TypeError, ValueError, StrictDataclassError) as exc:
+        raise ArtifactError(
+            f"{config_path} describes no model that can be built ({type(exc).__name__}: {str(exc)[:200]}); "
+            "restore the config.json saved with the weights."
+        ) from exc
 
 
 # long: a 20-line docstring; the body is one validation sequence (config, vocabulary, marker, weights).
@@ -250,16 +379,7 @@ def load_bundle(
     """
 
     folder = _resolve_folder(path)
-    config_path = check_readable_file(folder / "config.json", "model config")
-    raw_config = read_json(config_path, "model config")
-    model_type = raw_config.get("model_type", "bert") if isinstance(raw_config, dict) else type(raw_config).__name__
-    if model_type != "bert":
-        raise ArtifactError(f"{config_path} is not a BERT config (model_type={model_type!r}); pass a BERT / Geneformer model folder.")
-    try:
-        config = MixGeneformerConfig.from_dict(raw_config)
-    except (TypeError, ValueError) as exc:
-        raise ArtifactError(f"{config_path} is not a valid BERT config: {exc}") from exc
-
+    config = _read_config(folder)
     bundle_vocab = None
     if (folder / "vocab.json").exists() or (folder / BUNDLE_MARKER).exists():
         bundle_vocab = Vocabulary.load(check_readable_file(folder / "vocab.json", "bundle vocabulary"))
@@ -278,26 +398,20 @@ def load_bundle(
             f"the vocabulary given (hash {vocab.hash}) differs from the bundle's vocab.json (hash {bundle_vocab.hash}); "
             "omit the vocabulary argument to use the bundle's own."
         )
-    if (folder / BUNDLE_MARKER).exists():
-        marker = read_json(folder / BUNDLE_MARKER, "bundle marker")
-        if marker.get("kind") == CLASSIFIER_KIND:
-            raise ArtifactError(
-                f"{folder} holds a fine-tuned classifier, not a pretrained model: predict with it by `mixgf predict "
-                f"--classifier {folder}` (classify.load_classifier), or pass the pretrained model folder it was fine-tuned from."
-            )
-        if marker.get("vocab_hash") not in (None, vocab.hash):
-            raise VocabularyMismatchError(
-                f"{folder / BUNDLE_MARKER} records vocabulary hash {marker.get('vocab_hash')} but vocab.json has {vocab.hash}; "
-                "the bundle was edited by hand. Re-save it with save_bundle."
-            )
-    check_vocabulary(config, vocab)
+    marker = read_marker(folder)
+    if marker is not None and marker.get("kind") == CLASSIFIER_KIND:
+        raise ArtifactError(
+            f"{folder} holds a fine-tuned classifier, not a pretrained model: predict with it by `mixgf predict "
+            f"--classifier {folder}` (classify.load_classifier), or pass the pretrained model folder it was fine-tuned from."
+        )
+    check_bundle_vocabulary(folder, marker, config, vocab)
     if medians is not None and not isinstance(medians, GeneMedians):
         medians = GeneMedians.load(medians)
     elif medians is None and (folder / "medians.tsv").exists():
         medians = GeneMedians.load(check_readable_file(folder / "medians.tsv", "bundle gene medians"))
 
     state = _read_state_dict(folder)
-    model = MixGeneformerForPretraining(config)
+    model = _build_model(config, folder / "config.json")
     _load_weights(model, state, folder)
     model.attach_vocabulary(vocab)
 
@@ -327,7 +441,9 @@ def load_for_inference(
     The one loader behind every model command (CLI ``--vocab`` / ``--medians``). ``vocab`` and
     ``medians`` are objects or paths to their files; arguments given explicitly win; otherwise a
     bundle supplies its vocabulary, medians and the tokenize configuration of its training corpus
-    (None where it records none).
+    (None where it records none). A :class:`TokenizeConfig` given replaces the bundle's as a whole; a
+    :class:`TokenizeOverrides` (CLI ``--tokenize-config``) sets only its options over the bundle's
+    (:func:`resolve_tokenize_config`).
     """
     if isinstance(model_or_bundle_dir, (str, os.PathLike)):
         model, bundle_vocab, bundle_medians = load_bundle(model_or_bundle_dir, vocab, medians=medians)
@@ -335,7 +451,7 @@ def load_for_inference(
             model,
             bundle_vocab,
             bundle_medians,
-            tokenize_config if tokenize_config is not None else bundle_tokenize_config(model_or_bundle_dir),
+            resolve_tokenize_config(tokenize_config, bundle_tokenize_config(model_or_bundle_dir)),
             str(model_or_bundle_dir),
         )
     if not isinstance(model_or_bundle_dir, torch.nn.Module):
@@ -350,4 +466,4 @@ def load_for_inference(
     vocab = vocab if vocab is not None else getattr(model, "vocab", None)
     if vocab is None:
         raise ConfigError("an in-memory model needs its vocabulary: pass vocab= (or a bundle folder instead)")
-    return model, vocab, medians, tokenize_config, type(model).__name__
+    return model, vocab, medians, resolve_tokenize_config(tokenize_config, None), type(model).__name__

@@ -98,7 +98,6 @@ class _FirstErrorKept(io.RawIOBase):
 def write_h5ad(adata: anndata.AnnData, path: str | Path) -> None:
     """Write ``adata`` to ``path`` as gzip-compressed h5ad carrying the stamp (a root attribute
     anndata ignores). A failed write (a full disk) raises its ``OSError`` after HDF5 has closed."""
-    import anndata as ad
     import h5py
 
     adata.strings_to_categoricals()  # as AnnData.write_h5ad does
@@ -108,7 +107,7 @@ def write_h5ad(adata: anndata.AnnData, path: str | Path) -> None:
         guarded = _FirstErrorKept(handle)
         try:
             with h5py.File(guarded, "w") as store:
-                ad.io.write_elem(store, "/", adata, dataset_kwargs={"compression": "gzip"})
+                _write_anndata(store, adata)
                 store.attrs[_KEY] = WRITTEN_BY
         except Exception as exc:  # after a dropped write HDF5 reads a short file and fails its own way
             if guarded.error is not None:
@@ -117,6 +116,25 @@ def write_h5ad(adata: anndata.AnnData, path: str | Path) -> None:
         if guarded.error is not None:
             raise guarded.error
         os.fsync(handle.fileno())
+
+
+def _write_anndata(store: Any, adata: anndata.AnnData) -> None:
+    """The elements of ``adata`` into the root of ``store`` as ``anndata.AnnData.write_h5ad`` writes them:
+    ``X`` and ``raw`` only when present (``write_elem`` of a whole AnnData stores a missing ``raw`` as a
+    null element, which anndata then cannot read back in backed mode)."""
+    from anndata.io import write_elem
+
+    options = {"dataset_kwargs": {"compression": "gzip"}}
+    store.attrs["encoding-type"] = "anndata"
+    store.attrs["encoding-version"] = "0.1.0"
+    if adata.X is not None:
+        write_elem(store, "X", adata.X, **options)
+    if adata.raw is not None:
+        write_elem(store, "raw", adata.raw, **options)
+    for name in ("obs", "var"):
+        write_elem(store, name, getattr(adata, name), **options)
+    for name in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+        write_elem(store, name, dict(getattr(adata, name)), **options)
 
 
 def parquet_table(frame: pd.DataFrame) -> pa.Table:

@@ -173,6 +173,15 @@ def check_batch_size(batch_size: object) -> None:
         raise ConfigError(f"batch_size must be a positive integer (cells per forward pass), got {batch_size!r}")
 
 
+def check_output_key(key: object) -> None:
+    """Raise :class:`ConfigError` unless ``key`` can name an obs / obsm / uns entry of an h5ad: a
+    non-empty string without ``/`` (HDF5 reads ``a/b`` as a group path, so the file cannot be read back)."""
+    if not isinstance(key, str) or not key.strip():
+        raise ConfigError(f"key must be a non-empty string, got {key!r}")
+    if "/" in key:
+        raise ConfigError(f"key {key!r} contains '/', which an h5ad cannot store as a name; use e.g. {key.replace('/', '_')!r}")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """The torch device to run on: ``None`` picks CUDA when available, else the CPU.
 

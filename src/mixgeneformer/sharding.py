@@ -53,6 +53,7 @@ from .fileio import (
     check_readable_file,
     content_hash,
     output_lock,
+    read_h5ad,
     read_json,
     write_json,
 )
@@ -371,7 +372,7 @@ def output_frame(input: Path) -> ad.AnnData:
         obs = corpus.select_columns(meta).to_pandas() if meta else pd.DataFrame(index=range(len(corpus)))
         obs.index = obs.index.astype(str)
         return ad.AnnData(obs=obs)
-    return ad.read_h5ad(input)
+    return read_h5ad(input, "input h5ad")
 
 
 def merge(out: str | os.PathLike) -> tuple[str, dict[str, Any], ad.AnnData, pd.DataFrame | None]:
@@ -413,9 +414,24 @@ def read_rows(input: Path, start: int, stop: int) -> ad.AnnData:
     except (OSError, KeyError, ValueError) as exc:
         raise ArtifactError(f"cannot read {input} as h5ad ({exc}); is it truncated or another format?") from exc
     try:
+        if _null_raw(backed):
+            del backed.raw  # a null ``raw`` (earlier versions of this package wrote one): anndata cannot slice it
         return backed[start:stop].to_memory()
+    except (AttributeError, KeyError, OSError) as exc:
+        raise ArtifactError(
+            f"cannot read cells {start}-{stop} of {input} from the backed file ({type(exc).__name__}: {exc}); rewrite it "
+            "with anndata (ad.read_h5ad(path).write_h5ad(new_path)) and pass the new file"
+        ) from exc
     finally:
         backed.file.close()
+
+
+def _null_raw(backed: ad.AnnData) -> bool:
+    """Whether a backed h5ad stores ``raw`` as a null element (no raw/X): older versions of this package wrote that."""
+    try:
+        return backed.file["raw"].attrs.get("encoding-type") == "null"
+    except (KeyError, AttributeError, TypeError):
+        return False
 
 
 def plain_record(value: object) -> JSONValue:

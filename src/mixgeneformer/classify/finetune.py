@@ -14,14 +14,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import SafetensorError
 from transformers import EarlyStoppingCallback, TrainingArguments
 
 from ..bundle import (
-    BUNDLE_MARKER,
     CLASSIFIER_KIND,
     TOKENIZE_CONFIG_NAME,
     WEIGHTS_NAME,
+    StrictDataclassError,
     bundle_tokenize_config,
+    check_bundle_vocabulary,
+    read_marker,
     save_bundle,
 )
 from ..config import load_config, save_config
@@ -159,6 +162,30 @@ class FittedClassifier:
         return save_bundle(self.model, directory, self.vocab, self.medians, overwrite=overwrite, extra_files=write_run_files)
 
 
+def _load_classifier_weights(weights_dir: Path) -> MixGeneformerForCellClassification:
+    """The classification model of a folder; weights that are truncated or do not fit its config.json
+    (other sizes, labels or layers: tensors left over or missing) are an error naming the folder."""
+    fix = "re-save the classifier (`mixgf classify ... --out DIR` writes DIR/finetuned) or restore its files"
+    try:
+        model, info = MixGeneformerForCellClassification.from_pretrained(
+            weights_dir, use_safetensors=True, output_loading_info=True
+        )
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, TypeError, StrictDataclassError) as exc:
+        raise ArtifactError(
+            f"classifier {weights_dir / WEIGHTS_NAME} with {weights_dir / 'config.json'} could not be loaded "
+            f"({type(exc).__name__}: {str(exc)[:300]}); the file is truncated or config.json does not describe these "
+            f"weights: {fix}."
+        ) from exc
+    unfit = {name: sorted(map(str, info.get(name) or [])) for name in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    unfit = {name: keys for name, keys in unfit.items() if keys}
+    if unfit:
+        raise ArtifactError(
+            f"classifier weights {weights_dir / WEIGHTS_NAME} do not fit {weights_dir / 'config.json'} "
+            f"({'; '.join(f'{n}: {len(k)}, e.g. {k[:2]}' for n, k in unfit.items())}): {fix}."
+        )
+    return model
+
+
 def load_classifier(directory: str | os.PathLike) -> FittedClassifier:
     """Load a classifier saved by :meth:`FittedClassifier.save` (safetensors only).
 
@@ -167,13 +194,15 @@ def load_classifier(directory: str | os.PathLike) -> FittedClassifier:
     directory = Path(directory)
     weights_dir = directory / "model" if (directory / "model" / "config.json").is_file() else directory
     check_readable_file(weights_dir / WEIGHTS_NAME, "classifier weights")
-    if (directory / BUNDLE_MARKER).is_file() and read_json(directory / BUNDLE_MARKER, "bundle marker").get("kind") != CLASSIFIER_KIND:
+    marker = read_marker(directory)
+    if marker is not None and marker.get("kind") != CLASSIFIER_KIND:
         raise ArtifactError(
             f"{directory} is a pretrained model, not a fine-tuned classifier: fine-tune one with `mixgf classify "
             f"--model {directory} --out DIR` and pass DIR/finetuned."
         )
     vocab = Vocabulary.load(check_readable_file(directory / "vocab.json", "classifier vocabulary"))
-    model = MixGeneformerForCellClassification.from_pretrained(weights_dir, use_safetensors=True)
+    model = _load_classifier_weights(weights_dir)
+    check_bundle_vocabulary(directory, marker, model.config, vocab)
     medians = GeneMedians.load(directory / "medians.tsv") if (directory / "medians.tsv").exists() else None
     classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
     return FittedClassifier(

@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 import anndata as ad
 import numpy as np
 
+from ..bundle import resolve_tokenize_config
 from ..config import to_dict
-from ..corpus import load_corpus
+from ..corpus import check_corpus_vocabulary, load_corpus
 from ..errors import ArtifactError, ConfigError
-from ..fileio import check_outputs_of, write_h5ad
-from ..inference import check_batch_size, encoder_of, resolve_device
+from ..fileio import check_outputs_of, read_h5ad, write_h5ad
+from ..inference import check_batch_size, check_output_key, encoder_of, resolve_device
 from ..sharding import (
     DEFAULT_TIMEOUT_S,
     ShardJob,
@@ -47,9 +48,9 @@ def predict_cells(fitted: FittedClassifier, data: ad.AnnData | datasets.Dataset,
     """Class probabilities of every cell of an AnnData (tokenized with the classifier's vocabulary
     and medians, and the tokenize options it was trained with unless ``tokenize_config`` is given) or
     of a tokenized corpus: ((n_cells, n_classes) float32, NaN rows for cells the tokenizer dropped;
-    number dropped)."""
+    number dropped). A :class:`bundle.TokenizeOverrides` sets only its options over the classifier's."""
     if hasattr(data, "obs") and hasattr(data, "var"):
-        tokenize_config = tokenize_config if tokenize_config is not None else fitted.tokenize_config
+        tokenize_config = resolve_tokenize_config(tokenize_config, fitted.tokenize_config)
         tokens = tokenize_cells(data, fitted.vocab, fitted.medians, tokenize_config,
                                 int(encoder_of(fitted.model).config.max_position_embeddings))
         dataset, rows, n = tokens.dataset, tokens.rows, data.n_obs
@@ -71,19 +72,28 @@ def predict_sharded(
     device: str | None = None,
     tokenize_config: TokenizeConfig | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    overwrite: bool = False,
     echo: Callable[[str], None] = print,
 ) -> ad.AnnData | None:
     """Classify ``input`` (an .h5ad or a corpus folder) with a saved fine-tuned classifier.
 
     One process (``role.world == 1``): classify everything and return the AnnData. Several: like
     :func:`mixgeneformer.embed.embed_sharded`, the merged AnnData on the merging process and None elsewhere.
-    Writes obs[KEY_pred], obs[KEY_prob], obsm[KEY_probabilities] and uns[KEY_classes].
+    Writes obs[KEY_pred], obs[KEY_prob], obsm[KEY_probabilities], uns[KEY_classes] and uns[KEY_params];
+    where the input holds any of them already that is an error unless ``overwrite``. A corpus folder
+    must have been tokenized with the classifier's vocabulary.
     """
     input, out = Path(input), Path(out)
     check_batch_size(batch_size)
+    check_prediction_keys(input, key, overwrite)
     device = rank_device(device)
     resolve_device(device)  # a bad --device is refused before any work
     fitted = load_classifier(classifier)
+    if input.is_dir():
+        check_corpus_vocabulary(input, fitted.vocab.hash)
+        tokenize_config = None  # a corpus is tokenized already
+    else:
+        tokenize_config = resolve_tokenize_config(tokenize_config, fitted.tokenize_config)
 
     def compute(start: int, stop: int) -> dict[str, np.ndarray]:
         data = load_corpus(input).select(range(start, stop)) if input.is_dir() else read_rows(input, start, stop)
@@ -108,6 +118,34 @@ def predict_sharded(
     return merge(out)[2]
 
 
+def prediction_slots(key: str) -> dict[str, list[str]]:
+    """What a prediction run writes under ``key``: obs columns, obsm and uns entries."""
+    return {"obs": [f"{key}_pred", f"{key}_prob"], "obsm": [f"{key}_probabilities"],
+            "uns": [f"{key}_classes", f"{key}_params"]}
+
+
+def check_prediction_keys(input: Path, key: str, overwrite: bool) -> None:
+    """``key`` is a valid output key, and (unless ``overwrite``) the input holds none of the entries a
+    prediction under it writes (as ``mixgf embed`` refuses an existing obsm[KEY] without --overwrite)."""
+    check_output_key(key)
+    if overwrite or not input.exists():
+        return
+    if input.is_dir():
+        present = {"obs": set(load_corpus(input).column_names), "obsm": set(), "uns": set()}
+    else:
+        adata = read_h5ad(input, "input h5ad", backed="r")
+        try:
+            present = {"obs": set(adata.obs.columns), "obsm": set(adata.obsm.keys()), "uns": set(adata.uns.keys())}
+        finally:
+            adata.file.close()
+    taken = [f"{slot}[{name!r}]" for slot, names in prediction_slots(key).items() for name in names if name in present[slot]]
+    if taken:
+        raise ConfigError(
+            f"the input {input} already holds {', '.join(taken)}; pass --overwrite (API: overwrite=True) to replace "
+            "them, or choose another --key"
+        )
+
+
 def predict_file(
     input: str | os.PathLike,
     classifier: str | os.PathLike,
@@ -127,14 +165,16 @@ def predict_file(
     """``mixgf predict``: check the output first, then classify ``input`` in one process or this
     process' shard (:func:`predict_sharded`). Returns the AnnData for :func:`write_prediction_file`
     on the process that writes; None on the others. ``config_files``: other files the run read (e.g.
-    the ``--tokenize-config`` YAML), which the output may not replace."""
+    the ``--tokenize-config`` YAML), which the output may not replace. ``overwrite`` replaces OUT and
+    the input's own entries under ``key`` (:func:`check_prediction_keys`)."""
     input = Path(input)
     check_outputs_of({"--out": (out, {".h5ad"})}, [input, classifier, *config_files], overwrite)
     if not input.exists():
         raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
     return predict_sharded(
         input, classifier, out, role=shard_role(shard_index, num_shards), key=key, batch_size=batch_size,
-        device=device, tokenize_config=None if input.is_dir() else tokenize_config, timeout_s=timeout_s, echo=echo,
+        device=device, tokenize_config=None if input.is_dir() else tokenize_config, timeout_s=timeout_s,
+        overwrite=overwrite, echo=echo,
     )
 
 

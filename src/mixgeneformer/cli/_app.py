@@ -28,9 +28,18 @@ def _root(
     state["debug"] = debug
 
 
-def load_tokenize_config(path):
-    """The TokenizeConfig of ``--tokenize-config``, or None (a model bundle then supplies its own)."""
-    from ..config import load_config
-    from ..tokenize import TokenizeConfig
+# The help of every --tokenize-config option: the file overlays the model's tokenize.yaml.
+TOKENIZE_CONFIG_HELP = (
+    "YAML of tokenize options (layer, style, max_len, ...). Only the options it sets change: the others keep "
+    "the model's tokenize.yaml (how its training corpus was tokenized), e.g. `layer: counts` alone keeps its "
+    "max_len, style and species token."
+)
 
-    return None if path is None else load_config(TokenizeConfig, path)
+
+def load_tokenize_config(path):
+    """The options of ``--tokenize-config`` as a ``bundle.TokenizeOverrides`` (the options the file sets,
+    laid over the model bundle's tokenize.yaml when the model loads), or None (the bundle's own then)."""
+    from ..bundle import TokenizeOverrides
+    from ..config import load_config
+
+    return None if path is None else load_config(TokenizeOverrides, path)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ._app import app, load_tokenize_config
+from ._app import TOKENIZE_CONFIG_HELP, app, load_tokenize_config
 
 
 @app.command("predict")
@@ -14,14 +14,14 @@ def predict(
     input: Path = typer.Argument(..., help="An .h5ad file with raw counts, or a tokenized corpus folder."),
     classifier: Path = typer.Option(..., "--classifier", "-c", help="A fine-tuned classifier folder (mixgf classify: OUT/finetuned)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .h5ad: the input's cells with obs[KEY_pred], obs[KEY_prob]."),
-    key: str = typer.Option("predicted", "--key", help="Prefix of the obs / obsm columns written."),
+    key: str = typer.Option("predicted", "--key", help="Prefix of the obs / obsm / uns entries written (no '/')."),
     batch_size: int = typer.Option(64, "--batch-size", help="Cells per forward pass."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
-    tokenize_config: Path | None = typer.Option(None, "--tokenize-config", help="YAML of tokenize options (style, max_len, ...); default: the classifier's tokenize.yaml."),
+    tokenize_config: Path | None = typer.Option(None, "--tokenize-config", help=TOKENIZE_CONFIG_HELP),
     shard_index: int | None = typer.Option(None, "--shard-index", help="This job's shard (default: env RANK under torchrun)."),
     num_shards: int | None = typer.Option(None, "--num-shards", help="Number of shards (default: env WORLD_SIZE)."),
     timeout: float = typer.Option(86_400, "--timeout", help="Seconds ranks of a launch wait for each other at the end."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT and the input's own obs/obsm/uns entries under KEY."),
 ) -> None:
     """Predict the class of every cell; under torchrun each rank takes a share (see `mixgf embed`)."""
     from ..classify import predict as pred

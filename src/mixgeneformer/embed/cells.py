@@ -20,7 +20,14 @@ from ..config import to_dict
 from ..corpus import check_corpus_vocabulary, load_corpus
 from ..errors import ConfigError
 from ..fileio import read_h5ad
-from ..inference import CorpusEmbeddings, Precision, embed_corpus, encoder_of, layers_to_run
+from ..inference import (
+    CorpusEmbeddings,
+    Precision,
+    check_output_key,
+    embed_corpus,
+    encoder_of,
+    layers_to_run,
+)
 from ..model import Pooling
 from ..tokenize import tokenize_for_model, warn_dropped
 
@@ -34,8 +41,7 @@ if TYPE_CHECKING:  # imported lazily at run time: they pull heavy dependencies
 
 
 def _check_key(adata: Any, key: str, overwrite: bool) -> None:
-    if not isinstance(key, str) or not key:
-        raise ConfigError(f"key must be a non-empty string, got {key!r}")
+    check_output_key(key)
     if key in adata.obsm and not overwrite:
         raise ConfigError(
             f"adata.obsm[{key!r}] already exists; pass overwrite=True (CLI: --overwrite) to replace it, "
