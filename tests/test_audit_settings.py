@@ -197,3 +197,10 @@ def test_rank_value_encode_sums_a_gene_stored_twice():
     assert split.nnz == 4  # the caller's matrix is not changed
     np.testing.assert_array_equal(tokens, rank_value_encode(whole, *args)[0])
     assert list(lengths) == [3]
+
+
+def test_a_corpus_folder_is_not_embedded_under_a_key_with_a_slash(tmp_path):
+    from mixgeneformer.embed import embed_corpus_folder
+
+    with pytest.raises(ConfigError, match="/"):
+        embed_corpus_folder(tmp_path / "no-corpus", tmp_path / "no-model", key="emb/v1")

@@ -31,13 +31,9 @@ from .model import (
     MixGeneformerForPretraining,
     check_vocabulary,
 )
+from .model_config import CONFIG_VALUE_ERRORS
 from .tokenize import TokenizeConfig, load_tokenize_config
 from .vocab import Vocabulary
-
-try:  # transformers 5 validates config fields through huggingface_hub's strict dataclasses
-    from huggingface_hub.errors import StrictDataclassError
-except ImportError:  # older huggingface_hub: configs raise TypeError / ValueError only
-    StrictDataclassError = TypeError  # type: ignore[assignment,misc]
 
 logger = logging.getLogger(__name__)
 
@@ -329,7 +325,7 @@ def _read_config(folder: Path) -> MixGeneformerConfig:
         raise ArtifactError(f"{config_path} is not a BERT config (model_type={model_type!r}); pass a BERT / Geneformer model folder.")
     try:
         return MixGeneformerConfig.from_dict(raw_config)
-    except (TypeError, ValueError, StrictDataclassError) as exc:
+    except CONFIG_VALUE_ERRORS as exc:
         raise ArtifactError(f"{config_path} is not a valid BERT config ({exc}); restore the config.json saved with the weights.") from exc
 
 
@@ -338,7 +334,7 @@ def _build_model(config: MixGeneformerConfig, config_path: Path) -> MixGeneforme
     are an error naming ``config_path``."""
     try:
         return MixGeneformerForPretraining(config)
-    except (KeyError, TypeError, ValueError, StrictDataclassError) as exc:
+    except (KeyError, *CONFIG_VALUE_ERRORS) as exc:
         raise ArtifactError(
             f"{config_path} describes no model that can be built ({type(exc).__name__}: {str(exc)[:200]}); "
             "restore the config.json saved with the weights."

@@ -21,7 +21,6 @@ from ..bundle import (
     CLASSIFIER_KIND,
     TOKENIZE_CONFIG_NAME,
     WEIGHTS_NAME,
-    StrictDataclassError,
     bundle_tokenize_config,
     check_bundle_vocabulary,
     read_marker,
@@ -33,6 +32,7 @@ from ..fileio import check_readable_file, read_json, write_json
 from ..inference import encoder_of, resolve_device
 from ..medians import GeneMedians
 from ..model import MixGeneformerForCellClassification
+from ..model_config import CONFIG_VALUE_ERRORS
 from ..vocab import Vocabulary
 from .config import ClassifyConfig, FinetuneConfig
 from .metrics import EvalResult, Prediction, _argmax_labels, evaluate
@@ -170,7 +170,7 @@ def _load_classifier_weights(weights_dir: Path) -> MixGeneformerForCellClassific
         model, info = MixGeneformerForCellClassification.from_pretrained(
             weights_dir, use_safetensors=True, output_loading_info=True
         )
-    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, TypeError, StrictDataclassError) as exc:
+    except (SafetensorError, OSError, RuntimeError, KeyError, *CONFIG_VALUE_ERRORS) as exc:
         raise ArtifactError(
             f"classifier {weights_dir / WEIGHTS_NAME} with {weights_dir / 'config.json'} could not be loaded "
             f"({type(exc).__name__}: {str(exc)[:300]}); the file is truncated or config.json does not describe these "

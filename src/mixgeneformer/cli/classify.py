@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from ..errors import ConfigError, InputDataError
-from ._app import MEDIANS_OPTION, VOCAB_OPTION, app, load_tokenize_config
+from ._app import MEDIANS_OPTION, TOKENIZE_CONFIG_HELP, VOCAB_OPTION, app, load_tokenize_config
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -68,7 +68,7 @@ def classify(
     unseen: str | None = typer.Option(None, "--unseen", help="Test labels never seen in training: 'drop' (default, reported) or 'error'."),
     config: Path | None = typer.Option(None, "--config", help="YAML of ClassifyConfig options (labels, embedding, finetune, baselines, synonyms)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config option, e.g. --set finetune.learning_rate=1e-4."),
-    tokenize_config: Path | None = typer.Option(None, "--tokenize-config", help="YAML of tokenize options (style, max_len, ...)."),
+    tokenize_config: Path | None = typer.Option(None, "--tokenize-config", help=TOKENIZE_CONFIG_HELP),
     max_len: int | None = typer.Option(
         None, "--max-len", min=1,
         help="Genes per cell (default: the model's tokenize.yaml); up to the model's positions, e.g. 256 for a model pretrained on 128.",

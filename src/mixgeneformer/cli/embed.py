@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ._app import MEDIANS_OPTION, VOCAB_OPTION, app, load_tokenize_config
+from ._app import MEDIANS_OPTION, TOKENIZE_CONFIG_HELP, VOCAB_OPTION, app, load_tokenize_config
 
 
 @app.command("embed")
@@ -28,7 +28,7 @@ def embed(
     vocab: Path | None = VOCAB_OPTION,
     medians: Path | None = MEDIANS_OPTION,
     tokenize_config: Path | None = typer.Option(
-        None, "--tokenize-config", help="YAML of tokenize options (style, add_species_token, max_len, ...)."
+        None, "--tokenize-config", help=TOKENIZE_CONFIG_HELP
     ),
     gene_column: str | None = typer.Option(None, "--gene-column", help="var column with gene IDs/symbols (default var_names)."),
     species: str = typer.Option("auto", help="auto, human or mouse."),

@@ -12,7 +12,7 @@ from typing import Any
 import typer
 
 from ..errors import ConfigError
-from ._app import MEDIANS_OPTION, VOCAB_OPTION, app, load_tokenize_config
+from ._app import MEDIANS_OPTION, TOKENIZE_CONFIG_HELP, VOCAB_OPTION, app, load_tokenize_config
 
 
 def _config_from_options(config_file: Path | None, overrides: list[str] | None, options: dict[str, Any]):
@@ -59,7 +59,7 @@ def perturb(
     precision: str | None = typer.Option(None, "--precision", help="fp32 (default), bf16 or auto."),
     species: str | None = typer.Option(None, "--species", help="Species of gene symbols: auto, human, mouse."),
     tokenize_config: Path | None = typer.Option(
-        None, "--tokenize-config", help="YAML of tokenize options (style, max_len, ...) for an .h5ad input."
+        None, "--tokenize-config", help=TOKENIZE_CONFIG_HELP
     ),
     vocab_file: Path | None = VOCAB_OPTION,
     medians_file: Path | None = MEDIANS_OPTION,

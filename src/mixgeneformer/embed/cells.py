@@ -215,8 +215,7 @@ def embed_corpus_folder(
     embeddings. The corpus' vocabulary hash (``mixgf_corpus.json``, when present) must match the
     model's. With ``gene_embeddings`` the :class:`CorpusEmbeddings` is returned too.
     """
-
-
+    check_output_key(key)
     model, vocab, _, _, model_name = load_for_inference(model_or_bundle_dir, vocab, None)
     if isinstance(corpus, (str, os.PathLike)):
         check_corpus_vocabulary(corpus, vocab.hash)
