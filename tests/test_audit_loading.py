@@ -21,6 +21,7 @@ import pytest
 import torch
 from _tokenize_helpers import random_gene_bundle
 from safetensors.torch import load_file, save_file
+from test_audit_inference import _run
 
 from mixgeneformer import bundle as bundle_module
 from mixgeneformer import checkpoints
@@ -33,7 +34,6 @@ from mixgeneformer.bundle import (
 from mixgeneformer.classify.config import ClassifyConfig, FinetuneConfig
 from mixgeneformer.classify.finetune import FittedClassifier, build_classifier, load_classifier
 from mixgeneformer.classify.predict import predict_cells, predict_file
-from mixgeneformer.cli import main
 from mixgeneformer.config import load_config, save_config
 from mixgeneformer.errors import ArtifactError, ConfigError, OfflineError, VocabularyMismatchError
 from mixgeneformer.fileio import write_h5ad
@@ -45,14 +45,6 @@ from mixgeneformer.vocab import Vocabulary
 N_GENES, N_CELLS = 40, 24
 # how the bundle's training corpus was tokenized (its tokenize.yaml): V2 cells with a species token
 TRAINED = TokenizeConfig(max_len=64, style="v2", add_species_token=True)
-
-
-def _run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")
