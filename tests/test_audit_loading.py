@@ -171,6 +171,7 @@ def test_checkpoint_and_run_folders_are_refused_naming_the_model_folder(made, tm
     for name in ("config.json", "model.safetensors", "vocab.json", "medians.tsv"):
         shutil.copyfile(made["bundle"] / name, checkpoint / name)
     (checkpoint / "trainer_state.json").write_text("{}")
+    assert load_bundle(checkpoint)[0] is not None  # another Trainer's checkpoint: any Hugging Face BERT folder
     (checkpoint / checkpoints.COMPLETE).write_text('{"step": 40, "files": {}}')
     with pytest.raises(ArtifactError, match=r"checkpoint.*run/model"):
         load_bundle(checkpoint)
@@ -180,7 +181,7 @@ def test_checkpoint_and_run_folders_are_refused_naming_the_model_folder(made, tm
     with pytest.raises(ArtifactError, match=r"run folder.*run/model"):
         load_bundle(run)
     assert load_bundle(run / "model")[0] is not None
-    assert checkpoints.COMPLETE in bundle_module.CHECKPOINT_FILES  # the two modules name the same marker
+    assert checkpoints.COMPLETE == bundle_module.CHECKPOINT_MARKER  # the two modules name the same marker
 
 
 # ------------------------------------------------------------------------------------------ 5

@@ -204,3 +204,51 @@ def test_a_corpus_folder_is_not_embedded_under_a_key_with_a_slash(tmp_path):
 
     with pytest.raises(ConfigError, match="/"):
         embed_corpus_folder(tmp_path / "no-corpus", tmp_path / "no-model", key="emb/v1")
+
+
+def test_typed_mappings_keep_their_value_type():
+    config = load_config(ClassifyConfig, None, ["synonyms={beta: '2E3'}"])
+    assert config.synonyms == {"beta": "2E3"}
+    with pytest.raises(ConfigError, match="synonyms.pp: expected a string"):
+        load_config(ClassifyConfig, None, ["synonyms={pp: 1.5}"])
+
+
+def test_report_numbers_read_back_from_json_as_null_say_n_a(tmp_path):
+    from mixgeneformer.demo.report import _mixing_lines
+    from mixgeneformer.diagnostics import diagnostics_markdown
+    from mixgeneformer.fileio import read_json
+
+    write_json(tmp_path / "r.json", {
+        "mixing": {"species_asw": float("nan"), "species_asw_shuffled": 0.5, "n_cells": 4, "shared_types": ["a"], "backend": "sklearn"},
+        "final": {"step": 10, "mlm_loss": float("nan"), "rank_unigram_loss": 8.0},
+    })
+    back = read_json(tmp_path / "r.json")
+    assert "species ASW n/a (shuffled: 0.500)" in _mixing_lines(back["mixing"])[0]
+    assert "| model | nan |" in diagnostics_markdown(back["final"])
+
+
+def test_the_h5ad_writer_round_trips_every_element(tmp_path):
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from mixgeneformer.fileio import write_h5ad
+
+    rng = np.random.default_rng(0)
+    x = sp.random(6, 4, density=0.5, format="csr", random_state=0, dtype=np.float32)
+    adata = ad.AnnData(x, obs=pd.DataFrame({"t": pd.Categorical(list("aabbcc"))}, index=[f"c{i}" for i in range(6)]),
+                       var=pd.DataFrame({"g": list("wxyz")}, index=list("ABCD")))
+    adata.layers["counts"] = x.copy()
+    adata.obsm["X_e"] = rng.normal(size=(6, 3))
+    adata.varm["V"] = rng.normal(size=(4, 2))
+    adata.obsp["d"] = sp.identity(6, format="csr")
+    adata.uns["p"] = {"a": 1, "b": np.array([np.nan, 1.0])}
+    adata.raw = adata.copy()
+    back = ad.read_h5ad(write_h5ad(adata, tmp_path / "a.h5ad"))
+    assert (back.X != adata.X).nnz == 0 and (back.layers["counts"] != x).nnz == 0
+    pd.testing.assert_frame_equal(back.obs, adata.obs)
+    pd.testing.assert_frame_equal(back.var, adata.var)
+    np.testing.assert_array_equal(back.obsm["X_e"], adata.obsm["X_e"])
+    np.testing.assert_array_equal(back.varm["V"], adata.varm["V"])
+    assert (back.obsp["d"] != adata.obsp["d"]).nnz == 0
+    assert back.uns["p"]["a"] == 1 and np.isnan(back.uns["p"]["b"][0])
+    assert back.raw is not None and (back.raw.X != x).nnz == 0

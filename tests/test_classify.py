@@ -11,7 +11,7 @@ from sklearn.metrics import accuracy_score, classification_report, precision_rec
 
 from mixgeneformer import classify as C
 from mixgeneformer.classify.recipe import PadCollator
-from mixgeneformer.errors import ConfigError, InputDataError
+from mixgeneformer.errors import ConfigError, InputDataError, TrainingDivergedError
 
 
 def labelled_counts(
@@ -506,6 +506,10 @@ def test_finetune_real_cells_for_a_few_steps(tiny_bundle):
     )
     run = C.run_classification(human, model, vocab, medians, methods=("finetune",), config=config)
     assert run.results[0].metrics["accuracy"] > 0.5, run.results[0].metrics  # chance 0.25
+    diverging = C.ClassifyConfig(labels=config.labels, finetune=C.FinetuneConfig(
+        learning_rate=1e30, head_learning_rate=1e30, epochs=2, batch_size=12, device="cpu", logging_steps=1))
+    with pytest.raises(TrainingDivergedError, match=r"diverged at step \d+.*finetune\.learning_rate"):
+        C.run_classification(human, model, vocab, medians, methods=("finetune",), config=diverging)
 
 
 @pytest.mark.realdata

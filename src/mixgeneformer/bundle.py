@@ -62,9 +62,10 @@ PRETRAINED_KIND = "pretrained"
 CLASSIFIER_KIND = "classifier"
 
 
-#: Files of a pretraining checkpoint folder (RUN/checkpoint-N): checkpoints.COMPLETE (written last by
-#: this package) and the Hugging Face Trainer's state. Such a folder holds weights but no tokenize.yaml.
-CHECKPOINT_FILES = ("COMPLETE", "trainer_state.json", "optimizer.pt")
+#: The file that marks this package's pretraining checkpoints (RUN/checkpoint-N), checkpoints.COMPLETE,
+#: written last. Such a folder holds weights but no tokenize.yaml. (Another Trainer's checkpoint, without
+#: it, loads as any Hugging Face BERT folder.)
+CHECKPOINT_MARKER = "COMPLETE"
 
 
 RUN_BUNDLE_DIR = "model"  # where a pretraining run writes its bundle (pretrain.BUNDLE_DIR)
@@ -199,7 +200,7 @@ def _resolve_folder(path: str | os.PathLike) -> Path:
 def _refuse_training_folder(folder: Path) -> None:
     """A pretraining checkpoint (RUN/checkpoint-N) or run folder (RUN) is no model to use: it records no
     tokenize settings, so new cells would be tokenized unlike the training corpus. Name RUN/model."""
-    if any((folder / name).exists() for name in CHECKPOINT_FILES):
+    if (folder / CHECKPOINT_MARKER).exists():
         run = folder.parent.parent if folder.parent.name == ".staging" else folder.parent
         raise ArtifactError(
             f"{folder} is a pretraining checkpoint (for resuming training with --resume-from), not a model bundle: it "

@@ -92,7 +92,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}.")
-        return {key: _yaml11_float(item) for key, item in value.items()}
+        inner = args[1] if len(args) == 2 else Any
+        if inner is Any:  # free-form options (model overrides, objective): "5e-4" is the number YAML 1.1 misses
+            return {key: _yaml11_float(item) for key, item in value.items()}
+        return {key: _coerce(item, inner, f"{where}.{key}") for key, item in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -350,6 +350,7 @@ def diagnostics_markdown(final: dict[str, float] | None) -> str:
     """A markdown table: the model's held-out masked-gene loss / top-1 / top-10 beside both baselines."""
     if not final:
         return "(no held-out evaluation: pretraining ran with data.eval_fraction = 0)"
+    final = {k: float("nan") if v is None else v for k, v in final.items()}  # JSON stores NaN as null
     lines = [
         f"Held-out cells at step {int(final['step'])}: every masked position replaced by `<mask>`; the baselines "
         "are gene frequencies of the training split (overall, and per rank bucket of 8 positions), scored on the "

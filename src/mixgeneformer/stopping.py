@@ -4,6 +4,7 @@ Trainer callback that saves the current step at the first point of the loop afte
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from . import checkpoints as ckpt
-from .errors import MixGeneformerError
+from .errors import MixGeneformerError, TrainingDivergedError
 
 logger = logging.getLogger(__name__)
 
@@ -129,3 +130,29 @@ class StopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+#: logged values whose non-finite value means the weights are lost (a grad norm may be inf under fp16 loss scaling)
+LOSS_NAMES = ("loss", "mlm_loss", "contrastive_loss", "cross_species_loss", "eval_loss")
+
+
+class StopOnDivergence(TrainerCallback):
+    """Stop a run whose logged loss (or loss part, or evaluation loss) is no longer finite, with a
+    :class:`TrainingDivergedError` naming the step and the settings of ``section`` to change. Under
+    fp16 one window may overflow and be skipped by the loss scaler, so there it takes 3 windows in a
+    row. Every rank sees the same averaged values and stops together."""
+
+    def __init__(self, section: str) -> None:
+        self.section = section
+        self.bad_windows = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        bad = {k: v for k, v in (logs or {}).items() if k in LOSS_NAMES and isinstance(v, float) and not math.isfinite(v)}
+        self.bad_windows = self.bad_windows + 1 if bad else 0
+        if self.bad_windows >= (3 if args.fp16 else 1):
+            raise TrainingDivergedError(
+                f"training diverged at step {state.global_step}: {', '.join(f'{k}={v}' for k, v in bad.items())}. "
+                f"Start again with a lower {self.section}.learning_rate (now {args.learning_rate:g}) or more "
+                f"{self.section}.warmup_steps" + (" or a train.max_grad_norm; checkpoints saved after the last finite "
+                "loss may hold non-finite weights." if self.section == "train" else ".")
+            )

@@ -9,7 +9,6 @@ reason, and tests/test_pretrain.py exercises each override (sampler order, atomi
 from __future__ import annotations
 
 import logging
-import math
 import os
 import platform
 import shutil
@@ -31,14 +30,14 @@ from . import checkpoints as ckpt
 from .bundle import TOKENIZE_CONFIG_NAME, save_bundle
 from .config import save_config
 from .diagnostics import masked_gene_stats
-from .errors import ConfigError, TrainingDivergedError
+from .errors import ConfigError
 from .fileio import output_error, write_json
 from .flops import PEAK_BF16_FLOPS, count_flop_parameters, device_peak_flops, training_flops
 from .medians import GeneMedians
 from .metrics_csv import METRICS_FIELDS, MetricsCSV, read_metrics, trim_metrics
 from .model import MixGeneformerForPretraining
 from .sampling import PretrainSampler, batch_seed
-from .stopping import SignalFlag, StopOnSignal
+from .stopping import SignalFlag, StopOnDivergence, StopOnSignal
 
 if TYPE_CHECKING:
     from .pretrain_config import PretrainConfig
@@ -253,8 +252,7 @@ class MixGeneformerTrainer(Trainer):
                 logs["mfu"] = flops / elapsed / self._peak
             self._parts, self._parts_count, self._flops, self._tokens, self._predicted = {}, 0, 0.0, 0, 0
             self._window_start = time.perf_counter()
-        super().log(logs, start_time)  # metrics.csv gets the row first: the last row shows the divergence
-        check_finite_losses(logs, self.state.global_step, self.args.learning_rate)
+        super().log(logs, start_time)  # callbacks: metrics.csv gets the row, then StopOnDivergence may stop
 
     # --- atomic checkpoints -------------------------------------------------------------
     def _get_output_dir(self, trial):
@@ -341,24 +339,9 @@ class EvaluateAtEnd(TrainerCallback):
         return control
 
 
-#: logged values whose non-finite value means the weights are lost (a grad norm may be inf under fp16 loss scaling)
-LOSS_NAMES = ("loss", "mlm_loss", "contrastive_loss", "cross_species_loss", "eval_loss")
-
-
-def check_finite_losses(logs: dict[str, float], step: int, learning_rate: float) -> None:
-    """Stop a run whose loss is no longer finite (every rank sees the same averaged values)."""
-    bad = {k: v for k, v in logs.items() if k in LOSS_NAMES and isinstance(v, float) and not math.isfinite(v)}
-    if bad:
-        raise TrainingDivergedError(
-            f"training diverged at step {step}: {', '.join(f'{k}={v}' for k, v in bad.items())}. Its later "
-            f"checkpoints may hold non-finite weights. Start again (--overwrite) with a lower train.learning_rate "
-            f"(now {learning_rate:g}), more train.warmup_steps or a train.max_grad_norm, or --resume from a "
-            "checkpoint saved before this step after removing the later ones."
-        )
-
-
 def _make_callbacks(run_dir: Path, is_main: bool, tensorboard: bool, signals: SignalFlag):
-    callbacks: list[Any] = [MetricsCSV(run_dir / "metrics.csv"), FailAtStep()]
+    # StopOnDivergence after MetricsCSV: the last row of metrics.csv shows the non-finite loss
+    callbacks: list[Any] = [MetricsCSV(run_dir / "metrics.csv"), StopOnDivergence("train"), FailAtStep()]
     stopper = StopOnSignal(signals)
     callbacks.append(stopper)
     if tensorboard and is_main:
@@ -402,7 +385,7 @@ def training_arguments(config: PretrainConfig, run_dir: Path, precision: str, ha
         "torch_compile": train.torch_compile,
         "logging_steps": log.logging_steps,
         "logging_first_step": True,
-        "logging_nan_inf_filter": False,  # a diverged loss is logged as it is, and stops the run (check_finite_losses)
+        "logging_nan_inf_filter": False,  # a diverged loss is logged as it is, and stops the run (StopOnDivergence)
         "disable_tqdm": not log.progress_bar,
         "report_to": "none",
         "save_strategy": "steps",

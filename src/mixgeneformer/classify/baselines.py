@@ -112,8 +112,9 @@ def baseline_predict(
         std[std == 0] = 1.0
         n_comps = min(config.n_pcs, train_dense.shape[0] - 1, train_dense.shape[1])
         pca = PCA(n_components=n_comps, random_state=seed, svd_solver="randomized")
-        train_pcs = pca.fit_transform(np.clip((train_dense - mean) / std, -config.clip, config.clip))
-        test_pcs = pca.transform(np.clip((test_dense - mean) / std, -config.clip, config.clip))
+        bound = np.inf if config.clip is None else config.clip
+        train_pcs = pca.fit_transform(np.clip((train_dense - mean) / std, -bound, bound))
+        test_pcs = pca.transform(np.clip((test_dense - mean) / std, -bound, bound))
         return knn_predict(train_pcs, train_y, test_pcs, k=config.knn_k)
     raise ConfigError(f"baseline {method!r} is not one of ['logreg_counts', 'knn_pca'].")
 

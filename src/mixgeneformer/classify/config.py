@@ -162,7 +162,7 @@ class BaselineConfig:
     """Count-based baselines (CellTypist-style logistic regression; kNN on PCA)."""
 
     target_sum: float = 1e4
-    clip: float = 10.0
+    clip: float | None = 10.0  # standardised values capped at ±clip (None: not capped)
     logreg_c: float = 1.0
     max_iter: int = 1000
     n_pcs: int = 50
@@ -170,7 +170,7 @@ class BaselineConfig:
 
     def __post_init__(self) -> None:
         _check_positive("baselines", {
-            "target_sum": self.target_sum, "clip": self.clip, "logreg_c": self.logreg_c,
+            "target_sum": self.target_sum, "clip": 1.0 if self.clip is None else self.clip, "logreg_c": self.logreg_c,
             "max_iter": self.max_iter, "n_pcs": self.n_pcs, "knn_k": self.knn_k,
         })
 

@@ -33,6 +33,7 @@ from ..inference import encoder_of, resolve_device
 from ..medians import GeneMedians
 from ..model import MixGeneformerForCellClassification
 from ..model_config import CONFIG_VALUE_ERRORS
+from ..stopping import StopOnDivergence
 from ..vocab import Vocabulary
 from .config import ClassifyConfig, FinetuneConfig
 from .metrics import EvalResult, Prediction, _argmax_labels, evaluate
@@ -287,7 +288,7 @@ def fit_classifier(
     }
     with tempfile.TemporaryDirectory(prefix="mixgf-finetune-", dir=work_dir) as scratch:
         args = _training_arguments(ft, scratch, learning_rate, warmup, total_steps, steps_per_epoch, validate, seed)
-        extra = list(callbacks)
+        extra = [StopOnDivergence("finetune"), *callbacks]
         if validate and ft.early_stopping_patience > 0:
             extra.append(EarlyStoppingCallback(early_stopping_patience=ft.early_stopping_patience))
         trainer = FinetuneTrainer(
@@ -362,6 +363,7 @@ def _training_arguments(
         dataloader_num_workers=0,
         dataloader_pin_memory=ft.device != "cpu" and torch.cuda.is_available(),
         disable_tqdm=True,
+        logging_nan_inf_filter=False,  # a diverged loss is logged as it is, and stops the run (StopOnDivergence)
     )
 
 

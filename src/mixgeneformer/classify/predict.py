@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anndata as ad
+import h5py
 import numpy as np
 
 from ..bundle import resolve_tokenize_config
@@ -133,17 +134,28 @@ def check_prediction_keys(input: Path, key: str, overwrite: bool) -> None:
     if input.is_dir():
         present = {"obs": set(load_corpus(input).column_names), "obsm": set(), "uns": set()}
     else:
-        adata = read_h5ad(input, "input h5ad", backed="r")
-        try:
-            present = {"obs": set(adata.obs.columns), "obsm": set(adata.obsm.keys()), "uns": set(adata.uns.keys())}
-        finally:
-            adata.file.close()
+        present = _h5ad_keys(input)
     taken = [f"{slot}[{name!r}]" for slot, names in prediction_slots(key).items() for name in names if name in present[slot]]
     if taken:
         raise ConfigError(
             f"the input {input} already holds {', '.join(taken)}; pass --overwrite (API: overwrite=True) to replace "
             "them, or choose another --key"
         )
+
+
+def _h5ad_keys(path: Path) -> dict[str, set[str]]:
+    """The obs columns, obsm and uns keys of an h5ad file, read from its HDF5 groups (no data loaded)."""
+    try:
+        with h5py.File(path, "r") as handle:
+            group = {name: handle[name] for name in ("obs", "obsm", "uns") if isinstance(handle.get(name), h5py.Group)}
+            return {
+                "obs": {str(c) for c in group["obs"].attrs.get("column-order", [])} if "obs" in group else set(),
+                "obsm": set(group["obsm"].keys()) if "obsm" in group else set(),
+                "uns": set(group["uns"].keys()) if "uns" in group else set(),
+            }
+    except OSError:
+        read_h5ad(path, "input h5ad", backed="r")  # says what is wrong with the file
+        raise
 
 
 def predict_file(

@@ -144,7 +144,7 @@ def _seeds_markdown(table: pd.DataFrame) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in table.to_dict(orient="records"):
-        scores = " | ".join(f"{row[m]:.3f} ± {row.get(m + '_sd', 0.0):.3f}" for m in metrics)
+        scores = " | ".join(f"{_fmt(row[m])} ± {_fmt(row.get(m + '_sd'))}" for m in metrics)  # one seed: sd n/a
         lines.append(
             f"| {md_text(row['setting'])} | {row['n_train']:g} / {row['n_test']:g} | "
             f"{md_text(_METHOD_NAMES.get(row['method'], row['method']))} | {row.get('n_seeds', 1)} | {scores} |"
@@ -318,8 +318,8 @@ def _mixing_lines(mixing: dict[str, Any] | None) -> list[str]:
     scores = []
     for key, name in (("species_asw", "species ASW"), ("ilisi", "iLISI")):
         if key in mixing:
-            shuffled = f" (shuffled: {mixing[key + '_shuffled']:.3f})" if key + "_shuffled" in mixing else ""
-            scores.append(f"{name} {mixing[key]:.3f}{shuffled}")
+            shuffled = f" (shuffled: {_fmt(mixing[key + '_shuffled'])})" if key + "_shuffled" in mixing else ""
+            scores.append(f"{name} {_fmt(mixing[key])}{shuffled}")
     return [
         f"Species mixing of the {mixing['n_cells']:,} cells of the {len(mixing['shared_types'])} cell types both "
         f"species share ({mixing['backend']}): {', '.join(scores)}. Higher is more mixed, 0 = separated; "

@@ -24,7 +24,7 @@ from ..corpus import check_corpus_vocabulary, load_corpus
 from ..errors import ArtifactError, ConfigError
 from ..fileio import atomic_file, check_outputs_of, read_h5ad, write_h5ad, written_together
 from ..filekinds import STAMPED_FIGURES, parquet_table
-from ..inference import Precision
+from ..inference import Precision, check_output_key
 from ..model import Pooling
 from ..sharding import (
     DEFAULT_TIMEOUT_S,
@@ -77,6 +77,7 @@ def embed_sharded(
     None elsewhere; ``extras`` are recorded for the merge step (e.g. the CLI's figure options).
     """
     input, out = Path(input), Path(out)
+    check_output_key(key)  # before the model loads, on every rank
     loaded, loaded_vocab, loaded_medians, tokenize_config, _ = load_for_inference(model, vocab, medians, tokenize_config)
     if input.is_dir():
         tokenize_config = None  # a corpus is tokenized already

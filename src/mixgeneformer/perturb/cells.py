@@ -117,7 +117,7 @@ def perturb_cells(
     too_small = chosen[n_genes[chosen] < config.min_genes]
     if len(too_small):
         logger.warning("dropping %d cells with fewer than %d genes", len(too_small), config.min_genes)
-    if len(too_small) == len(chosen):
+    if len(chosen) and len(too_small) == len(chosen):
         raise InputDataError(_all_dropped_message(config, n_genes[chosen]))
     chosen = chosen[n_genes[chosen] >= config.min_genes]
     shard_index, num_shards = config.shard()
