@@ -185,8 +185,7 @@ def predict_file(
         raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
     return predict_sharded(
         input, classifier, out, role=shard_role(shard_index, num_shards), key=key, batch_size=batch_size,
-        device=device, tokenize_config=None if input.is_dir() else tokenize_config, timeout_s=timeout_s,
-        overwrite=overwrite, echo=echo,
+        device=device, tokenize_config=tokenize_config, timeout_s=timeout_s, overwrite=overwrite, echo=echo,
     )
 
 
