@@ -316,6 +316,39 @@ def test_zero_shot_on_frozen_embeddings():
         assert result.metrics["accuracy"] > 0.6
 
 
+def test_token_bag_holds_each_cells_genes_without_special_tokens():
+    adata, vocab, tokens = token_task(n_per_class=5)
+    rows = np.array([7, 2, 11])
+    bag = C.token_bag(tokens, rows, len(vocab.tokens), vocab.special_ids)
+    assert bag.shape == (3, len(vocab.tokens))
+    for i, row in enumerate(rows):
+        expected = set(tokens.dataset[int(row)]["input_ids"]) - {vocab.cls_id}
+        assert set(bag[i].indices) == expected
+        assert (bag[i].data == 1).all()
+
+
+def test_token_baseline_reads_only_the_tokens():
+    """The input bound sees the tokens and nothing else: with each class's marker genes cut from the
+    tokens, it falls to chance although the same cells' labels are unchanged."""
+    import datasets
+
+    adata, vocab, tokens = token_task(n_per_class=40)
+    task = C.within_task(adata, C.LabelConfig(min_class_fraction=0))
+    full = C.token_baseline(task, (tokens, tokens), len(vocab.tokens), vocab.special_ids)
+    assert full.method == "logreg_tokens"
+    assert full.metrics["accuracy"] > 0.95, full.metrics
+    cut = [[t for t in ids if t == vocab.cls_id or t >= 6 + 24] for ids in tokens.dataset["input_ids"]]
+    background = C.TokenizedCells(datasets.Dataset.from_dict({"input_ids": cut}), tokens.rows)
+    blind = C.token_baseline(task, (background, background), len(vocab.tokens), vocab.special_ids)
+    assert blind.metrics["accuracy"] < 0.6, blind.metrics  # chance is 1/3
+
+
+def test_token_baseline_needs_a_model():
+    adata = labelled_counts({"a": 20, "b": 20})
+    with pytest.raises(ConfigError, match="logreg_tokens.*needs a model"):
+        C.run_classification(adata, methods=(), baseline_methods=("logreg_tokens",))
+
+
 def test_finetune_improves_over_chance_and_round_trips(tmp_path):
     import torch
 
@@ -440,9 +473,10 @@ def test_cli_classify_writes_reports(tiny_bundle, tmp_path):
     out = tmp_path / "out"
     main(["classify", str(path), "--model", str(bundle), "--out", str(out), "--mode", "zero-shot", "--baselines", "--device", "cpu"])
     table = pd.read_csv(out / "metrics.csv")
-    assert table["method"].tolist() == ["knn", "logreg", "logreg_counts", "knn_pca"]
+    assert table["method"].tolist() == ["knn", "logreg", "logreg_tokens", "logreg_counts", "knn_pca"]
     accuracy = table.set_index("method")["accuracy"]
-    assert (accuracy[["logreg_counts", "knn_pca"]] > 0.8).all(), table
+    # The top 64 genes of these cells still name their type (input bound of the model).
+    assert (accuracy[["logreg_counts", "knn_pca", "logreg_tokens"]] > 0.8).all(), table
     # A random tiny encoder over the top 64 genes still beats chance (0.25, four balanced classes).
     assert (accuracy[["knn", "logreg"]] > 0.3).all(), table
     for method in table["method"]:

@@ -25,7 +25,7 @@ from mixgeneformer.errors import ArtifactError, ConfigError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SETTINGS = ("human (within)", "mouse (within)", "mouse → human", "human → mouse")
-METHODS = ("mixgf_knn", "mixgf_logreg", "mixgf_finetune", "logreg_counts", "knn_pca")
+METHODS = ("mixgf_knn", "mixgf_logreg", "mixgf_finetune", "logreg_tokens", "logreg_counts", "knn_pca")
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ The flow every method shares:
    stratified 80/20 split (seed 42); :func:`transfer_task` trains on one species and tests on the
    other, on the labels both share after :func:`match_labels`.
 3. A method predicts the test cells: fine-tuning (:func:`fit_classifier`), zero-shot on frozen
-   embeddings (:func:`zero_shot`), or a count-based baseline (:func:`baselines`).
+   embeddings (:func:`zero_shot`), or a baseline (:func:`baselines` on counts, :func:`token_baseline` on the model's tokens).
 4. :func:`evaluate` scores it (accuracy, macro precision / recall / F1, a per-class report) and
    :func:`write_predictions` writes ``<key>_pred`` / ``<key>_prob`` back into ``obs`` in order.
    :func:`benchmark_table` stacks results into one table.
@@ -23,7 +23,7 @@ present on one side only are dropped and reported.
 
 from __future__ import annotations
 
-from .baselines import align_genes, baseline_predict, baselines, log_normalize, ortholog_counts
+from .baselines import align_genes, baseline_predict, baselines, log_normalize, ortholog_counts, token_bag, token_baseline
 from .config import (
     BaselineConfig,
     BaselineMethod,
@@ -128,6 +128,8 @@ __all__ = [
     "resolve_pooling",
     "restrict_to_tokenized",
     "run_classification",
+    "token_bag",
+    "token_baseline",
     "save_run",
     "seed_summary",
     "stratified_split",

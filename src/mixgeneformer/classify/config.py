@@ -10,7 +10,7 @@ from ..errors import ConfigError
 Method = Literal["finetune", "knn", "logreg"]
 
 
-BaselineMethod = Literal["logreg_counts", "knn_pca"]
+BaselineMethod = Literal["logreg_counts", "knn_pca", "logreg_tokens"]
 
 
 @dataclass
@@ -159,7 +159,7 @@ class FinetuneConfig:
 
 @dataclass
 class BaselineConfig:
-    """Count-based baselines (CellTypist-style logistic regression; kNN on PCA)."""
+    """Baselines: CellTypist-style logistic regression on counts or on the model's tokens; kNN on count PCA."""
 
     target_sum: float = 1e4
     clip: float | None = 10.0  # standardised values capped at ±clip (None: not capped)

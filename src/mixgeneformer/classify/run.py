@@ -23,7 +23,7 @@ from ..medians import GeneMedians
 from ..plots import confusion_matrix
 from ..tokenize import TokenizeConfig
 from ..vocab import Vocabulary
-from .baselines import baselines
+from .baselines import baselines, token_baseline
 from .config import BaselineMethod, ClassifyConfig, Method
 from .finetune import FittedClassifier, finetune
 from .metrics import EvalResult, benchmark_table, write_predictions
@@ -91,6 +91,8 @@ def run_classification(
 
     config = config or ClassifyConfig()
     _check_model_options(model, methods, config)
+    if "logreg_tokens" in baseline_methods and model is None:
+        raise ConfigError("baseline logreg_tokens reads the model's tokens: it needs a model (CLI: --model BUNDLE).")
     task, species = _task_of(adata, test, config)
     for note in task.notes:
         logger.info("%s", note)
@@ -99,7 +101,7 @@ def run_classification(
     model_methods = [m for m in methods if m in ("knn", "logreg", "finetune")]
     if len(model_methods) != len(methods):
         raise ConfigError(f"methods {list(methods)} must be among ['finetune', 'knn', 'logreg'].")
-    if model_methods:
+    if model_methods or "logreg_tokens" in baseline_methods:
         task, train_tokens, test_tokens = tokenize_task(task, vocab, medians, tokenize_config, _max_len_of(model))
         zero = [m for m in model_methods if m != "finetune"]
         if zero:
@@ -107,8 +109,11 @@ def run_classification(
         if "finetune" in model_methods:
             result, fitted = finetune(task, model, vocab, medians, config, tokenize_config, tokens=(train_tokens, test_tokens))
             results.append(result)
-    if baseline_methods:
-        results += baselines(task, baseline_methods, config.baselines, species=species)
+        if "logreg_tokens" in baseline_methods:
+            results.append(token_baseline(task, (train_tokens, test_tokens), len(vocab.tokens), vocab.special_ids, config.baselines))  # type: ignore[union-attr]
+    count_methods = [m for m in baseline_methods if m != "logreg_tokens"]
+    if count_methods:
+        results += baselines(task, count_methods, config.baselines, species=species)
     return ClassificationRun(task=task, results=results, config=config, fitted=fitted)
 
 

@@ -13,6 +13,8 @@ from ._app import MEDIANS_OPTION, TOKENIZE_CONFIG_HELP, VOCAB_OPTION, app, load_
 if TYPE_CHECKING:
     from anndata import AnnData
 
+    from ..classify.config import BaselineMethod
+
 _MODES = {
     "finetune": ("finetune",),
     "knn": ("knn",),
@@ -62,7 +64,8 @@ def classify(
     test: Path | None = typer.Option(
         None, "--test", help="A second labelled .h5ad to test on (e.g. the other species: cross-species transfer)."
     ),
-    baselines: bool = typer.Option(False, "--baselines", help="Also run count baselines (CellTypist-style logreg, kNN on PCA)."),
+    baselines: bool = typer.Option(False, "--baselines", help="Also run baselines on the same splits: CellTypist-style logreg and kNN on PCA of the counts; "
+        "with a model, logreg on the tokens it reads (logreg_tokens)."),
     freeze_layers: int | None = typer.Option(None, "--freeze-layers", help="Freeze the embeddings and the bottom K encoder layers."),
     epochs: float | None = typer.Option(None, "--epochs", help="Fine-tuning epochs (default 10)."),
     unseen: str | None = typer.Option(None, "--unseen", help="Test labels never seen in training: 'drop' (default, reported) or 'error'."),
@@ -113,7 +116,7 @@ def classify(
         run = clf.run_classification(
             train_data, model if methods else None, vocab if methods else None, medians if methods else None,
             test=test_data, methods=methods,
-            baseline_methods=("logreg_counts", "knn_pca") if baselines else (), config=settings,
+            baseline_methods=_baseline_methods(baselines, bool(methods)), config=settings,
             tokenize_config=tok_config, device=device, max_len=max_len,
         )
         clf.save_run(run, out, overwrite=overwrite)
@@ -122,3 +125,9 @@ def classify(
     typer.echo(clf.markdown_table(run.table()))
     typer.echo(f"wrote {out}")
 
+
+def _baseline_methods(baselines: bool, with_model: bool) -> tuple[BaselineMethod, ...]:
+    """``--baselines``: the count baselines, and the token baseline when a model supplies the tokens."""
+    if not baselines:
+        return ()
+    return ("logreg_counts", "knn_pca", "logreg_tokens") if with_model else ("logreg_counts", "knn_pca")

@@ -29,6 +29,7 @@ _METHOD_NAMES = {
     "mixgf_finetune": "Mix-Geneformer fine-tuned",
     "logreg_counts": "baseline: log-counts + logistic regression (CellTypist-style)",
     "knn_pca": "baseline: log-counts PCA + kNN",
+    "logreg_tokens": "input bound: logistic regression on the genes the model reads (its tokens)",
 }
 
 
@@ -132,7 +133,9 @@ def _classification_text(cfg: DemoConfig, pretrain: dict[str, Any]) -> str:
         "of seeds 0-2 (`benchmarks/finetune_cv.py`), so a seed's test cells were training cells of the others there. "
         f"Mix-Geneformer rows use the frozen embedding ({cfg.pooling} pooling, hidden state {cfg.embed_layer}), "
         f"except the one {finetune}. The demo pretrains on all shipped cells, test cells included (without labels); "
-        "`benchmarks/classify.py` pretrains on training cells only."
+        "`benchmarks/classify.py` pretrains on training cells only. The input-bound row fits the count baseline's "
+        f"logistic regression to which of the vocabulary's genes are among a cell's {cfg.max_len} tokens: where it falls "
+        "short of the count baseline, the genes beyond the model's input length carry the difference."
     )
 
 

@@ -285,7 +285,7 @@ def _run_classify_job(job: _ClassifyJob) -> tuple[pd.DataFrame, list[str], str |
         model, vocab, medians, adatas = _job_inputs(job.bundle, tuple(sorted(job.inputs.items())))
         run = clf.run_classification(
             adatas[source], model, vocab, medians, test=None if source == target else adatas[target],
-            methods=_classify_methods(cfg), baseline_methods=("logreg_counts", "knn_pca"),
+            methods=_classify_methods(cfg), baseline_methods=("logreg_counts", "knn_pca", "logreg_tokens"),
             config=_classify_config(cfg, job.seed), tokenize_config=_tokenize_config(cfg), device=cfg.device,
         )
     finally:
