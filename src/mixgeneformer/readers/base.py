@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -77,6 +77,50 @@ def canonical_csr(counts: sp.spmatrix | sp.sparray | np.ndarray) -> sp.csr_matri
     return counts
 
 
+#: The ``layer`` that reads the counts an AnnData keeps in ``.raw`` (scanpy's ``adata.raw = adata``):
+#: ``adata.raw.X`` (h5ad: ``raw/X``) with the genes of ``adata.raw.var``. An input with a layer of
+#: that name reads the layer, as before (a SOMA experiment's X layer ``raw``, CELLxGENE Census).
+RAW_LAYER = "raw"
+
+def missing_layer(where: str, layer: str, layers: list[str], raw_genes: int | None) -> InputDataError:
+    """The error for a ``layer`` an AnnData / h5ad lacks, listing its layers and its ``.raw`` (``raw_genes``
+    genes, or None without one)."""
+    if raw_genes is not None:
+        also = f"; layer='raw' reads its .raw, {raw_genes:,} genes"
+    else:
+        also = "; layer='raw' reads .raw (adata.raw.X), and it has none" if layer == RAW_LAYER else ""
+    return InputDataError(f"{where}: layer {layer!r} not found. Available layers: {layers} (or leave layer unset "
+                          f"to read X{also}).")
+
+
+_SAMPLE_VALUES = 1 << 16  # stored values of .raw looked at to tell counts from normalized data
+
+
+def _stored_values(matrix: Any, limit: int = _SAMPLE_VALUES) -> np.ndarray:
+    """Up to ``limit`` stored values of a cells × genes matrix (scipy sparse, numpy, an h5py dataset or
+    sparse group, an anndata backed sparse dataset), read from its first cells only."""
+    if sp.issparse(matrix):
+        return np.asarray(matrix.data[:limit])
+    if hasattr(matrix, "keys") and "data" in matrix:  # an h5py sparse group
+        return np.asarray(matrix["data"][:limit])
+    shape = getattr(matrix, "shape", ())
+    if len(shape) != 2 or shape[1] == 0:
+        return np.zeros(0)
+    block = matrix[: max(1, limit // int(shape[1]))]
+    values = block.data if sp.issparse(block) else np.asarray(block).ravel()
+    return values[values != 0]
+
+
+def _looks_like_counts(values: np.ndarray) -> bool:
+    """Whether sampled stored values are counts: some positive, all finite, non-negative integers."""
+    values = np.asarray(values)
+    if values.size == 0 or values.dtype.kind not in "iuf":
+        return False
+    if values.dtype.kind == "f" and not (np.isfinite(values).all() and (values == np.rint(values)).all()):
+        return False
+    return bool((values >= 0).all() and (values > 0).any())
+
+
 @dataclass
 class CountChunk:
     """A block of consecutive cells of one source.
@@ -113,6 +157,7 @@ def validate_counts(
     cell_names: Sequence[str] | np.ndarray | None = None,
     gene_ids: np.ndarray | None = None,
     where: str = "input",
+    fix: str | None = None,
 ) -> None:
     """Check that a CSR block holds raw counts: finite, non-negative and (by default) integer.
 
@@ -131,6 +176,8 @@ def validate_counts(
         Names used in messages (optional).
     where
         What the data is (file name), for messages.
+    fix
+        What to do instead, replacing the messages' general advice (e.g. read the counts in ``.raw``).
 
     Raises
     ------
@@ -159,16 +206,16 @@ def validate_counts(
             n_bad = int((~finite).sum())
             raise InputDataError(
                 f"{where}: counts contain NaN or Inf ({n_bad} values; first: {locate(~finite)}). "
-                "Raw UMI counts are required: remove or fix these cells, or read the raw counts layer "
-                "(layer='counts')."
+                "Raw UMI counts are required: "
+                + (fix or "remove or fix these cells, or read the raw counts layer (layer='counts').")
             )
     if not np.issubdtype(data.dtype, np.unsignedinteger):
         negative = data < 0
         if negative.any():
             raise InputDataError(
                 f"{where}: counts contain {int(negative.sum())} negative values (first: {locate(negative)}). "
-                "Raw counts cannot be negative: the matrix looks scaled or batch-corrected; read the raw "
-                "counts instead (layer='counts')."
+                "Raw counts cannot be negative: the matrix looks scaled or batch-corrected; "
+                + (fix or "read the raw counts instead (layer='counts').")
             )
     if not allow_fractional and np.issubdtype(data.dtype, np.floating):
         fractional = data != np.rint(data)
@@ -176,10 +223,11 @@ def validate_counts(
             raise InputDataError(
                 f"{where}: expects raw counts in X or layers['counts']; found {locate(fractional)} "
                 f"({int(fractional.sum())} non-integer values in cells {start}–{start + counts.shape[0] - 1}). "
-                "The data look normalized or log-transformed: read the raw counts (layer='counts': "
-                "`--layer counts` for medians / tokenize, `layer: counts` in the --tokenize-config YAML "
-                "for embed / classify / perturb), or allow_fractional=True (`--allow-fractional`, or "
-                "`allow_fractional: true` in that YAML) if they are deliberately non-integer."
+                "The data look normalized or log-transformed: "
+                + (fix or "read the raw counts (layer='counts': `--layer counts` for medians / tokenize, "
+                   "`layer: counts` in the --tokenize-config YAML for embed / classify / perturb), or "
+                   "allow_fractional=True (`--allow-fractional`, or `allow_fractional: true` in that YAML) if "
+                   "they are deliberately non-integer.")
             )
 
 
@@ -233,6 +281,10 @@ class CountSource:
     obs_columns: list[str]
     name: str
     allow_fractional: bool = False
+    #: whether the matrix read is the input's ``.raw`` (``layer="raw"``)
+    reads_raw: bool = False
+    #: ``(matrix getter, n_genes)`` of the input's ``.raw`` when another matrix is read (for messages only)
+    _raw_beside: tuple[Callable[[], Any], int] | None = None
 
     # -- implemented by each format --------------------------------------------------------------
     def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
@@ -316,26 +368,60 @@ class CountSource:
             if len(chunk_obs) != hi - lo:
                 raise InputDataError(f"{self.name}: cells {lo}–{hi - 1} have {len(chunk_obs)} obs names for {hi - lo} "
                                      "matrix rows; obs and the matrix disagree (the file is damaged): export it again.")
-            if counts.dtype == np.bool_:
-                raise InputDataError(f"{self.name}: the matrix is boolean (detected / not detected), not counts; "
-                                     "read the raw UMI counts (e.g. layer='counts').")
-            if counts.dtype == np.float16:  # half precision holds counts up to 2,048 exactly; the kernels need 32 bits
-                counts = counts.astype(np.float32)
             if counts.shape != (hi - lo, self.n_genes):
                 raise InputDataError(
                     f"{self.name}: rows {lo}–{hi} have shape {counts.shape}, expected {(hi - lo, self.n_genes)}; "
                     "the file is inconsistent (truncated or corrupt)."
                 )
-            if validate:
-                validate_counts(
-                    counts,
-                    allow_fractional=self.allow_fractional,
-                    start=lo,
-                    cell_names=chunk_obs.index,
-                    gene_ids=self.gene_ids,
-                    where=self.name,
-                )
+            counts = self._checked_counts(counts, chunk_obs.index, lo, validate)
             yield CountChunk(counts=counts, gene_ids=self.gene_ids, obs=chunk_obs, start=lo)
+
+
+    def _checked_counts(self, counts: sp.csr_matrix, cell_names: pd.Index, start: int, validate: bool) -> sp.csr_matrix:
+        """``counts`` checked to be counts (:func:`validate_counts` when ``validate``); a failed check
+        says so when the input's ``.raw`` holds integer counts, naming the option that reads them."""
+        try:
+            return self._count_checks(counts, cell_names, start, validate)
+        except InputDataError as exc:
+            note = self.count_check_note()
+            if not note:
+                raise
+            if self.reads_raw:
+                raise InputDataError(f"{exc} {note}") from exc
+            return self._count_checks(counts, cell_names, start, validate, fix=note)  # fails again, with the fix
+
+    def _count_checks(
+        self, counts: sp.csr_matrix, cell_names: pd.Index, start: int, validate: bool, fix: str | None = None
+    ) -> sp.csr_matrix:
+        if counts.dtype == np.bool_:
+            raise InputDataError(f"{self.name}: the matrix is boolean (detected / not detected), not counts; "
+                                 + (fix or "read the raw UMI counts (e.g. layer='counts')."))
+        if counts.dtype == np.float16:  # half precision holds counts up to 2,048 exactly; the kernels need 32 bits
+            counts = counts.astype(np.float32)
+        if validate:
+            validate_counts(counts, allow_fractional=self.allow_fractional, start=start, cell_names=cell_names,
+                            gene_ids=self.gene_ids, where=self.name, fix=fix)
+        return counts
+
+    def count_check_note(self) -> str:
+        """The advice of a failed raw-count check: that this input's ``.raw`` holds integer counts and the
+        option that reads them (when another matrix is read), or that ``.raw`` was read; "" if neither."""
+        if self.reads_raw:
+            return ("That matrix is the input's .raw (adata.raw.X), read for layer='raw': scanpy's `adata.raw = adata` "
+                    "after normalize_total / log1p keeps normalized values there, not counts; read the layer that "
+                    "holds the raw counts instead.")
+        if self._raw_beside is None:
+            return ""
+        matrix, n_genes = self._raw_beside
+        try:
+            sample = _stored_values(matrix())
+        except READ_ERRORS:
+            return ""
+        if not _looks_like_counts(sample):
+            return ""
+        return (f"its .raw (adata.raw.X, {n_genes:,} genes) holds integer counts (scanpy keeps them there after "
+                "`adata.raw = adata`): read those with layer='raw' (`--layer raw` for medians / tokenize, `layer: raw` "
+                "in the --tokenize-config YAML for embed / classify / perturb / predict).")
 
 
 def _pick_gene_ids(var: pd.DataFrame, index: np.ndarray, gene_column: str | None, where: str) -> np.ndarray:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,15 +18,19 @@ import scipy.sparse as sp
 from ..errors import InputDataError
 from ..fileio import check_readable_file
 from .base import (
+    RAW_LAYER,
     CountInput,
     CountSource,
     _decode,
     _pick_gene_ids,
     check_compressed,
     checked_csr,
+    missing_layer,
     reading,
 )
 from .h5ad import _H5adSource
+
+logger = logging.getLogger(__name__)
 
 
 class _MatrixSource(CountSource):
@@ -60,15 +65,18 @@ class _MatrixSource(CountSource):
 
 
 class _BackedSource(_H5adSource):
-    """A backed AnnData (not a view): counts streamed from its file, gene IDs and obs from the object
-    (changes made to its var / obs since it was opened count, as for an in-memory AnnData)."""
+    """A backed AnnData (not a view): counts streamed from its file (X, or ``raw/X`` for
+    ``layer="raw"``), gene IDs and obs from the object (changes made to its var / obs since it was
+    opened count, as for an in-memory AnnData)."""
 
-    def __init__(self, adata: Any, gene_column: str | None, allow_fractional: bool):
-        super().__init__(Path(adata.filename), None, None, allow_fractional)
-        if (self.n_cells, self.n_genes) != tuple(adata.shape):
+    def __init__(self, adata: Any, layer: str | None, gene_column: str | None, allow_fractional: bool):
+        super().__init__(Path(adata.filename), layer, None, allow_fractional)
+        frame = adata.raw if self.reads_raw else adata
+        if (self.n_cells, self.n_genes) != (adata.n_obs, frame.n_vars):
             raise InputDataError(f"{self.name}: the file holds {self.n_cells} × {self.n_genes} counts but the backed "
-                                 f"AnnData is {adata.n_obs} × {adata.n_vars}; the file changed since it was opened: open it again.")
-        self.gene_ids = _pick_gene_ids(adata.var, np.asarray(adata.var_names), gene_column, self.name)
+                                 f"AnnData{'.raw' if self.reads_raw else ''} is {adata.n_obs} × {frame.n_vars}; "
+                                 "the file changed since it was opened: open it again.")
+        self.gene_ids = _pick_gene_ids(frame.var, np.asarray(frame.var_names), gene_column, self.name)
         self._obs_frame = adata.obs
         self.obs_columns = [str(c) for c in adata.obs.columns]
 
@@ -79,27 +87,40 @@ class _BackedSource(_H5adSource):
         return self._obs_frame[column].iloc[start:stop]
 
 
+def _reads_raw(adata: Any, layer: str | None) -> bool:
+    """Whether ``layer`` reads ``adata.raw`` (``"raw"``, when no layer has that name and ``.raw`` is set)."""
+    return layer == RAW_LAYER and layer not in adata.layers and getattr(adata, "raw", None) is not None
+
+
 def _anndata_source(adata: Any, layer: str | None, gene_column: str | None, allow_fractional: bool) -> CountSource:
     name = "AnnData"
     if getattr(adata, "isbacked", False):
         if adata.is_view:  # a selection of a backed file's cells / genes: read just those, in the view's order
             with reading(str(adata.filename), f"reading the {adata.n_obs} × {adata.n_vars} view of the backed AnnData"):
                 adata = adata.to_memory()
-        elif layer is None:  # X stays on disk (a backed object's layers are in memory: read below)
-            return _BackedSource(adata, gene_column, allow_fractional)
-    if layer is None:
-        matrix = adata.X
-        if matrix is None:
-            raise InputDataError(f"{name}: X is empty; pass layer=... Available layers: {sorted(adata.layers.keys())}.")
-    else:
-        if layer not in adata.layers:
-            raise InputDataError(
-                f"{name}: layer {layer!r} not found. Available layers: {sorted(adata.layers.keys())} "
-                "(or leave layer unset to read X)."
-            )
-        matrix = adata.layers[layer]
+        elif layer is None or _reads_raw(adata, layer):  # X / raw stay on disk (a backed object's layers are in memory)
+            return _BackedSource(adata, layer, gene_column, allow_fractional)
+    raw = getattr(adata, "raw", None)
+    if _reads_raw(adata, layer):
+        source = _MatrixSource(raw.X, _pick_gene_ids(raw.var, np.asarray(raw.var_names), gene_column, f"{name}.raw"),
+                               adata.obs, name, allow_fractional)
+        source.reads_raw = True
+        return source
+    layers = sorted(adata.layers.keys())
+    raw_genes = None if raw is None else int(raw.n_vars)
+    if layer is not None and layer not in layers:
+        raise missing_layer(name, layer, layers, raw_genes)
+    if layer == RAW_LAYER and raw is not None:
+        logger.warning("%s: layer='raw' reads its layer named 'raw'; its .raw (adata.raw.X) is not read.", name)
+    matrix = adata.X if layer is None else adata.layers[layer]
+    if matrix is None:
+        raise InputDataError(f"{name}: X is empty; pass layer=... Available layers: {layers}"
+                             + (" (or layer='raw': its .raw)." if raw is not None else "."))
     gene_ids = _pick_gene_ids(adata.var, np.asarray(adata.var_names), gene_column, name)
-    return _MatrixSource(matrix, gene_ids, adata.obs, name, allow_fractional)
+    source = _MatrixSource(matrix, gene_ids, adata.obs, name, allow_fractional)
+    if raw is not None and RAW_LAYER not in layers:  # named when the matrix read holds no counts
+        source._raw_beside = (lambda: raw.X, raw_genes)
+    return source
 
 
 def _open_text(path: Path):
@@ -362,6 +383,9 @@ def open_source(
         10x ``.h5`` file, a 10x folder with ``matrix.mtx[.gz]``, or a TileDB-SOMA experiment.
     layer
         Read counts from this layer instead of ``X`` (SOMA: the X layer name, default ``"data"``).
+        ``"raw"`` (:data:`RAW_LAYER`) reads an AnnData's / h5ad's ``.raw`` (``adata.raw.X``, streamed
+        from ``raw/X`` in a file, with the genes of ``adata.raw.var``, where ``gene_column`` is looked
+        up) unless it has a layer named ``"raw"``, which is read as before.
     gene_column
         var column (loom row attribute, 10x feature field) holding gene identifiers; default the
         var index (loom: ``ensembl_id``/``Accession``/``Gene``; 10x: ``id``; SOMA: ``var_id``).

@@ -3,6 +3,7 @@ block scans) and obs / var columns sliced on disk, never the whole matrix at onc
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import anndata as ad
@@ -12,7 +13,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import InputDataError
-from .base import CountSource, _decode, check_compressed, checked_csr
+from .base import RAW_LAYER, CountSource, _decode, check_compressed, checked_csr, missing_layer
+
+logger = logging.getLogger(__name__)
 
 # Rows read per h5py call are bounded by the chunk size the caller asks for; CSC-on-disk inputs are
 # scanned in blocks of this many stored entries so memory stays bounded.
@@ -38,6 +41,36 @@ def _read_h5_frame_column(
     return value.iloc[start:stop] if isinstance(value, pd.Series) else value[start:stop]
 
 
+def _raw_group(f: h5py.File) -> h5py.Group | None:
+    """The ``raw`` group of an h5ad (``adata.raw``: ``raw/X`` and ``raw/var``), or None (absent, or a
+    null element as earlier versions of this package wrote)."""
+    raw = f.get("raw")
+    if isinstance(raw, h5py.Group) and "X" in raw and "var" in raw:
+        return raw
+    return None
+
+
+def _h5_shape(x: h5py.Group | h5py.Dataset) -> tuple[int, ...]:
+    """Shape of an h5ad matrix: a dense dataset's, or a sparse group's ``shape`` attribute."""
+    if isinstance(x, h5py.Dataset):
+        return tuple(int(s) for s in x.shape)
+    return tuple(int(s) for s in x.attrs.get("shape", x.attrs.get("h5sparse_shape")))
+
+
+def _h5_gene_ids(var_group: h5py.Group, gene_column: str | None, where: str, what: str) -> np.ndarray:
+    """Gene identifiers of an h5ad var group (``what``: "var" or "raw.var"): its index, or ``gene_column``."""
+    index_key = var_group.attrs.get("_index", "_index")
+    if gene_column is None:
+        return np.asarray(_decode(var_group[index_key][()])).astype(str).astype(object)
+    var_cols = [k for k in var_group.keys() if k not in (index_key, "__categories")]
+    if gene_column not in var_cols:
+        raise InputDataError(
+            f"{where}: gene_column {gene_column!r} not found in {what}. Available {what} columns: "
+            f"{sorted(var_cols)} (or leave gene_column unset to use {what}_names)."
+        )
+    return np.asarray(_read_h5_frame_column(var_group[gene_column])).astype(str).astype(object)
+
+
 class _H5adSource(CountSource):
     """``.h5ad`` read with h5py: CSR in row slices, dense in row slabs, CSC by bounded block scans."""
 
@@ -49,30 +82,9 @@ class _H5adSource(CountSource):
         except OSError as exc:
             raise InputDataError(f"{path} could not be opened as HDF5 ({exc}); is it a complete .h5ad file?") from exc
         f = self._file
-        if layer is None:
-            if "X" not in f:
-                raise InputDataError(f"{path}: no X matrix; pass layer=... Available layers: {self._layers()}.")
-            self._x = f["X"]
-        else:
-            if layer not in self._layers():
-                raise InputDataError(
-                    f"{path}: layer {layer!r} not found. Available layers: {self._layers()} "
-                    "(or leave layer unset to read X)."
-                )
-            self._x = f["layers"][layer]
+        self._x, var_group = self._counts_and_var(layer)
         self._obs_group = f["obs"]
-        var_group = f["var"]
-        var_index = np.asarray(_decode(var_group[var_group.attrs.get("_index", "_index")][()]))
-        if gene_column is None:
-            self.gene_ids = var_index.astype(str).astype(object)
-        else:
-            var_cols = [k for k in var_group.keys() if k != var_group.attrs.get("_index", "_index") and k != "__categories"]
-            if gene_column not in var_cols:
-                raise InputDataError(
-                    f"{path}: gene_column {gene_column!r} not found in var. Available var columns: "
-                    f"{sorted(var_cols)} (or leave gene_column unset to use var_names)."
-                )
-            self.gene_ids = np.asarray(_read_h5_frame_column(var_group[gene_column])).astype(str).astype(object)
+        self.gene_ids = _h5_gene_ids(var_group, gene_column, f"{path}", "raw.var" if self.reads_raw else "var")
         index_key = self._obs_group.attrs.get("_index", "_index")
         self.obs_columns = [k for k in self._obs_group.keys() if k not in (index_key, "__categories")]
         self._index_key = index_key
@@ -89,7 +101,7 @@ class _H5adSource(CountSource):
                 self._kind = "csc"
             else:
                 raise InputDataError(f"{path}: unsupported matrix encoding {encoding!r} for the counts.")
-            shape = tuple(int(s) for s in x.attrs.get("shape", x.attrs.get("h5sparse_shape")))
+            shape = _h5_shape(x)
             self._indptr = x["indptr"][()].astype(np.int64)
             if x["data"].shape != x["indices"].shape:
                 raise InputDataError(f"{path}: the sparse count matrix is corrupt ({x['data'].shape[0]} values but "
@@ -100,6 +112,24 @@ class _H5adSource(CountSource):
         self.n_cells, self.n_genes = int(shape[0]), int(shape[1])
         if len(self.gene_ids) != self.n_genes:
             raise InputDataError(f"{path}: {len(self.gene_ids)} var entries but the matrix has {self.n_genes} columns.")
+
+    def _counts_and_var(self, layer: str | None) -> tuple[h5py.Group | h5py.Dataset, h5py.Group]:
+        """The count matrix to read (X, a layer, or ``raw/X`` for ``layer="raw"``) and its var group."""
+        f, path, layers = self._file, self.name, self._layers()
+        raw = _raw_group(f)
+        if layer is None or layer in layers:
+            if layer is None and "X" not in f:
+                raise InputDataError(f"{path}: no X matrix; pass layer=... Available layers: {layers}"
+                                     + (" (or layer='raw': its .raw)." if raw is not None else "."))
+            if raw is not None and RAW_LAYER not in layers:  # named when the matrix read holds no counts
+                self._raw_beside = (lambda: raw["X"], _h5_shape(raw["X"])[1])
+            elif raw is not None and layer == RAW_LAYER:
+                logger.warning("%s: layer='raw' reads its layer named 'raw'; its .raw (raw/X) is not read.", path)
+            return (f["X"] if layer is None else f["layers"][layer]), f["var"]
+        if layer == RAW_LAYER and raw is not None:
+            self.reads_raw = True
+            return raw["X"], raw["var"]
+        raise missing_layer(path, layer, layers, None if raw is None else _h5_shape(raw["X"])[1])
 
     def _layers(self) -> list[str]:
         return sorted(self._file["layers"].keys()) if "layers" in self._file else []

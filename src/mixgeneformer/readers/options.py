@@ -27,7 +27,7 @@ class ReadOptions:
     Attributes
     ----------
     layer, gene_column, measurement, allow_fractional
-        Passed to :func:`open_source`.
+        Passed to :func:`open_source` (``layer="raw"`` reads an AnnData's / h5ad's ``.raw``).
     species, min_coverage, allow_mixed_species
         Passed to :func:`map_source_genes` (``"auto"`` detects the species per input).
     totals
@@ -139,15 +139,19 @@ def normalization_totals(chunk: CountChunk, mode: str = "all", kept_columns: np.
 
     ``"all"`` (Geneformer default): obs ``n_counts`` when the source has it, else the row sums over
     all genes. ``"kept"`` (the authors' variant): row sums over ``kept_columns`` (a boolean mask).
+
+    An ``n_counts`` that is missing (NaN), non-numeric, infinite or negative for a cell, or 0 for a
+    cell with counts, is an :class:`InputDataError` naming the column, the cell and the fix; it is not
+    replaced by row sums for those cells, since ``n_counts`` may count genes the matrix no longer
+    holds (totals taken before gene filtering) and the cells of one input would be normalized two
+    ways. Without the column every cell's total is its row sum.
     """
     if mode == "all":
         if TOTALS_COLUMN in chunk.obs.columns:
             totals = pd.to_numeric(chunk.obs[TOTALS_COLUMN], errors="coerce").to_numpy(dtype=np.float64)
-            if not np.all(np.isfinite(totals)) or np.any(totals < 0):
-                raise InputDataError(
-                    f"obs column {TOTALS_COLUMN!r} holds missing, infinite or negative values (cells "
-                    f"{chunk.start}–{chunk.start + chunk.n_cells - 1}); fix it or drop the column so totals are computed."
-                )
+            unusable = ~np.isfinite(totals) | (totals < 0)
+            if unusable.any():
+                raise InputDataError(_unusable_totals(chunk, unusable))
             stale = (totals == 0) & (np.diff(chunk.counts.indptr) > 0)
             if stale.any():
                 raise InputDataError(
@@ -165,6 +169,23 @@ def normalization_totals(chunk: CountChunk, mode: str = "all", kept_columns: np.
         rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
         return np.bincount(rows[keep], weights=counts.data[keep].astype(np.float64), minlength=counts.shape[0])
     raise InputDataError(f"totals must be 'all' or 'kept', got {mode!r}.")
+
+
+def _unusable_totals(chunk: CountChunk, unusable: np.ndarray) -> str:
+    """The message for a chunk whose obs ``n_counts`` is unusable (``unusable``: the cells' mask)."""
+    first = int(np.flatnonzero(unusable)[0])
+    value = chunk.obs[TOTALS_COLUMN].iloc[first]
+    shown = repr(value) if isinstance(value, str) else str(value)
+    return (
+        f"obs column {TOTALS_COLUMN!r} (each cell's total count, which normalizes it with totals='all') is missing "
+        f"(NaN), non-numeric, infinite or negative for {int(unusable.sum())} of cells {chunk.start}–"
+        f"{chunk.start + chunk.n_cells - 1} (first: cell {chunk.start + first} ({chunk.obs.index[first]}) = "
+        f"{shown}), e.g. after concatenating inputs of which only some had it. It is not "
+        "replaced by row sums for those cells: n_counts may count genes the matrix no longer holds, and the cells would "
+        f"be normalized two ways. Recompute it for every cell from the raw counts read (adata.obs[{TOTALS_COLUMN!r}] = "
+        "np.asarray(counts.sum(axis=1)).ravel(), counts: X, the layer read or adata.raw.X), or delete it (del "
+        f"adata.obs[{TOTALS_COLUMN!r}]: every total is then the row sum of the counts read), and write the file again."
+    )
 
 
 def filter_pass_rows(chunk: CountChunk) -> np.ndarray | None:
