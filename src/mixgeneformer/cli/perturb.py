@@ -91,10 +91,7 @@ def perturb(
             "shard_index": shard_index, "num_shards": num_shards,
         },
     )
-    _check_stats(stats, null)
-    if config.combine and stats == "vs_all":
-        raise ConfigError("--combine scores one gene set, which --stats vs_all would test against itself; "
-                          "use --stats aggregate, or --stats vs_null with --null DIR")
+    _check_stats(stats, null, config)
     check_cells_input(input)
     inputs = [input, model, null, config_file, tokenize_config, vocab_file, medians_file]
     tk_config = load_tokenize_config(tokenize_config)
@@ -113,7 +110,7 @@ def perturb(
         typer.echo(f"when every shard is done: mixgf perturb-merge {out}")
         return
     with claim_outputs(lambda: check_output(out, inputs, overwrite=overwrite, option="--out"), out):
-        null_cells = pt.read_cells(null) if null is not None else None
+        null_cells = _null_cells(null, config)
         result, vocab = run()
         table = pt.finish_run(out, result, config, vocab, stats, null_cells, overwrite)
     _report(out, result, table)
@@ -126,11 +123,34 @@ def _report(out: Path, result, table) -> None:
     )
 
 
-def _check_stats(stats: str, null: Path | None) -> None:
+def _check_stats(stats: str, null: Path | None, config=None) -> None:
+    """The statistics options, before any work: ``config`` (a run's options) is refused for
+    ``vs_all`` when the run would score a single perturbation (nothing to test it against)."""
     if stats not in ("vs_all", "vs_null", "aggregate"):
         raise ConfigError(f"--stats {stats!r}; use vs_all, vs_null or aggregate")
     if (stats == "vs_null") != (null is not None):
         raise ConfigError("--stats vs_null and --null DIR go together (the null run's output folder)")
+    if config is None or stats != "vs_all":
+        return
+    if config.scores_one_perturbation:
+        what = "--combine scores one gene set" if config.combine else f"--genes {config.genes[0]} scores one gene"
+        raise ConfigError(f"{what}, which --stats vs_all would test against itself; "
+                          "use --stats aggregate, or --stats vs_null with --null DIR")
+
+
+def _null_cells(null: Path | None, config):
+    """The null run's cell table (``--null``), refused before the run if it lacks the score tested."""
+    from .. import perturb as pt
+
+    if null is None:
+        return None
+    cells = pt.read_cells(null)
+    score = config.statistics_score or ("goal_shift" if config.goal else "shift")
+    missing = [c for c in ("perturbed", "gene_token", score) if c not in cells.columns]
+    if missing:
+        raise ConfigError(f"--null {null}: its cells.parquet has no {missing} column(s), which --stats vs_null compares "
+                          "with this run; run the null with the same --goal / --score options")
+    return cells
 
 
 @app.command("perturb-merge")

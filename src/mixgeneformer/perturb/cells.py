@@ -16,7 +16,7 @@ import torch
 
 from ..bundle import load_for_inference
 from ..corpus import load_corpus
-from ..errors import InputDataError, VocabularyMismatchError
+from ..errors import ConfigError, InputDataError, VocabularyMismatchError
 from ..fileio import read_h5ad
 from ..inference import (
     embed_corpus,
@@ -289,6 +289,20 @@ def _select_cells(
     return chosen, state_rows
 
 
+def _check_stats_mode(stats_mode: str | None, config: PerturbConfig) -> None:
+    """Refuse, before any work, statistics :func:`perturb_anndata` cannot compute for this run."""
+    if stats_mode not in (None, "vs_all", "aggregate"):
+        raise ConfigError(
+            f"stats_mode={stats_mode!r}; perturb_anndata computes 'vs_all', 'aggregate' or None. For 'vs_null', pass "
+            "stats_mode=None and call perturbation_statistics(result.cells, vocab, mode='vs_null', null=<null run's cells>)"
+        )
+    if stats_mode == "vs_all" and config.scores_one_perturbation:
+        raise ConfigError(
+            "this run scores a single perturbation (one gene, or a combined set), which stats_mode='vs_all' would test "
+            "against itself; use stats_mode='aggregate', or None and perturbation_statistics(mode='vs_null')"
+        )
+
+
 def perturb_anndata(
     adata: anndata.AnnData,
     model_or_bundle: str | os.PathLike | torch.nn.Module,
@@ -314,8 +328,8 @@ def perturb_anndata(
     tokenize_config
         :class:`mixgeneformer.tokenize.TokenizeConfig` (``max_len`` capped at the model's).
     stats_mode
-        ``"vs_all"`` or ``"aggregate"`` (``vs_null`` needs a second run: use
-        :func:`perturbation_statistics`); None computes none (one shard of a run: the merge tests).
+        ``"vs_all"`` or ``"aggregate"``; None computes none (one shard of a run: the merge tests).
+        ``"vs_null"`` needs a second run's table: refused here, use :func:`perturbation_statistics`.
 
     Returns
     -------
@@ -324,6 +338,7 @@ def perturb_anndata(
     """
 
     config = config or PerturbConfig()
+    _check_stats_mode(stats_mode, config)
     model, vocab, medians, tokenize_config, _ = load_for_inference(model_or_bundle, vocab, medians, tokenize_config)
     if config.state_column and config.state_column not in adata.obs.columns:
         raise InputDataError(
@@ -339,9 +354,7 @@ def perturb_anndata(
     result.cells.insert(1, "obs_name", np.asarray(adata.obs_names, dtype=object)[result.cells["cell"].to_numpy()])
     if stats_mode is None:
         return result, None
-    stats = perturbation_statistics(
-        result.cells, vocab, mode="aggregate" if stats_mode == "vs_null" else stats_mode, score=config.statistics_score
-    )
+    stats = perturbation_statistics(result.cells, vocab, mode=stats_mode, score=config.statistics_score)
     return result, stats
 
 

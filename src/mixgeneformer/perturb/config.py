@@ -31,6 +31,13 @@ class PerturbConfig:
     anchor
         A gene perturbed in every variant together with each other gene (combinations); the
         ``anchor_shift`` column is the shift relative to the anchor-only perturbation.
+    overexpress_absent
+        ``perturb="overexpress"`` of listed ``genes`` in a cell that lacks one: ``"skip"`` (default)
+        leaves that gene out for the cell (a set, with ``combine``: the cell); ``"insert"``
+        (Geneformer's ``InSilicoPerturber``) puts it first like an expressed gene — after any
+        leading ``<cls>`` / species token, the set in the listed order — and truncates the cell to
+        the model's ``max_position_embeddings``, dropping its lowest-ranked genes and keeping a
+        trailing ``<eos>``. Inserted genes have ``gene_rank`` -1. Not with ``anchor``.
     target_rank
         Gene rank (0 = top) that ``activate`` / ``inhibit`` move genes to; negative counts from
         the end (-1 = last).
@@ -78,6 +85,7 @@ class PerturbConfig:
     genes: list[str] = dataclasses.field(default_factory=list)
     combine: bool = False
     anchor: str | None = None
+    overexpress_absent: Literal["skip", "insert"] = "skip"
     target_rank: int | None = None
     state_column: str | None = None
     start: str | None = None
@@ -101,7 +109,16 @@ class PerturbConfig:
     shard_index: int | None = None
     num_shards: int | None = None
 
+    def _check_choices(self) -> None:
+        """Values a typo would otherwise turn into another setting silently (the CLI checks them too)."""
+        for name, allowed in (("pooling", ("mean", "cls")), ("screen_method", ("mask", "shift")),
+                              ("precision", ("auto", "fp32", "bf16")), ("species", ("auto", "human", "mouse")),
+                              ("overexpress_absent", ("skip", "insert"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r}; use one of {list(allowed)}")
+
     def __post_init__(self) -> None:
+        self._check_choices()
         if self.perturb not in ("delete", "overexpress", "activate", "inhibit"):
             raise ConfigError(
                 f"perturb={self.perturb!r}; use 'delete', 'overexpress', 'activate' or 'inhibit'"
@@ -115,6 +132,11 @@ class PerturbConfig:
             raise ConfigError(
                 f"target_rank={self.target_rank} moves genes for perturb='activate' / 'inhibit' only; "
                 f"perturb={self.perturb!r} does not use it (drop --target-rank)"
+            )
+        if self.overexpress_absent == "insert" and (self.perturb != "overexpress" or self.anchor is not None):
+            raise ConfigError(
+                "overexpress_absent='insert' puts listed genes a cell lacks first, for perturb='overexpress' without "
+                f"an anchor; this run has perturb={self.perturb!r}, anchor={self.anchor!r} (drop overexpress_absent)"
             )
         if self.combine and len(self.genes) < 2:
             raise ConfigError("combine=True perturbs the listed genes together; list at least two genes")
@@ -161,6 +183,12 @@ class PerturbConfig:
         """The cell-table column statistics test: ``cell_emb_shift`` for ``score="cell_emb"``, else
         None (``goal_shift`` when the table has it, else ``shift``)."""
         return "cell_emb_shift" if self.score == "cell_emb" else None
+
+    @property
+    def scores_one_perturbation(self) -> bool:
+        """Whether a run scores a single perturbation (a gene set, or one gene without an anchor):
+        statistics ``mode="vs_all"`` would have nothing to test it against."""
+        return self.combine or (len(self.genes) == 1 and self.anchor is None)
 
     @property
     def needs_gene_states(self) -> bool:

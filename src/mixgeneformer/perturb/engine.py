@@ -134,7 +134,7 @@ def _run_variants(
         for job, _part, src, _ident in todo:
             s = src[:, :width] if src.shape[1] >= width else np.pad(src, ((0, 0), (0, width - src.shape[1])), constant_values=-1)
             valid = s >= 0
-            ids[at : at + len(s)][valid] = job.tokens[s[valid]]
+            ids[at : at + len(s)][valid] = job.variants.pool(job.tokens)[s[valid]]
             origin[at : at + len(s)] = s
             at += len(s)
         mask = (origin >= 0).astype(np.int64)
@@ -188,9 +188,10 @@ def _single_deletions(src: np.ndarray, length: int) -> np.ndarray | None:
 
 
 def _identity_rows(src: np.ndarray, length: int) -> np.ndarray:
-    if src.shape[1] != length:
+    """Rows that gather the cell unchanged (``src`` may be right-padded with -1)."""
+    if src.shape[1] < length:
         return np.zeros(len(src), dtype=bool)
-    return (src == np.arange(length)).all(axis=1)
+    return (src[:, :length] == np.arange(length)).all(axis=1) & (src[:, length:] == -1).all(axis=1)
 
 
 def _remaining_gene_cosines(job, part, hidden, origin, ids, special) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -242,12 +243,15 @@ def _exact(bert, flat, offsets, rows, base_of, targets, vocab, config, device, g
     frames: list[pd.DataFrame] = []
     gene_frames: list[pd.DataFrame] = []
     counts = {"cells_perturbed": 0, "cells_skipped_gene_absent": 0, "variants": 0}
+    if config.overexpress_absent == "insert":
+        counts["variants_inserting_absent_genes"] = 0
+    max_len = int(bert.config.max_position_embeddings)
     bar = _progress(len(rows), progress, f"perturb ({config.perturb})")
 
     def jobs() -> Iterator[_CellJob]:
         for row in _length_order(rows, offsets).tolist():
             tokens = flat[offsets[row] : offsets[row + 1]]
-            variants = cell_variants(tokens, vocab, config, gene_tokens, anchor_token)
+            variants = cell_variants(tokens, vocab, config, gene_tokens, anchor_token, max_len)
             if variants is None or len(variants.src) == 0:
                 counts["cells_skipped_gene_absent"] += 1
                 if bar is not None:
@@ -270,6 +274,8 @@ def _exact(bert, flat, offsets, rows, base_of, targets, vocab, config, device, g
             )
         counts["cells_perturbed"] += 1
         counts["variants"] += len(v.src)
+        if len(v.extra):
+            counts["variants_inserting_absent_genes"] += int((v.src >= len(job.tokens)).any(axis=1).sum())
         job.hidden = None
         job.emb = None
         job.cell_emb = None

@@ -5,7 +5,9 @@ of :func:`mixgeneformer.perturb.perturb_cells` and tests them: the Wilcoxon rank
 (Mann–Whitney U, normal approximation with tie and continuity correction, as
 ``scipy.stats.mannwhitneyu``, vectorised over all genes at once) of a gene's scores against all
 perturbations' scores (``vs_all``) or against the same gene's scores in a second, null run
-(``vs_null``), with Benjamini–Hochberg FDR; or just means and counts (``aggregate``).
+(``vs_null``), with Benjamini–Hochberg FDR over the perturbations tested; or just means and counts
+(``aggregate``). A NaN score (e.g. ``cell_emb`` of a variant that leaves no unperturbed gene to
+compare) is left out of the tests and means, as Geneformer's ``nan_policy="omit"``.
 """
 
 from __future__ import annotations
@@ -186,16 +188,19 @@ def perturbation_statistics(
             f"mode='vs_all' tests each perturbation against all of them, and this table has one ({uniques[0][0]}); "
             "use mode='aggregate', or 'vs_null' with a null run (CLI: --stats)"
         )
+    scored = np.isfinite(values)  # a NaN score (no gene left to compare) is left out of the tests, not ranked
     if mode == "vs_all":
-        table["p_value"] = _mwu_vs_all(values, codes, len(uniques))
+        table["p_value"] = _mwu_vs_all(values[scored], codes[scored], len(uniques))
     elif mode == "vs_null":
-        if score not in null.columns:
-            raise ConfigError(f"the null table has no {score!r} column; run the null with the same states")
+        missing = [c for c in ("perturbed", "gene_token", score) if c not in null.columns]
+        if missing:
+            raise ConfigError(f"the null table has no {missing} column(s); run the null with the same options and states")
         null_index = pd.MultiIndex.from_frame(null[["perturbed", "gene_token"]])
         null_codes = pd.Index(uniques).get_indexer(null_index)
-        keep = null_codes >= 0
+        null_values = null[score].to_numpy(np.float64)
+        keep = (null_codes >= 0) & np.isfinite(null_values)
         table["p_value"] = _mwu_paired_groups(
-            values, codes, null[score].to_numpy(np.float64)[keep], null_codes[keep], len(uniques)
+            values[scored], codes[scored], null_values[keep], null_codes[keep], len(uniques)
         )
         table["n_null"] = np.bincount(null_codes[keep], minlength=len(uniques))
         null_mean = pd.Series(null[score].to_numpy()[keep]).groupby(null_codes[keep]).mean()

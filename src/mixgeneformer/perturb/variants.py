@@ -194,6 +194,63 @@ class _Variants:
     label: list[str]  # (n,) human-readable name of the perturbed token(s)
     perturbed_tokens: np.ndarray  # (n, k) every token the row perturbs (for gene shifts)
     anchor_only: np.ndarray  # (n,) bool, the anchor-alone reference row
+    # Tokens the cell lacks that rows insert (overexpress_absent="insert"): src value len(tokens) + j
+    # stands for extra[j].
+    extra: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def pool(self, tokens: np.ndarray) -> np.ndarray:
+        """The tokens ``src`` indexes: the cell's, then any inserted ones."""
+        return np.concatenate([tokens, self.extra]) if len(self.extra) else tokens
+
+
+def insert_first(tokens: np.ndarray, items: Sequence[int], special_ids: np.ndarray, max_len: int | None) -> np.ndarray:
+    """Gather index of ``tokens`` with ``items`` first among its genes, in that order (Geneformer's
+    overexpression of listed genes).
+
+    ``items`` are positions in ``tokens`` (genes the cell has: moved) or ``len(tokens) + j`` (the
+    ``j``-th gene it lacks: inserted). Leading special tokens (``<cls>``, species) stay first and
+    trailing ones (``<eos>``) last; a cell longer than ``max_len`` after insertion loses its
+    lowest-ranked genes.
+    """
+    length = len(tokens)
+    is_gene = ~np.isin(tokens, special_ids)
+    first = int(np.argmax(is_gene))
+    stop = length - int(np.argmax(is_gene[::-1]))  # one past the last gene
+    items = [int(i) for i in items]
+    taken = set(items)
+    order = [*range(first), *items, *(p for p in range(first, stop) if p not in taken), *range(stop, length)]
+    if max_len is not None and len(order) > max_len:
+        tail = length - stop
+        if max_len - tail < first + len(items):
+            raise InputDataError(
+                f"overexpressing {len(items)} gene(s) needs {first + len(items) + tail} positions but the model "
+                f"accepts {max_len}; overexpress fewer genes"
+            )
+        order = order[: max_len - tail] + order[len(order) - tail :]
+    return np.asarray(order, dtype=np.int64)
+
+
+def _overexpress_inserting(
+    tokens: np.ndarray, vocab: Vocabulary, config: PerturbConfig, gene_tokens: np.ndarray,
+    positions: np.ndarray, rank_of: np.ndarray, max_len: int | None,
+) -> _Variants:
+    """Variants of ``overexpress_absent="insert"``: ``positions`` (aligned with ``gene_tokens``)
+    holds each listed gene's position in the cell, -1 where the cell lacks it (then inserted)."""
+    absent = positions < 0
+    slot = np.where(absent, len(tokens) + np.cumsum(absent) - 1, positions)
+    special = vocab.special_ids
+    if config.combine:
+        rows = [insert_first(tokens, slot, special, max_len)]
+        token, rank = np.array([-1]), np.array([-1])
+        names, perturbed = ["+".join(vocab.tokens[t] for t in gene_tokens.tolist())], gene_tokens[None, :]
+    else:
+        rows = [insert_first(tokens, [s], special, max_len) for s in slot.tolist()]
+        token, rank = gene_tokens, np.where(absent, -1, rank_of[np.maximum(positions, 0)])
+        names, perturbed = [vocab.tokens[t] for t in gene_tokens.tolist()], gene_tokens[:, None]
+    src = np.full((len(rows), max(len(r) for r in rows)), -1, dtype=np.int64)
+    for i, row in enumerate(rows):
+        src[i, : len(row)] = row
+    return _Variants(src, token, rank, names, perturbed, np.zeros(len(rows), dtype=bool), gene_tokens[absent])
 
 
 # long: one branch per perturbation kind (single, combined, anchored), all on one cell's tokens.
@@ -203,12 +260,14 @@ def cell_variants(
     config: PerturbConfig,
     gene_tokens: np.ndarray | None = None,
     anchor_token: int | None = None,
+    max_len: int | None = None,
 ) -> _Variants | None:
     """Every variant ``config`` asks for of one cell, or None when the cell lacks the genes.
 
     ``gene_tokens`` (resolved ``config.genes``) None means every gene of the cell. A gene absent
     from the cell is skipped; with ``combine`` or an ``anchor`` the cell must hold all of the
-    set / the anchor.
+    set / the anchor. With ``overexpress_absent="insert"`` an absent listed gene is inserted first
+    instead, the cell cut to ``max_len`` tokens (the model's positions) if it grows past it.
     """
     tokens = np.asarray(tokens, dtype=np.int64)
     special = vocab.special_ids
@@ -223,6 +282,9 @@ def cell_variants(
         where = np.searchsorted(tokens[gene_pos], gene_tokens, sorter=sorter)
         where = np.minimum(where, len(gene_pos) - 1)
         found = tokens[gene_pos][sorter[where]] == gene_tokens
+        if config.perturb == "overexpress" and config.overexpress_absent == "insert" and not found.all():
+            positions = np.where(found, gene_pos[sorter[where]], -1)
+            return _overexpress_inserting(tokens, vocab, config, gene_tokens, positions, rank_of, max_len)
         if config.combine:
             if not found.all():
                 return None
