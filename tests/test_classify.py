@@ -559,3 +559,47 @@ def test_cross_species_transfer_baselines_on_orthologs(baron_data):
     assert set(task.test_labels) <= set(task.classes)
     assert any("acinar" in note for note in task.notes) and any("b_cell" in note for note in task.notes)
     assert run.results[0].metrics["accuracy"] > 0.5
+
+
+# ---------------------------------------------------------------- count baselines read counts as the tokenizer does
+
+
+def _scanpy_style(adata: ad.AnnData) -> ad.AnnData:
+    """Counts kept in .raw and in layers['counts'], X log-normalised (scanpy's usual workflow)."""
+    out = adata.copy()
+    out.layers["counts"] = out.X.copy()
+    out.raw = out
+    out.X = C.log_normalize(out.X)
+    return out
+
+
+def test_count_baselines_refuse_normalised_x_and_read_the_layer_given():
+    from mixgeneformer.tokenize import TokenizeConfig
+
+    counts = labelled_counts({"a": 40, "b": 40, "c": 40}, seed=3)
+    scanpy = _scanpy_style(counts)
+    labels = C.LabelConfig(min_class_fraction=0)
+    with pytest.raises(InputDataError, match=r"layer='raw'"):
+        C.run_classification(scanpy, methods=(), baseline_methods=("logreg_counts",), config=C.ClassifyConfig(labels=labels))
+    expected = C.run_classification(counts, methods=(), baseline_methods=("logreg_counts", "knn_pca"),
+                                    config=C.ClassifyConfig(labels=labels)).table()
+    for layer in ("counts", "raw"):
+        got = C.run_classification(scanpy, methods=(), baseline_methods=("logreg_counts", "knn_pca"),
+                                   config=C.ClassifyConfig(labels=labels), tokenize_config=TokenizeConfig(layer=layer)).table()
+        pd.testing.assert_frame_equal(got, expected)
+
+
+def test_cli_count_baselines_take_the_layer_from_tokenize_config(tmp_path, capsys):
+    from mixgeneformer.cli import main
+
+    counts = labelled_counts({"a": 40, "b": 40}, seed=4)
+    path = tmp_path / "scanpy.h5ad"
+    _scanpy_style(counts).write_h5ad(path)
+    base = ["classify", str(path), "--mode", "none", "--baselines", "--set", "labels.min_class_fraction=0"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and "layer='raw'" in capsys.readouterr().err
+    (tmp_path / "tok.yaml").write_text("layer: raw\n")
+    main([*base, "--tokenize-config", str(tmp_path / "tok.yaml"), "--out", str(tmp_path / "ok")])
+    table = pd.read_csv(tmp_path / "ok" / "metrics.csv").set_index("method")
+    assert table.loc["logreg_counts", "accuracy"] > 0.9, table

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -14,6 +14,7 @@ from sklearn.decomposition import PCA
 
 from .. import genes
 from ..errors import ConfigError, InputDataError
+from ..readers import ReadOptions
 from .config import BaselineConfig, BaselineMethod
 from .metrics import EvalResult, Prediction, evaluate
 from .tasks import Task, TokenizedCells
@@ -25,9 +26,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _counts(adata: Any, layer: str | None = None) -> sp.csr_matrix:
-    x = adata.layers[layer] if layer else adata.X
-    return sp.csr_matrix(x) if not sp.isspmatrix_csr(x) else x
+def read_counts(adata: anndata.AnnData, read: ReadOptions | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Every cell's counts and gene IDs, read and checked the way the tokenizer reads them.
+
+    ``read`` (default :class:`ReadOptions`: ``X``, var index) picks the matrix (``layer``; ``"raw"``
+    reads ``adata.raw``) and the gene-ID column; values that are not raw counts (log-normalised,
+    scaled, NaN) are refused with the readers' message naming the fix, never re-normalised.
+    """
+    read = read or ReadOptions()
+    with read.open(adata) as source:
+        blocks = [chunk.counts for chunk in source.iter_chunks(read.chunk_size)]
+        gene_ids = np.asarray(source.gene_ids, dtype=object)
+    counts = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, gene_ids.size), dtype=np.float32)
+    return counts, gene_ids
 
 
 def log_normalize(counts: sp.spmatrix | np.ndarray, target_sum: float = 1e4) -> sp.csr_matrix:
@@ -40,15 +51,16 @@ def log_normalize(counts: sp.spmatrix | np.ndarray, target_sum: float = 1e4) -> 
     return sp.csr_matrix(normalized)
 
 
-def ortholog_counts(adata: anndata.AnnData, species: Literal["human", "mouse"], layer: str | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
+def ortholog_counts(adata: anndata.AnnData, species: Literal["human", "mouse"], read: ReadOptions | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
     """Counts on human Ensembl IDs through one-to-one orthologs.
 
-    Gene identifiers (symbols or Ensembl IDs, via :func:`genes.map_gene_ids`) are resolved for
+    Counts and gene identifiers come from :func:`read_counts` (``read``: layer, gene-ID column).
+    The identifiers (symbols or Ensembl IDs, via :func:`genes.map_gene_ids`) are resolved for
     ``species``; mouse genes are mapped to their 1:1 human ortholog. Genes without one are dropped;
     genes mapping to the same human ID are summed. Returns ``(counts, human_ids)``.
     """
-
-    mapping = genes.map_gene_ids(np.asarray(adata.var_names, dtype=object), species=species)
+    counts, gene_ids = read_counts(adata, read)
+    mapping = genes.map_gene_ids(gene_ids, species=species)
     ids = np.asarray(mapping.ensembl_ids, dtype=object)
     if species == "mouse":
         table = genes.one_to_one_orthologs()
@@ -58,7 +70,7 @@ def ortholog_counts(adata: anndata.AnnData, species: Literal["human", "mouse"], 
     else:
         human_ok = pd.Index(genes.one_to_one_orthologs()["human_id"])  # hashed lookup (np.isin sorts objects: seconds)
         ids = np.where(pd.Index(ids).isin(human_ok), ids, "").astype(object)
-    return _sum_columns_by_id(_counts(adata, layer), ids)
+    return _sum_columns_by_id(counts, ids)
 
 
 def _sum_columns_by_id(counts: sp.csr_matrix, ids: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -125,34 +137,28 @@ def baselines(
     methods: Sequence[BaselineMethod] = ("logreg_counts", "knn_pca"),
     config: BaselineConfig | None = None,
     species: tuple[str, str] | None = None,
-    layer: str | None = None,
+    read: ReadOptions | None = None,
 ) -> list[EvalResult]:
     """Run count-based baselines on a task's cells.
 
-    Within one dataset the genes are used as given. When ``species=(train_species, test_species)``
-    names two different species, both sides are mapped to human Ensembl IDs through one-to-one
-    orthologs (:func:`ortholog_counts`) and restricted to the shared genes; each cell is then scaled
-    over those shared genes, so cells of both species are proportions over the same genes (a
-    species' share of counts on genes without an ortholog does not shift its cells).
+    The counts are read as the tokenizer reads them (:func:`read_counts` with ``read``: the layer,
+    e.g. ``"counts"`` or ``"raw"``, and the gene-ID column; a matrix without raw counts is an
+    error). Within one dataset the genes are used as given. When ``species=(train_species,
+    test_species)`` names two different species, both sides are mapped to human Ensembl IDs through
+    one-to-one orthologs (:func:`ortholog_counts`) and restricted to the shared genes; each cell is
+    then scaled over those shared genes, so cells of both species are proportions over the same
+    genes (a species' share of counts on genes without an ortholog does not shift its cells).
     """
     if species is not None and species[0] != species[1]:
-        train_all, train_ids = ortholog_counts(task.train_data, species[0], layer)  # type: ignore[arg-type]
-        test_all, test_ids = ortholog_counts(task.test_data, species[1], layer)  # type: ignore[arg-type]
+        train_all, train_ids = ortholog_counts(task.train_data, species[0], read)  # type: ignore[arg-type]
+        test_all, test_ids = ortholog_counts(task.test_data, species[1], read)  # type: ignore[arg-type]
         train_all, test_all, shared = align_genes(train_all, train_ids, test_all, test_ids)
-        note = f"{shared.size} one-to-one ortholog genes shared"
-        logger.info("baselines: %s", note)
-        train_counts, test_counts = train_all[task.train_rows], test_all[task.test_rows]
+        logger.info("baselines: %d one-to-one ortholog genes shared", shared.size)
+    elif task.train_data is not task.test_data:
+        train_all, test_all, _ = align_genes(*read_counts(task.train_data, read), *read_counts(task.test_data, read))
     else:
-        if task.train_data is not task.test_data:
-            train_names = np.asarray(task.train_data.var_names, dtype=str)
-            test_names = np.asarray(task.test_data.var_names, dtype=str)
-            train_all, test_all, shared = align_genes(
-                _counts(task.train_data, layer), train_names, _counts(task.test_data, layer), test_names
-            )
-            train_counts, test_counts = train_all[task.train_rows], test_all[task.test_rows]
-        else:
-            matrix = _counts(task.train_data, layer)
-            train_counts, test_counts = matrix[task.train_rows], matrix[task.test_rows]
+        train_all = test_all = read_counts(task.train_data, read)[0]
+    train_counts, test_counts = train_all[task.train_rows], test_all[task.test_rows]
     return [
         evaluate(task, baseline_predict(train_counts, task.train_labels, test_counts, method, config), method)
         for method in methods

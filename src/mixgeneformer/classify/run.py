@@ -83,6 +83,8 @@ def run_classification(
     within-dataset run of the same seed would split it). ``max_len`` replaces the tokenize
     configuration's: e.g. fine-tune on more genes per cell than the model was pretrained on, up to
     its ``max_position_embeddings`` (the positions beyond pretraining are learned while fine-tuning).
+    Count baselines read the cells with the tokenize configuration's reader options (``layer``,
+    ``gene_column``, ``allow_fractional``), as the tokenizer does.
     """
     if model is not None:
         model, vocab, medians, tokenize_config, _ = load_for_inference(model, vocab, medians, tokenize_config)
@@ -113,7 +115,8 @@ def run_classification(
             results.append(token_baseline(task, (train_tokens, test_tokens), len(vocab.tokens), vocab.special_ids, config.baselines))  # type: ignore[union-attr]
     count_methods = [m for m in baseline_methods if m != "logreg_tokens"]
     if count_methods:
-        results += baselines(task, count_methods, config.baselines, species=species)
+        read = tokenize_config.read_options if tokenize_config is not None else None
+        results += baselines(task, count_methods, config.baselines, species=species, read=read)
     return ClassificationRun(task=task, results=results, config=config, fitted=fitted)
 
 

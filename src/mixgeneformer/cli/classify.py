@@ -95,7 +95,7 @@ def classify(
         raise ConfigError("--mode none runs nothing without --baselines.")
     if not methods:
         given = [name for name, value in (("--max-len", max_len), ("--model", model), ("--vocab", vocab),
-                 ("--medians", medians), ("--tokenize-config", tokenize_config)) if value is not None]
+                 ("--medians", medians)) if value is not None]
         if given:
             raise ConfigError(f"{', '.join(given)} serve the model-based methods; --mode none runs none. Drop them or choose a --mode.")
     if methods and model is None:
