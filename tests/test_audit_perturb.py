@@ -89,6 +89,21 @@ def test_rank_sum_tests_leave_nan_scores_out():
         assert stats.loc[gene, "n_null"] == len(other)
 
 
+def test_any_numeric_score_column_can_be_tested_and_ranks_the_table():
+    # A screen's *_estimate columns are one homogeneous measurement for every gene (the exact
+    # column mixes exact values for each cell's top genes with estimates for the others).
+    table = _table_with_nan(2).dropna()
+    table["goal_shift_estimate"] = np.random.default_rng(3).normal(size=len(table)) + 0.2 * table["gene_token"]
+    stats = perturbation_statistics(table, score="goal_shift_estimate")
+    means = table.groupby("perturbed")["goal_shift_estimate"].mean()
+    assert stats.set_index("perturbed")["mean_goal_shift_estimate"].to_dict() == pytest.approx(means.to_dict())
+    expected = scipy.stats.mannwhitneyu(table.loc[table["perturbed"] == "G0", "goal_shift_estimate"],
+                                        table["goal_shift_estimate"], method="asymptotic").pvalue
+    assert stats.set_index("perturbed").at["G0", "p_value"] == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ConfigError, match="numeric"):
+        perturbation_statistics(table, score="perturbed")
+
+
 # -- overexpression of genes a cell lacks: Geneformer's insertion and truncation ---------------
 def test_insert_first_is_geneformers_overexpression_with_truncation():
     specials = np.arange(6)

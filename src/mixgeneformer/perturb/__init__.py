@@ -4,7 +4,9 @@ A cell is a sequence of gene tokens ordered by normalized expression (SPEC §2).
 rewrites that sequence and asks how far the cell's embedding moves:
 
 * ``delete``: remove the gene's token (the genes below it move up one rank);
-* ``overexpress``: move the gene to the front (after any leading ``<cls>`` / species token);
+* ``overexpress``: move the gene to the front (after any leading ``<cls>`` / species token); a
+  listed gene the cell lacks is skipped, or with ``overexpress_absent="insert"`` inserted there
+  and the cell cut to the model's length (Geneformer's);
 * ``activate``: move the gene up to gene rank ``target_rank`` (a gene already ranked at or above
   it stays where it is); ``inhibit``: move it down to ``target_rank`` (negative ranks count from
   the end, ``-1`` = last).
@@ -63,7 +65,7 @@ pass (``is_grads_batched``). ``benchmarks/perturb.py`` reports the estimates' pe
 correlation with exact scores on real cells and the speed-up.
 
 Statistics over the cell table (rank-sum tests with FDR, vs-null, aggregate) live in
-:mod:`mixgeneformer.perturb_stats`; :func:`perturbation_statistics` is re-exported here.
+:mod:`mixgeneformer.perturb.stats`; :func:`perturbation_statistics` is re-exported here.
 """
 
 from __future__ import annotations

@@ -170,6 +170,10 @@ def perturbation_statistics(
         raise InputDataError("the perturbation table is empty: no cell expressed the perturbed genes")
     value_cols = [c for c in cells.columns if c in ("shift", "cell_emb") or c.endswith("_shift") or c.startswith("alt_shift:")]
     value_cols = [c for c in value_cols if not c.endswith("_estimate")]
+    if score not in value_cols:  # e.g. a screen's goal_shift_estimate: its mean ranks the table
+        value_cols.append(score)
+    if not pd.api.types.is_numeric_dtype(cells[score]) or pd.api.types.is_bool_dtype(cells[score]):
+        raise ConfigError(f"score column {score!r} holds {cells[score].dtype} values; test a numeric score column")
     keys = pd.MultiIndex.from_frame(cells[["perturbed", "gene_token"]])
     codes, uniques = pd.factorize(keys, sort=True)
     groups = cells.groupby(codes, sort=True)
