@@ -278,3 +278,10 @@ def test_perturb_anndata_refuses_statistics_it_cannot_compute_before_loading():
         pt.perturb_anndata(adata, "/nonexistent/model", PerturbConfig(), stats_mode="vs_null")
     with pytest.raises(ConfigError, match="single perturbation"):
         pt.perturb_anndata(adata, "/nonexistent/model", PerturbConfig(genes=["INS"]), stats_mode="vs_all")
+
+
+@pytest.mark.parametrize("field", ["genes", "alternatives"])
+def test_a_bare_string_for_a_list_option_is_refused(field):
+    extra = {"state_column": "s"} if field == "alternatives" else {}
+    with pytest.raises(ConfigError, match=f"{field} must be a list"):
+        PerturbConfig(**{field: "INS"}, **extra)  # read letter by letter it was genes 'I', 'N', 'S'

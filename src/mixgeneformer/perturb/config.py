@@ -111,6 +111,10 @@ class PerturbConfig:
 
     def _check_choices(self) -> None:
         """Values a typo would otherwise turn into another setting silently (the CLI checks them too)."""
+        for name in ("genes", "alternatives"):  # a bare string would be read letter by letter
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{name} must be a list of names, got {value!r}; e.g. {name}=[{value!r}]")
         for name, allowed in (("pooling", ("mean", "cls")), ("screen_method", ("mask", "shift")),
                               ("precision", ("auto", "fp32", "bf16")), ("species", ("auto", "human", "mouse")),
                               ("overexpress_absent", ("skip", "insert"))):
