@@ -285,3 +285,20 @@ def test_a_bare_string_for_a_list_option_is_refused(field):
     extra = {"state_column": "s"} if field == "alternatives" else {}
     with pytest.raises(ConfigError, match=f"{field} must be a list"):
         PerturbConfig(**{field: "INS"}, **extra)  # read letter by letter it was genes 'I', 'N', 'S'
+
+
+def test_vs_null_ranks_by_the_shift_beyond_the_null():
+    """A gene that moves cells as far in the null run is not ranked above one that moves them only
+    in the test run, although its raw mean is larger."""
+    rng = np.random.default_rng(5)
+
+    def rows(gene, token, centre, n=30):
+        return pd.DataFrame({"cell": np.arange(n), "perturbed": gene, "gene_token": token, "gene_rank": 0,
+                             "shift": rng.normal(centre, 0.001, n)})
+
+    test = pd.concat([rows("both", 1, 1.0), rows("test_only", 2, 0.5)], ignore_index=True)
+    null = pd.concat([rows("both", 1, 0.95), rows("test_only", 2, 0.0)], ignore_index=True)
+    stats = perturbation_statistics(test, mode="vs_null", null=null)
+    assert stats["significant"].all()
+    assert stats["perturbed"].tolist() == ["test_only", "both"]
+    assert stats.set_index("perturbed")["mean_shift_vs_null"].to_dict() == pytest.approx({"test_only": 0.5, "both": 0.05}, abs=0.01)

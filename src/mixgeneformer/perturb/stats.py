@@ -155,9 +155,10 @@ def perturbation_statistics(
         One row per perturbed gene (or gene set): ``perturbed``, ``gene_token``, ``ensembl_id``,
         ``symbol``, ``n_cells``, ``mean_shift``, ``mean_goal_shift`` (and other means), and for
         the tests ``p_value``, ``fdr`` (Benjamini–Hochberg) and ``significant`` (``fdr <
-        FDR_ALPHA``). Sorted as Geneformer's goal-state statistics: significant rows first, each
-        group by the mean score descending (toward the goal first), then by FDR; without a test,
-        by the mean score.
+        FDR_ALPHA``); ``vs_null`` adds ``null_mean_<score>`` and ``mean_<score>_vs_null`` (the
+        difference). Sorted as Geneformer's goal-state statistics: significant rows first, each
+        group by the mean score descending (toward the goal first; ``vs_null``: by the difference
+        from the null), then by FDR; without a test, by the mean score.
     """
     if mode not in ("vs_all", "vs_null", "aggregate"):
         raise ConfigError(f"mode={mode!r}; use 'vs_all', 'vs_null' or 'aggregate'")
@@ -209,6 +210,9 @@ def perturbation_statistics(
         table["n_null"] = np.bincount(null_codes[keep], minlength=len(uniques))
         null_mean = pd.Series(null[score].to_numpy()[keep]).groupby(null_codes[keep]).mean()
         table["null_mean_" + score] = null_mean.reindex(range(len(uniques))).to_numpy()
+        # what the test measures: the shift beyond the null's (a gene moving cells as much in the null
+        # run is not ranked first); Geneformer's vs-null ranking uses the same difference
+        table[f"mean_{score}_vs_null"] = table["mean_" + score] - table["null_mean_" + score]
     if mode != "aggregate":
         table["fdr"] = benjamini_hochberg(table["p_value"].to_numpy())
     if vocab is not None:
@@ -227,7 +231,8 @@ def perturbation_statistics(
         # Geneformer's order: the significant perturbations first, each group by its mean score
         # (the shift toward the goal: genes that move cells away from it come last), then by FDR.
         table.insert(table.columns.get_loc("fdr") + 1, "significant", table["fdr"].to_numpy() < FDR_ALPHA)
-        sort_cols, ascending = ["significant", "mean_" + score, "fdr"], [False, False, True]
+        ranked_by = f"mean_{score}_vs_null" if mode == "vs_null" else "mean_" + score
+        sort_cols, ascending = ["significant", ranked_by, "fdr"], [False, False, True]
     else:
         sort_cols, ascending = ["mean_" + score], [False]
     table = table.sort_values(sort_cols, ascending=ascending, kind="stable", na_position="last")
