@@ -17,12 +17,39 @@ now and then.)
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+_F = TypeVar("_F", bound=Callable[..., torch.Tensor])
 
 
+def _without_autocast(fn: _F) -> _F:
+    """Run ``fn`` with autocast switched off on its tensors' device.
+
+    Under the Trainer's bf16 / fp16 mixed precision the whole forward runs in autocast, which would
+    turn the similarity matmuls below into bf16 products (logits of ±20 at a step of ~0.1, and on
+    CPU a dtype clash in ``index_put``): the float32 promised above must switch autocast off here.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = next((t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, tuple) else (a,))
+                      if isinstance(t, torch.Tensor)), None)
+        kind = first.device.type if first is not None else "cpu"
+        if not torch.amp.is_autocast_available(kind):
+            return fn(*args, **kwargs)
+        with torch.autocast(kind, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@_without_autocast
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the vocabulary at the labelled (masked) positions.
 
@@ -104,6 +131,7 @@ def _queries_and_keys(a: torch.Tensor, b: torch.Tensor, gather: bool, name: str)
     return qa, qb, ka, kb, offset
 
 
+@_without_autocast
 def nt_xent(
     z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05, gather: bool = False
 ) -> torch.Tensor:
@@ -145,6 +173,7 @@ def nt_xent(
     return F.cross_entropy(logits, positive)
 
 
+@_without_autocast
 def info_nce(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -275,6 +304,7 @@ def rank_weighted_profiles(classes: torch.Tensor, attention_mask: torch.Tensor, 
     return sparse_rows_to_dense(classes, rank_weights(classes, attention_mask), n_classes)
 
 
+@_without_autocast
 def mutual_nearest_partners(profiles: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
     """Each cell's mutual nearest neighbour of the other species, by cosine of ``profiles``.
 
@@ -305,6 +335,7 @@ def mutual_nearest_partners(profiles: torch.Tensor, species: torch.Tensor) -> to
         return torch.where(mutual, best, torch.full_like(best, -1))
 
 
+@_without_autocast
 def sparse_cosine(
     query: tuple[torch.Tensor, torch.Tensor, torch.Tensor], pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor], n_classes: int
 ) -> torch.Tensor:
@@ -365,6 +396,7 @@ def mutual_nearest_in_pool(
         return torch.where(mutual, best, torch.full_like(best, -1))
 
 
+@_without_autocast
 def cross_species_nce(
     z: torch.Tensor, partner: torch.Tensor, temperature: float = 0.1, bank: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -399,6 +431,7 @@ def cross_species_nce(
     return F.cross_entropy(logits, target)
 
 
+@_without_autocast
 def simcse_pp_dimension_loss(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Dimension-wise term of SimCSE++ (a cross-correlation / decorrelation objective).
 

@@ -238,7 +238,7 @@ class _TrainingData:
     train_set: datasets.Dataset
     eval_set: datasets.Dataset | None
     lengths: np.ndarray  # tokens per training cell, capped at the model's positions
-    truncate_to: int | None  # the model's positions when some cell is longer, else None
+    truncate_to: int  # the model's positions: no batch (training or held-out) is cut or padded past them
     species_codes: np.ndarray | None  # per training cell, for species-balanced sampling
     baselines: FrequencyBaselines | None  # the held-out diagnostics' baselines (with eval cells)
 
@@ -300,14 +300,14 @@ def _open_data(config: PretrainConfig, vocab: Vocabulary, model_max_len: int) ->
     dataset = open_corpus(list(config.data.corpus), config.data.max_cells)
     train_set, eval_set = split_train_eval(dataset, config.data.eval_fraction, config.train.seed)
     lengths = corpus_lengths(train_set)
-    truncate_to = None
+    # The collators' max_len is always the model's positions: a held-out cell may be longer than every
+    # training cell, and padding to a multiple of 8 must not run past them either.
     if int(lengths.max()) > model_max_len:
         logger.warning(
             "the corpus holds cells of up to %d tokens; they are cut to the model's %d positions (top-ranked genes kept)",
             int(lengths.max()), model_max_len,
         )
         lengths = np.minimum(lengths, model_max_len)
-        truncate_to = model_max_len
     species_codes = None
     if config.data.species_balanced:
         species_codes, _names = corpus_species_codes(train_set)
@@ -318,7 +318,7 @@ def _open_data(config: PretrainConfig, vocab: Vocabulary, model_max_len: int) ->
     train_set = train_set.select_columns(keep).with_format("numpy")
     if eval_set is not None:
         eval_set = eval_set.select_columns(keep).with_format("numpy")
-    return _TrainingData(train_set, eval_set, lengths, truncate_to, species_codes, baselines)
+    return _TrainingData(train_set, eval_set, lengths, model_max_len, species_codes, baselines)
 
 
 def _check_resume_corpus(checkpoint: Path, corpus: dict[str, Any]) -> None:

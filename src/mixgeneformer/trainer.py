@@ -55,6 +55,7 @@ __all__ = [
     "SeededMaskingCollator",
     "compile_encoder_blocks",
     "count_flop_parameters",
+    "encoder_views",
     "device_peak_flops",
     "environment_record",
     "read_metrics",
@@ -104,6 +105,16 @@ def environment_record(precision: str, world_size: int, extra: dict[str, Any] | 
         pass
     record.update(extra or {})
     return record
+
+
+def encoder_views(config: transformers.BertConfig) -> int:
+    """Encoder passes over the batch in one training forward (for the FLOPs): view 1, the second view of
+    SimCSE / SimCSE++ when the contrastive term is on, and the ortholog projection of the "projection"
+    cross-species term (the "mnn" pairing encodes nothing more)."""
+    contrastive = getattr(config, "contrastive", "none") != "none" and float(getattr(config, "contrastive_weight", 0.0) or 0.0) > 0
+    projection = (float(getattr(config, "cross_species_weight", 0.0) or 0.0) > 0
+                  and getattr(config, "cross_species_positives", "mnn") == "projection")
+    return 1 + int(contrastive) + int(projection)
 
 
 class SeededMaskingCollator:
@@ -156,7 +167,7 @@ class MixGeneformerTrainer(Trainer):
         self._flop_params = count_flop_parameters(unwrapped)
         cfg = unwrapped.config
         self._n_layers, self._hidden, self._vocab_size = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
-        self._n_views = 2 if float(getattr(cfg, "contrastive_weight", 0.0) or 0.0) > 0 else 1
+        self._n_views = encoder_views(cfg)
         self._peak = None
 
     # --- data order -------------------------------------------------------------------
@@ -195,6 +206,16 @@ class MixGeneformerTrainer(Trainer):
             return super().evaluate(*args, **kwargs)
         finally:
             self.data_collator = train_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        # Every held-out cell is scored: the training loader drops its last partial batch (dataloader_drop_last),
+        # and the Trainer applied that to evaluation too (an eval set under one batch was never evaluated).
+        drop_last = self.args.dataloader_drop_last
+        self.args.dataloader_drop_last = False
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.args.dataloader_drop_last = drop_last
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         baselines = self.run_extras.get("baselines")
