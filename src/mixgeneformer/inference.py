@@ -173,6 +173,22 @@ def check_batch_size(batch_size: object) -> None:
         raise ConfigError(f"batch_size must be a positive integer (cells per forward pass), got {batch_size!r}")
 
 
+def check_embed_options(
+    pooling: object, batch_size: object, precision: object, device: str | torch.device | None,
+    gene_embeddings: object = False,
+) -> torch.device:
+    """Raise :class:`ConfigError` for an option of :func:`embed_corpus` it cannot run with (before
+    any data is read or tokenized); returns the resolved device."""
+    if gene_embeddings not in (False, True, "mean", "per_cell"):
+        raise ConfigError(f"gene_embeddings must be False, True, 'mean' or 'per_cell', got {gene_embeddings!r}")
+    check_batch_size(batch_size)
+    if pooling not in ("mean", "cls"):
+        raise ConfigError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+    torch_device = resolve_device(device)
+    autocast_dtype(torch_device, precision)  # type: ignore[arg-type]
+    return torch_device
+
+
 def check_output_key(key: object) -> None:
     """Raise :class:`ConfigError` unless ``key`` can name an obs / obsm / uns entry of an h5ad: a
     non-empty string without ``/`` (HDF5 reads ``a/b`` as a group path, so the file cannot be read back)."""
@@ -198,20 +214,39 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
+def autocast_dtype(device: torch.device, precision: Precision) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device`` (None: no autocast, the model's own dtype).
+
+    ``"bf16"``: bf16; ``"fp32"``: None; ``"auto"``: bf16 on a GPU that computes in bf16 natively
+    (Ampere and later), else None (a GPU that only emulates bf16, e.g. a T4 or V100, and the CPU).
+    Raises :class:`ConfigError` for any other ``precision``.
+    """
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp32" or device.type != "cuda":
+        return None
+    try:
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch releases before the argument: no emulation counted
+        native = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if native else None
+
+
 def inference_context(device: torch.device, precision: Precision) -> ExitStack:
     """Numerics and kernels of a forward pass over cells of varying length on ``device``.
 
     * ``precision``: ``"bf16"`` runs under bf16 autocast, ``"fp32"`` without, ``"auto"`` bf16 on
-      CUDA and fp32 elsewhere;
+      a CUDA GPU with native bf16 and fp32 elsewhere (:func:`autocast_dtype`);
     * on CUDA, SDPA may use the flash, memory-efficient and math kernels but not cuDNN's: cuDNN
       attention builds an execution graph per input shape, and dynamic padding gives nearly
       every batch a new shape, so each batch would pay for a graph build.
     """
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    dtype = autocast_dtype(device, precision)
     stack = ExitStack()
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+    if dtype is not None:
+        stack.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
     if device.type == "cuda":
 
         backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -298,17 +333,12 @@ def embed_corpus(
         (n_cells, hidden) float32 when ``gene_embeddings`` is False, else a
         :class:`CorpusEmbeddings`.
     """
-    if gene_embeddings not in (False, True, "mean", "per_cell"):
-        raise ConfigError(
-            f"gene_embeddings must be False, True, 'mean' or 'per_cell', got {gene_embeddings!r}"
-        )
-    check_batch_size(batch_size)
-    if pooling not in ("mean", "cls"):
-        raise ConfigError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+    torch_device = check_embed_options(pooling, batch_size, precision, device, gene_embeddings)
     bert = encoder_of(model)
     hidden_size = int(bert.config.hidden_size)
     layers_to_run(len(bert.encoder.layer), layer)  # validate before reading data
-    torch_device = resolve_device(device)
+    if pooling == "cls" and vocab.cls_id is None:
+        raise ConfigError("pooling='cls' needs a <cls> token, and the vocabulary has none; use pooling='mean'")
 
     n_cells = _n_cells(dataset)
     if n_cells == 0:
@@ -328,7 +358,7 @@ def embed_corpus(
     bar = _progress_bar(n_cells, progress)
     try:
         with torch.inference_mode(), inference_context(torch_device, precision):
-            for rows, ids_np, mask_np in _batches(dataset, n_cells, bert, vocab, int(batch_size)):
+            for rows, ids_np, mask_np in _batches(dataset, n_cells, bert, vocab, int(batch_size), pooling == "mean"):
                 ids = torch.from_numpy(ids_np).to(torch_device, non_blocking=True)
                 mask = torch.from_numpy(mask_np).to(torch_device, non_blocking=True)
                 hidden = hidden_at_layer(bert, ids, mask, layer)
@@ -365,14 +395,17 @@ def embed_corpus(
 
 
 def _batches(
-    dataset: Any, n_cells: int, bert: torch.nn.Module, vocab: Vocabulary, batch_size: int
+    dataset: Any, n_cells: int, bert: torch.nn.Module, vocab: Vocabulary, batch_size: int, need_genes: bool = False
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(corpus rows, padded ids, mask) batches: the corpus is read ``_SORT_CHUNK`` cells at a time
-    (bounded host memory) and length-sorted within each chunk."""
+    (bounded host memory) and length-sorted within each chunk. ``need_genes``: a cell without any
+    gene token (only special tokens) is an error (mean pooling would average nothing)."""
     for start in range(0, n_cells, _SORT_CHUNK):
         flat, offsets = token_columns(dataset, start, min(start + _SORT_CHUNK, n_cells))
         lengths = np.diff(offsets)
         _check_tokens(flat, lengths, bert, start)
+        if need_genes:
+            _check_genes(flat, offsets, vocab, start)
         for rows in length_sorted_batches(lengths, batch_size):
             ids, mask = pad_batch(flat, offsets[rows], lengths[rows], vocab.pad_id)
             yield rows + start, ids, mask
@@ -434,6 +467,16 @@ def _check_tokens(flat: np.ndarray, lengths: np.ndarray, bert: torch.nn.Module, 
         raise InputDataError(
             f"token ids range over [{int(flat.min())}, {int(flat.max())}] but the model has "
             f"{vocab_size} tokens; the corpus was tokenized with another vocabulary"
+        )
+
+
+def _check_genes(flat: np.ndarray, offsets: np.ndarray, vocab: Vocabulary, start: int) -> None:
+    """Error for cells holding only special tokens: their mean over gene tokens does not exist."""
+    genes = np.add.reduceat((~vocab.is_special[flat]).astype(np.int64), offsets[:-1])
+    if (genes == 0).any():
+        raise InputDataError(
+            f"{int((genes == 0).sum())} cells hold no gene token, only special tokens (first at corpus row "
+            f"{start + int(np.argmax(genes == 0))}); mean pooling has nothing to average. Drop them, or use pooling='cls'"
         )
 
 

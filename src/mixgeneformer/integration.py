@@ -8,9 +8,15 @@ are scib's own:
   (``scib_metrics.ilisi_knn(..., scale=True)``; 0 = each neighbourhood one species, 1 = every
   neighbourhood holds the species in equal parts, which unequal species sizes cannot reach);
 * ``species_asw``: batch silhouette of species computed within each cell type
-  (``scib_metrics.silhouette_batch``; 1 = species overlap inside a type, 0 = separate);
+  (``scib_metrics.silhouette_batch``; 1 = species overlap inside a type, 0 = separate; NaN when
+  no cell type holds two species);
 * ``kbet`` (only with ``kbet=True``: minutes of CPU even for a few thousand cells): kBET
   acceptance rate of species within each cell type (``scib_metrics.kbet_per_label``).
+
+The neighbour graphs are those of scib-metrics' ``Benchmarker``: each cell's 90 nearest
+neighbours (Euclidean, exact), the cell itself first, for LISI; their first 50 for kBET.
+Cells without a finite embedding or without a cell type (NaN, or a text such as ``"nan"`` /
+``""`` that stands for one, as in classification) are left out; fewer than two species is an error.
 
 Neither score has a fixed "perfect" value: both depend on the species proportions and the cell
 types. So each comes with a reference (``reference=True``): the same score with the species
@@ -35,13 +41,15 @@ from sklearn.metrics import silhouette_samples
 from sklearn.neighbors import NearestNeighbors
 
 from . import classify as C
+from .classify.labels import MISSING_TEXT
 from .errors import InputDataError
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
 logger = logging.getLogger(__name__)
-N_NEIGHBORS = 90  # scib's default graph size for LISI / kBET
+N_NEIGHBORS = 90  # scib's graph size for LISI (neighbours, the cell itself included)
+KBET_NEIGHBORS = 50  # scib's graph size for kBET
 
 
 def scib_available() -> bool:
@@ -52,21 +60,43 @@ def scib_available() -> bool:
     return True
 
 
+def missing_labels(values: ArrayLike) -> np.ndarray:
+    """Boolean mask of values that stand for no label: None / NaN, or a text in
+    :data:`mixgeneformer.classify.labels.MISSING_TEXT` (``"nan"``, ``""``, ``"None"`` ...)."""
+    series = pd.Series(np.asarray(values, dtype=object))
+    return (series.isna() | series.astype(str).str.strip().str.lower().isin(MISSING_TEXT)).to_numpy()
+
+
 def _check(embeddings: Any, species: Any, cell_types: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     x = np.asarray(embeddings, dtype=np.float32)
-    batch = np.asarray(species).astype(str)
-    labels = np.asarray(cell_types).astype(str)
-    if x.ndim != 2 or not (x.shape[0] == batch.size == labels.size):
+    species, cell_types = np.asarray(species, dtype=object), np.asarray(cell_types, dtype=object)
+    if x.ndim != 2 or not (x.shape[0] == species.size == cell_types.size):
         raise InputDataError(
-            f"embeddings {x.shape}, species ({batch.size}) and cell types ({labels.size}) must describe the same cells."
+            f"embeddings {x.shape}, species ({species.size}) and cell types ({cell_types.size}) must describe the same cells."
         )
+    if missing_labels(species).any():
+        raise InputDataError(f"{int(missing_labels(species).sum())} cells have no species label; give every cell its species.")
+    batch, labels = species.astype(str), cell_types.astype(str)
     keep = np.isfinite(x).all(axis=1)
     if keep.sum() < 2:
         raise InputDataError(
             f"only {int(keep.sum())} of {keep.size} cells have a finite embedding; species mixing needs at least 2. "
             "Check the model (a diverged training gives NaN embeddings) and the cells' genes."
         )
+    unlabelled = missing_labels(cell_types) & keep
+    if unlabelled.any():
+        logger.warning("%d cells without a cell type are left out of the species-mixing scores", int(unlabelled.sum()))
+    keep &= ~unlabelled
+    if np.unique(batch[keep]).size < 2:
+        raise InputDataError(
+            f"species mixing needs cells of at least two species; the cells scored are all {sorted(set(batch[keep]))}."
+        )
     return x[keep], batch[keep], labels[keep]
+
+
+def _mixable(batch: np.ndarray, labels: np.ndarray) -> bool:
+    """Whether some cell type holds at least two species and more cells than species (scib scores such types only)."""
+    return any(1 < np.unique(batch[labels == t]).size < int((labels == t).sum()) for t in np.unique(labels))
 
 
 def species_asw_sklearn(x: np.ndarray, batch: np.ndarray, labels: np.ndarray) -> float:
@@ -74,8 +104,8 @@ def species_asw_sklearn(x: np.ndarray, batch: np.ndarray, labels: np.ndarray) ->
     scores = []
     for label in np.unique(labels):
         rows = labels == label
-        if np.unique(batch[rows]).size < 2 or rows.sum() < 3:
-            continue  # one species only: nothing to mix
+        if not 1 < np.unique(batch[rows]).size < rows.sum():
+            continue  # one species only, or one cell per species: skipped, as scib does
         scores.append(float(np.mean(1.0 - np.abs(silhouette_samples(x[rows], batch[rows], metric="euclidean")))))
     return float(np.mean(scores)) if scores else float("nan")
 
@@ -113,20 +143,22 @@ def species_mixing(
     import scib_metrics
     from scib_metrics.nearest_neighbors import NeighborsResults
 
-    k = int(min(n_neighbors, x.shape[0] - 1))
-    distances, indices = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)
-    neighbors = NeighborsResults(indices=indices[:, 1:], distances=distances[:, 1:])
-    out = {
-        "species_asw": float(scib_metrics.silhouette_batch(x, labels, batch)),
-        "ilisi": float(scib_metrics.ilisi_knn(neighbors, batch, scale=True)),
-        "backend": "scib-metrics",
-    }
+    # scib's Benchmarker graph: every cell's nearest neighbours with the cell itself first
+    distances, indices = NearestNeighbors(n_neighbors=int(min(n_neighbors, x.shape[0]))).fit(x).kneighbors(x)
+    neighbors = NeighborsResults(indices=indices, distances=distances)
+
+    def asw(species: np.ndarray) -> float:
+        return float(scib_metrics.silhouette_batch(x, labels, species)) if _mixable(species, labels) else float("nan")
+
+    out = {"species_asw": asw(batch), "ilisi": float(scib_metrics.ilisi_knn(neighbors, batch, scale=True)),
+           "backend": "scib-metrics"}
     if mixed is not None:
-        out["species_asw_shuffled"] = float(scib_metrics.silhouette_batch(x, labels, mixed))
+        out["species_asw_shuffled"] = asw(mixed)
         out["ilisi_shuffled"] = float(scib_metrics.ilisi_knn(neighbors, mixed, scale=True))
     if kbet:
         try:
-            out["kbet"] = float(scib_metrics.kbet_per_label(neighbors, batch, pd.Categorical(labels)))
+            graph = neighbors.subset_neighbors(min(KBET_NEIGHBORS, neighbors.n_neighbors))
+            out["kbet"] = float(scib_metrics.kbet_per_label(graph, batch, labels))
         except Exception as exc:  # kBET needs enough cells per type; report the others regardless
             logger.warning("kBET could not be computed (%s: %s)", type(exc).__name__, exc)
             out["kbet"] = float("nan")
@@ -148,7 +180,8 @@ def cross_species_scores(
     data
         ``{"human": AnnData, "mouse": AnnData}`` with raw counts and ``obs[label_key]``.
     embeddings, rows
-        Per species, the cells' embeddings and the obs positions they belong to.
+        Per species, the cells' embeddings and the obs positions they belong to (one row each;
+        rows with a non-finite embedding, e.g. cells the tokenizer dropped, are left out).
     label_key
         Cell-type column; types are matched across species by canonical name
         (:func:`mixgeneformer.classify.transfer_task`).
@@ -166,6 +199,7 @@ def cross_species_scores(
         :func:`species_mixing` of the cells whose type both species share.
     """
     config = C.LabelConfig(key=label_key)
+    embeddings, rows = _embedded_cells(embeddings, rows)
     position = {s: pd.Index(np.asarray(r)) for s, r in rows.items()}
     out: dict[str, Any] = {}
     shared_types: set[str] = set()
@@ -191,6 +225,24 @@ def cross_species_scores(
     return out
 
 
+def _embedded_cells(
+    embeddings: dict[str, np.ndarray], rows: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per species, the embeddings and obs positions of the cells with a finite embedding (the NaN
+    rows of cells the tokenizer dropped are left out, with a warning)."""
+    kept_x, kept_rows = {}, {}
+    for s in ("human", "mouse"):
+        x, r = np.asarray(embeddings[s]), np.asarray(rows[s])
+        if x.ndim != 2 or x.shape[0] != r.size:
+            raise InputDataError(f"{s}: {x.shape[0] if x.ndim else 0} embedding rows but {r.size} obs rows; "
+                                 "give one embedding row per obs position in rows.")
+        finite = np.isfinite(x).all(axis=1)
+        if not finite.all():
+            logger.warning("%s: %d cells without a finite embedding are left out", s, int((~finite).sum()))
+        kept_x[s], kept_rows[s] = x[finite], r[finite]
+    return kept_x, kept_rows
+
+
 def shared_type_mixing(
     embeddings: dict[str, np.ndarray], cell_types: dict[str, ArrayLike], shared: Iterable[str] | None = None
 ) -> tuple[dict[str, Any], int, list[str]]:
@@ -199,13 +251,14 @@ def shared_type_mixing(
 
     Returns (the scores, the number of cells scored, the shared types).
     """
+    labelled = {s: ~missing_labels(t) for s, t in cell_types.items()}
     canonical = {s: C.canonical_labels(np.asarray(t)) for s, t in cell_types.items()}
     if shared is None:
-        shared = set(canonical["human"]) & set(canonical["mouse"])
+        shared = set(canonical["human"][labelled["human"]]) & set(canonical["mouse"][labelled["mouse"]])
     shared = sorted(str(t) for t in shared)
     parts, species, types = [], [], []
     for s in ("human", "mouse"):
-        keep = np.isin(canonical[s], shared) & np.isfinite(embeddings[s]).all(axis=1)
+        keep = np.isin(canonical[s], shared) & labelled[s] & np.isfinite(embeddings[s]).all(axis=1)
         parts.append(embeddings[s][keep])
         species += [s] * int(keep.sum())
         types.append(canonical[s][keep])
@@ -243,8 +296,10 @@ def write_benchmark_text(header: str, table: pd.DataFrame, per_seed: pd.DataFram
 
 
 __all__ = [
+    "KBET_NEIGHBORS",
     "N_NEIGHBORS",
     "cross_species_scores",
+    "missing_labels",
     "scib_available",
     "seed_table",
     "shared_type_mixing",

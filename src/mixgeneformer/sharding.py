@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from .corpus import load_corpus
-from .errors import ArtifactError, ConfigError
+from .errors import ArtifactError, ConfigError, InputDataError
 from .fileio import (
     JSONValue,
     atomic_file,
@@ -388,7 +388,13 @@ def merge(out: str | os.PathLike) -> tuple[str, dict[str, Any], ad.AnnData, pd.D
     adata = output_frame(Path(manifest["input"]))
     values = _stack(shards, adata.n_obs)
     params = [json.loads(str(s["params"])) for s in shards if "params" in s]
-    base = dict(params[0]) if params else {}
+    embedded = [p for p in params if p.get("n_dropped", 0) < p.get("n_cells", 1)]  # shards with a tokenized cell
+    if manifest["kind"] == "embed" and params and not embedded:
+        raise InputDataError(
+            f"none of the {adata.n_obs} cells of {manifest['input']} could be tokenized (no vocabulary gene; see "
+            "each shard's warning); check the species, the gene IDs and that the matrix holds raw counts"
+        )
+    base = dict((embedded or params)[0]) if params else {}
     base.update(n_cells=int(adata.n_obs), n_dropped=int(sum(p.get("n_dropped", 0) for p in params)),
                 shards=int(manifest["world"]))
     genes = None

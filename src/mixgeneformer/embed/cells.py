@@ -23,6 +23,7 @@ from ..fileio import read_h5ad
 from ..inference import (
     CorpusEmbeddings,
     Precision,
+    check_embed_options,
     check_output_key,
     embed_corpus,
     encoder_of,
@@ -157,12 +158,12 @@ def embed_anndata(
         raise ConfigError(f"adata must be an AnnData, got {type(adata).__name__}")
     _check_key(adata, key, overwrite)
     _check_writable(adata, copy)
+    if not isinstance(gene_embeddings, (bool, np.bool_)):
+        raise ConfigError(f"gene_embeddings must be True or False, got {gene_embeddings!r}")
+    check_embed_options(pooling, batch_size, precision, device)  # before any work
     model, vocab, medians, tokenize_config, model_name = load_for_inference(model_or_bundle_dir, vocab, medians, tokenize_config)
     bert = encoder_of(model)
     layers_to_run(len(bert.encoder.layer), layer)
-    if pooling not in ("mean", "cls"):
-        raise ConfigError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
-
 
     corpus, rows, used_config = tokenize_for_model(
         adata, vocab, medians, tokenize_config, int(bert.config.max_position_embeddings),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,10 +22,10 @@ from .. import plots
 from ..bundle import load_for_inference
 from ..config import to_dict
 from ..corpus import check_corpus_vocabulary, load_corpus
-from ..errors import ArtifactError, ConfigError
+from ..errors import ArtifactError, ConfigError, InputDataError
 from ..fileio import atomic_file, check_outputs_of, read_h5ad, write_h5ad, written_together
 from ..filekinds import STAMPED_FIGURES, parquet_table
-from ..inference import Precision, check_output_key
+from ..inference import Precision, check_embed_options, check_output_key, encoder_of
 from ..model import Pooling
 from ..sharding import (
     DEFAULT_TIMEOUT_S,
@@ -96,12 +97,11 @@ def embed_sharded(
             part.uns[f"{key}_params"]["corpus"] = str(input)
             genes = gene_table(result) if result is not None else None
         else:
-            part = read_rows(input, start, stop)
-            embed_anndata(
-                part, loaded, key=key, layer=layer, pooling=pooling, overwrite=overwrite, gene_column=gene_column,
-                species=species, vocab=loaded_vocab, medians=loaded_medians, tokenize_config=tokenize_config,
-                batch_size=batch_size, device=device, progress=progress, precision=precision,
-                gene_embeddings=gene_embeddings,
+            part = _embed_rows(
+                read_rows(input, start, stop), loaded, key, layer=layer, pooling=pooling, overwrite=overwrite,
+                gene_column=gene_column, species=species, vocab=loaded_vocab, medians=loaded_medians,
+                tokenize_config=tokenize_config, batch_size=batch_size, device=device, progress=progress,
+                precision=precision, gene_embeddings=gene_embeddings,
             )
             genes = part.uns.pop(f"{key}_genes", None)
         arrays = {"values": np.asarray(part.obsm[key], dtype=np.float32),
@@ -125,6 +125,27 @@ def embed_sharded(
     return adata, genes, record
 
 
+#: The tokenizer's words when none of the cells it was given holds a vocabulary gene.
+_NOTHING_TOKENIZED = "no cell could be tokenized"
+
+
+def _embed_rows(part: anndata.AnnData, model: Any, key: str, **options: Any) -> anndata.AnnData:
+    """:func:`embed_anndata` of one shard's cells. A shard none of whose cells the tokenizer keeps
+    gets NaN rows, as those cells get in a one-process run (the merge refuses an input without any
+    tokenizable cell, as a one-process run does)."""
+    try:
+        embed_anndata(part, model, key=key, **options)
+    except InputDataError as exc:
+        if _NOTHING_TOKENIZED not in str(exc):
+            raise
+        warnings.warn(f"none of the {part.n_obs} cells of this shard could be tokenized ({exc}); their rows of "
+                      f"obsm[{key!r}] are NaN", UserWarning, stacklevel=2)
+        hidden = int(encoder_of(model).config.hidden_size)
+        part.obsm[key] = np.full((part.n_obs, hidden), np.nan, dtype=np.float32)
+        part.uns[f"{key}_params"] = {"n_cells": int(part.n_obs), "n_dropped": int(part.n_obs)}
+    return part
+
+
 def check_outputs(
     out: Path, gene_embeddings: Path | None, umap: Path | None, inputs: list[str | os.PathLike | None], overwrite: bool
 ) -> None:
@@ -132,6 +153,17 @@ def check_outputs(
     figures = {f".{s}" for s in STAMPED_FIGURES}  # formats that carry the stamp --overwrite asks for
     check_outputs_of({"--out": (out, {".h5ad"}), "--gene-embeddings": (gene_embeddings, {".parquet"}),
                       "--umap": (umap, figures)}, inputs, overwrite)
+
+
+def _check_corpus_options(input: Path, **given: Any) -> None:
+    """A tokenized corpus is embedded as it is: options that only tokenizing reads are refused, not ignored."""
+    set_ = [name for name, value in given.items() if value is not None and not (name == "species" and value == "auto")]
+    if set_:
+        flags = ", ".join(f"--{name.replace('_', '-')} ({name}=)" for name in set_)
+        raise ConfigError(
+            f"{flags}: only an .h5ad input is tokenized; {input} is a tokenized corpus folder, embedded as it was "
+            "tokenized. Drop the option, or embed the .h5ad the corpus was made from."
+        )
 
 
 def _read_checked(input: Path, color: str | None, backed: bool) -> anndata.AnnData | None:
@@ -186,6 +218,9 @@ def embed_to_outputs(
     umap = None if umap is None else Path(umap)
     if color is not None and umap is None:
         raise ConfigError("--color only applies to --umap FIG.png; add --umap")
+    check_embed_options(pooling, batch_size, precision, device)
+    if input.is_dir():
+        _check_corpus_options(input, tokenize_config=tokenize_config, gene_column=gene_column, species=species)
     check_outputs(out, gene_path, umap, [input, model, vocab, medians, *config_files], overwrite)
     if not input.exists():
         raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
