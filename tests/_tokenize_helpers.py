@@ -1,4 +1,5 @@
-"""Shared synthetic data for the reader / median / tokenizer tests (real human Ensembl IDs)."""
+"""Shared synthetic data for the reader / median / tokenizer tests (real human Ensembl IDs), and
+the in-process CLI runner of the audit tests."""
 
 from __future__ import annotations
 
@@ -14,6 +15,17 @@ from mixgeneformer.medians import GeneMedians
 from mixgeneformer.vocab import Vocabulary
 
 SPECIALS = ["<pad>", "<mask>", "<cls>", "<eos>", "<human>", "<mouse>"]
+
+
+def cli_exit_code(args: list) -> int:
+    """Run ``mixgf ARGS`` in-process; its exit code (0 when it returns)."""
+    from mixgeneformer.cli import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
 
 
 def human_ids(n: int) -> np.ndarray:

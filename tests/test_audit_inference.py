@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _tokenize_helpers import make_adata, make_medians
+from _tokenize_helpers import cli_exit_code, make_adata, make_medians
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
 from mixgeneformer.errors import ConfigError
@@ -43,15 +43,6 @@ def plain_hf_model(tmp_path_factory):
     return root, genes
 
 
-def _run(args: list[str]) -> int:
-    from mixgeneformer.cli import main
-
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
 
 @pytest.mark.parametrize("command", ["embed", "classify", "perturb"])
 def test_every_model_command_loads_a_plain_hf_folder_with_vocab_and_medians(plain_hf_model, tmp_path, command, capsys):
@@ -63,10 +54,10 @@ def test_every_model_command_loads_a_plain_hf_folder_with_vocab_and_medians(plai
         "perturb": ["--genes", ",".join(genes[:3]), "--no-progress"],
     }[command]
     base = [command, str(root / "cells.h5ad"), "--model", str(root / "model"), "--out", str(out), "--device", "cpu", *extra]
-    assert _run(base) == 2  # without them: one message naming the option
+    assert cli_exit_code(base) == 2  # without them: one message naming the option
     err = capsys.readouterr().err
     assert "--vocab" in err and "Traceback" not in err and not out.exists()
-    assert _run([*base, "--vocab", str(root / "vocab.json"), "--medians", str(root / "medians.tsv")]) == 0
+    assert cli_exit_code([*base, "--vocab", str(root / "vocab.json"), "--medians", str(root / "medians.tsv")]) == 0
     assert out.exists()
 
 
@@ -75,10 +66,10 @@ def test_perturb_merge_takes_vocab_for_a_plain_hf_folder(plain_hf_model, tmp_pat
     out = tmp_path / "run"
     common = ["--model", str(root / "model"), "--vocab", str(root / "vocab.json")]
     for index in range(2):
-        assert _run(["perturb", str(root / "cells.h5ad"), *common, "--medians", str(root / "medians.tsv"), "--out", str(out),
+        assert cli_exit_code(["perturb", str(root / "cells.h5ad"), *common, "--medians", str(root / "medians.tsv"), "--out", str(out),
                      "--genes", ",".join(genes[:4]), "--device", "cpu", "--no-progress",
                      "--shard-index", str(index), "--num-shards", "2"]) == 0
-    assert _run(["perturb-merge", str(out), *common]) == 0
+    assert cli_exit_code(["perturb-merge", str(out), *common]) == 0
     assert (out / "merged" / "cells.parquet").exists()
 
 
@@ -145,7 +136,7 @@ def test_cell_emb_score_options_are_validated():
 def test_cli_perturb_score_cell_emb_ranks_by_geneformer_score(plain_hf_model, tmp_path):
     root, genes = plain_hf_model
     out = tmp_path / "out"
-    assert _run(["perturb", str(root / "cells.h5ad"), "--model", str(root / "model"), "--vocab", str(root / "vocab.json"),
+    assert cli_exit_code(["perturb", str(root / "cells.h5ad"), "--model", str(root / "model"), "--vocab", str(root / "vocab.json"),
                  "--medians", str(root / "medians.tsv"), "--out", str(out), "--genes", ",".join(genes[:5]),
                  "--score", "cell_emb", "--device", "cpu", "--no-progress"]) == 0
     cells = pd.read_parquet(out / "cells.parquet")
@@ -163,6 +154,6 @@ def test_cli_combine_with_vs_all_is_refused_before_work(plain_hf_model, tmp_path
     args = ["perturb", str(root / "cells.h5ad"), "--model", str(root / "model"), "--vocab", str(root / "vocab.json"),
             "--medians", str(root / "medians.tsv"), "--out", str(out), "--genes", ",".join(genes[:2]), "--combine",
             "--device", "cpu", "--no-progress"]
-    assert _run(args) == 2 and not out.exists()
+    assert cli_exit_code(args) == 2 and not out.exists()
     assert "--stats aggregate" in capsys.readouterr().err
-    assert _run([*args, "--stats", "aggregate"]) == 0 and (out / "genes.csv").exists()
+    assert cli_exit_code([*args, "--stats", "aggregate"]) == 0 and (out / "genes.csv").exists()

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import scipy.stats
 import torch
+from _tokenize_helpers import cli_exit_code
 from test_perturb import bundle_and_cells, vocab  # noqa: F401  (fixture)
 from transformers import BertConfig, BertModel
 
@@ -219,15 +220,6 @@ def test_option_typos_are_refused(field, value):
 
 
 # -- statistics a run cannot compute are refused before the run --------------------------------
-def _run(args: list) -> int:
-    from mixgeneformer.cli import main
-
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
 
 @pytest.fixture
 def no_run(monkeypatch):
@@ -242,7 +234,7 @@ def test_cli_one_gene_with_vs_all_is_refused_before_work(tmp_path, vocab, no_run
     out = tmp_path / "out"
     args = ["perturb", tmp_path / "in.h5ad", "--model", tmp_path / "bundle", "--out", out, "--genes", genes[0],
             "--device", "cpu", "--no-progress"]
-    assert _run(args) == 2 and not out.exists()
+    assert cli_exit_code(args) == 2 and not out.exists()
     err = capsys.readouterr().err
     assert "one gene" in err and "--stats aggregate" in err and "Traceback" not in err
 
@@ -257,7 +249,7 @@ def test_cli_null_run_without_the_tested_score_is_refused_before_work(tmp_path, 
     args = ["perturb", tmp_path / "in.h5ad", "--model", tmp_path / "bundle", "--out", out, "--genes", ",".join(genes[:3]),
             "--state-column", "kind", "--start", "x", "--goal", "y", "--stats", "vs_null", "--null", null,
             "--device", "cpu", "--no-progress"]
-    assert _run(args) == 2 and not out.exists()
+    assert cli_exit_code(args) == 2 and not out.exists()
     err = capsys.readouterr().err
     assert "goal_shift" in err and "--null" in err
 
@@ -265,7 +257,7 @@ def test_cli_null_run_without_the_tested_score_is_refused_before_work(tmp_path, 
 def test_cli_gene_outside_the_vocabulary_names_it(tmp_path, vocab, capsys):  # noqa: F811
     bundle_and_cells(tmp_path, vocab)
     out = tmp_path / "out"
-    assert _run(["perturb", tmp_path / "in.h5ad", "--model", tmp_path / "bundle", "--out", out, "--genes", "GCG",
+    assert cli_exit_code(["perturb", tmp_path / "in.h5ad", "--model", tmp_path / "bundle", "--out", out, "--genes", "GCG",
                  "--stats", "aggregate", "--device", "cpu", "--no-progress"]) == 2
     assert "'GCG'" in capsys.readouterr().err and not out.exists()
 

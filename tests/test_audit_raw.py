@@ -13,7 +13,13 @@ import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from _tokenize_helpers import make_adata, make_medians, make_vocab, random_gene_bundle
+from _tokenize_helpers import (
+    cli_exit_code,
+    make_adata,
+    make_medians,
+    make_vocab,
+    random_gene_bundle,
+)
 
 from mixgeneformer.corpus import load_corpus
 from mixgeneformer.embed import embed_anndata
@@ -26,15 +32,6 @@ from mixgeneformer.tokenize import TokenizeConfig, tokenize_anndata, tokenize_fi
 CONFIG = TokenizeConfig(chunk_size=7, min_coverage=0.0)
 RAW_HINT = r"\.raw \(adata\.raw\.X, 60 genes\) holds integer counts.*layer='raw'.*`--layer raw`.*`layer: raw`"
 
-
-def _run(args: list[str]) -> int:
-    from mixgeneformer.cli import main
-
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def _log_normalized(matrix: sp.csr_matrix) -> sp.csr_matrix:
@@ -104,9 +101,9 @@ def test_medians_and_tokenize_read_raw_with_layer_raw_as_from_the_counts(tmp_pat
     medians.save(tmp_path / "medians.tsv")
     cells = str(tmp_path / "cells.h5ad")
 
-    assert _run(["medians", cells, "-o", str(tmp_path / "m.tsv")]) == 2  # refused: X is log-normalized ...
+    assert cli_exit_code(["medians", cells, "-o", str(tmp_path / "m.tsv")]) == 2  # refused: X is log-normalized ...
     assert "`--layer raw`" in capsys.readouterr().err  # ... with the option that reads the counts
-    assert _run(["medians", cells, "-o", str(tmp_path / "m.tsv"), "--layer", "raw", "--min-coverage", "0"]) == 0
+    assert cli_exit_code(["medians", cells, "-o", str(tmp_path / "m.tsv"), "--layer", "raw", "--min-coverage", "0"]) == 0
     from mixgeneformer.medians import GeneMedians
 
     assert GeneMedians.load(tmp_path / "m.tsv").hash == compute_medians([counts], min_coverage=0.0).hash
@@ -118,7 +115,7 @@ def test_medians_and_tokenize_read_raw_with_layer_raw_as_from_the_counts(tmp_pat
     assert load_corpus(tmp_path / "corpus")["input_ids"] == expected
     args = ["tokenize", cells, "--vocab", str(tmp_path / "vocab.json"), "--medians", str(tmp_path / "medians.tsv"),
             "--min-coverage", "0", "--chunk-size", "7", "--layer", "raw", "-o", str(tmp_path / "cli")]
-    assert _run(args) == 0
+    assert cli_exit_code(args) == 0
     assert load_corpus(tmp_path / "cli")["input_ids"] == expected
 
 
@@ -129,9 +126,9 @@ def test_embed_reads_raw_through_the_tokenize_config_yaml_and_the_sharded_paths_
     _scanpy_like(counts).write_h5ad(tmp_path / "cells.h5ad")
     (tmp_path / "raw.yaml").write_text("layer: raw\n")
     args = ["embed", str(tmp_path / "cells.h5ad"), "-m", str(bundle.folder), "--device", "cpu", "--no-progress"]
-    assert _run([*args, "-o", str(tmp_path / "x.h5ad")]) == 2
+    assert cli_exit_code([*args, "-o", str(tmp_path / "x.h5ad")]) == 2
     assert "`layer: raw`" in capsys.readouterr().err
-    assert _run([*args, "-o", str(tmp_path / "e.h5ad"), "--tokenize-config", str(tmp_path / "raw.yaml")]) == 0
+    assert cli_exit_code([*args, "-o", str(tmp_path / "e.h5ad"), "--tokenize-config", str(tmp_path / "raw.yaml")]) == 0
     embed_anndata(counts, bundle.folder, device="cpu", progress=False)
     np.testing.assert_allclose(
         ad.read_h5ad(tmp_path / "e.h5ad").obsm["X_mixgeneformer"], counts.obsm["X_mixgeneformer"], rtol=1e-5, atol=1e-6
@@ -195,7 +192,7 @@ def test_an_unusable_n_counts_names_the_column_the_cell_and_the_fix(tmp_path, ca
     with pytest.raises(InputDataError, match=r"obs column 'n_counts'.*for 1 of cells 0–19 \(first: cell 13 \(cell13\) = nan\).*" + fix):
         normalization_totals(chunk)
     adata.write_h5ad(tmp_path / "cells.h5ad")
-    assert _run(["medians", str(tmp_path / "cells.h5ad"), "-o", str(tmp_path / "m.tsv")]) == 2
+    assert cli_exit_code(["medians", str(tmp_path / "cells.h5ad"), "-o", str(tmp_path / "m.tsv")]) == 2
     err = capsys.readouterr().err
     assert "'n_counts'" in err and "cell13" in err and "del adata.obs['n_counts']" in err
     del adata.obs["n_counts"]  # the fix: every total is then the row sum

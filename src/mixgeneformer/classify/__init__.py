@@ -23,7 +23,15 @@ present on one side only are dropped and reported.
 
 from __future__ import annotations
 
-from .baselines import align_genes, baseline_predict, baselines, log_normalize, ortholog_counts, token_bag, token_baseline
+from .baselines import (
+    align_genes,
+    baseline_predict,
+    baselines,
+    log_normalize,
+    ortholog_counts,
+    token_bag,
+    token_baseline,
+)
 from .config import (
     BaselineConfig,
     BaselineMethod,
