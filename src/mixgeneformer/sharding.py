@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -83,6 +84,7 @@ __all__ = [
     "run_shard",
     "shard_folder",
     "shard_role",
+    "untokenized_shard",
     "write_prediction_columns",
 ]
 
@@ -303,6 +305,20 @@ def run_shard(job: ShardJob, role: ShardRole, compute: Callable[[int, int], dict
     return role.merges
 
 
+#: The tokenizer's words when none of the cells it was given holds a vocabulary gene.
+NOTHING_TOKENIZED = "no cell could be tokenized"
+
+
+def untokenized_shard(exc: InputDataError, n_cells: int, rows: str) -> bool:
+    """Whether ``exc`` is the tokenizer refusing a shard of ``n_cells`` cells none with a vocabulary gene (warns):
+    the caller writes NaN ``rows``, as one process does; :func:`merge` refuses an input without any such cell."""
+    if NOTHING_TOKENIZED not in str(exc):
+        return False
+    warnings.warn(f"none of the {n_cells} cells of this shard could be tokenized ({exc}); {rows} are NaN",
+                  UserWarning, stacklevel=3)
+    return True
+
+
 def _join_group(timeout_s: float):
     """The launch's process group (a gloo group of our own when none exists yet)."""
     if dist.is_initialized():
@@ -387,9 +403,11 @@ def merge(out: str | os.PathLike) -> tuple[str, dict[str, Any], ad.AnnData, pd.D
     record = manifest["record"]
     adata = output_frame(Path(manifest["input"]))
     values = _stack(shards, adata.n_obs)
-    params = [json.loads(str(s["params"])) for s in shards if "params" in s]
-    embedded = [p for p in params if p.get("n_dropped", 0) < p.get("n_cells", 1)]  # shards with a tokenized cell
-    if manifest["kind"] == "embed" and params and not embedded:
+    done = [s for s in shards if "params" in s]
+    params = [json.loads(str(s["params"])) for s in done]
+    embedded = [p for p, s in zip(params, done, strict=True)  # the shards with a tokenized cell
+                if p.get("n_dropped", 0) < int(s["stop"]) - int(s["start"])]
+    if params and not embedded:  # embed or predict: what a one-process run refuses
         raise InputDataError(
             f"none of the {adata.n_obs} cells of {manifest['input']} could be tokenized (no vocabulary gene; see "
             "each shard's warning); check the species, the gene IDs and that the matrix holds raw counts"

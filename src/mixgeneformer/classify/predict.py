@@ -16,7 +16,7 @@ import numpy as np
 from ..bundle import resolve_tokenize_config
 from ..config import to_dict
 from ..corpus import check_corpus_vocabulary, load_corpus
-from ..errors import ArtifactError, ConfigError
+from ..errors import ArtifactError, ConfigError, InputDataError
 from ..fileio import check_outputs_of, read_h5ad, write_h5ad
 from ..inference import check_batch_size, check_output_key, encoder_of, resolve_device
 from ..sharding import (
@@ -30,6 +30,7 @@ from ..sharding import (
     remove_shards,
     run_shard,
     shard_role,
+    untokenized_shard,
     write_prediction_columns,
 )
 from .finetune import FittedClassifier, load_classifier
@@ -82,26 +83,31 @@ def predict_sharded(
     :func:`mixgeneformer.embed.embed_sharded`, the merged AnnData on the merging process and None elsewhere.
     Writes obs[KEY_pred], obs[KEY_prob], obsm[KEY_probabilities], uns[KEY_classes] and uns[KEY_params];
     where the input holds any of them already that is an error unless ``overwrite``. A corpus folder
-    must have been tokenized with the classifier's vocabulary.
+    must have been tokenized with the classifier's vocabulary, and is refused with ``tokenize_config``.
+    A shard none of whose cells holds a vocabulary gene gets NaN rows (:func:`sharding.untokenized_shard`).
     """
     input, out = Path(input), Path(out)
     check_batch_size(batch_size)
+    if input.is_dir() and tokenize_config is not None:
+        raise ConfigError(
+            f"--tokenize-config (tokenize_config=): only an .h5ad input is tokenized; {input} is a tokenized corpus "
+            "folder, predicted as it was tokenized. Drop the option, or predict the .h5ad the corpus was made from."
+        )
     check_prediction_keys(input, key, overwrite)
     device = rank_device(device)
     resolve_device(device)  # a bad --device is refused before any work
     fitted = load_classifier(classifier)
     if input.is_dir():
         check_corpus_vocabulary(input, fitted.vocab.hash)
-        tokenize_config = None  # a corpus is tokenized already
     else:
         tokenize_config = resolve_tokenize_config(tokenize_config, fitted.tokenize_config)
 
     def compute(start: int, stop: int) -> dict[str, np.ndarray]:
         data = load_corpus(input).select(range(start, stop)) if input.is_dir() else read_rows(input, start, stop)
-        probabilities, dropped = predict_cells(fitted, data, tokenize_config=tokenize_config,
-                                               batch_size=batch_size, device=device)
+        probabilities, dropped = _predict_shard(fitted, data, key, tokenize_config=tokenize_config,
+                                                batch_size=batch_size, device=device)
         return {"values": probabilities, "classes": np.asarray(fitted.classes, dtype=str),
-                "params": np.array(json.dumps({"n_dropped": dropped}))}
+                "params": np.array(json.dumps({"n_cells": stop - start, "n_dropped": dropped}))}
 
     if role.world == 1:
         adata = output_frame(input)
@@ -117,6 +123,20 @@ def predict_sharded(
     if not run_shard(job, role, compute, timeout_s, echo):
         return None
     return merge(out)[2]
+
+
+def _predict_shard(fitted: FittedClassifier, data: ad.AnnData | datasets.Dataset, key: str, *,
+                   tokenize_config: TokenizeConfig | None, batch_size: int, device: str | None) -> tuple[np.ndarray, int]:
+    """:func:`predict_cells` of one shard's cells. A shard none of whose cells the tokenizer keeps gets
+    NaN rows (no label), as those cells get in a one-process run, all counted as dropped (the merge
+    refuses an input without any tokenizable cell, as a one-process run does)."""
+    try:
+        return predict_cells(fitted, data, tokenize_config=tokenize_config, batch_size=batch_size, device=device)
+    except InputDataError as exc:
+        n = len(data)
+        if not untokenized_shard(exc, n, f"their rows of obsm[{key + '_probabilities'!r}]"):
+            raise
+        return np.full((n, len(fitted.classes)), np.nan, dtype=np.float32), n
 
 
 def prediction_slots(key: str) -> dict[str, list[str]]:
