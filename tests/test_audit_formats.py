@@ -130,17 +130,17 @@ def test_min_coverage_is_a_fraction():
 
 
 def test_cli_refuses_clashing_per_file_names_and_count_files_for_model_commands(tmp_path, capsys):
-    from test_audit_inference import _run
+    from _tokenize_helpers import cli_exit_code
 
     adata = make_adata(20, 40)
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         adata.write_h5ad(tmp_path / folder / "s.h5ad")
     out = tmp_path / "medians"
-    assert _run(["medians", str(tmp_path / "a" / "s.h5ad"), str(tmp_path / "b" / "s.h5ad"), "-o", str(out), "--per-file"]) == 2
+    assert cli_exit_code(["medians", str(tmp_path / "a" / "s.h5ad"), str(tmp_path / "b" / "s.h5ad"), "-o", str(out), "--per-file"]) == 2
     assert "named ['s']" in capsys.readouterr().err and not out.exists()  # one table silently lost before
     write_loom(adata, tmp_path / "cells.loom")
-    assert _run(["embed", str(tmp_path / "cells.loom"), "-m", str(tmp_path), "-o", str(tmp_path / "e.h5ad")]) == 2
+    assert cli_exit_code(["embed", str(tmp_path / "cells.loom"), "-m", str(tmp_path), "-o", str(tmp_path / "e.h5ad")]) == 2
     assert "is a .loom file" in capsys.readouterr().err  # "AnnData.__init__() got an unexpected keyword" before
 
 

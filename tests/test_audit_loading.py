@@ -19,9 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _tokenize_helpers import random_gene_bundle
+from _tokenize_helpers import cli_exit_code, random_gene_bundle
 from safetensors.torch import load_file, save_file
-from test_audit_inference import _run
 
 from mixgeneformer import bundle as bundle_module
 from mixgeneformer import checkpoints
@@ -90,7 +89,7 @@ def test_predict_refuses_a_corpus_of_another_vocabulary(made, tmp_path, capsys):
     with pytest.raises(VocabularyMismatchError, match="tokenized with vocabulary"):
         predict_file(made["other_corpus"], made["classifier"], tmp_path / "out.h5ad", device="cpu")
     out = tmp_path / "cli.h5ad"
-    assert _run(["predict", str(made["other_corpus"]), "-c", str(made["classifier"]), "-o", str(out),
+    assert cli_exit_code(["predict", str(made["other_corpus"]), "-c", str(made["classifier"]), "-o", str(out),
                  "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "re-tokenize" in err and "Traceback" not in err and not out.exists()
@@ -157,8 +156,8 @@ def test_predict_and_embed_tokenize_config_files_keep_the_models_settings(made, 
 
     plain, overlay = tmp_path / "plain.h5ad", tmp_path / "overlay.h5ad"
     base = ["embed", str(made["cells"]), "-m", str(made["bundle"]), "--device", "cpu", "--no-progress"]
-    assert _run([*base, "-o", str(plain)]) == 0
-    assert _run([*base, "-o", str(overlay), "--tokenize-config", str(yaml_file)]) == 0
+    assert cli_exit_code([*base, "-o", str(plain)]) == 0
+    assert cli_exit_code([*base, "-o", str(overlay), "--tokenize-config", str(yaml_file)]) == 0
     np.testing.assert_allclose(ad.read_h5ad(overlay).obsm["X_mixgeneformer"],
                                ad.read_h5ad(plain).obsm["X_mixgeneformer"], rtol=0, atol=1e-6)
 
@@ -196,7 +195,7 @@ def test_written_h5ad_is_backed_sliceable_and_stamped(made, tmp_path):
     with h5py.File(made["cells"], "r") as handle:
         assert "raw" not in handle and handle.attrs["written_by"] == WRITTEN_BY
     out = tmp_path / "sharded.h5ad"
-    assert _run(["embed", str(made["cells"]), "-m", str(made["bundle"]), "-o", str(out), "--device", "cpu",
+    assert cli_exit_code(["embed", str(made["cells"]), "-m", str(made["bundle"]), "-o", str(out), "--device", "cpu",
                  "--no-progress", "--shard-index", "0", "--num-shards", "2"]) == 0
 
 
@@ -232,11 +231,11 @@ def test_predict_refuses_to_replace_the_inputs_entries_without_overwrite(made, t
     write_h5ad(adata, marked)
     out = tmp_path / "out.h5ad"
     base = ["predict", str(marked), "-c", str(made["classifier"]), "-o", str(out), "--device", "cpu"]
-    assert _run(base) == 2
+    assert cli_exit_code(base) == 2
     err = capsys.readouterr().err
     assert "predicted_pred" in err and "--overwrite" in err and "Traceback" not in err and not out.exists()
-    assert _run([*base, "--key", "other"]) == 0
-    assert _run([*base, "--overwrite"]) == 0
+    assert cli_exit_code([*base, "--key", "other"]) == 0
+    assert cli_exit_code([*base, "--overwrite"]) == 0
     assert set(ad.read_h5ad(out).obs["predicted_pred"].dropna()) <= {"alpha", "beta"}
 
 
@@ -276,7 +275,7 @@ def test_bad_bundle_files_are_one_error_naming_the_file(made, tmp_path, capsys, 
     with pytest.raises(ArtifactError, match=match):
         load_bundle(folder)
     out = tmp_path / "out.h5ad"
-    assert _run(["embed", str(made["cells"]), "-m", str(folder), "-o", str(out), "--device", "cpu",
+    assert cli_exit_code(["embed", str(made["cells"]), "-m", str(folder), "-o", str(out), "--device", "cpu",
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err
@@ -289,7 +288,7 @@ def test_predict_on_a_truncated_h5ad_is_one_error(made, tmp_path, capsys):
     with pytest.raises(ArtifactError, match="broken.h5ad"):
         output_frame(broken)
     out = tmp_path / "out.h5ad"
-    assert _run(["predict", str(broken), "-c", str(made["classifier"]), "-o", str(out), "--device", "cpu"]) == 2
+    assert cli_exit_code(["predict", str(broken), "-c", str(made["classifier"]), "-o", str(out), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "broken.h5ad" in err and "Traceback" not in err
 
@@ -299,5 +298,5 @@ def test_a_missing_path_that_looks_like_a_hub_id_gets_the_hint_as_a_path_too(mad
     monkeypatch.chdir(tmp_path)
     with pytest.raises(OfflineError, match="Hub ID"):
         load_bundle(Path("foo/bar"))
-    assert _run(["embed", str(made["cells"]), "-m", "foo/bar", "-o", "out.h5ad", "--device", "cpu"]) == 2
+    assert cli_exit_code(["embed", str(made["cells"]), "-m", "foo/bar", "-o", "out.h5ad", "--device", "cpu"]) == 2
     assert "Hub ID" in capsys.readouterr().err
