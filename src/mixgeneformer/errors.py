@@ -17,6 +17,10 @@ class GeneIdError(InputDataError):
     """Gene identifiers cannot be resolved (wrong species, symbols vs IDs, low coverage)."""
 
 
+class NoTokenizableCellError(InputDataError):
+    """None of the cells given could be tokenized (no counts, no vocabulary gene, or filtered out)."""
+
+
 class ConfigError(MixGeneformerError, ValueError):
     """A configuration has unknown keys, wrong types or inconsistent values."""
 

@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from .corpus import load_corpus
-from .errors import ArtifactError, ConfigError, InputDataError
+from .errors import ArtifactError, ConfigError, InputDataError, NoTokenizableCellError
 from .fileio import (
     JSONValue,
     atomic_file,
@@ -305,14 +305,10 @@ def run_shard(job: ShardJob, role: ShardRole, compute: Callable[[int, int], dict
     return role.merges
 
 
-#: The tokenizer's words when none of the cells it was given holds a vocabulary gene.
-NOTHING_TOKENIZED = "no cell could be tokenized"
-
-
 def untokenized_shard(exc: InputDataError, n_cells: int, rows: str) -> bool:
     """Whether ``exc`` is the tokenizer refusing a shard of ``n_cells`` cells none with a vocabulary gene (warns):
     the caller writes NaN ``rows``, as one process does; :func:`merge` refuses an input without any such cell."""
-    if NOTHING_TOKENIZED not in str(exc):
+    if not isinstance(exc, NoTokenizableCellError):
         return False
     warnings.warn(f"none of the {n_cells} cells of this shard could be tokenized ({exc}); {rows} are NaN",
                   UserWarning, stacklevel=3)

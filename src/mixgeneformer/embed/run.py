@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +37,7 @@ from ..sharding import (
     remove_shards,
     run_shard,
     shard_role,
+    untokenized_shard,
 )
 from .cells import embed_anndata, embed_corpus_folder, embed_file, gene_table
 
@@ -125,10 +125,6 @@ def embed_sharded(
     return adata, genes, record
 
 
-#: The tokenizer's words when none of the cells it was given holds a vocabulary gene.
-_NOTHING_TOKENIZED = "no cell could be tokenized"
-
-
 def _embed_rows(part: anndata.AnnData, model: Any, key: str, **options: Any) -> anndata.AnnData:
     """:func:`embed_anndata` of one shard's cells. A shard none of whose cells the tokenizer keeps
     gets NaN rows, as those cells get in a one-process run (the merge refuses an input without any
@@ -136,10 +132,8 @@ def _embed_rows(part: anndata.AnnData, model: Any, key: str, **options: Any) -> 
     try:
         embed_anndata(part, model, key=key, **options)
     except InputDataError as exc:
-        if _NOTHING_TOKENIZED not in str(exc):
+        if not untokenized_shard(exc, part.n_obs, f"their rows of obsm[{key!r}]"):
             raise
-        warnings.warn(f"none of the {part.n_obs} cells of this shard could be tokenized ({exc}); their rows of "
-                      f"obsm[{key!r}] are NaN", UserWarning, stacklevel=2)
         hidden = int(encoder_of(model).config.hidden_size)
         part.obsm[key] = np.full((part.n_obs, hidden), np.nan, dtype=np.float32)
         part.uns[f"{key}_params"] = {"n_cells": int(part.n_obs), "n_dropped": int(part.n_obs)}

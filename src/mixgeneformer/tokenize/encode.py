@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
 
-from ..errors import ConfigError, GeneIdError, InputDataError
+from ..errors import ConfigError, GeneIdError, NoTokenizableCellError
 from ..genes import SPECIES, ensembl_species
 from ..jit import njit
 from ..medians import GeneMedians, compute_medians
@@ -448,7 +448,7 @@ def _check_vocab(vocab: Any, config: TokenizeConfig) -> None:
 
 def _check_not_empty(report: TokenizeReport, what: str) -> None:
     if report.cells_out == 0:
-        raise InputDataError(
+        raise NoTokenizableCellError(
             f"{what}: no cell could be tokenized ({report.summary()}). Check that the matrix holds raw counts of "
             "genes in the vocabulary (species? gene IDs?) and that filter_pass is not 0 everywhere."
         )
