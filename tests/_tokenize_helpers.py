@@ -92,3 +92,16 @@ def random_gene_bundle(folder: Path, n_genes: int, n_outside: int) -> GeneBundle
     torch.manual_seed(0)
     model = MixGeneformerForPretraining(make_config("tiny", vocab, num_hidden_layers=3, max_position_embeddings=128))
     return GeneBundle(ids, vocab, medians, model, save_bundle(model, folder, vocab, medians), rng)
+
+
+def cells_partly_outside(made: GeneBundle, labels: list[str]):
+    """30 cells over ``random_gene_bundle(..., 100, 20)``'s genes: cells 0-19 hold counts only on the 20
+    genes outside the vocabulary (untokenizable), cell 24 none at all; ``obs["cell_type1"]`` cycles ``labels``."""
+    import anndata as ad
+
+    counts = made.rng.poisson(1.0, size=(30, 120)).astype(np.float32)
+    counts[:20, :100] = 0
+    counts[20:, 100:] = 0
+    counts[24] = 0
+    obs = pd.DataFrame({"cell_type1": (labels * 30)[:30]}, index=[f"cell{i}" for i in range(30)])
+    return ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=made.ids))

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _tokenize_helpers import SPECIALS, random_gene_bundle
+from _tokenize_helpers import SPECIALS, cells_partly_outside, random_gene_bundle
 from transformers import BertConfig, BertModel
 
 from mixgeneformer import integration
@@ -126,17 +126,10 @@ def test_gene_embeddings_are_brute_force_means_and_shards_merge_count_weighted(b
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """A tiny random bundle; 30 cells, of which cells 0-19 hold counts only outside the vocabulary."""
-    import anndata as ad
-
     root = tmp_path_factory.mktemp("audit_embed")
     made = random_gene_bundle(root / "model", 100, 20)
-    counts = made.rng.poisson(1.0, size=(30, 120)).astype(np.float32)
-    counts[:20, :100] = 0
-    counts[20:, 100:] = 0
-    counts[24] = 0
-    obs = pd.DataFrame({"cell_type1": ["a", "b"] * 15}, index=[f"cell{i}" for i in range(30)])
     path = root / "cells.h5ad"
-    ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=made.ids)).write_h5ad(path)
+    cells_partly_outside(made, ["a", "b"]).write_h5ad(path)
     return {"root": root, "folder": made.folder, "h5ad": path}
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _tokenize_helpers import random_gene_bundle
+from _tokenize_helpers import cells_partly_outside, random_gene_bundle
 
 from mixgeneformer.cli import main
 from mixgeneformer.sharding import shard_folder
@@ -27,7 +27,6 @@ CLASSES = ["a", "b"]
 def made(tmp_path_factory):
     """A tiny random classifier; 30 cells, of which cells 0-19 hold counts only outside the
     vocabulary (long cells: the first shard of three holds only them) and cell 24 none at all."""
-    import anndata as ad
 
     from mixgeneformer.classify import (
         ClassifyConfig,
@@ -39,12 +38,7 @@ def made(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("audit_predict")
     bundle = random_gene_bundle(root / "model", 100, 20)
-    counts = bundle.rng.poisson(1.0, size=(30, 120)).astype(np.float32)
-    counts[:20, :100] = 0
-    counts[20:, 100:] = 0
-    counts[24] = 0
-    obs = pd.DataFrame({"cell_type1": CLASSES * 15}, index=[f"cell{i}" for i in range(30)])
-    adata = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=bundle.ids))
+    adata = cells_partly_outside(bundle, list(CLASSES))
     path = root / "cells.h5ad"
     adata.write_h5ad(path)
     torch.manual_seed(2)
