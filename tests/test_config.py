@@ -91,3 +91,22 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     assert cfg.inner.rate == 5e-4
     with pytest.raises(ConfigError, match="expected a number"):
         load_config(Outer, None, ["inner.rate=fast"])
+
+
+def test_a_dotted_override_sets_one_key_of_a_mapping_and_keeps_its_other_defaults(tmp_path):
+    from mixgeneformer.demo import DemoConfig
+
+    default = DemoConfig().finetune_overrides
+    assert len(default) > 1
+    one = load_config(DemoConfig, None, ["finetune_overrides.epochs=5"])
+    assert one.finetune_overrides == {**default, "epochs": 5}
+    assert load_config(DemoConfig, None, ["model_overrides.attention_probs_dropout_prob=0.1"]).model_overrides == {
+        **DemoConfig().model_overrides, "attention_probs_dropout_prob": 0.1}
+    # a whole mapping, on the command line or in a file, replaces the default
+    assert load_config(DemoConfig, None, ['model_overrides={"max_position_embeddings": 512}']).model_overrides == {
+        "max_position_embeddings": 512}
+    path = tmp_path / "demo.yaml"
+    path.write_text("model_overrides:\n  max_position_embeddings: 256\n")
+    assert load_config(DemoConfig, path, ["max_len=64"]).model_overrides == {"max_position_embeddings": 256}
+    assert load_config(DemoConfig, path, ["model_overrides.num_hidden_layers=1"]).model_overrides == {
+        "max_position_embeddings": 256, "num_hidden_layers": 1}

@@ -193,7 +193,27 @@ def load_config(
         path, text = read_text(path, "config file", "a YAML or JSON config")
         where = str(path)
         data = _parse_config_text(text, path)
+    if overrides or values:
+        data = _with_mapping_defaults(cls, data)
     return from_dict(cls, apply_overrides(data, overrides, values), where)
+
+
+def _with_mapping_defaults(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the non-empty default of every mapping field it does not set (also in nested
+    dataclasses), so that ``a.key=value`` sets one key of such a mapping and keeps the others (a whole
+    mapping given in the file or as ``a={...}`` still replaces the default)."""
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        if f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+            continue
+        default = f.default_factory()  # type: ignore[misc]
+        if isinstance(default, dict) and default and f.name not in out:
+            out[f.name] = dict(default)
+        elif dataclasses.is_dataclass(default) and isinstance(out.get(f.name, {}), dict):
+            nested = _with_mapping_defaults(type(default), out.get(f.name, {}))
+            if nested:
+                out[f.name] = nested
+    return out
 
 
 def _parse_config_text(text: str, path: Path) -> dict[str, Any]:
