@@ -195,3 +195,17 @@ def check_corpus_vocabulary(corpus_dir: str | os.PathLike, vocab_hash: str) -> N
                 f"the corpus {corpus_dir} was tokenized with vocabulary {recorded} but the model uses {vocab_hash}; "
                 "re-tokenize it with the model bundle's vocab.json"
             )
+
+
+def refuse_tokenize_options(corpus_dir: str | os.PathLike, action: str, **given: object) -> None:
+    """A tokenized corpus is used as it was tokenized: the options only tokenizing reads (``given``,
+    name -> value; None, and species ``"auto"``, are not set) are refused, not ignored. ``action``:
+    the verb of the command ("embed", "predict"), for the message."""
+    set_ = [name for name, value in given.items() if value is not None and not (name == "species" and value == "auto")]
+    if set_:
+        flags = ", ".join(f"--{name.replace('_', '-')} ({name}=)" for name in set_)
+        raise ConfigError(
+            f"{flags}: only an .h5ad input is tokenized; {corpus_dir} is a tokenized corpus folder, used as it was "
+            f"tokenized. Drop the option, or {action} the .h5ad the corpus was made from."
+        )
+

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..bundle import resolve_tokenize_config
 from ..config import to_dict
-from ..corpus import check_corpus_vocabulary, load_corpus
+from ..corpus import check_corpus_vocabulary, load_corpus, refuse_tokenize_options
 from ..errors import ArtifactError, ConfigError, InputDataError
 from ..fileio import check_outputs_of, read_h5ad, write_h5ad
 from ..inference import check_batch_size, check_output_key, encoder_of, resolve_device
@@ -88,11 +88,8 @@ def predict_sharded(
     """
     input, out = Path(input), Path(out)
     check_batch_size(batch_size)
-    if input.is_dir() and tokenize_config is not None:
-        raise ConfigError(
-            f"--tokenize-config (tokenize_config=): only an .h5ad input is tokenized; {input} is a tokenized corpus "
-            "folder, predicted as it was tokenized. Drop the option, or predict the .h5ad the corpus was made from."
-        )
+    if input.is_dir():
+        refuse_tokenize_options(input, "predict", tokenize_config=tokenize_config)
     check_prediction_keys(input, key, overwrite)
     device = rank_device(device)
     resolve_device(device)  # a bad --device is refused before any work

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from .. import plots
 from ..bundle import load_for_inference
 from ..config import to_dict
-from ..corpus import check_corpus_vocabulary, load_corpus
+from ..corpus import check_corpus_vocabulary, load_corpus, refuse_tokenize_options
 from ..errors import ArtifactError, ConfigError, InputDataError
 from ..fileio import atomic_file, check_outputs_of, read_h5ad, write_h5ad, written_together
 from ..filekinds import STAMPED_FIGURES, parquet_table
@@ -149,17 +149,6 @@ def check_outputs(
                       "--umap": (umap, figures)}, inputs, overwrite)
 
 
-def _check_corpus_options(input: Path, **given: Any) -> None:
-    """A tokenized corpus is embedded as it is: options that only tokenizing reads are refused, not ignored."""
-    set_ = [name for name, value in given.items() if value is not None and not (name == "species" and value == "auto")]
-    if set_:
-        flags = ", ".join(f"--{name.replace('_', '-')} ({name}=)" for name in set_)
-        raise ConfigError(
-            f"{flags}: only an .h5ad input is tokenized; {input} is a tokenized corpus folder, embedded as it was "
-            "tokenized. Drop the option, or embed the .h5ad the corpus was made from."
-        )
-
-
 def _read_checked(input: Path, color: str | None, backed: bool) -> anndata.AnnData | None:
     """The input (h5ad: the AnnData, read once, backed when ``backed``; corpus: None) after checking
     ``color`` is one of its columns."""
@@ -214,7 +203,7 @@ def embed_to_outputs(
         raise ConfigError("--color only applies to --umap FIG.png; add --umap")
     check_embed_options(pooling, batch_size, precision, device)
     if input.is_dir():
-        _check_corpus_options(input, tokenize_config=tokenize_config, gene_column=gene_column, species=species)
+        refuse_tokenize_options(input, "embed", tokenize_config=tokenize_config, gene_column=gene_column, species=species)
     check_outputs(out, gene_path, umap, [input, model, vocab, medians, *config_files], overwrite)
     if not input.exists():
         raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
