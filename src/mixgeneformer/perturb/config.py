@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import TYPE_CHECKING, Literal
 
 from ..errors import ConfigError
@@ -115,9 +116,9 @@ class PerturbConfig:
             value = getattr(self, name)
             if isinstance(value, str) or not isinstance(value, (list, tuple)):
                 raise ConfigError(f"{name} must be a list of names, got {value!r}; e.g. {name}=[{value!r}]")
-        for name, allowed in (("pooling", ("mean", "cls")), ("screen_method", ("mask", "shift")),
-                              ("precision", ("auto", "fp32", "bf16")), ("species", ("auto", "human", "mouse")),
-                              ("overexpress_absent", ("skip", "insert"))):
+        hints = typing.get_type_hints(PerturbConfig)  # the allowed values are the fields' Literal types
+        for name in ("pooling", "screen_method", "precision", "species", "overexpress_absent"):
+            allowed = typing.get_args(hints[name])
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}; use one of {list(allowed)}")
 
