@@ -74,8 +74,9 @@ def _check(embeddings: Any, species: Any, cell_types: Any) -> tuple[np.ndarray, 
         raise InputDataError(
             f"embeddings {x.shape}, species ({species.size}) and cell types ({cell_types.size}) must describe the same cells."
         )
-    if missing_labels(species).any():
-        raise InputDataError(f"{int(missing_labels(species).sum())} cells have no species label; give every cell its species.")
+    no_species = missing_labels(species)
+    if no_species.any():
+        raise InputDataError(f"{int(no_species.sum())} cells have no species label; give every cell its species.")
     batch, labels = species.astype(str), cell_types.astype(str)
     keep = np.isfinite(x).all(axis=1)
     if keep.sum() < 2:
@@ -94,19 +95,17 @@ def _check(embeddings: Any, species: Any, cell_types: Any) -> tuple[np.ndarray, 
     return x[keep], batch[keep], labels[keep]
 
 
-def _mixable(batch: np.ndarray, labels: np.ndarray) -> bool:
-    """Whether some cell type holds at least two species and more cells than species (scib scores such types only)."""
-    return any(1 < np.unique(batch[labels == t]).size < int((labels == t).sum()) for t in np.unique(labels))
+def _mixable_types(batch: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
+    """Row masks of the cell types that hold at least two species and more cells than species: the
+    types scib's batch ASW scores (one species only, or one cell per species, is skipped)."""
+    masks = (labels == t for t in np.unique(labels))
+    return [rows for rows in masks if 1 < np.unique(batch[rows]).size < rows.sum()]
 
 
 def species_asw_sklearn(x: np.ndarray, batch: np.ndarray, labels: np.ndarray) -> float:
     """scib's batch ASW with scikit-learn: per cell type, mean of ``1 − |silhouette by species|``."""
-    scores = []
-    for label in np.unique(labels):
-        rows = labels == label
-        if not 1 < np.unique(batch[rows]).size < rows.sum():
-            continue  # one species only, or one cell per species: skipped, as scib does
-        scores.append(float(np.mean(1.0 - np.abs(silhouette_samples(x[rows], batch[rows], metric="euclidean")))))
+    scores = [float(np.mean(1.0 - np.abs(silhouette_samples(x[rows], batch[rows], metric="euclidean"))))
+              for rows in _mixable_types(batch, labels)]
     return float(np.mean(scores)) if scores else float("nan")
 
 
@@ -148,7 +147,7 @@ def species_mixing(
     neighbors = NeighborsResults(indices=indices, distances=distances)
 
     def asw(species: np.ndarray) -> float:
-        return float(scib_metrics.silhouette_batch(x, labels, species)) if _mixable(species, labels) else float("nan")
+        return float(scib_metrics.silhouette_batch(x, labels, species)) if _mixable_types(species, labels) else float("nan")
 
     out = {"species_asw": asw(batch), "ilisi": float(scib_metrics.ilisi_knn(neighbors, batch, scale=True)),
            "backend": "scib-metrics"}
