@@ -283,3 +283,25 @@ def test_resume_across_an_epoch_boundary_with_accumulation_equals_a_straight_run
     for step in range(7, 13):
         assert rows_a[step]["loss"] == rows_b[step]["loss"] and rows_a[step]["mlm_loss"] == rows_b[step]["mlm_loss"]
     assert os.path.isdir(tmp_path / "b" / "model")
+
+
+@pytest.mark.parametrize("first", ["species", "gene"])
+def test_cls_pooling_on_cells_without_cls_is_refused(tmp_path, synthetic, first):  # noqa: F811
+    """The default pooling ('cls') trained the contrastive term on whatever sat at position 0 of a
+    style-v1 corpus (a species token, or the top-ranked gene); it is refused with the two fixes,
+    before any step, and pooling 'mean' on the same corpus trains."""
+    from mixgeneformer.errors import ConfigError
+
+    cells = load_corpus(synthetic / "corpus")["input_ids"]  # each cell: <cls>, species, genes...
+    cut = 1 if first == "species" else 2
+    corpus = tmp_path / "v1"
+    datasets.Dataset.from_dict({"input_ids": [list(c)[cut:] for c in cells]}).save_to_disk(str(corpus))
+    (corpus / "mixgf_corpus.json").write_text((synthetic / "corpus" / "mixgf_corpus.json").read_text())
+    data = {"corpus": [str(corpus)], "vocab": str(synthetic / "vocab.json")}
+    refused = tiny_config(synthetic, tmp_path / "run", data=data, train={"max_steps": 2})
+    with pytest.raises(ConfigError, match=r"pooling='cls'.*do not start with <cls>.*style='v2'.*'mean'"):
+        run_pretraining(pretrain_config_from_dict(refused))
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+    mean = tiny_config(synthetic, tmp_path / "mean", data=data, train={"max_steps": 2},
+                       objective={"pooling": "mean"})
+    assert run_pretraining(pretrain_config_from_dict(mean)).global_step == 2

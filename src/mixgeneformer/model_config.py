@@ -111,6 +111,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_pooling_input(config: BertConfig, first_tokens: Any, cls_id: int | None) -> None:
+    """Refuse ``pooling`` "cls" when position 0 of the cells (``first_tokens``, one id per cell of a
+    sample) is not ``<cls>``: the contrastive terms would train on a species or gene token's state."""
+    contrastive = getattr(config, "contrastive", "simcse") != "none" and getattr(config, "contrastive_weight", 1.0) > 0
+    if getattr(config, "pooling", "cls") != "cls" or not (contrastive or getattr(config, "cross_species_weight", 0) > 0):
+        return  # no term pools the cells
+    if cls_id is None or any(int(token) != cls_id for token in first_tokens):
+        raise ConfigError(
+            "model.pooling='cls' (the default) pools the <cls> token at position 0, but this corpus's cells do not "
+            "start with <cls>. Tokenize with style='v2' (adds <cls>/<eos>), or set model.overrides.pooling to 'mean' "
+            "(over gene positions) or 'pooler' (the authors' variant, on position 0 whatever it holds)."
+        )
+
 def validate_config(config: BertConfig) -> None:
     """Raise :class:`ConfigError` for inconsistent pretraining options (names the field and the fix)."""
     pooling = getattr(config, "pooling", "cls")

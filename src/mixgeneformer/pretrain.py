@@ -53,17 +53,10 @@ from .errors import ArtifactError, ConfigError, MixGeneformerError, VocabularyMi
 from .fileio import content_hash, output_lock, read_json, write_json, write_output_marker
 from .flops import training_flops
 from .metrics_csv import read_metrics, trim_metrics
-from .pretrain_config import (
-    CheckpointOptions,
-    DataOptions,
-    DistributedOptions,
-    LoggingOptions,
-    ModelOptions,
-    PretrainConfig,
-    TrainOptions,
-    check_model_options,
-    load_pretrain_config,
-    pretrain_config_from_dict,
+from .model_config import check_pooling_input
+from .pretrain_config import (  # re-exported: the run's typed configuration
+    CheckpointOptions, DataOptions, DistributedOptions, LoggingOptions, ModelOptions, PretrainConfig, TrainOptions,
+    check_model_options, load_pretrain_config, pretrain_config_from_dict,
 )
 from .stopping import SignalFlag, StopOnSignal, StopRequested, TrainingInterrupted
 from .trainer import (
@@ -249,6 +242,7 @@ def _run_pretraining(
     plan = _plan_run(config, resume, overwrite, resume_from)
     model = _seeded_model(config, plan.vocab)
     data = _open_data(config, plan.vocab, int(model.config.max_position_embeddings))
+    check_pooling_input(model.config, [ids[0] for ids in data.train_set[:1000]["input_ids"]], plan.vocab.cls_id)
     if config.train.mlm_bias_init == "unigram" and plan.checkpoint is None:
         counted = data.baselines or _frequency_baselines(config, data.train_set.select_columns(["input_ids"]), plan.vocab, data.lengths)
         model.init_mlm_bias(torch.from_numpy(counted.unigram_log_prob))
@@ -401,7 +395,7 @@ def _make_trainer(
 def _train(trainer: MixGeneformerTrainer, stopper: StopOnSignal, signals: SignalFlag, plan: _RunPlan) -> TrainOutput | None:
     """Train (from the checkpoint when resuming); TrainingInterrupted once a signal's checkpoint is saved."""
     checkpoint = plan.checkpoint
-    if checkpoint is not None and (step := ckpt.checkpoint_step(checkpoint)) >= trainer.args.max_steps:
+    if checkpoint is not None and 0 < trainer.args.max_steps <= (step := ckpt.checkpoint_step(checkpoint)):  # -1: epochs
         logger.warning("%s is at step %d and train.max_steps is %d: nothing to train; the model is saved from it "
                        "(raise train.max_steps to train on)", checkpoint.name, step, trainer.args.max_steps)
         trainer._load_from_checkpoint(str(checkpoint))  # transformers' own loader (weights only; FSDP / DeepSpeed too)
