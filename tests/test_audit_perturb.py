@@ -294,3 +294,17 @@ def test_vs_null_ranks_by_the_shift_beyond_the_null():
     assert stats["significant"].all()
     assert stats["perturbed"].tolist() == ["test_only", "both"]
     assert stats.set_index("perturbed")["mean_shift_vs_null"].to_dict() == pytest.approx({"test_only": 0.5, "both": 0.05}, abs=0.01)
+
+
+def test_states_spelled_with_the_same_letters_sample_different_cells():
+    """Each state's cell sample is seeded per state name; the seed was the sum of the name's bytes,
+    so anagram states ('ab' / 'ba') drew the same relative rows."""
+    from mixgeneformer.perturb.cells import _select_cells
+
+    labels = np.array(["ab"] * 40 + ["ba"] * 40, dtype=object)
+    config = PerturbConfig(genes=["ENSG00000254647"], state_column="s", goal="ab", alternatives=["ba"], cells_per_state=5)
+    _, rows = _select_cells(labels, config, labels.size)
+    assert len(rows["ab"]) == len(rows["ba"]) == 5
+    assert not np.array_equal(rows["ab"], rows["ba"] - 40)
+    again = _select_cells(labels, config, labels.size)[1]
+    assert all(np.array_equal(rows[s], again[s]) for s in rows)  # still deterministic

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -271,8 +272,9 @@ def _select_cells(
     def rows_of(state: str) -> np.ndarray:
         rows = np.flatnonzero(labels == state)
         if config.cells_per_state is not None and len(rows) > config.cells_per_state:
-            # A per-state seed, so a state's sample does not depend on which other states exist.
-            rng = np.random.default_rng([rng_seed, sum(state.encode())])
+            # A per-state seed, so a state's sample does not depend on which other states exist
+            # (a checksum of the name: states spelled with the same letters draw different cells).
+            rng = np.random.default_rng([rng_seed, zlib.crc32(state.encode())])
             rows = np.sort(rng.choice(rows, config.cells_per_state, replace=False))
         return rows
 
