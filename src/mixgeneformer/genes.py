@@ -68,7 +68,8 @@ def strip_versions(ids: np.ndarray) -> np.ndarray:
 def ensembl_species(ids: np.ndarray) -> np.ndarray:
     """Per ID: ``"human"``, ``"mouse"``, ``"other"`` (another Ensembl species) or ``""`` (not Ensembl)."""
     series = pd.Series(np.asarray(ids, dtype=object), dtype=str).str.upper()
-    prefix = series.str.extract(r"^(ENS[A-Z]*G)\d{6,}", expand=False)
+    # ENSGR…: GRCh37's IDs of the human PAR genes on chromosome Y (19 of Geneformer's V1 genes)
+    prefix = series.str.extract(r"^(ENS[A-Z]*G)R?\d{6,}", expand=False)
     out = prefix.map(_PREFIX_SPECIES).fillna("other").where(prefix.notna(), "")
     return out.to_numpy(dtype=object)
 

@@ -22,14 +22,14 @@ import numbers
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 import pandas as pd
 
 from .errors import ArtifactError, ConfigError, GeneIdError
 from .fileio import content_hash, read_json, write_json
-from .genes import SPECIES, Species, gene_table, one_to_one_orthologs
+from .genes import SPECIES, Species, ensembl_species, gene_table, one_to_one_orthologs, strip_versions
 from .pickles import load_restricted_pickle
 
 if TYPE_CHECKING:
@@ -195,10 +195,28 @@ class Vocabulary:
                 f"{path} is not a mixgeneformer vocabulary (no format={_FORMAT!r}). Build one with `mixgf vocab build` "
                 "or convert Geneformer's dictionaries with `mixgf vocab import-geneformer`."
             )
+        _check_layout(path, data)
         vocab = cls(data["tokens"], data["gene_to_id"], data["mode"])
         if vocab.hash != data.get("hash"):
             raise ArtifactError(f"vocabulary {path} does not match its recorded hash; the file was modified or corrupted.")
         return vocab
+
+
+def _check_layout(path: str | os.PathLike, data: dict) -> None:
+    """ArtifactError unless a vocabulary JSON holds a token list, a gene → token id map and a mode."""
+    tokens, gene_to_id, mode = data.get("tokens"), data.get("gene_to_id"), data.get("mode")
+    problem = None
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        problem = "'tokens' must be a list of token names"
+    elif not isinstance(gene_to_id, dict) or not all(type(v) is int and v >= 0 for v in gene_to_id.values()):
+        problem = "'gene_to_id' must map gene IDs to token ids (integers from 0)"
+    elif mode not in get_args(VocabMode):
+        problem = f"'mode' must be one of {list(get_args(VocabMode))}, found {mode!r}"
+    if problem:
+        raise ArtifactError(
+            f"vocabulary {path} is corrupt: {problem}. Rebuild it with `mixgf vocab build` (or convert Geneformer's "
+            "dictionaries again with `mixgf vocab import-geneformer`)."
+        )
 
 
 # long: an 18-line docstring; one branch per vocabulary mode.
@@ -243,8 +261,7 @@ def build_vocabulary(
             "build it for both species, or use mode='separate' for one."
         )
     chosen: dict[str, list[str]] = {}
-    median_genes = set(medians.values) if medians is not None else set()
-    extra = {str(g).upper() for g in extra_genes}
+    requested = _requested_genes(medians, extra_genes)
     for s in species:
         table = gene_table(s)
         if gene_set == "all":
@@ -253,8 +270,7 @@ def build_vocabulary(
             keep = (table["biotype"] == "protein_coding").to_numpy()
         else:
             keep = np.zeros(len(table), dtype=bool)
-        keep |= table["ensembl_id"].isin(median_genes | extra).to_numpy()
-        chosen[s] = sorted(table.loc[keep, "ensembl_id"])
+        chosen[s] = sorted(set(table.loc[keep, "ensembl_id"]) | requested[s])
     if not any(chosen.values()):
         raise GeneIdError("the vocabulary would contain no genes; check gene_set, species and medians.")
 
@@ -276,6 +292,21 @@ def build_vocabulary(
     return Vocabulary(tokens, gene_to_id, mode)
 
 
+def _requested_genes(medians: GeneMedians | None, extra_genes: Iterable[str]) -> dict[str, set[str]]:
+    """The genes with a median and the ``extra_genes`` (versions stripped), by species. A gene the shipped
+    GENCODE tables lack is kept, its prefix giving its species (Geneformer's medians hold 3,395 such IDs)."""
+    extra = np.asarray([str(g) for g in extra_genes], dtype=object)
+    foreign = ~np.isin(ensembl_species(extra), SPECIES)
+    if foreign.any():
+        raise GeneIdError(
+            f"extra_genes must be human (ENSG…) or mouse (ENSMUSG…) Ensembl IDs; {int(foreign.sum()):,} are not "
+            f"(e.g. {', '.join(map(str, extra[foreign][:3]))}). Give the genes' Ensembl IDs."
+        )
+    ids = np.concatenate([strip_versions(extra), np.asarray(list(medians.values) if medians is not None else [], dtype=object)])
+    kinds = ensembl_species(ids)
+    return {s: set(ids[kinds == s].tolist()) for s in SPECIES}
+
+
 def import_geneformer(
     token_dictionary: str | os.PathLike, gene_median_dictionary: str | os.PathLike | None = None
 ) -> tuple[Vocabulary, GeneMedians | None]:
@@ -294,6 +325,12 @@ def import_geneformer(
             f"(e.g. token_dictionary.pkl), found {type(not_ids[0]).__name__}."
         )
     by_id = {int(v): str(k) for k, v in raw.items()}
+    if len(by_id) != len(raw):
+        shared = pd.Series([int(v) for v in raw.values()], index=[str(k) for k in raw]).duplicated(keep=False)
+        raise ArtifactError(
+            f"{token_dictionary}: tokens {', '.join(shared.index[shared][:3])} share one token id; a token "
+            "dictionary gives each token its own id. The dictionary is corrupt: download it again."
+        )
     if sorted(by_id) != list(range(len(by_id))):
         raise ArtifactError(f"{token_dictionary}: token ids are not contiguous 0..{len(by_id) - 1}; the dictionary is corrupt.")
     tokens = [by_id[i] for i in range(len(by_id))]
