@@ -37,7 +37,7 @@ import scipy.sparse as sp
 from ..errors import ArtifactError, InputDataError
 from ..fileio import atomic_file, check_readable_file
 from ..jit import njit
-from ..readers import canonical_csr, remap_columns
+from ..readers import canonical_csr, remap_columns, validate_counts
 from .table import GeneMedians
 
 
@@ -175,6 +175,12 @@ class MedianAccumulator:
         totals = np.ascontiguousarray(totals, dtype=np.float64)
         if totals.shape != (counts.shape[0],):
             raise ValueError(f"totals has shape {totals.shape}, expected ({counts.shape[0]},)")
+        if np.shape(ensembl_ids) != (counts.shape[1],):  # the compiled loop reads one slot per column, unchecked
+            raise InputDataError(
+                f"MedianAccumulator.update: {np.shape(ensembl_ids)[0] if np.ndim(ensembl_ids) else 0:,} gene IDs for a "
+                f"matrix of {counts.shape[1]:,} columns; give one Ensembl ID per column ('' to ignore a column)."
+            )
+        validate_counts(counts, allow_fractional=True, where="MedianAccumulator.update")  # negative / NaN: never skipped
         slots = self._slots(ensembl_ids)
         used = slots[slots >= 0]
         if len(used) != len(np.unique(used)):

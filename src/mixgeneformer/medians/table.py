@@ -15,11 +15,27 @@ import pandas as pd
 from ..errors import ArtifactError, InputDataError
 from ..fileio import atomic_file, content_hash, read_text
 from ..filekinds import MEDIANS_HEADER
+from ..genes import ensembl_species, strip_versions
 
 if TYPE_CHECKING:  # the run module builds tables; a table only names its stats type
     from .run import MedianRunStats
 
 logger = logging.getLogger(__name__)
+
+
+def _unversioned(ids: np.ndarray) -> np.ndarray:
+    """Ensembl IDs upper-cased without versions (``ensg….12`` → ``ENSG…``), as every lookup spells them;
+    other keys unchanged. Two keys that name one gene are an :class:`InputDataError`."""
+    ids = ids.copy()
+    ensembl = ensembl_species(ids) != ""
+    ids[ensembl] = strip_versions(ids[ensembl])
+    repeated = pd.Series(ids).duplicated(keep=False).to_numpy()
+    if repeated.any():
+        raise InputDataError(
+            f"gene medians are given twice for gene {ids[repeated][0]} (as versions or spellings of one Ensembl ID); "
+            "a gene has one median. Keep one of them, or recompute the medians with `mixgf medians`."
+        )
+    return ids
 
 
 class GeneMedians:
@@ -32,7 +48,7 @@ class GeneMedians:
     """
 
     def __init__(self, values: Mapping[str, float]):
-        ids = np.array(list(values.keys()), dtype=object)
+        ids = _unversioned(np.array(list(values.keys()), dtype=object))
         meds = np.array([float(v) for v in values.values()], dtype=np.float64)
         bad = ~np.isfinite(meds) | (meds <= 0)
         if bad.any():
@@ -99,6 +115,11 @@ class GeneMedians:
                 raise ArtifactError(
                     f"gene median table {path} must start with the header {MEDIANS_HEADER!r}, found "
                     f"{header[:80]!r}. Create it with `mixgf medians` or GeneMedians.save()."
+                )
+            if not text.endswith("\n"):
+                raise ArtifactError(
+                    f"gene median table {path} ends inside a line ({text[-40:]!r}): the file looks truncated (every line of a "
+                    "median table ends with a line break). Copy or recompute it again; if it is complete, end its last line."
                 )
             values: dict[str, float] = {}
             first_line: dict[str, int] = {}
