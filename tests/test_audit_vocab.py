@@ -121,3 +121,15 @@ def test_grch37_par_ids_are_human_ensembl_ids():
 
     assert ensembl_species(np.array(["ENSGR0000002586", "ENSG00000002586", "ENSMUSG00000000001"], dtype=object)).tolist() == [
         "human", "human", "mouse"]
+
+
+def test_medians_with_every_cell_filtered_out_say_so():
+    from _tokenize_helpers import make_adata
+
+    from mixgeneformer.medians import compute_file_medians, compute_medians
+
+    adata = make_adata(20, 40, seed=1)
+    adata.obs["filter_pass"] = 0
+    for compute in (compute_medians, compute_file_medians):
+        with pytest.raises(InputDataError, match="filter_pass"):
+            compute(adata)

@@ -199,7 +199,7 @@ def compute_medians(
         total.merge(acc)
     result = total.finalize(min_cells)
     if len(result) == 0:
-        raise InputDataError("no gene has a nonzero count in the inputs; cannot compute medians.")
+        raise InputDataError(_no_medians("the inputs", sum(stats.cells_read), sum(stats.cells_used)))
     return _with_stats([result], stats)[0]
 
 
@@ -216,10 +216,18 @@ def compute_file_medians(
     """
     accumulators, stats = accumulate_medians(_as_list(inputs), workers=workers, **options)
     result = [acc.finalize(min_cells) for acc in accumulators]
-    for name, medians in zip(stats.inputs, result, strict=True):
+    for name, medians, read, used in zip(stats.inputs, result, stats.cells_read, stats.cells_used, strict=True):
         if len(medians) == 0:
-            raise InputDataError(f"{name}: no gene has a nonzero count; cannot compute medians.")
+            raise InputDataError(_no_medians(name, read, used))
     return _with_stats(result, stats)
+
+
+def _no_medians(name: str, cells_read: int, cells_used: int) -> str:
+    """Why ``name`` gave no median: no cell was used (filtered out, zero totals), or no gene has a count."""
+    if cells_read and not cells_used:
+        return (f"{name}: none of the {cells_read:,} cells read was used: each has obs filter_pass != 1 or a total count "
+                "of 0, so no median can be computed. Check the filter_pass column (1 = keep) or the counts read (layer).")
+    return f"{name}: no gene has a nonzero count ({cells_read:,} cells read); cannot compute medians."
 
 
 def _as_list(inputs: Sequence[CountInput] | CountInput) -> list[CountInput]:
