@@ -474,6 +474,14 @@ def content_hash(*parts: bytes | str) -> str:
     return digest.hexdigest()[:16]
 
 
+def files_signature(paths: Iterable[str | os.PathLike]) -> list[list[str | int]]:
+    """(path, size, mtime) of every file at or under ``paths`` (a folder: each file in it, hidden ones
+    aside, since a file rewritten in place leaves its folder's own size and mtime as they were)."""
+    files = [sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")) if p.is_dir() else [p]
+             for p in (Path(path).resolve() for path in paths)]
+    return [[str(file), (stat := file.stat()).st_size, stat.st_mtime_ns] for group in files for file in group]
+
+
 def write_h5ad(adata: anndata.AnnData, out: str | os.PathLike) -> Path:
     """Write an AnnData to ``out`` atomically (gzip; a temporary sibling, then rename); a full or
     read-only disk raises :class:`ArtifactError` (:func:`writing`)."""

@@ -53,6 +53,7 @@ from .fileio import (
     atomic_file,
     check_readable_file,
     content_hash,
+    files_signature,
     output_lock,
     read_h5ad,
     read_json,
@@ -209,18 +210,6 @@ def shard_folder(out: str | os.PathLike) -> Path:
 
 def _shard_path(folder: Path, index: int, world: int) -> Path:
     return folder / f"shard-{index:05d}-of-{world:05d}.npz"
-
-
-def files_signature(paths: list[Path]) -> list[list[str | int]]:
-    """(path, size, mtime) of every file at or under ``paths``: what a rerun must find unchanged."""
-    signature = []
-    for path in paths:
-        path = Path(path).resolve()
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
-        for file in files:
-            stat = file.stat()
-            signature.append([str(file), stat.st_size, stat.st_mtime_ns])
-    return signature
 
 
 def _fingerprint(*parts: Any) -> str:

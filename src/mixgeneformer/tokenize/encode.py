@@ -26,6 +26,7 @@ from ..readers import (
     row_sums,
 )
 from .config import TokenizeConfig
+from .obs import _obs_array
 
 logger = logging.getLogger(__name__)
 
@@ -402,29 +403,6 @@ def _encode_chunk(
     for column in obs_columns:
         arrays[column] = _obs_array(obs[column], obs_types[column])
     return pa.table(arrays), report
-
-
-def _obs_array(values: pd.Series, arrow_type: pa.DataType) -> pa.Array:
-    if pa.types.is_string(arrow_type):
-        text = values.astype(object).where(values.notna(), None)
-        return pa.array(text.map(lambda v: v if v is None else str(v)).to_numpy(dtype=object), type=pa.string())
-    return pa.array(values.to_numpy(), type=arrow_type, from_pandas=True)
-
-
-def _obs_arrow_types(source: Any, obs_columns: Sequence[str]) -> dict[str, pa.DataType]:
-    frame = source.obs(list(obs_columns), 0, 0)
-    types: dict[str, pa.DataType] = {}
-    for column in obs_columns:
-        dtype = frame[column].dtype
-        if pd.api.types.is_bool_dtype(dtype):
-            types[column] = pa.bool_()
-        elif pd.api.types.is_integer_dtype(dtype):
-            types[column] = pa.int64()
-        elif pd.api.types.is_float_dtype(dtype):
-            types[column] = pa.float64()
-        else:
-            types[column] = pa.string()
-    return types
 
 
 def _features(obs_types: dict[str, pa.DataType]) -> Any:

@@ -26,6 +26,7 @@ from ..fileio import (
     check_output,
     check_readable_file,
     content_hash,
+    files_signature,
     output_lock,
     read_json,
     write_json,
@@ -41,9 +42,9 @@ from .encode import (
     _check_vocab,
     _features,
     _iter_tables,
-    _obs_arrow_types,
     warn_low_counts_coverage,
 )
+from .obs import _check_obs_names, _common_obs_types, _obs_arrow_types
 
 if TYPE_CHECKING:
     from ..vocab import Vocabulary
@@ -83,9 +84,19 @@ def _tokenize_task(
 
 
 def _input_fingerprint(item: Any) -> dict[str, Any]:
-    path = Path(item)
-    stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    """An input's path and the size and mtime of each of its files (a 10x or SOMA folder: every file in it)."""
+    return {"path": str(Path(item).resolve()), "files": files_signature([item])}
+
+
+def _check_inputs_unchanged(items: list[Path], manifest: dict[str, Any]) -> None:
+    """InputDataError naming an input that changed since the run was planned: its shards would hold
+    cells of two versions of it."""
+    changed = [item for item, recorded in zip(items, manifest["inputs"], strict=True) if _input_fingerprint(item) != recorded]
+    if changed:
+        raise InputDataError(
+            f"{changed[0]} changed while it was being tokenized (a file's size or modification time differs), so the "
+            "corpus would mix cells of two versions of it. Rerun once nothing writes to it any more."
+        )
 
 
 def run_manifest(
@@ -141,20 +152,21 @@ def tokenize_files(
     items = [check_readable_file(p, "count matrix") for p in paths]
     check_distinct_inputs(items)
     obs_columns = list(obs_columns)
+    _check_obs_names(obs_columns)
     started = time.perf_counter()
 
     # Plan: open every input once (fails fast on missing layers / obs columns / gene IDs).
     tasks: list[tuple[int, int, int]] = []
-    obs_types: dict[str, pa.DataType] = {}
+    input_types: list[dict[str, pa.DataType]] = []  # an obs column may be typed differently in two inputs
     for index, item in enumerate(items):
         with config.read_options.open(item) as source:
             source.check_obs_columns(obs_columns)
             config.read_options.map_genes(source, vocab.gene_to_id)
-            if index == 0:
-                obs_types = _obs_arrow_types(source, obs_columns)
+            input_types.append(_obs_arrow_types(source, obs_columns))
             n_cells = source.n_cells
         tasks.extend((index, lo, min(lo + config.task_cells, n_cells)) for lo in range(0, max(n_cells, 1), config.task_cells))
 
+    obs_types = _common_obs_types(input_types)
     if config.medians == "per_file":
         per_file = compute_file_medians(items, workers=workers, read=config.read_options, vocabulary_ids=vocab.gene_to_id)
         medians_hash = content_hash(*[m.hash for m in per_file])
@@ -217,10 +229,14 @@ def _run_tasks(
         if workers > 1 and len(todo) > 1:
             with worker_pool(workers) as pool:
                 futures = {pool.submit(_tokenize_task, *a): t for a, t in zip(args, todo, strict=True)}
-                for future in as_completed(futures):
-                    task = futures[future]
-                    results[task] = future.result()
-                    bar.update(task[2] - task[1])
+                try:
+                    for future in as_completed(futures):
+                        task = futures[future]
+                        results[task] = future.result()
+                        bar.update(task[2] - task[1])
+                except BaseException:  # a failed task or a signal ends the run now, not after every queued task
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
         else:
             for a, task in zip(args, todo, strict=True):
                 results[task] = _tokenize_task(*a)
@@ -228,6 +244,7 @@ def _run_tasks(
     finally:
         bar.close()
 
+    _check_inputs_unchanged(items, manifest)
     report = TokenizeReport()
     for task in tasks:
         report.add(TokenizeReport(**{k: v for k, v in results[task].items() if k in TokenizeReport.__dataclass_fields__ and k not in ("inputs", "seconds")}))

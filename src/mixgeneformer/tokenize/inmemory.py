@@ -25,9 +25,9 @@ from .encode import (
     _features,
     _iter_tables,
     _medians_for,
-    _obs_arrow_types,
     warn_low_counts_coverage,
 )
+from .obs import _check_obs_names, _obs_arrow_types
 
 if TYPE_CHECKING:
     import anndata
@@ -112,6 +112,7 @@ def tokenize_anndata(
     config = config or TokenizeConfig()
     _check_vocab(vocab, config)
     obs_columns = list(obs_columns)
+    _check_obs_names(obs_columns)
     started = time.perf_counter()
     source_for_types = open_source(adata, config.layer, config.gene_column, allow_fractional=config.allow_fractional)
     source_for_types.check_obs_columns(obs_columns)
