@@ -329,3 +329,15 @@ def test_cross_species_scores_leave_out_cells_without_an_embedding(monkeypatch):
     assert got == pytest.approx(want)
     with pytest.raises(InputDataError, match="rows"):
         integration.cross_species_scores(data, {s: emb[s][1:] for s in data}, rows, "cell_type", baseline=False)
+
+
+def test_fp32_asked_of_a_half_precision_model_is_refused(vocab, bert):
+    """precision='fp32' ran a model held in float16 / bfloat16 in that precision without a word."""
+    import copy
+
+    half = copy.deepcopy(bert).to(torch.bfloat16)
+    cells = [list(range(len(SPECIALS), len(SPECIALS) + n)) for n in (5, 30, 60)]
+    with pytest.raises(ConfigError, match=r"precision='fp32'.*torch.bfloat16.*model.float\(\)"):
+        embed_corpus(half, cells, vocab, precision="fp32", progress=False)
+    auto = embed_corpus(half, cells, vocab, precision="auto", progress=False)  # asked for nothing in particular
+    assert np.isfinite(auto).all()

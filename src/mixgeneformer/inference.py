@@ -234,16 +234,23 @@ def autocast_dtype(device: torch.device, precision: Precision) -> torch.dtype | 
     return torch.bfloat16 if native else None
 
 
-def inference_context(device: torch.device, precision: Precision) -> ExitStack:
-    """Numerics and kernels of a forward pass over cells of varying length on ``device``.
+def inference_context(device: torch.device, precision: Precision, model: torch.nn.Module | None = None) -> ExitStack:
+    """Numerics and kernels of a forward pass of ``model`` over cells of varying length on ``device``.
 
     * ``precision``: ``"bf16"`` runs under bf16 autocast, ``"fp32"`` without, ``"auto"`` bf16 on
-      a CUDA GPU with native bf16 and fp32 elsewhere (:func:`autocast_dtype`);
+      a CUDA GPU with native bf16 and fp32 elsewhere (:func:`autocast_dtype`); ``"fp32"`` with a
+      model held in half precision is a :class:`ConfigError` (it would compute in half precision);
     * on CUDA, SDPA may use the flash, memory-efficient and math kernels but not cuDNN's: cuDNN
       attention builds an execution graph per input shape, and dynamic padding gives nearly
       every batch a new shape, so each batch would pay for a graph build.
     """
     dtype = autocast_dtype(device, precision)
+    weights = next(model.parameters()).dtype if model is not None else torch.float32
+    if precision == "fp32" and weights != torch.float32:
+        raise ConfigError(
+            f"precision='fp32', but the model's weights are {weights}: it would compute in {weights}. "
+            "Convert it first (model.float()), or ask for precision='auto' or 'bf16'"
+        )
     stack = ExitStack()
     if dtype is not None:
         stack.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
@@ -357,7 +364,7 @@ def embed_corpus(
     model.eval()
     bar = _progress_bar(n_cells, progress)
     try:
-        with torch.inference_mode(), inference_context(torch_device, precision):
+        with torch.inference_mode(), inference_context(torch_device, precision, bert):
             for rows, ids_np, mask_np in _batches(dataset, n_cells, bert, vocab, int(batch_size), pooling == "mean"):
                 ids = torch.from_numpy(ids_np).to(torch_device, non_blocking=True)
                 mask = torch.from_numpy(mask_np).to(torch_device, non_blocking=True)

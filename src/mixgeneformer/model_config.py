@@ -8,6 +8,7 @@ transformers as ``BertForMaskedLM``. The networks themselves are in :mod:`mixgen
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from transformers import BertConfig
@@ -111,7 +112,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def check_pooling_input(config: BertConfig, first_tokens: Any, cls_id: int | None) -> None:
+def check_pooling_input(config: BertConfig, first_tokens: Iterable[int], cls_id: int | None) -> None:
     """Refuse ``pooling`` "cls" when position 0 of the cells (``first_tokens``, one id per cell of a
     sample) is not ``<cls>``: the contrastive terms would train on a species or gene token's state."""
     contrastive = getattr(config, "contrastive", "simcse") != "none" and getattr(config, "contrastive_weight", 1.0) > 0

@@ -283,7 +283,7 @@ def _exact(bert, flat, offsets, rows, base_of, targets, vocab, config, device, g
             bar.update(1)
 
     try:
-        with torch.inference_mode(), inference_context(device, config.precision):
+        with torch.inference_mode(), inference_context(device, config.precision, bert):
             _run_variants(bert, jobs(), vocab, config, device, done)
     finally:
         if bar is not None:

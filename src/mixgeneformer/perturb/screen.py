@@ -140,7 +140,7 @@ def _readout_gradients(bert, tokens, probes, targets, vocab, config, device, rel
 
     handle = bert.embeddings.word_embeddings.register_forward_hook(hook)
     try:
-        with torch.enable_grad(), inference_context(device, config.precision):
+        with torch.enable_grad(), inference_context(device, config.precision, bert):
             if relax:
                 presence = torch.ones(ids.shape, dtype=torch.float32, device=device, requires_grad=True)
                 hidden = bert.embeddings(input_ids=ids)
@@ -213,7 +213,7 @@ def _screen(bert, flat, offsets, rows, base_of, targets, vocab, config, device, 
     def done(job: _CellJob) -> None:
         exact[job.row] = {"gene_rank": job.variants.gene_rank, **_score_columns(job.embedding, job.emb, targets, config)}
 
-    with torch.inference_mode(), inference_context(device, config.precision):
+    with torch.inference_mode(), inference_context(device, config.precision, bert):
         _run_variants(bert, jobs(), vocab, config, device, done)
 
     frames = []
