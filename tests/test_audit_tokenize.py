@@ -199,3 +199,38 @@ def test_task_and_chunk_boundaries_keep_cells_and_obs_aligned(tmp_path):
         assert corpus["score"] == [float(i) for i in corpus["cell_index"]]
         report = json.loads((out / "mixgf_corpus.json").read_text())
         assert (report["cells_in"], report["cells_out"], report["dropped_zero_counts"]) == (23, 18, 5)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. A partial run was resumed by another version of the package (its shards tokenized by the old code)
+
+
+def test_shards_of_another_package_version_are_not_resumed(small, tmp_path, monkeypatch, caplog):
+    from mixgeneformer.tokenize import files as files_module
+
+    adata, vocab, medians = small
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    config = TokenizeConfig(task_cells=4)
+    partial = _interrupted_partial(tmp_path, [tmp_path / "a.h5ad"], vocab, medians, config, blocked_start=8)
+    assert list(partial.glob("shard-*.arrow.json"))
+    monkeypatch.setattr(files_module, "__version__", "999.0")  # the package was upgraded before the rerun
+    with caplog.at_level("WARNING", logger="mixgeneformer.tokenize.files"):
+        out = tokenize_files([tmp_path / "a.h5ad"], tmp_path / "corpus", vocab, medians, config)
+    assert "discarding" in caplog.text and len(datasets.load_from_disk(str(out))) == 12
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. A finished shard whose file was cut short (marker intact) broke every rerun at assembly
+
+
+def test_a_truncated_finished_shard_is_redone_on_resume(small, tmp_path):
+    adata, vocab, medians = small
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    config = TokenizeConfig(task_cells=4)
+    partial = _interrupted_partial(tmp_path, [tmp_path / "a.h5ad"], vocab, medians, config, blocked_start=8)
+    shard = partial / "shard-00000-000000000000.arrow"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # e.g. a crash of the machine before the file reached the disk
+    out = tokenize_files([tmp_path / "a.h5ad"], tmp_path / "corpus", vocab, medians, config)
+    fresh = tokenize_anndata(adata, vocab, medians, config)
+    assert datasets.load_from_disk(str(out))["input_ids"] == fresh["input_ids"]

@@ -18,6 +18,7 @@ import pyarrow as pa
 from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
+from .. import __version__
 from ..config import save_config, to_dict
 from ..corpus import CORPUS_JSON
 from ..errors import ArtifactError, ConfigError, InputDataError
@@ -104,6 +105,7 @@ def run_manifest(
 ) -> dict[str, Any]:
     """What identifies a tokenization run; a partial folder is resumed only when this matches."""
     return {
+        "package": __version__,  # shards of another version of the tokenizer are not mixed in
         "vocab_hash": vocab_hash,
         "medians_hash": medians_hash,
         "config": to_dict(config),
@@ -192,6 +194,21 @@ def tokenize_files(
     return out_dir
 
 
+def _finished_shard(shard: Path) -> dict[str, Any] | None:
+    """The report of a shard an earlier run finished; None (the task is redone) when its marker or its
+    Arrow file is missing or unreadable, or the file holds fewer rows than the marker counts (cut short)."""
+    marker = Path(f"{shard}.json")
+    if not (marker.is_file() and shard.is_file()):
+        return None
+    try:
+        result = read_json(marker, "shard report")
+        with pa.memory_map(str(shard)) as source:
+            rows = sum(batch.num_rows for batch in pa.ipc.open_stream(source))
+    except (OSError, pa.ArrowInvalid):  # ArtifactError (a corrupt marker) is an OSError
+        return None
+    return result if isinstance(result, dict) and rows == result.get("cells_out") else None
+
+
 # long: resume, run tasks (in process or a pool), report, assemble, in order.
 def _run_tasks(
     out_dir: Path, partial: Path, items: list[Path], tasks: list[tuple[int, int, int]], per_file: list[GeneMedians],
@@ -214,9 +231,9 @@ def _run_tasks(
     results: dict[tuple[int, int, int], dict[str, Any]] = {}
     todo = []
     for task in tasks:
-        marker = Path(f"{shard_path(task)}.json")
-        if marker.exists() and shard_path(task).exists():
-            results[task] = read_json(marker, "shard report")
+        finished = _finished_shard(shard_path(task))
+        if finished is not None:
+            results[task] = finished
         else:
             todo.append(task)
     if len(results):
