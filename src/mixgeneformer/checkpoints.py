@@ -45,12 +45,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def write_complete_marker(checkpoint: str | os.PathLike, step: int) -> Path:
     """Write the ``COMPLETE`` manifest (relative path -> size in bytes of every file) last."""
     checkpoint = Path(checkpoint)
     files = {}
     for path in sorted(checkpoint.rglob("*")):
         if path.is_file() and path.name != COMPLETE:
+            _fsync_file(path)  # on disk before the marker that vouches for it (a power cut keeps neither or both)
             files[path.relative_to(checkpoint).as_posix()] = path.stat().st_size
     marker = checkpoint / COMPLETE
     tmp = checkpoint / f".{COMPLETE}.tmp-{uuid.uuid4().hex[:8]}"
@@ -131,10 +137,24 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise ArtifactError(f"checkpoint folder not found: {path}.")
+    if not (path / COMPLETE).exists():
+        _refuse_no_checkpoint(path)
     problem = checkpoint_problem(path)
     if problem is not None:
         raise ArtifactError(f"checkpoint {path} cannot be resumed from: {problem}. Use an older checkpoint.")
     return path
+
+
+def _refuse_no_checkpoint(path: Path) -> None:
+    """A run folder or a model bundle named where a checkpoint is expected: say which checkpoint to pass."""
+    run = path if list_checkpoints(path) else path.parent if list_checkpoints(path.parent) else None
+    newest = f" (the newest: {list_checkpoints(run)[-1][1]})" if run is not None else ""
+    if run == path:
+        raise ArtifactError(f"--resume-from {path} is a pretraining run folder, not one of its checkpoints; pass a "
+                            f"checkpoint folder{newest}, or continue the run with --resume and output_dir={path}.")
+    if (path / "mixgf.json").exists() or (path / "config.json").exists():
+        raise ArtifactError(f"--resume-from {path} is a model bundle, not a training checkpoint (it holds no optimizer "
+                            f"or data-order state); pass a checkpoint-<step> folder of its run{newest}.")
 
 
 def publish_checkpoint(staged: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
@@ -201,7 +221,7 @@ def plan_run_dir(
     check_not_input(run_dir, inputs, "output_dir")
     occupied = run_dir.exists() and any(p.name != STAGING for p in run_dir.iterdir())
     if resume_from is not None:
-        return "resume", resolve_checkpoint(resume_from)
+        return _plan_resume_from(run_dir, overwrite, resolve_checkpoint(resume_from), occupied, inputs)
     if resume:
         checkpoint = latest_complete_checkpoint(run_dir)
         if checkpoint is not None:
@@ -231,6 +251,38 @@ def plan_run_dir(
             "or choose another output_dir."
         )
     return "fresh", None
+
+
+def _plan_resume_from(
+    run_dir: Path, overwrite: bool, checkpoint: Path, occupied: bool, inputs: list[Path | None] | tuple
+) -> tuple[str, Path]:
+    """``--resume-from``: continue the run in ``run_dir`` from one of its own checkpoints (none newer may
+    be left: a later ``--resume`` would take them, and rotation would keep them over the new ones), or
+    start ``run_dir`` from another run's checkpoint (an occupied ``run_dir`` only with ``--overwrite``)."""
+    if checkpoint.resolve().parent == run_dir.resolve():
+        if overwrite:
+            raise ConfigError(f"--overwrite would set aside {run_dir}, which holds the checkpoint --resume-from names "
+                              f"({checkpoint.name}); pass one of them.")
+        step = checkpoint_step(checkpoint)
+        newer = [path.name for later, path in list_checkpoints(run_dir) if later > step and checkpoint_problem(path) is None]
+        if newer:
+            raise ArtifactError(
+                f"--resume-from {checkpoint.name}: {run_dir} holds newer checkpoints ({', '.join(newer)}) of the run "
+                "continued after it; a later --resume would take them, and checkpoint.keep would delete the new run's "
+                f"checkpoints before them. Delete them to continue from {checkpoint.name} here, or resume into another "
+                "output_dir."
+            )
+        return "resume", checkpoint
+    check_not_input(run_dir, [checkpoint], "output_dir")  # no run folder inside the checkpoint it reads
+    if not occupied:
+        return "resume", checkpoint
+    if not overwrite:
+        raise ArtifactError(
+            f"output_dir {run_dir} already exists and --resume-from names a checkpoint of another run ({checkpoint}). "
+            "Pass --overwrite to replace it, or choose another output_dir."
+        )
+    check_output(run_dir, inputs, overwrite=True, option="output_dir")
+    return "overwrite", checkpoint
 
 
 def previous_run_dir(run_dir: Path) -> Path:

@@ -395,9 +395,9 @@ def _make_trainer(
 def _train(trainer: MixGeneformerTrainer, stopper: StopOnSignal, signals: SignalFlag, plan: _RunPlan) -> TrainOutput | None:
     """Train (from the checkpoint when resuming); TrainingInterrupted once a signal's checkpoint is saved."""
     checkpoint = plan.checkpoint
-    if checkpoint is not None and 0 < trainer.args.max_steps <= (step := ckpt.checkpoint_step(checkpoint)):  # -1: epochs
-        logger.warning("%s is at step %d and train.max_steps is %d: nothing to train; the model is saved from it "
-                       "(raise train.max_steps to train on)", checkpoint.name, step, trainer.args.max_steps)
+    if checkpoint is not None and (step := ckpt.checkpoint_step(checkpoint)) >= (last := trainer.planned_steps()):
+        logger.warning("%s is at step %d and the run ends at step %d: nothing to train; the model is saved from it "
+                       "(raise train.max_steps or train.epochs to train on)", checkpoint.name, step, last)
         trainer._load_from_checkpoint(str(checkpoint))  # transformers' own loader (weights only; FSDP / DeepSpeed too)
         trainer.state.global_step = step
         return None

@@ -195,6 +195,14 @@ class MixGeneformerTrainer(Trainer):
         sampler.set_epoch = set_epoch  # type: ignore[method-assign]
         return sampler
 
+    def planned_steps(self) -> int:
+        """The optimizer step the run ends at: ``train.max_steps``, or as many steps as ``train.epochs``
+        make (the Trainer's own count). A checkpoint at or past it leaves nothing to train: resumed there,
+        the Trainer would still take a step past a fractional epoch."""
+        if self.args.max_steps > 0:
+            return int(self.args.max_steps)
+        return int(self.set_initial_training_values(self.args, self.get_train_dataloader())[6])
+
     # --- held-out diagnostics -----------------------------------------------------------
     def evaluate(self, *args, **kwargs):
         # Held-out cells are masked by the evaluation collator (fixed positions, all <mask>).
@@ -294,19 +302,17 @@ class MixGeneformerTrainer(Trainer):
                 self._write_extras(staged)
                 _maybe_fail_in_save(step)
         except BaseException as exc:
-            error = output_error(run_dir / staged.name, exc)  # before the cleanup frees the space it reads
-            if self.args.should_save:
-                shutil.rmtree(ckpt.staging_dir(run_dir), ignore_errors=True)
-            if error is not None:
-                raise error from exc
-            raise
+            self._abandon_save(staged, exc)
         finally:
             self._staging = False
         # Every rank has written its RNG state into the staging folder before it is sealed.
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            ckpt.write_complete_marker(staged, step)
-            ckpt.publish_checkpoint(staged, run_dir)
+            try:  # the marker is the save's last write: a disk the weights just filled fails here too
+                ckpt.write_complete_marker(staged, step)
+                ckpt.publish_checkpoint(staged, run_dir)
+            except BaseException as exc:
+                self._abandon_save(staged, exc)
             try:
                 ckpt.staging_dir(run_dir).rmdir()
             except OSError:
@@ -314,6 +320,17 @@ class MixGeneformerTrainer(Trainer):
             ckpt.rotate_checkpoints(run_dir, self.run_extras.get("keep"))
             logger.info("checkpoint %s complete", run_dir / staged.name)
         self.accelerator.wait_for_everyone()
+
+    def _abandon_save(self, staged: Path, exc: BaseException) -> None:
+        """Remove the staging folder of a failed save (rank 0) and raise: a full or read-only disk as one
+        :class:`ArtifactError` naming the checkpoint; the previous checkpoints stay as they were."""
+        run_dir = staged.parent.parent
+        error = output_error(run_dir / staged.name, exc)  # before the cleanup frees the space it reads
+        if self.args.should_save:
+            shutil.rmtree(staged.parent, ignore_errors=True)
+        if error is not None:
+            raise error from exc
+        raise exc
 
     def _write_extras(self, folder: Path) -> None:
         extras = self.run_extras
