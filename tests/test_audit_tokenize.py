@@ -234,3 +234,28 @@ def test_a_truncated_finished_shard_is_redone_on_resume(small, tmp_path):
     out = tokenize_files([tmp_path / "a.h5ad"], tmp_path / "corpus", vocab, medians, config)
     fresh = tokenize_anndata(adata, vocab, medians, config)
     assert datasets.load_from_disk(str(out))["input_ids"] == fresh["input_ids"]
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. A missing species token was found only by the task of that input, after the others had run
+
+
+def test_a_missing_species_token_is_refused_before_any_shard_is_written(tmp_path):
+    import anndata as ad
+
+    from mixgeneformer.genes import gene_table
+    from mixgeneformer.vocab import Vocabulary
+
+    mouse_genes = gene_table("mouse").query("biotype == 'protein_coding'")["ensembl_id"].to_numpy(dtype=object)[:30]
+    human = make_adata(10, 30, seed=4)
+    mouse = ad.AnnData(make_adata(8, 30, seed=5).X, var=pd.DataFrame(index=mouse_genes))
+    human.write_h5ad(tmp_path / "h.h5ad")
+    mouse.write_h5ad(tmp_path / "m.h5ad")
+    genes = np.concatenate([np.asarray(human.var_names), mouse_genes])
+    full, medians = make_vocab(genes, drop_every=1000), make_medians(genes)
+    tokens = [t for t in full.tokens if t != "<mouse>"]
+    vocab = Vocabulary(tokens, {g: i for i, g in enumerate(tokens) if g.startswith("ENS")}, "separate")
+    with pytest.raises(ConfigError, match="no species token"):
+        tokenize_files([tmp_path / "h.h5ad", tmp_path / "m.h5ad"], tmp_path / "c", vocab, medians,
+                       TokenizeConfig(add_species_token=True))
+    assert not (tmp_path / ".c.partial").exists() and not (tmp_path / "c").exists()

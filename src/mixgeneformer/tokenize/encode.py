@@ -272,12 +272,17 @@ def _column_lookup(source: Any, vocab: Any, medians: GeneMedians, config: Tokeni
     column_species = _mixed_species_columns(ensembl, kept) if config.allow_mixed_species else None
     if column_species is not None:
         coverage += "; genes of both species: each cell is given the species whose genes hold more of its counts"
-    missing = [s for s in (SPECIES if column_species is not None else (mapping.species,)) if vocab.species_token_id(s) is None]
-    if config.add_species_token and missing:
-        raise ConfigError(f"{source.name} has {' and '.join(missing)} cells, and the vocabulary has no species token for "
-                          "them (add_species_token=True); use a vocabulary built by `mixgf vocab build`, or add_species_token=False.")
+    _check_species_tokens(source.name, SPECIES if column_species is not None else (mapping.species,), vocab, config)
     logger.info("%s: %s", source.name, coverage)
     return _Columns(token_ids, gene_medians, kept, mapping.species, coverage, column_species)
+
+
+def _check_species_tokens(name: str, species: Sequence[str], vocab: Any, config: TokenizeConfig) -> None:
+    """ConfigError when an input's cells (of ``species``) need a species token the vocabulary lacks."""
+    missing = [s for s in species if vocab.species_token_id(s) is None]
+    if config.add_species_token and missing:
+        raise ConfigError(f"{name} has {' and '.join(missing)} cells, and the vocabulary has no species token for "
+                          "them (add_species_token=True); use a vocabulary built by `mixgf vocab build`, or add_species_token=False.")
 
 
 def _shared_gene_columns(ensembl: np.ndarray) -> np.ndarray:

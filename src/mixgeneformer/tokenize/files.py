@@ -40,6 +40,7 @@ from .config import TokenizeConfig
 from .encode import (
     TokenizeReport,
     _check_not_empty,
+    _check_species_tokens,
     _check_vocab,
     _features,
     _iter_tables,
@@ -163,7 +164,8 @@ def tokenize_files(
     for index, item in enumerate(items):
         with config.read_options.open(item) as source:
             source.check_obs_columns(obs_columns)
-            config.read_options.map_genes(source, vocab.gene_to_id)
+            species = config.read_options.map_genes(source, vocab.gene_to_id).species
+            _check_species_tokens(source.name, (species,), vocab, config)  # before any shard (mixed inputs: per task)
             input_types.append(_obs_arrow_types(source, obs_columns))
             n_cells = source.n_cells
         tasks.extend((index, lo, min(lo + config.task_cells, n_cells)) for lo in range(0, max(n_cells, 1), config.task_cells))
