@@ -149,3 +149,40 @@ def test_a_full_disk_while_sealing_a_checkpoint_is_one_clear_error(tmp_path, syn
     assert "disk is full" in err and "checkpoint-6" in err and "Traceback" not in err
     assert [p.name for _, p in ckpt.list_checkpoints(out)] == ["checkpoint-3"]
     assert ckpt.checkpoint_problem(out / "checkpoint-3") is None and not (out / ckpt.STAGING).exists()
+
+
+@pytest.mark.parametrize("at", [5, 32])  # 256 cells in batches of 8: step 32 ends the first epoch
+def test_a_stop_signal_at_any_step_resumes_like_a_straight_run(tmp_path, synthetic, monkeypatch, at):  # noqa: F811
+    # At the first step of an epoch the epoch's data loader has already drawn its seed from the torch RNG:
+    # a checkpoint saved there restored another RNG state than a straight run had (dropout differed).
+    from transformers import TrainerCallback
+
+    import mixgeneformer.pretrain as pretrain_module
+    from mixgeneformer.pretrain import TrainingInterrupted
+
+    sections = {"train": {"max_steps": 36}, "checkpoint": {"save_steps": 100}}
+    straight = _run(synthetic, tmp_path / "a", **sections)
+    make_callbacks = pretrain_module._make_callbacks
+
+    class SignalAt(TrainerCallback):  # SIGTERM arriving while the batch of step `at` + 1 is fetched
+        def __init__(self, signals):
+            self.signals = signals
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == at:
+                self.signals.received = 15
+
+    def with_signal(run_dir, is_main, tensorboard, signals):
+        callbacks, stopper = make_callbacks(run_dir, is_main, tensorboard, signals)
+        return [SignalAt(signals), *callbacks], stopper
+
+    out = tmp_path / "b"
+    monkeypatch.setattr(pretrain_module, "_make_callbacks", with_signal)
+    with pytest.raises(TrainingInterrupted):
+        _run(synthetic, out, **sections)
+    monkeypatch.setattr(pretrain_module, "_make_callbacks", make_callbacks)
+    resumed = run_pretraining(pretrain_config_from_dict(tiny_config(synthetic, out, **sections)), resume=True)
+    assert resumed.global_step == 36
+    a, b = params_of(straight.bundle_dir), params_of(resumed.bundle_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [int(r["step"]) for r in read_metrics(out)] == list(range(1, 37))

@@ -81,7 +81,7 @@ class StopOnSignal(TrainerCallback):
     checkpoint of the current step (unless one exists), stop, then exit non-zero.
 
     One process: checked before each step (the signal came during data loading or after the
-    previous step's save), after each step, after logging and evaluation (the checkpoint is
+    previous step's save; at an epoch's first step, one more step runs: see on_step_begin), after each step, after logging and evaluation (the checkpoint is
     saved right after) and after a save. Several ranks: checked at the end of every
     ``SIGNAL_SYNC_STEPS``-th step, where the ranks agree with one collective.
     """
@@ -89,6 +89,7 @@ class StopOnSignal(TrainerCallback):
     def __init__(self, signals: SignalFlag) -> None:
         self.signals = signals
         self.trainer: Any = None  # set once the Trainer exists
+        self.epoch_start = -1  # the step the current epoch began at
 
     @property
     def received(self) -> int | None:
@@ -97,10 +98,17 @@ class StopOnSignal(TrainerCallback):
     def _now(self, args) -> bool:
         return self.signals.received is not None and args.world_size == 1
 
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.epoch_start = state.global_step
+
     def on_step_begin(self, args, state, control, **kwargs):
         if self._now(args):
             step = state.global_step
             if step > 0 and ckpt.checkpoint_problem(Path(args.output_dir) / f"checkpoint-{step}") is not None:
+                if step == self.epoch_start:
+                    # This epoch's data loader drew its seed from the torch RNG after step `step` ended: saved now,
+                    # the checkpoint would resume unlike a straight run. The step runs; on_step_end saves it.
+                    return
                 self.trainer._save_checkpoint(self.trainer.model, trial=None)
             raise StopRequested()
 
