@@ -176,6 +176,24 @@ def test_a_failing_task_ends_the_worker_pool_without_running_every_other_task(tm
     assert done < 60, f"{done} of 119 other tasks ran after the first one failed"
 
 
+
+def test_worker_pool_left_by_an_exception_cancels_its_queued_tasks():
+    """The medians, tokenize and demo stages share parallel.worker_pool: an error inside its ``with``
+    block cancels what is still queued (ProcessPoolExecutor's own exit ran every queued task first)."""
+    import time
+
+    from mixgeneformer.parallel import worker_pool
+
+    futures = []
+    with pytest.raises(RuntimeError, match="boom"):
+        with worker_pool(1) as pool:
+            futures = [pool.submit(time.sleep, 0.05) for _ in range(40)]
+            raise RuntimeError("boom")
+    assert sum(f.cancelled() for f in futures) >= 30
+    with worker_pool(1) as pool:  # a block that ends normally still runs every task
+        done = [pool.submit(abs, -i) for i in range(5)]
+    assert [f.result() for f in done] == [0, 1, 2, 3, 4]
+
 # ------------------------------------------------------------------------------------------------
 # Sound areas, pinned: chunk / task boundaries and obs alignment with dropped cells
 

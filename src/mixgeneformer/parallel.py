@@ -30,13 +30,23 @@ def plan_ranges(n_cells: int, workers: int, chunk_size: int, max_task_cells: int
     return [(lo, min(lo + per_task, n_cells)) for lo in range(0, n_cells, per_task)]
 
 
+class _WorkerPool(ProcessPoolExecutor):
+    """A process pool whose ``with`` block, left by an exception (a failed task, a signal), cancels the
+    queued tasks instead of running every one of them before the error is reported."""
+
+    def __exit__(self, exc_type, exc_val, exc_tb):  # noqa: ANN001
+        self.shutdown(wait=True, cancel_futures=exc_type is not None)
+        return False
+
+
 def worker_pool(workers: int) -> ProcessPoolExecutor:
-    """A process pool whose workers end when the process that started it dies, however it dies.
+    """A process pool whose workers end when the process that started it dies, however it dies, and
+    whose queued tasks are cancelled when its ``with`` block ends in an exception.
 
     A parent killed with SIGKILL (a scheduler, the OOM killer) runs no cleanup: without the watch,
     its workers would wait for tasks forever and keep the forkserver alive with them.
     """
-    return ProcessPoolExecutor(
+    return _WorkerPool(
         max_workers=workers, mp_context=worker_context(), initializer=exit_with_parent, initargs=(os.getpid(),)
     )
 

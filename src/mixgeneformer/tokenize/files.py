@@ -248,14 +248,10 @@ def _run_tasks(
         if workers > 1 and len(todo) > 1:
             with worker_pool(workers) as pool:
                 futures = {pool.submit(_tokenize_task, *a): t for a, t in zip(args, todo, strict=True)}
-                try:
-                    for future in as_completed(futures):
-                        task = futures[future]
-                        results[task] = future.result()
-                        bar.update(task[2] - task[1])
-                except BaseException:  # a failed task or a signal ends the run now, not after every queued task
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise
+                for future in as_completed(futures):  # a failed task or a signal cancels the queued ones
+                    task = futures[future]
+                    results[task] = future.result()
+                    bar.update(task[2] - task[1])
         else:
             for a, task in zip(args, todo, strict=True):
                 results[task] = _tokenize_task(*a)
