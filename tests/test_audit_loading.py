@@ -300,3 +300,17 @@ def test_a_missing_path_that_looks_like_a_hub_id_gets_the_hint_as_a_path_too(mad
         load_bundle(Path("foo/bar"))
     assert cli_exit_code(["embed", str(made["cells"]), "-m", "foo/bar", "-o", "out.h5ad", "--device", "cpu"]) == 2
     assert "Hub ID" in capsys.readouterr().err
+
+
+def test_a_bundle_whose_median_table_was_swapped_is_refused(tmp_path):
+    """mixgf.json records the hash of the medians a model was saved with; a bundle whose medians.tsv
+    was replaced (another corpus's table) loaded silently and tokenized new cells differently."""
+    from mixgeneformer.medians import GeneMedians
+
+    made = random_gene_bundle(tmp_path / "model", 40, 0)
+    assert load_bundle(made.folder)[2].hash == made.medians.hash  # untouched: loads
+    other = GeneMedians({g: 2.0 * made.medians.lookup([g])[0] for g in made.ids})
+    other.save(made.folder / "medians.tsv")
+    with pytest.raises(ArtifactError, match=r"medians\.tsv .* not the median table the model was saved with"):
+        load_bundle(made.folder)
+    assert load_bundle(made.folder, medians=made.medians)[2].hash == made.medians.hash  # a table passed in is used as given

@@ -406,6 +406,12 @@ def load_bundle(
         medians = GeneMedians.load(medians)
     elif medians is None and (folder / "medians.tsv").exists():
         medians = GeneMedians.load(check_readable_file(folder / "medians.tsv", "bundle gene medians"))
+        if marker is not None and marker.get("medians_hash") not in (None, medians.hash):
+            raise ArtifactError(
+                f"{folder / 'medians.tsv'} (hash {medians.hash}) is not the median table the model was saved with "
+                f"({BUNDLE_MARKER} records {marker['medians_hash']}): cells tokenized with it would not match the model's "
+                "corpus. Restore the bundle's own medians.tsv, or pass the table the corpus was tokenized with."
+            )
 
     state = _read_state_dict(folder)
     model = _build_model(config, folder / "config.json")
