@@ -277,3 +277,23 @@ def test_a_missing_species_token_is_refused_before_any_shard_is_written(tmp_path
         tokenize_files([tmp_path / "h.h5ad", tmp_path / "m.h5ad"], tmp_path / "c", vocab, medians,
                        TokenizeConfig(add_species_token=True))
     assert not (tmp_path / ".c.partial").exists() and not (tmp_path / "c").exists()
+
+
+def test_per_file_medians_with_a_table_passed_too_are_refused_and_models_of_per_file_corpora_tokenize(tmp_path):
+    """medians='per_file' ignored a median table passed beside it (the library; the CLI refuses the pair);
+    tokenize_for_model, which always has the bundle's table, normalizes by each input's own medians
+    when the model's corpus was made that way."""
+    from mixgeneformer.tokenize import tokenize_for_model
+
+    adata = make_adata(30, 40, seed=3)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    genes = np.asarray(adata.var_names)
+    vocab, medians = make_vocab(genes), make_medians(genes)
+    per_file = TokenizeConfig(medians="per_file")
+    with pytest.raises(ConfigError, match="medians='per_file'.*a median table was passed too"):
+        tokenize_anndata(adata, vocab, medians, per_file)
+    with pytest.raises(ConfigError, match="medians='per_file'.*a median table was passed too"):
+        tokenize_files([tmp_path / "a.h5ad"], tmp_path / "corpus", vocab, medians, per_file)
+    assert not (tmp_path / "corpus").exists()
+    corpus, _rows, _config = tokenize_for_model(adata, vocab, medians, per_file)
+    assert corpus["input_ids"] == tokenize_anndata(adata, vocab, None, per_file)["input_ids"]

@@ -437,11 +437,20 @@ def _check_not_empty(report: TokenizeReport, what: str) -> None:
         )
 
 
-def _medians_for(item: Any, medians: GeneMedians | None, config: TokenizeConfig, vocab: Any = None) -> GeneMedians:
+def _medians_for(item: Any, medians: GeneMedians | None, config: TokenizeConfig, vocab: Any = None) -> GeneMedians | None:
+    """The median table of ``config.medians='corpus'``; None for 'per_file' (computed per input by
+    the caller, or here when ``item`` is given). A table passed with 'per_file' would be ignored: refused."""
     if config.medians == "corpus":
         if medians is None:
             raise ConfigError("medians='corpus' needs a median table; pass medians= (CLI: --medians medians.tsv).")
         return medians
+    if medians is not None:
+        raise ConfigError(
+            "medians='per_file' normalizes each input by its own medians, and a median table was passed too "
+            "(it would be ignored): pass medians=None, or use medians='corpus' to normalize by the table."
+        )
+    if item is None:
+        return None
     return compute_medians([item], read=config.read_options, vocabulary_ids=None if vocab is None else vocab.gene_to_id)
 
 

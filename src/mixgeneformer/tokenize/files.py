@@ -42,6 +42,7 @@ from .encode import (
     _check_not_empty,
     _check_species_tokens,
     _check_vocab,
+    _medians_for,
     _features,
     _iter_tables,
     warn_low_counts_coverage,
@@ -171,12 +172,10 @@ def tokenize_files(
         tasks.extend((index, lo, min(lo + config.task_cells, n_cells)) for lo in range(0, max(n_cells, 1), config.task_cells))
 
     obs_types = _common_obs_types(input_types)
-    if config.medians == "per_file":
+    if _medians_for(None, medians, config) is None:  # per_file
         per_file = compute_file_medians(items, workers=workers, read=config.read_options, vocabulary_ids=vocab.gene_to_id)
         medians_hash = content_hash(*[m.hash for m in per_file])
     else:
-        if medians is None:
-            raise ConfigError("medians='corpus' needs a median table; pass medians= (CLI: --medians medians.tsv).")
         per_file = [medians] * len(items)
         medians_hash = medians.hash
 

@@ -66,12 +66,14 @@ def tokenize_for_model(
         The in-memory corpus, the obs row of each corpus row (cells without a vocabulary gene are
         dropped) and the configuration used.
     """
-    if medians is None:
+    config = config if config is not None else TokenizeConfig()
+    if config.medians == "per_file":  # the model's corpus was normalized by each input's own medians
+        medians = None
+    elif medians is None:
         raise ConfigError(
             "tokenizing needs the gene medians the model was trained with, and the model bundle has no "
             "medians.tsv: pass medians= (a GeneMedians), or use a tokenized corpus instead."
         )
-    config = config if config is not None else TokenizeConfig()
     updates = {name: value for name, value in options.items() if value is not None}
     if max_positions is not None and config.max_len > max_positions:
         updates["max_len"] = max_positions
@@ -114,9 +116,10 @@ def tokenize_anndata(
     obs_columns = list(obs_columns)
     _check_obs_names(obs_columns)
     started = time.perf_counter()
-    source_for_types = open_source(adata, config.layer, config.gene_column, allow_fractional=config.allow_fractional)
-    source_for_types.check_obs_columns(obs_columns)
-    obs_types = _obs_arrow_types(source_for_types, obs_columns)
+    # a backed AnnData's source opens its own handle on the file: closed once the types are read
+    with open_source(adata, config.layer, config.gene_column, allow_fractional=config.allow_fractional) as source:
+        source.check_obs_columns(obs_columns)
+        obs_types = _obs_arrow_types(source, obs_columns)
     table_medians = _medians_for(adata, medians, config, vocab)
     tables, report = [], TokenizeReport()
     for table, part, _ in _iter_tables(adata, vocab, table_medians, config, obs_columns, obs_types):
