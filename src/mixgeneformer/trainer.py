@@ -201,7 +201,7 @@ class MixGeneformerTrainer(Trainer):
         the Trainer would still take a step past a fractional epoch."""
         if self.args.max_steps > 0:
             return int(self.args.max_steps)
-        return int(self.set_initial_training_values(self.args, self.get_train_dataloader())[6])
+        return int(self.set_initial_training_values(self.args, self.get_train_dataloader())[-1])  # max_steps: last in every release
 
     # --- held-out diagnostics -----------------------------------------------------------
     def evaluate(self, *args, **kwargs):
