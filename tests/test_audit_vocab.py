@@ -9,23 +9,14 @@ import pickle
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from _tokenize_helpers import cli_exit_code
 
-from mixgeneformer.cli import main
 from mixgeneformer.errors import ArtifactError, GeneIdError, InputDataError
 from mixgeneformer.genes import gene_table
 from mixgeneformer.medians import GeneMedians, MedianAccumulator
 from mixgeneformer.vocab import Vocabulary, build_vocabulary, import_geneformer
 
 RETIRED = "ENSG00000999999"  # an Ensembl ID the shipped GENCODE table lacks (like Geneformer's retired IDs)
-
-
-def _cli(capsys, *args) -> tuple[int, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    return code, capsys.readouterr().err
 
 
 # ------------------------------------------------------------- a corrupt vocabulary JSON
@@ -42,7 +33,7 @@ def test_corrupt_vocabulary_json_is_one_message_not_a_traceback(tmp_path, capsys
     path.write_text(json.dumps({"format": "mixgeneformer-vocabulary", **body}))
     with pytest.raises(ArtifactError, match="vocab.json"):
         Vocabulary.load(path)
-    code, err = _cli(capsys, "vocab", "info", path)
+    code, err = cli_exit_code(["vocab", "info", path]), capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and "mixgf vocab build" in err, err
 
 

@@ -55,8 +55,16 @@ from .flops import training_flops
 from .metrics_csv import read_metrics, trim_metrics
 from .model_config import check_pooling_input
 from .pretrain_config import (  # re-exported: the run's typed configuration
-    CheckpointOptions, DataOptions, DistributedOptions, LoggingOptions, ModelOptions, PretrainConfig, TrainOptions,
-    check_model_options, load_pretrain_config, pretrain_config_from_dict,
+    CheckpointOptions,
+    DataOptions,
+    DistributedOptions,
+    LoggingOptions,
+    ModelOptions,
+    PretrainConfig,
+    TrainOptions,
+    check_model_options,
+    load_pretrain_config,
+    pretrain_config_from_dict,
 )
 from .stopping import SignalFlag, StopOnSignal, StopRequested, TrainingInterrupted
 from .trainer import (
@@ -445,7 +453,6 @@ def _finish(trainer: MixGeneformerTrainer, plan: _RunPlan, config: PretrainConfi
 
 def make_mlm_collator(vocab: Vocabulary, data: DataOptions, max_len: int | None = None) -> PretrainingCollator:
     """The MLM collator of :mod:`mixgeneformer.collator` (dynamic padding + 80/10/10 masking)."""
-
     return PretrainingCollator(
         vocab, mlm_probability=data.mlm_probability, pad_to_multiple_of=data.pad_to_multiple_of, max_len=max_len
     )
@@ -473,22 +480,8 @@ def _frequency_baselines(config: PretrainConfig, train_set: Any, vocab: Vocabula
 
 
 __all__ = [
-    "CheckpointOptions",
-    "DataOptions",
-    "DistributedOptions",
-    "LoggingOptions",
-    "ModelOptions",
-    "PretrainConfig",
-    "PretrainResult",
-    "TrainOptions",
-    "TrainingInterrupted",
-    "build_model",
-    "check_resume_config",
-    "compile_encoder_blocks",
-    "load_pretrain_config",
-    "pretrain_config_from_dict",
-    "read_metrics",
-    "resolve_precision",
-    "run_pretraining",
-    "training_flops",
+    "CheckpointOptions", "DataOptions", "DistributedOptions", "LoggingOptions", "ModelOptions", "PretrainConfig",
+    "PretrainResult", "TrainOptions", "TrainingInterrupted", "build_model", "check_resume_config",
+    "compile_encoder_blocks", "load_pretrain_config", "pretrain_config_from_dict", "read_metrics",
+    "resolve_precision", "run_pretraining", "training_flops",
 ]

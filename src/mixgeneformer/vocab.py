@@ -29,7 +29,14 @@ import pandas as pd
 
 from .errors import ArtifactError, ConfigError, GeneIdError
 from .fileio import content_hash, read_json, write_json
-from .genes import SPECIES, Species, ensembl_species, gene_table, one_to_one_orthologs, strip_versions
+from .genes import (
+    SPECIES,
+    Species,
+    ensembl_species,
+    gene_table,
+    one_to_one_orthologs,
+    strip_versions,
+)
 from .pickles import load_restricted_pickle
 
 if TYPE_CHECKING:

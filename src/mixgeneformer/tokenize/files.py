@@ -42,9 +42,9 @@ from .encode import (
     _check_not_empty,
     _check_species_tokens,
     _check_vocab,
-    _medians_for,
     _features,
     _iter_tables,
+    _medians_for,
     warn_low_counts_coverage,
 )
 from .obs import _check_obs_names, _common_obs_types, _obs_arrow_types
