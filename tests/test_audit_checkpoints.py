@@ -186,3 +186,25 @@ def test_a_stop_signal_at_any_step_resumes_like_a_straight_run(tmp_path, synthet
     a, b = params_of(straight.bundle_dir), params_of(resumed.bundle_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [int(r["step"]) for r in read_metrics(out)] == list(range(1, 37))
+
+
+def test_gathered_weights_that_do_not_fit_the_model_are_refused():
+    """Under FSDP / DeepSpeed the final bundle is built from the gathered state dict with strict=False:
+    keys under another name left those tensors random and the bundle was written without a word."""
+    from test_pretrain import TINY, make_vocab
+
+    from mixgeneformer.model import MixGeneformerForPretraining, make_config
+    from mixgeneformer.trainer import model_from_gathered
+
+    config = make_config("tiny", make_vocab(), **TINY)
+    torch.manual_seed(3)
+    trained = MixGeneformerForPretraining(config).state_dict()
+    decoder = [k for k in trained if k.endswith("decoder.weight")]
+    assert decoder  # tied to the input embeddings
+    full = model_from_gathered(config, {k: v for k, v in trained.items() if k not in decoder})  # tied: may be absent
+    assert all(torch.equal(full.state_dict()[k], v) for k, v in trained.items())
+    with pytest.raises(ArtifactError, match=r"tensors missing .*unexpected .*not written"):
+        model_from_gathered(config, {f"module.{k}": v for k, v in trained.items()})
+    encoder = {k: v for k, v in trained.items() if ".encoder." not in k}
+    with pytest.raises(ArtifactError, match="tensors missing"):
+        model_from_gathered(config, encoder)

@@ -30,7 +30,7 @@ from . import checkpoints as ckpt
 from .bundle import TOKENIZE_CONFIG_NAME, save_bundle
 from .config import save_config
 from .diagnostics import masked_gene_stats
-from .errors import ConfigError
+from .errors import ArtifactError, ConfigError
 from .fileio import output_error, write_json
 from .flops import PEAK_BF16_FLOPS, count_flop_parameters, device_peak_flops, training_flops
 from .medians import GeneMedians
@@ -451,6 +451,24 @@ def training_arguments(config: PretrainConfig, run_dir: Path, precision: str, ha
         raise ConfigError(f"the training options are inconsistent: {exc}") from exc
 
 
+def model_from_gathered(config: Any, state_dict: dict[str, torch.Tensor]) -> MixGeneformerForPretraining:
+    """A fresh model holding the full weights gathered under FSDP / DeepSpeed. Every tensor must land:
+    a key under another name (a wrapper's prefix) left that tensor at its random initialisation, and
+    the bundle was written without a word. Only tensors tied to a loaded one (the MLM decoder) may be absent."""
+    fresh = MixGeneformerForPretraining(config)
+    result = fresh.load_state_dict(state_dict, strict=False)
+    own = fresh.state_dict(keep_vars=True)
+    loaded = {own[key].data_ptr() for key in state_dict if key in own}
+    missing = [key for key in result.missing_keys if own[key].data_ptr() not in loaded]
+    if missing or result.unexpected_keys:
+        raise ArtifactError(
+            f"the gathered weights do not match the model: {len(missing)} tensors missing (e.g. {missing[:3]}), "
+            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]}); the final bundle was not "
+            "written. The newest checkpoint holds the trained weights."
+        )
+    return fresh
+
+
 def save_final_bundle(trainer: MixGeneformerTrainer, bundle_dir: Path, vocab: Vocabulary, medians_path: Path | None) -> None:
     """Write the run's model bundle from rank 0 (full weights gathered first under FSDP / DeepSpeed)."""
     state_dict = None
@@ -461,9 +479,7 @@ def save_final_bundle(trainer: MixGeneformerTrainer, bundle_dir: Path, vocab: Vo
         return
     model = trainer.accelerator.unwrap_model(trainer.model)
     if state_dict is not None:
-        fresh = MixGeneformerForPretraining(model.config)
-        fresh.load_state_dict(state_dict, strict=False)
-        model = fresh
+        model = model_from_gathered(model.config, state_dict)
     medians = None
     if medians_path is not None:
         medians = GeneMedians.load(medians_path)
