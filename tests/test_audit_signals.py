@@ -137,3 +137,21 @@ def test_sigterm_during_any_command_removes_its_temporary_file(tmp_path):
     assert run.returncode == 128 + signal.SIGTERM, run.stderr[-2000:]
     assert "terminated" in run.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_before_the_first_step_says_nothing_was_saved(data, tmp_path, monkeypatch):
+    """A signal as the first batch is fetched stops at step 0: the message said 'checkpoint saved'."""
+    real = pretrain_module.SeededMaskingCollator.__call__
+    calls = []
+
+    def collate(self, features):
+        calls.append(1)
+        if len(calls) == 1:  # the batch of step 1
+            _term()
+        return real(self, features)
+
+    monkeypatch.setattr(pretrain_module.SeededMaskingCollator, "__call__", collate)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted, match=r"at step 0; no step had run, so no checkpoint was saved") as info:
+        run_pretraining(_config(data, out))
+    assert "checkpoint saved" not in str(info.value) and _steps(out) == []

@@ -426,11 +426,10 @@ def _train(trainer: MixGeneformerTrainer, stopper: StopOnSignal, signals: Signal
     finally:
         signals.training = False
     if stopper.received is not None:
-        raise TrainingInterrupted(
-            f"training stopped by signal {stopper.received} at step {trainer.state.global_step}; "
-            f"checkpoint saved in {plan.run_dir}. Continue with --resume.",
-            stopper.received,
-        )
+        step = trainer.state.global_step
+        saved = (f"checkpoint saved in {plan.run_dir}. Continue with --resume." if step > 0 else
+                 "no step had run, so no checkpoint was saved; run the same command again to start.")
+        raise TrainingInterrupted(f"training stopped by signal {stopper.received} at step {step}; {saved}", stopper.received)
     return output
 
 
