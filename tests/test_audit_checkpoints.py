@@ -208,3 +208,20 @@ def test_gathered_weights_that_do_not_fit_the_model_are_refused():
     encoder = {k: v for k, v in trained.items() if ".encoder." not in k}
     with pytest.raises(ArtifactError, match="tensors missing"):
         model_from_gathered(config, encoder)
+
+
+def test_a_crash_between_the_renames_of_a_replaced_checkpoint_restores_the_old_copy(tmp_path):
+    """publish_checkpoint replaces a checkpoint of the same step by moving it aside, then renaming the
+    new one in; a crash between the two left only the moved-aside copy, which clean_stale deleted."""
+    run = tmp_path / "run"
+    for name in ("checkpoint-4", ".checkpoint-8.old-1a2b3c4d", ".checkpoint-9.old-5e6f7a8b"):
+        (run / name).mkdir(parents=True)
+        (run / name / "model.safetensors").write_bytes(b"weights")
+    ckpt.write_complete_marker(run / ".checkpoint-8.old-1a2b3c4d", 8)  # complete: the step's only copy
+    ckpt.clean_stale(run)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-4", "checkpoint-8"]  # the incomplete one is gone
+    assert ckpt.checkpoint_problem(run / "checkpoint-8") is None and ckpt.checkpoint_step(run / "checkpoint-8") == 8
+    (run / ".checkpoint-8.old-99999999").mkdir()  # a moved-aside copy whose step was published: removed
+    ckpt.write_complete_marker(run / ".checkpoint-8.old-99999999", 8)
+    ckpt.clean_stale(run)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-4", "checkpoint-8"]

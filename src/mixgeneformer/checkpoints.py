@@ -198,9 +198,15 @@ def clean_stale(run_dir: str | os.PathLike) -> None:
     if staging.is_symlink() or staging.is_file():  # not ours to assemble in: the run folder is this package's
         staging.unlink()
     shutil.rmtree(staging, ignore_errors=True)
-    for child in run_dir.iterdir():
+    for child in sorted(run_dir.iterdir()):
         if child.name.startswith(".checkpoint-") and ".old-" in child.name:
-            shutil.rmtree(child, ignore_errors=True)
+            original = run_dir / child.name[1:].split(".old-")[0]
+            # A crash between publish_checkpoint's two renames left a step with only its moved-aside copy:
+            # restored, not deleted (a rotation's copy comes back too, and the next rotation removes it).
+            if not original.exists() and checkpoint_problem(child) is None:
+                os.replace(child, original)
+            else:
+                shutil.rmtree(child, ignore_errors=True)
 
 
 def plan_run_dir(
