@@ -124,3 +124,17 @@ def test_medians_with_every_cell_filtered_out_say_so():
     for compute in (compute_medians, compute_file_medians):
         with pytest.raises(InputDataError, match="filter_pass"):
             compute(adata)
+
+
+@pytest.mark.parametrize("broken", ["n_cells", "settings"])
+def test_a_corrupt_median_accumulator_is_an_artifact_error(tmp_path, broken):
+    """MedianAccumulator.load of an .npz with an empty array raised a bare IndexError."""
+    acc = MedianAccumulator(genes=np.array(["ENSG00000000003", "ENSG00000000005"], dtype=object))
+    acc.save(tmp_path / "acc.npz")
+    with np.load(tmp_path / "acc.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays[broken] = arrays[broken][:0]
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ArtifactError, match="median accumulator .* could not be read"):
+        MedianAccumulator.load(tmp_path / "bad.npz")
+    assert MedianAccumulator.load(tmp_path / "acc.npz").n_cells == 0

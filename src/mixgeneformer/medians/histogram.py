@@ -271,9 +271,10 @@ class MedianAccumulator:
             with np.load(path, allow_pickle=False) as z:
                 genes, hist, settings = z["genes"], z["histograms"], z["settings"]
                 n_cells, fixed = int(z["n_cells"][0]), bool(z["fixed_genes"][0])
-        except (OSError, ValueError, KeyError) as exc:
+                bins_per_decade, min_value, max_value = int(settings[0]), float(settings[1]), float(settings[2])
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:  # IndexError: an empty array
             raise ArtifactError(f"median accumulator {path} could not be read ({exc}); it may be truncated.") from exc
-        acc = cls(genes=genes.astype(object), bins_per_decade=int(settings[0]), min_value=float(settings[1]), max_value=float(settings[2]))
+        acc = cls(genes=genes.astype(object), bins_per_decade=bins_per_decade, min_value=min_value, max_value=max_value)
         if hist.shape != (len(genes), acc.n_bins):
             raise ArtifactError(f"median accumulator {path}: histogram shape {hist.shape} does not match its settings.")
         acc._hist[:] = hist
