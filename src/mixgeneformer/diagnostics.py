@@ -140,7 +140,12 @@ def count_tokens(
     max_len: int | None = None,
     n_buckets: int | None = None,
 ) -> np.ndarray:
-    """``(n_buckets, V)`` int64 counts of gene tokens per rank bucket of a flat batch of cells."""
+    """``(n_buckets, V)`` int64 counts of gene tokens per rank bucket of a flat batch of cells.
+
+    ``max_len`` cuts cells as :func:`mixgeneformer.collator.pad_sequences` does: a cut cell that
+    ends with a special token (V2's ``<eos>``) has it put back at its last kept position, so the
+    gene there is not counted.
+    """
     flat = np.asarray(flat_tokens, dtype=np.int64)
     positions = token_positions(lengths)
     if flat.size != positions.size:
@@ -152,6 +157,11 @@ def count_tokens(
     keep = ~special[flat]
     if max_len is not None:
         keep &= positions < max_len
+        lengths = np.asarray(lengths, dtype=np.int64)
+        starts = np.cumsum(lengths) - lengths
+        cut = np.flatnonzero(lengths > max_len)
+        cut = cut[special[flat[starts[cut] + lengths[cut] - 1]]]
+        keep[starts[cut] + max_len - 1] = False
     if n_buckets is None:
         n_buckets = max(1, -(-(max_len or int(positions.max(initial=0)) + 1) // bucket_size))
     buckets = np.minimum(positions[keep] // bucket_size, n_buckets - 1)

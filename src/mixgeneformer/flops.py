@@ -17,8 +17,8 @@ def device_peak_flops(device: torch.device | str | None = None, override_tflops:
     """Dense bf16 peak FLOP/s of the device (None where unknown, e.g. CPUs)."""
     if override_tflops is not None:
         return override_tflops * 1e12
-    if not torch.cuda.is_available():
-        return None
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return None  # a CPU run on a GPU host has no GPU peak
     name = torch.cuda.get_device_name(device if device is not None and str(device) != "cpu" else None)
     for key, flops in PEAK_BF16_FLOPS.items():
         if key in name:
@@ -27,14 +27,14 @@ def device_peak_flops(device: torch.device | str | None = None, override_tflops:
 
 
 def count_flop_parameters(model: torch.nn.Module) -> int:
-    """Non-embedding parameters (the encoder's matmuls; word/position/token-type embeddings and
-    the tied decoder are excluded -- the decoder is counted per masked token in :func:`training_flops`)."""
-    total = 0
-    for name, param in model.named_parameters():
-        if "embeddings" in name or "cls.predictions.decoder" in name:
-            continue
-        total += param.numel()
-    return total
+    """Parameters of the encoder layers, which every token passes through: the ``N`` of ``6 N T``.
+
+    Left out: the embeddings (lookups); the MLM head, which runs at the masked positions only (its
+    decoder is counted per masked token in :func:`training_flops`; its ``H x H`` transform there
+    is under 1% of a step; its bias is an addition, not a matmul); the pooler, which sees one
+    position per cell and is frozen unless a loss uses it.
+    """
+    return sum(param.numel() for name, param in model.named_parameters() if "encoder.layer." in name)
 
 
 def training_flops(
