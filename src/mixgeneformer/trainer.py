@@ -451,7 +451,7 @@ def training_arguments(config: PretrainConfig, run_dir: Path, precision: str, ha
         raise ConfigError(f"the training options are inconsistent: {exc}") from exc
 
 
-def model_from_gathered(config: Any, state_dict: dict[str, torch.Tensor]) -> MixGeneformerForPretraining:
+def model_from_gathered(config: transformers.PretrainedConfig, state_dict: dict[str, torch.Tensor]) -> MixGeneformerForPretraining:
     """A fresh model holding the full weights gathered under FSDP / DeepSpeed. Every tensor must land:
     a key under another name (a wrapper's prefix) left that tensor at its random initialisation, and
     the bundle was written without a word. Only tensors tied to a loaded one (the MLM decoder) may be absent."""
