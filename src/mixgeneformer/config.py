@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -33,9 +33,9 @@ class DataclassInstance(Protocol):
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
     """Build dataclass ``cls`` from ``data``, rejecting unknown keys and values of the wrong type."""
-    data = dict(data or {})
-    if not isinstance(data, dict):
+    if not isinstance(data, dict | None):
         raise ConfigError(f"{where} must be a mapping of option names to values, got {type(data).__name__}.")
+    data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
@@ -112,7 +112,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(number, (int, float)) and not isinstance(number, bool):
-            if not math.isfinite(number):
+            if not abs(number) <= _FLOAT_MAX:  # NaN, infinite, or an integer beyond any float
                 raise ConfigError(f"{where}: expected a finite number, got {value!r}.")
             return float(number)
         raise ConfigError(f"{where}: expected a number, got {value!r}.")
@@ -121,11 +121,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected a string, got {value!r}.")
     if hint is Path:
+        if value == "":  # Path("") is the current folder
+            raise ConfigError(f"{where}: the path is empty; give a file or folder path (or leave the option out).")
         if isinstance(value, (str, Path)):
             return Path(value)
         raise ConfigError(f"{where}: expected a path, got {value!r}.")
     return value
 
+
+_FLOAT_MAX = sys.float_info.max
 
 #: a number in exponent notation without a dot ("5e-4"), which YAML 1.1 reads as a string
 _EXPONENT_NUMBER = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
@@ -175,8 +179,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None, values: d
 def _set_dotted(result: dict[str, Any], key: str, value: Any) -> None:
     node = result
     parts = key.strip().split(".")
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1]):
         child = node.get(part)
+        if child is not None and not isinstance(child, dict):  # replacing it would hide the wrong value
+            section = ".".join(parts[: depth + 1])
+            raise ConfigError(f"{key.strip()}: {section} is {child!r}, not a mapping of options; fix {section} in the config file.")
         node[part] = dict(child) if isinstance(child, dict) else {}
         node = node[part]
     node[parts[-1]] = value
@@ -219,15 +226,24 @@ def _with_mapping_defaults(cls: type, data: dict[str, Any]) -> dict[str, Any]:
 def _parse_config_text(text: str, path: Path) -> dict[str, Any]:
     """A config file's mapping: YAML, or JSON that YAML does not read (e.g. tab-indented)."""
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         try:
             data = json.loads(text)
         except ValueError:
-            raise ConfigError(f"config file {path} is not valid YAML or JSON: {exc}") from exc
+            raise ConfigError(f"config file {path} is not valid YAML or JSON: {_yaml_problem(exc)}. Fix it there.") from exc
+    if data is None:  # nothing but comments
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of option names to values.")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: the problem and where it is (line and column, counted from 1)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def save_config(obj: DataclassInstance, directory: str | os.PathLike, name: str = "config.yaml") -> Path:

@@ -44,6 +44,8 @@ def check_readable_file(path: str | os.PathLike, what: str = "file", *, file_onl
         raise ArtifactError(f"{what} not found: {path}. Check the path (relative paths are taken from {Path.cwd()}).")
     if file_only and path.is_dir():
         raise ArtifactError(f"{what} {path} is a directory; a file was expected.")
+    if not os.access(path, os.R_OK):  # else an open below or later fails as if it were an unwritable output
+        raise ArtifactError(f"{what} {path} is not readable (permission denied); fix its permissions or copy it somewhere readable.")
     if path.is_file():
         size = path.stat().st_size
         if size == 0:
@@ -79,7 +81,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
                 trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
                 os.replace(target, trash)
                 os.replace(tmp, target)
-                shutil.rmtree(trash, ignore_errors=True)
+                trash.unlink() if trash.is_symlink() else shutil.rmtree(trash, ignore_errors=True)  # a link: not what it points to
             else:
                 os.replace(tmp, target)
         except BaseException:
@@ -172,11 +174,6 @@ def written_by_package(path: str | os.PathLike, markers: Iterable[str] = (), wri
     if path.is_dir():
         return not any(path.iterdir()) or any((path / name).is_file() for name in (OUTPUT_MARKER, *markers))
     return path.is_file() and is_package_file(path, writes or path.suffix)
-
-
-def _read_prefix(path: Path, n: int) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read(n)
 
 
 def check_not_input(target: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], option: str = "output") -> None:
@@ -290,6 +287,9 @@ def writing(target: str | os.PathLike) -> Iterator[None]:
         raise
     except OSError as exc:
         error = output_error(target, exc)
+        if error is None and isinstance(exc, (IsADirectoryError, NotADirectoryError, FileExistsError)):
+            where = "it is a folder" if Path(target).is_dir() else f"{_nearest_existing(target)} is a file, not a folder"
+            error = ArtifactError(f"cannot write {target}: {where}. Choose another path.")
         if error is None:
             raise
         raise error from exc
@@ -382,7 +382,8 @@ def read_text(path: str | os.PathLike, what: str, expected: str, hint: str = "")
     kind of file (and ``hint``, a sentence) when it is a directory, a pickle, an HDF5 file or
     otherwise not UTF-8 text."""
     path = check_readable_file(path, what, file_only=True)
-    head = _read_prefix(path, 8)
+    with open(path, "rb") as handle:
+        head = handle.read(8)
     hint = f" {hint}" if hint else ""
     for magic, kind in _PICKLE_OR_HDF5.items():
         if head.startswith(magic):

@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     state["debug"] = "--debug" in args
     previous = _exit_on_sigterm()
     try:
-        app(args=args, standalone_mode=False)
+        code = app(args=args, standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code:  # typer.Exit(n) comes back as n here
+            if code == 130:  # typer turns a KeyboardInterrupt into Exit(130)
+                print("interrupted", file=sys.stderr)
+            sys.exit(code)
     except MixGeneformerError as exc:
         if state["debug"]:
             raise
@@ -88,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, usage_errors):
             exc.show()
             sys.exit(2)
-        if isinstance(exc, aborts):
+        if isinstance(exc, aborts):  # an older click's KeyboardInterrupt (or EOF at a prompt)
+            print("interrupted", file=sys.stderr)
             sys.exit(130)
         # A write that failed because the disk is full or the folder is not writable.
         filename = getattr(exc, "filename", None)  # without one, the disk to ask about is unknown: no guess
