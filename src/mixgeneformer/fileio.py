@@ -124,6 +124,8 @@ def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator[io.IOBas
     """Open a temporary sibling of ``target`` for writing; rename it into place on success."""
     target = Path(target)
     with writing(target):
+        if target.is_dir():
+            raise ArtifactError(f"cannot write {target}: it is a folder. Give a file path.")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
@@ -287,9 +289,8 @@ def writing(target: str | os.PathLike) -> Iterator[None]:
         raise
     except OSError as exc:
         error = output_error(target, exc)
-        if error is None and isinstance(exc, (IsADirectoryError, NotADirectoryError, FileExistsError)):
-            where = "it is a folder" if Path(target).is_dir() else f"{_nearest_existing(target)} is a file, not a folder"
-            error = ArtifactError(f"cannot write {target}: {where}. Choose another path.")
+        if error is None and isinstance(exc, (NotADirectoryError, FileExistsError)) and not (folder := _nearest_existing(target)).is_dir():
+            error = ArtifactError(f"cannot write {target}: {folder} is a file, not a folder. Choose another path.")
         if error is None:
             raise
         raise error from exc
