@@ -200,3 +200,24 @@ def test_help_of_every_command_exits_0(capsys):
     for path in paths:
         assert cli_exit_code([*path, "--help"]) == 0, path
         assert "Usage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "train:\n  seed: 1\n  learning_rate: 0.001\n  seed: 2\n",  # YAML: PyYAML kept seed 2 without a word
+        '{"train": {"seed": 1,\n\t"seed": 2}}',  # tab-indented JSON (read by json): json kept the last value
+    ],
+)
+def test_an_option_given_twice_in_a_config_file_is_refused(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"run\.yaml: option 'seed' is given twice.*Keep one of them"):
+        load_config(PretrainConfig, path)
+
+
+def test_yaml_merge_keys_may_still_override_merged_values(tmp_path):
+    from mixgeneformer.config import _parse_config_text
+
+    text = "base: &b {seed: 1, key: cell_type1}\nlabels:\n  <<: *b\n  seed: 4\n"
+    assert _parse_config_text(text, tmp_path / "c.yaml")["labels"] == {"seed": 4, "key": "cell_type1"}

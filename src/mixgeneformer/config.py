@@ -223,13 +223,49 @@ def _with_mapping_defaults(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping naming one key twice is an error (PyYAML keeps the
+    last value without a word: an option set twice in a config file silently lost one setting)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, (str, int, float, bool)) and key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"option {key!r} is given twice", key_node.start_mark)
+        seen.add(key if isinstance(key, (str, int, float, bool)) else id(key_node))
+    return loader.construct_mapping(node, deep)
+
+
+class _DuplicateOption(Exception):
+    """A JSON object naming one key twice (json keeps the last value)."""
+
+
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _DuplicateOption(next(key for key in keys if keys.count(key) > 1))
+    return dict(pairs)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def _parse_config_text(text: str, path: Path) -> dict[str, Any]:
-    """A config file's mapping: YAML, or JSON that YAML does not read (e.g. tab-indented)."""
+    """A config file's mapping: YAML, or JSON that YAML does not read (e.g. tab-indented); an option
+    given twice is refused."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
+        if "is given twice" in str(getattr(exc, "problem", "")):
+            raise ConfigError(f"config file {path}: {_yaml_problem(exc)}. Keep one of them.") from exc
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_json_object)
+        except _DuplicateOption as duplicate:
+            raise ConfigError(f"config file {path}: option {duplicate.args[0]!r} is given twice. Keep one of them.") from exc
         except ValueError:
             raise ConfigError(f"config file {path} is not valid YAML or JSON: {_yaml_problem(exc)}. Fix it there.") from exc
     if data is None:  # nothing but comments
