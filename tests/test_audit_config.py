@@ -221,3 +221,18 @@ def test_yaml_merge_keys_may_still_override_merged_values(tmp_path):
 
     text = "base: &b {seed: 1, key: cell_type1}\nlabels:\n  <<: *b\n  seed: 4\n"
     assert _parse_config_text(text, tmp_path / "c.yaml")["labels"] == {"seed": 4, "key": "cell_type1"}
+
+
+def test_files_saved_with_a_byte_order_mark_are_read(tmp_path):
+    """A JSON vocabulary, a YAML config or a median table saved by an editor that writes a UTF-8 BOM
+    was 'not valid JSON; it may be truncated' (or a header mismatch)."""
+    from mixgeneformer.fileio import read_json
+    from mixgeneformer.medians import GeneMedians
+
+    (tmp_path / "a.json").write_bytes(b"\xef\xbb\xbf" + b'{"a": 1}')
+    assert read_json(tmp_path / "a.json") == {"a": 1}
+    (tmp_path / "c.yaml").write_bytes(b"\xef\xbb\xbf" + b"labels: {seed: 4}\n")
+    assert load_config(ClassifyConfig, tmp_path / "c.yaml").labels.seed == 4
+    GeneMedians({"ENSG00000000003": 2.5}).save(tmp_path / "m.tsv")
+    (tmp_path / "bom.tsv").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "m.tsv").read_bytes())
+    assert GeneMedians.load(tmp_path / "bom.tsv").hash == GeneMedians.load(tmp_path / "m.tsv").hash

@@ -390,7 +390,7 @@ def read_text(path: str | os.PathLike, what: str, expected: str, hint: str = "")
         if head.startswith(magic):
             raise ArtifactError(f"{what} {path} is {kind}, not {expected}.{hint}")
     try:
-        return path, path.read_text(encoding="utf-8")
+        return path, path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not content
     except UnicodeDecodeError as exc:
         raise ArtifactError(f"{what} {path} is a binary file, not {expected}.{hint}") from exc
 
