@@ -51,15 +51,16 @@ def parse_seeds(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
-def run_seed(demo: Path, data: Path, species: str, seed: int) -> pd.DataFrame:
-    """One split seed of ``species`` within, with the demo's model and configurations."""
+def run_seed(demo: Path, data: Path, species: str, seed: int, max_len: int | None = None) -> pd.DataFrame:
+    """One split seed of ``species`` within, with the demo's model and configurations (``max_len``:
+    fine-tune and tokenize on more genes per cell than the demo, up to the model's positions)."""
     model, vocab, medians = load_bundle(demo / "pretrain" / "run" / "model")
     config = load_config(C.ClassifyConfig, demo / "classify" / "config.yaml")
     config = dataclasses.replace(config, labels=dataclasses.replace(config.labels, seed=seed))
     tokenize = load_config(TokenizeConfig, demo / "tokenize" / "corpus" / "config.yaml")
     adata = ad.read_h5ad(data / f"baron_pancreas_{species}.h5ad")
     run = C.run_classification(adata, model, vocab, medians, methods=METHODS, baseline_methods=BASELINES,
-                               config=config, tokenize_config=tokenize, device="cpu")
+                               config=config, tokenize_config=tokenize, device="cpu", max_len=max_len)
     table = run.table()
     table.insert(0, "seed", seed)
     return table
@@ -81,16 +82,18 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="folder with baron_pancreas_<species>.h5ad (default: the demo's)")
     parser.add_argument("--species", default="mouse")
     parser.add_argument("--seeds", default="0-9")
+    parser.add_argument("--max-len", type=int, default=None, help="genes per cell (default: the demo's tokenize configuration)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)  # as the demo's classify jobs: results do not depend on the machine's cores
     data = args.data or Path(json.loads((args.demo / "data" / "STEP_DONE.json").read_text())["result"]["inputs"][args.species]).parent
     started = time.perf_counter()
-    per_seed = pd.concat([run_seed(args.demo, data, args.species, s) for s in parse_seeds(args.seeds)], ignore_index=True)
+    per_seed = pd.concat([run_seed(args.demo, data, args.species, s, args.max_len) for s in parse_seeds(args.seeds)], ignore_index=True)
     seconds = time.perf_counter() - started
     summary = C.seed_summary(per_seed, by=("method",), metrics=("macro_f1", "accuracy"))
     lines = [
-        f"Within {args.species}, the demo's model and recipe ({args.demo}), split seeds {args.seeds}; {seconds:.0f}s.",
+        f"Within {args.species}, the demo's model and recipe ({args.demo}), split seeds {args.seeds}, "
+        f"{f'{args.max_len} genes' if args.max_len else 'the demo’s genes'} per cell; {seconds:.0f}s.",
         "",
         C.markdown_table(summary),
         "",
