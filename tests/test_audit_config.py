@@ -236,3 +236,28 @@ def test_files_saved_with_a_byte_order_mark_are_read(tmp_path):
     GeneMedians({"ENSG00000000003": 2.5}).save(tmp_path / "m.tsv")
     (tmp_path / "bom.tsv").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "m.tsv").read_bytes())
     assert GeneMedians.load(tmp_path / "bom.tsv").hash == GeneMedians.load(tmp_path / "m.tsv").hash
+
+
+def test_an_output_another_writer_finished_before_the_lock_is_not_replaced(tmp_path, monkeypatch):
+    """atomic_directory checked the target before taking the lock only: an output another process
+    finished in between was replaced without --overwrite."""
+    import contextlib
+
+    from mixgeneformer import fileio
+
+    target = tmp_path / "out"
+    real_lock = fileio.output_lock
+
+    @contextlib.contextmanager
+    def lock_after_another_writer(path):
+        target.mkdir()  # the other writer's finished output (ours too: it carries the marker)
+        write_output_marker(target)
+        (target / "theirs.txt").write_text("kept")
+        with real_lock(path):
+            yield
+
+    monkeypatch.setattr(fileio, "output_lock", lock_after_another_writer)
+    with pytest.raises(ArtifactError, match="already exists"):
+        with fileio.atomic_directory(target) as tmp:
+            (tmp / "ours.txt").write_text("new")
+    assert (target / "theirs.txt").read_text() == "kept" and not (target / "ours.txt").exists()

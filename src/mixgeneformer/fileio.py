@@ -63,14 +63,15 @@ def check_readable_file(path: str | os.PathLike, what: str = "file", *, file_onl
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success rename it to ``target``.
 
-    On any exception the temporary folder is removed and ``target`` is untouched. The folder
-    carries :data:`OUTPUT_MARKER`; an existing ``target`` is replaced only with ``overwrite`` and
-    only when it carries that marker too (:func:`check_output`). A second process writing the same
-    ``target`` meanwhile is refused (:func:`output_lock`).
+    On any exception the temporary folder is removed and ``target`` is untouched. The folder carries
+    :data:`OUTPUT_MARKER`; an existing ``target`` is replaced only with ``overwrite`` and only when it
+    carries that marker too (:func:`check_output`, again under the lock: another writer may have just
+    finished). A second process writing the same ``target`` meanwhile is refused (:func:`output_lock`).
     """
     target = Path(target)
     check_output(target, overwrite=overwrite)
     with output_lock(target), writing(target):
+        check_output(target, overwrite=overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -456,10 +457,8 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", hint: str = "") 
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()  # a Python int / float
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     if isinstance(obj, Path):
