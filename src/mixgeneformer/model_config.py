@@ -120,8 +120,8 @@ def check_pooling_input(config: BertConfig, first_tokens: Iterable[int], cls_id:
         return  # no term pools the cells
     if cls_id is None or any(int(token) != cls_id for token in first_tokens):
         raise ConfigError(
-            "model.pooling='cls' (the default) pools the <cls> token at position 0, but this corpus's cells do not "
-            "start with <cls>. Tokenize with style='v2' (adds <cls>/<eos>), or set model.overrides.pooling to 'mean' "
+            "objective.pooling='cls' (the default) pools the <cls> token at position 0, but this corpus's cells do not "
+            "start with <cls>. Tokenize with style='v2' (adds <cls>/<eos>), or set objective.pooling to 'mean' "
             "(over gene positions) or 'pooler' (the authors' variant, on position 0 whatever it holds)."
         )
 
