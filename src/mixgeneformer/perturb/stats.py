@@ -78,7 +78,10 @@ def _mwu_p(u1: np.ndarray, n1: np.ndarray, n2: np.ndarray, ties: np.ndarray) -> 
         var = n1 * n2 / 12.0 * ((n + 1.0) - ties / (n * (n - 1.0)))
         z = (big - mu - 0.5) / np.sqrt(var)
         p = np.clip(2.0 * norm.sf(z), 0.0, 1.0)
-    p[(n1 == 0) | (n2 == 0) | ~(var > 0)] = np.nan
+    # Every value tied (zero variance): no evidence of a difference, p = 1 as scipy gives; it is a
+    # test made, so it counts in the FDR (NaN would leave it out and lower the other genes' FDR).
+    p[~(var > 0)] = 1.0
+    p[(n1 == 0) | (n2 == 0)] = np.nan  # nothing to test
     return p
 
 
