@@ -26,6 +26,7 @@ PACKAGE_DIR = ROOT / "src" / "mixgeneformer"
 STAGES: list[tuple[str, ...]] = [
     ("__init__",),  # __version__ only
     ("errors", "filekinds"),  # filekinds: the stamp in each kind of file this package writes
+    ("locks",),  # one writer per output (re-exported by fileio)
     ("fileio",),
     ("pickles",),  # Geneformer's dictionary pickles, read without running code
     ("jit",),  # numba kernels, cached on disk where a cache folder is writable

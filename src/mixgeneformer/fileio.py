@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -23,6 +23,15 @@ import numpy as np
 from .errors import ArtifactError, ConfigError
 from .filekinds import is_package_file
 from .filekinds import write_h5ad as write_stamped_h5ad
+from .locks import (  # noqa: F401  (fileio.* stays their import path)
+    _HELD_LOCKS,
+    OUTPUT_MARKER,
+    claim_outputs,
+    lock_path,
+    moved_aside,
+    output_lock,
+    restore_moved_aside,
+)
 
 if TYPE_CHECKING:  # anndata is imported lazily at run time (start-up cost)
     import anndata
@@ -41,6 +50,10 @@ def check_readable_file(path: str | os.PathLike, what: str = "file", *, file_onl
     """
     path = Path(path)
     if not path.exists():
+        top = next(q for q in (path.absolute(), *path.absolute().parents) if q.parent.exists())  # the missing folder
+        if aside := moved_aside(top):  # an interrupted overwrite (atomic_directory); the next write restores it
+            raise ArtifactError(f"{what} not found: {path}; an interrupted overwrite left {top} at {aside[-1]}. Rename "
+                                f"that back to {top}, or rerun the command that writes {top}: it restores it first.")
         raise ArtifactError(f"{what} not found: {path}. Check the path (relative paths are taken from {Path.cwd()}).")
     if file_only and path.is_dir():
         raise ArtifactError(f"{what} {path} is a directory; a file was expected.")
@@ -67,10 +80,18 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     :data:`OUTPUT_MARKER`; an existing ``target`` is replaced only with ``overwrite`` and only when it
     carries that marker too (:func:`check_output`, again under the lock: another writer may have just
     finished). A second process writing the same ``target`` meanwhile is refused (:func:`output_lock`).
+
+    Replacing renames the old ``target`` to ``.NAME.old-XXXXXXXX``, renames the new folder in, then
+    deletes the old one. A process killed between the two renames leaves the old output only under
+    that hidden name: the next call for ``target`` (here or :func:`claim_outputs`) renames it back
+    first, with a warning, so the user's previous output is never lost; without ``overwrite`` that
+    call then stops with "already exists", as it would have before the interrupted one. Reading a
+    missing ``target`` meanwhile (:func:`check_readable_file`) names where the output is.
     """
     target = Path(target)
     check_output(target, overwrite=overwrite)
     with output_lock(target), writing(target):
+        restore_moved_aside(target)
         check_output(target, overwrite=overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -82,7 +103,11 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
                 trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
                 os.replace(target, trash)
                 os.replace(tmp, target)
-                trash.unlink() if trash.is_symlink() else shutil.rmtree(trash, ignore_errors=True)  # a link: not what it points to
+                if trash.is_symlink():
+                    trash.unlink()  # a link: not what it points to
+                else:
+                    (trash / OUTPUT_MARKER).unlink(missing_ok=True)  # first: a half-deleted folder is never restored
+                    shutil.rmtree(trash, ignore_errors=True)
             else:
                 os.replace(tmp, target)
         except BaseException:
@@ -142,9 +167,6 @@ def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator[io.IOBas
 
 # ------------------------------------------------------------------------------------------------
 # The user's files: outputs never replace inputs or files this package did not write
-
-OUTPUT_MARKER = ".mixgf-output"
-"""Written into every output folder; ``--overwrite`` replaces only folders that carry it."""
 
 _WRITE_ERRNOS = {
     errno.ENOSPC: "the disk is full (No space left on device)",
@@ -295,88 +317,6 @@ def writing(target: str | os.PathLike) -> Iterator[None]:
         if error is None:
             raise
         raise error from exc
-
-
-_HELD_LOCKS: dict[str, int] = {}
-
-
-@contextlib.contextmanager
-def claim_outputs(check: Callable[[], object], *targets: str | os.PathLike | None) -> Iterator[None]:
-    """Hold the lock of every output of a command for its whole run. ``check`` (the command's output
-    rules) runs before the locks, so a refused output creates nothing, and again under them: another
-    process may have written an output meanwhile. A second writer is refused (:func:`output_lock`).
-    Folders the locks created are removed again if the command fails and leaves them empty."""
-    check()
-    made = [p for t in targets if t is not None for p in Path(t).absolute().parents if not p.exists()]
-    try:
-        with contextlib.ExitStack() as stack:
-            for target in targets:
-                if target is not None:
-                    stack.enter_context(output_lock(target))
-            check()
-            yield
-    except BaseException:
-        for folder in sorted(set(made), key=lambda p: len(p.parts), reverse=True):
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if empty
-        raise
-
-
-def lock_path(target: str | os.PathLike) -> Path:
-    """The lock file guarding writes to ``target`` (a hidden sibling)."""
-    target = Path(target)
-    return target.parent / f".{target.name}.lock"
-
-
-@contextlib.contextmanager
-def output_lock(target: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on ``target`` for as long as it is being written.
-
-    A second process asking for the same lock gets an :class:`ArtifactError` naming the first
-    one's pid. The lock is released when this process exits, however it ends (even ``kill -9``);
-    re-entrant within a process. Without ``fcntl`` (Windows) no lock is taken.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    path = lock_path(target)
-    key = str(path.resolve())
-    if key in _HELD_LOCKS:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            finally:
-                os.close(fd)
-            raise ArtifactError(
-                f"{Path(target)} is being written by another process (pid {owner}); wait for it to finish or "
-                f"choose another output path (lock: {path})."
-            ) from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # the previous holder removed the file between our open and our lock: retry
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    _HELD_LOCKS[key] = fd
-    try:
-        yield
-    finally:
-        del _HELD_LOCKS[key]
-        with contextlib.suppress(OSError):
-            path.unlink()
-        os.close(fd)
 
 
 def read_text(path: str | os.PathLike, what: str, expected: str, hint: str = "") -> tuple[Path, str]:

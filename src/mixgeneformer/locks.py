@@ -1,0 +1,148 @@
+"""Locks on outputs: one writer per output path, held for a whole command, and the repair of an
+output folder whose replacement an interrupt cut short.
+
+A lock is a hidden sibling file (``.NAME.lock``) holding the writer's pid, locked with ``flock``:
+the kernel releases it when the process ends, however it ends. Re-exported by :mod:`fileio`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .errors import ArtifactError
+
+OUTPUT_MARKER = ".mixgf-output"
+"""Written into every output folder; ``--overwrite`` replaces only folders that carry it."""
+
+_HELD_LOCKS: dict[str, int] = {}
+
+
+def moved_aside(target: str | os.PathLike) -> list[Path]:
+    """The ``.NAME.old-XXXXXXXX`` siblings of ``target``: earlier outputs there that
+    :func:`fileio.atomic_directory` moved aside to replace them (normally deleted at once)."""
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.old-[0-9a-f]{{8}}")
+    try:
+        return sorted(p for p in target.parent.iterdir() if pattern.fullmatch(p.name))
+    except OSError:  # no parent folder (yet), or it cannot be listed
+        return []
+
+
+def restore_moved_aside(target: str | os.PathLike) -> Path | None:
+    """Repair what an interrupted overwrite of the folder ``target`` left (call under its lock).
+
+    ``atomic_directory`` replaces a folder in three steps: rename the old one to ``.NAME.old-*``,
+    rename the new one in, delete the old one (its :data:`OUTPUT_MARKER` first). An interrupt
+    between the renames left no ``target``, only the old output under the hidden name: it is
+    renamed back to ``target`` (with a warning) and returned. One that lost its marker was being
+    deleted and is removed. A marked one beside an existing ``target`` (the new output was in
+    place) is kept, with a warning naming it. Several marked ones and no ``target``: an error.
+    """
+    target = Path(target)
+    marked = []
+    for old in moved_aside(target):
+        if old.is_symlink() or (old / OUTPUT_MARKER).is_file():
+            marked.append(old)
+        else:  # its deletion had begun (the marker goes first)
+            shutil.rmtree(old, ignore_errors=True)
+    if not marked:
+        return None
+    if target.exists() or target.is_symlink() or len(marked) > 1:
+        names = ", ".join(str(p) for p in marked)
+        if not (target.exists() or target.is_symlink()):
+            raise ArtifactError(f"{target} is missing and interrupted overwrites left earlier outputs at {names}; "
+                                f"rename the one you want back to {target} and delete the others.")
+        warnings.warn(f"{target}: an interrupted overwrite left the output it replaced at {names}; delete it if you "
+                      "do not need it.", UserWarning, stacklevel=3)
+        return None
+    os.replace(marked[0], target)
+    warnings.warn(f"{target}: an earlier overwrite was interrupted after moving this output aside; it was restored "
+                  f"from {marked[0].name}.", UserWarning, stacklevel=3)
+    return target
+
+
+@contextlib.contextmanager
+def claim_outputs(check: Callable[[], object], *targets: str | os.PathLike | None) -> Iterator[None]:
+    """Hold the lock of every output of a command for its whole run. ``check`` (the command's output
+    rules) runs before the locks, so a refused output creates nothing, and again under them: another
+    process may have written an output meanwhile. A second writer is refused (:func:`output_lock`).
+    An output folder an interrupted overwrite left aside is restored first (:func:`restore_moved_aside`).
+    Folders the locks created are removed again if the command fails and leaves them empty."""
+    check()
+    made = [p for t in targets if t is not None for p in Path(t).absolute().parents if not p.exists()]
+    try:
+        with contextlib.ExitStack() as stack:
+            for target in targets:
+                if target is not None:
+                    stack.enter_context(output_lock(target))
+                    restore_moved_aside(target)
+            check()
+            yield
+    except BaseException:
+        for folder in sorted(set(made), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+        raise
+
+
+def lock_path(target: str | os.PathLike) -> Path:
+    """The lock file guarding writes to ``target`` (a hidden sibling)."""
+    target = Path(target)
+    return target.parent / f".{target.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``target`` for as long as it is being written.
+
+    A second process asking for the same lock gets an :class:`ArtifactError` naming the first
+    one's pid. The lock is released when this process exits, however it ends (even ``kill -9``);
+    re-entrant within a process. Without ``fcntl`` (Windows) no lock is taken.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = lock_path(target)
+    key = str(path.resolve())
+    if key in _HELD_LOCKS:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise ArtifactError(
+                f"{Path(target)} is being written by another process (pid {owner}); wait for it to finish or "
+                f"choose another output path (lock: {path})."
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and our lock: retry
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _HELD_LOCKS[key] = fd
+    try:
+        yield
+    finally:
+        del _HELD_LOCKS[key]
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)

@@ -1,0 +1,93 @@
+"""Leftover defects of the audits: an overwrite interrupted between its renames, read vs write
+permission errors, write_h5ad onto a folder, a median table cut at a line break, a median table of
+another vocabulary."""
+
+from __future__ import annotations
+
+import errno
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+from mixgeneformer import fileio
+from mixgeneformer.errors import ArtifactError
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    """Run ``mixgf ARGS`` in-process; return (exit code, stderr)."""
+    from mixgeneformer.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    return code, capsys.readouterr().err
+
+
+# ------------------------------------------------------- 1: an overwrite cut between its renames
+def _write(target: Path, text: str, overwrite: bool = False) -> None:
+    with fileio.atomic_directory(target, overwrite=overwrite) as tmp:
+        (tmp / "a.txt").write_text(text)
+
+
+def _interrupted_overwrite(target: Path, monkeypatch) -> Path:
+    """Replace ``target`` and stop between moving the old output aside and moving the new one in;
+    return where the old output is."""
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the new folder into place
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        _write(target, "new", overwrite=True)
+    monkeypatch.setattr(fileio.os, "replace", real)
+    assert not target.exists()
+    (aside,) = fileio.moved_aside(target)
+    assert (aside / "a.txt").read_text() == "old"
+    return aside
+
+
+def test_the_next_write_restores_an_output_an_interrupted_overwrite_moved_aside(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    _write(target, "old")
+    aside = _interrupted_overwrite(target, monkeypatch)
+    with pytest.warns(UserWarning, match=f"restored from {aside.name}"):
+        with pytest.raises(ArtifactError, match="already exists"):  # without overwrite: as before the interrupted run
+            _write(target, "again")
+    assert (target / "a.txt").read_text() == "old" and fileio.moved_aside(target) == []
+    _write(target, "newer", overwrite=True)
+    assert (target / "a.txt").read_text() == "newer" and fileio.moved_aside(target) == []
+
+
+def test_a_command_claiming_the_output_restores_it_and_a_reader_is_told_where_it_is(tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    _write(target, "old")
+    aside = _interrupted_overwrite(target, monkeypatch)
+    with pytest.raises(ArtifactError, match=f"interrupted overwrite left {target} at {aside}"):
+        fileio.check_readable_file(target / "a.txt", "model")
+    with pytest.warns(UserWarning, match="restored"):
+        with pytest.raises(ArtifactError, match="already exists"):
+            with fileio.claim_outputs(lambda: fileio.check_output(target), target):
+                pass
+    assert (target / "a.txt").read_text() == "old"
+
+
+def test_a_half_deleted_old_output_is_removed_and_a_kept_one_is_named(tmp_path):
+    target = tmp_path / "out"
+    _write(target, "current")
+    half = tmp_path / ".out.old-0123abcd"  # its deletion had begun: no marker
+    half.mkdir()
+    (half / "rest.bin").write_bytes(b"x")
+    kept = tmp_path / ".out.old-89abcdef"  # an old output beside a complete new one: the user's to delete
+    kept.mkdir()
+    fileio.write_output_marker(kept)
+    with pytest.warns(UserWarning, match=str(kept)):
+        _write(target, "next", overwrite=True)
+    assert not half.exists() and kept.is_dir() and (target / "a.txt").read_text() == "next"
