@@ -91,3 +91,16 @@ def test_a_half_deleted_old_output_is_removed_and_a_kept_one_is_named(tmp_path):
     with pytest.warns(UserWarning, match=str(kept)):
         _write(target, "next", overwrite=True)
     assert not half.exists() and kept.is_dir() and (target / "a.txt").read_text() == "next"
+
+
+# ---------------------------------------------------------- 3: write_h5ad onto an existing folder
+def test_write_h5ad_onto_a_folder_names_the_path_and_the_fix(tmp_path):
+    import anndata as ad
+    import numpy as np
+
+    folder = tmp_path / "cells.h5ad"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match=f"cannot write {folder}: it is a folder.*Give a file path"):
+        fileio.write_h5ad(ad.AnnData(np.ones((2, 3), dtype=np.float32)), folder)
+    assert (folder / "keep.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad"]

@@ -425,9 +425,12 @@ def files_signature(paths: Iterable[str | os.PathLike]) -> list[list[str | int]]
 
 def write_h5ad(adata: anndata.AnnData, out: str | os.PathLike) -> Path:
     """Write an AnnData to ``out`` atomically (gzip; a temporary sibling, then rename); a full or
-    read-only disk raises :class:`ArtifactError` (:func:`writing`)."""
+    read-only disk, or a folder at ``out``, raises :class:`ArtifactError` (:func:`writing`)."""
     out = Path(out)
     with writing(out):
+        if out.is_dir():  # else the rename fails with a bare IsADirectoryError after the whole write
+            raise ArtifactError(f"cannot write {out}: it is a folder, and an h5ad is one file. Give a file path "
+                                f"(e.g. {out / 'cells.h5ad'}), or move the folder away.")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}.h5ad"
         try:
