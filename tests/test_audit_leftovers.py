@@ -104,3 +104,54 @@ def test_write_h5ad_onto_a_folder_names_the_path_and_the_fix(tmp_path):
     with pytest.raises(ArtifactError, match=f"cannot write {folder}: it is a folder.*Give a file path"):
         fileio.write_h5ad(ad.AnnData(np.ones((2, 3), dtype=np.float32)), folder)
     assert (folder / "keep.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad"]
+
+
+# ----------------------------------------------- 2: a permission error on reading says "cannot read"
+def _deny_reading(monkeypatch, path: Path) -> None:
+    real_access = os.access  # tests may run as root, who may read anything: os.access says what a user sees
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == path and mode & os.R_OK else real_access(p, mode, **kw))
+
+
+def test_an_unreadable_input_met_by_the_cli_is_called_unreadable(tmp_path, capsys, monkeypatch):
+    import mixgeneformer.vocab as vocab
+
+    (tmp_path / "vocab.json").write_text("{}")  # typer checks the file it is given; a file read from it, not
+    path = tmp_path / "genes.tsv"
+    path.write_text("x")
+    _deny_reading(monkeypatch, path)
+
+    def denied(p):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(vocab.Vocabulary, "load", staticmethod(denied))
+    code, err = run_cli(capsys, "vocab", "info", tmp_path / "vocab.json")
+    assert code == 2 and f"cannot read {path}" in err and "not readable" in err and "cannot write" not in err
+
+
+def test_an_unreadable_input_read_while_an_output_is_written_is_called_unreadable(tmp_path, monkeypatch):
+    source, out = tmp_path / "in.txt", tmp_path / "out"
+    source.write_text("data")
+    _deny_reading(monkeypatch, source)
+    with pytest.raises(ArtifactError) as caught:
+        with fileio.atomic_directory(out):  # the command's work runs inside writing(out)
+            raise PermissionError(errno.EACCES, "Permission denied", str(source))
+    assert f"cannot read {source}: the file is not readable" in str(caught.value) and "cannot write" not in str(caught.value)
+    assert not out.exists()
+
+
+def test_a_write_denied_is_still_called_unwritable(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ArtifactError, match=f"cannot write {out}.*not writable"):
+        with fileio.atomic_directory(out) as tmp:
+            raise PermissionError(errno.EACCES, "Permission denied", str(tmp / "new.bin"))
+
+
+def test_a_permission_error_without_a_path_does_not_claim_a_write(capsys, monkeypatch):
+    import mixgeneformer.vocab as vocab
+
+    def denied(p):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(vocab.Vocabulary, "load", staticmethod(denied))
+    code, err = run_cli(capsys, "vocab", "info", "vocab.json")
+    assert code == 2 and "permission denied" in err and "cannot write" not in err

@@ -284,12 +284,36 @@ def _disk_is_full(target: str | os.PathLike) -> bool:
         return False
 
 
+def _read_denied(filename: str | bytes | os.PathLike | None) -> ArtifactError | None:
+    """The error for a permission denied on ``filename`` when it was no write: the path exists and
+    cannot be read (a write would have been allowed), or a folder above it cannot be entered."""
+    if not filename:
+        return None
+    path = Path(os.fsdecode(filename))
+    if os.path.lexists(path):
+        if os.access(path, os.R_OK):
+            return None  # readable: what failed was a write
+        writable = os.access(path, os.W_OK)
+        kind = "folder" if path.is_dir() else "file"
+        return ArtifactError(f"cannot read {path}: the {kind} is not readable{'' if writable else ' or writable'} "
+                             f"(permission denied). Fix its permissions (e.g. chmod u+r{'x' if kind == 'folder' else ''}) "
+                             "or copy it somewhere readable.")
+    folder = _nearest_existing(path)
+    if folder.is_dir() and not os.access(folder, os.X_OK):
+        return ArtifactError(f"cannot read or write {path}: the folder {folder} cannot be entered (permission denied). "
+                             "Fix its permissions (chmod u+x) or choose another path.")
+    return None
+
+
 def output_error(target: str | os.PathLike, exc: BaseException, guess: bool = True) -> ArtifactError | None:
     """A clear error for a write that failed because the disk is full or the path is not writable
-    (None for any other exception). Also recognizes libraries that wrap the OS error in their own
+    (None for any other exception); a permission error on reading an existing file says "cannot
+    read" that file instead (it is raised inside the :func:`writing` block of a command). Also recognizes libraries that wrap the OS error in their own
     exception type (safetensors, h5py, Arrow) by its text; with ``guess``, any write error while the
     disk of ``target`` has almost no space left (torch's zip writer says "unexpected pos")."""
     code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    if code in (errno.EACCES, errno.EPERM) and (denied := _read_denied(getattr(exc, "filename", None))) is not None:
+        return denied  # a command's inputs are read inside its writing() block too
     cause = _WRITE_ERRNOS.get(code) if code is not None else None
     if cause is None:
         text = str(exc).lower()

@@ -95,9 +95,11 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, aborts):  # an older click's KeyboardInterrupt (or EOF at a prompt)
             print("interrupted", file=sys.stderr)
             sys.exit(130)
-        # A write that failed because the disk is full or the folder is not writable.
+        # A write that failed because the disk is full or the folder is not writable (or a read of an unreadable file).
         filename = getattr(exc, "filename", None)  # without one, the disk to ask about is unknown: no guess
         error = output_error(filename or "the output", exc, guess=filename is not None) if isinstance(exc, OSError) else None
+        if error is not None and not filename and isinstance(exc, PermissionError):  # read or write: unknown
+            error = f"permission denied ({exc}) on a file this command reads or writes; check the permissions of its inputs and output."
         if error is None or state["debug"]:
             raise
         print(f"error: {error}", file=sys.stderr)
