@@ -150,6 +150,10 @@ def _null_cells(null: Path | None, config):
     if missing:
         raise ConfigError(f"--null {null}: its cells.parquet has no {missing} column(s), which --stats vs_null compares "
                           "with this run; run the null with the same --goal / --score options")
+    null_mode = "screen" if "exact" in cells.columns and f"{score}_estimate" in cells.columns else "exact"
+    if null_mode != config.mode:  # first-order estimates would be tested against exact scores
+        raise ConfigError(f"--null {null} is a --mode {null_mode} run and this is --mode {config.mode}; "
+                          f"run the null with --mode {config.mode}")
     return cells
 
 

@@ -41,8 +41,10 @@ Fast screening (``mode="screen"``, single-gene deletions)
 --------------------------------------------------------
 All deletions of a cell are estimated from one forward pass and one (batched) backward pass by a
 first-order Taylor expansion, then the ``screen_top_k`` genes with the largest estimated score
-are re-scored exactly (the table marks them ``exact=True``; ``*_estimate`` columns keep the
-estimates). Two expansions (``screen_method``):
+are re-scored exactly: the table marks them ``exact=True`` and holds their exact scores in
+``shift`` / ``goal_shift`` (NaN in every other row), while the ``*_estimate`` columns hold the
+estimate of every row. Statistics test the estimates (one measurement for every gene) and report
+exact means over the re-scored rows as ``mean_*_exact``. Two expansions (``screen_method``):
 
 * ``"mask"`` (default), around the original cell: deleting the gene at position ``p`` is (a) its
   presence weight going from 1 to 0 — a weight that scales the token's attention as a key

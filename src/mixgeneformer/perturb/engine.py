@@ -324,6 +324,10 @@ def _sorted_cells(frames: list[pd.DataFrame], targets: dict, config: PerturbConf
                               **{c: pd.Series(dtype=np.float64) for c in score_cols}})
         if anchor:
             frame["anchor_token"] = pd.Series(dtype=np.int64)
+        if config.mode == "screen":  # a shard with no cells: the columns a screen's table has
+            frame["exact"] = pd.Series(dtype=bool)
+            for column in score_cols:
+                frame[f"{column}_estimate"] = pd.Series(dtype=np.float64)
     # Deterministic order whatever the batching or sharding: dataset row, then gene rank.
     return frame.sort_values(["cell", "gene_rank", "perturbed"], kind="stable").reset_index(drop=True)
 

@@ -48,8 +48,8 @@ def write_results(
     """Write a run's tables (parquet + CSV), summary, config and ranking figure, atomically.
 
     Files: ``cells.parquet`` (per cell and perturbation), ``genes.parquet`` / ``genes.csv`` (the
-    statistics), ``gene_shifts.parquet`` (when measured), ``summary.json``, ``config.yaml``,
-    ``ranking.png``.
+    statistics), ``gene_shifts.parquet`` (when measured), ``summary.json`` (with the statistics'
+    mode and the score column they tested), ``config.yaml``, ``ranking.png``.
     """
 
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
@@ -70,7 +70,8 @@ def write_results(
                     fdr="fdr" if "fdr" in stats.columns else None,
                     title=f"in silico {config.perturb}: {score}", save=tmp / "ranking.png",
                 )
-        write_json(tmp / "summary.json", {**result.summary, "vocab_hash": vocab.hash if vocab else None})
+        tested = {"statistics": {"mode": stats.attrs.get("mode"), "score": stats.attrs.get("score")}} if stats is not None else {}
+        write_json(tmp / "summary.json", {**result.summary, **tested, "vocab_hash": vocab.hash if vocab else None})
         save_config(config, tmp)
     return Path(out_dir)
 

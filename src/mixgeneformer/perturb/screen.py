@@ -226,8 +226,8 @@ def _screen(bert, flat, offsets, rows, base_of, targets, vocab, config, device, 
         is_exact = np.zeros(n, dtype=bool)
         if row in exact:
             is_exact[exact[row]["gene_rank"]] = True
-        for key in keys:
-            value = est[key].copy()
+        for key in keys:  # exact values only, NaN where a gene was only estimated (its *_estimate)
+            value = np.full(n, np.nan)
             if row in exact:
                 value[exact[row]["gene_rank"]] = exact[row][key]
             frame[key] = value

@@ -7,7 +7,9 @@ of :func:`mixgeneformer.perturb.perturb_cells` and tests them: the Wilcoxon rank
 perturbations' scores (``vs_all``) or against the same gene's scores in a second, null run
 (``vs_null``), with Benjamini–Hochberg FDR over the perturbations tested; or just means and counts
 (``aggregate``). A NaN score (e.g. ``cell_emb`` of a variant that leaves no unperturbed gene to
-compare) is left out of the tests and means, as Geneformer's ``nan_policy="omit"``.
+compare) is left out of the tests and means, as Geneformer's ``nan_policy="omit"``. A screen's
+table (``mode="screen"``) holds exact scores for each cell's top genes and first-order estimates
+for all: its statistics test the estimates and name every column ``*_estimate`` or ``*_exact``.
 """
 
 from __future__ import annotations
@@ -127,6 +129,69 @@ def _mwu_paired_groups(x: np.ndarray, x_codes: np.ndarray, y: np.ndarray, y_code
     return _mwu_p(u1, n1, n2, ties)
 
 
+def _is_score_column(column: str) -> bool:
+    """Whether a cell-table column holds a perturbation score (its per-gene mean is reported)."""
+    base = column.removesuffix("_estimate").removesuffix("_exact")
+    return base in ("shift", "cell_emb") or base.endswith("_shift") or base.startswith("alt_shift:")
+
+
+def _check_keys(cells: pd.DataFrame, what: str, keys: tuple[str, ...] = ("cell", "perturbed", "gene_token")) -> None:
+    missing = [c for c in keys if c not in cells.columns]
+    if missing:
+        raise InputDataError(f"{what} has no {missing} column(s) (columns: {list(cells.columns)}); pass the cell "
+                             "table of a perturbation run (PerturbationResult.cells, or a run folder's cells.parquet)")
+
+
+def _check_score_values(cells: pd.DataFrame, score: str, what: str) -> None:
+    """A numeric score column without infinite values (NaN is allowed: not scored)."""
+    column = cells[score]
+    if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+        raise ConfigError(f"score column {score!r} of {what} holds {column.dtype} values; test a numeric score column")
+    infinite = np.flatnonzero(np.isinf(column.to_numpy(np.float64)))
+    if len(infinite):
+        first = cells.iloc[infinite[0]]
+        raise InputDataError(f"score column {score!r} of {what} has {len(infinite)} infinite value(s) (first: "
+                             f"{first['perturbed']}, cell {first.get('cell', '?')}); a perturbation score is finite, so the table is "
+                             "damaged or not a perturbation run's: rerun the perturbation")
+
+
+def _screen_view(cells: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+    """A screen's table (an ``exact`` flag and ``<score>_estimate`` columns) with each exactly
+    re-scored column renamed ``<score>_exact`` and NaN where a row holds only the estimate (tables
+    written before kept the estimate there), so no statistic mixes the two; (table, is a screen)."""
+    bases = [c.removesuffix("_estimate") for c in cells.columns
+             if c.endswith("_estimate") and c.removesuffix("_estimate") in cells.columns]
+    if "exact" not in cells.columns or not bases:
+        return cells, False
+    exact = cells["exact"].astype("boolean").fillna(False).to_numpy(bool)
+    view = cells.assign(exact=exact, **{base: cells[base].where(exact) for base in bases})
+    return view.rename(columns={base: f"{base}_exact" for base in bases}), True
+
+
+def _score_column(cells: pd.DataFrame, score: str | None, screen: bool) -> str:
+    """The column tested: by default ``goal_shift`` when a goal was given, else ``shift`` — in a
+    screen, their first-order ``*_estimate`` (every gene of every cell measured the same way);
+    a screen's exact score (``score="goal_shift"``) tests its exactly re-scored rows only."""
+    if score is None:
+        score = "goal_shift" if {"goal_shift", "goal_shift_exact"} & set(cells.columns) else "shift"
+        return f"{score}_estimate" if screen else score
+    return f"{score}_exact" if screen and f"{score}_exact" in cells.columns else score
+
+
+def _null_view(null: pd.DataFrame, screen: bool, score: str) -> pd.DataFrame:
+    """The null run's table, as :func:`_screen_view`; refused if it cannot be compared with the run."""
+    _check_keys(null, "the null table", ("perturbed", "gene_token"))
+    null, null_screen = _screen_view(null)
+    if null_screen != screen:
+        kinds = {True: "a screen (mode='screen': first-order estimates)", False: "exact (mode='exact')"}
+        raise ConfigError(f"the null run is {kinds[null_screen]} and this run is {kinds[screen]}: the test would compare "
+                          "estimates with exact scores. Run the null with the same mode (CLI: --mode)")
+    if score not in null.columns:
+        raise ConfigError(f"the null table has no {score!r} column; run the null with the same options and states")
+    _check_score_values(null, score, "the null table")
+    return null
+
+
 # long: a 24-line docstring; one vectorized table per statistics mode.
 def perturbation_statistics(
     cells: pd.DataFrame,
@@ -150,13 +215,20 @@ def perturbation_statistics(
     null
         The null run's cell table (``vs_null`` only).
     score
-        Column tested: default ``goal_shift`` when present, else ``shift``.
+        Column tested: default ``goal_shift`` when present, else ``shift``. In a screen's table
+        (``mode="screen"``: an ``exact`` flag and ``*_estimate`` columns) the default is their
+        first-order estimate (``goal_shift_estimate`` / ``shift_estimate``: every gene of every cell
+        measured the same way); ``score="goal_shift"`` there tests only the exactly re-scored rows
+        (each cell's top genes by the estimate), as ``goal_shift_exact``. No test mixes the two.
 
     Returns
     -------
     pandas.DataFrame
         One row per perturbed gene (or gene set): ``perturbed``, ``gene_token``, ``ensembl_id``,
-        ``symbol``, ``n_cells``, ``mean_shift``, ``mean_goal_shift`` (and other means), and for
+        ``symbol``, ``n_cells``, ``n_scored`` (finite scores tested and averaged: a NaN score is
+        left out), ``mean_shift``, ``mean_goal_shift`` (and other means; a screen's table has
+        ``n_exact`` and ``mean_<score>_exact`` over the exactly re-scored rows only, and
+        ``mean_<score>_estimate`` over every row), and for
         the tests ``p_value``, ``fdr`` (Benjamini–Hochberg) and ``significant`` (``fdr <
         FDR_ALPHA``); ``vs_null`` adds ``null_mean_<score>`` and ``mean_<score>_vs_null`` (the
         difference). Sorted as Geneformer's goal-state statistics: significant rows first, each
@@ -167,17 +239,17 @@ def perturbation_statistics(
         raise ConfigError(f"mode={mode!r}; use 'vs_all', 'vs_null' or 'aggregate'")
     if mode == "vs_null" and null is None:
         raise ConfigError("mode='vs_null' needs the null run's table (null=..., CLI: --null DIR)")
-    score = score or ("goal_shift" if "goal_shift" in cells.columns else "shift")
+    _check_keys(cells, "the perturbation table")
+    cells, screen = _screen_view(cells)
+    score = _score_column(cells, score, screen)
     if score not in cells.columns:
         raise ConfigError(f"score column {score!r} is not in the table (columns: {list(cells.columns)})")
     if cells.empty:
         raise InputDataError("the perturbation table is empty: no cell expressed the perturbed genes")
-    value_cols = [c for c in cells.columns if c in ("shift", "cell_emb") or c.endswith("_shift") or c.startswith("alt_shift:")]
-    value_cols = [c for c in value_cols if not c.endswith("_estimate")]
-    if score not in value_cols:  # e.g. a screen's goal_shift_estimate: its mean ranks the table
+    value_cols = [c for c in cells.columns if _is_score_column(c)]
+    if score not in value_cols:  # any numeric column may be tested; its mean ranks the table
         value_cols.append(score)
-    if not pd.api.types.is_numeric_dtype(cells[score]) or pd.api.types.is_bool_dtype(cells[score]):
-        raise ConfigError(f"score column {score!r} holds {cells[score].dtype} values; test a numeric score column")
+    _check_score_values(cells, score, "the perturbation table")
     keys = pd.MultiIndex.from_frame(cells[["perturbed", "gene_token"]])
     codes, uniques = pd.factorize(keys, sort=True)
     groups = cells.groupby(codes, sort=True)
@@ -190,6 +262,9 @@ def perturbation_statistics(
     )
     for col in value_cols:
         table["mean_" + col] = groups[col].mean().to_numpy()
+    table["n_scored"] = groups[score].count().to_numpy()  # finite scores: those tested and averaged
+    if screen:  # rows re-scored exactly (their *_exact values); every row has its *_estimate
+        table["n_exact"] = groups["exact"].sum().to_numpy().astype(np.int64)
     values = cells[score].to_numpy(np.float64)
     if mode == "vs_all" and len(uniques) < 2:
         raise ConfigError(
@@ -200,9 +275,7 @@ def perturbation_statistics(
     if mode == "vs_all":
         table["p_value"] = _mwu_vs_all(values[scored], codes[scored], len(uniques))
     elif mode == "vs_null":
-        missing = [c for c in ("perturbed", "gene_token", score) if c not in null.columns]
-        if missing:
-            raise ConfigError(f"the null table has no {missing} column(s); run the null with the same options and states")
+        null = _null_view(null, screen, score)
         null_index = pd.MultiIndex.from_frame(null[["perturbed", "gene_token"]])
         null_codes = pd.Index(uniques).get_indexer(null_index)
         null_values = null[score].to_numpy(np.float64)
@@ -240,5 +313,6 @@ def perturbation_statistics(
         sort_cols, ascending = ["mean_" + score], [False]
     table = table.sort_values(sort_cols, ascending=ascending, kind="stable", na_position="last")
     table.attrs["score"] = score
+    table.attrs["screen"] = screen
     table.attrs["mode"] = mode
     return table.reset_index(drop=True)
