@@ -155,3 +155,39 @@ def test_a_permission_error_without_a_path_does_not_claim_a_write(capsys, monkey
     monkeypatch.setattr(vocab.Vocabulary, "load", staticmethod(denied))
     code, err = run_cli(capsys, "vocab", "info", "vocab.json")
     assert code == 2 and "permission denied" in err and "cannot write" not in err
+
+
+# ------------------------------------------------ 4: a median table cut at a line break
+def _table(n: int = 5):
+    from mixgeneformer.medians import GeneMedians
+
+    return GeneMedians({f"ENSG{i:011d}": 1.0 + i / 3 for i in range(1, n + 1)})
+
+
+def test_a_median_table_cut_at_a_line_break_is_refused(tmp_path):
+    from mixgeneformer.medians import GeneMedians
+
+    path = _table().save(tmp_path / "m.tsv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a table with its count: no warning
+        assert GeneMedians.load(path) == _table()
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-2]))  # two whole lines lost: still parses
+    with pytest.raises(ArtifactError, match=rf"{path} holds 3 genes, and its header records 5.*truncated"):
+        GeneMedians.load(path)
+
+
+def test_a_changed_median_is_refused_and_an_old_table_loads_with_a_warning(tmp_path):
+    from mixgeneformer.medians import GeneMedians
+
+    path = _table().save(tmp_path / "m.tsv")
+    path.write_text(path.read_text().replace("\t1.3333333333333333\n", "\t1.5\n"))
+    with pytest.raises(ArtifactError, match=f"{path} does not match the hash"):
+        GeneMedians.load(path)
+    old = tmp_path / "old.tsv"  # the format before the count was recorded
+    old.write_text("ensembl_id\tmedian\n" + "".join(f"{g}\t{m!r}\n" for g, m in _table().values.items()))
+    with pytest.warns(UserWarning, match=f"{old} does not record its number of genes"):
+        assert GeneMedians.load(old) == _table()
+    with pytest.raises(ArtifactError, match="must start with the header"):
+        old.write_text("ensembl_id\tmedian\tsomething else\nENSG00000000001\t1.0\n")
+        GeneMedians.load(old)

@@ -36,7 +36,7 @@ _FIGURE_STAMPS = {
 STAMPED_FIGURES = frozenset(_FIGURE_STAMPS)
 _MAX_FIGURE_BYTES = 256 << 20
 
-#: The first line of a median table (medians/table.py writes it; it is that file's stamp).
+#: How the first line of a median table starts (medians/table.py writes it; it is that file's stamp).
 MEDIANS_HEADER = "ensembl_id\tmedian"
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +23,48 @@ if TYPE_CHECKING:  # the run module builds tables; a table only names its stats 
     from .run import MedianRunStats
 
 logger = logging.getLogger(__name__)
+
+
+_RECORDED = re.compile(r"# (\d+) genes, hash ([0-9a-f]{16})")
+
+
+def _recorded_in_header(path: Path, header: str) -> tuple[int, str] | None:
+    """The (gene count, hash) a median table's header records; None (and a warning) when it records
+    none; :class:`ArtifactError` when the line is no median table header."""
+    fields = header.split("\t")
+    match = _RECORDED.fullmatch(fields[2]) if len(fields) == 3 else None
+    if "\t".join(fields[:2]) != MEDIANS_HEADER or (len(fields) == 3 and match is None) or len(fields) > 3:
+        raise ArtifactError(
+            f"gene median table {path} must start with the header {MEDIANS_HEADER!r} (then, from `mixgf medians`, "
+            f"'<TAB># N genes, hash H'), found {header[:80]!r}. Create it with `mixgf medians` or GeneMedians.save()."
+        )
+    if match is None:
+        warnings.warn(
+            f"gene median table {path} does not record its number of genes (written by an earlier mixgeneformer, or "
+            "by hand), so a copy cut short at a line break cannot be detected. Save it again "
+            "(GeneMedians.load(path).save(path)) or recompute it with `mixgf medians` to record it.",
+            UserWarning, stacklevel=3,
+        )
+        return None
+    return int(match.group(1)), match.group(2)
+
+
+def _check_recorded(path: Path, table: GeneMedians, recorded: tuple[int, str] | None) -> None:
+    """:class:`ArtifactError` when ``table`` is not what the header of ``path`` recorded."""
+    if recorded is None:
+        return
+    count, digest = recorded
+    if len(table) != count:
+        raise ArtifactError(
+            f"gene median table {path} holds {len(table):,} genes, and its header records {count:,}: the file was "
+            f"{'cut short (truncated)' if len(table) < count else 'edited'}. Copy it again or recompute it with `mixgf medians`."
+        )
+    if table.hash != digest:
+        raise ArtifactError(
+            f"gene median table {path} does not match the hash its header records ({digest}): a median was changed or "
+            "corrupted. Copy it again or recompute it with `mixgf medians` (if you edited it on purpose, remove the "
+            "third field of its header)."
+        )
 
 
 def _unversioned(ids: np.ndarray) -> np.ndarray:
@@ -97,25 +141,31 @@ class GeneMedians:
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a two-column TSV (``ensembl_id``, ``median``) atomically; floats round-trip exactly."""
+        """Write a two-column TSV (``ensembl_id``, ``median``) atomically; floats round-trip exactly.
+
+        The header line records the number of genes and the content hash in a third field
+        (``ensembl_id<TAB>median<TAB># 20000 genes, hash 0123456789abcdef``), so :meth:`load`
+        recognizes a copy cut short at a line break. (pandas: ``read_csv(path, sep="\\t",
+        usecols=[0, 1])``.)
+        """
         path = Path(path)
         with atomic_file(path) as handle:
-            handle.write(MEDIANS_HEADER + "\n")
+            handle.write(f"{MEDIANS_HEADER}\t# {len(self)} genes, hash {self.hash}\n")
             for g, m in zip(self._ids, self._medians, strict=True):
                 handle.write(f"{g}\t{float(m)!r}\n")
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> GeneMedians:
-        """Read a TSV written by :meth:`save` (clear errors for missing / truncated / wrong files)."""
+        """Read a TSV written by :meth:`save` (clear errors for missing / truncated / wrong files).
+
+        A table whose header records its gene count and hash must hold exactly those genes (else it
+        was cut short or edited: :class:`ArtifactError`); one without them (written before they were
+        recorded, or by hand) is read with a warning that truncation cannot be detected.
+        """
         path, text = read_text(path, "gene median table", "a gene median TSV (written by `mixgf medians`)")
         with io.StringIO(text) as handle:
-            header = handle.readline().rstrip("\n")
-            if header != MEDIANS_HEADER:
-                raise ArtifactError(
-                    f"gene median table {path} must start with the header {MEDIANS_HEADER!r}, found "
-                    f"{header[:80]!r}. Create it with `mixgf medians` or GeneMedians.save()."
-                )
+            recorded = _recorded_in_header(path, handle.readline().rstrip("\n"))
             if not text.endswith("\n"):
                 raise ArtifactError(
                     f"gene median table {path} ends inside a line ({text[-40:]!r}): the file looks truncated (every line of a "
@@ -147,7 +197,9 @@ class GeneMedians:
                     ) from exc
         if not values:
             raise ArtifactError(f"gene median table {path} holds no genes; recompute it with `mixgf medians`.")
-        return cls(values)
+        table = cls(values)
+        _check_recorded(path, table, recorded)
+        return table
 
     def to_series(self) -> pd.Series:
         """The table as a pandas Series indexed by Ensembl ID."""
