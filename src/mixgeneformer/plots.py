@@ -99,8 +99,8 @@ def umap_coordinates(
 
     x = np.asarray(embeddings, dtype=np.float32)
     n = x.shape[0]
-    if n < 3:
-        raise InputDataError(f"UMAP needs at least 3 cells, got {n}")
+    if n < 4:  # umap-learn's spectral layout fails on 3 points (a scipy TypeError)
+        raise InputDataError(f"UMAP needs at least 4 cells with a finite embedding, got {n}")
     k = min(n_neighbors, n - 1)
     knn = (None, None, None)
     if n <= EXACT_KNN_MAX_CELLS and metric in VALID_METRICS["brute"]:
@@ -119,6 +119,16 @@ def umap_coordinates(
         return reducer.fit_transform(x).astype(np.float32)
 
 
+def category_colours(n: int) -> list[tuple[float, ...]]:
+    """``n`` distinct colours: tab10 up to 10, tab20 up to 20, tab20 + tab20b + tab20c up to 60, else
+    ``n`` evenly spaced hues of turbo (tab20 alone repeated from the 21st category: two types, one colour)."""
+    if n <= 20:
+        return [matplotlib.colormaps["tab10" if n <= 10 else "tab20"](i) for i in range(n)]
+    if n <= 60:
+        return [matplotlib.colormaps[name](i) for name in ("tab20", "tab20b", "tab20c") for i in range(20)][:n]
+    return [tuple(c) for c in matplotlib.colormaps["turbo"](np.linspace(0.0, 1.0, n))]
+
+
 def _scatter(ax: Any, coords: np.ndarray, labels: np.ndarray, name: str, point_size: float) -> None:
     if labels.dtype.kind in "fiu" and len(np.unique(labels[~pd.isna(labels)])) > _MAX_LEGEND:
         points = ax.scatter(coords[:, 0], coords[:, 1], c=labels, s=point_size, cmap="viridis", linewidths=0)
@@ -126,13 +136,12 @@ def _scatter(ax: Any, coords: np.ndarray, labels: np.ndarray, name: str, point_s
     else:
         labels = pd.Series(labels).astype("string").fillna("NA").to_numpy()
         categories = sorted(set(labels))
-        cmap = "tab10" if len(categories) <= 10 else "tab20"
-        colours = matplotlib.colormaps[cmap]
+        colours = category_colours(len(categories))
         for i, category in enumerate(categories):
             chosen = labels == category
             ax.scatter(
                 coords[chosen, 0], coords[chosen, 1], s=point_size, linewidths=0,
-                color=colours(i % colours.N), label=plain_text(f"{category} ({int(chosen.sum())})"),
+                color=colours[i], label=plain_text(f"{category} ({int(chosen.sum())})"),
             )
         if len(categories) <= _MAX_LEGEND:
             ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=3, frameon=False)
@@ -216,6 +225,20 @@ def umap(
 # --------------------------------------------------------------------------------------------
 # Confusion matrix
 # --------------------------------------------------------------------------------------------
+def _matrix_in_order(matrix: pd.DataFrame, labels: list[object]) -> np.ndarray:
+    """The counts of a DataFrame confusion matrix with rows and columns both in ``labels``' order
+    (by name: a table whose columns are in another order than its index, or a ``labels=`` order,
+    was drawn as stored, its counts under the wrong classes)."""
+    if set(matrix.columns) != set(matrix.index):
+        raise InputDataError(
+            f"matrix must have the same classes as rows (true) and columns (predicted); rows {list(matrix.index)}, "
+            f"columns {list(matrix.columns)}"
+        )
+    if set(labels) != set(matrix.index) or len(labels) != len(set(labels)):
+        raise InputDataError(f"labels {labels} must name each class of the matrix once; the matrix has {list(matrix.index)}")
+    return matrix.reindex(index=labels, columns=labels).to_numpy(dtype=np.float64)
+
+
 # long: a 17-line docstring; the body annotates every cell of the matrix.
 def confusion_matrix(
     y_true: ArrayLike | None = None,
@@ -234,10 +257,11 @@ def confusion_matrix(
     y_true, y_pred
         True and predicted labels (same length). Ignored when ``matrix`` is given.
     labels
-        Class order; default: sorted union of both label sets (or the matrix' index).
+        Class order; default: sorted union of both label sets (or the matrix' index). With a
+        DataFrame ``matrix``, its classes in the order to draw (rows and columns are matched by name).
     matrix
         A precomputed count matrix (rows true, columns predicted), e.g. a DataFrame indexed by
-        class.
+        class with the same classes as columns (in any order).
     normalize
         Show row fractions (each true class sums to 1); counts otherwise. Row totals are shown
         in the y tick labels either way.
@@ -247,7 +271,7 @@ def confusion_matrix(
     if matrix is not None:
         if isinstance(matrix, pd.DataFrame):
             labels = list(matrix.index) if labels is None else list(labels)
-            counts = matrix.to_numpy(dtype=np.float64)
+            counts = _matrix_in_order(matrix, labels)
         else:
             counts = np.asarray(matrix, dtype=np.float64)
             labels = list(range(counts.shape[0])) if labels is None else list(labels)
@@ -267,6 +291,8 @@ def confusion_matrix(
         ok = ~(np.isnan(t) | np.isnan(p))
         counts = np.zeros((len(labels), len(labels)))
         np.add.at(counts, (t[ok].astype(np.int64), p[ok].astype(np.int64)), 1)
+    if not len(labels):
+        raise InputDataError("the confusion matrix has no class: no cell has both a true and a predicted label")
 
     totals = counts.sum(axis=1)
     shown = counts / np.where(totals > 0, totals, 1)[:, None] if normalize else counts
@@ -346,6 +372,8 @@ def perturbation_ranking(
 
     values = pd.to_numeric(results[score_col], errors="coerce")
     ranked = results.assign(_score=values).dropna(subset=["_score"])
+    if ranked.empty:
+        raise InputDataError(f"no perturbation has a numeric {score_col!r} (all NaN); nothing to rank")
     ranked = ranked.reindex(ranked["_score"].abs().sort_values(ascending=False).index).head(top)
     names = (ranked[label_col] if label_col else pd.Series(ranked.index, index=ranked.index)).astype(str).to_numpy()
     scores = ranked["_score"].to_numpy(dtype=np.float64)

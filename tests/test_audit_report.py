@@ -1,0 +1,53 @@
+"""Audit of the figures, the species-mixing scores and the demo report: edge cases that crashed or
+gave silently wrong output (many classes, tiny inputs, reordered tables, labels with Markdown)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mixgeneformer import plots
+from mixgeneformer.errors import InputDataError
+
+
+def _colours(ax) -> list[tuple[float, ...]]:
+    return [tuple(np.round(c.get_facecolor()[0], 4)) for c in ax.collections]
+
+
+def test_umap_gives_every_category_of_a_legend_its_own_colour():
+    rng = np.random.default_rng(0)
+    labels = np.array([f"type{i:02d}" for i in range(25)] * 2)
+    fig = plots.umap(rng.normal(size=(50, 4)), color=labels, n_neighbors=5)
+    colours = _colours(fig.axes[0])
+    assert len(colours) == 25 and len(set(colours)) == 25  # tab20 alone repeated the first five
+    assert fig.axes[0].get_legend() is not None
+    assert len(set(plots.category_colours(45))) == 45 and len(set(plots.category_colours(80))) == 80
+
+
+def test_umap_of_three_cells_is_one_message_not_a_scipy_type_error():
+    x = np.random.default_rng(0).normal(size=(8, 4))
+    x[3:] = np.nan
+    with pytest.raises(InputDataError, match="at least 4 cells with a finite embedding, got 3"):
+        plots.umap(x)
+
+
+def test_a_dataframe_confusion_matrix_is_drawn_by_class_name_not_position():
+    counts = pd.DataFrame([[3, 1], [0, 2]], index=["x", "y"], columns=["x", "y"])
+    swapped = counts[["y", "x"]]  # the same table, columns stored in another order
+    shown = plots.confusion_matrix(matrix=swapped, normalize=False).axes[0].images[0].get_array()
+    np.testing.assert_allclose(shown, [[3, 1], [0, 2]])
+    ax = plots.confusion_matrix(matrix=counts, labels=["y", "x"], normalize=False).axes[0]
+    np.testing.assert_allclose(ax.images[0].get_array(), [[2, 0], [1, 3]])
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["y (n=2)", "x (n=4)"]
+    with pytest.raises(InputDataError, match="same classes as rows"):
+        plots.confusion_matrix(matrix=pd.DataFrame([[1, 0], [0, 1]], index=["x", "y"], columns=["x", "z"]))
+    with pytest.raises(InputDataError, match="name each class"):
+        plots.confusion_matrix(matrix=counts, labels=["x", "x"])
+
+
+def test_empty_inputs_of_the_figures_are_refused():
+    with pytest.raises(InputDataError, match="no class"):
+        plots.confusion_matrix([None, None], [None, None])
+    with pytest.raises(InputDataError, match="all NaN"):
+        plots.perturbation_ranking(pd.DataFrame({"gene": ["a", "b"], "shift": [np.nan, np.nan]}))
