@@ -16,7 +16,12 @@ from test_perturb import STATES, bert, bundle_and_cells, cells, vocab  # noqa: F
 
 import mixgeneformer.perturb as pt
 from mixgeneformer.errors import ConfigError, InputDataError
-from mixgeneformer.perturb import PerturbConfig, merge_shards, perturb_cells, perturbation_statistics
+from mixgeneformer.perturb import (
+    PerturbConfig,
+    merge_shards,
+    perturb_cells,
+    perturbation_statistics,
+)
 
 SCREEN = dict(state_column="s", start="a", goal="b", mode="screen", screen_top_k=3)
 
@@ -151,3 +156,20 @@ def test_the_results_folder_says_which_score_its_statistics_tested(screen, vocab
     out = pt.write_results(tmp_path / "run", result, stats, PerturbConfig(**SCREEN), vocab, figure=False)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["statistics"] == {"mode": "vs_all", "score": "goal_shift_estimate"}
+
+
+# -- a finished run whose table holds one perturbation is written, not lost to vs_all ---------------
+def test_a_run_that_scored_one_perturbation_is_written_with_aggregate_statistics(vocab, tmp_path):  # noqa: F811
+    import json
+
+    # e.g. --genes A,B where no cell expresses B: known only after the run, which must not be lost
+    table = _table({"G0": [0.1, 0.2, 0.3]})
+    result = pt.PerturbationResult(table, None, {"cells_perturbed": 3})
+    config = PerturbConfig(genes=["A", "B"])
+    stats = pt.finish_run(tmp_path / "run", result, config, vocab, stats_mode="vs_all")
+    assert stats.attrs["mode"] == "aggregate" and "p_value" not in stats.columns
+    assert stats["mean_shift"].tolist() == pytest.approx([0.2])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["statistics"]["requested"] == "vs_all" and "scored one" in summary["statistics"]["note"]
+    with pytest.raises(ConfigError, match="has one"):  # asked directly, the test is still refused
+        perturbation_statistics(table, mode="vs_all")

@@ -121,6 +121,8 @@ def _report(out: Path, result, table) -> None:
         f"{result.summary.get('cells_perturbed', 0):,} cells, {len(result.cells):,} perturbations -> {out}"
         + (f"; top: {', '.join(table['symbol'].where(table['symbol'] != '', table['perturbed']).head(5))}" if table is not None else "")
     )
+    if table is not None and "note" in table.attrs:  # statistics other than those asked for, and why
+        typer.echo(f"note: {table.attrs['note']}")
 
 
 def _check_stats(stats: str, null: Path | None, config=None) -> None:

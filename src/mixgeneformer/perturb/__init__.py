@@ -85,7 +85,13 @@ from .results import (
     write_shard,
 )
 from .screen import screen_deletions
-from .stats import StatsMode, benjamini_hochberg, gene_names, perturbation_statistics
+from .stats import (
+    StatsMode,
+    benjamini_hochberg,
+    gene_names,
+    perturbation_statistics,
+    run_statistics,
+)
 from .variants import cell_variants, perturbation_indices, resolve_genes
 
 __all__ = [
@@ -108,6 +114,7 @@ __all__ = [
     "perturbation_statistics",
     "read_cells",
     "resolve_genes",
+    "run_statistics",
     "screen_deletions",
     "write_results",
     "write_shard",

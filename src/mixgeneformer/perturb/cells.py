@@ -29,7 +29,7 @@ from ..tokenize import TokenizeConfig, tokenize_for_model, warn_dropped
 from .config import PerturbConfig
 from .engine import _exact, _genes_per_cell
 from .screen import _screen
-from .stats import StatsMode, perturbation_statistics
+from .stats import StatsMode, run_statistics
 from .variants import resolve_genes
 
 if TYPE_CHECKING:
@@ -356,7 +356,7 @@ def perturb_anndata(
     result.cells.insert(1, "obs_name", np.asarray(adata.obs_names, dtype=object)[result.cells["cell"].to_numpy()])
     if stats_mode is None:
         return result, None
-    stats = perturbation_statistics(result.cells, vocab, mode=stats_mode, score=config.statistics_score)
+    stats = run_statistics(result.cells, vocab, mode=stats_mode, score=config.statistics_score)
     return result, stats
 
 

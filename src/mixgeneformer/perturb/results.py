@@ -28,7 +28,7 @@ from ..fileio import (
 from ..plots import perturbation_ranking
 from .cells import PerturbationResult
 from .config import PerturbConfig
-from .stats import StatsMode, perturbation_statistics
+from .stats import StatsMode, run_statistics
 
 if TYPE_CHECKING:
     from ..vocab import Vocabulary
@@ -70,7 +70,8 @@ def write_results(
                     fdr="fdr" if "fdr" in stats.columns else None,
                     title=f"in silico {config.perturb}: {score}", save=tmp / "ranking.png",
                 )
-        tested = {"statistics": {"mode": stats.attrs.get("mode"), "score": stats.attrs.get("score")}} if stats is not None else {}
+        tested = {"statistics": {key: stats.attrs[key] for key in ("mode", "score", "requested", "note") if key in stats.attrs}}
+        tested = tested if stats is not None else {}
         write_json(tmp / "summary.json", {**result.summary, **tested, "vocab_hash": vocab.hash if vocab else None})
         save_config(config, tmp)
     return Path(out_dir)
@@ -175,7 +176,7 @@ def finish_run(
 ) -> pd.DataFrame | None:
     """Statistics of ``result`` and its folder (:func:`write_results`); returns the statistics."""
     table = (
-        perturbation_statistics(result.cells, vocab, mode=stats_mode, null=null_cells, score=config.statistics_score)
+        run_statistics(result.cells, vocab, mode=stats_mode, null=null_cells, score=config.statistics_score)
         if len(result.cells) else None
     )
     write_results(out_dir, result, table, config, vocab, overwrite=overwrite)

@@ -14,6 +14,7 @@ for all: its statistics test the estimates and name every column ``*_estimate`` 
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -31,7 +32,9 @@ StatsMode = Literal["vs_all", "vs_null", "aggregate"]
 #: FDR below which a perturbation counts as significant (the ``significant`` column; the order of the table).
 FDR_ALPHA = 0.05
 
-__all__ = ["StatsMode", "benjamini_hochberg", "gene_names", "perturbation_statistics"]
+_logger = logging.getLogger(__name__)
+
+__all__ = ["StatsMode", "benjamini_hochberg", "gene_names", "perturbation_statistics", "run_statistics"]
 
 
 def gene_names(token_ids: np.ndarray, vocab: Vocabulary) -> pd.DataFrame:
@@ -316,3 +319,24 @@ def perturbation_statistics(
     table.attrs["screen"] = screen
     table.attrs["mode"] = mode
     return table.reset_index(drop=True)
+
+
+def run_statistics(
+    cells: pd.DataFrame,
+    vocab: Vocabulary | None = None,
+    mode: StatsMode = "vs_all",
+    null: pd.DataFrame | None = None,
+    score: str | None = None,
+) -> pd.DataFrame:
+    """:func:`perturbation_statistics` of a finished run. ``vs_all`` on a table that holds a single
+    perturbation (e.g. only one of the listed genes is expressed by any cell) cannot test it: the
+    run is not lost, its table is the ``aggregate`` one, with a warning and ``attrs["requested"]``
+    / ``attrs["note"]`` saying why (:func:`write_results` records them in ``summary.json``)."""
+    if mode == "vs_all" and "perturbed" in cells.columns and cells["perturbed"].nunique() == 1:
+        note = (f"mode='vs_all' needs two perturbations and this run scored one ({cells['perturbed'].iloc[0]}); "
+                "its statistics are 'aggregate' (means and counts, no test)")
+        _logger.warning(note)
+        table = perturbation_statistics(cells, vocab, mode="aggregate", score=score)
+        table.attrs.update(requested=mode, note=note)
+        return table
+    return perturbation_statistics(cells, vocab, mode=mode, null=null, score=score)
