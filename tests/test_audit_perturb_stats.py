@@ -173,3 +173,15 @@ def test_a_run_that_scored_one_perturbation_is_written_with_aggregate_statistics
     assert summary["statistics"]["requested"] == "vs_all" and "scored one" in summary["statistics"]["note"]
     with pytest.raises(ConfigError, match="has one"):  # asked directly, the test is still refused
         perturbation_statistics(table, mode="vs_all")
+
+
+# -- Benjamini-Hochberg: what scipy computes, and what it refuses ----------------------------------------
+def test_benjamini_hochberg_matches_scipy_and_refuses_values_that_are_not_p_values():
+    p = np.array([0.01, 0.01, 0.0, 0.2, 1.0, np.nan, 0.03])
+    finite = ~np.isnan(p)
+    q = pt.benjamini_hochberg(p)
+    assert np.isnan(q[~finite]).all()
+    assert q[finite] == pytest.approx(scipy.stats.false_discovery_control(p[finite]), rel=1e-12)
+    for bad in (1.5, -0.1, np.inf):
+        with pytest.raises(InputDataError, match=r"outside \[0, 1\]"):
+            pt.benjamini_hochberg(np.array([0.2, bad]))

@@ -58,8 +58,13 @@ def gene_names(token_ids: np.ndarray, vocab: Vocabulary) -> pd.DataFrame:
 
 
 def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values (FDR); NaNs stay NaN and are not counted."""
+    """Benjamini–Hochberg adjusted p-values (FDR); NaNs stay NaN and are not counted; a value
+    outside [0, 1] (or infinite) is an :class:`InputDataError`."""
     p = np.asarray(p_values, dtype=np.float64)
+    bad = np.flatnonzero(~np.isnan(p) & ~((p >= 0.0) & (p <= 1.0)))
+    if len(bad):  # scipy.stats.false_discovery_control refuses these too; a q-value from them means nothing
+        raise InputDataError(f"benjamini_hochberg: {len(bad)} p-value(s) outside [0, 1] (first: {p[bad[0]]!r} at "
+                             f"position {bad[0]}); pass p-values (NaN marks an untested one)")
     out = np.full(p.shape, np.nan)
     ok = np.flatnonzero(~np.isnan(p))
     if len(ok) == 0:
