@@ -9,6 +9,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mixgeneformer import fileio
@@ -191,3 +192,53 @@ def test_a_changed_median_is_refused_and_an_old_table_loads_with_a_warning(tmp_p
     with pytest.raises(ArtifactError, match="must start with the header"):
         old.write_text("ensembl_id\tmedian\tsomething else\nENSG00000000001\t1.0\n")
         GeneMedians.load(old)
+
+
+# -------------------------------------- 5: a median table built for another vocabulary is refused
+@pytest.fixture()
+def mismatched(tmp_path):
+    """An h5ad, its vocabulary and a median table of mostly other genes (5 of 105 shared), as files."""
+    from _tokenize_helpers import human_ids, make_adata, make_medians, make_vocab
+
+    adata = make_adata()
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    vocab = make_vocab(np.asarray(adata.var_names, dtype=object))
+    vocab.save(tmp_path / "vocab.json")
+    other = np.concatenate([human_ids(60)[:5], human_ids(400)[300:]])
+    make_medians(other).save(tmp_path / "other_medians.tsv")
+    make_medians(np.asarray(adata.var_names, dtype=object)).save(tmp_path / "medians.tsv")
+    return tmp_path
+
+
+
+def test_tokenizing_with_a_median_table_of_another_vocabulary_names_both_files(mismatched, capsys):
+    from mixgeneformer.errors import VocabularyMismatchError
+    from mixgeneformer.medians import GeneMedians
+    from mixgeneformer.tokenize import tokenize_anndata, tokenize_files
+    from mixgeneformer.vocab import Vocabulary
+
+    vocab = Vocabulary.load(mismatched / "vocab.json")
+    other = GeneMedians.load(mismatched / "other_medians.tsv")
+    pattern = rf"gene median table {mismatched / 'other_medians.tsv'} was built for another vocabulary than the vocabulary {mismatched / 'vocab.json'}: they share 5 genes"
+    with pytest.raises(VocabularyMismatchError, match=pattern):
+        tokenize_files([mismatched / "in.h5ad"], mismatched / "corpus", vocab, other)
+    assert not (mismatched / "corpus").exists()
+    import anndata as ad
+
+    with pytest.raises(VocabularyMismatchError, match=pattern):
+        tokenize_anndata(ad.read_h5ad(mismatched / "in.h5ad"), vocab, other)
+    code, err = run_cli(capsys, "tokenize", mismatched / "in.h5ad", "--vocab", mismatched / "vocab.json",
+                        "--medians", mismatched / "other_medians.tsv", "--out", mismatched / "corpus")
+    assert code == 2 and "other_medians.tsv was built for another vocabulary" in err and "vocab.json" in err
+    # the table the vocabulary was built for tokenizes
+    assert len(tokenize_anndata(ad.read_h5ad(mismatched / "in.h5ad"), vocab, GeneMedians.load(mismatched / "medians.tsv"))) > 0
+
+
+def test_a_table_holding_the_vocabulary_or_held_by_it_is_accepted():
+    from _tokenize_helpers import human_ids, make_medians, make_vocab
+
+    ids = human_ids(400)
+    vocab = make_vocab(ids[:100])
+    make_medians(ids).check_vocabulary(vocab.gene_to_id, 0.5)  # a corpus of all genes, a small vocabulary
+    make_medians(ids[:20]).check_vocabulary(vocab.gene_to_id, 0.5)  # a small panel
+    make_medians(ids[300:]).check_vocabulary(vocab.gene_to_id, 0.0)  # min_coverage=0: never checked

@@ -69,6 +69,8 @@ class Vocabulary:
         self.tokens = list(tokens)
         self.gene_to_id = {str(k): int(v) for k, v in gene_to_id.items()}
         self.mode = mode
+        #: the file this vocabulary was loaded from (``None`` when built in memory); named in errors
+        self.path: Path | None = None
         self._index = {token: i for i, token in enumerate(self.tokens)}
         if len(self._index) != len(self.tokens):
             raise ArtifactError("vocabulary has duplicate token names; it is corrupt. Rebuild it with `mixgf vocab build`.")
@@ -206,6 +208,7 @@ class Vocabulary:
         vocab = cls(data["tokens"], data["gene_to_id"], data["mode"])
         if vocab.hash != data.get("hash"):
             raise ArtifactError(f"vocabulary {path} does not match its recorded hash; the file was modified or corrupted.")
+        vocab.path = Path(path)
         return vocab
 
 

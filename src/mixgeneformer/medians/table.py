@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ..errors import ArtifactError, InputDataError
+from ..errors import ArtifactError, InputDataError, VocabularyMismatchError
 from ..fileio import atomic_file, content_hash, read_text
 from ..filekinds import MEDIANS_HEADER
 from ..genes import ensembl_species, strip_versions
@@ -24,6 +24,10 @@ if TYPE_CHECKING:  # the run module builds tables; a table only names its stats 
 
 logger = logging.getLogger(__name__)
 
+
+#: The vocabulary and median table of one tokenization share at least this fraction of genes (or
+#: ``min_coverage``, when lower): :meth:`GeneMedians.check_vocabulary`.
+MAX_MIN_SHARED = 0.5
 
 _RECORDED = re.compile(r"# (\d+) genes, hash ([0-9a-f]{16})")
 
@@ -108,6 +112,8 @@ class GeneMedians:
         self.values: dict[str, float] = dict(zip(self._ids.tolist(), self._medians.tolist(), strict=True))
         #: what the run that computed this table read (``None`` when loaded from a file)
         self.stats: MedianRunStats | None = None
+        #: the file this table was loaded from (``None`` when built in memory); named in errors
+        self.path: Path | None = None
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -199,7 +205,30 @@ class GeneMedians:
             raise ArtifactError(f"gene median table {path} holds no genes; recompute it with `mixgf medians`.")
         table = cls(values)
         _check_recorded(path, table, recorded)
+        table.path = path
         return table
+
+    def check_vocabulary(self, gene_ids: Iterable[str], min_coverage: float, vocabulary: str | os.PathLike | None = None) -> None:
+        """:class:`VocabularyMismatchError` when this table was built for another vocabulary.
+
+        ``gene_ids``: the vocabulary's genes. Of the genes they and the table share, the larger
+        fraction (of the table's genes, or of the vocabulary's; one may hold the other) must reach
+        ``min(min_coverage, 0.5)``; else tokenizing would keep only the few shared genes (a gene
+        without a median is left out of every cell). ``vocabulary``: its file, for the message.
+        """
+        genes = set(gene_ids)
+        shared = int(self._index.isin(genes).sum()) if genes else 0
+        fraction = max(shared / len(self), shared / len(genes)) if genes and len(self) else 0.0
+        if fraction < min(min_coverage, MAX_MIN_SHARED):
+            where = f"gene median table {self.path}" if self.path else "the gene median table (given in memory)"
+            vocab = f"the vocabulary {vocabulary}" if vocabulary else "the vocabulary (given in memory)"
+            raise VocabularyMismatchError(
+                f"{where} was built for another vocabulary than {vocab}: they share {shared:,} genes, "
+                f"{shared / max(len(self), 1):.1%} of the table's {len(self):,} and {shared / max(len(genes), 1):.1%} of "
+                f"the vocabulary's {len(genes):,} (under min_coverage {min(min_coverage, MAX_MIN_SHARED):.0%}). Pass the "
+                "medians the vocabulary was built from (`mixgf vocab build --medians`), or compute medians on your corpus "
+                "with `mixgf medians` and build the vocabulary with them."
+            )
 
     def to_series(self) -> pd.Series:
         """The table as a pandas Series indexed by Ensembl ID."""

@@ -36,7 +36,9 @@ class TokenizeConfig:
     min_coverage
         Minimum fraction of an input's gene identifiers that must resolve to Ensembl IDs (an error
         below it); a warning too when less than this fraction of its counts falls on vocabulary
-        genes with a median.
+        genes with a median. With medians='corpus', the median table and the vocabulary must share
+        this fraction (at most 0.5) of the table's genes or of the vocabulary's, else the table was
+        built for another vocabulary (:meth:`GeneMedians.check_vocabulary`).
     chunk_size
         Cells per chunk (bounds memory: about 50 bytes per stored nonzero).
     task_cells

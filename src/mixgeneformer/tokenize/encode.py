@@ -419,7 +419,10 @@ def _features(obs_types: dict[str, pa.DataType]) -> Any:
     return datasets.Features.from_arrow_schema(schema)
 
 
-def _check_vocab(vocab: Any, config: TokenizeConfig) -> None:
+def _check_vocab(vocab: Any, config: TokenizeConfig, medians: GeneMedians | None = None) -> None:
+    """The vocabulary suits ``config``, and the median table (medians='corpus') was built for it."""
+    if config.medians == "corpus" and medians is not None:
+        medians.check_vocabulary(vocab.gene_to_id, config.min_coverage, getattr(vocab, "path", None))
     if config.style == "v2" and (vocab.cls_id is None or vocab.eos_id is None):
         raise ConfigError(
             "style='v2' needs <cls> and <eos> tokens, which this vocabulary lacks (a Geneformer V1 vocabulary?). "

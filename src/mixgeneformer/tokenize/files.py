@@ -143,7 +143,7 @@ def tokenize_files(
         ``out_dir``.
     """
     config = config or TokenizeConfig()
-    _check_vocab(vocab, config)
+    _check_vocab(vocab, config, medians)
     out_dir = check_output(out_dir, paths, overwrite=overwrite)
     partial = out_dir.parent / f".{out_dir.name}.partial"
     if partial.is_file():

@@ -112,7 +112,7 @@ def tokenize_anndata(
     """
 
     config = config or TokenizeConfig()
-    _check_vocab(vocab, config)
+    _check_vocab(vocab, config, medians)
     obs_columns = list(obs_columns)
     _check_obs_names(obs_columns)
     started = time.perf_counter()
