@@ -185,3 +185,21 @@ def test_benjamini_hochberg_matches_scipy_and_refuses_values_that_are_not_p_valu
     for bad in (1.5, -0.1, np.inf):
         with pytest.raises(InputDataError, match=r"outside \[0, 1\]"):
             pt.benjamini_hochberg(np.array([0.2, bad]))
+
+
+# -- perturb-merge never replaces one of its own inputs -------------------------------------------------
+def test_merge_refuses_an_input_inside_the_folder_it_replaces(tmp_path, vocab, capsys):  # noqa: F811
+    bundle_and_cells(tmp_path, vocab)
+    out = tmp_path / "run"
+    config = PerturbConfig(shard_index=0, num_shards=1)
+    table = _table({"G0": [0.1, 0.2], "G1": [0.3, 0.4]})
+    pt.write_shard(out, pt.PerturbationResult(table, None, {"cells_perturbed": 2, "variants": 4}), config)
+    args = ["perturb-merge", out, "--model", tmp_path / "bundle"]
+    assert cli_exit_code(args) == 0
+    null = out / "merged"  # e.g. a null run merged into this folder earlier, or its config.yaml
+    before = (null / "cells.parquet").read_bytes()
+    assert cli_exit_code([*args, "--stats", "vs_null", "--null", null]) == 2
+    err = capsys.readouterr().err
+    assert "--null" in err and "replaces" in err and "Traceback" not in err
+    assert (null / "cells.parquet").read_bytes() == before
+    assert cli_exit_code([*args, "--config", null / "config.yaml"]) == 2

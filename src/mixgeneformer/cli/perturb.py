@@ -175,8 +175,18 @@ def perturb_merge(
     from ..vocab import Vocabulary
 
     _check_stats(stats, null)
+    _check_merge_inputs(out, {"--null": null, "--config": config_file, "--vocab": vocab_file})
     config = _config_from_options(config_file, None, {}) if config_file is not None else None
     vocab = Vocabulary.load(vocab_file if vocab_file is not None else Path(model) / "vocab.json")
     null_cells = pt.read_cells(null) if null is not None else None
     merged, result, table = pt.merge_run(out, vocab, config, stats, null_cells)
     _report(merged, result, table)
+
+
+def _check_merge_inputs(out: Path, inputs: dict[str, Path | None]) -> None:
+    """No input of perturb-merge lies in OUT/merged, which the merge replaces with its result."""
+    merged = (Path(out) / "merged").resolve()
+    for option, path in inputs.items():
+        if path is not None and (Path(path).resolve() == merged or merged in Path(path).resolve().parents):
+            raise ConfigError(f"{option} {path} is in {Path(out) / 'merged'}, which perturb-merge replaces with its result; "
+                              "copy it out of that folder and pass the copy")
