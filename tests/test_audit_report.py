@@ -51,3 +51,41 @@ def test_empty_inputs_of_the_figures_are_refused():
         plots.confusion_matrix([None, None], [None, None])
     with pytest.raises(InputDataError, match="all NaN"):
         plots.perturbation_ranking(pd.DataFrame({"gene": ["a", "b"], "shift": [np.nan, np.nan]}))
+
+
+def test_ilisi_of_a_tiny_neighbourhood_is_nan_not_minus_two():
+    from mixgeneformer import integration
+    from mixgeneformer.errors import ConfigError
+
+    if not integration.scib_available():
+        pytest.skip("scib-metrics (extra 'metrics') is not installed")
+    x = np.random.default_rng(0).normal(size=(5, 4))
+    species, types = np.array(["human", "mouse"] * 3)[:5], np.array(["a"] * 5)
+    scores = integration.species_mixing(x, species, types)
+    assert np.isnan(scores["ilisi"]) and np.isnan(scores["ilisi_shuffled"])  # scib's sentinel gave -2.0
+    six = integration.species_mixing(np.random.default_rng(0).normal(size=(6, 4)), np.tile(["human", "mouse"], 3), ["a"] * 6)
+    assert 0.0 <= six["ilisi"] <= 1.0
+    with pytest.raises(ConfigError, match="n_neighbors=5"):
+        integration.species_mixing(x, species, types, n_neighbors=5)
+
+
+def test_no_shared_cell_type_is_named_as_such_not_blamed_on_the_embeddings():
+    from mixgeneformer.integration import shared_type_mixing
+
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    with pytest.raises(InputDataError, match=r"no cell type is shared by human and mouse \(human: \['alpha'\], mouse: \['beta'\]\)"):
+        shared_type_mixing({"human": x, "mouse": x}, {"human": ["alpha"] * 4, "mouse": ["beta"] * 4})
+
+
+def test_benchmark_text_is_written_atomically(tmp_path, monkeypatch):
+    from mixgeneformer import integration
+
+    monkeypatch.setattr("builtins.print", lambda *args, **kwargs: None)  # the text fails to encode at the write
+
+    out = tmp_path / "result.txt"
+    out.write_text("previous result\n")
+    table = pd.DataFrame({"metric": ["f1"], "a": ["0.5 ± 0.1"]}).set_index("metric")
+    with pytest.raises(UnicodeEncodeError):  # fails while writing: Path.write_text had emptied the file
+        integration.write_benchmark_text("header \ud800", table, pd.DataFrame({"seed": [0]}), str(out))
+    assert out.read_text() == "previous result\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["result.txt"]

@@ -6,7 +6,9 @@ are scib's own:
 * ``ilisi``: integration LISI of the species label on one 90-neighbour graph of all cells,
   rescaled as ``(median LISI − 1) / (number of species − 1)``
   (``scib_metrics.ilisi_knn(..., scale=True)``; 0 = each neighbourhood one species, 1 = every
-  neighbourhood holds the species in equal parts, which unequal species sizes cannot reach);
+  neighbourhood holds the species in equal parts, which unequal species sizes cannot reach; NaN
+  with fewer than 6 cells, where LISI's perplexity, a third of the graph, would be 1 and scib-metrics
+  returns its sentinel −1 for every cell: an iLISI of −2);
 * ``species_asw``: batch silhouette of species computed within each cell type
   (``scib_metrics.silhouette_batch``; 1 = species overlap inside a type, 0 = separate; NaN when
   no cell type holds two species);
@@ -42,7 +44,8 @@ from sklearn.neighbors import NearestNeighbors
 
 from . import classify as C
 from .classify.labels import MISSING_TEXT
-from .errors import InputDataError
+from .errors import ConfigError, InputDataError
+from .fileio import atomic_file
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
@@ -50,6 +53,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 N_NEIGHBORS = 90  # scib's graph size for LISI (neighbours, the cell itself included)
 KBET_NEIGHBORS = 50  # scib's graph size for kBET
+#: the smallest LISI graph (the cell itself included) whose perplexity, a third of it, is above 1: at
+#: perplexity 1 scib-metrics' Simpson index is its "no neighbours" sentinel -1 for every cell
+MIN_LISI_NEIGHBORS = 6
 
 
 def scib_available() -> bool:
@@ -132,6 +138,8 @@ def species_mixing(
         (``"scib-metrics"`` or ``"sklearn"``); with ``reference``, ``species_asw_shuffled`` and
         ``ilisi_shuffled``: the scores of the same cells with species shuffled within each type.
     """
+    if n_neighbors < MIN_LISI_NEIGHBORS:
+        raise ConfigError(f"n_neighbors={n_neighbors}: LISI needs at least {MIN_LISI_NEIGHBORS} (its perplexity is a third of it)")
     x, batch, labels = _check(embeddings, species, cell_types)
     mixed = shuffled_within_types(batch, labels) if reference else None
     if not scib_available():
@@ -149,11 +157,17 @@ def species_mixing(
     def asw(species: np.ndarray) -> float:
         return float(scib_metrics.silhouette_batch(x, labels, species)) if _mixable_types(species, labels) else float("nan")
 
-    out = {"species_asw": asw(batch), "ilisi": float(scib_metrics.ilisi_knn(neighbors, batch, scale=True)),
-           "backend": "scib-metrics"}
+    def ilisi(species: np.ndarray) -> float:
+        if neighbors.n_neighbors < MIN_LISI_NEIGHBORS:  # perplexity 1: scib's sentinel LISI -1 gives iLISI -2
+            return float("nan")
+        return float(scib_metrics.ilisi_knn(neighbors, species, scale=True))
+
+    if neighbors.n_neighbors < MIN_LISI_NEIGHBORS:
+        logger.warning("iLISI needs at least %d cells, got %d: it is NaN", MIN_LISI_NEIGHBORS, x.shape[0])
+    out = {"species_asw": asw(batch), "ilisi": ilisi(batch), "backend": "scib-metrics"}
     if mixed is not None:
         out["species_asw_shuffled"] = asw(mixed)
-        out["ilisi_shuffled"] = float(scib_metrics.ilisi_knn(neighbors, mixed, scale=True))
+        out["ilisi_shuffled"] = ilisi(mixed)
     if kbet:
         try:
             graph = neighbors.subset_neighbors(min(KBET_NEIGHBORS, neighbors.n_neighbors))
@@ -255,6 +269,10 @@ def shared_type_mixing(
     if shared is None:
         shared = set(canonical["human"][labelled["human"]]) & set(canonical["mouse"][labelled["mouse"]])
     shared = sorted(str(t) for t in shared)
+    if not shared:  # species_mixing would blame the embeddings ("only 0 of 0 cells have a finite embedding")
+        types = {s: sorted(set(canonical[s][labelled[s]])) for s in ("human", "mouse")}
+        raise InputDataError(f"no cell type is shared by human and mouse (human: {types['human']}, mouse: {types['mouse']}); "
+                             "species mixing is scored within the types both species have. Check the label column.")
     parts, species, types = [], [], []
     for s in ("human", "mouse"):
         keep = np.isin(canonical[s], shared) & labelled[s] & np.isfinite(embeddings[s]).all(axis=1)
@@ -290,12 +308,14 @@ def write_benchmark_text(header: str, table: pd.DataFrame, per_seed: pd.DataFram
     print(text)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
+        with atomic_file(out) as handle:  # an interrupted write leaves the previous file, not half of it
+            handle.write(text + "\n")
     return text
 
 
 __all__ = [
     "KBET_NEIGHBORS",
+    "MIN_LISI_NEIGHBORS",
     "N_NEIGHBORS",
     "cross_species_scores",
     "missing_labels",
