@@ -3,6 +3,8 @@ gave silently wrong output (many classes, tiny inputs, reordered tables, labels 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -89,3 +91,67 @@ def test_benchmark_text_is_written_atomically(tmp_path, monkeypatch):
         integration.write_benchmark_text("header \ud800", table, pd.DataFrame({"seed": [0]}), str(out))
     assert out.read_text() == "previous result\n"
     assert [p.name for p in tmp_path.iterdir()] == ["result.txt"]
+
+
+def test_report_text_escapes_emphasis_strikethrough_and_entities_in_labels():
+    from mixgeneformer.demo.markdown import frame_markdown, markdown_to_html, md_text
+
+    label = "_beta_ &amp; ~~delta~~"
+    assert md_text(label) == r"\_beta\_ \&amp; \~\~delta\~\~"  # GitHub showed beta in italics, '&', struck delta
+    page = markdown_to_html(frame_markdown(pd.DataFrame({"cell_type": [label]})), "t")
+    assert "<td>_beta_ &amp;amp; ~~delta~~</td>" in page  # the HTML shows the label as written
+    assert "<th>cell_type</th>" in page
+
+
+def _fake_context(tmp_path, **config):
+    from mixgeneformer.demo.config import DemoConfig
+    from mixgeneformer.demo.context import _Context
+
+    results = {
+        "pretrain": {"steps": 10, "first_loss": 9.0, "final_loss": 7.0},
+        "embed": {"n_cells": 100, "dim": 8, "cells_without_embedding": 3},
+        "classify": {"table": [], "notes": {}},
+        "perturb": {"summary": {"cells_perturbed": 5}, "n_genes_tested": 20, "n_significant_fdr_0.05": 1,
+                    "top_genes": []},
+    }
+    return _Context(out_dir=tmp_path, config=DemoConfig(**config), progress=False, results=results)
+
+
+def test_report_perturbation_labels_cannot_inject_html_into_report_md(tmp_path):
+    from mixgeneformer.demo.markdown import markdown_to_html
+    from mixgeneformer.demo.report import _classify_perturb_sections
+
+    ctx = _fake_context(tmp_path, perturb_start="x`<img src=x onerror=alert(1)>`", perturb_goal="alpha")
+    markdown = "\n".join(_classify_perturb_sections(ctx, {}, lambda name, alt: alt))
+    assert re.search(r"(?<!\\)<img", markdown) is None  # the label closed its code span: raw HTML in report.md
+    assert "&lt;img src=x onerror=alert(1)&gt;" in markdown_to_html(markdown, "t")
+
+
+def test_report_counts_the_cells_without_an_embedding(tmp_path):
+    from mixgeneformer.demo.report import _pretrain_embed_sections
+
+    ctx = _fake_context(tmp_path)
+    text = "\n".join(_pretrain_embed_sections(ctx, lambda name, alt: alt))
+    assert "97 of 100 cells embedded (3 without an embedding" in text  # it said "100 cells embedded"
+
+
+def test_a_report_that_fails_to_build_leaves_the_previous_metrics_json(tmp_path, monkeypatch):
+    from mixgeneformer.demo import report
+
+    folder = tmp_path / "report"
+    folder.mkdir()
+    (folder / "metrics.json").write_text('{"old": 1}\n')
+    (folder / "report.md").write_text("old report\n")
+    monkeypatch.setattr(report, "_load_context", lambda out: _fake_context(tmp_path))
+    monkeypatch.setattr(report, "_figures", lambda ctx: {})
+    monkeypatch.setattr(report, "_commands", lambda ctx: {})
+    monkeypatch.setattr(report, "report_metrics", lambda *args: {"new": 2})
+
+    def broken(*args):
+        raise RuntimeError("a section failed")
+
+    monkeypatch.setattr(report, "report_sections", broken)
+    with pytest.raises(RuntimeError, match="a section failed"):
+        report.write_report(tmp_path)
+    assert (folder / "metrics.json").read_text() == '{"old": 1}\n'  # not the new numbers beside the old report
+    assert sorted(p.name for p in folder.iterdir()) == ["metrics.json", "report.md"]

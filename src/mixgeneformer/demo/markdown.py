@@ -14,10 +14,11 @@ import shlex
 
 import pandas as pd
 
-#: characters a label could use to start Markdown emphasis, code, links or HTML (``|`` is replaced)
-_MD_SPECIAL = re.compile(r"([\\`*<>\[\]])")
+#: characters a label could use to start Markdown emphasis (``*``, ``_``), strikethrough (``~``),
+#: code, links, HTML or an entity (``&amp;`` would show as ``&``); ``|`` is replaced
+_MD_SPECIAL = re.compile(r"([\\`*_~&<>\[\]])")
 #: a backslash escape of :data:`_MD_SPECIAL` in report text
-_MD_ESCAPE = re.compile(r"\\([\\`*<>\[\]])")
+_MD_ESCAPE = re.compile(r"\\([\\`*_~&<>\[\]])")
 
 
 def shell_word(value: object) -> str:

@@ -17,7 +17,7 @@ import yaml
 from .. import __version__
 from ..config import to_dict
 from ..diagnostics import diagnostics_markdown
-from ..fileio import atomic_file, write_json
+from ..fileio import atomic_file, write_json, written_together
 from .config import DEMO_STEPS, SPECIES, DemoConfig, finetune_config
 from .context import _Context, _load_context
 from .markdown import frame_markdown, markdown_to_html, md_text, shell_word
@@ -101,7 +101,8 @@ def _figures(ctx: _Context) -> dict[str, Path]:
     for step in DEMO_STEPS:
         for name, path in ctx.results.get(step, {}).get("figures", {}).items():
             copy = target / f"{name}.png"
-            shutil.copyfile(path, copy)
+            with open(path, "rb") as source, atomic_file(copy, "wb") as handle:  # never half a figure
+                shutil.copyfileobj(source, handle)
             figures[name] = copy
     return figures
 
@@ -187,14 +188,16 @@ def write_report(
     figures = _figures(ctx)
     commands = _commands(ctx)
     metrics = report_metrics(ctx, folder, figures, commands, wall_seconds)
-    write_json(folder / "metrics.json", metrics)
     sections = report_sections(ctx, metrics, folder, figures, commands, wall_seconds)
     markdown = "\n".join(sections)
+    page = markdown_to_html(markdown, title=sections[0].lstrip("# "))
     path = folder / "report.md"
-    with atomic_file(path) as handle:
-        handle.write(markdown)
-    with atomic_file(folder / "report.html") as handle:
-        handle.write(markdown_to_html(markdown, title=sections[0].lstrip("# ")))
+    with written_together():  # all three or none: a failure never pairs a new metrics.json with an old report
+        write_json(folder / "metrics.json", metrics)
+        with atomic_file(path) as handle:
+            handle.write(markdown)
+        with atomic_file(folder / "report.html") as handle:
+            handle.write(page)
     return path
 
 
@@ -296,13 +299,23 @@ def _pretrain_embed_sections(ctx: _Context, fig: Callable[[str, str], str]) -> l
         "",
         "## Cell embeddings",
         "",
-        f"{r['embed']['n_cells']:,} cells embedded ({r['embed']['dim']} dimensions, {cfg.pooling} pooling of hidden "
+        f"{_embedded_cells(r['embed'])} ({r['embed']['dim']} dimensions, {cfg.pooling} pooling of hidden "
         f"state {cfg.embed_layer}), UMAP coloured by cell type (left) and by species (right).",
         "",
         fig("umap", "UMAP by cell type and by species"),
         "",
         *_mixing_lines(r["embed"].get("species_mixing")),
     ]
+
+
+def _embedded_cells(embed: dict[str, Any]) -> str:
+    """How many cells have an embedding: ``n_cells`` counts every input cell, also those the tokenizer
+    dropped (no vocabulary gene), whose rows are NaN (``cells_without_embedding``)."""
+    missing = int(embed.get("cells_without_embedding") or 0)
+    if not missing:
+        return f"{embed['n_cells']:,} cells embedded"
+    return (f"{embed['n_cells'] - missing:,} of {embed['n_cells']:,} cells embedded ({missing:,} without an embedding: "
+            "the tokenizer kept none of their genes; left out of the UMAP and the scores)")
 
 
 def _objective(cfg: DemoConfig) -> str:
@@ -353,8 +366,8 @@ def _classify_perturb_sections(ctx: _Context, figures: dict[str, Path], fig: Cal
         "## In silico perturbation",
         "",
         f"Every gene of {r['perturb']['summary'].get('cells_perturbed', r['perturb']['summary'].get('cells_selected', '?'))} "
-        f"{cfg.perturb_species} `{cfg.perturb_start}` cells was deleted in turn; the score is the cosine shift of the "
-        f"cell embedding toward the mean `{cfg.perturb_goal}` embedding, tested per gene against all deletions "
+        f"{cfg.perturb_species} “{md_text(cfg.perturb_start)}” cells was deleted in turn; the score is the cosine shift of "
+        f"the cell embedding toward the mean “{md_text(cfg.perturb_goal)}” embedding, tested per gene against all deletions "
         "(Wilcoxon rank-sum, Benjamini–Hochberg FDR). "
         f"{r['perturb']['n_genes_tested']:,} genes tested; "
         f"{r['perturb']['n_significant_fdr_0.05']} with FDR < 0.05.",
