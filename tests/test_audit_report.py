@@ -155,3 +155,16 @@ def test_a_report_that_fails_to_build_leaves_the_previous_metrics_json(tmp_path,
         report.write_report(tmp_path)
     assert (folder / "metrics.json").read_text() == '{"old": 1}\n'  # not the new numbers beside the old report
     assert sorted(p.name for p in folder.iterdir()) == ["metrics.json", "report.md"]
+
+
+def test_embed_refuses_a_umap_of_too_few_cells_before_the_model_is_read(tmp_path):
+    import anndata as ad
+
+    from mixgeneformer.embed import embed_to_outputs
+    from mixgeneformer.errors import ConfigError
+
+    data = tmp_path / "three.h5ad"
+    ad.AnnData(np.ones((3, 2), dtype=np.float32), obs=pd.DataFrame({"cell_type": list("abc")}, index=list("xyz"))).write_h5ad(data)
+    with pytest.raises(ConfigError, match="--umap needs at least 4 cells; .* has 3"):
+        embed_to_outputs(data, tmp_path / "no_model", tmp_path / "out.h5ad", umap=tmp_path / "u.png", color="cell_type")
+    assert not (tmp_path / "out.h5ad").exists()

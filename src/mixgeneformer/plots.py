@@ -77,6 +77,7 @@ def _annotation(data: Any, value: Any, n: int, what: str) -> tuple[str, np.ndarr
     return what, values
 
 
+MIN_UMAP_CELLS = 4  # fewer: umap-learn's spectral layout fails
 EXACT_KNN_MAX_CELLS = 20_000  # brute-force neighbours below this many cells (UMAP figures)
 
 
@@ -99,8 +100,8 @@ def umap_coordinates(
 
     x = np.asarray(embeddings, dtype=np.float32)
     n = x.shape[0]
-    if n < 4:  # umap-learn's spectral layout fails on 3 points (a scipy TypeError)
-        raise InputDataError(f"UMAP needs at least 4 cells with a finite embedding, got {n}")
+    if n < MIN_UMAP_CELLS:  # umap-learn's spectral layout fails on 3 points (a scipy TypeError)
+        raise InputDataError(f"UMAP needs at least {MIN_UMAP_CELLS} cells with a finite embedding, got {n}")
     k = min(n_neighbors, n - 1)
     knn = (None, None, None)
     if n <= EXACT_KNN_MAX_CELLS and metric in VALID_METRICS["brute"]:

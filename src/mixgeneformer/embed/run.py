@@ -149,17 +149,20 @@ def check_outputs(
                       "--umap": (umap, figures)}, inputs, overwrite)
 
 
-def _read_checked(input: Path, color: str | None, backed: bool) -> anndata.AnnData | None:
+def _read_checked(input: Path, color: str | None, backed: bool, umap: Path | None = None) -> anndata.AnnData | None:
     """The input (h5ad: the AnnData, read once, backed when ``backed``; corpus: None) after checking
-    ``color`` is one of its columns."""
+    ``color`` is one of its columns and, with ``umap``, that it has the cells a UMAP needs."""
     if input.is_dir():
-        columns = [c for c in load_corpus(input).column_names if c != "input_ids"]
+        corpus = load_corpus(input)
+        columns, n_cells = [c for c in corpus.column_names if c != "input_ids"], len(corpus)
         adata = None
     else:
         adata = read_h5ad(input, "input h5ad", backed="r" if backed else None)
-        columns = list(adata.obs.columns)
+        columns, n_cells = list(adata.obs.columns), adata.n_obs
     if color is not None and color not in columns:
         raise ConfigError(f"--color {color!r} is not a column of {input}; available: {columns}")
+    if umap is not None and n_cells < plots.MIN_UMAP_CELLS:  # else the figure fails after the embedding
+        raise ConfigError(f"--umap needs at least {plots.MIN_UMAP_CELLS} cells; {input} has {n_cells}. Leave out --umap")
     return adata
 
 
@@ -208,7 +211,7 @@ def embed_to_outputs(
     if not input.exists():
         raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
     role = shard_role(shard_index, num_shards)
-    adata = _read_checked(input, color, backed=role.world > 1)
+    adata = _read_checked(input, color, backed=role.world > 1, umap=umap)
     if role.world == 1:
         return embed_file(
             input, model, key=key, layer=layer, pooling=pooling, overwrite=overwrite, gene_column=gene_column,
