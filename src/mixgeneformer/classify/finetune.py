@@ -258,7 +258,7 @@ def fit_classifier(
     split = validation_split(label_ids, ft.validation_fraction, seed)
     train_set, val_set = (dataset, None) if split is None else (dataset.select(split[0]), dataset.select(split[1]))
     first_tokens = np.asarray([ids[0] for ids in train_set["input_ids"]])
-    pooling = resolve_pooling(ft.pooling, model, first_tokens, vocab.special_ids)
+    pooling = resolve_pooling(ft.pooling, model, first_tokens, vocab.special_ids, vocab.cls_id)
     classifier = build_classifier(model, classes, vocab, dataclasses.replace(ft, pooling=pooling), seed=seed)
     weights = class_weights(np.asarray(train_set["labels"]), len(classes), ft.class_weights, ft.imbalance_ratio)
     classifier.loss_weights = None if weights is None else torch.as_tensor(weights)

@@ -28,12 +28,15 @@ def resolve_pooling(
     model: torch.nn.Module,
     first_tokens: np.ndarray | None = None,
     special_ids: Sequence[int] | np.ndarray | None = None,
+    cls_id: int | None = None,
 ) -> str:
     """The cell pooling of a classifier: ``"mean"`` / ``"cls"`` as given; ``"auto"`` follows pretraining.
 
     ``"auto"``: a model pretrained with ``cls`` or ``pooler`` pooling (the state at position 0) is
-    pooled at ``<cls>`` when every cell starts with a special token (``first_tokens`` /
-    ``special_ids``, when given), otherwise (and for ``mean`` pretraining) by the mean over genes.
+    pooled at ``<cls>`` when every cell starts with ``<cls>`` (``first_tokens``, when given, checked
+    against ``cls_id``; without it, against any of ``special_ids``), otherwise (and for ``mean``
+    pretraining) by the mean over genes. Cells that start with a species token (V1 style with
+    ``add_species_token``) have no ``<cls>`` state: the mean over genes.
     """
     if pooling in ("mean", "cls"):
         return pooling
@@ -44,8 +47,9 @@ def resolve_pooling(
     )
     if pretrained not in ("cls", "pooler"):
         return "mean"
-    if first_tokens is not None and special_ids is not None:
-        if not np.isin(np.asarray(first_tokens), np.asarray(special_ids)).all():
+    if first_tokens is not None and (cls_id is not None or special_ids is not None):
+        allowed = np.asarray([cls_id] if cls_id is not None else special_ids)
+        if not np.isin(np.asarray(first_tokens), allowed).all():
             return "mean"
     return "cls"
 
