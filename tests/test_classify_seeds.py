@@ -53,6 +53,17 @@ def test_seed_summary_is_mean_and_sample_sd_per_setting_and_method():
     assert "0.600 ± 0.141" in text and "| 11 / 3 |" in text and "| 2 |" in text
 
 
+def test_one_seed_has_no_sd_rather_than_a_zero_one():
+    per_seed = pd.DataFrame({"setting": ["a", "a", "b"], "seed": [0, 1, 0], "method": ["x"] * 3,
+                             "n_train": [4] * 3, "n_test": [2] * 3, "accuracy": [0.5, 0.7, 0.25],
+                             "macro_precision": [0.5] * 3, "macro_recall": [0.5] * 3, "macro_f1": [0.5, 0.5, 0.125]})
+    table = C.seed_summary(per_seed)
+    assert table.iloc[0]["macro_f1_sd"] == 0.0 and np.isnan(table.iloc[1]["macro_f1_sd"])  # two equal seeds vs one seed
+    text = _seeds_markdown(table)
+    assert "| 0.500 ± 0.000 |" in text and "| 0.125 |" in text and "nan" not in text
+    assert C.mean_sd_text(float("nan"), 0.1) == "n/a"
+
+
 def test_benchmark_seed_tables_use_the_same_statistics_as_the_classification_tables():
     from mixgeneformer.integration import seed_table
 
@@ -62,7 +73,7 @@ def test_benchmark_seed_tables_use_the_same_statistics_as_the_classification_tab
     table, mean = seed_table(per_seed)
     assert list(table.columns) == ["p", "q"] and list(table.index) == ["score"]
     assert table.at["score", "p"] == f"0.500 ± {np.std([0.2, 0.4, 0.9], ddof=1):.3f}"  # sample sd, as seed_summary
-    assert table.at["score", "q"] == "0.500 ± 0.000" and mean.at["p", "score"] == pytest.approx(0.5)
+    assert table.at["score", "q"] == "0.500" and mean.at["p", "score"] == pytest.approx(0.5)  # one seed: no sd
 
 
 def test_demo_seed_and_finetune_options_are_validated_and_reach_the_classify_config(tmp_path):

@@ -294,10 +294,7 @@ def seed_table(per_seed: pd.DataFrame, by: str = "config") -> tuple[pd.DataFrame
     mean = summary[numeric]
     table = mean.T.astype(object)
     for group in mean.index:
-        table[group] = [
-            f"{summary.at[group, c]:.3f} ± {summary.at[group, f'{c}_sd']:.3f}" if np.isfinite(summary.at[group, c]) else "n/a"
-            for c in numeric
-        ]
+        table[group] = [C.mean_sd_text(summary.at[group, c], summary.at[group, f"{c}_sd"]) for c in numeric]
     table.index.name = "metric"
     return table, mean
 

@@ -114,7 +114,7 @@ def benchmark_table(results: Iterable[EvalResult]) -> pd.DataFrame:
 def seed_summary(
     per_seed: pd.DataFrame, by: Sequence[str] = ("setting", "method"), metrics: Sequence[str] | None = None
 ) -> pd.DataFrame:
-    """Mean and sample sd (ddof=1; 0 for one seed) over seeds of every metric, per group, in first-seen order.
+    """Mean and sample sd (ddof=1; NaN for one seed: undefined, not 0) over seeds of every metric, per group, in first-seen order.
 
     ``per_seed``: rows of several seeds. Columns of the result: ``by``, n_seeds, n_train and n_test
     (means, when given), then ``<metric>`` (mean) and ``<metric>_sd`` for each of ``metrics``
@@ -127,8 +127,18 @@ def seed_summary(
     table.insert(0, "n_seeds", grouped.size())
     for metric in METRIC_COLUMNS if metrics is None else metrics:
         table[metric] = grouped[metric].mean()
-        table[f"{metric}_sd"] = grouped[metric].std(ddof=1).fillna(0.0)
+        table[f"{metric}_sd"] = grouped[metric].std(ddof=1)
     return table.reset_index()
+
+
+def mean_sd_text(mean: Any, sd: Any, digits: int = 3) -> str:
+    """``"m ± s"`` of a :func:`seed_summary` row; ``"m"`` alone where the sd is undefined (one seed), ``"n/a"`` without a mean."""
+    def finite(value: Any) -> bool:
+        return isinstance(value, (int, float, np.integer, np.floating)) and bool(np.isfinite(value))
+
+    if not finite(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if finite(sd) else f"{mean:.{digits}f}"
 
 
 def markdown_table(table: pd.DataFrame, digits: int = 4) -> str:

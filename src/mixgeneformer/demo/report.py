@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import shutil
@@ -15,6 +16,7 @@ import pandas as pd
 import yaml
 
 from .. import __version__
+from ..classify import mean_sd_text
 from ..config import to_dict
 from ..diagnostics import diagnostics_markdown
 from ..fileio import atomic_file, write_json, written_together
@@ -148,7 +150,7 @@ def _seeds_markdown(table: pd.DataFrame) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in table.to_dict(orient="records"):
-        scores = " | ".join(f"{_fmt(row[m])} ± {_fmt(row.get(m + '_sd'))}" for m in metrics)  # one seed: sd n/a
+        scores = " | ".join(mean_sd_text(row[m], row.get(m + "_sd")) for m in metrics)  # one seed: the mean alone
         lines.append(
             f"| {md_text(row['setting'])} | {row['n_train']:g} / {row['n_test']:g} | "
             f"{md_text(_METHOD_NAMES.get(row['method'], row['method']))} | {row.get('n_seeds', 1)} | {scores} |"
@@ -430,7 +432,7 @@ def _reproduce_sections(ctx: _Context, commands: dict[str, list[str]]) -> list[s
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+    return f"{value:.3f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
 
 
 def _version() -> str:
