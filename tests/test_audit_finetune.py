@@ -40,3 +40,96 @@ def test_auto_pooling_means_over_genes_when_cells_start_with_a_species_token():
     # Cells that do start with <cls> keep the <cls> state.
     fitted = C.fit_classifier(task, model, vocab, None, recipe(), train_tokens=tokens)
     assert fitted.summary["pooling"] == "cls"
+
+
+@pytest.mark.parametrize(("section", "values", "named"), [
+    ("finetune", dict(pooling="max"), "finetune.pooling"),
+    ("finetune", dict(class_weights="inverse"), "finetune.class_weights"),
+    ("finetune", dict(warmup_steps=-5), "finetune.warmup_steps"),
+    ("finetune", dict(weight_decay=-0.1), "finetune.weight_decay"),
+    ("finetune", dict(epochs=float("nan")), "finetune.epochs"),
+    ("finetune", dict(epochs=float("inf")), "finetune.epochs"),
+    ("embedding", dict(pooling="max"), "embedding.pooling"),
+])
+def test_bad_option_values_are_refused_when_the_config_is_made(section, values, named):
+    # Built in Python (not from a config file, whose Literal types from_dict checks), these were
+    # accepted and refused only after tokenizing every cell (and running the zero-shot methods), or
+    # at the optimizer / TrainingArguments, after the probe head was fitted.
+    cls = C.FinetuneConfig if section == "finetune" else C.EmbeddingConfig
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        cls(**values)
+
+
+def _no_tokenizing(monkeypatch):
+    from importlib import import_module
+
+    # (classify.finetune is also the name of a function: import the modules by path)
+    finetune_module, run_module, zeroshot_module = (
+        import_module(f"mixgeneformer.classify.{name}") for name in ("finetune", "run", "zeroshot"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("cells were tokenized before the options were checked")
+
+    monkeypatch.setattr(finetune_module, "tokenize_cells", refuse)
+    for module in (finetune_module, run_module, zeroshot_module):
+        monkeypatch.setattr(module, "tokenize_task", refuse)
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    (dict(device="foo"), r"finetune\.device='foo' is not a torch device"),
+    (dict(device="cuda"), r"finetune\.device='cuda' was requested but CUDA is not available"),
+    (dict(max_len=256), r"finetune\.max_len=256 is not used.*--max-len 256"),
+    (dict(freeze_layers=9), r"finetune\.freeze_layers=9 but the model has 2 layers"),
+])
+def test_finetune_options_are_checked_before_any_cell_is_tokenized(monkeypatch, values, message):
+    # device='foo' (or 'cuda' without CUDA) trained on the Trainer's own choice of device and was
+    # refused only when the test cells were predicted, after the whole fine-tuning; max_len was
+    # accepted and ignored (the cells kept the tokenize configuration's length).
+    import torch
+
+    if "cuda" in values.values() and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    adata, vocab, _ = token_task(n_per_class=6)
+    task = C.within_task(adata, C.LabelConfig(min_class_fraction=0))
+    model = tiny_model(vocab)
+    assert model.config.num_hidden_layers == 2
+    config = recipe(**{"device": None, **values})
+    _no_tokenizing(monkeypatch)
+    with pytest.raises(ConfigError, match=message):
+        C.fit_classifier(task, model, vocab, None, config)
+    with pytest.raises(ConfigError, match=message):
+        C.run_classification(adata, model, vocab, methods=("knn", "finetune"), config=config)
+
+
+def test_zero_shot_checks_methods_pooling_and_device_before_tokenizing(monkeypatch):
+    adata, vocab, _ = token_task(n_per_class=6)
+    task = C.within_task(adata, C.LabelConfig(min_class_fraction=0))
+    model = tiny_model(vocab)
+    _no_tokenizing(monkeypatch)
+    with pytest.raises(ConfigError, match=r"zero-shot methods \['knn', 'svm'\]"):
+        C.zero_shot(task, model, vocab, None, methods=("knn", "svm"))
+    with pytest.raises(ConfigError, match="not a torch device"):
+        C.zero_shot(task, model, vocab, None, device="foo")
+
+
+def test_a_classifier_fine_tuned_on_a_device_this_machine_lacks_predicts_here(tmp_path, caplog):
+    # A classifier fine-tuned with device='cuda' (recorded in its config.yaml) could not predict on a
+    # machine without CUDA unless every call passed device=: `mixgf predict` without --device ("default:
+    # cuda when available") failed with "CUDA is not available".
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    _, vocab, tokens = token_task(n_per_class=4)
+    classes = ["type0", "type1", "type2"]
+    classifier = C.build_classifier(tiny_model(vocab), classes, vocab, C.FinetuneConfig(), seed=0)
+    on_gpu = C.FittedClassifier(classifier, classes, vocab, None, C.ClassifyConfig(finetune=C.FinetuneConfig(device="cuda")), [])
+    expected = on_gpu.predict(tokens.dataset, device="cpu").probabilities
+    loaded = C.load_classifier(on_gpu.save(tmp_path / "clf"))
+    assert loaded.config.finetune.device == "cuda"
+    with caplog.at_level("WARNING"):
+        again = loaded.predict(tokens.dataset).probabilities
+    assert np.array_equal(again, expected)
+    assert "fine-tuned on device 'cuda'" in caplog.text
+    with pytest.raises(ConfigError, match="not a torch device"):
+        loaded.predict(tokens.dataset, device="foo")  # an explicit device is still checked

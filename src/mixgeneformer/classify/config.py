@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -55,6 +56,12 @@ class EmbeddingConfig:
 
     def __post_init__(self) -> None:
         _check_positive("embedding", {"batch_size": self.batch_size, "knn_k": self.knn_k, "logreg_c": self.logreg_c})
+        _check_choice("embedding.pooling", self.pooling, ("mean", "cls"))
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {list(choices)}.")
 
 
 def _check_positive(section: str, values: dict[str, float]) -> None:
@@ -92,6 +99,12 @@ class FinetuneConfig:
     fine-tuning) and keeps that starting model when no epoch beats its validation score (the
     ``selection_metric``), so the selected model is never worse than the probe on the validation
     cells. ``"random"``: a seeded random head (the usual recipe).
+
+    ``device``: where the classifier is fine-tuned and its test cells predicted (``"cpu"``; None:
+    the Trainer's choice, CUDA when available), checked before any cell is tokenized.
+    ``max_len`` is kept only so older config files load: the cells' length is the tokenize
+    configuration's (``run_classification(max_len=...)``, ``mixgf classify --max-len``), and a
+    value here is refused before any work rather than ignored.
     """
 
     learning_rate: float | None = None
@@ -127,8 +140,11 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.freeze_layers={self.freeze_layers} must be >= 0.")
         if self.batch_size < 1:
             raise ConfigError(f"finetune.batch_size={self.batch_size} must be >= 1.")
-        if self.epochs <= 0 and self.max_steps <= 0:
-            raise ConfigError("finetune.epochs must be > 0 (or set finetune.max_steps > 0).")
+        if not (math.isfinite(self.epochs) and self.epochs > 0) and self.max_steps <= 0:
+            raise ConfigError(f"finetune.epochs={self.epochs} must be a finite number > 0 (or set finetune.max_steps > 0).")
+        for name in ("warmup_steps", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"finetune.{name}={getattr(self, name)} must be >= 0.")
         for name in ("learning_rate", "head_learning_rate"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -143,10 +159,9 @@ class FinetuneConfig:
             raise ConfigError(
                 f"finetune.early_stopping_patience={self.early_stopping_patience} must be >= 0 (0: train every epoch)."
             )
-        if self.selection_metric not in ("macro_f1", "loss"):
-            raise ConfigError(f"finetune.selection_metric={self.selection_metric!r} is not one of ['macro_f1', 'loss'].")
-        if self.head_init not in ("probe", "random"):
-            raise ConfigError(f"finetune.head_init={self.head_init!r} is not one of ['probe', 'random'].")
+        for name, choices in (("selection_metric", ("macro_f1", "loss")), ("head_init", ("probe", "random")),
+                              ("pooling", ("auto", "mean", "cls")), ("class_weights", ("auto", "balanced", "none"))):
+            _check_choice(f"finetune.{name}", getattr(self, name), choices)
         for name in ("classifier_dropout", "attention_dropout", "hidden_dropout"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import tempfile
 from collections.abc import Sequence
@@ -68,6 +69,8 @@ if TYPE_CHECKING:
 
     from ..tokenize import TokenizeConfig
 
+logger = logging.getLogger(__name__)
+
 
 def build_classifier(
     model: torch.nn.Module,
@@ -87,9 +90,7 @@ def build_classifier(
     """
     config = config or FinetuneConfig()
     bert = encoder_of(model)
-    n_layers = len(bert.encoder.layer)
-    if config.freeze_layers > n_layers:
-        raise ConfigError(f"finetune.freeze_layers={config.freeze_layers} but the model has {n_layers} layers.")
+    check_finetune_options(config, model)
     model_config = copy.deepcopy(bert.config)
     model_config.num_labels = len(classes)
     model_config.id2label = dict(enumerate(classes))
@@ -123,6 +124,27 @@ def build_classifier(
     return classifier
 
 
+def check_finetune_options(config: FinetuneConfig, model: torch.nn.Module | None = None) -> None:
+    """The fine-tuning options that depend on the model or the machine, refused (ConfigError naming
+    the option) before any cell is tokenized: ``freeze_layers`` beyond the model's layers, a
+    ``device`` that is no torch device or is not on this machine, and ``max_len`` (not an option of
+    fine-tuning: the tokenize configuration's ``max_len`` sets the cells' length)."""
+    if config.max_len is not None:
+        raise ConfigError(
+            f"finetune.max_len={config.max_len} is not used by fine-tuning (the cells are tokenized once for every "
+            f"method): pass run_classification(max_len={config.max_len}) / `mixgf classify --max-len "
+            f"{config.max_len}` (or TokenizeConfig(max_len=...)) and leave finetune.max_len unset."
+        )
+    try:
+        resolve_device(config.device)
+    except ConfigError as exc:
+        raise ConfigError(f"finetune.{exc}") from None
+    if model is not None:
+        n_layers = len(encoder_of(model).encoder.layer)
+        if config.freeze_layers > n_layers:
+            raise ConfigError(f"finetune.freeze_layers={config.freeze_layers} but the model has {n_layers} layers.")
+
+
 @dataclass
 class FittedClassifier:
     """A fine-tuned classifier, its classes and its training log."""
@@ -137,15 +159,28 @@ class FittedClassifier:
     tokenize_config: TokenizeConfig | None = None  # how its cells were tokenized; saved so `mixgf predict` tokenizes alike
 
     def predict(self, dataset: datasets.Dataset, batch_size: int = 64, device: str | None = None) -> Prediction:
-        """Class probabilities of every cell of a tokenized corpus (length-sorted batches)."""
+        """Class probabilities of every cell of a tokenized corpus (length-sorted batches).
 
-
-        model = self.model.to(resolve_device(device or self.config.finetune.device)).eval()
+        ``device`` None: the device it was fine-tuned on (``config.finetune.device``), or, where this
+        machine has no such device (a classifier fine-tuned on a GPU, predicting on a laptop), CUDA
+        when available, else the CPU."""
+        model = self.model.to(self._device(device)).eval()
         features = pooled_features(model, dataset, self.vocab.pad_id, batch_size)
         with torch.inference_mode():
             logits = model.classifier(torch.from_numpy(features).to(model.classifier.weight))
         probabilities = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return Prediction(_argmax_labels(probabilities, self.classes), probabilities, list(self.classes))
+
+    def _device(self, device: str | None) -> torch.device:
+        if device is not None:
+            return resolve_device(device)
+        try:
+            return resolve_device(self.config.finetune.device)
+        except ConfigError:
+            fallback = resolve_device(None)
+            logger.warning("the classifier was fine-tuned on device %r, which this machine lacks: predicting on %s "
+                           "(pass device= / --device to choose)", self.config.finetune.device, str(fallback))
+            return fallback
 
     def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the classifier as a model bundle (:func:`mixgeneformer.bundle.save_bundle`, kind
@@ -246,6 +281,7 @@ def fit_classifier(
     """
     config = config or ClassifyConfig()
     ft = config.finetune
+    check_finetune_options(ft, model)
     seed = config.labels.seed if ft.seed is None else ft.seed
     if train_tokens is None:
         train_tokens = tokenize_cells(task.train_data, vocab, medians, tokenize_config, _max_len_of(model))

@@ -25,7 +25,7 @@ from ..tokenize import TokenizeConfig
 from ..vocab import Vocabulary
 from .baselines import baselines, token_baseline
 from .config import BaselineMethod, ClassifyConfig, Method
-from .finetune import FittedClassifier, finetune
+from .finetune import FittedClassifier, check_finetune_options, finetune
 from .metrics import EvalResult, benchmark_table, write_predictions
 from .tasks import Task, _max_len_of, tokenize_task, transfer_task, within_task
 from .zeroshot import zero_shot
@@ -54,9 +54,8 @@ def _check_model_options(model: torch.nn.Module | None, methods: Sequence[Method
     """The options that need the model, checked before any cell is tokenized."""
     if methods and model is None:
         raise ConfigError(f"methods {list(methods)} need a model (CLI: --model BUNDLE); or run only baselines.")
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if "finetune" in methods and n_layers is not None and config.finetune.freeze_layers > n_layers:
-        raise ConfigError(f"finetune.freeze_layers={config.finetune.freeze_layers} but the model has {n_layers} layers.")
+    if "finetune" in methods:
+        check_finetune_options(config.finetune, model)
 
 
 def run_classification(

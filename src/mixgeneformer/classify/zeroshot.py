@@ -12,7 +12,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 
 from ..errors import ConfigError, InputDataError
-from ..inference import embed_corpus
+from ..inference import check_embed_options, embed_corpus
 from .config import EmbeddingConfig
 from .metrics import EvalResult, Prediction, _argmax_labels, evaluate
 from .tasks import Task, TokenizedCells, _max_len_of, restrict_to_tokenized, tokenize_task
@@ -108,6 +108,9 @@ def _dense(x: np.ndarray | sp.spmatrix) -> np.ndarray:
     return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float32)
 
 
+ZERO_SHOT_METHODS = ("knn", "logreg")
+
+
 def zero_shot_predict(
     task: Task, train_embeddings: np.ndarray, test_embeddings: np.ndarray, method: Literal["knn", "logreg"], config: EmbeddingConfig | None = None
 ) -> Prediction:
@@ -122,7 +125,7 @@ def zero_shot_predict(
         return knn_predict(train_embeddings, task.train_labels, test_embeddings, k=config.knn_k)
     if method == "logreg":
         return logreg_predict(train_embeddings, task.train_labels, test_embeddings, c=config.logreg_c)
-    raise ConfigError(f"zero-shot method {method!r} is not one of ['knn', 'logreg'].")
+    raise ConfigError(f"zero-shot method {method!r} is not one of {list(ZERO_SHOT_METHODS)}.")
 
 
 def zero_shot(
@@ -139,10 +142,15 @@ def zero_shot(
     """Classify with kNN / logistic regression on frozen cell embeddings of ``model``.
 
     Every model is embedded the same way (``config.layer``, default the second-to-last layer;
-    ``config.pooling``, default mean over genes), the fair protocol of SPEC §5.
+    ``config.pooling``, default mean over genes), the fair protocol of SPEC §5. ``methods``,
+    ``config`` and ``device`` are checked before any cell is tokenized or embedded.
     """
 
     config = config or EmbeddingConfig()
+    unknown = [m for m in methods if m not in ZERO_SHOT_METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"zero-shot methods {list(methods)} must be one or more of {list(ZERO_SHOT_METHODS)}.")
+    check_embed_options(config.pooling, config.batch_size, "auto", device)
     if tokens is None:
         task, train_tokens, test_tokens = tokenize_task(task, vocab, medians, tokenize_config, _max_len_of(model))
     else:
