@@ -133,3 +133,58 @@ def test_a_classifier_fine_tuned_on_a_device_this_machine_lacks_predicts_here(tm
     assert "fine-tuned on device 'cuda'" in caplog.text
     with pytest.raises(ConfigError, match="not a torch device"):
         loaded.predict(tokens.dataset, device="foo")  # an explicit device is still checked
+
+
+# ---------------------------------------------------------------- pins: what the audit found right
+
+
+def test_optimizer_groups_follow_freezing_and_the_two_learning_rates():
+    """Pin: frozen parameters are in no optimizer group; the head learns at its rate, every trainable
+    encoder parameter at the width-fitted one; biases and LayerNorms without weight decay."""
+    from transformers import TrainerCallback
+
+    class Groups(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):  # noqa: ANN001
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.groups = [(g["lr"], g["weight_decay"], [names[id(p)] for p in g["params"]]) for g in optimizer.param_groups]
+
+    adata, vocab, tokens = token_task(n_per_class=8)
+    task = C.within_task(adata, C.LabelConfig(min_class_fraction=0))
+    groups = Groups()
+    fitted = C.fit_classifier(task, tiny_model(vocab), vocab, None, recipe(learning_rate=None, freeze_layers=1),
+                              train_tokens=tokens, callbacks=[groups])
+    encoder_lr = C.default_learning_rate(32)
+    seen = [name for _, _, names in groups.groups for name in names]
+    trainable = [n for n, p in fitted.model.named_parameters() if p.requires_grad]
+    assert sorted(seen) == sorted(trainable) and len(seen) == len(set(seen))
+    assert not any(n.startswith(("bert.embeddings.", "bert.encoder.layer.0.")) for n in seen)
+    assert any(n.startswith("bert.encoder.layer.1.") for n in seen)
+    for lr, decay, names in groups.groups:
+        head = {n.startswith("classifier.") for n in names}
+        assert len(head) == 1
+        assert lr == pytest.approx(10 * encoder_lr if head.pop() else encoder_lr)
+        no_decay = {("bias" in n or "LayerNorm" in n) for n in names}
+        assert no_decay == {decay == 0.0}
+
+
+def test_validation_loss_is_the_class_weighted_training_objective():
+    """Pin (documented): with class weights, the validation loss that selects under
+    ``selection_metric="loss"`` is the weighted cross-entropy on the validation cells."""
+    import pandas as pd
+
+    adata, vocab, tokens = token_task(n_per_class=24)
+    labels = adata.obs["cell_type1"].to_numpy()
+    keep = np.sort(np.concatenate([np.flatnonzero(labels != "type2"), np.flatnonzero(labels == "type2")[:8]]))
+    cells = C.TokenizedCells(dataset=tokens.dataset.select(keep), rows=np.arange(keep.size))
+    task = C.within_task(adata[keep].copy(), C.LabelConfig(min_class_fraction=0))
+    config = recipe(validation_fraction=0.3, class_weights="balanced", selection_metric="loss")
+    fitted = C.fit_classifier(task, tiny_model(vocab), vocab, None, config, train_tokens=cells)
+    summary = fitted.summary
+    ids = pd.Index(task.classes).get_indexer(task.train_labels)
+    _, val = C.validation_split(ids, 0.3, seed=config.labels.seed)
+    probabilities = fitted.predict(cells.select(task.train_rows[val]), device="cpu").probabilities
+    log_p = np.log(probabilities[np.arange(val.size), ids[val]])
+    weights = np.asarray([summary["class_weights"][c] for c in task.classes])[ids[val]]
+    kept = summary["probe_validation_loss"] if summary["kept"] == "probe" else summary["best_validation_loss"]
+    assert kept == pytest.approx(-(weights * log_p).sum() / weights.sum(), rel=1e-4)
+    assert kept != pytest.approx(-log_p.mean(), rel=1e-2)

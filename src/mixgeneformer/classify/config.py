@@ -78,7 +78,8 @@ class FinetuneConfig:
     cells (``validation_fraction``), evaluation every epoch, the checkpoint with the best
     validation macro-F1 kept (early stopping after ``early_stopping_patience`` epochs without a
     gain; ``selection_metric="loss"`` selects and stops on the validation loss instead, which is
-    smoother than macro-F1 when a class has only a few validation cells), class-weighted
+    smoother than macro-F1 when a class has only a few validation cells; it is the training objective:
+    class-weighted by the fit cells' weights when these apply), class-weighted
     cross-entropy when classes are imbalanced, and learning rates fitted to the model: ``learning_rate=None`` picks :func:`default_learning_rate` of the encoder's width
     (the authors' 5e-5 for their 256-wide model, higher for narrower ones), and the freshly
     initialised head learns at ``head_learning_rate`` (default ``head_lr_multiplier`` × the
