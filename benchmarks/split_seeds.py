@@ -67,9 +67,12 @@ def run_seed(demo: Path, data: Path, species: str, seed: int, max_len: int | Non
 
 
 def paired(per_seed: pd.DataFrame, method: str, reference: str = "logreg_counts") -> dict[str, float]:
-    """Mean macro-F1 difference ``method - reference`` over seeds, with its 95% t-interval."""
+    """Mean macro-F1 difference ``method - reference`` over seeds, with its 95% t-interval.
+
+    Only seeds where both methods have a score are paired; ``n`` is their number (a seed missing
+    either method was counted in ``n`` while the mean and sd skipped it)."""
     wide = per_seed.pivot(index="seed", columns="method", values="macro_f1")
-    diff = wide[method] - wide[reference]
+    diff = (wide[method] - wide[reference]).dropna()
     n = len(diff)
     half = float(scipy.stats.t.ppf(0.975, n - 1) * diff.std(ddof=1) / n**0.5) if n > 1 else float("nan")
     return {"mean": float(diff.mean()), "lo": float(diff.mean() - half), "hi": float(diff.mean() + half),
