@@ -116,6 +116,9 @@ def seed_summary(
 ) -> pd.DataFrame:
     """Mean and sample sd (ddof=1; NaN for one seed: undefined, not 0) over seeds of every metric, per group, in first-seen order.
 
+    A metric missing (NaN) in any seed of a group is NaN for that group (never a mean over fewer
+    seeds than ``n_seeds`` says).
+
     ``per_seed``: rows of several seeds. Columns of the result: ``by``, n_seeds, n_train and n_test
     (means, when given), then ``<metric>`` (mean) and ``<metric>_sd`` for each of ``metrics``
     (default: accuracy and the macro scores). Every seed table of the package (demo report,
@@ -126,8 +129,11 @@ def seed_summary(
     table = grouped[sizes].mean().round(1) if sizes else pd.DataFrame(index=grouped.size().index)
     table.insert(0, "n_seeds", grouped.size())
     for metric in METRIC_COLUMNS if metrics is None else metrics:
-        table[metric] = grouped[metric].mean()
-        table[f"{metric}_sd"] = grouped[metric].std(ddof=1)
+        # A seed without a value (NaN) makes the group's mean and sd NaN: pandas would average the
+        # other seeds silently, under an n_seeds that counts them all.
+        complete = grouped[metric].count() == table["n_seeds"]
+        table[metric] = grouped[metric].mean().where(complete)
+        table[f"{metric}_sd"] = grouped[metric].std(ddof=1).where(complete)
     return table.reset_index()
 
 
