@@ -239,7 +239,8 @@ def mean_sd_table(per_seed: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     summary = C.seed_summary(per_seed)
     table = summary[["setting", "method", "n_seeds"]].rename(columns={"n_seeds": "seeds"})
     for metric in C.METRIC_COLUMNS:
-        table[metric] = [f"{m:.3f} ± {sd:.3f}" for m, sd in zip(summary[metric], summary[f"{metric}_sd"], strict=True)]
+        # C.mean_sd_text: "m" alone for one seed (its sd is undefined: NaN), "n/a" without a mean
+        table[metric] = [C.mean_sd_text(m, sd) for m, sd in zip(summary[metric], summary[f"{metric}_sd"], strict=True)]
     rank = {s: i for i, s in enumerate(order)}
     return table.sort_values("setting", key=lambda col: col.map(rank), kind="stable").reset_index(drop=True)
 
