@@ -97,6 +97,29 @@ def cv_rows(data: ad.AnnData, species: str, vocab, medians, args: argparse.Names
     return rows, per_class
 
 
+def seed_scores(adata: ad.AnnData, task: C.Task, vocab, medians, max_lens: list[int]) -> dict[str, float]:  # noqa: ANN001
+    """Test macro-F1 of the token bags at each ``max_len`` and of ``logreg_counts``, all on the same cells:
+    those the tokenizer kept (the counts baseline scored every cell of the split, so a cell the
+    tokenizer dropped was tested by the counts and not by the bags)."""
+    row, cells = {}, None
+    for max_len in max_lens:
+        task_n, train, test = C.tokenize_task(task, vocab, medians, TokenizeConfig(), max_len=max_len)
+        if cells is None:
+            cells = task_n
+        elif not (np.array_equal(task_n.train_rows, cells.train_rows) and np.array_equal(task_n.test_rows, cells.test_rows)):
+            raise SystemExit(f"{max_len} genes per cell: the tokenizer kept other cells than at {max_lens[0]}; compare at equal cells")
+        for name, weighted in (("binary", False), ("rank", True)):
+            fitted = C.logreg_predict(token_bag(train.select(task_n.train_rows), len(vocab.tokens), weighted),
+                                      task_n.train_labels,
+                                      token_bag(test.select(task_n.test_rows), len(vocab.tokens), weighted), clip=10.0)
+            row[f"bag_{name}_{max_len}"] = f1_score(task_n.test_labels, fitted.labels, average="macro")
+    cells = cells or task
+    x = sp.csr_matrix(adata.X)
+    fitted = C.baseline_predict(x[cells.train_rows], cells.train_labels, x[cells.test_rows], "logreg_counts")
+    row["logreg_counts"] = f1_score(cells.test_labels, fitted.labels, average="macro")
+    return row
+
+
 def class_table(per_class: list[pd.DataFrame]) -> pd.DataFrame:
     """Out-of-fold F1 per species and class (rows, rarest first) and feature set (columns), mean over seeds."""
     frame = pd.concat(per_class, ignore_index=True)
@@ -145,17 +168,8 @@ def main() -> None:
     for species in args.species:
         for seed in args.seeds:
             task = C.within_task(data[species], C.LabelConfig(key=args.label, seed=seed))
-            row = {"config": species, "seed": seed}
-            for max_len in [int(x) for x in args.max_lens.split(",")]:
-                task_n, train, test = C.tokenize_task(task, vocab, medians, TokenizeConfig(), max_len=max_len)
-                for name, weighted in (("binary", False), ("rank", True)):
-                    fitted = C.logreg_predict(token_bag(train.select(task_n.train_rows), len(vocab.tokens), weighted),
-                                              task_n.train_labels,
-                                              token_bag(test.select(task_n.test_rows), len(vocab.tokens), weighted), clip=10.0)
-                    row[f"bag_{name}_{max_len}"] = f1_score(task_n.test_labels, fitted.labels, average="macro")
-            x = sp.csr_matrix(data[species].X)
-            fitted = C.baseline_predict(x[task.train_rows], task.train_labels, x[task.test_rows], "logreg_counts")
-            row["logreg_counts"] = f1_score(task.test_labels, fitted.labels, average="macro")
+            row = {"config": species, "seed": seed,
+                   **seed_scores(data[species], task, vocab, medians, [int(x) for x in args.max_lens.split(",")])}
             print(row, flush=True)
             rows.append(row)
     per_seed = pd.DataFrame(rows)
