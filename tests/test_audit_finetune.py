@@ -188,3 +188,14 @@ def test_validation_loss_is_the_class_weighted_training_objective():
     kept = summary["probe_validation_loss"] if summary["kept"] == "probe" else summary["best_validation_loss"]
     assert kept == pytest.approx(-(weights * log_p).sum() / weights.sum(), rel=1e-4)
     assert kept != pytest.approx(-log_p.mean(), rel=1e-2)
+
+
+def test_finetune_device_cpu_with_an_index_trains_on_the_cpu(tmp_path):
+    # use_cpu compared the string with "cpu": device="cpu:0" let the Trainer pick CUDA where there
+    # is one, while the test cells were then predicted on the CPU.
+    from mixgeneformer.classify.finetune import _training_arguments
+
+    for device in ("cpu", "cpu:0"):
+        args = _training_arguments(C.FinetuneConfig(device=device), str(tmp_path), 1e-3, 0, 10, 5, True, 0)
+        assert args.use_cpu and not args.dataloader_pin_memory
+    assert not _training_arguments(C.FinetuneConfig(), str(tmp_path), 1e-3, 0, 10, 5, True, 0).use_cpu

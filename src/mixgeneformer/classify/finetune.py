@@ -370,6 +370,7 @@ def _training_arguments(
 ) -> TrainingArguments:
     """The Trainer's arguments: evaluation and a kept checkpoint every epoch when there is a validation set."""
     eval_steps = max(1, min(steps_per_epoch, total_steps))
+    on_cpu = ft.device is not None and resolve_device(ft.device).type == "cpu"  # "cpu:0" too
     return TrainingArguments(
         output_dir=scratch,
         learning_rate=learning_rate,
@@ -394,10 +395,10 @@ def _training_arguments(
         seed=seed,
         data_seed=seed,
         bf16=ft.bf16,
-        use_cpu=(ft.device == "cpu"),
+        use_cpu=on_cpu,
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        dataloader_pin_memory=ft.device != "cpu" and torch.cuda.is_available(),
+        dataloader_pin_memory=not on_cpu and torch.cuda.is_available(),
         disable_tqdm=True,
         logging_nan_inf_filter=False,  # a diverged loss is logged as it is, and stops the run (StopOnDivergence)
     )
