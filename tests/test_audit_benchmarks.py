@@ -101,3 +101,23 @@ def test_input_bound_counts_baseline_scores_the_cells_the_bags_score(monkeypatch
     row = input_bound.seed_scores(adata, task, Vocab(), None, [8])
     assert seen == [(30, 9)]  # the 9 test cells the bags are scored on, not all 10
     assert set(row) == {"bag_binary_8", "bag_rank_8", "logreg_counts"}
+
+
+def test_finetune_cv_folds_never_read_a_test_cell_of_the_seeds_compared():
+    finetune_cv = load_script("finetune_cv")
+    rng = np.random.default_rng(1)
+    n = 200
+    labels = rng.choice(["alpha", "beta", "delta"], size=n).astype(object)
+    adata = ad.AnnData(X=np.ones((n, 3), dtype=np.float32),
+                       obs=pd.DataFrame({"cell_type1": labels}, index=[str(i) for i in range(n)]))
+    seeds = finetune_cv.parse_seeds("0-2")
+    assert seeds == [0, 1, 2] and finetune_cv.parse_seeds("none") == []
+    excluded = finetune_cv.tested_cells(adata, seeds)
+    for seed in seeds:
+        task = C.within_task(adata, C.LabelConfig(key="cell_type1", seed=seed))
+        pool = finetune_cv.without_cells(task, excluded)
+        for other in seeds:
+            other_test = C.within_task(adata, C.LabelConfig(key="cell_type1", seed=other)).test_rows
+            assert not np.isin(pool.train_rows, other_test).any()
+        assert np.array_equal(pool.train_labels, labels[pool.train_rows])
+        assert pool.train_rows.size > 0.3 * n
