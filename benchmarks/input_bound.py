@@ -153,7 +153,7 @@ def main() -> None:
             per_class += species_classes
         table, _ = seed_table(pd.DataFrame(rows))
         header = (
-            f"{args.cv}-fold out-of-fold macro-F1 on the TRAINING cells of split seeds {args.seeds} (test cells unused): "
+            f"{args.cv}-fold out-of-fold macro-F1 on the TRAINING cells of split seeds {args.seeds} (no test cell is fitted or scored; the gene medians and vocabulary, as the demo's, come from all cells, labels unused): "
             f"logistic regression on each cell's top-N tokens (bag_binary_N) vs log-normalised counts, within "
             f"{', '.join(args.species)}, demo data, ortholog vocabulary; {time.perf_counter() - started:.0f}s."
         )
