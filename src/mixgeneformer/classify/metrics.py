@@ -137,14 +137,15 @@ def seed_summary(
     return table.reset_index()
 
 
-def mean_sd_text(mean: Any, sd: Any, digits: int = 3) -> str:
+def mean_sd_text(mean: float | None, sd: float | None, digits: int = 3) -> str:
     """``"m ± s"`` of a :func:`seed_summary` row; ``"m"`` alone where the sd is undefined (one seed), ``"n/a"`` without a mean."""
-    def finite(value: Any) -> bool:
-        return isinstance(value, (int, float, np.integer, np.floating)) and bool(np.isfinite(value))
-
-    if not finite(mean):
+    if not _finite(mean):
         return "n/a"
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if finite(sd) else f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if _finite(sd) else f"{mean:.{digits}f}"
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and bool(np.isfinite(value))
 
 
 def markdown_table(table: pd.DataFrame, digits: int = 4) -> str:
