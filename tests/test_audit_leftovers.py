@@ -11,21 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_audit_files import run_cli
 
 from mixgeneformer import fileio
 from mixgeneformer.errors import ArtifactError
-
-
-def run_cli(capsys, *args) -> tuple[int, str]:
-    """Run ``mixgf ARGS`` in-process; return (exit code, stderr)."""
-    from mixgeneformer.cli import main
-
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    return code, capsys.readouterr().err
 
 
 # ------------------------------------------------------- 1: an overwrite cut between its renames
