@@ -70,6 +70,7 @@ RECIPES: dict[str, dict] = {
     "no validation, 8 ep, no attention dropout": {"epochs": 8.0, "validation_fraction": 0.0, "attention_dropout": 0.0},
     "no validation, 10 ep, no attention dropout": {"epochs": 10.0, "validation_fraction": 0.0, "attention_dropout": 0.0},
     "no validation, 10 ep, no encoder dropout": DEMO,
+    "demo recipe, 5 ep": {**DEMO, "epochs": 5.0},
     "demo recipe, 15 ep": {**DEMO, "epochs": 15.0},
     "demo recipe, lr x2": {**DEMO, "learning_rate": 1.6e-3},
     "demo recipe, no class weights": {**DEMO, "class_weights": "none"},

@@ -95,8 +95,8 @@ class DemoConfig:
         fine-tuning; zero-shot kNN / logistic regression and the count baselines always run.
     finetune_overrides
         Further :class:`~mixgeneformer.classify.FinetuneConfig` options of the demo's fine-tuning,
-        chosen by 5-fold cross-validation on the training cells of each seed, never on test cells
-        (``benchmarks/results/finetune_cv_{human,mouse}.txt``, ``finetune_cv_dropout_*.txt``):
+        chosen by 5-fold cross-validation on the cells no split of seeds 0-2 tests on, never on test cells
+        (``benchmarks/results/finetune_cv_clean_{human,mouse}.txt``; first ``finetune_cv_{human,mouse}.txt``, ``finetune_cv_dropout_*.txt``):
         batch 32; every training cell fits, the last epoch is kept (``validation_fraction=0``: on
         these ~1,000-cell sets carving and selecting on a validation split cost 1-5 points of
         cross-validated macro-F1, its noisy macro-F1 stopping at epoch 3 of 10); no encoder dropout
