@@ -103,20 +103,6 @@ def parse_seeds(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
-def tested_cells(data: ad.AnnData, seeds: list[int]) -> np.ndarray:
-    """Obs positions of the cells any of ``seeds``' splits tests on (the demo's labels and split)."""
-    key = DemoConfig().label_key
-    rows = [C.within_task(data, C.LabelConfig(key=key, seed=s)).test_rows for s in seeds]
-    return np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
-
-
-def without_cells(task: C.Task, excluded: np.ndarray) -> C.Task:
-    """The task with its training cells at obs positions ``excluded`` left out (its test cells are unused here)."""
-    keep = ~np.isin(task.train_rows, excluded)
-    return dataclasses.replace(task, train_rows=task.train_rows[keep], train_labels=task.train_labels[keep],
-                               notes=[*task.notes, f"{int((~keep).sum())} training cells left out: test cells of other seeds"])
-
-
 def cross_validated(task: C.Task, folds: list[tuple[np.ndarray, np.ndarray]], fit_predict) -> np.ndarray:  # noqa: ANN001
     """Out-of-fold labels of the task's training cells: ``fit_predict(fit_task)`` on each fold's split."""
     predicted = np.empty(task.train_rows.size, dtype=object)
@@ -139,7 +125,7 @@ def seed_rows(seed: int, data: ad.AnnData, bundle: tuple, recipes: list[str], fo
     labels = C.LabelConfig(key=demo.label_key, seed=seed)
     task, tokens, _ = C.tokenize_task(C.within_task(data, labels), vocab, medians, TokenizeConfig(max_len=max_len))
     n_split = task.train_rows.size
-    task = without_cells(task, excluded)
+    task = C.without_training_rows(task, excluded)
     splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(task.train_rows, task.train_labels))
     truth = task.train_labels
     note = (f"seed {seed}: {truth.size} of its {n_split} training cells (the rest: test cells of the excluded seeds), "
@@ -194,7 +180,7 @@ def main() -> None:
     started_all = time.perf_counter()
     seeds = parse_seeds(args.seeds)
     excluded_seeds = seeds if args.exclude_test_seeds is None else parse_seeds(args.exclude_test_seeds)
-    excluded = tested_cells(data, excluded_seeds)
+    excluded = C.tested_rows(data, C.LabelConfig(key=DemoConfig().label_key), excluded_seeds)
     notes.append(f"test cells of split seeds {excluded_seeds or 'none'} left out of every fold: {excluded.size} cells")
     for seed in seeds:
         seed_table, note, classes = seed_rows(seed, data, bundle, chosen, args.folds, args.max_len, excluded)

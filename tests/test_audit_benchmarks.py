@@ -112,10 +112,10 @@ def test_finetune_cv_folds_never_read_a_test_cell_of_the_seeds_compared():
                        obs=pd.DataFrame({"cell_type1": labels}, index=[str(i) for i in range(n)]))
     seeds = finetune_cv.parse_seeds("0-2")
     assert seeds == [0, 1, 2] and finetune_cv.parse_seeds("none") == []
-    excluded = finetune_cv.tested_cells(adata, seeds)
+    excluded = C.tested_rows(adata, C.LabelConfig(key="cell_type1"), seeds)
     for seed in seeds:
         task = C.within_task(adata, C.LabelConfig(key="cell_type1", seed=seed))
-        pool = finetune_cv.without_cells(task, excluded)
+        pool = C.without_training_rows(task, excluded)
         for other in seeds:
             other_test = C.within_task(adata, C.LabelConfig(key="cell_type1", seed=other)).test_rows
             assert not np.isin(pool.train_rows, other_test).any()

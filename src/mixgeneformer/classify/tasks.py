@@ -75,6 +75,20 @@ def within_task(adata: anndata.AnnData, config: LabelConfig | None = None, setti
     )
 
 
+def tested_rows(adata: anndata.AnnData, config: LabelConfig, seeds: list[int]) -> np.ndarray:
+    """Obs positions of the cells that any of ``seeds``' within-dataset splits (``config`` with each
+    seed) tests on: what a choice scored on several seeds must not read."""
+    rows = [within_task(adata, dataclasses.replace(config, seed=s)).test_rows for s in seeds]
+    return np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
+
+
+def without_training_rows(task: Task, excluded: np.ndarray, reason: str = "test cells of other seeds") -> Task:
+    """``task`` with its training cells at obs positions ``excluded`` left out (a note says how many and why)."""
+    keep = ~np.isin(task.train_rows, excluded)
+    return dataclasses.replace(task, train_rows=task.train_rows[keep], train_labels=task.train_labels[keep],
+                               notes=[*task.notes, f"{int((~keep).sum())} training cells left out: {reason}"])
+
+
 def transfer_task(
     source: anndata.AnnData,
     target: anndata.AnnData,
