@@ -74,7 +74,7 @@ class DemoConfig:
     cross_species_weight
         Weight of the cross-species term (each cell's positive is its nearest cell of the other
         species by ortholog genes; ``cross_species_positives="mnn"``); 0 turns it off.
-        ``benchmarks/results/species_cpu_queue.txt`` measured the choice: with the queue below,
+        ``benchmarks/results/species_cpu_queue.txt`` measured the choice (``species_cpu_clean.txt`` without test cells): with the queue below,
         0.05 transfers labels across species as well as 0.1 and keeps more of the MLM learning.
     cross_species_queue, cross_species_k
         The pairing searches the batch plus this many earlier cells and keeps K-reciprocal pairs
