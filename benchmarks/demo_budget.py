@@ -84,8 +84,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-len", type=int, default=128, help="tokens per cell with --bundle")
     parser.add_argument("--demo-data", action="store_true", help="the demo's shipped data (V1 tokens) instead of --data")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--exclude-test-seeds", default="0,1,2",
-                        help="split seeds whose test cells no fit or validation cell is (default: the demo's classify seeds; 'none')")
+    parser.add_argument("--exclude-test-seeds", type=int, nargs="*", default=[0, 1, 2],
+                        help="split seeds whose test cells no fit or validation cell is (default: the demo's classify seeds; none given: every training cell)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--label", default="cell_type1")
     parser.add_argument("--variants", default="default (10 epochs);frozen embeddings",
@@ -109,8 +109,7 @@ def main() -> None:
     labels = C.LabelConfig(key=args.label, seed=args.seed)
     folder = demo_data_dir() if args.demo_data else args.data
     data = {s: ad.read_h5ad(folder / f"baron_pancreas_{s}.h5ad") for s in SPECIES}
-    exclude = [] if args.exclude_test_seeds.strip().lower() == "none" else [int(x) for x in args.exclude_test_seeds.split(",")]
-    excluded = {s: C.tested_rows(data[s], labels, exclude) for s in SPECIES}
+    excluded = {s: C.tested_rows(data[s], labels, args.exclude_test_seeds) for s in SPECIES}
     variants = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(";") if v.strip()]
     if args.bundle is not None:
         settings = [("bundle", args.bundle, args.max_len, 0, 0)]
@@ -167,7 +166,7 @@ def main() -> None:
     )
     text = "\n".join([
         f"Validation macro-F1 (seed {args.seed}; within-human and within-mouse, validation cells carved from the "
-        f"training cells less those split seeds {exclude or 'none'} test on; test cells unused). Costs relative to the first setting. CPU seconds of this process "
+        f"training cells less those split seeds {args.exclude_test_seeds or 'none'} test on; test cells unused). Costs relative to the first setting. CPU seconds of this process "
         "(one thread, on a shared machine): compare within this table only.",
         "",
         C.markdown_table(table, digits=3),

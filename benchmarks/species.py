@@ -85,8 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-steps", type=int, default=None,
                         help="score the held-out cells every N steps (default: once, at the end)")
     parser.add_argument("--cross-weight", type=float, default=0.5)
-    parser.add_argument("--exclude-test-seeds", default="0,1,2",
-                        help="split seeds of the demo's classification whose test cells no score reads ('none': every cell)")
+    parser.add_argument("--exclude-test-seeds", type=int, nargs="*", default=[0, 1, 2],
+                        help="split seeds of the demo's classification whose test cells no score reads (none given: every cell)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--reuse", action="store_true",
@@ -145,8 +145,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     source = args.data or demo_data_dir()
     paths = {s: source / f"baron_pancreas_{s}.h5ad" for s in SPECIES}
     data = {s: ad.read_h5ad(paths[s]) for s in SPECIES}
-    exclude = [] if args.exclude_test_seeds.strip().lower() == "none" else [int(x) for x in args.exclude_test_seeds.split(",")]
-    excluded = {s: C.tested_rows(data[s], C.LabelConfig(key=LABEL), exclude) for s in SPECIES}
+    excluded = {s: C.tested_rows(data[s], C.LabelConfig(key=LABEL), args.exclude_test_seeds) for s in SPECIES}
     tok_config = TokenizeConfig(max_len=args.max_len)
     rows = []
     with tempfile.TemporaryDirectory(prefix="mixgf-bench-species-") as scratch:
