@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -157,13 +156,13 @@ def species_mixing(
     def asw(species: np.ndarray) -> float:
         return float(scib_metrics.silhouette_batch(x, labels, species)) if _mixable_types(species, labels) else float("nan")
 
-    def ilisi(species: np.ndarray) -> float:
-        if neighbors.n_neighbors < MIN_LISI_NEIGHBORS:  # perplexity 1: scib's sentinel LISI -1 gives iLISI -2
-            return float("nan")
-        return float(scib_metrics.ilisi_knn(neighbors, species, scale=True))
-
-    if neighbors.n_neighbors < MIN_LISI_NEIGHBORS:
+    too_few = neighbors.n_neighbors < MIN_LISI_NEIGHBORS  # perplexity 1: scib's sentinel LISI -1 gives iLISI -2
+    if too_few:
         logger.warning("iLISI needs at least %d cells, got %d: it is NaN", MIN_LISI_NEIGHBORS, x.shape[0])
+
+    def ilisi(species: np.ndarray) -> float:
+        return float("nan") if too_few else float(scib_metrics.ilisi_knn(neighbors, species, scale=True))
+
     out = {"species_asw": asw(batch), "ilisi": ilisi(batch), "backend": "scib-metrics"}
     if mixed is not None:
         out["species_asw_shuffled"] = asw(mixed)
@@ -304,7 +303,6 @@ def write_benchmark_text(header: str, table: pd.DataFrame, per_seed: pd.DataFram
     text = "\n".join([header, "", C.markdown_table(table.reset_index()), "", "Per seed:", "", C.markdown_table(per_seed)])
     print(text)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(out) as handle:  # an interrupted write leaves the previous file, not half of it
             handle.write(text + "\n")
     return text

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import shutil
@@ -432,7 +431,7 @@ def _reproduce_sections(ctx: _Context, commands: dict[str, list[str]]) -> list[s
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
+    return mean_sd_text(value, None)  # "n/a" unless a finite number
 
 
 def _version() -> str:
