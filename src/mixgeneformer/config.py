@@ -31,6 +31,18 @@ class DataclassInstance(Protocol):
     __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
 
+def check_choices(obj: DataclassInstance, names: tuple[str, ...], section: str = "") -> None:
+    """:class:`ConfigError` when a field of ``obj`` named in ``names`` holds a value outside its
+    ``Literal`` annotation: what :func:`from_dict` checks for a config file, for a dataclass built
+    in Python (``section``: the prefix of the option's name in the message, e.g. ``"finetune"``)."""
+    hints = typing.get_type_hints(type(obj))
+    for name in names:
+        allowed = typing.get_args(hints[name])
+        if getattr(obj, name) not in allowed:
+            option = f"{section}.{name}" if section else name
+            raise ConfigError(f"{option}={getattr(obj, name)!r} is not one of {list(allowed)}.")
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
     """Build dataclass ``cls`` from ``data``, rejecting unknown keys and values of the wrong type."""
     if not isinstance(data, dict | None):

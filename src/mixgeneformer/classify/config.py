@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..config import check_choices
 from ..errors import ConfigError
 
 Method = Literal["finetune", "knn", "logreg"]
@@ -56,12 +57,7 @@ class EmbeddingConfig:
 
     def __post_init__(self) -> None:
         _check_positive("embedding", {"batch_size": self.batch_size, "knn_k": self.knn_k, "logreg_c": self.logreg_c})
-        _check_choice("embedding.pooling", self.pooling, ("mean", "cls"))
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of {list(choices)}.")
+        check_choices(self, ("pooling",), "embedding")
 
 
 def _check_positive(section: str, values: dict[str, float]) -> None:
@@ -160,9 +156,7 @@ class FinetuneConfig:
             raise ConfigError(
                 f"finetune.early_stopping_patience={self.early_stopping_patience} must be >= 0 (0: train every epoch)."
             )
-        for name, choices in (("selection_metric", ("macro_f1", "loss")), ("head_init", ("probe", "random")),
-                              ("pooling", ("auto", "mean", "cls")), ("class_weights", ("auto", "balanced", "none"))):
-            _check_choice(f"finetune.{name}", getattr(self, name), choices)
+        check_choices(self, ("selection_metric", "head_init", "pooling", "class_weights"), "finetune")
         for name in ("classifier_dropout", "attention_dropout", "hidden_dropout"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
 from typing import TYPE_CHECKING, Literal
 
+from ..config import check_choices
 from ..errors import ConfigError
 from ..sharding import shard_role
 
@@ -116,11 +116,7 @@ class PerturbConfig:
             value = getattr(self, name)
             if isinstance(value, str) or not isinstance(value, (list, tuple)):
                 raise ConfigError(f"{name} must be a list of names, got {value!r}; e.g. {name}=[{value!r}]")
-        hints = typing.get_type_hints(PerturbConfig)  # the allowed values are the fields' Literal types
-        for name in ("pooling", "screen_method", "precision", "species", "overexpress_absent"):
-            allowed = typing.get_args(hints[name])
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r}; use one of {list(allowed)}")
+        check_choices(self, ("pooling", "screen_method", "precision", "species", "overexpress_absent"))
 
     def __post_init__(self) -> None:
         self._check_choices()
