@@ -51,7 +51,8 @@ STAGES: list[tuple[str, ...]] = [
     # FLOPs / MFU, the metrics.csv, the run's typed configuration
     ("collator", "sampling", "checkpoints", "flops", "metrics_csv", "pretrain_config"),
     ("diagnostics",),  # held-out masked-gene diagnostics and their frequency baselines
-    ("stopping",),  # stop signals of pretraining (handler + Trainer callback)
+    # stop signals of pretraining (handler + Trainer callback); TrainingArguments for one device per process
+    ("stopping", "training_args"),
     ("trainer",),  # the Trainer subclass and callbacks of pretraining
     ("pretrain", "embed", "classify", "perturb"),  # the user APIs
     ("integration",),  # species mixing and cross-species transfer scores (on classify)

@@ -201,7 +201,8 @@ def check_output_key(key: object) -> None:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """The torch device to run on: ``None`` picks CUDA when available, else the CPU.
 
-    Raises :class:`ConfigError` for a string that is no device, or CUDA asked for without CUDA.
+    Raises :class:`ConfigError` for a string that is no device, CUDA asked for without CUDA, or a
+    CUDA index this machine does not have.
     """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -211,6 +212,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ConfigError(f"device={device!r} is not a torch device (use 'cpu', 'cuda', 'cuda:1')") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} was requested but CUDA is not available; use device='cpu'")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"device={device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return resolved
 
 

@@ -38,6 +38,7 @@ from .metrics_csv import METRICS_FIELDS, MetricsCSV, read_metrics, trim_metrics
 from .model import MixGeneformerForPretraining
 from .sampling import PretrainSampler, batch_seed
 from .stopping import SignalFlag, StopOnDivergence, StopOnSignal
+from .training_args import OneDeviceArguments
 
 if TYPE_CHECKING:
     from .pretrain_config import PretrainConfig
@@ -255,8 +256,6 @@ class MixGeneformerTrainer(Trainer):
             self._flops += training_flops(
                 self._flop_params, self._n_layers, self._hidden, ids.shape[0], ids.shape[1], self._n_views
             )
-        if self.args.n_gpu > 1:
-            loss = loss.mean()
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -399,8 +398,8 @@ def start_cpu_process_group(timeout_s: int) -> None:
         torch_dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def training_arguments(config: PretrainConfig, run_dir: Path, precision: str, has_eval: bool) -> transformers.TrainingArguments:
-    """Hugging Face ``TrainingArguments`` of a :class:`~mixgeneformer.pretrain.PretrainConfig`."""
+def training_arguments(config: PretrainConfig, run_dir: Path, precision: str, has_eval: bool) -> OneDeviceArguments:
+    """Hugging Face ``TrainingArguments`` of a :class:`~mixgeneformer.pretrain.PretrainConfig`: one device per process."""
     train, dist, log = config.train, config.distributed, config.logging
     cuda = torch.cuda.is_available()
     kwargs: dict[str, Any] = {
@@ -446,7 +445,7 @@ def training_arguments(config: PretrainConfig, run_dir: Path, precision: str, ha
         kwargs["fsdp"] = dist.fsdp
         kwargs["fsdp_config"] = {"transformer_layer_cls_to_wrap": [dist.fsdp_wrap_layer]}
     try:
-        return transformers.TrainingArguments(**kwargs)
+        return OneDeviceArguments(**kwargs)
     except (ValueError, ImportError) as exc:
         raise ConfigError(f"the training options are inconsistent: {exc}") from exc
 

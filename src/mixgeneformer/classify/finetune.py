@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors import SafetensorError
-from transformers import EarlyStoppingCallback, TrainingArguments
+from transformers import EarlyStoppingCallback
 
 from ..bundle import (
     CLASSIFIER_KIND,
@@ -35,6 +35,7 @@ from ..medians import GeneMedians
 from ..model import MixGeneformerForCellClassification
 from ..model_config import CONFIG_VALUE_ERRORS
 from ..stopping import StopOnDivergence
+from ..training_args import OneDeviceArguments
 from ..vocab import Vocabulary
 from .config import ClassifyConfig, FinetuneConfig
 from .metrics import EvalResult, Prediction, _argmax_labels, evaluate
@@ -367,11 +368,16 @@ def _training_arguments(
     steps_per_epoch: int,
     validate: bool,
     seed: int,
-) -> TrainingArguments:
-    """The Trainer's arguments: evaluation and a kept checkpoint every epoch when there is a validation set."""
+) -> OneDeviceArguments:
+    """The Trainer's arguments: evaluation and a kept checkpoint every epoch when there is a validation set.
+
+    One device, ``ft.device`` (None: ``cuda:0`` where there is CUDA): the effective batch is
+    ``ft.batch_size`` on any machine, however many GPUs it has.
+    """
     eval_steps = max(1, min(steps_per_epoch, total_steps))
     on_cpu = ft.device is not None and resolve_device(ft.device).type == "cpu"  # "cpu:0" too
-    return TrainingArguments(
+    return OneDeviceArguments(
+        device_pin=ft.device,
         output_dir=scratch,
         learning_rate=learning_rate,
         per_device_train_batch_size=ft.batch_size,
