@@ -6,6 +6,8 @@ Pure arithmetic on shapes and parameter counts; the device is only asked for its
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 # Dense bf16 peak FLOP/s used for MFU. H100/H200: the project's convention (790 TFLOP/s, below
@@ -21,7 +23,7 @@ def device_peak_flops(device: torch.device | str | None = None, override_tflops:
         return None  # a CPU run on a GPU host has no GPU peak
     name = torch.cuda.get_device_name(device if device is not None and str(device) != "cpu" else None)
     for key, flops in PEAK_BF16_FLOPS.items():
-        if key in name:
+        if re.search(rf"{key}(?!\d)", name):  # "L4" is not the L40's peak, "A100" not the RTX A1000's
             return flops
     return None
 

@@ -14,6 +14,7 @@ import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 from .errors import ArtifactError
 
@@ -116,10 +117,30 @@ def output_lock(target: str | os.PathLike) -> Iterator[None]:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(path, target, fcntl)
+    _HELD_LOCKS[key] = fd
+    try:
+        # The pid only names the holder to a second writer: a full disk must not fail (or leak) the lock
+        # itself; the command's own writes then report the disk.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        del _HELD_LOCKS[key]
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+
+
+def _acquire(path: Path, target: str | os.PathLike, fcntl: ModuleType) -> int:
+    """An open descriptor of the lock file ``path`` holding its ``flock``; ArtifactError when another
+    process holds it. No descriptor is left open when this raises."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except BlockingIOError:
             try:
                 owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
@@ -129,20 +150,11 @@ def output_lock(target: str | os.PathLike) -> Iterator[None]:
                 f"{Path(target)} is being written by another process (pid {owner}); wait for it to finish or "
                 f"choose another output path (lock: {path})."
             ) from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
             same = False
+        except BaseException:
+            os.close(fd)
+            raise
         if same:
-            break
+            return fd
         os.close(fd)  # the previous holder removed the file between our open and our lock: retry
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    _HELD_LOCKS[key] = fd
-    try:
-        yield
-    finally:
-        del _HELD_LOCKS[key]
-        with contextlib.suppress(OSError):
-            path.unlink()
-        os.close(fd)

@@ -10,6 +10,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import psutil
 
+from .errors import ConfigError
+
 
 def worker_context() -> multiprocessing.context.BaseContext:
     """Process start method for worker pools: forkserver (clean, fast) where available, else spawn."""
@@ -23,6 +25,8 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
 def plan_ranges(n_cells: int, workers: int, chunk_size: int, max_task_cells: int = 200_000) -> list[tuple[int, int]]:
     """Split ``n_cells`` into consecutive cell ranges, one per worker task (multiples of chunk_size)."""
+    if chunk_size < 1:  # else a division by zero before any cell is read
+        raise ConfigError(f"chunk_size must be at least 1 cell, got {chunk_size}; give a positive --chunk-size (e.g. 4096).")
     if n_cells <= 0:
         return [(0, 0)]
     per_task = max(chunk_size, min(max_task_cells, -(-n_cells // max(workers, 1))))

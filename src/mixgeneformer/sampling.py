@@ -69,13 +69,13 @@ def species_balanced_draw(species_codes: np.ndarray, n_draws: int, rng: np.rando
     Within a species, examples are drawn uniformly. Species absent from ``species_codes`` are
     ignored. Returns an int64 index array.
     """
-    codes = np.asarray(species_codes)
-    present, counts = np.unique(codes, return_counts=True)
+    codes = np.asarray(species_codes).ravel()
+    # Any code values (negative ones too): each example's weight comes from its code's position among
+    # the codes present, never from the code used as an index.
+    present, inverse, counts = np.unique(codes, return_inverse=True, return_counts=True)
     if present.size == 0:
         raise ConfigError("species-balanced sampling needs a non-empty corpus.")
-    weight_of_code = np.zeros(int(codes.max()) + 1, dtype=np.float64)
-    weight_of_code[present] = 1.0 / (counts * present.size)
-    probabilities = weight_of_code[codes]
+    probabilities = (1.0 / (counts * present.size))[inverse]
     cumulative = np.cumsum(probabilities)
     cumulative /= cumulative[-1]
     draws = np.searchsorted(cumulative, rng.random(n_draws), side="right")

@@ -163,12 +163,14 @@ def plan_shards(lengths: np.ndarray, world: int) -> np.ndarray:
     if world < 1:
         raise ConfigError(f"the number of shards must be at least 1, got {world}")
     weights = np.maximum(np.asarray(lengths, dtype=np.int64), 1)
+    if weights.size == 0:  # no cells: every shard empty (indexing `ends` below needs one cell)
+        return np.zeros(world + 1, dtype=np.int64)
     ends = np.cumsum(weights)
-    total = int(ends[-1]) if len(ends) else 0
+    total = int(ends[-1])
     targets = total * np.arange(1, world, dtype=np.float64) / world
     after = np.searchsorted(ends, targets, side="left")  # first cell whose end reaches the target
     before_end = np.where(after > 0, ends[np.maximum(after - 1, 0)], 0)
-    at_end = ends[np.minimum(after, len(ends) - 1)] if len(ends) else np.zeros_like(after)
+    at_end = ends[np.minimum(after, len(ends) - 1)]
     cuts = np.where(targets - before_end <= at_end - targets, after, after + 1)
     cuts = np.maximum.accumulate(np.clip(cuts, 0, len(weights)))
     return np.concatenate([[0], cuts, [len(weights)]]).astype(np.int64)
@@ -270,9 +272,24 @@ class ShardJob:
 
 def run_shard(job: ShardJob, role: ShardRole, compute: Callable[[int, int], dict[str, np.ndarray]], timeout_s: float,
          echo: Callable[[str], None]) -> bool:
-    """Compute (or reuse) this process' shard; True when this process must now merge."""
-    group = _join_group(timeout_s) if role.launched else None
-    bounds = plan_shards(cell_lengths(job.input, job.tokenize_config), role.world)
+    """Compute (or reuse) this process' shard; True when this process must now merge. A process group
+    this call created is destroyed when the shard fails (peers at the barrier see the loss at once)."""
+    own_group = _join_group(timeout_s) if role.launched else None
+    try:
+        return _run_shard(job, role, compute, own_group, timeout_s, echo)
+    except BaseException:
+        if own_group and dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+        raise
+
+
+def _run_shard(job: ShardJob, role: ShardRole, compute: Callable[[int, int], dict[str, np.ndarray]],
+               group: bool | None, timeout_s: float, echo: Callable[[str], None]) -> bool:
+    lengths = cell_lengths(job.input, job.tokenize_config)
+    if lengths.size == 0:  # as one process refuses it (no cell to tokenize), not an empty output
+        raise InputDataError(f"{job.input} holds no cells; there is nothing to {job.kind}. Give an input with cells.")
+    bounds = plan_shards(lengths, role.world)
     manifest = job.manifest(role.world, bounds)
     folder = shard_folder(job.out)
     folder.mkdir(parents=True, exist_ok=True)

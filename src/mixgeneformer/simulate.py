@@ -77,11 +77,25 @@ class PlantedConfig:
                 f"planted.n_shared_genes={self.n_shared_genes} is too small for {self.n_types} types x "
                 f"{self.n_markers} markers plus programs of {self.program_size}."
             )
+        for name in ("n_specific_genes", "specific_program_size", "baseline_sd", "species_shift", "library_sd"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"planted.{name} must be >= 0, got {getattr(self, name)}.")
         if self.specific_program_size > self.n_specific_genes:
             raise ConfigError("planted.specific_program_size cannot exceed planted.n_specific_genes.")
         for name in ("program_overlap", "sibling_overlap"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"planted.{name} must be in [0, 1], got {getattr(self, name)}.")
+        # A type's sibling draws its own cross-species genes outside the sibling's: the genes left after
+        # the markers must hold the sibling's shared program and the part not inherited from it.
+        common = int(round(self.program_size * self.program_overlap))
+        inherited = min(common, int(round(self.program_size * self.sibling_overlap)))
+        needed = self.n_types * self.n_markers + max(self.program_size, 2 * common - inherited)
+        if needed > self.n_shared_genes:
+            raise ConfigError(
+                f"planted.n_shared_genes={self.n_shared_genes} is too small: {self.n_types} types x {self.n_markers} "
+                f"markers plus sibling programs ({common} shared genes each, {inherited} in common) need {needed}. "
+                "Raise n_shared_genes or sibling_overlap, or lower program_size."
+            )
         if min(self.program_fold, self.marker_fold, self.library_size) <= 0 or self.dispersion < 0:
             raise ConfigError("planted folds and library_size must be > 0, dispersion >= 0.")
 
