@@ -54,6 +54,11 @@ import pandas as pd  # noqa: E402
 from mixgeneformer import classify as C  # noqa: E402
 from mixgeneformer.bundle import load_bundle, save_bundle  # noqa: E402
 from mixgeneformer.embed import embed_corpus  # noqa: E402
+from mixgeneformer.integration import (  # noqa: E402
+    add_overwrite_argument,
+    check_benchmark_out,
+    write_benchmark_files,
+)
 from mixgeneformer.medians import compute_medians  # noqa: E402
 from mixgeneformer.pretrain import build_model, pretrain_config_from_dict, run_pretraining  # noqa: E402
 from mixgeneformer.tokenize import TokenizeConfig, tokenize_files  # noqa: E402
@@ -90,6 +95,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=None, help="keep corpora and models here (default: temporary)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this CSV")
     parser.add_argument("--seeds", default="42", help="comma-separated seeds (split + pretraining); mean ± sd over them")
+    add_overwrite_argument(parser)
     return parser.parse_args()
 
 
@@ -247,6 +253,7 @@ def mean_sd_table(per_seed: pd.DataFrame, order: list[str]) -> pd.DataFrame:
 
 def main() -> None:
     args = parse_args()
+    check_benchmark_out([args.out], args.overwrite)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
@@ -270,7 +277,7 @@ def main() -> None:
         )
         print(C.markdown_table(mean_sd_table(per_seed, order)))
         if args.out is not None:
-            per_seed.to_csv(args.out, index=False)
+            write_benchmark_files({args.out: per_seed.to_csv(index=False)}, args.overwrite)
 
 
 if __name__ == "__main__":

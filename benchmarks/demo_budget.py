@@ -50,6 +50,11 @@ from mixgeneformer import classify as C  # noqa: E402
 from mixgeneformer.bundle import load_bundle  # noqa: E402
 from mixgeneformer.demo import demo_data_dir  # noqa: E402
 from mixgeneformer.embed import embed_corpus  # noqa: E402
+from mixgeneformer.integration import (  # noqa: E402
+    add_overwrite_argument,
+    check_benchmark_out,
+    write_benchmark_files,
+)
 from mixgeneformer.tokenize import TokenizeConfig  # noqa: E402
 from mixgeneformer.trainer import count_flop_parameters, training_flops  # noqa: E402
 
@@ -91,7 +96,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--variants", default="default (10 epochs);frozen embeddings",
                         help="fine-tuning variants separated by ;, or all")
     parser.add_argument("--out", type=Path, default=None, help="write <out>.csv, <out>.txt, <out>.json")
+    add_overwrite_argument(parser)
     return parser.parse_args()
+
+
+def outputs(out: Path | None) -> list[Path]:
+    """The files a run writes: ``<out>.csv``, ``.txt`` and ``.json`` (none without ``--out``)."""
+    return [] if out is None else [out.with_suffix(suffix) for suffix in (".csv", ".txt", ".json")]
 
 
 def pretraining_cost(model, max_len: int, steps: int, batch: int) -> float:
@@ -105,6 +116,7 @@ def pretraining_cost(model, max_len: int, steps: int, batch: int) -> float:
 
 def main() -> None:
     args = parse_args()
+    check_benchmark_out(outputs(args.out), args.overwrite)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     labels = C.LabelConfig(key=args.label, seed=args.seed)
     folder = demo_data_dir() if args.demo_data else args.data
@@ -177,9 +189,8 @@ def main() -> None:
     ])
     print("\n" + text)
     if args.out is not None:
-        table.to_csv(args.out.with_suffix(".csv"), index=False)
-        args.out.with_suffix(".txt").write_text(text + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(curves, indent=1))
+        texts = [table.to_csv(index=False), text + "\n", json.dumps(curves, indent=1)]
+        write_benchmark_files(dict(zip(outputs(args.out), texts, strict=True)), args.overwrite)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ A recipe is chosen on the mean over seeds, and one seed's test cells are mostly 
 training cells: cross-validating on each seed's whole training split let every seed's test cells
 steer the choice that seed is then scored with. So each seed's folds are cut from the cells that
 are training cells under every seed of ``--exclude-test-seeds`` (default: ``--seeds``; pass the
-seeds a chosen recipe will be reported on, e.g. ``0-9`` for ``split_seeds.py``; ``none`` gives the
-former whole training splits).
+seeds a chosen recipe will be reported on, e.g. ``0 1 2 3 4 5 6 7 8 9`` for ``split_seeds.py``; the
+option with no seed gives the former whole training splits).
 
 Usage::
 
@@ -50,6 +50,11 @@ from mixgeneformer import classify as C  # noqa: E402
 from mixgeneformer.bundle import load_bundle  # noqa: E402
 from mixgeneformer.demo import DemoConfig, demo_data_dir  # noqa: E402
 from mixgeneformer.embed import embed_corpus  # noqa: E402
+from mixgeneformer.integration import (  # noqa: E402
+    add_overwrite_argument,
+    check_benchmark_out,
+    write_benchmark_files,
+)
 from mixgeneformer.tokenize import TokenizeConfig  # noqa: E402
 
 #: The options every recipe starts from: the demo's fine-tuning before this comparison (at most 5
@@ -77,30 +82,29 @@ RECIPES: dict[str, dict] = {
 }
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, required=True, help="pretrained model bundle (the demo's pretrain/run/model)")
     parser.add_argument("--data", type=Path, default=None, help="folder with baron_pancreas_<species>.h5ad (default: the demo's)")
     parser.add_argument("--species", default="human")
-    parser.add_argument("--seeds", default="0,1,2", help="split seeds (the demo's classify_seeds)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="split seeds (the demo's classify_seeds)")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--exclude-test-seeds", default=None,
-                        help="split seeds whose test cells no fold reads: '0-9', '0,1,2' or 'none' (default: --seeds)")
+    parser.add_argument("--exclude-test-seeds", type=int, nargs="*", default=None,
+                        help="split seeds whose test cells no fold reads (default: --seeds; none given: every training cell)")
     parser.add_argument("--recipes", default="", help="recipe names separated by ; (default: all)")
     parser.add_argument("--max-len", type=int, default=DemoConfig().max_len, help="genes per cell (default: the demo's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the demo's classify jobs use 1)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the report here (+ .csv per seed)")
-    return parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="also write the report here (+ .csv per seed and per class)")
+    add_overwrite_argument(parser)
+    args = parser.parse_args(argv)
+    if args.exclude_test_seeds is None:
+        args.exclude_test_seeds = args.seeds
+    return args
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``"0-9"``, ``"0,3,5"`` or ``"none"``."""
-    if text.strip().lower() in ("", "none"):
-        return []
-    if "-" in text:
-        lo, hi = (int(x) for x in text.split("-"))
-        return list(range(lo, hi + 1))
-    return [int(x) for x in text.split(",")]
+def outputs(out: Path | None) -> list[Path]:
+    """The files a run writes: the report ``out``, its per-seed and its per-class CSV (none without ``--out``)."""
+    return [] if out is None else [out, out.with_suffix(".csv"), out.with_name(out.stem + "_per_class.csv")]
 
 
 def cross_validated(task: C.Task, folds: list[tuple[np.ndarray, np.ndarray]], fit_predict) -> np.ndarray:  # noqa: ANN001
@@ -171,6 +175,7 @@ def seed_rows(seed: int, data: ad.AnnData, bundle: tuple, recipes: list[str], fo
 
 def main() -> None:
     args = parse_args()
+    check_benchmark_out(outputs(args.out), args.overwrite)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     data = ad.read_h5ad((args.data or demo_data_dir()) / f"baron_pancreas_{args.species}.h5ad")
@@ -178,11 +183,9 @@ def main() -> None:
     chosen = [r.strip() for r in args.recipes.split(";") if r.strip()] or list(RECIPES)
     rows, notes, per_class = [], [], []
     started_all = time.perf_counter()
-    seeds = parse_seeds(args.seeds)
-    excluded_seeds = seeds if args.exclude_test_seeds is None else parse_seeds(args.exclude_test_seeds)
-    excluded = C.tested_rows(data, C.LabelConfig(key=DemoConfig().label_key), excluded_seeds)
-    notes.append(f"test cells of split seeds {excluded_seeds or 'none'} left out of every fold: {excluded.size} cells")
-    for seed in seeds:
+    excluded = C.tested_rows(data, C.LabelConfig(key=DemoConfig().label_key), args.exclude_test_seeds)
+    notes.append(f"test cells of split seeds {args.exclude_test_seeds or 'none'} left out of every fold: {excluded.size} cells")
+    for seed in args.seeds:
         seed_table, note, classes = seed_rows(seed, data, bundle, chosen, args.folds, args.max_len, excluded)
         rows += seed_table
         notes.append(note)
@@ -219,9 +222,8 @@ def main() -> None:
     report = "\n".join(lines)
     print(report)
     if args.out is not None:
-        args.out.write_text(report + "\n")
-        per_seed.to_csv(args.out.with_suffix(".csv"), index=False)
-        per_class.to_csv(args.out.with_name(args.out.stem + "_per_class.csv"), index=False)
+        texts = [report + "\n", per_seed.to_csv(index=False), per_class.to_csv(index=False)]
+        write_benchmark_files(dict(zip(outputs(args.out), texts, strict=True)), args.overwrite)
 
 
 if __name__ == "__main__":

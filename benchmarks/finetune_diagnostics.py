@@ -41,6 +41,11 @@ from mixgeneformer import classify as C  # noqa: E402
 from mixgeneformer.bundle import load_bundle  # noqa: E402
 from mixgeneformer.demo import demo_data_dir  # noqa: E402
 from mixgeneformer.embed import embed_corpus  # noqa: E402
+from mixgeneformer.integration import (  # noqa: E402
+    add_overwrite_argument,
+    check_benchmark_out,
+    write_benchmark_files,
+)
 from mixgeneformer.tokenize import TokenizeConfig  # noqa: E402
 
 #: name -> FinetuneConfig overrides. "authors" is the recipe fine-tuning had before (the
@@ -100,11 +105,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--recipes", default="", help="recipe names separated by ; (default: all)")
     parser.add_argument("--seed", type=int, default=42, help="split, validation and fine-tuning seed")
     parser.add_argument("--out", type=Path, default=None, help="also write the report here (+ .json with every curve)")
+    add_overwrite_argument(parser)
     return parser.parse_args()
+
+
+def outputs(out: Path | None) -> list[Path]:
+    """The files a run writes: the report ``out`` and the curves beside it (none without ``--out``)."""
+    return [] if out is None else [out, out.with_suffix(".json")]
 
 
 def main() -> None:
     args = parse_args()
+    check_benchmark_out(outputs(args.out), args.overwrite)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     data = ad.read_h5ad((args.data or demo_data_dir()) / f"baron_pancreas_{args.species}.h5ad")
     model, vocab, medians = load_bundle(args.bundle)
@@ -175,8 +187,8 @@ def main() -> None:
     report = "\n".join(lines)
     print("\n" + C.markdown_table(table, digits=3))
     if args.out is not None:
-        args.out.write_text(report + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps({"probe": probe_scores, "recipes": records}, indent=1, default=str))
+        texts = [report + "\n", json.dumps({"probe": probe_scores, "recipes": records}, indent=1, default=str)]
+        write_benchmark_files(dict(zip(outputs(args.out), texts, strict=True)), args.overwrite)
 
 
 if __name__ == "__main__":

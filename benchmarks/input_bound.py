@@ -43,7 +43,13 @@ from sklearn.model_selection import StratifiedKFold  # noqa: E402
 from mixgeneformer import classify as C  # noqa: E402
 from mixgeneformer.demo.config import demo_data_dir  # noqa: E402
 from mixgeneformer.diagnostics import token_positions  # noqa: E402
-from mixgeneformer.integration import seed_table, write_benchmark_text  # noqa: E402
+from mixgeneformer.integration import (  # noqa: E402
+    add_overwrite_argument,
+    check_benchmark_out,
+    seed_table,
+    write_benchmark_files,
+    write_benchmark_text,
+)
 from mixgeneformer.medians import compute_medians  # noqa: E402
 from mixgeneformer.tokenize import TokenizeConfig  # noqa: E402
 from mixgeneformer.vocab import build_vocabulary  # noqa: E402
@@ -138,7 +144,9 @@ def main() -> None:
     parser.add_argument("--species", nargs="+", default=list(SPECIES))
     parser.add_argument("--cv", type=int, default=0, help="K > 1: K-fold scores on the training cells, per class")
     parser.add_argument("--out", default=None)
+    add_overwrite_argument(parser)
     args = parser.parse_args()
+    check_benchmark_out([args.out], args.overwrite)
     logging.basicConfig(level=logging.ERROR)
     started = time.perf_counter()
     source = args.data or demo_data_dir()
@@ -162,7 +170,7 @@ def main() -> None:
         text += C.markdown_table(class_table(per_class), digits=3) + "\n"
         print(text[text.index("Per class:"):])
         if args.out:
-            Path(args.out).write_text(text)
+            write_benchmark_files({args.out: text}, args.overwrite)
         return
     rows = []
     for species in args.species:
@@ -179,7 +187,7 @@ def main() -> None:
         f"(logreg_counts), within species, demo data ({', '.join(f'{s} {data[s].n_obs}' for s in SPECIES)} cells), "
         f"ortholog vocabulary, split seeds {args.seeds}; {time.perf_counter() - started:.0f}s."
     )
-    write_benchmark_text(header, table, per_seed, args.out)
+    write_benchmark_text(header, table, per_seed, args.out, args.overwrite)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,11 @@ from mixgeneformer import classify as C  # noqa: E402
 from mixgeneformer.corpus import load_corpus  # noqa: E402
 from mixgeneformer.demo.config import demo_data_dir  # noqa: E402
 from mixgeneformer.diagnostics import frequency_baselines, token_positions  # noqa: E402
+from mixgeneformer.integration import (  # noqa: E402
+    add_overwrite_argument,
+    check_benchmark_out,
+    write_benchmark_files,
+)
 from mixgeneformer.medians import compute_medians  # noqa: E402
 from mixgeneformer.pretrain import split_train_eval  # noqa: E402
 from mixgeneformer.tokenize import TokenizeConfig, tokenize_files  # noqa: E402
@@ -239,7 +244,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pretraining seeds whose held-out splits are scored")
     parser.add_argument("--tune-cells", type=int, default=300, help="training cells scored leave-one-out to choose k, s, lam")
     parser.add_argument("--out", default=None)
+    add_overwrite_argument(parser)
     args = parser.parse_args()
+    check_benchmark_out([args.out], args.overwrite)
     logging.basicConfig(level=logging.ERROR)
     started = time.perf_counter()
     source = args.data or demo_data_dir()
@@ -266,8 +273,7 @@ def main() -> None:
     ]) + "\n"
     print(text)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        write_benchmark_files({args.out: text}, args.overwrite)
 
 
 if __name__ == "__main__":

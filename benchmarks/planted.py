@@ -53,7 +53,13 @@ from mixgeneformer import perturb as P  # noqa: E402
 from mixgeneformer.bundle import load_bundle  # noqa: E402
 from mixgeneformer.diagnostics import final_evaluation  # noqa: E402
 from mixgeneformer.embed import embed_corpus  # noqa: E402
-from mixgeneformer.integration import cross_species_scores, seed_table, write_benchmark_text  # noqa: E402
+from mixgeneformer.integration import (  # noqa: E402
+    add_overwrite_argument,
+    check_benchmark_out,
+    cross_species_scores,
+    seed_table,
+    write_benchmark_text,
+)
 from mixgeneformer.medians import compute_medians  # noqa: E402
 from mixgeneformer.pretrain import pretrain_config_from_dict, read_metrics, run_pretraining  # noqa: E402
 from mixgeneformer.simulate import PlantedConfig, simulate_planted  # noqa: E402
@@ -91,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None)
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--out", default=str(RESULTS / "planted_cpu.txt"), help="table (markdown); '' to skip")
+    add_overwrite_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -212,6 +219,7 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
+    check_benchmark_out([args.out], args.overwrite)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     rows = []
@@ -229,7 +237,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         f"weight {args.cross_weight:g}; fine-tuning {args.finetune_steps} steps at lr {args.finetune_lr:g}; "
         f"{time.perf_counter() - started:.0f}s in all."
     )
-    write_benchmark_text(header, table, per_seed, args.out)
+    write_benchmark_text(header, table, per_seed, args.out, args.overwrite)
     return per_seed
 
 

@@ -52,7 +52,14 @@ from mixgeneformer.bundle import load_bundle  # noqa: E402
 from mixgeneformer.demo import demo_data_dir  # noqa: E402
 from mixgeneformer.diagnostics import final_evaluation  # noqa: E402
 from mixgeneformer.embed import embed_corpus  # noqa: E402
-from mixgeneformer.integration import cross_species_scores, seed_table, write_benchmark_text  # noqa: E402
+from mixgeneformer.integration import (  # noqa: E402
+    add_overwrite_argument,
+    check_benchmark_out,
+    cross_species_scores,
+    seed_table,
+    write_benchmark_files,
+    write_benchmark_text,
+)
 from mixgeneformer.medians import compute_medians  # noqa: E402
 from mixgeneformer.pretrain import pretrain_config_from_dict, read_metrics, run_pretraining  # noqa: E402
 from mixgeneformer.tokenize import TokenizeConfig, tokenize_files  # noqa: E402
@@ -92,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reuse", action="store_true",
                         help="score the models already pretrained in --work-dir (run_<config>_<seed>/model) instead of pretraining again")
     parser.add_argument("--out", default=str(RESULTS / "species_cpu.txt"), help="table (markdown); '' to skip")
+    add_overwrite_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -140,6 +148,7 @@ def pretrain(work: Path, corpus: Path, vocab_path: Path, medians_path: Path, cro
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
+    check_benchmark_out([args.out], args.overwrite)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     source = args.data or demo_data_dir()
@@ -191,8 +200,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     by_type_text = "kNN transfer F1 per shared type, mean over seeds (pca: kNN on 50 PCs of one-to-one-ortholog counts):\n\n" + C.markdown_table(by_type, digits=3)
     print("\n" + by_type_text)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n\n" + by_type_text + "\n")
+        write_benchmark_files({args.out: text + "\n\n" + by_type_text + "\n"}, args.overwrite)
     return per_seed
 
 

@@ -11,7 +11,7 @@ setting is fixed before a seed's test cells are read.
 
 Usage::
 
-    python benchmarks/split_seeds.py --demo demo_output --species mouse --seeds 0-9 \\
+    python benchmarks/split_seeds.py --demo demo_output --species mouse --seeds 0 1 2 3 4 5 6 7 8 9 \\
         --out benchmarks/results/split_seeds_mouse.txt
 """
 
@@ -37,18 +37,15 @@ import torch  # noqa: E402
 from mixgeneformer import classify as C  # noqa: E402
 from mixgeneformer.bundle import load_bundle  # noqa: E402
 from mixgeneformer.config import load_config  # noqa: E402
+from mixgeneformer.integration import (  # noqa: E402
+    add_overwrite_argument,
+    check_benchmark_out,
+    write_benchmark_files,
+)
 from mixgeneformer.tokenize import TokenizeConfig  # noqa: E402
 
 METHODS = ("logreg", "finetune")
 BASELINES = ("logreg_counts", "knn_pca", "logreg_tokens")
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``"0-9"`` or ``"0,3,5"``."""
-    if "-" in text:
-        lo, hi = (int(x) for x in text.split("-"))
-        return list(range(lo, hi + 1))
-    return [int(x) for x in text.split(",")]
 
 
 def run_seed(demo: Path, data: Path, species: str, seed: int, max_len: int | None = None) -> pd.DataFrame:
@@ -79,19 +76,30 @@ def paired(per_seed: pd.DataFrame, method: str, reference: str = "logreg_counts"
             "seeds_within_3_points": int((diff >= -0.03).sum()), "n": n}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--demo", type=Path, required=True, help="a finished `mixgf demo` output folder")
     parser.add_argument("--data", type=Path, default=None, help="folder with baron_pancreas_<species>.h5ad (default: the demo's)")
     parser.add_argument("--species", default="mouse")
-    parser.add_argument("--seeds", default="0-9")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)), help="split seeds (default: 0 to 9)")
     parser.add_argument("--max-len", type=int, default=None, help="genes per cell (default: the demo's tokenize configuration)")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="also write the report here (+ .csv per seed)")
+    add_overwrite_argument(parser)
+    return parser.parse_args(argv)
+
+
+def outputs(out: Path | None) -> list[Path]:
+    """The files a run writes: the report ``out`` and its per-seed CSV (none without ``--out``)."""
+    return [] if out is None else [out, out.with_suffix(".csv")]
+
+
+def main() -> None:
+    args = parse_args()
+    check_benchmark_out(outputs(args.out), args.overwrite)
     torch.set_num_threads(1)  # as the demo's classify jobs: results do not depend on the machine's cores
     data = args.data or Path(json.loads((args.demo / "data" / "STEP_DONE.json").read_text())["result"]["inputs"][args.species]).parent
     started = time.perf_counter()
-    per_seed = pd.concat([run_seed(args.demo, data, args.species, s, args.max_len) for s in parse_seeds(args.seeds)], ignore_index=True)
+    per_seed = pd.concat([run_seed(args.demo, data, args.species, s, args.max_len) for s in args.seeds], ignore_index=True)
     seconds = time.perf_counter() - started
     summary = C.seed_summary(per_seed, by=("method",), metrics=("macro_f1", "accuracy"))
     lines = [
@@ -111,8 +119,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out is not None:
-        args.out.write_text(text)
-        per_seed.to_csv(args.out.with_suffix(".csv"), index=False)
+        write_benchmark_files(dict(zip(outputs(args.out), [text, per_seed.to_csv(index=False)], strict=True)), args.overwrite)
 
 
 if __name__ == "__main__":

@@ -110,8 +110,8 @@ def test_finetune_cv_folds_never_read_a_test_cell_of_the_seeds_compared():
     labels = rng.choice(["alpha", "beta", "delta"], size=n).astype(object)
     adata = ad.AnnData(X=np.ones((n, 3), dtype=np.float32),
                        obs=pd.DataFrame({"cell_type1": labels}, index=[str(i) for i in range(n)]))
-    seeds = finetune_cv.parse_seeds("0-2")
-    assert seeds == [0, 1, 2] and finetune_cv.parse_seeds("none") == []
+    seeds = finetune_cv.parse_args(["--bundle", "b", "--seeds", "0", "1", "2"]).exclude_test_seeds  # default: --seeds
+    assert seeds == [0, 1, 2] and finetune_cv.parse_args(["--bundle", "b", "--exclude-test-seeds"]).exclude_test_seeds == []
     excluded = C.tested_rows(adata, C.LabelConfig(key="cell_type1"), seeds)
     for seed in seeds:
         task = C.within_task(adata, C.LabelConfig(key="cell_type1", seed=seed))

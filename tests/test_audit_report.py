@@ -88,7 +88,7 @@ def test_benchmark_text_is_written_atomically(tmp_path, monkeypatch):
     out.write_text("previous result\n")
     table = pd.DataFrame({"metric": ["f1"], "a": ["0.5 ± 0.1"]}).set_index("metric")
     with pytest.raises(UnicodeEncodeError):  # fails while writing: Path.write_text had emptied the file
-        integration.write_benchmark_text("header \ud800", table, pd.DataFrame({"seed": [0]}), str(out))
+        integration.write_benchmark_text("header \ud800", table, pd.DataFrame({"seed": [0]}), str(out), overwrite=True)
     assert out.read_text() == "previous result\n"
     assert [p.name for p in tmp_path.iterdir()] == ["result.txt"]
 

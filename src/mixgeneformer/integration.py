@@ -32,8 +32,11 @@ two are absent; ``backend`` says which was used.
 
 from __future__ import annotations
 
+import argparse
 import logging
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,8 +46,8 @@ from sklearn.neighbors import NearestNeighbors
 
 from . import classify as C
 from .classify.labels import MISSING_TEXT
-from .errors import ConfigError, InputDataError
-from .fileio import atomic_file
+from .errors import ArtifactError, ConfigError, InputDataError
+from .fileio import atomic_file, written_together
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
@@ -298,13 +301,41 @@ def seed_table(per_seed: pd.DataFrame, by: str = "config") -> tuple[pd.DataFrame
     return table, mean
 
 
-def write_benchmark_text(header: str, table: pd.DataFrame, per_seed: pd.DataFrame, out: str | None) -> str:
-    """Header, the summary table and the per-seed rows as markdown; printed, and written to ``out`` if given."""
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    """A benchmark script's ``--overwrite``: without it an existing ``--out`` (and the files written beside it) is refused."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out and the files beside it (refused without: an earlier run's results record)")
+
+
+def check_benchmark_out(paths: Iterable[str | os.PathLike | None], overwrite: bool) -> None:
+    """Before a benchmark runs (and again before it writes): ArtifactError for the first of ``paths``
+    (its ``--out`` and the files written beside it; None / "" skipped) that exists, unless ``overwrite``."""
+    existing = next((Path(p) for p in paths if p and (Path(p).exists() or Path(p).is_symlink())), None)
+    if existing is not None and not overwrite:
+        raise ArtifactError(
+            f"{existing} already exists: the results record of an earlier benchmark run, which this run would replace. "
+            "Pass --overwrite to replace it, or choose another --out."
+        )
+
+
+def write_benchmark_files(files: Mapping[str | os.PathLike, str], overwrite: bool) -> None:
+    """Write each text of ``files`` (path -> text) atomically, all or none; an existing path is
+    refused unless ``overwrite`` (:func:`check_benchmark_out`: one may have appeared while the benchmark ran)."""
+    check_benchmark_out(files, overwrite)
+    with written_together():
+        for path, text in files.items():
+            with atomic_file(path) as handle:  # an interrupted write leaves the previous file, not half of it
+                handle.write(text)
+
+
+def write_benchmark_text(header: str, table: pd.DataFrame, per_seed: pd.DataFrame, out: str | os.PathLike | None,
+                         overwrite: bool = False) -> str:
+    """Header, the summary table and the per-seed rows as markdown; printed, and written to ``out``
+    if given (:func:`write_benchmark_files`: an existing ``out`` only with ``overwrite``)."""
     text = "\n".join([header, "", C.markdown_table(table.reset_index()), "", "Per seed:", "", C.markdown_table(per_seed)])
     print(text)
     if out:
-        with atomic_file(out) as handle:  # an interrupted write leaves the previous file, not half of it
-            handle.write(text + "\n")
+        write_benchmark_files({out: text + "\n"}, overwrite)
     return text
 
 
@@ -312,6 +343,8 @@ __all__ = [
     "KBET_NEIGHBORS",
     "MIN_LISI_NEIGHBORS",
     "N_NEIGHBORS",
+    "add_overwrite_argument",
+    "check_benchmark_out",
     "cross_species_scores",
     "missing_labels",
     "scib_available",
@@ -320,5 +353,6 @@ __all__ = [
     "shuffled_within_types",
     "species_asw_sklearn",
     "species_mixing",
+    "write_benchmark_files",
     "write_benchmark_text",
 ]

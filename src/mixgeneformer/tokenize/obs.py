@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -38,10 +39,28 @@ def _common_obs_types(per_input: Sequence[dict[str, pa.DataType]]) -> dict[str, 
     return common
 
 
+#: pandas' inferred kinds of an object column that hold no bytes (any other kind, e.g. "mixed", may).
+_WITHOUT_BYTES = frozenset({"empty", "string", "integer", "floating", "mixed-integer-float", "boolean", "decimal", "complex"})
+
+
+def _obs_text(values: pd.Series) -> np.ndarray:
+    """``str(value)`` of every value, None where missing (an object array); a categorical column's
+    categories are converted once each."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        categories = _obs_text(pd.Series(values.cat.categories))
+        return np.append(categories, None)[values.cat.codes.to_numpy()]  # code -1 (missing) -> the None at the end
+    data = values.astype(object)
+    text = data.astype(str).to_numpy(dtype=object)
+    if pd.api.types.infer_dtype(data, skipna=True) not in _WITHOUT_BYTES:
+        is_bytes = data.map(type).isin([bytes, np.bytes_]).to_numpy()  # astype(str) decodes them; str() wrote b'...'
+        text[is_bytes] = data[is_bytes].map(str).to_numpy(dtype=object)
+    text[values.isna().to_numpy()] = None
+    return text
+
+
 def _obs_array(values: pd.Series, arrow_type: pa.DataType) -> pa.Array:
     if pa.types.is_string(arrow_type):
-        text = values.astype(object).where(values.notna(), None)
-        return pa.array(text.map(lambda v: v if v is None else str(v)).to_numpy(dtype=object), type=pa.string())
+        return pa.array(_obs_text(values), type=pa.string())
     return pa.array(values.to_numpy(), type=arrow_type, from_pandas=True)
 
 
