@@ -248,7 +248,8 @@ def _setting_slug(source: str, target: str) -> str:
 def _classify_config(cfg: DemoConfig, seed: int | None = None) -> clf.ClassifyConfig:
     return clf.ClassifyConfig(
         labels=clf.LabelConfig(
-            key=cfg.label_key, seed=cfg.classify_seeds[0] if seed is None else seed, transfer_split=True
+            key=cfg.label_key, seed=cfg.classify_seeds[0] if seed is None else seed, transfer_split=True,
+            min_class_count=cfg.min_class_count,
         ),
         embedding=clf.EmbeddingConfig(layer=cfg.embed_layer, pooling=cfg.pooling),
         finetune=finetune_config(cfg),
