@@ -212,3 +212,30 @@ def test_device_peak_is_matched_by_whole_model_name(monkeypatch, name, peak):
     monkeypatch.setattr(flops.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(flops.torch.cuda, "get_device_name", lambda device=None: name)
     assert flops.device_peak_flops("cuda") == peak
+
+
+def test_a_metrics_row_cut_short_by_a_crash_is_dropped_not_parsed(tmp_path):
+    """A run killed while appending a row leaves a last line without its line end; neither the
+    reader (the report's curves) nor the resume's trim may take it for a row."""
+    from mixgeneformer.metrics_csv import METRICS_FIELDS, MetricsCSV, read_metrics, trim_metrics
+
+    path = tmp_path / "metrics.csv"
+
+    class State:
+        is_world_process_zero = True
+        epoch = 0.5
+
+    callback = MetricsCSV(path)
+    for step, loss in ((10, 9.5), (20, 9.25)):
+        State.global_step = step
+        callback.on_log(None, State, None, logs={"loss": loss})
+    with open(path, "a", newline="") as handle:
+        handle.write("30,0.75,9.1e")  # torn in the middle of the loss
+    assert [r["step"] for r in read_metrics(tmp_path)] == [10.0, 20.0]
+    trim_metrics(path, max_step=100)
+    text = path.read_text()
+    assert text.endswith("\n") and "9.1e" not in text
+    assert text.splitlines()[0] == ",".join(METRICS_FIELDS)
+    State.global_step = 30  # the resumed run appends a whole row after the trim
+    callback.on_log(None, State, None, logs={"loss": 9.0})
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(10.0, 9.5), (20.0, 9.25), (30.0, 9.0)]

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import time
 from pathlib import Path
@@ -60,13 +61,20 @@ class MetricsCSV(TrainerCallback):
             writer.writerow(row)
 
 
+def _complete_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a ``metrics.csv`` whose line was written whole: a run killed (or read) in the
+    middle of appending a row leaves a last line without its line end, which is left out."""
+    with open(path, newline="") as handle:
+        text = handle.read()
+    return list(csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1], newline="")))
+
+
 def trim_metrics(path: Path, max_step: int) -> None:
-    """Keep only the rows of ``metrics.csv`` logged at or before ``max_step`` (atomically)."""
+    """Keep only the rows of ``metrics.csv`` logged at or before ``max_step`` (atomically); a row
+    cut short by a crash while it was being appended is dropped."""
     if not path.exists():
         return
-    with open(path, newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if float(row.get("step") or 0) <= max_step]
-
+    rows = [row for row in _complete_rows(path) if float(row.get("step") or 0) <= max_step]
     with atomic_file(path) as handle:
         writer = csv.DictWriter(handle, fieldnames=METRICS_FIELDS)
         writer.writeheader()
@@ -74,9 +82,9 @@ def trim_metrics(path: Path, max_step: int) -> None:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, float]]:
-    """Rows of a run's ``metrics.csv`` as dicts of floats (empty cells omitted)."""
+    """Rows of a run's ``metrics.csv`` as dicts of floats (empty cells omitted; a last row still
+    being written, or cut short by a crash, left out)."""
     path = Path(run_dir) / "metrics.csv"
     if not path.exists():
         return []
-    with open(path, newline="") as handle:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
+    return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in _complete_rows(path)]
