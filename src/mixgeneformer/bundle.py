@@ -417,6 +417,9 @@ def load_bundle(
     model = _build_model(config, folder / "config.json")
     _load_weights(model, state, folder)
     model.attach_vocabulary(vocab)
+    # The tokenize settings of its training corpus travel with the loaded model, so passing it (not the
+    # folder) to run_classification / embed_anndata / perturb_anndata tokenizes cells the same way.
+    model.bundle_tokenize_config = bundle_tokenize_config(folder)
 
     if dtype is not None:
         model = model.to(dtype=dtype)
@@ -444,9 +447,9 @@ def load_for_inference(
     The one loader behind every model command (CLI ``--vocab`` / ``--medians``). ``vocab`` and
     ``medians`` are objects or paths to their files; arguments given explicitly win; otherwise a
     bundle supplies its vocabulary, medians and the tokenize configuration of its training corpus
-    (None where it records none). A :class:`TokenizeConfig` given replaces the bundle's as a whole; a
-    :class:`TokenizeOverrides` (CLI ``--tokenize-config``) sets only its options over the bundle's
-    (:func:`resolve_tokenize_config`).
+    (None where it records none), and so does a model :func:`load_bundle` returned. A
+    :class:`TokenizeConfig` given replaces the bundle's as a whole; a :class:`TokenizeOverrides`
+    (CLI ``--tokenize-config``) sets only its options over the bundle's (:func:`resolve_tokenize_config`).
     """
     if isinstance(model_or_bundle_dir, (str, os.PathLike)):
         model, bundle_vocab, bundle_medians = load_bundle(model_or_bundle_dir, vocab, medians=medians)
@@ -469,4 +472,5 @@ def load_for_inference(
     vocab = vocab if vocab is not None else getattr(model, "vocab", None)
     if vocab is None:
         raise ConfigError("an in-memory model needs its vocabulary: pass vocab= (or a bundle folder instead)")
-    return model, vocab, medians, resolve_tokenize_config(tokenize_config, None), type(model).__name__
+    recorded = getattr(model, "bundle_tokenize_config", None)  # set by load_bundle: the bundle's tokenize.yaml
+    return model, vocab, medians, resolve_tokenize_config(tokenize_config, recorded), type(model).__name__

@@ -58,7 +58,7 @@ def classify(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: metrics, per-class reports, confusion matrices, predictions.h5ad."),
     model: Path | None = typer.Option(None, "--model", "-m", help="Model bundle folder (needed unless --mode none)."),
     label: str | None = typer.Option(
-        None, "--label", help="obs column with the cell types [default: labels.key of --config, else cell_type1]."
+        None, "--label", help="obs column with the cell types (default: labels.key of --config, else cell_type1)."
     ),
     mode: str = typer.Option("all", "--mode", help=f"One of {sorted(_MODES)}: which model-based methods to run."),
     test: Path | None = typer.Option(

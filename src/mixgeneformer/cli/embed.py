@@ -20,7 +20,7 @@ def embed(
     gene_embeddings: Path | None = typer.Option(
         None, "--gene-embeddings", help="Also write each gene's mean contextual embedding to this .parquet (over the cells whose top-ranked tokens hold the gene; n_cells counts them)."
     ),
-    umap: Path | None = typer.Option(None, "--umap", help="Also draw a UMAP of the embeddings to this image (.png/.pdf)."),
+    umap: Path | None = typer.Option(None, "--umap", help="Also draw a UMAP of the embeddings to this image (.png, .pdf, .svg, .eps or .ps)."),
     color: str | None = typer.Option(None, "--color", help="obs column to colour the UMAP by (e.g. cell_type1)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Cells per forward pass."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)."),

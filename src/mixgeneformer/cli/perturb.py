@@ -107,13 +107,24 @@ def perturb(
         index, world = config.shard()
         target = pt.write_shard(out, result, config, {"files": read, "tokenize": to_dict(tk_config) if tk_config else None})
         typer.echo(f"shard {index + 1}/{world}: {len(result.cells):,} perturbations -> {target}")
-        typer.echo(f"when every shard is done: mixgf perturb-merge {out}")
+        typer.echo(f"when every shard is done: {_merge_command(out, model, vocab_file, stats, null)}")
         return
     with claim_outputs(lambda: check_output(out, inputs, overwrite=overwrite, option="--out"), out):
         null_cells = _null_cells(null, config)
         result, vocab = run()
         table = pt.finish_run(out, result, config, vocab, stats, null_cells, overwrite)
     _report(out, result, table)
+
+
+def _merge_command(out: Path, model: Path, vocab: Path | None, stats: str, null: Path | None) -> str:
+    """The ``mixgf perturb-merge`` command line that merges this run's shards (its required --model included)."""
+    import shlex
+
+    words = ["mixgf", "perturb-merge", str(out), "--model", str(model)]
+    words += ["--vocab", str(vocab)] if vocab is not None else []
+    words += ["--stats", stats] if stats != "vs_all" else []
+    words += ["--null", str(null)] if null is not None else []
+    return shlex.join(words)
 
 
 def _report(out: Path, result, table) -> None:
