@@ -239,3 +239,32 @@ def test_a_metrics_row_cut_short_by_a_crash_is_dropped_not_parsed(tmp_path):
     State.global_step = 30  # the resumed run appends a whole row after the trim
     callback.on_log(None, State, None, logs={"loss": 9.0})
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(10.0, 9.5), (20.0, 9.25), (30.0, 9.0)]
+
+
+def test_cell_lengths_of_a_csr_h5ad_come_from_its_row_pointer_alone(tmp_path, monkeypatch):
+    """Each rank of a sharded run plans shards from cell lengths: a CSR .h5ad answers from its
+    row pointer, without reading every count; a CSC one still reads them, to the same lengths."""
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+
+    from mixgeneformer.readers.h5ad import _H5adSource
+    from mixgeneformer.sharding import cell_lengths
+    from mixgeneformer.tokenize import TokenizeConfig
+
+    rng = np.random.default_rng(0)
+    counts = sp.random(40, 30, density=0.3, format="csr", random_state=rng, dtype=np.float32)
+    counts.data = np.ceil(counts.data * 5)
+    expected = np.minimum(np.diff(counts.indptr), 6)
+    var = {"index": [f"ENSG{i:011d}" for i in range(30)]}
+    ad.AnnData(counts, var=var).write_h5ad(tmp_path / "csr.h5ad")
+    ad.AnnData(counts.tocsc(), var=var).write_h5ad(tmp_path / "csc.h5ad")
+    config = TokenizeConfig(max_len=6)
+    assert np.array_equal(cell_lengths(tmp_path / "csc.h5ad", config), expected)
+
+    def no_count_reads(self, start, stop):
+        raise AssertionError("counts were read")
+
+    monkeypatch.setattr(_H5adSource, "_read_rows", no_count_reads)
+    lengths = cell_lengths(tmp_path / "csr.h5ad", config)
+    assert lengths.dtype == np.int64 and np.array_equal(lengths, expected)

@@ -180,7 +180,8 @@ def cell_lengths(input: Path, tokenize_config: TokenizeConfig | None = None) -> 
     """Tokens per cell of an input, for :func:`plan_shards` (no tokenization).
 
     A corpus folder: its ``length`` column (else the ``input_ids`` lengths). A count file: the
-    expressed genes of each cell (before the vocabulary filter) capped at ``max_len``.
+    expressed genes of each cell (before the vocabulary filter) capped at ``max_len``; from a CSR
+    ``.h5ad`` its row pointer alone, so that each rank of a sharded run does not read every count.
     """
     input = Path(input)
     if input.is_dir():
@@ -197,8 +198,7 @@ def cell_lengths(input: Path, tokenize_config: TokenizeConfig | None = None) -> 
     gene_column = getattr(tokenize_config, "gene_column", None)
     max_len = int(getattr(tokenize_config, "max_len", 2048))
     with open_source(input, layer=layer, gene_column=gene_column, allow_fractional=True) as source:
-        parts = [np.diff(chunk.counts.indptr) for chunk in source.iter_chunks(_LENGTH_CHUNK, validate=False)]
-    return np.minimum(np.concatenate(parts).astype(np.int64), max_len) if parts else np.zeros(0, np.int64)
+        return np.minimum(source.stored_per_cell(_LENGTH_CHUNK), max_len)
 
 
 # --------------------------------------------------------------------------------------------

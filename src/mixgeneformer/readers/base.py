@@ -377,6 +377,12 @@ class CountSource:
             yield CountChunk(counts=counts, gene_ids=self.gene_ids, obs=chunk_obs, start=lo)
 
 
+    def stored_per_cell(self, chunk_size: int = 100_000) -> np.ndarray:
+        """Stored (expressed) entries of each cell, int64, without validating the counts; a format
+        that keeps a row pointer answers from it without reading the counts."""
+        parts = [np.diff(chunk.counts.indptr) for chunk in self.iter_chunks(chunk_size, validate=False)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
     def _checked_counts(self, counts: sp.csr_matrix, cell_names: pd.Index, start: int, validate: bool) -> sp.csr_matrix:
         """``counts`` checked to be counts (:func:`validate_counts` when ``validate``); a failed check
         says so when the input's ``.raw`` holds integer counts, naming the option that reads them."""

@@ -149,6 +149,11 @@ class _H5adSource(CountSource):
             return checked_csr(sp.csr_matrix((data, indices, indptr), shape=(stop - start, self.n_genes)), self.name, start)
         return self._read_rows_csc(start, stop)
 
+    def stored_per_cell(self, chunk_size: int = 100_000) -> np.ndarray:
+        if self._kind == "csr":  # the row pointer (read and checked at open) holds it: no count is read
+            return np.diff(self._indptr)
+        return super().stored_per_cell(chunk_size)
+
     def _read_rows_csc(self, start: int, stop: int) -> sp.csr_matrix:
         # Column-major storage: scan all stored entries in bounded blocks, keep rows in [start, stop).
         x = self._x
