@@ -128,3 +128,19 @@ def test_documented_command_lines_use_options_that_exist():
             assert set(options) <= known, f"{doc}: mixgf {name}: unknown {sorted(set(options) - known)}"
             seen += 1
     assert seen >= 25  # the walk really found the documented command lines
+
+
+# -- USAGE: "`finetune.max_len` is refused, not ignored" held only when fine-tuning ran -------------------
+def test_finetune_max_len_is_refused_whatever_the_methods(tmp_path, vocab, capsys):  # noqa: F811
+    """`mixgf classify --mode knn --set finetune.max_len=256` wrote its results with the cells at the
+    bundle's length, the setting silently ignored; now exit 2 naming --max-len, before any output."""
+    bundle_and_cells(tmp_path, vocab)
+    for mode in ("knn", "none"):
+        out = tmp_path / f"cls_{mode}"
+        model = ["--model", tmp_path / "bundle"] if mode != "none" else ["--baselines"]
+        args = ["classify", tmp_path / "in.h5ad", *model, "--label", "kind", "--mode", mode,
+                "--set", "finetune.max_len=256", "--device", "cpu", "--out", out]
+        assert cli_exit_code(args) == 2
+        err = capsys.readouterr().err
+        assert "finetune.max_len=256" in err and "--max-len" in err and "Traceback" not in err
+        assert not out.exists()

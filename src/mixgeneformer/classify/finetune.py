@@ -125,17 +125,23 @@ def build_classifier(
     return classifier
 
 
-def check_finetune_options(config: FinetuneConfig, model: torch.nn.Module | None = None) -> None:
-    """The fine-tuning options that depend on the model or the machine, refused (ConfigError naming
-    the option) before any cell is tokenized: ``freeze_layers`` beyond the model's layers, a
-    ``device`` that is no torch device or is not on this machine, and ``max_len`` (not an option of
-    fine-tuning: the tokenize configuration's ``max_len`` sets the cells' length)."""
+def refuse_finetune_max_len(config: FinetuneConfig) -> None:
+    """``finetune.max_len`` is refused whichever methods run, never ignored: the tokenize configuration's
+    ``max_len`` sets the cells' length for every method."""
     if config.max_len is not None:
         raise ConfigError(
             f"finetune.max_len={config.max_len} is not used by fine-tuning (the cells are tokenized once for every "
             f"method): pass run_classification(max_len={config.max_len}) / `mixgf classify --max-len "
             f"{config.max_len}` (or TokenizeConfig(max_len=...)) and leave finetune.max_len unset."
         )
+
+
+def check_finetune_options(config: FinetuneConfig, model: torch.nn.Module | None = None) -> None:
+    """The fine-tuning options that depend on the model or the machine, refused (ConfigError naming
+    the option) before any cell is tokenized: ``freeze_layers`` beyond the model's layers, a
+    ``device`` that is no torch device or is not on this machine, and ``max_len`` (not an option of
+    fine-tuning: the tokenize configuration's ``max_len`` sets the cells' length)."""
+    refuse_finetune_max_len(config)
     try:
         resolve_device(config.device)
     except ConfigError as exc:

@@ -25,7 +25,7 @@ from ..tokenize import TokenizeConfig
 from ..vocab import Vocabulary
 from .baselines import baselines, token_baseline
 from .config import BaselineMethod, ClassifyConfig, Method
-from .finetune import FittedClassifier, check_finetune_options, finetune
+from .finetune import FittedClassifier, check_finetune_options, finetune, refuse_finetune_max_len
 from .metrics import EvalResult, benchmark_table, write_predictions
 from .tasks import Task, _max_len_of, tokenize_task, transfer_task, within_task
 from .zeroshot import zero_shot
@@ -52,6 +52,7 @@ class ClassificationRun:
 
 def _check_model_options(model: torch.nn.Module | None, methods: Sequence[Method], config: ClassifyConfig) -> None:
     """The options that need the model, checked before any cell is tokenized."""
+    refuse_finetune_max_len(config.finetune)  # whatever the methods: refused, not ignored
     if methods and model is None:
         raise ConfigError(f"methods {list(methods)} need a model (CLI: --model BUNDLE); or run only baselines.")
     if "finetune" in methods:
