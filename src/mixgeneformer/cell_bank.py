@@ -9,15 +9,23 @@ the profile norm), its species and its detached embedding, so the pairing search
 and a partner found in the bank serves as a fixed positive key (as in MoCo / memory-bank
 contrastive learning; the key is at most ``size / batch`` steps old).
 
-The bank is training state, not a model weight: it is not saved with the model, starts empty
-(slots of species -1, never paired) and refills within ``size / batch`` steps after a resume.
-Each process keeps its own bank under DDP.
+The bank is training state, not a model weight: it is not in the model bundle and starts empty
+(slots of species -1, never paired). Each process keeps its own bank under DDP, and each saves it
+in every training checkpoint (``cell_bank_<rank>.safetensors``, :func:`save_cell_bank`), so a
+resumed run pairs against the same earlier cells as a straight run (:func:`load_cell_bank`).
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+_FIELDS = ("classes", "weights", "norms", "species", "keys")
 
 
 def _pad_columns(values: torch.Tensor, width: int, fill: float) -> torch.Tensor:
@@ -82,3 +90,39 @@ class CellBank:
         self.species[slots] = species[-n:].long()
         self.keys[slots] = z[-n:].detach().float()
         self._next = (self._next + n) % self.size
+
+
+def bank_file(checkpoint: str | Path, rank: int) -> Path:
+    """Where a checkpoint keeps the bank of process ``rank``."""
+    return Path(checkpoint) / f"cell_bank_{int(rank)}.safetensors"
+
+
+def save_cell_bank(model: torch.nn.Module, checkpoint: str | Path, rank: int) -> None:
+    """Write ``model``'s bank (if it has one in use) into a checkpoint folder (every rank its own file)."""
+    from safetensors.torch import save_file
+
+    bank = getattr(model, "_cell_bank", None)
+    if bank is None or bank.keys is None:
+        return
+    state = {name: getattr(bank, name).detach().cpu().contiguous() for name in _FIELDS}
+    state["next"] = torch.tensor([bank._next, bank.size], dtype=torch.long)
+    Path(checkpoint).mkdir(parents=True, exist_ok=True)
+    save_file(state, str(bank_file(checkpoint, rank)))
+
+
+def load_cell_bank(model: torch.nn.Module, checkpoint: str | Path, rank: int) -> None:
+    """Give ``model`` the bank a checkpoint saved for process ``rank`` (none saved: the bank starts empty)."""
+    from safetensors.torch import load_file
+
+    size = int(getattr(model.config, "cross_species_queue", 0) or 0)
+    path = bank_file(checkpoint, rank)
+    if size <= 0 or not path.is_file():
+        if size > 0:
+            logger.warning("%s holds no cross-species queue for rank %d; it starts empty", checkpoint, rank)
+        return
+    state = load_file(str(path))
+    bank = CellBank(size)
+    for name in _FIELDS:
+        setattr(bank, name, state[name])
+    bank._next = int(state["next"][0])
+    model._cell_bank = bank

@@ -45,6 +45,7 @@ import yaml
 
 from . import checkpoints as ckpt
 from . import model as model_module
+from .cell_bank import load_cell_bank
 from .collator import PretrainingCollator
 from .config import changed_settings, from_dict, save_config, to_dict
 from .corpus import check_corpora, corpus_lengths, corpus_species_codes, open_corpus
@@ -257,7 +258,7 @@ def _run_pretraining(
     lengths = data.lengths.astype("<i8")  # the training cells, as a checkpoint records them (_check_resume_corpus)
     corpus = {"cells": int(lengths.size), "tokens": int(lengths.sum()), "hash": content_hash(lengths.tobytes())}
     if plan.checkpoint is not None:
-        _check_resume_corpus(plan.checkpoint, corpus)
+        _check_resume_corpus(plan.checkpoint, corpus, _distributed_env()[1])
     if _distributed_env()[1] > 1 and not torch.cuda.is_available():
         start_cpu_process_group(config.distributed.timeout_s)  # before the Trainer's own, which would ignore it
     args = training_arguments(config, plan.run_dir, plan.precision, data.eval_set is not None)
@@ -323,9 +324,17 @@ def _open_data(config: PretrainConfig, vocab: Vocabulary, model_max_len: int) ->
     return _TrainingData(train_set, eval_set, lengths, model_max_len, species_codes, baselines)
 
 
-def _check_resume_corpus(checkpoint: Path, corpus: dict[str, Any]) -> None:
-    """The training cells are those the checkpoint was trained on (their lengths' hash; its data order refers to them)."""
-    saved = read_json(checkpoint / "environment.json").get("corpus") if (checkpoint / "environment.json").is_file() else None
+def _check_resume_corpus(checkpoint: Path, corpus: dict[str, Any], world_size: int) -> None:
+    """The training cells are those the checkpoint was trained on (their lengths' hash; its data order refers to them),
+    by as many processes (the global batch, the batches to skip and each rank's RNG state refer to that number)."""
+    environment = read_json(checkpoint / "environment.json") if (checkpoint / "environment.json").is_file() else {}
+    if (processes := environment.get("world_size", world_size)) != world_size:
+        raise ConfigError(
+            f"{checkpoint.name} was trained by {processes} processes and this run has {world_size}: its global batch, data "
+            f"order and RNG states are those of {processes} processes. Resume with {processes} processes (e.g. torchrun "
+            f"--nproc_per_node {processes} on one node), or start a new run (another output_dir, or --overwrite)."
+        )
+    saved = environment.get("corpus")
     if saved is not None and saved != corpus:
         raise ConfigError(
             f"the corpus is not the one {checkpoint.name} was trained on ({saved['cells']:,} training cells, {saved['tokens']:,} "
@@ -409,6 +418,8 @@ def _train(trainer: MixGeneformerTrainer, stopper: StopOnSignal, signals: Signal
         trainer._load_from_checkpoint(str(checkpoint))  # transformers' own loader (weights only; FSDP / DeepSpeed too)
         trainer.state.global_step = step
         return None
+    if checkpoint is not None:  # this rank's cross-species queue, as the checkpoint left it
+        load_cell_bank(trainer.model, checkpoint, trainer.args.process_index)
     stopper.trainer = trainer
     signals.training = True
     try:

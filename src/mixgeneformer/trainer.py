@@ -28,6 +28,7 @@ from transformers.integrations import TensorBoardCallback
 from . import __version__
 from . import checkpoints as ckpt
 from .bundle import TOKENIZE_CONFIG_NAME, save_bundle
+from .cell_bank import save_cell_bank
 from .config import save_config
 from .diagnostics import masked_gene_stats
 from .errors import ArtifactError, ConfigError
@@ -295,6 +296,8 @@ class MixGeneformerTrainer(Trainer):
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
+            # every rank its cross-species queue, like its RNG state: a resumed run pairs against the same cells
+            save_cell_bank(self.accelerator.unwrap_model(self.model), staged, self.args.process_index)
             if self.args.should_save:
                 # A pickle of TrainingArguments; nothing reads it and we keep no pickles around.
                 (staged / "training_args.bin").unlink(missing_ok=True)
