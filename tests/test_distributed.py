@@ -36,15 +36,6 @@ report = {"rank": rank, "world": world, "step": result.global_step}
 backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
 report["timeout_s"] = backend.options._timeout.total_seconds()  # distributed.timeout_s, not the 30-min default
 
-# The same process group: are the trained parameters identical on every rank?
-from mixgeneformer.bundle import load_bundle
-dist.barrier()
-model, _, _ = load_bundle(result.bundle_dir)
-flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-gathered = [torch.zeros_like(flat) for _ in range(world)]
-dist.all_gather(gathered, flat)
-report["max_param_diff_vs_rank0"] = float((gathered[0] - flat).abs().max())
-
 # The shards of one epoch, as Accelerate cuts the sampler's batches for this rank.
 from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler
@@ -101,7 +92,8 @@ def test_two_gloo_ranks_stay_in_sync_and_only_rank0_writes(tmp_path, corpus_root
     r0, r1 = (json.loads((reports / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == 2 and r0["step"] == r1["step"] == 6
     assert r0["timeout_s"] == r1["timeout_s"] == 60  # a hung rank ends the job after distributed.timeout_s
-    assert r1["max_param_diff_vs_rank0"] == 0.0
+    # That every rank's trained weights equal the bundle: test_audit_pretrain_paths (the bundle file loaded on
+    # each rank, compared here before, is one file and could not differ).
 
     # Only rank 0 wrote: one metrics file, one set of checkpoints, one RNG state per rank inside.
     assert sorted(p.name for _, p in ckpt.list_checkpoints(out)) == ["checkpoint-3", "checkpoint-6"]
