@@ -336,3 +336,26 @@ def test_held_out_cells_never_enter_training(tmp_path, synthetic, monkeypatch):
     assert len(only_held_out) >= 28
     assert len(fed) >= 14 * 8 and not only_held_out & set(fed)  # 14 steps of 8 cells (and a prefetched batch), none held out
     assert set(fed) <= set(splits["train"])
+
+
+def test_a_cross_species_term_on_cells_of_one_species_is_refused_before_any_output(tmp_path, orthologs):
+    """On training cells of one species the cross-species term is 0 at every step: it was asked for and
+    silently did nothing (seen with data.max_cells cutting a human-then-mouse corpus to its human cells)."""
+    import datasets
+
+    from mixgeneformer.errors import ConfigError
+
+    both = datasets.load_from_disk(str(orthologs / "corpus"))
+    root = tmp_path / "human"
+    root.mkdir()
+    (root / "vocab.json").write_bytes((orthologs / "vocab.json").read_bytes())
+    human = both.filter(lambda row: row["species"] == "human")
+    human.save_to_disk(str(root / "corpus"))
+    (root / "corpus" / "mixgf_corpus.json").write_bytes((orthologs / "corpus" / "mixgf_corpus.json").read_bytes())
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"cross_species_weight=0.5 .* all human: train on cells of both species"):
+        run_pretraining(pretrain_config_from_dict(tiny_config(root, out, objective=QUEUE)))
+    assert not out.exists()
+    # The same cells without the term train; both species with it train (the test above).
+    run_pretraining(pretrain_config_from_dict(tiny_config(root, out, train={"max_steps": 2})))
+    assert (out / "model" / "model.safetensors").is_file()

@@ -174,6 +174,24 @@ def corpus_species_codes(dataset) -> tuple[np.ndarray, list[str]]:
     return np.asarray(encoded.indices, dtype=np.int64), [str(s) for s in encoded.dictionary.to_pylist()]
 
 
+def check_two_species(train_set: datasets.Dataset, weight: float, max_cells: int | None = None) -> None:
+    """Refuse a cross-species term (``weight`` > 0) on training cells of one species, where it would be 0
+    at every step: a term asked for that silently does nothing (ConfigError)."""
+    if weight <= 0:
+        return
+    if "species" not in train_set.column_names:
+        raise ConfigError(f"cross_species_weight={weight} pairs cells of two species, but the corpus has no 'species' "
+                          "column: tokenize it with mixgf tokenize, or set objective.cross_species_weight: 0.")
+    codes, names = corpus_species_codes(train_set)
+    present = np.unique(codes)
+    if present.size < 2:
+        only = names[int(present[0])] if present.size else "none"
+        cut = (f" (data.max_cells={max_cells} keeps the corpus's first cells, which may all be of one species)"
+               if max_cells else "")
+        raise ConfigError(f"cross_species_weight={weight} pairs cells of two species, but the training cells are all "
+                          f"{only}{cut}: train on cells of both species, or set objective.cross_species_weight: 0.")
+
+
 def load_corpus(corpus_dir: str | os.PathLike) -> datasets.Dataset:
     """Open a tokenized corpus folder (``datasets.save_to_disk`` layout) with a clear error."""
     folder = Path(corpus_dir)

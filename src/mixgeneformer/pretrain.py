@@ -48,7 +48,13 @@ from . import model as model_module
 from .cell_bank import load_cell_bank
 from .collator import PretrainingCollator
 from .config import changed_settings, from_dict, save_config, to_dict
-from .corpus import check_corpora, corpus_lengths, corpus_species_codes, open_corpus
+from .corpus import (
+    check_corpora,
+    check_two_species,
+    corpus_lengths,
+    corpus_species_codes,
+    open_corpus,
+)
 from .diagnostics import FrequencyBaselines, compute_eval_metrics, frequency_baselines
 from .errors import ArtifactError, ConfigError, MixGeneformerError, VocabularyMismatchError
 from .fileio import content_hash, output_lock, read_json, write_json, write_output_marker
@@ -251,6 +257,7 @@ def _run_pretraining(
     plan = _plan_run(config, resume, overwrite, resume_from)
     model = _seeded_model(config, plan.vocab)
     data = _open_data(config, plan.vocab, int(model.config.max_position_embeddings))
+    check_two_species(data.train_set, float(model.config.cross_species_weight), config.data.max_cells)
     check_pooling_input(model.config, [ids[0] for ids in data.train_set[:1000]["input_ids"]], plan.vocab.cls_id)
     if config.train.mlm_bias_init == "unigram" and plan.checkpoint is None:
         counted = data.baselines or _frequency_baselines(config, data.train_set.select_columns(["input_ids"]), plan.vocab, data.lengths)
