@@ -359,3 +359,21 @@ def test_a_cross_species_term_on_cells_of_one_species_is_refused_before_any_outp
     # The same cells without the term train; both species with it train (the test above).
     run_pretraining(pretrain_config_from_dict(tiny_config(root, out, train={"max_steps": 2})))
     assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_an_invalid_objective_option_is_named_where_the_config_sets_it(tmp_path, synthetic):
+    """The model-config check says model.<field>; a run config sets that field under objective (or
+    model.overrides), and the message must name the key the user wrote."""
+    from mixgeneformer.errors import ConfigError
+    from mixgeneformer.pretrain import build_model
+    from mixgeneformer.vocab import Vocabulary
+
+    vocab = Vocabulary.load(synthetic / "vocab.json")
+    bad = pretrain_config_from_dict(tiny_config(synthetic, tmp_path / "run", objective={"pooling": "bogus"}))
+    with pytest.raises(ConfigError, match=r"objective\.pooling='bogus'") as info:
+        build_model(bad, vocab)
+    assert "model.pooling" not in str(info.value)
+    overrides = {**tiny_config(synthetic, tmp_path)["model"]["overrides"], "temperature": -1.0}
+    bad = pretrain_config_from_dict(tiny_config(synthetic, tmp_path / "run", model={"overrides": overrides}))
+    with pytest.raises(ConfigError, match=r"model\.overrides\.temperature=-1\.0 must be > 0"):
+        build_model(bad, vocab)

@@ -56,7 +56,7 @@ from .corpus import (
     open_corpus,
 )
 from .diagnostics import FrequencyBaselines, compute_eval_metrics, frequency_baselines
-from .errors import ArtifactError, ConfigError, MixGeneformerError, VocabularyMismatchError
+from .errors import ArtifactError, ConfigError, VocabularyMismatchError
 from .fileio import content_hash, output_lock, read_json, write_json, write_output_marker
 from .flops import training_flops
 from .metrics_csv import read_metrics, trim_metrics
@@ -69,7 +69,6 @@ from .pretrain_config import (  # re-exported: the run's typed configuration
     ModelOptions,
     PretrainConfig,
     TrainOptions,
-    check_model_options,
     load_pretrain_config,
     pretrain_config_from_dict,
 )
@@ -113,16 +112,7 @@ def split_train_eval(dataset, eval_fraction: float, seed: int):
 
 def build_model(config: PretrainConfig, vocab: Vocabulary) -> model_module.MixGeneformerForPretraining:
     """The model of ``config``: preset + overrides + objective options, validated."""
-
-    check_model_options(config.model.preset, {"model.overrides": config.model.overrides, "objective": config.objective})
-    overrides = {**config.model.overrides, **config.objective}
-    try:
-        model_config = model_module.make_config(config.model.preset, vocab, **overrides)
-    except MixGeneformerError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid model options {overrides}: {exc}") from exc
-    model = model_module.MixGeneformerForPretraining(model_config)
+    model = model_module.MixGeneformerForPretraining(config.model_config(vocab))
     model.attach_vocabulary(vocab)  # special ids and the ortholog map (cross-species term)
     return model
 

@@ -9,13 +9,17 @@ run is compared with it (:func:`mixgeneformer.pretrain.check_resume_config`). Th
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .config import from_dict, load_config
-from .errors import ConfigError
-from .model_config import PRESETS, MixGeneformerConfig
+from .errors import ConfigError, MixGeneformerError
+from .model_config import PRESETS, MixGeneformerConfig, make_config
+
+if TYPE_CHECKING:
+    from .vocab import Vocabulary
 
 
 @dataclass
@@ -109,6 +113,31 @@ class PretrainConfig:
     distributed: DistributedOptions = field(default_factory=DistributedOptions)
     checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
     logging: LoggingOptions = field(default_factory=LoggingOptions)
+
+    def model_config(self, vocab: Vocabulary) -> MixGeneformerConfig:
+        """The model's configuration: the preset, ``model.overrides`` and ``objective``, validated; an invalid
+        option is named where this config sets it (``objective.<field>``, ``model.overrides.<field>``)."""
+        check_model_options(self.model.preset, {"model.overrides": self.model.overrides, "objective": self.objective})
+        overrides = {**self.model.overrides, **self.objective}
+        try:
+            return make_config(self.model.preset, vocab, **overrides)
+        except ConfigError as exc:
+            raise ConfigError(self.option_names(str(exc))) from exc
+        except MixGeneformerError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid model options {overrides}: {exc}") from exc
+
+    def option_names(self, message: str) -> str:
+        """``message`` of a model-config check with each ``model.<field>`` named where this config sets it
+        (``objective.<field>`` or ``model.overrides.<field>``)."""
+
+        def named(match: re.Match[str]) -> str:
+            key = match.group(1)
+            return f"objective.{key}" if key in self.objective else (
+                f"model.overrides.{key}" if key in self.model.overrides else match.group(0))
+
+        return re.sub(r"\bmodel\.(\w+)", named, message)
 
     def validate(self) -> PretrainConfig:
         """Check values and their combinations (no file is opened); return self."""
