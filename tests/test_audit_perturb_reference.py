@@ -420,3 +420,19 @@ def test_cli_perturb_writes_what_the_api_computes_with_its_options(setup, tmp_pa
     table = pd.read_csv(tmp_path / "out" / "genes.csv")
     assert list(table["perturbed"]) == list(stats["perturbed"]) and list(table["symbol"]) == list(stats["symbol"])
     np.testing.assert_allclose(table["p_value"], stats["p_value"], rtol=1e-6)
+
+
+def test_a_cell_holding_only_the_deleted_genes_is_skipped_and_counted_not_fatal(setup):
+    """Deleting a gene set from a cell that holds nothing else leaves no gene: that one cell stopped the
+    whole run (InputDataError); it is now skipped, counted apart from cells lacking the genes, and the
+    other cells are scored as before."""
+    _, vocab, *_, cells, _ = setup
+    pair = cells[3][2:4]  # two genes of a 7-gene beta cell
+    only_pair = np.concatenate([cells[3][:2], pair, [EOS]])
+    config = PerturbConfig(**BASE, genes=[vocab.tokens[t] for t in pair], combine=True, min_genes=2)
+    result = _run(setup, config, cells=[cells[3], only_pair, *cells[6:]], labels=["beta", "beta", *setup[5][6:]])
+    assert list(result.cells["cell"]) == [0]
+    assert result.summary["cells_skipped_no_gene_left"] == 1
+    assert result.summary["cells_skipped_gene_absent"] == 0
+    alone = _run(setup, config, cells=[cells[3], *cells[6:]], labels=["beta", *setup[5][6:]])
+    np.testing.assert_allclose(result.cells["shift"].to_numpy(), alone.cells["shift"].to_numpy(), rtol=1e-6)

@@ -155,6 +155,7 @@ def perturb_cells(
             )
     finally:
         model.train(was_training)
+    _check_no_gene_left(summary, config, len(mine), num_shards)
     if gene_tokens is not None and len(mine) and not summary["cells_perturbed"] and num_shards == 1:
         raise InputDataError(
             f"none of the {len(mine):,} selected cells expresses {', '.join(config.genes)} (species "
@@ -170,6 +171,22 @@ def perturb_cells(
         seconds=round(time.perf_counter() - started, 3),
     )
     return PerturbationResult(frame, gene_frame, summary)
+
+
+def _check_no_gene_left(summary: dict, config: PerturbConfig, n_cells: int, num_shards: int) -> None:
+    """Cells holding nothing but the genes a deletion removes are skipped (counted in the summary, with a
+    warning); when that leaves no cell perturbed, the run is an error, not an empty table."""
+    skipped = int(summary.get("cells_skipped_no_gene_left", 0))
+    if not skipped:
+        return
+    what = "+".join(config.genes) if config.genes else "their one gene"
+    if not summary["cells_perturbed"] and num_shards == 1:
+        raise InputDataError(
+            f"the {skipped:,} of {n_cells:,} selected cells that hold {what} hold no other gene: deleting it would leave "
+            "no gene, and no cell is left to perturb. Perturb fewer genes, or choose cells with more genes (raise min_genes)."
+        )
+    logger.warning("%d cell(s) hold no gene besides %s: deleting it would leave no gene; skipped (summary: "
+                   "cells_skipped_no_gene_left)", skipped, what)
 
 
 def _all_dropped_message(config: PerturbConfig, selected_genes: np.ndarray) -> str:

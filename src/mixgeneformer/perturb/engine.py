@@ -21,7 +21,7 @@ from ..inference import (
 from ..model import pool_cells
 from .config import PerturbConfig
 from .deletion import DeletionScan, supports_shared_first_block
-from .variants import _Variants, cell_variants
+from .variants import NoGeneLeftError, _Variants, cell_variants
 
 if TYPE_CHECKING:
 
@@ -242,7 +242,7 @@ def _exact(bert, flat, offsets, rows, base_of, targets, vocab, config, device, g
     """Every variant through the encoder; returns (cell table, gene-shift table, summary)."""
     frames: list[pd.DataFrame] = []
     gene_frames: list[pd.DataFrame] = []
-    counts = {"cells_perturbed": 0, "cells_skipped_gene_absent": 0, "variants": 0}
+    counts = {"cells_perturbed": 0, "cells_skipped_gene_absent": 0, "cells_skipped_no_gene_left": 0, "variants": 0}
     if config.overexpress_absent == "insert":
         counts["variants_inserting_absent_genes"] = 0
     max_len = int(bert.config.max_position_embeddings)
@@ -251,9 +251,14 @@ def _exact(bert, flat, offsets, rows, base_of, targets, vocab, config, device, g
     def jobs() -> Iterator[_CellJob]:
         for row in _length_order(rows, offsets).tolist():
             tokens = flat[offsets[row] : offsets[row + 1]]
-            variants = cell_variants(tokens, vocab, config, gene_tokens, anchor_token, max_len)
+            try:
+                variants = cell_variants(tokens, vocab, config, gene_tokens, anchor_token, max_len)
+            except NoGeneLeftError:  # it holds no gene besides those a deletion removes
+                variants, skip = None, "cells_skipped_no_gene_left"
+            else:
+                skip = "cells_skipped_gene_absent"
             if variants is None or len(variants.src) == 0:
-                counts["cells_skipped_gene_absent"] += 1
+                counts[skip] += 1
                 if bar is not None:
                     bar.update(1)
                 continue

@@ -261,7 +261,7 @@ def _shard_summaries(shards: list[Path]) -> list[dict[str, Any]]:
 def _merged_summary(summaries: list[dict[str, Any]], n_shards: int, cells: pd.DataFrame) -> dict[str, Any]:
     """The summary of the whole run: the shards' counts summed (the cell selection is the same on every shard)."""
     merged: dict[str, Any] = {"shards": n_shards, "cells_perturbed": int(cells["cell"].nunique())}
-    for key in ("variants", "cells_skipped_gene_absent", "variants_inserting_absent_genes"):
+    for key in ("variants", "cells_skipped_gene_absent", "cells_skipped_no_gene_left", "variants_inserting_absent_genes"):
         values = [s[key] for s in summaries if key in s]
         if len(values) == n_shards:
             merged[key] = int(sum(values))

@@ -124,8 +124,8 @@ def perturbation_indices(
 
     Raises
     ------
-    InputDataError
-        A deletion would leave the cell with no gene.
+    NoGeneLeftError
+        A deletion would leave the cell with no gene (an InputDataError).
     """
     tokens = np.asarray(tokens)
     targets = np.asarray(targets, dtype=np.int64)
@@ -140,7 +140,7 @@ def perturbation_indices(
     rows = np.arange(n_var)[:, None]
     if perturb == "delete":
         if k >= n_genes:
-            raise InputDataError(
+            raise NoGeneLeftError(
                 f"deleting {k} gene(s) from a cell with {n_genes} gene(s) would leave no gene; a cell "
                 "needs at least one gene left (perturb fewer genes or drop such cells with min_genes)"
             )
@@ -182,6 +182,10 @@ def perturbation_indices(
         anchor_pos[:, None] - 1.0 + fraction
     )[moves]
     return np.argsort(keys, axis=1, kind="stable")
+
+
+class NoGeneLeftError(InputDataError):
+    """A deletion would leave the cell without a gene (the engine skips and counts such a cell)."""
 
 
 @dataclasses.dataclass
