@@ -377,3 +377,23 @@ def test_an_invalid_objective_option_is_named_where_the_config_sets_it(tmp_path,
     bad = pretrain_config_from_dict(tiny_config(synthetic, tmp_path / "run", model={"overrides": overrides}))
     with pytest.raises(ConfigError, match=r"model\.overrides\.temperature=-1\.0 must be > 0"):
         build_model(bad, vocab)
+
+
+def test_a_resume_does_not_report_the_tied_decoder_as_missing(tmp_path, synthetic, monkeypatch):
+    """The MLM decoder is tied to the word embeddings and never stored; a resume printed transformers'
+    'There were missing keys in the checkpoint model loaded' for it, which reads as a damaged checkpoint."""
+    import transformers.trainer as hf_trainer
+
+    warnings: list[str] = []
+    monkeypatch.setattr(hf_trainer.logger, "warning", lambda message, *args, **kwargs: warnings.append(str(message)))
+    run_pretraining(pretrain_config_from_dict(tiny_config(synthetic, tmp_path / "run", train={"max_steps": 4},
+                                                          checkpoint={"save_steps": 2})))
+    longer = pretrain_config_from_dict(tiny_config(synthetic, tmp_path / "run", train={"max_steps": 6},
+                                                   checkpoint={"save_steps": 2}))
+    result = run_pretraining(longer, resume=True)
+    assert result.resumed_from.name == "checkpoint-4"
+    assert not [w for w in warnings if "missing keys" in w]
+    from mixgeneformer.bundle import load_bundle
+
+    loaded, _, _ = load_bundle(result.bundle_dir)  # the decoder is still the word embedding matrix
+    assert loaded.cls.predictions.decoder.weight.data_ptr() == loaded.bert.embeddings.word_embeddings.weight.data_ptr()

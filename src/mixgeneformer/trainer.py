@@ -289,6 +289,10 @@ class MixGeneformerTrainer(Trainer):
             return str(ckpt.staging_dir(self.args.output_dir))
         return super()._get_output_dir(trial)
 
+    def _issue_warnings_after_load(self, load_result):  # the tied MLM decoder is never stored: not "missing"
+        tied = getattr(self.accelerator.unwrap_model(self.model), "_tied_weights_keys", None) or {}
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in tied]))
+
     def _save_checkpoint(self, model, trial):
         run_dir = Path(self.args.output_dir)
         step = self.state.global_step
