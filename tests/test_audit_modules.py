@@ -268,3 +268,23 @@ def test_cell_lengths_of_a_csr_h5ad_come_from_its_row_pointer_alone(tmp_path, mo
     monkeypatch.setattr(_H5adSource, "_read_rows", no_count_reads)
     lengths = cell_lengths(tmp_path / "csr.h5ad", config)
     assert lengths.dtype == np.int64 and np.array_equal(lengths, expected)
+
+
+def test_an_unknown_species_is_refused_before_workers_start_or_a_file_is_read(tmp_path):
+    """`mixgf medians --species cat` started its workers and progress bar, then failed inside a worker."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from mixgeneformer.errors import ConfigError
+    from mixgeneformer.readers import ReadOptions
+
+    with pytest.raises(ConfigError, match=r"species='cat': use 'auto' or one of \['human', 'mouse'\]"):
+        ReadOptions(species="cat")
+    missing = tmp_path / "not-read.h5ad"  # never opened: the option is checked first
+    proc = subprocess.run([sys.executable, "-m", "mixgeneformer", "medians", str(missing), "--species", "cat", "--out",
+                           str(tmp_path / "m.tsv")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "species='cat'" in proc.stderr and "medians:" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "m.tsv").exists()

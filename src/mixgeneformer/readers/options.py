@@ -13,7 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ConfigError, GeneIdError, InputDataError
-from ..genes import GeneMapping, map_gene_ids
+from ..genes import SPECIES, GeneMapping, map_gene_ids
 from ..jit import njit
 from .base import CountChunk, CountInput, CountSource
 from .formats import open_source
@@ -48,6 +48,8 @@ class ReadOptions:
     chunk_size: int = 4096
 
     def __post_init__(self) -> None:
+        if self.species not in ("auto", *SPECIES):  # before any worker starts or any file is read
+            raise ConfigError(f"species={self.species!r}: use 'auto' or one of {list(SPECIES)}.")
         if not 0.0 <= self.min_coverage <= 1.0:
             raise ConfigError(f"min_coverage={self.min_coverage} is a fraction of gene IDs: give a value from 0 to 1 (e.g. 0.5).")
 
