@@ -288,3 +288,16 @@ def test_an_unknown_species_is_refused_before_workers_start_or_a_file_is_read(tm
     assert proc.returncode == 2
     assert "species='cat'" in proc.stderr and "medians:" not in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "m.tsv").exists()
+
+
+def test_the_prediction_summary_lists_only_classes_that_were_predicted(tmp_path):
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from mixgeneformer.classify.predict import write_prediction_file
+
+    adata = ad.AnnData(np.zeros((3, 2), dtype=np.float32))
+    adata.obs["cell_type_pred"] = pd.Categorical(["beta", "beta", "alpha"], categories=["alpha", "beta", "delta"])
+    line = write_prediction_file(adata, tmp_path / "out.h5ad", "cell_type")
+    assert line.endswith("obs['cell_type_pred'] beta 2, alpha 1")

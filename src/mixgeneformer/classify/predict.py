@@ -211,6 +211,7 @@ def write_prediction_file(adata: ad.AnnData, out: str | os.PathLike, key: str) -
     write_h5ad(adata, out)
     remove_shards(out)
     counts = adata.obs[f"{key}_pred"].value_counts()
+    counts = counts[counts > 0]  # a categorical column lists every class, predicted or not
     return f"wrote {out}: obs[{key + '_pred'!r}] " + ", ".join(f"{c} {n:,}" for c, n in counts.head(8).items())
 
 
