@@ -105,8 +105,9 @@ def baseline_predict(
     """A count-based baseline on the same cells.
 
     ``logreg_counts``: normalise to 10,000, log1p, standardise (clip 10), L2 logistic regression
-    (CellTypist-style). ``knn_pca``: the same normalisation, PCA (50 components, fit on training
-    cells), kNN (k=5, cosine). Genes never expressed in training are left out.
+    (CellTypist-style). ``knn_pca``: the same normalisation, standardisation and clip, PCA (50
+    components, fit on training cells; sklearn's seeded randomized solver, which need not equal an
+    exact PCA in its last components), kNN (k=5, cosine). Genes never expressed in training are left out.
     """
 
     config = config or BaselineConfig()
