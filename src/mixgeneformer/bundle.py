@@ -186,15 +186,20 @@ def _resolve_folder(path: str | os.PathLike) -> Path:
             raise ArtifactError(f"model path {folder} is a file; pass the folder that holds config.json and model.safetensors.")
         _refuse_training_folder(folder)
         return folder
+    refuse_hub_id(path)
+    raise ArtifactError(f"model folder not found: {folder}. Check the path (relative paths are taken from {Path.cwd()}).")
+
+
+def refuse_hub_id(path: str | os.PathLike) -> None:
+    """An :class:`OfflineError` for a model ``path`` that does not exist and looks like a Hub ID."""
     path = os.fspath(path)  # a Path too: the CLI passes one
-    if _HUB_ID.match(path) and not path.startswith((".", "/", "~")):
+    if _HUB_ID.match(path) and not path.startswith((".", "/", "~")) and not Path(path).exists():
         raise OfflineError(
             f"{path!r} is not a local folder and looks like a Hugging Face Hub ID; mixgeneformer never downloads at "
             f"run time. Download it first (e.g. `huggingface-cli download {path} --local-dir ./{path.split('/')[-1]}`) "
             "and pass the local folder. If you meant a local path, it does not exist (relative to "
             f"{Path.cwd()})."
         )
-    raise ArtifactError(f"model folder not found: {folder}. Check the path (relative paths are taken from {Path.cwd()}).")
 
 
 def _refuse_training_folder(folder: Path) -> None:

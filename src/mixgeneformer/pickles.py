@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError
@@ -43,13 +44,25 @@ class _RestrictedUnpickler(pickle.Unpickler):
         )
 
 
+#: How files of other kinds start; none of these bytes opens a pickle ('{' is no pickle opcode).
+_NOT_PICKLES = {b"\x89HDF": "an HDF5 file (e.g. .h5ad)", b"PAR1": "a Parquet file", b"{": "a JSON file",
+                b"PK\x03\x04": "a zip archive (e.g. a torch checkpoint)"}
+
+
 def load_restricted_pickle(path: str | os.PathLike, what: str = "pickle") -> object:
     """Load a dictionary pickle (e.g. Geneformer's token/median dictionaries) without running code.
 
     The value is whatever the pickle holds (containers of str/int/float and numpy scalars): the
     caller checks its shape."""
+    if Path(path).is_dir():
+        raise ArtifactError(f"{what} {path} is a directory, not a Python pickle file (Geneformer's dictionaries are .pkl files).")
     path = check_readable_file(path, what)
     with open(path, "rb") as handle:
+        head = handle.read(8)
+        kind = next((k for magic, k in _NOT_PICKLES.items() if head.lstrip().startswith(magic)), None)
+        if kind is not None:  # else "invalid load key ...; it may be truncated", of a whole file of another kind
+            raise ArtifactError(f"{what} {path} is {kind}, not a Python pickle (Geneformer's dictionaries are .pkl files).")
+        handle.seek(0)
         try:
             return _RestrictedUnpickler(handle).load()
         except ArtifactError:

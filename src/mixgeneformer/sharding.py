@@ -54,7 +54,6 @@ from .fileio import (
     check_readable_file,
     content_hash,
     files_signature,
-    output_lock,
     read_h5ad,
     read_json,
     write_json,
@@ -105,12 +104,6 @@ class ShardRole:
     @property
     def merges(self) -> bool:
         return self.launched and self.index == 0
-
-
-def writer_lock(out: str | os.PathLike, shard_index: int | None = None, num_shards: int | None = None) -> contextlib.AbstractContextManager:
-    """The output lock of a one-process run, so a second run writing ``out`` meanwhile is refused
-    (:func:`fileio.output_lock`); the processes of a sharded run share ``out`` by design (OUT.shards/)."""
-    return output_lock(out) if shard_role(shard_index, num_shards).world == 1 else contextlib.nullcontext()
 
 
 def shard_role(shard_index: int | None = None, num_shards: int | None = None) -> ShardRole:

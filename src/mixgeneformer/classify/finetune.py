@@ -25,6 +25,7 @@ from ..bundle import (
     bundle_tokenize_config,
     check_bundle_vocabulary,
     read_marker,
+    refuse_hub_id,
     save_bundle,
 )
 from ..config import load_config, save_config
@@ -229,12 +230,26 @@ def _load_classifier_weights(weights_dir: Path) -> MixGeneformerForCellClassific
     return model
 
 
+def _classifier_folder(directory: str | os.PathLike) -> Path:
+    """``directory`` as a Path, refused with what to pass instead when it is a Hub ID, a file, or the
+    output folder of ``mixgf classify`` (whose classifier is in its ``finetuned/``)."""
+    refuse_hub_id(directory)
+    directory = Path(directory)
+    if directory.is_file():
+        raise ArtifactError(f"classifier {directory} is a file; --classifier (load_classifier) takes the folder of a "
+                            "fine-tuned classifier: OUT/finetuned of `mixgf classify --out OUT`.")
+    inner = directory / "finetuned"
+    if not (directory / WEIGHTS_NAME).exists() and (inner / WEIGHTS_NAME).exists():
+        raise ArtifactError(f"{directory} is the output folder of `mixgf classify`; pass {inner}, the classifier in it.")
+    return directory
+
+
 def load_classifier(directory: str | os.PathLike) -> FittedClassifier:
     """Load a classifier saved by :meth:`FittedClassifier.save` (safetensors only).
 
     Folders written before classifiers were bundles (the weights in a ``model/`` subfolder) load too.
     """
-    directory = Path(directory)
+    directory = _classifier_folder(directory)
     weights_dir = directory / "model" if (directory / "model" / "config.json").is_file() else directory
     check_readable_file(weights_dir / WEIGHTS_NAME, "classifier weights")
     marker = read_marker(directory)

@@ -43,3 +43,25 @@ def load_tokenize_config(path):
     from ..config import load_config
 
     return None if path is None else load_config(TokenizeOverrides, path)
+
+
+def claim_cell_outputs(outputs: dict, shard_index: int | None, num_shards: int | None):
+    """The outputs of ``embed`` / ``predict`` (``{option: path or None}``): each can be written (no file
+    where a folder is needed), checked before anything is created; a one-process run holds the lock of
+    every one for its whole run (a second writer of any is refused) and removes the folders the locks
+    created if it fails (:func:`fileio.claim_outputs`). The shards of one run share them by design."""
+    import contextlib
+
+    from ..fileio import check_writable, claim_outputs
+    from ..sharding import shard_role
+
+    given = {option: path for option, path in outputs.items() if path is not None}
+
+    def check() -> None:
+        for option, path in given.items():
+            check_writable(path, (), option)
+
+    if shard_role(shard_index, num_shards).world > 1:
+        check()
+        return contextlib.nullcontext()
+    return claim_outputs(check, *given.values())

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from ._app import MEDIANS_OPTION, TOKENIZE_CONFIG_HELP, VOCAB_OPTION, app, load_tokenize_config
+from ._app import (
+    MEDIANS_OPTION,
+    TOKENIZE_CONFIG_HELP,
+    VOCAB_OPTION,
+    app,
+    claim_cell_outputs,
+    load_tokenize_config,
+)
 
 
 @app.command("embed")
@@ -46,10 +53,9 @@ def embed(
     """
     from .. import embed as emb
     from ..corpus import check_cells_input
-    from ..sharding import writer_lock
 
     check_cells_input(input)
-    with writer_lock(out, shard_index, num_shards):
+    with claim_cell_outputs({"--out": out, "--umap": umap, "--gene-embeddings": gene_embeddings}, shard_index, num_shards):
         produced = emb.embed_to_outputs(
             input, model, out, key=key, layer=layer, pooling=pooling, gene_embeddings=gene_embeddings, umap=umap,
             color=color, vocab=vocab, medians=medians, tokenize_config=load_tokenize_config(tokenize_config),

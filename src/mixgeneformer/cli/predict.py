@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ._app import TOKENIZE_CONFIG_HELP, app, load_tokenize_config
+from ._app import TOKENIZE_CONFIG_HELP, app, claim_cell_outputs, load_tokenize_config
 
 
 @app.command("predict")
@@ -26,10 +26,9 @@ def predict(
     """Predict the class of every cell; under torchrun each rank takes a share (see `mixgf embed`)."""
     from ..classify import predict as pred
     from ..corpus import check_cells_input
-    from ..sharding import writer_lock
 
     check_cells_input(input)
-    with writer_lock(out, shard_index, num_shards):
+    with claim_cell_outputs({"--out": out}, shard_index, num_shards):
         adata = pred.predict_file(
             input, classifier, out, key=key, batch_size=batch_size, device=device,
             tokenize_config=load_tokenize_config(tokenize_config), shard_index=shard_index, num_shards=num_shards,
