@@ -301,8 +301,8 @@ def _check_duplicate_genes(name: str, columns: np.ndarray, ensembl: np.ndarray) 
     shown = ", ".join(repr(str(c)) for c in names.iloc[:5])
     raise GeneIdError(
         f"{name}: {groups.ngroups:,} genes appear in several columns; e.g. columns {shown} all resolve to {gene}. "
-        "Remove or rename the duplicate columns, or use duplicate_genes='sum' (CLI: --duplicate-genes sum; "
-        "Geneformer sums them)."
+        "Remove or rename the duplicate columns, or use duplicate_genes='sum' (mixgf tokenize --duplicate-genes sum; "
+        "the other commands: duplicate_genes: sum in --tokenize-config; Geneformer sums them)."
     )
 
 
