@@ -4,49 +4,14 @@ classifier folder of ``mixgf predict`` (20, 25)."""
 
 from __future__ import annotations
 
-import contextlib
 import pickle
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 from _tokenize_helpers import cells_partly_outside, random_gene_bundle
+from test_audit_files import lock_holder, run_cli
 
-from mixgeneformer.cli import main
 from mixgeneformer.errors import ArtifactError, OfflineError
-
-
-def run_cli(capsys, *args) -> tuple[int, str]:
-    """Run ``mixgf ARGS`` in-process; return (exit code, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    return code, capsys.readouterr().err
-
-
-@contextlib.contextmanager
-def lock_holder(target: Path):
-    """Another process holding the output lock of ``target`` (killed on exit); yields its pid."""
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import time
-            from mixgeneformer.fileio import output_lock
-            with output_lock({str(target)!r}):
-                print("locked", flush=True)
-                time.sleep(120)
-        """)],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        yield holder.pid
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 # ------------------------------------------------------------- 25: Geneformer dictionaries
