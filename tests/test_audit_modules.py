@@ -301,3 +301,20 @@ def test_the_prediction_summary_lists_only_classes_that_were_predicted(tmp_path)
     adata.obs["cell_type_pred"] = pd.Categorical(["beta", "beta", "alpha"], categories=["alpha", "beta", "delta"])
     line = write_prediction_file(adata, tmp_path / "out.h5ad", "cell_type")
     assert line.endswith("obs['cell_type_pred'] beta 2, alpha 1")
+
+
+def test_signal_handlers_set_outside_python_are_restored_as_the_default():
+    """signal.signal returns None for a handler not installed from Python; restoring None raised TypeError
+    at the end of every run (and masked the run's own outcome)."""
+    import signal
+
+    from mixgeneformer.stopping import SignalFlag
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        flag = SignalFlag()
+        flag.previous = {signal.SIGTERM: None}
+        flag.uninstall()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and flag.previous == {}
+    finally:
+        signal.signal(signal.SIGTERM, before)

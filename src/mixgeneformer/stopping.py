@@ -56,8 +56,8 @@ class SignalFlag:
                 pass
 
     def uninstall(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in self.previous.items():  # None: a handler set outside Python, which cannot be restored
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         self.previous = {}
 
     def _handle(self, signum, frame):
