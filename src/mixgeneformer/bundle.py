@@ -457,25 +457,20 @@ def load_for_inference(
     (CLI ``--tokenize-config``) sets only its options over the bundle's (:func:`resolve_tokenize_config`).
     """
     if isinstance(model_or_bundle_dir, (str, os.PathLike)):
-        model, bundle_vocab, bundle_medians = load_bundle(model_or_bundle_dir, vocab, medians=medians)
-        return (
-            model,
-            bundle_vocab,
-            bundle_medians,
-            resolve_tokenize_config(tokenize_config, bundle_tokenize_config(model_or_bundle_dir)),
-            str(model_or_bundle_dir),
-        )
-    if not isinstance(model_or_bundle_dir, torch.nn.Module):
+        model, vocab, medians = load_bundle(model_or_bundle_dir, vocab, medians=medians)
+        name = str(model_or_bundle_dir)
+    elif isinstance(model_or_bundle_dir, torch.nn.Module):
+        model, name = model_or_bundle_dir, type(model_or_bundle_dir).__name__
+        if vocab is not None and not isinstance(vocab, Vocabulary):
+            vocab = Vocabulary.load(vocab)
+        if medians is not None and not isinstance(medians, GeneMedians):
+            medians = GeneMedians.load(medians)
+        vocab = vocab if vocab is not None else getattr(model, "vocab", None)
+        if vocab is None:
+            raise ConfigError("an in-memory model needs its vocabulary: pass vocab= (or a bundle folder instead)")
+    else:
         raise ConfigError(
             f"model_or_bundle_dir must be a model bundle folder or a torch model, got {type(model_or_bundle_dir).__name__}"
         )
-    model = model_or_bundle_dir
-    if vocab is not None and not isinstance(vocab, Vocabulary):
-        vocab = Vocabulary.load(vocab)
-    if medians is not None and not isinstance(medians, GeneMedians):
-        medians = GeneMedians.load(medians)
-    vocab = vocab if vocab is not None else getattr(model, "vocab", None)
-    if vocab is None:
-        raise ConfigError("an in-memory model needs its vocabulary: pass vocab= (or a bundle folder instead)")
     recorded = getattr(model, "bundle_tokenize_config", None)  # set by load_bundle: the bundle's tokenize.yaml
-    return model, vocab, medians, resolve_tokenize_config(tokenize_config, recorded), type(model).__name__
+    return model, vocab, medians, resolve_tokenize_config(tokenize_config, recorded), name

@@ -174,18 +174,19 @@ def corpus_species_codes(dataset) -> tuple[np.ndarray, list[str]]:
     return np.asarray(encoded.indices, dtype=np.int64), [str(s) for s in encoded.dictionary.to_pylist()]
 
 
-def check_two_species(train_set: datasets.Dataset, weight: float, max_cells: int | None = None) -> None:
+def check_two_species(train_set: datasets.Dataset, weight: float, max_cells: int | None = None,
+                      codes: np.ndarray | None = None) -> None:
     """Refuse a cross-species term (``weight`` > 0) on training cells of one species, where it would be 0
-    at every step: a term asked for that silently does nothing (ConfigError)."""
+    at every step: a term asked for that silently does nothing (ConfigError). ``codes``: the cells'
+    :func:`corpus_species_codes` where already read (species-balanced sampling), not read again."""
     if weight <= 0:
         return
     if "species" not in train_set.column_names:
         raise ConfigError(f"cross_species_weight={weight} pairs cells of two species, but the corpus has no 'species' "
                           "column: tokenize it with mixgf tokenize, or set objective.cross_species_weight: 0.")
-    codes, names = corpus_species_codes(train_set)
-    present = np.unique(codes)
+    present = np.unique(corpus_species_codes(train_set)[0] if codes is None else codes)
     if present.size < 2:
-        only = names[int(present[0])] if present.size else "none"
+        only = corpus_species_codes(train_set)[1][int(present[0])] if present.size else "none"
         cut = (f" (data.max_cells={max_cells} keeps the corpus's first cells, which may all be of one species)"
                if max_cells else "")
         raise ConfigError(f"cross_species_weight={weight} pairs cells of two species, but the training cells are all "

@@ -247,7 +247,7 @@ def _run_pretraining(
     plan = _plan_run(config, resume, overwrite, resume_from)
     model = _seeded_model(config, plan.vocab)
     data = _open_data(config, plan.vocab, int(model.config.max_position_embeddings))
-    check_two_species(data.train_set, float(model.config.cross_species_weight), config.data.max_cells)
+    check_two_species(data.train_set, float(model.config.cross_species_weight), config.data.max_cells, data.species_codes)
     check_pooling_input(model.config, [ids[0] for ids in data.train_set[:1000]["input_ids"]], plan.vocab.cls_id)
     if config.train.mlm_bias_init == "unigram" and plan.checkpoint is None:
         counted = data.baselines or _frequency_baselines(config, data.train_set.select_columns(["input_ids"]), plan.vocab, data.lengths)

@@ -376,7 +376,6 @@ class CountSource:
             counts = self._checked_counts(counts, chunk_obs.index, lo, validate)
             yield CountChunk(counts=counts, gene_ids=self.gene_ids, obs=chunk_obs, start=lo)
 
-
     def stored_per_cell(self, chunk_size: int = 100_000) -> np.ndarray:
         """Stored (expressed) entries of each cell, int64, without validating the counts; a format
         that keeps a row pointer answers from it without reading the counts."""
