@@ -21,6 +21,7 @@ from mixgeneformer.errors import ConfigError
 from mixgeneformer.pretrain import pretrain_config_from_dict, read_metrics, run_pretraining
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_cross_species import ortholog_vocab as shared_ortholog_vocab  # noqa: E402
 from test_pretrain import make_corpus, make_vocab, params_of, tiny_config  # noqa: E402
 
 N_PAIRS = 24
@@ -28,20 +29,7 @@ N_PAIRS = 24
 
 def ortholog_vocab():
     """An ortholog vocabulary: N_PAIRS shared human|mouse tokens plus 8 genes of each species alone."""
-    from mixgeneformer.genes import one_to_one_orthologs
-    from mixgeneformer.vocab import SPECIAL_TOKENS, SPECIES_TOKENS, Vocabulary
-
-    pairs = one_to_one_orthologs().head(N_PAIRS)
-    tokens = [*SPECIAL_TOKENS, SPECIES_TOKENS["human"], SPECIES_TOKENS["mouse"]]
-    gene_to_id = {}
-    for human, mouse in zip(pairs["human_id"], pairs["mouse_id"], strict=True):
-        gene_to_id[human] = gene_to_id[mouse] = len(tokens)
-        tokens.append(f"{human}|{mouse}")
-    for i in range(8):
-        for gene in (f"ENSG9999999999{i}", f"ENSMUSG9999999999{i}"):
-            gene_to_id[gene] = len(tokens)
-            tokens.append(gene)
-    return Vocabulary(tokens, gene_to_id, "ortholog")
+    return shared_ortholog_vocab(N_PAIRS, range(8))
 
 
 def ortholog_corpus(path: Path, vocab, n_cells: int = 96, seed: int = 0) -> Path:

@@ -14,21 +14,28 @@ from mixgeneformer.vocab import Vocabulary, build_vocabulary
 N_PAIRS = 12
 
 
-@pytest.fixture(scope="module")
-def vocab() -> Vocabulary:
-    """Ortholog vocabulary: 12 shared pair tokens, plus one human-only and one mouse-only gene."""
-    pairs = one_to_one_orthologs().head(N_PAIRS)
+def ortholog_vocab(n_pairs: int, own: range) -> Vocabulary:
+    """An ortholog vocabulary: ``n_pairs`` shared human|mouse tokens, then for each ``i`` of ``own`` a
+    human-only gene ``ENSG9999999999<i>`` and a mouse-only gene ``ENSMUSG9999999999<i>``."""
     from mixgeneformer.vocab import SPECIAL_TOKENS, SPECIES_TOKENS
 
+    pairs = one_to_one_orthologs().head(n_pairs)
     tokens = [*SPECIAL_TOKENS, SPECIES_TOKENS["human"], SPECIES_TOKENS["mouse"]]
     gene_to_id = {}
     for human, mouse in zip(pairs["human_id"], pairs["mouse_id"], strict=True):
         gene_to_id[human] = gene_to_id[mouse] = len(tokens)
         tokens.append(f"{human}|{mouse}")
-    for gene in ("ENSG99999999991", "ENSMUSG99999999991"):
-        gene_to_id[gene] = len(tokens)
-        tokens.append(gene)
+    for i in own:
+        for gene in (f"ENSG9999999999{i}", f"ENSMUSG9999999999{i}"):
+            gene_to_id[gene] = len(tokens)
+            tokens.append(gene)
     return Vocabulary(tokens, gene_to_id, "ortholog")
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Vocabulary:
+    """Ortholog vocabulary: 12 shared pair tokens, plus one human-only and one mouse-only gene."""
+    return ortholog_vocab(N_PAIRS, range(1, 2))
 
 
 def model_of(vocab, **overrides) -> MixGeneformerForPretraining:
