@@ -168,7 +168,6 @@ class PadCollator:
         self.pad_id = pad_id
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-
         lengths = np.asarray([len(f["input_ids"]) for f in features], dtype=np.int64)
         flat = np.concatenate([np.asarray(f["input_ids"], dtype=np.int64) for f in features])
         ids, mask = pad_batch(flat, np.cumsum(lengths) - lengths, lengths, self.pad_id)

@@ -192,5 +192,4 @@ def tokenize_task(task: Task, vocab: Vocabulary, medians: GeneMedians | None, to
 
 
 def _max_len_of(model: Any) -> int:
-
     return int(encoder_of(model).config.max_position_embeddings)

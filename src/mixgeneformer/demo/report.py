@@ -436,5 +436,4 @@ def _fmt(value: Any) -> str:
 
 
 def _version() -> str:
-
     return str(__version__)

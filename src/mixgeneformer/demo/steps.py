@@ -51,7 +51,6 @@ def _tokenize_config(cfg: DemoConfig) -> TokenizeConfig:
 
 
 def _step_data(ctx: _Context, folder: Path) -> dict[str, Any]:
-
     cfg = ctx.config
     source = Path(cfg.data_dir) if cfg.data_dir is not None else demo_data_dir()
     inputs, cells, types = {}, {}, {}
@@ -86,7 +85,6 @@ def _check_perturb_states(cfg: DemoConfig, types: dict[str, int]) -> None:
 
 
 def _step_vocab(ctx: _Context, folder: Path) -> dict[str, Any]:
-
     vocab = build_vocabulary(ctx.config.vocab_mode, ctx.config.gene_set)
     path = vocab.save(folder / "vocab.json")
     print(f"vocabulary: {vocab}", flush=True)
@@ -94,7 +92,6 @@ def _step_vocab(ctx: _Context, folder: Path) -> dict[str, Any]:
 
 
 def _step_medians(ctx: _Context, folder: Path) -> dict[str, Any]:
-
     paths = _input_paths(ctx)
     medians = compute_medians([str(paths[s]) for s in SPECIES], workers=ctx.config.workers, progress=ctx.progress)
     stats = medians.stats
@@ -105,7 +102,6 @@ def _step_medians(ctx: _Context, folder: Path) -> dict[str, Any]:
 
 
 def _step_tokenize(ctx: _Context, folder: Path) -> dict[str, Any]:
-
     vocab = Vocabulary.load(ctx.results["vocab"]["path"])
     medians = GeneMedians.load(ctx.results["medians"]["path"])
     paths = _input_paths(ctx)
@@ -128,7 +124,6 @@ def _step_tokenize(ctx: _Context, folder: Path) -> dict[str, Any]:
 
 
 def _pretrain_config(ctx: _Context, folder: Path) -> Any:
-
     cfg = ctx.config
     steps = cfg.pretrain_steps
     return pretrain_config_from_dict(
@@ -160,7 +155,6 @@ def _pretrain_config(ctx: _Context, folder: Path) -> Any:
 
 
 def _step_pretrain(ctx: _Context, folder: Path) -> dict[str, Any]:
-
     config = _pretrain_config(ctx, folder)
     save_config(config, folder, "pretrain.yaml")
     result = run_pretraining(config, resume=True)
@@ -189,8 +183,6 @@ def _read_inputs(paths: dict[str, str | Path]) -> dict[str, ad.AnnData]:
 
 
 def _step_embed(ctx: _Context, folder: Path) -> dict[str, Any]:
-
-
     cfg = ctx.config
     bundle = ctx.results["pretrain"]["bundle"]
     parts, files = [], {}
@@ -350,7 +342,6 @@ def _step_classify(ctx: _Context, folder: Path) -> dict[str, Any]:
 
 
 def _step_perturb(ctx: _Context, folder: Path) -> dict[str, Any]:
-
     cfg = ctx.config
     adata = _load_inputs(ctx)[cfg.perturb_species]
     model, vocab, medians = load_bundle(ctx.results["pretrain"]["bundle"])

@@ -68,7 +68,6 @@ def _check_writable(adata: Any, copy: bool) -> None:
 
 
 def _params_record(model_name: str, vocab: Vocabulary, layer: int, pooling: str, hidden: int, **extra: Any) -> dict:
-
     record = {
         "model": model_name,
         "vocab_hash": vocab.hash,

@@ -411,7 +411,6 @@ def _encode_chunk(
 
 
 def _features(obs_types: dict[str, pa.DataType]) -> Any:
-
     schema = pa.schema(
         [("input_ids", pa.list_(pa.int32())), ("length", pa.int32()), ("species", pa.string()), ("cell_index", pa.int64())]
         + list(obs_types.items())
