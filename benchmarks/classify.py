@@ -15,7 +15,7 @@ at least as well as single-species models. This script measures it on the Baron 
 4. Settings: within-human, within-mouse (train split -> test split), mouse->human and human->mouse
    (the source's train split -> the target's test split, on the classes both share, matched by
    canonical name: see :mod:`mixgeneformer.classify`).
-   With ``--seeds a,b,c`` steps 1-3 are repeated per seed (the seed of the split AND of
+   With ``--seeds a b c`` (or ``a,b,c``) steps 1-3 are repeated per seed (the seed of the split AND of
    pretraining) and the table gives mean ± sd over seeds; per-seed rows go to ``--out``.
 5. Methods: zero-shot kNN (k=5, cosine) and logistic regression on frozen embeddings (``--layer``,
    default the last, mean over genes, the same for every model; the SimCSE term is trained on the
@@ -68,6 +68,14 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SPECIES = ("human", "mouse")
 
 
+def _seed_list(text: str) -> list[int]:
+    """One --seeds word: an integer, or comma-separated integers (the form the recorded commands use)."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds are integers, e.g. 0 1 2 or 0,1,2") from None
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DATA, help="folder with baron_pancreas_{human,mouse}.h5ad")
@@ -94,7 +102,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep corpora and models here (default: temporary)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this CSV")
-    parser.add_argument("--seeds", default="42", help="comma-separated seeds (split + pretraining); mean ± sd over them")
+    parser.add_argument("--seeds", type=_seed_list, nargs="+", default=[[42]],
+                        help="seeds (split + pretraining), e.g. 0 1 2 or 0,1,2; mean ± sd over them")
     add_overwrite_argument(parser)
     return parser.parse_args()
 
@@ -256,7 +265,7 @@ def main() -> None:
     check_benchmark_out([args.out], args.overwrite)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
-    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    seeds = [seed for group in args.seeds for seed in group]
     with tempfile.TemporaryDirectory(prefix="mixgf-bench-classify-") as scratch:
         root = args.work_dir or Path(scratch)
         rows = []
