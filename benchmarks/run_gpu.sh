@@ -4,7 +4,9 @@
 # sharded `mixgf embed` under torchrun vs one process, FSDP and DeepSpeed pretraining steps).
 # Usage on a GPU machine, from the project root, with the package importable (pip install -e . or
 # PYTHONPATH=src) and the Baron human h5ad at $BARON (default ../shared/data/baron_pancreas_human.h5ad):
-#   bash benchmarks/run_gpu.sh [OUT_DIR] [all|base|scale|classify]   # base ~8 min, scale ~9 min on one H100
+#   bash benchmarks/run_gpu.sh [OUT_DIR] [all|base|scale|checks|classify]   # base ~8 min, scale ~9 min on one H100
+# "checks" (not in "all"; ~4 min) runs `mixgf demo --quick` twice on the GPU and compares the two runs'
+# numbers (fine-tuning, embedding and pretraining determinism on CUDA with one device per process).
 # "classify" (not in "all"; sized to ~9 min) is the real-budget classification run: the
 # mix-geneformer preset at 2,048 genes per cell, random init vs pretrained on both species, with the
 # demo's pretraining objective and fine-tuning recipe (benchmarks/results/finetune_cv_*.txt).
@@ -66,4 +68,27 @@ if [[ $stage == classify ]]; then
       --overrides cross_species_weight=0.05,cross_species_queue=1024,cross_species_k=20 \
       --finetune-epochs 5 --finetune-set batch_size=32,validation_fraction=0,attention_dropout=0,hidden_dropout=0,bf16=true \
       --work-dir "$out/classify_work" --out "$out/classify.csv" 2>&1 | grep -v "^{" | tee "$out/classify.txt"
+fi
+
+if [[ $stage == checks ]]; then
+  for run in a b; do
+    /usr/bin/time -f "demo --quick run $run: wall %e s" timeout 240 python3 -m mixgeneformer demo --quick --device cuda \
+        --out "$out/checks_demo_$run" --overwrite > "$out/checks_demo_$run.log" 2>&1
+    tail -n 1 "$out/checks_demo_$run.log" | tee -a "$out/checks.txt"
+  done
+  python3 - "$out/checks_demo_a" "$out/checks_demo_b" <<'PY' 2>&1 | tee -a "$out/checks.txt"
+import json, sys
+from pathlib import Path
+import numpy as np
+import pandas as pd
+a, b = (Path(p) for p in sys.argv[1:3])
+for name in ("classify/metrics_per_seed.csv", "pretrain/run/metrics.csv"):
+    x, y = pd.read_csv(a / name), pd.read_csv(b / name)
+    speed = {"tokens_per_s", "mfu", "time_s"}  # throughput columns differ between runs by nature
+    num = [c for c in x.columns if c in y.columns and c not in speed and pd.api.types.is_numeric_dtype(x[c])]
+    diff = float(np.nanmax(np.abs(x[num].to_numpy(float) - y[num].to_numpy(float)))) if len(x) == len(y) else float("nan")
+    print(f"{name}: {len(x)} / {len(y)} rows; largest difference between the two runs {diff:.3g}")
+ma, mb = (json.loads((p / "report" / "metrics.json").read_text()) for p in (a, b))
+print("species mixing a:", ma.get("embed", {}).get("species_mixing"), "\nspecies mixing b:", mb.get("embed", {}).get("species_mixing"))
+PY
 fi
