@@ -457,6 +457,23 @@ def test_losses_fall_on_real_baron_human_and_mouse(tmp_path, baron_corpus):
     assert (recorded.style, recorded.add_species_token, recorded.max_len) == ("v2", True, 64)
 
 
+def test_cli_pretrain_says_whether_the_model_learned_beyond_frequency(tmp_path, synthetic, capsys):
+    from mixgeneformer.cli import main
+    from mixgeneformer.diagnostics import final_evaluation
+
+    out = tmp_path / "run"
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(synthetic, out, train={"max_steps": 2})))
+    main(["pretrain", "--config", str(path), "data.eval_fraction=0.25", "logging.eval_steps=2", "checkpoint.save_steps=2"])
+    printed = capsys.readouterr()
+    final = final_evaluation(read_metrics(out))
+    gap = final["rank_unigram_loss"] - final["mlm_loss"]
+    line = f"masked-gene loss {final['mlm_loss']:.3f} nats, rank-position baseline {final['rank_unigram_loss']:.3f}"
+    # a model that has not beaten the baseline is told on stderr, with what to do
+    assert line in (printed.out if gap > 0 else printed.err)
+    assert (gap > 0) != ("learned nothing beyond gene frequency" in printed.err)
+
+
 def test_cli_pretrain_applies_overrides_and_reports_config_errors(tmp_path, synthetic, capsys):
     from mixgeneformer.cli import main
 
@@ -464,7 +481,8 @@ def test_cli_pretrain_applies_overrides_and_reports_config_errors(tmp_path, synt
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(tiny_config(synthetic, out, train={"max_steps": 50})))
     main(["pretrain", "--config", str(path), "train.max_steps=2", "checkpoint.save_steps=2"])
-    assert "trained 2 steps" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "trained 2 steps" in printed and "no held-out cells (data.eval_fraction = 0)" in printed
     assert (out / "model" / "model.safetensors").is_file()
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 2  # resolved config saved
     with pytest.raises(SystemExit) as exit_info:

@@ -375,9 +375,24 @@ def diagnostics_markdown(final: dict[str, float] | None) -> str:
             f"| {label} | {loss:.3f} | {final.get(prefix + 'top1', float('nan')):.3f} | "
             f"{final.get(prefix + 'top10', float('nan')):.3f} |"
         )
-    gap = final.get("rank_unigram_loss", float("nan")) - final.get("mlm_loss", float("nan"))
-    lines += ["", f"The model's held-out MLM loss is {gap:.2f} nats below the rank-position baseline."]
+    lines += ["", learning_verdict(final)[0]]
     return "\n".join(lines)
+
+
+def learning_verdict(final: dict[str, float]) -> tuple[str, bool]:
+    """One sentence on whether pretraining learned more than gene frequency at each rank, and whether it did.
+
+    ``final`` is :func:`final_evaluation` of a run. Learned means a held-out masked-gene loss below
+    the rank-position unigram baseline of the training cells; a loss at or above it means the model
+    predicts no better than "genes frequent at this rank".
+    """
+    gap = final.get("rank_unigram_loss", float("nan")) - final.get("mlm_loss", float("nan"))
+    sentence = f"The model's held-out MLM loss is {gap:.2f} nats below the rank-position baseline."
+    learned = bool(gap > 0)
+    if not learned:
+        sentence += (" It has learned nothing beyond gene frequency at each rank yet: train longer (train.max_steps), "
+                     "on more cells, or check the learning rate in metrics.csv's curves.")
+    return sentence, learned
 
 
 __all__ = [
@@ -391,6 +406,7 @@ __all__ = [
     "diagnostics_markdown",
     "final_evaluation",
     "frequency_baselines",
+    "learning_verdict",
     "masked_gene_stats",
     "summarize",
     "token_positions",

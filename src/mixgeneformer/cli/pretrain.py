@@ -26,6 +26,8 @@ def pretrain(
     Many GPUs: ``torchrun --nproc_per_node 8 -m mixgeneformer pretrain --config run.yaml`` (or
     ``accelerate launch``). SIGTERM / SIGINT save a checkpoint, then exit with 128 + signal.
     """
+    from ..diagnostics import final_evaluation, learning_verdict
+    from ..metrics_csv import read_metrics
     from ..pretrain import TrainingInterrupted, load_pretrain_config, run_pretraining
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -36,3 +38,12 @@ def pretrain(
         print(f"stopped: {exc}", file=sys.stderr)
         sys.exit(128 + exc.signum)
     typer.echo(f"trained {result.global_step} steps; model bundle: {result.bundle_dir}; metrics: {result.metrics_csv}")
+    final = final_evaluation(read_metrics(result.run_dir))
+    if final is not None:
+        sentence, learned = learning_verdict(final)
+        typer.echo(f"held-out cells at step {int(final['step'])}: masked-gene loss {final['mlm_loss']:.3f} nats, "
+                   f"rank-position baseline {final.get('rank_unigram_loss', float('nan')):.3f}. {sentence}",
+                   err=not learned)
+    else:
+        typer.echo("no held-out cells (data.eval_fraction = 0): set data.eval_fraction=0.05 to see whether the model "
+                   "learns more than gene frequency at each rank.")
