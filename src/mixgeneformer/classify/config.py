@@ -94,8 +94,8 @@ class FinetuneConfig:
     ``head_init="probe"`` starts the head at the frozen-encoder probe (a logistic regression on the
     pooled embeddings of the fit cells, standardisation folded into the layer; linear probing then
     fine-tuning) and keeps that starting model when no epoch beats its validation score (the
-    ``selection_metric``), so the selected model is never worse than the probe on the validation
-    cells. ``"random"``: a seeded random head (the usual recipe).
+    ``selection_metric``; an epoch that only ties it does not replace it), so the selected model is
+    never worse than the probe on the validation cells. ``"random"``: a seeded random head (the usual recipe).
 
     ``device``: where the classifier is fine-tuned and its test cells predicted (``"cpu"``; None:
     the Trainer's choice, CUDA when available), checked before any cell is tokenized.
@@ -139,6 +139,8 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.batch_size={self.batch_size} must be >= 1.")
         if not (math.isfinite(self.epochs) and self.epochs > 0) and self.max_steps <= 0:
             raise ConfigError(f"finetune.epochs={self.epochs} must be a finite number > 0 (or set finetune.max_steps > 0).")
+        if self.logging_steps < 1:
+            raise ConfigError(f"finetune.logging_steps={self.logging_steps} must be >= 1 (log every that many steps).")
         for name in ("warmup_steps", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"finetune.{name}={getattr(self, name)} must be >= 0.")

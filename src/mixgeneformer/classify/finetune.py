@@ -373,7 +373,9 @@ def fit_classifier(
     classifier = trainer.model.eval()
     summary["kept"] = "trained"
     best = {"macro_f1": summary.get("best_validation_macro_f1"), "loss": summary.get("best_validation_loss")}
-    if probe is not None and beats(probe, best, ft.selection_metric):  # no epoch beat the start
+    # The start is kept unless an epoch beats it: on a tie it is the first of equals (as the Trainer keeps
+    # the first of equal epochs), never replaced by a trained model that scores no better.
+    if probe is not None and not beats(best, probe, ft.selection_metric):
         classifier.load_state_dict(start)
         summary["kept"] = "probe"
     classifier.loss_weights = None
