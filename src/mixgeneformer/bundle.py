@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from . import __version__
 from .config import load_config, to_dict
-from .errors import ArtifactError, ConfigError, OfflineError, VocabularyMismatchError
+from .errors import ArtifactError, ConfigError, OfflineError, VocabularyMismatchError, check_config
 from .fileio import atomic_directory, check_readable_file, read_json, write_json
 from .medians import GeneMedians
 from .model import (
@@ -451,11 +451,13 @@ def load_for_inference(
 
     The one loader behind every model command (CLI ``--vocab`` / ``--medians``). ``vocab`` and
     ``medians`` are objects or paths to their files; arguments given explicitly win; otherwise a
-    bundle supplies its vocabulary, medians and the tokenize configuration of its training corpus
-    (None where it records none), and so does a model :func:`load_bundle` returned. A
+    bundle folder supplies its vocabulary, medians and the tokenize configuration of its training
+    corpus (None where it records none). A model :func:`load_bundle` returned supplies only that
+    tokenize configuration: pass its ``vocab`` (required) and ``medians`` (needed to tokenize cells). A
     :class:`TokenizeConfig` given replaces the bundle's as a whole; a :class:`TokenizeOverrides`
     (CLI ``--tokenize-config``) sets only its options over the bundle's (:func:`resolve_tokenize_config`).
     """
+    check_config(tokenize_config, TokenizeConfig, "tokenize_config")
     if isinstance(model_or_bundle_dir, (str, os.PathLike)):
         model, vocab, medians = load_bundle(model_or_bundle_dir, vocab, medians=medians)
         name = str(model_or_bundle_dir)

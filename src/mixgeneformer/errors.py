@@ -4,6 +4,11 @@ Every error says what is wrong (the offending field or value) and how to fix it.
 any :class:`MixGeneformerError` into a one-paragraph message and exit code 2.
 """
 
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
 
 class MixGeneformerError(Exception):
     """Base class of all errors caused by input, configuration or files a user controls."""
@@ -39,3 +44,35 @@ class OfflineError(MixGeneformerError, RuntimeError):
 
 class TrainingDivergedError(MixGeneformerError, RuntimeError):
     """The training loss became NaN or infinite: the settings (learning rate, warmup) need changing."""
+
+
+# -- argument checks of the public Python API: a wrong argument is refused at the door with a ConfigError
+#    naming it, not an AttributeError from deep inside ------------------------------------------------------
+def check_anndata(value: object, name: str = "adata") -> None:
+    """ConfigError unless ``value`` is an AnnData (in memory, backed, or a view of one)."""
+    if hasattr(value, "obs") and hasattr(value, "var") and hasattr(value, "n_obs"):
+        return
+    hint = ""
+    if isinstance(value, (str, os.PathLike)):
+        hint = f" (a path: read it first, e.g. {name} = anndata.read_h5ad({str(value)!r}))"
+    raise ConfigError(f"{name} must be an AnnData, got {type(value).__name__}{hint}.")
+
+
+def check_config(value: object, cls: type, name: str = "config") -> None:
+    """ConfigError unless ``value`` is None (the defaults) or a ``cls``; a dict is told how to build one."""
+    if value is None or isinstance(value, cls):
+        return
+    hint = ""
+    if isinstance(value, dict):
+        hint = f"; build one from a dict with mixgeneformer.config.from_dict({cls.__name__}, {{...}})"
+    raise ConfigError(f"{name} must be a {cls.__name__} (or None for the defaults), got {type(value).__name__}{hint}.")
+
+
+def name_list(value: str | Iterable[str], name: str) -> list[str]:
+    """``value`` as a list of names: one string is one name (not a list of its characters)."""
+    if isinstance(value, str):
+        return [value]
+    try:
+        return list(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be a name or a list of names, got {type(value).__name__}.") from None

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from ..errors import InputDataError
+from ..errors import InputDataError, check_anndata
 
 if TYPE_CHECKING:
     import anndata
@@ -70,7 +70,10 @@ class LabelSelection:
 
 
 def _obs_of(data: anndata.AnnData | pd.DataFrame) -> pd.DataFrame:
-    return data if isinstance(data, pd.DataFrame) else data.obs
+    if isinstance(data, pd.DataFrame):
+        return data
+    check_anndata(data, "data (an AnnData or an obs DataFrame)")
+    return data.obs
 
 
 # long: a 30-line docstring; the body (43 lines) validates one label column.

@@ -162,6 +162,8 @@ def markdown_table(table: pd.DataFrame, digits: int = 4) -> str:
 def write_predictions(adata: anndata.AnnData, result: EvalResult, key: str | None = None, overwrite: bool = False) -> None:
     """Write predictions into ``adata.obs`` in obs order (AnnData in, AnnData out).
 
+    ``adata`` is the data the result was tested on, ``task.test_data`` (``run.task.test_data`` of
+    :func:`run_classification`: ``result.rows`` are positions in its obs), modified in place.
     ``obs[f"{key}_pred"]`` holds the predicted class (categorical, NaN for cells that were not
     tested) and ``obs[f"{key}_prob"]`` the probability of that class (NaN when the method gives
     none). ``key`` defaults to ``f"{setting}_{method}"``. Existing columns are kept unless
@@ -173,6 +175,11 @@ def write_predictions(adata: anndata.AnnData, result: EvalResult, key: str | Non
     if clash and not overwrite:
         raise InputDataError(f"obs already has {clash}; pass overwrite=True (CLI: --overwrite) or another key.")
     n = adata.n_obs
+    if result.rows.size and int(result.rows.max()) >= n:
+        raise InputDataError(
+            f"the result's test cells reach obs position {int(result.rows.max())}, but adata has {n} cells: it is not "
+            "the data this result was tested on; pass that one (task.test_data, e.g. run.task.test_data)."
+        )
     predicted = np.full(n, None, dtype=object)
     predicted[result.rows] = result.y_pred
     probability = np.full(n, np.nan, dtype=np.float64)

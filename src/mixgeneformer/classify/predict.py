@@ -56,8 +56,13 @@ def predict_cells(fitted: FittedClassifier, data: ad.AnnData | datasets.Dataset,
         tokens = tokenize_cells(data, fitted.vocab, fitted.medians, tokenize_config,
                                 int(encoder_of(fitted.model).config.max_position_embeddings))
         dataset, rows, n = tokens.dataset, tokens.rows, data.n_obs
-    else:
+    elif hasattr(data, "column_names"):
         dataset, rows, n = data, np.arange(len(data)), len(data)
+    else:
+        raise ConfigError(
+            f"data must be an AnnData or a tokenized corpus (datasets.Dataset), got {type(data).__name__}; for a "
+            "file or corpus folder read it first (anndata.read_h5ad / corpus.load_corpus) or use predict_file."
+        )
     probabilities = np.full((n, len(fitted.classes)), np.nan, dtype=np.float32)
     probabilities[rows] = fitted.predict(dataset, batch_size=batch_size, device=device).probabilities
     return probabilities, int(n - len(np.unique(rows)))

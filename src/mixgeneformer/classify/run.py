@@ -16,7 +16,7 @@ import torch
 
 from ..bundle import load_for_inference
 from ..config import save_config, to_dict
-from ..errors import ConfigError
+from ..errors import ConfigError, check_anndata, check_config, name_list
 from ..fileio import atomic_directory, write_h5ad, write_json
 from ..genes import detect_species
 from ..medians import GeneMedians
@@ -59,6 +59,7 @@ def _check_model_options(model: torch.nn.Module | None, methods: Sequence[Method
         check_finetune_options(config.finetune, model)
 
 
+# long: argument checks and a docstring of every parameter; the body is load, check, tokenize, each method in turn
 def run_classification(
     adata: anndata.AnnData,
     model: str | os.PathLike | torch.nn.Module | None = None,
@@ -74,6 +75,15 @@ def run_classification(
 ) -> ClassificationRun:
     """Classify ``adata``'s cells (stratified split), or train on ``adata`` and test on ``test``.
 
+    ``adata`` / ``test`` are AnnData objects with raw counts and the label column
+    ``config.labels.key`` (default ``cell_type1``); neither is modified (:func:`write_predictions`
+    writes a run's predictions into ``run.task.test_data``). ``methods``: model methods among
+    ``"knn"``, ``"logreg"`` (zero-shot on frozen embeddings, ``config.embedding``) and ``"finetune"``
+    (``config.finetune``); ``baseline_methods``: ``"logreg_counts"``, ``"knn_pca"`` (on counts,
+    ``config.baselines``) and ``"logreg_tokens"`` (on the model's tokens). One name may be given as a
+    string. ``device``: of the zero-shot embedding (fine-tuning uses ``config.finetune.device``).
+    Returns a :class:`ClassificationRun` (``run.table()``, ``run.results``, ``run.fitted``).
+
     ``model`` is a model bundle folder or a loaded model, as for ``embed_anndata`` and
     ``perturb_anndata``: a folder supplies its vocabulary, medians and tokenize configuration
     (explicit ``vocab`` / ``medians`` / ``tokenize_config`` win); a loaded model needs ``vocab``.
@@ -86,6 +96,11 @@ def run_classification(
     Count baselines read the cells with the tokenize configuration's reader options (``layer``,
     ``gene_column``, ``allow_fractional``), as the tokenizer does.
     """
+    check_anndata(adata)
+    if test is not None:
+        check_anndata(test, "test")
+    check_config(config, ClassifyConfig)
+    methods, baseline_methods = name_list(methods, "methods"), name_list(baseline_methods, "baseline_methods")
     if model is not None:
         model, vocab, medians, tokenize_config, _ = load_for_inference(model, vocab, medians, tokenize_config)
         if max_len is not None:

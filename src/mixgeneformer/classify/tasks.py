@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ..errors import InputDataError
+from ..errors import InputDataError, check_config
 from ..inference import encoder_of
 from ..tokenize import tokenize_for_model
 from .config import LabelConfig
@@ -60,6 +60,7 @@ class Task:
 
 def within_task(adata: anndata.AnnData, config: LabelConfig | None = None, setting: str = "within") -> Task:
     """Stratified train / test split of one labelled dataset (default 80/20, seed 42)."""
+    check_config(config, LabelConfig)
     config = config or LabelConfig()
     selection = prepare_labels(adata, config.key, config.min_class_fraction, config.min_class_count)
     train, test = stratified_split(selection.labels, config.test_size, config.seed)
@@ -107,6 +108,7 @@ def transfer_task(
     ``target_rows`` restrict each side to given obs positions (e.g. the source's training split and
     the target's test split, so transfer and within-species numbers share test cells).
     """
+    check_config(config, LabelConfig)
     config = config or LabelConfig()
 
     def side(data: anndata.AnnData, rows: np.ndarray | None) -> LabelSelection:

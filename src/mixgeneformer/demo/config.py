@@ -255,6 +255,8 @@ def capped_rows(labels: pd.Series | np.ndarray, cap: int, seed: int = 0) -> np.n
 
     Labels with at most ``cap`` cells are kept whole, so rare types survive.
     """
+    if cap < 0:
+        raise ConfigError(f"cap must be >= 0 cells per label, got {cap}.")
     rng = np.random.default_rng(seed)
     codes, uniques = pd.factorize(pd.Series(np.asarray(labels)).astype(str), sort=True)
     keep = np.zeros(codes.size, dtype=bool)

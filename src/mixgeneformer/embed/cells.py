@@ -202,7 +202,7 @@ def embed_corpus_folder(
     layer: int = -2,
     pooling: Pooling = "mean",
     *,
-    vocab: Vocabulary | None = None,
+    vocab: Vocabulary | str | os.PathLike | None = None,
     batch_size: int = 32,
     device: str | torch.device | None = None,
     gene_embeddings: bool | Literal["mean", "per_cell"] = False,
@@ -211,9 +211,14 @@ def embed_corpus_folder(
 ) -> anndata.AnnData | tuple[anndata.AnnData, CorpusEmbeddings]:
     """Embed a tokenized corpus into a new AnnData (no expression matrix).
 
-    ``obs`` holds the corpus' metadata columns (everything but ``input_ids``), ``obsm[key]`` the
-    embeddings. The corpus' vocabulary hash (``mixgf_corpus.json``, when present) must match the
-    model's. With ``gene_embeddings`` the :class:`CorpusEmbeddings` is returned too.
+    ``corpus`` is a corpus folder (``mixgf tokenize``) or an in-memory :class:`datasets.Dataset`;
+    ``model_or_bundle_dir`` and ``vocab`` (object or path; required with a loaded model) as in
+    :func:`embed_anndata`; ``layer``, ``pooling``, ``batch_size``, ``device``, ``gene_embeddings``
+    (``True`` / ``"mean"`` / ``"per_cell"``), ``progress`` and ``precision`` as in :func:`embed_corpus`.
+    ``obs`` holds the corpus' metadata columns (everything but ``input_ids``; index ``"0"``, ``"1"``
+    ... in corpus order), ``obsm[key]`` the embeddings and ``uns[key + "_params"]`` how they were
+    made. The corpus' vocabulary hash (``mixgf_corpus.json``, when present) must match the model's.
+    With ``gene_embeddings`` the :class:`CorpusEmbeddings` is returned too: ``(adata, embeddings)``.
     """
     check_output_key(key)
     model, vocab, _, _, model_name = load_for_inference(model_or_bundle_dir, vocab, None)

@@ -17,7 +17,7 @@ import torch
 
 from ..bundle import load_for_inference
 from ..corpus import load_corpus
-from ..errors import ConfigError, InputDataError, VocabularyMismatchError
+from ..errors import ConfigError, InputDataError, VocabularyMismatchError, check_anndata, check_config
 from ..fileio import read_h5ad
 from ..inference import (
     embed_corpus,
@@ -98,6 +98,7 @@ def perturb_cells(
         Per-(cell, perturbation) scores in a deterministic order (dataset row, then gene rank).
     """
 
+    check_config(config, PerturbConfig)
     config = config or PerturbConfig()
     started = time.perf_counter()
     bert = encoder_of(model)
@@ -322,17 +323,18 @@ def _check_stats_mode(stats_mode: str | None, config: PerturbConfig) -> None:
         )
 
 
+# long: argument checks first and a docstring of every parameter; the body is tokenize, perturb, statistics
 def perturb_anndata(
     adata: anndata.AnnData,
     model_or_bundle: str | os.PathLike | torch.nn.Module,
     config: PerturbConfig | None = None,
     *,
-    vocab: Vocabulary | None = None,
-    medians=None,
-    tokenize_config=None,
+    vocab: Vocabulary | str | os.PathLike | None = None,
+    medians: GeneMedians | str | os.PathLike | None = None,
+    tokenize_config: TokenizeConfig | None = None,
     stats_mode: StatsMode | None = "vs_all",
     progress: bool = True,
-) -> tuple[PerturbationResult, pd.DataFrame]:
+) -> tuple[PerturbationResult, pd.DataFrame | None]:
     """Tokenize an AnnData with the model bundle's vocabulary and medians, then perturb it.
 
     Parameters
@@ -343,12 +345,19 @@ def perturb_anndata(
         A model bundle folder (``bundle.load_bundle``) or a loaded model (then pass ``vocab`` and
         ``medians``).
     config
-        :class:`PerturbConfig`; ``state_column`` names an ``obs`` column.
+        :class:`PerturbConfig` (default: delete every gene of every cell); ``state_column`` names an
+        ``obs`` column.
+    vocab, medians
+        The vocabulary and gene medians (objects or paths to their files): required with a loaded
+        model, else they replace the bundle's (:func:`mixgeneformer.bundle.load_for_inference`).
     tokenize_config
-        :class:`mixgeneformer.tokenize.TokenizeConfig` (``max_len`` capped at the model's).
+        :class:`mixgeneformer.tokenize.TokenizeConfig` (default: the bundle's ``tokenize.yaml``;
+        ``max_len`` capped at the model's).
     stats_mode
         ``"vs_all"`` or ``"aggregate"``; None computes none (one shard of a run: the merge tests).
         ``"vs_null"`` needs a second run's table: refused here, use :func:`perturbation_statistics`.
+    progress
+        Show a progress bar over cells.
 
     Returns
     -------
@@ -356,6 +365,8 @@ def perturb_anndata(
         The per-cell table (``cell`` = obs position, plus ``obs_name``) and the statistics.
     """
 
+    check_anndata(adata)
+    check_config(config, PerturbConfig)
     config = config or PerturbConfig()
     _check_stats_mode(stats_mode, config)
     model, vocab, medians, tokenize_config, _ = load_for_inference(model_or_bundle, vocab, medians, tokenize_config)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..errors import InputDataError, MixGeneformerError
+from ..errors import InputDataError, MixGeneformerError, name_list
 
 #: What h5py, gzip, pandas, scipy and numpy raise on a damaged or malformed file (the package's own
 #: errors pass through :func:`reading` unchanged).
@@ -311,7 +311,7 @@ class CountSource:
 
     def check_obs_columns(self, columns: Sequence[str]) -> None:
         """Raise :class:`InputDataError` naming the missing columns and the available ones."""
-        missing = [c for c in columns if c not in self.obs_columns]
+        missing = [c for c in name_list(columns, "obs_columns") if c not in self.obs_columns]
         if missing:
             raise InputDataError(
                 f"{self.name}: obs column(s) {missing} not found. Available obs columns: "
@@ -324,6 +324,7 @@ class CountSource:
         Only that row range is read where the format allows (h5ad, loom, 10x), so memory stays
         bounded by the chunk, not the corpus.
         """
+        columns = name_list(columns, "obs columns")
         self.check_obs_columns(columns)
         stop = self.n_cells if stop is None else min(stop, self.n_cells)
         names = pd.Index(np.asarray(self._obs_names(start, stop)).astype(str), name=None)
@@ -348,7 +349,7 @@ class CountSource:
         chunk_size
             Cells per chunk (≥ 1).
         obs_columns
-            Metadata columns to attach (error listing the available ones when missing).
+            Metadata columns to attach, one name or a list (error listing the available ones when missing).
         start, stop
             Cell range to read (default: all cells).
         validate
@@ -364,7 +365,7 @@ class CountSource:
             with reading(self.name, f"reading cells {lo}–{hi - 1}"):
                 counts = self._read_rows(lo, hi)
                 counts = canonical_csr(counts)
-                chunk_obs = self.obs(list(obs_columns), lo, hi)
+                chunk_obs = self.obs(name_list(obs_columns, "obs_columns"), lo, hi)
             if len(chunk_obs) != hi - lo:
                 raise InputDataError(f"{self.name}: cells {lo}–{hi - 1} have {len(chunk_obs)} obs names for {hi - lo} "
                                      "matrix rows; obs and the matrix disagree (the file is damaged): export it again.")

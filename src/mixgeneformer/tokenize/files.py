@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config import save_config, to_dict
 from ..corpus import CORPUS_JSON
-from ..errors import ArtifactError, ConfigError, InputDataError
+from ..errors import ArtifactError, ConfigError, InputDataError, name_list
 from ..fileio import (
     atomic_directory,
     check_output,
@@ -155,7 +155,7 @@ def tokenize_files(
         raise ConfigError(f"workers must be >= 1, got {workers}.")
     items = [check_readable_file(p, "count matrix") for p in paths]
     check_distinct_inputs(items)
-    obs_columns = list(obs_columns)
+    obs_columns = name_list(obs_columns, "obs_columns")
     _check_obs_names(obs_columns)
     started = time.perf_counter()
 

@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_config, name_list
 from ..medians import GeneMedians
 from ..readers import (
     open_source,
@@ -56,7 +56,7 @@ def tokenize_for_model(
     max_positions
         The model's position limit; a longer ``max_len`` is clamped to it.
     obs_columns
-        obs columns to carry into the corpus.
+        obs columns to carry into the corpus (one name or a list).
     options
         Further :class:`TokenizeConfig` fields to set (``None`` values are ignored), e.g. ``species``.
 
@@ -66,13 +66,15 @@ def tokenize_for_model(
         The in-memory corpus, the obs row of each corpus row (cells without a vocabulary gene are
         dropped) and the configuration used.
     """
+    check_config(config, TokenizeConfig)
     config = config if config is not None else TokenizeConfig()
     if config.medians == "per_file":  # the model's corpus was normalized by each input's own medians
         medians = None
     elif medians is None:
         raise ConfigError(
-            "tokenizing needs the gene medians the model was trained with, and the model bundle has no "
-            "medians.tsv: pass medians= (a GeneMedians), or use a tokenized corpus instead."
+            "tokenizing needs the gene medians the model was trained with, and none were given (a loaded model "
+            "carries none; a bundle folder without medians.tsv neither): pass medians= (a GeneMedians or the path "
+            "of its TSV), or use a tokenized corpus instead."
         )
     updates = {name: value for name, value in options.items() if value is not None}
     if max_positions is not None and config.max_len > max_positions:
@@ -111,9 +113,10 @@ def tokenize_anndata(
     (see ``dataset.info.description`` for the counts); all cells empty → :class:`InputDataError`.
     """
 
+    check_config(config, TokenizeConfig)
     config = config or TokenizeConfig()
     _check_vocab(vocab, config, medians)
-    obs_columns = list(obs_columns)
+    obs_columns = name_list(obs_columns, "obs_columns")
     _check_obs_names(obs_columns)
     started = time.perf_counter()
     # a backed AnnData's source opens its own handle on the file: closed once the types are read

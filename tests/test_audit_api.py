@@ -1,0 +1,142 @@
+"""Public Python API audit (scverse user's view): each exported function called as its docstring says.
+
+One regression test per fault found: a wrong argument (a path where an AnnData goes, a dict where a
+config dataclass goes, one name where a list of names goes, an AnnData that is not the tested one)
+failed deep inside with AttributeError / TypeError / IndexError / numpy errors, or was split into
+characters; now it is refused with the package's error class, naming the argument and the fix, or
+taken as one name.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from mixgeneformer.errors import ConfigError, InputDataError
+from test_perturb import bundle_and_cells, vocab  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, vocab):  # noqa: F811
+    """A tiny bundle (folder/bundle) and its 12 cells of two kinds 'x' / 'y' (folder/in.h5ad)."""
+    folder = tmp_path_factory.mktemp("audit_api")
+    bundle_and_cells(folder, vocab)
+    return folder
+
+
+def _cells(made) -> ad.AnnData:
+    return ad.read_h5ad(made / "in.h5ad")
+
+
+# -- perturb_anndata(path, ...) raised AttributeError: 'str' object has no attribute 'n_obs' --------------
+def test_perturb_anndata_refuses_a_path_or_a_dict_config_by_name(made):
+    from mixgeneformer.perturb import PerturbConfig, perturb_anndata
+
+    with pytest.raises(ConfigError, match=r"adata must be an AnnData, got str.*read_h5ad"):
+        perturb_anndata(str(made / "in.h5ad"), made / "bundle", PerturbConfig(genes=["INS"]), stats_mode=None,
+                        progress=False)
+    with pytest.raises(ConfigError, match=r"config must be a PerturbConfig.*from_dict"):
+        perturb_anndata(_cells(made), made / "bundle", {"genes": ["INS"]}, stats_mode=None, progress=False)
+    adata = _cells(made)
+    result, _ = perturb_anndata(adata, made / "bundle", PerturbConfig(device="cpu", min_genes=1), stats_mode=None,
+                                progress=False)
+    assert (adata.obs_names[result.cells["cell"]] == result.cells["obs_name"]).all()
+
+
+# -- a dict as tokenize_config failed inside the tokenizer (AttributeError: 'dict' object has no attribute ...) --
+def test_a_dict_as_tokenize_config_is_refused_before_loading(made):
+    from mixgeneformer.embed import embed_anndata
+    from mixgeneformer.tokenize import tokenize_anndata
+
+    with pytest.raises(ConfigError, match="tokenize_config must be a TokenizeConfig"):
+        embed_anndata(_cells(made), made / "bundle", tokenize_config={"max_len": 16}, progress=False)
+    from mixgeneformer.bundle import load_bundle
+
+    _, vocab_, medians = load_bundle(made / "bundle")
+    with pytest.raises(ConfigError, match="config must be a TokenizeConfig"):
+        tokenize_anndata(_cells(made), vocab_, medians, {"max_len": 16})
+
+
+# -- obs_columns="kind" was read as the columns ['k', 'i', 'n', 'd'] (InputDataError: not found) ---------
+def test_one_obs_column_given_as_a_string_is_one_column(made):
+    from mixgeneformer.bundle import load_bundle
+    from mixgeneformer.readers import open_source
+    from mixgeneformer.tokenize import tokenize_anndata
+
+    adata = _cells(made)
+    _, vocab_, medians = load_bundle(made / "bundle")
+    corpus = tokenize_anndata(adata, vocab_, medians, obs_columns="kind")
+    assert corpus["kind"] == adata.obs["kind"].iloc[corpus["cell_index"]].tolist()
+    with open_source(made / "in.h5ad") as source:
+        chunks = list(source.iter_chunks(5, obs_columns="kind"))
+    assert [c.obs.columns.tolist() for c in chunks] == [["kind"]] * 3
+    assert np.concatenate([c.obs["kind"].to_numpy() for c in chunks]).tolist() == adata.obs["kind"].tolist()
+
+
+# -- run_classification(methods="knn") failed: "methods ['k', 'n', 'n'] must be among ..."; a path or a dict
+#    config raised AttributeError ----------------------------------------------------------------------------
+def test_run_classification_takes_one_method_name_and_refuses_wrong_arguments(made):
+    from mixgeneformer.classify import ClassifyConfig, LabelConfig, run_classification
+
+    config = ClassifyConfig(labels=LabelConfig(key="kind", test_size=0.34))
+    run = run_classification(_cells(made), made / "bundle", methods="knn", baseline_methods="logreg_counts",
+                             config=config, device="cpu")
+    assert [r.method for r in run.results] == ["knn", "logreg_counts"]
+    with pytest.raises(ConfigError, match=r"adata must be an AnnData, got str"):
+        run_classification(str(made / "in.h5ad"), made / "bundle", config=config)
+    with pytest.raises(ConfigError, match=r"test must be an AnnData, got PosixPath"):
+        run_classification(_cells(made), made / "bundle", test=made / "in.h5ad", config=config)
+    with pytest.raises(ConfigError, match=r"config must be a ClassifyConfig.*from_dict"):
+        run_classification(_cells(made), made / "bundle", config={"labels": {"key": "kind"}})
+
+
+# -- within_task(adata, {"key": ...}) / prepare_labels(matrix) raised AttributeError -------------------------
+def test_label_functions_refuse_wrong_argument_types(made):
+    from mixgeneformer.classify import prepare_labels, transfer_task, within_task
+
+    adata = _cells(made)
+    with pytest.raises(ConfigError, match="config must be a LabelConfig"):
+        within_task(adata, {"key": "kind"})
+    with pytest.raises(ConfigError, match="config must be a LabelConfig"):
+        transfer_task(adata, adata, {"key": "kind"})
+    with pytest.raises(ConfigError, match=r"must be an AnnData, got ndarray"):
+        prepare_labels(np.zeros((3, 2)), "kind")
+    assert prepare_labels(adata.obs, "kind").classes == ["x", "y"]  # an obs DataFrame is still accepted
+
+
+# -- predict_cells(fitted, "cells.h5ad") took the path's characters as cells (or TypeError for a matrix) ------
+def test_predict_cells_refuses_what_is_neither_anndata_nor_corpus():
+    from mixgeneformer.classify import predict_cells
+
+    fitted = SimpleNamespace(classes=["a", "b"])  # never reached: refused before the classifier is used
+    for data in ("cells.h5ad", np.zeros((4, 3))):
+        with pytest.raises(ConfigError, match=r"data must be an AnnData or a tokenized corpus.*predict_file"):
+            predict_cells(fitted, data)
+
+
+# -- write_predictions into an AnnData other than the tested one: IndexError (fewer cells) ---------------------
+def test_write_predictions_refuses_an_anndata_that_is_not_the_tested_one(made):
+    from mixgeneformer.classify import LabelConfig, Prediction, evaluate, within_task, write_predictions
+
+    adata = _cells(made)
+    task = within_task(adata, LabelConfig(key="kind", test_size=0.5))
+    labels = np.asarray(task.test_labels, dtype=object)
+    result = evaluate(task, Prediction(labels, None, task.classes), "m")
+    small = adata[: int(task.test_rows.max())].copy()
+    with pytest.raises(InputDataError, match=r"not the data this result was tested on.*task.test_data"):
+        write_predictions(small, result)
+    write_predictions(task.test_data, result)
+    assert adata.obs["within_m_pred"].iloc[task.test_rows].tolist() == labels.tolist()
+
+
+# -- capped_rows(labels, -1): numpy ValueError "negative dimensions are not allowed" --------------------------
+def test_capped_rows_refuses_a_negative_cap():
+    from mixgeneformer.demo import capped_rows
+
+    labels = np.array(["a"] * 5 + ["b"] * 2)
+    assert capped_rows(labels, 3).size == 5
+    with pytest.raises(ConfigError, match="cap must be >= 0"):
+        capped_rows(labels, -1)
