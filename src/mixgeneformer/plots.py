@@ -7,6 +7,7 @@ given (format from the file suffix; PNG at 150 dpi by default).
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -35,6 +36,7 @@ def plain_text(value: object) -> str:
 
 
 _MAX_LEGEND = 30  # beyond this many categories a legend is unreadable; colour without it
+_NAME_COLUMNS = ("symbol", "gene_symbol", "gene", "gene_id", "ensembl_id", "perturbed")  # perturbation bar labels
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
@@ -42,10 +44,8 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
     if fmt not in fig.canvas.get_supported_filetypes():
-        raise ConfigError(
-            f"cannot save a figure as {path.name!r}: unknown format {fmt!r}; use one of "
-            f"{sorted(fig.canvas.get_supported_filetypes())}"
-        )
+        raise ConfigError(f"cannot save a figure as {path.name!r}: unknown format {fmt!r}; use one of "
+                          f"{sorted(fig.canvas.get_supported_filetypes())}")
     with atomic_file(path, "wb") as handle:
         fig.savefig(handle, format=fmt, dpi=dpi, bbox_inches="tight", metadata=figure_metadata(fmt))
     return path
@@ -57,9 +57,7 @@ def _finish(fig: Figure, save: str | os.PathLike | None) -> Figure:
     return fig
 
 
-# --------------------------------------------------------------------------------------------
-# UMAP
-# --------------------------------------------------------------------------------------------
+# UMAP --------------------------------------------------------------------------------------
 def _annotation(data: Any, value: Any, n: int, what: str) -> tuple[str, np.ndarray] | None:
     """(name, values) of a colouring: an obs column name (AnnData) or an array-like of length n."""
     if value is None:
@@ -107,14 +105,8 @@ def umap_coordinates(
     if n <= EXACT_KNN_MAX_CELLS and metric in VALID_METRICS["brute"]:
         distances, indices = NearestNeighbors(n_neighbors=k, metric=metric, algorithm="brute").fit(x).kneighbors(x)
         knn = (indices, distances.astype(np.float32), None)
-    reducer = umap_learn.UMAP(
-        n_neighbors=k,
-        min_dist=min_dist,
-        metric=metric,
-        random_state=random_state,
-        n_jobs=1 if random_state is not None else -1,
-        precomputed_knn=knn,
-    )
+    reducer = umap_learn.UMAP(n_neighbors=k, min_dist=min_dist, metric=metric, random_state=random_state,
+                              n_jobs=1 if random_state is not None else -1, precomputed_knn=knn)
     with warnings.catch_warnings():  # the figure never calls reducer.transform, which a precomputed graph disables
         warnings.filterwarnings("ignore", message="precomputed_knn", category=UserWarning)
         return reducer.fit_transform(x).astype(np.float32)
@@ -131,21 +123,24 @@ def category_colours(n: int) -> list[tuple[float, ...]]:
 
 
 def _scatter(ax: Any, coords: np.ndarray, labels: np.ndarray, name: str, point_size: float) -> None:
-    if labels.dtype.kind in "fiu" and len(np.unique(labels[~pd.isna(labels)])) > _MAX_LEGEND:
-        points = ax.scatter(coords[:, 0], coords[:, 1], c=labels, s=point_size, cmap="viridis", linewidths=0)
+    """One panel. Categories in sorted order take :func:`category_colours`; cells
+    without a label are grey, listed last. A number with more values than a legend holds: a colour bar."""
+    missing = pd.isna(labels)
+    if labels.dtype.kind in "fiu" and len(np.unique(labels[~missing])) > _MAX_LEGEND:
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")  # NaN drawn grey, not left out
+        points = ax.scatter(coords[:, 0], coords[:, 1], c=labels, s=point_size, cmap=cmap, linewidths=0, plotnonfinite=True)
         ax.figure.colorbar(points, ax=ax, label=name)
     else:
-        labels = pd.Series(labels).astype("string").fillna("NA").to_numpy()
-        categories = sorted(set(labels))
-        colours = category_colours(len(categories))
-        for i, category in enumerate(categories):
-            chosen = labels == category
-            ax.scatter(
-                coords[chosen, 0], coords[chosen, 1], s=point_size, linewidths=0,
-                color=colours[i], label=plain_text(f"{category} ({int(chosen.sum())})"),
-            )
-        if len(categories) <= _MAX_LEGEND:
-            ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=3, frameon=False)
+        names, numeric = _class_names(labels)
+        categories = sorted(set(names.dropna()), key=float if numeric else None)  # by value when all are numbers
+        groups = [(c, (names == c).fillna(False).to_numpy(bool), colour)
+                  for c, colour in zip(categories, category_colours(len(categories)), strict=True)]
+        groups += [("NA", missing, "lightgrey")] if missing.any() else []
+        handles = [ax.scatter(coords[chosen, 0], coords[chosen, 1], s=point_size, linewidths=0, color=colour)
+                   for _, chosen, colour in groups]
+        if len(groups) <= _MAX_LEGEND:  # handles and texts given: a name starting with "_" is not left out
+            texts = [plain_text(f"{c} ({int(chosen.sum())})") for c, chosen, _ in groups]
+            ax.legend(handles, texts, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=3, frameon=False)
     ax.set_title(name)
     ax.set_xlabel("UMAP 1")
     ax.set_ylabel("UMAP 2")
@@ -153,7 +148,7 @@ def _scatter(ax: Any, coords: np.ndarray, labels: np.ndarray, name: str, point_s
     ax.set_yticks([])
 
 
-# long: a 25-line docstring; the body (29 lines) draws one panel per annotation.
+# long: a 21-line docstring; the body (29 lines) draws one panel per annotation.
 def umap(
     data: anndata.AnnData | np.ndarray,
     color: str | ArrayLike | None = None,
@@ -176,21 +171,15 @@ def umap(
     color, species
         With AnnData: obs column names; with an array: one value per cell. Each given
         annotation gets its own panel. With AnnData and ``species=None``, a column named
-        ``species`` or ``organism`` is used when present.
+        ``species`` or ``organism`` is used when present. Categories are sorted (numbers by
+        value); cells without a label are grey, ``NA`` last in the legend.
     key
         ``obsm`` key of the embeddings (AnnData input only).
     n_neighbors, min_dist, metric, random_state
         Passed to ``umap.UMAP``.
-    title
-        Figure title.
-    point_size
-        Marker area; default scales with the number of cells.
-    save
-        Optional output path (png, pdf, svg...).
-
-    Returns
-    -------
-    matplotlib.figure.Figure
+    title, point_size, save
+        Figure title; marker area (default scales with the number of cells); optional output
+        path (png, pdf, svg...).
     """
     if hasattr(data, "obsm"):
         if key not in data.obsm:
@@ -223,24 +212,55 @@ def umap(
     return _finish(fig, save)
 
 
-# --------------------------------------------------------------------------------------------
-# Confusion matrix
-# --------------------------------------------------------------------------------------------
+# Confusion matrix --------------------------------------------------------------------------
 def _matrix_in_order(matrix: pd.DataFrame, labels: list[object]) -> np.ndarray:
     """The counts of a DataFrame confusion matrix with rows and columns both in ``labels``' order
     (by name: a table whose columns are in another order than its index, or a ``labels=`` order,
     was drawn as stored, its counts under the wrong classes)."""
     if set(matrix.columns) != set(matrix.index):
-        raise InputDataError(
-            f"matrix must have the same classes as rows (true) and columns (predicted); rows {list(matrix.index)}, "
-            f"columns {list(matrix.columns)}"
-        )
+        raise InputDataError(f"matrix must have the same classes as rows (true) and columns (predicted); rows "
+                             f"{list(matrix.index)}, columns {list(matrix.columns)}")
     if set(labels) != set(matrix.index) or len(labels) != len(set(labels)):
         raise InputDataError(f"labels {labels} must name each class of the matrix once; the matrix has {list(matrix.index)}")
     return matrix.reindex(index=labels, columns=labels).to_numpy(dtype=np.float64)
 
 
-# long: a 17-line docstring; the body annotates every cell of the matrix.
+def _class_names(values: ArrayLike) -> tuple[pd.Series, bool]:
+    """Labels as strings (missing: <NA>) and whether they are all numbers. Numbers are compared as
+    numbers: 1 and 1.0 (an int column, a float column holding NaN) are one class "1"; text stays text."""
+    series = pd.Series(np.asarray(values).astype(object))
+    missing = series.isna().to_numpy()
+    if missing.all() or pd.api.types.infer_dtype(series, skipna=True) not in ("integer", "floating", "mixed-integer-float"):
+        return series.astype("string"), False
+    number = pd.to_numeric(series).to_numpy(np.float64, na_value=np.nan)
+    whole = np.isfinite(number) & (np.abs(number) < 2**53) & (number == np.round(number))
+    text = np.where(whole, np.where(whole, number, 0).astype(np.int64).astype(str), number.astype(str))
+    return pd.Series(text, dtype="string").mask(missing), True
+
+
+def _counts_of_labels(y_true: ArrayLike, y_pred: ArrayLike, labels: Iterable[object] | None) -> tuple[np.ndarray, list[str]]:
+    """The count matrix (rows true, columns predicted) of two label arrays and its class order."""
+    (true, true_numeric), (pred, pred_numeric) = _class_names(y_true), _class_names(y_pred)
+    if len(true) != len(pred):
+        raise InputDataError(f"y_true has {len(true)} labels but y_pred has {len(pred)}")
+    present = set(true.dropna()) | set(pred.dropna())
+    if labels is None:
+        labels = sorted(present, key=float if true_numeric and pred_numeric else None)  # "2" before "10"
+    else:
+        labels = list(_class_names(list(labels))[0])
+        left_out = sorted(present - set(labels))
+        if left_out or len(labels) != len(set(labels)):  # cells of a class left out vanished from its row total
+            raise InputDataError(f"labels {labels} must name each class once, and every class of y_true / y_pred; "
+                                 f"missing: {left_out}. List them all, or leave labels out")
+    position = {label: i for i, label in enumerate(labels)}
+    t, p = (names.map(position).to_numpy(dtype=np.float64, na_value=np.nan) for names in (true, pred))
+    ok = ~(np.isnan(t) | np.isnan(p))
+    counts = np.zeros((len(labels), len(labels)))
+    np.add.at(counts, (t[ok].astype(np.int64), p[ok].astype(np.int64)), 1)
+    return counts, labels
+
+
+# long: a 20-line docstring; the body annotates every cell of the matrix.
 def confusion_matrix(
     y_true: ArrayLike | None = None,
     y_pred: ArrayLike | None = None,
@@ -256,16 +276,18 @@ def confusion_matrix(
     Parameters
     ----------
     y_true, y_pred
-        True and predicted labels (same length). Ignored when ``matrix`` is given.
+        True and predicted labels (same length; a cell missing either is left out). Numbers are
+        compared as numbers (1 and 1.0 are one class). Ignored when ``matrix`` is given.
     labels
-        Class order; default: sorted union of both label sets (or the matrix' index). With a
-        DataFrame ``matrix``, its classes in the order to draw (rows and columns are matched by name).
+        Class order; it must name every class of ``y_true`` and ``y_pred`` (it may add classes).
+        Default: sorted union of both label sets (by value when all are numbers), or the matrix'
+        index. With a DataFrame ``matrix``, its classes in the order to draw (matched by name).
     matrix
-        A precomputed count matrix (rows true, columns predicted), e.g. a DataFrame indexed by
-        class with the same classes as columns (in any order).
+        A precomputed count matrix (rows true, columns predicted; finite, non-negative), e.g. a
+        DataFrame indexed by class with the same classes as columns (in any order).
     normalize
         Show row fractions (each true class sums to 1); counts otherwise. Row totals are shown
-        in the y tick labels either way.
+        in the y tick labels either way. Up to 25 classes, every non-zero cell is annotated.
     title, save
         Figure title; optional output path.
     """
@@ -275,23 +297,15 @@ def confusion_matrix(
             counts = _matrix_in_order(matrix, labels)
         else:
             counts = np.asarray(matrix, dtype=np.float64)
-            labels = list(range(counts.shape[0])) if labels is None else list(labels)
+            labels = list(range(len(counts) if counts.ndim else 0)) if labels is None else list(labels)
         if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] != len(labels):
             raise InputDataError(f"matrix must be square with one row per label; got {counts.shape} for {len(labels)} labels")
+        if not (np.isfinite(counts) & (counts >= 0)).all():
+            raise InputDataError("matrix must hold counts (finite, >= 0); it has NaN, infinite or negative cells")
     else:
         if y_true is None or y_pred is None:
             raise ConfigError("pass y_true and y_pred, or matrix=")
-        true = pd.Series(np.asarray(y_true)).astype("string")
-        pred = pd.Series(np.asarray(y_pred)).astype("string")
-        if len(true) != len(pred):
-            raise InputDataError(f"y_true has {len(true)} labels but y_pred has {len(pred)}")
-        labels = sorted(set(true.dropna()) | set(pred.dropna())) if labels is None else [str(x) for x in labels]
-        position = {label: i for i, label in enumerate(labels)}
-        t = true.map(position).to_numpy(dtype=np.float64)
-        p = pred.map(position).to_numpy(dtype=np.float64)
-        ok = ~(np.isnan(t) | np.isnan(p))
-        counts = np.zeros((len(labels), len(labels)))
-        np.add.at(counts, (t[ok].astype(np.int64), p[ok].astype(np.int64)), 1)
+        counts, labels = _counts_of_labels(y_true, y_pred, labels)
     if not len(labels):
         raise InputDataError("the confusion matrix has no class: no cell has both a true and a predicted label")
 
@@ -309,32 +323,36 @@ def confusion_matrix(
     ax.set_ylabel("true")
     if k <= 25:
         threshold = 0.5 * (shown.max() if shown.size else 1)
-        for i in range(k):
-            for j in range(k):
-                if counts[i, j]:
-                    text = f"{shown[i, j]:.2f}" if normalize else f"{int(counts[i, j])}"
-                    ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                            color="white" if shown[i, j] > threshold else "black")
+        for i, j in zip(*np.nonzero(counts), strict=True):  # the non-zero cells, row i (true) at y = i
+            text = f"{shown[i, j]:.2f}" if normalize else f"{counts[i, j]:.10g}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if shown[i, j] > threshold else "black")
     ax.set_title(title or ("confusion matrix (row-normalized)" if normalize else "confusion matrix"))
     return _finish(fig, save)
 
 
-# --------------------------------------------------------------------------------------------
-# Perturbation ranking
-# --------------------------------------------------------------------------------------------
+# Perturbation ranking ----------------------------------------------------------------------
 def _pick(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, required: bool = True) -> str | None:
     if wanted is not None:
         if wanted not in columns:
             raise ConfigError(f"{what} column {wanted!r} not in the results; columns: {list(columns)}")
         return wanted
-    for name in candidates:
-        if name in columns:
-            return name
-    if required:
+    found = next((name for name in candidates if name in columns), None)
+    if found is None and required:
         raise ConfigError(f"no {what} column found (looked for {list(candidates)}); pass {what}= one of {list(columns)}")
-    return None
+    return found
 
 
+def _bar_names(results: pd.DataFrame, label_col: str | None, rows: np.ndarray) -> np.ndarray:
+    """The name of each of ``rows``: its ``label_col``, a blank or missing one taken from the next
+    name column that has one (:data:`_NAME_COLUMNS`), else the row's index."""
+    names = results.index[rows].astype(str).to_numpy(dtype=object)
+    for col in reversed([c for c in dict.fromkeys([label_col, *_NAME_COLUMNS]) if c in results.columns]):
+        values = results[col].iloc[rows].astype("string").str.strip()
+        names = np.where((values.notna() & (values != "")).to_numpy(bool), values.to_numpy(dtype=object), names)
+    return names
+
+
+# long: a 19-line docstring; the body checks the columns and draws one bar per gene.
 def perturbation_ranking(
     results: pd.DataFrame,
     top: int = 20,
@@ -345,7 +363,8 @@ def perturbation_ranking(
     title: str | None = None,
     save: str | os.PathLike | None = None,
 ) -> Figure:
-    """Horizontal bars of the ``top`` perturbations with the largest absolute score.
+    """Horizontal bars of the ``top`` perturbations with the largest absolute score, largest at
+    the top (ties in table order); positive scores red, negative blue.
 
     Parameters
     ----------
@@ -356,7 +375,8 @@ def perturbation_ranking(
     score, label, fdr
         Column names; auto-detected when None (score: ``shift``, ``mean_shift``,
         ``cosine_shift``, ``score``; label: ``symbol``, ``gene_symbol``, ``gene``, ``gene_id``,
-        else the index; fdr: ``fdr``, ``qvalue``, ``padj`` — optional).
+        ``ensembl_id``, ``perturbed``, else the index — a blank label is taken from the next of
+        these that has one; fdr: ``fdr``, ``qvalue``, ``padj`` — optional).
     alpha
         Bars with FDR below it are drawn solid and marked ``*``; others hatched.
     """
@@ -364,23 +384,24 @@ def perturbation_ranking(
         raise ConfigError(f"results must be a pandas DataFrame, got {type(results).__name__}")
     if results.empty:
         raise InputDataError("the perturbation results are empty; nothing to rank")
-    if top < 1:
-        raise ConfigError(f"top must be >= 1, got {top}")
+    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
+        raise ConfigError(f"top must be a whole number >= 1, got {top!r}")
     columns = list(results.columns)
     score_col = _pick(columns, score, ("shift", "mean_shift", "cosine_shift", "score", "effect"), "score")
-    label_col = _pick(columns, label, ("symbol", "gene_symbol", "gene", "gene_id", "ensembl_id"), "label", required=False)
+    label_col = _pick(columns, label, _NAME_COLUMNS, "label", required=False)
     fdr_col = _pick(columns, fdr, ("fdr", "qvalue", "q_value", "padj", "fdr_bh"), "fdr", required=False)
 
-    values = pd.to_numeric(results[score_col], errors="coerce")
-    ranked = results.assign(_score=values).dropna(subset=["_score"])
-    if ranked.empty:
+    values = pd.to_numeric(results[score_col], errors="coerce").to_numpy(np.float64, na_value=np.nan)
+    if np.isinf(values).any():
+        raise InputDataError(f"{score_col!r} has {int(np.isinf(values).sum())} infinite value(s); a bar cannot show them")
+    rows = np.flatnonzero(~np.isnan(values))
+    if not rows.size:
         raise InputDataError(f"no perturbation has a numeric {score_col!r} (all NaN); nothing to rank")
-    ranked = ranked.reindex(ranked["_score"].abs().sort_values(ascending=False).index).head(top)
-    names = (ranked[label_col] if label_col else pd.Series(ranked.index, index=ranked.index)).astype(str).to_numpy()
-    scores = ranked["_score"].to_numpy(dtype=np.float64)
-    significant = (
-        (pd.to_numeric(ranked[fdr_col], errors="coerce") < alpha).to_numpy() if fdr_col else np.ones(len(ranked), bool)
-    )
+    rows = rows[np.argsort(-np.abs(values[rows]), kind="stable")][:top]  # by position: an index may repeat
+    ranked = results.iloc[rows]
+    names, scores = _bar_names(results, label_col, rows), values[rows]
+    significant = ((pd.to_numeric(ranked[fdr_col], errors="coerce") < alpha).to_numpy() if fdr_col
+                   else np.ones(len(ranked), bool))
 
     fig = Figure(figsize=(6.5, max(2.5, 0.3 * len(ranked) + 1.2)), layout="constrained")
     ax = fig.subplots()
@@ -396,21 +417,39 @@ def perturbation_ranking(
     return _finish(fig, save)
 
 
-# --------------------------------------------------------------------------------------------
-# Training curves
-# --------------------------------------------------------------------------------------------
+# Training curves ---------------------------------------------------------------------------
+def _series(table: pd.DataFrame, steps: pd.Series, col: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(step, value) of a column's logged values in step order; a step logged twice: its last value."""
+    logged = pd.DataFrame({"x": steps, "y": pd.to_numeric(table[col], errors="coerce")}).dropna()
+    logged = logged.drop_duplicates("x", keep="last").sort_values("x", kind="stable")
+    return logged["x"].to_numpy(np.float64), logged["y"].to_numpy(np.float64)
+
+
 def _plot_series(ax: Any, table: pd.DataFrame, steps: pd.Series, columns: list[Any], step_col: str, ylabel: str, title: str) -> None:
     """One panel: a line per column against the step (NaN cells skipped); baselines (``unigram``) dashed."""
     for col in columns:
-        values = pd.to_numeric(table[col], errors="coerce")
-        ok = values.notna() & steps.notna()
-        if ok.any():
+        x, y = _series(table, steps, col)
+        if len(x):
             style = "--" if "unigram" in str(col) else "-"
-            ax.plot(steps[ok], values[ok], style, label=col, marker="o" if ok.sum() < 30 else None, markersize=3)
+            ax.plot(x, y, style, label=col, marker="o" if len(x) < 30 else None, markersize=3)
     ax.set_xlabel(step_col)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     ax.set_title(title)
+
+
+def _read_metrics_csv(metrics: str | os.PathLike) -> pd.DataFrame:
+    """A metrics CSV; a last line cut short by a crash while it was appended (no line end, fewer
+    fields than the header) is left out: its cut number would be drawn as a logged value."""
+    path = check_readable_file(metrics, "metrics CSV")
+    try:
+        text = path.read_text(encoding="utf-8")
+        last = text[text.rfind("\n") + 1:]
+        if last and last.count(",") < text.partition("\n")[0].count(","):
+            text = text[: len(text) - len(last)]
+        return pd.read_csv(io.StringIO(text))
+    except (UnicodeDecodeError, pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+        raise InputDataError(f"metrics CSV {path} cannot be parsed ({exc}); is it truncated?") from exc
 
 
 def training_curves(
@@ -426,39 +465,30 @@ def training_curves(
         A CSV path or DataFrame with a step column (``step`` or ``global_step``), one or more
         loss columns (any name containing ``loss``) and optionally a learning-rate column
         (``lr`` or ``learning_rate``). Empty cells (metrics logged at other steps) are skipped
-        per series. Held-out accuracies (``eval_top1`` / ``eval_top10`` and the baselines'
-        ``eval_*unigram_top*``, from :mod:`mixgeneformer.diagnostics`) get a panel of their own;
-        baseline series (names containing ``unigram``) are drawn dashed.
+        per series; each series is drawn in step order, a step logged twice with its last value
+        (a log of a resumed run that was not cut back to the checkpoint), and a CSV's last line
+        cut short by a crash is left out. Held-out accuracies (``eval_top1`` / ``eval_top10``
+        and the baselines' ``eval_*unigram_top*``, from :mod:`mixgeneformer.diagnostics`) get a
+        panel of their own; baseline series (names containing ``unigram``) are drawn dashed.
     """
-    if isinstance(metrics, pd.DataFrame):
-        table = metrics
-    else:
-        path = check_readable_file(metrics, "metrics CSV")
-        try:
-            table = pd.read_csv(path)
-        except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
-            raise InputDataError(f"metrics CSV {path} cannot be parsed ({exc}); is it truncated?") from exc
+    table = metrics if isinstance(metrics, pd.DataFrame) else _read_metrics_csv(metrics)
     columns = list(table.columns)
     step_col = _pick(columns, None, ("step", "global_step", "steps"), "step")
     loss_cols = [c for c in columns if "loss" in str(c).lower()]
-    lr_col = _pick(columns, None, ("lr", "learning_rate"), "learning rate", required=False)
     if not loss_cols:
         raise InputDataError(f"no loss column in the metrics (looked for names containing 'loss'); columns: {columns}")
+    steps = pd.to_numeric(table[step_col], errors="coerce")
+    if not any(len(_series(table, steps, c)[0]) for c in loss_cols):
+        raise InputDataError(f"the metrics ({len(table)} rows) hold no loss value at a step yet; nothing to plot")
+    lr_col = next((c for c in ("lr", "learning_rate") if c in columns and len(_series(table, steps, c)[0])), None)
 
-    accuracy_cols = [c for c in columns if str(c).startswith("eval_") and "top" in str(c)]
-    accuracy_cols = [c for c in accuracy_cols if pd.to_numeric(table[c], errors="coerce").notna().any()]
+    accuracy_cols = [c for c in columns if str(c).startswith("eval_") and "top" in str(c) and len(_series(table, steps, c)[0])]
     n_panels = 1 + bool(lr_col) + bool(accuracy_cols)
     fig = Figure(figsize=(4.5 * n_panels + 2, 4), layout="constrained")
     axes = fig.subplots(1, n_panels, squeeze=False)[0]
-    steps = pd.to_numeric(table[step_col], errors="coerce")
     _plot_series(axes[0], table, steps, loss_cols, step_col, "loss", "losses")
     if lr_col:
-        values = pd.to_numeric(table[lr_col], errors="coerce")
-        ok = values.notna() & steps.notna()
-        axes[1].plot(steps[ok], values[ok], color="black")
-        axes[1].set_xlabel(step_col)
-        axes[1].set_ylabel(lr_col)
-        axes[1].set_title("learning rate")
+        _plot_series(axes[1], table, steps, [lr_col], step_col, lr_col, "learning rate")
         axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     if accuracy_cols:
         _plot_series(axes[-1], table, steps, accuracy_cols, step_col, "accuracy", "held-out masked-gene accuracy")

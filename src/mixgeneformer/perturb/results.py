@@ -62,6 +62,8 @@ def write_results(
             if figure and len(stats):
 
                 score = "mean_" + stats.attrs.get("score", "shift")
+                # vs_null tests (and genes.csv ranks by) the shift beyond the null run's: the figure shows the same
+                score = f"{score}_vs_null" if f"{score}_vs_null" in stats.columns else score
                 label = "symbol" if "symbol" in stats.columns and (stats["symbol"] != "").any() else "perturbed"
                 perturbation_ranking(
                     stats.assign(label=np.where(stats.get("symbol", "") != "", stats.get("symbol", ""), stats["perturbed"]))
