@@ -140,3 +140,27 @@ def test_capped_rows_refuses_a_negative_cap():
     assert capped_rows(labels, 3).size == 5
     with pytest.raises(ConfigError, match="cap must be >= 0"):
         capped_rows(labels, -1)
+
+
+# -- compute_medians(adata, lyer="counts") raised a bare TypeError; read={...} a dataclasses TypeError -----------
+def test_compute_medians_refuses_unknown_options_and_a_dict_as_read(made):
+    from mixgeneformer.medians import compute_medians
+    from mixgeneformer.readers import ReadOptions
+
+    adata = _cells(made)
+    with pytest.raises(ConfigError, match=r"unknown medians option\(s\) \['lyer'\].*layer"):
+        compute_medians(adata, lyer="counts")
+    with pytest.raises(ConfigError, match=r"read must be a ReadOptions.*from_dict"):
+        compute_medians(adata, read={"layer": None})
+    assert compute_medians(adata, read=ReadOptions(species="human")).hash == compute_medians(adata).hash
+
+
+# -- baselines(task, "logreg_counts") / zero_shot(..., methods="knn") iterated the name's characters -----------
+def test_baselines_and_zero_shot_take_one_method_name(made):
+    from mixgeneformer.bundle import load_bundle
+    from mixgeneformer.classify import LabelConfig, baselines, within_task, zero_shot
+
+    task = within_task(_cells(made), LabelConfig(key="kind", test_size=0.34))
+    assert [r.method for r in baselines(task, "logreg_counts")] == ["logreg_counts"]
+    model, vocab_, medians = load_bundle(made / "bundle")
+    assert [r.method for r in zero_shot(task, model, vocab_, medians, "knn", device="cpu")] == ["knn"]

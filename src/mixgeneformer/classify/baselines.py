@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
 from .. import genes
-from ..errors import ConfigError, InputDataError
+from ..errors import ConfigError, InputDataError, name_list
 from ..readers import ReadOptions
 from .config import BaselineConfig, BaselineMethod
 from .metrics import EvalResult, Prediction, evaluate
@@ -149,7 +149,9 @@ def baselines(
     one-to-one orthologs (:func:`ortholog_counts`) and restricted to the shared genes; each cell is
     then scaled over those shared genes, so cells of both species are proportions over the same
     genes (a species' share of counts on genes without an ortholog does not shift its cells).
+    ``methods``: ``"logreg_counts"`` and / or ``"knn_pca"`` (one name may be given as a string).
     """
+    methods = name_list(methods, "methods")
     if species is not None and species[0] != species[1]:
         train_all, train_ids = ortholog_counts(task.train_data, species[0], read)  # type: ignore[arg-type]
         test_all, test_ids = ortholog_counts(task.test_data, species[1], read)  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 
-from ..errors import ConfigError, InputDataError
+from ..errors import ConfigError, InputDataError, name_list
 from ..inference import check_embed_options, embed_corpus
 from .config import EmbeddingConfig
 from .metrics import EvalResult, Prediction, _argmax_labels, evaluate
@@ -147,6 +147,7 @@ def zero_shot(
     """
 
     config = config or EmbeddingConfig()
+    methods = name_list(methods, "methods")  # one name given as a string is that method
     unknown = [m for m in methods if m not in ZERO_SHOT_METHODS]
     if unknown or not methods:
         raise ConfigError(f"zero-shot methods {list(methods)} must be one or more of {list(ZERO_SHOT_METHODS)}.")

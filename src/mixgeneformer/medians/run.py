@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, InputDataError
+from ..errors import ConfigError, InputDataError, check_config
 from ..parallel import plan_ranges, worker_pool
 from ..readers import (
     CountInput,
@@ -78,9 +78,12 @@ def _accumulate_range(
 
 def _read_options(read: ReadOptions | None, overrides: dict[str, Any]) -> ReadOptions:
     """``read`` (default :class:`ReadOptions`) with field overrides given as keywords."""
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ReadOptions)})
+    check_config(read, ReadOptions, "read")
+    fields = [f.name for f in dataclasses.fields(ReadOptions)]
+    unknown = sorted(set(overrides) - set(fields))
     if unknown:
-        raise TypeError(f"unknown medians option(s) {unknown}; reader options are the fields of ReadOptions.")
+        raise ConfigError(f"unknown medians option(s) {unknown}: the options are read, genes, bins_per_decade, workers, "
+                          f"progress, vocabulary_ids, min_cells and the fields of ReadOptions ({', '.join(fields)}).")
     return dataclasses.replace(read or ReadOptions(), **overrides)
 
 
