@@ -164,3 +164,19 @@ def test_baselines_and_zero_shot_take_one_method_name(made):
     assert [r.method for r in baselines(task, "logreg_counts")] == ["logreg_counts"]
     model, vocab_, medians = load_bundle(made / "bundle")
     assert [r.method for r in zero_shot(task, model, vocab_, medians, "knn", device="cpu")] == ["knn"]
+
+
+# -- embed_corpus / perturb_cells given a 2-D array of token ids: "the corpus has no 'input_ids' column
+#    (columns: None)", which names neither what was passed nor what is taken --------------------------------
+def test_token_input_of_another_type_is_named_with_what_is_taken(made):
+    from mixgeneformer.bundle import load_bundle
+    from mixgeneformer.embed import embed_corpus
+    from mixgeneformer.perturb import PerturbConfig, perturb_cells
+
+    model, vocab_, _ = load_bundle(made / "bundle")
+    cells = np.array([[2, 4, 10, 11, 12, 3]])
+    with pytest.raises(ConfigError, match=r"tokenized corpus .* or a list of token id sequences, got ndarray.*tolist"):
+        embed_corpus(model, cells, vocab_, progress=False)
+    with pytest.raises(ConfigError, match=r"got ndarray.*tolist"):
+        perturb_cells(model, cells, vocab_, PerturbConfig(device="cpu"), progress=False)
+    assert embed_corpus(model, cells.tolist(), vocab_, progress=False, device="cpu").shape == (1, model.config.hidden_size)

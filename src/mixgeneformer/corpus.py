@@ -228,3 +228,13 @@ def refuse_tokenize_options(corpus_dir: str | os.PathLike, action: str, **given:
             f"tokenized. Drop the option, or {action} the .h5ad the corpus was made from."
         )
 
+
+def check_token_input(dataset: object) -> None:
+    """ConfigError unless ``dataset`` is a tokenized corpus or a list of token id sequences."""
+    columns = None if isinstance(dataset, (list, tuple)) else getattr(dataset, "column_names", None)
+    if columns is None and not isinstance(dataset, (list, tuple)):
+        hint = " (a numpy array: pass array.tolist())" if isinstance(dataset, np.ndarray) else ""
+        raise ConfigError("the cells must be a tokenized corpus (a datasets.Dataset with input_ids: tokenize_anndata, "
+                          f"corpus.load_corpus) or a list of token id sequences, got {type(dataset).__name__}{hint}.")
+    if columns is not None and "input_ids" not in columns:
+        raise InputDataError(f"the corpus has no 'input_ids' column (columns: {columns}); tokenize it with mixgeneformer.tokenize")

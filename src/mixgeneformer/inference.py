@@ -18,6 +18,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
+from .corpus import check_token_input
 from .errors import ConfigError, InputDataError, VocabularyMismatchError
 from .model import Pooling, gene_positions, pool_cells
 from .vocab import Vocabulary
@@ -427,11 +428,7 @@ _SORT_CHUNK = 65_536
 
 
 def _n_cells(dataset: Any) -> int:
-    if not isinstance(dataset, (list, tuple)) and "input_ids" not in getattr(dataset, "column_names", ()):
-        raise InputDataError(
-            "the corpus has no 'input_ids' column (columns: "
-            f"{getattr(dataset, 'column_names', None)}); tokenize it with mixgeneformer.tokenize"
-        )
+    check_token_input(dataset)
     return len(dataset)
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from ..bundle import load_for_inference
-from ..corpus import load_corpus
+from ..corpus import check_token_input, load_corpus
 from ..errors import ConfigError, InputDataError, VocabularyMismatchError, check_anndata, check_config
 from ..fileio import read_h5ad
 from ..inference import (
@@ -206,11 +206,7 @@ def _read_tokens(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
         lengths = np.fromiter((len(seq) for seq in dataset), dtype=np.int64, count=len(dataset))
         flat = np.concatenate([np.asarray(seq, dtype=np.int64) for seq in dataset]) if len(dataset) else np.zeros(0, np.int64)
         return flat, np.concatenate([[0], np.cumsum(lengths)])
-    if "input_ids" not in (getattr(dataset, "column_names", None) or ()):
-        raise InputDataError(
-            f"the corpus has no 'input_ids' column (columns: {getattr(dataset, 'column_names', None)}); "
-            "tokenize it with mixgeneformer.tokenize"
-        )
+    check_token_input(dataset)
     column = dataset.with_format("arrow")[:].column("input_ids").combine_chunks()
     offsets = np.asarray(column.offsets, dtype=np.int64)
     return np.asarray(column.flatten(), dtype=np.int64), offsets - offsets[0]
