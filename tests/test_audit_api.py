@@ -180,3 +180,19 @@ def test_token_input_of_another_type_is_named_with_what_is_taken(made):
     with pytest.raises(ConfigError, match=r"got ndarray.*tolist"):
         perturb_cells(model, cells, vocab_, PerturbConfig(device="cpu"), progress=False)
     assert embed_corpus(model, cells.tolist(), vocab_, progress=False, device="cpu").shape == (1, model.config.hidden_size)
+
+
+# -- tokenize_files("cells.h5ad", ...) read the path's characters as inputs (a Path: TypeError not iterable);
+#    a dict as config: AttributeError ------------------------------------------------------------------------
+def test_tokenize_files_takes_one_path_and_refuses_a_dict_config(made, tmp_path):
+    import datasets
+
+    from mixgeneformer.bundle import load_bundle
+    from mixgeneformer.tokenize import tokenize_files
+
+    _, vocab_, medians = load_bundle(made / "bundle")
+    for index, path in enumerate((str(made / "in.h5ad"), made / "in.h5ad")):
+        out = tokenize_files(path, tmp_path / f"corpus{index}", vocab_, medians, obs_columns="kind")
+        assert datasets.load_from_disk(str(out))["kind"] == _cells(made).obs["kind"].tolist()
+    with pytest.raises(ConfigError, match="config must be a TokenizeConfig"):
+        tokenize_files([made / "in.h5ad"], tmp_path / "corpus_dict", vocab_, medians, {"max_len": 16})

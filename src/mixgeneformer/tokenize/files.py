@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config import save_config, to_dict
 from ..corpus import CORPUS_JSON
-from ..errors import ArtifactError, ConfigError, InputDataError, name_list
+from ..errors import ArtifactError, ConfigError, InputDataError, check_config, name_list
 from ..fileio import (
     atomic_directory,
     check_output,
@@ -118,7 +118,7 @@ def run_manifest(
 
 # long: plan the tasks, then run them under the output lock; the steps share the task list and the manifest.
 def tokenize_files(
-    paths: Sequence[str | os.PathLike],
+    paths: Sequence[str | os.PathLike] | str | os.PathLike,
     out_dir: str | os.PathLike,
     vocab: Vocabulary,
     medians: GeneMedians | None,
@@ -137,11 +137,18 @@ def tokenize_files(
     ``datasets.load_from_disk``), ``config.yaml`` and ``mixgf_corpus.json`` (vocabulary and median
     hashes, per-input coverage, dropped-cell counts).
 
+    ``paths``: the input files (one path or a list); ``vocab`` / ``medians``: the vocabulary and gene
+    medians (None only with ``config.medians="per_file"``); ``obs_columns``: obs columns carried into
+    the corpus (one name or a list); ``workers``: processes; ``overwrite``: replace an existing
+    ``out_dir`` (only once the new corpus is complete); ``progress``: show a progress bar.
+
     Returns
     -------
     Path
         ``out_dir``.
     """
+    check_config(config, TokenizeConfig)
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     config = config or TokenizeConfig()
     _check_vocab(vocab, config, medians)
     out_dir = check_output(out_dir, paths, overwrite=overwrite)
