@@ -196,3 +196,17 @@ def test_tokenize_files_takes_one_path_and_refuses_a_dict_config(made, tmp_path)
         assert datasets.load_from_disk(str(out))["kind"] == _cells(made).obs["kind"].tolist()
     with pytest.raises(ConfigError, match="config must be a TokenizeConfig"):
         tokenize_files([made / "in.h5ad"], tmp_path / "corpus_dict", vocab_, medians, {"max_len": 16})
+
+
+# -- fit_classifier / build_classifier given a dict as config raised AttributeError ------------------------------
+def test_finetuning_functions_refuse_a_dict_config(made):
+    from mixgeneformer.bundle import load_bundle
+    from mixgeneformer.classify import LabelConfig, build_classifier, finetune, fit_classifier, within_task
+
+    model, vocab_, medians = load_bundle(made / "bundle")
+    task = within_task(_cells(made), LabelConfig(key="kind", test_size=0.34))
+    with pytest.raises(ConfigError, match="config must be a FinetuneConfig"):
+        build_classifier(model, ["x", "y"], vocab_, {"train_encoder": False})
+    for fit in (fit_classifier, finetune):
+        with pytest.raises(ConfigError, match="config must be a ClassifyConfig"):
+            fit(task, model, vocab_, medians, {"finetune": {"max_steps": 1}})

@@ -29,7 +29,7 @@ from ..bundle import (
     save_bundle,
 )
 from ..config import load_config, save_config
-from ..errors import ArtifactError, ConfigError
+from ..errors import ArtifactError, ConfigError, check_config
 from ..fileio import check_readable_file, read_json, write_json
 from ..inference import encoder_of, resolve_device
 from ..medians import GeneMedians
@@ -90,6 +90,7 @@ def build_classifier(
     ``seed`` initialises the head from that seed without touching the global random state
     (default: the global state, as any torch module).
     """
+    check_config(config, FinetuneConfig)
     config = config or FinetuneConfig()
     bert = encoder_of(model)
     check_finetune_options(config, model)
@@ -301,6 +302,7 @@ def fit_classifier(
     scratch files (a temporary folder by default); ``callbacks`` are extra ``TrainerCallback`` s.
     The result's ``summary`` records the resolved recipe and the validation curve.
     """
+    check_config(config, ClassifyConfig)
     config = config or ClassifyConfig()
     ft = config.finetune
     check_finetune_options(ft, model)
@@ -444,6 +446,7 @@ def finetune(
     method: str = "finetune",
 ) -> tuple[EvalResult, FittedClassifier]:
     """Fine-tune on the task's training cells and evaluate on its test cells."""
+    check_config(config, ClassifyConfig)  # before any cell is tokenized
     if tokens is None:
         task, train_tokens, test_tokens = tokenize_task(task, vocab, medians, tokenize_config, _max_len_of(model))
     else:
