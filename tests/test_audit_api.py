@@ -210,3 +210,20 @@ def test_finetuning_functions_refuse_a_dict_config(made):
     for fit in (fit_classifier, finetune):
         with pytest.raises(ConfigError, match="config must be a ClassifyConfig"):
             fit(task, model, vocab_, medians, {"finetune": {"max_steps": 1}})
+
+
+# -- readers.row_sums(csc) read column pointers as rows: column sums, written out of bounds (heap corruption);
+#    validate_counts(dense) raised AttributeError, and on a CSC block named a wrong cell and gene -------------
+def test_row_sums_and_validate_counts_take_any_matrix_format():
+    import scipy.sparse as sp
+
+    from mixgeneformer.readers import row_sums, validate_counts
+
+    dense = np.array([[1, 0, 2, 0, 0], [0, 3, 0, 0, 4], [5, 0, 0, 6, 0]], dtype=np.float64)
+    for matrix in (sp.csr_matrix(dense), sp.csc_matrix(dense), dense, sp.coo_matrix(dense)):
+        np.testing.assert_array_equal(row_sums(matrix), dense.sum(axis=1))
+    bad = dense.copy()
+    bad[2, 3] = 0.5
+    for matrix in (sp.csc_matrix(bad), bad):
+        with pytest.raises(InputDataError, match=r"0\.5 at cell 2 \(c\), gene column 3 \(g3\)"):
+            validate_counts(matrix, cell_names=["a", "b", "c"], gene_ids=[f"g{i}" for i in range(5)])

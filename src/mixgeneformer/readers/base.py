@@ -167,7 +167,7 @@ def validate_counts(
     Parameters
     ----------
     counts
-        Cells × genes CSR block.
+        Cells × genes CSR block (another sparse format or a dense array is converted).
     allow_fractional
         Accept non-integer values (e.g. ambient-corrected counts); negative / NaN / Inf are still errors.
     start
@@ -184,6 +184,8 @@ def validate_counts(
     InputDataError
         On NaN / Inf, negative or (unless allowed) non-integer values.
     """
+    if not sp.issparse(counts) or counts.format != "csr":  # another format / dense: its cells and genes located right
+        counts = sp.csr_matrix(counts)
     data = counts.data
     if data.size == 0 or data.dtype == np.bool_:
         return

@@ -129,8 +129,12 @@ def _row_sums(indptr, data, out):  # pragma: no cover - numba
         out[r] = total
 
 
-def row_sums(counts: sp.csr_matrix) -> np.ndarray:
-    """Per-row sums of a CSR matrix as float64 (one compiled pass, no upcast copy of the data)."""
+def row_sums(counts: sp.csr_matrix | sp.spmatrix | np.ndarray) -> np.ndarray:
+    """Per-row sums of a cells × genes matrix as float64: for CSR one compiled pass, no upcast copy of
+    the data; another sparse format or a dense array is converted to CSR first (the compiled pass
+    reads ``indptr`` as row pointers: a CSC matrix read so gave column sums, out of bounds)."""
+    if not sp.issparse(counts) or counts.format != "csr":
+        counts = sp.csr_matrix(counts)
     out = np.empty(counts.shape[0], dtype=np.float64)
     _row_sums(counts.indptr, counts.data, out)
     return out
