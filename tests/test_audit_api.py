@@ -14,9 +14,9 @@ from types import SimpleNamespace
 import anndata as ad
 import numpy as np
 import pytest
+from test_perturb import bundle_and_cells, vocab  # noqa: F401  (fixtures)
 
 from mixgeneformer.errors import ConfigError, InputDataError
-from test_perturb import bundle_and_cells, vocab  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,13 @@ def test_predict_cells_refuses_what_is_neither_anndata_nor_corpus():
 
 # -- write_predictions into an AnnData other than the tested one: IndexError (fewer cells) ---------------------
 def test_write_predictions_refuses_an_anndata_that_is_not_the_tested_one(made):
-    from mixgeneformer.classify import LabelConfig, Prediction, evaluate, within_task, write_predictions
+    from mixgeneformer.classify import (
+        LabelConfig,
+        Prediction,
+        evaluate,
+        within_task,
+        write_predictions,
+    )
 
     adata = _cells(made)
     task = within_task(adata, LabelConfig(key="kind", test_size=0.5))
@@ -201,7 +207,13 @@ def test_tokenize_files_takes_one_path_and_refuses_a_dict_config(made, tmp_path)
 # -- fit_classifier / build_classifier given a dict as config raised AttributeError ------------------------------
 def test_finetuning_functions_refuse_a_dict_config(made):
     from mixgeneformer.bundle import load_bundle
-    from mixgeneformer.classify import LabelConfig, build_classifier, finetune, fit_classifier, within_task
+    from mixgeneformer.classify import (
+        LabelConfig,
+        build_classifier,
+        finetune,
+        fit_classifier,
+        within_task,
+    )
 
     model, vocab_, medians = load_bundle(made / "bundle")
     task = within_task(_cells(made), LabelConfig(key="kind", test_size=0.34))
@@ -227,3 +239,12 @@ def test_row_sums_and_validate_counts_take_any_matrix_format():
     for matrix in (sp.csc_matrix(bad), bad):
         with pytest.raises(InputDataError, match=r"0\.5 at cell 2 \(c\), gene column 3 \(g3\)"):
             validate_counts(matrix, cell_names=["a", "b", "c"], gene_ids=[f"g{i}" for i in range(5)])
+
+
+# -- run_demo(out, {"cells_per_type": 10}) raised AttributeError: 'dict' object has no attribute 'device' ---------
+def test_run_demo_refuses_a_dict_config_before_any_step(tmp_path):
+    from mixgeneformer.demo import run_demo
+
+    with pytest.raises(ConfigError, match=r"config must be a DemoConfig.*from_dict\(DemoConfig"):
+        run_demo(tmp_path / "demo", {"cells_per_type": 10}, progress=False)
+    assert not (tmp_path / "demo").exists()

@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+from ..errors import check_config
 from ..fileio import check_writable, output_lock
 from ..inference import resolve_device
 from .config import DEMO_STEPS, DemoConfig
@@ -41,6 +42,7 @@ def run_demo(
     ArtifactError
         ``out_dir`` exists and is not a demo folder, or an input is missing.
     """
+    check_config(config, DemoConfig)
     config = config or DemoConfig()
     resolve_device(config.device)  # an unknown or absent device is refused before any step runs
     out_dir = Path(out_dir).resolve()

@@ -17,7 +17,13 @@ import torch
 
 from ..bundle import load_for_inference
 from ..corpus import check_token_input, load_corpus
-from ..errors import ConfigError, InputDataError, VocabularyMismatchError, check_anndata, check_config
+from ..errors import (
+    ConfigError,
+    InputDataError,
+    VocabularyMismatchError,
+    check_anndata,
+    check_config,
+)
 from ..fileio import read_h5ad
 from ..inference import (
     embed_corpus,
