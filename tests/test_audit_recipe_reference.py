@@ -201,3 +201,16 @@ def test_logging_steps_below_one_are_refused_not_clamped():
         with pytest.raises(ConfigError, match=r"finetune\.logging_steps"):
             C.FinetuneConfig(logging_steps=bad)
     assert C.FinetuneConfig(logging_steps=1).logging_steps == 1
+
+
+def test_device_argument_reaches_fine_tuning_unless_the_config_names_one(tiny_bundle):  # noqa: F811
+    # run_classification(device="cpu") fine-tuned on config.finetune.device (None: CUDA where there is one):
+    # a Python user asking for the CPU got the GPU for fine-tuning and for its predictions.
+    bundle, _, human = tiny_bundle
+    base = dict(labels=C.LabelConfig(min_class_fraction=0))
+    ft = dict(max_steps=1, batch_size=16, validation_fraction=0.0)
+    run = C.run_classification(human, bundle, methods="finetune", device="cpu",
+                               config=C.ClassifyConfig(**base, finetune=C.FinetuneConfig(**ft)))
+    assert run.config.finetune.device == "cpu" and run.fitted.config.finetune.device == "cpu"
+    named = C.ClassifyConfig(**base, finetune=C.FinetuneConfig(**ft, device="cpu:0"))
+    assert C.run_classification(human, bundle, methods="finetune", device="cpu", config=named).config.finetune.device == "cpu:0"

@@ -81,7 +81,8 @@ def run_classification(
     ``"knn"``, ``"logreg"`` (zero-shot on frozen embeddings, ``config.embedding``) and ``"finetune"``
     (``config.finetune``); ``baseline_methods``: ``"logreg_counts"``, ``"knn_pca"`` (on counts,
     ``config.baselines``) and ``"logreg_tokens"`` (on the model's tokens). One name may be given as a
-    string. ``device``: of the zero-shot embedding (fine-tuning uses ``config.finetune.device``).
+    string. ``device``: the torch device of every model method (fine-tuning on
+``config.finetune.device`` instead where that is set).
     Returns a :class:`ClassificationRun` (``run.table()``, ``run.results``, ``run.fitted``).
 
     ``model`` is a model bundle folder or a loaded model, as for ``embed_anndata`` and
@@ -107,6 +108,8 @@ def run_classification(
             tokenize_config = _with_max_len(tokenize_config, max_len, _max_len_of(model))
 
     config = config or ClassifyConfig()
+    if device is not None and config.finetune.device is None:  # device= applied to zero-shot only before
+        config = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, device=device))
     _check_model_options(model, methods, config)
     if "logreg_tokens" in baseline_methods and model is None:
         raise ConfigError("baseline logreg_tokens reads the model's tokens: it needs a model (CLI: --model BUNDLE).")
