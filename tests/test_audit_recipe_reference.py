@@ -124,16 +124,21 @@ def test_frozen_weights_are_bit_identical_after_training_and_the_rest_moves():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the pretrained model is untouched
 
 
+def rare_type2_task(n_per_class: int, n_type2: int):
+    """token_task's cells with only the first ``n_type2`` cells of type2: a within task, its vocabulary and tokens."""
+    adata, vocab, tokens = token_task(n_per_class=n_per_class)
+    labels = adata.obs["cell_type1"].to_numpy()
+    keep = np.sort(np.concatenate([np.flatnonzero(labels != "type2"), np.flatnonzero(labels == "type2")[:n_type2]]))
+    cells = C.TokenizedCells(dataset=tokens.dataset.select(keep), rows=np.arange(keep.size))
+    return C.within_task(adata[keep].copy(), C.LabelConfig(min_class_fraction=0)), vocab, cells
+
+
 def test_training_loss_is_torchs_weighted_cross_entropy_with_sklearns_balanced_weights_of_the_fit_cells(monkeypatch):
     from sklearn.utils.class_weight import compute_class_weight
 
     from mixgeneformer.classify import recipe as recipe_module
 
-    adata, vocab, tokens = token_task(n_per_class=24)
-    labels = adata.obs["cell_type1"].to_numpy()
-    keep = np.sort(np.concatenate([np.flatnonzero(labels != "type2"), np.flatnonzero(labels == "type2")[:8]]))
-    cells = C.TokenizedCells(dataset=tokens.dataset.select(keep), rows=np.arange(keep.size))
-    task = C.within_task(adata[keep].copy(), C.LabelConfig(min_class_fraction=0))
+    task, vocab, cells = rare_type2_task(n_per_class=24, n_type2=8)
     batches = []
     compute_loss = recipe_module.FinetuneTrainer.compute_loss
 
@@ -159,11 +164,7 @@ def test_training_loss_is_torchs_weighted_cross_entropy_with_sklearns_balanced_w
 
 
 def test_a_class_too_rare_to_validate_trains_every_step_without_validation(caplog):
-    adata, vocab, tokens = token_task(n_per_class=20)
-    labels = adata.obs["cell_type1"].to_numpy()
-    keep = np.sort(np.concatenate([np.flatnonzero(labels != "type2"), np.flatnonzero(labels == "type2")[:2]]))
-    cells = C.TokenizedCells(dataset=tokens.dataset.select(keep), rows=np.arange(keep.size))
-    task = C.within_task(adata[keep].copy(), C.LabelConfig(min_class_fraction=0))
+    task, vocab, cells = rare_type2_task(n_per_class=20, n_type2=2)
     assert (task.train_labels == "type2").sum() == 1
     with caplog.at_level("WARNING"):
         fitted = C.fit_classifier(task, tiny_model(vocab), vocab, None, recipe(early_stopping_patience=1),
