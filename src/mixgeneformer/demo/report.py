@@ -329,6 +329,13 @@ def _objective(cfg: DemoConfig) -> str:
     return f"{mlm} + SimCSE"
 
 
+def _mixing_source(backend: str) -> str:
+    """Where the mixing scores come from: scib's batch-ASW definition computed with scikit-learn, iLISI by scib-metrics."""
+    if backend == "scib-metrics":
+        return "ASW: scib's definition with scikit-learn; iLISI: scib-metrics"
+    return "ASW: scib's definition with scikit-learn; iLISI needs the metrics extra"
+
+
 def _mixing_lines(mixing: dict[str, Any] | None) -> list[str]:
     """The species-mixing scores of the embed step (absent in folders written before they existed)."""
     if not mixing:
@@ -340,7 +347,7 @@ def _mixing_lines(mixing: dict[str, Any] | None) -> list[str]:
             scores.append(f"{name} {_fmt(mixing[key])}{shuffled}")
     return [
         f"Species mixing of the {mixing['n_cells']:,} cells of the {len(mixing['shared_types'])} cell types both "
-        f"species share ({mixing['backend']}): {', '.join(scores)}. Higher is more mixed, 0 = separated; "
+        f"species share ({_mixing_source(mixing['backend'])}): {', '.join(scores)}. Higher is more mixed, 0 = separated; "
         "'shuffled' is the same score with the species labels shuffled within each type, i.e. what complete "
         "mixing inside every type gives on these cells (`benchmarks/species.py` compares vocabularies and the "
         "cross-species term).",
