@@ -3,6 +3,8 @@ pooling, seeded reproducibility and the validation of the new options."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -185,7 +187,7 @@ class Sabotage(TrainerCallback):
                 model.classifier.bias.copy_(torch.tensor([10.0] + [0.0] * (model.classifier.bias.numel() - 1)))
 
 
-def test_early_stopping_restores_the_best_epoch():
+def test_early_stopping_restores_the_best_epoch(tmp_path):
     adata, vocab, tokens = token_task(n_per_class=40)
     task = C.within_task(adata, C.LabelConfig(min_class_fraction=0))
     config = recipe(epochs=12, batch_size=8, early_stopping_patience=2, validation_fraction=0.2, class_weights="none")
@@ -205,6 +207,18 @@ def test_early_stopping_restores_the_best_epoch():
     prediction = fitted.predict(tokens.select(task.train_rows[val]), device="cpu")
     scores = C.classification_metrics(np.asarray(task.classes, dtype=object)[ids[val]], prediction.labels)
     assert scores["macro_f1"] == pytest.approx(max(curve))
+    # The saved classifier shows its curves: training and validation loss, and the validation macro-F1 per epoch.
+    fitted.save(tmp_path / "clf")
+    assert (tmp_path / "clf" / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    from mixgeneformer import plots
+
+    log = json.loads((tmp_path / "clf" / "training_log.json").read_text())
+    fig = plots.training_curves(pd.DataFrame([e for e in log if "train_loss" not in e]))
+    losses, scores_ax = fig.axes[0], fig.axes[-1]
+    assert {"loss", "eval_loss"} <= {line.get_label() for line in losses.lines}
+    assert scores_ax.get_title() == "validation scores"
+    f1 = next(line for line in scores_ax.lines if line.get_label() == "eval_macro_f1")
+    assert np.allclose(f1.get_ydata(), curve)
 
 
 def test_selection_by_validation_loss_restores_the_lowest_loss_epoch():

@@ -466,10 +466,10 @@ def training_curves(
         loss columns (any name containing ``loss``) and optionally a learning-rate column
         (``lr`` or ``learning_rate``). Empty cells (metrics logged at other steps) are skipped
         per series; each series is drawn in step order, a step logged twice with its last value
-        (a log of a resumed run that was not cut back to the checkpoint), and a CSV's last line
-        cut short by a crash is left out. Held-out accuracies (``eval_top1`` / ``eval_top10``
-        and the baselines' ``eval_*unigram_top*``, from :mod:`mixgeneformer.diagnostics`) get a
-        panel of their own; baseline series (names containing ``unigram``) are drawn dashed.
+        (a resumed run's log not cut back to its checkpoint); a CSV's last line cut short by a crash
+        is left out. Held-out accuracies (``eval_top1`` / ``eval_top10``, the baselines'
+        ``eval_*unigram_top*``) or a fine-tuning log's ``eval_macro_f1`` / ``eval_accuracy`` get a
+        panel of their own; baselines (``unigram`` in the name) are dashed.
     """
     table = metrics if isinstance(metrics, pd.DataFrame) else _read_metrics_csv(metrics)
     columns = list(table.columns)
@@ -482,7 +482,8 @@ def training_curves(
         raise InputDataError(f"the metrics ({len(table)} rows) hold no loss value at a step yet; nothing to plot")
     lr_col = next((c for c in ("lr", "learning_rate") if c in columns and len(_series(table, steps, c)[0])), None)
 
-    accuracy_cols = [c for c in columns if str(c).startswith("eval_") and "top" in str(c) and len(_series(table, steps, c)[0])]
+    accuracy_cols = [c for c in columns if str(c).startswith("eval_") and any(w in str(c) for w in ("top", "f1", "accuracy"))
+                     and len(_series(table, steps, c)[0])]  # held-out top-k (pretraining), validation macro-F1 (fine-tuning)
     n_panels = 1 + bool(lr_col) + bool(accuracy_cols)
     fig = Figure(figsize=(4.5 * n_panels + 2, 4), layout="constrained")
     axes = fig.subplots(1, n_panels, squeeze=False)[0]
@@ -491,7 +492,8 @@ def training_curves(
         _plot_series(axes[1], table, steps, [lr_col], step_col, lr_col, "learning rate")
         axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     if accuracy_cols:
-        _plot_series(axes[-1], table, steps, accuracy_cols, step_col, "accuracy", "held-out masked-gene accuracy")
+        name = "held-out masked-gene accuracy" if all("top" in str(c) for c in accuracy_cols) else "validation scores"
+        _plot_series(axes[-1], table, steps, accuracy_cols, step_col, "score", name)
         axes[-1].set_ylim(0, 1)
     if title:
         fig.suptitle(title)

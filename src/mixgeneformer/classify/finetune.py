@@ -194,8 +194,9 @@ class FittedClassifier:
     def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the classifier as a model bundle (:func:`mixgeneformer.bundle.save_bundle`, kind
         ``classifier``: config.json + model.safetensors, ``vocab.json``, ``medians.tsv``) plus its
-        ``config.yaml``, ``tokenize.yaml`` (when known), ``training_log.json`` and
-        ``finetune_summary.json``, atomically."""
+        ``config.yaml``, ``tokenize.yaml`` (when known), ``training_log.json``,
+        ``finetune_summary.json`` and ``training_curves.png`` (training and validation loss, learning
+        rate and validation macro-F1 / accuracy against the step, when a loss was logged), atomically."""
 
         def write_run_files(tmp: Path) -> None:
             save_config(self.config, tmp)
@@ -203,6 +204,11 @@ class FittedClassifier:
                 save_config(self.tokenize_config, tmp, TOKENIZE_CONFIG_NAME)
             write_json(tmp / "training_log.json", self.log_history)
             write_json(tmp / "finetune_summary.json", self.summary)
+            curves = pd.DataFrame([e for e in self.log_history if "step" in e and "train_loss" not in e])
+            if {"step", "loss"} <= set(curves.columns) and curves["loss"].notna().any():
+                from .. import plots
+
+                plots.training_curves(curves, title="fine-tuning", save=tmp / "training_curves.png")
 
         return save_bundle(self.model, directory, self.vocab, self.medians, overwrite=overwrite, extra_files=write_run_files)
 
