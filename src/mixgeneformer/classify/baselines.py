@@ -168,20 +168,37 @@ def baselines(
     ]
 
 
-def token_bag(cells: TokenizedCells, obs_rows: np.ndarray, n_tokens: int, special: np.ndarray) -> sp.csr_matrix:
-    """``(len(obs_rows), n_tokens)`` binary: 1 where a gene is among the cell's tokens (special tokens left out)."""
+def ortholog_columns(ortholog_map: np.ndarray, special: np.ndarray) -> np.ndarray:
+    """Per token id its column in a bag of genes matched by ortholog: the smaller token id of its 1:1
+    ortholog pair (``Vocabulary.ortholog_map``), its own id where it has none (a shared token of an
+    ortholog vocabulary maps to itself). Within one species no two genes share a column."""
+    ortholog_map = np.asarray(ortholog_map, dtype=np.int64)
+    ids = np.arange(ortholog_map.size, dtype=np.int64)
+    paired = (ortholog_map >= 0) & ~np.isin(ids, special)
+    return np.where(paired, np.minimum(ids, ortholog_map), ids)
+
+
+def token_bag(
+    cells: TokenizedCells, obs_rows: np.ndarray, n_tokens: int, special: np.ndarray, columns: np.ndarray | None = None
+) -> sp.csr_matrix:
+    """``(len(obs_rows), n_tokens)`` binary: 1 where a gene is among the cell's tokens (special tokens left
+    out); ``columns`` (token id -> column, e.g. :func:`ortholog_columns`) puts tokens together."""
     ids = cells.select(obs_rows)["input_ids"]
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     cols = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]) if len(ids) else np.zeros(0, np.int64)
     rows = np.repeat(np.arange(len(ids)), lengths)
     keep = ~np.isin(cols, special)
+    if columns is not None:
+        cols = np.asarray(columns, dtype=np.int64)[cols]
     values = np.ones(int(keep.sum()), dtype=np.float32)
-    return sp.csr_matrix((values, (rows[keep], cols[keep])), shape=(len(ids), n_tokens))
+    bag = sp.csr_matrix((values, (rows[keep], cols[keep])), shape=(len(ids), n_tokens))
+    bag.data[:] = 1.0  # a human gene and its mouse ortholog in one cell (a mixed file) are one gene
+    return bag
 
 
 def token_baseline(
     task: Task, tokens: tuple[TokenizedCells, TokenizedCells], n_tokens: int, special: np.ndarray,
-    config: BaselineConfig | None = None,
+    config: BaselineConfig | None = None, ortholog_map: np.ndarray | None = None,
 ) -> EvalResult:
     """``logreg_tokens``: the count baseline's logistic regression on *which genes the model reads*.
 
@@ -189,12 +206,17 @@ def token_baseline(
     expression dropped), standardised and capped like ``logreg_counts``; tokens absent from every
     training cell are left out. It measures what a linear model extracts from the model's input:
     where it scores below ``logreg_counts``, the genes beyond ``max_len`` carry the difference, which
-    no training of the model can recover at that input length. Across species it needs the
-    ortholog vocabulary (separate vocabularies share no tokens).
+    no training of the model can recover at that input length. With ``ortholog_map``
+    (``Vocabulary.ortholog_map``; :func:`run_classification` passes it) a gene and its 1:1 ortholog
+    are one feature (:func:`ortholog_columns`), as the count baselines match genes across species: a
+    separate vocabulary's human and mouse tokens share no column otherwise, and every cell of the
+    other species would be an empty bag (one class predicted for all). An ortholog vocabulary's shared
+    tokens are one feature either way; within one species the map changes nothing.
     """
     config = config or BaselineConfig()
-    train = token_bag(tokens[0], task.train_rows, n_tokens, special)
-    test = token_bag(tokens[1], task.test_rows, n_tokens, special)
+    columns = None if ortholog_map is None else ortholog_columns(ortholog_map, special)
+    train = token_bag(tokens[0], task.train_rows, n_tokens, special, columns)
+    test = token_bag(tokens[1], task.test_rows, n_tokens, special, columns)
     seen = np.flatnonzero(np.asarray(train.getnnz(axis=0)) > 0)
     prediction = logreg_predict(
         train[:, seen], task.train_labels, test[:, seen], c=config.logreg_c, max_iter=config.max_iter, clip=config.clip

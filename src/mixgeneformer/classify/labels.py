@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from ..errors import InputDataError, check_anndata
+from ..errors import ConfigError, InputDataError, check_anndata
 
 if TYPE_CHECKING:
     import anndata
@@ -201,10 +201,24 @@ def _both_sides(labels: np.ndarray, train: np.ndarray, test: np.ndarray, seed: i
 
 
 def canonical_label(label: str, synonyms: Mapping[str, str] | None = None) -> str:
-    """The name labels are matched by: lower-cased, non-alphanumerics -> ``_``, then synonyms."""
+    """The name labels are matched by: lower-cased, non-alphanumerics -> ``_``, then synonyms.
+
+    Synonyms are followed to their end (``"T cells"`` -> ``t_cells`` -> ``t_cell`` -> a user's
+    ``{"t_cell": "immune"}`` -> ``immune``), so every spelling of a class gets one name and a
+    canonical name is its own canonical name; a cycle of synonyms is a :class:`ConfigError`.
+    """
     name = canonical_label_key(label)
     table = {**LABEL_SYNONYMS, **{canonical_label_key(k): canonical_label_key(v) for k, v in (synonyms or {}).items()}}
-    return table.get(name, name)
+    seen = [name]
+    while table.get(name, name) != name:
+        name = table[name]
+        if name in seen:
+            raise ConfigError(
+                f"the label synonyms form a cycle: {' -> '.join([*seen, name])}. Map each name to one final name "
+                "(synonyms=, or the synonyms section of the classify config)."
+            )
+        seen.append(name)
+    return name
 
 
 def canonical_labels(labels: Sequence[str] | np.ndarray, synonyms: Mapping[str, str] | None = None) -> np.ndarray:

@@ -18,9 +18,9 @@ from ..bundle import load_for_inference
 from ..config import save_config, to_dict
 from ..errors import ConfigError, check_anndata, check_config, name_list
 from ..fileio import atomic_directory, write_h5ad, write_json
-from ..genes import detect_species
 from ..medians import GeneMedians
 from ..plots import confusion_matrix
+from ..readers import ReadOptions, map_source_genes
 from ..tokenize import TokenizeConfig
 from ..vocab import Vocabulary
 from .baselines import baselines, token_baseline
@@ -113,7 +113,8 @@ def run_classification(
     _check_model_options(model, methods, config)
     if "logreg_tokens" in baseline_methods and model is None:
         raise ConfigError("baseline logreg_tokens reads the model's tokens: it needs a model (CLI: --model BUNDLE).")
-    task, species = _task_of(adata, test, config)
+    read = tokenize_config.read_options if tokenize_config is not None else None
+    task, species = _task_of(adata, test, config, read)
     for note in task.notes:
         logger.info("%s", note)
     results: list[EvalResult] = []
@@ -130,19 +131,21 @@ def run_classification(
             result, fitted = finetune(task, model, vocab, medians, config, tokenize_config, tokens=(train_tokens, test_tokens))
             results.append(result)
         if "logreg_tokens" in baseline_methods:
-            results.append(token_baseline(task, (train_tokens, test_tokens), len(vocab.tokens), vocab.special_ids, config.baselines))  # type: ignore[union-attr]
+            results.append(token_baseline(task, (train_tokens, test_tokens), len(vocab.tokens), vocab.special_ids,  # type: ignore[union-attr]
+                                          config.baselines, ortholog_map=vocab.ortholog_map))  # type: ignore[union-attr]
     count_methods = [m for m in baseline_methods if m != "logreg_tokens"]
     if count_methods:
-        read = tokenize_config.read_options if tokenize_config is not None else None
         results += baselines(task, count_methods, config.baselines, species=species, read=read)
     return ClassificationRun(task=task, results=results, config=config, fitted=fitted)
 
 
-def _task_of(adata: anndata.AnnData, test: anndata.AnnData | None, config: ClassifyConfig) -> tuple[Task, tuple[str, str] | None]:
+def _task_of(
+    adata: anndata.AnnData, test: anndata.AnnData | None, config: ClassifyConfig, read: ReadOptions | None = None
+) -> tuple[Task, tuple[str, str] | None]:
     """The within-dataset task, or the transfer task to ``test`` with the two files' species."""
     if test is None:
         return within_task(adata, config.labels), None
-    species = (detect_species(list(adata.var_names)), detect_species(list(test.var_names)))
+    species = (_species_of(adata, read), _species_of(test, read))
     setting = "transfer" if species[0] == species[1] else f"{species[0]}->{species[1]}"
     rows: dict[str, np.ndarray | None] = {"source_rows": None, "target_rows": None}
     if config.labels.transfer_split:
@@ -151,6 +154,14 @@ def _task_of(adata: anndata.AnnData, test: anndata.AnnData | None, config: Class
             "target_rows": within_task(test, config.labels).test_rows,
         }
     return transfer_task(adata, test, config.labels, setting, synonyms=config.synonyms, **rows), species
+
+
+def _species_of(adata: anndata.AnnData, read: ReadOptions | None) -> str:
+    """The species of a file's genes as the tokenizer and the count baselines read them: the identifiers
+    of ``read.gene_column`` (not ``var_names``), and ``read.species`` when declared (``"auto"``: detected)."""
+    read = read or ReadOptions()
+    with read.open(adata) as source:
+        return map_source_genes(source, read.species, read.min_coverage, read.allow_mixed_species).species
 
 
 def _with_max_len(config: TokenizeConfig | None, max_len: int, positions: int) -> TokenizeConfig:
