@@ -30,7 +30,9 @@ from .locks import (  # noqa: F401  (fileio.* stays their import path)
     lock_path,
     moved_aside,
     output_lock,
+    remove_stale_temporaries,
     restore_moved_aside,
+    temporary_sibling,
 )
 
 if TYPE_CHECKING:  # anndata is imported lazily at run time (start-up cost)
@@ -94,7 +96,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
         restore_moved_aside(target)
         check_output(target, overwrite=overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = temporary_sibling(target)
         tmp.mkdir()
         try:
             write_output_marker(tmp)
@@ -153,7 +155,7 @@ def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator[io.IOBas
         if target.is_dir():
             raise ArtifactError(f"cannot write {target}: it is a folder. Give a file path.")
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = temporary_sibling(target)
         try:
             with open(tmp, mode) as handle:
                 yield handle
@@ -456,7 +458,7 @@ def write_h5ad(adata: anndata.AnnData, out: str | os.PathLike) -> Path:
             raise ArtifactError(f"cannot write {out}: it is a folder, and an h5ad is one file. Give a file path "
                                 f"(e.g. {out / 'cells.h5ad'}), or move the folder away.")
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}.h5ad"
+        tmp = temporary_sibling(out, ".h5ad")
         try:
             write_stamped_h5ad(adata, tmp)
             _rename_into_place(tmp, out)

@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import shutil
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +34,47 @@ def moved_aside(target: str | os.PathLike) -> list[Path]:
         return sorted(p for p in target.parent.iterdir() if pattern.fullmatch(p.name))
     except OSError:  # no parent folder (yet), or it cannot be listed
         return []
+
+
+def temporary_sibling(target: str | os.PathLike, suffix: str = "") -> Path:
+    """A new temporary path beside ``target`` for writing it: ``.NAME.tmp-<pid>-XXXXXXXX<suffix>``
+    (the pid names the writer, so a later writer can tell a dead one's leftovers)."""
+    target = Path(target)
+    return target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Delete the :func:`temporary_sibling` files and folders of ``target`` whose writer has ended
+    without removing them (``kill -9``, a crash, a lost machine); returns them. Called under the
+    output's lock, so no live writer of ``target`` can be using one (the pid check also spares an
+    unlocked writer of this machine still running)."""
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-(\d+)-[0-9a-f]{{8}}(\.h5ad)?")
+    try:
+        found = [(p, int(m.group(1))) for p in target.parent.iterdir() if (m := pattern.fullmatch(p.name))]
+    except OSError:  # no parent folder (yet), or it cannot be listed
+        return []
+    removed = []
+    for path, pid in found:
+        if pid == os.getpid() or _alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    return removed
 
 
 def restore_moved_aside(target: str | os.PathLike) -> Path | None:
@@ -104,7 +146,8 @@ def output_lock(target: str | os.PathLike) -> Iterator[None]:
 
     A second process asking for the same lock gets an :class:`ArtifactError` naming the first
     one's pid. The lock is released when this process exits, however it ends (even ``kill -9``);
-    re-entrant within a process. Without ``fcntl`` (Windows) no lock is taken.
+    re-entrant within a process. Without ``fcntl`` (Windows) no lock is taken. Once it holds the
+    lock, what an ended writer of ``target`` left is removed (:func:`remove_stale_temporaries`).
     """
     try:
         import fcntl
@@ -125,6 +168,7 @@ def output_lock(target: str | os.PathLike) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
+        remove_stale_temporaries(target)
         yield
     finally:
         del _HELD_LOCKS[key]

@@ -349,6 +349,9 @@ def _test_hook(role: ShardRole, folder: Path, fingerprint: str) -> None:
 def _complete_shards(out: Path) -> tuple[dict[str, Any], list[dict[str, np.ndarray]]]:
     """The manifest and every shard of ``out``; errors name what is missing or changed."""
     folder = shard_folder(out)
+    if not (folder / MANIFEST).exists() and out.is_file():  # a merge that finished removes the shards
+        raise ArtifactError(f"{out} is already merged: {folder} (its shards) was removed when it was written. "
+                            "Nothing to merge; to compute it again, rerun the shards with --overwrite, then merge.")
     manifest = read_json(folder / MANIFEST, "shard manifest")
     if files_signature([Path(p) for p in manifest["sources"]]) != manifest["signature"]:
         raise ArtifactError(

@@ -17,7 +17,7 @@ from ..bundle import resolve_tokenize_config
 from ..config import to_dict
 from ..corpus import check_corpus_vocabulary, load_corpus, refuse_tokenize_options
 from ..errors import ArtifactError, ConfigError, InputDataError
-from ..fileio import check_outputs_of, read_h5ad, write_h5ad
+from ..fileio import check_outputs_of, output_lock, read_h5ad, write_h5ad
 from ..inference import check_batch_size, check_output_key, encoder_of, resolve_device
 from ..sharding import (
     DEFAULT_TIMEOUT_S,
@@ -221,8 +221,9 @@ def write_prediction_file(adata: ad.AnnData, out: str | os.PathLike, key: str) -
 
 
 def merge_predict_shards(out: str | os.PathLike) -> str:
-    """``mixgf predict-merge``: the shards of a sharded prediction run merged into OUT."""
-    kind, record, adata, _ = merge(out)
-    if kind != "predict":
-        raise ConfigError(f"{out}.shards holds {kind} shards; use mixgf {kind}-merge")
-    return write_prediction_file(adata, out, record["key"])
+    """``mixgf predict-merge``: the shards of a sharded prediction run merged into OUT (under OUT's lock)."""
+    with output_lock(out):
+        kind, record, adata, _ = merge(out)
+        if kind != "predict":
+            raise ConfigError(f"{out}.shards holds {kind} shards; use mixgf {kind}-merge")
+        return write_prediction_file(adata, out, record["key"])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..fileio import check_outputs_of, claim_outputs
+from ..fileio import check_outputs_of, claim_outputs, written_together
 from ..vocab import build_vocabulary, import_geneformer
 from ._app import app
 
@@ -52,11 +52,13 @@ def import_gf(
     outputs = {"--out": (out, {".json"}), "--medians-out": (medians_out, {".tsv"})}
     with claim_outputs(lambda: check_outputs_of(outputs, [token_dictionary, gene_median_dictionary], overwrite), out, medians_out):
         vocab, medians = import_geneformer(token_dictionary, gene_median_dictionary)
-        vocab.save(out)
-        typer.echo(f"wrote {out}: {vocab}")
-        if medians is not None and medians_out is not None:  # both given or neither (checked above)
-            medians.save(medians_out)
-            typer.echo(f"wrote {medians_out}: {len(medians):,} gene medians")
+        with written_together():  # a pair or nothing: an interrupt between the two left a vocabulary without its medians
+            vocab.save(out)
+            if medians is not None and medians_out is not None:  # both given or neither (checked above)
+                medians.save(medians_out)
+    typer.echo(f"wrote {out}: {vocab}")
+    if medians is not None and medians_out is not None:
+        typer.echo(f"wrote {medians_out}: {len(medians):,} gene medians")
 
 
 @vocab_app.command("info")

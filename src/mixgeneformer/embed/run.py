@@ -22,7 +22,7 @@ from ..bundle import load_for_inference
 from ..config import to_dict
 from ..corpus import check_corpus_vocabulary, load_corpus, refuse_tokenize_options
 from ..errors import ArtifactError, ConfigError, InputDataError
-from ..fileio import atomic_file, check_outputs_of, read_h5ad, write_h5ad, written_together
+from ..fileio import atomic_file, check_outputs_of, output_lock, read_h5ad, write_h5ad, written_together
 from ..filekinds import STAMPED_FIGURES, parquet_table
 from ..inference import Precision, check_embed_options, check_output_key, encoder_of
 from ..model import Pooling
@@ -256,10 +256,12 @@ def write_outputs(
 
 def merge_embed_shards(out: str | os.PathLike, keep_shards: bool = False) -> list[str]:
     """``mixgf embed-merge``: the shards of a sharded embedding run merged into OUT (input obs order)
-    and its other outputs written; returns one line per file written."""
-    kind, record, adata, genes = merge(out)
-    if kind != "embed":
-        raise ConfigError(f"{out}.shards holds {kind} shards; use mixgf {kind}-merge")
-    optional = {name: Path(record[name]) if record.get(name) else None for name in ("gene_embeddings", "umap")}
-    return write_outputs(adata, genes, out, record["key"], optional["gene_embeddings"], optional["umap"],
-                         record.get("color"), keep_shards=keep_shards)
+    and its other outputs written; returns one line per file written. Holds OUT's lock (a second merge,
+    or a one-process run to OUT, is refused; what a killed merge left is removed)."""
+    with output_lock(out):
+        kind, record, adata, genes = merge(out)
+        if kind != "embed":
+            raise ConfigError(f"{out}.shards holds {kind} shards; use mixgf {kind}-merge")
+        optional = {name: Path(record[name]) if record.get(name) else None for name in ("gene_embeddings", "umap")}
+        return write_outputs(adata, genes, out, record["key"], optional["gene_embeddings"], optional["umap"],
+                             record.get("color"), keep_shards=keep_shards)

@@ -196,8 +196,12 @@ def tokenize_files(
             shutil.rmtree(partial, ignore_errors=True)  # bad data: nothing a rerun could reuse
             raise
         except BaseException:
-            if not any(partial.glob("shard-*.arrow.json")):
+            kept = len(list(partial.glob("shard-*.arrow.json")))
+            if not kept:
                 shutil.rmtree(partial, ignore_errors=True)  # no finished shard to resume from
+            else:  # an interrupt (or a failure) says what was kept and how to continue
+                logger.warning("tokenize stopped: %d of %d tasks had finished; they are kept in %s. Run the same "
+                               "command again to resume.", kept, len(tasks), partial)
             raise
     return out_dir
 
