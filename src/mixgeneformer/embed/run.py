@@ -22,7 +22,14 @@ from ..bundle import load_for_inference
 from ..config import to_dict
 from ..corpus import check_corpus_vocabulary, load_corpus, refuse_tokenize_options
 from ..errors import ArtifactError, ConfigError, InputDataError
-from ..fileio import atomic_file, check_outputs_of, output_lock, read_h5ad, write_h5ad, written_together
+from ..fileio import (
+    atomic_file,
+    check_outputs_of,
+    output_lock,
+    read_h5ad,
+    write_h5ad,
+    written_together,
+)
 from ..filekinds import STAMPED_FIGURES, parquet_table
 from ..inference import Precision, check_embed_options, check_output_key, encoder_of
 from ..model import Pooling
