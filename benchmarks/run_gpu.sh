@@ -72,9 +72,10 @@ fi
 
 if [[ $stage == checks ]]; then
   for run in a b; do
-    /usr/bin/time -f "demo --quick run $run: wall %e s" timeout 240 python3 -m mixgeneformer demo --quick --device cuda \
-        --out "$out/checks_demo_$run" --overwrite > "$out/checks_demo_$run.log" 2>&1
-    tail -n 1 "$out/checks_demo_$run.log" | tee -a "$out/checks.txt"
+    start=$SECONDS
+    timeout 240 python3 -m mixgeneformer demo --quick --device cuda --out "$out/checks_demo_$run" --overwrite \
+        > "$out/checks_demo_$run.log" 2>&1
+    echo "demo --quick run $run: exit $?, wall $((SECONDS - start)) s" | tee -a "$out/checks.txt"
   done
   python3 - "$out/checks_demo_a" "$out/checks_demo_b" <<'PY' 2>&1 | tee -a "$out/checks.txt"
 import json, sys
