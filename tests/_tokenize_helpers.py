@@ -94,6 +94,15 @@ def random_gene_bundle(folder: Path, n_genes: int, n_outside: int) -> GeneBundle
     return GeneBundle(ids, vocab, medians, model, save_bundle(model, folder, vocab, medians), rng)
 
 
+def partly_outside_files(root: Path) -> tuple[GeneBundle, Path]:
+    """``random_gene_bundle(root / "model", 100, 20)`` and its :func:`cells_partly_outside` (labels "a", "b")
+    written to ``root / "cells.h5ad"``."""
+    made = random_gene_bundle(root / "model", 100, 20)
+    path = root / "cells.h5ad"
+    cells_partly_outside(made, ["a", "b"]).write_h5ad(path)
+    return made, path
+
+
 def cells_partly_outside(made: GeneBundle, labels: list[str]):
     """30 cells over ``random_gene_bundle(..., 100, 20)``'s genes: cells 0-19 hold counts only on the 20
     genes outside the vocabulary (untokenizable), cell 24 none at all; ``obs["cell_type1"]`` cycles ``labels``."""

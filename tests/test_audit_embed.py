@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _tokenize_helpers import SPECIALS, cells_partly_outside, random_gene_bundle
+from _tokenize_helpers import SPECIALS, partly_outside_files
 from transformers import BertConfig, BertModel
 
 from mixgeneformer import integration
@@ -127,9 +127,7 @@ def test_gene_embeddings_are_brute_force_means_and_shards_merge_count_weighted(b
 def bundle(tmp_path_factory):
     """A tiny random bundle; 30 cells, of which cells 0-19 hold counts only outside the vocabulary."""
     root = tmp_path_factory.mktemp("audit_embed")
-    made = random_gene_bundle(root / "model", 100, 20)
-    path = root / "cells.h5ad"
-    cells_partly_outside(made, ["a", "b"]).write_h5ad(path)
+    made, path = partly_outside_files(root)
     return {"root": root, "folder": made.folder, "h5ad": path}
 
 

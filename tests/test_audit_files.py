@@ -107,16 +107,14 @@ def test_overwrite_replaces_only_what_the_package_wrote(files, tmp_path, capsys)
 
 
 def test_pretrain_overwrite_never_deletes_its_corpus_or_a_foreign_folder(tmp_path):
-    from test_pretrain import make_corpus, tiny_config
     from test_pretrain import make_vocab as pretrain_vocab
+    from test_pretrain import tiny_config, training_data
 
     from mixgeneformer.pretrain import pretrain_config_from_dict, run_pretraining
 
     work = tmp_path / "work"
     work.mkdir()
-    vocab = pretrain_vocab()
-    vocab.save(work / "vocab.json")
-    make_corpus(work / "corpus", vocab, n_cells=32)
+    training_data(work, pretrain_vocab(), n_cells=32)
     config = pretrain_config_from_dict(tiny_config(work, work, train={"max_steps": 2}))
     with pytest.raises(ArtifactError, match="holds the input"):
         run_pretraining(config, overwrite=True)
@@ -223,16 +221,14 @@ def test_tokenize_on_a_full_disk_leaves_nothing(files, tmp_path, capsys, monkeyp
 
 def test_pretrain_disk_full_during_a_checkpoint(tmp_path, capsys, monkeypatch):
     import yaml
-    from test_pretrain import make_corpus, tiny_config
     from test_pretrain import make_vocab as pretrain_vocab
+    from test_pretrain import tiny_config, training_data
 
     from mixgeneformer import checkpoints as ckpt
 
     root = tmp_path / "data"
     root.mkdir()
-    vocab = pretrain_vocab()
-    vocab.save(root / "vocab.json")
-    make_corpus(root / "corpus", vocab, n_cells=64)
+    training_data(root, pretrain_vocab(), n_cells=64)
     run = tmp_path / "run"
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(tiny_config(root, run, train={"max_steps": 6})))
     monkeypatch.setenv("MIXGF_TEST_FAIL_IN_SAVE", "6")
@@ -488,15 +484,13 @@ def test_a_file_where_the_package_keeps_unfinished_work(files, tmp_path, capsys)
     assert code == 2 and ".corpus.partial is a file" in err and "Traceback" not in err
     assert (tmp_path / ".corpus.partial").read_text() == "not a folder"
 
-    from test_pretrain import make_corpus, tiny_config
     from test_pretrain import make_vocab as pretrain_vocab
+    from test_pretrain import tiny_config, training_data
 
     from mixgeneformer import checkpoints as ckpt
     from mixgeneformer.pretrain import pretrain_config_from_dict, run_pretraining
 
-    vocab = pretrain_vocab()
-    vocab.save(tmp_path / "vocab.json")
-    make_corpus(tmp_path / "corpus", vocab, n_cells=64)
+    training_data(tmp_path, pretrain_vocab(), n_cells=64)
     out = tmp_path / "run"
     config = pretrain_config_from_dict(tiny_config(tmp_path, out, train={"max_steps": 4}, checkpoint={"save_steps": 2}))
     run_pretraining(config)

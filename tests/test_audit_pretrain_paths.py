@@ -22,7 +22,7 @@ from mixgeneformer.pretrain import pretrain_config_from_dict, read_metrics, run_
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cross_species import ortholog_vocab as shared_ortholog_vocab  # noqa: E402
-from test_pretrain import make_corpus, make_vocab, params_of, tiny_config  # noqa: E402
+from test_pretrain import make_vocab, params_of, save_token_corpus, tiny_config, training_data  # noqa: E402
 
 N_PAIRS = 24
 
@@ -34,43 +34,29 @@ def ortholog_vocab():
 
 def ortholog_corpus(path: Path, vocab, n_cells: int = 96, seed: int = 0) -> Path:
     """Human and mouse cells of 3 types, each a ranking of shared ortholog tokens plus a few species genes."""
-    import datasets
-
     rng = np.random.default_rng(seed)
     shared = np.arange(6, 6 + N_PAIRS)
     own = {"human": np.arange(6 + N_PAIRS, len(vocab), 2), "mouse": np.arange(7 + N_PAIRS, len(vocab), 2)}
     programs = [rng.permutation(shared) for _ in range(3)]
-    ids, lengths, species = [], [], []
+    ids, species = [], []
     for cell in range(n_cells):
         sp = ("human", "mouse")[cell % 2]
         genes = programs[rng.integers(3)][: int(rng.integers(12, N_PAIRS + 1))].copy()
         j = rng.integers(0, genes.size - 1)
         genes[[j, j + 1]] = genes[[j + 1, j]]
-        seq = np.concatenate([[2, 4 if sp == "human" else 5], genes, rng.permutation(own[sp])[:3]]).astype(np.int32)
-        ids.append(seq)
-        lengths.append(len(seq))
+        ids.append(np.concatenate([[2, 4 if sp == "human" else 5], genes, rng.permutation(own[sp])[:3]]).astype(np.int32))
         species.append(sp)
-    datasets.Dataset.from_dict({"input_ids": ids, "length": lengths, "species": species}).save_to_disk(str(path))
-    (path / "mixgf_corpus.json").write_text(json.dumps({"vocab_hash": vocab.hash}))
-    return path
+    return save_token_corpus(path, ids, species, vocab.hash)
 
 
 @pytest.fixture(scope="module")
 def orthologs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("orthologs")
-    vocab = ortholog_vocab()
-    vocab.save(root / "vocab.json")
-    ortholog_corpus(root / "corpus", vocab)
-    return root
+    return training_data(tmp_path_factory.mktemp("orthologs"), ortholog_vocab(), ortholog_corpus)
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    vocab = make_vocab()
-    vocab.save(root / "vocab.json")
-    make_corpus(root / "corpus", vocab, n_cells=128)
-    return root
+    return training_data(tmp_path_factory.mktemp("synthetic"), make_vocab(), n_cells=128)
 
 
 QUEUE = {"cross_species_weight": 0.5, "cross_species_queue": 24, "pooling": "mean"}

@@ -8,7 +8,7 @@ import pickle
 from pathlib import Path
 
 import pytest
-from _tokenize_helpers import cells_partly_outside, random_gene_bundle
+from _tokenize_helpers import partly_outside_files
 from test_audit_files import lock_holder, run_cli
 
 from mixgeneformer.errors import ArtifactError, OfflineError
@@ -53,10 +53,7 @@ def test_import_geneformer_names_a_wrong_file_type_for_either_dictionary(tmp_pat
 # ------------------------------------------------------- 26: every output of mixgf embed locked
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("audit_reliability")
-    made = random_gene_bundle(root / "model", 100, 20)
-    path = root / "cells.h5ad"
-    cells_partly_outside(made, ["a", "b"]).write_h5ad(path)
+    made, path = partly_outside_files(tmp_path_factory.mktemp("audit_reliability"))
     return {"folder": made.folder, "h5ad": path}
 
 

@@ -7,7 +7,7 @@ import os
 import signal
 
 import pytest
-from test_pretrain import make_corpus, make_vocab, tiny_config
+from test_pretrain import make_vocab, tiny_config, training_data
 
 from mixgeneformer import checkpoints as ckpt
 from mixgeneformer import pretrain as pretrain_module
@@ -16,11 +16,7 @@ from mixgeneformer.pretrain import TrainingInterrupted, pretrain_config_from_dic
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("signals")
-    vocab = make_vocab()
-    vocab.save(root / "vocab.json")
-    make_corpus(root / "corpus", vocab, n_cells=128)
-    return root
+    return training_data(tmp_path_factory.mktemp("signals"), make_vocab(), n_cells=128)
 
 
 def _config(root, out, **sections):

@@ -18,7 +18,7 @@ from mixgeneformer import checkpoints as ckpt
 from mixgeneformer.pretrain import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_pretrain import make_corpus, make_vocab, tiny_config  # noqa: E402
+from test_pretrain import make_vocab, tiny_config, training_data  # noqa: E402
 
 # Runs inside each rank: trains, then dumps what the test checks (parameters, the batch shards).
 WORKER = r'''
@@ -75,11 +75,7 @@ def _torchrun(tmp_path: Path, config: dict, extra_env: dict | None = None, timeo
 
 @pytest.fixture(scope="module")
 def corpus_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp-corpus")
-    vocab = make_vocab()
-    vocab.save(root / "vocab.json")
-    make_corpus(root / "corpus", vocab, n_cells=N_CELLS)
-    return root
+    return training_data(tmp_path_factory.mktemp("ddp-corpus"), make_vocab(), n_cells=N_CELLS)
 
 
 def test_two_gloo_ranks_stay_in_sync_and_only_rank0_writes(tmp_path, corpus_root):

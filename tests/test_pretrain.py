@@ -43,15 +43,31 @@ def make_vocab(n_per_species: int = 60) -> Vocabulary:
     return Vocabulary(tokens, {g: i for i, g in enumerate(tokens) if not g.startswith("<")})
 
 
-def make_corpus(path: Path, vocab: Vocabulary, n_cells: int = 256, n_types: int = 4, seed: int = 0,
-                min_len: int = 12, max_len: int = 40, vocab_hash: str | None = None) -> Path:
+def save_token_corpus(path: Path, ids: list[np.ndarray], species: list[str], vocab_hash: str) -> Path:
+    """Cells of token ids, with their species, saved as a tokenized corpus of the vocabulary ``vocab_hash``."""
     import datasets
 
+    lengths = [len(seq) for seq in ids]
+    datasets.Dataset.from_dict({"input_ids": ids, "length": lengths, "species": species}).save_to_disk(str(path))
+    (path / "mixgf_corpus.json").write_text(json.dumps({"vocab_hash": vocab_hash}))
+    return path
+
+
+def training_data(root: Path, vocab: Vocabulary, build=None, **kwargs) -> Path:
+    """``root`` holding ``vocab.json`` and the corpus ``build`` (default :func:`make_corpus`) writes to
+    ``root/corpus``: the data folder :func:`tiny_config` reads."""
+    vocab.save(root / "vocab.json")
+    (build or make_corpus)(root / "corpus", vocab, **kwargs)
+    return root
+
+
+def make_corpus(path: Path, vocab: Vocabulary, n_cells: int = 256, n_types: int = 4, seed: int = 0,
+                min_len: int = 12, max_len: int = 40, vocab_hash: str | None = None) -> Path:
     rng = np.random.default_rng(seed)
     genes = np.arange(len(SPECIALS), len(vocab))
     half = genes.size // 2
     programs = [rng.permutation(half) for _ in range(n_types)]
-    ids, lengths, species = [], [], []
+    ids, species = [], []
     for cell in range(n_cells):
         sp = "human" if cell % 2 == 0 else "mouse"
         base = genes[:half] if sp == "human" else genes[half:]
@@ -60,22 +76,14 @@ def make_corpus(path: Path, vocab: Vocabulary, n_cells: int = 256, n_types: int 
         for j in swaps:
             order[[j, j + 1]] = order[[j + 1, j]]
         n = int(rng.integers(min_len, max_len + 1))
-        seq = np.concatenate([[2, 4 if sp == "human" else 5], base[order[: n - 2]]]).astype(np.int32)
-        ids.append(seq)
-        lengths.append(len(seq))
+        ids.append(np.concatenate([[2, 4 if sp == "human" else 5], base[order[: n - 2]]]).astype(np.int32))
         species.append(sp)
-    datasets.Dataset.from_dict({"input_ids": ids, "length": lengths, "species": species}).save_to_disk(str(path))
-    (path / "mixgf_corpus.json").write_text(json.dumps({"vocab_hash": vocab_hash or vocab.hash}))
-    return path
+    return save_token_corpus(path, ids, species, vocab_hash or vocab.hash)
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    vocab = make_vocab()
-    vocab.save(root / "vocab.json")
-    make_corpus(root / "corpus", vocab)
-    return root
+    return training_data(tmp_path_factory.mktemp("synthetic"), make_vocab())
 
 
 def tiny_config(root: Path, out: Path, **sections) -> dict:

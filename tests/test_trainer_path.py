@@ -13,7 +13,7 @@ from mixgeneformer.errors import ConfigError
 from mixgeneformer.model import PRESETS, MixGeneformerConfig, MixGeneformerForPretraining
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_pretrain import make_corpus, make_vocab, tiny_config  # noqa: E402
+from test_pretrain import make_vocab, tiny_config, training_data  # noqa: E402
 
 
 def _tiny_model() -> MixGeneformerForPretraining:
@@ -46,9 +46,7 @@ def test_whole_model_and_block_compilation_are_exclusive(tmp_path):
 
 
 def test_mixgf_pretrain_trains_with_compiled_blocks(tmp_path, monkeypatch):
-    vocab = make_vocab()
-    vocab.save(tmp_path / "vocab.json")
-    make_corpus(tmp_path / "corpus", vocab, n_cells=32)
+    training_data(tmp_path, make_vocab(), n_cells=32)
     compiled = []
     real = pretrain.compile_encoder_blocks
 
