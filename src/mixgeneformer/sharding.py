@@ -389,15 +389,18 @@ def output_frame(input: Path) -> ad.AnnData:
     return read_h5ad(input, "input h5ad")
 
 
-def merge(out: str | os.PathLike) -> tuple[str, dict[str, Any], ad.AnnData, pd.DataFrame | None]:
+def merge(out: str | os.PathLike, kind: str | None = None) -> tuple[str, dict[str, Any], ad.AnnData, pd.DataFrame | None]:
     """Assemble the shards of ``out`` into one AnnData in the input's obs order.
 
     Returns (kind, record, adata, gene table or None): ``record`` holds what the command recorded
     for its outputs (key, model, CLI extras). Raises :class:`ArtifactError` when a shard is missing
-    or stale, or the input / model changed since.
+    or stale, or the input / model changed since, and :class:`ConfigError` when ``kind`` is given
+    and the shards are another command's (before assembling anything).
     """
     out = Path(out)
     manifest, shards = _complete_shards(out)
+    if kind is not None and manifest["kind"] != kind:
+        raise ConfigError(f"{out}.shards holds {manifest['kind']} shards; use mixgf {manifest['kind']}-merge")
     record = manifest["record"]
     adata = output_frame(Path(manifest["input"]))
     values = _stack(shards, adata.n_obs)

@@ -223,7 +223,5 @@ def write_prediction_file(adata: ad.AnnData, out: str | os.PathLike, key: str) -
 def merge_predict_shards(out: str | os.PathLike) -> str:
     """``mixgf predict-merge``: the shards of a sharded prediction run merged into OUT (under OUT's lock)."""
     with output_lock(out):
-        kind, record, adata, _ = merge(out)
-        if kind != "predict":
-            raise ConfigError(f"{out}.shards holds {kind} shards; use mixgf {kind}-merge")
+        _, record, adata, _ = merge(out, "predict")
         return write_prediction_file(adata, out, record["key"])

@@ -266,9 +266,7 @@ def merge_embed_shards(out: str | os.PathLike, keep_shards: bool = False) -> lis
     and its other outputs written; returns one line per file written. Holds OUT's lock (a second merge,
     or a one-process run to OUT, is refused; what a killed merge left is removed)."""
     with output_lock(out):
-        kind, record, adata, genes = merge(out)
-        if kind != "embed":
-            raise ConfigError(f"{out}.shards holds {kind} shards; use mixgf {kind}-merge")
+        _, record, adata, genes = merge(out, "embed")
         optional = {name: Path(record[name]) if record.get(name) else None for name in ("gene_embeddings", "umap")}
         return write_outputs(adata, genes, out, record["key"], optional["gene_embeddings"], optional["umap"],
                              record.get("color"), keep_shards=keep_shards)
