@@ -3,9 +3,11 @@ still importing, a rerun perturb-merge, and histogram counters near their width.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +53,55 @@ def test_cli_module_stays_light_and_keeps_app_and_main():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["[]", "Typer False True"]
+
+
+# -- fine-tuning's scratch folder after kill -9 -----------------------------------------------------------
+# fit_classifier's Trainer wrote into tempfile.TemporaryDirectory(prefix="mixgf-finetune-"): kill -9 left
+# /tmp/mixgf-finetune-XXXX (with the Trainer's checkpoints under a validation split) for good, and
+# nothing could tell a dead run's folder from a live one's.
+def _dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_finetuning_removes_scratch_folders_killed_runs_left_and_its_own(tmp_path):
+    from test_classify import tiny_model, token_task
+    from test_finetune_recipe import recipe
+    from transformers import TrainerCallback
+
+    from mixgeneformer import classify as C
+    from mixgeneformer.classify.finetune import scratch_kind
+
+    kind = scratch_kind(tmp_path)
+    assert kind.parent == tmp_path and kind.name.startswith("mixgf-finetune-")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        dead = tmp_path / f".{kind.name}.tmp-{_dead_pid()}-0123abcd"
+        live = tmp_path / f".{kind.name}.tmp-{sleeper.pid}-89abcdef"
+        others = [tmp_path / f".{kind.name}.tmp-{_dead_pid()}-notahexx",  # not the exact pattern
+                  tmp_path / f".mixgf-finetune-otherhost.tmp-{_dead_pid()}-0123abcd",  # another machine's
+                  tmp_path / "mixgf-finetune-abc_1234"]  # the old naming: no pid to check
+        for folder in (dead, live, *others):
+            (folder / "checkpoint-2").mkdir(parents=True)
+            (folder / "checkpoint-2" / "model.safetensors").write_bytes(b"weights")
+        adata, vocab, tokens = token_task(n_per_class=10)
+        task = C.within_task(adata, C.LabelConfig(min_class_fraction=0))
+        seen = []
+
+        class Seen(TrainerCallback):  # the scratch folder (output_dir), and whether it exists mid-run
+            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+                seen.append((Path(args.output_dir), Path(args.output_dir).is_dir()))
+
+        fitted = C.fit_classifier(task, tiny_model(vocab), vocab, None, recipe(epochs=1, validation_fraction=0.2),
+                                  train_tokens=tokens, work_dir=tmp_path, callbacks=[Seen()])
+        assert fitted.summary["n_validation"] > 0  # the Trainer evaluated and checkpointed into its scratch
+        own, existed = seen[0]
+        assert existed and own.parent == tmp_path and own.name.startswith(f".{kind.name}.tmp-{os.getpid()}-")
+        assert not own.exists() and not dead.exists()  # its own at the end, a killed run's at the start
+        assert live.is_dir() and all(folder.is_dir() for folder in others)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, *others))
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -32,6 +32,7 @@ from .locks import (  # noqa: F401  (fileio.* stays their import path)
     output_lock,
     remove_stale_temporaries,
     restore_moved_aside,
+    scratch_folder,
     temporary_sibling,
 )
 

@@ -77,6 +77,21 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     return removed
 
 
+@contextlib.contextmanager
+def scratch_folder(kind: str | os.PathLike) -> Iterator[Path]:
+    """A private scratch folder of this process beside ``kind`` (a path naming the kind of scratch, e.g.
+    ``/tmp/mixgf-finetune-HOST``): a :func:`temporary_sibling` of it, mode 0700, removed on exit. The
+    scratch folders of ``kind`` whose process has ended without removing them (``kill -9``) are removed
+    first (:func:`remove_stale_temporaries`: only names of that exact pattern; a live process's never)."""
+    remove_stale_temporaries(kind)
+    scratch = temporary_sibling(kind)
+    scratch.mkdir(mode=0o700)
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def restore_moved_aside(target: str | os.PathLike) -> Path | None:
     """Repair what an interrupted overwrite of the folder ``target`` left (call under its lock).
 

@@ -6,6 +6,8 @@ import copy
 import dataclasses
 import logging
 import math
+import re
+import socket
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ from ..bundle import (
 )
 from ..config import load_config, save_config
 from ..errors import ArtifactError, ConfigError, check_config
-from ..fileio import check_readable_file, read_json, write_json
+from ..fileio import check_readable_file, read_json, scratch_folder, write_json
 from ..inference import encoder_of, resolve_device
 from ..medians import GeneMedians
 from ..model import MixGeneformerForCellClassification
@@ -304,8 +306,8 @@ def fit_classifier(
     ``steps_per_epoch`` steps under ``max_steps``), the checkpoint with the best validation macro-F1
     is restored at the end, and training stops after ``early_stopping_patience`` evaluations
     without a gain. The head learns at its own, higher rate; the loss is class-weighted per
-    ``class_weights``. Nothing of the test split is seen. ``work_dir`` receives the Trainer's
-    scratch files (a temporary folder by default); ``callbacks`` are extra ``TrainerCallback`` s.
+    ``class_weights``. Nothing of the test split is seen. ``work_dir`` (default: the temporary folder)
+    receives the Trainer's scratch folder (:func:`scratch_kind`); ``callbacks`` are extra ``TrainerCallback`` s.
     The result's ``summary`` records the resolved recipe and the validation curve.
     """
     check_config(config, ClassifyConfig)
@@ -352,8 +354,8 @@ def fit_classifier(
         "selection_metric": ft.selection_metric,
         "probe_validation_macro_f1": None,
     }
-    with tempfile.TemporaryDirectory(prefix="mixgf-finetune-", dir=work_dir) as scratch:
-        args = _training_arguments(ft, scratch, learning_rate, warmup, total_steps, steps_per_epoch, validate, seed)
+    with scratch_folder(scratch_kind(work_dir)) as scratch:
+        args = _training_arguments(ft, str(scratch), learning_rate, warmup, total_steps, steps_per_epoch, validate, seed)
         extra = [StopOnDivergence("finetune"), *callbacks]
         if validate and ft.early_stopping_patience > 0:
             extra.append(EarlyStoppingCallback(early_stopping_patience=ft.early_stopping_patience))
@@ -388,6 +390,15 @@ def fit_classifier(
         summary["kept"] = "probe"
     classifier.loss_weights = None
     return FittedClassifier(classifier, classes, vocab, medians, config, log_history, summary, tokenize_config)
+
+
+def scratch_kind(work_dir: str | os.PathLike | None = None) -> Path:
+    """What fine-tuning's scratch folders are named after: ``WORK_DIR/mixgf-finetune-HOST`` (default
+    WORK_DIR: the temporary folder). A run's is ``.mixgf-finetune-HOST.tmp-<pid>-XXXXXXXX``, removed when it
+    ends; one a killed run left (its Trainer checkpoints) is removed by the next fine-tuning on HOST
+    (:func:`fileio.scratch_folder`). The host name keeps machines that share WORK_DIR off each other's."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+    return Path(work_dir if work_dir is not None else tempfile.gettempdir()) / f"mixgf-finetune-{host}"
 
 
 def _training_arguments(
