@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # -- Ctrl-C while Python is still importing the command line -------------------------------------------
@@ -105,3 +106,47 @@ def test_finetuning_removes_scratch_folders_killed_runs_left_and_its_own(tmp_pat
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+# -- a rerun perturb-merge ---------------------------------------------------------------------------------
+# A second `mixgf perturb-merge OUT` merged again and silently replaced OUT/merged (another --stats
+# included); embed-merge and predict-merge refuse a rerun with one message naming --overwrite (exit 2).
+def test_perturb_merge_rerun_is_refused_and_overwrite_merges_again(tmp_path, capsys):
+    import json
+
+    import pandas as pd
+    from _tokenize_helpers import cli_exit_code
+
+    import mixgeneformer.perturb as pt
+    from mixgeneformer.errors import ArtifactError
+    from mixgeneformer.vocab import Vocabulary
+
+    genes = [f"ENSG{i:011d}" for i in range(1, 5)]
+    vocab = Vocabulary(["<pad>", "<mask>", "<cls>", "<eos>", *genes], {g: 4 + i for i, g in enumerate(genes)})
+    vocab.save((tmp_path / "model").mkdir() or tmp_path / "model" / "vocab.json")
+    out = tmp_path / "run"
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        cells = pd.DataFrame([{"cell": 10 * index + c, "perturbed": g, "gene_token": vocab.gene_to_id[g], "gene_rank": 0,
+                               "shift": float(rng.normal(0.1 * k, 0.05))} for c in range(5) for k, g in enumerate(genes)])
+        config = pt.PerturbConfig(shard_index=index, num_shards=2)
+        pt.write_shard(out, pt.PerturbationResult(cells, None, {"cells_perturbed": 5, "variants": 20}), config)
+    args = ["perturb-merge", out, "--model", tmp_path / "model"]
+    assert cli_exit_code(args) == 0
+    merged = out / "merged"
+    first = {name: (merged / name).read_bytes() for name in ("cells.parquet", "genes.csv", "summary.json")}
+    assert json.loads(first["summary.json"])["statistics"]["mode"] == "vs_all"
+    capsys.readouterr()
+
+    assert cli_exit_code([*args, "--stats", "aggregate"]) == 2  # a rerun: refused, the first merge kept
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists" in err and "--overwrite" in err and "Traceback" not in err
+    assert {name: (merged / name).read_bytes() for name in first} == first
+    assert sorted(p.name for p in out.iterdir()) == [".mixgf-output", "merged", "shards"]  # no lock, no staging
+    with pytest.raises(ArtifactError, match="merged before.*overwrite=True"):
+        pt.merge_run(out, vocab)
+
+    assert cli_exit_code([*args, "--stats", "aggregate", "--overwrite"]) == 0  # asked for: merged again
+    assert json.loads((merged / "summary.json").read_text())["statistics"]["mode"] == "aggregate"
+    assert (merged / "cells.parquet").read_bytes() == first["cells.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == [".mixgf-output", "merged", "shards"]

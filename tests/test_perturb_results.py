@@ -65,17 +65,21 @@ def test_shards_written_then_merged_equal_the_single_run(setup, tmp_path):
     pd.testing.assert_frame_equal(read_cells(folder)[["cell", "perturbed"]], single.cells[["cell", "perturbed"]])
     assert np.abs(read_cells(folder)["shift"].to_numpy() - single.cells["shift"].to_numpy()).max() <= 1e-5
     assert sorted(stats["perturbed"]) == sorted(whole["perturbed"])
-    assert merge_run(out, vocab, PerturbConfig())[0] == folder  # a second merge replaces its own folder
+    # A second merge is refused without overwrite (it silently replaced the first; embed-merge and
+    # predict-merge refuse a rerun too) and replaces its own folder with it.
+    with pytest.raises(ArtifactError, match="merged before.*--overwrite"):
+        merge_run(out, vocab, PerturbConfig())
+    assert merge_run(out, vocab, PerturbConfig(), overwrite=True)[0] == folder
     genes = [vocab.tokens[int(t)] for t in cells[0][1:3]]
     shifted = dataclasses.replace(config, gene_shifts=True, genes=genes)
     write_shard(out, perturb_cells(bert, cells, vocab, shifted, progress=False), shifted)
     assert (out / "shards" / "gene_shifts-00002-of-00003.parquet").is_file()
     write_shard(out, perturb_cells(bert, cells, vocab, config, progress=False), config)  # rerun without them
-    assert merge_run(out, vocab, PerturbConfig())[1].gene_shifts is None  # no stale table merged
+    assert merge_run(out, vocab, PerturbConfig(), overwrite=True)[1].gene_shifts is None  # no stale table merged
     (folder / OUTPUT_MARKER).unlink()  # now a folder the user may own
     (folder / "mine.txt").write_text("notes")
     with pytest.raises(ArtifactError, match="was not written by mixgeneformer.*Move that folder away"):
-        merge_run(out, vocab, PerturbConfig())
+        merge_run(out, vocab, PerturbConfig(), overwrite=True)
     assert (folder / "mine.txt").read_text() == "notes"
 
 
@@ -95,14 +99,15 @@ def test_merge_uses_the_options_the_shards_ran_with(setup, tmp_path):
     recorded = yaml.safe_load((folder / "config.yaml").read_text())
     assert recorded["genes"] == genes and recorded["shard_index"] is None
     assert sorted(stats["perturbed"]) == sorted(genes)
-    merge_run(out, vocab, PerturbConfig(genes=genes, batch_size=64))  # the batch size changes nothing computed
+    # (each merge below replaces the one before: overwrite=True, without which a rerun is refused)
+    merge_run(out, vocab, PerturbConfig(genes=genes, batch_size=64), overwrite=True)  # the batch size changes nothing computed
     with pytest.raises(ConfigError, match="genes"):
-        merge_run(out, vocab, PerturbConfig(genes=genes[:1]))
+        merge_run(out, vocab, PerturbConfig(genes=genes[:1]), overwrite=True)
     for saved in (out / "shards").glob("config-*.yaml"):
         saved.unlink()  # shards of an older version saved no options
     with pytest.raises(ArtifactError, match="--config"):
-        merge_run(out, vocab)
-    assert merge_run(out, vocab, PerturbConfig(genes=genes))[2] is not None
+        merge_run(out, vocab, overwrite=True)
+    assert merge_run(out, vocab, PerturbConfig(genes=genes), overwrite=True)[2] is not None
 
 
 def test_sharded_cli_run_merges_to_the_single_run_with_gene_shifts_and_empty_shards(setup, tmp_path, capsys):
@@ -132,7 +137,8 @@ def test_sharded_cli_run_merges_to_the_single_run_with_gene_shifts_and_empty_sha
     bundle_and_cells(tmp_path / "other", vocab, seed=1)  # another model
     assert run_cli(capsys, *[tmp_path / "other" / "bundle" if a == tmp_path / "bundle" else a for a in args],
                    "--out", sharded, "--shard-index", "3", "--num-shards", "8")[0] == 0
-    code, err = run_cli(capsys, "perturb-merge", sharded, "--model", tmp_path / "bundle")
+    # --overwrite: merged/ exists, and a rerun merge is refused without it before the shards are read
+    code, err = run_cli(capsys, "perturb-merge", sharded, "--model", tmp_path / "bundle", "--overwrite")
     assert code == 2 and "cells-00003-of-00008.parquet read other inputs" in err
 
     for out in (tmp_path / "in.h5ad", tmp_path / "bundle"):  # a shard never writes into an input

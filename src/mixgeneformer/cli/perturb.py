@@ -180,17 +180,23 @@ def perturb_merge(
         None, "--config", help="YAML of the run's options, for shards that saved none (default: the shards' own)."
     ),
     vocab_file: Path | None = VOCAB_OPTION,
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Merge again, replacing OUT/merged (e.g. with other --stats, or after rerunning shards)."
+    ),
 ) -> None:
-    """Merge the shard tables of OUT/shards into one result with statistics and figure."""
+    """Merge the shard tables of OUT/shards into one result with statistics and figure (OUT/merged; a
+    merge made before is refused without --overwrite)."""
     from .. import perturb as pt
+    from ..perturb.results import check_merged
     from ..vocab import Vocabulary
 
     _check_stats(stats, null)
     _check_merge_inputs(out, {"--null": null, "--config": config_file, "--vocab": vocab_file})
+    check_merged(out, overwrite)
     config = _config_from_options(config_file, None, {}) if config_file is not None else None
     vocab = Vocabulary.load(vocab_file if vocab_file is not None else Path(model) / "vocab.json")
     null_cells = pt.read_cells(null) if null is not None else None
-    merged, result, table = pt.merge_run(out, vocab, config, stats, null_cells)
+    merged, result, table = pt.merge_run(out, vocab, config, stats, null_cells, overwrite=overwrite)
     _report(merged, result, table)
 
 

@@ -20,6 +20,7 @@ from ..fileio import (
     atomic_file,
     check_readable_file,
     check_writable,
+    claim_outputs,
     read_json,
     write_json,
     write_output_marker,
@@ -185,34 +186,54 @@ def finish_run(
     return table
 
 
+def check_merged(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``out_dir/merged``, where :func:`merge_run` writes, checked before any work: a merge made before
+    is refused without ``overwrite`` (as ``embed-merge`` refuses a merged OUT), and a folder there that
+    this package did not write always. Returns the path."""
+    merged = Path(out_dir) / "merged"
+    if not (merged.exists() or merged.is_symlink()):
+        return merged
+    if not written_by_package(merged):  # replaced only if it is ours
+        raise ArtifactError(
+            f"{merged} exists and was not written by mixgeneformer (no {OUTPUT_MARKER}); perturb-merge writes its result "
+            "there. Move that folder away, then merge again."
+        )
+    if not overwrite:
+        raise ArtifactError(
+            f"{merged} already exists: the shards of {Path(out_dir)} were merged before. Nothing was changed; pass "
+            "--overwrite (API: overwrite=True) to merge them again and replace it (e.g. with other --stats, or "
+            "after rerunning shards)."
+        )
+    return merged
+
+
 def merge_run(
     out_dir: str | os.PathLike,
     vocab: Vocabulary,
     config: PerturbConfig | None = None,
     stats_mode: StatsMode = "vs_all",
     null_cells: pd.DataFrame | None = None,
+    overwrite: bool = False,
 ) -> tuple[Path, PerturbationResult, pd.DataFrame | None]:
     """Join the shard tables of a sharded run (``out_dir/shards``) into ``out_dir/merged``, with
     statistics and figure. ``config``: None uses the options the shards saved (a given one must
-    match them). Returns (merged folder, merged result, statistics)."""
+    match them). An earlier merge is replaced only with ``overwrite`` (:func:`check_merged`); the
+    merge holds the lock of ``merged`` throughout (a second merge meanwhile is refused). Returns
+    (merged folder, merged result, statistics)."""
     merged = Path(out_dir) / "merged"
-    if merged.exists() and not written_by_package(merged):  # it is replaced by each merge, but only if it is ours
-        raise ArtifactError(
-            f"{merged} exists and was not written by mixgeneformer (no {OUTPUT_MARKER}); perturb-merge writes its result "
-            "there. Move that folder away, then merge again."
-        )
-    folder = Path(out_dir) / "shards"
-    shards = _complete_shards(folder)
-    config = shard_options(folder, config)
-    summaries = _shard_summaries(shards)
-    shifts = [p.with_name(p.name.replace("cells-", "gene_shifts-", 1)) for p in shards] if config.gene_shifts else []
-    shifts = [path for path in shifts if path.is_file()]
-    if shifts and len(shifts) != len(shards):
-        raise ArtifactError(f"only {len(shifts)} of the {len(shards)} shards in {folder} measured gene shifts; rerun every shard with the same options")
-    cells = merge_shards(shards)
-    gene_shifts = _merge_gene_shifts([pd.read_parquet(p) for p in shifts]) if shifts else None
-    result = PerturbationResult(cells, gene_shifts, _merged_summary(summaries, len(shards), cells))
-    table = finish_run(merged, result, config, vocab, stats_mode, null_cells, overwrite=True)
+    with claim_outputs(lambda: check_merged(out_dir, overwrite), merged):
+        folder = Path(out_dir) / "shards"
+        shards = _complete_shards(folder)
+        config = shard_options(folder, config)
+        summaries = _shard_summaries(shards)
+        shifts = [p.with_name(p.name.replace("cells-", "gene_shifts-", 1)) for p in shards] if config.gene_shifts else []
+        shifts = [path for path in shifts if path.is_file()]
+        if shifts and len(shifts) != len(shards):
+            raise ArtifactError(f"only {len(shifts)} of the {len(shards)} shards in {folder} measured gene shifts; rerun every shard with the same options")
+        cells = merge_shards(shards)
+        gene_shifts = _merge_gene_shifts([pd.read_parquet(p) for p in shifts]) if shifts else None
+        result = PerturbationResult(cells, gene_shifts, _merged_summary(summaries, len(shards), cells))
+        table = finish_run(merged, result, config, vocab, stats_mode, null_cells, overwrite=True)
     return merged, result, table
 
 
