@@ -67,3 +67,40 @@ def test_mixgf_pretrain_trains_with_compiled_blocks(tmp_path, monkeypatch):
     from mixgeneformer.bundle import load_bundle
 
     load_bundle(result.bundle_dir)
+
+
+def test_cpu_pretraining_uses_multi_tensor_adamw_with_identical_steps(tmp_path, monkeypatch):
+    """On the CPU the Trainer's `adamw_torch` would run torch's one-tensor-at-a-time AdamW loop;
+    pretraining asks for the multi-tensor one, which must give the same weights bit for bit."""
+    from safetensors.torch import load_file
+    from transformers import TrainingArguments
+
+    from mixgeneformer import training_args
+
+    model = _tiny_model()
+    for optim, expected in (("adamw_torch", {"foreach": True}), ("adamw_torch_fused", {"fused": True})):
+        cls, kwargs = training_args.multi_tensor_adamw(TrainingArguments(str(tmp_path / optim), optim=optim), model)
+        assert cls is torch.optim.AdamW and expected.items() <= kwargs.items()
+        assert "fused" not in kwargs if optim == "adamw_torch" else "foreach" not in kwargs
+
+    training_data(tmp_path, make_vocab(), n_cells=32)
+    made = []
+    real_init = torch.optim.AdamW.__init__
+
+    def spy(self, params, **kwargs):
+        made.append(kwargs.get("foreach"))
+        real_init(self, params, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", spy)
+    weights = {}
+    for name, foreach in (("multi", True), ("loop", False)):
+        if not foreach:  # the one-tensor loop the Trainer would have built
+            monkeypatch.setattr(pretrain, "multi_tensor_adamw", lambda args, model: (torch.optim.AdamW, {
+                **training_args.multi_tensor_adamw(args, model)[1], "foreach": False}))
+        config = pretrain.pretrain_config_from_dict(
+            tiny_config(tmp_path, tmp_path / name, train={"max_steps": 4}, checkpoint={"save_steps": 4, "keep": 0}))
+        result = pretrain.run_pretraining(config)
+        weights[name] = load_file(str(Path(result.bundle_dir) / "model.safetensors"))
+    assert made == [True, False]
+    assert weights["multi"].keys() == weights["loop"].keys()
+    assert all(torch.equal(weights["multi"][k], weights["loop"][k]) for k in weights["multi"])

@@ -73,6 +73,7 @@ from .pretrain_config import (  # re-exported: the run's typed configuration
     pretrain_config_from_dict,
 )
 from .stopping import SignalFlag, StopOnSignal, StopRequested, TrainingInterrupted
+from .training_args import multi_tensor_adamw
 from .trainer import (
     EvaluateAtEnd,
     MixGeneformerTrainer,
@@ -384,6 +385,7 @@ def _make_trainer(
         eval_dataset=data.eval_set,
         data_collator=collator,
         callbacks=callbacks,
+        optimizer_cls_and_kwargs=multi_tensor_adamw(args, model),
         compute_metrics=compute_eval_metrics if data.baselines is not None else None,
         run_extras={
             "config": config,

@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 from functools import cached_property
+from typing import Any
 
 import torch
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -42,3 +43,15 @@ class OneDeviceArguments(TrainingArguments):
                            "them under torchrun --nproc_per_node %d, one process per GPU)", visible, device, visible)
         self._n_gpu = 1
         return device
+
+
+def multi_tensor_adamw(args: TrainingArguments, model: torch.nn.Module) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The optimizer class and arguments the Trainer picks for ``args``, with torch's multi-tensor
+    (``foreach``) AdamW where it would run the one-tensor-at-a-time loop (``adamw_torch`` on the CPU,
+    where torch does not default to ``foreach``): the same arithmetic bit for bit, in a fraction of
+    the time (the loop took ~5% of a CPU pretraining step of the ``tiny`` preset). Pass it to the
+    Trainer as ``optimizer_cls_and_kwargs``; fused and other optimizers are returned unchanged."""
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    if optimizer_cls is torch.optim.AdamW and not kwargs.get("fused") and kwargs.get("foreach") is None:
+        kwargs = {**kwargs, "foreach": True}
+    return optimizer_cls, kwargs
