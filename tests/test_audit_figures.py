@@ -76,7 +76,8 @@ def test_confusion_matrix_refuses_labels_that_leave_a_class_out_and_bad_count_ma
 # UMAP (layout replaced by the embedding's first two dimensions: each point's place is known) ---
 @pytest.fixture
 def identity_layout(monkeypatch):
-    monkeypatch.setattr(plots, "umap_coordinates", lambda x, *a, **k: np.asarray(x[:, :2], np.float32))
+    # patched where plots.umap looks it up (plots/embedding.py); plots.umap_coordinates is only a re-export
+    monkeypatch.setattr(plots.embedding, "umap_coordinates", lambda x, *a, **k: np.asarray(x[:, :2], np.float32))
 
 
 def _panel(ax) -> dict[str, tuple[np.ndarray, tuple]]:

@@ -21,7 +21,7 @@ PACKAGE_DIR = ROOT / "src" / "mixgeneformer"
 
 # The stages, lowest first. A module may import modules of earlier stages only; modules in one
 # stage are siblings and may not import each other (user APIs share code through lower stages).
-# A subpackage (classify/, perturb/, demo/, cli/) is one stage: its modules import each other freely
+# A subpackage (plots/, classify/, perturb/, demo/, cli/) is one stage: its modules import each other freely
 # (cycles still fail).
 STAGES: list[tuple[str, ...]] = [
     ("__init__",),  # __version__ only
