@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mixgeneformer.errors import ArtifactError
+
 # -- Ctrl-C while Python is still importing the command line -------------------------------------------
 # The console script (`mixgf = "mixgeneformer.cli:main"`) imports mixgeneformer.cli outside any guard,
 # and that import pulled in numpy, pandas, typer and every command module: a Ctrl-C during it printed a
@@ -150,3 +152,62 @@ def test_perturb_merge_rerun_is_refused_and_overwrite_merges_again(tmp_path, cap
     assert json.loads((merged / "summary.json").read_text())["statistics"]["mode"] == "aggregate"
     assert (merged / "cells.parquet").read_bytes() == first["cells.parquet"]
     assert sorted(p.name for p in out.iterdir()) == [".mixgf-output", "merged", "shards"]
+
+
+# -- histogram counters near their width -------------------------------------------------------------------
+# MedianAccumulator counted in uint32 and its update (a compiled `hist[slot, bin] += 1`) wrapped silently
+# past 4,294,967,295 values in one bin; a merge of accumulators that added past it raised instead, so
+# corpora over that size could not be counted at all.
+def _near_limit_file(tmp_path, count: int):
+    """A saved accumulator of one gene whose bin of the value 1.0 (count 1 of 10,000) holds ``count``."""
+    import scipy.sparse as sp
+
+    from mixgeneformer.medians import MedianAccumulator
+
+    gene = "ENSG00000000001"
+    probe = MedianAccumulator(genes=[gene])
+    probe.update(sp.csr_matrix(np.ones((1, 1))), np.array([gene]), np.array([1e4]))
+    (bin_,) = np.flatnonzero(probe.histograms[0])
+    synthetic = MedianAccumulator(genes=[gene])
+    synthetic.histograms[0, bin_] = count
+    synthetic.n_cells = count
+    return synthetic.save(tmp_path / f"near-{count}.npz"), gene, int(bin_)
+
+
+def test_histogram_counts_pass_the_uint32_limit_without_wrapping(tmp_path):
+    import scipy.sparse as sp
+
+    from mixgeneformer.medians import MedianAccumulator
+
+    limit = int(np.iinfo(np.uint32).max)
+    path, gene, bin_ = _near_limit_file(tmp_path, limit - 1)
+    acc = MedianAccumulator.load(path)
+    acc.update(sp.csr_matrix(np.ones((3, 1))), np.array([gene]), np.full(3, 1e4))  # 3 more values in that bin
+    assert int(acc.histograms[0, bin_]) == limit + 2 and int(acc.histograms.sum()) == limit + 2
+    assert acc.n_cells == limit + 2
+    assert acc.finalize().lookup([gene])[0] == pytest.approx(1.0, rel=acc.relative_error_bound)
+    again = MedianAccumulator.load(acc.save(tmp_path / "past.npz"))  # saved wide, read back exactly
+    assert int(again.histograms[0, bin_]) == limit + 2
+    with np.load(tmp_path / "past.npz") as saved:
+        assert saved["histograms"].dtype == np.int64
+
+    merged = MedianAccumulator.load(path).merge(MedianAccumulator.load(path))  # was refused ("overflow uint32")
+    assert int(merged.histograms[0, bin_]) == 2 * (limit - 1) and merged.n_cells == 2 * (limit - 1)
+
+
+def test_histograms_stay_uint32_in_memory_and_on_disk_while_counts_fit(tmp_path):
+    import scipy.sparse as sp
+
+    from mixgeneformer.medians import MedianAccumulator
+
+    path, gene, bin_ = _near_limit_file(tmp_path, int(np.iinfo(np.uint32).max) - 5)
+    acc = MedianAccumulator.load(path)
+    acc.update(sp.csr_matrix(np.ones((5, 1))), np.array([gene]), np.full(5, 1e4))  # up to the limit exactly
+    assert acc.histograms.dtype == np.uint32 and int(acc.histograms[0, bin_]) == np.iinfo(np.uint32).max
+    with np.load(acc.save(tmp_path / "full.npz")) as saved:  # the format earlier versions read
+        assert saved["histograms"].dtype == np.uint32
+    bad = tmp_path / "negative.npz"
+    with np.load(path) as z:
+        np.savez(bad, **{**dict(z), "histograms": z["histograms"].astype(np.int64) - 1})
+    with pytest.raises(ArtifactError, match="negative"):
+        MedianAccumulator.load(bad)

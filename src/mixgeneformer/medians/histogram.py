@@ -20,7 +20,9 @@ longer holds; the defaults (1e-3 … 1e4 on the count-per-10k scale) contain eve
 integer count in a cell with fewer than 10 million counts.
 
 Memory is ``n_genes × n_bins × 4`` bytes (uint32 counts): 5.6 kB per gene with the defaults, only
-for genes actually seen (or only for the genes of a given vocabulary).
+for genes actually seen (or only for the genes of a given vocabulary). Counts never wrap: before an
+update or merge could take a bin past 4.29 billion (the uint32 limit) the histograms are widened to
+int64 (twice the memory, only for such corpora).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from ..fileio import atomic_file, check_readable_file
 from ..jit import njit
 from ..readers import canonical_csr, remap_columns, validate_counts
 from .table import GeneMedians
+
+_NARROW_MAX = int(np.iinfo(np.uint32).max)  # the largest count of the narrow (uint32) histograms
 
 
 @njit
@@ -104,6 +108,7 @@ class MedianAccumulator:
         self._genes: list[str] = ids.tolist()
         self._index = pd.Index(ids)
         self._hist = np.zeros((len(ids) if genes is not None else 1024, self.n_bins), dtype=np.uint32)
+        self._bound = 0  # no bin count exceeds this (each cell adds at most 1 to a gene's bins)
         self.n_cells = 0
 
     # -- geometry ---------------------------------------------------------------------------------
@@ -124,7 +129,7 @@ class MedianAccumulator:
 
     @property
     def histograms(self) -> np.ndarray:
-        """The ``(n_genes, n_bins)`` uint32 histogram (a view)."""
+        """The ``(n_genes, n_bins)`` histogram (a view): uint32, or int64 once a bin could pass the uint32 limit."""
         return self._hist[: len(self._genes)]
 
     def __len__(self) -> int:
@@ -153,9 +158,16 @@ class MedianAccumulator:
     def _grow(self, n_rows: int) -> None:
         if n_rows <= self._hist.shape[0]:
             return
-        grown = np.zeros((max(n_rows, 2 * self._hist.shape[0]), self.n_bins), dtype=np.uint32)
+        grown = np.zeros((max(n_rows, 2 * self._hist.shape[0]), self.n_bins), dtype=self._hist.dtype)
         grown[: len(self._genes)] = self._hist[: len(self._genes)]
         self._hist = grown
+
+    def _make_room(self, added: int) -> None:
+        """Before ``added`` more counts may land in one bin: widen uint32 histograms to int64 if a bin could
+        pass the uint32 limit (a uint32 count would wrap silently), and raise the bound on every bin by ``added``."""
+        self._bound += int(added)
+        if self._bound > _NARROW_MAX and self._hist.dtype != np.int64:
+            self._hist = self._hist.astype(np.int64)
 
     def update(self, counts: sp.csr_matrix, ensembl_ids: np.ndarray, totals: np.ndarray) -> None:
         """Add the nonzero normalized values of a whole CSR chunk.
@@ -188,6 +200,8 @@ class MedianAccumulator:
             counts = _sum_duplicate_columns(counts, slots)
             order = np.unique(used)
             slots = order
+        used_cells = int(np.count_nonzero(totals > 0))  # each adds at most 1 to a gene's bins (the rest are skipped)
+        self._make_room(used_cells)
         _histogram_update(
             self._hist,
             counts.data,
@@ -198,7 +212,7 @@ class MedianAccumulator:
             math.log10(self.min_value),
             float(self.bins_per_decade),
         )
-        self.n_cells += int(np.count_nonzero(totals > 0))
+        self.n_cells += used_cells
 
     def merge(self, other: MedianAccumulator) -> MedianAccumulator:
         """Add ``other``'s histograms into this one (in place; returns ``self``)."""
@@ -210,10 +224,9 @@ class MedianAccumulator:
             )
         slots = self._slots(other.genes)
         keep = slots >= 0
-        mine = self._hist[slots[keep]].astype(np.uint64) + other.histograms[keep]
-        if mine.size and int(mine.max()) > np.iinfo(np.uint32).max:
-            raise InputDataError("median histogram counts overflow uint32 (more than 4.29 billion cells per bin).")
-        self._hist[slots[keep]] = mine.astype(np.uint32)
+        mine = self._hist[slots[keep]].astype(np.int64) + other.histograms[keep]  # added exactly, then stored
+        self._make_room(other._bound)  # wide enough for any sum (merged accumulators add counts)
+        self._hist[slots[keep]] = mine
         self.n_cells += other.n_cells
         return self
 
@@ -250,13 +263,18 @@ class MedianAccumulator:
         return lower_edges[b] * np.power(ratio, position)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the accumulator as ``.npz`` (no pickles) atomically."""
+        """Write the accumulator as ``.npz`` (no pickles) atomically. The histograms are stored as uint32
+        when every count fits (the format of earlier versions) and as int64 otherwise (earlier versions
+        misread those: they cast them to uint32)."""
         path = Path(path)
+        hist = self.histograms
+        if hist.dtype != np.uint32 and (not hist.size or int(hist.max()) <= _NARROW_MAX):
+            hist = hist.astype(np.uint32)
         with atomic_file(path, "wb") as handle:
             np.savez(
                 handle,
                 genes=np.array(self._genes, dtype=str),
-                histograms=self.histograms,
+                histograms=hist,
                 settings=np.array([self.bins_per_decade, self.min_value, self.max_value], dtype=np.float64),
                 n_cells=np.array([self.n_cells], dtype=np.int64),
                 fixed_genes=np.array([self.fixed_genes]),
@@ -277,7 +295,12 @@ class MedianAccumulator:
         acc = cls(genes=genes.astype(object), bins_per_decade=bins_per_decade, min_value=min_value, max_value=max_value)
         if hist.shape != (len(genes), acc.n_bins):
             raise ArtifactError(f"median accumulator {path}: histogram shape {hist.shape} does not match its settings.")
-        acc._hist[:] = hist
+        largest = int(hist.max()) if hist.size and hist.dtype.kind in "ui" else 0
+        if hist.dtype.kind not in "ui" or (hist.size and int(hist.min()) < 0) or largest > np.iinfo(np.int64).max:
+            raise ArtifactError(f"median accumulator {path}: histograms of {hist.dtype} (negative, fractional or "
+                                "too large counts); it was not written by MedianAccumulator.save.")
+        acc._hist = hist.astype(np.uint32 if largest <= _NARROW_MAX else np.int64)  # uint32 unless a count needs more
+        acc._bound = largest
         acc.fixed_genes = fixed
         acc.n_cells = n_cells
         return acc
