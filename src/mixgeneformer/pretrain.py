@@ -69,6 +69,7 @@ from .pretrain_config import (  # re-exported: the run's typed configuration
     ModelOptions,
     PretrainConfig,
     TrainOptions,
+    check_strategy_device,
     load_pretrain_config,
     pretrain_config_from_dict,
 )
@@ -210,6 +211,7 @@ def run_pretraining(
     signals.install()  # before any data is read: a signal at any moment is handled
     try:
         config.validate()
+        check_strategy_device(config.distributed, torch.cuda.is_available())  # FSDP / DeepSpeed: GPUs only
         # a second run writing the same folder meanwhile is refused (rank 0 writes the folder)
         with output_lock(config.output_dir) if _distributed_env()[0] == 0 else contextlib.nullcontext():
             return _run_pretraining(config, resume, overwrite, resume_from, signals)

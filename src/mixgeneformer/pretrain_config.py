@@ -197,6 +197,20 @@ class PretrainConfig:
         return self
 
 
+def check_strategy_device(distributed: DistributedOptions, cuda: bool) -> None:
+    """Refuse ``distributed.strategy`` fsdp / deepspeed on a machine without a CUDA GPU (``cuda``), before any
+    work. Accelerate enables them only for GPU-type jobs: a torchrun job of CPU processes (gloo) drops the
+    FSDP or DeepSpeed plugin without a word and trains as DDP (accelerate ``AcceleratorState``: the FSDP
+    branch covers MULTI_GPU / NPU / XPU..., never MULTI_CPU; DeepSpeed needs ``not cpu``), and FSDP1's
+    wrapping asks for an accelerator device. A run asked to shard would silently not."""
+    if distributed.strategy in ("fsdp", "deepspeed") and not cuda:
+        raise ConfigError(
+            f"distributed.strategy={distributed.strategy} needs CUDA GPUs, and this machine has none (on the CPU the "
+            "training libraries would silently train as DDP instead). Use distributed.strategy=ddp here (torchrun "
+            "over CPU processes, gloo), or run this config on GPUs."
+        )
+
+
 def check_model_options(preset: str, sections: dict[str, dict[str, Any]]) -> None:
     """Reject an unknown preset and option names that are no MixGeneformerConfig field."""
 
