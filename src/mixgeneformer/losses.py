@@ -50,6 +50,14 @@ def _without_autocast(fn: _F) -> _F:
 
 
 @_without_autocast
+def linear_without_autocast(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    """``layer(x)`` in the layer's own dtype (float32) whatever the autocast: the fine-tuning head. Its probe
+    initialisation folds the feature standardisation into the bias, so its logits are differences of large
+    terms that a bf16 product (Trainer bf16 = autocast) rounds away."""
+    return layer(x.to(layer.weight.dtype))
+
+
+@_without_autocast
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the vocabulary at the labelled (masked) positions.
 

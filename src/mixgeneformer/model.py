@@ -491,7 +491,7 @@ class MixGeneformerForCellClassification(BertPreTrainedModel):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, **_: Any
     ) -> SequenceClassifierOutput:
         pooled = self.cell_embeddings(input_ids, attention_mask)
-        logits = self.classifier(self.dropout(pooled.to(self.classifier.weight.dtype)))
+        logits = losses.linear_without_autocast(self.dropout(pooled), self.classifier)
         loss = None
         if labels is not None:
             weight = None if self.loss_weights is None else self.loss_weights.to(logits.device)

@@ -147,9 +147,12 @@ def check_finetune_options(config: FinetuneConfig, model: torch.nn.Module | None
     fine-tuning: the tokenize configuration's ``max_len`` sets the cells' length)."""
     refuse_finetune_max_len(config)
     try:
-        resolve_device(config.device)
+        device = resolve_device(config.device)
     except ConfigError as exc:
         raise ConfigError(f"finetune.{exc}") from None
+    if config.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"finetune.bf16=true, but {torch.cuda.get_device_name(device)} cannot compute in bf16; "
+                          "set finetune.bf16=false")
     if model is not None:
         n_layers = len(encoder_of(model).encoder.layer)
         if config.freeze_layers > n_layers:
@@ -417,7 +420,8 @@ def _training_arguments(
     ``ft.batch_size`` on any machine, however many GPUs it has.
     """
     eval_steps = max(1, min(steps_per_epoch, total_steps))
-    on_cpu = ft.device is not None and resolve_device(ft.device).type == "cpu"  # "cpu:0" too
+    # "cpu:0" too; bf16 without a device on a machine without CUDA: the CPU, as fp32 (the Trainer refused it otherwise)
+    on_cpu = (ft.device is not None or ft.bf16) and resolve_device(ft.device).type == "cpu"
     return OneDeviceArguments(
         device_pin=ft.device,
         output_dir=scratch,
