@@ -34,6 +34,7 @@ from .diagnostics import masked_gene_stats
 from .errors import ArtifactError, ConfigError
 from .fileio import output_error, write_json
 from .flops import PEAK_BF16_FLOPS, count_flop_parameters, device_peak_flops, training_flops
+from .inference import autocast_dtype
 from .medians import GeneMedians
 from .metrics_csv import METRICS_FIELDS, MetricsCSV, read_metrics, trim_metrics
 from .model import MixGeneformerForPretraining
@@ -70,10 +71,10 @@ __all__ = [
 
 
 def resolve_precision(precision: str) -> str:
-    """``"auto"`` -> ``"bf16"`` on a GPU that supports it, else ``"fp32"``; explicit values are checked."""
+    """``"auto"`` -> ``"bf16"`` on a GPU with native bf16 (Ampere and later), else ``"fp32"``; explicit values are checked."""
     cuda = torch.cuda.is_available()
-    if precision == "auto":
-        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "auto":  # bf16 where the GPU computes it natively (as embedding's "auto"), not where emulated
+        return "bf16" if autocast_dtype(torch.device("cuda" if cuda else "cpu"), "auto") is not None else "fp32"
     if precision == "fp16" and not cuda:
         raise ConfigError("train.precision=fp16 needs a CUDA GPU; use auto, bf16 or fp32 on this machine.")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():

@@ -32,6 +32,8 @@ deletions.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["DeletionScan", "supports_shared_first_block"]
@@ -66,6 +68,23 @@ def supports_shared_first_block(bert: torch.nn.Module) -> bool:
     ) and hasattr(blocks[0], "feed_forward_chunk")
 
 
+def _without_autocast(method):
+    """Run a :class:`DeletionScan` method with autocast off on the scan's device: its attention sums are
+    float32 / float64 by design. Under ``precision="bf16"`` the perturbation runs in bf16 autocast, which
+    turned these matmuls into bf16 products and made the in-place ``baddbmm_`` of float32 sums with bf16
+    key weights fail ("Input dtypes must be the same"): every bf16 deletion scan crashed."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        kind = self.device.type
+        if not torch.amp.is_autocast_available(kind):
+            return method(self, *args, **kwargs)
+        with torch.autocast(kind, enabled=False):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class DeletionScan:
     """First-block outputs of single-token deletions of one cell, sharing work across deletions.
 
@@ -89,6 +108,7 @@ class DeletionScan:
         self.head_dim = int(attention.attention_head_size)
         self.scale = float(getattr(attention, "scaling", self.head_dim**-0.5))
         self.length = int(len(tokens))
+        self.device = tokens.device
         embeddings = bert.embeddings
         x = embeddings(input_ids=tokens[None, :])[0]  # (L, h)
         s = embeddings(input_ids=tokens[None, 1:])[0]  # (L-1, h)
@@ -118,6 +138,7 @@ class DeletionScan:
         """exp(logit - row bound) of queries of ``a`` against keys ``keys`` of ``b``: (H, n_a, n_keys)."""
         return torch.exp(self._logits(a, b, keys) - self.row_max[a][..., None])
 
+    @_without_autocast
     def _row_bound(self, a: str) -> torch.Tensor:
         """Each query row's largest logit over every key of X and S: (H, n_a)."""
         best = None
@@ -127,6 +148,7 @@ class DeletionScan:
                 best = chunk if best is None else torch.maximum(best, chunk)
         return best
 
+    @_without_autocast
     def _reset(self) -> None:
         """Running sums at p = 0: every key comes from S."""
         self.position = 0
@@ -137,6 +159,7 @@ class DeletionScan:
                 total += torch.matmul(self._weights(a, "S", keys), self.v1["S"][:, keys]).double()
             self.sums[a] = total  # (H, n_a, d + 1), float64: it accumulates over the whole scan
 
+    @_without_autocast
     def _advance(self, positions: torch.Tensor) -> dict[str, torch.Tensor]:
         """Sums at each of ``positions`` (sorted, all ≥ the current position): (H, n_a, n, d + 1).
 
