@@ -203,3 +203,24 @@ def test_the_deletion_scan_keeps_float32_under_autocast(trained):
             assert scan.sums["X"].dtype == torch.float64
             mixed = scan.first_block(range(len(tokens)))
     assert torch.allclose(mixed.float(), plain, atol=0.1)
+
+
+def test_embed_anndata_records_the_precision_it_computed_in(tmp_path):
+    """uns[key + '_params'] records how an embedding was made, but not its precision: precision='auto' is
+    bf16 on an Ampere GPU and fp32 elsewhere, so two files of one command could differ without a trace."""
+    import warnings
+
+    import anndata as ad
+    from _tokenize_helpers import partly_outside_files
+
+    from mixgeneformer.embed import embed_anndata
+
+    made, path = partly_outside_files(tmp_path)
+    adata = ad.read_h5ad(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = {p: embed_anndata(adata, made.folder, copy=True, device="cpu", progress=False, precision=p, batch_size=4)
+               for p in ("bf16", "auto")}
+    assert out["bf16"].obsm["X_mixgeneformer"].dtype == np.float32
+    assert out["bf16"].uns["X_mixgeneformer_params"]["precision"] == "bf16"
+    assert out["auto"].uns["X_mixgeneformer_params"]["precision"] == "fp32"  # auto on the CPU

@@ -239,6 +239,11 @@ def autocast_dtype(device: torch.device, precision: Precision) -> torch.dtype | 
     return torch.bfloat16 if native else None
 
 
+def precision_in_use(device: str | torch.device | None, precision: Precision) -> str:
+    """``"bf16"`` or ``"fp32"``: what ``precision`` computes in on ``device`` (``"auto"`` resolved), for records."""
+    return "bf16" if autocast_dtype(resolve_device(device), precision) is not None else "fp32"
+
+
 def inference_context(device: torch.device, precision: Precision, model: torch.nn.Module | None = None) -> ExitStack:
     """Numerics and kernels of a forward pass of ``model`` over cells of varying length on ``device``.
 

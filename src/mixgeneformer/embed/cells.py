@@ -28,6 +28,7 @@ from ..inference import (
     embed_corpus,
     encoder_of,
     layers_to_run,
+    precision_in_use,
 )
 from ..model import Pooling
 from ..tokenize import tokenize_for_model, warn_dropped
@@ -181,7 +182,7 @@ def embed_anndata(
     target.obsm[key] = out
     target.uns[f"{key}_params"] = _params_record(
         model_name, vocab, layer, pooling, hidden, n_cells=int(adata.n_obs), n_dropped=int(n_dropped),
-        tokenize=to_dict(used_config),
+        tokenize=to_dict(used_config), precision=precision_in_use(device, precision),
     )
     if isinstance(result, CorpusEmbeddings):
         target.uns[f"{key}_genes"] = gene_table(result)
@@ -239,6 +240,7 @@ def embed_corpus_folder(
     adata.obsm[key] = cells
     adata.uns[f"{key}_params"] = _params_record(
         model_name, vocab, layer, pooling, cells.shape[1], n_cells=len(cells), n_dropped=0,
+        precision=precision_in_use(device, precision),
         corpus=str(corpus) if isinstance(corpus, (str, os.PathLike)) else "in-memory",
     )
     if isinstance(result, CorpusEmbeddings):
