@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .corpus import check_token_input
 from .errors import ConfigError, InputDataError, VocabularyMismatchError
 from .model import Pooling, gene_positions, pool_cells
+from .parallel import backend_available
 from .vocab import Vocabulary
 
 Precision = Literal["auto", "fp32", "bf16"]
@@ -211,6 +212,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"device={device!r} is not a torch device (use 'cpu', 'cuda', 'cuda:1')") from exc
+    if resolved.type not in ("cpu", "cuda") and not backend_available(resolved.type):  # "mps" on Linux, "meta": later crashes
+        raise ConfigError(f"device={device!r}: this machine has no {resolved.type} device; use 'cpu' or 'cuda'")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} was requested but CUDA is not available; use device='cpu'")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
@@ -265,7 +268,6 @@ def inference_context(device: torch.device, precision: Precision, model: torch.n
     if dtype is not None:
         stack.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
     if device.type == "cuda":
-
         backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         stack.enter_context(sdpa_kernel(backends))
     return stack
@@ -455,7 +457,6 @@ def token_columns(dataset: datasets.Dataset | Sequence[Sequence[int]], start: in
 
 def _check_vocab_size(bert: torch.nn.Module, vocab: Vocabulary) -> None:
     if len(vocab) != int(bert.config.vocab_size):
-
         raise VocabularyMismatchError(
             f"the vocabulary has {len(vocab)} tokens but the model's vocab_size is {bert.config.vocab_size}; "
             "use the vocabulary saved in the model bundle"
@@ -496,5 +497,4 @@ def _check_genes(flat: np.ndarray, offsets: np.ndarray, vocab: Vocabulary, start
 def _progress_bar(total: int, enabled: bool):
     if not enabled:
         return None
-
     return tqdm(total=total, unit="cell", desc="embedding", dynamic_ncols=True)

@@ -1,4 +1,5 @@
-"""Worker pools and cell-range planning shared by the median and tokenization stages."""
+"""Worker pools and cell-range planning shared by the median and tokenization stages; the device of each
+process of a ``torchrun`` / ``accelerate launch`` (:func:`rank_device`, torch imported only there)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from typing import TYPE_CHECKING
 
 import psutil
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
@@ -73,3 +78,49 @@ def exit_with_parent(parent_pid: int, interval: float = 0.5) -> None:
                 os._exit(1)
 
     threading.Thread(target=watch, name="mixgf-parent-watch", daemon=True).start()
+
+
+def backend_available(kind: str) -> bool:
+    """Whether torch can run on devices of type ``kind`` (``"mps"``, ``"xpu"``, ...) on this machine (``"meta"``: no)."""
+    import torch
+
+    if kind == "mps":
+        return bool(torch.backends.mps.is_available())
+    probe = getattr(getattr(torch, kind, None), "is_available", None)
+    return bool(probe()) if callable(probe) else False
+
+
+def rank_device(device: str | torch.device | None) -> str | torch.device | None:
+    """The device of this process: under a launcher (``LOCAL_RANK`` set) ``None`` / ``"cuda"`` mean
+    ``cuda:LOCAL_RANK``, each process its own GPU of its node (``RANK`` numbers the shards, across nodes);
+    anything else is kept. A :class:`ConfigError` where that cannot work: ``LOCAL_RANK`` past the node's
+    GPUs, or one GPU ``cuda:N`` asked for every process of a node that runs several (``LOCAL_WORLD_SIZE``
+    > 1: ``--device cuda:1`` reaches every rank, and all would share that GPU) unless ``N`` is ``LOCAL_RANK``."""
+    import torch
+
+    local = os.environ.get("LOCAL_RANK")
+    if local is None:
+        return device
+    try:
+        local_rank, per_node = int(local), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError as exc:
+        raise ConfigError(f"LOCAL_RANK / LOCAL_WORLD_SIZE must be integers ({exc})") from exc
+    try:
+        asked = None if device is None else torch.device(device)
+    except (RuntimeError, TypeError):
+        return device  # not a device: resolve_device says so
+    if asked is not None and not (asked.type == "cuda" and asked.index is None):
+        if asked.type == "cuda" and per_node > 1 and asked.index != local_rank:
+            raise ConfigError(
+                f"device {str(device)!r} under a launcher that started {per_node} processes on this node would run every "
+                "one of them on that GPU; pass --device cuda (or none): each process then uses its own GPU, "
+                "cuda:LOCAL_RANK (choose the node's GPUs with CUDA_VISIBLE_DEVICES)"
+            )
+        return device
+    if device is None and not torch.cuda.is_available():
+        return None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < count <= local_rank:
+        raise ConfigError(f"LOCAL_RANK={local_rank}, but this node has {count} CUDA device(s) and each process of a launch "
+                          f"uses its own, cuda:LOCAL_RANK: start at most {count} per node (torchrun --nproc_per_node {count})")
+    return f"cuda:{local_rank}"

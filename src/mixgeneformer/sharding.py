@@ -58,6 +58,7 @@ from .fileio import (
     read_json,
     write_json,
 )
+from .parallel import rank_device
 from .readers import open_source
 
 if TYPE_CHECKING:
@@ -123,17 +124,6 @@ def shard_role(shard_index: int | None = None, num_shards: int | None = None) ->
     if not 0 <= rank < world:
         raise ConfigError(f"environment RANK={rank} is not within WORLD_SIZE={world}")
     return ShardRole(rank, world, world > 1)
-
-
-def rank_device(device: str | None) -> str | None:
-    """The device of this rank: ``None`` / ``"cuda"`` under a launcher mean ``cuda:LOCAL_RANK``
-    (each process its own GPU); anything else is kept."""
-    local = os.environ.get("LOCAL_RANK")
-    if local is None or device not in (None, "cuda"):
-        return device
-    if device is None and not torch.cuda.is_available():
-        return None
-    return f"cuda:{int(local)}"
 
 
 def plan_shards(lengths: np.ndarray, world: int) -> np.ndarray:
