@@ -265,8 +265,8 @@ def species_marks(token_species: torch.Tensor, species_tokens: list[int | None])
 
 def ortholog_classes(ortholog_map: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
     """Per token the class of its one-to-one ortholog pair (the smaller token id of the two), -1 for none."""
-    ids = torch.arange(ortholog_map.numel())
-    paired = (ortholog_map >= 0) & ~special
+    ids = torch.arange(ortholog_map.numel(), device=ortholog_map.device)
+    paired = (ortholog_map >= 0) & ~special.to(ortholog_map.device)
     return torch.where(paired, torch.minimum(ids, ortholog_map), torch.full_like(ids, -1))
 
 

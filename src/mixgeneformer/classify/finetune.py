@@ -333,8 +333,6 @@ def fit_classifier(
     classifier = build_classifier(model, classes, vocab, dataclasses.replace(ft, pooling=pooling), seed=seed)
     weights = class_weights(np.asarray(train_set["labels"]), len(classes), ft.class_weights, ft.imbalance_ratio)
     classifier.loss_weights = None if weights is None else torch.as_tensor(weights)
-    if ft.head_init == "probe":
-        init_head_from_probe(classifier, train_set, vocab.pad_id, weights is not None, seed)
     learning_rate = ft.learning_rate or default_learning_rate(int(encoder_of(model).config.hidden_size))
     head_learning_rate = ft.head_learning_rate or ft.head_lr_multiplier * learning_rate
 
@@ -359,6 +357,8 @@ def fit_classifier(
     }
     with scratch_folder(scratch_kind(work_dir)) as scratch:
         args = _training_arguments(ft, str(scratch), learning_rate, warmup, total_steps, steps_per_epoch, validate, seed)
+        if ft.head_init == "probe":  # on the device it trains on: the probe embeds every training cell
+            init_head_from_probe(classifier.to(args.device), train_set, vocab.pad_id, weights is not None, seed)
         extra = [StopOnDivergence("finetune"), *callbacks]
         if validate and ft.early_stopping_patience > 0:
             extra.append(EarlyStoppingCallback(early_stopping_patience=ft.early_stopping_patience))

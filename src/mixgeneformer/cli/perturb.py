@@ -77,6 +77,7 @@ def perturb(
     from ..config import to_dict
     from ..corpus import check_cells_input
     from ..fileio import check_output, claim_outputs
+    from ..inference import resolve_device
     from ..sharding import files_signature, rank_device
 
     config = _config_from_options(
@@ -87,11 +88,12 @@ def perturb(
             "target_rank": target_rank, "state_column": state_column, "start": start, "goal": goal,
             "alternatives": _split(alternatives), "cells_per_state": cells_per_state, "mode": mode,
             "screen_top_k": screen_top_k, "gene_shifts": gene_shifts, "score": score, "layer": layer, "pooling": pooling,
-            "batch_size": batch_size, "device": rank_device(device), "precision": precision, "species": species,
+            "batch_size": batch_size, "device": device, "precision": precision, "species": species,
             "shard_index": shard_index, "num_shards": num_shards,
         },
     )
     _check_stats(stats, null, config)
+    resolve_device(rank_device(config.device))  # the device of the --config / --device / --set options, before any work
     check_cells_input(input)
     inputs = [input, model, null, config_file, tokenize_config, vocab_file, medians_file]
     tk_config = load_tokenize_config(tokenize_config)

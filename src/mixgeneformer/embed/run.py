@@ -31,7 +31,7 @@ from ..fileio import (
     written_together,
 )
 from ..filekinds import STAMPED_FIGURES, parquet_table
-from ..inference import Precision, check_embed_options, check_output_key, encoder_of
+from ..inference import Precision, check_embed_options, check_output_key, encoder_of, resolve_device
 from ..model import Pooling
 from ..sharding import (
     DEFAULT_TIMEOUT_S,
@@ -86,12 +86,13 @@ def embed_sharded(
     """
     input, out = Path(input), Path(out)
     check_output_key(key)  # before the model loads, on every rank
+    device = rank_device(device)
+    resolve_device(device)
     loaded, loaded_vocab, loaded_medians, tokenize_config, _ = load_for_inference(model, vocab, medians, tokenize_config)
     if input.is_dir():
         tokenize_config = None  # a corpus is tokenized already
         check_corpus_vocabulary(input, loaded_vocab.hash)
     tokens_ids = {t: i for i, t in enumerate(loaded_vocab.tokens)}
-    device = rank_device(device)
 
     def compute(start: int, stop: int) -> dict[str, np.ndarray]:
         if input.is_dir():
@@ -211,7 +212,7 @@ def embed_to_outputs(
     umap = None if umap is None else Path(umap)
     if color is not None and umap is None:
         raise ConfigError("--color only applies to --umap FIG.png; add --umap")
-    check_embed_options(pooling, batch_size, precision, device)
+    check_embed_options(pooling, batch_size, precision, rank_device(device))  # this rank's device, before any work
     if input.is_dir():
         refuse_tokenize_options(input, "embed", tokenize_config=tokenize_config, gene_column=gene_column, species=species)
     check_outputs(out, gene_path, umap, [input, model, vocab, medians, *config_files], overwrite)

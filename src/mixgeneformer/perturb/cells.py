@@ -31,6 +31,7 @@ from ..inference import (
     layers_to_run,
     resolve_device,
 )
+from ..parallel import rank_device
 from ..tokenize import TokenizeConfig, tokenize_for_model, warn_dropped
 from .config import PerturbConfig
 from .engine import _exact, _genes_per_cell
@@ -109,7 +110,7 @@ def perturb_cells(
     started = time.perf_counter()
     bert = encoder_of(model)
     layers_to_run(len(bert.encoder.layer), config.layer)
-    device = resolve_device(config.device)
+    device = resolve_device(rank_device(config.device))  # under torchrun: cuda:LOCAL_RANK, as embed / predict
     flat, offsets = _read_tokens(dataset)
     lengths = np.diff(offsets)
     _check_cells(flat, lengths, bert, vocab)
@@ -371,6 +372,7 @@ def perturb_anndata(
     check_config(config, PerturbConfig)
     config = config or PerturbConfig()
     _check_stats_mode(stats_mode, config)
+    resolve_device(rank_device(config.device))  # before the model loads and the cells are tokenized
     model, vocab, medians, tokenize_config, _ = load_for_inference(model_or_bundle, vocab, medians, tokenize_config)
     if config.state_column and config.state_column not in adata.obs.columns:
         raise InputDataError(
