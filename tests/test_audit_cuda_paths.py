@@ -240,3 +240,30 @@ def test_ortholog_classes_stay_on_the_device_of_the_map():
     assert torch.equal(losses.ortholog_classes(table, special), expected)
     on_meta = losses.ortholog_classes(table.to("meta"), special)
     assert on_meta.device.type == "meta" and on_meta.shape == expected.shape
+
+
+# ------------------------------------------------------------------------------ pretraining
+def test_pretraining_arguments_build_on_a_gpu_before_ampere(monkeypatch, tmp_path):
+    """training_arguments asked for tf32 wherever CUDA was available, and TrainingArguments refuses tf32 below
+    Ampere ('--tf32 requires Ampere or a newer GPU arch'): `mixgf pretrain` was one ConfigError on every T4 /
+    V100 / P100. The Trainer's device set-up and the GPU's properties are stood in for (a 1-GPU V100 node)."""
+    import transformers
+    from test_pretrain import tiny_config
+
+    from mixgeneformer.pretrain import pretrain_config_from_dict
+    from mixgeneformer.trainer import training_arguments
+
+    def one_gpu(self):
+        self._n_gpu = 1
+        self.distributed_state = None
+        return torch.device("cuda:0")
+
+    monkeypatch.setattr(transformers.TrainingArguments, "_setup_devices", property(one_gpu))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(major=7, minor=0))
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    config = pretrain_config_from_dict(tiny_config(tmp_path, tmp_path / "run"))
+    args = training_arguments(config, tmp_path / "run", "fp16", has_eval=False)
+    assert args.tf32 is False and args.fp16 and args.device == torch.device("cuda", 0)

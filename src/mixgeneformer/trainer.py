@@ -425,7 +425,7 @@ def training_arguments(config: PretrainConfig, run_dir: Path, precision: str, ha
         "seed": train.seed,
         "bf16": precision == "bf16",
         "fp16": precision == "fp16",
-        "tf32": bool(cuda),
+        "tf32": bool(cuda) and transformers.utils.is_torch_tf32_available(),  # TrainingArguments refuses it below Ampere
         "optim": "adamw_torch_fused" if cuda else "adamw_torch",
         "torch_compile": train.torch_compile,
         "logging_steps": log.logging_steps,
