@@ -49,7 +49,7 @@ def multi_tensor_adamw(args: TrainingArguments, model: torch.nn.Module) -> tuple
     """The optimizer class and arguments the Trainer picks for ``args``, with torch's multi-tensor
     (``foreach``) AdamW where it would run the one-tensor-at-a-time loop (``adamw_torch`` on the CPU,
     where torch does not default to ``foreach``): the same arithmetic bit for bit, in a fraction of
-    the time (the loop took ~5% of a CPU pretraining step of the ``tiny`` preset). Pass it to the
+    the time (the demo's ``tiny`` model on 2 idle cores: 10-11 ms against 4.4-5 ms of a ~150 ms step). Pass it to the
     Trainer as ``optimizer_cls_and_kwargs``; fused and other optimizers are returned unchanged."""
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     if optimizer_cls is torch.optim.AdamW and not kwargs.get("fused") and kwargs.get("foreach") is None:
