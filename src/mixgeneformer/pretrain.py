@@ -74,7 +74,6 @@ from .pretrain_config import (  # re-exported: the run's typed configuration
     pretrain_config_from_dict,
 )
 from .stopping import SignalFlag, StopOnSignal, StopRequested, TrainingInterrupted
-from .training_args import multi_tensor_adamw
 from .trainer import (
     EvaluateAtEnd,
     MixGeneformerTrainer,
@@ -87,6 +86,7 @@ from .trainer import (
     start_cpu_process_group,
     training_arguments,
 )
+from .training_args import multi_tensor_adamw
 from .vocab import Vocabulary
 
 if TYPE_CHECKING:

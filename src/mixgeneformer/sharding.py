@@ -43,7 +43,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
-import torch
 import torch.distributed as dist
 
 from .corpus import load_corpus
