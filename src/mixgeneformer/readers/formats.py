@@ -1,5 +1,5 @@
 """One CountSource per input format, and open_source, which picks it (the ``.h5ad`` reader is in
-:mod:`.h5ad`)."""
+:mod:`.h5ad`, the TileDB-SOMA reader in :mod:`.soma`)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from .base import (
     reading,
 )
 from .h5ad import _H5adSource
+from .soma import _is_soma, _SomaSource
 
 logger = logging.getLogger(__name__)
 
@@ -304,65 +305,6 @@ class _TenxH5Source(CountSource):
 
     def _obs_column(self, column: str, start: int, stop: int) -> np.ndarray:
         raise KeyError(column)
-
-
-class _SomaSource(CountSource):
-    """A TileDB-SOMA experiment: ``exp.ms[measurement].X[layer]`` read by obs joinid ranges."""
-
-    def __init__(self, uri: str, layer: str | None, gene_column: str | None, measurement: str, allow_fractional: bool):
-        import tiledbsoma
-
-        self.name = uri
-        self.allow_fractional = allow_fractional
-        self._exp = tiledbsoma.Experiment.open(uri)
-        if measurement not in self._exp.ms:
-            available = sorted(self._exp.ms.keys())
-            self._exp.close()
-            raise InputDataError(f"{uri}: measurement {measurement!r} not found. Available measurements: {available}.")
-        ms = self._exp.ms[measurement]
-        x_layer = "data" if layer is None else layer
-        if x_layer not in ms.X:
-            available = sorted(ms.X.keys())
-            self._exp.close()
-            raise InputDataError(f"{uri}: X layer {x_layer!r} not found in measurement {measurement!r}. Available layers: {available}.")
-        self._x = ms.X[x_layer]
-        var = ms.var.read().concat().to_pandas().sort_values("soma_joinid")
-        column = gene_column or ("var_id" if "var_id" in var.columns else None)
-        if column is None or column not in var.columns:
-            raise InputDataError(f"{uri}: gene_column {column!r} not found in var. Available var columns: {sorted(var.columns)}.")
-        self.gene_ids = var[column].astype(str).to_numpy().astype(object)
-        self._var_joinids = var["soma_joinid"].to_numpy().astype(np.int64)
-        obs = self._exp.obs.read().concat().to_pandas().sort_values("soma_joinid").reset_index(drop=True)
-        self._obs = obs
-        self._obs_joinids = obs["soma_joinid"].to_numpy().astype(np.int64)
-        self._cell_key = "obs_id" if "obs_id" in obs.columns else None
-        self.obs_columns = [c for c in obs.columns if c not in ("soma_joinid", self._cell_key)]
-        self.n_cells, self.n_genes = len(obs), len(var)
-
-    def close(self) -> None:
-        self._exp.close()
-
-    def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
-        joinids = self._obs_joinids[start:stop]
-        table = self._x.read(coords=(joinids,)).tables().concat()
-        dim0 = table["soma_dim_0"].to_numpy()
-        dim1 = table["soma_dim_1"].to_numpy()
-        data = table["soma_data"].to_numpy()
-        rows = np.searchsorted(joinids, dim0)
-        cols = np.searchsorted(self._var_joinids, dim1)
-        return sp.coo_matrix((data, (rows, cols)), shape=(stop - start, self.n_genes)).tocsr()
-
-    def _obs_names(self, start: int, stop: int) -> np.ndarray:
-        if self._cell_key is None:
-            return self._obs_joinids[start:stop].astype(str).astype(object)
-        return self._obs[self._cell_key].iloc[start:stop].astype(str).to_numpy()
-
-    def _obs_column(self, column: str, start: int, stop: int) -> pd.Series:
-        return self._obs[column].iloc[start:stop]
-
-
-def _is_soma(path: Path) -> bool:
-    return path.is_dir() and ((path / "__tiledb_group.tdb").exists() or (path / "__group").exists())
 
 
 # long: a 22-line docstring; the body (36 lines) picks one reader per format.
