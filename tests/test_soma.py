@@ -1,6 +1,7 @@
 """TileDB-SOMA input streamed by obs joinid: opening reads only obs's soma_joinid (and var); cell
 names and obs columns are read per chunk, in joinid order; an experiment written from an h5ad
-tokenizes to the same corpus and gives the same medians as the h5ad, on real Baron cells."""
+tokenizes to the same corpus and gives the same medians as the h5ad, on real Baron cells. An
+obs_filter (SOMA only) reads just the cells it selects, and is recorded with the corpus."""
 
 from __future__ import annotations
 
@@ -15,11 +16,16 @@ import pytest
 import scipy.sparse as sp
 import tiledbsoma
 import tiledbsoma.io
+import yaml
+from _tokenize_helpers import cli_exit_code
 
-from mixgeneformer.errors import InputDataError
+from mixgeneformer.bundle import TOKENIZE_CONFIG_NAME, bundle_tokenize_config
+from mixgeneformer.config import save_config
+from mixgeneformer.errors import ConfigError, InputDataError
 from mixgeneformer.medians import compute_medians
 from mixgeneformer.readers import open_source
-from mixgeneformer.tokenize import TokenizeConfig, tokenize_files
+from mixgeneformer.tokenize import TokenizeConfig, tokenize_anndata, tokenize_files
+from mixgeneformer.tokenize.files import run_manifest
 from mixgeneformer.vocab import build_vocabulary
 
 SHARED_BARON = Path("/work/shared/data/baron_pancreas_human.h5ad")
@@ -159,3 +165,69 @@ def test_soma_errors_keep_their_messages(baron):
         open_source(str(soma), gene_column="feature_id")
     with open_source(str(soma)) as source, pytest.raises(InputDataError, match=r"\['obs_id'\] not found. Available obs columns"):
         next(source.iter_chunks(10, obs_columns=["obs_id"]))
+
+
+FILTER = "cell_type1 in ['alpha', 'beta'] and rank >= 100"
+
+
+def test_obs_filter_reads_the_selected_cells_as_their_own_h5ad_would(baron, tables, tmp_path):
+    adata, _, soma = baron
+    keep = adata.obs["cell_type1"].isin(["alpha", "beta"]).to_numpy() & (adata.obs["rank"].to_numpy() >= 100)
+    adata[keep].copy().write_h5ad(tmp_path / "subset.h5ad")
+    with open_source(str(soma), obs_filter=FILTER) as source:
+        assert 50 < source.n_cells == keep.sum() < 200
+        names = np.concatenate([c.obs.index for c in source.iter_chunks(50)])
+    assert list(names) == list(adata.obs_names[keep])
+    subset_medians = compute_medians([str(tmp_path / "subset.h5ad")], species="human")
+    filtered = compute_medians([str(soma)], species="human", obs_filter=FILTER, workers=2, chunk_size=40)
+    assert filtered.values == subset_medians.values != tables[0].values
+    medians, vocab = tables
+    expected = corpus(tmp_path / "subset.h5ad", tmp_path / "subset_corpus", vocab, medians, 1)
+    config = TokenizeConfig(max_len=64, chunk_size=37, task_cells=60, obs_filter=FILTER)
+    out = tokenize_files([str(soma)], tmp_path / "filtered", vocab, medians, config, obs_columns=OBS, workers=2)
+    got = datasets.load_from_disk(str(out))
+    for column in ["input_ids", "length", "cell_index", *OBS]:  # cell_index: position among the selected cells
+        assert got[column] == expected[column], column
+    assert yaml.safe_load((out / "config.yaml").read_text())["obs_filter"] == FILTER
+    resumable = run_manifest([str(soma)], vocab.hash, medians.hash, config, OBS)  # a partial run resumes when equal
+    assert resumable != run_manifest([str(soma)], vocab.hash, medians.hash, TokenizeConfig(max_len=64, chunk_size=37, task_cells=60), OBS)
+
+
+def test_obs_filter_is_refused_for_other_inputs_and_when_bad(baron, tables, tmp_path, capsys):
+    adata, h5ad, soma = baron
+    medians, vocab = tables
+    only = "selects cells of a TileDB-SOMA experiment only"
+    with pytest.raises(ConfigError, match=f"{only}, and .*cells.h5ad is not one"):
+        open_source(str(h5ad), obs_filter=FILTER)
+    with pytest.raises(ConfigError, match=f"{only}, and the AnnData input is not one"):
+        compute_medians([adata], obs_filter=FILTER)
+    with pytest.raises(ConfigError, match=only):
+        tokenize_anndata(adata, vocab, medians, TokenizeConfig(obs_filter=FILTER))
+    with pytest.raises(ConfigError, match="give a tiledbsoma value_filter"):
+        open_source(str(soma), obs_filter=" ")
+    with pytest.raises(ConfigError, match=r"obs_filter \"tissue == 'x'\" cannot be applied \(.*tissue.*\).*obs columns: \["):
+        open_source(str(soma), obs_filter="tissue == 'x'")
+    with pytest.raises(ConfigError, match="cannot be applied"):
+        open_source(str(soma), obs_filter="rank >=")
+    with pytest.raises(InputDataError, match="selects no cell"):
+        open_source(str(soma), obs_filter="cell_type1 == 'no such type'")
+    capsys.readouterr()
+    assert cli_exit_code(["medians", h5ad, "--out", tmp_path / "m.tsv", "--obs-filter", FILTER]) == 2
+    err = capsys.readouterr().err
+    assert err.count(only) == 1 and "Traceback" not in err and not (tmp_path / "m.tsv").exists()
+
+
+def test_cli_obs_filter_and_a_bundles_recorded_filter(baron, tables, tmp_path):
+    _, _, soma = baron
+    medians, vocab = tables
+    medians.save(tmp_path / "medians.tsv")
+    vocab.save(tmp_path / "vocab.json")
+    out = tmp_path / "corpus"
+    assert cli_exit_code(["tokenize", soma, "--vocab", tmp_path / "vocab.json", "--medians", tmp_path / "medians.tsv",
+                          "--out", out, "--obs-filter", "flagged == True", "--max-len", "64"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["obs_filter"] == "flagged == True"
+    assert len(datasets.load_from_disk(str(out))) == 75  # every 4th of 300 cells
+    # A model pretrained on that corpus records its config; new cells (any format) are not filtered by it.
+    save_config(TokenizeConfig(max_len=64, style="v2", obs_filter="flagged == True"), tmp_path, TOKENIZE_CONFIG_NAME)
+    recorded = bundle_tokenize_config(tmp_path)
+    assert recorded.obs_filter is None and recorded.style == "v2" and recorded.max_len == 64

@@ -9,6 +9,7 @@ it). A plain Hugging Face BERT folder (e.g. Geneformer's) loads too, given a voc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -134,13 +135,16 @@ def bundle_tokenize_config(directory: str | os.PathLike) -> TokenizeConfig | Non
     """The ``TokenizeConfig`` a bundle's training corpus was made with, or None if it records none.
 
     Embedding, classification and perturbation tokenize new cells with it by default, so a model
-    trained on V2-style cells with species tokens sees such cells again.
+    trained on V2-style cells with species tokens sees such cells again. Its ``obs_filter`` (which
+    cells of a SOMA experiment the corpus holds) is left out: it chose training cells, not how cells
+    are tokenized, and would refuse every new input that is not a SOMA experiment.
     """
     path = Path(directory) / TOKENIZE_CONFIG_NAME
     if not path.is_file():
         return None
 
-    return load_config(TokenizeConfig, path)
+    config = load_config(TokenizeConfig, path)
+    return dataclasses.replace(config, obs_filter=None) if config.obs_filter is not None else config
 
 
 class TokenizeOverrides(TokenizeConfig):

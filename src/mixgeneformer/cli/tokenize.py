@@ -9,6 +9,9 @@ import typer
 
 from ._app import app
 
+_OBS_FILTER_HELP = ("TileDB-SOMA inputs only: read the cells this tiledbsoma value_filter over obs selects, e.g. "
+                    "\"tissue_general == 'pancreas' and is_primary_data == True\".")
+
 
 def _split(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
@@ -39,6 +42,7 @@ def medians_command(
     allow_mixed_species: bool = typer.Option(
         False, "--allow-mixed-species", help="Accept human and mouse gene IDs in one file (symbols of the other species stay unmapped)."
     ),
+    obs_filter: str | None = typer.Option(None, "--obs-filter", help=_OBS_FILTER_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (a medians TSV / folder)."),
 ) -> None:
     """Compute per-gene medians of nonzero normalized expression, streamed over all inputs."""
@@ -66,7 +70,7 @@ def medians_command(
             genes = sorted(Vocabulary.load(vocab).gene_to_id)
         options = {"workers": workers, "genes": genes, "layer": layer, "gene_column": gene_column, "species": species,
                    "totals": totals, "chunk_size": chunk_size, "allow_fractional": allow_fractional,
-                   "min_coverage": min_coverage, "allow_mixed_species": allow_mixed_species}
+                   "min_coverage": min_coverage, "allow_mixed_species": allow_mixed_species, "obs_filter": obs_filter}
         _write_medians(inputs, out, names, per_file, overwrite, options)
 
 
@@ -92,7 +96,7 @@ def _write_medians(inputs: list[Path], out: Path, names: list[str], per_file: bo
 
 
 @app.command("tokenize")
-def tokenize_command(
+def tokenize_command(  # long: one line per typer option (21 options), then one call
     inputs: list[Path] = typer.Argument(..., help="Count files (human and mouse may be mixed)."),
     vocab: Path = typer.Option(..., help="Vocabulary JSON (mixgf vocab build / import-geneformer)."),
     medians: Path | None = typer.Option(None, help="Gene medians TSV (mixgf medians); omit with --per-file-medians."),
@@ -116,6 +120,7 @@ def tokenize_command(
     allow_mixed_species: bool = typer.Option(
         False, "--allow-mixed-species", help="Accept human and mouse gene IDs in one file (symbols of the other species stay unmapped)."
     ),
+    obs_filter: str | None = typer.Option(None, "--obs-filter", help=_OBS_FILTER_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing corpus folder."),
 ) -> None:
     """Rank-value encode cells into a Hugging Face datasets corpus (resumable, multi-process)."""
@@ -133,6 +138,7 @@ def tokenize_command(
         "medians": "per_file" if per_file_medians else "corpus", "species": species, "layer": layer,
         "gene_column": gene_column, "chunk_size": chunk_size, "allow_fractional": allow_fractional,
         "min_coverage": min_coverage, "duplicate_genes": duplicate_genes, "allow_mixed_species": allow_mixed_species,
+        "obs_filter": obs_filter,
     }, "tokenize")
     if (medians is None) != per_file_medians:
         from ..errors import ConfigError

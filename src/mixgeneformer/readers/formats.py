@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..errors import InputDataError
+from ..errors import ConfigError, InputDataError
 from ..fileio import check_readable_file
 from .base import (
     RAW_LAYER,
@@ -307,7 +307,21 @@ class _TenxH5Source(CountSource):
         raise KeyError(column)
 
 
-# long: a 22-line docstring; the body (36 lines) picks one reader per format.
+def _refuse_obs_filter(obs_filter: str | None, item: CountInput) -> None:
+    """ConfigError for an ``obs_filter`` given for an input that is not a TileDB-SOMA experiment (or empty)."""
+    if obs_filter is None:
+        return
+    if not isinstance(obs_filter, str) or not obs_filter.strip():
+        raise ConfigError(f"obs_filter={obs_filter!r}: give a tiledbsoma value_filter such as \"tissue_general == "
+                          "'pancreas'\", or leave it unset to read every cell.")
+    if not isinstance(item, (str, os.PathLike)) or not _is_soma(Path(item)):
+        what = str(item) if isinstance(item, (str, os.PathLike)) else f"the {type(item).__name__} input"
+        raise ConfigError(f"obs_filter (--obs-filter) selects cells of a TileDB-SOMA experiment only, and {what} is not "
+                          "one: select the cells before writing it (e.g. adata[adata.obs.tissue == 'pancreas']), or "
+                          "leave obs_filter unset.")
+
+
+# long: a 25-line docstring; the body (37 lines) picks one reader per format.
 def open_source(
     path_or_adata: CountInput,
     layer: str | None = None,
@@ -315,6 +329,7 @@ def open_source(
     *,
     allow_fractional: bool = False,
     measurement: str = "RNA",
+    obs_filter: str | None = None,
 ) -> CountSource:
     """Open any supported count input for chunked reading.
 
@@ -335,6 +350,10 @@ def open_source(
         Accept non-integer counts (negative / NaN / Inf are always errors).
     measurement
         SOMA measurement name.
+    obs_filter
+        SOMA only (a :class:`~mixgeneformer.errors.ConfigError` for any other input): read just the
+        cells this tiledbsoma ``value_filter`` over obs selects (e.g. ``"tissue_general == 'pancreas'
+        and is_primary_data == True"``), in soma_joinid order; the source's cells are those.
 
     Returns
     -------
@@ -342,6 +361,7 @@ def open_source(
         Use ``iter_chunks`` to stream it; close it (or use it as a context manager) when done.
     """
     if not isinstance(path_or_adata, (str, os.PathLike)):
+        _refuse_obs_filter(obs_filter, path_or_adata)
         if hasattr(path_or_adata, "obs") and hasattr(path_or_adata, "var"):
             return _anndata_source(path_or_adata, layer, gene_column, allow_fractional)
         raise InputDataError(
@@ -349,10 +369,11 @@ def open_source(
             ".h5ad / .loom / 10x .h5 / a 10x mtx folder / a TileDB-SOMA experiment."
         )
     path = check_readable_file(path_or_adata, "count matrix")
+    _refuse_obs_filter(obs_filter, path)
     if path.is_dir():
         if _is_soma(path):
             with reading(str(path), "opening it as a TileDB-SOMA experiment"):
-                return _SomaSource(str(path), layer, gene_column, measurement, allow_fractional)
+                return _SomaSource(str(path), layer, gene_column, measurement, allow_fractional, obs_filter)
         if _find_one(path, ["matrix.mtx"]) is not None:
             if layer is not None:
                 raise InputDataError(f"{path}: a 10x mtx folder has no layers; remove layer={layer!r}.")

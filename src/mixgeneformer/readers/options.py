@@ -35,6 +35,9 @@ class ReadOptions:
         (vocabulary genes only); see :func:`normalization_totals`.
     chunk_size
         Cells per chunk (bounds memory: about 50 bytes per stored nonzero).
+    obs_filter
+        TileDB-SOMA inputs only: read just the cells this tiledbsoma ``value_filter`` over obs selects
+        (see :func:`open_source`); any other input is refused with a ConfigError.
     """
 
     layer: str | None = None
@@ -46,6 +49,7 @@ class ReadOptions:
     measurement: str = "RNA"
     totals: str = "all"
     chunk_size: int = 4096
+    obs_filter: str | None = None
 
     def __post_init__(self) -> None:
         if self.species not in ("auto", *SPECIES):  # before any worker starts or any file is read
@@ -55,7 +59,8 @@ class ReadOptions:
 
     def open(self, path_or_adata: CountInput) -> CountSource:
         """:func:`open_source` with these options."""
-        return open_source(path_or_adata, self.layer, self.gene_column, allow_fractional=self.allow_fractional, measurement=self.measurement)
+        return open_source(path_or_adata, self.layer, self.gene_column, allow_fractional=self.allow_fractional,
+                           measurement=self.measurement, obs_filter=self.obs_filter)
 
     def map_genes(self, source: CountSource, vocabulary_ids: Collection[str] | None = None) -> GeneMapping:
         """:func:`map_source_genes` with these options."""

@@ -1,8 +1,9 @@
 """The TileDB-SOMA reader (a local CELLxGENE Census-style experiment), streamed by obs joinid.
 
-Opening reads the var dataframe (small) and obs's ``soma_joinid`` column only (8 bytes a cell); the
-cell names (``obs_id``) and any obs column asked for are read per chunk, by joinid, so memory is
-bounded by the chunk even for a Census-sized obs with dozens of columns.
+Opening reads the var dataframe (small) and obs's ``soma_joinid`` column only (8 bytes a cell; with
+``obs_filter``, the joinids of the cells the filter selects); the cell names (``obs_id``) and any obs
+column asked for are read per chunk, by joinid, so memory is bounded by the chunk even for a
+Census-sized obs with dozens of columns.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..errors import InputDataError, name_list
+from ..errors import ConfigError, InputDataError, name_list
 from .base import CountSource
 
 _JOINID = "soma_joinid"
@@ -35,7 +36,8 @@ def _coords(joinids: np.ndarray) -> Any:
 class _SomaSource(CountSource):
     """A TileDB-SOMA experiment: ``exp.ms[measurement].X[layer]`` read by obs joinid ranges."""
 
-    def __init__(self, uri: str, layer: str | None, gene_column: str | None, measurement: str, allow_fractional: bool):
+    def __init__(self, uri: str, layer: str | None, gene_column: str | None, measurement: str, allow_fractional: bool,
+                 obs_filter: str | None = None):
         import tiledbsoma
 
         self.name = uri
@@ -43,6 +45,8 @@ class _SomaSource(CountSource):
         self._exp = tiledbsoma.Experiment.open(uri)
         try:
             self._open(layer, gene_column, measurement)
+            self._obs_joinids = self._select(obs_filter)
+            self.n_cells = len(self._obs_joinids)
         except BaseException:
             self._exp.close()
             raise
@@ -68,9 +72,26 @@ class _SomaSource(CountSource):
         self.obs_columns = [c for c in names if c not in (_JOINID, self._cell_key)]
         # obs indexed by soma_joinid (Census, tiledbsoma.io) is read by coordinates, else by a joinid range filter
         self._by_coords = tuple(obs.index_column_names)[:1] == (_JOINID,)
-        joinids = obs.read(column_names=[_JOINID]).concat()[_JOINID].to_numpy()
-        self._obs_joinids = np.sort(joinids.astype(np.int64, copy=False))
-        self.n_cells, self.n_genes = len(self._obs_joinids), len(var)
+        self.n_genes = len(var)
+
+    def _select(self, obs_filter: str | None) -> np.ndarray:
+        """The sorted joinids of the cells read: every cell of obs, or those ``obs_filter`` selects."""
+        from tiledbsoma import SOMAError
+
+        try:
+            table = self._exp.obs.read(value_filter=obs_filter, column_names=[_JOINID]).concat()
+        except SOMAError as exc:
+            if obs_filter is None:
+                raise
+            problem = str(exc).replace("SOMAError: ", "").splitlines()[0]
+            raise ConfigError(f"{self.name}: obs_filter {obs_filter!r} cannot be applied ({problem}). It is a tiledbsoma "
+                              "value_filter over obs columns, e.g. \"tissue_general == 'pancreas' and is_primary_data == "
+                              f"True\"; obs columns: {sorted(self.obs_columns)}.") from exc
+        joinids = np.sort(table[_JOINID].to_numpy().astype(np.int64, copy=False))
+        if obs_filter is not None and not joinids.size:
+            raise InputDataError(f"{self.name}: obs_filter {obs_filter!r} selects no cell; check the column values "
+                                 "(e.g. read a few obs rows with tiledbsoma) or leave this input out.")
+        return joinids
 
     def close(self) -> None:
         self._exp.close()

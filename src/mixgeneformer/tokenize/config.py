@@ -53,6 +53,11 @@ class TokenizeConfig:
         Where counts and gene identifiers are read (see :func:`readers.open_source`).
     filter_pass
         Honour an obs ``filter_pass`` column (keep cells with 1).
+    obs_filter
+        TileDB-SOMA inputs only: tokenize just the cells this tiledbsoma ``value_filter`` over obs
+        selects (e.g. ``"tissue_general == 'pancreas' and is_primary_data == True"``); any other input
+        is refused. ``cell_index`` then counts the selected cells in soma_joinid order. A model
+        bundle's recorded filter is not applied to new cells (:func:`bundle.bundle_tokenize_config`).
     """
 
     max_len: int = 2048
@@ -71,6 +76,7 @@ class TokenizeConfig:
     gene_column: str | None = None
     measurement: str = "RNA"
     filter_pass: bool = True
+    obs_filter: str | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -97,7 +103,7 @@ class TokenizeConfig:
         return ReadOptions(
             layer=self.layer, gene_column=self.gene_column, species=self.species, min_coverage=self.min_coverage,
             allow_mixed_species=self.allow_mixed_species, allow_fractional=self.allow_fractional,
-            measurement=self.measurement, totals=self.totals, chunk_size=self.chunk_size,
+            measurement=self.measurement, totals=self.totals, chunk_size=self.chunk_size, obs_filter=self.obs_filter,
         )
 
     @property

@@ -14,9 +14,6 @@ import pyarrow as pa
 
 from ..errors import ConfigError, check_config, name_list
 from ..medians import GeneMedians
-from ..readers import (
-    open_source,
-)
 from .config import TokenizeConfig
 from .encode import (
     TokenizeReport,
@@ -120,7 +117,7 @@ def tokenize_anndata(
     _check_obs_names(obs_columns)
     started = time.perf_counter()
     # a backed AnnData's source opens its own handle on the file: closed once the types are read
-    with open_source(adata, config.layer, config.gene_column, allow_fractional=config.allow_fractional) as source:
+    with config.read_options.open(adata) as source:  # refuses an obs_filter (SOMA inputs only)
         source.check_obs_columns(obs_columns)
         obs_types = _obs_arrow_types(source, obs_columns)
     table_medians = _medians_for(adata, medians, config, vocab)
