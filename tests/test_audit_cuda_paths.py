@@ -247,20 +247,13 @@ def test_pretraining_arguments_build_on_a_gpu_before_ampere(monkeypatch, tmp_pat
     """training_arguments asked for tf32 wherever CUDA was available, and TrainingArguments refuses tf32 below
     Ampere ('--tf32 requires Ampere or a newer GPU arch'): `mixgf pretrain` was one ConfigError on every T4 /
     V100 / P100. The Trainer's device set-up and the GPU's properties are stood in for (a 1-GPU V100 node)."""
-    import transformers
+    from test_devices import stand_in_gpus
     from test_pretrain import tiny_config
 
     from mixgeneformer.pretrain import pretrain_config_from_dict
     from mixgeneformer.trainer import training_arguments
 
-    def one_gpu(self):
-        self._n_gpu = 1
-        self.distributed_state = None
-        return torch.device("cuda:0")
-
-    monkeypatch.setattr(transformers.TrainingArguments, "_setup_devices", property(one_gpu))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    stand_in_gpus(monkeypatch, 1)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(major=7, minor=0))
     monkeypatch.setattr(torch.version, "cuda", "12.4")

@@ -18,21 +18,27 @@ from mixgeneformer.inference import resolve_device
 from mixgeneformer.training_args import OneDeviceArguments
 
 
-@pytest.fixture
-def four_gpus(monkeypatch):
-    """A one-process run on a machine with 4 GPUs, as the HF Trainer sets it up: cuda:0, n_gpu 4."""
-    chosen = []
+def stand_in_gpus(monkeypatch, n_gpu: int) -> list[torch.device]:
+    """A one-process run on a machine with ``n_gpu`` GPUs, as the HF Trainer sets it up (cuda:0, n_gpu);
+    returns the list the devices passed to ``torch.cuda.set_device`` are appended to."""
+    chosen: list[torch.device] = []
 
     def trainer_default(self):
-        self._n_gpu = 4
+        self._n_gpu = n_gpu
         self.distributed_state = None
         return torch.device("cuda:0")
 
     monkeypatch.setattr(transformers.TrainingArguments, "_setup_devices", property(trainer_default))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n_gpu)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(torch.device(device)))
     return chosen
+
+
+@pytest.fixture
+def four_gpus(monkeypatch):
+    """A one-process run on a machine with 4 GPUs: cuda:0, n_gpu 4."""
+    return stand_in_gpus(monkeypatch, 4)
 
 
 def test_the_device_asked_for_is_the_one_trained_on(four_gpus, tmp_path):
