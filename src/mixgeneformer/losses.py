@@ -17,8 +17,9 @@ now and then.)
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
@@ -40,13 +41,20 @@ def _without_autocast(fn: _F) -> _F:
     def wrapper(*args, **kwargs):
         first = next((t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, tuple) else (a,))
                       if isinstance(t, torch.Tensor)), None)
-        kind = first.device.type if first is not None else "cpu"
-        if not torch.amp.is_autocast_available(kind):
-            return fn(*args, **kwargs)
-        with torch.autocast(kind, enabled=False):
+        with autocast_off(first.device.type if first is not None else "cpu"):
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def autocast_off(device_type: str) -> Iterator[None]:
+    """Autocast switched off on ``device_type`` (a device without autocast has nothing to switch off)."""
+    if not torch.amp.is_autocast_available(device_type):
+        yield
+        return
+    with torch.autocast(device_type, enabled=False):
+        yield
 
 
 @_without_autocast

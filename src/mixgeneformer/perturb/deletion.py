@@ -36,6 +36,8 @@ import functools
 
 import torch
 
+from ..losses import autocast_off
+
 __all__ = ["DeletionScan", "supports_shared_first_block"]
 
 # Keys per chunk when a whole cell's logits are reduced (bounds memory to heads × L × chunk).
@@ -76,10 +78,7 @@ def _without_autocast(method):
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        kind = self.device.type
-        if not torch.amp.is_autocast_available(kind):
-            return method(self, *args, **kwargs)
-        with torch.autocast(kind, enabled=False):
+        with autocast_off(self.device.type):
             return method(self, *args, **kwargs)
 
     return wrapper
