@@ -65,6 +65,11 @@ def checked_csr(matrix: sp.csr_matrix, where: str, start: int) -> sp.csr_matrix:
     return matrix
 
 
+def as_csr(counts: sp.spmatrix | sp.sparray | np.ndarray) -> sp.csr_matrix | sp.csr_array:
+    """``counts`` itself when it is CSR (matrix or array: no copy), else converted to a CSR matrix."""
+    return counts if sp.issparse(counts) and counts.format == "csr" else sp.csr_matrix(counts)
+
+
 def canonical_csr(counts: sp.spmatrix | sp.sparray | np.ndarray) -> sp.csr_matrix:
     """``counts`` as CSR with one stored entry per (cell, gene), summed, and sorted columns. A matrix
     built from data / indices / indptr may store a cell's gene twice; every consumer reads the stored
@@ -184,8 +189,7 @@ def validate_counts(
     InputDataError
         On NaN / Inf, negative or (unless allowed) non-integer values.
     """
-    if not sp.issparse(counts) or counts.format != "csr":  # another format / dense: its cells and genes located right
-        counts = sp.csr_matrix(counts)
+    counts = as_csr(counts)  # another format / dense: its cells and genes located right
     data = counts.data
     if data.size == 0 or data.dtype == np.bool_:
         return

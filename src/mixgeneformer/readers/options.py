@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from ..errors import ConfigError, GeneIdError, InputDataError
 from ..genes import SPECIES, GeneMapping, map_gene_ids
 from ..jit import njit
-from .base import CountChunk, CountInput, CountSource
+from .base import CountChunk, CountInput, CountSource, as_csr
 from .formats import open_source
 
 
@@ -138,8 +138,7 @@ def row_sums(counts: sp.csr_matrix | sp.spmatrix | np.ndarray) -> np.ndarray:
     """Per-row sums of a cells × genes matrix as float64: for CSR one compiled pass, no upcast copy of
     the data; another sparse format or a dense array is converted to CSR first (the compiled pass
     reads ``indptr`` as row pointers: a CSC matrix read so gave column sums, out of bounds)."""
-    if not sp.issparse(counts) or counts.format != "csr":
-        counts = sp.csr_matrix(counts)
+    counts = as_csr(counts)
     out = np.empty(counts.shape[0], dtype=np.float64)
     _row_sums(counts.indptr, counts.data, out)
     return out
