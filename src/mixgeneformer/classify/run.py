@@ -20,7 +20,7 @@ from ..errors import ConfigError, check_anndata, check_config, name_list
 from ..fileio import atomic_directory, write_h5ad, write_json
 from ..medians import GeneMedians
 from ..plots import confusion_matrix
-from ..readers import ReadOptions, map_source_genes
+from ..readers import ReadOptions
 from ..tokenize import TokenizeConfig
 from ..vocab import Vocabulary
 from .baselines import baselines, token_baseline
@@ -161,7 +161,7 @@ def _species_of(adata: anndata.AnnData, read: ReadOptions | None) -> str:
     of ``read.gene_column`` (not ``var_names``), and ``read.species`` when declared (``"auto"``: detected)."""
     read = read or ReadOptions()
     with read.open(adata) as source:
-        return map_source_genes(source, read.species, read.min_coverage, read.allow_mixed_species).species
+        return read.map_genes(source).species
 
 
 def _with_max_len(config: TokenizeConfig | None, max_len: int, positions: int) -> TokenizeConfig:
