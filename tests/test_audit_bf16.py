@@ -14,6 +14,7 @@ from mixgeneformer.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_classify import C, tiny_model, token_task  # noqa: E402
+from test_devices import StandInGPUs  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ fine-tuning
@@ -63,10 +64,7 @@ def test_finetune_bf16_on_a_gpu_without_bf16_is_one_config_error(monkeypatch):
     """Refused before any cell is tokenized, naming the option (the Trainer's ValueError came after the probe)."""
     from mixgeneformer.classify.finetune import check_finetune_options
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100")
+    StandInGPUs(monkeypatch, ["none"], ["Tesla P100"])
     with pytest.raises(ConfigError, match=r"finetune\.bf16=true, but Tesla P100.*set finetune\.bf16=false"):
         check_finetune_options(C.FinetuneConfig(bf16=True, device="cuda"))
     check_finetune_options(C.FinetuneConfig(bf16=False, device="cuda"))
@@ -79,11 +77,10 @@ def test_precision_auto_of_pretraining_is_fp32_where_the_gpu_only_emulates_bf16(
     emulated bf16 there."""
     from mixgeneformer.trainer import resolve_precision
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    gpu = StandInGPUs(monkeypatch, ["emulated"])
     assert resolve_precision("auto") == "fp32"
     assert resolve_precision("bf16") == "bf16"  # asked for explicitly: the GPU can run it (emulated)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    gpu.bf16 = ["native"]  # Ampere and later
     assert resolve_precision("auto") == "bf16"
 
 

@@ -214,10 +214,12 @@ def test_precision_auto_uses_bf16_only_where_the_gpu_computes_it(monkeypatch):
 
     assert autocast_dtype(torch.device("cpu"), "auto") is None
     assert autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    from test_devices import StandInGPUs
+
+    gpu = StandInGPUs(monkeypatch, ["emulated"])
     assert autocast_dtype(torch.device("cuda"), "auto") is None  # e.g. a T4: bf16 only emulated -> fp32
     assert autocast_dtype(torch.device("cuda"), "fp32") is None
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    gpu.bf16 = ["native"]
     assert autocast_dtype(torch.device("cuda"), "auto") is torch.bfloat16
     with pytest.raises(ConfigError, match="precision"):
         autocast_dtype(torch.device("cpu"), "fp16")

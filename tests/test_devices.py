@@ -35,6 +35,42 @@ def stand_in_gpus(monkeypatch, n_gpu: int) -> list[torch.device]:
     return chosen
 
 
+class StandInGPUs:
+    """``torch.cuda``'s queries on a machine of GPUs with their own bf16 ability, one of ``"native"``
+    (Ampere and later), ``"emulated"`` (T4, V100) or ``"none"`` (P100): ``is_bf16_supported``
+    answers for the current GPU, as torch's does, and ``torch.cuda.device(i)`` switches it."""
+
+    def __init__(self, monkeypatch, bf16: list[str], names: list[str] | None = None):
+        self.bf16, self.names, self.current = bf16, names or [f"GPU {i}" for i in range(len(bf16))], 0
+        stand_in = self
+
+        class device:  # torch.cuda.device: the current GPU within the block
+            def __init__(self, which):
+                self.index = torch.device(which).index if not isinstance(which, int) else which
+
+            def __enter__(self):
+                self.before = stand_in.current
+                stand_in.current = stand_in.current if self.index is None else self.index
+
+            def __exit__(self, *exc):
+                stand_in.current = self.before
+
+        def is_bf16_supported(including_emulation=True):
+            kind = stand_in.bf16[stand_in.current]
+            return kind == "native" or (including_emulation and kind == "emulated")
+
+        def get_device_name(which=None):
+            index = stand_in.current if which is None else torch.device(which).index
+            return stand_in.names[stand_in.current if index is None else index]
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: len(bf16))
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: stand_in.current)
+        monkeypatch.setattr(torch.cuda, "device", device)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+        monkeypatch.setattr(torch.cuda, "get_device_name", get_device_name)
+
+
 @pytest.fixture
 def four_gpus(monkeypatch):
     """A one-process run on a machine with 4 GPUs: cuda:0, n_gpu 4."""
@@ -70,3 +106,26 @@ def test_a_cuda_index_the_machine_lacks_is_refused(monkeypatch):
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(ConfigError, match=r"has 2 CUDA device\(s\), cuda:0 to cuda:1"):
         resolve_device("cuda:2")
+
+
+def test_bf16_is_judged_on_the_gpu_asked_for_not_the_current_one(monkeypatch):
+    """A machine mixing GPU generations (cuda:0 an A100, cuda:1 a P100 without bf16): torch's
+    is_bf16_supported() answers for the current GPU, cuda:0, so `--device cuda:1` got embedding's
+    "auto" bf16 and fine-tuning's bf16 let through, on a GPU that cannot compute in it."""
+    from mixgeneformer.classify.finetune import FinetuneConfig, check_finetune_options
+    from mixgeneformer.devices import autocast_dtype, cuda_bf16
+
+    gpus = StandInGPUs(monkeypatch, ["native", "none", "emulated"], ["NVIDIA A100", "Tesla P100", "Tesla V100"])
+    assert autocast_dtype(torch.device("cuda:0"), "auto") is torch.bfloat16
+    assert autocast_dtype(torch.device("cuda:1"), "auto") is None
+    assert autocast_dtype(torch.device("cuda:2"), "auto") is None  # emulated only: fp32
+    assert autocast_dtype(torch.device("cuda"), "auto") is torch.bfloat16  # the current GPU, cuda:0
+    assert [cuda_bf16(torch.device(f"cuda:{i}")) for i in range(3)] == [True, False, True]
+    assert gpus.current == 0  # asked, then put back
+    with pytest.raises(ConfigError, match=r"finetune\.bf16=true, but Tesla P100"):
+        check_finetune_options(FinetuneConfig(bf16=True, device="cuda:1"))
+    check_finetune_options(FinetuneConfig(bf16=True, device="cuda:2"))  # emulated: runs, slower
+    check_finetune_options(FinetuneConfig(bf16=True, device="cuda:0"))
+    gpus.current = 1  # the same question with the P100 current: cuda:0 still computes in bf16
+    assert autocast_dtype(torch.device("cuda:0"), "auto") is torch.bfloat16
+    check_finetune_options(FinetuneConfig(bf16=True, device="cuda:0"))

@@ -36,6 +36,7 @@ STAGES: list[tuple[str, ...]] = [
     ("simulate",),  # planted-truth data over the shipped gene tables
     ("readers",),
     ("parallel",),
+    ("devices",),  # the device a user names, its bf16 support, autocast and attention kernels
     ("medians",),
     ("vocab",),
     ("corpus",),

@@ -1,4 +1,4 @@
-"""Running the encoder over cells: device and precision, hidden states at a layer, one padding,
+"""Running the encoder over cells: hidden states at a layer, one padding,
 one length order, and :func:`embed_corpus` (cell and gene embeddings of a tokenized corpus).
 
 Shared by embedding, classification and perturbation (pooling lives in model.py beside the models
@@ -8,23 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
 from typing import Any, Literal
 
 import datasets
 import numpy as np
 import pandas as pd
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from .corpus import check_token_input
+from .devices import Precision, autocast_dtype, inference_context, precision_in_use, resolve_device  # noqa: F401 (re-exported until importers move)
 from .errors import ConfigError, InputDataError, VocabularyMismatchError
 from .model import Pooling, gene_positions, pool_cells
-from .parallel import backend_available
 from .vocab import Vocabulary
-
-Precision = Literal["auto", "fp32", "bf16"]
 
 
 def encoder_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -198,79 +194,6 @@ def check_output_key(key: object) -> None:
         raise ConfigError(f"key must be a non-empty string, got {key!r}")
     if "/" in key:
         raise ConfigError(f"key {key!r} contains '/', which an h5ad cannot store as a name; use e.g. {key.replace('/', '_')!r}")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The torch device to run on: ``None`` picks CUDA when available, else the CPU.
-
-    Raises :class:`ConfigError` for a string that is no device, CUDA asked for without CUDA, or a
-    CUDA index this machine does not have.
-    """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device={device!r} is not a torch device (use 'cpu', 'cuda', 'cuda:1')") from exc
-    if resolved.type not in ("cpu", "cuda") and not backend_available(resolved.type):  # "mps" on Linux, "meta": later crashes
-        raise ConfigError(f"device={device!r}: this machine has no {resolved.type} device; use 'cpu' or 'cuda'")
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} was requested but CUDA is not available; use device='cpu'")
-    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise ConfigError(f"device={device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    return resolved
-
-
-def autocast_dtype(device: torch.device, precision: Precision) -> torch.dtype | None:
-    """The autocast dtype of ``precision`` on ``device`` (None: no autocast, the model's own dtype).
-
-    ``"bf16"``: bf16; ``"fp32"``: None; ``"auto"``: bf16 on a GPU that computes in bf16 natively
-    (Ampere and later), else None (a GPU that only emulates bf16, e.g. a T4 or V100, and the CPU).
-    Raises :class:`ConfigError` for any other ``precision``.
-    """
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp32" or device.type != "cuda":
-        return None
-    try:
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch releases before the argument: no emulation counted
-        native = torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if native else None
-
-
-def precision_in_use(device: str | torch.device | None, precision: Precision) -> str:
-    """``"bf16"`` or ``"fp32"``: what ``precision`` computes in on ``device`` (``"auto"`` resolved), for records."""
-    return "bf16" if autocast_dtype(resolve_device(device), precision) is not None else "fp32"
-
-
-def inference_context(device: torch.device, precision: Precision, model: torch.nn.Module | None = None) -> ExitStack:
-    """Numerics and kernels of a forward pass of ``model`` over cells of varying length on ``device``.
-
-    * ``precision``: ``"bf16"`` runs under bf16 autocast, ``"fp32"`` without, ``"auto"`` bf16 on
-      a CUDA GPU with native bf16 and fp32 elsewhere (:func:`autocast_dtype`); ``"fp32"`` with a
-      model held in half precision is a :class:`ConfigError` (it would compute in half precision);
-    * on CUDA, SDPA may use the flash, memory-efficient and math kernels but not cuDNN's: cuDNN
-      attention builds an execution graph per input shape, and dynamic padding gives nearly
-      every batch a new shape, so each batch would pay for a graph build.
-    """
-    dtype = autocast_dtype(device, precision)
-    weights = next(model.parameters()).dtype if model is not None else torch.float32
-    if precision == "fp32" and weights != torch.float32:
-        raise ConfigError(
-            f"precision='fp32', but the model's weights are {weights}: it would compute in {weights}. "
-            "Convert it first (model.float()), or ask for precision='auto' or 'bf16'"
-        )
-    stack = ExitStack()
-    if dtype is not None:
-        stack.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
-    if device.type == "cuda":
-        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        stack.enter_context(sdpa_kernel(backends))
-    return stack
 
 
 @dataclasses.dataclass

@@ -31,9 +31,10 @@ from ..bundle import (
     save_bundle,
 )
 from ..config import load_config, save_config
+from ..devices import cuda_bf16, resolve_device
 from ..errors import ArtifactError, ConfigError, check_config
 from ..fileio import check_readable_file, read_json, scratch_folder, write_json
-from ..inference import encoder_of, resolve_device
+from ..inference import encoder_of
 from ..medians import GeneMedians
 from ..model import MixGeneformerForCellClassification
 from ..model_config import CONFIG_VALUE_ERRORS
@@ -150,7 +151,7 @@ def check_finetune_options(config: FinetuneConfig, model: torch.nn.Module | None
         device = resolve_device(config.device)
     except ConfigError as exc:
         raise ConfigError(f"finetune.{exc}") from None
-    if config.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if config.bf16 and device.type == "cuda" and not cuda_bf16(device):
         raise ConfigError(f"finetune.bf16=true, but {torch.cuda.get_device_name(device)} cannot compute in bf16; "
                           "set finetune.bf16=false")
     if model is not None:
