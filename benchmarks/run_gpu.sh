@@ -38,8 +38,8 @@ if [[ $stage == all || $stage == scale ]]; then
     timeout 240 python3 benchmarks/sharded_embed.py --device cuda --data "$baron" --world "$world" --n-cells 2048 \
         --batch-size 64 --precision "$precision" --workdir "$work/embed" 2>&1 | tee -a "$out/sharded_embed.txt"
   done
-  # 3. FSDP and DeepSpeed ZeRO-2 pretraining, 30 steps each on the Baron corpus built in step 2 (FSDP is refused
-  #    at once with torch >= 2.13, exit 2: its line records the refusal); GPU memory
+  # 3. FSDP (Accelerate's FSDP2, the tied MLM head in one group) and DeepSpeed ZeRO-2 pretraining, 30 steps
+  #    each on the Baron corpus built in step 2 (FSDP's first GPU run: its line records the exit status); GPU memory
   #    sampled with nvidia-smi (reserved, so above the allocator's peak); tokens/s and MFU from metrics.csv.
   for strategy in fsdp deepspeed; do
     if [[ $strategy == deepspeed ]] && ! python3 -c "import deepspeed" 2>/dev/null; then

@@ -54,6 +54,7 @@ STAGES: list[tuple[str, ...]] = [
     ("diagnostics",),  # held-out masked-gene diagnostics and their frequency baselines
     # stop signals of pretraining (handler + Trainer callback); TrainingArguments for one device per process
     ("stopping", "training_args"),
+    ("fsdp",),  # FSDP2 sharding of the tied BERT-MLM model, gathered weights (torch, accelerate)
     ("trainer",),  # the Trainer subclass and callbacks of pretraining
     ("pretrain", "embed", "classify", "perturb"),  # the user APIs
     ("integration",),  # species mixing and cross-species transfer scores (on classify)

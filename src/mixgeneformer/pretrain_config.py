@@ -197,41 +197,21 @@ class PretrainConfig:
         return self
 
 
-def check_strategy_device(distributed: DistributedOptions, cuda: bool, torch_version: str | None = None) -> None:
-    """Refuse, before any work, a ``distributed.strategy`` that would not shard as asked.
-
-    * fsdp with torch >= 2.13 (``torch_version``; default: the installed one): Accelerate's FSDP2
-      wrapping puts the tied MLM decoder (``cls.predictions.decoder``, whose bias is
-      ``cls.predictions.bias``) in the embeddings' group and ``cls.predictions.bias`` in the root group,
-      and torch 2.13 refuses a parameter shared by two FSDP groups: the first step fails (seen in a
-      two-rank run with Accelerate's FSDP2 forced on). FSDP has not run on GPUs in this project yet.
-    * fsdp / deepspeed on a machine without a CUDA GPU (``cuda``): Accelerate enables them only for
-      GPU-type jobs; a torchrun job of CPU processes (gloo) drops the plugin without a word and trains
-      as DDP (``AcceleratorState``: the FSDP branch covers MULTI_GPU / NPU / XPU..., never MULTI_CPU;
-      DeepSpeed needs ``not cpu``), and FSDP1's wrapping asks for an accelerator device.
+def check_strategy_device(distributed: DistributedOptions, cuda: bool) -> None:
+    """Refuse, before any work, a ``distributed.strategy`` that would not shard as asked: fsdp /
+    deepspeed on a machine without a CUDA GPU (``cuda``). Accelerate enables them only for GPU-type
+    jobs; a torchrun job of CPU processes (gloo) drops the plugin without a word and trains as DDP
+    (``AcceleratorState``: the FSDP branch covers MULTI_GPU / NPU / XPU..., never MULTI_CPU; DeepSpeed
+    needs ``not cpu``). FSDP itself (Accelerate's FSDP2, with the tied MLM head in one group:
+    :mod:`mixgeneformer.fsdp`) runs with torch 2.13: tests/test_fsdp.py trains, saves and resumes it
+    on two CPU ranks with Accelerate's FSDP state forced on.
     """
-    if distributed.strategy == "fsdp" and _release(torch_version) >= (2, 13):
-        raise ConfigError(
-            "distributed.strategy=fsdp fails at its first step with torch >= 2.13 (the MLM decoder's tied bias "
-            "would belong to two FSDP groups). Use distributed.strategy=deepspeed on GPUs (ZeRO-2, as "
-            "configs/mix_geneformer_deepspeed.yaml) or ddp."
-        )
     if distributed.strategy in ("fsdp", "deepspeed") and not cuda:
         raise ConfigError(
             f"distributed.strategy={distributed.strategy} needs CUDA GPUs, and this machine has none (on the CPU the "
             "training libraries would silently train as DDP instead). Use distributed.strategy=ddp here (torchrun "
             "over CPU processes, gloo), or run this config on GPUs."
         )
-
-
-def _release(version: str | None) -> tuple[int, int]:
-    """(major, minor) of a torch version string (default: the installed torch's)."""
-    if version is None:
-        import torch  # the configuration module stays importable without torch's start-up cost
-
-        version = torch.__version__
-    found = re.match(r"(\d+)\.(\d+)", version)
-    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
 
 
 def check_model_options(preset: str, sections: dict[str, dict[str, Any]]) -> None:

@@ -3,8 +3,9 @@ seeded masking, the training arguments and the final bundle. FLOP counting (:mod
 and the metrics CSV (:mod:`mixgeneformer.metrics_csv`) are their own modules, re-exported here.
 
 ``MixGeneformerTrainer`` overrides private Trainer methods (``_get_train_sampler``,
-``_save_checkpoint``, ``_get_output_dir``): pyproject.toml bounds ``transformers`` from above for that
-reason, and tests/test_pretrain.py exercises each override (sampler order, atomic checkpoints, resume)."""
+``_save_checkpoint``, ``_get_output_dir``, ``_save``): pyproject.toml bounds ``transformers`` from above for that
+reason, and tests/test_pretrain.py exercises each override (sampler order, atomic checkpoints, resume;
+``_save``'s gathered FSDP weights: tests/test_fsdp.py)."""
 
 from __future__ import annotations
 
@@ -31,13 +32,13 @@ from .bundle import TOKENIZE_CONFIG_NAME, save_bundle
 from .cell_bank import save_cell_bank
 from .config import save_config
 from .diagnostics import masked_gene_stats
-from .errors import ArtifactError, ConfigError
+from .errors import ConfigError
 from .fileio import output_error, write_json
 from .flops import PEAK_BF16_FLOPS, count_flop_parameters, device_peak_flops, training_flops
+from .fsdp import checkpoint_state_dict, model_from_gathered, shard_model
 from .inference import autocast_dtype
 from .medians import GeneMedians
 from .metrics_csv import METRICS_FIELDS, MetricsCSV, read_metrics, trim_metrics
-from .model import MixGeneformerForPretraining
 from .sampling import PretrainSampler, batch_seed
 from .stopping import SignalFlag, StopOnDivergence, StopOnSignal
 from .training_args import OneDeviceArguments
@@ -173,6 +174,10 @@ class MixGeneformerTrainer(Trainer):
         self._n_views = encoder_views(cfg)
         self._peak = None
 
+    def create_optimizer(self, model=None):  # FSDP2: shard here (tied MLM head in one group), before the optimizer and Accelerate
+        shard_model(self.accelerator, self.model)
+        return super().create_optimizer(model)
+
     # --- data order -------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -293,6 +298,9 @@ class MixGeneformerTrainer(Trainer):
     def _issue_warnings_after_load(self, load_result):  # the tied MLM decoder is never stored: not "missing"
         tied = getattr(self.accelerator.unwrap_model(self.model), "_tied_weights_keys", None) or {}
         super()._issue_warnings_after_load(load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in tied]))
+
+    def _save(self, output_dir=None, state_dict=None):  # FSDP's gathered weights: full tensors, tied ones once (as DDP)
+        super()._save(output_dir, checkpoint_state_dict(self.model, state_dict) if state_dict is not None else None)
 
     def _save_checkpoint(self, model, trial):
         run_dir = Path(self.args.output_dir)
@@ -456,24 +464,6 @@ def training_arguments(config: PretrainConfig, run_dir: Path, precision: str, ha
         return OneDeviceArguments(**kwargs)
     except (ValueError, ImportError) as exc:
         raise ConfigError(f"the training options are inconsistent: {exc}") from exc
-
-
-def model_from_gathered(config: transformers.PretrainedConfig, state_dict: dict[str, torch.Tensor]) -> MixGeneformerForPretraining:
-    """A fresh model holding the full weights gathered under FSDP / DeepSpeed. Every tensor must land:
-    a key under another name (a wrapper's prefix) left that tensor at its random initialisation, and
-    the bundle was written without a word. Only tensors tied to a loaded one (the MLM decoder) may be absent."""
-    fresh = MixGeneformerForPretraining(config)
-    result = fresh.load_state_dict(state_dict, strict=False)
-    own = fresh.state_dict(keep_vars=True)
-    loaded = {own[key].data_ptr() for key in state_dict if key in own}
-    missing = [key for key in result.missing_keys if own[key].data_ptr() not in loaded]
-    if missing or result.unexpected_keys:
-        raise ArtifactError(
-            f"the gathered weights do not match the model: {len(missing)} tensors missing (e.g. {missing[:3]}), "
-            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]}); the final bundle was not "
-            "written. The newest checkpoint holds the trained weights."
-        )
-    return fresh
 
 
 def save_final_bundle(trainer: MixGeneformerTrainer, bundle_dir: Path, vocab: Vocabulary, medians_path: Path | None) -> None:
