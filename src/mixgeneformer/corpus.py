@@ -19,6 +19,7 @@ import yaml
 from .errors import ArtifactError, ConfigError, InputDataError, VocabularyMismatchError
 from .fileio import check_readable_file, read_json
 from .medians import GeneMedians
+from .readers.cells import COUNT_INPUTS, count_format, refused_folder
 from .vocab import Vocabulary
 
 CORPUS_JSON = "mixgf_corpus.json"
@@ -90,36 +91,32 @@ def check_corpora(paths: list[Path], vocab: Vocabulary, medians: str | os.PathLi
     check_corpus_medians(paths, medians)
 
 
-_COUNT_FORMATS = {".loom": "a .loom file", ".h5": "a 10x .h5 file", ".mtx": "a Matrix Market file", ".gz": "a compressed file"}
+_NOT_READ = {".mtx": "a Matrix Market file (pass the 10x folder that holds it, with features.tsv and barcodes.tsv)",
+             ".gz": "a compressed file (pass the 10x folder that holds it, or decompress it)"}
+
+
+def is_corpus_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder ``datasets.save_to_disk`` wrote (a tokenized corpus)."""
+    path = Path(path)
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists())
 
 
 def check_cells_input(path: str | os.PathLike, option: str = "input", corpus: bool = True) -> Path:
-    """The cells a model command reads: an ``.h5ad`` file, or (``corpus``) a tokenized corpus folder.
-    A 10x folder, a SOMA experiment, a loom or 10x ``.h5`` file gets one message saying how to
-    convert it, not a reader's error."""
+    """The cells a model command reads: any count input (:data:`readers.cells.COUNT_INPUTS`: an .h5ad,
+    .loom or 10x .h5 file, a 10x matrix.mtx folder, a TileDB-SOMA experiment) or, with ``corpus``, a
+    tokenized corpus folder. Any other folder, and a bare Matrix Market or compressed file, gets one
+    message naming what the command reads, not a reader's error."""
     path = check_readable_file(path, option)
-    reads = "an .h5ad file or a tokenized corpus folder" if corpus else "an .h5ad file"
-    convert = ("tokenize it first (mixgf tokenize INPUT --vocab MODEL/vocab.json --medians MODEL/medians.tsv -o CORPUS) or "
-               if corpus else "") + "convert it to .h5ad (e.g. scanpy.read_10x_mtx / read_10x_h5 / read_loom, then .write_h5ad)"
+    kind = count_format(path)
     if path.is_dir():
-        if corpus and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+        if kind is not None or (corpus and is_corpus_folder(path)):
             return path
-        raise InputDataError(f"{option} {path} is a folder but not a tokenized corpus; this command reads {reads}: {convert}.")
-    kind = next((name for suffix, name in _COUNT_FORMATS.items() if path.name.lower().endswith(suffix)), None)
-    if kind is not None and not (kind.endswith(".h5 file") and _holds_anndata(path)):
-        raise InputDataError(f"{option} {path} is {kind}; this command reads {reads}: {convert}.")
+        raise refused_folder(path, option, corpus)
+    name = next((name for suffix, name in _NOT_READ.items() if path.name.lower().endswith(suffix)), None)
+    if name is not None:
+        reads = COUNT_INPUTS + (", or a tokenized corpus folder" if corpus else "")
+        raise InputDataError(f"{option} {path} is {name}; this command reads {reads}.")
     return path
-
-
-def _holds_anndata(path: Path) -> bool:
-    """An HDF5 file laid out as an AnnData (an .h5ad under another name)."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            return "X" in f or ("obs" in f and "var" in f)
-    except OSError:
-        return False
 
 
 def open_corpus(paths: list[Path], max_cells: int | None = None):

@@ -45,20 +45,21 @@ import pandas as pd
 import pyarrow.compute as pc
 import torch.distributed as dist
 
+from .bundle import TokenizeOverrides, bundle_tokenize_config, resolve_tokenize_config
 from .corpus import load_corpus
 from .errors import ArtifactError, ConfigError, InputDataError, NoTokenizableCellError
 from .fileio import (
     JSONValue,
     atomic_file,
-    check_readable_file,
     content_hash,
     files_signature,
-    read_h5ad,
     read_json,
     write_json,
 )
 from .parallel import rank_device
-from .readers import open_source
+from .readers import ReadOptions, open_source
+from .readers.cells import H5AD, count_format, read_cells, read_rows
+from .tokenize import load_tokenize_config
 
 if TYPE_CHECKING:
     from .tokenize import TokenizeConfig
@@ -74,7 +75,9 @@ __all__ = [
     "ShardJob",
     "ShardRole",
     "cell_lengths",
+    "cells_tokenize_config",
     "merge",
+    "model_tokenize_config",
     "output_frame",
     "plain_record",
     "plan_shards",
@@ -161,12 +164,14 @@ def plan_shards(lengths: np.ndarray, world: int) -> np.ndarray:
 def cell_lengths(input: Path, tokenize_config: TokenizeConfig | None = None) -> np.ndarray:
     """Tokens per cell of an input, for :func:`plan_shards` (no tokenization).
 
-    A corpus folder: its ``length`` column (else the ``input_ids`` lengths). A count file: the
-    expressed genes of each cell (before the vocabulary filter) capped at ``max_len``; from a CSR
-    ``.h5ad`` its row pointer alone, so that each rank of a sharded run does not read every count.
+    A corpus folder: its ``length`` column (else the ``input_ids`` lengths). A count input (any format
+    :func:`readers.open_source` reads, with the configuration's reader options): the expressed genes of
+    each cell (before the vocabulary filter) capped at ``max_len``; from a CSR ``.h5ad`` its row pointer
+    alone, so that each rank of a sharded run does not read every count.
     """
     input = Path(input)
-    if input.is_dir():
+    kind = count_format(input)
+    if kind is None:
         corpus = load_corpus(input)
         if "length" in corpus.column_names:
             return np.asarray(corpus.with_format("numpy")["length"], dtype=np.int64)
@@ -176,11 +181,32 @@ def cell_lengths(input: Path, tokenize_config: TokenizeConfig | None = None) -> 
             for i in range(0, len(corpus), _LENGTH_CHUNK)
         ]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    layer = getattr(tokenize_config, "layer", None)
-    gene_column = getattr(tokenize_config, "gene_column", None)
+    read = tokenize_config.read_options if tokenize_config is not None else ReadOptions()
     max_len = int(getattr(tokenize_config, "max_len", 2048))
-    with open_source(input, layer=layer, gene_column=gene_column, allow_fractional=True) as source:
+    other = kind != H5AD  # an h5ad's obs_filter is refused where it is tokenized, as in one process
+    with open_source(input, layer=read.layer, gene_column=read.gene_column, allow_fractional=True,
+                     measurement=read.measurement, obs_filter=read.obs_filter if other else None) as source:
         return np.minimum(source.stored_per_cell(_LENGTH_CHUNK), max_len)
+
+
+def model_tokenize_config(model: str | os.PathLike | object, given: TokenizeConfig | None) -> TokenizeConfig | None:
+    """The tokenize options a model command uses with ``model`` (a bundle folder, or a loaded model):
+    ``given`` over the bundle's recorded ones (:func:`bundle.resolve_tokenize_config`), known before the
+    model loads; a count input other than an h5ad is read with their reader options."""
+    recorded = (bundle_tokenize_config(model) if isinstance(model, (str, os.PathLike))
+                else getattr(model, "bundle_tokenize_config", None))
+    return resolve_tokenize_config(given, recorded)
+
+
+def cells_tokenize_config(input: Path, config: TokenizeConfig | None) -> TokenizeConfig | None:
+    """The tokenize options for the cells :func:`readers.cells.read_cells` read from ``input``: ``config``
+    itself for an h5ad or a corpus (applied to them as before), without its ``obs_filter`` for any other
+    input (the reader applied it to a SOMA experiment's cells and refused it for other formats)."""
+    if config is None or config.obs_filter is None or count_format(input) in (None, H5AD):
+        return config
+    if isinstance(config, TokenizeOverrides):
+        return TokenizeOverrides(**{name: getattr(config, name) for name in config.given if name != "obs_filter"})
+    return dataclasses.replace(config, obs_filter=None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,15 +393,16 @@ def _stack(shards: list[dict[str, np.ndarray]], n_cells: int) -> np.ndarray:
     return out
 
 
-def output_frame(input: Path) -> ad.AnnData:
-    """What a one-process run writes the results into: the input h5ad, or the corpus' obs."""
-    if input.is_dir():
+def output_frame(input: Path, read: ReadOptions | None = None, gene_column: str | None = None) -> ad.AnnData:
+    """What a one-process run writes the results into: the input h5ad, the corpus' obs, or the cells of
+    another count input read with the reader options ``read`` (:func:`readers.cells.read_cells`)."""
+    if count_format(input) is None:
         corpus = load_corpus(input)
         meta = [c for c in corpus.column_names if c != "input_ids"]
         obs = corpus.select_columns(meta).to_pandas() if meta else pd.DataFrame(index=range(len(corpus)))
         obs.index = obs.index.astype(str)
         return ad.AnnData(obs=obs)
-    return read_h5ad(input, "input h5ad")
+    return read_cells(input, read, gene_column=gene_column)
 
 
 def merge(out: str | os.PathLike, kind: str | None = None) -> tuple[str, dict[str, Any], ad.AnnData, pd.DataFrame | None]:
@@ -390,8 +417,9 @@ def merge(out: str | os.PathLike, kind: str | None = None) -> tuple[str, dict[st
     manifest, shards = _complete_shards(out)
     if kind is not None and manifest["kind"] != kind:
         raise ConfigError(f"{out}.shards holds {manifest['kind']} shards; use mixgf {manifest['kind']}-merge")
-    record = manifest["record"]
-    adata = output_frame(Path(manifest["input"]))
+    record, options = manifest["record"], manifest["options"]
+    read = load_tokenize_config(options["tokenize"]).read_options if options.get("tokenize") else None
+    adata = output_frame(Path(manifest["input"]), read, options.get("gene_column"))
     values = _stack(shards, adata.n_obs)
     done = [s for s in shards if "params" in s]
     params = [json.loads(str(s["params"])) for s in done]
@@ -411,41 +439,13 @@ def merge(out: str | os.PathLike, kind: str | None = None) -> tuple[str, dict[st
         adata.obsm[key] = values
         base["model"] = record["model"]
         adata.uns[f"{key}_params"] = base
-        if manifest["options"].get("gene_embeddings"):
+        if options.get("gene_embeddings"):
             genes = _merge_gene_tables(shards)
     else:
         classes = next(s["classes"] for s in shards if "classes" in s)
         write_prediction_columns(adata, values, [str(c) for c in classes], record["key"])
         adata.uns[f"{record['key']}_params"] = {**base, "classifier": record["model"]}
     return str(manifest["kind"]), record, adata, genes
-
-
-def read_rows(input: Path, start: int, stop: int) -> ad.AnnData:
-    """Cells ``start:stop`` of an h5ad, read as row slices of the backed file."""
-    check_readable_file(input, "input h5ad")
-    try:
-        backed = ad.read_h5ad(input, backed="r")
-    except (OSError, KeyError, ValueError) as exc:
-        raise ArtifactError(f"cannot read {input} as h5ad ({exc}); is it truncated or another format?") from exc
-    try:
-        if _null_raw(backed):
-            del backed.raw  # a null ``raw`` (earlier versions of this package wrote one): anndata cannot slice it
-        return backed[start:stop].to_memory()
-    except (AttributeError, KeyError, OSError) as exc:
-        raise ArtifactError(
-            f"cannot read cells {start}-{stop} of {input} from the backed file ({type(exc).__name__}: {exc}); rewrite it "
-            "with anndata (ad.read_h5ad(path).write_h5ad(new_path)) and pass the new file"
-        ) from exc
-    finally:
-        backed.file.close()
-
-
-def _null_raw(backed: ad.AnnData) -> bool:
-    """Whether a backed h5ad stores ``raw`` as a null element (no raw/X): older versions of this package wrote that."""
-    try:
-        return backed.file["raw"].attrs.get("encoding-type") == "null"
-    except (KeyError, AttributeError, TypeError):
-        return False
 
 
 def plain_record(value: object) -> JSONValue:

@@ -19,14 +19,16 @@ from ..corpus import check_corpus_vocabulary, load_corpus, refuse_tokenize_optio
 from ..errors import ArtifactError, ConfigError, InputDataError
 from ..fileio import check_outputs_of, output_lock, read_h5ad, write_h5ad
 from ..inference import check_batch_size, check_output_key, encoder_of, resolve_device
+from ..readers import ReadOptions
+from ..readers.cells import COUNT_INPUTS, H5AD, count_format, input_obs, read_cells
 from ..sharding import (
     DEFAULT_TIMEOUT_S,
     ShardJob,
     ShardRole,
+    cells_tokenize_config,
     merge,
     output_frame,
     rank_device,
-    read_rows,
     remove_shards,
     run_shard,
     shard_role,
@@ -68,6 +70,7 @@ def predict_cells(fitted: FittedClassifier, data: ad.AnnData | datasets.Dataset,
     return probabilities, int(n - len(np.unique(rows)))
 
 
+# long: a 9-line docstring; the checks before any work, the shard's compute step and the one-process run.
 def predict_sharded(
     input: str | os.PathLike,
     classifier: str | os.PathLike,
@@ -82,7 +85,8 @@ def predict_sharded(
     overwrite: bool = False,
     echo: Callable[[str], None] = print,
 ) -> ad.AnnData | None:
-    """Classify ``input`` (an .h5ad or a corpus folder) with a saved fine-tuned classifier.
+    """Classify ``input`` (a count input, read by :func:`readers.cells.read_cells` with the tokenize
+    options' reader options, or a corpus folder) with a saved fine-tuned classifier.
 
     One process (``role.world == 1``): classify everything and return the AnnData. Several: like
     :func:`mixgeneformer.embed.embed_sharded`, the merged AnnData on the merging process and None elsewhere.
@@ -93,28 +97,34 @@ def predict_sharded(
     """
     input, out = Path(input), Path(out)
     check_batch_size(batch_size)
-    if input.is_dir():
+    kind = count_format(input) if input.exists() else H5AD
+    if kind is None:
         refuse_tokenize_options(input, "predict", tokenize_config=tokenize_config)
     check_prediction_keys(input, key, overwrite)
     device = rank_device(device)
     resolve_device(device)  # a bad --device is refused before any work
     fitted = load_classifier(classifier)
-    if input.is_dir():
+    read = None
+    if kind is None:
         check_corpus_vocabulary(input, fitted.vocab.hash)
     else:
         tokenize_config = resolve_tokenize_config(tokenize_config, fitted.tokenize_config)
+        read = tokenize_config.read_options if tokenize_config is not None else ReadOptions()
+    if kind not in (None, H5AD):  # its obs columns are known once its reader options are
+        check_prediction_keys(input, key, overwrite, read)
+    cells_config = cells_tokenize_config(input, tokenize_config)
 
     def compute(start: int, stop: int) -> dict[str, np.ndarray]:
-        data = load_corpus(input).select(range(start, stop)) if input.is_dir() else read_rows(input, start, stop)
-        probabilities, dropped = _predict_shard(fitted, data, key, tokenize_config=tokenize_config,
+        data = load_corpus(input).select(range(start, stop)) if kind is None else read_cells(input, read, (start, stop))
+        probabilities, dropped = _predict_shard(fitted, data, key, tokenize_config=cells_config,
                                                 batch_size=batch_size, device=device)
         return {"values": probabilities, "classes": np.asarray(fitted.classes, dtype=str),
                 "params": np.array(json.dumps({"n_cells": stop - start, "n_dropped": dropped}))}
 
     if role.world == 1:
-        adata = output_frame(input)
-        data = load_corpus(input) if input.is_dir() else adata
-        probabilities, dropped = predict_cells(fitted, data, tokenize_config=tokenize_config,
+        adata = output_frame(input, read)
+        data = load_corpus(input) if kind is None else adata
+        probabilities, dropped = predict_cells(fitted, data, tokenize_config=cells_config,
                                                batch_size=batch_size, device=device)
         write_prediction_columns(adata, probabilities, list(fitted.classes), key)
         adata.uns[f"{key}_params"] = {"classifier": str(classifier), "n_cells": int(adata.n_obs), "n_dropped": dropped}
@@ -147,16 +157,23 @@ def prediction_slots(key: str) -> dict[str, list[str]]:
             "uns": [f"{key}_classes", f"{key}_params"]}
 
 
-def check_prediction_keys(input: Path, key: str, overwrite: bool) -> None:
+def check_prediction_keys(input: Path, key: str, overwrite: bool, read: ReadOptions | None = None) -> None:
     """``key`` is a valid output key, and (unless ``overwrite``) the input holds none of the entries a
-    prediction under it writes (as ``mixgf embed`` refuses an existing obsm[KEY] without --overwrite)."""
+    prediction under it writes (as ``mixgf embed`` refuses an existing obsm[KEY] without --overwrite).
+    A count input other than an h5ad is looked at with the reader options ``read`` (its obs columns
+    only), and only when they are given."""
     check_output_key(key)
     if overwrite or not input.exists():
         return
-    if input.is_dir():
+    kind = count_format(input)
+    if kind is None:
         present = {"obs": set(load_corpus(input).column_names), "obsm": set(), "uns": set()}
-    else:
+    elif kind == H5AD:
         present = _h5ad_keys(input)
+    elif read is None:
+        return
+    else:
+        present = {"obs": set(input_obs(input, read)[1]), "obsm": set(), "uns": set()}
     taken = [f"{slot}[{name!r}]" for slot, names in prediction_slots(key).items() for name in names if name in present[slot]]
     if taken:
         raise ConfigError(
@@ -204,7 +221,7 @@ def predict_file(
     input = Path(input)
     check_outputs_of({"--out": (out, {".h5ad"})}, [input, classifier, *config_files], overwrite)
     if not input.exists():
-        raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
+        raise ArtifactError(f"input {input} does not exist; give {COUNT_INPUTS}, or a tokenized corpus folder")
     return predict_sharded(
         input, classifier, out, role=shard_role(shard_index, num_shards), key=key, batch_size=batch_size,
         device=device, tokenize_config=tokenize_config, timeout_s=timeout_s, overwrite=overwrite, echo=echo,

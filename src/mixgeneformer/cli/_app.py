@@ -29,6 +29,10 @@ def _root(
 
 
 # The help of every --tokenize-config option: the file overlays the model's tokenize.yaml.
+CELLS_INPUT_HELP = (
+    "Raw counts: an .h5ad, .loom or 10x .h5 file, a 10x matrix.mtx folder or a TileDB-SOMA experiment (read as mixgf "
+    "tokenize reads it, with the layer / gene_column of the tokenize options), or a tokenized corpus folder."
+)
 TOKENIZE_CONFIG_HELP = (
     "YAML of tokenize options (layer, style, max_len, ...). Only the options it sets change: the others keep "
     "the model's tokenize.yaml (how its training corpus was tokenized), e.g. `layer: counts` alone keeps its "

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from ..classify.config import BaselineMethod
+    from ..tokenize import TokenizeConfig
 
 _MODES = {
     "finetune": ("finetune",),
@@ -54,7 +55,8 @@ def _labelled(data: AnnData, label: str, path: Path) -> AnnData:
 # long: Typer declares each of the 18 options as a parameter (25 lines of signature).
 @app.command("classify")
 def classify(
-    input: Path = typer.Argument(..., help="Labelled .h5ad with raw counts (train cells; split 80/20 without --test)."),
+    input: Path = typer.Argument(..., help="Labelled raw counts (train cells; split 80/20 without --test): an .h5ad, .loom or 10x .h5 "
+                                 "file, a 10x matrix.mtx folder or a TileDB-SOMA experiment, read as mixgf tokenize reads it."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: metrics, per-class reports, confusion matrices, predictions.h5ad."),
     model: Path | None = typer.Option(None, "--model", "-m", help="Model bundle folder (needed unless --mode none)."),
     label: str | None = typer.Option(
@@ -62,7 +64,7 @@ def classify(
     ),
     mode: str = typer.Option("all", "--mode", help=f"One of {sorted(_MODES)}: which model-based methods to run."),
     test: Path | None = typer.Option(
-        None, "--test", help="A second labelled .h5ad to test on (e.g. the other species: cross-species transfer)."
+        None, "--test", help="A second labelled input to test on, in any of those formats (e.g. the other species: cross-species transfer)."
     ),
     baselines: bool = typer.Option(False, "--baselines", help="Also run baselines on the same splits: CellTypist-style logreg and kNN on PCA of the counts; "
         "with a model, logreg on the tokens it reads (logreg_tokens)."),
@@ -85,7 +87,7 @@ def classify(
     from .. import classify as clf
     from ..config import load_config
     from ..corpus import check_cells_input
-    from ..fileio import check_output, claim_outputs, read_h5ad
+    from ..fileio import check_output, claim_outputs
     from ..inference import resolve_device
 
     if mode not in _MODES:
@@ -111,8 +113,9 @@ def classify(
         settings = load_config(clf.ClassifyConfig, config, overrides, values)
         tok_config = load_tokenize_config(tokenize_config)
 
-        train_data = _labelled(read_h5ad(input, "input h5ad"), settings.labels.key, input)
-        test_data = _labelled(read_h5ad(test, "test h5ad (--test)"), settings.labels.key, test) if test is not None else None
+        (train_data, test_data), tok_config = _read_cells(input, test, model if methods else None, tok_config)
+        train_data = _labelled(train_data, settings.labels.key, input)
+        test_data = _labelled(test_data, settings.labels.key, test) if test is not None else None
         run = clf.run_classification(
             train_data, model if methods else None, vocab if methods else None, medians if methods else None,
             test=test_data, methods=methods,
@@ -124,6 +127,29 @@ def classify(
         typer.echo(note)
     typer.echo(clf.markdown_table(run.table()))
     typer.echo(f"wrote {out}")
+
+
+def _read_cells(input: Path, test: Path | None, model: Path | None,
+                tokenize_config: TokenizeConfig | None) -> tuple[list[AnnData | None], TokenizeConfig | None]:
+    """The train (and --test) cells, and the tokenize options to give run_classification. An .h5ad is read
+    as before; another count input with the reader options the run tokenizes with (``tokenize_config`` over
+    the model's recorded ones), whose obs_filter (a SOMA experiment's cells) is then applied already."""
+    from ..bundle import resolve_tokenize_config
+    from ..fileio import read_h5ad
+    from ..readers.cells import H5AD, count_format, read_cells
+    from ..sharding import cells_tokenize_config, model_tokenize_config
+
+    paths = [p for p in (input, test) if p is not None]
+    h5ad = [count_format(path) == H5AD for path in paths]
+    read = None
+    if not all(h5ad):
+        config = model_tokenize_config(model, tokenize_config) if model else resolve_tokenize_config(tokenize_config, None)
+        read = config.read_options if config is not None else None
+    cells = [read_h5ad(path, what) if is_h5ad else read_cells(path, read)
+             for path, what, is_h5ad in zip(paths, ("input h5ad", "test h5ad (--test)"), h5ad, strict=False)]
+    if not any(h5ad):  # else an h5ad's obs_filter is refused as before
+        tokenize_config = cells_tokenize_config(input, tokenize_config)
+    return [*cells, None][:2], tokenize_config
 
 
 def _baseline_methods(baselines: bool, with_model: bool) -> tuple[BaselineMethod, ...]:

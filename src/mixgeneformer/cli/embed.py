@@ -1,4 +1,4 @@
-"""``mixgf embed``: cell (and gene) embeddings of an h5ad file or a tokenized corpus."""
+"""``mixgf embed``: cell (and gene) embeddings of a count input (.h5ad, .loom, 10x, SOMA) or a tokenized corpus."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from ._app import (
+    CELLS_INPUT_HELP,
     MEDIANS_OPTION,
     TOKENIZE_CONFIG_HELP,
     VOCAB_OPTION,
@@ -18,7 +19,7 @@ from ._app import (
 
 @app.command("embed")
 def embed(
-    input: Path = typer.Argument(..., help="An .h5ad file with raw counts, or a tokenized corpus folder."),
+    input: Path = typer.Argument(..., help=CELLS_INPUT_HELP),
     model: Path = typer.Option(..., "--model", "-m", help="Model bundle folder (config.json, model.safetensors, vocab.json)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .h5ad (the input's cells with obsm[KEY])."),
     key: str = typer.Option("X_mixgeneformer", help="obsm key to write."),
@@ -37,7 +38,7 @@ def embed(
     tokenize_config: Path | None = typer.Option(
         None, "--tokenize-config", help=TOKENIZE_CONFIG_HELP
     ),
-    gene_column: str | None = typer.Option(None, "--gene-column", help="var column with gene IDs/symbols (default var_names)."),
+    gene_column: str | None = typer.Option(None, "--gene-column", help="var column with gene IDs/symbols (default var_names; loom: a row attribute, 10x: a feature field)."),
     species: str = typer.Option("auto", help="auto, human or mouse."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT and an existing obsm[KEY]."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),

@@ -1,4 +1,4 @@
-"""``mixgf perturb``: in silico perturbation of an h5ad file or a tokenized corpus.
+"""``mixgf perturb``: in silico perturbation of a count input (.h5ad, .loom, 10x, SOMA) or a tokenized corpus.
 
 ``mixgf perturb-merge`` joins the shard tables of a multi-process run and computes the
 statistics.
@@ -12,7 +12,7 @@ from typing import Any
 import typer
 
 from ..errors import ConfigError
-from ._app import MEDIANS_OPTION, TOKENIZE_CONFIG_HELP, VOCAB_OPTION, app, load_tokenize_config
+from ._app import CELLS_INPUT_HELP, MEDIANS_OPTION, TOKENIZE_CONFIG_HELP, VOCAB_OPTION, app, load_tokenize_config
 
 
 def _config_from_options(config_file: Path | None, overrides: list[str] | None, options: dict[str, Any]):
@@ -33,7 +33,7 @@ def _split(text: str | None) -> list[str] | None:
 # long: Typer declares each of the 31 options as a parameter (35 lines of signature).
 @app.command("perturb")
 def perturb(
-    input: Path = typer.Argument(..., help="An .h5ad file with raw counts, or a tokenized corpus folder."),
+    input: Path = typer.Argument(..., help=CELLS_INPUT_HELP),
     model: Path = typer.Option(..., "--model", "-m", help="Model bundle folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (tables, figure, config.yaml)."),
     perturb_type: str | None = typer.Option(None, "--perturb", help="delete (default), overexpress, activate or inhibit."),

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import typer
 
-from ._app import TOKENIZE_CONFIG_HELP, app, claim_cell_outputs, load_tokenize_config
+from ._app import CELLS_INPUT_HELP, TOKENIZE_CONFIG_HELP, app, claim_cell_outputs, load_tokenize_config
 
 
 @app.command("predict")
 def predict(
-    input: Path = typer.Argument(..., help="An .h5ad file with raw counts, or a tokenized corpus folder."),
+    input: Path = typer.Argument(..., help=CELLS_INPUT_HELP),
     classifier: Path = typer.Option(..., "--classifier", "-c", help="A fine-tuned classifier folder (mixgf classify: OUT/finetuned)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .h5ad: the input's cells with obs[KEY_pred], obs[KEY_prob]."),
     key: str = typer.Option("predicted", "--key", help="Prefix of the obs / obsm / uns entries written (no '/')."),

@@ -31,6 +31,8 @@ from ..inference import (
     precision_in_use,
 )
 from ..model import Pooling
+from ..readers.cells import H5AD, count_format, read_cells
+from ..sharding import cells_tokenize_config, model_tokenize_config
 from ..tokenize import tokenize_for_model, warn_dropped
 
 if TYPE_CHECKING:  # imported lazily at run time: they pull heavy dependencies
@@ -268,13 +270,20 @@ def embed_file(
     gene_embeddings: bool = False,
     adata: anndata.AnnData | None = None,
 ) -> tuple[anndata.AnnData, pd.DataFrame | None]:
-    """Embed an ``.h5ad`` file (:func:`embed_anndata`) or a tokenized corpus folder
-    (:func:`embed_corpus_folder`); returns the AnnData with ``obsm[key]`` and, with
-    ``gene_embeddings``, the gene table (:func:`gene_table`). ``adata``: the file, already read.
-    ``vocab`` / ``medians``: objects or paths to their files (:func:`bundle.load_for_inference`)."""
+    """Embed a count input (:func:`embed_anndata`: an ``.h5ad``, ``.loom`` or 10x ``.h5`` file, a 10x
+    ``matrix.mtx`` folder or a TileDB-SOMA experiment, read by :func:`readers.cells.read_cells` with the
+    tokenize options' reader options) or a tokenized corpus folder (:func:`embed_corpus_folder`); returns
+    the AnnData (the input's cells and obs) with ``obsm[key]`` and, with ``gene_embeddings``, the gene
+    table (:func:`gene_table`). ``adata``: the input, already read. ``vocab`` / ``medians``: objects or
+    paths to their files (:func:`bundle.load_for_inference`)."""
     input = Path(input)
     result = None
-    if input.is_dir():
+    kind = count_format(input)
+    if kind not in (None, H5AD):  # read with the options it is tokenized with; their obs_filter is applied here
+        config = model_tokenize_config(model_or_bundle_dir, tokenize_config)
+        adata = adata if adata is not None else read_cells(input, config and config.read_options, gene_column=gene_column)
+        tokenize_config = cells_tokenize_config(input, config)
+    if kind is None:
         produced = embed_corpus_folder(
             input, model_or_bundle_dir, key=key, layer=layer, pooling=pooling, vocab=vocab, batch_size=batch_size,
             device=device, gene_embeddings=gene_embeddings, progress=progress, precision=precision,

@@ -33,14 +33,17 @@ from ..fileio import (
 from ..filekinds import STAMPED_FIGURES, parquet_table
 from ..inference import Precision, check_embed_options, check_output_key, encoder_of, resolve_device
 from ..model import Pooling
+from ..readers import ReadOptions
+from ..readers.cells import COUNT_INPUTS, H5AD, count_format, input_obs, read_cells
 from ..sharding import (
     DEFAULT_TIMEOUT_S,
     ShardJob,
     ShardRole,
+    cells_tokenize_config,
     merge,
+    model_tokenize_config,
     plain_record,
     rank_device,
-    read_rows,
     remove_shards,
     run_shard,
     shard_role,
@@ -79,7 +82,8 @@ def embed_sharded(
     progress: bool = False,
     echo: Callable[[str], None] = print,
 ) -> tuple[ad.AnnData, pd.DataFrame | None, dict[str, Any]] | None:
-    """Embed this process' shard of ``input`` (an .h5ad or a corpus folder) into ``OUT.shards/``.
+    """Embed this process' shard of ``input`` (a count input :func:`readers.cells.read_anndata` reads, or a
+    corpus folder) into ``OUT.shards/``.
 
     Returns (adata, gene table or None, record) on the process that merges (rank 0 of a launch),
     None elsewhere; ``extras`` are recorded for the merge step (e.g. the CLI's figure options).
@@ -89,13 +93,16 @@ def embed_sharded(
     device = rank_device(device)
     resolve_device(device)
     loaded, loaded_vocab, loaded_medians, tokenize_config, _ = load_for_inference(model, vocab, medians, tokenize_config)
-    if input.is_dir():
+    corpus = count_format(input) is None
+    if corpus:
         tokenize_config = None  # a corpus is tokenized already
         check_corpus_vocabulary(input, loaded_vocab.hash)
     tokens_ids = {t: i for i, t in enumerate(loaded_vocab.tokens)}
+    read = tokenize_config.read_options if tokenize_config is not None else None
+    cells_config = cells_tokenize_config(input, tokenize_config)
 
     def compute(start: int, stop: int) -> dict[str, np.ndarray]:
-        if input.is_dir():
+        if corpus:
             dataset = load_corpus(input).select(range(start, stop))
             produced = embed_corpus_folder(
                 dataset, loaded, key=key, layer=layer, pooling=pooling, vocab=loaded_vocab, batch_size=batch_size,
@@ -106,9 +113,9 @@ def embed_sharded(
             genes = gene_table(result) if result is not None else None
         else:
             part = _embed_rows(
-                read_rows(input, start, stop), loaded, key, layer=layer, pooling=pooling, overwrite=overwrite,
-                gene_column=gene_column, species=species, vocab=loaded_vocab, medians=loaded_medians,
-                tokenize_config=tokenize_config, batch_size=batch_size, device=device, progress=progress,
+                read_cells(input, read, (start, stop), gene_column), loaded, key, layer=layer, pooling=pooling,
+                overwrite=overwrite, gene_column=gene_column, species=species, vocab=loaded_vocab, medians=loaded_medians,
+                tokenize_config=cells_config, batch_size=batch_size, device=device, progress=progress,
                 precision=precision, gene_embeddings=gene_embeddings,
             )
             genes = part.uns.pop(f"{key}_genes", None)
@@ -157,16 +164,21 @@ def check_outputs(
                       "--umap": (umap, figures)}, inputs, overwrite)
 
 
-def _read_checked(input: Path, color: str | None, backed: bool, umap: Path | None = None) -> anndata.AnnData | None:
-    """The input (h5ad: the AnnData, read once, backed when ``backed``; corpus: None) after checking
+def _read_checked(input: Path, color: str | None, backed: bool, umap: Path | None = None,
+                  read: ReadOptions | None = None, gene_column: str | None = None) -> anndata.AnnData | None:
+    """The input (an h5ad: the AnnData, read once, backed when ``backed``; another count input: read with
+    the reader options ``read`` unless ``backed``, else only its obs columns; corpus: None) after checking
     ``color`` is one of its columns and, with ``umap``, that it has the cells a UMAP needs."""
-    if input.is_dir():
+    kind, adata = count_format(input), None
+    if kind is None:
         corpus = load_corpus(input)
         columns, n_cells = [c for c in corpus.column_names if c != "input_ids"], len(corpus)
-        adata = None
-    else:
-        adata = read_h5ad(input, "input h5ad", backed="r" if backed else None)
+    elif kind == H5AD or not backed:
+        adata = (read_h5ad(input, "input h5ad", backed="r" if backed else None) if kind == H5AD
+                 else read_cells(input, read, gene_column=gene_column))
         columns, n_cells = list(adata.obs.columns), adata.n_obs
+    else:
+        n_cells, columns = input_obs(input, read)
     if color is not None and color not in columns:
         raise ConfigError(f"--color {color!r} is not a column of {input}; available: {columns}")
     if umap is not None and n_cells < plots.MIN_UMAP_CELLS:  # else the figure fails after the embedding
@@ -213,13 +225,16 @@ def embed_to_outputs(
     if color is not None and umap is None:
         raise ConfigError("--color only applies to --umap FIG.png; add --umap")
     check_embed_options(pooling, batch_size, precision, rank_device(device))  # this rank's device, before any work
-    if input.is_dir():
+    corpus = input.exists() and count_format(input) is None
+    if corpus:
         refuse_tokenize_options(input, "embed", tokenize_config=tokenize_config, gene_column=gene_column, species=species)
     check_outputs(out, gene_path, umap, [input, model, vocab, medians, *config_files], overwrite)
     if not input.exists():
-        raise ArtifactError(f"input {input} does not exist; give an .h5ad file or a tokenized corpus folder")
+        raise ArtifactError(f"input {input} does not exist; give {COUNT_INPUTS}, or a tokenized corpus folder")
     role = shard_role(shard_index, num_shards)
-    adata = _read_checked(input, color, backed=role.world > 1, umap=umap)
+    other = not corpus and count_format(input) != H5AD  # read with the reader options it is tokenized with
+    read = model_tokenize_config(model, tokenize_config) if other else None
+    adata = _read_checked(input, color, role.world > 1, umap, read and read.read_options, gene_column)
     if role.world == 1:
         return embed_file(
             input, model, key=key, layer=layer, pooling=pooling, overwrite=overwrite, gene_column=gene_column,
@@ -230,7 +245,7 @@ def embed_to_outputs(
         adata.file.close()
     merged = embed_sharded(
         input, model, out, role=role, key=key, layer=layer, pooling=pooling, batch_size=batch_size, device=device,
-        precision=precision, vocab=vocab, medians=medians, tokenize_config=None if input.is_dir() else tokenize_config,
+        precision=precision, vocab=vocab, medians=medians, tokenize_config=None if corpus else tokenize_config,
         gene_column=gene_column, species=species, gene_embeddings=gene_path is not None, progress=progress,
         overwrite=overwrite, timeout_s=timeout_s, echo=echo,
         extras={"gene_embeddings": None if gene_path is None else str(gene_path),

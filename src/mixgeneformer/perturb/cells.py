@@ -24,7 +24,6 @@ from ..errors import (
     check_anndata,
     check_config,
 )
-from ..fileio import read_h5ad
 from ..inference import (
     embed_corpus,
     encoder_of,
@@ -32,6 +31,8 @@ from ..inference import (
     resolve_device,
 )
 from ..parallel import rank_device
+from ..readers.cells import count_format, read_cells
+from ..sharding import cells_tokenize_config
 from ..tokenize import TokenizeConfig, tokenize_for_model, warn_dropped
 from .config import PerturbConfig
 from .engine import _exact, _genes_per_cell
@@ -402,17 +403,18 @@ def perturb_file(
     tokenize_config: TokenizeConfig | None = None,
     progress: bool = True,
 ) -> tuple[PerturbationResult, Vocabulary]:
-    """Perturb the cells of a tokenized corpus folder (:func:`perturb_cells`) or of an ``.h5ad``
-    file (:func:`perturb_anndata`, tokenized with ``tokenize_config`` or the bundle's own) with the
-    model bundle ``bundle_dir`` (``vocab`` / ``medians``: for a plain Hugging Face folder, or
-    instead of the bundle's; see :func:`bundle.load_for_inference`); returns the result and the
-    model's vocabulary."""
+    """Perturb the cells of a tokenized corpus folder (:func:`perturb_cells`) or of a count input
+    (:func:`perturb_anndata`: an ``.h5ad``, ``.loom`` or 10x ``.h5`` file, a 10x ``matrix.mtx`` folder or
+    a TileDB-SOMA experiment, read by :func:`readers.cells.read_cells` and tokenized with ``tokenize_config``
+    or the bundle's own) with the model bundle ``bundle_dir`` (``vocab`` / ``medians``: for a plain Hugging
+    Face folder, or instead of the bundle's; see :func:`bundle.load_for_inference`); returns the result and
+    the model's vocabulary."""
     loaded, vocab, medians, tk_config, _ = load_for_inference(bundle_dir, vocab, medians, tokenize_config)
-    if Path(input).is_dir():
+    if count_format(input) is None:
         return perturb_cells(loaded, load_corpus(input), vocab, config, progress=progress), vocab
-    adata = read_h5ad(input, "input h5ad")
+    adata = read_cells(input, tk_config.read_options if tk_config is not None else None)
     result, _ = perturb_anndata(
-        adata, loaded, config, vocab=vocab, medians=medians, tokenize_config=tk_config,
+        adata, loaded, config, vocab=vocab, medians=medians, tokenize_config=cells_tokenize_config(Path(input), tk_config),
         stats_mode=None, progress=progress,  # the caller tests (finish_run), or the merge of the shards
     )
     return result, vocab

@@ -24,6 +24,7 @@ from .base import (
     release_free_memory,
     validate_counts,
 )
+from .cells import COUNT_INPUTS, count_format, read_anndata
 from .formats import open_source
 from .options import (
     FILTER_COLUMN,
@@ -38,6 +39,7 @@ from .options import (
 )
 
 __all__ = [
+    "COUNT_INPUTS",
     "FILTER_COLUMN",
     "TOTALS_COLUMN",
     "CountChunk",
@@ -46,10 +48,12 @@ __all__ = [
     "ReadOptions",
     "canonical_csr",
     "check_distinct_inputs",
+    "count_format",
     "filter_pass_rows",
     "map_source_genes",
     "normalization_totals",
     "open_source",
+    "read_anndata",
     "release_free_memory",
     "remap_columns",
     "row_sums",
