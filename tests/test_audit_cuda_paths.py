@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from mixgeneformer.devices import resolve_device
 from mixgeneformer.errors import ConfigError
-from mixgeneformer.inference import resolve_device
 from mixgeneformer.sharding import rank_device, shard_role
 
 sys.path.insert(0, str(Path(__file__).parent))

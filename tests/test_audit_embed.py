@@ -210,7 +210,7 @@ def test_tokenize_options_with_a_corpus_folder_are_refused(bundle, tmp_path, opt
 
 
 def test_precision_auto_uses_bf16_only_where_the_gpu_computes_it(monkeypatch):
-    from mixgeneformer.inference import autocast_dtype
+    from mixgeneformer.devices import autocast_dtype
 
     assert autocast_dtype(torch.device("cpu"), "auto") is None
     assert autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16

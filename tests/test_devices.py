@@ -13,8 +13,8 @@ import pytest
 import torch
 import transformers
 
+from mixgeneformer.devices import resolve_device
 from mixgeneformer.errors import ConfigError
-from mixgeneformer.inference import resolve_device
 from mixgeneformer.training_args import OneDeviceArguments
 
 

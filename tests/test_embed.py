@@ -8,9 +8,10 @@ import torch
 from _tokenize_helpers import SPECIALS, random_gene_bundle
 from transformers import BertConfig, BertModel
 
+from mixgeneformer.devices import inference_context
 from mixgeneformer.embed import CorpusEmbeddings, embed_anndata, embed_corpus, embed_corpus_folder
 from mixgeneformer.errors import ConfigError, InputDataError
-from mixgeneformer.inference import hidden_at_layer, inference_context, layers_to_run
+from mixgeneformer.inference import hidden_at_layer, layers_to_run
 from mixgeneformer.model import pool_cells
 from mixgeneformer.vocab import Vocabulary
 

@@ -53,7 +53,12 @@ def classifier(inputs, tiny_bundle):  # noqa: F811
     import torch
 
     from mixgeneformer.bundle import load_bundle
-    from mixgeneformer.classify import ClassifyConfig, FinetuneConfig, FittedClassifier, build_classifier
+    from mixgeneformer.classify import (
+        ClassifyConfig,
+        FinetuneConfig,
+        FittedClassifier,
+        build_classifier,
+    )
 
     model, vocab, medians = load_bundle(tiny_bundle[0])
     torch.manual_seed(3)

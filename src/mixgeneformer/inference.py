@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .corpus import check_token_input
-from .devices import Precision, autocast_dtype, inference_context, precision_in_use, resolve_device  # noqa: F401 (re-exported until importers move)
+from .devices import Precision, autocast_dtype, inference_context, resolve_device
 from .errors import ConfigError, InputDataError, VocabularyMismatchError
 from .model import Pooling, gene_positions, pool_cells
 from .vocab import Vocabulary

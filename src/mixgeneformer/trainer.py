@@ -31,12 +31,12 @@ from . import checkpoints as ckpt
 from .bundle import TOKENIZE_CONFIG_NAME, save_bundle
 from .cell_bank import save_cell_bank
 from .config import save_config
+from .devices import autocast_dtype
 from .diagnostics import masked_gene_stats
 from .errors import ConfigError
 from .fileio import output_error, write_json
 from .flops import PEAK_BF16_FLOPS, count_flop_parameters, device_peak_flops, training_flops
 from .fsdp import checkpoint_state_dict, model_from_gathered, shard_model
-from .inference import autocast_dtype
 from .medians import GeneMedians
 from .metrics_csv import METRICS_FIELDS, MetricsCSV, read_metrics, trim_metrics
 from .sampling import PretrainSampler, batch_seed

@@ -16,9 +16,10 @@ import numpy as np
 from ..bundle import resolve_tokenize_config
 from ..config import to_dict
 from ..corpus import check_corpus_vocabulary, load_corpus, refuse_tokenize_options
+from ..devices import resolve_device
 from ..errors import ArtifactError, ConfigError, InputDataError
 from ..fileio import check_outputs_of, output_lock, read_h5ad, write_h5ad
-from ..inference import check_batch_size, check_output_key, encoder_of, resolve_device
+from ..inference import check_batch_size, check_output_key, encoder_of
 from ..readers import ReadOptions
 from ..readers.cells import COUNT_INPUTS, H5AD, count_format, input_obs, read_cells
 from ..sharding import (

@@ -87,8 +87,8 @@ def classify(
     from .. import classify as clf
     from ..config import load_config
     from ..corpus import check_cells_input
+    from ..devices import resolve_device
     from ..fileio import check_output, claim_outputs
-    from ..inference import resolve_device
 
     if mode not in _MODES:
         raise ConfigError(f"--mode {mode!r} is not one of {sorted(_MODES)}.")

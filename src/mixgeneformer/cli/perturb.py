@@ -12,7 +12,14 @@ from typing import Any
 import typer
 
 from ..errors import ConfigError
-from ._app import CELLS_INPUT_HELP, MEDIANS_OPTION, TOKENIZE_CONFIG_HELP, VOCAB_OPTION, app, load_tokenize_config
+from ._app import (
+    CELLS_INPUT_HELP,
+    MEDIANS_OPTION,
+    TOKENIZE_CONFIG_HELP,
+    VOCAB_OPTION,
+    app,
+    load_tokenize_config,
+)
 
 
 def _config_from_options(config_file: Path | None, overrides: list[str] | None, options: dict[str, Any]):
@@ -76,8 +83,8 @@ def perturb(
     from .. import perturb as pt
     from ..config import to_dict
     from ..corpus import check_cells_input
+    from ..devices import resolve_device
     from ..fileio import check_output, claim_outputs
-    from ..inference import resolve_device
     from ..sharding import files_signature, rank_device
 
     config = _config_from_options(

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import typer
 
-from ._app import CELLS_INPUT_HELP, TOKENIZE_CONFIG_HELP, app, claim_cell_outputs, load_tokenize_config
+from ._app import (
+    CELLS_INPUT_HELP,
+    TOKENIZE_CONFIG_HELP,
+    app,
+    claim_cell_outputs,
+    load_tokenize_config,
+)
 
 
 @app.command("predict")

@@ -6,9 +6,9 @@ import os
 import time
 from pathlib import Path
 
+from ..devices import resolve_device
 from ..errors import check_config
 from ..fileio import check_writable, output_lock
-from ..inference import resolve_device
 from .config import DEMO_STEPS, DemoConfig
 from .context import _banner, _Context, _prepare_out_dir, _run_step
 from .report import write_report

@@ -19,11 +19,11 @@ from .. import perturb as pt
 from .. import plots
 from ..bundle import load_bundle
 from ..config import save_config
+from ..devices import resolve_device
 from ..diagnostics import final_evaluation
 from ..embed import embed_anndata
 from ..errors import ArtifactError, ConfigError
 from ..fileio import write_h5ad, write_json
-from ..inference import resolve_device
 from ..integration import shared_type_mixing
 from ..medians import GeneMedians, compute_medians
 from ..parallel import worker_pool

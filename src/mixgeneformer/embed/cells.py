@@ -18,17 +18,16 @@ from .. import __version__
 from ..bundle import load_for_inference
 from ..config import to_dict
 from ..corpus import check_corpus_vocabulary, load_corpus
+from ..devices import Precision, precision_in_use
 from ..errors import ConfigError
 from ..fileio import read_h5ad
 from ..inference import (
     CorpusEmbeddings,
-    Precision,
     check_embed_options,
     check_output_key,
     embed_corpus,
     encoder_of,
     layers_to_run,
-    precision_in_use,
 )
 from ..model import Pooling
 from ..readers.cells import H5AD, count_format, read_cells

@@ -21,6 +21,7 @@ from .. import plots
 from ..bundle import load_for_inference
 from ..config import to_dict
 from ..corpus import check_corpus_vocabulary, load_corpus, refuse_tokenize_options
+from ..devices import Precision, resolve_device
 from ..errors import ArtifactError, ConfigError, InputDataError
 from ..fileio import (
     atomic_file,
@@ -31,7 +32,7 @@ from ..fileio import (
     written_together,
 )
 from ..filekinds import STAMPED_FIGURES, parquet_table
-from ..inference import Precision, check_embed_options, check_output_key, encoder_of, resolve_device
+from ..inference import check_embed_options, check_output_key, encoder_of
 from ..model import Pooling
 from ..readers import ReadOptions
 from ..readers.cells import COUNT_INPUTS, H5AD, count_format, input_obs, read_cells

@@ -17,6 +17,7 @@ import torch
 
 from ..bundle import load_for_inference
 from ..corpus import check_token_input, load_corpus
+from ..devices import resolve_device
 from ..errors import (
     ConfigError,
     InputDataError,
@@ -24,12 +25,7 @@ from ..errors import (
     check_anndata,
     check_config,
 )
-from ..inference import (
-    embed_corpus,
-    encoder_of,
-    layers_to_run,
-    resolve_device,
-)
+from ..inference import embed_corpus, encoder_of, layers_to_run
 from ..parallel import rank_device
 from ..readers.cells import count_format, read_cells
 from ..sharding import cells_tokenize_config

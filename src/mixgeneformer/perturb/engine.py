@@ -11,13 +11,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..inference import (
-    continue_encoder,
-    hidden_at_layer,
-    inference_context,
-    layers_to_run,
-    length_order,
-)
+from ..devices import inference_context
+from ..inference import continue_encoder, hidden_at_layer, layers_to_run, length_order
 from ..model import pool_cells
 from .config import PerturbConfig
 from .deletion import DeletionScan, supports_shared_first_block

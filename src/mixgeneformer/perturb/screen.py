@@ -9,13 +9,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..devices import inference_context
 from ..errors import InputDataError
-from ..inference import (
-    encoder_of,
-    hidden_at_layer,
-    inference_context,
-    layers_to_run,
-)
+from ..inference import encoder_of, hidden_at_layer, layers_to_run
 from ..model import pool_cells
 from .config import PerturbConfig
 from .engine import (
