@@ -161,13 +161,15 @@ def plan_shards(lengths: np.ndarray, world: int) -> np.ndarray:
     return np.concatenate([[0], cuts, [len(weights)]]).astype(np.int64)
 
 
-def cell_lengths(input: Path, tokenize_config: TokenizeConfig | None = None) -> np.ndarray:
+def cell_lengths(input: Path, tokenize_config: TokenizeConfig | None = None, gene_column: str | None = None) -> np.ndarray:
     """Tokens per cell of an input, for :func:`plan_shards` (no tokenization).
 
     A corpus folder: its ``length`` column (else the ``input_ids`` lengths). A count input (any format
     :func:`readers.open_source` reads, with the configuration's reader options): the expressed genes of
     each cell (before the vocabulary filter) capped at ``max_len``; from a CSR ``.h5ad`` its row pointer
-    alone, so that each rank of a sharded run does not read every count.
+    alone, so that each rank of a sharded run does not read every count. ``gene_column`` (``mixgf embed
+    --gene-column``) replaces the configuration's for an input other than an h5ad, as the shards read it
+    (a loom without a default gene attribute opens only with it).
     """
     input = Path(input)
     kind = count_format(input)
@@ -184,9 +186,11 @@ def cell_lengths(input: Path, tokenize_config: TokenizeConfig | None = None) -> 
     read = tokenize_config.read_options if tokenize_config is not None else ReadOptions()
     max_len = int(getattr(tokenize_config, "max_len", 2048))
     other = kind != H5AD  # an h5ad's obs_filter is refused where it is tokenized, as in one process
-    with open_source(input, layer=read.layer, gene_column=read.gene_column, allow_fractional=True,
+    genes = gene_column if other and gene_column is not None else read.gene_column
+    with open_source(input, layer=read.layer, gene_column=genes, allow_fractional=True,
                      measurement=read.measurement, obs_filter=read.obs_filter if other else None) as source:
-        return np.minimum(source.stored_per_cell(_LENGTH_CHUNK), max_len)
+        # another format reads dense slabs (loom) or whole rows: the chunk its shards are read in, not 65,536 cells
+        return np.minimum(source.stored_per_cell(read.chunk_size if other else _LENGTH_CHUNK), max_len)
 
 
 def model_tokenize_config(model: str | os.PathLike | object, given: TokenizeConfig | None) -> TokenizeConfig | None:
@@ -294,7 +298,7 @@ def run_shard(job: ShardJob, role: ShardRole, compute: Callable[[int, int], dict
 
 def _run_shard(job: ShardJob, role: ShardRole, compute: Callable[[int, int], dict[str, np.ndarray]],
                group: bool | None, timeout_s: float, echo: Callable[[str], None]) -> bool:
-    lengths = cell_lengths(job.input, job.tokenize_config)
+    lengths = cell_lengths(job.input, job.tokenize_config, job.options.get("gene_column"))
     if lengths.size == 0:  # as one process refuses it (no cell to tokenize), not an empty output
         raise InputDataError(f"{job.input} holds no cells; there is nothing to {job.kind}. Give an input with cells.")
     bounds = plan_shards(lengths, role.world)

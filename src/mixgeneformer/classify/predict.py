@@ -161,8 +161,8 @@ def prediction_slots(key: str) -> dict[str, list[str]]:
 def check_prediction_keys(input: Path, key: str, overwrite: bool, read: ReadOptions | None = None) -> None:
     """``key`` is a valid output key, and (unless ``overwrite``) the input holds none of the entries a
     prediction under it writes (as ``mixgf embed`` refuses an existing obsm[KEY] without --overwrite).
-    A count input other than an h5ad is looked at with the reader options ``read`` (its obs columns
-    only), and only when they are given."""
+    A count input other than an h5ad is looked at with the reader options ``read`` (its obs columns and a
+    loom's 2-D column attributes, read as obsm), and only when they are given."""
     check_output_key(key)
     if overwrite or not input.exists():
         return
@@ -174,7 +174,8 @@ def check_prediction_keys(input: Path, key: str, overwrite: bool, read: ReadOpti
     elif read is None:
         return
     else:
-        present = {"obs": set(input_obs(input, read)[1]), "obsm": set(), "uns": set()}
+        _, columns, obsm = input_obs(input, read)
+        present = {"obs": set(columns), "obsm": set(obsm), "uns": set()}
     taken = [f"{slot}[{name!r}]" for slot, names in prediction_slots(key).items() for name in names if name in present[slot]]
     if taken:
         raise ConfigError(

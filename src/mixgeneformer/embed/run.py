@@ -179,7 +179,7 @@ def _read_checked(input: Path, color: str | None, backed: bool, umap: Path | Non
                  else read_cells(input, read, gene_column=gene_column))
         columns, n_cells = list(adata.obs.columns), adata.n_obs
     else:
-        n_cells, columns = input_obs(input, read)
+        n_cells, columns, _ = input_obs(input, read, gene_column)
     if color is not None and color not in columns:
         raise ConfigError(f"--color {color!r} is not a column of {input}; available: {columns}")
     if umap is not None and n_cells < plots.MIN_UMAP_CELLS:  # else the figure fails after the embedding

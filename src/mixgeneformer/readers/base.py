@@ -383,6 +383,10 @@ class CountSource:
             counts = self._checked_counts(counts, chunk_obs.index, lo, validate)
             yield CountChunk(counts=counts, gene_ids=self.gene_ids, obs=chunk_obs, start=lo)
 
+    def obsm(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+        """Per-cell arrays of more than one value (a loom's 2-D column attributes) of cells [start, stop)."""
+        return {}
+
     def stored_per_cell(self, chunk_size: int = 100_000) -> np.ndarray:
         """Stored (expressed) entries of each cell, int64, without validating the counts; a format
         that keeps a row pointer answers from it without reading the counts."""

@@ -13,6 +13,7 @@ that names a layer or a gene column tokenizes it as it tokenizes the input file 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -103,15 +104,31 @@ def read_anndata(
             counts.append(chunk.counts)
             frames.append(chunk.obs)
         gene_ids = np.asarray(source.gene_ids).astype(str)
+        obsm = source.obsm(start, stop)
     matrix = sp.vstack(counts, format="csr") if counts else sp.csr_matrix((0, gene_ids.size), dtype=np.float32)
-    obs = pd.concat(frames) if frames else pd.DataFrame(index=pd.Index([], dtype=object))
+    obs = _nullable_columns(pd.concat(frames)) if frames else pd.DataFrame(index=pd.Index([], dtype=object))
     var = pd.DataFrame(index=pd.Index(gene_ids, dtype=object))
     if gene_column is not None:
         var[gene_column] = gene_ids
-    adata = ad.AnnData(X=matrix, obs=obs, var=var)
+    adata = ad.AnnData(X=matrix, obs=obs, var=var, obsm=obsm or None)
     if layer is not None:
         adata.layers[layer] = adata.X  # the same matrix: read under the layer's name as from the input
     return adata
+
+
+#: object columns whose values (missing ones aside) are all of one of these kinds: their nullable pandas dtype
+_NULLABLE = {"boolean": "boolean", "integer": "Int64"}
+
+
+def _nullable_columns(obs: pd.DataFrame) -> pd.DataFrame:
+    """``obs`` with each object column of booleans or integers and missing values (a TileDB-SOMA nullable
+    ``bool`` / ``int`` column reads as Python objects, True / None) as pandas' nullable dtype, which an
+    h5ad stores; as objects, anndata cannot write them and the output failed after all the work."""
+    for column in obs.columns[[dtype == np.dtype(object) for dtype in obs.dtypes]]:
+        kind = pd.api.types.infer_dtype(obs[column], skipna=True)
+        if kind in _NULLABLE and obs[column].isna().any():
+            obs[column] = obs[column].astype(_NULLABLE[kind])
+    return obs
 
 
 def read_cells(path: str | os.PathLike, options: ReadOptions | None = None, rows: tuple[int, int] | None = None,
@@ -124,10 +141,16 @@ def read_cells(path: str | os.PathLike, options: ReadOptions | None = None, rows
                         obs_filter=options.obs_filter, chunk_size=options.chunk_size)
 
 
-def input_obs(path: str | os.PathLike, options: ReadOptions | None = None) -> tuple[int, list[str]]:
-    """(number of cells, obs columns) of a count input other than an ``.h5ad``, read without its counts."""
-    with (options or ReadOptions()).open(path) as source:
-        return source.n_cells, [str(c) for c in source.obs_columns]
+def input_obs(path: str | os.PathLike, options: ReadOptions | None = None,
+              gene_column: str | None = None) -> tuple[int, list[str], list[str]]:
+    """(number of cells, obs columns, obsm keys) of a count input other than an ``.h5ad``, read without its
+    counts; ``gene_column``, when given, replaces the options' (as in :func:`read_cells`: a loom without a
+    default gene attribute opens only with it)."""
+    options = options or ReadOptions()
+    if gene_column is not None:
+        options = dataclasses.replace(options, gene_column=gene_column)
+    with options.open(path) as source:
+        return source.n_cells, [str(c) for c in source.obs_columns], list(source.obsm(0, 0))
 
 
 def read_rows(input: Path, start: int, stop: int) -> ad.AnnData:

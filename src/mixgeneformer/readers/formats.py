@@ -235,7 +235,11 @@ class _LoomSource(CountSource):
                                  f"{self.n_genes} matrix rows (genes); the file is damaged: export it again.")
         self._col_attrs = f["col_attrs"]
         self._cell_key = next((k for k in ("CellID", "obs_names", "cell_id") if k in self._col_attrs), None)
-        self.obs_columns = [k for k in self._col_attrs.keys() if k != self._cell_key]
+        # a column attribute of more than one value a cell (an embedding, anndata's write_obsm_varm) is no obs
+        # column: read it as obsm (:meth:`obsm`), as anndata's read_loom does
+        shaped = {k: self._col_attrs[k].ndim for k in self._col_attrs.keys() if k != self._cell_key}
+        self.obs_columns = [k for k, ndim in shaped.items() if ndim == 1]
+        self._obsm_keys = [k for k, ndim in shaped.items() if ndim > 1]
 
     def close(self) -> None:
         self._file.close()
@@ -251,6 +255,10 @@ class _LoomSource(CountSource):
     def _obs_column(self, column: str, start: int, stop: int) -> np.ndarray:
         values = self._col_attrs[column][start:stop]
         return _decode(values) if np.asarray(values).dtype.kind in "SO" else np.asarray(values)
+
+    def obsm(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+        stop = self.n_cells if stop is None else min(stop, self.n_cells)
+        return {key: np.asarray(self._col_attrs[key][start:stop]) for key in self._obsm_keys}
 
 
 class _TenxH5Source(CountSource):
