@@ -173,3 +173,21 @@ def test_predict_refuses_a_loom_obsm_entry_it_would_replace(cells_files, tiny_bu
     assert cli_exit_code([*args, "--overwrite"]) == 0
     replaced = ad.read_h5ad(tmp_path / "p.h5ad").obsm["predicted_probabilities"]
     assert replaced.shape == (cells.n_obs, 4) and not np.allclose(replaced, 0.25)
+
+
+def test_a_two_genome_cellranger_v2_h5_says_what_it_is(cells_files, tiny_bundle, tmp_path, capsys):  # noqa: F811
+    """Was "not a recognised 10x .h5 file": a CellRanger v2 file of two genomes (a barnyard) is one, of two genomes."""
+    cells = cells_files[0]
+    csc = sp.csc_matrix(cells.X.T)
+    with h5py.File(tmp_path / "barnyard.h5", "w") as f:
+        for genome in ("GRCh38", "mm10"):
+            group = f.create_group(genome)
+            group["data"], group["indices"], group["indptr"] = csc.data, csc.indices, csc.indptr
+            group["shape"] = np.array(csc.shape)
+            group["barcodes"] = np.array(cells.obs_names, dtype="S")
+            group["genes"] = group["gene_names"] = np.array(cells.var_names, dtype="S")
+    assert cli_exit_code(["embed", tmp_path / "barnyard.h5", "-m", tiny_bundle[0], "-o", tmp_path / "e.h5ad",
+                          "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "2 genomes (GRCh38, mm10)" in err and "genome='GRCh38'" in err and "Traceback" not in err
+    assert not (tmp_path / "e.h5ad").exists()

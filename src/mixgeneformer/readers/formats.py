@@ -278,6 +278,10 @@ class _TenxH5Source(CountSource):
             table = {k: _decode(features[k][()]) for k in features.keys() if isinstance(features[k], h5py.Dataset) and features[k].ndim == 1 and len(features[k]) == int(group["shape"][0])}
         else:
             genomes = [k for k in f.keys() if isinstance(f[k], h5py.Group) and "indptr" in f[k]]
+            if len(genomes) > 1:  # CellRanger v2 of a multi-genome reference (e.g. a human + mouse barnyard)
+                raise InputDataError(f"{path}: a CellRanger v2 .h5 of {len(genomes)} genomes ({', '.join(sorted(genomes))}), "
+                                     "read one at a time: write each as an .h5ad (scanpy.read_10x_h5(path, genome="
+                                     f"{sorted(genomes)[0]!r}).write_h5ad(...)) and pass those.")
             if len(genomes) != 1:
                 raise InputDataError(f"{path}: not a recognised 10x .h5 file (groups: {sorted(f.keys())}).")
             group = f[genomes[0]]
