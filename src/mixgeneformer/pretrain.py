@@ -262,6 +262,8 @@ def _run_pretraining(
     if _distributed_env()[1] > 1 and not torch.cuda.is_available():
         start_cpu_process_group(config.distributed.timeout_s)  # before the Trainer's own, which would ignore it
     args = training_arguments(config, plan.run_dir, plan.precision, data.eval_set is not None)
+    if args.world_size > 1:  # asking sets up the process group; then, before rank 0 writes: one view of output_dir
+        ckpt.check_ranks_agree(plan.run_dir, plan.mode, plan.checkpoint)
     environment = _prepare_run_dir(config, plan, args.world_size, data.baselines, corpus)
     trainer, stopper = _make_trainer(config, plan, model, data, args, environment, signals)
     output = _train(trainer, stopper, signals, plan)
