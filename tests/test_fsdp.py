@@ -56,6 +56,16 @@ def test_sharded_strategies_are_refused_without_cuda_before_any_work(tmp_path, s
     check_strategy_device(DistributedOptions(strategy="ddp"), cuda=False)  # DDP runs on CPU processes
 
 
+def test_fsdp_with_transformers_4_is_refused_before_any_work():
+    """transformers 4.x runs FSDP1, which mixgeneformer.fsdp's grouping of the tied MLM head does not cover
+    (the package allows transformers >= 4.46): refused on GPU machines too, naming the fix."""
+    fsdp, deepspeed = DistributedOptions(strategy="fsdp"), DistributedOptions(strategy="deepspeed")
+    with pytest.raises(ConfigError, match=r"strategy=fsdp needs transformers >= 5 .*4\.57\.1.*strategy=deepspeed"):
+        check_strategy_device(fsdp, cuda=True, transformers_version="4.57.1")
+    check_strategy_device(fsdp, cuda=True, transformers_version="5.0.0")
+    check_strategy_device(deepspeed, cuda=True, transformers_version="4.57.1")
+
+
 def test_cli_refuses_fsdp_on_cpu_with_one_message(tmp_path, capsys):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(_config(tmp_path, "fsdp")))
     with pytest.raises(SystemExit) as exc:

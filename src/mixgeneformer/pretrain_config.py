@@ -197,15 +197,27 @@ class PretrainConfig:
         return self
 
 
-def check_strategy_device(distributed: DistributedOptions, cuda: bool) -> None:
+def check_strategy_device(distributed: DistributedOptions, cuda: bool, transformers_version: str | None = None) -> None:
     """Refuse, before any work, a ``distributed.strategy`` that would not shard as asked: fsdp /
     deepspeed on a machine without a CUDA GPU (``cuda``). Accelerate enables them only for GPU-type
     jobs; a torchrun job of CPU processes (gloo) drops the plugin without a word and trains as DDP
     (``AcceleratorState``: the FSDP branch covers MULTI_GPU / NPU / XPU..., never MULTI_CPU; DeepSpeed
     needs ``not cpu``). FSDP itself (Accelerate's FSDP2, with the tied MLM head in one group:
     :mod:`mixgeneformer.fsdp`) runs with torch 2.13: tests/test_fsdp.py trains, saves and resumes it
-    on two CPU ranks with Accelerate's FSDP state forced on.
+    on two CPU ranks with Accelerate's FSDP state forced on. transformers 4.x (``transformers_version``;
+    default: the installed one) runs FSDP1 there, which that grouping does not cover: refused.
     """
+    if distributed.strategy == "fsdp":
+        if transformers_version is None:
+            import transformers
+
+            transformers_version = transformers.__version__
+        if int(transformers_version.split(".")[0]) < 5:
+            raise ConfigError(
+                f"distributed.strategy=fsdp needs transformers >= 5 (FSDP2; this environment has {transformers_version}, "
+                "whose Trainer runs FSDP1, untested with the tied MLM head). Upgrade transformers, or use "
+                "distributed.strategy=deepspeed (distributed.deepspeed_config=configs/deepspeed_zero2.json)."
+            )
     if distributed.strategy in ("fsdp", "deepspeed") and not cuda:
         raise ConfigError(
             f"distributed.strategy={distributed.strategy} needs CUDA GPUs, and this machine has none (on the CPU the "

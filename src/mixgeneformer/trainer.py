@@ -459,7 +459,7 @@ def training_arguments(config: PretrainConfig, run_dir: Path, precision: str, ha
         kwargs["deepspeed"] = str(dist.deepspeed_config)
     elif dist.strategy == "fsdp":
         kwargs["fsdp"] = dist.fsdp
-        kwargs["fsdp_config"] = {"transformer_layer_cls_to_wrap": [dist.fsdp_wrap_layer]}
+        kwargs["fsdp_config"] = {"transformer_layer_cls_to_wrap": [dist.fsdp_wrap_layer], "version": 2}  # fsdp.shard_model
     try:
         return OneDeviceArguments(**kwargs)
     except (ValueError, ImportError) as exc:
