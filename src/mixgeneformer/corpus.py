@@ -221,8 +221,8 @@ def refuse_tokenize_options(corpus_dir: str | os.PathLike, action: str, **given:
     if set_:
         flags = ", ".join(f"--{name.replace('_', '-')} ({name}=)" for name in set_)
         raise ConfigError(
-            f"{flags}: only an .h5ad input is tokenized; {corpus_dir} is a tokenized corpus folder, used as it was "
-            f"tokenized. Drop the option, or {action} the .h5ad the corpus was made from."
+            f"{flags}: only a count input (.h5ad, .loom, 10x, SOMA) is tokenized; {corpus_dir} is a tokenized corpus "
+            f"folder, used as it was tokenized. Drop the option, or {action} the cells the corpus was made from."
         )
 
 

@@ -40,13 +40,29 @@ TOKENIZE_CONFIG_HELP = (
 )
 
 
-def load_tokenize_config(path):
+GENE_COLUMN_OPTION = typer.Option(
+    None, "--gene-column",
+    help="Where the input's gene IDs / symbols are: an .h5ad var column, a loom row attribute or a 10x feature field "
+    "(default var_names; loom: ensembl_id, Accession, gene_ids, Gene, var_names; 10x: id). The tokenize option gene_column.",
+)
+
+
+def load_tokenize_config(path, gene_column: str | None = None, input=None, action: str = "use"):
     """The options of ``--tokenize-config`` as a ``bundle.TokenizeOverrides`` (the options the file sets,
-    laid over the model bundle's tokenize.yaml when the model loads), or None (the bundle's own then)."""
+    laid over the model bundle's tokenize.yaml when the model loads), or None (the bundle's own then).
+    ``--gene-column`` is laid over the file's options; with a corpus ``input`` (tokenized already) it is
+    refused, naming the command's ``action``."""
     from ..bundle import TokenizeOverrides
     from ..config import load_config
+    from ..corpus import is_corpus_folder, refuse_tokenize_options
 
-    return None if path is None else load_config(TokenizeOverrides, path)
+    overrides = None if path is None else load_config(TokenizeOverrides, path)
+    if gene_column is None:
+        return overrides
+    if input is not None and is_corpus_folder(input):
+        refuse_tokenize_options(input, action, gene_column=gene_column)
+    given = {name: getattr(overrides, name) for name in overrides.given} if overrides is not None else {}
+    return TokenizeOverrides(**{**given, "gene_column": gene_column})
 
 
 def claim_cell_outputs(outputs: dict, shard_index: int | None, num_shards: int | None):

@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING
 import typer
 
 from ..errors import ConfigError, InputDataError
-from ._app import MEDIANS_OPTION, TOKENIZE_CONFIG_HELP, VOCAB_OPTION, app, load_tokenize_config
+from ._app import (
+    GENE_COLUMN_OPTION,
+    MEDIANS_OPTION,
+    TOKENIZE_CONFIG_HELP,
+    VOCAB_OPTION,
+    app,
+    load_tokenize_config,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -74,6 +81,7 @@ def classify(
     config: Path | None = typer.Option(None, "--config", help="YAML of ClassifyConfig options (labels, embedding, finetune, baselines, synonyms)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config option, e.g. --set finetune.learning_rate=1e-4."),
     tokenize_config: Path | None = typer.Option(None, "--tokenize-config", help=TOKENIZE_CONFIG_HELP),
+    gene_column: str | None = GENE_COLUMN_OPTION,
     max_len: int | None = typer.Option(
         None, "--max-len", min=1,
         help="Genes per cell (default: the model's tokenize.yaml); up to the model's positions, e.g. 256 for a model pretrained on 128.",
@@ -111,7 +119,7 @@ def classify(
     with claim_outputs(lambda: check_output(out, inputs, overwrite=overwrite, option="--out"), out):
         values = _option_values(label, freeze_layers, epochs, unseen, device)
         settings = load_config(clf.ClassifyConfig, config, overrides, values)
-        tok_config = load_tokenize_config(tokenize_config)
+        tok_config = load_tokenize_config(tokenize_config, gene_column)
 
         (train_data, test_data), tok_config = _read_cells(input, test, model if methods else None, tok_config)
         train_data = _labelled(train_data, settings.labels.key, input)

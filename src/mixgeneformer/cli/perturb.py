@@ -14,6 +14,7 @@ import typer
 from ..errors import ConfigError
 from ._app import (
     CELLS_INPUT_HELP,
+    GENE_COLUMN_OPTION,
     MEDIANS_OPTION,
     TOKENIZE_CONFIG_HELP,
     VOCAB_OPTION,
@@ -68,6 +69,7 @@ def perturb(
     tokenize_config: Path | None = typer.Option(
         None, "--tokenize-config", help=TOKENIZE_CONFIG_HELP
     ),
+    gene_column: str | None = GENE_COLUMN_OPTION,
     vocab_file: Path | None = VOCAB_OPTION,
     medians_file: Path | None = MEDIANS_OPTION,
     shard_index: int | None = typer.Option(None, "--shard-index", help="This process' shard (default: env RANK)."),
@@ -103,7 +105,7 @@ def perturb(
     resolve_device(rank_device(config.device))  # the device of the --config / --device / --set options, before any work
     check_cells_input(input)
     inputs = [input, model, null, config_file, tokenize_config, vocab_file, medians_file]
-    tk_config = load_tokenize_config(tokenize_config)
+    tk_config = load_tokenize_config(tokenize_config, gene_column, input, "perturb")
 
     def run() -> tuple:
         return pt.perturb_file(input, model, config, vocab=vocab_file, medians=medians_file, tokenize_config=tk_config,

@@ -8,6 +8,7 @@ import typer
 
 from ._app import (
     CELLS_INPUT_HELP,
+    GENE_COLUMN_OPTION,
     TOKENIZE_CONFIG_HELP,
     app,
     claim_cell_outputs,
@@ -24,6 +25,7 @@ def predict(
     batch_size: int = typer.Option(64, "--batch-size", help="Cells per forward pass."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
     tokenize_config: Path | None = typer.Option(None, "--tokenize-config", help=TOKENIZE_CONFIG_HELP),
+    gene_column: str | None = GENE_COLUMN_OPTION,
     shard_index: int | None = typer.Option(None, "--shard-index", help="This job's shard (default: env RANK under torchrun)."),
     num_shards: int | None = typer.Option(None, "--num-shards", help="Number of shards (default: env WORLD_SIZE)."),
     timeout: float = typer.Option(86_400, "--timeout", help="Seconds ranks of a launch wait for each other at the end."),
@@ -37,7 +39,7 @@ def predict(
     with claim_cell_outputs({"--out": out}, shard_index, num_shards):
         adata = pred.predict_file(
             input, classifier, out, key=key, batch_size=batch_size, device=device,
-            tokenize_config=load_tokenize_config(tokenize_config), shard_index=shard_index, num_shards=num_shards,
+            tokenize_config=load_tokenize_config(tokenize_config, gene_column, input, "predict"), shard_index=shard_index, num_shards=num_shards,
             timeout_s=timeout, overwrite=overwrite, echo=typer.echo, config_files=[tokenize_config],
         )
         if adata is not None:
