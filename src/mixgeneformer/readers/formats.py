@@ -388,7 +388,7 @@ def open_source(
                 return _SomaSource(str(path), layer, gene_column, measurement, allow_fractional, obs_filter)
         if _find_one(path, ["matrix.mtx"]) is not None:
             if layer is not None:
-                raise InputDataError(f"{path}: a 10x mtx folder has no layers; remove layer={layer!r}.")
+                raise InputDataError(f"{path}: a 10x mtx folder has no layers; remove layer={layer!r} (set by a model's tokenize.yaml: --tokenize-config FILE holding `layer: null`).")
             with reading(str(path), "reading it as a 10x mtx folder"):
                 return _mtx_source(path, gene_column, allow_fractional)
         raise InputDataError(
@@ -408,7 +408,7 @@ def open_source(
             with reading(str(path), "opening it as an .h5ad file"):
                 return _H5adSource(path, layer, gene_column, allow_fractional)
         if layer is not None:
-            raise InputDataError(f"{path}: a 10x .h5 file has no layers; remove layer={layer!r}.")
+            raise InputDataError(f"{path}: a 10x .h5 file has no layers; remove layer={layer!r} (set by a model's tokenize.yaml: --tokenize-config FILE holding `layer: null`).")
         with reading(str(path), "opening it as a 10x .h5 file"):
             return _TenxH5Source(path, gene_column, allow_fractional)
     raise InputDataError(
