@@ -42,6 +42,7 @@ from .config import (
     LabelConfig,
     Method,
 )
+from .files import classify_file
 from .finetune import FittedClassifier, build_classifier, finetune, fit_classifier, load_classifier
 from .labels import (
     LABEL_SYNONYMS,
@@ -121,6 +122,7 @@ __all__ = [
     "check_unseen_labels",
     "class_weights",
     "classification_metrics",
+    "classify_file",
     "default_learning_rate",
     "evaluate",
     "finetune",

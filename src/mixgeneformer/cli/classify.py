@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from ..errors import ConfigError, InputDataError
+from ..errors import ConfigError
 from ._app import (
     GENE_COLUMN_OPTION,
     MEDIANS_OPTION,
@@ -18,10 +18,7 @@ from ._app import (
 )
 
 if TYPE_CHECKING:
-    from anndata import AnnData
-
     from ..classify.config import BaselineMethod
-    from ..tokenize import TokenizeConfig
 
 _MODES = {
     "finetune": ("finetune",),
@@ -48,15 +45,6 @@ def _option_values(label: str | None, freeze_layers: int | None, epochs: float |
     values = {"labels.key": label, "finetune.freeze_layers": freeze_layers, "finetune.epochs": epochs,
               "labels.unseen_test_labels": unseen, "finetune.device": device}
     return {name: value for name, value in values.items() if value is not None}
-
-
-def _labelled(data: AnnData, label: str, path: Path) -> AnnData:
-    if label not in data.obs.columns:
-        raise InputDataError(
-            f"label column {label!r} not found in the obs of {path}. Available obs columns: "
-            f"{list(map(str, data.obs.columns))}. Pass the right one with --label."
-        )
-    return data
 
 
 # long: Typer declares each of the 18 options as a parameter (25 lines of signature).
@@ -121,43 +109,17 @@ def classify(
         settings = load_config(clf.ClassifyConfig, config, overrides, values)
         tok_config = load_tokenize_config(tokenize_config, gene_column)
 
-        (train_data, test_data), tok_config = _read_cells(input, test, model if methods else None, tok_config)
-        train_data = _labelled(train_data, settings.labels.key, input)
-        test_data = _labelled(test_data, settings.labels.key, test) if test is not None else None
-        run = clf.run_classification(
-            train_data, model if methods else None, vocab if methods else None, medians if methods else None,
-            test=test_data, methods=methods,
+        run = clf.classify_file(
+            input, model if methods else None, test, methods=methods,
             baseline_methods=_baseline_methods(baselines, bool(methods)), config=settings,
-            tokenize_config=tok_config, device=device, max_len=max_len,
+            tokenize_config=tok_config, vocab=vocab if methods else None, medians=medians if methods else None,
+            device=device, max_len=max_len,
         )
         clf.save_run(run, out, overwrite=overwrite)
     for note in run.task.notes:
         typer.echo(note)
     typer.echo(clf.markdown_table(run.table()))
     typer.echo(f"wrote {out}")
-
-
-def _read_cells(input: Path, test: Path | None, model: Path | None,
-                tokenize_config: TokenizeConfig | None) -> tuple[list[AnnData | None], TokenizeConfig | None]:
-    """The train (and --test) cells, and the tokenize options to give run_classification. An .h5ad is read
-    as before; another count input with the reader options the run tokenizes with (``tokenize_config`` over
-    the model's recorded ones), whose obs_filter (a SOMA experiment's cells) is then applied already."""
-    from ..bundle import resolve_tokenize_config
-    from ..fileio import read_h5ad
-    from ..readers.cells import H5AD, count_format, read_cells
-    from ..sharding import cells_tokenize_config, model_tokenize_config
-
-    paths = [p for p in (input, test) if p is not None]
-    h5ad = [count_format(path) == H5AD for path in paths]
-    read = None
-    if not all(h5ad):
-        config = model_tokenize_config(model, tokenize_config) if model else resolve_tokenize_config(tokenize_config, None)
-        read = config.read_options if config is not None else None
-    cells = [read_h5ad(path, what) if is_h5ad else read_cells(path, read)
-             for path, what, is_h5ad in zip(paths, ("input h5ad", "test h5ad (--test)"), h5ad, strict=False)]
-    if not any(h5ad):  # else an h5ad's obs_filter is refused as before
-        tokenize_config = cells_tokenize_config(input, tokenize_config)
-    return [*cells, None][:2], tokenize_config
 
 
 def _baseline_methods(baselines: bool, with_model: bool) -> tuple[BaselineMethod, ...]:
