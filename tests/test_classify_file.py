@@ -76,4 +76,4 @@ def test_the_cli_writes_the_api_table_and_keeps_its_messages(inputs, tiny_bundle
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and not (tmp_path / "bad").exists()
     assert re.search(rf"label column 'celltype' not found in the obs of {re.escape(str(loom))}\. Available obs "
-                     r"columns: \['cell_type1', 'donor', 'n_counts'\]\. Pass the right one with --label\.", " ".join(err.split()))
+                     r"columns: \['cell_type1', 'donor', 'n_counts'\]\. Pass the right one with --label \(config\.labels\.key in Python\)\.", " ".join(err.split()))

@@ -69,7 +69,7 @@ def check_label_column(data: AnnData, label: str, path: Path) -> AnnData:
     if label not in data.obs.columns:
         raise InputDataError(
             f"label column {label!r} not found in the obs of {path}. Available obs columns: "
-            f"{list(map(str, data.obs.columns))}. Pass the right one with --label."
+            f"{list(map(str, data.obs.columns))}. Pass the right one with --label (config.labels.key in Python)."
         )
     return data
 
