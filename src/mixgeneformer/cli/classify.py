@@ -47,7 +47,7 @@ def _option_values(label: str | None, freeze_layers: int | None, epochs: float |
     return {name: value for name, value in values.items() if value is not None}
 
 
-# long: Typer declares each of the 18 options as a parameter (25 lines of signature).
+# long: Typer declares each of the 19 options as a parameter (30 lines of signature).
 @app.command("classify")
 def classify(
     input: Path = typer.Argument(..., help="Labelled raw counts (train cells; split 80/20 without --test): an .h5ad, .loom or 10x .h5 "

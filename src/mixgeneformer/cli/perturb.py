@@ -38,7 +38,7 @@ def _split(text: str | None) -> list[str] | None:
     return [] if items == ["all"] else items
 
 
-# long: Typer declares each of the 31 options as a parameter (35 lines of signature).
+# long: Typer declares each of the 35 options as a parameter (41 lines of signature).
 @app.command("perturb")
 def perturb(
     input: Path = typer.Argument(..., help=CELLS_INPUT_HELP),
