@@ -171,6 +171,28 @@ def test_a_corpus_folder_shards_the_same_way(data, tmp_path):
     assert got.n_obs == N_CELLS - 2 and got.uns["X_mixgeneformer_params"]["shards"] == 2
 
 
+def test_merge_of_an_h5ad_does_not_parse_the_recorded_tokenize_options(data, tmp_path):
+    """The merge reads an h5ad (or a corpus) as always; the manifest's tokenize options serve the other
+    count formats only. A manifest recording an option this version no longer has (shards of an older
+    version) still merges."""
+    import json
+
+    (tmp_path / "tok.yaml").write_text("max_len: 64\n")
+    one, out = tmp_path / "one.h5ad", tmp_path / "old.h5ad"
+    with pytest.warns(UserWarning, match="dropped"):
+        _embed(data["h5ad"], data["bundle"], one, "--tokenize-config", tmp_path / "tok.yaml")
+        for index in range(2):
+            _embed(data["h5ad"], data["bundle"], out, "--shard-index", str(index), "--num-shards", "2",
+                   "--tokenize-config", tmp_path / "tok.yaml")
+    path = shard_folder(out) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["options"]["tokenize"]["max_len"] == 64
+    manifest["options"]["tokenize"]["retired_option"] = 1
+    path.write_text(json.dumps(manifest))
+    main(["embed-merge", str(out)])
+    _assert_same_embedding(out, one)
+
+
 def test_rerun_recomputes_only_missing_or_stale_shards(data, tmp_path, capsys):
     out = tmp_path / "resumed.h5ad"
     args = ("--num-shards", "2")

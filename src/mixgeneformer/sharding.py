@@ -422,7 +422,8 @@ def merge(out: str | os.PathLike, kind: str | None = None) -> tuple[str, dict[st
     if kind is not None and manifest["kind"] != kind:
         raise ConfigError(f"{out}.shards holds {manifest['kind']} shards; use mixgf {manifest['kind']}-merge")
     record, options = manifest["record"], manifest["options"]
-    read = load_tokenize_config(options["tokenize"]).read_options if options.get("tokenize") else None
+    other = count_format(manifest["input"]) not in (None, H5AD)  # an h5ad or a corpus is read as always: no options
+    read = load_tokenize_config(options["tokenize"]).read_options if other and options.get("tokenize") else None
     adata = output_frame(Path(manifest["input"]), read, options.get("gene_column"))
     values = _stack(shards, adata.n_obs)
     done = [s for s in shards if "params" in s]
