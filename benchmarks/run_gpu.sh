@@ -4,7 +4,10 @@
 # sharded `mixgf embed` under torchrun vs one process, FSDP and DeepSpeed pretraining steps).
 # Usage on a GPU machine, from the project root, with the package importable (pip install -e . or
 # PYTHONPATH=src) and the Baron human h5ad at $BARON (default ../shared/data/baron_pancreas_human.h5ad):
-#   bash benchmarks/run_gpu.sh [OUT_DIR] [all|base|scale|checks|classify]   # base ~8 min, scale ~9 min on one H100
+#   bash benchmarks/run_gpu.sh [OUT_DIR] [all|base|scale|checks|fsdp|classify]   # base ~8 min, scale ~9 min on one H100
+# "fsdp" (not in "all"; ~3 min after "checks", whose quick demo it reuses) is FSDP2's first GPU run: the FSDP config
+# at the tiny preset, bf16, 40 steps with held-out evaluation, a resume to 60, the same run as DDP, and the
+# bundles compared (tied decoder, largest weight difference to DDP).
 # "checks" (not in "all"; ~4 min) runs `mixgf demo --quick` twice on the GPU and compares the two runs'
 # numbers (fine-tuning, embedding and pretraining determinism on CUDA with one device per process).
 # "classify" (not in "all"; sized to ~9 min) is the real-budget classification run: the
@@ -92,5 +95,43 @@ for name in ("classify/metrics_per_seed.csv", "pretrain/run/metrics.csv"):
     print(f"{name}: {len(x)} / {len(y)} rows; largest difference between the two runs {diff:.3g}")
 ma, mb = (json.loads((p / "report" / "metrics.json").read_text()) for p in (a, b))
 print("species mixing a:", ma.get("embed", {}).get("species_mixing"), "\nspecies mixing b:", mb.get("embed", {}).get("species_mixing"))
+PY
+fi
+
+if [[ $stage == fsdp ]]; then
+  work="$out/fsdp_work"
+  ngpu=$(nvidia-smi -L | wc -l)
+  demo="$out/checks_demo_a"
+  if [[ ! -d $demo/tokenize/corpus ]]; then
+    demo="$work/demo"
+    timeout 240 python3 -m mixgeneformer demo --quick --device cuda --out "$demo" --overwrite > "$work.demo.log" 2>&1
+  fi
+  common=(data.corpus="[$demo/tokenize/corpus]" data.vocab="$demo/vocab/vocab.json" data.medians="$demo/medians/medians.tsv"
+          model.preset=tiny objective.pooling=mean data.eval_fraction=0.05 data.workers=0 train.warmup_steps=4 train.per_device_batch_size=16
+          checkpoint.save_steps=20 logging.logging_steps=10 logging.eval_steps=20 logging.progress_bar=false
+          logging.tensorboard=false)
+  for run in fsdp ddp; do
+    timeout 150 torchrun --nproc_per_node "$ngpu" -m mixgeneformer pretrain --config configs/geneformer_v2_fsdp.yaml \
+        output_dir="$work/run_$run" distributed.strategy=$run train.max_steps=40 "${common[@]}" --overwrite \
+        > "$work.log_$run.txt" 2>&1
+    echo "== $run, 40 steps on $ngpu GPU(s): exit $?" | tee -a "$out/fsdp.txt"
+    tail -n 3 "$work/run_$run/metrics.csv" 2>/dev/null | tee -a "$out/fsdp.txt" || tail -n 20 "$work.log_$run.txt" | tee -a "$out/fsdp.txt"
+  done
+  timeout 120 torchrun --nproc_per_node "$ngpu" -m mixgeneformer pretrain --config configs/geneformer_v2_fsdp.yaml \
+      output_dir="$work/run_fsdp" distributed.strategy=fsdp train.max_steps=60 "${common[@]}" --resume \
+      > "$work.log_resume.txt" 2>&1
+  echo "== fsdp resumed to 60 steps: exit $?; checkpoints: $(ls "$work/run_fsdp" | grep checkpoint- | tr '\n' ' ')" | tee -a "$out/fsdp.txt"
+  python3 - "$work/run_fsdp" "$work/run_ddp" <<'PY' 2>&1 | tee -a "$out/fsdp.txt"
+import sys
+import torch
+from mixgeneformer.bundle import load_bundle
+from safetensors.torch import load_file
+fsdp, ddp = sys.argv[1:3]
+model, vocab, _ = load_bundle(f"{fsdp}/model")
+tied = model.cls.predictions.decoder.weight.data_ptr() == model.bert.embeddings.word_embeddings.weight.data_ptr()
+print("fsdp bundle (60 steps) loads; decoder tied to the word embeddings:", tied)
+a, b = load_file(f"{fsdp}/checkpoint-40/model.safetensors"), load_file(f"{ddp}/checkpoint-40/model.safetensors")
+print("checkpoint-40 keys equal to DDP's:", sorted(a) == sorted(b), len(a))
+print("largest |fsdp - ddp| weight difference at step 40 (bf16 training):", max(float((a[k].float() - b[k].float()).abs().max()) for k in a if k in b))
 PY
 fi
