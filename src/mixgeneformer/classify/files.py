@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..bundle import resolve_tokenize_config
 from ..corpus import check_cells_input
-from ..errors import InputDataError
+from ..errors import ConfigError, InputDataError
 from ..fileio import read_h5ad
 from ..readers.cells import H5AD, count_format, read_cells
 from ..sharding import cells_tokenize_config, model_tokenize_config
@@ -50,6 +50,7 @@ def classify_file(
     :class:`~mixgeneformer.errors.InputDataError` naming it and the obs columns (10x files carry no
     labels). The other arguments are :func:`run_classification`'s; write the run with :func:`save_run`.
     """
+    check_test_file(Path(input), Path(test) if test is not None else None)
     paths = [check_cells_input(input, "input", corpus=False)]
     if test is not None:
         paths.append(check_cells_input(test, "--test", corpus=False))
@@ -61,6 +62,16 @@ def classify_file(
         train_data, model, vocab, medians, test=test_data, methods=methods, baseline_methods=baseline_methods,
         config=config, tokenize_config=tokenize_config, device=device, max_len=max_len,
     )
+
+
+def check_test_file(input: Path, test: Path | None) -> None:
+    """Refuse a ``test`` file that is the training ``input`` itself: its score would be measured on the
+    cells the classifiers were trained on."""
+    if test is not None and test.exists() and input.exists() and test.resolve() == input.resolve():
+        raise ConfigError(
+            f"--test {test} is the training file: its score would be measured on the training cells. "
+            "Leave out --test (test=None in Python) for a held-out split of the input, or give another file."
+        )
 
 
 def check_label_column(data: AnnData, label: str, path: Path) -> AnnData:

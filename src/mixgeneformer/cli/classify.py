@@ -31,11 +31,11 @@ _MODES = {
 
 
 def _check_test_file(input: Path, test: Path | None) -> None:
-    if test is not None and test.exists() and input.exists() and test.resolve() == input.resolve():
-        raise ConfigError(
-            f"--test {test} is the training file: its score would be measured on the training cells. "
-            "Leave out --test for a held-out split of the input, or give another file."
-        )
+    from ..classify.files import (
+        check_test_file,  # classify_file checks it too: the Python API as the CLI
+    )
+
+    check_test_file(input, test)
 
 
 def _option_values(label: str | None, freeze_layers: int | None, epochs: float | None, unseen: str | None,

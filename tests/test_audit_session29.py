@@ -1,0 +1,35 @@
+"""Audit of session 29's changes (rank agreement, --gene-column on predict / perturb / classify,
+classify_file, sharded merge options, FSDP refusal): the faults found, each with its regression test."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from mixgeneformer.classify import classify_file
+from mixgeneformer.errors import ConfigError
+
+
+def _labelled_counts(path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["alpha", "beta"], 40)
+    rates = np.where(labels[:, None] == "alpha", np.linspace(5, 0.5, 30), np.linspace(0.5, 5, 30))
+    cells = ad.AnnData(sp.csr_matrix(rng.poisson(rates).astype(np.float32)),
+                       obs=pd.DataFrame({"cell_type1": labels}, index=[f"c{i}" for i in range(80)]),
+                       var=pd.DataFrame(index=[f"G{i}" for i in range(30)]))
+    cells.write_h5ad(path)
+    return path
+
+
+def test_classify_file_refuses_a_test_file_that_is_the_training_file(tmp_path):
+    # classify_file (session 29) took the CLI's reading, but not its check that --test is another file:
+    # the Python API scored the classifiers on the cells they were trained on, without a word.
+    path = _labelled_counts(tmp_path / "cells.h5ad")
+    same = tmp_path / "." / "cells.h5ad"  # another spelling of the same file
+    with pytest.raises(ConfigError, match=r"is the training file.*held-out split"):
+        classify_file(path, None, same, methods=(), baseline_methods=("logreg_counts",))
+    run = classify_file(path, None, methods=(), baseline_methods=("logreg_counts",))  # the split of the input runs
+    assert set(run.table()["method"]) == {"logreg_counts"}
