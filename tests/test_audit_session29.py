@@ -33,3 +33,32 @@ def test_classify_file_refuses_a_test_file_that_is_the_training_file(tmp_path):
         classify_file(path, None, same, methods=(), baseline_methods=("logreg_counts",))
     run = classify_file(path, None, methods=(), baseline_methods=("logreg_counts",))  # the split of the input runs
     assert set(run.table()["method"]) == {"logreg_counts"}
+
+
+def test_perturb_refuses_tokenize_options_with_a_corpus_input(tmp_path):
+    # --gene-column with a corpus was refused (session 29), but --tokenize-config (and tokenize_config= in
+    # Python) was taken and ignored: the corpus is perturbed as it was tokenized. Refused before the model loads.
+    from mixgeneformer.bundle import TokenizeOverrides
+    from mixgeneformer.perturb.cells import perturb_file
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "state.json").write_text("{}")  # what datasets.save_to_disk writes
+    with pytest.raises(ConfigError, match=r"--tokenize-config \(tokenize_config=\).*tokenized corpus folder.*perturb the cells"):
+        perturb_file(corpus, tmp_path / "no_model", tokenize_config=TokenizeOverrides(max_len=64))
+
+
+def test_perturb_cli_refuses_tokenize_config_with_a_corpus_before_any_output(tmp_path, capsys):
+    # A shard run of `mixgf perturb CORPUS --tokenize-config FILE` went on with the file ignored.
+    from _tokenize_helpers import cli_exit_code
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "state.json").write_text("{}")
+    (tmp_path / "tok.yaml").write_text("max_len: 64\n")
+    code = cli_exit_code(["perturb", str(corpus), "-m", str(tmp_path / "no_model"), "-o", str(tmp_path / "out"),
+                          "--genes", "INS,GCG", "--device", "cpu", "--tokenize-config", str(tmp_path / "tok.yaml"),
+                          "--shard-index", "0", "--num-shards", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--tokenize-config (tokenize_config=)" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -50,17 +50,17 @@ GENE_COLUMN_OPTION = typer.Option(
 def load_tokenize_config(path, gene_column: str | None = None, input=None, action: str = "use"):
     """The options of ``--tokenize-config`` as a ``bundle.TokenizeOverrides`` (the options the file sets,
     laid over the model bundle's tokenize.yaml when the model loads), or None (the bundle's own then).
-    ``--gene-column`` is laid over the file's options; with a corpus ``input`` (tokenized already) it is
+    ``--gene-column`` is laid over the file's options; with a corpus ``input`` (tokenized already) both are
     refused, naming the command's ``action``."""
     from ..bundle import TokenizeOverrides
     from ..config import load_config
     from ..corpus import is_corpus_folder, refuse_tokenize_options
 
+    if input is not None and is_corpus_folder(input):  # before the file is read, before any output
+        refuse_tokenize_options(input, action, tokenize_config=path, gene_column=gene_column)
     overrides = None if path is None else load_config(TokenizeOverrides, path)
     if gene_column is None:
         return overrides
-    if input is not None and is_corpus_folder(input):
-        refuse_tokenize_options(input, action, gene_column=gene_column)
     given = {name: getattr(overrides, name) for name in overrides.given} if overrides is not None else {}
     return TokenizeOverrides(**{**given, "gene_column": gene_column})
 

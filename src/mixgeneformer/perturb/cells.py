@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from ..bundle import load_for_inference
-from ..corpus import check_token_input, load_corpus
+from ..corpus import check_token_input, load_corpus, refuse_tokenize_options
 from ..devices import resolve_device
 from ..errors import (
     ConfigError,
@@ -405,6 +405,8 @@ def perturb_file(
     or the bundle's own) with the model bundle ``bundle_dir`` (``vocab`` / ``medians``: for a plain Hugging
     Face folder, or instead of the bundle's; see :func:`bundle.load_for_inference`); returns the result and
     the model's vocabulary."""
+    if count_format(input) is None:  # a corpus is used as it was tokenized: its options refused, not ignored
+        refuse_tokenize_options(input, "perturb", tokenize_config=tokenize_config)
     loaded, vocab, medians, tk_config, _ = load_for_inference(bundle_dir, vocab, medians, tokenize_config)
     if count_format(input) is None:
         return perturb_cells(loaded, load_corpus(input), vocab, config, progress=progress), vocab
