@@ -62,3 +62,18 @@ def test_perturb_cli_refuses_tokenize_config_with_a_corpus_before_any_output(tmp
     err = capsys.readouterr().err
     assert code == 2 and "--tokenize-config (tokenize_config=)" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_classify_file_with_nothing_to_run_or_no_model_is_refused_before_reading(tmp_path, monkeypatch):
+    # classify_file(path, None, methods=()) returned an empty run (no metrics, no word), and the methods that need
+    # a model were refused only after every cell of both files was read.
+    from mixgeneformer.classify import files
+
+    path = _labelled_counts(tmp_path / "cells.h5ad")
+    with pytest.raises(ConfigError, match=r"no method to run"):
+        classify_file(path, None, methods=())
+    monkeypatch.setattr(files, "read_classify_cells", lambda *a: pytest.fail("read before the check"))
+    with pytest.raises(ConfigError, match=r"need a model"):
+        classify_file(path, None)
+    with pytest.raises(ConfigError, match=r"logreg_tokens .* needs a model"):
+        classify_file(path, None, methods=(), baseline_methods=("logreg_tokens",))

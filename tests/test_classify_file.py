@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 
 import anndata as ad
 import pandas as pd
@@ -37,13 +38,15 @@ def test_an_h5ad_equals_run_classification_on_the_read_anndata(inputs, tiny_bund
     assert run.task.test_rows.tolist() == want.task.test_rows.tolist()
 
 
-def test_a_loom_equals_the_h5ad_as_input_and_as_test(inputs, tiny_bundle):  # noqa: F811
+def test_a_loom_equals_the_h5ad_as_input_and_as_test(inputs, tiny_bundle, tmp_path):  # noqa: F811
     paths, bundle = inputs[1], tiny_bundle[0]
     want = classify_file(paths["h5ad"], bundle, methods=ZERO_SHOT, device="cpu").table()
     pd.testing.assert_frame_equal(classify_file(paths["loom"], bundle, methods=ZERO_SHOT, device="cpu").table(), want)
     # the --test file is read by its own format too (mixed formats: train on the h5ad, test on the loom)
     as_test = classify_file(paths["h5ad"], bundle, paths["loom"], methods=ZERO_SHOT, device="cpu")
-    same = classify_file(paths["h5ad"], bundle, paths["h5ad"], methods=ZERO_SHOT, device="cpu")
+    # a copy: the training file itself as test is refused, as by the CLI (tests/test_audit_session29.py)
+    shutil.copyfile(paths["h5ad"], tmp_path / "copy.h5ad")
+    same = classify_file(paths["h5ad"], bundle, tmp_path / "copy.h5ad", methods=ZERO_SHOT, device="cpu")
     assert as_test.task.setting == "transfer" and as_test.task.test_rows.size == 200
     pd.testing.assert_frame_equal(as_test.table(), same.table())
 

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 
 from ..bundle import resolve_tokenize_config
 from ..corpus import check_cells_input
-from ..errors import ConfigError, InputDataError
+from ..errors import ConfigError, InputDataError, name_list
 from ..fileio import read_h5ad
 from ..readers.cells import H5AD, count_format, read_cells
 from ..sharding import cells_tokenize_config, model_tokenize_config
 from .config import BaselineMethod, ClassifyConfig, Method
-from .run import ClassificationRun, run_classification
+from .run import ClassificationRun, check_methods, run_classification
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +50,7 @@ def classify_file(
     :class:`~mixgeneformer.errors.InputDataError` naming it and the obs columns (10x files carry no
     labels). The other arguments are :func:`run_classification`'s; write the run with :func:`save_run`.
     """
+    check_methods(model, name_list(methods, "methods"), name_list(baseline_methods, "baseline_methods"))  # before reading
     check_test_file(Path(input), Path(test) if test is not None else None)
     paths = [check_cells_input(input, "input", corpus=False)]
     if test is not None:

@@ -50,6 +50,16 @@ class ClassificationRun:
         return benchmark_table(self.results)
 
 
+def check_methods(model: object | None, methods: Sequence[str], baseline_methods: Sequence[str]) -> None:
+    """Something to run, and a model for what needs one: checked before any cell is read."""
+    if not methods and not baseline_methods:
+        raise ConfigError("no method to run: give methods and / or baseline_methods (CLI: --mode, --baselines).")
+    if methods and model is None:
+        raise ConfigError(f"methods {list(methods)} need a model (CLI: --model BUNDLE); or run only baselines.")
+    if "logreg_tokens" in baseline_methods and model is None:
+        raise ConfigError("baseline logreg_tokens reads the model's tokens: it needs a model (CLI: --model BUNDLE).")
+
+
 def _check_model_options(model: torch.nn.Module | None, methods: Sequence[Method], config: ClassifyConfig) -> None:
     """The options that need the model, checked before any cell is tokenized."""
     refuse_finetune_max_len(config.finetune)  # whatever the methods: refused, not ignored
@@ -110,9 +120,8 @@ def run_classification(
     config = config or ClassifyConfig()
     if device is not None and config.finetune.device is None:  # device= applied to zero-shot only before
         config = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, device=device))
+    check_methods(model, methods, baseline_methods)
     _check_model_options(model, methods, config)
-    if "logreg_tokens" in baseline_methods and model is None:
-        raise ConfigError("baseline logreg_tokens reads the model's tokens: it needs a model (CLI: --model BUNDLE).")
     read = tokenize_config.read_options if tokenize_config is not None else None
     task, species = _task_of(adata, test, config, read)
     for note in task.notes:
