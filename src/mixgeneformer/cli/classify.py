@@ -31,11 +31,9 @@ _MODES = {
 
 
 def _check_test_file(input: Path, test: Path | None) -> None:
-    from ..classify.files import (
-        check_test_file,  # classify_file checks it too: the Python API as the CLI
-    )
+    from ..classify.files import check_test_file
 
-    check_test_file(input, test)
+    check_test_file(input, test)  # before the output is claimed; classify_file checks it too
 
 
 def _option_values(label: str | None, freeze_layers: int | None, epochs: float | None, unseen: str | None,
