@@ -163,10 +163,14 @@ class TokenizeOverrides(TokenizeConfig):
     def __repr__(self) -> str:
         return f"TokenizeOverrides({', '.join(f'{k}={getattr(self, k)!r}' for k in sorted(self.given))})"
 
+    def options(self) -> dict[str, object]:
+        """The options given here, name -> value (what a new :class:`TokenizeOverrides` is built from)."""
+        return {name: getattr(self, name) for name in self.given}
+
     def over(self, base: TokenizeConfig | None) -> TokenizeConfig:
         """``base`` (defaults where None) with the options given here set."""
         values = to_dict(base) if base is not None else {}
-        values.update({name: getattr(self, name) for name in self.given})
+        values.update(self.options())
         return load_tokenize_config(values)
 
 

@@ -209,7 +209,7 @@ def cells_tokenize_config(input: Path, config: TokenizeConfig | None) -> Tokeniz
     if config is None or config.obs_filter is None or count_format(input) in (None, H5AD):
         return config
     if isinstance(config, TokenizeOverrides):
-        return TokenizeOverrides(**{name: getattr(config, name) for name in config.given if name != "obs_filter"})
+        return TokenizeOverrides(**{name: value for name, value in config.options().items() if name != "obs_filter"})
     return dataclasses.replace(config, obs_filter=None)
 
 

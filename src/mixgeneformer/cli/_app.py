@@ -61,7 +61,7 @@ def load_tokenize_config(path, gene_column: str | None = None, input=None, actio
     overrides = None if path is None else load_config(TokenizeOverrides, path)
     if gene_column is None:
         return overrides
-    given = {name: getattr(overrides, name) for name in overrides.given} if overrides is not None else {}
+    given = overrides.options() if overrides is not None else {}
     return TokenizeOverrides(**{**given, "gene_column": gene_column})
 
 
