@@ -32,6 +32,7 @@ Usage::
         --out benchmarks/results/classify_cpu_ortholog_1600_3seeds.csv   # mean ± sd over 3 seeds
     python benchmarks/classify.py --steps 2000 --batch 32 --preset mix-geneformer --max-len 2048 \\
         --finetune-epochs 3 --device cuda                          # GPU run
+    python benchmarks/classify.py --eval-fraction 0.05 ...      # also held-out MLM vs frequency baselines
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ import pandas as pd  # noqa: E402
 
 from mixgeneformer import classify as C  # noqa: E402
 from mixgeneformer.bundle import load_bundle, save_bundle  # noqa: E402
+from mixgeneformer.diagnostics import diagnostics_markdown, final_evaluation  # noqa: E402
 from mixgeneformer.embed import embed_corpus  # noqa: E402
 from mixgeneformer.integration import (  # noqa: E402
     add_overwrite_argument,
@@ -60,12 +62,14 @@ from mixgeneformer.integration import (  # noqa: E402
     write_benchmark_files,
 )
 from mixgeneformer.medians import compute_medians  # noqa: E402
+from mixgeneformer.metrics_csv import read_metrics  # noqa: E402
 from mixgeneformer.pretrain import build_model, pretrain_config_from_dict, run_pretraining  # noqa: E402
 from mixgeneformer.tokenize import TokenizeConfig, tokenize_files  # noqa: E402
 from mixgeneformer.vocab import build_vocabulary  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SPECIES = ("human", "mouse")
+HELD_OUT: list[dict] = []  # held-out evaluations of every pretraining run (record_held_out)
 
 
 def _seed_list(text: str) -> list[int]:
@@ -87,6 +91,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mlm-bias-init", choices=["zero", "unigram"], default="zero",
                         help="train.mlm_bias_init of the pretraining (the MLM output bias starts at zero or the log gene frequencies)")
     parser.add_argument("--lr", type=float, default=1e-3, help="pretraining learning rate")
+    parser.add_argument("--eval-fraction", type=float, default=0.0,
+                        help="> 0: hold out this fraction of each pretraining corpus and score the masked-gene loss "
+                             "against the frequency baselines (data.eval_fraction); the table is printed and, with --out, "
+                             "written beside it as *_held_out.csv")
+    parser.add_argument("--eval-steps", type=int, default=None, help="held-out evaluation every N steps (default: --steps / 4)")
     parser.add_argument("--max-len", type=int, default=128, help="tokens per cell (top-ranked genes)")
     parser.add_argument("--vocab-mode", choices=["separate", "ortholog"], default="ortholog",
                         help="ortholog: one token per 1:1 human-mouse ortholog pair; separate: the paper's vocabulary")
@@ -124,24 +133,42 @@ def pretrain_model(name: str, corpora: list[Path], work: Path, vocab_path: Path,
     done = work / f"run_{name}" / "model"
     if args.reuse and done.is_dir():
         print(f"reusing pretrained '{name}' from {done}")
+        record_held_out(name, done.parent, args)
         return done
     config = pretrain_config_from_dict(
         {
             "output_dir": str(work / f"run_{name}"),
-            "data": {"corpus": [str(c) for c in corpora], "vocab": str(vocab_path), "medians": str(medians_path)},
+            "data": {"corpus": [str(c) for c in corpora], "vocab": str(vocab_path), "medians": str(medians_path),
+                     "eval_fraction": args.eval_fraction},
             "model": model_section(args),
             "train": {
                 "max_steps": args.steps, "per_device_batch_size": args.batch, "learning_rate": args.lr,
                 "warmup_steps": max(1, args.steps // 10), "seed": args.seed, "mlm_bias_init": args.mlm_bias_init,
             },
             "checkpoint": {"save_steps": args.steps, "keep": 1},
-            "logging": {"logging_steps": max(1, args.steps // 5), "tensorboard": False, "progress_bar": False},
+            "logging": {"logging_steps": max(1, args.steps // 5), "tensorboard": False, "progress_bar": False,
+                        "eval_steps": args.eval_steps or max(1, args.steps // 4)},
         }
     )
     started = time.perf_counter()
     result = run_pretraining(config, overwrite=True)
     print(f"pretrained '{name}': {result.global_step} steps, final loss {result.final_loss}, {time.perf_counter() - started:.0f}s")
+    record_held_out(name, result.run_dir, args)
     return result.bundle_dir
+
+
+def record_held_out(name: str, run_dir: Path, args) -> None:
+    """Print the held-out evaluations of a pretraining run (model against both frequency baselines, from its
+    metrics.csv) and keep them for the run's held-out table."""
+    evaluated = [row for row in read_metrics(run_dir) if "eval_mlm_loss" in row]
+    for row in evaluated:
+        HELD_OUT.append({
+            "seed": args.seed, "model": name, "step": int(row["step"]),
+            **{key.removeprefix("eval_"): value for key, value in row.items() if key.startswith("eval_")},
+            "below_rank_baseline": row.get("eval_rank_unigram_loss", float("nan")) - row["eval_mlm_loss"],
+        })
+    if evaluated:
+        print(diagnostics_markdown(final_evaluation(evaluated)))
 
 
 def random_model(work: Path, vocab, medians, vocab_path: Path, args) -> Path:
@@ -262,7 +289,8 @@ def mean_sd_table(per_seed: pd.DataFrame, order: list[str]) -> pd.DataFrame:
 
 def main() -> None:
     args = parse_args()
-    check_benchmark_out([args.out], args.overwrite)
+    held_out_csv = args.out.with_name(f"{args.out.stem}_held_out.csv") if args.out is not None and args.eval_fraction > 0 else None
+    check_benchmark_out([args.out, held_out_csv], args.overwrite)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     seeds = [seed for group in args.seeds for seed in group]
@@ -272,7 +300,14 @@ def main() -> None:
         for seed in seeds:
             # One folder per seed (a single seed keeps the former flat layout for --reuse).
             rows += run_seed(args, seed, root if len(seeds) == 1 and args.work_dir is None else root / f"seed{seed}")
+        held_out = pd.DataFrame(HELD_OUT)
+        if not held_out.empty:
+            print("\nHeld-out masked-gene loss of every pretraining run (nats; below_rank_baseline > 0: learned more than "
+                  "gene frequency at each rank):")
+            print(C.markdown_table(held_out))
         if args.pretrain_only:
+            if held_out_csv is not None and not held_out.empty:
+                write_benchmark_files({held_out_csv: held_out.to_csv(index=False)}, args.overwrite)
             return
         per_seed = pd.DataFrame(rows)
         order = ["within-human", "within-mouse", "mouse->human", "human->mouse"]
@@ -286,7 +321,10 @@ def main() -> None:
         )
         print(C.markdown_table(mean_sd_table(per_seed, order)))
         if args.out is not None:
-            write_benchmark_files({args.out: per_seed.to_csv(index=False)}, args.overwrite)
+            files = {args.out: per_seed.to_csv(index=False)}
+            if held_out_csv is not None and not held_out.empty:
+                files[held_out_csv] = held_out.to_csv(index=False)
+            write_benchmark_files(files, args.overwrite)
 
 
 if __name__ == "__main__":

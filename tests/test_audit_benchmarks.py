@@ -121,3 +121,23 @@ def test_finetune_cv_folds_never_read_a_test_cell_of_the_seeds_compared():
             assert not np.isin(pool.train_rows, other_test).any()
         assert np.array_equal(pool.train_labels, labels[pool.train_rows])
         assert pool.train_rows.size > 0.3 * n
+
+
+def test_classify_records_the_held_out_rows_of_a_pretraining_run(tmp_path, capsys):
+    """benchmarks/classify.py --eval-fraction: every held-out evaluation of metrics.csv is kept with
+    how far the model is below the rank-position baseline; training rows are not."""
+    classify = load_script("classify")
+    (tmp_path / "metrics.csv").write_text(
+        "step,loss,eval_mlm_loss,eval_top1,eval_rank_unigram_loss,eval_unigram_loss\n"
+        "10,9.5,,,,\n"
+        "10,,9.0,0.01,8.75,8.8\n"
+        "20,,8.25,0.02,8.75,8.8\n"
+    )
+    classify.HELD_OUT.clear()
+    classify.record_held_out("both", tmp_path, type("Args", (), {"seed": 3})())
+    rows = pd.DataFrame(classify.HELD_OUT)
+    assert rows["step"].tolist() == [10, 20] and set(rows["model"]) == {"both"} and set(rows["seed"]) == {3}
+    assert rows["below_rank_baseline"].tolist() == pytest.approx([-0.25, 0.5])
+    assert rows["mlm_loss"].tolist() == [9.0, 8.25]
+    assert "0.50 nats below the rank-position baseline" in capsys.readouterr().out
+    classify.HELD_OUT.clear()
