@@ -7,6 +7,7 @@ order (length-grouped, species-balanced) lives in :mod:`mixgeneformer.sampling`.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100
 SPECIES_CODES: dict[str, int] = {"human": 0, "mouse": 1}
+EVAL_MASK_EPOCH = -1  # the epoch in the masking seed of held-out cells: never a training epoch
 
 
 def pad_sequences(
@@ -182,7 +184,8 @@ class PretrainingCollator:
         self.mask_fraction = mask_fraction
         self.random_fraction = random_fraction
 
-    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def _pad(self, rows: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' ``input_ids`` padded and cut (:func:`pad_sequences`) and checked against the vocabulary."""
         try:
             sequences = [row["input_ids"] for row in rows]
         except (KeyError, TypeError) as exc:
@@ -196,6 +199,10 @@ class PretrainingCollator:
                 f"cell {bad_row} of the batch has token ids outside 0..{self.vocab_size - 1}; the corpus was tokenized "
                 "with a different vocabulary. Re-tokenize it with the model's vocabulary."
             )
+        return input_ids, attention_mask
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = self._pad(rows)
         masked, labels = mask_tokens(
             input_ids,
             attention_mask,
@@ -207,6 +214,40 @@ class PretrainingCollator:
             self.random_fraction,
         )
         batch = {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
+        species = species_codes(rows)
+        if species is not None:
+            batch["species"] = species
+        return batch
+
+
+class HeldOutMaskingCollator:
+    """Masking of held-out cells that depends on each cell alone: position ``j`` of a cell is selected
+    when a uniform draw seeded by (``seed``, the cell's tokens) falls below ``mlm_probability``, and every
+    selected position becomes ``<mask>`` (no random or unchanged tokens whose identity the model could copy).
+
+    A held-out cell is thus scored on the same positions at every evaluation and in every run of the
+    same corpus and seed, whatever batch it shares (batch size, number of processes, order); seeding
+    per batch (:class:`mixgeneformer.trainer.SeededMaskingCollator`) masked it differently under 2
+    processes than under 1.
+    """
+
+    def __init__(self, inner: PretrainingCollator, seed: int) -> None:
+        self.inner = inner
+        self.seed = int(seed)
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        inner = self.inner
+        input_ids, attention_mask = inner._pad(rows)
+        draws = np.ones(tuple(input_ids.shape))
+        for i, row in enumerate(rows):  # one seed per cell: (seed, the cell's tokens)
+            cell = np.asarray(row["input_ids"], dtype=np.int32).reshape(-1)
+            kept = min(cell.size, draws.shape[1])
+            digest = hashlib.blake2b(np.asarray([self.seed, EVAL_MASK_EPOCH, cell.size], dtype=np.int64).tobytes(), digest_size=8)
+            digest.update(cell.tobytes())
+            draws[i, :kept] = np.random.default_rng(int.from_bytes(digest.digest(), "little")).random(cell.size)[:kept]
+        selected = torch.from_numpy(draws < inner.mlm_probability) & attention_mask.bool() & ~inner.special_lookup[input_ids]
+        labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+        batch = {"input_ids": input_ids.masked_fill(selected, inner.mask_id), "attention_mask": attention_mask, "labels": labels}
         species = species_codes(rows)
         if species is not None:
             batch["species"] = species

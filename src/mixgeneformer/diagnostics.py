@@ -14,8 +14,11 @@ the training split's tokens (as the model sees them: cut to its length), over ge
   rank baseline scores *worse* than the unigram on held-out cells), then counted from them all
 
 and scored on the *same* held-out masked positions as the model: cross-entropy (nats), top-1 and
-top-10 accuracy. A model beats "which genes are frequent at this rank" only when its held-out MLM
-loss is below the rank baseline's.
+top-10 accuracy. The model's top-k ranks gene tokens only, as the baselines do; its cross-entropy is
+its MLM loss over the whole vocabulary (mass on special tokens counts against it). A model beats
+"which genes are frequent at this rank" only when its held-out MLM loss is below the rank baseline's.
+Each held-out cell is masked by a seed of its own (:class:`mixgeneformer.collator.HeldOutMaskingCollator`),
+so the numbers do not depend on the batch size or the number of processes.
 
 Per-cell sums (:data:`STAT_NAMES`) are what an evaluation batch returns, so a distributed
 evaluation can gather them per cell and :func:`summarize` divides totals by the number of masked
@@ -121,7 +124,7 @@ class FrequencyBaselines:
         if key not in self._device_tables:
             unigram = torch.from_numpy(self.unigram_log_prob)
             rank = torch.from_numpy(self.rank_log_prob)
-            k = min(TOP_K, unigram.numel())
+            k = min(TOP_K, int(torch.isfinite(unigram).sum()))  # gene tokens only (special tokens: -inf)
             self._device_tables[key] = {
                 "unigram": unigram.to(device),
                 "rank": rank.to(device),
@@ -304,8 +307,11 @@ def masked_gene_stats(
     tables = baselines.tables(device)
     logits = masked_logits.float()
     nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, target[:, None]).squeeze(1)
-    k = min(TOP_K, logits.shape[1])
-    top = torch.topk(logits, k, dim=-1).indices
+    # top-k among gene tokens, as the baselines rank them: a special token is never the answer, and
+    # one ranked high (<mask>, <pad>) must not take a place of the model's top 10 that the baselines keep.
+    genes = torch.isfinite(tables["unigram"])
+    k = min(TOP_K, int(genes.sum()))
+    top = torch.topk(logits.masked_fill(~genes, float("-inf")), k, dim=-1).indices
 
     bucket = torch.clamp(positions // baselines.bucket_size, max=tables["rank"].shape[0] - 1)
     rank_top = tables["rank_top"][bucket]
@@ -345,13 +351,19 @@ def compute_eval_metrics(prediction: EvalPrediction) -> dict[str, float]:
     return summarize(predictions)
 
 
-def final_evaluation(rows: list[dict[str, float]]) -> dict[str, float] | None:
-    """The last held-out evaluation of a run's ``metrics.csv`` rows (:func:`pretrain.read_metrics`), or None."""
+def final_evaluation(rows: list[dict[str, float]], rank_bucket: int | None = None) -> dict[str, float] | None:
+    """The last held-out evaluation of a run's ``metrics.csv`` rows (:func:`pretrain.read_metrics`), or None.
+
+    ``rank_bucket``: the run's ``logging.rank_bucket`` (positions per bucket of the rank baseline), kept
+    under that key for :func:`diagnostics_markdown`.
+    """
     evaluated = [r for r in rows if "eval_mlm_loss" in r]
     if not evaluated:
         return None
     last = evaluated[-1]
     out = {"step": last.get("step", float("nan"))}
+    if rank_bucket is not None:
+        out["rank_bucket"] = int(rank_bucket)
     out.update({name: last[f"eval_{name}"] for name in METRIC_NAMES if f"eval_{name}" in last})
     return out
 
@@ -361,9 +373,11 @@ def diagnostics_markdown(final: dict[str, float] | None) -> str:
     if not final:
         return "(no held-out evaluation: pretraining ran with data.eval_fraction = 0)"
     final = {k: float("nan") if v is None else v for k, v in final.items()}  # JSON stores NaN as null
+    size = final.get("rank_bucket", float("nan"))
+    bucket = f"of {int(size)} positions" if np.isfinite(size) else "of positions"  # older records: size unknown
     lines = [
         f"Held-out cells at step {int(final['step'])}: every masked position replaced by `<mask>`; the baselines "
-        "are gene frequencies of the training split (overall, and per rank bucket of 8 positions), scored on the "
+        f"are gene frequencies of the training split (overall, and per rank bucket {bucket}), scored on the "
         "same positions.",
         "",
         "| predictor | MLM loss (nats) | top-1 | top-10 |",

@@ -46,7 +46,7 @@ import yaml
 from . import checkpoints as ckpt
 from . import model as model_module
 from .cell_bank import load_cell_bank
-from .collator import PretrainingCollator
+from .collator import EVAL_MASK_EPOCH, HeldOutMaskingCollator, PretrainingCollator  # noqa: F401 (EVAL_MASK_EPOCH: re-exported)
 from .config import changed_settings, from_dict, save_config, to_dict
 from .corpus import (
     check_corpora,
@@ -70,6 +70,7 @@ from .pretrain_config import (  # re-exported: the run's typed configuration
     PretrainConfig,
     TrainOptions,
     check_strategy_device,
+    check_training_cells,
     load_pretrain_config,
     pretrain_config_from_dict,
 )
@@ -97,7 +98,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BUNDLE_DIR = "model"
-EVAL_MASK_EPOCH = -1  # the masking seed of held-out cells: never a training epoch
 
 
 def split_train_eval(dataset, eval_fraction: float, seed: int):
@@ -141,6 +141,7 @@ def _distributed_env() -> tuple[int, int]:
 RESUME_MAY_CHANGE = (
     "output_dir", "train.max_steps", "train.epochs", "checkpoint.", "logging.", "data.workers", "distributed.timeout_s",
 )
+RESUME_KEEPS = ("logging.rank_bucket", "logging.baseline_cells")  # the held-out baselines: one for every row of metrics.csv
 
 
 def check_resume_config(config: PretrainConfig, checkpoint: Path, vocab: Vocabulary) -> list[str]:
@@ -167,14 +168,15 @@ def check_resume_config(config: PretrainConfig, checkpoint: Path, vocab: Vocabul
         raise ArtifactError(f"{saved_config} cannot be read as a pretraining config ({exc}); resume from another checkpoint.") from exc
     changed = changed_settings(previous, to_dict(config))
     lines = [f"{key}: {old!r} -> {new!r}" for key, old, new in changed]
-    allowed = [key.startswith(RESUME_MAY_CHANGE) for key, _, _ in changed]
+    allowed = [key.startswith(RESUME_MAY_CHANGE) and not key.startswith(RESUME_KEEPS) for key, _, _ in changed]
     refused = [line for line, ok in zip(lines, allowed, strict=True) if not ok]
     if refused:
         raise ConfigError(
             f"cannot resume from {checkpoint} with changed settings ({'; '.join(refused)}): the checkpoint's weights, "
             f"optimizer and learning-rate schedule were made with the values in {saved_config}. Restore them, or start "
             "a new run (another output_dir, or --overwrite). On resume only these may change: "
-            f"{', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RESUME_MAY_CHANGE)}."
+            f"{', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RESUME_MAY_CHANGE)} "
+            f"(but not {' or '.join(RESUME_KEEPS)}: the held-out baselines of the earlier rows of metrics.csv)."
         )
     return [line for line, ok in zip(lines, allowed, strict=True) if ok]
 
@@ -304,6 +306,7 @@ def _open_data(config: PretrainConfig, vocab: Vocabulary, model_max_len: int) ->
     """The corpus, memory-mapped, split into training and held-out cells, cut to the model's positions."""
     dataset = open_corpus(list(config.data.corpus), config.data.max_cells)
     train_set, eval_set = split_train_eval(dataset, config.data.eval_fraction, config.train.seed)
+    check_training_cells(config, len(dataset), len(train_set), _distributed_env()[1])
     lengths = corpus_lengths(train_set)
     # The collators' max_len is always the model's positions: a held-out cell may be longer than every
     # training cell, and padding to a multiple of 8 must not run past them either.
@@ -466,21 +469,18 @@ def _finish(trainer: MixGeneformerTrainer, plan: _RunPlan, config: PretrainConfi
 
 def make_mlm_collator(vocab: Vocabulary, data: DataOptions, max_len: int | None = None) -> PretrainingCollator:
     """The MLM collator of :mod:`mixgeneformer.collator` (dynamic padding + 80/10/10 masking)."""
-    return PretrainingCollator(
-        vocab, mlm_probability=data.mlm_probability, pad_to_multiple_of=data.pad_to_multiple_of, max_len=max_len
-    )
+    return PretrainingCollator(vocab, mlm_probability=data.mlm_probability, pad_to_multiple_of=data.pad_to_multiple_of, max_len=max_len)
 
 
-def make_eval_collator(vocab: Vocabulary, data: DataOptions, max_len: int | None, seed: int) -> SeededMaskingCollator:
-    """Masking of held-out cells: the same positions at every evaluation (fixed epoch), each one
-    replaced by ``<mask>`` (no random or unchanged tokens whose identity the model could copy)."""
+def make_eval_collator(vocab: Vocabulary, data: DataOptions, max_len: int | None, seed: int) -> HeldOutMaskingCollator:
+    """Masking of held-out cells: the same positions at every evaluation and whatever batch (or process) a
+    cell is in, each one replaced by ``<mask>`` (:class:`~mixgeneformer.collator.HeldOutMaskingCollator`)."""
     inner = PretrainingCollator(
         vocab, mlm_probability=data.mlm_probability, pad_to_multiple_of=data.pad_to_multiple_of, max_len=max_len,
         mask_fraction=1.0, random_fraction=0.0,
     )
-    collator = SeededMaskingCollator(inner, seed=seed)
-    collator.epoch = EVAL_MASK_EPOCH
-    return collator
+    return HeldOutMaskingCollator(inner, seed=seed)
+
 
 
 def _frequency_baselines(config: PretrainConfig, train_set: Any, vocab: Vocabulary, lengths: np.ndarray) -> FrequencyBaselines:

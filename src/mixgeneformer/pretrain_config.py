@@ -226,6 +226,20 @@ def check_strategy_device(distributed: DistributedOptions, cuda: bool, transform
         )
 
 
+def check_training_cells(config: PretrainConfig, n_cells: int, n_train: int, world_size: int) -> None:
+    """Refuse a split that leaves fewer training cells than one batch per process: every batch would be the
+    dropped last partial one, so the run would train no step and save an untrained model as if it had."""
+    batch = config.train.per_device_batch_size * max(1, world_size)
+    if n_train >= batch:
+        return
+    held = f", after data.eval_fraction={config.data.eval_fraction} held out {n_cells - n_train}" if n_train < n_cells else ""
+    raise ConfigError(
+        f"the corpus has {n_train} training cells{held}, fewer than one batch of {batch} (train.per_device_batch_size="
+        f"{config.train.per_device_batch_size} x {max(1, world_size)} processes): no training step could run. Lower "
+        "data.eval_fraction or train.per_device_batch_size, or tokenize more cells."
+    )
+
+
 def check_model_options(preset: str, sections: dict[str, dict[str, Any]]) -> None:
     """Reject an unknown preset and option names that are no MixGeneformerConfig field."""
 

@@ -169,7 +169,7 @@ def _step_pretrain(ctx: _Context, folder: Path) -> dict[str, Any]:
         "steps": int(result.global_step),
         "first_loss": float(losses[0]) if losses else None,
         "final_loss": float(losses[-1]) if losses else result.final_loss,
-        "held_out": final_evaluation(rows),
+        "held_out": final_evaluation(rows, config.logging.rank_bucket),
         "figures": {"training_curves": str(figure.resolve())},
     }
 
