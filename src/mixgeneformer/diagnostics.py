@@ -401,7 +401,8 @@ def learning_verdict(final: dict[str, float]) -> tuple[str, bool]:
     predicts no better than "genes frequent at this rank".
     """
     gap = final.get("rank_unigram_loss", float("nan")) - final.get("mlm_loss", float("nan"))
-    sentence = f"The model's held-out MLM loss is {gap:.2f} nats below the rank-position baseline."
+    side = f"{-gap:.2f} nats above" if gap < 0 else f"{gap:.2f} nats below"  # never "-0.02 nats below"
+    sentence = f"The model's held-out MLM loss is {side} the rank-position baseline."
     learned = bool(gap > 0)
     if not learned:
         sentence += (" It has learned nothing beyond gene frequency at each rank yet: train longer (train.max_steps), "
