@@ -32,7 +32,7 @@ def embed(
     color: str | None = typer.Option(None, "--color", help="obs column to colour the UMAP by (e.g. cell_type1)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Cells per forward pass."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
-    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16."),
+    precision: str = typer.Option("auto", help="auto (bf16 on a GPU that computes it natively, Ampere and later; else fp32), fp32 or bf16."),
     vocab: Path | None = VOCAB_OPTION,
     medians: Path | None = MEDIANS_OPTION,
     tokenize_config: Path | None = typer.Option(
