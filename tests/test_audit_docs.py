@@ -16,3 +16,21 @@ def test_learning_verdict_states_a_loss_above_the_baseline_as_above() -> None:
     assert "-0.02" not in sentence and "below" not in sentence.split(".")[0]
     sentence, learned = diagnostics.learning_verdict({"mlm_loss": 9.0, "rank_unigram_loss": 9.5})
     assert learned and "0.50 nats below the rank-position baseline" in sentence
+
+
+def test_fractional_counts_error_does_not_claim_x_or_counts_layer_was_read() -> None:
+    # The message began "expects raw counts in X or layers['counts']" whatever matrix was read (e.g.
+    # `--layer counts` itself, or a .loom's matrix), which contradicts USAGE ("Counts are read from `X`
+    # unless `--layer NAME`"): it now names the matrix read, and lists predict among the YAML users.
+    import numpy as np
+    import pytest
+    import scipy.sparse as sp
+
+    from mixgeneformer.errors import InputDataError
+    from mixgeneformer.readers.base import validate_counts
+
+    with pytest.raises(InputDataError) as info:
+        validate_counts(sp.csr_matrix(np.array([[1.5, 0.0], [2.0, 1.0]])), where="cells.h5ad")
+    message = str(info.value)
+    assert "expects raw integer counts in the matrix read; found 1.5 at cell 0" in message
+    assert "X or layers" not in message and "predict" in message

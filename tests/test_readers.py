@@ -111,7 +111,7 @@ def test_layers_and_gene_column(tmp_path):
             open_source(item, layer="raw")
         with pytest.raises(InputDataError, match="gene_column 'bad' not found"):
             open_source(item, gene_column="bad")
-        with open_source(item) as source, pytest.raises(InputDataError, match="expects raw counts.*found 0.5 at cell"):
+        with open_source(item) as source, pytest.raises(InputDataError, match="expects raw integer counts.*found 0.5 at cell"):
             list(source.iter_chunks(10))
         with open_source(item, allow_fractional=True) as source:
             assert len(list(source.iter_chunks(10))) == 1

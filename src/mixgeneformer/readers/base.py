@@ -227,11 +227,11 @@ def validate_counts(
         fractional = data != np.rint(data)
         if fractional.any():
             raise InputDataError(
-                f"{where}: expects raw counts in X or layers['counts']; found {locate(fractional)} "
+                f"{where}: expects raw integer counts in the matrix read; found {locate(fractional)} "
                 f"({int(fractional.sum())} non-integer values in cells {start}–{start + counts.shape[0] - 1}). "
                 "The data look normalized or log-transformed: "
-                + (fix or "read the raw counts (layer='counts': `--layer counts` for medians / tokenize, "
-                   "`layer: counts` in the --tokenize-config YAML for embed / classify / perturb), or "
+                + (fix or "read a matrix of raw counts instead (e.g. layer='counts': `--layer counts` for medians / tokenize, "
+                   "`layer: counts` in the --tokenize-config YAML for embed / classify / perturb / predict), or "
                    "allow_fractional=True (`--allow-fractional`, or `allow_fractional: true` in that YAML) if "
                    "they are deliberately non-integer.")
             )
