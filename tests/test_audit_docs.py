@@ -34,3 +34,19 @@ def test_fractional_counts_error_does_not_claim_x_or_counts_layer_was_read() -> 
     message = str(info.value)
     assert "expects raw integer counts in the matrix read; found 1.5 at cell 0" in message
     assert "X or layers" not in message and "predict" in message
+
+
+def test_coverage_line_gives_a_make_names_example_of_the_files_species() -> None:
+    # `mixgf medians` / `tokenize` on the mouse Baron file printed "57 of them symbols with '.' for '-'
+    # (R's make.names, e.g. HLA.A)": a human symbol, for a file that holds none (USAGE section 1 gives
+    # H2.K1 as the mouse case).
+    import numpy as np
+
+    from mixgeneformer.genes import GeneMapping
+
+    def line(species: str) -> str:
+        ids = np.array(["ENSMUSG00000000001" if species == "mouse" else "ENSG00000000003"], dtype=object)
+        return GeneMapping(ids, species, "symbol", n_dots_repaired=1).coverage_report()  # type: ignore[arg-type]
+
+    assert "e.g. H2.K1" in line("mouse") and "HLA.A" not in line("mouse")
+    assert "e.g. HLA.A" in line("human")

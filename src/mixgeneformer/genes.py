@@ -142,7 +142,8 @@ class GeneMapping:
             mapped = float(np.sum(np.asarray(counts_per_column)[self.ensembl_ids != ""]))
             text += f", {mapped / total:.1%} of counts" if total > 0 else ""
         if self.n_dots_repaired:
-            text += f"; {self.n_dots_repaired:,} of them symbols with '.' for '-' (R's make.names, e.g. HLA.A)"
+            example = "H2.K1" if self.species == "mouse" else "HLA.A"  # a mouse file holds no HLA.A
+            text += f"; {self.n_dots_repaired:,} of them symbols with '.' for '-' (R's make.names, e.g. {example})"
         if self.n_vocabulary_only:
             text += f"; {self.n_vocabulary_only:,} of them only through the vocabulary (absent from the shipped GENCODE table)"
         n_unmapped = self.n_input - self.n_mapped
