@@ -51,7 +51,9 @@ STAGES: list[tuple[str, ...]] = [
     # the pieces the pretraining Trainer and run assemble: masking, data order, checkpoint folders,
     # FLOPs / MFU, the metrics.csv, the run's typed configuration
     ("collator", "sampling", "checkpoints", "flops", "metrics_csv", "pretrain_config"),
-    ("diagnostics",),  # held-out masked-gene diagnostics and their frequency baselines
+    # held-out masked-gene diagnostics and their frequency baselines; the checks that a resumed run
+    # continues its checkpoint's run (settings, training cells, processes)
+    ("diagnostics", "resume"),
     # stop signals of pretraining (handler + Trainer callback); TrainingArguments for one device per process
     ("stopping", "training_args"),
     ("fsdp",),  # FSDP2 sharding of the tied BERT-MLM model, gathered weights (torch, accelerate)

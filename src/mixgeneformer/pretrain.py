@@ -41,13 +41,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import yaml
 
 from . import checkpoints as ckpt
 from . import model as model_module
 from .cell_bank import load_cell_bank
 from .collator import EVAL_MASK_EPOCH, HeldOutMaskingCollator, PretrainingCollator  # noqa: F401 (EVAL_MASK_EPOCH: re-exported)
-from .config import changed_settings, from_dict, save_config, to_dict
+from .config import save_config
 from .corpus import (
     check_corpora,
     check_two_species,
@@ -56,8 +55,8 @@ from .corpus import (
     open_corpus,
 )
 from .diagnostics import FrequencyBaselines, compute_eval_metrics, frequency_baselines
-from .errors import ArtifactError, ConfigError, VocabularyMismatchError
-from .fileio import content_hash, output_lock, read_json, write_json, write_output_marker
+from .errors import ArtifactError, ConfigError
+from .fileio import content_hash, output_lock, write_json, write_output_marker
 from .flops import training_flops
 from .metrics_csv import read_metrics, trim_metrics
 from .model_config import check_pooling_input
@@ -74,6 +73,7 @@ from .pretrain_config import (  # re-exported: the run's typed configuration
     load_pretrain_config,
     pretrain_config_from_dict,
 )
+from .resume import RESUME_KEEPS, RESUME_MAY_CHANGE, check_resume_config, check_resume_corpus  # noqa: F401 (RESUME_*: re-exported)
 from .stopping import SignalFlag, StopOnSignal, StopRequested, TrainingInterrupted
 from .trainer import (
     EvaluateAtEnd,
@@ -133,52 +133,6 @@ class PretrainResult:
 
 def _distributed_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-#: Settings a resumed run may change (prefixes end in "."): how long to train, where and how often
-#: to write. Every other setting shapes the model, the optimizer, the learning-rate schedule or the
-#: data order that the checkpoint was made with.
-RESUME_MAY_CHANGE = (
-    "output_dir", "train.max_steps", "train.epochs", "checkpoint.", "logging.", "data.workers", "distributed.timeout_s",
-)
-RESUME_KEEPS = ("logging.rank_bucket", "logging.baseline_cells")  # the held-out baselines: one for every row of metrics.csv
-
-
-def check_resume_config(config: PretrainConfig, checkpoint: Path, vocab: Vocabulary) -> list[str]:
-    """Compare a resumed run's settings with those its checkpoint was saved with.
-
-    Returns the changes that are allowed on resume (:data:`RESUME_MAY_CHANGE`, e.g. a larger
-    ``train.max_steps``), one line each; every other difference is a :class:`ConfigError`, since
-    the checkpoint's weights, optimizer and schedule were made with the old values and the run
-    folder's ``config.yaml`` must record the settings really in effect.
-    """
-    saved_vocab = checkpoint / "vocab.json"
-    if saved_vocab.is_file() and Vocabulary.load(saved_vocab).hash != vocab.hash:
-        raise VocabularyMismatchError(
-            f"data.vocab ({config.data.vocab}) is not the vocabulary {checkpoint.name} was trained with "
-            f"({saved_vocab}); resume with that vocabulary, or start a new run."
-        )
-    saved_config = checkpoint / "config.yaml"
-    if not saved_config.is_file():
-        logger.warning("%s records no config.yaml; the resumed settings cannot be compared with it", checkpoint)
-        return []
-    try:
-        previous = to_dict(from_dict(PretrainConfig, yaml.safe_load(saved_config.read_text()) or {}, str(saved_config)))
-    except (ConfigError, yaml.YAMLError) as exc:
-        raise ArtifactError(f"{saved_config} cannot be read as a pretraining config ({exc}); resume from another checkpoint.") from exc
-    changed = changed_settings(previous, to_dict(config))
-    lines = [f"{key}: {old!r} -> {new!r}" for key, old, new in changed]
-    allowed = [key.startswith(RESUME_MAY_CHANGE) and not key.startswith(RESUME_KEEPS) for key, _, _ in changed]
-    refused = [line for line, ok in zip(lines, allowed, strict=True) if not ok]
-    if refused:
-        raise ConfigError(
-            f"cannot resume from {checkpoint} with changed settings ({'; '.join(refused)}): the checkpoint's weights, "
-            f"optimizer and learning-rate schedule were made with the values in {saved_config}. Restore them, or start "
-            "a new run (another output_dir, or --overwrite). On resume only these may change: "
-            f"{', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RESUME_MAY_CHANGE)} "
-            f"(but not {' or '.join(RESUME_KEEPS)}: the held-out baselines of the earlier rows of metrics.csv)."
-        )
-    return [line for line, ok in zip(lines, allowed, strict=True) if ok]
 
 
 def run_pretraining(
@@ -257,10 +211,10 @@ def _run_pretraining(
     if config.train.mlm_bias_init == "unigram" and plan.checkpoint is None:
         counted = data.baselines or _frequency_baselines(config, data.train_set.select_columns(["input_ids"]), plan.vocab, data.lengths)
         model.init_mlm_bias(torch.from_numpy(counted.unigram_log_prob))
-    lengths = data.lengths.astype("<i8")  # the training cells, as a checkpoint records them (_check_resume_corpus)
+    lengths = data.lengths.astype("<i8")  # the training cells, as a checkpoint records them (check_resume_corpus)
     corpus = {"cells": int(lengths.size), "tokens": int(lengths.sum()), "hash": content_hash(lengths.tobytes())}
     if plan.checkpoint is not None:
-        _check_resume_corpus(plan.checkpoint, corpus, _distributed_env()[1])
+        check_resume_corpus(plan.checkpoint, corpus, _distributed_env()[1])
     if _distributed_env()[1] > 1 and not torch.cuda.is_available():
         start_cpu_process_group(config.distributed.timeout_s)  # before the Trainer's own, which would ignore it
     args = training_arguments(config, plan.run_dir, plan.precision, data.eval_set is not None)
@@ -327,25 +281,6 @@ def _open_data(config: PretrainConfig, vocab: Vocabulary, model_max_len: int) ->
     if eval_set is not None:
         eval_set = eval_set.select_columns(keep).with_format("numpy")
     return _TrainingData(train_set, eval_set, lengths, model_max_len, species_codes, baselines)
-
-
-def _check_resume_corpus(checkpoint: Path, corpus: dict[str, Any], world_size: int) -> None:
-    """The training cells are those the checkpoint was trained on (their lengths' hash; its data order refers to them),
-    by as many processes (the global batch, the batches to skip and each rank's RNG state refer to that number)."""
-    environment = read_json(checkpoint / "environment.json") if (checkpoint / "environment.json").is_file() else {}
-    if (processes := environment.get("world_size", world_size)) != world_size:
-        raise ConfigError(
-            f"{checkpoint.name} was trained by {processes} processes and this run has {world_size}: its global batch, data "
-            f"order and RNG states are those of {processes} processes. Resume with {processes} processes (e.g. torchrun "
-            f"--nproc_per_node {processes} on one node), or start a new run (another output_dir, or --overwrite)."
-        )
-    saved = environment.get("corpus")
-    if saved is not None and saved != corpus:
-        raise ConfigError(
-            f"the corpus is not the one {checkpoint.name} was trained on ({saved['cells']:,} training cells, {saved['tokens']:,} "
-            f"tokens then; {corpus['cells']:,} and {corpus['tokens']:,} now): the data order it restores would refer to other "
-            "cells. Resume with that corpus, or start a new run (another output_dir, or --overwrite)."
-        )
 
 
 def _prepare_run_dir(

@@ -2,7 +2,7 @@
 before any data is read, and the readers of its YAML / dict forms.
 
 A run saves its config as ``config.yaml`` in the run folder and beside every checkpoint; a resumed
-run is compared with it (:func:`mixgeneformer.pretrain.check_resume_config`). The run itself is
+run is compared with it (:func:`mixgeneformer.resume.check_resume_config`). The run itself is
 :func:`mixgeneformer.pretrain.run_pretraining`, which re-exports these names.
 """
 

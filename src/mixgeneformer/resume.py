@@ -1,0 +1,91 @@
+"""Whether a resumed pretraining run continues the run its checkpoint belongs to.
+
+A checkpoint's weights, optimizer state, learning-rate schedule and data order were made with one
+configuration, one set of training cells and one number of processes. :func:`check_resume_config`
+compares the settings (only :data:`RESUME_MAY_CHANGE` may differ, e.g. a larger ``train.max_steps``)
+and :func:`check_resume_corpus` the training cells and the number of processes; every other
+difference is one :class:`~mixgeneformer.errors.ConfigError` before any step.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import changed_settings, from_dict, to_dict
+from .errors import ArtifactError, ConfigError, VocabularyMismatchError
+from .fileio import read_json
+from .pretrain_config import PretrainConfig
+from .vocab import Vocabulary
+
+logger = logging.getLogger(__name__)
+
+#: Settings a resumed run may change (prefixes end in "."): how long to train, where and how often
+#: to write. Every other setting shapes the model, the optimizer, the learning-rate schedule or the
+#: data order that the checkpoint was made with.
+RESUME_MAY_CHANGE = (
+    "output_dir", "train.max_steps", "train.epochs", "checkpoint.", "logging.", "data.workers", "distributed.timeout_s",
+)
+RESUME_KEEPS = ("logging.rank_bucket", "logging.baseline_cells")  # the held-out baselines: one for every row of metrics.csv
+
+
+def check_resume_config(config: PretrainConfig, checkpoint: Path, vocab: Vocabulary) -> list[str]:
+    """Compare a resumed run's settings with those its checkpoint was saved with.
+
+    Returns the changes that are allowed on resume (:data:`RESUME_MAY_CHANGE`, e.g. a larger
+    ``train.max_steps``), one line each; every other difference is a :class:`ConfigError`, since
+    the checkpoint's weights, optimizer and schedule were made with the old values and the run
+    folder's ``config.yaml`` must record the settings really in effect.
+    """
+    saved_vocab = checkpoint / "vocab.json"
+    if saved_vocab.is_file() and Vocabulary.load(saved_vocab).hash != vocab.hash:
+        raise VocabularyMismatchError(
+            f"data.vocab ({config.data.vocab}) is not the vocabulary {checkpoint.name} was trained with "
+            f"({saved_vocab}); resume with that vocabulary, or start a new run."
+        )
+    saved_config = checkpoint / "config.yaml"
+    if not saved_config.is_file():
+        logger.warning("%s records no config.yaml; the resumed settings cannot be compared with it", checkpoint)
+        return []
+    try:
+        previous = to_dict(from_dict(PretrainConfig, yaml.safe_load(saved_config.read_text()) or {}, str(saved_config)))
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise ArtifactError(f"{saved_config} cannot be read as a pretraining config ({exc}); resume from another checkpoint.") from exc
+    changed = changed_settings(previous, to_dict(config))
+    lines = [f"{key}: {old!r} -> {new!r}" for key, old, new in changed]
+    allowed = [key.startswith(RESUME_MAY_CHANGE) and not key.startswith(RESUME_KEEPS) for key, _, _ in changed]
+    refused = [line for line, ok in zip(lines, allowed, strict=True) if not ok]
+    if refused:
+        raise ConfigError(
+            f"cannot resume from {checkpoint} with changed settings ({'; '.join(refused)}): the checkpoint's weights, "
+            f"optimizer and learning-rate schedule were made with the values in {saved_config}. Restore them, or start "
+            "a new run (another output_dir, or --overwrite). On resume only these may change: "
+            f"{', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RESUME_MAY_CHANGE)} "
+            f"(but not {' or '.join(RESUME_KEEPS)}: the held-out baselines of the earlier rows of metrics.csv)."
+        )
+    return [line for line, ok in zip(lines, allowed, strict=True) if ok]
+
+
+def check_resume_corpus(checkpoint: Path, corpus: dict[str, Any], world_size: int) -> None:
+    """The training cells are those the checkpoint was trained on (their lengths' hash; its data order refers to them),
+    by as many processes (the global batch, the batches to skip and each rank's RNG state refer to that number)."""
+    environment = read_json(checkpoint / "environment.json") if (checkpoint / "environment.json").is_file() else {}
+    if (processes := environment.get("world_size", world_size)) != world_size:
+        raise ConfigError(
+            f"{checkpoint.name} was trained by {processes} processes and this run has {world_size}: its global batch, data "
+            f"order and RNG states are those of {processes} processes. Resume with {processes} processes (e.g. torchrun "
+            f"--nproc_per_node {processes} on one node), or start a new run (another output_dir, or --overwrite)."
+        )
+    saved = environment.get("corpus")
+    if saved is not None and saved != corpus:
+        raise ConfigError(
+            f"the corpus is not the one {checkpoint.name} was trained on ({saved['cells']:,} training cells, {saved['tokens']:,} "
+            f"tokens then; {corpus['cells']:,} and {corpus['tokens']:,} now): the data order it restores would refer to other "
+            "cells. Resume with that corpus, or start a new run (another output_dir, or --overwrite)."
+        )
+
+
+__all__ = ["RESUME_KEEPS", "RESUME_MAY_CHANGE", "check_resume_config", "check_resume_corpus"]
