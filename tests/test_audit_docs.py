@@ -50,3 +50,20 @@ def test_coverage_line_gives_a_make_names_example_of_the_files_species() -> None
 
     assert "e.g. H2.K1" in line("mouse") and "HLA.A" not in line("mouse")
     assert "e.g. HLA.A" in line("human")
+
+
+def test_existing_obsm_key_error_names_the_cli_option_for_another_key() -> None:
+    # `mixgf embed` on an input already holding obsm['X_mixgeneformer'] said "or choose another key"
+    # without naming --key (which the docs list only in --help); it now names it.
+    import anndata as ad
+    import numpy as np
+    import pytest
+
+    from mixgeneformer.embed.cells import _check_key
+    from mixgeneformer.errors import ConfigError
+
+    adata = ad.AnnData(np.zeros((2, 1), np.float32))
+    adata.obsm["X_mixgeneformer"] = np.zeros((2, 3), np.float32)
+    with pytest.raises(ConfigError, match=r"--overwrite.*another key \(CLI: --key\)"):
+        _check_key(adata, "X_mixgeneformer", overwrite=False)
+    _check_key(adata, "X_other", overwrite=False)

@@ -48,7 +48,7 @@ def _check_key(adata: Any, key: str, overwrite: bool) -> None:
     if key in adata.obsm and not overwrite:
         raise ConfigError(
             f"adata.obsm[{key!r}] already exists; pass overwrite=True (CLI: --overwrite) to replace it, "
-            "or choose another key"
+            "or choose another key (CLI: --key)"
         )
 
 
