@@ -21,7 +21,8 @@ import test_distributed  # noqa: E402
 from test_distributed import _torchrun  # noqa: E402
 from test_pretrain import make_vocab, tiny_config, training_data  # noqa: E402
 
-# Each rank: `--resume` when RESUME is set; the rank named by BLIND_RANK sees no checkpoint in output_dir.
+# Each rank: `--resume` when RESUME is set; the rank named by BLIND_RANK sees no checkpoint in output_dir,
+# the one named by STALE_RANK sees STALE_CHECKPOINT (another run's checkpoint of the same name) there.
 WORKER = r'''
 import os, sys
 import torch.distributed as dist
@@ -30,6 +31,9 @@ from mixgeneformer.pretrain import load_pretrain_config, run_pretraining
 
 if os.environ.get("BLIND_RANK") == os.environ["RANK"]:
     checkpoints.latest_complete_checkpoint = lambda run_dir: None  # a node whose disk lacks rank 0's checkpoints
+if os.environ.get("STALE_RANK") == os.environ["RANK"]:  # a node whose disk holds an earlier run's checkpoint-3
+    from pathlib import Path
+    checkpoints.latest_complete_checkpoint = lambda run_dir: Path(os.environ["STALE_CHECKPOINT"])
 run_pretraining(load_pretrain_config(sys.argv[1]), resume=bool(os.environ.get("RESUME")))
 dist.barrier()
 dist.destroy_process_group()
@@ -70,3 +74,29 @@ def test_ranks_that_see_different_checkpoints_stop_before_anything_is_written(tm
     after = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert after == before  # no metrics cut back, no config or environment rewritten, no new checkpoint
     assert [int(r["step"]) for r in read_metrics(out)] == [1, 2, 3]
+
+
+def test_ranks_that_see_checkpoints_of_one_name_from_different_runs_stop(tmp_path, worker):
+    """A node whose local output_dir holds an earlier run's checkpoint-3 (same settings, same cells, same
+    number of processes, so every other resume check passes) would resume from other weights, optimizer
+    state and data position than rank 0: names alone do not tell them apart."""
+    corpus = training_data(tmp_path / "corpus", make_vocab(), n_cells=64)
+    runs = {}
+    for name, logging in (("run", 1), ("stale", 2)):  # two runs of the same training, logged differently
+        runs[name] = tiny_config(corpus, tmp_path / name, train={"max_steps": 3, "per_device_batch_size": 4},
+                                 checkpoint={"save_steps": 3}, distributed={"timeout_s": 60},
+                                 logging={"logging_steps": logging})
+        (tmp_path / f"{name}_launch").mkdir()
+        proc, _, _ = _torchrun(tmp_path / f"{name}_launch", runs[name])
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out, stale = tmp_path / "run", tmp_path / "stale" / "checkpoint-3"
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+    longer = {**runs["run"], "train": {**runs["run"]["train"], "max_steps": 5}}
+    proc, _, _ = _torchrun(tmp_path, longer, {"RESUME": "1", "STALE_RANK": "1", "STALE_CHECKPOINT": str(stale)}, timeout=120)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "rank 0 plans to resume from checkpoint-3, rank 1 to resume from checkpoint-3 with other contents" in log
+    assert log.count("see different run folders") >= 2  # raised on both ranks, not a hang on one
+    after = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert after == before

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 from .errors import ArtifactError, ConfigError
-from .fileio import check_not_input, check_output
+from .fileio import check_not_input, check_output, content_hash
 
 logger = logging.getLogger(__name__)
 
@@ -259,26 +259,38 @@ def plan_run_dir(
     return "fresh", None
 
 
+def _fingerprint(checkpoint: Path) -> str:
+    """What tells two checkpoints of one name apart: their manifest (files, sizes, step) and training
+    state (the logged losses of the run that saved it)."""
+    parts = [checkpoint / COMPLETE, checkpoint / "trainer_state.json"]
+    return content_hash(*(path.read_bytes() if path.is_file() else b"" for path in parts))
+
+
 def check_ranks_agree(run_dir: Path, mode: str, checkpoint: Path | None) -> None:
     """Every process of a multi-process run must have planned the same start (:func:`plan_run_dir`): the
-    same checkpoint, or none. A node that sees another ``output_dir`` (a local disk on a multi-node run:
-    rank 0's checkpoints are not there) would start over while rank 0 resumes, training on out of step until
-    a collective hangs. Called once the process group exists and before rank 0 writes anything; one
-    :class:`ArtifactError` on every rank otherwise."""
+    same checkpoint (its name and contents), or none. A node that sees another ``output_dir`` (a local disk
+    on a multi-node run: rank 0's checkpoints are not there, or an earlier run's of the same name are) would
+    start over, or from other weights, optimizer state and data position, while rank 0 resumes, training on
+    out of step until a collective hangs. Called once the process group exists and before rank 0 writes
+    anything; one :class:`ArtifactError` on every rank otherwise."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return
     plans: list = [None] * dist.get_world_size()
-    dist.all_gather_object(plans, (mode, checkpoint.name if checkpoint is not None else None))
-    other = next((rank for rank, plan in enumerate(plans) if plan[1] != plans[0][1]), None)  # fresh = overwrite: step 0
+    own = (checkpoint.name, _fingerprint(checkpoint)) if checkpoint is not None else (None, None)
+    dist.all_gather_object(plans, (mode, *own))
+    other = next((rank for rank, plan in enumerate(plans) if plan[1:] != plans[0][1:]), None)  # fresh = overwrite: step 0
     if other is not None:
         def said(plan):
             return f"to resume from {plan[1]}" if plan[1] else "to start at step 0"
+        same_name = plans[other][1] is not None and plans[other][1] == plans[0][1]
+        contents = " with other contents (another run's)" if same_name else ""
         raise ArtifactError(
             f"the processes of this run see different run folders at {run_dir}: rank 0 plans {said(plans[0])}, "
-            f"rank {other} {said(plans[other])}. Every node must see the same output_dir: put it on a filesystem "
-            "that all nodes share (checkpoints are written by rank 0 only)."
+            f"rank {other} {said(plans[other])}{contents}. "
+            "Every node must see the same output_dir: put it on a filesystem that all nodes share (checkpoints are "
+            "written by rank 0 only)."
         )
 
 
