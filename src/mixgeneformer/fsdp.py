@@ -16,6 +16,7 @@ checkpoint layout (``BertForMaskedLM``'s keys, the decoder tied to the word embe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -64,9 +65,10 @@ def shard_model(accelerator: Accelerator, model: torch.nn.Module) -> bool:
         raise ConfigError("FSDP2 here shards the model itself (the tied MLM head in one group); fsdp_config "
                          "cpu_ram_efficient_loading, activation_checkpointing and ignored_modules are not supported.")
     mesh = getattr(accelerator, "torch_device_mesh", None)
+    precision = plugin.mixed_precision_policy or MixedPrecisionPolicy()
     kwargs = {
         "offload_policy": plugin.cpu_offload,
-        "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+        "mp_policy": precision,
         "mesh": mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)] if mesh is not None else None,
     }
     plugin.set_auto_wrap_policy(model)
@@ -77,7 +79,10 @@ def shard_model(accelerator: Accelerator, model: torch.nn.Module) -> bool:
         if id(module) not in inside_tied and policy(module) and not isinstance(module, FSDPModule):
             fully_shard(module, reshard_after_forward=plugin.reshard_after_forward, **kwargs)
     fully_shard(tied, reshard_after_forward=False, **kwargs)
-    fully_shard(model, **kwargs)  # the root: torch's default (not resharded after forward)
+    # The root (torch's default: not resharded after forward) returns its outputs as computed: Accelerate's
+    # bf16 / fp16 policy casts a group's outputs to that dtype, and the root's are the loss and its parts
+    # (float32), which metrics.csv and the held-out loss then held in bf16 (3.8125 for 3.8140; DDP's are float32).
+    fully_shard(model, **{**kwargs, "mp_policy": dataclasses.replace(precision, output_dtype=None)})
     logger.info("FSDP2: word embeddings and MLM head sharded as one group (tied parameters)")
     return True
 

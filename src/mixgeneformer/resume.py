@@ -17,7 +17,7 @@ import yaml
 
 from .config import changed_settings, from_dict, to_dict
 from .errors import ArtifactError, ConfigError, VocabularyMismatchError
-from .fileio import read_json
+from .fileio import read_json, read_text
 from .pretrain_config import PretrainConfig
 from .vocab import Vocabulary
 
@@ -50,9 +50,10 @@ def check_resume_config(config: PretrainConfig, checkpoint: Path, vocab: Vocabul
     if not saved_config.is_file():
         logger.warning("%s records no config.yaml; the resumed settings cannot be compared with it", checkpoint)
         return []
-    try:
-        previous = to_dict(from_dict(PretrainConfig, yaml.safe_load(saved_config.read_text()) or {}, str(saved_config)))
-    except (ConfigError, yaml.YAMLError) as exc:
+    try:  # read_text: a binary (corrupt) file is an ArtifactError too, not a bare UnicodeDecodeError
+        text = read_text(saved_config, "the checkpoint's config", "a YAML file")[1]
+        previous = to_dict(from_dict(PretrainConfig, yaml.safe_load(text) or {}, str(saved_config)))
+    except (ConfigError, ArtifactError, yaml.YAMLError) as exc:
         raise ArtifactError(f"{saved_config} cannot be read as a pretraining config ({exc}); resume from another checkpoint.") from exc
     changed = changed_settings(previous, to_dict(config))
     lines = [f"{key}: {old!r} -> {new!r}" for key, old, new in changed]
@@ -73,6 +74,9 @@ def check_resume_corpus(checkpoint: Path, corpus: dict[str, Any], world_size: in
     """The training cells are those the checkpoint was trained on (their lengths' hash; its data order refers to them),
     by as many processes (the global batch, the batches to skip and each rank's RNG state refer to that number)."""
     environment = read_json(checkpoint / "environment.json") if (checkpoint / "environment.json").is_file() else {}
+    if not isinstance(environment, dict) or not isinstance(environment.get("corpus") or {}, dict):
+        raise ArtifactError(f"{checkpoint / 'environment.json'} is not this package's run record (a JSON object with "
+                            "world_size and corpus); resume from another checkpoint, or start a new run.")
     if (processes := environment.get("world_size", world_size)) != world_size:
         raise ConfigError(
             f"{checkpoint.name} was trained by {processes} processes and this run has {world_size}: its global batch, data "
@@ -82,10 +86,18 @@ def check_resume_corpus(checkpoint: Path, corpus: dict[str, Any], world_size: in
     saved = environment.get("corpus")
     if saved is not None and saved != corpus:
         raise ConfigError(
-            f"the corpus is not the one {checkpoint.name} was trained on ({saved['cells']:,} training cells, {saved['tokens']:,} "
-            f"tokens then; {corpus['cells']:,} and {corpus['tokens']:,} now): the data order it restores would refer to other "
+            f"the corpus is not the one {checkpoint.name} was trained on ({_count(saved, 'cells')} training cells, "
+            f"{_count(saved, 'tokens')} tokens then; {_count(corpus, 'cells')} and {_count(corpus, 'tokens')} now): the data "
+            "order it restores would refer to other "
             "cells. Resume with that corpus, or start a new run (another output_dir, or --overwrite)."
         )
+
+
+
+def _count(record: dict[str, Any], key: str) -> str:
+    """``record[key]`` with thousands separators; 'an unrecorded number of' when the record lacks it."""
+    value = record.get(key)
+    return f"{value:,}" if isinstance(value, int) else "an unrecorded number of"
 
 
 __all__ = ["RESUME_KEEPS", "RESUME_MAY_CHANGE", "check_resume_config", "check_resume_corpus"]

@@ -1,13 +1,14 @@
 """The TileDB-SOMA reader (a local CELLxGENE Census-style experiment), streamed by obs joinid.
 
 Opening reads the var dataframe (small) and obs's ``soma_joinid`` column only (8 bytes a cell; with
-``obs_filter``, the joinids of the cells the filter selects); the cell names (``obs_id``) and any obs
-column asked for are read per chunk, by joinid, so memory is bounded by the chunk even for a
-Census-sized obs with dozens of columns.
+``obs_filter``, the joinids of the cells the filter selects); the cell names (``obs_id``, or the
+written AnnData index's own name) and any obs column asked for are read per chunk, by joinid, so
+memory is bounded by the chunk even for a Census-sized obs with dozens of columns.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,20 @@ def _coords(joinids: np.ndarray) -> Any:
     if joinids.size and int(joinids[-1]) - int(joinids[0]) + 1 == joinids.size:
         return slice(int(joinids[0]), int(joinids[-1]))
     return joinids
+
+
+def _index_column(frame: Any, names: list[str], default: str) -> str | None:
+    """The column of a SOMA obs / var dataframe that holds the AnnData index it was written from: ``default``
+    (``obs_id`` / ``var_id``: tiledbsoma.io's name for an unnamed index), else the index's own name, which
+    tiledbsoma.io keeps in the ``soma_dataframe_original_index_name`` metadata (an h5ad whose obs index is
+    named, e.g. ``barcode``, is written with a ``barcode`` column and no ``obs_id``); None when neither."""
+    if default in names:
+        return default
+    try:
+        original = json.loads(frame.metadata.get("soma_dataframe_original_index_name") or "null")
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return original if isinstance(original, str) and original in names and original != _JOINID else None
 
 
 class _SomaSource(CountSource):
@@ -61,14 +76,17 @@ class _SomaSource(CountSource):
             raise InputDataError(f"{uri}: X layer {x_layer!r} not found in measurement {measurement!r}. Available layers: {sorted(ms.X.keys())}.")
         self._x = ms.X[x_layer]
         var = ms.var.read().concat().to_pandas().sort_values(_JOINID)
-        column = gene_column or ("var_id" if "var_id" in var.columns else None)
-        if column is None or column not in var.columns:
+        column = gene_column or _index_column(ms.var, list(var.columns), "var_id")
+        if column is None:
+            raise InputDataError(f"{uri}: var has no gene identifier column (var_id, or the index of the AnnData it was "
+                                 f"written from); name one with gene_column (--gene-column). Var columns: {sorted(var.columns)}.")
+        if column not in var.columns:
             raise InputDataError(f"{uri}: gene_column {column!r} not found in var. Available var columns: {sorted(var.columns)}.")
         self.gene_ids = var[column].astype(str).to_numpy().astype(object)
         self._var_joinids = var[_JOINID].to_numpy().astype(np.int64)
         obs = self._exp.obs
         names = list(obs.schema.names)
-        self._cell_key = "obs_id" if "obs_id" in names else None
+        self._cell_key = _index_column(obs, names, "obs_id")  # the cell names, as the AnnData written had them
         self.obs_columns = [c for c in names if c not in (_JOINID, self._cell_key)]
         # obs indexed by soma_joinid (Census, tiledbsoma.io) is read by coordinates, else by a joinid range filter
         self._by_coords = tuple(obs.index_column_names)[:1] == (_JOINID,)
