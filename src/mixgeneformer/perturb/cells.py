@@ -112,10 +112,9 @@ def perturb_cells(
     lengths = np.diff(offsets)
     _check_cells(flat, lengths, bert, vocab)
     labels = _state_labels(dataset, config, states, len(lengths))
-    gene_tokens = resolve_genes(config.genes, vocab, _species_for(dataset, config)) if config.genes else None
-    anchor_token = (
-        int(resolve_genes([config.anchor], vocab, _species_for(dataset, config))[0]) if config.anchor else None
-    )
+    species, only = _species_for(dataset, config), _only_species(dataset)
+    gene_tokens = resolve_genes(config.genes, vocab, species, only) if config.genes else None
+    anchor_token = int(resolve_genes([config.anchor], vocab, species, only)[0]) if config.anchor else None
     special = vocab.special_ids
     n_genes = _genes_per_cell(flat, offsets, special)
 
@@ -250,6 +249,14 @@ def _species_for(dataset: Any, config: PerturbConfig) -> str:
         if len(values) and values.index[0] in ("human", "mouse"):
             return str(values.index[0])
     return "auto"
+
+
+def _only_species(dataset: Any) -> str | None:
+    """``"human"`` / ``"mouse"`` when every cell of ``dataset`` is of that species (its ``species`` column), else None."""
+    if "species" not in (getattr(dataset, "column_names", ()) or ()) or not len(dataset):
+        return None
+    present = set(pd.unique(pd.Series(dataset["species"], dtype=object)))
+    return next(iter(present)) if len(present) == 1 and present <= {"human", "mouse"} else None
 
 
 def _state_labels(dataset: Any, config: PerturbConfig, states: Sequence[str] | None, n: int) -> np.ndarray | None:

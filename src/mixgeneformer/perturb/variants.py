@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -11,6 +12,7 @@ import numpy as np
 
 from ..errors import ConfigError, GeneIdError, InputDataError
 from ..genes import map_gene_ids, strip_versions
+from ..vocab import HUMAN, MOUSE
 from .config import PerturbConfig, PerturbType
 
 if TYPE_CHECKING:
@@ -18,10 +20,13 @@ if TYPE_CHECKING:
     from ..vocab import Vocabulary
 
 
+logger = logging.getLogger(__name__)
+
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$", re.IGNORECASE)
 
 
-def resolve_genes(names: Sequence[str], vocab: Vocabulary, species: str = "auto") -> np.ndarray:
+def resolve_genes(names: Sequence[str], vocab: Vocabulary, species: str = "auto",
+                  cells_species: str | None = None) -> np.ndarray:
     """Token ids of genes given as Ensembl IDs (versions allowed) or symbols.
 
     Parameters
@@ -31,6 +36,9 @@ def resolve_genes(names: Sequence[str], vocab: Vocabulary, species: str = "auto"
         mouse, exact case before case-insensitive).
     vocab
         The model's vocabulary.
+    cells_species
+        ``"human"`` / ``"mouse"``: every cell is of that species; a gene of the other is mapped to
+        its one-to-one ortholog, or refused when it has none (no cell could hold it).
 
     Returns
     -------
@@ -47,7 +55,7 @@ def resolve_genes(names: Sequence[str], vocab: Vocabulary, species: str = "auto"
 
     out = np.empty(len(names), dtype=np.int64)
     order = ["human", "mouse"] if species in ("auto", "human") else ["mouse", "human"]
-    if species != "auto":
+    if species != "auto" and cells_species is None:  # else a symbol of the other species is mapped (_in_species)
         order = order[:1]
     for i, raw in enumerate(names):
         name = str(raw).strip()
@@ -74,9 +82,27 @@ def resolve_genes(names: Sequence[str], vocab: Vocabulary, species: str = "auto"
                 f"gene {name!r} ({', '.join(candidates)}) is not in the model's vocabulary "
                 f"({len(vocab.gene_to_id):,} genes); it cannot be perturbed with this model"
             )
-        out[i] = tokens[0]
+        out[i] = tokens[0] if cells_species is None else _in_species(name, tokens[0], vocab, cells_species)
     _refuse_repeats(names, out)
     return out
+
+
+def _in_species(name: str, token: int, vocab: Vocabulary, cells_species: str) -> int:
+    """``token``, or its one-to-one ortholog's when it is a gene of the other species than the cells'."""
+    own, other = (HUMAN, "mouse") if cells_species == "human" else (MOUSE, "human")
+    if int(vocab.token_species[token]) != 1 - own:
+        return int(token)
+    partner = int(vocab.ortholog_map[token])
+    gene = "/".join(vocab.token_genes[token])
+    if partner < 0:
+        raise GeneIdError(
+            f"gene {name!r} ({gene}) is a {other} gene with no one-to-one {cells_species} ortholog in the model's "
+            f"vocabulary, and the cells are {cells_species}: no cell holds it. Name a {cells_species} gene "
+            f"(a {cells_species} symbol or Ensembl ID) instead."
+        )
+    logger.warning("gene %r (%s) is a %s gene; the cells are %s: perturbing its one-to-one ortholog %s",
+                   name, gene, other, cells_species, "/".join(vocab.token_genes[partner]))
+    return partner
 
 
 def _refuse_repeats(names: Sequence[str], tokens: np.ndarray) -> None:

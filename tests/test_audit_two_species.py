@@ -1,0 +1,76 @@
+"""Audit of a user with cells of both species (human and mouse): gene names of the other species,
+species recorded in outputs. Each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import logging
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from mixgeneformer.errors import GeneIdError
+from mixgeneformer.perturb import PerturbConfig, perturb_cells
+from mixgeneformer.perturb.variants import resolve_genes
+from mixgeneformer.vocab import Vocabulary
+
+SPECIALS = ["<pad>", "<mask>", "<cls>", "<eos>", "<human>", "<mouse>"]
+CLS, EOS, MOUSE_TOKEN = 2, 3, 5
+GCG, INS = "ENSG00000115263", "ENSG00000254647"  # human; GCG's one-to-one mouse ortholog is Gcg
+GCG_M, INS1_M, INS2_M = "ENSMUSG00000000394", "ENSMUSG00000035804", "ENSMUSG00000000215"  # mouse; INS has none 1:1
+
+
+def _vocab(mode: str) -> Vocabulary:
+    genes = [GCG, INS, GCG_M, INS1_M, INS2_M]
+    if mode == "separate":
+        return Vocabulary(SPECIALS + genes, {g: i + len(SPECIALS) for i, g in enumerate(genes)}, mode="separate")
+    tokens = SPECIALS + [f"{GCG}|{GCG_M}", INS, INS1_M, INS2_M]
+    ids = {GCG: 6, GCG_M: 6, INS: 7, INS1_M: 8, INS2_M: 9}
+    return Vocabulary(tokens, ids, mode="ortholog")
+
+
+@pytest.mark.parametrize("mode", ["separate", "ortholog"])
+def test_a_human_gene_without_a_mouse_ortholog_is_refused_for_mouse_cells(mode):
+    # Before: INS (human-only token) given for mouse cells resolved to a token no mouse cell holds, and the run
+    # silently scored only the other genes (`--genes INS,GCG` on mouse cells: INS dropped without a word).
+    vocab = _vocab(mode)
+    for name in (INS, "INS"):
+        with pytest.raises(GeneIdError, match="human gene with no one-to-one mouse ortholog.*cells are mouse"):
+            resolve_genes([name, GCG_M], vocab, "mouse", "mouse")
+    # Without the cells' species (a list of token sequences) the pure lookup is unchanged.
+    assert resolve_genes([INS], vocab, "auto").tolist() == [vocab.gene_to_id[INS]]
+
+
+def test_a_human_gene_is_mapped_to_its_mouse_ortholog_for_mouse_cells_in_a_separate_vocabulary(caplog):
+    # Before: a separate vocabulary gave GCG's human token, which mouse cells never hold.
+    vocab = _vocab("separate")
+    with caplog.at_level(logging.WARNING, logger="mixgeneformer.perturb.variants"):
+        tokens = resolve_genes([GCG, f"{INS1_M}.3"], vocab, "mouse", "mouse")
+    assert tokens.tolist() == [vocab.gene_to_id[GCG_M], vocab.gene_to_id[INS1_M]]
+    assert "one-to-one ortholog ENSMUSG00000000394" in caplog.text and "cells are mouse" in caplog.text
+    # ... and the other way: a mouse ID for human cells.
+    assert resolve_genes([GCG_M], vocab, "human", "human").tolist() == [vocab.gene_to_id[GCG]]
+
+
+@pytest.fixture(scope="module")
+def bert() -> BertModel:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(SPECIALS) + 5, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, attn_implementation="sdpa")
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+def _mouse_corpus(vocab: Vocabulary, species: str = "mouse") -> datasets.Dataset:
+    genes = [vocab.gene_to_id[g] for g in (GCG_M, INS1_M, INS2_M)]
+    cells = [[CLS, MOUSE_TOKEN, *np.roll(genes, k).tolist(), EOS] for k in range(3)]
+    return datasets.Dataset.from_dict({"input_ids": cells, "species": [species] * 3})
+
+
+def test_perturbing_mouse_cells_with_a_human_id_scores_its_ortholog(bert):
+    vocab = _vocab("separate")
+    result = perturb_cells(bert, _mouse_corpus(vocab), vocab, PerturbConfig(genes=[GCG]), progress=False)
+    assert len(result.cells) == 3  # before: "none of the 3 selected cells expresses" GCG's human token
+    with pytest.raises(GeneIdError, match="cells are mouse"):
+        perturb_cells(bert, _mouse_corpus(vocab), vocab, PerturbConfig(genes=["INS", "Gcg"]), progress=False)
