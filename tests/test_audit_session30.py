@@ -138,3 +138,31 @@ def test_a_corpus_record_without_a_count_still_gives_the_corpus_message(checkpoi
     (checkpoint / "environment.json").write_text(json.dumps({"world_size": 1, "corpus": {"cells": 3}}))
     with pytest.raises(ConfigError, match=r"not the one checkpoint-3 was trained on \(3 training cells, an unrecorded"):
         check_resume_corpus(checkpoint, {"cells": 3, "tokens": 30, "hash": "abc"}, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# classify_file: the arguments are checked before the (possibly large) files are read
+# --------------------------------------------------------------------------------------------
+def test_classify_file_checks_config_model_folder_and_device_before_reading_a_cell(tmp_path, monkeypatch):
+    """classify_file read the input (and test) file first: a config given as a dict then failed with a bare
+    AttributeError ('dict' object has no attribute 'labels'), and a missing model folder or a bad device were
+    refused only after the whole input had been read."""
+    import mixgeneformer.classify.files as files
+    from mixgeneformer.classify import LabelConfig, classify_file
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("a file was read before the arguments were checked")
+
+    monkeypatch.setattr(files, "read_h5ad", no_read)
+    monkeypatch.setattr(files, "read_cells", no_read)
+    path = tmp_path / "cells.h5ad"
+    ad.AnnData(X=sp.csr_matrix(np.ones((4, 3), np.float32)), obs=pd.DataFrame({"cell_type1": list("abab")},
+               index=[f"c{i}" for i in range(4)])).write_h5ad(path)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    with pytest.raises(ConfigError, match="config must be a ClassifyConfig.*got dict"):
+        classify_file(path, bundle, config={"labels": {"key": "cell_type1"}})
+    with pytest.raises(ArtifactError, match="model folder not found"):
+        classify_file(path, tmp_path / "no-such-bundle", config=files.ClassifyConfig(labels=LabelConfig(key="cell_type1")))
+    with pytest.raises(ConfigError, match="device='gpu' is not a torch device"):
+        classify_file(path, bundle, device="gpu")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..bundle import resolve_tokenize_config
 from ..corpus import check_cells_input
-from ..errors import ConfigError, InputDataError, name_list
+from ..errors import ConfigError, InputDataError, check_config, name_list
 from ..fileio import read_h5ad
 from ..readers.cells import H5AD, count_format, read_cells
 from ..sharding import cells_tokenize_config, model_tokenize_config
@@ -51,6 +51,7 @@ def classify_file(
     labels). The other arguments are :func:`run_classification`'s; write the run with :func:`save_run`.
     """
     check_methods(model, name_list(methods, "methods"), name_list(baseline_methods, "baseline_methods"))  # before reading
+    check_arguments(model, config, device)
     check_test_file(Path(input), Path(test) if test is not None else None)
     paths = [check_cells_input(input, "input", corpus=False)]
     if test is not None:
@@ -63,6 +64,20 @@ def classify_file(
         train_data, model, vocab, medians, test=test_data, methods=methods, baseline_methods=baseline_methods,
         config=config, tokenize_config=tokenize_config, device=device, max_len=max_len,
     )
+
+
+def check_arguments(model: str | os.PathLike | torch.nn.Module | None, config: ClassifyConfig | None, device: str | None) -> None:
+    """The arguments checked before a cell is read (run_classification checks them only once the files are read):
+    ``config`` a ClassifyConfig (a dict failed with a bare AttributeError), the model folder there, ``device`` a
+    device of this machine."""
+    from ..bundle import _resolve_folder
+    from ..devices import resolve_device
+
+    check_config(config, ClassifyConfig)
+    if isinstance(model, (str, os.PathLike)):
+        _resolve_folder(model)
+    if device is not None:
+        resolve_device(device)
 
 
 def check_test_file(input: Path, test: Path | None) -> None:
