@@ -74,3 +74,17 @@ def test_perturbing_mouse_cells_with_a_human_id_scores_its_ortholog(bert):
     assert len(result.cells) == 3  # before: "none of the 3 selected cells expresses" GCG's human token
     with pytest.raises(GeneIdError, match="cells are mouse"):
         perturb_cells(bert, _mouse_corpus(vocab), vocab, PerturbConfig(genes=["INS", "Gcg"]), progress=False)
+
+
+def test_one_object_mixing_both_species_is_one_error_naming_a_fix_that_works_for_every_command():
+    # Before: mixed symbols said only "Pass species='human' or 'mouse' (CLI: --species) to choose", and doing so
+    # was refused next as a mixed file; and "--allow-mixed-species" is no option of embed / classify / perturb /
+    # predict (they read allow_mixed_species from --tokenize-config).
+    from mixgeneformer.genes import map_gene_ids
+
+    symbols = ["INS", "GCG", "ACTB", "GAPDH", "SST", "Ins1", "Gcg", "Actb", "Gapdh", "Sst"]
+    with pytest.raises(GeneIdError, match="Split it by species") as error:
+        map_gene_ids(symbols, species="auto", min_coverage=0.0)
+    assert "allow_mixed_species: true in their --tokenize-config" in str(error.value)
+    with pytest.raises(GeneIdError, match="mix species.*--tokenize-config"):
+        map_gene_ids([GCG, INS, GCG_M, INS1_M], species="auto", min_coverage=0.0)

@@ -157,6 +157,9 @@ class GeneMapping:
 #: How much more of a file's symbols (ignoring case) the other species must match before a guess
 #: from the symbols' case is refused as ambiguous.
 CASE_AMBIGUITY_MARGIN = 0.05
+# How a user keeps both species' genes: tokenize / medians have the flag, the model commands read it from YAML.
+MIXED_OPTION = ("CLI: --allow-mixed-species; embed, classify, perturb and predict: "
+                "allow_mixed_species: true in their --tokenize-config YAML")
 
 
 def detect_species(ids: Sequence[str], allow_mixed: bool = False) -> Species:
@@ -176,7 +179,7 @@ def detect_species(ids: Sequence[str], allow_mixed: bool = False) -> Species:
         if min(human, mouse) > 0.05 * (human + mouse) and not allow_mixed:
             raise GeneIdError(
                 f"the gene IDs mix species: {human:,} human (ENSG) and {mouse:,} mouse (ENSMUSG). Split the "
-                "file by species, or pass allow_mixed=True (CLI: --allow-mixed-species) to keep both."
+                "file by species, or pass allow_mixed=True (" + MIXED_OPTION + ") to keep both."
             )
         return "human" if human >= mouse else "mouse"
     symbols = pd.Series(ids, dtype=str)
@@ -196,7 +199,9 @@ def detect_species(ids: Sequence[str], allow_mixed: bool = False) -> Species:
     if min(only_human, only_mouse) > 0.2 * max(only_human, only_mouse) and not allow_mixed:
         raise GeneIdError(
             f"the gene symbols look like a mix of species ({only_human:,} only human-style, {only_mouse:,} "
-            "only mouse-style). Pass species='human' or 'mouse' (CLI: --species) to choose."
+            "only mouse-style): a file should hold one species' genes. Split it by species; or, when its genes are one "
+            "species' with a few of the other's, pass species='human' or 'mouse' (CLI: --species) and allow_mixed=True "
+            "(" + MIXED_OPTION + ") to leave the other species' symbols unmapped."
         )
     by_case: Species = "human" if only_human >= only_mouse else "mouse"
     _check_case_agrees(symbols, by_case)
@@ -300,7 +305,7 @@ def _map_ensembl(
             )
         logger.warning(
             "%s of %s gene IDs are not %s Ensembl IDs (e.g. %r, %s) and are left unmapped; split the file by "
-            "species, or pass allow_mixed=True (CLI: --allow-mixed-species) to keep human and mouse genes.",
+            "species, or pass allow_mixed=True (" + MIXED_OPTION + ") to keep human and mouse genes.",
             f"{wrong.sum():,}", f"{len(ids):,}", species, ids[wrong][0], other,
         )
     stripped = strip_versions(ids)
@@ -387,7 +392,7 @@ def _check_foreign_symbols(
         raise GeneIdError(
             f"{n_foreign:,} of {len(ids):,} gene symbols ({n_foreign / len(ids):.1%}) of this {species} file are spelled "
             f"as {other} symbols (e.g. {examples}): the file mixes species. Split it by species, or pass "
-            "allow_mixed=True (CLI: --allow-mixed-species) to leave those columns unmapped."
+            "allow_mixed=True (" + MIXED_OPTION + ") to leave those columns unmapped."
         )
     if unfolded.any():
         logger.warning(
