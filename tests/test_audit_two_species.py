@@ -88,3 +88,18 @@ def test_one_object_mixing_both_species_is_one_error_naming_a_fix_that_works_for
     assert "allow_mixed_species: true in their --tokenize-config" in str(error.value)
     with pytest.raises(GeneIdError, match="mix species.*--tokenize-config"):
         map_gene_ids([GCG, INS, GCG_M, INS1_M], species="auto", min_coverage=0.0)
+
+
+def test_species_balanced_on_a_corpus_of_one_species_says_it_does_nothing(tmp_path, caplog):
+    # Before: data.species_balanced on mouse cells only trained without a word, as if balanced.
+    from mixgeneformer.pretrain import _open_data, pretrain_config_from_dict
+    from test_pretrain import make_vocab, save_token_corpus, tiny_config
+
+    vocab = make_vocab(10)
+    vocab.save(tmp_path / "vocab.json")
+    cells = [np.array([2, 5, *range(16 + k % 3, 26)], dtype=np.int32) for k in range(20)]
+    save_token_corpus(tmp_path / "corpus", cells, ["mouse"] * 20, vocab.hash)
+    config = pretrain_config_from_dict(tiny_config(tmp_path, tmp_path / "run", data={"species_balanced": True}))
+    with caplog.at_level(logging.WARNING, logger="mixgeneformer.pretrain"):
+        _open_data(config, vocab, 64)
+    assert "species_balanced: the training cells are all mouse" in caplog.text

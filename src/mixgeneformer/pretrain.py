@@ -272,7 +272,11 @@ def _open_data(config: PretrainConfig, vocab: Vocabulary, model_max_len: int) ->
         lengths = np.minimum(lengths, model_max_len)
     species_codes = None
     if config.data.species_balanced:
-        species_codes, _names = corpus_species_codes(train_set)
+        species_codes, names = corpus_species_codes(train_set)
+        if len(names) < 2:  # a setting asked for that does nothing: say so
+            logger.warning("data.species_balanced: the training cells are all %s, so there is no other species to balance "
+                           "against; add a corpus of the other species, or set data.species_balanced: false",
+                           names[0] if names else "of no species")
     keep = ["input_ids"]
     baselines = None if eval_set is None else _frequency_baselines(config, train_set.select_columns(keep), vocab, lengths)
     if "species" in train_set.column_names:
