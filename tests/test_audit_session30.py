@@ -166,3 +166,23 @@ def test_classify_file_checks_config_model_folder_and_device_before_reading_a_ce
         classify_file(path, tmp_path / "no-such-bundle", config=files.ClassifyConfig(labels=LabelConfig(key="cell_type1")))
     with pytest.raises(ConfigError, match="device='gpu' is not a torch device"):
         classify_file(path, bundle, device="gpu")
+
+
+def test_resume_takes_the_same_files_spelled_as_absolute_paths_but_refuses_other_files(tmp_path, checkpoint, monkeypatch):
+    """A run started with relative paths (data.corpus: corpus, data.vocab: corpus/vocab.json) and resumed with the same
+    files as absolute paths (a job script run from elsewhere) was refused as 'changed settings'; the files' contents
+    are checked apart (vocabulary hash, training cells' hash)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_pretrain import make_vocab, tiny_config
+
+    from mixgeneformer.config import save_config
+    from mixgeneformer.pretrain import pretrain_config_from_dict
+    from mixgeneformer.resume import check_resume_config
+
+    monkeypatch.chdir(tmp_path)
+    save_config(pretrain_config_from_dict(tiny_config(Path("corpus"), Path("run"))), checkpoint)
+    same = pretrain_config_from_dict(tiny_config(tmp_path / "corpus", tmp_path / "run"))
+    assert check_resume_config(same, checkpoint, make_vocab()) == []  # nothing changed: no line either
+    other = pretrain_config_from_dict(tiny_config(tmp_path / "other", tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"changed settings \(data.corpus: .*; data.vocab: "):
+        check_resume_config(other, checkpoint, make_vocab())

@@ -55,7 +55,7 @@ def check_resume_config(config: PretrainConfig, checkpoint: Path, vocab: Vocabul
         previous = to_dict(from_dict(PretrainConfig, yaml.safe_load(text) or {}, str(saved_config)))
     except (ConfigError, ArtifactError, yaml.YAMLError) as exc:
         raise ArtifactError(f"{saved_config} cannot be read as a pretraining config ({exc}); resume from another checkpoint.") from exc
-    changed = changed_settings(previous, to_dict(config))
+    changed = [change for change in changed_settings(previous, to_dict(config)) if not _same_files(*change)]
     lines = [f"{key}: {old!r} -> {new!r}" for key, old, new in changed]
     allowed = [key.startswith(RESUME_MAY_CHANGE) and not key.startswith(RESUME_KEEPS) for key, _, _ in changed]
     refused = [line for line, ok in zip(lines, allowed, strict=True) if not ok]
@@ -92,6 +92,22 @@ def check_resume_corpus(checkpoint: Path, corpus: dict[str, Any], world_size: in
             "cells. Resume with that corpus, or start a new run (another output_dir, or --overwrite)."
         )
 
+
+
+#: settings that name files or folders: the same ones spelled another way (relative / absolute) are no change
+_PATH_SETTINGS = ("output_dir", "data.corpus", "data.vocab", "data.medians", "distributed.deepspeed_config")
+
+
+def _same_files(key: str, old: Any, new: Any) -> bool:
+    """Whether a changed ``key`` names the same files as before, only spelled otherwise (``corpus`` and
+    ``/work/corpus``; a relative path is taken from the current folder). The files' contents are checked
+    apart: the vocabulary by its hash, the training cells by :func:`check_resume_corpus`."""
+    def resolved(value: Any) -> Any:
+        if isinstance(value, list):
+            return [resolved(item) for item in value]
+        return str(Path(value).expanduser().resolve()) if isinstance(value, str) else value
+
+    return key in _PATH_SETTINGS and resolved(old) == resolved(new)
 
 
 def _count(record: dict[str, Any], key: str) -> str:
