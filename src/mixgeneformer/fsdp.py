@@ -109,7 +109,10 @@ def model_from_gathered(config: PretrainedConfig, state_dict: dict[str, torch.Te
 def check_unsharded(state_dict: dict[str, torch.Tensor]) -> None:
     """Refuse a "full" state dict that still holds shards (DTensors): Accelerate gathers FSDP2 weights
     only where its state says FSDP, and a file of shards would not load anywhere."""
-    from torch.distributed.tensor import DTensor
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5 (pyproject allows 2.4): the same class under its former private path
+        from torch.distributed._tensor import DTensor
 
     sharded = [key for key, value in state_dict.items() if isinstance(value, DTensor)]
     if sharded:
