@@ -103,3 +103,23 @@ def test_species_balanced_on_a_corpus_of_one_species_says_it_does_nothing(tmp_pa
     with caplog.at_level(logging.WARNING, logger="mixgeneformer.pretrain"):
         _open_data(config, vocab, 64)
     assert "species_balanced: the training cells are all mouse" in caplog.text
+
+
+def test_embedding_and_perturbation_outputs_record_the_cells_species(tmp_path, bert):
+    # Before: an embedding of a count file recorded tokenize species 'auto' and no species; summary.json of a
+    # perturbation neither, so a mouse and a human run could not be told apart from their outputs.
+    import anndata as ad
+    from test_perturb import bundle_and_cells
+
+    from mixgeneformer.embed import embed_anndata
+
+    human_vocab = Vocabulary(SPECIALS + [GCG, INS], {GCG: 6, INS: 7})
+    bundle_and_cells(tmp_path, human_vocab)
+    adata = ad.read_h5ad(tmp_path / "in.h5ad")
+    with pytest.warns(UserWarning, match="dropped by the tokenizer"):  # cells without counts on the two genes
+        embed_anndata(adata, tmp_path / "bundle", progress=False)
+    params = adata.uns["X_mixgeneformer_params"]
+    assert params["species"] == {"human": 12 - params["n_dropped"]} and params["n_dropped"] < 12
+    vocab = _vocab("separate")
+    result = perturb_cells(bert, _mouse_corpus(vocab), vocab, PerturbConfig(genes=[GCG_M]), progress=False)
+    assert result.summary["species"] == {"mouse": 3}

@@ -32,7 +32,7 @@ from ..inference import (
 from ..model import Pooling
 from ..readers.cells import H5AD, count_format, read_cells
 from ..sharding import cells_tokenize_config, model_tokenize_config
-from ..tokenize import tokenize_for_model, warn_dropped
+from ..tokenize import species_counts, tokenize_for_model, warn_dropped
 
 if TYPE_CHECKING:  # imported lazily at run time: they pull heavy dependencies
     import anndata
@@ -183,7 +183,7 @@ def embed_anndata(
     target.obsm[key] = out
     target.uns[f"{key}_params"] = _params_record(
         model_name, vocab, layer, pooling, hidden, n_cells=int(adata.n_obs), n_dropped=int(n_dropped),
-        tokenize=to_dict(used_config), precision=precision_in_use(device, precision),
+        tokenize=to_dict(used_config), precision=precision_in_use(device, precision), species=species_counts(corpus),
     )
     if isinstance(result, CorpusEmbeddings):
         target.uns[f"{key}_genes"] = gene_table(result)

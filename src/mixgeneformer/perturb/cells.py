@@ -29,7 +29,7 @@ from ..inference import embed_corpus, encoder_of, layers_to_run
 from ..parallel import rank_device
 from ..readers.cells import count_format, read_cells
 from ..sharding import cells_tokenize_config
-from ..tokenize import TokenizeConfig, tokenize_for_model, warn_dropped
+from ..tokenize import TokenizeConfig, species_counts, tokenize_for_model, warn_dropped
 from .config import PerturbConfig
 from .engine import _exact, _genes_per_cell
 from .screen import _screen
@@ -174,6 +174,8 @@ def perturb_cells(
         shard=[shard_index, num_shards],
         seconds=round(time.perf_counter() - started, 3),
     )
+    if getattr(dataset, "column_names", None) and (species_of := species_counts(dataset, chosen)):
+        summary["species"] = species_of  # cells selected per species, as every shard selects them
     return PerturbationResult(frame, gene_frame, summary)
 
 

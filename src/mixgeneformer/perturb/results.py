@@ -288,7 +288,7 @@ def _merged_summary(summaries: list[dict[str, Any]], n_shards: int, cells: pd.Da
         values = [s[key] for s in summaries if key in s]
         if len(values) == n_shards:
             merged[key] = int(sum(values))
-    for key in ("cells_selected", "cells_dropped_few_genes", "cells_dropped_by_tokenizer"):
+    for key in ("cells_selected", "cells_dropped_few_genes", "cells_dropped_by_tokenizer", "species"):
         if summaries and key in summaries[0]:
             merged[key] = summaries[0][key]
     return merged

@@ -17,7 +17,7 @@ from __future__ import annotations
 from .config import V2_MAX_LEN, TokenizeConfig, load_tokenize_config
 from .encode import TokenizeReport, add_special_tokens, rank_value_encode
 from .files import run_manifest, tokenize_files
-from .inmemory import tokenize_anndata, tokenize_for_model, warn_dropped
+from .inmemory import species_counts, tokenize_anndata, tokenize_for_model, warn_dropped
 
 __all__ = [
     "V2_MAX_LEN",
@@ -27,6 +27,7 @@ __all__ = [
     "load_tokenize_config",
     "rank_value_encode",
     "run_manifest",
+    "species_counts",
     "tokenize_anndata",
     "tokenize_for_model",
     "tokenize_files",

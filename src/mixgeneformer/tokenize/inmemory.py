@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 from ..errors import ConfigError, check_config, name_list
@@ -80,6 +81,16 @@ def tokenize_for_model(
         config = dataclasses.replace(config, **updates)
     corpus = tokenize_anndata(adata, vocab, medians, config, obs_columns=obs_columns)
     return corpus, np.asarray(corpus["cell_index"], dtype=np.int64), config
+
+
+def species_counts(corpus: datasets.Dataset, rows: np.ndarray | None = None) -> dict[str, int] | None:
+    """Cells per species of a tokenized corpus (its ``rows``, default all), for an output's record; None without
+    a ``species`` column."""
+    if "species" not in corpus.column_names:
+        return None
+    values = pd.Series(corpus["species"], dtype=object)
+    values = values if rows is None else values.iloc[np.asarray(rows, dtype=np.int64)]
+    return {str(name): int(n) for name, n in values.value_counts().sort_index().items()}
 
 
 def warn_dropped(n_obs: int, rows: np.ndarray, corpus: datasets.Dataset, consequence: str) -> int:
