@@ -123,3 +123,14 @@ def test_embedding_and_perturbation_outputs_record_the_cells_species(tmp_path, b
     vocab = _vocab("separate")
     result = perturb_cells(bert, _mouse_corpus(vocab), vocab, PerturbConfig(genes=[GCG_M]), progress=False)
     assert result.summary["species"] == {"mouse": 3}
+
+
+def test_a_corpus_of_both_species_takes_gene_symbols_of_either(bert):
+    # Before: the corpus's majority species (here human) was taken as the species of every name, and the mouse
+    # symbol 'Gcg' was refused with "species='human' ... Pass species='mouse'", a setting the user never made.
+    vocab = _vocab("separate")
+    mouse = _mouse_corpus(vocab)
+    human = [[CLS, 4, vocab.gene_to_id[GCG], vocab.gene_to_id[INS], EOS]] * 4
+    both = datasets.Dataset.from_dict({"input_ids": human + list(mouse["input_ids"]), "species": ["human"] * 4 + ["mouse"] * 3})
+    result = perturb_cells(bert, both, vocab, PerturbConfig(genes=["Gcg", "INS"]), progress=False)
+    assert len(result.cells) == 4 + 3 and result.summary["species"] == {"human": 4, "mouse": 3}

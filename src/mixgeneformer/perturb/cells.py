@@ -248,7 +248,7 @@ def _species_for(dataset: Any, config: PerturbConfig) -> str:
     names = getattr(dataset, "column_names", ()) or ()
     if "species" in names and len(dataset):
         values = pd.Series(dataset["species"]).value_counts()
-        if len(values) and values.index[0] in ("human", "mouse"):
+        if len(values) == 1 and values.index[0] in ("human", "mouse"):  # both: a gene of either species is named
             return str(values.index[0])
     return "auto"
 
