@@ -134,3 +134,32 @@ def test_a_corpus_of_both_species_takes_gene_symbols_of_either(bert):
     both = datasets.Dataset.from_dict({"input_ids": human + list(mouse["input_ids"]), "species": ["human"] * 4 + ["mouse"] * 3})
     result = perturb_cells(bert, both, vocab, PerturbConfig(genes=["Gcg", "INS"]), progress=False)
     assert len(result.cells) == 4 + 3 and result.summary["species"] == {"human": 4, "mouse": 3}
+
+
+def _counts(symbols: list[str]):
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    return ad.AnnData(rng.integers(1, 9, (6, len(symbols))).astype(np.float32),
+                      var=__import__("pandas").DataFrame(index=symbols))
+
+
+def test_species_given_for_inputs_of_both_species_says_it_applies_to_every_input(tmp_path):
+    # Before: `mixgf tokenize human.h5ad mouse.h5ad --species human` said only "Pass species='mouse' (CLI: --species
+    # mouse)" for the mouse file, which would then misread the human one.
+    from mixgeneformer.medians import GeneMedians, compute_medians
+    from mixgeneformer.tokenize import TokenizeConfig, tokenize_files
+
+    human = _counts(["INS", "GCG", "ACTB", "GAPDH", "SST", "PPY"])
+    mouse = _counts(["Ins1", "Gcg", "Actb", "Gapdh", "Sst", "Ppy"])
+    with pytest.raises(GeneIdError, match="applies to every one of the 2 inputs.*leave it at 'auto'"):
+        compute_medians([human, mouse], species="human", min_coverage=0.0)
+    human.write_h5ad(tmp_path / "h.h5ad")
+    mouse.write_h5ad(tmp_path / "m.h5ad")
+    vocab = _vocab("separate")
+    with pytest.raises(GeneIdError, match="applies to every one of the 2 inputs"):
+        tokenize_files([tmp_path / "h.h5ad", tmp_path / "m.h5ad"], tmp_path / "corpus", vocab,
+                       GeneMedians({g: 1.0 for g in vocab.gene_to_id}), TokenizeConfig(species="human", min_coverage=0.0))
+    with pytest.raises(GeneIdError) as one:  # one input: the message is as before
+        compute_medians([mouse], species="human", min_coverage=0.0)
+    assert "every one" not in str(one.value)

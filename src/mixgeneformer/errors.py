@@ -76,3 +76,13 @@ def name_list(value: str | Iterable[str], name: str) -> list[str]:
         return list(value)
     except TypeError:
         raise ConfigError(f"{name} must be a name or a list of names, got {type(value).__name__}.") from None
+
+
+def species_for_every_input(error: GeneIdError, n_inputs: int, species: str) -> GeneIdError:
+    """``error`` of one input read with a given ``species``, saying that the setting applies to all ``n_inputs``
+    inputs: the species it names for this one would misread the others when they are of the other species."""
+    if n_inputs < 2 or species == "auto":
+        return error
+    return GeneIdError(f"{error} Note: species={species!r} (CLI: --species {species}) applies to every one of the "
+                       f"{n_inputs} inputs; for inputs of both species leave it at 'auto' (each input's species is "
+                       "detected from its genes), or run each species' inputs on their own.")

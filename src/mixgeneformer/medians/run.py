@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, InputDataError, check_config
+from ..errors import ConfigError, GeneIdError, InputDataError, check_config, species_for_every_input
 from ..parallel import plan_ranges, worker_pool
 from ..readers import (
     CountInput,
@@ -156,6 +156,8 @@ def accumulate_medians(
         else:
             for i, item, lo, hi in tasks:
                 collect(i, _accumulate_range(item, lo, hi, gene_array, options, bins_per_decade, known))
+    except GeneIdError as error:  # an input's genes read with the species given for every input
+        raise species_for_every_input(error, len(inputs), options.species) from error
     finally:
         bar.close()
     accumulators = list(merged)

@@ -21,7 +21,15 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config import save_config, to_dict
 from ..corpus import CORPUS_JSON
-from ..errors import ArtifactError, ConfigError, InputDataError, check_config, name_list
+from ..errors import (
+    ArtifactError,
+    ConfigError,
+    GeneIdError,
+    InputDataError,
+    check_config,
+    name_list,
+    species_for_every_input,
+)
 from ..fileio import (
     atomic_directory,
     check_output,
@@ -172,7 +180,10 @@ def tokenize_files(
     for index, item in enumerate(items):
         with config.read_options.open(item) as source:
             source.check_obs_columns(obs_columns)
-            species = config.read_options.map_genes(source, vocab.gene_to_id).species
+            try:
+                species = config.read_options.map_genes(source, vocab.gene_to_id).species
+            except GeneIdError as error:
+                raise species_for_every_input(error, len(items), config.read_options.species) from error
             _check_species_tokens(source.name, (species,), vocab, config)  # before any shard (mixed inputs: per task)
             input_types.append(_obs_arrow_types(source, obs_columns))
             n_cells = source.n_cells
