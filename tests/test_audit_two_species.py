@@ -11,6 +11,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
+from test_sharding import data  # noqa: F401  (fixture)
+
+from mixgeneformer.cli import main
 from mixgeneformer.errors import GeneIdError
 from mixgeneformer.perturb import PerturbConfig, perturb_cells
 from mixgeneformer.perturb.variants import resolve_genes
@@ -163,3 +166,16 @@ def test_species_given_for_inputs_of_both_species_says_it_applies_to_every_input
     with pytest.raises(GeneIdError) as one:  # one input: the message is as before
         compute_medians([mouse], species="human", min_coverage=0.0)
     assert "every one" not in str(one.value)
+
+
+def test_a_sharded_embedding_records_the_species_of_every_shard(data, tmp_path):  # noqa: F811
+    # Before the fix the merge copied the first shard's record: its species counts would be those of one shard.
+    import anndata as ad
+    from test_sharding import N_CELLS, _embed
+
+    out = tmp_path / "sharded.h5ad"
+    for index in range(2):
+        _embed(data["h5ad"], data["bundle"], out, "--shard-index", str(index), "--num-shards", "2")
+    main(["embed-merge", str(out)])
+    params = ad.read_h5ad(out).uns["X_mixgeneformer_params"]
+    assert params["species"] == {"human": N_CELLS - 2} and params["n_dropped"] == 2

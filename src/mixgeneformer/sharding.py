@@ -35,6 +35,7 @@ import shutil
 import time
 import warnings
 import zipfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -438,6 +439,8 @@ def merge(out: str | os.PathLike, kind: str | None = None) -> tuple[str, dict[st
     base = dict((embedded or params)[0]) if params else {}
     base.update(n_cells=int(adata.n_obs), n_dropped=int(sum(p.get("n_dropped", 0) for p in params)),
                 shards=int(manifest["world"]))
+    if species := sum((Counter(p.get("species") or {}) for p in params), Counter()):  # cells per species, all shards
+        base["species"] = {name: int(n) for name, n in sorted(species.items())}
     genes = None
     if manifest["kind"] == "embed":
         key = record["key"]
