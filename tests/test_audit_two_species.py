@@ -9,9 +9,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertModel
-
 from test_sharding import data  # noqa: F401  (fixture)
+from transformers import BertConfig, BertModel
 
 from mixgeneformer.cli import main
 from mixgeneformer.errors import GeneIdError
@@ -95,8 +94,9 @@ def test_one_object_mixing_both_species_is_one_error_naming_a_fix_that_works_for
 
 def test_species_balanced_on_a_corpus_of_one_species_says_it_does_nothing(tmp_path, caplog):
     # Before: data.species_balanced on mouse cells only trained without a word, as if balanced.
-    from mixgeneformer.pretrain import _open_data, pretrain_config_from_dict
     from test_pretrain import make_vocab, save_token_corpus, tiny_config
+
+    from mixgeneformer.pretrain import _open_data, pretrain_config_from_dict
 
     vocab = make_vocab(10)
     vocab.save(tmp_path / "vocab.json")

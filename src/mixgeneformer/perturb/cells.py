@@ -112,7 +112,8 @@ def perturb_cells(
     lengths = np.diff(offsets)
     _check_cells(flat, lengths, bert, vocab)
     labels = _state_labels(dataset, config, states, len(lengths))
-    species, only = _species_for(dataset, config), _only_species(dataset)
+    only = _only_species(dataset)  # every cell of one species: a gene of the other is mapped or refused
+    species = _species_for(config, only)
     gene_tokens = resolve_genes(config.genes, vocab, species, only) if config.genes else None
     anchor_token = int(resolve_genes([config.anchor], vocab, species, only)[0]) if config.anchor else None
     special = vocab.special_ids
@@ -163,7 +164,7 @@ def perturb_cells(
     if gene_tokens is not None and len(mine) and not summary["cells_perturbed"] and num_shards == 1:
         raise InputDataError(
             f"none of the {len(mine):,} selected cells expresses {', '.join(config.genes)} (species "
-            f"{_species_for(dataset, config)!r}); check the gene names and the species (CLI: --species), or choose cells that express them"
+            f"{species!r}); check the gene names and the species (CLI: --species), or choose cells that express them"
         )
     frame.insert(1, "n_genes", n_genes[frame["cell"].to_numpy()])
     if labels is not None:
@@ -242,15 +243,9 @@ def _check_cells(flat: np.ndarray, lengths: np.ndarray, bert: torch.nn.Module, v
         )
 
 
-def _species_for(dataset: Any, config: PerturbConfig) -> str:
-    if config.species != "auto":
-        return config.species
-    names = getattr(dataset, "column_names", ()) or ()
-    if "species" in names and len(dataset):
-        values = pd.Series(dataset["species"]).value_counts()
-        if len(values) == 1 and values.index[0] in ("human", "mouse"):  # both: a gene of either species is named
-            return str(values.index[0])
-    return "auto"
+def _species_for(config: PerturbConfig, only: str | None = None) -> str:
+    """The species gene names are read in: ``config.species``, else the cells' one species (``only``), else auto."""
+    return config.species if config.species != "auto" else (only or "auto")
 
 
 def _only_species(dataset: Any) -> str | None:
