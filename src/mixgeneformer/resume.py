@@ -93,7 +93,6 @@ def check_resume_corpus(checkpoint: Path, corpus: dict[str, Any], world_size: in
         )
 
 
-
 #: settings that name files or folders: the same ones spelled another way (relative / absolute) are no change
 _PATH_SETTINGS = ("output_dir", "data.corpus", "data.vocab", "data.medians", "distributed.deepspeed_config")
 
