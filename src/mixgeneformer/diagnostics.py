@@ -119,13 +119,15 @@ class FrequencyBaselines:
         }
 
     def tables(self, device: torch.device | str) -> dict[str, torch.Tensor]:
-        """Torch tables on ``device`` (cached): log-probabilities and top-k token ids."""
+        """Torch tables on ``device`` (cached): log-probabilities, top-k token ids and which tokens are genes."""
         key = str(device)
         if key not in self._device_tables:
             unigram = torch.from_numpy(self.unigram_log_prob)
             rank = torch.from_numpy(self.rank_log_prob)
-            k = min(TOP_K, int(torch.isfinite(unigram).sum()))  # gene tokens only (special tokens: -inf)
+            genes = torch.isfinite(unigram)  # gene tokens (special tokens: -inf)
+            k = min(TOP_K, int(genes.sum()))
             self._device_tables[key] = {
+                "genes": genes.to(device),
                 "unigram": unigram.to(device),
                 "rank": rank.to(device),
                 "unigram_top": torch.topk(unigram, k).indices.to(device),
@@ -309,9 +311,8 @@ def masked_gene_stats(
     nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, target[:, None]).squeeze(1)
     # top-k among gene tokens, as the baselines rank them: a special token is never the answer, and
     # one ranked high (<mask>, <pad>) must not take a place of the model's top 10 that the baselines keep.
-    genes = torch.isfinite(tables["unigram"])
-    k = min(TOP_K, int(genes.sum()))
-    top = torch.topk(logits.masked_fill(~genes, float("-inf")), k, dim=-1).indices
+    k = tables["unigram_top"].shape[0]  # TOP_K, or every gene token when fewer
+    top = torch.topk(logits.masked_fill(~tables["genes"], float("-inf")), k, dim=-1).indices
 
     bucket = torch.clamp(positions // baselines.bucket_size, max=tables["rank"].shape[0] - 1)
     rank_top = tables["rank_top"][bucket]
