@@ -187,7 +187,9 @@ def resolve_tokenize_config(given: TokenizeConfig | None, recorded: TokenizeConf
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
-def _resolve_folder(path: str | os.PathLike) -> Path:
+def resolve_model_folder(path: str | os.PathLike) -> Path:
+    """The model folder ``path`` names, checked before anything is read: an :class:`ArtifactError` for a file, a
+    missing folder or a pretraining run / checkpoint folder, an :class:`OfflineError` for a Hub ID."""
     folder = Path(path).expanduser()
     if folder.exists():
         if not folder.is_dir():
@@ -388,7 +390,7 @@ def load_bundle(
         the folder has none).
     """
 
-    folder = _resolve_folder(path)
+    folder = resolve_model_folder(path)
     config = _read_config(folder)
     bundle_vocab = None
     if (folder / "vocab.json").exists() or (folder / BUNDLE_MARKER).exists():

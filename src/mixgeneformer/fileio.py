@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -388,9 +389,32 @@ def read_h5ad(path: str | os.PathLike, what: str = "input h5ad", **kwargs: Any) 
 
     path = check_readable_file(path, what, file_only=True)
     try:
-        return ad.read_h5ad(path, **kwargs)
+        return remember_source(ad.read_h5ad(path, **kwargs), path)
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise ArtifactError(f"cannot read {what} {path} as h5ad ({exc}); is it truncated or another format?") from exc
+
+
+#: id of an AnnData read from a file -> (a weak reference to it, the file), for :func:`source_name`.
+_SOURCES: dict[int, tuple[weakref.ref, str]] = {}
+
+
+def remember_source(adata: anndata.AnnData, path: str | os.PathLike) -> anndata.AnnData:
+    """``adata``, recorded as read from ``path``: messages about its counts and genes name the file (with
+    ``mixgf classify --test``, which of the two) instead of 'AnnData'. Forgotten when ``adata`` is."""
+    key = id(adata)
+
+    def forget(ref: weakref.ref, key: int = key) -> None:
+        if _SOURCES.get(key, (None,))[0] is ref:
+            del _SOURCES[key]
+
+    _SOURCES[key] = (weakref.ref(adata, forget), str(path))
+    return adata
+
+
+def source_name(adata: anndata.AnnData, default: str = "AnnData") -> str:
+    """The file ``adata`` was read from (:func:`remember_source`), else ``default``."""
+    entry = _SOURCES.get(id(adata))
+    return entry[1] if entry is not None and entry[0]() is adata else default
 
 
 def write_json(path: str | os.PathLike, obj: JSONValue) -> None:

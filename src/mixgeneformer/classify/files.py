@@ -70,12 +70,12 @@ def check_arguments(model: str | os.PathLike | torch.nn.Module | None, config: C
     """The arguments checked before a cell is read (run_classification checks them only once the files are read):
     ``config`` a ClassifyConfig (a dict failed with a bare AttributeError), the model folder there, ``device`` a
     device of this machine."""
-    from ..bundle import _resolve_folder
+    from ..bundle import resolve_model_folder
     from ..devices import resolve_device
 
     check_config(config, ClassifyConfig)
     if isinstance(model, (str, os.PathLike)):
-        _resolve_folder(model)
+        resolve_model_folder(model)
     if device is not None:
         resolve_device(device)
 

@@ -36,6 +36,7 @@ from ..sharding import (
     untokenized_shard,
     write_prediction_columns,
 )
+from ..tokenize import species_counts
 from .finetune import FittedClassifier, load_classifier
 from .tasks import tokenize_cells
 
@@ -54,6 +55,14 @@ def predict_cells(fitted: FittedClassifier, data: ad.AnnData | datasets.Dataset,
     and medians, and the tokenize options it was trained with unless ``tokenize_config`` is given) or
     of a tokenized corpus: ((n_cells, n_classes) float32, NaN rows for cells the tokenizer dropped;
     number dropped). A :class:`bundle.TokenizeOverrides` sets only its options over the classifier's."""
+    probabilities, dropped, _ = _predict_counted(fitted, data, tokenize_config=tokenize_config, batch_size=batch_size,
+                                                 device=device)
+    return probabilities, dropped
+
+
+def _predict_counted(fitted: FittedClassifier, data: ad.AnnData | datasets.Dataset, *, tokenize_config: TokenizeConfig | None,
+                     batch_size: int, device: str | None) -> tuple[np.ndarray, int, dict[str, int] | None]:
+    """:func:`predict_cells`, with the cells per species it classified (for the output's record)."""
     if hasattr(data, "obs") and hasattr(data, "var"):
         tokenize_config = resolve_tokenize_config(tokenize_config, fitted.tokenize_config)
         tokens = tokenize_cells(data, fitted.vocab, fitted.medians, tokenize_config,
@@ -68,7 +77,7 @@ def predict_cells(fitted: FittedClassifier, data: ad.AnnData | datasets.Dataset,
         )
     probabilities = np.full((n, len(fitted.classes)), np.nan, dtype=np.float32)
     probabilities[rows] = fitted.predict(dataset, batch_size=batch_size, device=device).probabilities
-    return probabilities, int(n - len(np.unique(rows)))
+    return probabilities, int(n - len(np.unique(rows))), species_counts(dataset)
 
 
 # long: a 9-line docstring; the checks before any work, the shard's compute step and the one-process run.
@@ -117,18 +126,20 @@ def predict_sharded(
 
     def compute(start: int, stop: int) -> dict[str, np.ndarray]:
         data = load_corpus(input).select(range(start, stop)) if kind is None else read_cells(input, read, (start, stop))
-        probabilities, dropped = _predict_shard(fitted, data, key, tokenize_config=cells_config,
-                                                batch_size=batch_size, device=device)
+        probabilities, dropped, species = _predict_shard(fitted, data, key, tokenize_config=cells_config,
+                                                         batch_size=batch_size, device=device)
+        params = {"n_cells": stop - start, "n_dropped": dropped, "species": species}
         return {"values": probabilities, "classes": np.asarray(fitted.classes, dtype=str),
-                "params": np.array(json.dumps({"n_cells": stop - start, "n_dropped": dropped}))}
+                "params": np.array(json.dumps(params))}
 
     if role.world == 1:
         adata = output_frame(input, read)
         data = load_corpus(input) if kind is None else adata
-        probabilities, dropped = predict_cells(fitted, data, tokenize_config=cells_config,
-                                               batch_size=batch_size, device=device)
+        probabilities, dropped, species = _predict_counted(fitted, data, tokenize_config=cells_config,
+                                                           batch_size=batch_size, device=device)
         write_prediction_columns(adata, probabilities, list(fitted.classes), key)
-        adata.uns[f"{key}_params"] = {"classifier": str(classifier), "n_cells": int(adata.n_obs), "n_dropped": dropped}
+        adata.uns[f"{key}_params"] = {"classifier": str(classifier), "n_cells": int(adata.n_obs), "n_dropped": dropped,
+                                      **({"species": species} if species else {})}
         return adata
     options = {"tokenize": to_dict(tokenize_config) if tokenize_config is not None else None}
     job = ShardJob("predict", input, out, [input, Path(classifier)], options, {"key": key, "model": str(classifier)},
@@ -139,17 +150,18 @@ def predict_sharded(
 
 
 def _predict_shard(fitted: FittedClassifier, data: ad.AnnData | datasets.Dataset, key: str, *,
-                   tokenize_config: TokenizeConfig | None, batch_size: int, device: str | None) -> tuple[np.ndarray, int]:
+                   tokenize_config: TokenizeConfig | None, batch_size: int,
+                   device: str | None) -> tuple[np.ndarray, int, dict[str, int] | None]:
     """:func:`predict_cells` of one shard's cells. A shard none of whose cells the tokenizer keeps gets
     NaN rows (no label), as those cells get in a one-process run, all counted as dropped (the merge
     refuses an input without any tokenizable cell, as a one-process run does)."""
     try:
-        return predict_cells(fitted, data, tokenize_config=tokenize_config, batch_size=batch_size, device=device)
+        return _predict_counted(fitted, data, tokenize_config=tokenize_config, batch_size=batch_size, device=device)
     except InputDataError as exc:
         n = len(data)
         if not untokenized_shard(exc, n, f"their rows of obsm[{key + '_probabilities'!r}]"):
             raise
-        return np.full((n, len(fitted.classes)), np.nan, dtype=np.float32), n
+        return np.full((n, len(fitted.classes)), np.nan, dtype=np.float32), n, None
 
 
 def prediction_slots(key: str) -> dict[str, list[str]]:

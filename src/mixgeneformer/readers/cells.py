@@ -24,7 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ArtifactError, InputDataError
-from ..fileio import check_readable_file, read_h5ad
+from ..fileio import check_readable_file, read_h5ad, remember_source
 from .formats import _find_one, open_source
 from .options import ReadOptions
 from .soma import _is_soma
@@ -113,7 +113,7 @@ def read_anndata(
     adata = ad.AnnData(X=matrix, obs=obs, var=var, obsm=obsm or None)
     if layer is not None:
         adata.layers[layer] = adata.X  # the same matrix: read under the layer's name as from the input
-    return adata
+    return remember_source(adata, path)
 
 
 #: object columns whose values (missing ones aside) are all of one of these kinds: their nullable pandas dtype
@@ -163,7 +163,7 @@ def read_rows(input: Path, start: int, stop: int) -> ad.AnnData:
     try:
         if _null_raw(backed):
             del backed.raw  # a null ``raw`` (earlier versions of this package wrote one): anndata cannot slice it
-        return backed[start:stop].to_memory()
+        return remember_source(backed[start:stop].to_memory(), input)
     except (AttributeError, KeyError, OSError) as exc:
         raise ArtifactError(
             f"cannot read cells {start}-{stop} of {input} from the backed file ({type(exc).__name__}: {exc}); rewrite it "

@@ -16,7 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ConfigError, InputDataError
-from ..fileio import check_readable_file
+from ..fileio import check_readable_file, source_name
 from .base import (
     RAW_LAYER,
     CountInput,
@@ -94,7 +94,7 @@ def _reads_raw(adata: Any, layer: str | None) -> bool:
 
 
 def _anndata_source(adata: Any, layer: str | None, gene_column: str | None, allow_fractional: bool) -> CountSource:
-    name = "AnnData"
+    name = source_name(adata)
     if getattr(adata, "isbacked", False):
         if adata.is_view:  # a selection of a backed file's cells / genes: read just those, in the view's order
             with reading(str(adata.filename), f"reading the {adata.n_obs} × {adata.n_vars} view of the backed AnnData"):

@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..errors import ConfigError, check_config, name_list
+from ..fileio import source_name
 from ..medians import GeneMedians
 from .config import TokenizeConfig
 from .encode import (
@@ -137,8 +138,9 @@ def tokenize_anndata(
         tables.append(table)
         report.add(part)
     report.seconds = time.perf_counter() - started
-    _check_not_empty(report, "the AnnData")
-    warn_low_counts_coverage("the AnnData", report.counts, report.counts_in_vocabulary, config.min_coverage)
+    name = source_name(adata, "the AnnData")  # the file it was read from, where known
+    _check_not_empty(report, name)
+    warn_low_counts_coverage(name, report.counts, report.counts_in_vocabulary, config.min_coverage)
     table = pa.concat_tables([t for t in tables if t.num_rows]).cast(_features(obs_types).arrow_schema)
     info = datasets.DatasetInfo(description=report.summary(), features=_features(obs_types))
     return datasets.Dataset(table, info=info)
