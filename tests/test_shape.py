@@ -48,6 +48,7 @@ STAGES: list[tuple[str, ...]] = [
     ("bundle",),
     ("inference",),
     ("sharding",),  # shard plan, shard files, barrier, merge of sharded embed / predict runs
+    ("seeds",),  # masking seeds hashed from (run seed, epoch, tokens): shared by collator and sampling
     # the pieces the pretraining Trainer and run assemble: masking, data order, checkpoint folders,
     # FLOPs / MFU, the metrics.csv, the run's typed configuration
     ("collator", "sampling", "checkpoints", "flops", "metrics_csv", "pretrain_config"),

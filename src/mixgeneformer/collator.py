@@ -7,7 +7,6 @@ order (length-grouped, species-balanced) lives in :mod:`mixgeneformer.sampling`.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +15,7 @@ import torch
 
 from .errors import ConfigError, InputDataError
 from .inference import pad_batch
+from .seeds import content_seed
 
 if TYPE_CHECKING:
     from .vocab import Vocabulary
@@ -242,9 +242,7 @@ class HeldOutMaskingCollator:
         for i, row in enumerate(rows):  # one seed per cell: (seed, the cell's tokens)
             cell = np.asarray(row["input_ids"], dtype=np.int32).reshape(-1)
             kept = min(cell.size, draws.shape[1])
-            digest = hashlib.blake2b(np.asarray([self.seed, EVAL_MASK_EPOCH, cell.size], dtype=np.int64).tobytes(), digest_size=8)
-            digest.update(cell.tobytes())
-            draws[i, :kept] = np.random.default_rng(int.from_bytes(digest.digest(), "little")).random(cell.size)[:kept]
+            draws[i, :kept] = np.random.default_rng(content_seed(self.seed, EVAL_MASK_EPOCH, [cell])).random(cell.size)[:kept]
         selected = torch.from_numpy(draws < inner.mlm_probability) & attention_mask.bool() & ~inner.special_lookup[input_ids]
         labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
         batch = {"input_ids": input_ids.masked_fill(selected, inner.mask_id), "attention_mask": attention_mask, "labels": labels}

@@ -8,7 +8,6 @@ of 50M cells is a handful of NumPy calls.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from torch.utils.data import Sampler
 
 from .errors import ConfigError
+from .seeds import content_seed
 
 # Geneformer groups 50 batches into one "mega-batch" before sorting it by length.
 MEGA_BATCH_MULT = 50
@@ -161,13 +161,7 @@ def batch_seed(seed: int, epoch: int, input_ids: list[np.ndarray] | list[list[in
     collating them) masks every later batch exactly as a straight run does.
     """
 
-    digest = hashlib.blake2b(digest_size=8)
-    digest.update(np.asarray([seed, epoch], dtype=np.int64).tobytes())
-    for ids in input_ids:
-        arr = np.asarray(ids, dtype=np.int32)
-        digest.update(np.int64(arr.size).tobytes())
-        digest.update(arr.tobytes())
-    return int.from_bytes(digest.digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
+    return content_seed(seed, epoch, input_ids) & 0x7FFF_FFFF_FFFF_FFFF  # 63 bits: a torch manual_seed
 
 
 def seeded(seed: int) -> torch.Generator:
