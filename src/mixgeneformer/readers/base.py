@@ -440,6 +440,37 @@ class CountSource:
                 "in the --tokenize-config YAML for embed / classify / perturb / predict).")
 
 
+class _MatrixSource(CountSource):
+    """Rows of an in-memory dense / CSR / CSC matrix (an AnnData's, a 10x mtx folder's)."""
+
+    def __init__(self, matrix: Any, gene_ids: np.ndarray, obs: pd.DataFrame, name: str, allow_fractional: bool):
+        if sp.issparse(matrix):
+            # One conversion to CSR (a copy; the caller's object is never modified).
+            matrix = sp.csr_matrix(matrix)
+        else:
+            matrix = np.asarray(matrix)
+            if matrix.ndim != 2:
+                raise InputDataError(f"{name}: the count matrix must be 2-D, got shape {matrix.shape}.")
+        self._matrix = matrix
+        self.n_cells, self.n_genes = (int(s) for s in matrix.shape)
+        if len(gene_ids) != self.n_genes:
+            raise InputDataError(f"{name}: {len(gene_ids)} gene IDs for {self.n_genes} matrix columns.")
+        self.gene_ids = np.asarray(gene_ids).astype(str).astype(object)
+        self._obs_frame = obs
+        self.obs_columns = [str(c) for c in obs.columns]
+        self.name = name
+        self.allow_fractional = allow_fractional
+
+    def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        return sp.csr_matrix(self._matrix[start:stop])
+
+    def _obs_names(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self._obs_frame.index[start:stop])
+
+    def _obs_column(self, column: str, start: int, stop: int) -> pd.Series:
+        return self._obs_frame[column].iloc[start:stop]
+
+
 def _pick_gene_ids(var: pd.DataFrame, index: np.ndarray, gene_column: str | None, where: str) -> np.ndarray:
     if gene_column is None:
         return np.asarray(index).astype(str).astype(object)

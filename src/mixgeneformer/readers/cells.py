@@ -97,7 +97,7 @@ def read_anndata(
     if count_format(path) == H5AD:
         return read_h5ad(path, "input h5ad") if rows is None else read_rows(Path(path), *rows)
     with open_source(path, layer, gene_column, allow_fractional=allow_fractional, measurement=measurement,
-                     obs_filter=obs_filter) as source:
+                     obs_filter=obs_filter, cells=rows) as source:  # cells: a 10x mtx folder keeps only those
         start, stop = (0, source.n_cells) if rows is None else (max(0, rows[0]), min(rows[1], source.n_cells))
         counts, frames = [], []
         for chunk in source.iter_chunks(chunk_size, obs_columns=source.obs_columns, start=start, stop=stop):

@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +15,13 @@ import scipy.sparse as sp
 
 from ..errors import ConfigError, InputDataError
 from ..fileio import check_readable_file, source_name
+from ..genes import ensembl_species
 from .base import (
     RAW_LAYER,
     CountInput,
     CountSource,
     _decode,
+    _MatrixSource,
     _pick_gene_ids,
     check_compressed,
     checked_csr,
@@ -29,40 +29,10 @@ from .base import (
     reading,
 )
 from .h5ad import _H5adSource
+from .mtx import _find_one, _gene_expression_features, _mtx_source
 from .soma import _is_soma, _SomaSource
 
 logger = logging.getLogger(__name__)
-
-
-class _MatrixSource(CountSource):
-    """Rows of an in-memory dense / CSR / CSC matrix."""
-
-    def __init__(self, matrix: Any, gene_ids: np.ndarray, obs: pd.DataFrame, name: str, allow_fractional: bool):
-        if sp.issparse(matrix):
-            # One conversion to CSR (a copy; the caller's object is never modified).
-            matrix = sp.csr_matrix(matrix)
-        else:
-            matrix = np.asarray(matrix)
-            if matrix.ndim != 2:
-                raise InputDataError(f"{name}: the count matrix must be 2-D, got shape {matrix.shape}.")
-        self._matrix = matrix
-        self.n_cells, self.n_genes = (int(s) for s in matrix.shape)
-        if len(gene_ids) != self.n_genes:
-            raise InputDataError(f"{name}: {len(gene_ids)} gene IDs for {self.n_genes} matrix columns.")
-        self.gene_ids = np.asarray(gene_ids).astype(str).astype(object)
-        self._obs_frame = obs
-        self.obs_columns = [str(c) for c in obs.columns]
-        self.name = name
-        self.allow_fractional = allow_fractional
-
-    def _read_rows(self, start: int, stop: int) -> sp.csr_matrix:
-        return sp.csr_matrix(self._matrix[start:stop])
-
-    def _obs_names(self, start: int, stop: int) -> np.ndarray:
-        return np.asarray(self._obs_frame.index[start:stop])
-
-    def _obs_column(self, column: str, start: int, stop: int) -> pd.Series:
-        return self._obs_frame[column].iloc[start:stop]
 
 
 class _BackedSource(_H5adSource):
@@ -124,82 +94,6 @@ def _anndata_source(adata: Any, layer: str | None, gene_column: str | None, allo
     return source
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt") if path.suffix == ".gz" else open(path)
-
-
-def _find_one(folder: Path, stems: Sequence[str]) -> Path | None:
-    for stem in stems:
-        for candidate in (folder / stem, folder / f"{stem}.gz"):
-            if candidate.exists():
-                return candidate
-    return None
-
-
-def _mtx_source(folder: Path, gene_column: str | None, allow_fractional: bool) -> CountSource:
-    """A 10x ``matrix.mtx`` folder. Matrix Market is text and cannot be row-sliced: read once."""
-    matrix_path = _find_one(folder, ["matrix.mtx"])
-    features = _find_one(folder, ["features.tsv", "genes.tsv"])
-    barcodes = _find_one(folder, ["barcodes.tsv"])
-    missing = [n for n, p in (("matrix.mtx[.gz]", matrix_path), ("features.tsv[.gz] or genes.tsv[.gz]", features), ("barcodes.tsv[.gz]", barcodes)) if p is None]
-    if missing:
-        raise InputDataError(f"10x folder {folder} lacks {missing}; a 10x mtx folder holds matrix.mtx, features/genes.tsv and barcodes.tsv.")
-    with _open_text(features) as handle:
-        feat = pd.read_csv(handle, sep="\t", header=None, dtype=str)
-    feat.columns = ["id", "name", "feature_type", *[f"col{i}" for i in range(3, feat.shape[1])]][: feat.shape[1]]
-    with _open_text(barcodes) as handle:
-        cells = pd.read_csv(handle, sep="\t", header=None, dtype=str).iloc[:, 0].to_numpy()
-    matrix = _read_mtx(matrix_path)  # genes x cells
-    if matrix.shape != (len(feat), len(cells)):
-        raise InputDataError(
-            f"10x folder {folder}: matrix is {matrix.shape[0]} × {matrix.shape[1]} but there are {len(feat)} "
-            f"features and {len(cells)} barcodes; the files do not belong together."
-        )
-    column = "id" if gene_column is None else gene_column
-    gene_ids = _pick_gene_ids(feat, feat["id"].to_numpy(), column, str(folder))
-    keep = _gene_expression_features(feat.get("feature_type"))
-    counts = matrix.T.tocsr()
-    if keep is not None:
-        counts, gene_ids = counts[:, keep], gene_ids[keep]
-    return _MatrixSource(counts, gene_ids, pd.DataFrame(index=pd.Index(cells)), str(folder), allow_fractional)
-
-
-def _read_mtx(path: Path) -> sp.coo_matrix:
-    """Matrix Market coordinate file → COO, parsed with pandas (much faster than scipy.io.mmread)."""
-    with _open_text(path) as handle:
-        header = handle.readline()
-        if not header.startswith("%%MatrixMarket") or "coordinate" not in header:
-            raise InputDataError(f"{path} is not a Matrix Market coordinate file (header {header.strip()[:60]!r}).")
-        if any(word in header.lower() for word in ("pattern", "symmetric", "hermitian")):
-            raise InputDataError(f"{path}: a '{header.strip()[15:]}' matrix holds no plain counts; a 10x matrix.mtx "
-                                 "is 'coordinate integer general' (or real): export the raw counts again.")
-        line = handle.readline()
-        while line.startswith("%"):
-            line = handle.readline()
-        n_rows, n_cols, nnz = (int(x) for x in line.split())
-        field_is_int = "integer" in header
-        table = pd.read_csv(
-            handle, sep=r"\s+", header=None, names=["row", "col", "value"],
-            dtype={"row": np.int64, "col": np.int64, "value": np.int64 if field_is_int else np.float64},
-        )
-    if len(table) != nnz:
-        raise InputDataError(f"{path}: header announces {nnz} entries but {len(table)} were read; the file is truncated.")
-    return sp.coo_matrix(
-        (table["value"].to_numpy(), (table["row"].to_numpy() - 1, table["col"].to_numpy() - 1)), shape=(n_rows, n_cols)
-    )
-
-
-def _gene_expression_features(feature_type: pd.Series | np.ndarray | None) -> np.ndarray | None:
-    """Column mask keeping 'Gene Expression' features (drops antibody / CRISPR features), or None."""
-    if feature_type is None:
-        return None
-    types = np.asarray(feature_type).astype(str)
-    keep = types == "Gene Expression"
-    if keep.all() or not keep.any():
-        return None
-    return np.flatnonzero(keep)
-
-
 class _LoomSource(CountSource):
     """``.loom``: a dense genes × cells matrix; cells are columns, read in column slabs."""
 
@@ -221,11 +115,11 @@ class _LoomSource(CountSource):
         row_attrs = f["row_attrs"]
         available = sorted(row_attrs.keys())
         if gene_column is None:
-            gene_column = next((c for c in self._GENE_COLUMNS if c in row_attrs), None)
+            gene_column = next((c for c in self._GENE_COLUMNS if c in row_attrs), None) or _ensembl_attribute(row_attrs, path)
             if gene_column is None:
                 raise InputDataError(
-                    f"{path}: no gene identifier row attribute found (looked for {list(self._GENE_COLUMNS)}). "
-                    f"Pass gene_column= one of {available} (CLI: --gene-column NAME)."
+                    f"{path}: no gene identifier row attribute found (looked for {list(self._GENE_COLUMNS)} and for "
+                    f"one attribute of Ensembl gene IDs). Pass gene_column= one of {available} (CLI: --gene-column NAME)."
                 )
         elif gene_column not in row_attrs:
             raise InputDataError(f"{path}: gene_column {gene_column!r} not found in row_attrs. Available: {available}.")
@@ -259,6 +153,28 @@ class _LoomSource(CountSource):
     def obsm(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
         stop = self.n_cells if stop is None else min(stop, self.n_cells)
         return {key: np.asarray(self._col_attrs[key][start:stop]) for key in self._obsm_keys}
+
+
+#: share of a row attribute's values that must be Ensembl gene IDs for a loom's genes to be read from it
+_ENSEMBL_SHARE = 0.9
+
+
+def _ensembl_attribute(row_attrs: h5py.Group, path: Path) -> str | None:
+    """The one row attribute of a loom whose values are mostly (``_ENSEMBL_SHARE``) Ensembl gene IDs
+    (versions allowed; anndata's write_loom names the var index's attribute after the index's name,
+    e.g. ``gene_id``), or None when there is none or more than one (logged: which one is read)."""
+    found = []
+    for name in sorted(row_attrs.keys()):
+        values = row_attrs[name]
+        if not isinstance(values, h5py.Dataset) or values.ndim != 1 or values.dtype.kind not in "SOU" or not len(values):
+            continue
+        if np.mean(ensembl_species(_decode(values[()])) != "") >= _ENSEMBL_SHARE:
+            found.append(name)
+    if len(found) != 1:
+        return None
+    logger.warning("%s: no row attribute %s; reading the gene IDs from %r, its attribute of Ensembl gene IDs "
+                "(gene_column= / --gene-column NAME reads another).", path, "/".join(_LoomSource._GENE_COLUMNS), found[0])
+    return found[0]
 
 
 class _TenxH5Source(CountSource):
@@ -333,7 +249,7 @@ def _refuse_obs_filter(obs_filter: str | None, item: CountInput) -> None:
                           "leave obs_filter unset.")
 
 
-# long: a 25-line docstring; the body (37 lines) picks one reader per format.
+# long: a 30-line docstring; the body (37 lines) picks one reader per format.
 def open_source(
     path_or_adata: CountInput,
     layer: str | None = None,
@@ -342,6 +258,7 @@ def open_source(
     allow_fractional: bool = False,
     measurement: str = "RNA",
     obs_filter: str | None = None,
+    cells: tuple[int, int] | None = None,
 ) -> CountSource:
     """Open any supported count input for chunked reading.
 
@@ -357,7 +274,8 @@ def open_source(
         up) unless it has a layer named ``"raw"``, which is read as before.
     gene_column
         var column (loom row attribute, 10x feature field) holding gene identifiers; default the
-        var index (loom: ``ensembl_id``/``Accession``/``Gene``; 10x: ``id``; SOMA: ``var_id``).
+        var index (loom: ``ensembl_id``/``Accession``/``gene_ids``/``Gene``/``var_names``, else its one row
+        attribute of Ensembl gene IDs; 10x: ``id``; SOMA: ``var_id``).
     allow_fractional
         Accept non-integer counts (negative / NaN / Inf are always errors).
     measurement
@@ -366,6 +284,10 @@ def open_source(
         SOMA only (a :class:`~mixgeneformer.errors.ConfigError` for any other input): read just the
         cells this tiledbsoma ``value_filter`` over obs selects (e.g. ``"tissue_general == 'pancreas'
         and is_primary_data == True"``), in soma_joinid order; the source's cells are those.
+    cells
+        ``(start, stop)``: only cells ``[start, stop)`` will be read (a shard's). A 10x mtx folder, which
+        is text parsed whole, then keeps just their counts (its source still numbers every cell, and
+        reading another is an error); the other formats read any cells on demand and ignore it.
 
     Returns
     -------
@@ -390,7 +312,7 @@ def open_source(
             if layer is not None:
                 raise InputDataError(f"{path}: a 10x mtx folder has no layers; remove layer={layer!r} (set by a model's tokenize.yaml: --tokenize-config FILE holding `layer: null`).")
             with reading(str(path), "reading it as a 10x mtx folder"):
-                return _mtx_source(path, gene_column, allow_fractional)
+                return _mtx_source(path, gene_column, allow_fractional, cells)
         raise InputDataError(
             f"{path} is a folder but neither a 10x mtx folder (matrix.mtx[.gz]) nor a TileDB-SOMA experiment."
         )
