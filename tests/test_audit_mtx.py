@@ -40,17 +40,19 @@ def baron(baron_data):
 def write_folder(cells, folder, gz=True, order="cells", types=None, field="integer"):
     """``cells`` as a 10x folder (matrix.mtx genes × barcodes, features.tsv, barcodes.tsv). ``order``: the
     entries sorted by cell then gene (as CellRanger writes them), ``shuffled``, or ``duplicated`` (shuffled,
-    and each count of the first cells split over two entries)."""
+    and each count of the first cells split over two entries), ``duplicated_sorted`` (those, sorted)."""
     folder.mkdir()
     coo = sp.coo_matrix(sp.csc_matrix(cells.X.T))  # genes x cells, sorted by cell then gene
     rows, cols, values = coo.row, coo.col, coo.data.astype(np.int64)
     if order != "cells":
-        if order == "duplicated":
+        if order.startswith("duplicated"):
             first = np.flatnonzero((cols < 3) & (values > 1))
             rows, cols = np.concatenate([rows, rows[first]]), np.concatenate([cols, cols[first]])
             values = np.concatenate([values, values[first] // 2])
             values[first] -= values[first] // 2
         shuffle = np.random.default_rng(0).permutation(len(rows))
+        if order == "duplicated_sorted":
+            shuffle = np.lexsort((rows, cols))
         rows, cols, values = rows[shuffle], cols[shuffle], values[shuffle]
     open_ = (lambda p: gzip.open(str(p) + ".gz", "wt")) if gz else (lambda p: open(p, "w"))
     with open_(folder / "matrix.mtx") as handle:
@@ -105,7 +107,7 @@ def clip(rows, n):
     return lo, max(lo, min(rows[1], n))
 
 
-@pytest.mark.parametrize("order", ["cells", "shuffled", "duplicated"])
+@pytest.mark.parametrize("order", ["cells", "shuffled", "duplicated", "duplicated_sorted"])
 @pytest.mark.parametrize("chunk", [977, 1])
 def test_mtx_reads_match_mmread_for_every_range(tmp_path, monkeypatch, baron, order, chunk):
     cells = baron if chunk > 1 else baron[:12, np.flatnonzero(np.asarray(baron[:12].X.sum(axis=0)).ravel() > 150)].copy()
@@ -116,13 +118,16 @@ def test_mtx_reads_match_mmread_for_every_range(tmp_path, monkeypatch, baron, or
     assert csr.nnz > 20 * chunk  # many parse chunks
     with mtx._open_text(next(folder.glob("matrix.mtx*"))) as handle:
         entries = len(handle.readlines()) - 3
-    assert entries > csr.nnz if order == "duplicated" else entries == csr.nnz  # entries summed
+    assert entries > csr.nnz if order.startswith("duplicated") else entries == csr.nnz  # entries summed
     for rows in ranges(n):
         got = read_anndata(folder, rows, chunk_size=9)
         lo, hi = clip(rows, n)
         assert_same(got, csr, barcodes, feat[0].to_numpy(), (lo, hi))
     got = read_anndata(folder, chunk_size=10_000)  # one read chunk
     assert got.X.dtype == np.int64 and got.X.nnz == csr.nnz
+    shape, held, lo = mtx._read_mtx(next(folder.glob("matrix.mtx*")), (1, 9))  # what the source holds (cells 1, 2: duplicates)
+    assert shape == (cells.n_vars, n) and lo == 1 and held.has_canonical_format and held.nnz == csr[1:9].nnz
+    assert (held != csr[1:9]).nnz == 0
 
 
 def test_a_range_read_keeps_only_its_cells(tmp_path, monkeypatch, baron):
@@ -143,6 +148,7 @@ def test_a_range_read_keeps_only_its_cells(tmp_path, monkeypatch, baron):
         assert chunk.start == 20 and (chunk.counts != csr[20:25]).nnz == 0
         with pytest.raises(RuntimeError, match="only cells 18–36 were read"):
             next(source.iter_chunks(5, start=10, stop=20))
+    assert source._matrix is None  # released on close: read_anndata builds its AnnData after closing the source
     read_cells(folder, None)
     assert held[-1][1].shape == (baron.n_obs, baron.n_vars)
 

@@ -20,8 +20,8 @@ import scipy.sparse as sp
 from ..errors import InputDataError
 from .base import _MatrixSource, _pick_gene_ids
 
-#: entries (lines) of a matrix.mtx parsed at a time: ~24 MB of int64 columns per chunk
-_MTX_CHUNK = 1_000_000
+#: entries (lines) of a matrix.mtx parsed at a time: ~5 MB of int64 columns, ~60 MB of parser buffers a chunk
+_MTX_CHUNK = 200_000
 
 
 def _open_text(path: Path):
@@ -48,9 +48,10 @@ def _gene_expression_features(feature_type: pd.Series | np.ndarray | None) -> np
 
 
 class _CellRangeSource(_MatrixSource):
-    """Cells ``[lo, lo + rows)`` of an input of ``n_cells`` cells, the only ones read (a 10x mtx folder
-    opened for a shard's cells): numbered as in the whole input, so chunks, messages and obs are those
-    of a whole read; asking for any other cell is a programming error."""
+    """Cells ``[lo, lo + rows)`` of an input of ``n_cells`` cells, the only ones read (a 10x mtx folder,
+    every cell or a shard's): numbered as in the whole input, so chunks, messages and obs are those of a
+    whole read; asking for any other cell is a programming error. Closing it releases the matrix (the
+    source holds it: :func:`read_anndata` assembles its AnnData after closing)."""
 
     def __init__(self, matrix: sp.csr_matrix, gene_ids: np.ndarray, obs: pd.DataFrame, name: str,
                  allow_fractional: bool, lo: int, n_cells: int):
@@ -58,7 +59,12 @@ class _CellRangeSource(_MatrixSource):
         self._lo, self._hi = lo, lo + self.n_cells
         self.n_cells = n_cells
 
+    def close(self) -> None:
+        self._matrix = None
+
     def _local(self, start: int, stop: int) -> tuple[int, int]:
+        if self._matrix is None:
+            raise RuntimeError(f"{self.name}: the source is closed; open it again.")
         if start < self._lo or stop > self._hi:
             raise RuntimeError(f"{self.name}: cells {start}–{stop} asked for, but only cells {self._lo}–{self._hi} "
                                "were read (open_source(..., cells=...)).")
@@ -75,7 +81,7 @@ class _CellRangeSource(_MatrixSource):
 
 
 def _mtx_source(folder: Path, gene_column: str | None, allow_fractional: bool,
-                cells: tuple[int, int] | None = None) -> _MatrixSource:
+                cells: tuple[int, int] | None = None) -> _CellRangeSource:
     """A 10x ``matrix.mtx`` folder, every cell or (``cells``) only the cells ``[start, stop)``."""
     matrix_path = _find_one(folder, ["matrix.mtx"])
     features = _find_one(folder, ["features.tsv", "genes.tsv"])
@@ -100,8 +106,6 @@ def _mtx_source(folder: Path, gene_column: str | None, allow_fractional: bool,
     if keep is not None:
         counts, gene_ids = counts[:, keep], gene_ids[keep]
     obs = pd.DataFrame(index=pd.Index(names[lo : lo + counts.shape[0]]))
-    if cells is None:
-        return _MatrixSource(counts, gene_ids, obs, str(folder), allow_fractional)
     return _CellRangeSource(counts, gene_ids, obs, str(folder), allow_fractional, lo, len(names))
 
 
@@ -128,7 +132,7 @@ def _read_mtx(path: Path, cells: tuple[int, int] | None = None) -> tuple[tuple[i
         n_rows, n_cols, nnz, field_is_int = _read_header(handle, path)
         lo = 0 if cells is None else min(max(0, int(cells[0])), n_cols)
         hi = n_cols if cells is None else max(lo, min(int(cells[1]), n_cols))
-        parts = _Entries(path, (n_rows, n_cols), lo, hi)
+        parts = _Entries(path, (n_rows, n_cols), lo, hi, nnz, np.int64 if field_is_int else np.float64)
         try:
             reader = pd.read_csv(handle, sep=r"\s+", header=None, names=["row", "col", "value"], chunksize=_MTX_CHUNK,
                                  dtype={"row": np.int64, "col": np.int64, "value": np.int64 if field_is_int else np.float64})
@@ -140,20 +144,26 @@ def _read_mtx(path: Path, cells: tuple[int, int] | None = None) -> tuple[tuple[i
                     parts.add(table["row"].to_numpy(), table["col"].to_numpy(), table["value"].to_numpy())
     if parts.read != nnz:
         raise InputDataError(f"{path}: header announces {nnz} entries but {parts.read} were read; the file is truncated.")
-    return (n_rows, n_cols), parts.csr(np.int64 if field_is_int else np.float64), lo
+    return (n_rows, n_cols), parts.csr(), lo
 
 
 class _Entries:
-    """The entries of cells ``[lo, hi)`` of a genes × cells Matrix Market file, gathered chunk by chunk
-    as int32 (cell - lo, gene) pairs and values, with whether they come sorted by (cell, gene)."""
+    """The entries of cells ``[lo, hi)`` of a genes × cells Matrix Market file of ``nnz`` entries, gathered
+    chunk by chunk into int32 (cell - lo, gene) arrays and values, with whether they come sorted by (cell,
+    gene). The arrays are allocated once for every entry (a whole read) or the range's expected share
+    (grown if the file holds more there); pages never written take no memory."""
 
-    def __init__(self, path: Path, shape: tuple[int, int], lo: int, hi: int):
+    def __init__(self, path: Path, shape: tuple[int, int], lo: int, hi: int, nnz: int, dtype: type):
         self.path, self.shape, self.lo, self.hi = path, shape, lo, hi
         self.index = np.int32 if max(shape) < 2**31 - 1 else np.int64
-        self.read = 0
-        self.cells: list[np.ndarray] = []
-        self.genes: list[np.ndarray] = []
-        self.values: list[np.ndarray] = []
+        whole = lo == 0 and hi == shape[1]
+        room = max(0, nnz) if whole else int(max(0, nnz) * (hi - lo) / max(1, shape[1]) * 1.2) + _MTX_CHUNK
+        try:
+            self.arrays = [np.empty(room, self.index), np.empty(room, self.index), np.empty(room, dtype)]  # cell, gene, value
+        except MemoryError:
+            raise InputDataError(f"{path}: its header announces {nnz:,} entries, more than this machine's memory holds "
+                                 "for the cells read: read fewer cells at a time (a sharded run, --num-shards N).") from None
+        self.read = self.kept = 0
         self.ordered = True  # strictly increasing (cell, gene): the arrays are a canonical CSR as they are
         self._last = (-1, -1)
 
@@ -178,25 +188,21 @@ class _Entries:
             step_gene = np.diff(gene, prepend=self._last[1])
             self.ordered = bool(((step_cell > 0) | ((step_cell == 0) & (step_gene > 0))).all())
             self._last = (int(cell[-1]), int(gene[-1]))
-        self.cells.append(cell)
-        self.genes.append(gene)
-        self.values.append(np.ascontiguousarray(value))
+        end = self.kept + len(cell)
+        if end > len(self.arrays[0]):  # more entries than expected there (or than the header says)
+            self.arrays = [np.concatenate([a[: self.kept], np.empty(max(end, 2 * len(a)) - self.kept, a.dtype)])
+                           for a in self.arrays]
+        for array, part in zip(self.arrays, (cell, gene, value), strict=True):
+            array[self.kept : end] = part
+        self.kept = end
 
-    def csr(self, dtype: type) -> sp.csr_matrix:
+    def csr(self) -> sp.csr_matrix:
         """The cells × genes CSR (duplicates summed, columns sorted, as scipy's COO → CSR makes it)."""
         shape = (self.hi - self.lo, self.shape[0])
-        values = np.concatenate(self.values) if self.values else np.zeros(0, dtype)
-        self.values.clear()
-        genes = np.concatenate(self.genes) if self.genes else np.zeros(0, self.index)
-        self.genes.clear()
+        cells, genes, values = (a[: self.kept] for a in self.arrays)
+        self.arrays = []
         if self.ordered:  # a 10x export: already in CSR order; only the row pointer is missing
-            per_cell = np.zeros(shape[0], np.int64)
-            for cell in self.cells:  # sorted: its runs of one cell
-                numbers, counts = np.unique(cell, return_counts=True)
-                per_cell[numbers] += counts
-            self.cells.clear()
-            indptr = np.concatenate([[0], np.cumsum(per_cell)])
+            indptr = np.concatenate([[0], np.cumsum(np.bincount(cells, minlength=shape[0]))])
+            del cells
             return sp.csr_matrix((values, genes, indptr), shape=shape)
-        cells = np.concatenate(self.cells) if self.cells else np.zeros(0, self.index)
-        self.cells.clear()
         return sp.coo_matrix((values, (cells, genes)), shape=shape).tocsr()
