@@ -448,8 +448,8 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", hint: str = "") 
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()  # a Python int / float
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()  # a Python int / float / bool
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     if isinstance(obj, Path):
