@@ -338,19 +338,21 @@ def test_a_cross_species_term_on_cells_of_one_species_is_refused_before_any_outp
 def test_an_invalid_objective_option_is_named_where_the_config_sets_it(tmp_path, synthetic):
     """The model-config check says model.<field>; a run config sets that field under objective (or
     model.overrides), and the message must name the key the user wrote."""
+    from mixgeneformer.config import from_dict
     from mixgeneformer.errors import ConfigError
-    from mixgeneformer.pretrain import build_model
+    from mixgeneformer.pretrain import PretrainConfig, build_model
     from mixgeneformer.vocab import Vocabulary
 
     vocab = Vocabulary.load(synthetic / "vocab.json")
-    bad = pretrain_config_from_dict(tiny_config(synthetic, tmp_path / "run", objective={"pooling": "bogus"}))
-    with pytest.raises(ConfigError, match=r"objective\.pooling='bogus'") as info:
-        build_model(bad, vocab)
-    assert "model.pooling" not in str(info.value)
     overrides = {**tiny_config(synthetic, tmp_path)["model"]["overrides"], "temperature": -1.0}
-    bad = pretrain_config_from_dict(tiny_config(synthetic, tmp_path / "run", model={"overrides": overrides}))
-    with pytest.raises(ConfigError, match=r"model\.overrides\.temperature=-1\.0 must be > 0"):
-        build_model(bad, vocab)
+    for data, message in ((tiny_config(synthetic, tmp_path / "run", objective={"pooling": "bogus"}), r"objective\.pooling='bogus'"),
+                          (tiny_config(synthetic, tmp_path / "run", model={"overrides": overrides}),
+                           r"model\.overrides\.temperature=-1\.0 must be > 0")):
+        with pytest.raises(ConfigError, match=message) as info:
+            pretrain_config_from_dict(data)  # validate() checks the values too, before any file is read
+        assert "model.pooling" not in str(info.value)
+        with pytest.raises(ConfigError, match=message):
+            build_model(from_dict(PretrainConfig, data), vocab)  # a config that skipped validate()
 
 
 def test_a_resume_does_not_report_the_tied_decoder_as_missing(tmp_path, synthetic, monkeypatch):

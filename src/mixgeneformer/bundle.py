@@ -272,7 +272,11 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         return load_safetensors(folder / WEIGHTS_NAME)
     if (folder / WEIGHTS_INDEX_NAME).exists():
         index = read_json(folder / WEIGHTS_INDEX_NAME, "safetensors index")
-        shards = sorted(set(index.get("weight_map", {}).values()))
+        weight_map = index.get("weight_map", {}) if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise ArtifactError(f"{folder / WEIGHTS_INDEX_NAME} is damaged: it must be a JSON object whose 'weight_map' maps "
+                                "tensor names to shard file names. Re-save or re-download the model.")
+        shards = sorted(set(weight_map.values()))
         if not shards:
             raise ArtifactError(f"{folder / WEIGHTS_INDEX_NAME} lists no weight shards; re-save the model.")
         state: dict[str, torch.Tensor] = {}
@@ -295,7 +299,8 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_weights(model: MixGeneformerForPretraining, state: dict[str, torch.Tensor], folder: Path) -> None:
-    """Load a BertForMaskedLM / BertForPreTraining / BertModel / our state dict into ``model``.
+    """Load a BertForMaskedLM / BertForPreTraining / our state dict into ``model`` (keys with or without the
+    ``bert.`` prefix). A bare BertModel's weights lack the MLM head: refused as incomplete.
 
     Tensors the model has no place for are dropped when they are heads it does not use (BERT's
     next-sentence head, a task head) or old ``position_ids`` buffers; an encoder or embedding tensor

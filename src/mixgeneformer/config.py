@@ -131,14 +131,21 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}.")
+        raise ConfigError(f"{where}: expected a string, got {value!r}.{_quote_hint(value)}")
     if hint is Path:
         if value == "":  # Path("") is the current folder
             raise ConfigError(f"{where}: the path is empty; give a file or folder path (or leave the option out).")
         if isinstance(value, (str, Path)):
             return Path(value)
-        raise ConfigError(f"{where}: expected a path, got {value!r}.")
+        raise ConfigError(f"{where}: expected a path, got {value!r}.{_quote_hint(value)}")
     return value
+
+
+def _quote_hint(value: Any) -> str:
+    """For a name YAML read as a number or boolean (``goal: 1``, ``output_dir: 2024``): how to give it as text."""
+    if isinstance(value, (bool, int, float)):
+        return f" YAML reads {value!r} unquoted as a {type(value).__name__}; quote it to give the name: '{value}'."
+    return ""
 
 
 _FLOAT_MAX = sys.float_info.max

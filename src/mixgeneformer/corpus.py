@@ -34,7 +34,12 @@ def _corpus_meta(corpus_dir: Path) -> dict:
             f"{corpus_dir} is not a mixgeneformer corpus ({CORPUS_JSON} missing). Create it with `mixgf tokenize`."
         )
     meta = read_json(meta_path, "corpus metadata")
-    return meta if isinstance(meta, dict) else {}
+    if not isinstance(meta, dict):
+        raise ArtifactError(
+            f"{meta_path} holds a JSON {type(meta).__name__}, not the corpus's metadata object; the folder was edited or "
+            "damaged. Re-tokenize the cells (mixgf tokenize)."
+        )
+    return meta
 
 
 def corpus_vocab_hash(corpus_dir: Path) -> str | None:
@@ -203,9 +208,8 @@ def load_corpus(corpus_dir: str | os.PathLike) -> datasets.Dataset:
 def check_corpus_vocabulary(corpus_dir: str | os.PathLike, vocab_hash: str) -> None:
     """A corpus folder whose ``mixgf_corpus.json`` records another vocabulary is an error; a folder
     without one (a corpus written by other tools) passes."""
-    marker = Path(corpus_dir) / CORPUS_JSON
-    if marker.exists():
-        recorded = read_json(marker, "corpus marker").get("vocab_hash")
+    if (Path(corpus_dir) / CORPUS_JSON).exists():
+        recorded = _corpus_meta(Path(corpus_dir)).get("vocab_hash")
         if recorded not in (None, vocab_hash):
             raise VocabularyMismatchError(
                 f"the corpus {corpus_dir} was tokenized with vocabulary {recorded} but the model uses {vocab_hash}; "

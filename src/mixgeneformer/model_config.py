@@ -8,10 +8,13 @@ transformers as ``BertForMaskedLM``. The networks themselves are in :mod:`mixgen
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from transformers import BertConfig
+from transformers.activations import ACT2FN
 
 from .errors import ConfigError, VocabularyMismatchError
 
@@ -125,8 +128,39 @@ def check_pooling_input(config: BertConfig, first_tokens: Iterable[int], cls_id:
             "(over gene positions) or 'pooler' (the authors' variant, on position 0 whatever it holds)."
         )
 
+#: size fields that must be positive integers (0 layers built a model without an encoder, without a word)
+_SIZES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings")
+#: fields the objective computes with: numbers ("hot" reached a bare TypeError in a comparison)
+_NUMBERS = ("temperature", "cross_species_temperature", "contrastive_weight", "simcse_pp_weight", "cross_species_weight")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_values(config: BertConfig) -> None:
+    """ConfigError for a size, number, dropout, activation or flag no model can be built or trained with."""
+    for name in _SIZES:
+        value = getattr(config, name, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"model.{name}={value!r} must be a positive integer.")
+    for name in _NUMBERS:
+        if not _is_number(getattr(config, name, 0.0)):
+            raise ConfigError(f"model.{name}={getattr(config, name)!r} must be a finite number.")
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        value = getattr(config, name, 0.0)
+        if not (_is_number(value) and 0 <= value < 1):
+            raise ConfigError(f"model.{name}={value!r} must be a dropout probability in [0, 1) (0.1 in the presets).")
+    act = getattr(config, "hidden_act", "gelu")
+    if isinstance(act, str) and act not in ACT2FN:
+        raise ConfigError(f"model.hidden_act={act!r} is no activation transformers knows; use e.g. 'relu', 'gelu' or 'silu'.")
+    if not isinstance(getattr(config, "gather_negatives", False), bool):
+        raise ConfigError(f"model.gather_negatives={config.gather_negatives!r} must be true or false.")
+
+
 def validate_config(config: BertConfig) -> None:
     """Raise :class:`ConfigError` for inconsistent pretraining options (names the field and the fix)."""
+    _check_values(config)
     pooling = getattr(config, "pooling", "cls")
     if pooling not in POOLINGS:
         raise ConfigError(f"model.pooling={pooling!r} is not one of {list(POOLINGS)}.")

@@ -96,6 +96,10 @@ class LoggingOptions:
     peak_tflops: float | None = None  # device peak for MFU; None: looked up from the device name
 
 
+#: the vocabulary size :meth:`PretrainConfig.validate` checks the model options with (data.vocab is not read there)
+_STAND_IN_VOCAB_SIZE = 8
+
+
 @dataclass
 class PretrainConfig:
     """Everything a pretraining run needs; saved as ``config.yaml`` beside every checkpoint.
@@ -114,13 +118,15 @@ class PretrainConfig:
     checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
     logging: LoggingOptions = field(default_factory=LoggingOptions)
 
-    def model_config(self, vocab: Vocabulary) -> MixGeneformerConfig:
+    def model_config(self, vocab: Vocabulary | None) -> MixGeneformerConfig:
         """The model's configuration: the preset, ``model.overrides`` and ``objective``, validated; an invalid
-        option is named where this config sets it (``objective.<field>``, ``model.overrides.<field>``)."""
+        option is named where this config sets it (``objective.<field>``, ``model.overrides.<field>``).
+        ``vocab`` None: the options alone are checked (with a stand-in vocabulary size), before any file is read."""
         check_model_options(self.model.preset, {"model.overrides": self.model.overrides, "objective": self.objective})
         overrides = {**self.model.overrides, **self.objective}
+        stand_in = {"vocab_size": _STAND_IN_VOCAB_SIZE} if vocab is None else {}
         try:
-            return make_config(self.model.preset, vocab, **overrides)
+            return make_config(self.model.preset, vocab, **overrides, **stand_in)
         except ConfigError as exc:
             raise ConfigError(self.option_names(str(exc))) from exc
         except MixGeneformerError:
@@ -183,8 +189,9 @@ class PretrainConfig:
             )
         if self.train.max_steps <= 0 and self.train.epochs <= 0:
             raise ConfigError("set train.epochs > 0 or train.max_steps > 0.")
-        if self.train.weight_decay < 0 or self.train.max_grad_norm < 0:
-            raise ConfigError("train.weight_decay and train.max_grad_norm must be >= 0.")
+        for name, value in (("train.weight_decay", self.train.weight_decay), ("train.max_grad_norm", self.train.max_grad_norm)):
+            if value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}.")
         if self.distributed.strategy == "deepspeed" and self.distributed.deepspeed_config is None:
             raise ConfigError(
                 "distributed.strategy=deepspeed needs distributed.deepspeed_config (e.g. configs/deepspeed_zero2.json)."
@@ -193,7 +200,7 @@ class PretrainConfig:
             raise ConfigError("train.torch_compile (whole model) and train.compile_blocks (each encoder block): choose one.")
         if self.logging.peak_tflops is not None and self.logging.peak_tflops <= 0:
             raise ConfigError(f"logging.peak_tflops must be > 0, got {self.logging.peak_tflops}.")
-        check_model_options(self.model.preset, {"model.overrides": self.model.overrides, "objective": self.objective})
+        self.model_config(None)  # option names and values (a wrong type failed only once the corpus was opened)
         return self
 
 

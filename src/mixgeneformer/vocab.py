@@ -185,8 +185,8 @@ class Vocabulary:
             "mode": self.mode,
             "hash": self.hash,
             "n_tokens": len(self),
-            "tokens": self.tokens,
-            "gene_to_id": self.gene_to_id,
+            "tokens": list(self.tokens),  # copies: editing the dict must not change this vocabulary
+            "gene_to_id": dict(self.gene_to_id),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -205,7 +205,10 @@ class Vocabulary:
                 "or convert Geneformer's dictionaries with `mixgf vocab import-geneformer`."
             )
         _check_layout(path, data)
-        vocab = cls(data["tokens"], data["gene_to_id"], data["mode"])
+        try:
+            vocab = cls(data["tokens"], data["gene_to_id"], data["mode"])
+        except ArtifactError as exc:  # duplicate tokens, no <pad> / <mask>, an id past the tokens: name the file
+            raise ArtifactError(f"vocabulary {path}: {exc}") from exc
         if vocab.hash != data.get("hash"):
             raise ArtifactError(f"vocabulary {path} does not match its recorded hash; the file was modified or corrupted.")
         vocab.path = Path(path)
@@ -345,7 +348,10 @@ def import_geneformer(
         raise ArtifactError(f"{token_dictionary}: token ids are not contiguous 0..{len(by_id) - 1}; the dictionary is corrupt.")
     tokens = [by_id[i] for i in range(len(by_id))]
     gene_to_id = {t.upper(): i for i, t in enumerate(tokens) if not (t.startswith("<") and t.endswith(">"))}
-    vocab = Vocabulary(tokens, gene_to_id, "geneformer")
+    try:
+        vocab = Vocabulary(tokens, gene_to_id, "geneformer")
+    except ArtifactError as exc:  # e.g. no <pad> / <mask> token: name the dictionary
+        raise ArtifactError(f"{token_dictionary} is not a usable Geneformer token dictionary: {exc}") from exc
     medians = None
     if gene_median_dictionary is not None:
         # lazy: medians pulls the readers (anndata, h5py, numba), about 1 s more start-up for

@@ -203,7 +203,10 @@ class GeneMedians:
                     ) from exc
         if not values:
             raise ArtifactError(f"gene median table {path} holds no genes; recompute it with `mixgf medians`.")
-        table = cls(values)
+        try:
+            table = cls(values)
+        except InputDataError as exc:  # a median <= 0 / NaN, or two versions of one gene: name the file
+            raise InputDataError(f"gene median table {path}: {exc}") from exc
         _check_recorded(path, table, recorded)
         table.path = path
         return table
