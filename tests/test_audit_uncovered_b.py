@@ -382,6 +382,67 @@ def test_a_forked_worker_ends_on_sigterm_as_if_no_handler_were_installed():
     assert flag.received is None
 
 
+SIGNAL_WORKER = r'''
+import json, os, sys
+from mixgeneformer.pretrain import TrainingInterrupted, load_pretrain_config, run_pretraining
+try:
+    run_pretraining(load_pretrain_config(sys.argv[1]))
+    report = {"finished": True}
+except TrainingInterrupted as exc:
+    report = {"signum": exc.signum, "message": str(exc)}
+with open(os.path.join(os.environ["REPORT_DIR"], f"rank{os.environ['RANK']}.json"), "w") as handle:
+    json.dump(report, handle)
+sys.exit(0 if report.get("finished") else 3)
+'''
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
+    """Two gloo ranks under torchrun; SIGTERM reaches rank 1 only (a scheduler preempting one task): the
+    ranks agree on the stop at the next multiple of SIGNAL_SYNC_STEPS, rank 0 saves, both exit non-zero."""
+    import subprocess
+
+    import psutil
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_distributed import _free_port
+    from test_pretrain import make_vocab, tiny_config, training_data
+
+    from mixgeneformer.pretrain import read_metrics
+    from mixgeneformer.stopping import SIGNAL_SYNC_STEPS
+
+    root, out, reports = training_data(tmp_path, make_vocab(), n_cells=128), tmp_path / "run", tmp_path / "reports"
+    reports.mkdir()
+    config = tiny_config(root, out, train={"max_steps": 100_000, "per_device_batch_size": 4},
+                         checkpoint={"save_steps": 100_000}, distributed={"timeout_s": 60})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "worker.py").write_text(SIGNAL_WORKER)
+    env = {**os.environ, "REPORT_DIR": str(reports), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                             "127.0.0.1", "--master_port", str(_free_port()), str(tmp_path / "worker.py"),
+                             str(tmp_path / "run.yaml")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(r["step"] >= 3 for r in read_metrics(out)) and proc.poll() is None:
+            time.sleep(0.2)
+        rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+        logged = max(int(r["step"]) for r in read_metrics(out))
+        rank1[0].send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, output[-3000:]
+    told = [json.loads((reports / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert told[0] == told[1] and told[0]["signum"] == signal.SIGTERM, told
+    step = int(told[0]["message"].split(" at step ")[1].split(";")[0])
+    assert step % SIGNAL_SYNC_STEPS == 0 and step >= logged
+    assert [p.name for _, p in ckpt.list_checkpoints(out)] == [f"checkpoint-{step}"]
+    assert ckpt.checkpoint_problem(out / f"checkpoint-{step}") is None
+    assert {p.name for p in (out / f"checkpoint-{step}").glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert int(read_metrics(out)[-1]["step"]) == step and "Continue with --resume" in told[0]["message"]
+
+
 def test_json_records_convert_numpy_scalars_arrays_and_paths(tmp_path):
     record = {"n": np.int64(3), "x": np.float32(0.5), "ok": np.bool_(True), "ids": np.arange(2), "path": Path("a/b")}
     write_json(tmp_path / "r.json", record)
