@@ -273,6 +273,14 @@ def test_perturb_cells_state_labels_must_fit_the_cells(tiny):
             perturb_cells(bert, dataset, vocab, PerturbConfig(genes=genes, **config), states=states, progress=False)
 
 
+def test_a_device_that_is_not_one_under_a_launcher_is_a_config_error(tiny, monkeypatch):
+    """Under torchrun (LOCAL_RANK set) a device string torch cannot parse is passed on and refused by name."""
+    vocab, bert, cells, genes = tiny
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ConfigError, match=r"device='gpu' is not a torch device \(use 'cpu', 'cuda', 'cuda:1'\)"):
+        perturb_cells(bert, cells, vocab, PerturbConfig(genes=genes, device="gpu"), progress=False)
+
+
 def test_embed_corpus_refuses_bad_options_models_and_vocabularies(tiny):
     vocab, bert, cells, _ = tiny
     smaller = Vocabulary(vocab.tokens[:50], {g: i for g, i in vocab.gene_to_id.items() if i < 50})
