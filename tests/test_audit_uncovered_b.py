@@ -120,6 +120,19 @@ def test_h5ad_nullable_obs_column_and_csc_cells_without_counts(tmp_path):
     assert [v if pd.notna(v) else None for c in chunks for v in c.obs["n"]] == [1, None, 3, 4, None]
 
 
+def test_log_normalized_h5ad_with_dense_raw_counts_points_to_layer_raw(tmp_path):
+    """scanpy's `adata.raw = adata` before normalizing, written with a dense raw/X: the error says where the counts are."""
+    adata = ad.AnnData(np.log1p(COUNTS.astype(np.float32)), var=pd.DataFrame(index=GENES))
+    adata.obs_names = ["c1", "c2", "c3"]
+    adata.raw = ad.AnnData(COUNTS.astype(np.float32), var=pd.DataFrame(index=GENES))
+    adata.write_h5ad(tmp_path / "normalized.h5ad")
+    with pytest.raises(InputDataError, match=r"normalized\.h5ad: expects raw integer counts.*its \.raw \(adata\.raw\.X, 3 genes\) "
+                                             r"holds integer counts.*layer='raw'"):
+        _chunks(open_source(tmp_path / "normalized.h5ad"))
+    chunks = _chunks(open_source(tmp_path / "normalized.h5ad", layer="raw"))
+    np.testing.assert_array_equal(sp.vstack([c.counts for c in chunks]).toarray(), COUNTS)
+
+
 def test_soma_obs_indexed_by_cell_name_reads_in_joinid_order_and_filters(tmp_path):
     """An experiment whose obs is indexed by obs_id (not soma_joinid) is read by joinid ranges."""
     pa = pytest.importorskip("pyarrow")
@@ -294,7 +307,7 @@ def test_embed_corpus_refuses_bad_options_models_and_vocabularies(tiny):
         embed_corpus(bert, [[2, 2**40, 3]], vocab, progress=False)
 
 
-def test_cli_perturb_of_a_tokenized_corpus_and_of_a_missing_state_column(tmp_path):
+def test_cli_perturb_of_a_tokenized_corpus_and_of_a_missing_state_column(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_perturb import bundle_and_cells
 
@@ -313,6 +326,7 @@ def test_cli_perturb_of_a_tokenized_corpus_and_of_a_missing_state_column(tmp_pat
     with pytest.raises(SystemExit) as info:
         main(["perturb", str(tmp_path / "in.h5ad"), "--out", str(tmp_path / "p2"), "--state-column", "nope", *common])
     assert info.value.code == 2 and not (tmp_path / "p2").exists()
+    assert "state_column 'nope' is not an obs column; obs columns: ['kind']" in capsys.readouterr().err
 
 
 def test_cli_embed_of_a_soma_experiment_with_an_obs_filter_in_the_tokenize_options(tmp_path):
