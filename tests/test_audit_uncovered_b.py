@@ -367,6 +367,58 @@ def test_pretraining_with_a_given_peak_logs_a_plausible_mfu(tmp_path):
         assert 6 * n_params < row["mfu"] * 0.5e12 / row["tokens_per_s"] < 5 * 6 * n_params
 
 
+def _bundle(folder: Path) -> list[str]:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_perturb import bundle_and_cells
+
+    ids = gene_table("human").query("biotype == 'protein_coding'")["ensembl_id"].tolist()[:60]
+    return bundle_and_cells(folder, Vocabulary(SPECIALS + ids, {g: i + len(SPECIALS) for i, g in enumerate(ids)}))
+
+
+def test_sharded_embed_of_an_h5ad_without_x_equals_one_process(tmp_path):
+    """Counts in a layer and no X (adata.X = None): each shard read its rows from the backed file, which
+    anndata cannot slice without X ("rewrite it with anndata", which keeps it X-less); one process read it."""
+    from mixgeneformer.cli import main
+
+    _bundle(tmp_path)
+    cells = ad.read_h5ad(tmp_path / "in.h5ad")
+    no_x = ad.AnnData(obs=cells.obs.copy(), var=cells.var.copy(), layers={"counts": cells.X.copy()})
+    no_x.write_h5ad(tmp_path / "nox.h5ad")
+    (tmp_path / "tokenize.yaml").write_text("layer: counts\n")
+    common = ["--model", str(tmp_path / "bundle"), "--tokenize-config", str(tmp_path / "tokenize.yaml"), "--device", "cpu",
+              "--no-progress"]
+    main(["embed", str(tmp_path / "nox.h5ad"), "--out", str(tmp_path / "one.h5ad"), *common])
+    for shard in ("0", "1"):
+        main(["embed", str(tmp_path / "nox.h5ad"), "--out", str(tmp_path / "sharded.h5ad"), *common,
+              "--num-shards", "2", "--shard-index", shard])
+    main(["embed-merge", str(tmp_path / "sharded.h5ad")])
+    one, sharded = ad.read_h5ad(tmp_path / "one.h5ad"), ad.read_h5ad(tmp_path / "sharded.h5ad")
+    assert list(sharded.obs_names) == list(one.obs_names) == list(cells.obs_names)
+    np.testing.assert_allclose(sharded.obsm["X_mixgeneformer"], one.obsm["X_mixgeneformer"], atol=1e-5)
+
+
+def test_an_h5ad_anndata_cannot_decode_is_an_error_naming_it(tmp_path, capsys):
+    """An element encoding this anndata has no reader for (a newer anndata's, a damaged attribute): exit 2,
+    not anndata's IORegistryError traceback; a shard's read of a damaged h5ad: ArtifactError, not ValueError."""
+    from mixgeneformer.cli import main
+
+    _bundle(tmp_path)
+    shutil.copy(tmp_path / "in.h5ad", tmp_path / "newer.h5ad")
+    with h5py.File(tmp_path / "newer.h5ad", "a") as f:
+        f["X"].attrs["encoding-type"] = "coo_matrix"
+    with pytest.raises(SystemExit) as info:
+        main(["embed", str(tmp_path / "newer.h5ad"), "--model", str(tmp_path / "bundle"), "--out", str(tmp_path / "e.h5ad"),
+              "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"cannot read input h5ad {tmp_path / 'newer.h5ad'} as h5ad" in err
+    assert "encoding_type='coo_matrix'" in err and not (tmp_path / "e.h5ad").exists()
+    shutil.copy(tmp_path / "in.h5ad", tmp_path / "narrow.h5ad")
+    with h5py.File(tmp_path / "narrow.h5ad", "a") as f:
+        f["X"].attrs["shape"] = np.array([12, 59])
+    with pytest.raises(ArtifactError, match=r"cannot read cells 0-6 of .*narrow\.h5ad .*ValueError: .*`var` must have as many rows"):
+        read_anndata(tmp_path / "narrow.h5ad", rows=(0, 6))
+
+
 # -- output folders, signals, JSON records --------------------------------------------------------
 def test_two_interrupted_overwrites_and_no_output_is_an_error_that_keeps_both(tmp_path):
     for tag in ("0123abcd", "89abcdef"):

@@ -383,6 +383,15 @@ def check_outputs_of(
         raise ConfigError(f"{', '.join(given)} must be different files")
 
 
+def h5ad_read_errors() -> tuple[type[Exception], ...]:
+    """anndata's errors for an h5ad it cannot read; IORegistryError: an encoding it cannot decode (a newer anndata's)."""
+    try:
+        from anndata._io.specs.registry import IORegistryError
+    except ImportError:  # another anndata layout: its other errors are still caught
+        return (OSError, KeyError, ValueError, TypeError)
+    return (OSError, KeyError, ValueError, TypeError, IORegistryError)
+
+
 def read_h5ad(path: str | os.PathLike, what: str = "input h5ad", **kwargs: Any) -> anndata.AnnData:
     """``anndata.read_h5ad`` with a clear error for missing, truncated or non-h5ad files."""
     import anndata as ad
@@ -390,7 +399,7 @@ def read_h5ad(path: str | os.PathLike, what: str = "input h5ad", **kwargs: Any) 
     path = check_readable_file(path, what, file_only=True)
     try:
         return remember_source(ad.read_h5ad(path, **kwargs), path)
-    except (OSError, KeyError, ValueError, TypeError) as exc:
+    except h5ad_read_errors() as exc:
         raise ArtifactError(f"cannot read {what} {path} as h5ad ({exc}); is it truncated or another format?") from exc
 
 
@@ -448,10 +457,8 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", hint: str = "") 
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer, np.floating, np.bool_)):
-        return obj.item()  # a Python int / float / bool
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return obj.tolist()  # numpy scalars (int, float, bool) and arrays as Python values
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

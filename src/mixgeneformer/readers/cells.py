@@ -24,7 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ArtifactError, InputDataError
-from ..fileio import check_readable_file, read_h5ad, remember_source
+from ..fileio import check_readable_file, h5ad_read_errors, read_h5ad, remember_source
 from .formats import _find_one, open_source
 from .options import ReadOptions
 from .soma import _is_soma
@@ -154,17 +154,23 @@ def input_obs(path: str | os.PathLike, options: ReadOptions | None = None,
 
 
 def read_rows(input: Path, start: int, stop: int) -> ad.AnnData:
-    """Cells ``start:stop`` of an h5ad, read as row slices of the backed file."""
+    """Cells ``start:stop`` of an h5ad, read as row slices of the backed file. An h5ad without X (its
+    counts in a layer) is read whole and sliced: anndata's backed mode keeps only X on disk (it reads
+    the layers whole anyway) and cannot slice a file without one."""
     check_readable_file(input, "input h5ad")
+    errors = h5ad_read_errors()
     try:
         backed = ad.read_h5ad(input, backed="r")
-    except (OSError, KeyError, ValueError) as exc:
+    except errors as exc:
         raise ArtifactError(f"cannot read {input} as h5ad ({exc}); is it truncated or another format?") from exc
     try:
         if _null_raw(backed):
             del backed.raw  # a null ``raw`` (earlier versions of this package wrote one): anndata cannot slice it
+        if "X" not in backed.file:
+            backed.file.close()
+            return remember_source(read_h5ad(input, "input h5ad")[start:stop].copy(), input)
         return remember_source(backed[start:stop].to_memory(), input)
-    except (AttributeError, KeyError, OSError) as exc:
+    except (AttributeError, *errors) as exc:
         raise ArtifactError(
             f"cannot read cells {start}-{stop} of {input} from the backed file ({type(exc).__name__}: {exc}); rewrite it "
             "with anndata (ad.read_h5ad(path).write_h5ad(new_path)) and pass the new file"
