@@ -419,6 +419,26 @@ def test_an_h5ad_anndata_cannot_decode_is_an_error_naming_it(tmp_path, capsys):
         read_anndata(tmp_path / "narrow.h5ad", rows=(0, 6))
 
 
+def test_an_obs_column_anndata_cannot_decode_is_an_input_error(tmp_path, capsys):
+    """tokenize --obs-columns of a column stored in an encoding this anndata has no reader for: exit 2 naming
+    the file and the cells, not anndata's IORegistryError traceback."""
+    from mixgeneformer.cli import main
+
+    _bundle(tmp_path)
+    cells = ad.read_h5ad(tmp_path / "in.h5ad")
+    cells.obs["batch"] = pd.array([1, None] * 6, dtype="Int64")
+    cells.write_h5ad(tmp_path / "newer.h5ad")
+    with h5py.File(tmp_path / "newer.h5ad", "a") as f:
+        f["obs/batch"].attrs["encoding-type"] = "nullable-integer-v2"
+    with pytest.raises(SystemExit) as info:
+        main(["tokenize", str(tmp_path / "newer.h5ad"), "--vocab", str(tmp_path / "bundle" / "vocab.json"), "--medians",
+              str(tmp_path / "bundle" / "medians.tsv"), "--out", str(tmp_path / "corpus"), "--obs-columns", "batch"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"{tmp_path / 'newer.h5ad'}: reading obs column 'batch' of cells 0–" in err, err
+    assert "failed (IORegistryError" in err
+    assert "encoding_type='nullable-integer-v2'" in err and not (tmp_path / "corpus").exists()
+
+
 # -- output folders, signals, JSON records --------------------------------------------------------
 def test_two_interrupted_overwrites_and_no_output_is_an_error_that_keeps_both(tmp_path):
     for tag in ("0123abcd", "89abcdef"):

@@ -15,10 +15,13 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import InputDataError, MixGeneformerError, name_list
+from ..fileio import h5ad_read_errors
 
 #: What h5py, gzip, pandas, scipy and numpy raise on a damaged or malformed file (the package's own
 #: errors pass through :func:`reading` unchanged).
-READ_ERRORS = (OSError, EOFError, KeyError, IndexError, ValueError, TypeError, NotImplementedError, zlib.error)
+#: IORegistryError (h5ad_read_errors): an obs column / matrix encoding this anndata cannot decode (a newer anndata's)
+READ_ERRORS = (OSError, EOFError, KeyError, IndexError, ValueError, TypeError, NotImplementedError, zlib.error,
+               *h5ad_read_errors())
 
 #: what every reader opens: a path (``.h5ad``, ``.loom``, 10x ``.h5`` / mtx folder, SOMA URI) or an AnnData
 CountInput: TypeAlias = str | os.PathLike[str] | ad.AnnData
@@ -336,7 +339,8 @@ class CountSource:
         names = pd.Index(np.asarray(self._obs_names(start, stop)).astype(str), name=None)
         frame = pd.DataFrame(index=names)
         for column in columns:
-            values = self._obs_column(column, start, stop)
+            with reading(self.name, f"reading obs column {column!r} of cells {start}–{stop - 1}"):
+                values = self._obs_column(column, start, stop)
             frame[column] = values.to_numpy() if isinstance(values, pd.Series) else values
         return frame
 
