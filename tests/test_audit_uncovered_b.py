@@ -241,6 +241,12 @@ def test_median_accumulator_settings_merges_and_damaged_files(tmp_path):
     np.savez(tmp_path / "cut.npz", **arrays)
     with pytest.raises(ArtifactError, match=r"cut\.npz: histogram shape \(3, 10\) does not match its settings"):
         MedianAccumulator.load(tmp_path / "cut.npz")
+    whole = (tmp_path / "acc.npz").read_bytes()  # a copy cut short, or with damaged bytes: not a zipfile traceback
+    (tmp_path / "truncated.npz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "damaged.npz").write_bytes(whole[:200] + b"x" * 60 + whole[260:])
+    for name in ("truncated.npz", "damaged.npz"):
+        with pytest.raises(ArtifactError, match=rf"median accumulator .*{name} could not be read .*; it may be truncated"):
+            MedianAccumulator.load(tmp_path / name)
 
 
 # -- perturbation and embedding input checks ------------------------------------------------------

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -290,7 +291,7 @@ class MedianAccumulator:
                 genes, hist, settings = z["genes"], z["histograms"], z["settings"]
                 n_cells, fixed = int(z["n_cells"][0]), bool(z["fixed_genes"][0])
                 bins_per_decade, min_value, max_value = int(settings[0]), float(settings[1]), float(settings[2])
-        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:  # IndexError: an empty array
+        except (OSError, EOFError, zipfile.BadZipFile, ValueError, KeyError, IndexError, TypeError) as exc:  # IndexError: an empty array
             raise ArtifactError(f"median accumulator {path} could not be read ({exc}); it may be truncated.") from exc
         acc = cls(genes=genes.astype(object), bins_per_decade=bins_per_decade, min_value=min_value, max_value=max_value)
         if hist.shape != (len(genes), acc.n_bins):
