@@ -187,6 +187,18 @@ def test_damaged_checkpoints_are_skipped_and_named_when_none_is_intact(tmp_path)
         ckpt.plan_run_dir(run, False, False, run / "checkpoint-99")
 
 
+@pytest.mark.parametrize("marker", ['{"files": ["model.safetensors"], "step": 20}', '{"files": null, "step": 20}',
+                                    '{"files": {"model.safetensors": 7}}', '{"files": {"model.safetensors": 7}, "step": "20"}'])
+def test_a_complete_marker_of_another_shape_is_skipped_not_a_crash(tmp_path, marker):
+    """Valid JSON that is not this package's manifest (files not a name -> bytes mapping, no integer step):
+    --resume took it for intact (or raised AttributeError), then crashed reading its step."""
+    run = tmp_path / "run"
+    older, newer = _checkpoint(run, 10), _checkpoint(run, 20)
+    (newer / ckpt.COMPLETE).write_text(marker)
+    assert ckpt.checkpoint_problem(newer).startswith("unreadable COMPLETE marker (")
+    assert ckpt.plan_run_dir(run, True, False, None) == ("resume", older)
+
+
 def test_publishing_a_checkpoint_of_an_existing_step_replaces_it_whole(tmp_path):
     """Resuming from an older checkpoint saves again at a step that already has one."""
     run = tmp_path / "run"

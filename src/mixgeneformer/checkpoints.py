@@ -77,9 +77,11 @@ def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
         return f"no {COMPLETE} marker (the save was interrupted)"
     try:
         manifest = json.loads(marker.read_text())
-        files = manifest["files"]
+        files, step = manifest["files"], manifest["step"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"unreadable {COMPLETE} marker ({exc})"
+        return f"unreadable {COMPLETE} marker ({f'no {exc} entry' if isinstance(exc, KeyError) else exc})"
+    if not isinstance(files, dict) or not all(type(v) is int for v in files.values()) or type(step) is not int:
+        return f"unreadable {COMPLETE} marker (not this package's manifest: files {{name: bytes}} and an integer step)"
     for name, size in files.items():
         path = checkpoint / name
         if not path.is_file():
