@@ -161,6 +161,25 @@ def test_soma_obs_indexed_by_cell_name_reads_in_joinid_order_and_filters(tmp_pat
     np.testing.assert_array_equal(chunks[0].counts.toarray(), counts.toarray()[[2, 4]])
 
 
+def test_a_damaged_soma_experiment_is_an_input_error_naming_it(tmp_path, capsys):
+    """A fragment of X missing (a copy cut short): tiledbsoma's SOMAError was a traceback."""
+    tiledbsoma_io = pytest.importorskip("tiledbsoma.io")
+    from mixgeneformer.cli import main
+
+    _bundle(tmp_path)
+    soma = tmp_path / "soma"
+    tiledbsoma_io.from_h5ad(str(soma), str(tmp_path / "in.h5ad"), measurement_name="RNA")
+    for fragment in (soma / "ms" / "RNA" / "X" / "data" / "__fragments").iterdir():
+        shutil.rmtree(fragment)
+    with pytest.raises(InputDataError, match=rf"{soma}: opening it as a TileDB-SOMA experiment failed \(SOMAError: "):
+        open_source(soma)
+    with pytest.raises(SystemExit) as info:
+        main(["tokenize", str(soma), "--vocab", str(tmp_path / "bundle" / "vocab.json"), "--medians",
+              str(tmp_path / "bundle" / "medians.tsv"), "--out", str(tmp_path / "corpus")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "SOMAError" in err and "Traceback" not in err and not (tmp_path / "corpus").exists()
+
+
 # -- checkpoints ----------------------------------------------------------------------------------
 def _checkpoint(run_dir: Path, step: int, payload: str = "weights") -> Path:
     folder = run_dir / f"checkpoint-{step}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,13 @@ READ_ERRORS = (OSError, EOFError, KeyError, IndexError, ValueError, TypeError, N
 CountInput: TypeAlias = str | os.PathLike[str] | ad.AnnData
 
 
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """:data:`READ_ERRORS`, with TileDB-SOMA's ``SOMAError`` (a damaged experiment) once ``tiledbsoma`` is loaded
+    (it is imported for a SOMA input only)."""
+    soma = sys.modules.get("tiledbsoma")
+    return READ_ERRORS + ((soma.SOMAError,) if isinstance(getattr(soma, "SOMAError", None), type) else ())
+
+
 @contextlib.contextmanager
 def reading(where: str, what: str) -> Iterator[None]:
     """Turn a reader library's exception while ``what`` into one :class:`InputDataError` naming the file."""
@@ -34,7 +42,7 @@ def reading(where: str, what: str) -> Iterator[None]:
         yield
     except MixGeneformerError:
         raise
-    except READ_ERRORS as exc:
+    except _read_errors() as exc:
         raise InputDataError(
             f"{where}: {what} failed ({type(exc).__name__}: {exc}). The file is damaged, truncated or not in the "
             "format its name says; check that anndata / scanpy can read it, or export it again."

@@ -18,7 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ConfigError, InputDataError, name_list
-from .base import CountSource
+from .base import CountSource, reading
 
 _JOINID = "soma_joinid"
 
@@ -157,7 +157,8 @@ class _SomaSource(CountSource):
         columns = name_list(columns, "obs columns")
         self.check_obs_columns(columns)
         stop = self.n_cells if stop is None else min(stop, self.n_cells)
-        read = self._read_obs([*([self._cell_key] if self._cell_key else []), *columns], start, stop)
+        with reading(self.name, f"reading obs of cells {start}–{stop - 1}"):
+            read = self._read_obs([*([self._cell_key] if self._cell_key else []), *columns], start, stop)
         names = pd.Index(np.asarray(self._cell_names(read, start, stop)).astype(str), name=None)
         frame = pd.DataFrame(index=names)
         for column in columns:
