@@ -75,7 +75,7 @@ def test_damaged_h5ad_files_name_the_file_and_what_is_wrong(tmp_path):
     (tmp_path / "notes.h5ad").write_bytes(b"not an HDF5 file at all\n" * 8)
     cases["notes.h5ad"] = "could not be opened as HDF5"
     for name, damage, message in [
-        ("nox.h5ad", lambda f: f.__delitem__("X"), "no X matrix"),
+        ("nox.h5ad", lambda f: f.__delitem__("X"), r"holds no count matrix \(no X, no layers, no \.raw\)"),
         ("narrow.h5ad", lambda f: f["X"].attrs.__setitem__("shape", np.array([3, 2])), "3 var entries but the matrix has 2 columns"),
         ("coo.h5ad", lambda f: f["X"].attrs.__setitem__("encoding-type", "coo_matrix"), "unsupported matrix encoding 'coo_matrix'"),
     ]:
@@ -89,6 +89,19 @@ def test_damaged_h5ad_files_name_the_file_and_what_is_wrong(tmp_path):
             open_source(tmp_path / name)
         assert str(tmp_path / name) in str(info.value)
         assert (tmp_path / name).read_bytes() == before  # the input is untouched
+
+
+def test_an_anndata_without_any_count_matrix_says_so_instead_of_asking_for_a_layer(tmp_path):
+    """No X, no layers, no .raw (e.g. obs / var only): 'pass layer=... Available layers: []' offered nothing to pass."""
+    empty = ad.AnnData(obs=pd.DataFrame(index=["c1", "c2"]), var=pd.DataFrame(index=GENES[:2]))
+    empty.write_h5ad(tmp_path / "meta.h5ad")
+    for given, name in ((empty, "AnnData"), (tmp_path / "meta.h5ad", str(tmp_path / "meta.h5ad"))):
+        with pytest.raises(InputDataError, match=r"holds no count matrix \(.*no layers, no \.raw\).*counts .*X") as info:
+            open_source(given)
+        assert str(info.value).startswith(name) and "layer=" not in str(info.value)
+    with_layer = ad.AnnData(obs=empty.obs, var=empty.var, layers={"counts": sp.csr_matrix(np.eye(2, dtype=np.int32))})
+    with pytest.raises(InputDataError, match=r"X is empty; pass layer=\.\.\. Available layers: \['counts'\]"):
+        open_source(with_layer)
 
 
 def test_a_non_hdf5_10x_h5_is_an_input_error_naming_it(tmp_path):

@@ -84,6 +84,8 @@ def _anndata_source(adata: Any, layer: str | None, gene_column: str | None, allo
     if layer == RAW_LAYER and raw is not None:
         logger.warning("%s: layer='raw' reads its layer named 'raw'; its .raw (adata.raw.X) is not read.", name)
     matrix = adata.X if layer is None else adata.layers[layer]
+    if matrix is None and not layers and raw is None:
+        raise InputDataError(f"{name}: holds no count matrix (X is None, no layers, no .raw); put the counts in X.")
     if matrix is None:
         raise InputDataError(f"{name}: X is empty; pass layer=... Available layers: {layers}"
                              + (" (or layer='raw': its .raw)." if raw is not None else "."))

@@ -118,6 +118,9 @@ class _H5adSource(CountSource):
         f, path, layers = self._file, self.name, self._layers()
         raw = _raw_group(f)
         if layer is None or layer in layers:
+            if layer is None and "X" not in f and not layers and raw is None:
+                raise InputDataError(f"{path}: holds no count matrix (no X, no layers, no .raw); write the counts into X "
+                                     "and pass the file again.")
             if layer is None and "X" not in f:
                 raise InputDataError(f"{path}: no X matrix; pass layer=... Available layers: {layers}"
                                      + (" (or layer='raw': its .raw)." if raw is not None else "."))
