@@ -121,6 +121,29 @@ def test_loom_gene_attribute_of_the_wrong_length_is_a_damaged_file(tmp_path):
         open_source(tmp_path / "cells.loom")
 
 
+def test_cell_names_shorter_than_the_matrix_are_an_error_not_cells_named_0(tmp_path):
+    """A loom CellID / an h5ad obs index with fewer entries than the matrix has cells: the last chunk's cells were
+    named 0, 1, … after its obs column's positions (with obs columns asked for), silently."""
+    with h5py.File(tmp_path / "cells.loom", "w") as f:
+        f["matrix"] = COUNTS.T
+        f.create_group("layers")
+        f["row_attrs/Accession"] = np.array(GENES, dtype="S")
+        f["col_attrs/CellID"] = np.array(["c1", "c2"], dtype="S")
+        f["col_attrs/ct"] = np.array(["a", "b", "c"], dtype="S")
+    with pytest.raises(InputDataError, match=r"cells\.loom: column attribute 'CellID' has \(2,\) entries for 3 matrix columns"):
+        _chunks(open_source(tmp_path / "cells.loom"), 2, ["ct"])
+    cells = _cells()
+    cells.obs["ct"] = cells.obs["ct"].astype(str)
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    with h5py.File(tmp_path / "cells.h5ad", "a") as f:
+        attrs = dict(f["obs/_index"].attrs)
+        del f["obs/_index"]
+        index = f["obs"].create_dataset("_index", data=np.array(["c1", "c2"], dtype=object), dtype=h5py.string_dtype())
+        index.attrs.update(attrs)
+    with pytest.raises(InputDataError, match=r"obs column 'ct' has 1 values for the 0 cell names of cells 2–2; obs is inconsistent"):
+        _chunks(open_source(tmp_path / "cells.h5ad"), 2, ["ct"])
+
+
 def test_h5ad_nullable_obs_column_and_csc_cells_without_counts(tmp_path):
     """A nullable-integer obs column (read whole, then sliced) and CSC chunks whose cells store nothing."""
     counts = np.array([[0, 0, 0], [1, 0, 2], [0, 0, 0], [0, 0, 0], [3, 0, 0]], dtype=np.int32)

@@ -349,6 +349,9 @@ class CountSource:
         for column in columns:
             with reading(self.name, f"reading obs column {column!r} of cells {start}–{stop - 1}"):
                 values = self._obs_column(column, start, stop)
+            if len(values) != len(names):  # a frame of no names would take the values' index: cells named 0, 1, …
+                raise InputDataError(f"{self.name}: obs column {column!r} has {len(values)} values for the {len(names)} cell "
+                                     f"names of cells {start}–{stop - 1}; obs is inconsistent (the file is damaged): export it again.")
             frame[column] = values.to_numpy() if isinstance(values, pd.Series) else values
         return frame
 

@@ -136,6 +136,11 @@ class _LoomSource(CountSource):
         shaped = {k: self._col_attrs[k].ndim for k in self._col_attrs.keys() if k != self._cell_key}
         self.obs_columns = [k for k, ndim in shaped.items() if ndim == 1]
         self._obsm_keys = [k for k, ndim in shaped.items() if ndim > 1]
+        for key in self._col_attrs.keys():  # one entry per cell (matrix column): names and obs stay aligned
+            attr = self._col_attrs[key]
+            if isinstance(attr, h5py.Dataset) and attr.shape[:1] != (self.n_cells,):
+                raise InputDataError(f"{path}: column attribute {key!r} has {attr.shape[:1] or 'no'} entries for "
+                                     f"{self.n_cells} matrix columns (cells); the file is damaged: export it again.")
 
     def close(self) -> None:
         self._file.close()
