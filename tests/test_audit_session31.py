@@ -109,3 +109,20 @@ def test_training_and_held_out_masking_seeds_are_the_hashes_they_were():
         held_out = hashlib.blake2b(np.asarray([seed, EVAL_MASK_EPOCH, cells[0].size], dtype=np.int64).tobytes()
                                    + cells[0].tobytes(), digest_size=8)
         assert content_seed(seed, EVAL_MASK_EPOCH, [cells[0]]) == int.from_bytes(held_out.digest(), "little")
+
+
+def test_demo_names_a_damaged_input_of_its_data_dir(tmp_path, capsys):
+    # Before: the demo read its inputs with anndata directly: a truncated h5ad in data_dir was a traceback.
+    import shutil
+
+    from mixgeneformer.demo import demo_data_dir
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for path in demo_data_dir().glob("baron_pancreas_*.h5ad"):
+        shutil.copy(path, data / path.name)
+    broken = data / "baron_pancreas_mouse.h5ad"
+    broken.write_bytes(broken.read_bytes()[:4096])
+    code, err = _run(capsys, "demo", "--quick", "--out", tmp_path / "run", "--set", f"data_dir={data}")
+    assert code == 2
+    assert f"demo input {broken}" in err and "Traceback" not in err

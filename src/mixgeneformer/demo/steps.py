@@ -23,7 +23,7 @@ from ..devices import resolve_device
 from ..diagnostics import final_evaluation
 from ..embed import embed_anndata
 from ..errors import ArtifactError, ConfigError
-from ..fileio import write_h5ad, write_json
+from ..fileio import read_h5ad, write_h5ad, write_json
 from ..integration import shared_type_mixing
 from ..medians import GeneMedians, compute_medians
 from ..parallel import worker_pool
@@ -58,7 +58,7 @@ def _step_data(ctx: _Context, folder: Path) -> dict[str, Any]:
         path = source / f"baron_pancreas_{species}.h5ad"
         if not path.is_file():
             raise ArtifactError(f"demo input {path} not found; set data_dir to a folder holding baron_pancreas_{species}.h5ad.")
-        adata = ad.read_h5ad(path)
+        adata = read_h5ad(path, "demo input")
         if cfg.label_key not in adata.obs.columns:
             raise ConfigError(f"{path} has no obs column {cfg.label_key!r} (label_key); columns: {list(adata.obs.columns)}.")
         if cfg.cells_per_type is not None:
@@ -179,7 +179,7 @@ def _load_inputs(ctx: _Context) -> dict[str, ad.AnnData]:
 
 
 def _read_inputs(paths: dict[str, str | Path]) -> dict[str, ad.AnnData]:
-    return {s: ad.read_h5ad(p) for s, p in paths.items()}
+    return {s: read_h5ad(p, f"demo input ({s})") for s, p in paths.items()}
 
 
 def _step_embed(ctx: _Context, folder: Path) -> dict[str, Any]:
