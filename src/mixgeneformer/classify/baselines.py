@@ -152,6 +152,9 @@ def baselines(
     ``methods``: ``"logreg_counts"`` and / or ``"knn_pca"`` (one name may be given as a string).
     """
     methods = name_list(methods, "methods")
+    unknown = [m for m in methods if m not in ("logreg_counts", "knn_pca")]
+    if unknown:  # before any count is read or any method has run
+        raise ConfigError(f"baseline methods {unknown} are not among ['logreg_counts', 'knn_pca'] (logreg_tokens: token_baseline).")
     if species is not None and species[0] != species[1]:
         train_all, train_ids = ortholog_counts(task.train_data, species[0], read)  # type: ignore[arg-type]
         test_all, test_ids = ortholog_counts(task.test_data, species[1], read)  # type: ignore[arg-type]

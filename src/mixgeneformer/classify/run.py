@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 import pandas as pd
@@ -50,8 +50,16 @@ class ClassificationRun:
         return benchmark_table(self.results)
 
 
+MODEL_METHODS: tuple[str, ...] = tuple(sorted(get_args(Method)))
+BASELINE_METHODS: tuple[str, ...] = tuple(sorted(get_args(BaselineMethod)))
+
+
 def check_methods(model: object | None, methods: Sequence[str], baseline_methods: Sequence[str]) -> None:
-    """Something to run, and a model for what needs one: checked before any cell is read."""
+    """Known method names, something to run, and a model for what needs one: checked before any cell is read."""
+    for names, known, what in ((methods, MODEL_METHODS, "methods"), (baseline_methods, BASELINE_METHODS, "baseline_methods")):
+        unknown = [name for name in names if name not in known]
+        if unknown:  # refused here, not after the other methods have run (a fine-tuning can take minutes)
+            raise ConfigError(f"{what} {unknown} not known: choose among {list(known)}.")
     if not methods and not baseline_methods:
         raise ConfigError("no method to run: give methods and / or baseline_methods (CLI: --mode, --baselines).")
     if methods and model is None:
@@ -63,8 +71,6 @@ def check_methods(model: object | None, methods: Sequence[str], baseline_methods
 def _check_model_options(model: torch.nn.Module | None, methods: Sequence[Method], config: ClassifyConfig) -> None:
     """The options that need the model, checked before any cell is tokenized."""
     refuse_finetune_max_len(config.finetune)  # whatever the methods: refused, not ignored
-    if methods and model is None:
-        raise ConfigError(f"methods {list(methods)} need a model (CLI: --model BUNDLE); or run only baselines.")
     if "finetune" in methods:
         check_finetune_options(config.finetune, model)
 
@@ -128,9 +134,7 @@ def run_classification(
         logger.info("%s", note)
     results: list[EvalResult] = []
     fitted = None
-    model_methods = [m for m in methods if m in ("knn", "logreg", "finetune")]
-    if len(model_methods) != len(methods):
-        raise ConfigError(f"methods {list(methods)} must be among ['finetune', 'knn', 'logreg'].")
+    model_methods = list(methods)  # names checked by check_methods
     if model_methods or "logreg_tokens" in baseline_methods:
         task, train_tokens, test_tokens = tokenize_task(task, vocab, medians, tokenize_config, _max_len_of(model))
         zero = [m for m in model_methods if m != "finetune"]
