@@ -32,6 +32,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == "__builtin__":  # Python 2's name of builtins (what pickle's fix_imports maps), in protocol 0-2 pickles
+            module = "builtins"
         if (module, name) in self._allowed:
             if module.startswith("numpy"):
                 import importlib

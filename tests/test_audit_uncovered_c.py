@@ -1,0 +1,250 @@
+"""Branches no in-process test ran (coverage at 98a9eb9) of the classification, embedding, tokenizer,
+perturbation, plotting, demo and helper modules: what a user who reaches each one gets (RELIABILITY 11,
+18, 19, 23)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from _tokenize_helpers import SPECIALS, cli_exit_code, human_ids, make_adata
+
+from mixgeneformer.errors import ArtifactError, ConfigError, GeneIdError, InputDataError
+
+
+def _labelled(n_cells: int = 60):
+    return make_adata(n_cells, 60)
+
+
+# -- classification: names checked before any method runs --------------------------------------------
+
+
+def test_unknown_baseline_name_is_refused_before_any_method_runs(monkeypatch):
+    """A misspelt baseline (``knn_pcaa``) was refused only when its turn came: after the other
+    methods (a fine-tuning of minutes) had run, their results lost. Now before any cell is read."""
+    from mixgeneformer.classify import ClassifyConfig, LabelConfig, run_classification
+
+    baselines_module = sys.modules["mixgeneformer.classify.baselines"]
+    ran: list[str] = []
+    real = baselines_module.baseline_predict
+    monkeypatch.setattr(baselines_module, "baseline_predict", lambda *a, **k: ran.append(a[3]) or real(*a, **k))
+    config = ClassifyConfig(labels=LabelConfig(key="cell_type"))
+    with pytest.raises(ConfigError, match=r"baseline_methods \['knn_pcaa'\] not known: choose among \['knn_pca', 'logreg_counts', 'logreg_tokens'\]"):
+        run_classification(_labelled(), methods=(), baseline_methods=("logreg_counts", "knn_pcaa"), config=config)
+    assert ran == []
+    with pytest.raises(ConfigError, match=r"methods \['svm'\] not known: choose among \['finetune', 'knn', 'logreg'\]"):
+        run_classification(_labelled(), methods=("svm",), config=config)
+
+
+def test_baselines_refuse_an_unknown_name_before_reading_counts(monkeypatch):
+    from mixgeneformer.classify import LabelConfig, baselines, within_task
+
+    baselines_module = sys.modules["mixgeneformer.classify.baselines"]
+    monkeypatch.setattr(baselines_module, "read_counts", lambda *a, **k: pytest.fail("counts read before the names were checked"))
+    task = within_task(_labelled(), LabelConfig(key="cell_type"))
+    with pytest.raises(ConfigError, match=r"baseline methods \['svm'\] are not among \['logreg_counts', 'knn_pca'\]"):
+        baselines(task, ["logreg_counts", "svm"])
+
+
+def test_classification_too_few_cells_to_split_every_class_on_both_sides():
+    from mixgeneformer.classify import ClassifyConfig, LabelConfig, run_classification
+
+    config = ClassifyConfig(labels=LabelConfig(key="cell_type", min_class_fraction=0.0))
+    with pytest.raises(InputDataError, match=r"6 cells cannot be split 80%/20% with every one of 3 classes on both sides"):
+        run_classification(_labelled(6), methods=(), baseline_methods="logreg_counts", config=config)
+
+
+def test_cross_species_count_baselines_without_shared_genes():
+    """Two inputs whose genes have no one-to-one ortholog in common: said, not an empty matrix's error."""
+    from mixgeneformer.classify import align_genes
+
+    a, b = np.ones((2, 2)), np.ones((3, 2))
+    with pytest.raises(InputDataError, match="share no genes after ortholog mapping"):
+        align_genes(a, np.array(["ENSG1", "ENSG2"]), b, np.array(["ENSG3", "ENSG4"]))
+
+
+@pytest.mark.parametrize(("section", "values", "message"), [
+    ("labels", {"min_class_fraction": 1.0}, r"labels.min_class_fraction=1.0 must be in \[0, 1\)"),
+    ("labels", {"min_class_count": 0}, "labels.min_class_count=0 must be at least 1"),
+    ("finetune", {"batch_size": 0}, "finetune.batch_size=0 must be >= 1"),
+])
+def test_classify_config_values(tmp_path, section, values, message):
+    from mixgeneformer.classify import ClassifyConfig
+    from mixgeneformer.config import load_config
+
+    path = tmp_path / "classify.yaml"
+    path.write_text(json.dumps({section: values}))
+    with pytest.raises(ConfigError, match=message):
+        load_config(ClassifyConfig, path)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--mode", "bogus"], r"--mode 'bogus' is not one of \['all', 'finetune', 'knn', 'logreg', 'none', 'zero-shot'\]"),
+    (["--mode", "none"], "--mode none runs nothing without --baselines"),
+    ([], r"--mode all needs --model BUNDLE \(or use --mode none --baselines\)"),
+])
+def test_cli_classify_mode_mistakes(tmp_path, capsys, args, message):
+    path = tmp_path / "cells.h5ad"
+    _labelled().write_h5ad(path)
+    assert cli_exit_code(["classify", path, "--out", tmp_path / "out", *args]) == 2
+    err = capsys.readouterr().err
+    assert message.replace("\\", "") in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_zero_shot_predict_unknown_method():
+    from mixgeneformer.classify import LabelConfig, within_task
+    from mixgeneformer.classify.zeroshot import zero_shot_predict
+
+    task = within_task(_labelled(), LabelConfig(key="cell_type"))
+    x = np.zeros((task.train_rows.size, 2)), np.zeros((task.test_rows.size, 2))
+    with pytest.raises(ConfigError, match=r"zero-shot method 'svm' is not one of \['knn', 'logreg'\]"):
+        zero_shot_predict(task, *x, "svm")
+    with pytest.raises(InputDataError, match="do not match the task's train/test cells"):
+        zero_shot_predict(task, x[1], x[0], "knn")
+
+
+# -- configs of the tokenizer, demo and planted data ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"min_coverage": 1.5}, "tokenize.min_coverage=1.5 is a fraction of gene IDs"),
+    ({"max_len": 0}, "tokenize.max_len=0 leaves no room for genes after 0 special tokens"),
+    ({"max_len": 3, "style": "v2", "add_species_token": True}, "tokenize.max_len=3 leaves no room for genes after 3 special tokens"),
+    ({"chunk_size": 0}, r"tokenize.chunk_size \(0\) and task_cells \(50000\) must be ≥ 1"),
+    ({"task_cells": 0}, r"tokenize.chunk_size \(4096\) and task_cells \(0\) must be ≥ 1"),
+])
+def test_tokenize_config_values(values, message):
+    from mixgeneformer.tokenize import TokenizeConfig, load_tokenize_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_tokenize_config(values)
+    with pytest.raises(ConfigError, match="tokenize.style='v3' is not one of"):
+        TokenizeConfig(style="v3")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"cells_per_type": 1}, r"demo.cells_per_type must be >= 2 \(or None for all cells\), got 1"),
+    ({"min_class_count": 1}, r"demo.min_class_count=1 must be at least 2"),
+])
+def test_demo_config_values(values, message):
+    from mixgeneformer.demo import DemoConfig
+
+    with pytest.raises(ConfigError, match=message):
+        DemoConfig.quick_config(**values)
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"n_types": 0}, "planted.n_types must be >= 1, got 0"),
+    ({"specific_program_size": 9, "n_specific_genes": 5}, "planted.specific_program_size cannot exceed planted.n_specific_genes"),
+    ({"program_overlap": 1.5}, r"planted.program_overlap must be in \[0, 1\], got 1.5"),
+    ({"program_fold": 0}, "planted folds and library_size must be > 0, dispersion >= 0"),
+    ({"dispersion": -1.0}, "planted folds and library_size must be > 0, dispersion >= 0"),
+])
+def test_planted_config_values(values, message):
+    from mixgeneformer.simulate import PlantedConfig
+
+    with pytest.raises(ConfigError, match=message):
+        PlantedConfig(**values)
+
+
+# -- demo folders -------------------------------------------------------------------------------------
+
+
+def test_demo_report_of_an_unfinished_demo_names_the_missing_step(tmp_path):
+    from mixgeneformer.config import to_dict
+    from mixgeneformer.demo import DemoConfig, write_report
+    from mixgeneformer.demo.config import DEMO_MARKER
+
+    config = DemoConfig.quick_config(data_dir=str(tmp_path / "data"))
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / DEMO_MARKER).write_text(json.dumps({"fingerprint": config.fingerprint(), "config": to_dict(config)}))
+    with pytest.raises(ArtifactError, match=r"demo step 'data' has not finished in .*demo \(.*STEP_DONE.json missing\); run the demo first"):
+        write_report(tmp_path / "demo")
+    assert not (tmp_path / "demo" / "report").exists()
+
+
+def test_demo_overwrite_replaces_its_own_folder_and_refuses_anything_else(tmp_path):
+    from mixgeneformer.config import to_dict
+    from mixgeneformer.demo import DemoConfig, run_demo
+    from mixgeneformer.demo.config import DEMO_MARKER
+
+    config = DemoConfig.quick_config(data_dir=str(tmp_path / "no_data"))
+    old = tmp_path / "demo"
+    old.mkdir()
+    (old / DEMO_MARKER).write_text(json.dumps({"fingerprint": "other", "config": to_dict(config)}))
+    (old / "old_step.txt").write_text("from the earlier run")
+    with pytest.raises(ArtifactError, match=r"demo input .*no_data/baron_pancreas_human.h5ad not found; set data_dir"):
+        run_demo(old, config, overwrite=True, progress=False)
+    assert not (old / "old_step.txt").exists()  # the earlier run was replaced
+    assert json.loads((old / DEMO_MARKER).read_text())["fingerprint"] == config.fingerprint()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(ArtifactError, match="--overwrite only replaces outputs of mixgeneformer"):
+        run_demo(mine, config, overwrite=True, progress=False)
+    assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_demo_label_key_missing_from_the_data(tmp_path, baron_data):
+    from mixgeneformer.demo import DemoConfig, run_demo
+
+    config = DemoConfig.quick_config(data_dir=str(baron_data), label_key="no_such_column")
+    with pytest.raises(ConfigError, match=r"baron_pancreas_human.h5ad has no obs column 'no_such_column' \(label_key\); columns: \["):
+        run_demo(tmp_path / "demo", config, progress=False)
+
+
+# -- pickles, genes, helpers -----------------------------------------------------------------------------
+
+
+def test_truncated_geneformer_dictionary_is_named(tmp_path):
+    from mixgeneformer.vocab import import_geneformer
+
+    path = tmp_path / "token_dictionary.pkl"
+    path.write_bytes(pickle.dumps({"<pad>": 0, "<mask>": 1, "ENSG00000000003": 2}, protocol=4)[:-9])
+    with pytest.raises(ArtifactError, match=rf"Geneformer token dictionary {path} could not be read \(.*\); it may be truncated"):
+        import_geneformer(path)
+
+
+def test_geneformer_dictionary_of_an_old_protocol_with_a_set_loads(tmp_path):
+    """Protocol 2 pickles name builtins (``__builtin__.set``) by module: admitted, since plain containers are."""
+    from mixgeneformer.pickles import load_restricted_pickle
+
+    path = tmp_path / "d.pkl"
+    path.write_bytes(pickle.dumps({"a": {1, 2}}, protocol=2))
+    assert load_restricted_pickle(path) == {"a": {1, 2}}
+
+
+def test_gene_ids_without_columns_or_of_an_unknown_species():
+    from mixgeneformer.genes import gene_table, map_gene_ids
+
+    with pytest.raises(GeneIdError, match=r"no gene identifiers given: the matrix has no columns \(var is empty\)"):
+        map_gene_ids([])
+    with pytest.raises(GeneIdError, match=r"species must be one of \['human', 'mouse'\], got 'dog'"):
+        map_gene_ids(["ENSG00000000003"], species="dog")  # type: ignore[arg-type]
+    with pytest.raises(GeneIdError, match=r"species must be one of \['human', 'mouse'\], got 'dog'"):
+        gene_table("dog")  # type: ignore[arg-type]
+
+
+def test_upper_cased_mouse_symbols_are_detected_as_mouse():
+    """Symbols whose case was changed match no species exactly; ignoring case they are mouse ones."""
+    from mixgeneformer.genes import gene_table, map_gene_ids
+
+    human = set(gene_table("human")["symbol"].str.upper())
+    mouse = gene_table("mouse")
+    only_mouse = [s.upper() for s in mouse["symbol"] if s and s.upper() not in human and s.upper() != s][:50]
+    mapping = map_gene_ids(only_mouse, species="auto", min_coverage=0.0)
+    assert mapping.species == "mouse"
+
+
+def test_python2_builtins_are_still_only_the_plain_containers(tmp_path):
+    from mixgeneformer.pickles import load_restricted_pickle
+
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(b"c__builtin__\neval\n(S'1+1'\ntR.")  # protocol 0: __builtin__.eval('1+1')
+    with pytest.raises(ArtifactError, match=r"refusing to unpickle builtins.eval"):
+        load_restricted_pickle(path)
