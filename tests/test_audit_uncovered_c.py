@@ -248,3 +248,174 @@ def test_python2_builtins_are_still_only_the_plain_containers(tmp_path):
     path.write_bytes(b"c__builtin__\neval\n(S'1+1'\ntR.")  # protocol 0: __builtin__.eval('1+1')
     with pytest.raises(ArtifactError, match=r"refusing to unpickle builtins.eval"):
         load_restricted_pickle(path)
+
+
+# -- tokenizer ------------------------------------------------------------------------------------------
+
+
+def _tokenize_inputs(tmp_path, n_cells: int = 30):
+    from _tokenize_helpers import make_medians, make_vocab
+
+    adata = make_adata(n_cells, 60)
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    genes = adata.var_names.to_numpy(dtype=object)
+    return adata, path, make_vocab(genes), make_medians(genes)
+
+
+def test_tokenize_files_refuses_settings_the_vocabulary_or_call_cannot_serve(tmp_path):
+    from mixgeneformer.tokenize import TokenizeConfig, tokenize_files
+    from mixgeneformer.vocab import Vocabulary
+
+    adata, path, vocab, medians = _tokenize_inputs(tmp_path)
+    genes = list(adata.var_names)
+    v1 = Vocabulary(["<pad>", "<mask>", *genes], {g: i + 2 for i, g in enumerate(genes)}, "geneformer")
+    out = tmp_path / "corpus"
+    with pytest.raises(ConfigError, match=r"style='v2' needs <cls> and <eos> tokens, which this vocabulary lacks"):
+        tokenize_files(path, out, v1, medians, TokenizeConfig(style="v2"))
+    with pytest.raises(ConfigError, match=r"add_species_token=True but the vocabulary has no species tokens"):
+        tokenize_files(path, out, v1, medians, TokenizeConfig(add_species_token=True))
+    with pytest.raises(ConfigError, match=r"medians='corpus' needs a median table; pass medians= \(CLI: --medians"):
+        tokenize_files(path, out, vocab, None)
+    with pytest.raises(InputDataError, match="no input files given"):
+        tokenize_files([], out, vocab, medians)
+    with pytest.raises(ConfigError, match="workers must be >= 1, got 0"):
+        tokenize_files(path, out, vocab, medians, workers=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad"]  # nothing written
+
+
+def test_tokenize_files_copies_shards_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
+    import os
+
+    import datasets
+
+    from mixgeneformer.tokenize import tokenize_files
+
+    _, path, vocab, medians = _tokenize_inputs(tmp_path)
+    linked = datasets.load_from_disk(str(tokenize_files(path, tmp_path / "linked", vocab, medians)))
+
+    def no_links(*args, **kwargs):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    copied = datasets.load_from_disk(str(tokenize_files(path, tmp_path / "copied", vocab, medians)))
+    assert len(copied) == len(linked) > 0
+    assert copied["input_ids"] == linked["input_ids"] and copied["cell_index"] == linked["cell_index"]
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_tokenize_files_filter_pass_off_and_kept_totals_ignore_those_obs_columns(tmp_path):
+    """filter_pass=False keeps cells marked 0; totals='kept' normalizes by the vocabulary genes' counts,
+    whatever an obs n_counts column says."""
+    import datasets
+
+    from mixgeneformer.tokenize import TokenizeConfig, tokenize_files
+
+    adata, path, vocab, medians = _tokenize_inputs(tmp_path)
+    plain = datasets.load_from_disk(str(tokenize_files(path, tmp_path / "plain", vocab, medians, TokenizeConfig(totals="kept"))))
+    adata.obs["filter_pass"] = 0
+    adata.obs["n_counts"] = np.random.default_rng(3).uniform(1, 1e6, adata.n_obs)
+    marked = tmp_path / "marked.h5ad"
+    adata.write_h5ad(marked)
+    kept = datasets.load_from_disk(str(tokenize_files(marked, tmp_path / "kept", vocab, medians,
+                                                      TokenizeConfig(totals="kept", filter_pass=False))))
+    assert kept["input_ids"] == plain["input_ids"] and kept["cell_index"] == plain["cell_index"]
+    with pytest.raises(InputDataError, match="no cell could be tokenized"):
+        tokenize_files(marked, tmp_path / "none", vocab, medians, TokenizeConfig(totals="kept"))
+
+
+def test_tokenize_duplicate_genes_error_on_a_file_without_duplicates_tokenizes_as_sum(tmp_path):
+    import datasets
+
+    from mixgeneformer.tokenize import TokenizeConfig, tokenize_files
+
+    _, path, vocab, medians = _tokenize_inputs(tmp_path)
+    summed = datasets.load_from_disk(str(tokenize_files(path, tmp_path / "sum", vocab, medians)))
+    strict = datasets.load_from_disk(str(tokenize_files(path, tmp_path / "err", vocab, medians, TokenizeConfig(duplicate_genes="error"))))
+    assert strict["input_ids"] == summed["input_ids"] and len(strict) > 0
+
+
+def test_tokenize_input_whose_genes_are_all_outside_the_vocabulary_is_named(tmp_path):
+    from _tokenize_helpers import make_medians, make_vocab
+
+    from mixgeneformer.tokenize import tokenize_files
+
+    _, path, _, _ = _tokenize_inputs(tmp_path)
+    other = human_ids(200)[100:]  # none of the input's 60 genes
+    with pytest.raises(GeneIdError, match=r"cells.h5ad: none of its 60 genes is in the vocabulary with a median .*Wrong species"):
+        tokenize_files(path, tmp_path / "corpus", make_vocab(other), make_medians(other))
+    assert not (tmp_path / "corpus").exists() and not list(tmp_path.glob(".*partial"))
+
+
+# -- perturbation tables, shards and statistics --------------------------------------------------------
+
+
+def _cells_table(n_cells: int = 6) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    return pd.DataFrame({"cell": np.repeat(np.arange(n_cells // 2), 2), "perturbed": ["ENSG00000000003", "ENSG00000000005"] * (n_cells // 2),
+                         "gene_token": [10, 11] * (n_cells // 2), "gene_rank": [0, 1] * (n_cells // 2),
+                         "shift": rng.uniform(0, 1, n_cells)})
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"mode": "paired"}, ConfigError, r"mode='paired'; use 'vs_all', 'vs_null' or 'aggregate'"),
+    ({"mode": "vs_null"}, ConfigError, r"mode='vs_null' needs the null run's table \(null=..., CLI: --null DIR\)"),
+    ({"score": "goal_shift"}, ConfigError, r"score column 'goal_shift' is not in the table \(columns: \['cell'"),
+    ({"mode": "vs_null", "null": _cells_table().drop(columns="shift")}, ConfigError, "the null table has no 'shift' column"),
+])
+def test_perturbation_statistics_option_mistakes(kwargs, error, message):
+    from mixgeneformer.perturb import perturbation_statistics
+
+    with pytest.raises(error, match=message):
+        perturbation_statistics(_cells_table(), **kwargs)
+
+
+def test_perturbation_statistics_of_a_run_that_perturbed_no_cell():
+    from mixgeneformer.perturb import perturbation_statistics
+
+    with pytest.raises(InputDataError, match="the perturbation table is empty: no cell expressed the perturbed genes"):
+        perturbation_statistics(_cells_table().iloc[:0])
+
+
+def _write_shards(out, configs, shifts=(False, False)):
+    from mixgeneformer.config import save_config
+
+    shards = out / "shards"
+    shards.mkdir(parents=True)
+    world = len(configs)
+    for index, config in enumerate(configs):
+        name = f"{index:05d}-of-{world:05d}"
+        save_config(config, shards, f"config-{name}.yaml")
+        _cells_table().assign(cell=lambda t, i=index: t["cell"] + 10 * i).to_parquet(shards / f"cells-{name}.parquet")
+        if shifts[index]:
+            pd.DataFrame({"gene_token": [10], "shift": [0.5]}).to_parquet(shards / f"gene_shifts-{name}.parquet")
+
+
+def test_merge_of_shards_that_ran_with_different_options_or_measured_shifts_on_some(tmp_path):
+    from _tokenize_helpers import make_vocab
+
+    from mixgeneformer.perturb import PerturbConfig, merge_run
+
+    vocab = make_vocab(human_ids(20))
+    _write_shards(tmp_path / "a", [PerturbConfig(seed=0), PerturbConfig(seed=1)])
+    with pytest.raises(ArtifactError, match=r"the shards in .*a/shards ran with different options \(2 versions of config-\*.yaml\); rerun every shard"):
+        merge_run(tmp_path / "a", vocab)
+    _write_shards(tmp_path / "b", [PerturbConfig(gene_shifts=True, genes=["ENSG00000000003"])] * 2, shifts=(True, False))
+    with pytest.raises(ArtifactError, match=r"only 1 of the 2 shards in .*b/shards measured gene shifts; rerun every shard"):
+        merge_run(tmp_path / "b", vocab)
+    assert not (tmp_path / "a" / "merged").exists() and not (tmp_path / "b" / "merged").exists()
+
+
+def test_shard_folder_that_is_a_file_or_someone_elses(tmp_path):
+    from mixgeneformer.perturb import check_shard_folder, merge_shards
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArtifactError, match=r"--out .*file is a file; a sharded run writes a folder \(OUT/shards/\)"):
+        check_shard_folder(tmp_path / "file", [])
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("keep")
+    with pytest.raises(ArtifactError, match=r"--out .*theirs holds files of something else \(no shards/ folder"):
+        check_shard_folder(tmp_path / "theirs", [])
+    check_shard_folder(tmp_path / "new", [])  # a new folder is fine
+    with pytest.raises(InputDataError, match="no shard tables to merge"):
+        merge_shards([])
