@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from _tokenize_helpers import SPECIALS, cli_exit_code, human_ids, make_adata
+from _tokenize_helpers import cli_exit_code, human_ids, make_adata
 
 from mixgeneformer.errors import ArtifactError, ConfigError, GeneIdError, InputDataError
 
@@ -419,3 +419,148 @@ def test_shard_folder_that_is_a_file_or_someone_elses(tmp_path):
     check_shard_folder(tmp_path / "new", [])  # a new folder is fine
     with pytest.raises(InputDataError, match="no shard tables to merge"):
         merge_shards([])
+
+
+# -- fine-tuning: two classes ------------------------------------------------------------------------------
+
+
+def test_probe_start_of_a_two_class_head_gives_the_probe_probabilities():
+    """With two classes sklearn fits one row (class 1); the head gets both rows, so its softmax at the start
+    of fine-tuning equals the probe's probabilities."""
+    import torch
+    from test_classify import tiny_model, token_task
+
+    from mixgeneformer import classify as C
+    from mixgeneformer.classify.recipe import init_head_from_probe, pooled_features
+
+    _, vocab, tokens = token_task(n_per_class=12, n_classes=2)
+    labels = np.asarray([int(ids[1] >= 6 + 8) for ids in tokens.dataset["input_ids"]])  # the marker block says the class
+    classifier = C.build_classifier(tiny_model(vocab), ["type0", "type1"], vocab, seed=0)
+    fit_set = tokens.dataset.add_column("labels", labels.tolist())
+    init_head_from_probe(classifier, fit_set, vocab.pad_id, balanced=False, seed=0)
+    features = pooled_features(classifier, fit_set, vocab.pad_id)
+    probe = C.fit_logreg(features, labels, seed=0)
+    with torch.no_grad():
+        head = torch.softmax(classifier.classifier(torch.as_tensor(features)).double(), dim=1).numpy()
+    np.testing.assert_allclose(head, probe.predict_proba(features), atol=1e-4)
+    assert head.shape == (24, 2) and set(np.argmax(head, axis=1)) == {0, 1}
+
+
+# -- figures -----------------------------------------------------------------------------------------
+
+
+def test_figure_functions_refuse_wrong_arguments_with_the_fix(tmp_path):
+    from mixgeneformer.plots import confusion_matrix, perturbation_ranking, training_curves, umap
+
+    with pytest.raises(InputDataError, match=r"matrix must be square with one row per label; got \(2, 3\) for 2 labels"):
+        confusion_matrix(matrix=np.ones((2, 3)))
+    with pytest.raises(ConfigError, match="pass y_true and y_pred, or matrix="):
+        confusion_matrix(y_true=["a"])
+    with pytest.raises(ConfigError, match=r"color='cell_type' names an obs column, but the input is an array; pass the labels themselves"):
+        umap(np.zeros((5, 2)), color="cell_type")
+    with pytest.raises(ConfigError, match=r"species has shape \(3,\), expected one label per cell \(5,\)"):
+        umap(np.zeros((5, 2)), species=["a", "b", "c"])
+    with pytest.raises(InputDataError, match=r"embeddings must be 2-D \(cells x dims\), got shape \(5,\)"):
+        umap(np.zeros(5))
+    results = pd.DataFrame({"symbol": ["A", "B"], "shift": [0.2, -0.1]})
+    with pytest.raises(ConfigError, match="results must be a pandas DataFrame, got dict"):
+        perturbation_ranking(results.to_dict())
+    with pytest.raises(InputDataError, match="the perturbation results are empty; nothing to rank"):
+        perturbation_ranking(results.iloc[:0])
+    for top in (0, True, 2.5):
+        with pytest.raises(ConfigError, match=rf"top must be a whole number >= 1, got {top!r}"):
+            perturbation_ranking(results, top=top)
+    with pytest.raises(ConfigError, match=r"score column 'goal' not in the results; columns: \['symbol', 'shift'\]"):
+        perturbation_ranking(results, score="goal")
+    damaged = tmp_path / "metrics.csv"
+    damaged.write_bytes(b"step,loss\n1,\xff\xfe\x00garbage\n")
+    with pytest.raises(InputDataError, match=rf"metrics CSV {damaged} cannot be parsed .*; is it truncated\?"):
+        training_curves(damaged)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
+
+
+# -- pretraining helpers: sampler without length grouping, baselines of a large corpus ------------------------
+
+
+def test_sampler_without_length_grouping_shuffles_every_cell_once_per_epoch():
+    """data.group_by_length=false: each epoch is a permutation of all cells, fixed by (seed, epoch)."""
+    from mixgeneformer.sampling import PretrainSampler
+
+    sampler = PretrainSampler(50, batch_size=8, seed=3, group_by_length=False)
+    first = sampler.epoch_order(0)
+    assert sorted(first.tolist()) == list(range(50)) and first.tolist() != list(range(50))
+    assert np.array_equal(first, PretrainSampler(50, batch_size=8, seed=3, group_by_length=False).epoch_order(0))
+    assert not np.array_equal(first, sampler.epoch_order(1))
+    sampler.set_epoch(1)
+    assert list(sampler) == sampler.epoch_order(1).tolist()
+    with pytest.raises(ConfigError, match="group_by_length needs the corpus column 'length'"):
+        PretrainSampler(50, batch_size=8, seed=3, lengths=np.ones(49))
+    with pytest.raises(ConfigError, match="species_balanced sampling needs the corpus column 'species'"):
+        PretrainSampler(50, batch_size=8, seed=3, group_by_length=False, species_balanced=True)
+
+
+def test_frequency_baselines_count_a_seeded_subset_of_a_large_corpus():
+    from mixgeneformer.diagnostics import frequency_baselines
+
+    special = np.array([0, 1])
+    cells = [np.full(i + 1, 2 + i % 5, dtype=np.int64) for i in range(50)]  # cell i: i + 1 tokens
+
+    def counted(seed):
+        return frequency_baselines(cells, 8, special, max_len=64, bucket_size=8, prior_strength=1.0, max_cells=20, seed=seed)
+
+    a, b, c = counted(0), counted(0), counted(1)
+    assert a.n_cells == 20 and 20 * 21 // 2 <= a.n_tokens <= sum(range(31, 51))
+    assert a.n_tokens == b.n_tokens and np.array_equal(a.rank_log_prob, b.rank_log_prob)
+    assert c.n_tokens != a.n_tokens
+    whole = frequency_baselines(cells, 8, special, max_len=64, bucket_size=8, prior_strength=1.0, max_cells=None)
+    assert whole.n_cells == 50 and whole.n_tokens == 50 * 51 // 2
+    with pytest.raises(InputDataError, match="bucket_size must be >= 1, got 0"):
+        frequency_baselines(cells, 8, special, max_len=64, bucket_size=0)
+    with pytest.raises(InputDataError, match="no training cells to count frequency baselines from"):
+        frequency_baselines([], 8, special, max_len=64)
+    with pytest.raises(InputDataError, match=r"token ids outside 0..7; the corpus was tokenized with another vocabulary"):
+        frequency_baselines([np.array([2, 9])], 8, special, max_len=64, prior_strength=1.0)
+
+
+def test_eval_metrics_of_no_masked_gene_are_nan_and_a_tuple_of_predictions_is_read():
+    from transformers import EvalPrediction
+
+    from mixgeneformer.diagnostics import METRIC_NAMES, STAT_NAMES, compute_eval_metrics, summarize
+
+    assert all(np.isnan(v) for v in summarize(np.zeros((3, len(STAT_NAMES)))).values())
+    stats = np.zeros((2, len(STAT_NAMES)))
+    stats[:, 0] = 2.0
+    stats[:, 1:] = 1.0
+    metrics = compute_eval_metrics(EvalPrediction(predictions=(stats, None), label_ids=None))
+    assert metrics == {name: 0.5 for name in METRIC_NAMES}
+
+
+def test_integration_scores_refuse_cells_without_species():
+    from mixgeneformer.integration import species_mixing
+
+    with pytest.raises(InputDataError, match="2 cells have no species label; give every cell its species"):
+        species_mixing(np.zeros((4, 2)), ["human", None, "nan", "mouse"], ["a", "a", "b", "b"])
+
+
+def test_model_helpers_refuse_a_wrong_ortholog_map_or_pooling():
+    import torch
+    from test_classify import tiny_model, token_task
+
+    from mixgeneformer.errors import VocabularyMismatchError
+    from mixgeneformer.model import describe, pool_cells
+
+    _, vocab, _ = token_task(n_per_class=4)
+    model = tiny_model(vocab)
+    with pytest.raises(VocabularyMismatchError, match=rf"ortholog map has \(3,\) entries but the model vocabulary has {len(vocab.tokens)} tokens"):
+        model.set_ortholog_map(torch.arange(3))
+    ids = torch.tensor([[2, 7, 8]])
+    with pytest.raises(ConfigError, match="pooling must be 'mean' or 'cls', got 'max'"):
+        pool_cells(torch.zeros(1, 3, 4), ids, torch.ones_like(ids), [0, 1, 2], pooling="max")  # type: ignore[arg-type]
+    summary = json.loads(describe(model))
+    assert summary["vocab"] == len(vocab.tokens) and summary["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_read_metrics_of_a_run_without_metrics_csv_is_empty(tmp_path):
+    from mixgeneformer.metrics_csv import read_metrics
+
+    assert read_metrics(tmp_path) == []

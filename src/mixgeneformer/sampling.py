@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-import torch
 from torch.utils.data import Sampler
 
 from .errors import ConfigError
@@ -162,10 +161,3 @@ def batch_seed(seed: int, epoch: int, input_ids: list[np.ndarray] | list[list[in
     """
 
     return content_seed(seed, epoch, input_ids) & 0x7FFF_FFFF_FFFF_FFFF  # 63 bits: a torch manual_seed
-
-
-def seeded(seed: int) -> torch.Generator:
-    """A CPU torch generator seeded with ``seed``."""
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return generator
