@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from _tokenize_helpers import cli_exit_code, human_ids, make_adata
+from _tokenize_helpers import SPECIALS, cli_exit_code, human_ids, make_adata
 
 from mixgeneformer.errors import ArtifactError, ConfigError, GeneIdError, InputDataError
 
@@ -564,3 +564,70 @@ def test_read_metrics_of_a_run_without_metrics_csv_is_empty(tmp_path):
     from mixgeneformer.metrics_csv import read_metrics
 
     assert read_metrics(tmp_path) == []
+
+
+# -- perturbation with its progress bar (what the CLI shows) -------------------------------------------------
+
+
+def _perturb_setup():
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from mixgeneformer.vocab import Vocabulary
+
+    ids = list(human_ids(60))
+    vocab = Vocabulary(SPECIALS + ids, {g: i + len(SPECIALS) for i, g in enumerate(ids)})
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False).eval()
+    rng = np.random.default_rng(0)
+    cells = [np.concatenate([[2, 4], rng.choice(np.arange(6, 66), rng.integers(6, 25), replace=False), [3]]).astype(np.int64)
+             for _ in range(10)]
+    return vocab, bert, cells
+
+
+@pytest.mark.parametrize("mode", ["exact", "screen"])
+def test_perturbation_with_a_progress_bar_gives_the_same_table(capsys, mode):
+    """progress=True (the CLI's default) ran in no test: the bar counts every cell, skipped ones too, and
+    the table is the one a run without a bar makes."""
+    from mixgeneformer.perturb import PerturbConfig, perturb_cells
+
+    vocab, bert, cells = _perturb_setup()
+    present = [vocab.tokens[t] for t in cells[0][2:4]]  # genes of the first cell; most others lack them
+    config = PerturbConfig(genes=present) if mode == "exact" else PerturbConfig(mode="screen", screen_top_k=2)
+    quiet = perturb_cells(bert, cells, vocab, config, progress=False)
+    capsys.readouterr()
+    shown = perturb_cells(bert, cells, vocab, config, progress=True)
+    pd.testing.assert_frame_equal(shown.cells, quiet.cells)
+    assert "10/10" in capsys.readouterr().err
+    if mode == "exact":
+        assert quiet.summary["cells_skipped_gene_absent"] > 0
+
+
+def test_cli_perturb_notes_statistics_it_could_not_run_and_accepts_a_null_of_the_same_mode(tmp_path, capsys):
+    """Two genes listed and only one expressed: vs_all cannot test one perturbation, so the run says why its
+    statistics are 'aggregate' (the 'note:' line); a null run of the same mode is then compared with."""
+    import anndata as ad
+    import scipy.sparse as sp
+    from test_perturb import bundle_and_cells
+
+    from mixgeneformer.vocab import Vocabulary
+
+    ids = list(human_ids(60))
+    vocab = Vocabulary(SPECIALS + ids, {g: i + len(SPECIALS) for i, g in enumerate(ids)})
+    genes = bundle_and_cells(tmp_path, vocab)
+    adata = ad.read_h5ad(tmp_path / "in.h5ad")
+    counts = adata.X.toarray()
+    counts[:, 1] = 0  # no cell expresses genes[1]
+    ad.AnnData(sp.csr_matrix(counts), obs=adata.obs, var=adata.var).write_h5ad(tmp_path / "in.h5ad")
+    base = ["perturb", tmp_path / "in.h5ad", "--model", tmp_path / "bundle", "--genes", f"{genes[0]},{genes[1]}",
+            "--device", "cpu", "--no-progress"]
+    assert cli_exit_code([*base, "--out", tmp_path / "run"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: mode='vs_all' needs two perturbations and this run scored one ({genes[0]})" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["statistics"]["requested"] == "vs_all" and summary["statistics"]["mode"] == "aggregate"
+    assert cli_exit_code([*base, "--out", tmp_path / "vs_null", "--stats", "vs_null", "--null", tmp_path / "run"]) == 0
+    table = pd.read_csv(tmp_path / "vs_null" / "genes.csv")
+    assert table["perturbed"].tolist() == [genes[0]] and "null_mean_shift" in table.columns
+    assert table["null_mean_shift"].iloc[0] == pytest.approx(table["mean_shift"].iloc[0])  # the same cells, the same model
