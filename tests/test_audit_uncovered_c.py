@@ -631,3 +631,50 @@ def test_cli_perturb_notes_statistics_it_could_not_run_and_accepts_a_null_of_the
     table = pd.read_csv(tmp_path / "vs_null" / "genes.csv")
     assert table["perturbed"].tolist() == [genes[0]] and "null_mean_shift" in table.columns
     assert table["null_mean_shift"].iloc[0] == pytest.approx(table["mean_shift"].iloc[0])  # the same cells, the same model
+
+
+def test_finetune_without_given_tokens_tokenizes_the_task_itself(tmp_path):
+    """finetune(task, model, vocab, medians) with no tokens (the public call) tokenizes the task's cells
+    with the model's length: the result is the one of a call given those tokens."""
+    import anndata as ad
+    from _tokenize_helpers import make_counts, random_gene_bundle
+
+    from mixgeneformer import classify as C
+
+    made = random_gene_bundle(tmp_path / "model", 60, 0)
+    obs = pd.DataFrame({"cell_type1": ["a", "b"] * 20}, index=[f"c{i}" for i in range(40)])
+    adata = ad.AnnData(make_counts(40, 60, seed=2), obs=obs, var=pd.DataFrame(index=made.ids[:60]))
+    task = C.within_task(adata, C.LabelConfig(min_class_fraction=0))
+    config = C.ClassifyConfig(labels=C.LabelConfig(min_class_fraction=0), finetune=C.FinetuneConfig(
+        epochs=1, batch_size=8, device="cpu", head_init="random"))
+    own, _ = C.finetune(task, made.model, made.vocab, made.medians, config)
+    tokens = C.tokenize_task(task, made.vocab, made.medians, None, 128)[1:]
+    given, _ = C.finetune(task, made.model, made.vocab, made.medians, config, tokens=tokens)
+    assert own.metrics == given.metrics and np.array_equal(own.y_pred, given.y_pred) and own.rows.size == 8
+
+
+def test_embed_and_predict_api_name_a_missing_input(tmp_path):
+    from mixgeneformer.classify.predict import predict_file
+    from mixgeneformer.embed import embed_to_outputs
+
+    missing = tmp_path / "cells.h5ad"
+    with pytest.raises(ArtifactError, match=rf"input {missing} does not exist; give .*or a tokenized corpus folder"):
+        embed_to_outputs(missing, tmp_path / "model", tmp_path / "out.h5ad")
+    with pytest.raises(ArtifactError, match=rf"input {missing} does not exist; give .*or a tokenized corpus folder"):
+        predict_file(missing, tmp_path / "classifier", tmp_path / "out.h5ad")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_report_names_the_objective_the_demo_pretrained_with():
+    """contrastive_weight=0 pretrains without SimCSE, yet the report's objective read 'MLM + SimCSE' (and
+    a negative weight, which maximises the contrastive loss, was taken and failed nowhere)."""
+    from mixgeneformer.demo import DemoConfig
+    from mixgeneformer.demo.report import _objective
+
+    mlm = "MLM (output bias started at the log gene frequencies)"
+    assert _objective(DemoConfig.quick_config(cross_species_weight=0.0)) == f"{mlm} + SimCSE"
+    assert _objective(DemoConfig.quick_config(cross_species_weight=0.0, contrastive_weight=0.0)) == mlm
+    assert _objective(DemoConfig.quick_config(contrastive_weight=0.5, cross_species_queue=0, cross_species_k=20, mlm_bias_init="zero")) == (
+        "MLM + SimCSE × 0.5 + cross-species term × 0.05, 20-reciprocal nearest cells of the batch as positives")
+    with pytest.raises(ConfigError, match=r"demo.contrastive_weight.* must be finite and >= 0, got \[2.0, 5, -1.0, 0.05"):
+        DemoConfig.quick_config(contrastive_weight=-1.0)

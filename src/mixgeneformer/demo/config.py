@@ -183,11 +183,11 @@ class DemoConfig:
                 raise ConfigError(f"demo.{name} must be >= 1, got {value}.")
         if self.cells_per_type is not None and self.cells_per_type < 2:
             raise ConfigError(f"demo.cells_per_type must be >= 2 (or None for all cells), got {self.cells_per_type}.")
-        nonneg = (self.finetune_epochs, self.warmup_steps, self.cross_species_weight, self.cross_species_queue)
+        nonneg = (self.finetune_epochs, self.warmup_steps, self.contrastive_weight, self.cross_species_weight, self.cross_species_queue)
         if not all(value >= 0 and math.isfinite(value) for value in nonneg):
             raise ConfigError(
-                "demo.finetune_epochs, demo.warmup_steps, demo.cross_species_weight and demo.cross_species_queue must be "
-                f"finite and >= 0, got {list(nonneg)}."
+                "demo.finetune_epochs, demo.warmup_steps, demo.contrastive_weight, demo.cross_species_weight and "
+                f"demo.cross_species_queue must be finite and >= 0, got {list(nonneg)}."
             )
         if self.cross_species_k < 1:
             raise ConfigError(f"demo.cross_species_k must be >= 1 (1 = mutual nearest cells), got {self.cross_species_k}.")

@@ -321,12 +321,14 @@ def _embedded_cells(embed: dict[str, Any]) -> str:
 
 
 def _objective(cfg: DemoConfig) -> str:
-    mlm = "MLM (output bias started at the log gene frequencies)" if cfg.mlm_bias_init == "unigram" else "MLM"
+    terms = ["MLM (output bias started at the log gene frequencies)" if cfg.mlm_bias_init == "unigram" else "MLM"]
+    if cfg.contrastive_weight > 0:  # 0: no contrastive term in the pretraining
+        terms.append("SimCSE" if cfg.contrastive_weight == 1 else f"SimCSE × {cfg.contrastive_weight:g}")
     if cfg.cross_species_weight > 0:
         pairs = "mutual nearest cells" if cfg.cross_species_k == 1 else f"{cfg.cross_species_k}-reciprocal nearest cells"
         pool = f" of the batch and {cfg.cross_species_queue:,} earlier cells" if cfg.cross_species_queue else " of the batch"
-        return f"{mlm} + SimCSE + cross-species term × {cfg.cross_species_weight:g}, {pairs}{pool} as positives"
-    return f"{mlm} + SimCSE"
+        terms.append(f"cross-species term × {cfg.cross_species_weight:g}, {pairs}{pool} as positives")
+    return " + ".join(terms)
 
 
 def _mixing_source(backend: str) -> str:
