@@ -4,6 +4,7 @@ perturbation, plotting, demo and helper modules: what a user who reaches each on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import sys
@@ -678,3 +679,35 @@ def test_demo_report_names_the_objective_the_demo_pretrained_with():
         "MLM + SimCSE × 0.5 + cross-species term × 0.05, 20-reciprocal nearest cells of the batch as positives")
     with pytest.raises(ConfigError, match=r"demo.contrastive_weight.* must be finite and >= 0, got \[2.0, 5, -1.0, 0.05"):
         DemoConfig.quick_config(contrastive_weight=-1.0)
+
+
+def test_overexpressing_more_genes_than_the_model_has_positions_is_refused():
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from mixgeneformer.perturb import PerturbConfig, perturb_cells
+
+    vocab, _, cells = _perturb_setup()
+    cells = [cell[:12].tolist() + [3] for cell in cells]  # <cls> <human> 10 genes <eos>
+    torch.manual_seed(0)
+    short = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=16), add_pooling_layer=False).eval()
+    genes = [vocab.tokens[t] for t in range(6, 20)]
+    config = PerturbConfig(perturb="overexpress", genes=genes, combine=True, overexpress_absent="insert")
+    with pytest.raises(InputDataError, match=r"overexpressing 14 gene\(s\) needs 17 positions but the model accepts 16; overexpress fewer genes"):
+        perturb_cells(short, cells, vocab, config, progress=False)
+    fits = perturb_cells(short, cells, vocab, dataclasses.replace(config, genes=genes[:5]), progress=False)
+    assert len(fits.cells) == len(cells)
+
+
+def test_an_anchored_shard_without_cells_has_the_columns_of_a_full_one():
+    from mixgeneformer.perturb import PerturbConfig, merge_shards, perturb_cells, perturbation_statistics
+
+    vocab, bert, cells = _perturb_setup()
+    anchor, genes = vocab.tokens[cells[0][2]], [vocab.tokens[t] for t in cells[0][3:6]]
+    full = perturb_cells(bert, cells[:4], vocab, PerturbConfig(genes=genes, anchor=anchor), progress=False).cells
+    empty = perturb_cells(bert, cells[:4], vocab, PerturbConfig(genes=genes, anchor=anchor, shard_index=5, num_shards=6),
+                          progress=False).cells
+    assert empty.empty and empty.dtypes.to_dict() == full.dtypes.to_dict() and "anchor_token" in empty.columns
+    merged = merge_shards([full, empty])
+    pd.testing.assert_frame_equal(perturbation_statistics(merged), perturbation_statistics(full))
