@@ -711,3 +711,38 @@ def test_an_anchored_shard_without_cells_has_the_columns_of_a_full_one():
     assert empty.empty and empty.dtypes.to_dict() == full.dtypes.to_dict() and "anchor_token" in empty.columns
     merged = merge_shards([full, empty])
     pd.testing.assert_frame_equal(perturbation_statistics(merged), perturbation_statistics(full))
+
+
+def test_species_mixing_without_a_working_scib_metrics_falls_back_to_sklearn(monkeypatch):
+    """scib-metrics absent or failing to import (jax): the silhouette is still given, and the backend says so."""
+    from mixgeneformer.integration import scib_available, species_mixing
+
+    rng = np.random.default_rng(0)
+    x, species, types = rng.normal(size=(40, 5)), np.array(["human", "mouse"] * 20), np.array(["a"] * 20 + ["b"] * 20)
+    with_scib = species_mixing(x, species, types)
+    monkeypatch.setitem(sys.modules, "scib_metrics", None)  # import raises ImportError
+    assert not scib_available()
+    fallback = species_mixing(x, species, types, kbet=True)
+    assert fallback["backend"] == "sklearn" and "ilisi" not in fallback and "kbet" not in fallback
+    assert fallback["species_asw"] == pytest.approx(with_scib["species_asw"])
+    assert fallback["species_asw_shuffled"] == pytest.approx(with_scib["species_asw_shuffled"])
+
+
+def test_interrupt_while_the_command_line_loads_exits_130(monkeypatch, capsys):
+    import mixgeneformer.cli._main as cli_main
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_main, "main", interrupted)
+    assert cli_exit_code(["--help"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_classification_metrics_need_equally_long_label_arrays():
+    from mixgeneformer.classify import classification_metrics
+
+    with pytest.raises(InputDataError, match=r"need equally long, non-empty label arrays; got \(2,\) and \(1,\)"):
+        classification_metrics(["a", "b"], ["a"])
+    with pytest.raises(InputDataError, match="non-empty label arrays"):
+        classification_metrics([], [])
