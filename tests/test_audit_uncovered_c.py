@@ -746,3 +746,21 @@ def test_classification_metrics_need_equally_long_label_arrays():
         classification_metrics(["a", "b"], ["a"])
     with pytest.raises(InputDataError, match="non-empty label arrays"):
         classification_metrics([], [])
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"n_shared_genes": 10**6}, r"only \d+ protein-coding one-to-one pairs are shipped; n_shared_genes=1000000"),
+    ({"n_specific_genes": 10**6, "specific_program_size": 1}, r"only \d+ human protein-coding genes without an ortholog; n_specific_genes=1000000"),
+])
+def test_planted_data_larger_than_the_shipped_gene_tables(values, message):
+    from mixgeneformer.simulate import PlantedConfig, simulate_planted
+
+    with pytest.raises(ConfigError, match=message):
+        simulate_planted(PlantedConfig(**values))
+
+
+def test_benjamini_hochberg_of_untested_p_values_only():
+    from mixgeneformer.perturb import benjamini_hochberg
+
+    assert np.isnan(benjamini_hochberg(np.array([np.nan, np.nan]))).all()
+    np.testing.assert_allclose(benjamini_hochberg(np.array([0.01, np.nan, 0.04])), [0.02, np.nan, 0.04])
