@@ -701,7 +701,12 @@ def test_overexpressing_more_genes_than_the_model_has_positions_is_refused():
 
 
 def test_an_anchored_shard_without_cells_has_the_columns_of_a_full_one():
-    from mixgeneformer.perturb import PerturbConfig, merge_shards, perturb_cells, perturbation_statistics
+    from mixgeneformer.perturb import (
+        PerturbConfig,
+        merge_shards,
+        perturb_cells,
+        perturbation_statistics,
+    )
 
     vocab, bert, cells = _perturb_setup()
     anchor, genes = vocab.tokens[cells[0][2]], [vocab.tokens[t] for t in cells[0][3:6]]
