@@ -117,12 +117,12 @@ def test_demo_names_a_damaged_input_of_its_data_dir(tmp_path, capsys):
 
     from mixgeneformer.demo import demo_data_dir
 
-    data = tmp_path / "data"
-    data.mkdir()
+    folder = tmp_path / "data"
+    folder.mkdir()
     for path in demo_data_dir().glob("baron_pancreas_*.h5ad"):
-        shutil.copy(path, data / path.name)
-    broken = data / "baron_pancreas_mouse.h5ad"
+        shutil.copy(path, folder / path.name)
+    broken = folder / "baron_pancreas_mouse.h5ad"
     broken.write_bytes(broken.read_bytes()[:4096])
-    code, err = _run(capsys, "demo", "--quick", "--out", tmp_path / "run", "--set", f"data_dir={data}")
+    code, err = _run(capsys, "demo", "--quick", "--out", tmp_path / "run", "--set", f"data_dir={folder}")
     assert code == 2
     assert f"demo input {broken}" in err and "Traceback" not in err
